@@ -1,0 +1,112 @@
+/* common.h — shared helpers for every kernel: threads, aligned scratch, strided views.
+ *
+ * Nothing here touches Python.  Kernels report failure by returning a RA_ERR_* code;
+ * the gufunc adapters in module.c turn codes into Python exceptions.
+ */
+#ifndef RA_COMMON_H
+#define RA_COMMON_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* ------------------------------------------------------------------ error codes */
+enum {
+    RA_OK = 0,
+    RA_ERR_NOMEM = 1,   /* scratch allocation failed -> MemoryError */
+    RA_ERR_INDEX = 2,   /* index out of range or repeated -> ValueError */
+    RA_ERR_VALUE = 3,   /* other invalid argument -> ValueError */
+};
+
+/* ------------------------------------------------------------------ threads */
+/* Number of threads every parallel region uses (0 = OpenMP default). */
+extern int ra_requested_threads;
+
+static inline int ra_num_threads(void)
+{
+#ifdef _OPENMP
+    return ra_requested_threads > 0 ? ra_requested_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static inline int ra_thread_id(void)
+{
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------ scratch */
+#define RA_ALIGN 64
+
+/* Round a byte count up to a whole number of cache lines. */
+static inline size_t ra_round_up(size_t bytes)
+{
+    return (bytes + RA_ALIGN - 1) / RA_ALIGN * RA_ALIGN;
+}
+
+/* Overflow-checked product of non-negative sizes; returns SIZE_MAX on overflow. */
+static inline size_t ra_mul(size_t a, size_t b)
+{
+    if (a != 0 && b > SIZE_MAX / a) return SIZE_MAX;
+    return a * b;
+}
+
+static inline size_t ra_add(size_t a, size_t b)
+{
+    return (a > SIZE_MAX - b) ? SIZE_MAX : a + b;
+}
+
+/* Aligned allocation; NULL on failure or on an impossible (overflowed) size. */
+static inline void *ra_alloc(size_t bytes)
+{
+    if (bytes == SIZE_MAX) return NULL;
+    void *p = NULL;
+    if (posix_memalign(&p, RA_ALIGN, ra_round_up(bytes ? bytes : 1)) != 0) return NULL;
+    return p;
+}
+
+static inline void ra_free(void *p) { free(p); }
+
+/* ------------------------------------------------------------------ strided views */
+/* A 2-D operand as NumPy hands it over: base pointer and byte strides. */
+typedef struct {
+    char *data;
+    ptrdiff_t s0, s1;   /* byte strides of the two core axes */
+} RaMat;
+
+/* A 1-D operand (lse, masks, labels). */
+typedef struct {
+    char *data;
+    ptrdiff_t s0;
+} RaVec;
+
+/* Batched operands: one more (outer) stride sb over the gufunc's loop dimension. */
+typedef struct {
+    char *data;
+    ptrdiff_t sb, s0, s1;
+} RaBMat;
+
+typedef struct {
+    char *data;
+    ptrdiff_t sb, s0;
+} RaBVec;
+
+static inline RaMat ra_mat_at(RaBMat m, ptrdiff_t b) { RaMat r = {m.data + b * m.sb, m.s0, m.s1}; return r; }
+/* A NULL operand (an optional input left out) stays NULL. */
+static inline RaVec ra_vec_at(RaBVec v, ptrdiff_t b) { RaVec r = {v.data ? v.data + b * v.sb : NULL, v.s0}; return r; }
+
+#define RA_MAT_AT(T, M, i, j) (*(T *)((M).data + (ptrdiff_t)(i) * (M).s0 + (ptrdiff_t)(j) * (M).s1))
+#define RA_VEC_AT(T, V, i) (*(T *)((V).data + (ptrdiff_t)(i) * (V).s0))
+
+#endif /* RA_COMMON_H */

@@ -1,0 +1,93 @@
+/* engine.h — the one tile engine every attention method runs on.
+ *
+ * A planner (dense, local, routing, clustered, combiner) gathers query rows into a
+ * QTile and key rows into KTiles, then calls
+ *
+ *   forward:   ra_fwd_init → ra_fwd_step (once per key tile) → ra_fwd_finish
+ *   backward:  ra_bwd_step (once per query tile × key tile pair)
+ *
+ * The engine never sees the original arrays, only contiguous tiles plus the original
+ * positions of their rows, from which it builds the position mask:
+ *
+ *   key j is visible to query i  iff  kpos[j] >= 0                       (not padding)
+ *                                 and (!RA_CAUSAL       || kpos[j] <= qpos[i])
+ *                                 and (!RA_EXCLUDE_SELF || kpos[j] != qpos[i])
+ *
+ * The mask is applied only when the step's flags contain RA_MASKED; planners leave it
+ * out for tiles they know to be fully visible.  Logits are q·k with q pre-scaled, so
+ * `scale` is folded into the query tile.
+ *
+ * Tile contract (T = float or double, suffix _f32 / _f64):
+ *   QTile   q  (rows, d)  contiguous, already multiplied by scale
+ *           acc (rows, e) contiguous accumulator; mx, sum (rows) running statistics
+ *           s   (RA_BQ, RA_BK) logits scratch
+ *   KTile   kt (d, cols)  Kᵀ with leading dimension ldkt
+ *           v  (cols, e)  with leading dimension ldv
+ *   Backward additionally: k (cols, d) ld ldk, vt (e, cols) ld ldvt.
+ * Backward *accumulates* into dq (rows, d), dk (cols, d), dv (cols, e); dq is the
+ * gradient with respect to the *scaled* query, i.e. the caller multiplies by scale.
+ */
+#ifndef RA_ENGINE_H
+#define RA_ENGINE_H
+
+#include "kernels.h"
+
+#define RA_BQ 64    /* query rows per tile */
+#define RA_BK 128   /* keys per tile */
+
+enum {
+    RA_MASKED = 1,        /* apply the position mask in this step */
+    RA_CAUSAL = 2,        /* key j visible to query i only if j <= i */
+    RA_EXCLUDE_SELF = 4,  /* key i hidden from query i */
+};
+
+#define RA_ENGINE_DECLS(T, SUF, KT)                                                       \
+    typedef struct {                                                                      \
+        int rows;                                                                         \
+        const T *q;            /* (rows, d) scaled queries */                             \
+        const int64_t *pos;    /* (rows) original positions, NULL if never masked */      \
+        T *mx, *sum;           /* (rows) */                                               \
+        T *acc;                /* (rows, e) */                                            \
+        T *s;                  /* (RA_BQ, RA_BK) */                                       \
+    } RaQTile_##SUF;                                                                      \
+    typedef struct {                                                                      \
+        int cols;                                                                         \
+        const T *kt; ptrdiff_t ldkt;   /* (d, cols) */                                    \
+        const T *v;  ptrdiff_t ldv;    /* (cols, e) */                                    \
+        const T *k;  ptrdiff_t ldk;    /* (cols, d)  backward only */                     \
+        const T *vt; ptrdiff_t ldvt;   /* (e, cols)  backward only */                     \
+        const int64_t *pos;            /* (cols) original positions, -1 = padding */      \
+    } RaKTile_##SUF;                                                                      \
+    typedef struct {                                                                      \
+        int rows;                                                                         \
+        const T *q;            /* (rows, d) scaled queries */                             \
+        const T *dout;         /* (rows, e) */                                            \
+        const T *lse, *delta;  /* (rows): log-sum-exp, rowsum(dout ∘ out) */              \
+        const int64_t *pos;                                                               \
+        T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
+        T *s, *dp, *t;         /* scratch (RA_BQ, RA_BK) ×2 and (RA_BK, RA_BQ) */         \
+    } RaQGradTile_##SUF;                                                                  \
+    /* Gather rows of src (a strided 2-D view) into a contiguous tile.  Row r of the    \
+       tile is src row idx[r] (idx NULL: row first + r); idx[r] < 0 gives a zero row.   \
+       Values are multiplied by mul.  transposed = 0: dst is (rows, cols) with leading  \
+       dimension ld; transposed = 1: dst is (cols, rows), i.e. dst[c*ld + r]. */         \
+    void ra_gather_##SUF(RaMat src, const int64_t *idx, int64_t first, int rows,        \
+                         int cols, T mul, int transposed, T *dst, ptrdiff_t ld);          \
+    /* acc = 0, mx = -inf, sum = 0 */                                                     \
+    void ra_fwd_init_##SUF(RaQTile_##SUF *qt, int e);                                     \
+    /* fold one key tile into the running softmax of qt */                                \
+    void ra_fwd_step_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt,       \
+                           int d, int e, int flags);                                      \
+    /* out = acc / sum (0 when nothing was visible), lse = mx + log(sum) (-inf); both    \
+       written through byte strides; lse may be NULL */                                   \
+    void ra_fwd_finish_##SUF(const RaQTile_##SUF *qt, int e, char *out, ptrdiff_t os0,   \
+                             ptrdiff_t os1, char *lse, ptrdiff_t ls0);                    \
+    /* dv += Pᵀ·dout, dq += dS·k, dk += dSᵀ·q for one (query tile, key tile) pair */      \
+    void ra_bwd_step_##SUF(const KT *K, RaQGradTile_##SUF *g, const RaKTile_##SUF *kt,    \
+                           T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e,    \
+                           int flags);
+
+RA_ENGINE_DECLS(float, f32, RaKernelsF32)
+RA_ENGINE_DECLS(double, f64, RaKernelsF64)
+
+#endif /* RA_ENGINE_H */

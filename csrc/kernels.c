@@ -1,0 +1,39 @@
+/* kernels.c — pick the SIMD kernel table for the running CPU. */
+#include "kernels.h"
+
+static const RaKernels *ra_selected = NULL;
+
+static int ra_cpu_has_avx512(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+static int ra_cpu_has_avx2(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+const RaKernels *ra_kernels(void)
+{
+    if (ra_selected) return ra_selected;
+    const char *force = getenv("RA_SIMD");
+    const RaKernels *k = &ra_kernels_generic;
+    if (ra_cpu_has_avx512() && !(force && (strcmp(force, "avx2") == 0 || strcmp(force, "generic") == 0)))
+        k = &ra_kernels_avx512;
+    else if (ra_cpu_has_avx2() && !(force && strcmp(force, "generic") == 0))
+        k = &ra_kernels_avx2;
+    ra_selected = k;
+    return k;
+}

@@ -1,0 +1,45 @@
+/* kernels.h — the SIMD building blocks of the tile engine, one table per instruction set.
+ *
+ * kernels_body.h is compiled three times (kernels_avx512.c, kernels_avx2.c,
+ * kernels_generic.c) under different `#pragma GCC target`s; ra_kernels() picks the best
+ * table the running CPU supports, once.  The environment variable RA_SIMD
+ * (avx512 | avx2 | generic) forces a lower path, for testing.
+ *
+ * All matrices are row-major with an explicit leading dimension (in elements).
+ */
+#ifndef RA_KERNELS_H
+#define RA_KERNELS_H
+
+#include "common.h"
+
+#define RA_KERNEL_FNS(T)                                                                  \
+    /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
+    void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
+                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                      \
+    /* Online-softmax step.  S (bq×bk, lds) holds logits, masked ones = -inf; on return   \
+       S holds p = exp(S - m_new).  mx, sum (bq) are the running max and sum; acc         \
+       (bq×e, ldacc) is rescaled by exp(m_old - m_new).  A row with no visible key so far  \
+       keeps mx = -inf, sum = 0 and gets p = 0.  NaN logits make the row NaN. */           \
+    void (*softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum, T *acc,      \
+                         int e, ptrdiff_t ldacc);                                          \
+    /* S (bq×bk, lds) = exp(S - lse[i]) row by row; rows with lse = -inf become 0. */      \
+    void (*exp_shift)(int bq, int bk, T *S, ptrdiff_t lds, const T *lse);                   \
+    /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
+    void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
+                         T scale);
+
+typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
+typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
+
+typedef struct {
+    const char *name;   /* "avx512", "avx2" or "generic" */
+    RaKernelsF32 f32;
+    RaKernelsF64 f64;
+} RaKernels;
+
+extern const RaKernels ra_kernels_avx512, ra_kernels_avx2, ra_kernels_generic;
+
+/* The table for this CPU (resolved once, thread-safe after the module is imported). */
+const RaKernels *ra_kernels(void);
+
+#endif /* RA_KERNELS_H */

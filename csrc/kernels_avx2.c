@@ -1,0 +1,30 @@
+/* kernels_avx2.c — the tile kernels compiled for AVX2 + FMA (256-bit vectors, 16 registers). */
+#pragma GCC target("avx2,fma")
+
+#include "kernels.h"
+
+#define VEC_BYTES 32
+#define GEMM_MR 6
+#define GEMM_NV 2
+
+#define T float
+#define UT uint32_t
+#define RA_IS_F32 1
+#define FN(name) name##_f32_avx2
+#include "kernels_body.h"
+#undef T
+#undef UT
+#undef RA_IS_F32
+#undef FN
+
+#define T double
+#define UT uint64_t
+#define RA_IS_F32 0
+#define FN(name) name##_f64_avx2
+#include "kernels_body.h"
+
+const RaKernels ra_kernels_avx2 = {
+    "avx2",
+    {gemm_f32_avx2, softmax_step_f32_avx2, exp_shift_f32_avx2, softmax_grad_f32_avx2},
+    {gemm_f64_avx2, softmax_step_f64_avx2, exp_shift_f64_avx2, softmax_grad_f64_avx2},
+};

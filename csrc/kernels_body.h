@@ -1,0 +1,232 @@
+/* kernels_body.h — typed body of the SIMD kernels; see kernels.h for the contracts.
+ *
+ * Included once per (instruction set, dtype) with these macros defined:
+ *   T          float or double
+ *   UT         matching unsigned integer (uint32_t / uint64_t)
+ *   FN(name)   name mangling, e.g. name##_f32_avx2
+ *   VEC_BYTES  vector register width in bytes (64, 32, 16)
+ *   GEMM_MR    rows of the gemm micro-tile
+ *   GEMM_NV    vectors per row of the gemm micro-tile
+ * Written with GCC vector extensions so one source serves every width; the target
+ * pragma of the including file decides which instructions they become.
+ */
+
+#define VL ((int)(VEC_BYTES / sizeof(T)))
+typedef T FN(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
+typedef UT FN(uvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
+#define vec FN(vec)
+#define uvec FN(uvec)
+
+static inline vec FN(vload)(const T *p) { return *(const vec *)p; }
+static inline void FN(vstore)(T *p, vec x) { *(vec *)p = x; }
+static inline vec FN(vsplat)(T x) { return (vec){0} + x; }
+/* Lane-wise (m ? a : b) for a comparison mask m. */
+static inline vec FN(vsel)(uvec m, vec a, vec b) { return (vec)(((uvec)a & m) | ((uvec)b & ~m)); }
+
+static inline T FN(hsum)(vec x)
+{
+    T s = 0;
+    for (int l = 0; l < VL; l++) s += x[l];
+    return s;
+}
+
+static inline T FN(hmax)(vec x)
+{
+    T m = x[0];
+    for (int l = 1; l < VL; l++) m = x[l] > m ? x[l] : m;
+    return m;
+}
+
+/* ------------------------------------------------------------------ exp */
+/* exp(x) lane-wise, accurate to a few ulp: x = n·ln2 + r with |r| ≤ ln2/2, 2^n built
+ * in the exponent field, e^r by polynomial.  Underflow gives exactly 0 (also for -inf),
+ * NaN stays NaN.  Used for softmax arguments, which are ≤ 0 up to rounding. */
+static inline vec FN(vexp)(vec x)
+{
+#if RA_IS_F32
+    const T lo = -87.33f, hi = 88.37f, magic = 12582912.0f;   /* 1.5·2^23 */
+    const T ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    const UT bias = 127, mant = 23;
+#else
+    const T lo = -708.39, hi = 709.78, magic = 6755399441055744.0; /* 1.5·2^52 */
+    const T ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+    const UT bias = 1023, mant = 52;
+#endif
+    const T log2e = (T)1.44269504088896340736;
+    uvec under = (uvec)(x < lo);
+    x = FN(vsel)((uvec)(x > hi), FN(vsplat)(hi), x);
+    x = FN(vsel)(under, FN(vsplat)(lo), x);
+    vec t = x * log2e + magic;          /* round(x·log2e) sits in the low mantissa bits */
+    vec n = t - magic;
+    vec r = x - n * ln2_hi;
+    r = r - n * ln2_lo;
+#if RA_IS_F32
+    vec p = FN(vsplat)(1.9875691500E-4f);
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + r + 1.0f;
+#else
+    /* Taylor series to r^13/13!: truncation < 1e-17 for |r| ≤ ln2/2. */
+    vec p = FN(vsplat)(1.0 / 6227020800.0);
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+#endif
+    vec scale2n = (vec)(((uvec)t + bias) << mant);
+    return FN(vsel)(under, FN(vsplat)(0), p * scale2n);
+}
+
+static inline T FN(sexp)(T x)
+{
+    vec v = FN(vexp)(FN(vsplat)(x));
+    return v[0];
+}
+
+/* ------------------------------------------------------------------ gemm */
+/* Micro-tile: C[0:mr, 0:nv·VL] (+)= A[0:mr, 0:K] · B[0:K, 0:nv·VL].  mr, nv are
+ * compile-time constants at every call site, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void
+FN(gemm_micro)(const int mr, const int nv, int K, const T *A, ptrdiff_t lda,
+               const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    vec acc[GEMM_MR][GEMM_NV];
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < nv; c++)
+            acc[r][c] = accumulate ? FN(vload)(C + r * ldc + c * VL) : FN(vsplat)(0);
+    for (int k = 0; k < K; k++) {
+        vec b[GEMM_NV];
+        for (int c = 0; c < nv; c++) b[c] = FN(vload)(B + k * ldb + c * VL);
+        for (int r = 0; r < mr; r++) {
+            const T a = A[r * lda + k];
+            for (int c = 0; c < nv; c++) acc[r][c] += b[c] * a;
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        for (int c = 0; c < nv; c++) FN(vstore)(C + r * ldc + c * VL, acc[r][c]);
+}
+
+/* Rows in panels of GEMM_MR (remainder rows one micro-tile shape each). */
+static inline __attribute__((always_inline)) void
+FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t lda, const T *B,
+              ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    int i = 0;
+    for (; i + GEMM_MR <= M; i += GEMM_MR)
+        FN(gemm_micro)(GEMM_MR, nv, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    for (; i < M; i++)
+        FN(gemm_micro)(1, nv, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+}
+
+static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
+                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    int j = 0;
+    for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL)
+        FN(gemm_rows)(GEMM_NV, M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    for (; j + VL <= N; j += VL)
+        FN(gemm_rows)(1, M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+    for (; j < N; j++) {                       /* columns left over: plain dot products */
+        for (int i = 0; i < M; i++) {
+            T s = accumulate ? C[i * ldc + j] : 0;
+            for (int k = 0; k < K; k++) s += A[i * lda + k] * B[k * ldb + j];
+            C[i * ldc + j] = s;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ softmax pieces */
+static void FN(softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum, T *acc,
+                             int e, ptrdiff_t ldacc)
+{
+    const int bkv = bk / VL * VL;
+    for (int i = 0; i < bq; i++) {
+        T *s = S + i * lds;
+        /* 1. row maximum; any NaN makes the maximum NaN so the row turns NaN */
+        vec vm = FN(vsplat)(-INFINITY);
+        uvec vnan = (uvec){0};
+        for (int j = 0; j < bkv; j += VL) {
+            vec x = FN(vload)(s + j);
+            vm = FN(vsel)((uvec)(x > vm), x, vm);
+            vnan |= (uvec)(x != x);
+        }
+        T m = FN(hmax)(vm);
+        int has_nan = 0;
+        for (int l = 0; l < VL; l++) has_nan |= vnan[l] != 0;
+        for (int j = bkv; j < bk; j++) {
+            m = s[j] > m ? s[j] : m;
+            has_nan |= s[j] != s[j];
+        }
+        T m_new = mx[i] > m ? mx[i] : m;
+        if (has_nan || mx[i] != mx[i]) m_new = NAN;
+        if (m_new == -INFINITY) {             /* nothing visible yet: p = 0 */
+            for (int j = 0; j < bk; j++) s[j] = 0;
+            continue;
+        }
+        /* 2. p = exp(s - m_new) and its row sum */
+        vec vs = FN(vsplat)(0);
+        for (int j = 0; j < bkv; j += VL) {
+            vec p = FN(vexp)(FN(vload)(s + j) - m_new);
+            FN(vstore)(s + j, p);
+            vs += p;
+        }
+        T rowsum = FN(hsum)(vs);
+        for (int j = bkv; j < bk; j++) {
+            s[j] = FN(sexp)(s[j] - m_new);
+            rowsum += s[j];
+        }
+        /* 3. rescale the running sum and accumulator to the new maximum */
+        const T alpha = FN(sexp)(mx[i] - m_new);   /* 0 when mx was -inf */
+        sum[i] = sum[i] * alpha + rowsum;
+        mx[i] = m_new;
+        if (alpha != 1) {
+            T *a = acc + i * ldacc;
+            for (int c = 0; c < e; c++) a[c] *= alpha;
+        }
+    }
+}
+
+static void FN(exp_shift)(int bq, int bk, T *S, ptrdiff_t lds, const T *lse)
+{
+    const int bkv = bk / VL * VL;
+    for (int i = 0; i < bq; i++) {
+        T *s = S + i * lds;
+        const T l = lse[i];
+        if (l == -INFINITY) {
+            for (int j = 0; j < bk; j++) s[j] = 0;
+            continue;
+        }
+        for (int j = 0; j < bkv; j += VL) FN(vstore)(s + j, FN(vexp)(FN(vload)(s + j) - l));
+        for (int j = bkv; j < bk; j++) s[j] = FN(sexp)(s[j] - l);
+    }
+}
+
+static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,
+                             T scale)
+{
+    const int bkv = bk / VL * VL;
+    for (int i = 0; i < bq; i++) {
+        const T *p = P + i * ld;
+        T *g = dP + i * ld;
+        const T di = delta[i];
+        for (int j = 0; j < bkv; j += VL)
+            FN(vstore)(g + j, FN(vload)(p + j) * (FN(vload)(g + j) - di) * scale);
+        for (int j = bkv; j < bk; j++) g[j] = p[j] * (g[j] - di) * scale;
+    }
+}
+
+#undef vec
+#undef uvec
+#undef VL

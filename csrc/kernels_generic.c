@@ -1,0 +1,30 @@
+/* kernels_generic.c — the tile kernels compiled for the baseline instruction set (128-bit vectors). */
+/* baseline x86-64 (SSE2) or whatever the compiler targets by default */
+
+#include "kernels.h"
+
+#define VEC_BYTES 16
+#define GEMM_MR 4
+#define GEMM_NV 2
+
+#define T float
+#define UT uint32_t
+#define RA_IS_F32 1
+#define FN(name) name##_f32_generic
+#include "kernels_body.h"
+#undef T
+#undef UT
+#undef RA_IS_F32
+#undef FN
+
+#define T double
+#define UT uint64_t
+#define RA_IS_F32 0
+#define FN(name) name##_f64_generic
+#include "kernels_body.h"
+
+const RaKernels ra_kernels_generic = {
+    "generic",
+    {gemm_f32_generic, softmax_step_f32_generic, exp_shift_f32_generic, softmax_grad_f32_generic},
+    {gemm_f64_generic, softmax_step_f64_generic, exp_shift_f64_generic, softmax_grad_f64_generic},
+};

@@ -1,0 +1,18 @@
+"""routing_attention: fast, exact, content-based sparse attention for NumPy.
+
+Dense attention on a flash-style C tile engine (forward and backward), with the
+sparse methods of the Routing Transformer, Fast Transformers' clustered attention and
+Combiner built on the same engine.  Every function has a plain NumPy twin in
+`routing_attention.reference`.
+"""
+from . import reference
+from ._ext import build_info, get_num_threads, set_num_threads
+from .dense import attention, attention_backward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "attention_backward",
+    "build_info", "get_num_threads", "set_num_threads",
+    "reference",
+]
