@@ -1,0 +1,40 @@
+"""Shared test helpers: dtype tolerances and an array zoo."""
+import numpy as np
+import pytest
+
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+
+def assert_close(actual, expected, dtype, what):
+    """Relative closeness scaled by the largest reference entry, tolerance by dtype."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == np.dtype(dtype), f"{what}: dtype {actual.dtype}, expected {dtype}"
+    rtol = RTOL[np.dtype(dtype)]
+    scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+    err = float(np.max(np.abs(actual.astype(np.float64) - expected), initial=0.0))
+    assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.0e} × {scale:.3g}"
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def strided(a, kind):
+    """The same values as `a` in an awkward memory layout."""
+    if kind == "contiguous":
+        return np.ascontiguousarray(a)
+    if kind == "fortran":
+        return np.asfortranarray(a)
+    if kind == "every_other":   # non-contiguous rows and columns
+        big = np.zeros(a.shape[:-2] + (2 * a.shape[-2], 3 * a.shape[-1]), a.dtype)
+        big[..., ::2, ::3] = a
+        return big[..., ::2, ::3]
+    if kind == "negative":      # negative strides on both core axes
+        return np.ascontiguousarray(a[..., ::-1, ::-1])[..., ::-1, ::-1]
+    raise ValueError(kind)
+
+
+LAYOUTS = ["contiguous", "fortran", "every_other", "negative"]
