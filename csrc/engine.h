@@ -33,7 +33,7 @@
 #include "kernels.h"
 
 #define RA_BQ 64    /* query rows per tile */
-#define RA_BK 128   /* keys per tile */
+#define RA_BK 256   /* keys per tile */
 
 enum {
     RA_MASKED = 1,        /* apply the position mask in this step */

@@ -28,19 +28,29 @@ static void FN(transpose)(int rows, int cols, const T *src, ptrdiff_t lds, T *ds
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {
-    for (int r = 0; r < rows; r++) {
-        const int64_t row = idx ? idx[r] : first + r;
-        const char *p = src.data + (ptrdiff_t)row * src.s0;
-        if (!transposed) {
+    if (!transposed) {
+        for (int r = 0; r < rows; r++) {
+            const int64_t row = idx ? idx[r] : first + r;
+            const char *p = src.data + (ptrdiff_t)row * src.s0;
             T *o = dst + (ptrdiff_t)r * ld;
             if (row < 0) memset(o, 0, sizeof(T) * (size_t)cols);
             else if (src.s1 == (ptrdiff_t)sizeof(T))
                 for (int c = 0; c < cols; c++) o[c] = ((const T *)p)[c] * mul;
             else
                 for (int c = 0; c < cols; c++) o[c] = *(const T *)(p + (ptrdiff_t)c * src.s1) * mul;
-        } else {
-            for (int c = 0; c < cols; c++)
-                dst[(ptrdiff_t)c * ld + r] = row < 0 ? 0 : *(const T *)(p + (ptrdiff_t)c * src.s1) * mul;
+        }
+        return;
+    }
+    /* transposed: 16 rows at a time, so each output row is written in short runs */
+    for (int r0 = 0; r0 < rows; r0 += 16) {
+        const int r1 = r0 + 16 < rows ? r0 + 16 : rows;
+        for (int c = 0; c < cols; c++) {
+            T *o = dst + (ptrdiff_t)c * ld;
+            for (int r = r0; r < r1; r++) {
+                const int64_t row = idx ? idx[r] : first + r;
+                o[r] = row < 0 ? 0 : *(const T *)(src.data + (ptrdiff_t)row * src.s0 +
+                                                   (ptrdiff_t)c * src.s1) * mul;
+            }
         }
     }
 }

@@ -35,6 +35,9 @@ typedef struct {
     const char *name;   /* "avx512", "avx2" or "generic" */
     RaKernelsF32 f32;
     RaKernelsF64 f64;
+    /* Peak probe: `iters` rounds of 12 independent float32 vector FMA chains; returns
+       the flop count done (the checksum keeps the compiler from dropping the work). */
+    double (*fma_probe)(long iters, float *checksum);
 } RaKernels;
 
 extern const RaKernels ra_kernels_avx512, ra_kernels_avx2, ra_kernels_generic;

@@ -126,8 +126,17 @@ FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t lda, const T *B,
     int i = 0;
     for (; i + GEMM_MR <= M; i += GEMM_MR)
         FN(gemm_micro)(GEMM_MR, nv, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-    for (; i < M; i++)
-        FN(gemm_micro)(1, nv, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+    /* the remaining M - i < GEMM_MR rows as one smaller micro-tile */
+    A += i * lda;
+    C += i * ldc;
+    switch (M - i) {
+#define RA_REMAINDER_ROWS(r) \
+    case r: if (r < GEMM_MR) FN(gemm_micro)(r < GEMM_MR ? r : 1, nv, K, A, lda, B, ldb, C, ldc, accumulate); break;
+    RA_REMAINDER_ROWS(1) RA_REMAINDER_ROWS(2) RA_REMAINDER_ROWS(3)
+    RA_REMAINDER_ROWS(4) RA_REMAINDER_ROWS(5) RA_REMAINDER_ROWS(6) RA_REMAINDER_ROWS(7)
+#undef RA_REMAINDER_ROWS
+    default: break;
+    }
 }
 
 static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
@@ -154,25 +163,22 @@ static void FN(softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum,
     const int bkv = bk / VL * VL;
     for (int i = 0; i < bq; i++) {
         T *s = S + i * lds;
-        /* 1. row maximum; any NaN makes the maximum NaN so the row turns NaN */
+        /* 1. row maximum (NaN entries are skipped here but poison the row sum below) */
         vec vm = FN(vsplat)(-INFINITY);
-        uvec vnan = (uvec){0};
         for (int j = 0; j < bkv; j += VL) {
             vec x = FN(vload)(s + j);
             vm = FN(vsel)((uvec)(x > vm), x, vm);
-            vnan |= (uvec)(x != x);
         }
         T m = FN(hmax)(vm);
-        int has_nan = 0;
-        for (int l = 0; l < VL; l++) has_nan |= vnan[l] != 0;
-        for (int j = bkv; j < bk; j++) {
-            m = s[j] > m ? s[j] : m;
-            has_nan |= s[j] != s[j];
-        }
+        for (int j = bkv; j < bk; j++) m = s[j] > m ? s[j] : m;
         T m_new = mx[i] > m ? mx[i] : m;
-        if (has_nan || mx[i] != mx[i]) m_new = NAN;
-        if (m_new == -INFINITY) {             /* nothing visible yet: p = 0 */
-            for (int j = 0; j < bk; j++) s[j] = 0;
+        if (mx[i] != mx[i]) m_new = mx[i];    /* a row already NaN stays NaN */
+        if (m_new == -INFINITY) {
+            /* nothing visible so far: p = 0, unless a NaN logit must make the row NaN */
+            int has_nan = 0;
+            for (int j = 0; j < bk; j++) has_nan |= s[j] != s[j];
+            for (int j = 0; j < bk; j++) s[j] = has_nan ? (T)NAN : 0;
+            if (has_nan) { mx[i] = NAN; sum[i] = NAN; }
             continue;
         }
         /* 2. p = exp(s - m_new) and its row sum */
@@ -226,6 +232,21 @@ static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, co
         for (int j = bkv; j < bk; j++) g[j] = p[j] * (g[j] - di) * scale;
     }
 }
+
+#if RA_IS_F32
+static double FN(fma_probe)(long iters, float *checksum)
+{
+    vec a[12];
+    const vec mul = FN(vsplat)(0.999999f), add = FN(vsplat)(1e-7f);
+    for (int c = 0; c < 12; c++) a[c] = FN(vsplat)(1.0f + c);
+    for (long it = 0; it < iters; it++)
+        for (int c = 0; c < 12; c++) a[c] = a[c] * mul + add;
+    vec s = FN(vsplat)(0);
+    for (int c = 0; c < 12; c++) s += a[c];
+    *checksum = FN(hsum)(s);
+    return 2.0 * 12 * VL * (double)iters;
+}
+#endif
 
 #undef vec
 #undef uvec

@@ -163,7 +163,35 @@ static PyObject *ra_get_num_threads(PyObject *self, PyObject *noargs)
     return PyLong_FromLong(ra_num_threads());
 }
 
+/* _fma_peak(iters, threads) -> flops: every thread runs the SIMD path's FMA probe;
+ * the caller times the call (GIL released) to get the machine's fp32 peak. */
+static PyObject *ra_fma_peak(PyObject *self, PyObject *args)
+{
+    (void)self;
+    long iters;
+    int threads;
+    if (!PyArg_ParseTuple(args, "li", &iters, &threads)) return NULL;
+    if (iters < 0 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "_fma_peak: iters >= 0 and threads >= 1 required");
+        return NULL;
+    }
+    double flops = 0;
+    float sink = 0;
+    const RaKernels *K = ra_kernels();
+    Py_BEGIN_ALLOW_THREADS
+    #pragma omp parallel num_threads(threads) reduction(+ : flops, sink)
+    {
+        float c;
+        flops += K->fma_probe(iters, &c);
+        sink += c;
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(dd)", flops, (double)sink);
+}
+
 static PyMethodDef ra_methods[] = {
+    {"_fma_peak", ra_fma_peak, METH_VARARGS,
+     "_fma_peak(iters, threads) -> (flops, checksum): fp32 FMA peak probe for benchmarks."},
     {"build_info", ra_build_info, METH_NOARGS,
      "build_info() -> dict: OpenMP support, thread count, SIMD path, tile sizes, compiler."},
     {"set_num_threads", ra_set_num_threads, METH_O,
