@@ -17,14 +17,6 @@ static void FN(apply_mask)(T *s, int rows, int cols, const int64_t *qpos,
     }
 }
 
-/* (rows×cols, lds) -> (cols×rows, ldt) */
-static void FN(transpose)(int rows, int cols, const T *src, ptrdiff_t lds, T *dst,
-                          ptrdiff_t ldt)
-{
-    for (int j = 0; j < cols; j++)
-        for (int i = 0; i < rows; i++) dst[(ptrdiff_t)j * ldt + i] = src[(ptrdiff_t)i * lds + j];
-}
-
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {
@@ -104,13 +96,11 @@ void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *
     if (flags & RA_MASKED) FN(apply_mask)(g->s, rows, cols, g->pos, kt->pos, flags);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
     /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
-    FN(transpose)(rows, cols, g->s, RA_BK, g->t, RA_BQ);
-    K->gemm(cols, e, rows, g->t, RA_BQ, g->dout, e, dv, lddv, 1);
+    K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
     K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
     /* forward: p = softmax(s), so ds = p ∘ (dp - delta) with delta = rowsum(dout∘out) */
     K->softmax_grad(rows, cols, g->s, g->dp, RA_BK, g->delta, 1);
     /* forward: s = q·kᵀ, so dq += ds·k and dk += dsᵀ·q */
     K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
-    FN(transpose)(rows, cols, g->dp, RA_BK, g->t, RA_BQ);
-    K->gemm(cols, d, rows, g->t, RA_BQ, g->q, d, dk, lddk, 1);
+    K->gemm_tn(cols, d, rows, g->dp, RA_BK, g->q, d, dk, lddk, 1);
 }

@@ -16,6 +16,9 @@
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
     void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
                  ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                      \
+    /* C (M×N, ldc) = [C +] Aᵀ · B with A stored (K×M, lda), B (K×N, ldb). */              \
+    void (*gemm_tn)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,            \
+                    ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                   \
     /* Online-softmax step.  S (bq×bk, lds) holds logits, masked ones = -inf; on return   \
        S holds p = exp(S - m_new).  mx, sum (bq) are the running max and sum; acc         \
        (bq×e, ldacc) is rescaled by exp(m_old - m_new).  A row with no visible key so far  \

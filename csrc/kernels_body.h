@@ -96,10 +96,11 @@ static inline T FN(sexp)(T x)
 }
 
 /* ------------------------------------------------------------------ gemm */
-/* Micro-tile: C[0:mr, 0:nv·VL] (+)= A[0:mr, 0:K] · B[0:K, 0:nv·VL].  mr, nv are
- * compile-time constants at every call site, so the accumulators live in registers. */
+/* Micro-tile: C[0:mr, 0:nv·VL] (+)= A[0:mr, 0:K] · B[0:K, 0:nv·VL], where A[r, k] sits at
+ * A[r·a_rs + k·a_ks] (so A may be stored transposed).  mr, nv are compile-time constants
+ * at every call site, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void
-FN(gemm_micro)(const int mr, const int nv, int K, const T *A, ptrdiff_t lda,
+FN(gemm_micro)(const int mr, const int nv, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks,
                const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
 {
     vec acc[GEMM_MR][GEMM_NV];
@@ -110,7 +111,7 @@ FN(gemm_micro)(const int mr, const int nv, int K, const T *A, ptrdiff_t lda,
         vec b[GEMM_NV];
         for (int c = 0; c < nv; c++) b[c] = FN(vload)(B + k * ldb + c * VL);
         for (int r = 0; r < mr; r++) {
-            const T a = A[r * lda + k];
+            const T a = A[r * a_rs + k * a_ks];
             for (int c = 0; c < nv; c++) acc[r][c] += b[c] * a;
         }
     }
@@ -118,20 +119,21 @@ FN(gemm_micro)(const int mr, const int nv, int K, const T *A, ptrdiff_t lda,
         for (int c = 0; c < nv; c++) FN(vstore)(C + r * ldc + c * VL, acc[r][c]);
 }
 
-/* Rows in panels of GEMM_MR (remainder rows one micro-tile shape each). */
+/* Rows in panels of GEMM_MR (the remainder as one smaller micro-tile). */
 static inline __attribute__((always_inline)) void
-FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t lda, const T *B,
-              ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks,
+              const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
 {
     int i = 0;
     for (; i + GEMM_MR <= M; i += GEMM_MR)
-        FN(gemm_micro)(GEMM_MR, nv, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
-    /* the remaining M - i < GEMM_MR rows as one smaller micro-tile */
-    A += i * lda;
+        FN(gemm_micro)(GEMM_MR, nv, K, A + i * a_rs, a_rs, a_ks, B, ldb, C + i * ldc, ldc,
+                       accumulate);
+    A += i * a_rs;
     C += i * ldc;
     switch (M - i) {
 #define RA_REMAINDER_ROWS(r) \
-    case r: if (r < GEMM_MR) FN(gemm_micro)(r < GEMM_MR ? r : 1, nv, K, A, lda, B, ldb, C, ldc, accumulate); break;
+    case r: if (r < GEMM_MR) FN(gemm_micro)(r < GEMM_MR ? r : 1, nv, K, A, a_rs, a_ks, B, ldb, \
+                                            C, ldc, accumulate); break;
     RA_REMAINDER_ROWS(1) RA_REMAINDER_ROWS(2) RA_REMAINDER_ROWS(3)
     RA_REMAINDER_ROWS(4) RA_REMAINDER_ROWS(5) RA_REMAINDER_ROWS(6) RA_REMAINDER_ROWS(7)
 #undef RA_REMAINDER_ROWS
@@ -139,21 +141,35 @@ FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t lda, const T *B,
     }
 }
 
-static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
-                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+/* C (M×N) (+)= op(A) · B with op(A)[r, k] = A[r·a_rs + k·a_ks]. */
+static inline __attribute__((always_inline)) void
+FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks, const T *B,
+                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
 {
     int j = 0;
     for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL)
-        FN(gemm_rows)(GEMM_NV, M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+        FN(gemm_rows)(GEMM_NV, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
     for (; j + VL <= N; j += VL)
-        FN(gemm_rows)(1, M, K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+        FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
     for (; j < N; j++) {                       /* columns left over: plain dot products */
         for (int i = 0; i < M; i++) {
             T s = accumulate ? C[i * ldc + j] : 0;
-            for (int k = 0; k < K; k++) s += A[i * lda + k] * B[k * ldb + j];
+            for (int k = 0; k < K; k++) s += A[i * a_rs + k * a_ks] * B[k * ldb + j];
             C[i * ldc + j] = s;
         }
     }
+}
+
+static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
+                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    FN(gemm_strided)(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+}
+
+static void FN(gemm_tn)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
+                        ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    FN(gemm_strided)(M, N, K, A, 1, lda, B, ldb, C, ldc, accumulate);
 }
 
 /* ------------------------------------------------------------------ softmax pieces */
