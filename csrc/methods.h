@@ -25,4 +25,42 @@
 RA_DENSE_DECLS(float, f32)
 RA_DENSE_DECLS(double, f64)
 
+/* ---- routing attention (routing.c) ---- */
+/* Membership lists of one problem, compacted and validated, with each token's
+ * occurrences (slot ids cl·w + r, cluster order) for the deterministic merges. */
+typedef struct {
+    int n, m, d, e, c, w, u;
+    int64_t *qlist, *klist;     /* (c, w), (c, u): valid members first, in list order */
+    int *qcount, *kcount;       /* (c) valid members per cluster */
+    int64_t *q_start, *q_occ;   /* (n + 1), (c·w): CSR of query occurrences */
+    int64_t *k_start, *k_occ;   /* (m + 1), (c·u) */
+    int64_t *stamp;             /* (max(n, m)) duplicate detection */
+    int64_t stamp_counter;
+} RaRoutingPlan;
+
+int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, int w, int u);
+void ra_routing_plan_free(RaRoutingPlan *P);
+/* RA_ERR_INDEX if an entry is outside [-1, n) / [-1, m) or repeated inside one list */
+int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx);
+size_t ra_routing_scratch_elems(int d, int e, int u, int backward);
+
+#define RA_ROUTING_DECLS(T, SUF)                                                          \
+    /* q (B; n, d), k (B; m, d), v (B; m, e), q_idx (B; c, w), k_idx (B; c, u) int64;    \
+       scale (B), causal, exclude_self, merge_lse (B) uint8 -> out (B; n, e), lse (B; n) */\
+    int ra_routing_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int c, int w,  \
+                                 int u, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,       \
+                                 RaBMat k_idx, RaBVec scale, RaBVec causal,               \
+                                 RaBVec exclude_self, RaBVec merge_lse, RaBMat out,       \
+                                 RaBVec lse);                                             \
+    /* dout (B; n, e) and the forward's inputs -> dq (B; n, d), dk (B; m, d),            \
+       dv (B; m, e), written */                                                           \
+    int ra_routing_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int c, int w, \
+                                  int u, RaBMat dout, RaBMat q, RaBMat k, RaBMat v,       \
+                                  RaBMat q_idx, RaBMat k_idx, RaBVec scale, RaBVec causal,\
+                                  RaBVec exclude_self, RaBVec merge_lse, RaBMat dq,       \
+                                  RaBMat dk, RaBMat dv);
+
+RA_ROUTING_DECLS(float, f32)
+RA_ROUTING_DECLS(double, f64)
+
 #endif /* RA_METHODS_H */

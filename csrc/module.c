@@ -99,6 +99,45 @@ ATTENTION_FORWARD_LOOP(f64)
 ATTENTION_BACKWARD_LOOP(f32)
 ATTENTION_BACKWARD_LOOP(f64)
 
+/* ------------------------------------------------------------------ routing attention */
+/* (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n)
+ * q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse -> out, lse */
+#define ROUTING_FORWARD_LOOP(SUF)                                                         \
+    static void routing_forward_loop_##SUF(char **args, npy_intp const *dims,            \
+                                           npy_intp const *steps, void *data)            \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention")) return;       \
+        /* operands 0..10, core strides from steps[11] on */                             \
+        int st = ra_routing_forward_##SUF(                                                \
+            dims[0], (int)dims[1], (int)dims[3], (int)dims[2], (int)dims[4], (int)dims[5], \
+            (int)dims[6], (int)dims[7], BMAT(0, 11), BMAT(1, 13), BMAT(2, 15), BMAT(3, 17),\
+            BMAT(4, 19), BSCALAR(5), BSCALAR(6), BSCALAR(7), BSCALAR(8), BMAT(9, 21),     \
+            BVEC(10, 23));                                                                \
+        ra_raise(st, "routing_attention");                                                \
+    }
+ROUTING_FORWARD_LOOP(f32)
+ROUTING_FORWARD_LOOP(f64)
+
+/* (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,d),(m,d),(m,e)
+ * dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse -> dq, dk, dv */
+#define ROUTING_BACKWARD_LOOP(SUF)                                                        \
+    static void routing_backward_loop_##SUF(char **args, npy_intp const *dims,           \
+                                            npy_intp const *steps, void *data)           \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention_backward")) return;\
+        /* operands 0..12, core strides from steps[13] on */                             \
+        int st = ra_routing_backward_##SUF(                                               \
+            dims[0], (int)dims[1], (int)dims[4], (int)dims[3], (int)dims[2], (int)dims[5], \
+            (int)dims[6], (int)dims[7], BMAT(0, 13), BMAT(1, 15), BMAT(2, 17), BMAT(3, 19),\
+            BMAT(4, 21), BMAT(5, 23), BSCALAR(6), BSCALAR(7), BSCALAR(8), BSCALAR(9),     \
+            BMAT(10, 25), BMAT(11, 27), BMAT(12, 29));                                    \
+        ra_raise(st, "routing_attention_backward");                                       \
+    }
+ROUTING_BACKWARD_LOOP(f32)
+ROUTING_BACKWARD_LOOP(f64)
+
 /* ------------------------------------------------------------------ registration table */
 typedef struct {
     const char *name;
@@ -112,6 +151,7 @@ typedef struct {
 #define F NPY_FLOAT
 #define D NPY_DOUBLE
 #define B NPY_BOOL
+#define L NPY_INT64
 
 static const RaGufunc ra_gufuncs[] = {
     {"_attention_forward", "(n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n)", 7, 2,
@@ -124,9 +164,20 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, F, F, B, B, F, F, F, B, F, F, F, /**/ D, D, D, D, B, B, D, D, D, B, D, D, D},
      "_attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal)"
      " -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.attention_backward."},
+    {"_routing_forward", "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n)", 9, 2,
+     {routing_forward_loop_f32, routing_forward_loop_f64},
+     (char[]){F, F, F, L, L, F, B, B, B, F, F, /**/ D, D, D, L, L, D, B, B, B, D, D},
+     "_routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse)"
+     " -> (out, lse)\n\nLow-level gufunc behind routing_attention.routing_attention."},
+    {"_routing_backward", "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,d),(m,d),(m,e)",
+     10, 3, {routing_backward_loop_f32, routing_backward_loop_f64},
+     (char[]){F, F, F, F, L, L, F, B, B, B, F, F, F, /**/ D, D, D, D, L, L, D, B, B, B, D, D, D},
+     "_routing_backward(dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse)"
+     " -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.routing_attention_backward."},
 };
 
 #undef F
+#undef L
 #undef D
 #undef B
 

@@ -8,11 +8,15 @@ Combiner built on the same engine.  Every function has a plain NumPy twin in
 from . import reference
 from ._ext import build_info, get_num_threads, set_num_threads
 from .dense import attention, attention_backward
+from .routing import (local_attention, local_attention_backward, routing_attention,
+                      routing_attention_backward)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "attention_backward",
+    "routing_attention", "routing_attention_backward",
+    "local_attention", "local_attention_backward",
     "build_info", "get_num_threads", "set_num_threads",
     "reference",
 ]

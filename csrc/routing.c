@@ -1,0 +1,100 @@
+/* routing.c — routing attention (Routing Transformer) on the tile engine: the shared
+ * membership plan, then the typed planner in routing_body.h. */
+#include "methods.h"
+
+/* ------------------------------------------------------------------ the plan */
+int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, int w, int u)
+{
+    memset(P, 0, sizeof(*P));
+    P->n = n; P->m = m; P->d = d; P->e = e; P->c = c; P->w = w; P->u = u;
+    const size_t i64 = sizeof(int64_t), nm = (size_t)(n > m ? n : m);
+    P->qlist = ra_alloc(ra_mul(i64, ra_mul((size_t)c, w)));
+    P->klist = ra_alloc(ra_mul(i64, ra_mul((size_t)c, u)));
+    P->q_occ = ra_alloc(ra_mul(i64, ra_mul((size_t)c, w)));
+    P->k_occ = ra_alloc(ra_mul(i64, ra_mul((size_t)c, u)));
+    P->q_start = ra_alloc(ra_mul(i64, (size_t)n + 1));
+    P->k_start = ra_alloc(ra_mul(i64, (size_t)m + 1));
+    P->qcount = ra_alloc(ra_mul(sizeof(int), (size_t)c));
+    P->kcount = ra_alloc(ra_mul(sizeof(int), (size_t)c));
+    P->stamp = ra_alloc(ra_mul(i64, nm));
+    if (!P->qlist || !P->klist || !P->q_occ || !P->k_occ || !P->q_start || !P->k_start ||
+        !P->qcount || !P->kcount || !P->stamp) {
+        ra_routing_plan_free(P);
+        return RA_ERR_NOMEM;
+    }
+    memset(P->stamp, 0, i64 * nm);
+    return RA_OK;
+}
+
+void ra_routing_plan_free(RaRoutingPlan *P)
+{
+    ra_free(P->qlist); ra_free(P->klist); ra_free(P->q_occ); ra_free(P->k_occ);
+    ra_free(P->q_start); ra_free(P->k_start); ra_free(P->qcount); ra_free(P->kcount);
+    ra_free(P->stamp);
+    memset(P, 0, sizeof(*P));
+}
+
+/* Copy the valid entries of idx (c, width) into list (c, width) row by row, checking
+ * each against [0, limit) and for repeats inside its row; count[cl] = valid entries.
+ * Then token t's occurrences (slot ids cl·width + r, in cluster order) go to
+ * occ[start[t] .. start[t+1]). */
+static int ra_compact_members(RaRoutingPlan *P, RaMat idx, int width, int64_t limit,
+                              int64_t *list, int *count, int64_t *start, int64_t *occ)
+{
+    for (int64_t t = 0; t <= limit; t++) start[t] = 0;
+    for (int cl = 0; cl < P->c; cl++) {
+        const int64_t stamp = ++P->stamp_counter;   /* unique per list, never reset */
+        int r = 0;
+        for (int s = 0; s < width; s++) {
+            const int64_t x = RA_MAT_AT(int64_t, idx, cl, s);
+            if (x == -1) continue;
+            if (x < 0 || x >= limit || P->stamp[x] == stamp) return RA_ERR_INDEX;
+            P->stamp[x] = stamp;
+            list[(ptrdiff_t)cl * width + r++] = x;
+            start[x + 1]++;
+        }
+        count[cl] = r;
+    }
+    for (int64_t t = 0; t < limit; t++) start[t + 1] += start[t];
+    /* fill in cluster order; start[t] is used as a cursor and restored afterwards */
+    for (int cl = 0; cl < P->c; cl++)
+        for (int r = 0; r < count[cl]; r++) {
+            const int64_t x = list[(ptrdiff_t)cl * width + r];
+            occ[start[x]++] = (int64_t)cl * width + r;
+        }
+    for (int64_t t = limit; t > 0; t--) start[t] = start[t - 1];
+    start[0] = 0;
+    return RA_OK;
+}
+
+int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx)
+{
+    int st = ra_compact_members(P, q_idx, P->w, P->n, P->qlist, P->qcount, P->q_start, P->q_occ);
+    if (st != RA_OK) return st;
+    return ra_compact_members(P, k_idx, P->u, P->m, P->klist, P->kcount, P->k_start, P->k_occ);
+}
+
+size_t ra_routing_scratch_elems(int d, int e, int u, int backward)
+{
+    const size_t tile = (size_t)RA_BQ * d + (size_t)RA_BQ * e + 2 * (size_t)RA_BQ;
+    const size_t fwd = (size_t)u * (d + e) + tile + (size_t)RA_BQ * RA_BK;
+    const size_t bwd = (size_t)u * (2 * (size_t)d + e) + tile + 2 * (size_t)RA_BQ * RA_BK;
+    return backward && bwd > fwd ? bwd : fwd;
+}
+
+/* ------------------------------------------------------------------ typed planners */
+#define T float
+#define KT RaKernelsF32
+#define KSEL f32
+#define FN(name) name##_f32
+#include "routing_body.h"
+#undef T
+#undef KT
+#undef KSEL
+#undef FN
+
+#define T double
+#define KT RaKernelsF64
+#define KSEL f64
+#define FN(name) name##_f64
+#include "routing_body.h"

@@ -1,0 +1,324 @@
+/* routing_body.h — typed routing planner (Routing Transformer); included by routing.c.
+ *
+ * One problem (one outer gufunc index) at a time:
+ *   q (n, d), k (m, d), v (m, e); q_idx (c, w), k_idx (c, u): member lists, -1 = empty.
+ *   1. plan:    copy the lists compactly (valid entries in order), validate them, and
+ *               build each token's occurrence list (cluster order) for the merges.
+ *   2. attend:  per cluster, gather its queries and keys into tiles and run the engine
+ *               with the position mask -> one output row and lse per (cluster, query).
+ *   3. merge:   per token, combine its rows: mean, or log-sum-exp weights.
+ * The backward recomputes 1-3, runs the engine backward per cluster into per-slot
+ * gradient rows, and merges them per token in cluster order.  Parallel loops run over
+ * clusters (2.) and tokens (3.), each writing its own rows: results do not depend on
+ * the number of threads.
+ */
+
+/* Per-problem buffers of the routing planner; sizes from ra_routing_sizes. */
+typedef struct {
+    const RaRoutingPlan *plan;
+    T *o_slot;        /* (c·w, e) output row of each (cluster, query) slot */
+    T *l_slot;        /* (c·w)    its log-sum-exp */
+    uint8_t *self_only; /* (c·w)  exclude_self fell back to the query's own key */
+    T *out;           /* (n, e)   merged output (backward only) */
+    T *lse;           /* (n)      merged log-sum-exp (backward only) */
+    T *dq_slot;       /* (c·w, d) backward only */
+    T *dk_slot;       /* (c·u, d) backward only */
+    T *dv_slot;       /* (c·u, e) backward only */
+} FN(RoutingBuffers);
+
+/* ------------------------------------------------------------------ 2. attend (forward) */
+/* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
+ * o_slot/l_slot rows cl·w + r receive the result for the r-th member query. */
+static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int cl, RaMat q,
+                                        RaMat k, RaMat v, T scale, int flags, T *ws,
+                                        FN(RoutingBuffers) *buf)
+{
+    const int d = P->d, e = P->e, nq = P->qcount[cl], nk = P->kcount[cl];
+    const int64_t *qpos = P->qlist + (ptrdiff_t)cl * P->w;
+    const int64_t *kpos = P->klist + (ptrdiff_t)cl * P->u;
+    if (nq == 0) return;
+    /* scratch: kᵀ (d, nk), v (nk, e), q tile (BQ, d), acc (BQ, e), s (BQ, BK), mx, sum */
+    T *kt = ws, *vp = kt + (ptrdiff_t)d * P->u;
+    FN(RaQTile) qt;
+    T *qs = vp + (ptrdiff_t)P->u * e;
+    qt.q = qs;
+    qt.acc = qs + RA_BQ * d;
+    qt.s = qt.acc + RA_BQ * e;
+    qt.mx = qt.s + RA_BQ * RA_BK;
+    qt.sum = qt.mx + RA_BQ;
+    FN(ra_gather)(k, kpos, 0, nk, d, 1, 1, kt, nk);
+    FN(ra_gather)(v, kpos, 0, nk, e, 1, 0, vp, e);
+    for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
+        qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
+        qt.pos = qpos + r0;
+        FN(ra_gather)(q, qt.pos, 0, qt.rows, d, scale, 0, qs, d);
+        FN(ra_fwd_init)(&qt, e);
+        for (int j0 = 0; j0 < nk; j0 += RA_BK) {
+            FN(RaKTile) ktile = {nk - j0 < RA_BK ? nk - j0 : RA_BK, kt + j0, nk,
+                                 vp + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, kpos + j0};
+            FN(ra_fwd_step)(K, &qt, &ktile, d, e, flags);
+        }
+        /* exclude_self: a query whose only visible key is itself attends to itself */
+        for (int r = 0; r < qt.rows; r++) {
+            const ptrdiff_t slot = (ptrdiff_t)cl * P->w + r0 + r;
+            buf->self_only[slot] = 0;
+            if (!(flags & RA_EXCLUDE_SELF) || qt.sum[r] != 0) continue;
+            for (int j = 0; j < nk; j++) {
+                if (kpos[j] != qt.pos[r]) continue;
+                T s = 0;
+                for (int c = 0; c < d; c++) s += qs[(ptrdiff_t)r * d + c] * kt[(ptrdiff_t)c * nk + j];
+                qt.mx[r] = s;
+                qt.sum[r] = 1;
+                memcpy(qt.acc + (ptrdiff_t)r * e, vp + (ptrdiff_t)j * e, sizeof(T) * (size_t)e);
+                buf->self_only[slot] = 1;
+                break;
+            }
+        }
+        const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
+        FN(ra_fwd_finish)(&qt, e, (char *)(buf->o_slot + slot0 * e), (ptrdiff_t)sizeof(T) * e,
+                          sizeof(T), (char *)(buf->l_slot + slot0), sizeof(T));
+    }
+}
+
+/* ------------------------------------------------------------------ 3. merge (forward) */
+/* Token i: out = mean of its rows, or Σ exp(l_c - L) o_c with L = logsumexp l_c. */
+static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuffers) *buf,
+                                    int64_t i, int merge_lse, RaMat out, RaVec lse)
+{
+    const int e = P->e;
+    const int64_t a = P->q_start[i], z = P->q_start[i + 1];
+    T mx = -INFINITY;
+    for (int64_t t = a; t < z; t++) {
+        const T l = buf->l_slot[P->q_occ[t]];
+        if (l > mx || l != l) mx = l;
+    }
+    T total = 0;
+    for (int64_t t = a; t < z; t++)
+        total += (mx == -INFINITY) ? 0 : exp(buf->l_slot[P->q_occ[t]] - mx);
+    const T L = (total == 0) ? -INFINITY : mx + log(total);
+    for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = 0;
+    for (int64_t t = a; t < z; t++) {
+        const int64_t slot = P->q_occ[t];
+        const T wgt = merge_lse ? (L == -INFINITY ? 0 : exp(buf->l_slot[slot] - L))
+                                : (T)1 / (T)(z - a);
+        for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) += wgt * buf->o_slot[slot * e + c];
+    }
+    RA_VEC_AT(T, lse, i) = L;
+}
+
+/* Forward of one problem: attend per cluster (parallel), then merge per token (parallel)
+ * into out (n, e) / lse (n) given as strided views. */
+static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaMat q, RaMat k,
+                                        RaMat v, T scale, int flags, int merge_lse,
+                                        char *scratch, size_t per_thread,
+                                        FN(RoutingBuffers) *buf, RaMat out, RaVec lse)
+{
+    const int nt = ra_num_threads();
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int cl = 0; cl < P->c; cl++)
+        FN(routing_cluster_forward)(K, P, cl, q, k, v, scale, flags,
+                                    (T *)(scratch + (size_t)ra_thread_id() * per_thread), buf);
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t i = 0; i < P->n; i++)
+        FN(routing_merge_token)(P, buf, i, merge_lse, out, lse);
+}
+
+/* q (B; n, d), k (B; m, d), v (B; m, e), q_idx (B; c, w), k_idx (B; c, u)
+ * -> out (B; n, e), lse (B; n) */
+int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w, int u,
+                           RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx, RaBMat k_idx,
+                           RaBVec scale, RaBVec causal, RaBVec exclude_self, RaBVec merge_lse,
+                           RaBMat out, RaBVec lse)
+{
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    RaRoutingPlan plan;
+    if (ra_routing_plan_alloc(&plan, n, m, d, e, c, w, u) != RA_OK) return RA_ERR_NOMEM;
+    const size_t slots = (size_t)c * w;
+    const size_t per_thread = ra_round_up(sizeof(T) * ra_routing_scratch_elems(d, e, u, 0));
+    FN(RoutingBuffers) buf = {&plan};
+    buf.o_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(slots, e)));
+    buf.l_slot = ra_alloc(ra_mul(sizeof(T), slots));
+    buf.self_only = ra_alloc(slots);
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    int status = (buf.o_slot && buf.l_slot && buf.self_only && scratch) ? RA_OK : RA_ERR_NOMEM;
+    for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
+        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
+        if (status != RA_OK) break;
+        const int flags = RA_MASKED | (RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0) ? RA_CAUSAL : 0) |
+                          (RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0) ? RA_EXCLUDE_SELF : 0);
+        FN(routing_problem_forward)(K, &plan, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
+                                    RA_VEC_AT(T, ra_vec_at(scale, b), 0), flags,
+                                    RA_VEC_AT(uint8_t, ra_vec_at(merge_lse, b), 0), scratch,
+                                    per_thread, &buf, ra_mat_at(out, b), ra_vec_at(lse, b));
+    }
+    ra_free(buf.o_slot);
+    ra_free(buf.l_slot);
+    ra_free(buf.self_only);
+    ra_free(scratch);
+    ra_routing_plan_free(&plan);
+    return status;
+}
+
+/* ------------------------------------------------------------------ backward */
+/* Cluster cl: per-slot gradient rows dq_slot (w.r.t. the scaled query), dk_slot, dv_slot.
+ * The gradient reaching slot (cl, r) of token i is dO = dout_i / count_i (mean) or
+ * dout_i with the merged lse L_i and delta_i = dout_i·out_i (lse merge: exactly the
+ * gradient of one softmax over the concatenated key lists). */
+static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, int cl, RaMat dout,
+                                         RaMat q, RaMat k, RaMat v, T scale, int flags,
+                                         int merge_lse, T *ws, FN(RoutingBuffers) *buf)
+{
+    const int d = P->d, e = P->e, nq = P->qcount[cl], nk = P->kcount[cl];
+    const int64_t *qpos = P->qlist + (ptrdiff_t)cl * P->w;
+    const int64_t *kpos = P->klist + (ptrdiff_t)cl * P->u;
+    T *dk = buf->dk_slot + (ptrdiff_t)cl * P->u * d, *dv = buf->dv_slot + (ptrdiff_t)cl * P->u * e;
+    memset(dk, 0, sizeof(T) * (size_t)nk * d);
+    memset(dv, 0, sizeof(T) * (size_t)nk * e);
+    if (nq == 0 || nk == 0) {
+        memset(buf->dq_slot + (ptrdiff_t)cl * P->w * d, 0, sizeof(T) * (size_t)nq * d);
+        return;
+    }
+    /* scratch: k (nk, d), kᵀ (d, nk), vᵀ (e, nk), then per query tile:
+       q (BQ, d), dout (BQ, e), lse, delta (BQ), s, dp (BQ, BK) */
+    T *kp = ws, *kt = kp + (ptrdiff_t)P->u * d, *vt = kt + (ptrdiff_t)d * P->u;
+    T *qs = vt + (ptrdiff_t)e * P->u, *dop = qs + RA_BQ * d, *lrow = dop + RA_BQ * e;
+    T *delta = lrow + RA_BQ;
+    FN(RaQGradTile) g;
+    g.s = delta + RA_BQ;
+    g.dp = g.s + RA_BQ * RA_BK;
+    g.t = NULL;
+    FN(ra_gather)(k, kpos, 0, nk, d, 1, 0, kp, d);
+    FN(ra_gather)(k, kpos, 0, nk, d, 1, 1, kt, nk);
+    FN(ra_gather)(v, kpos, 0, nk, e, 1, 1, vt, nk);
+    for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
+        const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
+        const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
+        FN(ra_gather)(q, qpos + r0, 0, rows, d, scale, 0, qs, d);
+        for (int r = 0; r < rows; r++) {
+            const int64_t i = qpos[r0 + r], slot = slot0 + r;
+            const T wgt = merge_lse ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
+            const T *o = merge_lse ? buf->out + i * e : buf->o_slot + slot * e;
+            T dl = 0;
+            for (int c = 0; c < e; c++) {
+                dop[(ptrdiff_t)r * e + c] = wgt * RA_MAT_AT(T, dout, i, c);
+                dl += dop[(ptrdiff_t)r * e + c] * o[c];
+            }
+            delta[r] = dl;
+            lrow[r] = merge_lse ? buf->lse[i] : buf->l_slot[slot];
+        }
+        T *dq = buf->dq_slot + slot0 * d;
+        memset(dq, 0, sizeof(T) * (size_t)rows * d);
+        g.rows = rows;
+        g.q = qs;
+        g.dout = dop;
+        g.lse = lrow;
+        g.delta = delta;
+        g.pos = qpos + r0;
+        g.dq = dq;
+        for (int j0 = 0; j0 < nk; j0 += RA_BK) {
+            FN(RaKTile) ktile = {nk - j0 < RA_BK ? nk - j0 : RA_BK, kt + j0, nk, NULL, 0,
+                                 kp + (ptrdiff_t)j0 * d, d, vt + j0, nk, kpos + j0};
+            FN(ra_bwd_step)(K, &g, &ktile, dk + (ptrdiff_t)j0 * d, d, dv + (ptrdiff_t)j0 * e, e,
+                            d, e, flags);
+        }
+        /* exclude_self fallback rows: the forward's only key was the query itself,
+           which the engine's mask hid; differentiate that single term here */
+        for (int r = 0; r < rows; r++) {
+            if (!buf->self_only[slot0 + r]) continue;
+            int j = 0;
+            while (kpos[j] != qpos[r0 + r]) j++;        /* present: the forward found it */
+            T s = 0, dp = 0;
+            for (int c = 0; c < d; c++) s += qs[(ptrdiff_t)r * d + c] * kp[(ptrdiff_t)j * d + c];
+            for (int c = 0; c < e; c++) dp += dop[(ptrdiff_t)r * e + c] * vt[(ptrdiff_t)c * nk + j];
+            /* forward: p = exp(s - lse), out += p·v  =>  dv += p·dO, ds = p·(dp - delta) */
+            const T p = exp(s - lrow[r]), ds = p * (dp - delta[r]);
+            for (int c = 0; c < e; c++) dv[(ptrdiff_t)j * e + c] += p * dop[(ptrdiff_t)r * e + c];
+            for (int c = 0; c < d; c++) {
+                dq[(ptrdiff_t)r * d + c] += ds * kp[(ptrdiff_t)j * d + c];
+                dk[(ptrdiff_t)j * d + c] += ds * qs[(ptrdiff_t)r * d + c];
+            }
+        }
+    }
+}
+
+/* Sum the slot rows of one token (occurrences [a, z) in cluster order) into dst. */
+static void FN(routing_sum_slots)(const int64_t *occ, int64_t a, int64_t z, const T *rows,
+                                  int width, T mul, RaMat dst, int64_t i)
+{
+    for (int c = 0; c < width; c++) {
+        T acc = 0;
+        for (int64_t t = a; t < z; t++) acc += rows[occ[t] * width + c];
+        RA_MAT_AT(T, dst, i, c) = mul * acc;
+    }
+}
+
+/* dout (B; n, e), q, k, v, q_idx, k_idx -> dq (B; n, d), dk (B; m, d), dv (B; m, e) */
+int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w, int u,
+                            RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,
+                            RaBMat k_idx, RaBVec scale, RaBVec causal, RaBVec exclude_self,
+                            RaBVec merge_lse, RaBMat dq, RaBMat dk, RaBMat dv)
+{
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    RaRoutingPlan plan;
+    if (ra_routing_plan_alloc(&plan, n, m, d, e, c, w, u) != RA_OK) return RA_ERR_NOMEM;
+    const size_t qslots = (size_t)c * w, kslots = (size_t)c * u;
+    const size_t per_thread = ra_round_up(sizeof(T) * ra_routing_scratch_elems(d, e, u, 1));
+    FN(RoutingBuffers) buf = {&plan};
+    buf.o_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, e)));
+    buf.l_slot = ra_alloc(ra_mul(sizeof(T), qslots));
+    buf.self_only = ra_alloc(qslots);
+    buf.out = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, e)));
+    buf.lse = ra_alloc(ra_mul(sizeof(T), (size_t)n));
+    buf.dq_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, d)));
+    buf.dk_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, d)));
+    buf.dv_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, e)));
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    int status = (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse &&
+                  buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch) ? RA_OK : RA_ERR_NOMEM;
+    for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
+        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
+        if (status != RA_OK) break;
+        const int flags = RA_MASKED | (RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0) ? RA_CAUSAL : 0) |
+                          (RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0) ? RA_EXCLUDE_SELF : 0);
+        const int lse_merge = RA_VEC_AT(uint8_t, ra_vec_at(merge_lse, b), 0) != 0;
+        const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
+        RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
+        RaMat gb = ra_mat_at(dout, b);
+        /* recompute the forward: slot rows, merged output and lse */
+        RaMat outm = {(char *)buf.out, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+        RaVec lsev = {(char *)buf.lse, sizeof(T)};
+        FN(routing_problem_forward)(K, &plan, qb, kb, vb, sc, flags, lse_merge, scratch,
+                                    per_thread, &buf, outm, lsev);
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int cl = 0; cl < c; cl++)
+            FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags, lse_merge,
+                                         (T *)(scratch + (size_t)ra_thread_id() * per_thread), &buf);
+        RaMat dqb = ra_mat_at(dq, b), dkb = ra_mat_at(dk, b), dvb = ra_mat_at(dv, b);
+        /* forward: logits = (scale·q)·kᵀ, so dq = scale · Σ slots; tokens in no
+           cluster get zero gradient */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < n; i++)
+            FN(routing_sum_slots)(plan.q_occ, plan.q_start[i], plan.q_start[i + 1], buf.dq_slot,
+                                  d, sc, dqb, i);
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t j = 0; j < m; j++) {
+            FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dk_slot,
+                                  d, 1, dkb, j);
+            FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dv_slot,
+                                  e, 1, dvb, j);
+        }
+    }
+    ra_free(buf.o_slot);
+    ra_free(buf.l_slot);
+    ra_free(buf.self_only);
+    ra_free(buf.out);
+    ra_free(buf.lse);
+    ra_free(buf.dq_slot);
+    ra_free(buf.dk_slot);
+    ra_free(buf.dv_slot);
+    ra_free(scratch);
+    ra_routing_plan_free(&plan);
+    return status;
+}
