@@ -8,6 +8,7 @@ Combiner built on the same engine.  Every function has a plain NumPy twin in
 from . import reference
 from ._ext import build_info, get_num_threads, set_num_threads
 from .dense import attention, attention_backward
+from .combiner import CombinerAttention, combiner_attention, combiner_attention_backward
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,5 @@ __all__ = [
     "attention", "attention_backward",
     "build_info", "get_num_threads", "set_num_threads",
     "reference",
+    "combiner_attention", "combiner_attention_backward", "CombinerAttention",
 ]
