@@ -160,6 +160,20 @@ int64_t ra_cplan_wave_unit(const RaCPlan *p, int w, int64_t u, int64_t *vids)
     return cnt;
 }
 
+RaRange ra_cplan_wave_span(const RaCPlan *p, int w, int64_t u)
+{
+    const int64_t M = p->M;
+    switch (p->kind) {
+    case RA_PLAN_MIXTURE:
+        if (w == 0) return (RaRange){u, col_rows(p, u), M};
+        return (RaRange){u * M, row_len(p, u), 1};
+    case RA_PLAN_LOGSPARSE:
+        return ra_cplan_region(p, p->off[w / p->L][w % p->L] + u).members;
+    default:
+        return (RaRange){u * M, row_len(p, u), 1};
+    }
+}
+
 /* ------------------------------------------------------------------ query passes */
 int ra_cplan_npasses(const RaCPlan *p)
 {

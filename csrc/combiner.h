@@ -48,6 +48,8 @@ int ra_cplan_nwaves(const RaCPlan *p);
 int64_t ra_cplan_wave_units(const RaCPlan *p, int w);
 /* vids of region unit u of wave w (vids NULL: count only); returns the count */
 int64_t ra_cplan_wave_unit(const RaCPlan *p, int w, int64_t u, int64_t *vids);
+/* positions covering every region of that unit (each region's members are a sub-run) */
+RaRange ra_cplan_wave_span(const RaCPlan *p, int w, int64_t u);
 int ra_cplan_npasses(const RaCPlan *p);
 int64_t ra_cplan_pass_units(const RaCPlan *p, int pass);
 /* query unit u of a pass; fills U and its summary entries (kid NULL: count only) */

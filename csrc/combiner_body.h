@@ -12,10 +12,11 @@ typedef struct {
     int64_t *qidx, *didx, *kid, *vid, *spos, *sqpos, *vids, *midx, *arg;
     T *qs, *acc, *s, *mx, *sum;                 /* forward query tile */
     T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
+    T *qt_m;                                    /* members' qᵀ (d, L), unscaled */
     T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
     T *dout, *lse, *delta, *dq, *dp, *t;        /* gradient tile (backward) */
-    RaRange cached;                             /* members currently in the _m packs */
+    RaRange span;                               /* positions in the _m packs */
 } FN(CWs);
 
 static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int e, int bwd)
@@ -42,6 +43,7 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->v_s = ra_take(a, ra_mul(z->maxS, e), S);
     w->kt_m = ra_take(a, ra_mul(z->maxMem, d), S);
     w->v_m = ra_take(a, ra_mul(z->maxMem, e), S);
+    w->qt_m = ra_take(a, ra_mul(z->maxMem, d), S);
     if (bwd) {
         w->k_d = ra_take(a, ra_mul(z->maxD, d), S);
         w->vt_d = ra_take(a, ra_mul(z->maxD, e), S);
@@ -124,40 +126,42 @@ static void FN(range_list)(RaRange r, int64_t *idx)
     for (int64_t j = 0; j < r.count; j++) idx[j] = r.start + j * r.stride;
 }
 
-/* x is (n, d); dst (d) = mul · element-wise max of x over the rows of `mem`, arg (d) the
- * row each maximum came from (ties: the lowest position; arg may be NULL) */
-static void FN(maxpool)(RaMat x, RaRange mem, int d, T mul, T *dst, int64_t *arg)
+/* xt (d, ld) packed transposed; over the L columns from o: dst (d) = mul · element-wise
+ * max, arg (d) = the position it came from, idx[o + j] (ties: the lowest; arg may be NULL) */
+static void FN(maxpool)(const T *xt, ptrdiff_t ld, const int64_t *idx, int64_t o, int L, int d,
+                        T mul, T *dst, int64_t *arg)
 {
     for (int c = 0; c < d; c++) {
-        dst[c] = RA_MAT_AT(T, x, mem.start, c);
-        if (arg) arg[c] = mem.start;
+        const T *x = xt + c * ld + o;
+        T best = x[0];
+        int at = 0;
+        for (int j = 1; j < L; j++)
+            if (x[j] > best) { best = x[j]; at = j; }
+        dst[c] = best * mul;
+        if (arg) arg[c] = idx[o + at];
     }
-    for (int64_t j = 1; j < mem.count; j++) {
-        const int64_t row = mem.start + j * mem.stride;
-        for (int c = 0; c < d; c++) {
-            const T val = RA_MAT_AT(T, x, row, c);
-            if (val > dst[c]) {
-                dst[c] = val;
-                if (arg) arg[c] = row;
-            }
-        }
-    }
-    for (int c = 0; c < d; c++) dst[c] *= mul;
 }
 
-/* Pack a region's members: kᵀ (d, L), v (L, e); backward also k (L, d), vᵀ (e, L). */
-static void FN(pack_members)(FN(CWs) *w, RaRange mem, RaMat k, RaMat v, int d, int e)
+/* Pack the positions of a region unit once: kᵀ, qᵀ (d, Ls), v (Ls, e); backward also
+ * k (Ls, d), vᵀ (e, Ls).  Each region of the unit is a sub-run of these columns. */
+static void FN(pack_members)(FN(CWs) *w, RaRange span, RaMat q, RaMat k, RaMat v, int d, int e)
 {
-    if (FN(same_range)(w->cached, mem)) return;
-    const int L = (int)mem.count;
-    FN(range_list)(mem, w->midx);
+    const int L = (int)span.count;
+    w->span = span;
+    FN(range_list)(span, w->midx);
     FN(ra_gather)(k, w->midx, 0, L, d, 1, 1, w->kt_m, L);
+    FN(ra_gather)(q, w->midx, 0, L, d, 1, 1, w->qt_m, L);
     FN(ra_gather)(v, w->midx, 0, L, e, 1, 0, w->v_m, e);
     if (w->k_m) {
         FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
         FN(ra_gather)(v, w->midx, 0, L, e, 1, 1, w->vt_m, L);
     }
-    w->cached = mem;
+}
+
+/* column of region members' first position inside the packed span */
+static int64_t FN(span_offset)(const FN(CWs) *w, RaRange mem)
+{
+    return (mem.start - w->span.start) / w->span.stride;
 }
 
 /* Consecutive regions vids[a..b) sharing members and each with its own query row are
@@ -185,22 +189,26 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
                                     FN(CTab) *tb)
 {
     const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
+    if (nv == 0) return;
+    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    const ptrdiff_t ld = w->span.count;
     for (int64_t a = 0, b; a < nv; a = b) {
         b = FN(region_batch)(p, w->vids, a, nv);
         const RaCRegion g = ra_cplan_region(p, w->vids[a]);
         const int rows = (int)(b - a), L = (int)g.members.count;
-        FN(pack_members)(w, g.members, k, v, d, e);
+        const int64_t o = FN(span_offset)(w, g.members);
         for (int r = 0; r < rows; r++) {
             const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
-            if (h.owns_kid) FN(maxpool)(k, h.members, d, 1, tb->khat + h.kid * d, NULL);
-            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, w->qs + (ptrdiff_t)r * d, d);
-            else FN(maxpool)(q, h.members, d, sc, w->qs + (ptrdiff_t)r * d, NULL);
+            T *qr = w->qs + (ptrdiff_t)r * d;
+            if (h.owns_kid) FN(maxpool)(w->kt_m, ld, w->midx, o, L, d, 1, tb->khat + h.kid * d, NULL);
+            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
+            else FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, sc, qr, NULL);
         }
         FN(RaQTile) qt = {rows, w->qs, NULL, w->mx, w->sum, w->acc, w->s};
         FN(ra_fwd_init)(&qt, e);
         for (int j0 = 0; j0 < L; j0 += RA_BK) {
-            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + j0, L,
-                              w->v_m + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, NULL};
+            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld,
+                              w->v_m + (o + j0) * e, e, NULL, 0, NULL, 0, NULL};
             FN(ra_fwd_step)(K, &qt, &kt, d, e, 0);
         }
         const int64_t v0 = w->vids[a];
@@ -302,11 +310,15 @@ static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int 
                                 RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb,
                                 RaMat out, RaVec lse)
 {
-    for (int w = 0; w < ra_cplan_nwaves(p); w++) {
-        const int64_t nu = ra_cplan_wave_units(p, w);
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-        for (int64_t u = 0; u < nu; u++)
-            FN(region_unit_forward)(K, p, &ws[ra_thread_id()], w, u, q, k, v, sc, d, e, tb);
+    /* regions write disjoint summaries: all waves run as one parallel loop */
+    int64_t total = 0;
+    for (int w = 0; w < ra_cplan_nwaves(p); w++) total += ra_cplan_wave_units(p, w);
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t x = 0; x < total; x++) {
+        int w = 0;
+        int64_t u = x;
+        while (u >= ra_cplan_wave_units(p, w)) u -= ra_cplan_wave_units(p, w++);
+        FN(region_unit_forward)(K, p, &ws[ra_thread_id()], w, u, q, k, v, sc, d, e, tb);
     }
     for (int pass = 0; pass < ra_cplan_npasses(p); pass++) {
         const int64_t nu = ra_cplan_pass_units(p, pass);
@@ -340,7 +352,6 @@ static int FN(problem_setup)(FN(CBufs) *bf, const RaCPlan *p, int nt, int d, int
     for (int t = 0; t < nt; t++) {
         RaArena x = {bf->ws_buf + (size_t)t * per_thread, 0};
         FN(cws_layout)(&ws[t], &x, &z, d, e, bwd);
-        ws[t].cached = (RaRange){-1, -1, 0};
     }
     return RA_OK;
 }
@@ -451,20 +462,23 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
                                      FN(CTab) *tb)
 {
     const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
+    if (nv == 0) return;
+    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    const ptrdiff_t ld = w->span.count;
     for (int64_t a = 0, b; a < nv; a = b) {
         b = FN(region_batch)(p, w->vids, a, nv);
         const RaCRegion g = ra_cplan_region(p, w->vids[a]);
         const int rows = (int)(b - a), L = (int)g.members.count;
-        const int64_t v0 = w->vids[a];
-        FN(pack_members)(w, g.members, k, v, d, e);
+        const int64_t v0 = w->vids[a], o = FN(span_offset)(w, g.members);
         for (int r = 0; r < rows; r++) {
             const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
+            T *qr = w->qs + (ptrdiff_t)r * d;
             if (h.owns_kid) {
-                FN(maxpool)(k, h.members, d, 1, w->dq, w->arg);
+                FN(maxpool)(w->kt_m, ld, w->midx, o, L, d, 1, w->dq, w->arg);
                 for (int c = 0; c < d; c++) tb->dks[w->arg[c] * d + c] += tb->dkhat[h.kid * d + c];
             }
-            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, w->qs + (ptrdiff_t)r * d, d);
-            else FN(maxpool)(q, h.members, d, sc, w->qs + (ptrdiff_t)r * d, NULL);
+            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
+            else FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, sc, qr, NULL);
             T dl = 0;
             for (int c = 0; c < e; c++) dl += tb->dvhat[(v0 + r) * e + c] * tb->vhat[(v0 + r) * e + c];
             w->delta[r] = dl;
@@ -475,14 +489,15 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
         FN(RaQGradTile) gt = {rows, w->qs, tb->dvhat + v0 * e, tb->rlse + v0, w->delta, NULL,
                               w->dq, w->s, w->dp, w->t};
         for (int j0 = 0; j0 < L; j0 += RA_BK) {
-            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + j0, L, NULL, 0,
-                              w->k_m + (ptrdiff_t)j0 * d, d, w->vt_m + j0, L, NULL};
+            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld, NULL, 0,
+                              w->k_m + (o + j0) * d, d, w->vt_m + o + j0, ld, NULL};
             FN(ra_bwd_step)(K, &gt, &kt, w->dk_m + (ptrdiff_t)j0 * d, d,
                             w->dv_m + (ptrdiff_t)j0 * e, e, d, e, 0);
         }
         for (int j = 0; j < L; j++) {
-            for (int c = 0; c < d; c++) tb->dks[w->midx[j] * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
-            for (int c = 0; c < e; c++) tb->dvs[w->midx[j] * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
+            const int64_t at = w->midx[o + j];
+            for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
+            for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
         }
         for (int r = 0; r < rows; r++) {
             const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
@@ -490,7 +505,7 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
             if (h.qsrc >= 0)
                 for (int c = 0; c < d; c++) tb->dqs[h.qsrc * d + c] += dqr[c];
             else {
-                FN(maxpool)(q, h.members, d, 1, w->qs, w->arg);   /* qs no longer needed */
+                FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, 1, w->qs, w->arg);   /* qs is free */
                 for (int c = 0; c < d; c++) tb->dqs[w->arg[c] * d + c] += dqr[c];
             }
         }
