@@ -62,5 +62,23 @@ size_t ra_routing_scratch_elems(int d, int e, int u, int backward);
 
 RA_ROUTING_DECLS(float, f32)
 RA_ROUTING_DECLS(double, f64)
+/* ------------------------------------------------------------------ combiner attention */
+/* plan (B) int64: 0 fixed, 1 axial, 2 logsparse, 3 mixture; block (B) int64 in [1, n]
+ * (grid columns; ignored by logsparse); causal (B) uint8; scale (B).  RA_ERR_VALUE for
+ * an invalid plan or block. */
+#define RA_COMBINER_DECLS(T, SUF)                                                         \
+    /* q, k (B; n, d), v (B; n, e)  ->  out (B; n, e) */                                  \
+    int ra_combiner_forward_##SUF(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k,    \
+                                  RaBMat v, RaBVec plan, RaBVec block, RaBVec causal,      \
+                                  RaBVec scale, RaBMat out);                               \
+    /* dout (B; n, e), q, k, v  ->  dq, dk (B; n, d), dv (B; n, e)  (written, not        \
+       accumulated; the forward is recomputed) */                                         \
+    int ra_combiner_backward_##SUF(ptrdiff_t B, int n, int d, int e, RaBMat dout,         \
+                                   RaBMat q, RaBMat k, RaBMat v, RaBVec plan,             \
+                                   RaBVec block, RaBVec causal, RaBVec scale, RaBMat dq,  \
+                                   RaBMat dk, RaBMat dv);
+
+RA_COMBINER_DECLS(float, f32)
+RA_COMBINER_DECLS(double, f64)
 
 #endif /* RA_METHODS_H */

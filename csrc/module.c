@@ -137,6 +137,45 @@ ROUTING_FORWARD_LOOP(f64)
     }
 ROUTING_BACKWARD_LOOP(f32)
 ROUTING_BACKWARD_LOOP(f64)
+/* ------------------------------------------------------------------ combiner attention */
+/* (n,d),(n,d),(n,e),(),(),(),()->(n,e)
+ * q, k, v, plan, block, causal, scale -> out */
+#define COMBINER_FORWARD_LOOP(SUF)                                                        \
+    static void combiner_forward_loop_##SUF(char **args, npy_intp const *dims,           \
+                                            npy_intp const *steps, void *data)           \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (!ra_dims_fit(dims + 1, 3, "combiner_attention")) return;                      \
+        const int n = (int)dims[1], d = (int)dims[2], e = (int)dims[3];                   \
+        if (dims[0] == 0) return;                                                         \
+        /* operands 0..7, core strides from steps[8] on */                               \
+        int st = ra_combiner_forward_##SUF(dims[0], n, d, e, BMAT(0, 8), BMAT(1, 10),      \
+                                           BMAT(2, 12), BSCALAR(3), BSCALAR(4),           \
+                                           BSCALAR(5), BSCALAR(6), BMAT(7, 14));          \
+        ra_raise(st, "combiner_attention");                                               \
+    }
+COMBINER_FORWARD_LOOP(f32)
+COMBINER_FORWARD_LOOP(f64)
+
+/* (n,e),(n,d),(n,d),(n,e),(),(),(),()->(n,d),(n,d),(n,e)
+ * dout, q, k, v, plan, block, causal, scale -> dq, dk, dv */
+#define COMBINER_BACKWARD_LOOP(SUF)                                                       \
+    static void combiner_backward_loop_##SUF(char **args, npy_intp const *dims,          \
+                                             npy_intp const *steps, void *data)          \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (!ra_dims_fit(dims + 1, 3, "combiner_attention_backward")) return;             \
+        const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3];                   \
+        if (dims[0] == 0) return;                                                         \
+        /* operands 0..10, core strides from steps[11] on */                             \
+        int st = ra_combiner_backward_##SUF(dims[0], n, d, e, BMAT(0, 11), BMAT(1, 13),    \
+                                            BMAT(2, 15), BMAT(3, 17), BSCALAR(4),         \
+                                            BSCALAR(5), BSCALAR(6), BSCALAR(7),           \
+                                            BMAT(8, 19), BMAT(9, 21), BMAT(10, 23));      \
+        ra_raise(st, "combiner_attention_backward");                                      \
+    }
+COMBINER_BACKWARD_LOOP(f32)
+COMBINER_BACKWARD_LOOP(f64)
 
 /* ------------------------------------------------------------------ registration table */
 typedef struct {
@@ -174,6 +213,18 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, F, F, L, L, F, B, B, B, F, F, F, /**/ D, D, D, D, L, L, D, B, B, B, D, D, D},
      "_routing_backward(dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse)"
      " -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.routing_attention_backward."},
+    /* ---- combiner attention */
+    {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e)", 7, 1,
+     {combiner_forward_loop_f32, combiner_forward_loop_f64},
+     (char[]){F, F, F, L, L, B, F, F, /**/ D, D, D, L, L, B, D, D},
+     "_combiner_forward(q, k, v, plan, block, causal, scale) -> out\n\n"
+     "plan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind "
+     "routing_attention.combiner_attention; use that instead."},
+    {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(),(),(),()->(n,d),(n,d),(n,e)", 8, 3,
+     {combiner_backward_loop_f32, combiner_backward_loop_f64},
+     (char[]){F, F, F, F, L, L, B, F, F, F, F, /**/ D, D, D, D, L, L, B, D, D, D, D},
+     "_combiner_backward(dout, q, k, v, plan, block, causal, scale) -> (dq, dk, dv)\n\n"
+     "Low-level gufunc behind routing_attention.combiner_attention_backward."},
 };
 
 #undef F

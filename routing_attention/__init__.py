@@ -10,6 +10,7 @@ from ._ext import build_info, get_num_threads, set_num_threads
 from .dense import attention, attention_backward
 from .routing import (local_attention, local_attention_backward, routing_attention,
                       routing_attention_backward)
+from .combiner import CombinerAttention, combiner_attention, combiner_attention_backward
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "local_attention", "local_attention_backward",
     "build_info", "get_num_threads", "set_num_threads",
     "reference",
+    "combiner_attention", "combiner_attention_backward", "CombinerAttention",
 ]

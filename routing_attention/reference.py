@@ -9,7 +9,9 @@ import numpy as np
 from ._checks import unbroadcast
 
 __all__ = ["attention", "attention_backward", "masked_softmax", "routing_attention",
-           "routing_attention_backward", "local_attention", "local_attention_backward"]
+           "routing_attention_backward", "local_attention", "local_attention_backward",
+           "combiner_attention", "combiner_attention_backward", "combiner_attention_weights",
+           "combiner_plan"]
 
 
 def _f64(*arrays):
@@ -190,3 +192,178 @@ def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None)
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
     return (unbroadcast(sc * (ds @ k), q.shape), unbroadcast(sc * (np.swapaxes(ds, -1, -2) @ q), k.shape),
             unbroadcast(dv, v.shape))
+# ---------------------------------------------------------------------- Combiner (§4.3)
+COMBINER_PLANS = ("fixed", "axial", "logsparse", "mixture")
+
+
+def combiner_default_block(plan, n):
+    """⌈√n⌉ for fixed, axial and mixture; logsparse has no block (None)."""
+    return None if plan == "logsparse" else int(np.ceil(np.sqrt(n)))
+
+
+def _dyadic_spans(i):
+    """The spans [lo, hi) that tile [0, i): one per set bit l of i."""
+    spans, l = [], 0
+    while (i >> l) > 0:
+        if (i >> l) & 1:
+            spans.append((((i >> (l + 1)) << (l + 1)), ((i >> l) << l)))
+        l += 1
+    return spans
+
+
+def combiner_plan(plan, n, block=None, causal=True):
+    """Each query's support, straight from DESIGN §4.3.
+
+    Returns a list over queries i of (direct, regions): direct is a list of key
+    positions; each region is (kmem, qsrc, vmem): the summary key is the max-pool of the
+    keys in kmem, the summary value the softmax expectation of v over vmem under the
+    region query, which is the max-pool of the queries in vmem (qsrc None) or q[qsrc].
+    """
+    if plan not in COMBINER_PLANS:
+        raise ValueError(f"plan must be one of {COMBINER_PLANS}; got {plan!r}")
+    s = combiner_default_block(plan, n) if block is None else block
+    out = []
+    for i in range(n):
+        direct, regions = [], []
+        if plan == "fixed":
+            b = i // s
+            direct = [j for j in range(b * s, min(n, b * s + s)) if not causal or j <= i]
+            for g in range((n + s - 1) // s):
+                if g < b or (not causal and g > b):
+                    mem = list(range(g * s, min(n, g * s + s)))
+                    regions.append((mem, None, mem))
+        elif plan == "logsparse":
+            direct = [i]
+            for lo, hi in _dyadic_spans(i):
+                regions.append((list(range(lo, hi)), None, list(range(lo, hi))))
+            if not causal:
+                for lo, hi in _dyadic_spans(n - 1 - i):
+                    mem = list(range(n - hi, n - lo))
+                    regions.append((mem, None, mem))
+        else:
+            M = s
+            nrows = (n + M - 1) // M
+            r, c = divmod(i, M)
+            row = lambda t: list(range(t * M, min(n, t * M + M)))          # noqa: E731
+            col = lambda cc: list(range(cc, n, M))                         # noqa: E731
+            if plan == "axial":
+                direct = [j for j in row(r) if not causal or j <= i]
+                for t in range(nrows):
+                    if t < r or (not causal and t != r):
+                        cells = row(t)
+                        regions.append((cells, cells[min(c, len(cells) - 1)], cells))
+            else:   # mixture
+                direct = [j for j in row(r) if not causal or j <= i]
+                direct += [j for j in col(c) if j < i or (not causal and j > i)]
+                for cc in range(M):
+                    if cc == c:
+                        continue
+                    above = [j for j in col(cc) if j // M < r]
+                    below = [j for j in col(cc) if j // M > r]
+                    for mem in ([above] if causal else [above, below]):
+                        if mem:
+                            regions.append((mem, None, mem))
+                for t in range(nrows):
+                    if t < r or (not causal and t != r):
+                        left = [j for j in row(t) if j % M < c]
+                        right = [j for j in row(t) if j % M > c]
+                        for mem in (left, right):
+                            if mem:
+                                regions.append((mem, None, mem))
+        out.append((sorted(direct), regions))
+    return out
+
+
+def _combiner_problem(q, k, sc, support):
+    """Per query: direct keys, logits p (softmax over direct + summaries), and per region
+    (kmem, vmem, region query q̂, pooled key k̂, the region distribution a)."""
+    rows = []
+    for i, (direct, regions) in enumerate(support):
+        regs = []
+        for kmem, qsrc, vmem in regions:
+            qh = q[vmem].max(axis=0) if qsrc is None else q[qsrc]
+            kh = k[kmem].max(axis=0)
+            a, _ = masked_softmax(sc * (k[vmem] @ qh), np.ones(len(vmem), dtype=bool))
+            regs.append((kmem, qsrc, vmem, qh, kh, a))
+        logits = np.concatenate([sc * (k[direct] @ q[i]),
+                                 np.array([sc * (q[i] @ r[4]) for r in regs])])
+        p, _ = masked_softmax(logits, np.ones(len(logits), dtype=bool))
+        rows.append((direct, p, regs))
+    return rows
+
+
+def _combiner_batched(q, k, v, dout=None):
+    q, k, v = _f64(q, k, v)
+    shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
+                                () if dout is None else np.shape(dout)[:-2])
+    flat = lambda a: np.broadcast_to(a, shape + a.shape[-2:]).reshape((-1,) + a.shape[-2:])  # noqa: E731
+    arrays = [flat(q), flat(k), flat(v)]
+    if dout is not None:
+        arrays.append(flat(np.asarray(dout, dtype=np.float64)))
+    return shape, arrays
+
+
+def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=True, scale=None):
+    """The effective (…, n, n) attention matrix of Combiner: row i holds the direct
+    weights of query i plus, for each region, its summary weight × the region's own
+    distribution over its members.  combiner_attention(q, k, v) = weights @ v."""
+    n = np.shape(q)[-2]
+    sc = _scale(scale, np.shape(q)[-1])
+    support = combiner_plan(plan, n, block, causal)
+    shape, (qf, kf, _) = _combiner_batched(q, k, np.zeros(np.shape(k)[:-1] + (1,)))
+    A = np.zeros((qf.shape[0], n, n))
+    for b in range(qf.shape[0]):
+        for i, (direct, p, regs) in enumerate(_combiner_problem(qf[b], kf[b], sc, support)):
+            A[b, i, direct] += p[:len(direct)]
+            for w, (_, _, vmem, _, _, a) in zip(p[len(direct):], regs):
+                A[b, i, vmem] += w * a
+    return A.reshape(shape + (n, n))
+
+
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None):
+    """Combiner attention through its explicit effective attention matrix."""
+    A = combiner_attention_weights(q, k, plan=plan, block=block, causal=causal, scale=scale)
+    return A @ np.asarray(v, dtype=np.float64)
+
+
+def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=True,
+                                scale=None):
+    """(dq, dk, dv) of `combiner_attention`, differentiated by hand query by query:
+    the shared softmax, each region's own softmax, and max-pooling (the gradient goes to
+    the arg-max element; ties to the lowest position)."""
+    n, d = np.shape(q)[-2:]
+    sc = _scale(scale, d)
+    support = combiner_plan(plan, n, block, causal)
+    shape, (qf, kf, vf, gf) = _combiner_batched(q, k, v, dout)
+    dq, dk, dv = np.zeros_like(qf), np.zeros_like(kf), np.zeros_like(vf)
+    cols = np.arange(d)
+    for b in range(qf.shape[0]):
+        qb, kb, vb = qf[b], kf[b], vf[b]
+        for i, (direct, p, regs) in enumerate(_combiner_problem(qb, kb, sc, support)):
+            g = gf[b, i]
+            vals = [vb[j] for j in direct] + [r[5] @ vb[r[2]] for r in regs]
+            keys = [kb[j] for j in direct] + [r[4] for r in regs]
+            # out_i = Σ p_e value_e with p = softmax(sc·q_i·key_e)
+            dp = np.array([g @ x for x in vals])
+            ds = p * (dp - p @ dp)
+            dq[b, i] += sc * sum(s_ * x for s_, x in zip(ds, keys))
+            for t, j in enumerate(direct):
+                dk[b, j] += sc * ds[t] * qb[i]
+                dv[b, j] += p[t] * g
+            for t, (kmem, qsrc, vmem, qh, kh, a) in enumerate(regs, start=len(direct)):
+                dkh, dvh = sc * ds[t] * qb[i], p[t] * g
+                # k̂ = max over kmem: gradient to the arg-max row of each column
+                dk[b, np.asarray(kmem)[np.argmax(kb[kmem], axis=0)], cols] += dkh
+                # v̂ = a @ v[vmem] with a = softmax(sc·q̂·k[vmem])
+                dv[b, vmem] += np.outer(a, dvh)
+                da = vb[vmem] @ dvh
+                dt = a * (da - a @ da)
+                dk[b, vmem] += sc * np.outer(dt, qh)
+                dqh = sc * (dt @ kb[vmem])
+                if qsrc is None:
+                    dq[b, np.asarray(vmem)[np.argmax(qb[vmem], axis=0)], cols] += dqh
+                else:
+                    dq[b, qsrc] += dqh
+    full = lambda a: a.reshape(shape + a.shape[-2:])  # noqa: E731
+    return (unbroadcast(full(dq), np.shape(q)), unbroadcast(full(dk), np.shape(k)),
+            unbroadcast(full(dv), np.shape(v)))

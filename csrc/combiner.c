@@ -1,0 +1,297 @@
+/* combiner.c — Combiner attention (Ren et al. 2021, DESIGN §4.3) on the tile engine.
+ *
+ * Every plan is described by one "region list" planner, shared by the typed drivers in
+ * combiner_body.h:
+ *
+ *   regions   value regions vid ∈ [0, R): a member set (an arithmetic progression of
+ *             positions), a region query (max-pooled over the members, or one given
+ *             query row), and the summary key kid it belongs to.  Summary key k̂_kid is
+ *             the max-pool of the members' keys; summary value v̂_vid is the region's own
+ *             softmax expectation of the members' values under the region query.
+ *   waves     the regions grouped into units whose member sets are disjoint inside a
+ *             wave, so the backward can scatter member gradients without races; waves
+ *             run one after the other.
+ *   passes    the queries grouped into units that share their key lists: a direct key
+ *             range (masked by position) and a list of summary entries (kid, vid, spos),
+ *             masked by spos against the query's row or column.  Plans whose direct
+ *             keys and summaries cannot share a unit (axial, mixture: own row vs own
+ *             column) use two passes; the second continues the first pass's online
+ *             softmax state, so every query still has exactly one softmax.
+ *
+ * Grid (fixed, axial, mixture): M = block columns, row-major i = r·M + c, nr rows, the
+ * last one possibly shorter.  Logsparse: span (l, a) covers [a·2^{l+1}, a·2^{l+1}+2^l);
+ * mirror spans (bidirectional) are the same spans of the reversed sequence.
+ */
+#include "combiner.h"
+
+/* ------------------------------------------------------------------ plan geometry */
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* cells in grid row t; rows holding column c */
+static int64_t row_len(const RaCPlan *p, int64_t t) { return min64(p->M, p->n - t * p->M); }
+static int64_t col_rows(const RaCPlan *p, int64_t c) { return (p->n - c + p->M - 1) / p->M; }
+
+int ra_cplan_init(RaCPlan *p, int kind, int64_t n, int64_t block, int causal)
+{
+    if (kind < RA_PLAN_FIXED || kind > RA_PLAN_MIXTURE || n < 1) return RA_ERR_VALUE;
+    if (kind != RA_PLAN_LOGSPARSE && (block < 1 || block > n)) return RA_ERR_VALUE;
+    memset(p, 0, sizeof(*p));
+    p->kind = kind;
+    p->causal = causal != 0;
+    p->n = n;
+    p->M = kind == RA_PLAN_LOGSPARSE ? 1 : block;
+    p->nr = (n + p->M - 1) / p->M;
+    if (kind == RA_PLAN_LOGSPARSE) {
+        while (((int64_t)1 << p->L) < n) p->L++;
+        int64_t off = 0;
+        for (int dir = 0; dir < 2; dir++)
+            for (int l = 0; l < p->L; l++) {
+                p->off[dir][l] = off;
+                off += (n + ((int64_t)2 << l) - 1) >> (l + 1);
+            }
+        p->R = p->NK = off;
+    } else if (kind == RA_PLAN_FIXED) {
+        p->R = p->NK = p->nr;
+    } else if (kind == RA_PLAN_AXIAL) {
+        p->R = p->nr * p->M;
+        p->NK = p->nr;
+    } else {
+        p->R = p->NK = 4 * p->nr * p->M;
+    }
+    return RA_OK;
+}
+
+RaCRegion ra_cplan_region(const RaCPlan *p, int64_t vid)
+{
+    RaCRegion g = {{0, 0, 1}, -1, vid, 1};
+    const int64_t M = p->M;
+    switch (p->kind) {
+    case RA_PLAN_FIXED:
+        g.members = (RaRange){vid * M, row_len(p, vid), 1};
+        break;
+    case RA_PLAN_AXIAL: {   /* U[t, c]: all of row t under the query of cell (t, c) */
+        const int64_t t = vid / M, c = vid % M;
+        if (c < row_len(p, t)) {
+            g.members = (RaRange){t * M, row_len(p, t), 1};
+            g.qsrc = vid;
+        }
+        g.kid = t;
+        g.owns_kid = c == 0;
+        break;
+    }
+    case RA_PLAN_MIXTURE: {
+        const int64_t kind = vid / (p->nr * M), rem = vid % (p->nr * M);
+        const int64_t r = rem / M, c = rem % M;
+        if (kind == RA_MIX_COL_ABOVE)        /* column c, rows < r */
+            g.members = (RaRange){c, min64(r, col_rows(p, c)), M};
+        else if (kind == RA_MIX_COL_BELOW)   /* column c, rows > r */
+            g.members = (RaRange){(r + 1) * M + c, max64(0, col_rows(p, c) - r - 1), M};
+        else if (kind == RA_MIX_ROW_LEFT)    /* row r, columns < c */
+            g.members = (RaRange){r * M, min64(c, row_len(p, r)), 1};
+        else                                 /* row r, columns > c */
+            g.members = (RaRange){r * M + c + 1, max64(0, row_len(p, r) - c - 1), 1};
+        break;
+    }
+    default: {  /* logsparse */
+        const int dir = vid >= p->off[1][0] && p->L > 0 ? 1 : 0;
+        int l = p->L - 1;
+        while (l > 0 && vid < p->off[dir][l]) l--;
+        const int64_t a = vid - p->off[dir][l], len = (int64_t)1 << l;
+        const int64_t s = a * 2 * len;       /* span [s, s + len) (reversed coords if dir) */
+        int64_t lo = dir ? p->n - s - len : s, hi = lo + len;
+        lo = max64(lo, 0);
+        hi = min64(hi, p->n);
+        g.members = (RaRange){lo, max64(0, hi - lo), 1};
+        break;
+    }
+    }
+    return g;
+}
+
+/* ------------------------------------------------------------------ region waves */
+int ra_cplan_nwaves(const RaCPlan *p)
+{
+    if (p->kind == RA_PLAN_MIXTURE) return 2;
+    if (p->kind == RA_PLAN_LOGSPARSE) return p->L * (p->causal ? 1 : 2);
+    return 1;
+}
+
+int64_t ra_cplan_wave_units(const RaCPlan *p, int w)
+{
+    if (p->kind == RA_PLAN_MIXTURE) return w == 0 ? p->M : p->nr;
+    if (p->kind == RA_PLAN_LOGSPARSE) {
+        const int l = w % p->L;
+        return (p->n + ((int64_t)2 << l) - 1) >> (l + 1);
+    }
+    return p->nr;
+}
+
+int64_t ra_cplan_wave_unit(const RaCPlan *p, int w, int64_t u, int64_t *vids)
+{
+    int64_t cnt = 0;
+#define PUSH(x) do { if (vids) vids[cnt] = (x); cnt++; } while (0)
+    const int64_t M = p->M, G = p->nr * M;
+    switch (p->kind) {
+    case RA_PLAN_FIXED: PUSH(u); break;
+    case RA_PLAN_AXIAL:
+        for (int64_t c = 0; c < row_len(p, u); c++) PUSH(u * M + c);
+        break;
+    case RA_PLAN_MIXTURE:
+        if (w == 0) {   /* column u: the regions above (and below) every row */
+            /* every row r >= 1 has cells above it in column u, even rows the column
+               lacks (a short last row sees the whole column as one region) */
+            for (int64_t r = 1; r < p->nr; r++) PUSH(RA_MIX_COL_ABOVE * G + r * M + u);
+            if (!p->causal)
+                for (int64_t r = 0; r + 1 < col_rows(p, u); r++) PUSH(RA_MIX_COL_BELOW * G + r * M + u);
+        } else {        /* row u: the regions left and right of every column */
+            for (int64_t c = 1; c < M; c++) PUSH(RA_MIX_ROW_LEFT * G + u * M + c);
+            for (int64_t c = 0; c + 1 < row_len(p, u); c++) PUSH(RA_MIX_ROW_RIGHT * G + u * M + c);
+        }
+        break;
+    default: {  /* logsparse: wave (dir, level), unit = one span */
+        const int dir = w / p->L, l = w % p->L;
+        const int64_t vid = p->off[dir][l] + u;
+        if (ra_cplan_region(p, vid).members.count > 0) PUSH(vid);
+        break;
+    }
+    }
+#undef PUSH
+    return cnt;
+}
+
+RaRange ra_cplan_wave_span(const RaCPlan *p, int w, int64_t u)
+{
+    const int64_t M = p->M;
+    switch (p->kind) {
+    case RA_PLAN_MIXTURE:
+        if (w == 0) return (RaRange){u, col_rows(p, u), M};
+        return (RaRange){u * M, row_len(p, u), 1};
+    case RA_PLAN_LOGSPARSE:
+        return ra_cplan_region(p, p->off[w / p->L][w % p->L] + u).members;
+    default:
+        return (RaRange){u * M, row_len(p, u), 1};
+    }
+}
+
+/* ------------------------------------------------------------------ query passes */
+int ra_cplan_npasses(const RaCPlan *p)
+{
+    return p->kind == RA_PLAN_AXIAL || p->kind == RA_PLAN_MIXTURE ? 2 : 1;
+}
+
+int64_t ra_cplan_pass_units(const RaCPlan *p, int pass)
+{
+    if (p->kind == RA_PLAN_LOGSPARSE) return p->n;
+    return pass == 0 ? p->nr : p->M;
+}
+
+int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t *kid,
+                      int64_t *vid, int64_t *spos)
+{
+    int64_t cnt = 0;
+#define PUSH(k, v, s) do { if (kid) { kid[cnt] = (k); vid[cnt] = (v); spos[cnt] = (s); } cnt++; } while (0)
+    const int64_t M = p->M, G = p->nr * M, n = p->n;
+    const int causal = p->causal;
+    U->sq = RA_SQ_NONE;
+    U->sflags = 0;
+    if (p->kind == RA_PLAN_LOGSPARSE) {
+        /* direct = {i}; regions = the dyadic spans tiling [0, i) (and mirrored, (i, n)) */
+        U->q = U->direct = (RaRange){u, 1, 1};
+        U->dflags = 0;
+        for (int l = 0; l < p->L; l++)
+            if ((u >> l) & 1) PUSH(p->off[0][l] + (u >> (l + 1)), p->off[0][l] + (u >> (l + 1)), 0);
+        if (!causal) {
+            const int64_t ur = n - 1 - u;
+            for (int l = 0; l < p->L; l++)
+                if ((ur >> l) & 1) PUSH(p->off[1][l] + (ur >> (l + 1)), p->off[1][l] + (ur >> (l + 1)), 0);
+        }
+        return cnt;
+    }
+    if (pass == 0) {
+        /* grid row u (fixed: block u): direct = the row, position-masked when causal */
+        U->q = U->direct = (RaRange){u * M, row_len(p, u), 1};
+        U->dflags = causal ? RA_MASKED | RA_CAUSAL : 0;
+        if (p->kind == RA_PLAN_FIXED) {   /* every other block (causal: earlier ones) */
+            for (int64_t g = 0; g < (causal ? u : p->nr); g++)
+                if (g != u) PUSH(g, g, g);
+        } else if (p->kind == RA_PLAN_MIXTURE) {
+            /* every other column's cells above (bidirectional: and below) row u */
+            U->sq = RA_SQ_COL;
+            U->sflags = RA_MASKED | RA_EXCLUDE_SELF;
+            for (int64_t c = 0; c < M; c++) {
+                const int64_t a = RA_MIX_COL_ABOVE * G + u * M + c, b = RA_MIX_COL_BELOW * G + u * M + c;
+                if (ra_cplan_region(p, a).members.count > 0) PUSH(a, a, c);
+                if (!causal && ra_cplan_region(p, b).members.count > 0) PUSH(b, b, c);
+            }
+        }
+        return cnt;
+    }
+    /* pass 1 (axial, mixture): grid column u */
+    const int64_t rows = col_rows(p, u);
+    U->q = (RaRange){u, rows, M};
+    U->sq = RA_SQ_ROW;
+    U->sflags = causal ? RA_MASKED | RA_CAUSAL | RA_EXCLUDE_SELF : RA_MASKED | RA_EXCLUDE_SELF;
+    /* causal: only rows t < r are visible, r < rows */
+    const int64_t t_end = causal ? rows - 1 : p->nr;
+    if (p->kind == RA_PLAN_AXIAL) {
+        /* every other row t: key k̂_t, value U[t, c] (a short row offers its last column) */
+        U->direct = (RaRange){u, 0, M};
+        U->dflags = 0;
+        for (int64_t t = 0; t < t_end; t++) PUSH(t, t * M + min64(u, row_len(p, t) - 1), t);
+    } else {
+        /* own column above the query (bidirectional: all of it, self excluded: the row
+           pass has it); every other row's cells left and right of column u */
+        U->direct = (RaRange){u, rows, M};
+        U->dflags = U->sflags;
+        for (int64_t t = 0; t < t_end; t++) {
+            const int64_t a = RA_MIX_ROW_LEFT * G + t * M + u, b = RA_MIX_ROW_RIGHT * G + t * M + u;
+            if (ra_cplan_region(p, a).members.count > 0) PUSH(a, a, t);
+            if (ra_cplan_region(p, b).members.count > 0) PUSH(b, b, t);
+        }
+    }
+#undef PUSH
+    return cnt;
+}
+
+void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s)
+{
+    memset(s, 0, sizeof(*s));
+    for (int pass = 0; pass < ra_cplan_npasses(p); pass++) {
+        s->maxUnits = max64(s->maxUnits, ra_cplan_pass_units(p, pass));
+        for (int64_t u = 0; u < ra_cplan_pass_units(p, pass); u++) {
+            RaCUnit U;
+            s->maxS = max64(s->maxS, ra_cplan_unit(p, pass, u, &U, NULL, NULL, NULL));
+            s->maxQ = max64(s->maxQ, U.q.count);
+            s->maxD = max64(s->maxD, U.direct.count);
+        }
+    }
+    for (int w = 0; w < ra_cplan_nwaves(p); w++)
+        for (int64_t u = 0; u < ra_cplan_wave_units(p, w); u++)
+            s->maxV = max64(s->maxV, ra_cplan_wave_unit(p, w, u, NULL));
+    /* a region lies inside a grid row or column, or is one logsparse span */
+    s->maxMem = p->kind == RA_PLAN_LOGSPARSE ? (p->L > 0 ? (int64_t)1 << (p->L - 1) : 1)
+                                             : max64(p->M, p->nr);
+    s->maxMem = min64(s->maxMem, p->n);
+    s->maxQ = max64(s->maxQ, 1);
+    s->maxD = max64(s->maxD, 1);
+    s->maxS = max64(s->maxS, 1);
+    s->maxV = max64(s->maxV, 1);
+}
+
+/* ------------------------------------------------------------------ typed drivers */
+#define T float
+#define KT RaKernelsF32
+#define KSEL f32
+#define FN(name) name##_f32
+#include "combiner_body.h"
+#undef T
+#undef KT
+#undef KSEL
+#undef FN
+
+#define T double
+#define KT RaKernelsF64
+#define KSEL f64
+#define FN(name) name##_f64
+#include "combiner_body.h"

@@ -1,0 +1,70 @@
+/* combiner.h — the region-list planner behind Combiner attention (see combiner.c).
+ * Private to combiner.c / combiner_body.h; the drivers are declared in methods.h. */
+#ifndef RA_COMBINER_H
+#define RA_COMBINER_H
+
+#include "methods.h"
+
+enum { RA_PLAN_FIXED = 0, RA_PLAN_AXIAL = 1, RA_PLAN_LOGSPARSE = 2, RA_PLAN_MIXTURE = 3 };
+/* mixture region kinds: vid = kind·(nr·M) + r·M + c */
+enum { RA_MIX_COL_ABOVE = 0, RA_MIX_COL_BELOW = 1, RA_MIX_ROW_LEFT = 2, RA_MIX_ROW_RIGHT = 3 };
+/* which coordinate of a query its summary entries' spos is compared with */
+enum { RA_SQ_NONE = 0, RA_SQ_ROW = 1, RA_SQ_COL = 2 };
+
+/* positions start, start + stride, …  (count of them) */
+typedef struct { int64_t start, count, stride; } RaRange;
+
+typedef struct {
+    int kind, causal;
+    int64_t n, M, nr;      /* length, grid columns (block), grid rows */
+    int64_t R, NK;         /* value regions, summary keys */
+    int L;                 /* logsparse: levels, 2^L >= n */
+    int64_t off[2][64];    /* logsparse: first vid of (direction, level) */
+} RaCPlan;
+
+typedef struct {
+    RaRange members;       /* count 0: an empty region, never referenced */
+    int64_t qsrc;          /* region query: -1 = max-pool over members, else that query row */
+    int64_t kid;           /* its summary key (max-pool of the members' keys) */
+    int owns_kid;          /* this region computes k̂_kid (one region per kid) */
+} RaCRegion;
+
+typedef struct {
+    RaRange q, direct;     /* the unit's queries; its direct keys */
+    int dflags, sflags;    /* engine flags for the direct keys and the summary entries */
+    int sq;                /* RA_SQ_*: query coordinate matched against summary spos */
+} RaCUnit;
+
+typedef struct {
+    int64_t maxQ, maxD, maxS;   /* per query unit: queries, direct keys, summary entries */
+    int64_t maxV, maxMem;       /* per region unit: regions, members of one region */
+    int64_t maxUnits;           /* units of the largest query pass */
+} RaCSizes;
+
+/* kind RA_PLAN_*, block = grid columns (ignored by logsparse); RA_ERR_VALUE if invalid */
+int ra_cplan_init(RaCPlan *p, int kind, int64_t n, int64_t block, int causal);
+RaCRegion ra_cplan_region(const RaCPlan *p, int64_t vid);
+int ra_cplan_nwaves(const RaCPlan *p);
+int64_t ra_cplan_wave_units(const RaCPlan *p, int w);
+/* vids of region unit u of wave w (vids NULL: count only); returns the count */
+int64_t ra_cplan_wave_unit(const RaCPlan *p, int w, int64_t u, int64_t *vids);
+/* positions covering every region of that unit (each region's members are a sub-run) */
+RaRange ra_cplan_wave_span(const RaCPlan *p, int w, int64_t u);
+int ra_cplan_npasses(const RaCPlan *p);
+int64_t ra_cplan_pass_units(const RaCPlan *p, int pass);
+/* query unit u of a pass; fills U and its summary entries (kid NULL: count only) */
+int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t *kid,
+                      int64_t *vid, int64_t *spos);
+void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s);
+
+/* Bump allocator carving one buffer into aligned pieces; base NULL = measure only. */
+typedef struct { char *base; size_t used; } RaArena;
+
+static inline void *ra_take(RaArena *a, size_t count, size_t size)
+{
+    void *r = a->base ? a->base + a->used : NULL;
+    a->used = ra_add(a->used, ra_round_up(ra_mul(count, size)));
+    return r;
+}
+
+#endif /* RA_COMBINER_H */

@@ -1,0 +1,600 @@
+/* combiner_body.h — typed Combiner drivers; included by combiner.c per dtype with T, KT,
+ * KSEL and FN(name) defined.  Everything runs on the engine (engine.h): region
+ * summaries, the per-query softmax over direct keys and summaries, and both backwards.
+ *
+ * Logits use scaled queries q̃ = scale·q throughout; gradients are accumulated with
+ * respect to q̃ and multiplied by scale once at the end. */
+
+/* ------------------------------------------------------------------ scratch */
+/* One thread's tiles.  _d: direct keys of a query unit, _s: its summary entries,
+ * _m: members of a region.  Backward-only pieces stay NULL in the forward. */
+typedef struct {
+    int64_t *qidx, *didx, *kid, *vid, *spos, *sqpos, *vids, *midx, *arg;
+    T *qs, *acc, *s, *mx, *sum;                 /* forward query tile */
+    T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
+    T *qt_m;                                    /* members' qᵀ (d, L), unscaled */
+    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward) */
+    T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
+    T *dout, *lse, *delta, *dq, *dp, *t;        /* gradient tile (backward) */
+    RaRange span;                               /* positions in the _m packs */
+} FN(CWs);
+
+static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int e, int bwd)
+{
+    const size_t I = sizeof(int64_t), S = sizeof(T), BQ = RA_BQ, BK = RA_BK;
+    memset(w, 0, sizeof(*w));
+    w->qidx = ra_take(a, z->maxQ, I);
+    w->didx = ra_take(a, z->maxD, I);
+    w->kid = ra_take(a, z->maxS, I);
+    w->vid = ra_take(a, z->maxS, I);
+    w->spos = ra_take(a, z->maxS, I);
+    w->sqpos = ra_take(a, BQ, I);
+    w->vids = ra_take(a, z->maxV, I);
+    w->midx = ra_take(a, z->maxMem, I);
+    w->arg = ra_take(a, d, I);
+    w->qs = ra_take(a, BQ * d, S);
+    w->acc = ra_take(a, BQ * e, S);
+    w->s = ra_take(a, BQ * BK, S);
+    w->mx = ra_take(a, BQ, S);
+    w->sum = ra_take(a, BQ, S);
+    w->kt_d = ra_take(a, ra_mul(z->maxD, d), S);
+    w->v_d = ra_take(a, ra_mul(z->maxD, e), S);
+    w->kt_s = ra_take(a, ra_mul(z->maxS, d), S);
+    w->v_s = ra_take(a, ra_mul(z->maxS, e), S);
+    w->kt_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    w->v_m = ra_take(a, ra_mul(z->maxMem, e), S);
+    w->qt_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    if (bwd) {
+        w->k_d = ra_take(a, ra_mul(z->maxD, d), S);
+        w->vt_d = ra_take(a, ra_mul(z->maxD, e), S);
+        w->k_s = ra_take(a, ra_mul(z->maxS, d), S);
+        w->vt_s = ra_take(a, ra_mul(z->maxS, e), S);
+        w->k_m = ra_take(a, ra_mul(z->maxMem, d), S);
+        w->vt_m = ra_take(a, ra_mul(z->maxMem, e), S);
+        w->dk_d = ra_take(a, ra_mul(z->maxD, d), S);
+        w->dv_d = ra_take(a, ra_mul(z->maxD, e), S);
+        w->dk_s = ra_take(a, ra_mul(z->maxS, d), S);
+        w->dv_s = ra_take(a, ra_mul(z->maxS, e), S);
+        w->dk_m = ra_take(a, ra_mul(z->maxMem, d), S);
+        w->dv_m = ra_take(a, ra_mul(z->maxMem, e), S);
+        w->dout = ra_take(a, BQ * e, S);
+        w->lse = ra_take(a, BQ, S);
+        w->delta = ra_take(a, BQ, S);
+        w->dq = ra_take(a, BQ * d, S);
+        w->dp = ra_take(a, BQ * BK, S);
+        w->t = ra_take(a, BK * BQ, S);
+    }
+}
+
+/* One problem's shared tables.  khat (NK, d), vhat (R, e), rlse (R): region summaries;
+ * st_acc (n, e), st_mx, st_sum (n): online-softmax state carried between passes.
+ * Backward: out (n, e), lse, delta (n), dqs (n, d) w.r.t. q̃, dks (n, d), dvs (n, e),
+ * dkhat (NK, d), dvhat (R, e), slots of summary gradients, unit offsets. */
+typedef struct {
+    T *khat, *vhat, *rlse, *st_acc, *st_mx, *st_sum;
+    T *out, *lse, *delta, *dqs, *dks, *dvs, *dkhat, *dvhat, *slot_dk, *slot_dv;
+    int64_t *slot_kid, *slot_vid, *offs;
+    int64_t budget;   /* slots */
+} FN(CTab);
+
+static void FN(ctab_layout)(FN(CTab) *t, RaArena *a, const RaCPlan *p, const RaCSizes *z,
+                            int d, int e, int bwd)
+{
+    const size_t S = sizeof(T), n = (size_t)p->n;
+    memset(t, 0, sizeof(*t));
+    t->khat = ra_take(a, ra_mul(p->NK, d), S);
+    t->vhat = ra_take(a, ra_mul(p->R, e), S);
+    t->rlse = ra_take(a, p->R, S);
+    t->st_acc = ra_take(a, ra_mul(n, e), S);
+    t->st_mx = ra_take(a, n, S);
+    t->st_sum = ra_take(a, n, S);
+    if (!bwd) return;
+    t->budget = z->maxS > p->n ? z->maxS : p->n;
+    t->out = ra_take(a, ra_mul(n, e), S);
+    t->lse = ra_take(a, n, S);
+    t->delta = ra_take(a, n, S);
+    t->dqs = ra_take(a, ra_mul(n, d), S);
+    t->dks = ra_take(a, ra_mul(n, d), S);
+    t->dvs = ra_take(a, ra_mul(n, e), S);
+    t->dkhat = ra_take(a, ra_mul(p->NK, d), S);
+    t->dvhat = ra_take(a, ra_mul(p->R, e), S);
+    t->slot_dk = ra_take(a, ra_mul(t->budget, d), S);
+    t->slot_dv = ra_take(a, ra_mul(t->budget, e), S);
+    t->slot_kid = ra_take(a, t->budget, sizeof(int64_t));
+    t->slot_vid = ra_take(a, t->budget, sizeof(int64_t));
+    t->offs = ra_take(a, z->maxUnits + 1, sizeof(int64_t));
+}
+
+/* Grow-only buffer: *buf holds at least `bytes`.  RA_ERR_NOMEM on failure. */
+static int FN(cgrow)(char **buf, size_t *have, size_t bytes)
+{
+    if (bytes <= *have) return RA_OK;
+    ra_free(*buf);
+    *buf = ra_alloc(bytes);
+    *have = *buf ? bytes : 0;
+    return *buf ? RA_OK : RA_ERR_NOMEM;
+}
+
+/* ------------------------------------------------------------------ small helpers */
+static int FN(same_range)(RaRange a, RaRange b)
+{
+    return a.start == b.start && a.count == b.count && a.stride == b.stride;
+}
+
+static void FN(range_list)(RaRange r, int64_t *idx)
+{
+    for (int64_t j = 0; j < r.count; j++) idx[j] = r.start + j * r.stride;
+}
+
+/* xt (d, ld) packed transposed; over the L columns from o: dst (d) = mul · element-wise
+ * max, arg (d) = the position it came from, idx[o + j] (ties: the lowest; arg may be NULL) */
+static void FN(maxpool)(const T *xt, ptrdiff_t ld, const int64_t *idx, int64_t o, int L, int d,
+                        T mul, T *dst, int64_t *arg)
+{
+    for (int c = 0; c < d; c++) {
+        const T *x = xt + c * ld + o;
+        T best = x[0];
+        int at = 0;
+        for (int j = 1; j < L; j++)
+            if (x[j] > best) { best = x[j]; at = j; }
+        dst[c] = best * mul;
+        if (arg) arg[c] = idx[o + at];
+    }
+}
+
+/* Pack the positions of a region unit once: kᵀ, qᵀ (d, Ls), v (Ls, e); backward also
+ * k (Ls, d), vᵀ (e, Ls).  Each region of the unit is a sub-run of these columns. */
+static void FN(pack_members)(FN(CWs) *w, RaRange span, RaMat q, RaMat k, RaMat v, int d, int e)
+{
+    const int L = (int)span.count;
+    w->span = span;
+    FN(range_list)(span, w->midx);
+    FN(ra_gather)(k, w->midx, 0, L, d, 1, 1, w->kt_m, L);
+    FN(ra_gather)(q, w->midx, 0, L, d, 1, 1, w->qt_m, L);
+    FN(ra_gather)(v, w->midx, 0, L, e, 1, 0, w->v_m, e);
+    if (w->k_m) {
+        FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
+        FN(ra_gather)(v, w->midx, 0, L, e, 1, 1, w->vt_m, L);
+    }
+}
+
+/* column of region members' first position inside the packed span */
+static int64_t FN(span_offset)(const FN(CWs) *w, RaRange mem)
+{
+    return (mem.start - w->span.start) / w->span.stride;
+}
+
+/* Consecutive regions vids[a..b) sharing members and each with its own query row are
+ * one engine tile (axial: every cell of a row); pooled regions go one at a time. */
+static int64_t FN(region_batch)(const RaCPlan *p, const int64_t *vids, int64_t a, int64_t nv)
+{
+    const RaCRegion g = ra_cplan_region(p, vids[a]);
+    int64_t b = a + 1;
+    if (g.qsrc < 0) return b;
+    while (b < nv && b - a < RA_BQ && vids[b] == vids[b - 1] + 1) {
+        const RaCRegion h = ra_cplan_region(p, vids[b]);
+        if (h.qsrc < 0 || !FN(same_range)(h.members, g.members)) break;
+        b++;
+    }
+    return b;
+}
+
+/* ------------------------------------------------------------------ pass 1: regions */
+/* Region unit u of wave w.  q, k (n, d), v (n, e) -> khat rows of the summary keys it
+ * owns, vhat (rows, e) and rlse (rows) of its regions:
+ *   k̂ = max_j k_j,  q̂ = max_j q_j (or the region's query row),
+ *   v̂ = Σ_j softmax_j(scale·q̂·k_j) v_j   over the members j. */
+static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
+                                    int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
+                                    FN(CTab) *tb)
+{
+    const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
+    if (nv == 0) return;
+    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    const ptrdiff_t ld = w->span.count;
+    for (int64_t a = 0, b; a < nv; a = b) {
+        b = FN(region_batch)(p, w->vids, a, nv);
+        const RaCRegion g = ra_cplan_region(p, w->vids[a]);
+        const int rows = (int)(b - a), L = (int)g.members.count;
+        const int64_t o = FN(span_offset)(w, g.members);
+        for (int r = 0; r < rows; r++) {
+            const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
+            T *qr = w->qs + (ptrdiff_t)r * d;
+            if (h.owns_kid) FN(maxpool)(w->kt_m, ld, w->midx, o, L, d, 1, tb->khat + h.kid * d, NULL);
+            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
+            else FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, sc, qr, NULL);
+        }
+        FN(RaQTile) qt = {rows, w->qs, NULL, w->mx, w->sum, w->acc, w->s};
+        FN(ra_fwd_init)(&qt, e);
+        for (int j0 = 0; j0 < L; j0 += RA_BK) {
+            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld,
+                              w->v_m + (o + j0) * e, e, NULL, 0, NULL, 0, NULL};
+            FN(ra_fwd_step)(K, &qt, &kt, d, e, 0);
+        }
+        const int64_t v0 = w->vids[a];
+        FN(ra_fwd_finish)(&qt, e, (char *)(tb->vhat + v0 * e), e * sizeof(T), sizeof(T),
+                          (char *)(tb->rlse + v0), sizeof(T));
+    }
+}
+
+/* ------------------------------------------------------------------ pass 2: queries */
+/* Pack a query unit's key lists: direct keys from k, v; summary entries from the tables. */
+static void FN(pack_unit)(FN(CWs) *w, const RaCUnit *U, int64_t ns, RaMat k, RaMat v,
+                          const FN(CTab) *tb, int d, int e)
+{
+    const int nd = (int)U->direct.count, S = (int)ns;
+    const RaMat kh = {(char *)tb->khat, (ptrdiff_t)d * (ptrdiff_t)sizeof(T), sizeof(T)};
+    const RaMat vh = {(char *)tb->vhat, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+    FN(range_list)(U->q, w->qidx);
+    FN(range_list)(U->direct, w->didx);
+    FN(ra_gather)(k, w->didx, 0, nd, d, 1, 1, w->kt_d, nd);
+    FN(ra_gather)(v, w->didx, 0, nd, e, 1, 0, w->v_d, e);
+    FN(ra_gather)(kh, w->kid, 0, S, d, 1, 1, w->kt_s, S);
+    FN(ra_gather)(vh, w->vid, 0, S, e, 1, 0, w->v_s, e);
+    if (w->k_d) {
+        FN(ra_gather)(k, w->didx, 0, nd, d, 1, 0, w->k_d, d);
+        FN(ra_gather)(v, w->didx, 0, nd, e, 1, 1, w->vt_d, nd);
+        FN(ra_gather)(kh, w->kid, 0, S, d, 1, 0, w->k_s, d);
+        FN(ra_gather)(vh, w->vid, 0, S, e, 1, 1, w->vt_s, S);
+    }
+}
+
+/* Summary positions of a query tile (the row or column its summaries are matched with). */
+static void FN(summary_qpos)(const RaCPlan *p, const RaCUnit *U, const int64_t *qidx, int rows,
+                             int64_t *sqpos)
+{
+    for (int r = 0; r < rows; r++)
+        sqpos[r] = U->sq == RA_SQ_ROW ? qidx[r] / p->M : U->sq == RA_SQ_COL ? qidx[r] % p->M : 0;
+}
+
+/* A causal key chunk whose first (smallest) position is after every query of the tile
+ * holds nothing visible.  Lists under RA_CAUSAL are sorted by position. */
+static int FN(chunk_hidden)(int flags, const int64_t *kpos, const int64_t *qpos, int rows)
+{
+    return (flags & RA_CAUSAL) && kpos[0] > qpos[rows - 1];
+}
+
+/* Query unit u of a pass: q (n, d) -> out rows (or the carried state when a later pass
+ * follows).  out_i = Σ_direct e^{s_ij} v_j + Σ_summaries e^{q̃_i·k̂} v̂, over one Z_i. */
+static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int pass,
+                                   int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
+                                   FN(CTab) *tb, RaMat out, RaVec lse)
+{
+    RaCUnit U;
+    const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
+    const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
+    const int last = pass == ra_cplan_npasses(p) - 1;
+    FN(pack_unit)(w, &U, ns, k, v, tb, d, e);
+    for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
+        const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
+        const int64_t *qpos = w->qidx + q0;
+        FN(RaQTile) qt = {rows, w->qs, qpos, w->mx, w->sum, w->acc, w->s};
+        FN(ra_gather)(q, qpos, 0, rows, d, sc, 0, w->qs, d);
+        if (pass == 0) FN(ra_fwd_init)(&qt, e);
+        else
+            for (int r = 0; r < rows; r++) {   /* continue the earlier pass's softmax */
+                memcpy(w->acc + (ptrdiff_t)r * e, tb->st_acc + qpos[r] * e, sizeof(T) * (size_t)e);
+                w->mx[r] = tb->st_mx[qpos[r]];
+                w->sum[r] = tb->st_sum[qpos[r]];
+            }
+        for (int j0 = 0; j0 < nd; j0 += RA_BK) {
+            if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
+            FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd,
+                              w->v_d + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, w->didx + j0};
+            FN(ra_fwd_step)(K, &qt, &kt, d, e, U.dflags);
+        }
+        FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
+        qt.pos = w->sqpos;
+        for (int j0 = 0; j0 < S; j0 += RA_BK) {
+            if (FN(chunk_hidden)(U.sflags, w->spos + j0, w->sqpos, rows)) break;
+            FN(RaKTile) kt = {S - j0 < RA_BK ? S - j0 : RA_BK, w->kt_s + j0, S,
+                              w->v_s + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, w->spos + j0};
+            FN(ra_fwd_step)(K, &qt, &kt, d, e, U.sflags);
+        }
+        if (last) {
+            const ptrdiff_t os0 = out.s0 * U.q.stride, ls0 = lse.s0 * U.q.stride;
+            FN(ra_fwd_finish)(&qt, e, out.data + qpos[0] * out.s0, os0, out.s1,
+                              lse.data ? lse.data + qpos[0] * lse.s0 : NULL, ls0);
+        } else
+            for (int r = 0; r < rows; r++) {
+                memcpy(tb->st_acc + qpos[r] * e, w->acc + (ptrdiff_t)r * e, sizeof(T) * (size_t)e);
+                tb->st_mx[qpos[r]] = w->mx[r];
+                tb->st_sum[qpos[r]] = w->sum[r];
+            }
+    }
+}
+
+/* Both forward passes for one problem: regions (wave by wave), then the query passes.
+ * ws holds nt thread scratch blocks. */
+static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
+                                RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb,
+                                RaMat out, RaVec lse)
+{
+    /* regions write disjoint summaries: all waves run as one parallel loop */
+    int64_t total = 0;
+    for (int w = 0; w < ra_cplan_nwaves(p); w++) total += ra_cplan_wave_units(p, w);
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t x = 0; x < total; x++) {
+        int w = 0;
+        int64_t u = x;
+        while (u >= ra_cplan_wave_units(p, w)) u -= ra_cplan_wave_units(p, w++);
+        FN(region_unit_forward)(K, p, &ws[ra_thread_id()], w, u, q, k, v, sc, d, e, tb);
+    }
+    for (int pass = 0; pass < ra_cplan_npasses(p); pass++) {
+        const int64_t nu = ra_cplan_pass_units(p, pass);
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+        for (int64_t u = 0; u < nu; u++)
+            FN(query_unit_forward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, sc, d, e, tb,
+                                   out, lse);
+    }
+}
+
+/* Scratch for one problem: the tables plus nt thread blocks, grown as needed. */
+typedef struct {
+    char *tab_buf, *ws_buf;
+    size_t tab_have, ws_have;
+} FN(CBufs);
+
+static int FN(problem_setup)(FN(CBufs) *bf, const RaCPlan *p, int nt, int d, int e, int bwd,
+                             FN(CTab) *tb, FN(CWs) *ws)
+{
+    RaCSizes z;
+    ra_cplan_sizes(p, &z);
+    RaArena a = {NULL, 0};
+    FN(ctab_layout)(tb, &a, p, &z, d, e, bwd);
+    if (FN(cgrow)(&bf->tab_buf, &bf->tab_have, a.used)) return RA_ERR_NOMEM;
+    a = (RaArena){bf->tab_buf, 0};
+    FN(ctab_layout)(tb, &a, p, &z, d, e, bwd);
+    RaArena m = {NULL, 0};
+    FN(cws_layout)(&ws[0], &m, &z, d, e, bwd);
+    const size_t per_thread = m.used;
+    if (FN(cgrow)(&bf->ws_buf, &bf->ws_have, ra_mul(per_thread, (size_t)nt))) return RA_ERR_NOMEM;
+    for (int t = 0; t < nt; t++) {
+        RaArena x = {bf->ws_buf + (size_t)t * per_thread, 0};
+        FN(cws_layout)(&ws[t], &x, &z, d, e, bwd);
+    }
+    return RA_OK;
+}
+
+/* Plan of problem b from the broadcast scalars. */
+static int FN(problem_plan)(RaCPlan *p, ptrdiff_t b, int n, RaBVec plan, RaBVec block,
+                            RaBVec causal, RaBVec scale, T *sc)
+{
+    *sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
+    return ra_cplan_init(p, (int)RA_VEC_AT(int64_t, ra_vec_at(plan, b), 0), n,
+                         RA_VEC_AT(int64_t, ra_vec_at(block, b), 0),
+                         RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0));
+}
+
+/* q, k (B; n, d), v (B; n, e), plan, block (B) int64, causal (B) uint8, scale (B)
+ * -> out (B; n, e) */
+int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k, RaBMat v,
+                            RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
+                            RaBMat out)
+{
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    FN(CBufs) bf = {NULL, NULL, 0, 0};
+    FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
+    int st = ws ? RA_OK : RA_ERR_NOMEM;
+    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
+        RaCPlan p;
+        FN(CTab) tb;
+        T sc;
+        st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
+        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, 0, &tb, ws);
+        if (st != RA_OK) break;
+        const RaVec no_lse = {NULL, 0};
+        FN(problem_forward)(K, &p, ws, nt, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
+                            sc, d, e, &tb, ra_mat_at(out, b), no_lse);
+    }
+    ra_free(ws);
+    ra_free(bf.tab_buf);
+    ra_free(bf.ws_buf);
+    return st;
+}
+
+/* ------------------------------------------------------------------ backward */
+/* Query unit u of a pass, backward of pass 2.  In the forward this was
+ *   s = q̃·[k_direct | k̂_summaries],  p = exp(s − lse),  out = p·[v_direct | v̂]
+ * so the engine gives dq̃ (rows owned by this unit in this pass, added to dqs), dk, dv of
+ * the direct keys (owned too, added to dks, dvs) and dk̂, dv̂ of the summary entries,
+ * which several units share: those go to this unit's slots, summed later in unit order. */
+static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int pass,
+                                    int64_t u, RaMat q, RaMat k, RaMat v, RaMat dout, T sc,
+                                    int d, int e, FN(CTab) *tb, int64_t slot)
+{
+    RaCUnit U;
+    const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
+    const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
+    FN(pack_unit)(w, &U, ns, k, v, tb, d, e);
+    memset(w->dk_d, 0, sizeof(T) * (size_t)nd * d);
+    memset(w->dv_d, 0, sizeof(T) * (size_t)nd * e);
+    memset(w->dk_s, 0, sizeof(T) * (size_t)S * d);
+    memset(w->dv_s, 0, sizeof(T) * (size_t)S * e);
+    for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
+        const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
+        const int64_t *qpos = w->qidx + q0;
+        FN(ra_gather)(q, qpos, 0, rows, d, sc, 0, w->qs, d);
+        FN(ra_gather)(dout, qpos, 0, rows, e, 1, 0, w->dout, e);
+        for (int r = 0; r < rows; r++) {
+            w->lse[r] = tb->lse[qpos[r]];
+            w->delta[r] = tb->delta[qpos[r]];
+        }
+        memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
+        FN(RaQGradTile) g = {rows, w->qs, w->dout, w->lse, w->delta, qpos, w->dq, w->s, w->dp, w->t};
+        for (int j0 = 0; j0 < nd; j0 += RA_BK) {
+            if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
+            FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd, NULL, 0,
+                              w->k_d + (ptrdiff_t)j0 * d, d, w->vt_d + j0, nd, w->didx + j0};
+            FN(ra_bwd_step)(K, &g, &kt, w->dk_d + (ptrdiff_t)j0 * d, d,
+                            w->dv_d + (ptrdiff_t)j0 * e, e, d, e, U.dflags);
+        }
+        FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
+        g.pos = w->sqpos;
+        for (int j0 = 0; j0 < S; j0 += RA_BK) {
+            if (FN(chunk_hidden)(U.sflags, w->spos + j0, w->sqpos, rows)) break;
+            FN(RaKTile) kt = {S - j0 < RA_BK ? S - j0 : RA_BK, w->kt_s + j0, S, NULL, 0,
+                              w->k_s + (ptrdiff_t)j0 * d, d, w->vt_s + j0, S, w->spos + j0};
+            FN(ra_bwd_step)(K, &g, &kt, w->dk_s + (ptrdiff_t)j0 * d, d,
+                            w->dv_s + (ptrdiff_t)j0 * e, e, d, e, U.sflags);
+        }
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < d; c++) tb->dqs[qpos[r] * d + c] += w->dq[(ptrdiff_t)r * d + c];
+    }
+    for (int j = 0; j < nd; j++) {
+        for (int c = 0; c < d; c++) tb->dks[w->didx[j] * d + c] += w->dk_d[(ptrdiff_t)j * d + c];
+        for (int c = 0; c < e; c++) tb->dvs[w->didx[j] * e + c] += w->dv_d[(ptrdiff_t)j * e + c];
+    }
+    memcpy(tb->slot_dk + slot * d, w->dk_s, sizeof(T) * (size_t)S * d);
+    memcpy(tb->slot_dv + slot * e, w->dv_s, sizeof(T) * (size_t)S * e);
+    memcpy(tb->slot_kid + slot, w->kid, sizeof(int64_t) * (size_t)S);
+    memcpy(tb->slot_vid + slot, w->vid, sizeof(int64_t) * (size_t)S);
+}
+
+/* Region unit u of wave w, backward of pass 1 given dkhat, dvhat.  In the forward:
+ *   k̂ = max_j k_j            so dk_{argmax} += dk̂          (per element, ties: lowest j)
+ *   v̂ = softmax(q̂̃·kᵀ)·v     so the engine gives dq̂̃, dk_j, dv_j with lse = rlse
+ *   q̂ = max_j q_j (or a row) so dq̃_{argmax} += dq̂̃
+ * Every position written lies inside the unit's members, disjoint within the wave. */
+static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
+                                     int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
+                                     FN(CTab) *tb)
+{
+    const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
+    if (nv == 0) return;
+    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    const ptrdiff_t ld = w->span.count;
+    for (int64_t a = 0, b; a < nv; a = b) {
+        b = FN(region_batch)(p, w->vids, a, nv);
+        const RaCRegion g = ra_cplan_region(p, w->vids[a]);
+        const int rows = (int)(b - a), L = (int)g.members.count;
+        const int64_t v0 = w->vids[a], o = FN(span_offset)(w, g.members);
+        for (int r = 0; r < rows; r++) {
+            const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
+            T *qr = w->qs + (ptrdiff_t)r * d;
+            if (h.owns_kid) {
+                FN(maxpool)(w->kt_m, ld, w->midx, o, L, d, 1, w->dq, w->arg);
+                for (int c = 0; c < d; c++) tb->dks[w->arg[c] * d + c] += tb->dkhat[h.kid * d + c];
+            }
+            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
+            else FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, sc, qr, NULL);
+            T dl = 0;
+            for (int c = 0; c < e; c++) dl += tb->dvhat[(v0 + r) * e + c] * tb->vhat[(v0 + r) * e + c];
+            w->delta[r] = dl;
+        }
+        memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
+        memset(w->dk_m, 0, sizeof(T) * (size_t)L * d);
+        memset(w->dv_m, 0, sizeof(T) * (size_t)L * e);
+        FN(RaQGradTile) gt = {rows, w->qs, tb->dvhat + v0 * e, tb->rlse + v0, w->delta, NULL,
+                              w->dq, w->s, w->dp, w->t};
+        for (int j0 = 0; j0 < L; j0 += RA_BK) {
+            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld, NULL, 0,
+                              w->k_m + (o + j0) * d, d, w->vt_m + o + j0, ld, NULL};
+            FN(ra_bwd_step)(K, &gt, &kt, w->dk_m + (ptrdiff_t)j0 * d, d,
+                            w->dv_m + (ptrdiff_t)j0 * e, e, d, e, 0);
+        }
+        for (int j = 0; j < L; j++) {
+            const int64_t at = w->midx[o + j];
+            for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
+            for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
+        }
+        for (int r = 0; r < rows; r++) {
+            const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
+            const T *dqr = w->dq + (ptrdiff_t)r * d;
+            if (h.qsrc >= 0)
+                for (int c = 0; c < d; c++) tb->dqs[h.qsrc * d + c] += dqr[c];
+            else {
+                FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, 1, w->qs, w->arg);   /* qs is free */
+                for (int c = 0; c < d; c++) tb->dqs[w->arg[c] * d + c] += dqr[c];
+            }
+        }
+    }
+}
+
+/* dout, q, k, v (B; n, ·) -> dq, dk (B; n, d), dv (B; n, e), written.  Per problem:
+ *   1. recompute the forward: summaries (khat, vhat, rlse), out, lse; delta = rowsum(dout∘out)
+ *   2. query passes backward, in chunks of units whose slots fit the budget; after each
+ *      chunk the slots are summed into dkhat, dvhat in unit order (deterministic)
+ *   3. region waves backward
+ *   4. dq = scale·dq̃, dk, dv copied out */
+int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBMat q,
+                             RaBMat k, RaBMat v, RaBVec plan, RaBVec block, RaBVec causal,
+                             RaBVec scale, RaBMat dq, RaBMat dk, RaBMat dv)
+{
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    FN(CBufs) bf = {NULL, NULL, 0, 0};
+    FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
+    int st = ws ? RA_OK : RA_ERR_NOMEM;
+    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
+        RaCPlan p;
+        FN(CTab) tb;
+        T sc;
+        st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
+        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, 1, &tb, ws);
+        if (st != RA_OK) break;
+        const RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
+        const RaMat gb = ra_mat_at(dout, b);
+
+        /* 1. forward recomputed into contiguous out (n, e), lse (n) */
+        const RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+        const RaVec lsev = {(char *)tb.lse, sizeof(T)};
+        FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+        for (int i = 0; i < n; i++) {
+            T acc = 0;
+            for (int c = 0; c < e; c++) acc += RA_MAT_AT(T, gb, i, c) * tb.out[(ptrdiff_t)i * e + c];
+            tb.delta[i] = acc;
+        }
+        memset(tb.dqs, 0, sizeof(T) * (size_t)n * d);
+        memset(tb.dks, 0, sizeof(T) * (size_t)n * d);
+        memset(tb.dvs, 0, sizeof(T) * (size_t)n * e);
+        memset(tb.dkhat, 0, sizeof(T) * (size_t)p.NK * d);
+        memset(tb.dvhat, 0, sizeof(T) * (size_t)p.R * e);
+
+        /* 2. query passes */
+        for (int pass = 0; pass < ra_cplan_npasses(&p); pass++) {
+            const int64_t nu = ra_cplan_pass_units(&p, pass);
+            tb.offs[0] = 0;
+            for (int64_t u = 0; u < nu; u++) {
+                RaCUnit U;
+                tb.offs[u + 1] = tb.offs[u] + ra_cplan_unit(&p, pass, u, &U, NULL, NULL, NULL);
+            }
+            for (int64_t u0 = 0, u1; u0 < nu; u0 = u1) {
+                u1 = u0 + 1;
+                while (u1 < nu && tb.offs[u1 + 1] - tb.offs[u0] <= tb.budget) u1++;
+                #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+                for (int64_t u = u0; u < u1; u++)
+                    FN(query_unit_backward)(K, &p, &ws[ra_thread_id()], pass, u, qb, kb, vb, gb,
+                                            sc, d, e, &tb, tb.offs[u] - tb.offs[u0]);
+                for (int64_t s = 0; s < tb.offs[u1] - tb.offs[u0]; s++) {
+                    T *dkh = tb.dkhat + tb.slot_kid[s] * d, *dvh = tb.dvhat + tb.slot_vid[s] * e;
+                    for (int c = 0; c < d; c++) dkh[c] += tb.slot_dk[s * d + c];
+                    for (int c = 0; c < e; c++) dvh[c] += tb.slot_dv[s * e + c];
+                }
+            }
+        }
+
+        /* 3. region waves */
+        for (int w = 0; w < ra_cplan_nwaves(&p); w++) {
+            const int64_t nu = ra_cplan_wave_units(&p, w);
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (int64_t u = 0; u < nu; u++)
+                FN(region_unit_backward)(K, &p, &ws[ra_thread_id()], w, u, qb, kb, vb, sc, d, e, &tb);
+        }
+
+        /* 4. outputs */
+        const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
+        for (int i = 0; i < n; i++) {
+            for (int c = 0; c < d; c++) {
+                RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];
+                RA_MAT_AT(T, dkm, i, c) = tb.dks[(ptrdiff_t)i * d + c];
+            }
+            for (int c = 0; c < e; c++) RA_MAT_AT(T, dvm, i, c) = tb.dvs[(ptrdiff_t)i * e + c];
+        }
+    }
+    ra_free(ws);
+    ra_free(bf.tab_buf);
+    ra_free(bf.ws_buf);
+    return st;
+}

@@ -1,0 +1,129 @@
+"""Combiner attention (Ren et al. 2021): full attention at sparse cost, on the C engine.
+
+Every query reaches every key it may see: directly for a local set, and through region
+summaries (a max-pooled key and the region's own softmax expectation of its values) for
+the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan`.
+"""
+import numpy as np
+
+from . import _ext
+from ._checks import as_matrix, batch_shape, flag, float_dtype, integer, scale_value, unbroadcast
+
+__all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
+
+PLANS = ("fixed", "axial", "logsparse", "mixture")
+_PLAN_CODE = {"fixed": 0, "axial": 1, "logsparse": 2, "mixture": 3}
+
+
+def _prepare(q, k, v, plan, block, causal, scale):
+    if not isinstance(plan, str) or plan not in _PLAN_CODE:
+        raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
+    dtype = float_dtype(q=q, k=k, v=v)
+    q = as_matrix("q", q, dtype)
+    k = as_matrix("k", k, dtype)
+    v = as_matrix("v", v, dtype)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
+                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
+    if k.shape[-2] != q.shape[-2]:
+        raise ValueError(f"combiner_attention needs as many keys as queries (n == m, a "
+                         f"self-attention layout): q has n={q.shape[-2]} (shape {q.shape}), "
+                         f"k has m={k.shape[-2]} (shape {k.shape})")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
+                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    n = q.shape[-2]
+    if n < 1:
+        raise ValueError(f"combiner_attention needs a sequence of at least 1 position; got "
+                         f"q of shape {q.shape}")
+    causal = flag("causal", causal)
+    if plan == "logsparse":
+        if block is not None:
+            raise ValueError("block is not used by plan='logsparse' (its regions are dyadic "
+                             f"spans); pass block=None, got {block!r}")
+        block = 1
+    elif block is None:
+        block = int(np.ceil(np.sqrt(n)))
+    else:
+        block = integer("block", block, 1, n)
+    batch_shape(q=(q, 2), k=(k, 2), v=(v, 2))
+    return q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype)
+
+
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None):
+    """Combiner attention: one softmax per query over direct keys and region summaries.
+
+    Parameters
+    ----------
+    q, k : array_like, shape (..., n, d)
+    v : array_like, shape (..., n, e)
+        Self-attention layout: as many keys as queries.  Leading axes broadcast.
+    plan : {"fixed", "axial", "logsparse", "mixture"}
+        fixed: direct = own block of `block` positions, regions = the other blocks.
+        axial: grid of rows of `block` columns; direct = own row, regions = the other
+        rows, summarised under the query's column.  logsparse: direct = self, regions =
+        the dyadic spans before (and after) the query.  mixture: own row and column
+        direct; other columns' and rows' partial cells as regions.
+    block : int, optional
+        Block size (fixed) or grid width (axial, mixture), 1 <= block <= n; defaults to
+        ceil(sqrt(n)).  Not used by logsparse (must be None).
+    causal : bool
+        True: query i sees only keys j <= i, directly or through regions of the past.
+    scale : float, optional
+        Multiplies every logit (direct, summary and inside regions); 1/sqrt(d) default.
+
+    Returns
+    -------
+    out : ndarray (..., n, e).  Summary keys and region queries are element-wise
+    max-pools over their region; gradients (see `combiner_attention_backward`) flow to
+    the arg-max element, ties going to the lowest position.
+    """
+    q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
+    return _ext._combiner_forward(q, k, v, plan, block, causal, scale)
+
+
+def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=True,
+                                scale=None):
+    """Gradients (dq, dk, dv) of `combiner_attention` for the loss gradient `dout`
+    (..., n, e).  The forward is recomputed; gradients are summed over broadcast axes."""
+    q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
+    dout = as_matrix("dout", dout, q.dtype)
+    expected = (q.shape[-2], v.shape[-1])
+    if dout.shape[-2:] != expected:
+        raise ValueError(f"dout must have shape (..., n, e) = (..., {expected[0]}, {expected[1]}) "
+                         f"like the attention output; got {dout.shape}")
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2))
+    dq, dk, dv = _ext._combiner_backward(dout, q, k, v, plan, block, causal, scale)
+    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+
+
+class CombinerAttention:
+    """A Combiner attention layer: ``layer(q, k, v)`` runs it, ``layer.backward(dout)``
+    returns (dq, dk, dv) for the last call.
+
+    Parameters are those of `combiner_attention`; `block=None` picks ceil(sqrt(n)) per
+    call (fixed, axial, mixture).
+    """
+
+    def __init__(self, plan="fixed", *, block=None, causal=True, scale=None):
+        if not isinstance(plan, str) or plan not in _PLAN_CODE:
+            raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
+        self.plan, self.block, self.causal, self.scale = plan, block, flag("causal", causal), scale
+        self._saved = None
+
+    def _kwargs(self):
+        return dict(plan=self.plan, block=self.block, causal=self.causal, scale=self.scale)
+
+    def __call__(self, q, k, v):
+        out = combiner_attention(q, k, v, **self._kwargs())
+        self._saved = (q, k, v)
+        return out
+
+    def backward(self, dout):
+        if self._saved is None:
+            raise RuntimeError("CombinerAttention.backward needs a forward call first")
+        return combiner_attention_backward(dout, *self._saved, **self._kwargs())
+
+    def __repr__(self):
+        return (f"CombinerAttention(plan={self.plan!r}, block={self.block!r}, "
+                f"causal={self.causal!r}, scale={self.scale!r})")

@@ -1,0 +1,279 @@
+"""Combiner attention (DESIGN §4.3): the C kernels against the plain NumPy reference."""
+import numpy as np
+import pytest
+
+import routing_attention as ra
+from routing_attention import reference as ref
+
+PLANS = ["fixed", "axial", "logsparse", "mixture"]
+DTYPES = [np.float64, np.float32]
+# (n, block): multiples and non-multiples of the block, block 1 and block n
+SIZES = [(16, 4), (13, None), (11, 3), (7, 7), (9, 1)]
+
+
+def tol(dtype):
+    return dict(rtol=1e-10, atol=1e-10) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-5)
+
+
+def blk(plan, block):
+    return None if plan == "logsparse" else block
+
+
+def inputs(rng, shape_q, n, d=5, e=3, dtype=np.float64, batch_kv=None):
+    bkv = shape_q if batch_kv is None else batch_kv
+    q = rng.standard_normal(shape_q + (n, d)).astype(dtype)
+    k = rng.standard_normal(bkv + (n, d)).astype(dtype)
+    v = rng.standard_normal(bkv + (n, e)).astype(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("plan", PLANS)
+def test_forward_backward_match_reference(plan, causal, dtype):
+    rng = np.random.default_rng(1)
+    for n, block in SIZES:
+        b = blk(plan, block)
+        q, k, v = inputs(rng, (2,), n, dtype=dtype)
+        kw = dict(plan=plan, block=b, causal=causal)
+        out = ra.combiner_attention(q, k, v, **kw)
+        assert out.dtype == dtype and out.shape == (2, n, 3)
+        np.testing.assert_allclose(out, ref.combiner_attention(q, k, v, **kw), **tol(dtype),
+                                   err_msg=f"forward {plan} causal={causal} n={n} block={b}")
+        g = rng.standard_normal(out.shape).astype(dtype)
+        got = ra.combiner_attention_backward(g, q, k, v, **kw)
+        want = ref.combiner_attention_backward(g, q, k, v, **kw)
+        for name, x, y in zip("qkv", got, want):
+            assert x.dtype == dtype
+            np.testing.assert_allclose(x, y, **tol(dtype),
+                                       err_msg=f"d{name} {plan} causal={causal} n={n} block={b}")
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_many_grid_shapes(plan):
+    """Every n in 1..20 with every block: catches a region the planner forgets."""
+    rng = np.random.default_rng(2)
+    for n in range(1, 21):
+        blocks = sorted({min(b, n) for b in (1, 2, 3, n // 2 or 1, n)})
+        for block in ([None] if plan == "logsparse" else blocks):
+            for causal in (True, False):
+                q, k, v = inputs(rng, (), n, d=3, e=2)
+                kw = dict(plan=plan, block=block, causal=causal)
+                np.testing.assert_allclose(ra.combiner_attention(q, k, v, **kw),
+                                           ref.combiner_attention(q, k, v, **kw), **tol(np.float64),
+                                           err_msg=f"{plan} n={n} block={block} causal={causal}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("plan", PLANS)
+def test_effective_rows(plan, causal):
+    """With v = I the kernel returns its effective attention matrix: rows sum to 1;
+    causal rows give exactly 0 to the future and > 0 to every past key."""
+    rng = np.random.default_rng(3)
+    n = 23
+    q, k, _ = inputs(rng, (), n, d=4)
+    A = ra.combiner_attention(q, k, np.eye(n), plan=plan, causal=causal)
+    np.testing.assert_allclose(A, ref.combiner_attention_weights(q, k, plan=plan, causal=causal),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(A.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    past = np.tril(np.ones((n, n), dtype=bool))
+    if causal:
+        assert np.all(A[~past] == 0.0), f"{plan}: weight on a future key"
+        assert np.all(A[past] > 0.0), f"{plan}: a past key is unreachable"
+    else:
+        assert np.all(A > 0.0), f"{plan}: a key is unreachable"
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fixed_block_1_and_n_is_dense(causal, dtype):
+    rng = np.random.default_rng(4)
+    n = 37
+    q, k, v = inputs(rng, (2,), n, d=8, e=6, dtype=dtype)
+    dense = ra.attention(q, k, v, causal=causal)
+    g = rng.standard_normal(dense.shape).astype(dtype)
+    dense_grads = ra.attention_backward(g, q, k, v, causal=causal)
+    for block in (1, n):
+        kw = dict(plan="fixed", block=block, causal=causal)
+        np.testing.assert_allclose(ra.combiner_attention(q, k, v, **kw), dense, **tol(dtype),
+                                   err_msg=f"block={block}")
+        for name, x, y in zip("qkv", ra.combiner_attention_backward(g, q, k, v, **kw), dense_grads):
+            np.testing.assert_allclose(x, y, **tol(dtype), err_msg=f"d{name} block={block}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("plan", PLANS)
+def test_backward_finite_differences(plan, causal):
+    rng = np.random.default_rng(5)
+    n, d, e = 10, 3, 2
+    q, k, v = inputs(rng, (), n, d=d, e=e)
+    g = rng.standard_normal((n, e))
+    kw = dict(plan=plan, block=None if plan == "logsparse" else 3, causal=causal)
+    loss = lambda q_, k_, v_: float(np.sum(ra.combiner_attention(q_, k_, v_, **kw) * g))  # noqa: E731
+    grads = ra.combiner_attention_backward(g, q, k, v, **kw)
+    h = 1e-6
+    for which, x in enumerate((q, k, v)):
+        fd = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            args = [q, k, v]
+            xp, xm = x.copy(), x.copy()
+            xp[idx] += h
+            xm[idx] -= h
+            args[which] = xp
+            lp = loss(*args)
+            args[which] = xm
+            fd[idx] = (lp - loss(*args)) / (2 * h)
+        np.testing.assert_allclose(grads[which], fd, rtol=1e-6, atol=1e-7,
+                                   err_msg=f"d{'qkv'[which]} {plan} causal={causal}")
+
+
+def test_maxpool_ties_go_to_lowest_position():
+    """Integer-valued q and k make max-pool ties everywhere: the gradient goes to the
+    lowest position holding the maximum, as in the reference."""
+    rng = np.random.default_rng(6)
+    n = 12
+    q = rng.integers(-1, 2, (n, 4)).astype(np.float64)
+    k = rng.integers(-1, 2, (n, 4)).astype(np.float64)
+    v = rng.standard_normal((n, 3))
+    g = rng.standard_normal((n, 3))
+    for plan in PLANS:
+        for causal in (True, False):
+            kw = dict(plan=plan, causal=causal)
+            for name, x, y in zip("qkv", ra.combiner_attention_backward(g, q, k, v, **kw),
+                                  ref.combiner_attention_backward(g, q, k, v, **kw)):
+                np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10,
+                                           err_msg=f"d{name} {plan} causal={causal}")
+
+
+def test_broadcast_batch_axes():
+    rng = np.random.default_rng(7)
+    n = 10
+    q = rng.standard_normal((2, 1, n, 4))
+    k = rng.standard_normal((1, 3, n, 4))
+    v = rng.standard_normal((n, 2))
+    for plan in PLANS:
+        kw = dict(plan=plan, causal=False)
+        out = ra.combiner_attention(q, k, v, **kw)
+        assert out.shape == (2, 3, n, 2)
+        np.testing.assert_allclose(out, ref.combiner_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+        g = rng.standard_normal(out.shape)
+        got = ra.combiner_attention_backward(g, q, k, v, **kw)
+        want = ref.combiner_attention_backward(g, q, k, v, **kw)
+        for name, x, y, a in zip("qkv", got, want, (q, k, v)):
+            assert x.shape == a.shape, f"d{name} shape {x.shape} != {a.shape}"
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10, err_msg=f"d{name} {plan}")
+
+
+def test_strided_inputs():
+    """Negative strides, every-other-row views and Fortran order give the same result."""
+    rng = np.random.default_rng(8)
+    n = 14
+    big = rng.standard_normal((3, 2 * n, 10))
+    q = big[0, ::-2, :5]
+    k = np.asfortranarray(big[1, 1::2, 2:7])
+    v = big[2, ::2, ::-3]
+    assert not q.flags.c_contiguous and not v.flags.c_contiguous
+    g = rng.standard_normal((n, v.shape[-1]))[::-1]
+    for plan in PLANS:
+        kw = dict(plan=plan, causal=True)
+        out = ra.combiner_attention(q, k, v, **kw)
+        np.testing.assert_array_equal(out, ra.combiner_attention(q.copy(), k.copy(), v.copy(), **kw))
+        np.testing.assert_allclose(out, ref.combiner_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+        got = ra.combiner_attention_backward(g, q, k, v, **kw)
+        contiguous = ra.combiner_attention_backward(g.copy(), q.copy(), k.copy(), v.copy(), **kw)
+        for x, y in zip(got, contiguous):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_n_or_d_of_one(plan):
+    rng = np.random.default_rng(9)
+    for n, d in ((1, 4), (6, 1), (1, 1)):
+        q, k, v = inputs(rng, (2,), n, d=d, e=1)
+        for causal in (True, False):
+            kw = dict(plan=plan, causal=causal)
+            out = ra.combiner_attention(q, k, v, **kw)
+            np.testing.assert_allclose(out, ref.combiner_attention(q, k, v, **kw), rtol=1e-10, atol=1e-12)
+            g = rng.standard_normal(out.shape)
+            for x, y in zip(ra.combiner_attention_backward(g, q, k, v, **kw),
+                            ref.combiner_attention_backward(g, q, k, v, **kw)):
+                np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12, err_msg=f"n={n} d={d}")
+    q, k, v = inputs(rng, (), 1, d=3, e=2)
+    np.testing.assert_allclose(ra.combiner_attention(q, k, v, plan=plan), v, rtol=1e-12)
+
+
+def test_bit_identical_across_thread_counts():
+    rng = np.random.default_rng(10)
+    n = 700
+    q, k, v = inputs(rng, (2,), n, d=16, e=16, dtype=np.float32)
+    g = rng.standard_normal((2, n, 16)).astype(np.float32)
+    before = ra.get_num_threads()
+    try:
+        for plan in PLANS:
+            for causal in (True, False):
+                kw = dict(plan=plan, causal=causal)
+                results = []
+                for threads in (1, 2):
+                    ra.set_num_threads(threads)
+                    results.append((ra.combiner_attention(q, k, v, **kw),)
+                                   + ra.combiner_attention_backward(g, q, k, v, **kw))
+                for name, x, y in zip(("out", "dq", "dk", "dv"), *results):
+                    np.testing.assert_array_equal(x, y, err_msg=f"{name} {plan} causal={causal}")
+    finally:
+        ra.set_num_threads(before)
+
+
+def test_layer_matches_functions():
+    rng = np.random.default_rng(11)
+    q, k, v = inputs(rng, (2,), 20, d=4, e=3)
+    g = rng.standard_normal((2, 20, 3))
+    layer = ra.CombinerAttention("mixture", block=6, causal=False)
+    with pytest.raises(RuntimeError, match="forward call first"):
+        layer.backward(g)
+    kw = dict(plan="mixture", block=6, causal=False)
+    np.testing.assert_array_equal(layer(q, k, v), ra.combiner_attention(q, k, v, **kw))
+    for x, y in zip(layer.backward(g), ra.combiner_attention_backward(g, q, k, v, **kw)):
+        np.testing.assert_array_equal(x, y)
+    assert "mixture" in repr(layer)
+
+
+def test_scale_keyword():
+    rng = np.random.default_rng(12)
+    q, k, v = inputs(rng, (), 12, d=4)
+    for plan in PLANS:
+        kw = dict(plan=plan, causal=False, scale=-0.7)
+        np.testing.assert_allclose(ra.combiner_attention(q, k, v, **kw),
+                                   ref.combiner_attention(q, k, v, **kw), rtol=1e-10, atol=1e-10)
+
+
+def test_clear_errors():
+    rng = np.random.default_rng(13)
+    q, k, v = inputs(rng, (), 8, d=4)
+    with pytest.raises(ValueError, match="plan must be one of"):
+        ra.combiner_attention(q, k, v, plan="strided")
+    with pytest.raises(ValueError, match="plan must be one of"):
+        ra.CombinerAttention("dense")
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        ra.combiner_attention(q, k, v, block=0)
+    with pytest.raises(ValueError, match="block must be <= 8"):
+        ra.combiner_attention(q, k, v, plan="axial", block=9)
+    with pytest.raises(TypeError, match="block must be an integer"):
+        ra.combiner_attention(q, k, v, block=2.5)
+    with pytest.raises(ValueError, match="block is not used by plan='logsparse'"):
+        ra.combiner_attention(q, k, v, plan="logsparse", block=2)
+    with pytest.raises(ValueError, match="n == m"):
+        ra.combiner_attention(q, k[:5], v[:5])
+    with pytest.raises(ValueError, match="q must have at least 2 dimensions"):
+        ra.combiner_attention(q[0], k, v)
+    with pytest.raises(ValueError, match="same feature size d"):
+        ra.combiner_attention(q, k[:, :3], v)
+    with pytest.raises(ValueError, match="same sequence length m"):
+        ra.combiner_attention(q, k, v[:7])
+    with pytest.raises(ValueError, match="dout must have shape"):
+        ra.combiner_attention_backward(np.zeros((8, 2)), q, k, v)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        ra.combiner_attention(q, k, v, causal=1)
+    with pytest.raises(TypeError, match="complex"):
+        ra.combiner_attention(q.astype(complex), k, v)
+    with pytest.raises(ValueError, match="at least 1 position"):
+        ra.combiner_attention(q[:0], k[:0], v[:0])
