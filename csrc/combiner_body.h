@@ -15,7 +15,7 @@ typedef struct {
     T *qt_m;                                    /* members' qᵀ (d, L), unscaled */
     T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
-    T *dout, *lse, *delta, *dq, *dp, *t;        /* gradient tile (backward) */
+    T *dout, *lse, *delta, *dq, *dp;            /* gradient tile (backward) */
     RaRange span;                               /* positions in the _m packs */
 } FN(CWs);
 
@@ -62,7 +62,6 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
         w->delta = ra_take(a, BQ, S);
         w->dq = ra_take(a, BQ * d, S);
         w->dp = ra_take(a, BQ * BK, S);
-        w->t = ra_take(a, BK * BQ, S);
     }
 }
 
@@ -422,7 +421,7 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
             w->delta[r] = tb->delta[qpos[r]];
         }
         memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
-        FN(RaQGradTile) g = {rows, w->qs, w->dout, w->lse, w->delta, qpos, w->dq, w->s, w->dp, w->t};
+        FN(RaQGradTile) g = {rows, w->qs, w->dout, w->lse, w->delta, qpos, w->dq, w->s, w->dp};
         for (int j0 = 0; j0 < nd; j0 += RA_BK) {
             if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
             FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd, NULL, 0,
@@ -487,7 +486,7 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
         memset(w->dk_m, 0, sizeof(T) * (size_t)L * d);
         memset(w->dv_m, 0, sizeof(T) * (size_t)L * e);
         FN(RaQGradTile) gt = {rows, w->qs, tb->dvhat + v0 * e, tb->rlse + v0, w->delta, NULL,
-                              w->dq, w->s, w->dp, w->t};
+                              w->dq, w->s, w->dp};
         for (int j0 = 0; j0 < L; j0 += RA_BK) {
             FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld, NULL, 0,
                               w->k_m + (o + j0) * d, d, w->vt_m + o + j0, ld, NULL};

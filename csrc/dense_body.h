@@ -136,9 +136,9 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
     per_problem = ra_add(per_problem, vt_sz);
     per_problem = ra_add(per_problem, pos_sz);
     per_problem = ra_add(per_problem, part_sz);
-    /* per-thread: dk (BK, d), dv (BK, e), s, dp (BQ, BK), t (BK, BQ), qpos (BQ) */
+    /* per-thread: dk (BK, d), dv (BK, e), s, dp (BQ, BK), qpos (BQ) */
     const size_t per_thread = ra_round_up(sizeof(T) * ((size_t)RA_BK * d + (size_t)RA_BK * e +
-                                          3 * (size_t)RA_BQ * RA_BK) + sizeof(int64_t) * RA_BQ);
+                                          2 * (size_t)RA_BQ * RA_BK) + sizeof(int64_t) * RA_BQ);
     char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     if (!packs || !scratch) { ra_free(packs); ra_free(scratch); return RA_ERR_NOMEM; }
@@ -189,8 +189,7 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
         FN(RaQGradTile) gt;
         gt.s = dv_t + RA_BK * e;
         gt.dp = gt.s + RA_BQ * RA_BK;
-        gt.t = gt.dp + RA_BQ * RA_BK;
-        int64_t *qpos = (int64_t *)(gt.t + RA_BQ * RA_BK);
+        int64_t *qpos = (int64_t *)(gt.dp + RA_BQ * RA_BK);
         T *dqg = dq_part + (size_t)grp * (q_sz / sizeof(T));
         RaMat dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
 

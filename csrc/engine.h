@@ -65,7 +65,7 @@ enum {
         const T *lse, *delta;  /* (rows): log-sum-exp, rowsum(dout ∘ out) */              \
         const int64_t *pos;                                                               \
         T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
-        T *s, *dp, *t;         /* scratch (RA_BQ, RA_BK) ×2; t unused (kept for now) */ \
+        T *s, *dp;             /* scratch (RA_BQ, RA_BK) each */                          \
     } RaQGradTile_##SUF;                                                                  \
     /* Gather rows of src (a strided 2-D view) into a contiguous tile.  Row r of the    \
        tile is src row idx[r] (idx NULL: row first + r); idx[r] < 0 gives a zero row.   \

@@ -187,7 +187,6 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     FN(RaQGradTile) g;
     g.s = delta + RA_BQ;
     g.dp = g.s + RA_BQ * RA_BK;
-    g.t = NULL;
     FN(ra_gather)(k, kpos, 0, nk, d, 1, 0, kp, d);
     FN(ra_gather)(k, kpos, 0, nk, d, 1, 1, kt, nk);
     FN(ra_gather)(v, kpos, 0, nk, e, 1, 1, vt, nk);
