@@ -32,6 +32,14 @@ static inline double ra_rng_unit(uint64_t *state)
 /* ------------------------------------------------------------------ shared helpers */
 static inline int ra_nchunks(int n) { return (n + RA_CHUNK - 1) / RA_CHUNK; }
 
+/* Candidates per greedy k-means++ step: 2 + floor(ln c), as in scikit-learn. */
+#define RA_MAX_TRIALS 32
+static inline int ra_trials(int c)
+{
+    const int L = 2 + (int)floor(log((double)c));
+    return L < RA_MAX_TRIALS ? L : RA_MAX_TRIALS;
+}
+
 /* Position of the k-th (0-based) row with valid[i] != 0; valid has at least k+1 such rows. */
 static int ra_kth_valid(int n, const uint8_t *valid, int64_t k)
 {
@@ -167,16 +175,20 @@ static int64_t ra_hamming_assign(int n, int c, const uint64_t *code, const uint8
     return changed;
 }
 
-/* Seeded k-means++ on Hamming distance: cent (c) from the valid codes. */
+/* Seeded greedy k-means++ on Hamming distance: cent (c) from the valid codes.  Each
+ * step draws ra_trials(c) candidates by D² sampling and keeps the one leaving the least
+ * total D² (the first on ties).  Integer weights: every sum is exact.
+ * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)) are scratch. */
 static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *valid,
                             int64_t nvalid, uint64_t *rng, uint64_t *cent, uint64_t *dist,
                             uint64_t *partial, int nt)
 {
-    const int nch = ra_nchunks(n);
+    const int nch = ra_nchunks(n), L = ra_trials(c);
+    uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
     cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
     for (int i = 0; i < n; i++) dist[i] = valid[i] ? (uint64_t)__builtin_popcountll(code[i] ^ cent[0]) : 0;
     for (int j = 1; j < c; j++) {
-        /* 1. D² weights, summed per chunk (integers: exact in any order) */
+        /* 1. D² weights, summed per chunk */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int k = 0; k < nch; k++) {
             const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
@@ -186,23 +198,48 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
         }
         uint64_t total = 0;
         for (int k = 0; k < nch; k++) total += partial[k];
-        /* 2. draw: first row whose running weight exceeds target; all weights 0 -> uniform */
         int pick;
-        if (total == 0) {
+        if (total == 0) {                   /* every valid row is a centroid already */
             pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
         } else {
-            const uint64_t target = ra_rng_next(rng) % total;
-            uint64_t run = 0;
-            int k = 0;
-            while (run + partial[k] <= target) run += partial[k++];
-            pick = k * RA_CHUNK;
-            for (;; pick++) {
-                run += dist[pick] * dist[pick];
-                if (run > target) break;
+            /* 2. L candidates: first row whose running weight exceeds a uniform target */
+            int cand[RA_MAX_TRIALS];
+            for (int t = 0; t < L; t++) {
+                const uint64_t target = ra_rng_next(rng) % total;
+                uint64_t run = 0;
+                int k = 0;
+                while (run + partial[k] <= target) run += partial[k++];
+                int i = k * RA_CHUNK;
+                for (;; i++) {
+                    run += dist[i] * dist[i];
+                    if (run > target) break;
+                }
+                cand[t] = i;
+            }
+            /* 3. keep the candidate with the least remaining potential */
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int k = 0; k < nch; k++) {
+                const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+                for (int t = 0; t < L; t++) {
+                    uint64_t s = 0;
+                    for (int i = k * RA_CHUNK; i < i1; i++) {
+                        uint64_t dd = (uint64_t)__builtin_popcountll(code[i] ^ code[cand[t]]);
+                        dd = dd < dist[i] ? dd : dist[i];
+                        s += dd * dd;
+                    }
+                    pot[(size_t)k * L + t] = s;
+                }
+            }
+            uint64_t best = UINT64_MAX;
+            pick = cand[0];
+            for (int t = 0; t < L; t++) {
+                uint64_t s = 0;
+                for (int k = 0; k < nch; k++) s += pot[(size_t)k * L + t];
+                if (s < best) { best = s; pick = cand[t]; }
             }
         }
         cent[j] = code[pick];
-        /* 3. distances to the nearest chosen centroid */
+        /* 4. distances to the nearest chosen centroid */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             const uint64_t dd = (uint64_t)__builtin_popcountll(code[i] ^ cent[j]);
@@ -220,7 +257,7 @@ int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBV
     const int nch = ra_nchunks(n);
     uint64_t *code = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
     uint64_t *dist = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
-    uint64_t *partial = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)nch));
+    uint64_t *partial = ra_alloc(ra_mul(sizeof(uint64_t), ra_mul((size_t)nch, ra_trials(c) + 1)));
     uint64_t *cent = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)c));
     uint8_t *valid = ra_alloc((size_t)n);
     uint8_t *empty = ra_alloc((size_t)c);

@@ -77,43 +77,73 @@ int FN(ra_assign_clusters)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 }
 
 /* ------------------------------------------------------------------ spherical_kmeans */
-/* Seeded k-means++ on the unit rows xn (n, d): mu (c, d) := c rows of xn drawn by D²
- * sampling with D = 1 − max cos to the centroids chosen so far.  best (n) and partial
- * (ra_nchunks(n)) are scratch. */
-static void FN(spherical_seed)(int n, int d, int c, const T *xn, const uint8_t *valid,
-                               int64_t nvalid, uint64_t *rng, T *mu, T *best, double *partial,
-                               int nt)
+/* Rows with weight (1 − best cos)² > 0; NaN counts as 0. */
+static inline double FN(seed_weight)(T best, uint8_t valid)
 {
-    const int nch = ra_nchunks(n);
+    const double w = 1.0 - (double)best;
+    return (valid && w > 0) ? w * w : 0;
+}
+
+/* Seeded greedy k-means++ on the unit rows xn (n, d): mu (c, d) := c rows of xn.  The
+ * first is uniform; each next one is the best of ra_trials(c) candidates drawn with
+ * probability ∝ D², D = 1 − (largest cos to the centroids so far): the one leaving the
+ * least total D² (the first on ties).  best (n), w (n), partial (ra_nchunks(n) ·
+ * (ra_trials(c) + 1)) are scratch. */
+static void FN(spherical_seed)(int n, int d, int c, const T *xn, const uint8_t *valid,
+                               int64_t nvalid, uint64_t *rng, T *mu, T *best, double *w,
+                               double *partial, int nt)
+{
+    const int nch = ra_nchunks(n), L = ra_trials(c);
+    double *pot = partial + nch;            /* (nch, L) candidate potentials per chunk */
     for (int j = 0; j < c; j++) {
         int pick = -1;
         if (j > 0) {
-            /* 1. weights (1 − best cos)², summed per chunk, chunks combined in order */
+            /* 1. weights, summed per chunk, chunks combined in order */
             #pragma omp parallel for num_threads(nt) schedule(static)
             for (int k = 0; k < nch; k++) {
                 const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
                 double s = 0;
-                for (int i = k * RA_CHUNK; i < i1; i++) {
-                    const double w = 1.0 - (double)best[i];
-                    s += (valid[i] && w > 0) ? w * w : 0;
-                }
+                for (int i = k * RA_CHUNK; i < i1; i++) s += (w[i] = FN(seed_weight)(best[i], valid[i]));
                 partial[k] = s;
             }
             double total = 0;
             for (int k = 0; k < nch; k++) total += partial[k];
-            /* 2. first row whose running weight exceeds u·total (rounding: last positive row) */
             if (total > 0) {
-                const double target = ra_rng_unit(rng) * total;
-                double run = 0;
-                for (int i = 0; i < n && pick < 0; i++) {
-                    const double w = 1.0 - (double)best[i];
-                    if (!(valid[i] && w > 0)) continue;
-                    run += w * w;
-                    if (run > target) pick = i;
+                /* 2. L candidates: first row whose running weight exceeds u·total
+                      (rounding past the end: the last row of positive weight) */
+                int cand[RA_MAX_TRIALS];
+                for (int t = 0; t < L; t++) {
+                    const double target = ra_rng_unit(rng) * total;
+                    double run = 0;
+                    cand[t] = -1;
+                    for (int i = 0; i < n && cand[t] < 0; i++) {
+                        run += w[i];
+                        if (w[i] > 0 && run > target) cand[t] = i;
+                    }
+                    for (int i = n - 1; i >= 0 && cand[t] < 0; i--)
+                        if (w[i] > 0) cand[t] = i;
                 }
-                for (int i = n - 1; i >= 0 && pick < 0; i--) {
-                    const double w = 1.0 - (double)best[i];
-                    if (valid[i] && w > 0) pick = i;
+                /* 3. keep the candidate with the least remaining potential */
+                #pragma omp parallel for num_threads(nt) schedule(static)
+                for (int k = 0; k < nch; k++) {
+                    const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+                    for (int t = 0; t < L; t++) {
+                        const T *m = xn + (size_t)cand[t] * d;
+                        double s = 0;
+                        for (int i = k * RA_CHUNK; i < i1; i++) {
+                            const T *xi = xn + (size_t)i * d;
+                            T dot = 0;
+                            for (int u = 0; u < d; u++) dot += xi[u] * m[u];
+                            s += FN(seed_weight)(dot > best[i] ? dot : best[i], valid[i]);
+                        }
+                        pot[(size_t)k * L + t] = s;
+                    }
+                }
+                double least = INFINITY;
+                for (int t = 0; t < L; t++) {
+                    double s = 0;
+                    for (int k = 0; k < nch; k++) s += pot[(size_t)k * L + t];
+                    if (pick < 0 || s < least) { least = s; pick = cand[t]; }
                 }
             }
         }
@@ -121,12 +151,12 @@ static void FN(spherical_seed)(int n, int d, int c, const T *xn, const uint8_t *
             pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
         T *m = mu + (size_t)j * d;
         memcpy(m, xn + (size_t)pick * d, sizeof(T) * (size_t)d);
-        /* 3. best cos against the new centroid */
+        /* 4. best cos against the new centroid */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             const T *xi = xn + (size_t)i * d;
             T dot = 0;
-            for (int t = 0; t < d; t++) dot += xi[t] * m[t];
+            for (int u = 0; u < d; u++) dot += xi[u] * m[u];
             if (j == 0 || dot > best[i]) best[i] = dot;
         }
     }
@@ -169,14 +199,15 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
     T *ct = ra_alloc(ra_mul(sizeof(T), cd));
     T *sums = ra_alloc(ra_mul(sizeof(T), cd));
     T *best = ra_alloc(ra_mul(sizeof(T), (size_t)n));
-    double *partial = ra_alloc(ra_mul(sizeof(double), (size_t)nch));
+    double *partial = ra_alloc(ra_mul(sizeof(double), ra_mul((size_t)nch, ra_trials(c) + 1)));
+    double *w = ra_alloc(ra_mul(sizeof(double), (size_t)n));
     uint8_t *valid = ra_alloc((size_t)n);
     int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     int64_t *start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
     int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    int st = (xn && mu && ct && sums && best && partial && valid && lab && start && rows &&
+    int st = (xn && mu && ct && sums && best && partial && w && valid && lab && start && rows &&
               counts && scratch) ? RA_OK : RA_ERR_NOMEM;
     const RaMat xn_view = {(char *)xn, (ptrdiff_t)(sizeof(T) * (size_t)d), sizeof(T)};
     const RaVec lab_view = {(char *)lab, sizeof(int64_t)}, valid_view = {(char *)valid, 1};
@@ -210,7 +241,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
             for (int j = 0; j < c; j++)
                 for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = RA_MAT_AT(T, ib, j, u);
         } else if (nvalid > 0) {
-            FN(spherical_seed)(n, d, c, xn, valid, nvalid, &rng, mu, best, partial, nt);
+            FN(spherical_seed)(n, d, c, xn, valid, nvalid, &rng, mu, best, w, partial, nt);
         } else {
             memset(mu, 0, sizeof(T) * cd);
         }
@@ -229,7 +260,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
             for (int u = 0; u < d; u++) RA_MAT_AT(T, ob, j, u) = mu[(size_t)j * d + u];
     }
     ra_free(xn); ra_free(mu); ra_free(ct); ra_free(sums); ra_free(best); ra_free(partial);
-    ra_free(valid); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
+    ra_free(w); ra_free(valid); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
     ra_free(scratch);
     return st;
 }

@@ -96,6 +96,11 @@ class SplitMix64:
         return (self.next() >> 11) * 2.0**-53
 
 
+def _trials(c):
+    """Candidates per greedy k-means++ step (as in scikit-learn): 2 + floor(ln c)."""
+    return min(2 + int(np.log(c)), 32)
+
+
 def _problems(batch):
     return list(np.ndindex(*batch)) if batch else [()]
 
@@ -122,20 +127,27 @@ def _spherical_one(x, c, iters, seed, valid, init):
     elif vidx.size == 0:
         return np.zeros((c, d))
     else:
-        # k-means++: first row uniform, then D² sampling with D = 1 - best cosine
+        # greedy k-means++: first row uniform; then, per centroid, the best of
+        # _trials(c) rows drawn ∝ D² (D = 1 - best cosine): least remaining total D²
         rng = SplitMix64(seed)
         mu = np.zeros((c, d))
         mu[0] = xn[vidx[rng.next() % vidx.size]]
         best = xn @ mu[0]
+
+        def weight(cos):
+            w = 1.0 - cos
+            return np.where(valid & (w > 0), w * w, 0.0)
+
         for j in range(1, c):
-            w = 1.0 - best
-            w = np.where(valid & (w > 0), w * w, 0.0)
-            pick = -1
+            w = weight(best)
             if w.sum() > 0:
                 cum = np.cumsum(w)
-                pick = int(np.searchsorted(cum, rng.unit() * cum[-1], side="right"))
-                if pick >= n:
-                    pick = int(np.flatnonzero(w > 0)[-1])
+                cands = []
+                for _ in range(_trials(c)):
+                    pick = int(np.searchsorted(cum, rng.unit() * cum[-1], side="right"))
+                    cands.append(pick if pick < n else int(np.flatnonzero(w > 0)[-1]))
+                pots = [weight(np.maximum(best, xn @ xn[p])).sum() for p in cands]
+                pick = cands[int(np.argmin(pots))]
             else:
                 pick = vidx[rng.next() % vidx.size]
             mu[j] = xn[pick]
@@ -290,14 +302,19 @@ def _hamming_one(codes, c, iters, seed, valid):
         return np.full(n, -1, np.int64), np.zeros(c, np.uint64)
     rng = SplitMix64(seed)
     cent = np.zeros(c, np.uint64)
-    # k-means++ on Hamming distance, integer D² weights: exact
+    # greedy k-means++ on Hamming distance (integer D² weights: exact)
     cent[0] = codes[vidx[rng.next() % vidx.size]]
     dist = np.where(valid, _popcount(codes ^ cent[0]), 0)
     for j in range(1, c):
         w = dist * dist
         total = int(w.sum())
         if total > 0:
-            pick = int(np.searchsorted(np.cumsum(w), rng.next() % total, side="right"))
+            cum = np.cumsum(w)
+            cands = [int(np.searchsorted(cum, rng.next() % total, side="right"))
+                     for _ in range(_trials(c))]
+            pots = [int((np.minimum(dist, _popcount(codes ^ codes[p])) ** 2 * valid).sum())
+                    for p in cands]
+            pick = cands[int(np.argmin(pots))]
         else:
             pick = vidx[rng.next() % vidx.size]
         cent[j] = codes[pick]
