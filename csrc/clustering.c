@@ -97,29 +97,27 @@ static int ra_read_labels(int n, int c, RaVec labels, RaVec mask, int64_t *lab)
     return RA_OK;
 }
 
-static int ra_cmp_int32(const void *a, const void *b)
-{
-    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
 /* ------------------------------------------------------------------ typed kernels */
 #define T float
+#define IT int32_t
 #define KT RaKernelsF32
 #define KSEL f32
 #define FN(name) name##_f32
 #include "clustering_body.h"
 #undef T
+#undef IT
 #undef KT
 #undef KSEL
 #undef FN
 
 #define T double
+#define IT int64_t
 #define KT RaKernelsF64
 #define KSEL f64
 #define FN(name) name##_f64
 #include "clustering_body.h"
 #undef T
+#undef IT
 #undef KT
 #undef KSEL
 #undef FN

@@ -1,5 +1,6 @@
 /* clustering_body.h — typed routing-decision kernels; included by clustering.c per dtype
- * with T, KT (kernel table type), KSEL (f32 | f64) and FN(name) = name##_<suffix>. */
+ * with T, IT (the signed integer of T's width), KT (kernel table type), KSEL (f32 | f64)
+ * and FN(name) = name##_<suffix>. */
 
 /* ------------------------------------------------------------------ building blocks */
 /* Pack a (c, d) strided matrix transposed into ct (d, c) contiguous. */
@@ -350,91 +351,188 @@ int FN(ra_commitment_loss)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 }
 
 /* ------------------------------------------------------------------ top_members */
-/* One kept row of a cluster's top-w heap: its score and position. */
+/* A candidate row of one cluster: its score (NaN stored as −inf) and position. */
 typedef struct { T v; int32_t pos; } FN(RaScored);
 
-/* a ranks below b: smaller score, or equal score and later position */
-static inline int FN(worse)(FN(RaScored) a, FN(RaScored) b)
+/* a ranks above b: larger score, or equal score and lower position (a total order) */
+static inline int FN(better)(FN(RaScored) a, FN(RaScored) b)
 {
-    return a.v < b.v || (a.v == b.v && a.pos > b.pos);
+    return a.v > b.v || (a.v == b.v && a.pos < b.pos);
 }
 
-/* Restore the min-heap (root = worst kept row) below slot i. */
-static void FN(sift_down)(FN(RaScored) *h, int w, int i)
+/* nth_element: reorder a (m) so that a[k] is the (k+1)-th best, a[0..k) better and
+ * a(k..m) worse.  Quickselect with a median-of-three pivot, expected O(m). */
+static void FN(select_nth)(FN(RaScored) *a, int m, int k)
 {
-    for (;;) {
-        int l = 2 * i + 1, m = i;
-        if (l < w && FN(worse)(h[l], h[m])) m = l;
-        if (l + 1 < w && FN(worse)(h[l + 1], h[m])) m = l + 1;
-        if (m == i) return;
-        FN(RaScored) tmp = h[i]; h[i] = h[m]; h[m] = tmp;
-        i = m;
-    }
-}
-
-/* col (n) scores of one cluster (NaN already −inf) -> pos (w) the positions of the w
- * best rows by (score desc, position asc), increasing.  heap (w) is scratch.
- * Rows come in position order, so a row beats the worst kept one iff its score is
- * strictly larger; blocks of 16 with no such score are skipped in one vector test. */
-static void FN(top_w)(const T *col, int n, int w, FN(RaScored) *heap, int32_t *pos)
-{
-    for (int i = 0; i < w; i++) heap[i] = (FN(RaScored)){col[i], i};
-    for (int i = w / 2 - 1; i >= 0; i--) FN(sift_down)(heap, w, i);
-    int i = w;
-    for (; i + 16 <= n; i += 16) {
-        const T thr = heap[0].v;
-        int any = 0;
-        for (int t = 0; t < 16; t++) any |= col[i + t] > thr;
-        if (!any) continue;
-        for (int t = 0; t < 16; t++)
-            if (col[i + t] > heap[0].v) {
-                heap[0] = (FN(RaScored)){col[i + t], i + t};
-                FN(sift_down)(heap, w, 0);
-            }
-    }
-    for (; i < n; i++)
-        if (col[i] > heap[0].v) {
-            heap[0] = (FN(RaScored)){col[i], i};
-            FN(sift_down)(heap, w, 0);
+    int lo = 0, hi = m - 1;
+    while (hi - lo >= 3) {
+        FN(RaScored) tmp;
+#define RA_SWAP(i, j) (tmp = a[i], a[i] = a[j], a[j] = tmp)
+        const int mid = lo + (hi - lo) / 2;
+        if (FN(better)(a[mid], a[lo])) RA_SWAP(mid, lo);
+        if (FN(better)(a[hi], a[lo])) RA_SWAP(hi, lo);
+        if (FN(better)(a[hi], a[mid])) RA_SWAP(hi, mid);
+        /* a[lo] >= a[mid] >= a[hi]: partition a[lo+1 .. hi-1] around p = a[mid] */
+        const FN(RaScored) p = a[mid];
+        RA_SWAP(mid, hi - 1);
+        int i = lo, j = hi - 1;
+        for (;;) {
+            while (FN(better)(a[++i], p)) {}
+            while (FN(better)(p, a[--j])) {}
+            if (i >= j) break;
+            RA_SWAP(i, j);
         }
-    for (int t = 0; t < w; t++) pos[t] = heap[t].pos;
-    qsort(pos, (size_t)w, sizeof(int32_t), ra_cmp_int32);
+        RA_SWAP(i, hi - 1);          /* pivot to its final slot i */
+#undef RA_SWAP
+        if (i == k) return;
+        if (k < i) hi = i - 1; else lo = i + 1;
+    }
+    for (int i = lo + 1; i <= hi; i++)          /* at most 3 left: insertion sort */
+        for (int j = i; j > lo && FN(better)(a[j], a[j - 1]); j--) {
+            const FN(RaScored) tmp = a[j];
+            a[j] = a[j - 1];
+            a[j - 1] = tmp;
+        }
 }
 
 #define RA_GROUP ((int)(64 / sizeof(T)))   /* clusters per work unit: one cache line of a row */
+/* 16-byte GCC vectors (native SSE2 width: this file is built for baseline x86-64) and
+ * the matching lane-mask type; a group's row of scores is 64 / 16 = 4 of them. */
+typedef T FN(gvec) __attribute__((vector_size(16)));
+typedef IT FN(givec) __attribute__((vector_size(16)));
+#define RA_GVECS 4
+
+/* The smallest value strictly above v (+inf stays +inf: admitting a later +inf row
+ * costs a little work, never a wrong answer, since cut_back ranks exactly). */
+static inline T FN(next_up)(T v)
+{
+    return sizeof(T) == 4 ? (T)nextafterf((float)v, INFINITY) : (T)nextafter((double)v, INFINITY);
+}
+
+/* Cut a candidate list bt (cnt, in position order) back to its best w, keeping position
+ * order: the w-th best e is found by quickselect on a copy (tmp), then a stable filter
+ * keeps the entries ranking at or above e.  Returns e. */
+static FN(RaScored) FN(cut_back)(FN(RaScored) *bt, int cnt, int w, FN(RaScored) *tmp)
+{
+    memcpy(tmp, bt, sizeof(FN(RaScored)) * (size_t)cnt);
+    FN(select_nth)(tmp, cnt, w - 1);
+    const FN(RaScored) e = tmp[w - 1];
+    int kept = 0;
+    for (int r = 0; r < cnt; r++)
+        if (!FN(better)(e, bt[r])) bt[kept++] = bt[r];
+    return e;
+}
+
+/* One pass over rows of s (n, g) — g <= RA_GROUP clusters — keeping each cluster's best
+ * w rows in buf (g, 2w), in position order.  Rows arrive in position order, so a row
+ * ranks above the kept w-th best only with a strictly larger score: each cluster admits
+ * a row iff its score >= lo[t], one vector compare per row for the whole group.
+ *   lo == NULL: the first w rows all enter (NaN as −inf), exact for any input.
+ *   lo given:   only scores >= lo[t] ever enter (a lower bound guessed from a sample);
+ *               cnt[t] < w on return means the guess was too high for cluster t.
+ * A full buffer is cut back to w, raising lo.  kth[t] = value of the w-th best kept. */
+static void FN(top_pass)(RaMat s, int n, int g, int w, const T *lo_init, FN(RaScored) *buf,
+                         FN(RaScored) *tmp, int *cnt, T *kth)
+{
+    T lo[RA_GROUP] __attribute__((aligned(64))), row[RA_GROUP] __attribute__((aligned(64)));
+    for (int t = 0; t < RA_GROUP; t++) {          /* lanes >= g never admit */
+        cnt[t] = 0;
+        lo[t] = t >= g ? INFINITY : lo_init ? lo_init[t] : -INFINITY;
+        row[t] = 0;
+    }
+    const int full = g == RA_GROUP && s.s1 == (ptrdiff_t)sizeof(T);
+    for (int i = 0; i < n; i++) {
+        const char *p = s.data + (ptrdiff_t)i * s.s0;
+        if (full) memcpy(row, p, sizeof(row));
+        else for (int t = 0; t < g; t++) row[t] = *(const T *)(p + (ptrdiff_t)t * s.s1);
+        if (!lo_init && i < w) {                  /* exact mode: the first w rows enter */
+            for (int t = 0; t < g; t++)
+                buf[(size_t)t * 2 * w + cnt[t]++] = (FN(RaScored)){row[t] == row[t] ? row[t] : -INFINITY, i};
+            if (i == w - 1)
+                for (int t = 0; t < g; t++)
+                    lo[t] = FN(next_up)(FN(cut_back)(buf + (size_t)t * 2 * w, w, w, tmp).v);
+            continue;
+        }
+        /* one vector test for the group; NaN -> −inf first (quiet ==), so the ordered
+           compare sees no NaN and a NaN score is never admitted */
+        const FN(gvec) ninf = (FN(gvec)){0} - (T)INFINITY;
+        FN(givec) hit = {0};
+        for (int q = 0; q < RA_GVECS; q++) {
+            FN(gvec) rv, lv;
+            memcpy(&rv, row + q * (16 / sizeof(T)), sizeof(rv));
+            memcpy(&lv, lo + q * (16 / sizeof(T)), sizeof(lv));
+            const FN(givec) num = (FN(givec))(rv == rv);
+            rv = (FN(gvec))(((FN(givec))rv & num) | ((FN(givec))ninf & ~num));
+            memcpy(row + q * (16 / sizeof(T)), &rv, sizeof(rv));
+            hit |= (FN(givec))(rv >= lv);
+        }
+        int any = 0;
+        for (int l = 0; l < (int)(16 / sizeof(T)); l++) any |= hit[l] != 0;
+        if (!any) continue;
+        for (int t = 0; t < g; t++) {
+            if (!(row[t] >= lo[t])) continue;
+            FN(RaScored) *bt = buf + (size_t)t * 2 * w;
+            bt[cnt[t]++] = (FN(RaScored)){row[t], i};
+            if (cnt[t] == 2 * w) {
+                lo[t] = FN(next_up)(FN(cut_back)(bt, cnt[t], w, tmp).v);
+                cnt[t] = w;
+            }
+        }
+    }
+    for (int t = 0; t < g; t++) {
+        if (cnt[t] < w) continue;
+        kth[t] = FN(cut_back)(buf + (size_t)t * 2 * w, cnt[t], w, tmp).v;
+        cnt[t] = w;
+    }
+}
 
 /* scores (B; n, c) -> idx (B; c, w) int64: for each cluster the w rows with the largest
- * score (NaN counts as −inf), ties to the lower position, listed by position. */
+ * score (NaN counts as −inf), ties to the lower position, listed by position.
+ *
+ * Per group of RA_GROUP clusters (one cache line of a score row): when n is large
+ * enough, a pass over a strided sample of 16w rows picks, per cluster, a score that
+ * about 1.4w rows should reach; the full pass then admits only rows at or above it and
+ * rarely has to cut its buffer back.  A cluster whose guess was too high is redone
+ * exactly.  O(n) per cluster plus O(w) selections, never a sort of n. */
 int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat idx)
 {
     const int nt = ra_num_threads();
     const int ngroups = (c + RA_GROUP - 1) / RA_GROUP;
-    /* per thread: columns (RA_GROUP, n), heap (w), positions (w) */
-    const size_t col_sz = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_GROUP, (size_t)n)));
-    const size_t heap_sz = ra_round_up(ra_mul(sizeof(FN(RaScored)), (size_t)w));
-    const size_t per_thread = ra_add(ra_add(col_sz, heap_sz), ra_mul(sizeof(int32_t), (size_t)w));
-    char *scratch = ra_alloc(ra_mul(ra_round_up(per_thread), (size_t)nt));
+    /* per thread: candidate buffers (RA_GROUP, 2w), a selection copy (2w) */
+    const size_t buf_sz = ra_round_up(ra_mul(sizeof(FN(RaScored)), ra_mul(RA_GROUP, 2 * (size_t)w)));
+    const size_t per_thread = ra_round_up(ra_add(buf_sz, ra_mul(sizeof(FN(RaScored)), 2 * (size_t)w)));
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     if (!scratch) return RA_ERR_NOMEM;
+    /* the sample: every k-th row, k = n / 16w; its w1-th best, w1 = 1.4·w·(rows/n) */
+    const int k = n / (16 * w);
+    const int ns = k >= 2 ? (n + k - 1) / k : 0;
+    const int w1 = k >= 2 ? (int)(1.4 * w * ns / n) : 0;
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (ptrdiff_t unit = 0; unit < B * ngroups; unit++) {
         const ptrdiff_t b = unit / ngroups;
         const int j0 = (int)(unit % ngroups) * RA_GROUP;
         const int g = c - j0 < RA_GROUP ? c - j0 : RA_GROUP;
-        char *base = scratch + (size_t)ra_thread_id() * ra_round_up(per_thread);
-        T *cols = (T *)base;
-        FN(RaScored) *heap = (FN(RaScored) *)(base + col_sz);
-        int32_t *pos = (int32_t *)(base + col_sz + heap_sz);
+        char *base = scratch + (size_t)ra_thread_id() * per_thread;
+        FN(RaScored) *buf = (FN(RaScored) *)base, *tmp = (FN(RaScored) *)(base + buf_sz);
+        int cnt[RA_GROUP], c1[RA_GROUP];
+        T kth[RA_GROUP], k1[RA_GROUP];
         RaMat s = ra_mat_at(scores, b), o = ra_mat_at(idx, b);
-        /* 1. transpose the group's columns (one pass over the rows) */
-        for (int i = 0; i < n; i++)
-            for (int t = 0; t < g; t++) {
-                const T v = RA_MAT_AT(T, s, i, j0 + t);
-                cols[(size_t)t * n + i] = v == v ? v : -INFINITY;
-            }
-        /* 2. select per cluster */
+        s.data += (ptrdiff_t)j0 * s.s1;
+        if (w1 >= 8) {
+            /* 1. a lower bound per cluster from the sample, then the filtered pass */
+            const RaMat sample = {s.data, s.s0 * k, s.s1};
+            FN(top_pass)(sample, ns, g, w1, NULL, buf, tmp, cnt, kth);
+            FN(top_pass)(s, n, g, w, kth, buf, tmp, cnt, kth);
+        } else {
+            FN(top_pass)(s, n, g, w, NULL, buf, tmp, cnt, kth);
+        }
         for (int t = 0; t < g; t++) {
-            FN(top_w)(cols + (size_t)t * n, n, w, heap, pos);
-            for (int r = 0; r < w; r++) RA_MAT_AT(int64_t, o, j0 + t, r) = pos[r];
+            FN(RaScored) *bt = buf + (size_t)t * 2 * w;
+            if (cnt[t] < w) {               /* 2. the guess was too high: exact pass */
+                const RaMat col = {s.data + (ptrdiff_t)t * s.s1, s.s0, s.s1};
+                FN(top_pass)(col, n, 1, w, NULL, bt, tmp, c1, k1);
+            }
+            for (int r = 0; r < w; r++) RA_MAT_AT(int64_t, o, j0 + t, r) = bt[r].pos;
         }
     }
     ra_free(scratch);
