@@ -85,9 +85,10 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
         centroid to the normalised sum of its rows).  Stops early at a fixed point;
         0 returns the initial centroids.
     seed : int
-        Seeds the k-means++ initialisation: the first centroid is a uniformly drawn row,
-        each next one a row drawn with probability ∝ D², D = 1 − (largest cosine to the
-        centroids so far).  Same seed, same result (on any thread count).
+        Seeds the (greedy) k-means++ initialisation: the first centroid is a uniformly
+        drawn row; each next one is, of 2 + ⌊ln c⌋ rows drawn with probability ∝ D²,
+        D = 1 − (largest cosine to the centroids so far), the one leaving the least
+        total D² (as scikit-learn does).  Same seed, same result (any thread count).
     mask : array_like of bool, shape (..., n), optional
         False rows take no part.  With no row left, the centroids are 0.
     init : array_like, shape (..., c, d), optional
@@ -262,8 +263,8 @@ def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_cen
     """k-means in Hamming space: codes (..., n) int64 -> labels (..., n) int64.
 
     Distance popcount(a xor b), ties to the lowest cluster; a centroid is the per-bit
-    majority of its rows (a tied bit is 0); seeded k-means++ initialisation (D² on the
-    Hamming distance); a cluster left empty is re-seeded with a random row drawn from
+    majority of its rows (a tied bit is 0); seeded greedy k-means++ initialisation (D² on
+    the Hamming distance, best of 2 + ⌊ln c⌋ draws per centroid); a cluster left empty is re-seeded with a random row drawn from
     the same seeded stream.  Rows where mask is False get label -1.  Stops early at a
     fixed point.  With return_centroids, also returns the centroid codes (..., c).
     """
