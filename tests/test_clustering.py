@@ -1,0 +1,392 @@
+"""Routing decisions against the NumPy reference: exact for labels / indices / codes,
+dtype tolerances for centroids and losses; recovery, determinism, thread independence
+and argument errors."""
+import contextlib
+
+import numpy as np
+import pytest
+
+import routing_attention as ra
+from routing_attention import reference as ref
+
+DTYPES = [np.float32, np.float64]
+RTOL = {np.float32: 1e-5, np.float64: 1e-10}
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def assert_close(got, want, dtype, what):
+    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype], err_msg=what)
+
+
+def assert_same(got, want, what):
+    assert got.dtype == np.int64, f"{what}: dtype {got.dtype}, expected int64"
+    np.testing.assert_array_equal(got, want, err_msg=what)
+
+
+def int_data(shape, seed, lo=-2, hi=3):
+    """Small integers: every dot product is exact, so ties are real ties."""
+    return rng(seed).integers(lo, hi, size=shape).astype(np.float64)
+
+
+def separated(n_per, c, d, seed, noise=0.02):
+    """c well-separated unit directions, n_per noisy rows each, rows shuffled."""
+    g = rng(seed)
+    centers = np.linalg.qr(g.standard_normal((d, d)))[0][:c]        # orthonormal
+    truth = g.permutation(np.repeat(np.arange(c), n_per))
+    x = centers[truth] + noise * g.standard_normal((truth.size, d))
+    return x * g.uniform(0.5, 2.0, (truth.size, 1)), truth
+
+
+def same_partition(labels, truth):
+    """labels equals truth up to renaming the clusters."""
+    pairs = set(zip(labels.tolist(), truth.tolist()))
+    return len(pairs) == len(set(truth.tolist())) == len(set(labels.tolist()))
+
+
+@contextlib.contextmanager
+def threads(k):
+    before = ra.get_num_threads()
+    ra.set_num_threads(k)
+    try:
+        yield
+    finally:
+        ra.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ assign_clusters
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_exact_with_ties(dtype):
+    x = int_data((2, 1, 300, 5), 1).astype(dtype)
+    cent = int_data((3, 7, 5), 2).astype(dtype)
+    cent[:, 3] = cent[:, 1]                                  # duplicate centroid: ties
+    got = ra.assign_clusters(x, cent)
+    assert got.shape == (2, 3, 300)
+    assert_same(got, ref.assign_clusters(x, cent), "integer data, ties to lowest")
+    assert not (got == 3).any(), "a duplicate centroid must never win over the lower one"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_random_against_reference(dtype):
+    g = rng(3)
+    x = g.standard_normal((400, 24)).astype(dtype)
+    cent = g.standard_normal((37, 24)).astype(dtype)
+    got, want = ra.assign_clusters(x, cent), ref.assign_clusters(x, cent)
+    s = x.astype(np.float64) @ cent.astype(np.float64).T
+    top2 = np.sort(s, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-3 * np.abs(top2[:, 1])
+    assert clear.mean() > 0.9
+    assert_same(got[clear], want[clear], "rows with a clear winner")
+    # every other row picked a score within rounding of the best
+    np.testing.assert_allclose(s[np.arange(400), got], s.max(axis=1), rtol=1e-4)
+
+
+def test_assign_strided_and_out():
+    x = int_data((300, 9), 4)
+    cent = int_data((6, 9), 5)
+    xs = np.asfortranarray(x)[::-1, ::2]                     # negative + non-unit strides
+    cs = cent[::-1, ::2]
+    out = np.full(300, 99, np.int64)
+    res = ra.assign_clusters(xs, cs, out=out)
+    assert res is out
+    assert_same(out, ref.assign_clusters(xs, cs), "strided views")
+
+
+def test_assign_nan_row_and_tiny_shapes():
+    x = np.array([[1.0], [-2.0], [np.nan]])
+    cent = np.array([[1.0], [-1.0]])
+    assert_same(ra.assign_clusters(x, cent), np.array([0, 1, -1]), "d=1, NaN row -> -1")
+    assert_same(ra.assign_clusters(x[:1], cent[:1]), np.array([0]), "n=c=d=1")
+
+
+# ------------------------------------------------------------------ spherical_kmeans
+@pytest.mark.parametrize("iters", [0, 1, 4])
+def test_spherical_kmeans_float64_against_reference(iters):
+    g = rng(6)
+    x = g.standard_normal((2, 350, 12))
+    mask = g.random((2, 350)) > 0.2
+    got = ra.spherical_kmeans(x, 9, iters=iters, seed=11, mask=mask)
+    want = ref.spherical_kmeans(x, 9, iters=iters, seed=11, mask=mask)
+    assert_close(got, want, np.float64, f"iters={iters}")
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1, rtol=1e-12)
+
+
+def test_spherical_kmeans_seeds_are_masked_rows_free():
+    x, _ = separated(40, 5, 8, 7)
+    mask = np.ones(200, bool)
+    mask[::3] = False
+    mu = ra.spherical_kmeans(x, 6, iters=0, seed=2, mask=mask)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    picked = [np.flatnonzero(np.all(np.abs(xn - m) < 1e-12, axis=1)) for m in mu]
+    assert all(len(p) == 1 and mask[p[0]] for p in picked), "seeds must be unmasked rows"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spherical_kmeans_init_and_float32(dtype):
+    x, _ = separated(50, 6, 10, 8)
+    x = x.astype(dtype)
+    init = ra.spherical_kmeans(x, 6, iters=0, seed=4)
+    want = ref.spherical_kmeans(x, 6, iters=0, seed=4)
+    assert_close(init, want, dtype, "k-means++ seeds")
+    got = ra.spherical_kmeans(x, 6, iters=3, init=init)
+    assert got.dtype == dtype
+    assert_close(got, ref.spherical_kmeans(x, 6, iters=3, init=init), dtype, "Lloyd from init")
+
+
+def test_spherical_kmeans_recovers_separated_clusters():
+    x, truth = separated(60, 8, 16, 9)
+    mu = ra.spherical_kmeans(x, 8, iters=10, seed=0)
+    assert same_partition(ra.assign_clusters(x, mu), truth)
+
+
+def test_spherical_kmeans_empty_cluster_keeps_centroid():
+    x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    init = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])       # cluster 2 gets no row
+    mu = ra.spherical_kmeans(x, 3, iters=5, init=init)
+    np.testing.assert_array_equal(mu[2], init[2])
+    assert_close(mu, ref.spherical_kmeans(x, 3, iters=5, init=init), np.float64, "empty")
+
+
+def test_spherical_kmeans_determinism_and_batch_consistency():
+    x = rng(10).standard_normal((3, 200, 6))
+    a = ra.spherical_kmeans(x, 7, seed=123)
+    np.testing.assert_array_equal(a, ra.spherical_kmeans(x, 7, seed=123))
+    assert not np.array_equal(a, ra.spherical_kmeans(x, 7, seed=124))
+    np.testing.assert_array_equal(a[1], ra.spherical_kmeans(x[1], 7, seed=123))
+
+
+def test_spherical_kmeans_n_equals_one():
+    mu = ra.spherical_kmeans(np.array([[3.0, 4.0]]), 1)
+    np.testing.assert_allclose(mu, [[0.6, 0.8]], rtol=1e-12)
+
+
+# ------------------------------------------------------------------ update_centroids
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_centroids_against_reference_with_pooling(dtype):
+    g = rng(12)
+    cent = g.standard_normal((3, 5, 8))
+    cent /= np.linalg.norm(cent, axis=-1, keepdims=True)
+    x = g.standard_normal((4, 3, 60, 8))
+    labels = g.integers(-1, 4, size=(4, 3, 60))                 # cluster 4 empty, some -1
+    mask = g.random((4, 3, 60)) > 0.3
+    cent, x = cent.astype(dtype), x.astype(dtype)
+    got = ra.update_centroids(cent, x, labels, decay=0.7, mask=mask)
+    assert got.shape == (3, 5, 8) and got.dtype == dtype
+    assert_close(got, ref.update_centroids(cent, x, labels, decay=0.7, mask=mask), dtype,
+                 "pooled batch axis")
+    np.testing.assert_array_equal(got[:, 4], cent[:, 4], err_msg="empty cluster unchanged")
+
+
+def test_update_centroids_in_place_and_strided():
+    g = rng(13)
+    cent = g.standard_normal((6, 4))
+    x = g.standard_normal((4, 90))[:, ::-1].T                  # (90, 4), negative strides
+    labels = g.integers(0, 6, 90)
+    want = ref.update_centroids(cent, x, labels, decay=0.5)
+    res = ra.update_centroids(cent, x, labels, decay=0.5, out=cent)
+    assert res is cent
+    assert_close(cent, want, np.float64, "out=centroids")
+
+
+def test_commitment_loss_against_reference():
+    g = rng(14)
+    x = g.standard_normal((2, 100, 6)).astype(np.float32)
+    cent = g.standard_normal((5, 6)).astype(np.float32)
+    labels = g.integers(-1, 5, (2, 100))
+    mask = g.random(100) > 0.1
+    got = ra.commitment_loss(x, cent, labels, mask=mask)
+    assert got.shape == (2,)
+    assert_close(got, ref.commitment_loss(x, cent, labels, mask=mask), np.float32, "loss")
+    assert ra.commitment_loss(x, cent, np.full(100, -1)).tolist() == [0.0, 0.0]
+
+
+# ------------------------------------------------------------------ top_members
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_top_members_ties_and_nan(dtype):
+    s = int_data((2, 250, 19), 15, -3, 4).astype(dtype)        # many exact ties
+    s[0, 7, :] = np.nan
+    s[1, :, 2] = np.nan                                        # a whole NaN column
+    for w in (1, 17, 250):
+        got = ra.top_members(s, w)
+        assert got.shape == (2, 19, w)
+        assert_same(got, ref.top_members(s, w), f"w={w}")
+    assert_same(ra.top_members(s, 5)[1, 2], np.arange(5), "all-NaN column: first rows")
+
+
+def test_top_members_random_strided_out():
+    s = rng(16).standard_normal((24, 3000))
+    view = s.T[::-1]                                           # (3000, 24) strided view
+    out = np.empty((24, 100), np.int64)
+    assert ra.top_members(view, 100, out=out) is out
+    assert_same(out, ref.top_members(view, 100), "strided scores")
+    assert (np.diff(out, axis=1) > 0).all(), "listed by increasing position"
+
+
+def test_top_members_adversarial_order_and_single_row():
+    s = np.arange(5000, dtype=np.float64)[:, None] * np.array([[1.0, -1.0]])  # sorted rows
+    assert_same(ra.top_members(s, 64), ref.top_members(s, 64), "ascending / descending")
+    assert_same(ra.top_members(np.array([[2.0, 1.0]]), 1), np.array([[0], [0]]), "n=1")
+
+
+# ------------------------------------------------------------------ members_from_labels
+def test_members_from_labels_against_reference():
+    labels = rng(17).integers(-1, 6, (3, 80))
+    got = ra.members_from_labels(labels, 7)
+    assert_same(got, ref.members_from_labels(labels, 7), "default max_size")
+    assert (got[:, 6] == -1).all()
+    short = ra.members_from_labels(labels, 7, max_size=4)
+    assert_same(short, ref.members_from_labels(labels, 7, max_size=4), "truncated")
+    assert ra.members_from_labels(np.full(5, -1), 2).shape == (2, 0)
+
+
+# ------------------------------------------------------------------ lsh_hash
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lsh_hash_exact_on_integer_data(dtype):
+    x = int_data((2, 200, 7), 18).astype(dtype)
+    planes = int_data((2, 63, 8), 19).astype(dtype)           # many projections == threshold
+    got = ra.lsh_hash(x, planes)
+    assert_same(got, ref.lsh_hash(x, planes), "63 bits, exact ties -> 0")
+    assert (got >= 0).all()
+
+
+def test_lsh_hash_random_broadcast_and_strided():
+    g = rng(20)
+    x = g.standard_normal((3, 1, 150, 16))[..., ::-1, :]
+    planes = g.standard_normal((4, 24, 17))
+    got = ra.lsh_hash(x, planes)
+    assert got.shape == (3, 4, 150)
+    want = ref.lsh_hash(x, planes)
+    proj = x @ np.swapaxes(planes[..., :16], -1, -2) - planes[..., None, :, 16]
+    near = (np.abs(proj) < 1e-12).any(axis=-1)
+    assert not near.any()
+    assert_same(got, want, "random planes")
+
+
+def test_lsh_hash_d1_bit1():
+    x = np.array([[-1.0], [0.5], [2.0]])
+    assert_same(ra.lsh_hash(x, np.array([[1.0, 0.5]])), np.array([0, 0, 1]), "d=1, 1 bit")
+
+
+# ------------------------------------------------------------------ hamming_kmeans
+@pytest.mark.parametrize("iters", [0, 1, 3, 25])
+def test_hamming_kmeans_against_reference(iters):
+    g = rng(21)
+    codes = g.integers(0, 2**20, (2, 300))
+    mask = g.random((2, 300)) > 0.15
+    got = ra.hamming_kmeans(codes, 12, iters=iters, seed=5, mask=mask, return_centroids=True)
+    want = ref.hamming_kmeans(codes, 12, iters=iters, seed=5, mask=mask, return_centroids=True)
+    assert_same(got[0], want[0], "labels")
+    assert_same(got[1], want[1], "centroids")
+    assert (got[0][~mask] == -1).all() and (got[0][mask] >= 0).all()
+
+
+def test_hamming_kmeans_reseeds_empty_clusters():
+    codes = np.array([0, 0, 0, 0, 1, 1, 3, 3] * 5)             # 3 distinct codes, 6 clusters
+    got = ra.hamming_kmeans(codes, 6, iters=4, seed=1, return_centroids=True)
+    want = ref.hamming_kmeans(codes, 6, iters=4, seed=1, return_centroids=True)
+    assert_same(got[0], want[0], "labels")
+    assert_same(got[1], want[1], "centroids")
+
+
+def test_hamming_kmeans_recovers_separated_clusters():
+    g = rng(22)
+    centers = g.integers(0, 2**63, 10)
+    truth = g.permutation(np.repeat(np.arange(10), 50))
+    flips = np.zeros(truth.size, np.int64)
+    for _ in range(2):                                         # <= 2 flipped bits of 63
+        flips |= np.left_shift(1, g.integers(0, 63, truth.size))
+    codes = centers[truth] ^ flips
+    labels = ra.hamming_kmeans(codes, 10, iters=10, seed=0)
+    assert same_partition(labels, truth)
+
+
+def test_hamming_kmeans_determinism_and_batch_consistency():
+    codes = rng(23).integers(0, 2**30, (3, 400))
+    a = ra.hamming_kmeans(codes, 9, seed=77)
+    np.testing.assert_array_equal(a, ra.hamming_kmeans(codes, 9, seed=77))
+    assert not np.array_equal(a, ra.hamming_kmeans(codes, 9, seed=78))
+    np.testing.assert_array_equal(a[2], ra.hamming_kmeans(codes[2], 9, seed=77))
+    assert (ra.hamming_kmeans(codes, 3, mask=np.zeros(400, bool)) == -1).all()
+
+
+# ------------------------------------------------------------------ threads
+def test_bit_identical_for_one_and_two_threads():
+    g = rng(24)
+    n = 9000                                                   # > 2 reduction chunks
+    x = g.standard_normal((n, 8)).astype(np.float32)
+    planes = g.standard_normal((40, 9)).astype(np.float32)
+    mask = g.random(n) > 0.1
+
+    def run():
+        mu = ra.spherical_kmeans(x, 16, iters=3, seed=9, mask=mask)
+        labels = ra.assign_clusters(x, mu)
+        codes = ra.lsh_hash(x, planes)
+        return [mu, labels, ra.top_members(x @ mu.T, 300),
+                ra.update_centroids(mu, x, labels, decay=0.9, mask=mask),
+                ra.commitment_loss(x, mu, labels, mask=mask),
+                ra.members_from_labels(labels, 16), codes,
+                ra.hamming_kmeans(codes, 20, iters=3, seed=9, mask=mask)]
+
+    with threads(1):
+        one = run()
+    with threads(2):
+        two = run()
+    for i, (a, b) in enumerate(zip(one, two)):
+        assert a.tobytes() == b.tobytes(), f"output {i} differs between 1 and 2 threads"
+
+
+# ------------------------------------------------------------------ bad input
+X = np.zeros((10, 4))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: ra.spherical_kmeans(X, 0), ValueError, "n_clusters"),
+    (lambda: ra.spherical_kmeans(X, 11), ValueError, "n_clusters"),
+    (lambda: ra.spherical_kmeans(X, 2.5), TypeError, "n_clusters"),
+    (lambda: ra.spherical_kmeans(X, 2, iters=-1), ValueError, "iters"),
+    (lambda: ra.spherical_kmeans(X, 2, seed=-1), ValueError, "seed"),
+    (lambda: ra.spherical_kmeans(X[0], 2), ValueError, "x"),
+    (lambda: ra.spherical_kmeans(X.astype(complex), 2), TypeError, "x"),
+    (lambda: ra.spherical_kmeans(X, 2, mask=np.ones(10)), TypeError, "mask"),
+    (lambda: ra.spherical_kmeans(X, 2, mask=np.ones(9, bool)), ValueError, "mask"),
+    (lambda: ra.spherical_kmeans(X, 2, init=np.zeros((3, 4))), ValueError, "init"),
+    (lambda: ra.assign_clusters(X, np.zeros((3, 5))), ValueError, "feature size"),
+    (lambda: ra.assign_clusters(X, np.zeros((0, 4))), ValueError, "centroids"),
+    (lambda: ra.update_centroids(np.zeros((3, 4)), X, np.full(10, 3)), ValueError, "labels"),
+    (lambda: ra.update_centroids(np.zeros((3, 4)), X, np.full(10, -2)), ValueError, "labels"),
+    (lambda: ra.update_centroids(np.zeros((3, 4)), X, np.zeros(10)), TypeError, "labels"),
+    (lambda: ra.update_centroids(np.zeros((3, 4)), X, np.zeros(9, int)), ValueError, "labels"),
+    (lambda: ra.update_centroids(np.zeros((3, 4)), X, np.zeros(10, int), decay=2),
+     ValueError, "decay"),
+    (lambda: ra.commitment_loss(X, np.zeros((3, 4)), np.full(10, 5)), ValueError, "labels"),
+    (lambda: ra.top_members(X, 0), ValueError, "w"),
+    (lambda: ra.top_members(X, 11), ValueError, "w"),
+    (lambda: ra.top_members(X[0], 1), ValueError, "scores"),
+    (lambda: ra.members_from_labels(np.full(5, 2), 2), ValueError, "labels"),
+    (lambda: ra.members_from_labels(np.zeros(5, int), 0), ValueError, "n_clusters"),
+    (lambda: ra.members_from_labels(np.zeros(5, int), 1, max_size=-1), ValueError, "max_size"),
+    (lambda: ra.lsh_hash(X, np.zeros((64, 5))), ValueError, "63"),
+    (lambda: ra.lsh_hash(X, np.zeros((8, 4))), ValueError, "planes"),
+    (lambda: ra.lsh_hash(X, np.zeros(5)), ValueError, "planes"),
+    (lambda: ra.hamming_kmeans(np.zeros(5), 2), TypeError, "codes"),
+    (lambda: ra.hamming_kmeans(np.zeros(5, int), 6), ValueError, "n_clusters"),
+    (lambda: ra.hamming_kmeans(np.zeros(5, int), 0), ValueError, "n_clusters"),
+    (lambda: ra.hamming_kmeans(np.zeros(5, int), 2, return_centroids=1), TypeError,
+     "return_centroids"),
+])
+def test_bad_input_names_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_gufunc_rejects_bad_shapes_directly():
+    """The C adapters guard the private gufuncs too: no out-of-bounds access."""
+    from routing_attention import _ext
+    with pytest.raises(ValueError, match="planes"):
+        _ext._lsh_hash(X, np.zeros((3, 9)))
+    with pytest.raises(ValueError, match="w must be"):
+        _ext._top_members(X, out=np.empty((4, 11), np.int64))
+    with pytest.raises(ValueError, match="labels"):
+        _ext._members_from_labels(np.array([0, 7]), out=np.empty((2, 2), np.int64))
