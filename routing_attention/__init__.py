@@ -8,6 +8,8 @@ Combiner built on the same engine.  Every function has a plain NumPy twin in
 from . import reference
 from ._ext import build_info, get_num_threads, set_num_threads
 from .dense import attention, attention_backward
+from .clustered import (ClusteredAttention, clustered_attention, clustered_attention_backward,
+                        improved_clustered_attention, improved_clustered_attention_backward)
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,7 @@ __all__ = [
     "attention", "attention_backward",
     "build_info", "get_num_threads", "set_num_threads",
     "reference",
+    "clustered_attention", "clustered_attention_backward",
+    "improved_clustered_attention", "improved_clustered_attention_backward",
+    "ClusteredAttention",
 ]
