@@ -43,5 +43,41 @@ RA_DENSE_DECLS(double, f64)
 
 RA_CLUSTERED_DECLS(float, f32)
 RA_CLUSTERED_DECLS(double, f64)
+/* ---- routing decisions (clustering.c) ---- */
+/* Labels, member lists and codes are int64; labels are in [-1, c), −1 = in no cluster.
+ * Drivers that read labels return RA_ERR_INDEX for one outside that range. */
+#define RA_CLUSTERING_DECLS(T, SUF)                                                       \
+    /* x (B; n, d), mask (B; n) uint8 or data == NULL, init (B; c, d) read only when     \
+       use_init, iters (B) int64, seed (B) uint64  ->  centroids (B; c, d) unit rows */   \
+    int ra_spherical_kmeans_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec mask, \
+                                  RaBMat init, int use_init, RaBVec iters, RaBVec seed,   \
+                                  RaBMat centroids);                                      \
+    /* x (B; n, d), centroids (B; c, d)  ->  labels (B; n): argmax, ties to lowest */     \
+    int ra_assign_clusters_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat x,              \
+                                 RaBMat centroids, RaBVec labels);                        \
+    /* centroids (B; c, d), x (B; n, d), labels (B; n), mask (B; n) uint8 or NULL,        \
+       decay (B)  ->  out (B; c, d)  (out may alias centroids) */                         \
+    int ra_update_centroids_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat centroids,     \
+                                  RaBMat x, RaBVec labels, RaBVec mask, RaBVec decay,     \
+                                  RaBMat out);                                            \
+    /* x (B; n, d), centroids (B; c, d), labels (B; n), mask (B; n) uint8 or NULL          \
+       ->  loss (B): mean ‖x_i − μ_label‖² over labelled unmasked rows */                  \
+    int ra_commitment_loss_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat x,              \
+                                 RaBMat centroids, RaBVec labels, RaBVec mask, RaBVec loss);\
+    /* scores (B; n, c)  ->  idx (B; c, w): top-w rows per cluster, by position */        \
+    int ra_top_members_##SUF(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat idx); \
+    /* x (B; n, d), planes (B; bits, d + 1)  ->  codes (B; n), bits <= 64 */               \
+    int ra_lsh_hash_##SUF(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes,   \
+                          RaBVec codes);
+
+RA_CLUSTERING_DECLS(float, f32)
+RA_CLUSTERING_DECLS(double, f64)
+
+/* labels (B; n)  ->  members (B; c, s): rows of each cluster by position, −1 padded */
+int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBMat members);
+/* codes (B; n), mask (B; n) uint8 or NULL, iters (B) int64, seed (B) uint64
+   ->  labels (B; n) (−1 for masked rows), centroids (B; c) codes */
+int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBVec iters,
+                      RaBVec seed, RaBVec labels, RaBVec centroids);
 
 #endif /* RA_METHODS_H */

@@ -165,6 +165,129 @@ CLUSTERED_FORWARD_LOOP(f64)
     }
 CLUSTERED_BACKWARD_LOOP(f32)
 CLUSTERED_BACKWARD_LOOP(f64)
+/* ------------------------------------------------------------------ routing decisions */
+/* Scalars read once per call (the wrappers pass a Python bool). */
+#define ARG_FLAG(a) (*(npy_bool *)args[a] != 0)
+
+/* (n,d),(n),(c,d),(),(),()->(c,d)
+ * x, mask, init, use_init, iters, seed -> centroids */
+#define SPHERICAL_KMEANS_LOOP(SUF)                                                        \
+    static void spherical_kmeans_loop_##SUF(char **args, npy_intp const *dims,           \
+                                            npy_intp const *steps, void *data)           \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "spherical_kmeans")) return;        \
+        const int n = (int)dims[1], d = (int)dims[2], c = (int)dims[3];                   \
+        /* operands 0..6, core strides from steps[7] on */                               \
+        int st = ra_spherical_kmeans_##SUF(dims[0], n, d, c, BMAT(0, 7), BVEC(1, 9),      \
+                                           BMAT(2, 10), ARG_FLAG(3), BSCALAR(4),          \
+                                           BSCALAR(5), BMAT(6, 12));                      \
+        ra_raise(st, "spherical_kmeans");                                                 \
+    }
+SPHERICAL_KMEANS_LOOP(f32)
+SPHERICAL_KMEANS_LOOP(f64)
+
+/* (n,d),(c,d)->(n)  x, centroids -> labels */
+#define ASSIGN_CLUSTERS_LOOP(SUF)                                                         \
+    static void assign_clusters_loop_##SUF(char **args, npy_intp const *dims,            \
+                                           npy_intp const *steps, void *data)            \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
+        int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
+                                          (int)dims[3], BMAT(0, 3), BMAT(1, 5),           \
+                                          BVEC(2, 7));                                    \
+        ra_raise(st, "assign_clusters");                                                  \
+    }
+ASSIGN_CLUSTERS_LOOP(f32)
+ASSIGN_CLUSTERS_LOOP(f64)
+
+/* (c,d),(n,d),(n),(n),()->(c,d)  centroids, x, labels, mask, decay -> out */
+#define UPDATE_CENTROIDS_LOOP(SUF)                                                        \
+    static void update_centroids_loop_##SUF(char **args, npy_intp const *dims,           \
+                                            npy_intp const *steps, void *data)           \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "update_centroids")) return;        \
+        const int c = (int)dims[1], d = (int)dims[2], n = (int)dims[3];                   \
+        int st = ra_update_centroids_##SUF(dims[0], n, d, c, BMAT(0, 6), BMAT(1, 8),      \
+                                           BVEC(2, 10), BVEC(3, 11), BSCALAR(4),          \
+                                           BMAT(5, 12));                                  \
+        ra_raise(st, "update_centroids: labels");                                         \
+    }
+UPDATE_CENTROIDS_LOOP(f32)
+UPDATE_CENTROIDS_LOOP(f64)
+
+/* (n,d),(c,d),(n),(n)->()  x, centroids, labels, mask -> loss */
+#define COMMITMENT_LOSS_LOOP(SUF)                                                         \
+    static void commitment_loss_loop_##SUF(char **args, npy_intp const *dims,            \
+                                           npy_intp const *steps, void *data)            \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "commitment_loss")) return;         \
+        int st = ra_commitment_loss_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
+                                          (int)dims[3], BMAT(0, 5), BMAT(1, 7),           \
+                                          BVEC(2, 9), BVEC(3, 10), BSCALAR(4));           \
+        ra_raise(st, "commitment_loss: labels");                                          \
+    }
+COMMITMENT_LOSS_LOOP(f32)
+COMMITMENT_LOSS_LOOP(f64)
+
+/* (n,c)->(c,w)  scores -> idx */
+#define TOP_MEMBERS_LOOP(SUF)                                                             \
+    static void top_members_loop_##SUF(char **args, npy_intp const *dims,                \
+                                       npy_intp const *steps, void *data)                \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "top_members")) return;             \
+        const int n = (int)dims[1], c = (int)dims[2], w = (int)dims[3];                   \
+        if (w < 1 || w > n) { ra_raise(RA_ERR_VALUE, "top_members: w must be in [1, n]"); return; } \
+        ra_raise(ra_top_members_##SUF(dims[0], n, c, w, BMAT(0, 2), BMAT(1, 4)),          \
+                 "top_members");                                                          \
+    }
+TOP_MEMBERS_LOOP(f32)
+TOP_MEMBERS_LOOP(f64)
+
+/* (n,d),(b,e)->(n)  x, planes -> codes; e must be d + 1 */
+#define LSH_HASH_LOOP(SUF)                                                                \
+    static void lsh_hash_loop_##SUF(char **args, npy_intp const *dims,                   \
+                                    npy_intp const *steps, void *data)                   \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 4, "lsh_hash")) return;                \
+        const int n = (int)dims[1], d = (int)dims[2], bits = (int)dims[3];                \
+        if (dims[4] != dims[2] + 1 || bits > 64) {                                        \
+            ra_raise(RA_ERR_VALUE, "lsh_hash: planes must be (bits <= 64, d + 1)");       \
+            return;                                                                       \
+        }                                                                                 \
+        ra_raise(ra_lsh_hash_##SUF(dims[0], n, d, bits, BMAT(0, 3), BMAT(1, 5),           \
+                                   BVEC(2, 7)), "lsh_hash");                              \
+    }
+LSH_HASH_LOOP(f32)
+LSH_HASH_LOOP(f64)
+
+/* (n)->(c,s)  labels -> members */
+static void members_from_labels_loop(char **args, npy_intp const *dims, npy_intp const *steps,
+                                     void *data)
+{
+    (void)data;
+    if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "members_from_labels")) return;
+    ra_raise(ra_members_from_labels(dims[0], (int)dims[1], (int)dims[2], (int)dims[3],
+                                    BVEC(0, 2), BMAT(1, 3)),
+             "members_from_labels: labels");
+}
+
+/* (n),(n),(),()->(n),(c)  codes, mask, iters, seed -> labels, centroids */
+static void hamming_kmeans_loop(char **args, npy_intp const *dims, npy_intp const *steps,
+                                void *data)
+{
+    (void)data;
+    if (dims[0] == 0 || !ra_dims_fit(dims + 1, 2, "hamming_kmeans")) return;
+    ra_raise(ra_hamming_kmeans(dims[0], (int)dims[1], (int)dims[2], BVEC(0, 6), BVEC(1, 7),
+                               BSCALAR(2), BSCALAR(3), BVEC(4, 8), BVEC(5, 9)),
+             "hamming_kmeans");
+}
+#undef ARG_FLAG
 
 /* ------------------------------------------------------------------ registration table */
 typedef struct {
@@ -174,12 +297,14 @@ typedef struct {
     PyUFuncGenericFunction loops[2];            /* float32, float64 */
     char *types;                                /* float32 loop's types, then float64's */
     const char *doc;
+    int nloops;                                 /* 0 means 2: float32 and float64 */
 } RaGufunc;
 
 #define F NPY_FLOAT
 #define D NPY_DOUBLE
 #define B NPY_BOOL
 #define L NPY_INT64
+#define U NPY_UINT64
 
 static const RaGufunc ra_gufuncs[] = {
     {"_attention_forward", "(n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n)", 7, 2,
@@ -204,12 +329,50 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, F, F, L, B, B, L, L, F, F, F, F, /**/ D, D, D, D, L, B, B, L, L, D, D, D, D},
      "_clustered_backward(dout, q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale)"
      " -> (dq, dk, dv)\n\nLow-level gufunc behind the clustered attention backward functions."},
+
+    /* ---- routing decisions (clustering.c) ---- */
+    {"_spherical_kmeans", "(n,d),(n),(c,d),(),(),()->(c,d)", 6, 1,
+     {spherical_kmeans_loop_f32, spherical_kmeans_loop_f64},
+     (char[]){F, B, F, B, L, U, F, /**/ D, B, D, B, L, U, D},
+     "_spherical_kmeans(x, mask, init, use_init, iters, seed, out=centroids) -> centroids\n\n"
+     "Low-level gufunc behind routing_attention.spherical_kmeans; use that instead."},
+    {"_assign_clusters", "(n,d),(c,d)->(n)", 2, 1,
+     {assign_clusters_loop_f32, assign_clusters_loop_f64},
+     (char[]){F, F, L, /**/ D, D, L},
+     "_assign_clusters(x, centroids) -> labels\n\n"
+     "Low-level gufunc behind routing_attention.assign_clusters."},
+    {"_update_centroids", "(c,d),(n,d),(n),(n),()->(c,d)", 5, 1,
+     {update_centroids_loop_f32, update_centroids_loop_f64},
+     (char[]){F, F, L, B, F, F, /**/ D, D, L, B, D, D},
+     "_update_centroids(centroids, x, labels, mask, decay) -> centroids\n\n"
+     "Low-level gufunc behind routing_attention.update_centroids."},
+    {"_commitment_loss", "(n,d),(c,d),(n),(n)->()", 4, 1,
+     {commitment_loss_loop_f32, commitment_loss_loop_f64},
+     (char[]){F, F, L, B, F, /**/ D, D, L, B, D},
+     "_commitment_loss(x, centroids, labels, mask) -> loss\n\n"
+     "Low-level gufunc behind routing_attention.commitment_loss."},
+    {"_top_members", "(n,c)->(c,w)", 1, 1, {top_members_loop_f32, top_members_loop_f64},
+     (char[]){F, L, /**/ D, L},
+     "_top_members(scores, out=idx) -> idx\n\n"
+     "Low-level gufunc behind routing_attention.top_members."},
+    {"_lsh_hash", "(n,d),(b,e)->(n)", 2, 1, {lsh_hash_loop_f32, lsh_hash_loop_f64},
+     (char[]){F, F, L, /**/ D, D, L},
+     "_lsh_hash(x, planes) -> codes\n\nLow-level gufunc behind routing_attention.lsh_hash."},
+    {"_members_from_labels", "(n)->(c,s)", 1, 1, {members_from_labels_loop, NULL},
+     (char[]){L, L},
+     "_members_from_labels(labels, out=members) -> members\n\n"
+     "Low-level gufunc behind routing_attention.members_from_labels.", 1},
+    {"_hamming_kmeans", "(n),(n),(),()->(n),(c)", 4, 2, {hamming_kmeans_loop, NULL},
+     (char[]){L, B, L, U, L, L},
+     "_hamming_kmeans(codes, mask, iters, seed, out=(labels, centroids)) -> (labels, centroids)\n\n"
+     "Low-level gufunc behind routing_attention.hamming_kmeans.", 1},
 };
 
 #undef F
 #undef D
 #undef B
 #undef L
+#undef U
 
 /* ------------------------------------------------------------------ module functions */
 static PyObject *ra_build_info(PyObject *self, PyObject *noargs)
@@ -271,7 +434,8 @@ PyMODINIT_FUNC PyInit__ext(void)
         const RaGufunc *g = &ra_gufuncs[i];
         /* NumPy keeps these pointers: they must outlive the ufunc (static storage) */
         PyObject *uf = PyUFunc_FromFuncAndDataAndSignature(
-            (PyUFuncGenericFunction *)g->loops, NULL, g->types, 2, g->nin, g->nout,
+            (PyUFuncGenericFunction *)g->loops, NULL, g->types, g->nloops ? g->nloops : 2,
+            g->nin, g->nout,
             PyUFunc_None, g->name, g->doc, 0, g->signature);
         if (!uf || PyModule_AddObject(mod, g->name, uf) < 0) {
             Py_XDECREF(uf);

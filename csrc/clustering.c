@@ -1,0 +1,288 @@
+/* clustering.c — routing decisions: spherical k-means, centroid updates, balanced
+ * membership, LSH codes and Hamming k-means.
+ *
+ * Determinism: every random draw comes from one splitmix64 stream per problem, seeded
+ * with `seed` (the same for every problem of a batch, so a problem's result does not
+ * depend on its place in the batch), and is taken serially.  Parallel loops write
+ * disjoint outputs; every floating-point reduction runs over fixed chunks of RA_CHUNK
+ * rows (or one cluster's members, in position order) and is combined in a fixed order,
+ * so results are bit-identical for any thread count.
+ */
+#include "methods.h"
+
+#define RA_CHUNK 4096      /* rows per reduction chunk: fixed, never thread-dependent */
+#define RA_ROWS 64         /* rows per matrix-product block */
+
+/* ------------------------------------------------------------------ PRNG */
+/* splitmix64 (Steele, Lea, Flood 2014): state advances by the golden gamma. */
+static inline uint64_t ra_rng_next(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Uniform double in [0, 1) from the top 53 bits. */
+static inline double ra_rng_unit(uint64_t *state)
+{
+    return (double)(ra_rng_next(state) >> 11) * 0x1.0p-53;
+}
+
+/* ------------------------------------------------------------------ shared helpers */
+static inline int ra_nchunks(int n) { return (n + RA_CHUNK - 1) / RA_CHUNK; }
+
+/* Position of the k-th (0-based) row with valid[i] != 0; valid has at least k+1 such rows. */
+static int ra_kth_valid(int n, const uint8_t *valid, int64_t k)
+{
+    for (int i = 0; i < n; i++)
+        if (valid[i] && k-- == 0) return i;
+    return -1;
+}
+
+/* Counting sort of rows by label.  labels (n) in [-1, c), −1 = in no cluster  ->
+ * start (c + 1) and members (start[c]): the rows of cluster j, increasing, are
+ * members[start[j] .. start[j+1]).  counts is scratch of ra_nchunks(n)·c int64. */
+static void ra_group_by_label(int n, const int64_t *labels, int c, int64_t *start,
+                              int64_t *members, int64_t *counts, int nt)
+{
+    const int nch = ra_nchunks(n);
+    /* 1. per-chunk counts */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int k = 0; k < nch; k++) {
+        int64_t *cnt = counts + (size_t)k * c;
+        memset(cnt, 0, sizeof(int64_t) * (size_t)c);
+        const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+        for (int i = k * RA_CHUNK; i < i1; i++)
+            if (labels[i] >= 0) cnt[labels[i]]++;
+    }
+    /* 2. offsets: cluster-major, chunk order inside a cluster */
+    int64_t run = 0;
+    for (int j = 0; j < c; j++) {
+        start[j] = run;
+        for (int k = 0; k < nch; k++) {
+            const int64_t cnt = counts[(size_t)k * c + j];
+            counts[(size_t)k * c + j] = run;
+            run += cnt;
+        }
+    }
+    start[c] = run;
+    /* 3. scatter: each chunk writes its own slots */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int k = 0; k < nch; k++) {
+        int64_t *off = counts + (size_t)k * c;
+        const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+        for (int i = k * RA_CHUNK; i < i1; i++)
+            if (labels[i] >= 0) members[off[labels[i]]++] = i;
+    }
+}
+
+/* Copy labels (n) into lab, −1 where mask (may be NULL) is False.  RA_ERR_INDEX when a
+ * label is outside [-1, c). */
+static int ra_read_labels(int n, int c, RaVec labels, RaVec mask, int64_t *lab)
+{
+    for (int i = 0; i < n; i++) {
+        const int64_t l = RA_VEC_AT(int64_t, labels, i);
+        if (l < -1 || l >= c) return RA_ERR_INDEX;
+        lab[i] = (mask.data && !RA_VEC_AT(uint8_t, mask, i)) ? -1 : l;
+    }
+    return RA_OK;
+}
+
+static int ra_cmp_int32(const void *a, const void *b)
+{
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* ------------------------------------------------------------------ typed kernels */
+#define T float
+#define KT RaKernelsF32
+#define KSEL f32
+#define FN(name) name##_f32
+#include "clustering_body.h"
+#undef T
+#undef KT
+#undef KSEL
+#undef FN
+
+#define T double
+#define KT RaKernelsF64
+#define KSEL f64
+#define FN(name) name##_f64
+#include "clustering_body.h"
+#undef T
+#undef KT
+#undef KSEL
+#undef FN
+
+/* ------------------------------------------------------------------ members_from_labels */
+/* labels (B; n) in [-1, c)  ->  members (B; c, s): the rows of each cluster in
+ * increasing order, −1 padded; a cluster with more than s rows keeps its first s. */
+int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBMat members)
+{
+    const int nt = ra_num_threads();
+    int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
+    int64_t *start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
+    int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
+    int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)ra_nchunks(n), c)));
+    int st = (lab && start && rows && counts) ? RA_OK : RA_ERR_NOMEM;
+    const RaVec no_mask = {NULL, 0};
+    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
+        st = ra_read_labels(n, c, ra_vec_at(labels, b), no_mask, lab);
+        if (st != RA_OK) break;
+        ra_group_by_label(n, lab, c, start, rows, counts, nt);
+        RaMat out = ra_mat_at(members, b);
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int j = 0; j < c; j++) {
+            const int64_t size = start[j + 1] - start[j];
+            for (int t = 0; t < s; t++)
+                RA_MAT_AT(int64_t, out, j, t) = t < size ? rows[start[j] + t] : -1;
+        }
+    }
+    ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
+    return st;
+}
+
+/* ------------------------------------------------------------------ hamming_kmeans */
+/* codes (n) -> labels (n): nearest centroid by popcount(code xor centroid), ties to
+ * the lowest cluster, −1 for invalid rows.  Returns how many labels changed. */
+static int64_t ra_hamming_assign(int n, int c, const uint64_t *code, const uint8_t *valid,
+                                 const uint64_t *cent, int64_t *lab, int nt)
+{
+    int64_t changed = 0;
+    #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
+    for (int i = 0; i < n; i++) {
+        int64_t best_j = -1;
+        if (valid[i]) {
+            int best = 65;
+            for (int j = 0; j < c; j++) {
+                const int dist = __builtin_popcountll(code[i] ^ cent[j]);
+                if (dist < best) { best = dist; best_j = j; }
+            }
+        }
+        changed += best_j != lab[i];
+        lab[i] = best_j;
+    }
+    return changed;
+}
+
+/* Seeded k-means++ on Hamming distance: cent (c) from the valid codes. */
+static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *valid,
+                            int64_t nvalid, uint64_t *rng, uint64_t *cent, uint64_t *dist,
+                            uint64_t *partial, int nt)
+{
+    const int nch = ra_nchunks(n);
+    cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
+    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (uint64_t)__builtin_popcountll(code[i] ^ cent[0]) : 0;
+    for (int j = 1; j < c; j++) {
+        /* 1. D² weights, summed per chunk (integers: exact in any order) */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int k = 0; k < nch; k++) {
+            const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+            uint64_t s = 0;
+            for (int i = k * RA_CHUNK; i < i1; i++) s += dist[i] * dist[i];
+            partial[k] = s;
+        }
+        uint64_t total = 0;
+        for (int k = 0; k < nch; k++) total += partial[k];
+        /* 2. draw: first row whose running weight exceeds target; all weights 0 -> uniform */
+        int pick;
+        if (total == 0) {
+            pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
+        } else {
+            const uint64_t target = ra_rng_next(rng) % total;
+            uint64_t run = 0;
+            int k = 0;
+            while (run + partial[k] <= target) run += partial[k++];
+            pick = k * RA_CHUNK;
+            for (;; pick++) {
+                run += dist[pick] * dist[pick];
+                if (run > target) break;
+            }
+        }
+        cent[j] = code[pick];
+        /* 3. distances to the nearest chosen centroid */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int i = 0; i < n; i++) {
+            const uint64_t dd = (uint64_t)__builtin_popcountll(code[i] ^ cent[j]);
+            if (valid[i] && dd < dist[i]) dist[i] = dd;
+        }
+    }
+}
+
+/* codes (B; n) int64 bit patterns, mask (B; n) uint8 or data == NULL, iters, seed (B)
+ * -> labels (B; n) int64 in [-1, c), centroids (B; c) int64 codes */
+int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBVec iters,
+                      RaBVec seed, RaBVec labels, RaBVec centroids)
+{
+    const int nt = ra_num_threads();
+    const int nch = ra_nchunks(n);
+    uint64_t *code = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
+    uint64_t *dist = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
+    uint64_t *partial = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)nch));
+    uint64_t *cent = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)c));
+    uint8_t *valid = ra_alloc((size_t)n);
+    uint8_t *empty = ra_alloc((size_t)c);
+    int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
+    int64_t *start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
+    int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
+    int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
+    int st = (code && dist && partial && cent && valid && empty && lab && start && rows && counts)
+             ? RA_OK : RA_ERR_NOMEM;
+
+    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
+        RaVec cv = ra_vec_at(codes, b), mv = ra_vec_at(mask, b);
+        const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
+        uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
+        int64_t nvalid = 0;
+        for (int i = 0; i < n; i++) {
+            code[i] = (uint64_t)RA_VEC_AT(int64_t, cv, i);
+            valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
+            nvalid += valid[i];
+            lab[i] = -2;                     /* "no label yet": every row counts as changed */
+        }
+        if (nvalid == 0) {
+            memset(cent, 0, sizeof(uint64_t) * (size_t)c);
+        } else {
+            /* 1. k-means++ seeding */
+            ra_hamming_seed(n, c, code, valid, nvalid, &rng, cent, dist, partial, nt);
+            /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
+            int reseeded = 1;
+            for (int64_t it = 0;; it++) {
+                const int64_t changed = ra_hamming_assign(n, c, code, valid, cent, lab, nt);
+                if (it == n_iters || (changed == 0 && !reseeded)) break;
+                ra_group_by_label(n, lab, c, start, rows, counts, nt);
+                /* per cluster: bit counters over its members, O(size · 64) */
+                #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+                for (int j = 0; j < c; j++) {
+                    const int64_t size = start[j + 1] - start[j];
+                    empty[j] = size == 0;
+                    if (size == 0) continue;
+                    int64_t ones[64] = {0};
+                    for (int64_t t = start[j]; t < start[j + 1]; t++) {
+                        uint64_t x = code[rows[t]];
+                        while (x) { ones[__builtin_ctzll(x)]++; x &= x - 1; }
+                    }
+                    uint64_t m = 0;
+                    for (int bit = 0; bit < 64; bit++)
+                        if (2 * ones[bit] > size) m |= 1ull << bit;   /* a tied bit is 0 */
+                    cent[j] = m;
+                }
+                /* empty clusters, in cluster order: a fresh random valid row */
+                reseeded = 0;
+                for (int j = 0; j < c; j++) {
+                    if (!empty[j]) continue;
+                    cent[j] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(&rng) % (uint64_t)nvalid))];
+                    reseeded = 1;
+                }
+            }
+        }
+        RaVec lv = ra_vec_at(labels, b), ov = ra_vec_at(centroids, b);
+        for (int i = 0; i < n; i++) RA_VEC_AT(int64_t, lv, i) = nvalid ? lab[i] : -1;
+        for (int j = 0; j < c; j++) RA_VEC_AT(int64_t, ov, j) = (int64_t)cent[j];
+    }
+    ra_free(code); ra_free(dist); ra_free(partial); ra_free(cent); ra_free(valid);
+    ra_free(empty); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
+    return st;
+}

@@ -1,0 +1,280 @@
+"""Routing decisions: who attends to whom.
+
+Spherical k-means (Routing Transformer), online centroid updates and the commitment
+loss, balanced (top-w) and argmax membership lists, random-hyperplane LSH codes and
+Hamming k-means (Fast Transformers' clustered attention).  Every function is a thin
+keyword wrapper over a C gufunc; results are deterministic for a given seed and
+bit-identical for any thread count.  Labels, member lists and codes are int64; a label
+of -1 means "in no cluster" (padding).
+"""
+import numpy as np
+
+from . import _ext
+from ._checks import as_bool_mask, as_matrix, batch_shape, flag, float_dtype, integer
+
+__all__ = ["spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
+           "top_members", "members_from_labels", "lsh_hash", "hamming_kmeans"]
+
+MAX_BITS = 63
+
+
+# ------------------------------------------------------------------ argument helpers
+def _mask(mask, n):
+    """(…, n) bool mask; None means every row takes part."""
+    if mask is None:
+        return np.broadcast_to(np.True_, (n,))
+    return as_bool_mask("mask", mask, n)
+
+
+def _seed(seed):
+    s = integer("seed", seed, 0, 2**64 - 1)
+    return np.uint64(s)
+
+
+def _int_array(name, a, min_rank=1):
+    """An integer array as int64 (uint64 bit patterns are kept), naming the argument."""
+    arr = np.asarray(a)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype}")
+    if arr.ndim < min_rank:
+        raise ValueError(f"{name} must have at least {min_rank} dimension(s); got shape {arr.shape}")
+    if arr.dtype == np.uint64:
+        return arr.view(np.int64)
+    return arr.astype(np.int64, copy=False)
+
+
+def _labels(labels, n, n_clusters):
+    """(…, n) int64 labels, each in [-1, n_clusters)."""
+    lab = _int_array("labels", labels)
+    if lab.shape[-1] != n:
+        raise ValueError(f"labels must have shape (..., {n}) to match the rows; got {lab.shape}")
+    if lab.size and (lab.min() < -1 or lab.max() >= n_clusters):
+        raise ValueError(f"labels must be in [-1, {n_clusters}) (n_clusters = {n_clusters}, "
+                         f"-1 = no cluster); got values in [{lab.min()}, {lab.max()}]")
+    return lab
+
+
+def _decay(decay):
+    try:
+        v = float(decay)
+    except (TypeError, ValueError):
+        raise TypeError(f"decay must be a real number; got {decay!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"decay must be in [0, 1]; got {decay!r}")
+    return v
+
+
+def _same_d(a_name, a, b_name, b):
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{a_name} and {b_name} must have the same feature size d: {a_name} "
+                         f"has shape {a.shape}, {b_name} has shape {b.shape}")
+
+
+# ------------------------------------------------------------------ spherical k-means
+def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
+    """Unit-norm centroids by spherical k-means (Lloyd iterations on L2-normalised rows).
+
+    Parameters
+    ----------
+    x : array_like, shape (..., n, d)
+        Rows to cluster; they are L2-normalised first (a zero row stays zero).
+    n_clusters : int
+        c, in [1, n].
+    iters : int
+        Lloyd iterations (assign every row to its most similar centroid, then set each
+        centroid to the normalised sum of its rows).  Stops early at a fixed point;
+        0 returns the initial centroids.
+    seed : int
+        Seeds the k-means++ initialisation: the first centroid is a uniformly drawn row,
+        each next one a row drawn with probability ∝ D², D = 1 − (largest cosine to the
+        centroids so far).  Same seed, same result (on any thread count).
+    mask : array_like of bool, shape (..., n), optional
+        False rows take no part.  With no row left, the centroids are 0.
+    init : array_like, shape (..., c, d), optional
+        Initial centroids instead of k-means++ (used as given, not normalised).
+
+    Returns
+    -------
+    centroids : ndarray (..., c, d).  A cluster that loses every row keeps its centroid.
+    """
+    dtype = float_dtype(x=x) if init is None else float_dtype(x=x, init=init)
+    x = as_matrix("x", x, dtype)
+    n, d = x.shape[-2:]
+    c = integer("n_clusters", n_clusters, 1, n)
+    iters = integer("iters", iters, 0)
+    seed = _seed(seed)
+    m = _mask(mask, n)
+    if init is None:
+        init_arr, use_init = np.broadcast_to(np.zeros((), dtype), (c, d)), False
+    else:
+        init_arr, use_init = as_matrix("init", init, dtype), True
+        if init_arr.shape[-2:] != (c, d):
+            raise ValueError(f"init must have shape (..., n_clusters, d) = (..., {c}, {d}); "
+                             f"got {init_arr.shape}")
+    batch = batch_shape(x=(x, 2), mask=(m, 1), init=(init_arr, 2))
+    out = np.empty(batch + (c, d), dtype)
+    _ext._spherical_kmeans(x, m, init_arr, use_init, np.int64(iters), seed, out=out)
+    return out
+
+
+def assign_clusters(x, centroids, *, out=None):
+    """labels (..., n) int64: argmax over clusters of x·μ_c, ties to the lowest c.
+
+    x (..., n, d) and centroids (..., c, d) broadcast over leading axes.  Rows need not
+    be normalised (the argmax of the cosine is the same).  A row whose scores are all
+    NaN gets label -1.
+    """
+    dtype = float_dtype(x=x, centroids=centroids)
+    x = as_matrix("x", x, dtype)
+    cent = as_matrix("centroids", centroids, dtype)
+    _same_d("x", x, "centroids", cent)
+    if cent.shape[-2] < 1:
+        raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
+    batch_shape(x=(x, 2), centroids=(cent, 2))
+    return _ext._assign_clusters(x, cent, out=out)
+
+
+def update_centroids(centroids, x, labels, *, decay=0.999, mask=None, out=None):
+    """One online (mini-batch EMA) step of spherical k-means.
+
+    μ_c ← normalise(decay·μ_c + (1 − decay)·mean of the rows of x labelled c), with rows
+    where mask is False (or label −1) left out; a cluster with no such row is unchanged.
+    The rows are used as given (normalise them first for spherical k-means).
+
+    Parameters
+    ----------
+    centroids : array_like (..., c, d)
+    x : array_like (..., n, d);  labels : int array (..., n) in [-1, c)
+        x, labels and mask may have more leading axes than centroids: those extra
+        (leftmost) axes are pooled into the mean, e.g. centroids (heads, c, d) with
+        x (batch, heads, n, d).
+    decay : float in [0, 1]
+    mask : array_like of bool (..., n), optional
+    out : ndarray (..., c, d), optional; may be `centroids` itself (in-place update).
+
+    Returns
+    -------
+    The updated centroids (..., c, d).
+    """
+    dtype = float_dtype(centroids=centroids, x=x)
+    cent = as_matrix("centroids", centroids, dtype)
+    x = as_matrix("x", x, dtype)
+    _same_d("centroids", cent, "x", x)
+    c, (n, d) = cent.shape[-2], x.shape[-2:]
+    lab = _labels(labels, n, c)
+    m = _mask(mask, n)
+    dec = dtype.type(_decay(decay))
+    xb = batch_shape(x=(x, 2), labels=(lab, 1), mask=(m, 1))
+    extra = len(xb) - (cent.ndim - 2)
+    if extra > 0:
+        # pool the extra leading axes into the row axis: (P..., R..., n) -> (R..., P·n)
+        rest = xb[extra:]
+        pooled = int(np.prod(xb[:extra]))
+        src, dst = list(range(extra)), list(range(len(rest), len(rest) + extra))
+        x = np.moveaxis(np.broadcast_to(x, xb + (n, d)), src, dst).reshape(rest + (pooled * n, d))
+        lab = np.moveaxis(np.broadcast_to(lab, xb + (n,)), src, dst).reshape(rest + (pooled * n,))
+        m = np.moveaxis(np.broadcast_to(m, xb + (n,)), src, dst).reshape(rest + (pooled * n,))
+    batch_shape(centroids=(cent, 2), x=(x, 2))
+    return _ext._update_centroids(cent, x, lab, m, dec, out=out)
+
+
+def commitment_loss(x, centroids, labels, *, mask=None):
+    """The Routing Transformer's commitment loss: mean over rows of ‖x_i − μ_label(i)‖².
+
+    x (..., n, d) (normally the L2-normalised queries/keys), centroids (..., c, d),
+    labels (..., n) in [-1, c); rows labelled -1 or with mask False are left out.
+    Returns one loss per problem, shape (...) (broadcast batch), 0 where no row counts;
+    average it over the batch for a scalar.  It is a value, not differentiated here:
+    its gradient with respect to x_i is 2 (x_i − μ_label(i)) / count.
+    """
+    dtype = float_dtype(x=x, centroids=centroids)
+    x = as_matrix("x", x, dtype)
+    cent = as_matrix("centroids", centroids, dtype)
+    _same_d("x", x, "centroids", cent)
+    lab = _labels(labels, x.shape[-2], cent.shape[-2])
+    m = _mask(mask, x.shape[-2])
+    batch_shape(x=(x, 2), centroids=(cent, 2), labels=(lab, 1), mask=(m, 1))
+    return _ext._commitment_loss(x, cent, lab, m)
+
+
+# ------------------------------------------------------------------ membership lists
+def top_members(scores, w, *, out=None):
+    """Balanced membership: the w best rows of every cluster.
+
+    scores (..., n, c) -> idx (..., c, w) int64: for each cluster the w rows with the
+    largest score (NaN ranks lowest), ties to the lower position, listed by increasing
+    position.  A row may be in several clusters or in none.  Uses a bounded heap per
+    cluster (O(n log w)), never a full sort.
+    """
+    dtype = float_dtype(scores=scores)
+    s = as_matrix("scores", scores, dtype)
+    n, c = s.shape[-2:]
+    w = integer("w", w, 1, n)
+    if out is None:
+        out = np.empty(s.shape[:-2] + (c, w), np.int64)
+    return _ext._top_members(s, out=out)
+
+
+def members_from_labels(labels, n_clusters, *, max_size=None):
+    """Argmax membership as lists: labels (..., n) -> members (..., c, s) int64.
+
+    Row i is listed under cluster labels[i] (rows labelled -1 nowhere), in increasing
+    position, padded with -1.  s = max_size, or by default the largest cluster size in
+    the whole batch; a cluster with more than max_size rows keeps its first max_size.
+    """
+    c = integer("n_clusters", n_clusters, 1)
+    lab = _int_array("labels", labels)
+    lab = _labels(lab, lab.shape[-1], c)
+    n = lab.shape[-1]
+    if max_size is None:
+        flat = lab.reshape(-1, n)
+        keys = flat + c * np.arange(flat.shape[0])[:, None]
+        sizes = np.bincount(keys[flat >= 0], minlength=flat.shape[0] * c)
+        s = int(sizes.max()) if sizes.size else 0
+    else:
+        s = integer("max_size", max_size, 0)
+    out = np.empty(lab.shape[:-1] + (c, s), np.int64)
+    return _ext._members_from_labels(lab, out=out)
+
+
+# ------------------------------------------------------------------ LSH + Hamming k-means
+def lsh_hash(x, planes, *, out=None):
+    """Random-hyperplane codes: x (..., n, d), planes (..., bits, d + 1) -> (..., n) int64.
+
+    Bit b of a row's code is 1 iff x·planes[b, :d] > planes[b, d] (the last column is a
+    threshold); bits are packed lowest first, bits <= 63, so codes are non-negative.
+    """
+    dtype = float_dtype(x=x, planes=planes)
+    x = as_matrix("x", x, dtype)
+    p = as_matrix("planes", planes, dtype)
+    bits, d = p.shape[-2], x.shape[-1]
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"planes must have between 1 and {MAX_BITS} rows (one per bit); "
+                         f"got {bits} (shape {p.shape})")
+    if p.shape[-1] != d + 1:
+        raise ValueError(f"planes must have d + 1 = {d + 1} columns (normal vector, then "
+                         f"threshold) for x with d = {d}; got shape {p.shape}")
+    batch_shape(x=(x, 2), planes=(p, 2))
+    return _ext._lsh_hash(x, p, out=out)
+
+
+def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_centroids=False):
+    """k-means in Hamming space: codes (..., n) int64 -> labels (..., n) int64.
+
+    Distance popcount(a xor b), ties to the lowest cluster; a centroid is the per-bit
+    majority of its rows (a tied bit is 0); seeded k-means++ initialisation (D² on the
+    Hamming distance); a cluster left empty is re-seeded with a random row drawn from
+    the same seeded stream.  Rows where mask is False get label -1.  Stops early at a
+    fixed point.  With return_centroids, also returns the centroid codes (..., c).
+    """
+    cd = _int_array("codes", codes)
+    n = cd.shape[-1]
+    c = integer("n_clusters", n_clusters, 1, n)
+    iters = integer("iters", iters, 0)
+    seed = _seed(seed)
+    m = _mask(mask, n)
+    batch = batch_shape(codes=(cd, 1), mask=(m, 1))
+    labels = np.empty(batch + (n,), np.int64)
+    cent = np.empty(batch + (c,), np.int64)
+    _ext._hamming_kmeans(cd, m, np.int64(iters), seed, out=(labels, cent))
+    return (labels, cent) if flag("return_centroids", return_centroids) else labels
