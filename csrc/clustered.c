@@ -4,8 +4,9 @@
  * Both forms share one planner; `topk` = 0 selects the plain form:
  *
  *   plan       labels -> member lists (counting sort), centroid q̄_c = mean of members
- *   centroid   a_c = softmax(scale·q̄_c·Kᵀ) over unmasked keys, o_c = a_c·V, lse_c:
- *              the dense planner run on the C centroid rows
+ *   centroid   a_c = softmax(scale·q̄_c·Kᵀ) over unmasked keys, o_c = a_c·V, lse_c: the
+ *              engine on (centroid tile × key group) units, groups merged by log-sum-exp;
+ *              the backward runs the dense planner's backward on the centroid rows
  *   top-k      (improved) T_c = the k = min(topk, unmasked) keys of largest a_c, ties to
  *              the lower key; a_c[j] = exp(scale·q̄_c·k_j − lse_c) from gemm + exp_shift
  *   residual   r_c = o_c − Σ_{j∈T_c} a_c[j] v_j,  m̂_c = Σ_{j∈T_c} a_c[j]
@@ -13,7 +14,7 @@
  */
 #include "methods.h"
 
-/* Work split of the top-k pass over key blocks (a function of the shape only, so
+/* Work split of the centroid passes over key blocks (a function of the shape only, so
  * results are bit-identical for any thread count). */
 #define RA_CL_TARGET_UNITS 8
 

@@ -56,6 +56,7 @@ typedef struct {
     int64_t *info;       /* (2) unmasked key count, k = min(topk, unmasked) */
     T *cent;             /* (C, d) centroids, unscaled */
     T *oc, *lsec;        /* (C, e), (C) centroid attention output and log-sum-exp */
+    T *part_o, *part_lse; /* (C, G, e), (C, G) the same over key group g only */
     T *r, *mhat;         /* (C, e), (C) residual r_c and top-k mass m̂_c */
     int64_t *sel;        /* (C, kmax) T_c sorted by position, -1 padded */
     T *aw;               /* (C, kmax) a_c[j] of the selected keys */
@@ -89,6 +90,8 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
     CARVE(cent, T, ra_mul(C, d));
     CARVE(oc, T, ra_mul(C, e));
     CARVE(lsec, T, (size_t)C);
+    CARVE(part_o, T, ra_mul(ra_mul(C, G), e));
+    CARVE(part_lse, T, ra_mul(C, G));
     CARVE(r, T, ra_mul(C, e));
     CARVE(mhat, T, (size_t)C);
     CARVE(sel, int64_t, ra_mul(C, kmax));
@@ -104,7 +107,8 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
 }
 
 /* Per-thread tiles: q (BQ, d), acc/o' (BQ, e) ×2, s, dp, t (BQ·BK) ×3, mx, sum, lse',
- * delta' (BQ) ×4, dq (BQ, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax). */
+ * delta' (BQ) ×4, dq (BQ, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
+ * key positions (BK) int64. */
 static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
 {
     const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK);
@@ -112,6 +116,7 @@ static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
     items = ra_add(items, ra_mul(3 * RA_BQ, e));
     items = ra_add(items, 3 * (size_t)RA_BQ * RA_BK + 4 * RA_BQ);
     items = ra_add(items, ra_mul(kcols, 2 * (size_t)d + 2 * (size_t)e));
+    items = ra_add(items, RA_BK * sizeof(int64_t) / sizeof(T));
     return FN(cl_bytes)(sizeof(T), items);
 }
 
@@ -223,6 +228,7 @@ typedef struct {
     FN(RaQGradTile) gt;
     T *qs, *o, *dout, *lse, *delta, *dq;
     T *kt, *v, *k, *vt;          /* T_c packed: (d, kmax), (kmax, e), (kmax, d), (e, kmax) */
+    int64_t *kpos;               /* (BK) key positions of a centroid-attention tile */
 } FN(ClTiles);
 
 static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
@@ -244,6 +250,7 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
     w->v = w->kt + kcols * d;
     w->k = w->v + kcols * e;
     w->vt = w->k + kcols * d;
+    w->kpos = (int64_t *)(w->vt + kcols * e);
     w->qt.q = w->gt.q = w->qs;
     w->qt.pos = w->gt.pos = NULL;
     w->gt.s = w->qt.s;
@@ -277,6 +284,61 @@ static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int6
     }
     FN(ra_fwd_finish)(&w->qt, e, (char *)w->o, (ptrdiff_t)sizeof(T) * e, sizeof(T),
                       (char *)w->lse, sizeof(T));
+}
+
+/* Centroid rows [c0, c0+rows) against key blocks [t0, t1) on the engine: the softmax
+ * over this key group only, written to part_o (rows, e) and part_lse (rows) of group g.
+ * k (m, d), v (m, e), cent (C, d). */
+static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
+                                  RaVec key_mask, int m, int d, int e, T sc,
+                                  const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
+                                  int g, int G)
+{
+    RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+    FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
+    w->qt.rows = rows;
+    FN(ra_fwd_init)(&w->qt, e);
+    for (int t = t0; t < t1; t++) {
+        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
+        int masked = 0;
+        for (int j = 0; j < cols; j++) {
+            const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
+            w->kpos[j] = valid ? j0 + j : -1;
+            masked |= !valid;
+        }
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
+        FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
+        FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
+        FN(ra_fwd_step)(K, &w->qt, &kt, d, e, masked ? RA_MASKED : 0);
+    }
+    const ptrdiff_t ts = sizeof(T);
+    FN(ra_fwd_finish)(&w->qt, e, (char *)(p->part_o + ((ptrdiff_t)c0 * G + g) * e),
+                      ts * G * e, ts, (char *)(p->part_lse + (ptrdiff_t)c0 * G + g), ts * G);
+}
+
+/* Merge cluster c's G key-group softmaxes: lse_c = log Σ_g exp(lse_g), o_c = Σ_g
+ * exp(lse_g − lse_c)·o_g, in group order.  A row that saw no key: o_c = 0, lse_c = -inf. */
+static void FN(cl_centroid_merge)(const FN(ClProblem) *p, int c, int G, int e)
+{
+    const T *lg = p->part_lse + (ptrdiff_t)c * G, *og = p->part_o + (ptrdiff_t)c * G * e;
+    T *o = p->oc + (ptrdiff_t)c * e, mx = -INFINITY, total = 0;
+    int nan = 0;
+    for (int g = 0; g < G; g++) {
+        nan |= lg[g] != lg[g];
+        if (lg[g] > mx) mx = lg[g];
+    }
+    memset(o, 0, sizeof(T) * (size_t)e);
+    if (mx == -INFINITY && !nan) {
+        p->lsec[c] = -INFINITY;
+        return;
+    }
+    for (int g = 0; g < G; g++) {
+        const T wg = (T)exp(lg[g] - mx);
+        total += wg;
+        for (int f = 0; f < e; f++) o[f] += wg * og[(ptrdiff_t)g * e + f];
+    }
+    for (int f = 0; f < e; f++) o[f] /= total;
+    p->lsec[c] = mx + (T)log(total);
 }
 
 /* Pack T_c's keys and values: kᵀ (d, kmax) and v (kmax, e); backward also k, vᵀ. */
@@ -324,20 +386,32 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(cl_centroid)(ra_mat_at(q, b), d, &p, (int)(unit % C));
     }
 
-    /* 3. centroid attention on the dense planner: (C, d) rows against all keys */
-    FN(ClProblem) p0;
-    FN(cl_carve)(packs, n, d, e, C, kmax, G, backward, &p0);
-    const size_t ts = sizeof(T);
-    const RaBMat cent = {(char *)p0.cent, (ptrdiff_t)per_problem, (ptrdiff_t)ts * d, ts};
-    const RaBMat oc = {(char *)p0.oc, (ptrdiff_t)per_problem, (ptrdiff_t)ts * e, ts};
-    const RaBVec lsec = {(char *)p0.lsec, (ptrdiff_t)per_problem, ts};
-    static const uint8_t not_causal = 0;
-    const RaBVec causal = {(char *)&not_causal, 0, 0};
-    status = FN(ra_attention_forward)(B, C, m, d, e, cent, k, v, key_mask, scale, causal, oc, lsec);
-    if (status != RA_OK) return status;
+    /* 3. centroid attention, one (problem, centroid tile, key group) per unit, so one
+       problem keeps every thread busy; then the groups merged by log-sum-exp */
+    const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
+        const ptrdiff_t b = unit / ((ptrdiff_t)nct * G);
+        const int ct = (int)(unit / G % nct), g = (int)(unit % G);
+        const int c0 = ct * RA_BQ, rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+        const int t0 = g * blocks_per_group < nkb ? g * blocks_per_group : nkb;
+        const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        FN(ClTiles) w;
+        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_centroid_group)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b), ra_vec_at(key_mask, b),
+                              m, d, e, RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
+                              t0, t1, g, G);
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + unit / C * per_problem, n, d, e, C, kmax, G, backward, &p);
+        FN(cl_centroid_merge)(&p, (int)(unit % C), G, e);
+    }
 
     /* 4. improved: top-k candidates per (problem, centroid tile, key group) */
-    const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
     if (kmax > 0) {
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
@@ -373,11 +447,12 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
     return RA_OK;
 }
 
-/* Key groups of the top-k pass: enough units for the threads, a function of the shape. */
-static int FN(cl_groups)(ptrdiff_t B, int m, int C, int kmax)
+/* Key groups of the centroid passes: enough units for the threads, a function of the
+ * shape only. */
+static int FN(cl_groups)(ptrdiff_t B, int m, int C)
 {
     const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_BQ - 1) / RA_BQ;
-    if (kmax == 0 || nkb == 0) return 1;
+    if (nkb == 0) return 1;
     ptrdiff_t G = (RA_CL_TARGET_UNITS + B * nct - 1) / (B * nct);
     return (int)(G > nkb ? nkb : G < 1 ? 1 : G);
 }
@@ -418,7 +493,7 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     const int kmax = topk < m ? topk : m;
-    const int G = FN(cl_groups)(B, m, C, kmax);
+    const int G = FN(cl_groups)(B, m, C);
     FN(ClProblem) dummy;
     const size_t per_problem = FN(cl_carve)(NULL, n, d, e, C, kmax, G, 0, &dummy);
     const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
@@ -491,7 +566,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     const int nt = ra_num_threads();
     const int kmax = topk < m ? topk : m;
     const int nkb = (m + RA_BK - 1) / RA_BK;
-    const int G = FN(cl_groups)(B, m, C, kmax);
+    const int G = FN(cl_groups)(B, m, C);
     FN(ClProblem) p0;
     const size_t per_problem = FN(cl_carve)(NULL, n, d, e, C, kmax, G, 1, &p0);
     const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
