@@ -63,6 +63,8 @@ typedef struct {
     FN(ClCand) *heap;    /* (C, G, kmax) per key group candidates */
     int *heap_size;      /* (C, G) */
     T *gsum;             /* backward: (C, e) Σ_{i∈c} dout_i */
+    T *delta;            /* backward: (C) gsum_c · r_c */
+    T *dcent_part;       /* backward: (G, C, d) dcent over key group g, scaled query */
     T *dcent;            /* backward: (C, d) gradient of the unscaled centroid */
     T *dkt, *dvt;        /* backward: (C, kmax, d), (C, kmax, e) gradients of T_c's keys */
 } FN(ClProblem);
@@ -99,6 +101,8 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
     CARVE(heap, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
     CARVE(heap_size, int, ra_mul(C, G));
     CARVE(gsum, T, backward ? ra_mul(C, e) : 0);
+    CARVE(delta, T, backward ? (size_t)C : 0);
+    CARVE(dcent_part, T, backward ? ra_mul(ra_mul(G, C), d) : 0);
     CARVE(dcent, T, backward ? ra_mul(C, d) : 0);
     CARVE(dkt, T, backward ? ra_mul(ra_mul(C, kmax), d) : 0);
     CARVE(dvt, T, backward ? ra_mul(ra_mul(C, kmax), e) : 0);
@@ -108,14 +112,14 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
 
 /* Per-thread tiles: q (BQ, d), acc/o' (BQ, e) ×2, s, dp, t (BQ·BK) ×3, mx, sum, lse',
  * delta' (BQ) ×4, dq (BQ, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
- * key positions (BK) int64. */
+ * key positions (BK) int64, dk tile (max(kmax, BK), d). */
 static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
 {
     const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK);
     size_t items = ra_mul(2 * RA_BQ, d);
     items = ra_add(items, ra_mul(3 * RA_BQ, e));
     items = ra_add(items, 3 * (size_t)RA_BQ * RA_BK + 4 * RA_BQ);
-    items = ra_add(items, ra_mul(kcols, 2 * (size_t)d + 2 * (size_t)e));
+    items = ra_add(items, ra_mul(kcols, 3 * (size_t)d + 2 * (size_t)e));
     items = ra_add(items, RA_BK * sizeof(int64_t) / sizeof(T));
     return FN(cl_bytes)(sizeof(T), items);
 }
@@ -229,6 +233,7 @@ typedef struct {
     T *qs, *o, *dout, *lse, *delta, *dq;
     T *kt, *v, *k, *vt;          /* T_c packed: (d, kmax), (kmax, e), (kmax, d), (e, kmax) */
     int64_t *kpos;               /* (BK) key positions of a centroid-attention tile */
+    T *dk;                       /* (BK, d) dk tile of the centroid backward */
 } FN(ClTiles);
 
 static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
@@ -251,6 +256,7 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
     w->k = w->v + kcols * e;
     w->vt = w->k + kcols * d;
     w->kpos = (int64_t *)(w->vt + kcols * e);
+    w->dk = (T *)(w->kpos + RA_BK);
     w->qt.q = w->gt.q = w->qs;
     w->qt.pos = w->gt.pos = NULL;
     w->gt.s = w->qt.s;
@@ -339,6 +345,48 @@ static void FN(cl_centroid_merge)(const FN(ClProblem) *p, int c, int G, int e)
     }
     for (int f = 0; f < e; f++) o[f] /= total;
     p->lsec[c] = mx + (T)log(total);
+}
+
+/* Backward of the centroid softmax a_c·V over key blocks [t0, t1) (group g): writes
+ * dk, dv of those keys and accumulates dcent_part[g] (w.r.t. the scaled centroid).
+ * dout = gsum (C, e), delta (C), lse_c; k (m, d), v (m, e). */
+static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
+                                           RaVec key_mask, RaMat dk, RaMat dv, int m, int C,
+                                           int d, int e, T sc, const FN(ClProblem) *p,
+                                           int t0, int t1, int g)
+{
+    T *dq_g = p->dcent_part + (ptrdiff_t)g * C * d, *dv_t = w->v;
+    memset(dq_g, 0, sizeof(T) * (size_t)C * d);
+    for (int t = t0; t < t1; t++) {
+        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
+        int masked = 0;
+        for (int j = 0; j < cols; j++) {
+            const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
+            w->kpos[j] = valid ? j0 + j : -1;
+            masked |= !valid;
+        }
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 0, w->k, d);
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
+        FN(ra_gather)(v, NULL, j0, cols, e, 1, 1, w->vt, RA_BK);
+        FN(RaKTile) kt = {cols, w->kt, RA_BK, NULL, 0, w->k, d, w->vt, RA_BK, w->kpos};
+        memset(w->dk, 0, sizeof(T) * (size_t)cols * d);
+        memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
+        for (int c0 = 0; c0 < C; c0 += RA_BQ) {
+            const int rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+            RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+            FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
+            w->gt.rows = rows;
+            w->gt.dout = p->gsum + (ptrdiff_t)c0 * e;
+            w->gt.lse = p->lsec + c0;
+            w->gt.delta = p->delta + c0;
+            w->gt.dq = dq_g + (ptrdiff_t)c0 * d;
+            FN(ra_bwd_step)(K, &w->gt, &kt, w->dk, d, dv_t, e, d, e, masked ? RA_MASKED : 0);
+        }
+        for (int r = 0; r < cols; r++) {
+            for (int f = 0; f < d; f++) RA_MAT_AT(T, dk, j0 + r, f) = w->dk[(ptrdiff_t)r * d + f];
+            for (int f = 0; f < e; f++) RA_MAT_AT(T, dv, j0 + r, f) = dv_t[(ptrdiff_t)r * e + f];
+        }
+    }
 }
 
 /* Pack T_c's keys and values: kᵀ (d, kmax) and v (kmax, e); backward also k, vᵀ. */
@@ -581,7 +629,6 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
                           scale, packs, per_problem, 1, scratch, per_thread, nt);
     if (status != RA_OK) goto done;
-    FN(cl_carve)(packs, n, d, e, C, kmax, G, 1, &p0);
 
     /* forward 6 broadcast r_c to every member, so the cluster's gradient is their sum:
        gsum_c = Σ_{i∈c} dout_i */
@@ -596,22 +643,43 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         memset(gs, 0, ts * (size_t)e);
         for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
             for (int f = 0; f < e; f++) gs[f] += RA_MAT_AT(T, g, p.order[s], f);
+        T acc = 0;
+        for (int f = 0; f < e; f++) acc += gs[f] * p.r[(ptrdiff_t)c * e + f];
+        p.delta[c] = acc;
     }
 
-    /* forward 5 was r_c = a_c·V − Σ_{T_c} a_c[j] v_j: first the full a_c·V term on the
-       dense planner (delta_c = gsum_c · r_c is the softmax's rowsum(dout ∘ out)); it
-       writes dcent (w.r.t. the unscaled centroid), dk and dv */
-    {
-        const RaBMat cent = {(char *)p0.cent, (ptrdiff_t)per_problem, (ptrdiff_t)ts * d, ts};
-        const RaBMat gsum = {(char *)p0.gsum, (ptrdiff_t)per_problem, (ptrdiff_t)ts * e, ts};
-        const RaBMat rr = {(char *)p0.r, (ptrdiff_t)per_problem, (ptrdiff_t)ts * e, ts};
-        const RaBMat dcent = {(char *)p0.dcent, (ptrdiff_t)per_problem, (ptrdiff_t)ts * d, ts};
-        const RaBVec lsec = {(char *)p0.lsec, (ptrdiff_t)per_problem, ts};
-        static const uint8_t not_causal = 0;
-        const RaBVec causal = {(char *)&not_causal, 0, 0};
-        status = FN(ra_attention_backward)(B, C, m, d, e, gsum, cent, k, v, key_mask, rr,
-                                           lsec, scale, causal, dcent, dk, dv);
-        if (status != RA_OK) goto done;
+    /* forward 5 was r_c = a_c·V − Σ_{T_c} a_c[j] v_j: first the full a_c·V term, the
+       softmax backward with dout = gsum_c and delta_c = gsum_c · r_c (its rowsum(dout ∘
+       out)), one (problem, key group) per unit: dk, dv of the group's keys and a dcent
+       partial, summed in group order */
+    const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (ptrdiff_t unit = 0; unit < B * G; unit++) {
+        const ptrdiff_t b = unit / G;
+        const int g = (int)(unit % G);
+        const int t0 = g * blocks_per_group < nkb ? g * blocks_per_group : nkb;
+        const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
+        FN(ClTiles) w;
+        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_centroid_group_backward)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b),
+                                       ra_vec_at(key_mask, b), ra_mat_at(dk, b),
+                                       ra_mat_at(dv, b), m, C, d, e,
+                                       RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, t0, t1, g);
+    }
+    /* logits were (scale·q̄)·kᵀ: dcent = scale · Σ_g dcent_part[g] */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        const int c = (int)(unit % C);
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + unit / C * per_problem, n, d, e, C, kmax, G, 1, &p);
+        const T sc = RA_VEC_AT(T, ra_vec_at(scale, unit / C), 0);
+        for (int f = 0; f < d; f++) {
+            T acc = 0;
+            for (int g = 0; g < G; g++) acc += p.dcent_part[((ptrdiff_t)g * C + c) * d + f];
+            p.dcent[(ptrdiff_t)c * d + f] = sc * acc;
+        }
     }
 
     ptrdiff_t nunits;
