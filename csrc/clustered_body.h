@@ -246,8 +246,9 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
     w->qt.acc = w->dout + (ptrdiff_t)RA_BQ * e;
     w->qt.s = w->qt.acc + (ptrdiff_t)RA_BQ * e;
     w->gt.dp = w->qt.s + (ptrdiff_t)RA_BQ * RA_BK;
-    w->gt.t = w->gt.dp + (ptrdiff_t)RA_BQ * RA_BK;
-    w->qt.mx = w->gt.t + (ptrdiff_t)RA_BQ * RA_BK;
+    T *t_scratch = w->gt.dp + (ptrdiff_t)RA_BQ * RA_BK;
+    w->gt.t = t_scratch;       /* the engine's (BK, BQ) transpose scratch */
+    w->qt.mx = t_scratch + (ptrdiff_t)RA_BQ * RA_BK;
     w->qt.sum = w->qt.mx + RA_BQ;
     w->lse = w->qt.sum + RA_BQ;
     w->delta = w->lse + RA_BQ;
