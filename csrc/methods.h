@@ -80,6 +80,24 @@ RA_ROUTING_DECLS(double, f64)
 
 RA_COMBINER_DECLS(float, f32)
 RA_COMBINER_DECLS(double, f64)
+/* ------------------------------------------------------------------ clustered attention */
+#define RA_CLUSTERED_DECLS(T, SUF)                                                        \
+    /* q (B; n, d), k (B; m, d), v (B; m, e), labels (B; n) int64 in [-1, C),            \
+       key_mask (B; m) uint8 or data == NULL, scale (B); C clusters; topk = 0 for the    \
+       plain form, >= 1 for the improved form  ->  out (B; n, e).  RA_ERR_INDEX for a    \
+       label out of range. */                                                           \
+    int ra_clustered_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int C,        \
+                                   int topk, RaBMat q, RaBMat k, RaBMat v, RaBVec labels, \
+                                   RaBVec key_mask, RaBVec scale, RaBMat out);            \
+    /* dout (B; n, e) and the forward's inputs  ->  dq (B; n, d), dk (B; m, d),           \
+       dv (B; m, e) (written, not accumulated); m̂ held constant */                       \
+    int ra_clustered_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int C,       \
+                                    int topk, RaBMat dout, RaBMat q, RaBMat k, RaBMat v,  \
+                                    RaBVec labels, RaBVec key_mask, RaBVec scale,         \
+                                    RaBMat dq, RaBMat dk, RaBMat dv);
+
+RA_CLUSTERED_DECLS(float, f32)
+RA_CLUSTERED_DECLS(double, f64)
 /* ---- routing decisions (clustering.c) ---- */
 /* Labels, member lists and codes are int64; labels are in [-1, c), −1 = in no cluster.
  * Drivers that read labels return RA_ERR_INDEX for one outside that range. */

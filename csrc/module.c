@@ -176,6 +176,72 @@ COMBINER_FORWARD_LOOP(f64)
     }
 COMBINER_BACKWARD_LOOP(f32)
 COMBINER_BACKWARD_LOOP(f64)
+/* ------------------------------------------------------------------ clustered attention */
+/* n_clusters and topk are one scalar each for the whole call (the wrapper passes ints);
+ * topk = 0 selects the plain form.  topk is clamped to m, which changes nothing. */
+static int clustered_scalars(char **args, int ic, int m, int *C, int *topk, const char *where)
+{
+    const npy_int64 c = *(npy_int64 *)args[ic], t = *(npy_int64 *)args[ic + 1];
+    if (c < 1 || c > INT_MAX / 2 || t < 0) {
+        NPY_ALLOW_C_API_DEF
+        NPY_ALLOW_C_API
+        PyErr_Format(PyExc_ValueError, "%s: need 1 <= n_clusters <= %d and topk >= 0; got "
+                     "n_clusters=%lld, topk=%lld", where, INT_MAX / 2, (long long)c, (long long)t);
+        NPY_DISABLE_C_API
+        return 0;
+    }
+    *C = (int)c;
+    *topk = (int)(t > m ? m : t);
+    return 1;
+}
+
+/* (n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e)
+ * q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale -> out */
+#define CLUSTERED_FORWARD_LOOP(SUF)                                                       \
+    static void clustered_forward_loop_##SUF(char **args, npy_intp const *dims,          \
+                                             npy_intp const *steps, void *data)          \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (!ra_dims_fit(dims + 1, 4, "clustered_attention")) return;                     \
+        const int n = (int)dims[1], d = (int)dims[2], m = (int)dims[3], e = (int)dims[4]; \
+        /* operands 0..9, core strides from steps[10] on */                              \
+        if (dims[0] == 0) return;                                                         \
+        int C, topk;                                                                      \
+        if (!clustered_scalars(args, 6, m, &C, &topk, "clustered_attention")) return;     \
+        RaBVec mask = BVEC(4, 17);                                                        \
+        if (!*(npy_bool *)args[5]) mask.data = NULL;                                      \
+        int st = ra_clustered_forward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 10),    \
+                                            BMAT(1, 12), BMAT(2, 14), BVEC(3, 16), mask,  \
+                                            BSCALAR(8), BMAT(9, 18));                     \
+        ra_raise(st, "clustered_attention (labels must lie in [-1, n_clusters))");        \
+    }
+CLUSTERED_FORWARD_LOOP(f32)
+CLUSTERED_FORWARD_LOOP(f64)
+
+/* (n,e),(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,d),(m,d),(m,e)
+ * dout, q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale -> dq, dk, dv */
+#define CLUSTERED_BACKWARD_LOOP(SUF)                                                      \
+    static void clustered_backward_loop_##SUF(char **args, npy_intp const *dims,         \
+                                              npy_intp const *steps, void *data)         \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (!ra_dims_fit(dims + 1, 4, "clustered_attention_backward")) return;            \
+        const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3], m = (int)dims[4]; \
+        /* operands 0..12, core strides from steps[13] on */                             \
+        if (dims[0] == 0) return;                                                         \
+        int C, topk;                                                                      \
+        if (!clustered_scalars(args, 7, m, &C, &topk, "clustered_attention_backward"))    \
+            return;                                                                       \
+        RaBVec mask = BVEC(5, 22);                                                        \
+        if (!*(npy_bool *)args[6]) mask.data = NULL;                                      \
+        int st = ra_clustered_backward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 13),   \
+                                             BMAT(1, 15), BMAT(2, 17), BMAT(3, 19),       \
+                                             BVEC(4, 21), mask, BSCALAR(9), BMAT(10, 23), \
+                                             BMAT(11, 25), BMAT(12, 27));                 \
+        ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters))"); \
+    }
+CLUSTERED_BACKWARD_LOOP(f32)
+CLUSTERED_BACKWARD_LOOP(f64)
 /* ------------------------------------------------------------------ routing decisions */
 /* Scalars read once per call (the wrappers pass a Python bool). */
 #define ARG_FLAG(a) (*(npy_bool *)args[a] != 0)
@@ -350,6 +416,18 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, F, F, L, L, B, F, F, F, F, /**/ D, D, D, D, L, L, B, D, D, D, D},
      "_combiner_backward(dout, q, k, v, plan, block, causal, scale) -> (dq, dk, dv)\n\n"
      "Low-level gufunc behind routing_attention.combiner_attention_backward."},
+    /* ---- clustered attention */
+    {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e)", 9, 1,
+     {clustered_forward_loop_f32, clustered_forward_loop_f64},
+     (char[]){F, F, F, L, B, B, L, L, F, F, /**/ D, D, D, L, B, B, L, L, D, D},
+     "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale) -> out\n\n"
+     "Low-level gufunc behind routing_attention.clustered_attention (topk = 0) and\n"
+     "improved_clustered_attention (topk >= 1); use those instead."},
+    {"_clustered_backward", "(n,e),(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,d),(m,d),(m,e)",
+     10, 3, {clustered_backward_loop_f32, clustered_backward_loop_f64},
+     (char[]){F, F, F, F, L, B, B, L, L, F, F, F, F, /**/ D, D, D, D, L, B, B, L, L, D, D, D, D},
+     "_clustered_backward(dout, q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale)"
+     " -> (dq, dk, dv)\n\nLow-level gufunc behind the clustered attention backward functions."},
 
     /* ---- routing decisions (clustering.c) ---- */
     {"_spherical_kmeans", "(n,d),(n),(c,d),(),(),()->(c,d)", 6, 1,

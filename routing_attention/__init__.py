@@ -13,6 +13,8 @@ from .dense import attention, attention_backward
 from .routing import (local_attention, local_attention_backward, routing_attention,
                       routing_attention_backward)
 from .combiner import CombinerAttention, combiner_attention, combiner_attention_backward
+from .clustered import (ClusteredAttention, clustered_attention, clustered_attention_backward,
+                        improved_clustered_attention, improved_clustered_attention_backward)
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,7 @@ __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
     "reference",
     "combiner_attention", "combiner_attention_backward", "CombinerAttention",
+    "clustered_attention", "clustered_attention_backward",
+    "improved_clustered_attention", "improved_clustered_attention_backward",
+    "ClusteredAttention",
 ]

@@ -1,0 +1,35 @@
+/* clustered.c — clustered and improved clustered attention (Vyas, Katharopoulos, Fleuret
+ * 2020, "Fast Transformers with Clustered Attention"), DESIGN §4.2, on the tile engine.
+ *
+ * Both forms share one planner; `topk` = 0 selects the plain form:
+ *
+ *   plan       labels -> member lists (counting sort), centroid q̄_c = mean of members
+ *   centroid   a_c = softmax(scale·q̄_c·Kᵀ) over unmasked keys, o_c = a_c·V, lse_c: the
+ *              engine on (centroid tile × key group) units, groups merged by log-sum-exp;
+ *              the backward runs the dense planner's backward on the centroid rows
+ *   top-k      (improved) T_c = the k = min(topk, unmasked) keys of largest a_c, ties to
+ *              the lower key; a_c[j] = exp(scale·q̄_c·k_j − lse_c) from gemm + exp_shift
+ *   residual   r_c = o_c − Σ_{j∈T_c} a_c[j] v_j,  m̂_c = Σ_{j∈T_c} a_c[j]
+ *   queries    out_i = r_c + m̂_c · softmax_{j∈T_c}(scale·q_i·k_j)·V_T   (plain: out_i = o_c)
+ */
+#include "methods.h"
+
+/* Work split of the centroid passes over key blocks (a function of the shape only, so
+ * results are bit-identical for any thread count). */
+#define RA_CL_TARGET_UNITS 8
+
+#define T float
+#define KT RaKernelsF32
+#define KSEL f32
+#define FN(name) name##_f32
+#include "clustered_body.h"
+#undef T
+#undef KT
+#undef KSEL
+#undef FN
+
+#define T double
+#define KT RaKernelsF64
+#define KSEL f64
+#define FN(name) name##_f64
+#include "clustered_body.h"

@@ -1,0 +1,801 @@
+/* clustered_body.h — typed clustered-attention planner; included by clustered.c per dtype
+ * with T, KT, KSEL and FN(name) = name##_<suffix>. */
+
+/* ------------------------------------------------------------------ top-k candidates */
+/* One candidate key of a cluster's top-k: its centroid weight and position. */
+typedef struct { T v; int64_t j; } FN(ClCand);
+
+/* a ranks above b: larger weight, ties to the lower key; NaN ranks below any number. */
+static inline int FN(cl_better)(FN(ClCand) a, FN(ClCand) b)
+{
+    if (a.v != a.v) return b.v != b.v && a.j < b.j;
+    if (b.v != b.v) return 1;
+    return a.v > b.v || (a.v == b.v && a.j < b.j);
+}
+
+/* h (cap) is a heap whose root is its worst candidate: push x, or let it replace the
+ * root when the heap is full and x ranks above it. */
+static void FN(cl_heap_push)(FN(ClCand) *h, int *size, int cap, FN(ClCand) x)
+{
+    int i;
+    if (*size < cap) {
+        for (i = (*size)++; i > 0 && FN(cl_better)(h[(i - 1) / 2], x); i = (i - 1) / 2)
+            h[i] = h[(i - 1) / 2];
+        h[i] = x;
+        return;
+    }
+    if (cap == 0 || !FN(cl_better)(x, h[0])) return;
+    for (i = 0;;) {
+        int c = 2 * i + 1;
+        if (c >= cap) break;
+        if (c + 1 < cap && FN(cl_better)(h[c], h[c + 1])) c++;   /* the worse child */
+        if (!FN(cl_better)(x, h[c])) break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+}
+
+static int FN(cl_cmp_rank)(const void *a, const void *b)
+{
+    const FN(ClCand) x = *(const FN(ClCand) *)a, y = *(const FN(ClCand) *)b;
+    return FN(cl_better)(x, y) ? -1 : FN(cl_better)(y, x) ? 1 : 0;
+}
+
+static int FN(cl_cmp_key)(const void *a, const void *b)
+{
+    const int64_t x = ((const FN(ClCand) *)a)->j, y = ((const FN(ClCand) *)b)->j;
+    return (x > y) - (x < y);
+}
+
+/* ------------------------------------------------------------------ per-problem buffers */
+typedef struct {
+    int64_t *order;      /* (n) query positions grouped by cluster, position order inside */
+    int64_t *start;      /* (C+1) members of c are order[start[c] .. start[c+1]) */
+    int64_t *cursor;     /* (C) counting-sort scratch */
+    int64_t *info;       /* (2) unmasked key count, k = min(topk, unmasked) */
+    T *cent;             /* (C, d) centroids, unscaled */
+    T *oc, *lsec;        /* (C, e), (C) centroid attention output and log-sum-exp */
+    T *part_o, *part_lse; /* (C, G, e), (C, G) the same over key group g only */
+    T *r, *mhat;         /* (C, e), (C) residual r_c and top-k mass m̂_c */
+    int64_t *sel;        /* (C, kmax) T_c sorted by position, -1 padded */
+    T *aw;               /* (C, kmax) a_c[j] of the selected keys */
+    FN(ClCand) *heap;    /* (C, G, kmax) per key group candidates */
+    int *heap_size;      /* (C, G) */
+    T *gsum;             /* backward: (C, e) Σ_{i∈c} dout_i */
+    T *delta;            /* backward: (C) gsum_c · r_c */
+    T *dcent_part;       /* backward: (G, C, d) dcent over key group g, scaled query */
+    T *dcent;            /* backward: (C, d) gradient of the unscaled centroid */
+    T *dkt, *dvt;        /* backward: (C, kmax, d), (C, kmax, e) gradients of T_c's keys */
+} FN(ClProblem);
+
+/* Bytes of `count` items of `size`, cache-line rounded; SIZE_MAX on overflow. */
+static size_t FN(cl_bytes)(size_t size, size_t count)
+{
+    const size_t b = ra_mul(size, count);
+    return b > SIZE_MAX - RA_ALIGN ? SIZE_MAX : ra_round_up(b);
+}
+
+/* Carve the buffers of one problem out of `base` (NULL: only measure).  Returns the
+ * byte size, SIZE_MAX on overflow. */
+static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int G,
+                           int backward, FN(ClProblem) *p)
+{
+    size_t off = 0;
+#define CARVE(field, type, count)                                                        \
+    p->field = base ? (type *)(base + off) : NULL;                                       \
+    off = ra_add(off, FN(cl_bytes)(sizeof(type), (count)))
+    CARVE(order, int64_t, (size_t)n);
+    CARVE(start, int64_t, (size_t)C + 1);
+    CARVE(cursor, int64_t, (size_t)C);
+    CARVE(info, int64_t, 2);
+    CARVE(cent, T, ra_mul(C, d));
+    CARVE(oc, T, ra_mul(C, e));
+    CARVE(lsec, T, (size_t)C);
+    CARVE(part_o, T, ra_mul(ra_mul(C, G), e));
+    CARVE(part_lse, T, ra_mul(C, G));
+    CARVE(r, T, ra_mul(C, e));
+    CARVE(mhat, T, (size_t)C);
+    CARVE(sel, int64_t, ra_mul(C, kmax));
+    CARVE(aw, T, ra_mul(C, kmax));
+    CARVE(heap, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
+    CARVE(heap_size, int, ra_mul(C, G));
+    CARVE(gsum, T, backward ? ra_mul(C, e) : 0);
+    CARVE(delta, T, backward ? (size_t)C : 0);
+    CARVE(dcent_part, T, backward ? ra_mul(ra_mul(G, C), d) : 0);
+    CARVE(dcent, T, backward ? ra_mul(C, d) : 0);
+    CARVE(dkt, T, backward ? ra_mul(ra_mul(C, kmax), d) : 0);
+    CARVE(dvt, T, backward ? ra_mul(ra_mul(C, kmax), e) : 0);
+#undef CARVE
+    return off;
+}
+
+/* Per-thread tiles: q (BQ, d), acc/o' (BQ, e) ×2, s, dp, t (BQ·BK) ×3, mx, sum, lse',
+ * delta' (BQ) ×4, dq (BQ, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
+ * key positions (BK) int64, dk tile (max(kmax, BK), d). */
+static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
+{
+    const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK);
+    size_t items = ra_mul(2 * RA_BQ, d);
+    items = ra_add(items, ra_mul(3 * RA_BQ, e));
+    items = ra_add(items, 2 * (size_t)RA_BQ * RA_BK + 4 * RA_BQ);
+    items = ra_add(items, ra_mul(kcols, 3 * (size_t)d + 2 * (size_t)e));
+    items = ra_add(items, RA_BK * sizeof(int64_t) / sizeof(T));
+    return FN(cl_bytes)(sizeof(T), items);
+}
+
+typedef struct { ptrdiff_t b; int c, i0; } FN(ClUnit);   /* one query tile of a cluster */
+
+/* ------------------------------------------------------------------ passes */
+/* Plan of one problem: member lists by counting sort and the unmasked key count.
+ * labels (n) int64 in [-1, C), key_mask (m) or NULL.  RA_ERR_INDEX for a bad label. */
+static int FN(cl_plan)(int n, int m, int C, int topk, RaVec labels, RaVec key_mask,
+                       FN(ClProblem) *p)
+{
+    memset(p->start, 0, sizeof(int64_t) * ((size_t)C + 1));
+    for (int i = 0; i < n; i++) {
+        const int64_t l = RA_VEC_AT(int64_t, labels, i);
+        if (l < -1 || l >= C) return RA_ERR_INDEX;
+        if (l >= 0) p->start[l + 1]++;
+    }
+    for (int c = 0; c < C; c++) {
+        p->start[c + 1] += p->start[c];
+        p->cursor[c] = p->start[c];
+    }
+    for (int i = 0; i < n; i++) {
+        const int64_t l = RA_VEC_AT(int64_t, labels, i);
+        if (l >= 0) p->order[p->cursor[l]++] = i;
+    }
+    int64_t valid = m;
+    if (key_mask.data) {
+        valid = 0;
+        for (int j = 0; j < m; j++) valid += RA_VEC_AT(uint8_t, key_mask, j) != 0;
+    }
+    p->info[0] = valid;
+    p->info[1] = topk < valid ? topk : valid;
+    return RA_OK;
+}
+
+/* q (n, d) -> cent_c (d) = mean of the member rows of c (0 if empty), summed in order. */
+static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
+{
+    T *dst = p->cent + (ptrdiff_t)c * d;
+    const int64_t s0 = p->start[c], s1 = p->start[c + 1];
+    memset(dst, 0, sizeof(T) * (size_t)d);
+    for (int64_t s = s0; s < s1; s++)
+        for (int f = 0; f < d; f++) dst[f] += RA_MAT_AT(T, q, p->order[s], f);
+    if (s1 > s0) {
+        const T inv = (T)1 / (T)(s1 - s0);
+        for (int f = 0; f < d; f++) dst[f] *= inv;
+    }
+}
+
+/* Top-k candidates of centroid rows [c0, c0+rows) over key blocks [t0, t1):
+ * a = exp(scale·q̄·kᵀ − lse) (rows, BK) tile by tile, each unmasked key offered to the
+ * row's heap of group g.  k (m, d), cent (C, d). */
+static void FN(cl_topk_group)(const KT *K, RaMat k, RaVec key_mask, int m, int d, T sc,
+                              const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
+                              int g, int G, int kmax, T *ws)
+{
+    const int kc = (int)p->info[1];
+    T *qs = ws, *kt = qs + (ptrdiff_t)RA_BQ * d, *s = kt + (ptrdiff_t)d * RA_BK;
+    RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+    FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, qs, d);
+    for (int t = t0; t < t1; t++) {
+        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, kt, RA_BK);
+        K->gemm(rows, cols, d, qs, d, kt, RA_BK, s, RA_BK, 0);
+        K->exp_shift(rows, cols, s, RA_BK, p->lsec + c0);
+        for (int r = 0; r < rows; r++) {
+            const size_t hc = (size_t)(c0 + r) * G + g;
+            for (int j = 0; j < cols; j++) {
+                if (key_mask.data && !RA_VEC_AT(uint8_t, key_mask, j0 + j)) continue;
+                FN(ClCand) x = {s[(ptrdiff_t)r * RA_BK + j], j0 + j};
+                FN(cl_heap_push)(p->heap + hc * kmax, p->heap_size + hc, kc, x);
+            }
+        }
+    }
+}
+
+/* Cluster c: merge its G candidate heaps into T_c (sorted by position), then
+ * m̂_c = Σ_{T_c} a_c[j] and r_c = o_c − Σ_{T_c} a_c[j] v_j.  v (m, e). */
+static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *p, int c)
+{
+    const int kc = (int)p->info[1];
+    FN(ClCand) *all = p->heap + (size_t)c * G * kmax;
+    int total = 0;
+    for (int g = 0; g < G; g++) {      /* compact the groups' candidates to the front */
+        const int sz = p->heap_size[(size_t)c * G + g];
+        memmove(all + total, all + (size_t)g * kmax, sizeof(FN(ClCand)) * (size_t)sz);
+        total += sz;
+    }
+    qsort(all, (size_t)total, sizeof(FN(ClCand)), FN(cl_cmp_rank));
+    const int kept = total < kc ? total : kc;
+    qsort(all, (size_t)kept, sizeof(FN(ClCand)), FN(cl_cmp_key));
+    int64_t *sel = p->sel + (size_t)c * kmax;
+    T *aw = p->aw + (size_t)c * kmax, *r = p->r + (ptrdiff_t)c * e;
+    T mass = 0;
+    memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
+    for (int t = 0; t < kmax; t++) {
+        sel[t] = t < kept ? all[t].j : -1;
+        aw[t] = t < kept ? all[t].v : 0;
+        if (t >= kept) continue;
+        mass += aw[t];
+        for (int f = 0; f < e; f++) r[f] -= aw[t] * RA_MAT_AT(T, v, sel[t], f);
+    }
+    p->mhat[c] = mass;
+}
+
+/* Per-thread tiles of the query pass, carved from ws. */
+typedef struct {
+    FN(RaQTile) qt;
+    FN(RaQGradTile) gt;
+    T *qs, *o, *dout, *lse, *delta, *dq;
+    T *kt, *v, *k, *vt;          /* T_c packed: (d, kmax), (kmax, e), (kmax, d), (e, kmax) */
+    int64_t *kpos;               /* (BK) key positions of a centroid-attention tile */
+    T *dk;                       /* (BK, d) dk tile of the centroid backward */
+} FN(ClTiles);
+
+static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
+{
+    const ptrdiff_t kcols = kmax > RA_BK ? kmax : RA_BK;
+    w->qs = ws;
+    w->dq = w->qs + (ptrdiff_t)RA_BQ * d;
+    w->o = w->dq + (ptrdiff_t)RA_BQ * d;
+    w->dout = w->o + (ptrdiff_t)RA_BQ * e;
+    w->qt.acc = w->dout + (ptrdiff_t)RA_BQ * e;
+    w->qt.s = w->qt.acc + (ptrdiff_t)RA_BQ * e;
+    w->gt.dp = w->qt.s + (ptrdiff_t)RA_BQ * RA_BK;
+    w->qt.mx = w->gt.dp + (ptrdiff_t)RA_BQ * RA_BK;
+    w->qt.sum = w->qt.mx + RA_BQ;
+    w->lse = w->qt.sum + RA_BQ;
+    w->delta = w->lse + RA_BQ;
+    w->kt = w->delta + RA_BQ;
+    w->v = w->kt + kcols * d;
+    w->k = w->v + kcols * e;
+    w->vt = w->k + kcols * d;
+    w->kpos = (int64_t *)(w->vt + kcols * e);
+    w->dk = (T *)(w->kpos + RA_BK);
+    w->qt.q = w->gt.q = w->qs;
+    w->qt.pos = w->gt.pos = NULL;
+    w->gt.s = w->qt.s;
+    w->gt.dout = w->dout;
+    w->gt.lse = w->lse;
+    w->gt.delta = w->delta;
+    w->gt.dq = w->dq;
+}
+
+/* Key tile t of the packed T_c (kc keys): columns [t·BK, ...). */
+static FN(RaKTile) FN(cl_ktile)(const FN(ClTiles) *w, int kc, int kmax, int d, int e, int t)
+{
+    const int j0 = t * RA_BK;
+    FN(RaKTile) kt = {kc - j0 < RA_BK ? kc - j0 : RA_BK, w->kt + j0, kmax,
+                      w->v + (ptrdiff_t)j0 * e, e, w->k + (ptrdiff_t)j0 * d, d,
+                      w->vt + j0, kmax, NULL};
+    return kt;
+}
+
+/* Exact softmax of member rows idx[0..rows) over T_c: o' (rows, e) and lse' (rows) in w.
+ * q (n, d), k (m, d), v (m, e); T_c's keys already packed in w. */
+static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
+                                int rows, int kc, int kmax, int d, int e, T sc)
+{
+    FN(ra_gather)(q, idx, 0, rows, d, sc, 0, w->qs, d);
+    w->qt.rows = rows;
+    FN(ra_fwd_init)(&w->qt, e);
+    for (int t = 0; t * RA_BK < kc; t++) {
+        FN(RaKTile) kt = FN(cl_ktile)(w, kc, kmax, d, e, t);
+        FN(ra_fwd_step)(K, &w->qt, &kt, d, e, 0);
+    }
+    FN(ra_fwd_finish)(&w->qt, e, (char *)w->o, (ptrdiff_t)sizeof(T) * e, sizeof(T),
+                      (char *)w->lse, sizeof(T));
+}
+
+/* Centroid rows [c0, c0+rows) against key blocks [t0, t1) on the engine: the softmax
+ * over this key group only, written to part_o (rows, e) and part_lse (rows) of group g.
+ * k (m, d), v (m, e), cent (C, d). */
+static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
+                                  RaVec key_mask, int m, int d, int e, T sc,
+                                  const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
+                                  int g, int G)
+{
+    RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+    FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
+    w->qt.rows = rows;
+    FN(ra_fwd_init)(&w->qt, e);
+    for (int t = t0; t < t1; t++) {
+        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
+        int masked = 0;
+        for (int j = 0; j < cols; j++) {
+            const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
+            w->kpos[j] = valid ? j0 + j : -1;
+            masked |= !valid;
+        }
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
+        FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
+        FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
+        FN(ra_fwd_step)(K, &w->qt, &kt, d, e, masked ? RA_MASKED : 0);
+    }
+    const ptrdiff_t ts = sizeof(T);
+    FN(ra_fwd_finish)(&w->qt, e, (char *)(p->part_o + ((ptrdiff_t)c0 * G + g) * e),
+                      ts * G * e, ts, (char *)(p->part_lse + (ptrdiff_t)c0 * G + g), ts * G);
+}
+
+/* Merge cluster c's G key-group softmaxes: lse_c = log Σ_g exp(lse_g), o_c = Σ_g
+ * exp(lse_g − lse_c)·o_g, in group order.  A row that saw no key: o_c = 0, lse_c = -inf. */
+static void FN(cl_centroid_merge)(const FN(ClProblem) *p, int c, int G, int e)
+{
+    const T *lg = p->part_lse + (ptrdiff_t)c * G, *og = p->part_o + (ptrdiff_t)c * G * e;
+    T *o = p->oc + (ptrdiff_t)c * e, mx = -INFINITY, total = 0;
+    int nan = 0;
+    for (int g = 0; g < G; g++) {
+        nan |= lg[g] != lg[g];
+        if (lg[g] > mx) mx = lg[g];
+    }
+    memset(o, 0, sizeof(T) * (size_t)e);
+    if (mx == -INFINITY && !nan) {
+        p->lsec[c] = -INFINITY;
+        return;
+    }
+    for (int g = 0; g < G; g++) {
+        const T wg = (T)exp(lg[g] - mx);
+        total += wg;
+        for (int f = 0; f < e; f++) o[f] += wg * og[(ptrdiff_t)g * e + f];
+    }
+    for (int f = 0; f < e; f++) o[f] /= total;
+    p->lsec[c] = mx + (T)log(total);
+}
+
+/* Backward of the centroid softmax a_c·V over key blocks [t0, t1) (group g): writes
+ * dk, dv of those keys and accumulates dcent_part[g] (w.r.t. the scaled centroid).
+ * dout = gsum (C, e), delta (C), lse_c; k (m, d), v (m, e). */
+static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
+                                           RaVec key_mask, RaMat dk, RaMat dv, int m, int C,
+                                           int d, int e, T sc, const FN(ClProblem) *p,
+                                           int t0, int t1, int g)
+{
+    T *dq_g = p->dcent_part + (ptrdiff_t)g * C * d, *dv_t = w->v;
+    memset(dq_g, 0, sizeof(T) * (size_t)C * d);
+    for (int t = t0; t < t1; t++) {
+        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
+        int masked = 0;
+        for (int j = 0; j < cols; j++) {
+            const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
+            w->kpos[j] = valid ? j0 + j : -1;
+            masked |= !valid;
+        }
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 0, w->k, d);
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
+        FN(ra_gather)(v, NULL, j0, cols, e, 1, 1, w->vt, RA_BK);
+        FN(RaKTile) kt = {cols, w->kt, RA_BK, NULL, 0, w->k, d, w->vt, RA_BK, w->kpos};
+        memset(w->dk, 0, sizeof(T) * (size_t)cols * d);
+        memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
+        for (int c0 = 0; c0 < C; c0 += RA_BQ) {
+            const int rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+            RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+            FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
+            w->gt.rows = rows;
+            w->gt.dout = p->gsum + (ptrdiff_t)c0 * e;
+            w->gt.lse = p->lsec + c0;
+            w->gt.delta = p->delta + c0;
+            w->gt.dq = dq_g + (ptrdiff_t)c0 * d;
+            FN(ra_bwd_step)(K, &w->gt, &kt, w->dk, d, dv_t, e, d, e, masked ? RA_MASKED : 0);
+        }
+        for (int r = 0; r < cols; r++) {
+            for (int f = 0; f < d; f++) RA_MAT_AT(T, dk, j0 + r, f) = w->dk[(ptrdiff_t)r * d + f];
+            for (int f = 0; f < e; f++) RA_MAT_AT(T, dv, j0 + r, f) = dv_t[(ptrdiff_t)r * e + f];
+        }
+    }
+}
+
+/* Pack T_c's keys and values: kᵀ (d, kmax) and v (kmax, e); backward also k, vᵀ. */
+static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *sel, int kc,
+                             int kmax, int d, int e, int backward)
+{
+    FN(ra_gather)(k, sel, 0, kc, d, 1, 1, w->kt, kmax);
+    FN(ra_gather)(v, sel, 0, kc, e, 1, 0, w->v, e);
+    if (!backward) return;
+    FN(ra_gather)(k, sel, 0, kc, d, 1, 0, w->k, d);
+    FN(ra_gather)(v, sel, 0, kc, e, 1, 1, w->vt, kmax);
+}
+
+/* ------------------------------------------------------------------ shared front end */
+/* Everything both directions need, for all B problems: plans, centroids, the centroid
+ * attention (o_c, lse_c), and for the improved form T_c, a_c[T_c], m̂_c and r_c (plain:
+ * r_c = o_c, m̂_c = 0).  Problem b's buffers start at packs + b·per_problem. */
+static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, int C,
+                        int topk, int kmax, int G, RaBMat q, RaBMat k, RaBMat v,
+                        RaBVec labels, RaBVec key_mask, RaBVec scale, char *packs,
+                        size_t per_problem, int backward, char *scratch, size_t per_thread,
+                        int nt)
+{
+    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_BQ - 1) / RA_BQ;
+    int status = RA_OK;
+
+    /* 1. member lists */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t b = 0; b < B; b++) {
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        if (FN(cl_plan)(n, m, C, topk, ra_vec_at(labels, b), ra_vec_at(key_mask, b), &p)) {
+            #pragma omp atomic write
+            status = RA_ERR_INDEX;
+        }
+    }
+    if (status != RA_OK) return status;
+
+    /* 2. centroids, one (problem, cluster) per unit */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        const ptrdiff_t b = unit / C;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        FN(cl_centroid)(ra_mat_at(q, b), d, &p, (int)(unit % C));
+    }
+
+    /* 3. centroid attention, one (problem, centroid tile, key group) per unit, so one
+       problem keeps every thread busy; then the groups merged by log-sum-exp */
+    const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
+        const ptrdiff_t b = unit / ((ptrdiff_t)nct * G);
+        const int ct = (int)(unit / G % nct), g = (int)(unit % G);
+        const int c0 = ct * RA_BQ, rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+        const int t0 = g * blocks_per_group < nkb ? g * blocks_per_group : nkb;
+        const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        FN(ClTiles) w;
+        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_centroid_group)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b), ra_vec_at(key_mask, b),
+                              m, d, e, RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
+                              t0, t1, g, G);
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + unit / C * per_problem, n, d, e, C, kmax, G, backward, &p);
+        FN(cl_centroid_merge)(&p, (int)(unit % C), G, e);
+    }
+
+    /* 4. improved: top-k candidates per (problem, centroid tile, key group) */
+    if (kmax > 0) {
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
+            const ptrdiff_t b = unit / ((ptrdiff_t)nct * G);
+            const int ct = (int)(unit / G % nct), g = (int)(unit % G);
+            const int c0 = ct * RA_BQ, rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+            const int t0 = g * blocks_per_group;
+            const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
+            FN(ClProblem) p;
+            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+            for (int r = 0; r < rows; r++) p.heap_size[(size_t)(c0 + r) * G + g] = 0;
+            T *ws = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
+            FN(cl_topk_group)(K, ra_mat_at(k, b), ra_vec_at(key_mask, b), m, d,
+                              RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
+                              t0 < nkb ? t0 : nkb, t1, g, G, kmax, ws);
+        }
+    }
+
+    /* 5. T_c, m̂_c, r_c per (problem, cluster) */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        const ptrdiff_t b = unit / C;
+        const int c = (int)(unit % C);
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        if (kmax > 0) {
+            FN(cl_select)(ra_mat_at(v, b), e, G, kmax, &p, c);
+        } else {
+            memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
+            p.mhat[c] = 0;
+        }
+    }
+    return RA_OK;
+}
+
+/* Key groups of the centroid passes: enough units for the threads, a function of the
+ * shape only. */
+static int FN(cl_groups)(ptrdiff_t B, int m, int C)
+{
+    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_BQ - 1) / RA_BQ;
+    if (nkb == 0) return 1;
+    ptrdiff_t G = (RA_CL_TARGET_UNITS + B * nct - 1) / (B * nct);
+    return (int)(G > nkb ? nkb : G < 1 ? 1 : G);
+}
+
+/* The query tiles of every cluster of every problem: (b, c, first member) triples. */
+static FN(ClUnit) *FN(cl_units)(ptrdiff_t B, int C, char *packs, size_t per_problem,
+                                int n, int d, int e, int kmax, int G, int backward,
+                                int whole_clusters, ptrdiff_t *count)
+{
+    /* at most n/BQ + C tiles per problem */
+    FN(ClUnit) *units = ra_alloc(ra_mul(sizeof(FN(ClUnit)),
+                                        ra_mul((size_t)B, (size_t)n / RA_BQ + C + 1)));
+    if (!units) return NULL;
+    ptrdiff_t u = 0;
+    for (ptrdiff_t b = 0; b < B; b++) {
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        for (int c = 0; c < C; c++) {
+            const int size = (int)(p.start[c + 1] - p.start[c]);
+            for (int i0 = 0; i0 < size; i0 += whole_clusters ? size : RA_BQ) {
+                FN(ClUnit) x = {b, c, i0};
+                units[u++] = x;
+            }
+        }
+    }
+    *count = u;
+    return units;
+}
+
+/* ------------------------------------------------------------------ forward */
+/* q (B; n, d), k (B; m, d), v (B; m, e), labels (B; n), key_mask (B; m) or NULL,
+ * scale (B) -> out (B; n, e) */
+int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
+                             RaBMat q, RaBMat k, RaBMat v, RaBVec labels, RaBVec key_mask,
+                             RaBVec scale, RaBMat out)
+{
+    if (C < 1 || topk < 0) return RA_ERR_VALUE;
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    const int kmax = topk < m ? topk : m;
+    const int G = FN(cl_groups)(B, m, C);
+    FN(ClProblem) dummy;
+    const size_t per_problem = FN(cl_carve)(NULL, n, d, e, C, kmax, G, 0, &dummy);
+    const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
+    char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    FN(ClUnit) *units = NULL;
+    int status = RA_ERR_NOMEM;
+    if (!packs || !scratch) goto done;
+
+    status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
+                          scale, packs, per_problem, 0, scratch, per_thread, nt);
+    if (status != RA_OK) goto done;
+    ptrdiff_t nunits;
+    units = FN(cl_units)(B, C, packs, per_problem, n, d, e, kmax, G, 0, 0, &nunits);
+    status = RA_ERR_NOMEM;
+    if (!units) goto done;
+
+    /* 6. every (problem, cluster, member tile): out_i = r_c + m̂_c · softmax_{T_c}(q_i·K_T)·V_T */
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (ptrdiff_t u = 0; u < nunits; u++) {
+        const ptrdiff_t b = units[u].b;
+        const int c = units[u].c;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 0, &p);
+        const int kc = (int)p.info[1];
+        const int64_t *idx = p.order + p.start[c] + units[u].i0;
+        const int size = (int)(p.start[c + 1] - p.start[c]) - units[u].i0;
+        const int rows = size < RA_BQ ? size : RA_BQ;
+        const T *r = p.r + (ptrdiff_t)c * e, mh = p.mhat[c];
+        FN(ClTiles) w;
+        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        if (kc > 0) {
+            FN(cl_pack_topk)(&w, ra_mat_at(k, b), ra_mat_at(v, b), p.sel + (size_t)c * kmax,
+                             kc, kmax, d, e, 0);
+            FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e,
+                                RA_VEC_AT(T, ra_vec_at(scale, b), 0));
+        }
+        RaMat o = ra_mat_at(out, b);
+        for (int i = 0; i < rows; i++)
+            for (int f = 0; f < e; f++)
+                RA_MAT_AT(T, o, idx[i], f) = kc > 0 ? r[f] + mh * w.o[(ptrdiff_t)i * e + f] : r[f];
+    }
+
+    /* 7. queries labelled -1 output 0 */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t b = 0; b < B; b++) {
+        RaVec l = ra_vec_at(labels, b);
+        RaMat o = ra_mat_at(out, b);
+        for (int i = 0; i < n; i++)
+            if (RA_VEC_AT(int64_t, l, i) < 0)
+                for (int f = 0; f < e; f++) RA_MAT_AT(T, o, i, f) = 0;
+    }
+    status = RA_OK;
+done:
+    ra_free(units);
+    ra_free(packs);
+    ra_free(scratch);
+    return status;
+}
+
+/* ------------------------------------------------------------------ backward */
+/* dout (B; n, e), q, k, v, labels, key_mask, scale as in the forward
+ * -> dq (B; n, d), dk (B; m, d), dv (B; m, e)   (written, not accumulated) */
+int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
+                              RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBVec labels,
+                              RaBVec key_mask, RaBVec scale, RaBMat dq, RaBMat dk, RaBMat dv)
+{
+    if (C < 1 || topk < 0) return RA_ERR_VALUE;
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    const int kmax = topk < m ? topk : m;
+    const int nkb = (m + RA_BK - 1) / RA_BK;
+    const int G = FN(cl_groups)(B, m, C);
+    FN(ClProblem) p0;
+    const size_t per_problem = FN(cl_carve)(NULL, n, d, e, C, kmax, G, 1, &p0);
+    const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
+    const size_t ts = sizeof(T);
+    char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    FN(ClUnit) *units = NULL;
+    int status = RA_ERR_NOMEM;
+    if (!packs || !scratch) goto done;
+
+    /* forward passes 1-5 recomputed */
+    status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
+                          scale, packs, per_problem, 1, scratch, per_thread, nt);
+    if (status != RA_OK) goto done;
+
+    /* forward 6 broadcast r_c to every member, so the cluster's gradient is their sum:
+       gsum_c = Σ_{i∈c} dout_i */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        const ptrdiff_t b = unit / C;
+        const int c = (int)(unit % C);
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
+        T *gs = p.gsum + (ptrdiff_t)c * e;
+        RaMat g = ra_mat_at(dout, b);
+        memset(gs, 0, ts * (size_t)e);
+        for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
+            for (int f = 0; f < e; f++) gs[f] += RA_MAT_AT(T, g, p.order[s], f);
+        T acc = 0;
+        for (int f = 0; f < e; f++) acc += gs[f] * p.r[(ptrdiff_t)c * e + f];
+        p.delta[c] = acc;
+    }
+
+    /* forward 5 was r_c = a_c·V − Σ_{T_c} a_c[j] v_j: first the full a_c·V term, the
+       softmax backward with dout = gsum_c and delta_c = gsum_c · r_c (its rowsum(dout ∘
+       out)), one (problem, key group) per unit: dk, dv of the group's keys and a dcent
+       partial, summed in group order */
+    const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (ptrdiff_t unit = 0; unit < B * G; unit++) {
+        const ptrdiff_t b = unit / G;
+        const int g = (int)(unit % G);
+        const int t0 = g * blocks_per_group < nkb ? g * blocks_per_group : nkb;
+        const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
+        FN(ClTiles) w;
+        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_centroid_group_backward)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b),
+                                       ra_vec_at(key_mask, b), ra_mat_at(dk, b),
+                                       ra_mat_at(dv, b), m, C, d, e,
+                                       RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, t0, t1, g);
+    }
+    /* logits were (scale·q̄)·kᵀ: dcent = scale · Σ_g dcent_part[g] */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        const int c = (int)(unit % C);
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + unit / C * per_problem, n, d, e, C, kmax, G, 1, &p);
+        const T sc = RA_VEC_AT(T, ra_vec_at(scale, unit / C), 0);
+        for (int f = 0; f < d; f++) {
+            T acc = 0;
+            for (int g = 0; g < G; g++) acc += p.dcent_part[((ptrdiff_t)g * C + c) * d + f];
+            p.dcent[(ptrdiff_t)c * d + f] = sc * acc;
+        }
+    }
+
+    ptrdiff_t nunits;
+    units = FN(cl_units)(B, C, packs, per_problem, n, d, e, kmax, G, 1, 1, &nunits);
+    status = RA_ERR_NOMEM;
+    if (!units) goto done;
+
+    /* every (problem, cluster): the T_c terms, then dq of its members */
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (ptrdiff_t u = 0; u < nunits; u++) {
+        const ptrdiff_t b = units[u].b;
+        const int c = units[u].c;
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
+        const int kc = (int)p.info[1];
+        const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0), mh = p.mhat[c];
+        const int64_t *members = p.order + p.start[c];
+        const int size = (int)(p.start[c + 1] - p.start[c]);
+        const int64_t *sel = p.sel + (size_t)c * kmax;
+        const T *aw = p.aw + (size_t)c * kmax, *gs = p.gsum + (ptrdiff_t)c * e;
+        const T *cen = p.cent + (ptrdiff_t)c * d;
+        T *dcen = p.dcent + (ptrdiff_t)c * d;
+        T *dkt = p.dkt + (size_t)c * kmax * d, *dvt = p.dvt + (size_t)c * kmax * e;
+        RaMat km = ra_mat_at(k, b), vm = ra_mat_at(v, b), dqm = ra_mat_at(dq, b);
+        FN(ClTiles) w;
+        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+
+        /* in the forward: r_c −= a_c[j] v_j for j ∈ T_c, so the dense step above
+           over-counted dv_j by a_c[j]·gsum_c and ds_j by a_c[j]·(gsum_c·v_j): undo both */
+        if (kc > 0) {
+            memset(dkt, 0, ts * (size_t)kc * d);
+            memset(dvt, 0, ts * (size_t)kc * e);
+        }
+        for (int t = 0; t < kc; t++) {
+            T gv = 0;
+            for (int f = 0; f < e; f++) gv += gs[f] * RA_MAT_AT(T, vm, sel[t], f);
+            const T ds = -aw[t] * gv;
+            for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -aw[t] * gs[f];
+            for (int f = 0; f < d; f++) {
+                dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
+                dcen[f] += sc * ds * RA_MAT_AT(T, km, sel[t], f);
+            }
+        }
+        /* forward 6 was out_i = r_c + m̂_c·o'_i with o'_i = softmax_{T_c}(s·q_i·K_T)·V_T
+           and m̂_c constant: the engine backward with dout' = m̂_c·dout_i */
+        if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
+        const T inv = size ? (T)1 / (T)size : 0;
+        for (int i0 = 0; i0 < size; i0 += RA_BQ) {
+            const int rows = size - i0 < RA_BQ ? size - i0 : RA_BQ;
+            const int64_t *idx = members + i0;
+            if (kc > 0) {
+                FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e, sc);
+                FN(ra_gather)(ra_mat_at(dout, b), idx, 0, rows, e, mh, 0, w.dout, e);
+                for (int i = 0; i < rows; i++) {
+                    T acc = 0;
+                    for (int f = 0; f < e; f++)
+                        acc += w.dout[(ptrdiff_t)i * e + f] * w.o[(ptrdiff_t)i * e + f];
+                    w.delta[i] = acc;
+                }
+                memset(w.dq, 0, ts * (size_t)rows * d);
+                w.gt.rows = rows;
+                for (int t = 0; t * RA_BK < kc; t++) {
+                    FN(RaKTile) kt = FN(cl_ktile)(&w, kc, kmax, d, e, t);
+                    FN(ra_bwd_step)(K, &w.gt, &kt, dkt + (ptrdiff_t)t * RA_BK * d, d,
+                                    dvt + (ptrdiff_t)t * RA_BK * e, e, d, e, 0);
+                }
+            }
+            /* forward 2 was q̄_c = mean of members: each gets dcent_c / |c| */
+            for (int i = 0; i < rows; i++)
+                for (int f = 0; f < d; f++)
+                    RA_MAT_AT(T, dqm, idx[i], f) =
+                        dcen[f] * inv + (kc > 0 ? sc * w.dq[(ptrdiff_t)i * d + f] : 0);
+        }
+    }
+
+    /* queries labelled -1 get no gradient */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t b = 0; b < B; b++) {
+        RaVec l = ra_vec_at(labels, b);
+        RaMat g = ra_mat_at(dq, b);
+        for (int i = 0; i < n; i++)
+            if (RA_VEC_AT(int64_t, l, i) < 0)
+                for (int f = 0; f < d; f++) RA_MAT_AT(T, g, i, f) = 0;
+    }
+
+    /* add the T_c key gradients into dk, dv: one (problem, key block) per unit, clusters
+       in order, so the sums do not depend on the thread count */
+    if (kmax > 0) {
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (ptrdiff_t unit = 0; unit < B * nkb; unit++) {
+            const ptrdiff_t b = unit / nkb;
+            const int64_t j0 = (int64_t)(unit % nkb) * RA_BK, j1 = j0 + RA_BK;
+            FN(ClProblem) p;
+            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
+            const int kc = (int)p.info[1];
+            RaMat dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
+            for (int c = 0; c < C; c++) {
+                if (p.start[c + 1] == p.start[c]) continue;   /* no members: no gradient */
+                const int64_t *sel = p.sel + (size_t)c * kmax;
+                int lo = 0, hi = kc;                 /* first t with sel[t] >= j0 */
+                while (lo < hi) {
+                    const int mid = (lo + hi) / 2;
+                    if (sel[mid] < j0) lo = mid + 1; else hi = mid;
+                }
+                for (int t = lo; t < kc && sel[t] < j1; t++) {
+                    const T *gk = p.dkt + ((size_t)c * kmax + t) * d;
+                    const T *gv = p.dvt + ((size_t)c * kmax + t) * e;
+                    for (int f = 0; f < d; f++) RA_MAT_AT(T, dkm, sel[t], f) += gk[f];
+                    for (int f = 0; f < e; f++) RA_MAT_AT(T, dvm, sel[t], f) += gv[f];
+                }
+            }
+        }
+    }
+    status = RA_OK;
+done:
+    ra_free(units);
+    ra_free(packs);
+    ra_free(scratch);
+    return status;
+}

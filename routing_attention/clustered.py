@@ -1,0 +1,198 @@
+"""Clustered and improved clustered attention (Fast Transformers): wrappers and layer.
+
+Queries are grouped into clusters; attention is computed once per cluster centroid (the
+mean of its queries) and broadcast to the members.  The improved form recomputes exact
+weights on each cluster's top-k keys.  DESIGN.md §4.2.
+"""
+import numpy as np
+
+from . import _ext
+from ._checks import (as_bool_mask, as_matrix, batch_shape, float_dtype, integer, scale_value,
+                      unbroadcast)
+
+__all__ = ["clustered_attention", "clustered_attention_backward",
+           "improved_clustered_attention", "improved_clustered_attention_backward",
+           "ClusteredAttention"]
+
+
+def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
+    """Validated operands for the gufuncs; topk None means the plain form (passed as 0)."""
+    dtype = float_dtype(q=q, k=k, v=v)
+    q = as_matrix("q", q, dtype)
+    k = as_matrix("k", k, dtype)
+    v = as_matrix("v", v, dtype)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
+                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
+                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    n, m = q.shape[-2], k.shape[-2]
+    n_clusters = integer("n_clusters", n_clusters, low=1)
+    if n_clusters > n:
+        raise ValueError(f"n_clusters must be <= the number of queries n = {n}; got {n_clusters}")
+    topk = 0 if topk is None else integer("topk", topk, low=1)
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array; got dtype {labels.dtype}")
+    if labels.ndim < 1 or labels.shape[-1] != n:
+        raise ValueError(f"labels must have shape (..., {n}) to match the queries; got {labels.shape}")
+    if labels.size and (labels.min() < -1 or labels.max() >= n_clusters):
+        raise ValueError(f"labels must lie in [-1, n_clusters) = [-1, {n_clusters}); got values "
+                         f"in [{labels.min()}, {labels.max()}]")
+    labels = labels.astype(np.int64, copy=False)
+    if key_mask is None:
+        mask, use_mask = np.broadcast_to(np.True_, (m,)), False
+    else:
+        mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
+    batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1), key_mask=(mask, 1))
+    return (q, k, v, labels, mask, use_mask, n_clusters, topk,
+            scale_value(scale, q.shape[-1], dtype))
+
+
+def _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale):
+    q, k, v, labels, mask, use_mask, C, topk, scale = _prepare(q, k, v, labels, n_clusters,
+                                                               topk, key_mask, scale)
+    dout = as_matrix("dout", dout, q.dtype)
+    n, e = q.shape[-2], v.shape[-1]
+    if dout.shape[-2:] != (n, e):
+        raise ValueError(f"dout must have shape (..., n, e) = (..., {n}, {e}) like the "
+                         f"attention output; got {dout.shape}")
+    dq, dk, dv = _ext._clustered_backward(dout, q, k, v, labels, mask, use_mask, C, topk, scale)
+    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+
+
+def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None, out=None):
+    """Clustered attention: each cluster's centroid query attends, its members share the row.
+
+    Parameters
+    ----------
+    q : array_like, shape (..., n, d)
+    k : array_like, shape (..., m, d)
+    v : array_like, shape (..., m, e)
+    labels : array_like of int, shape (..., n)
+        Cluster of each query in [0, n_clusters), or -1 for a padded query (output 0).
+        Typically ``hamming_kmeans(lsh_hash(q, planes), n_clusters)``.
+    n_clusters : int
+        Number of clusters C, 1 <= C <= n.
+    key_mask : array_like of bool, shape (..., m), optional
+        False marks a padding key that no query sees.
+    scale : float, optional
+        Multiplies q·k; defaults to 1/sqrt(d).
+    out : ndarray, shape (..., n, e), optional
+
+    Returns
+    -------
+    out : ndarray (..., n, e).  For query i in cluster c, with q̄_c the mean of the queries
+    labelled c: ``softmax(scale · q̄_c kᵀ) v`` over the unmasked keys.  O(n·C·d) time.
+    """
+    q, k, v, labels, mask, use_mask, C, _, scale = _prepare(q, k, v, labels, n_clusters, None,
+                                                            key_mask, scale)
+    return _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, 0, scale, out=out)
+
+
+def clustered_attention_backward(dout, q, k, v, labels, n_clusters, *, key_mask=None,
+                                 scale=None):
+    """Gradients (dq, dk, dv) of `clustered_attention`; arguments as in the forward.
+
+    A centroid's gradient is shared equally by its members (÷ cluster size); queries
+    labelled -1 get none.  Gradients are summed over broadcast batch axes.
+    """
+    return _backward(dout, q, k, v, labels, n_clusters, None, key_mask, scale)
+
+
+def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None,
+                                 scale=None, out=None):
+    """Improved clustered attention: exact weights on each cluster's top-k keys.
+
+    Arguments as in `clustered_attention`, plus ``topk >= 1``.  For cluster c, T_c is the
+    min(topk, unmasked keys) keys with the largest centroid weight a_c (ties to the lower
+    key; never a masked key) and m̂_c = Σ_{j∈T_c} a_c[j].  Query i of cluster c gives keys
+    in T_c the weights ``m̂_c · softmax_{j∈T_c}(scale · q_i·k_j)`` and every other key a_c[j].
+    With topk >= m this is dense attention.
+    """
+    q, k, v, labels, mask, use_mask, C, topk, scale = _prepare(q, k, v, labels, n_clusters,
+                                                               topk, key_mask, scale)
+    return _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale, out=out)
+
+
+def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters, topk, *,
+                                          key_mask=None, scale=None):
+    """Gradients (dq, dk, dv) of `improved_clustered_attention`, with m̂_c (and the choice
+    of T_c) treated as constants, as in the paper."""
+    return _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale)
+
+
+# ------------------------------------------------------------------ layer
+class ClusteredAttention:
+    """Clustered attention with its own query clustering, as in Fast Transformers.
+
+    ``layer(q, k, v)`` hashes the queries with random hyperplanes (`lsh_hash`, planes drawn
+    once from `seed`), groups the codes by Hamming k-means (`hamming_kmeans`) and runs
+    clustered attention — or improved clustered attention when `topk` is given.
+    ``layer.backward(dout)`` returns (dq, dk, dv) for the last call, the clustering held
+    fixed (routing decisions are not differentiated).
+
+    Parameters
+    ----------
+    n_clusters : int
+        Clusters per sequence (clamped to the sequence length).
+    bits : int
+        Hash bits, 1..63.
+    iterations : int
+        Hamming k-means (Lloyd) iterations.
+    topk : int, optional
+        Keys recomputed exactly per cluster (improved form); None for the plain form.
+    seed : int
+        Seeds the hyperplanes and the k-means initialisation.
+    scale : float, optional
+        Multiplies q·k; defaults to 1/sqrt(d).
+    """
+
+    def __init__(self, n_clusters=100, *, bits=32, iterations=10, topk=None, seed=0, scale=None):
+        self.n_clusters = integer("n_clusters", n_clusters, low=1)
+        self.bits = integer("bits", bits, low=1, high=63)
+        self.iterations = integer("iterations", iterations, low=0)
+        self.topk = None if topk is None else integer("topk", topk, low=1)
+        self.seed = integer("seed", seed)
+        self.scale = scale
+        self.planes = None      # (bits, d + 1), drawn on the first call
+        self.labels = None      # the last call's clustering, (..., n)
+        self._saved = None
+
+    def _planes(self, d):
+        if self.planes is None or self.planes.shape[1] != d + 1:
+            rng = np.random.default_rng(self.seed)
+            self.planes = rng.standard_normal((self.bits, d + 1))
+        return self.planes
+
+    def cluster(self, q, query_mask=None):
+        """Labels (..., n) of the queries: lsh_hash → hamming_kmeans (-1 where masked)."""
+        from .clustering import hamming_kmeans, lsh_hash
+        q = np.asarray(q)
+        codes = lsh_hash(q, self._planes(q.shape[-1]).astype(q.dtype, copy=False))
+        C = min(self.n_clusters, q.shape[-2])
+        return hamming_kmeans(codes, C, iters=self.iterations, seed=self.seed, mask=query_mask)
+
+    def __call__(self, q, k, v, *, key_mask=None, query_mask=None):
+        """Attention output (..., n, e); query_mask False rows are padding (output 0)."""
+        q = np.asarray(q)
+        labels = self.cluster(q, query_mask)
+        C = min(self.n_clusters, q.shape[-2])
+        self.labels = labels
+        self._saved = (q, k, v, labels, C, key_mask)
+        if self.topk is None:
+            return clustered_attention(q, k, v, labels, C, key_mask=key_mask, scale=self.scale)
+        return improved_clustered_attention(q, k, v, labels, C, self.topk, key_mask=key_mask,
+                                            scale=self.scale)
+
+    def backward(self, dout):
+        """(dq, dk, dv) of the last call."""
+        if self._saved is None:
+            raise RuntimeError("ClusteredAttention.backward called before the layer was run")
+        q, k, v, labels, C, key_mask = self._saved
+        if self.topk is None:
+            return clustered_attention_backward(dout, q, k, v, labels, C, key_mask=key_mask,
+                                                scale=self.scale)
+        return improved_clustered_attention_backward(dout, q, k, v, labels, C, self.topk,
+                                                     key_mask=key_mask, scale=self.scale)

@@ -1,0 +1,293 @@
+"""Clustered and improved clustered attention: the C planner against the NumPy reference."""
+import numpy as np
+import pytest
+
+import routing_attention as ra
+from routing_attention import reference as ref
+from conftest import LAYOUTS, assert_close, strided
+
+DTYPES = [np.float32, np.float64]
+FORMS = [None, 1, 5, 1000]          # topk: None = plain clustered attention
+
+
+def make(rng, dtype, batch, n, m, d, e, C, drop=0.1):
+    q = rng.standard_normal(batch + (n, d)).astype(dtype)
+    k = rng.standard_normal(batch + (m, d)).astype(dtype)
+    v = rng.standard_normal(batch + (m, e)).astype(dtype)
+    labels = rng.integers(0, C, batch + (n,))
+    labels[rng.random(labels.shape) < drop] = -1
+    return q, k, v, labels
+
+
+def forward(topk, q, k, v, labels, C, impl=ra, **kw):
+    if topk is None:
+        return impl.clustered_attention(q, k, v, labels, C, **kw)
+    return impl.improved_clustered_attention(q, k, v, labels, C, topk, **kw)
+
+
+def backward(topk, dout, q, k, v, labels, C, impl=ra, **kw):
+    if topk is None:
+        return impl.clustered_attention_backward(dout, q, k, v, labels, C, **kw)
+    return impl.improved_clustered_attention_backward(dout, q, k, v, labels, C, topk, **kw)
+
+
+def check(topk, q, k, v, labels, C, dtype, tag, **kw):
+    out = forward(topk, q, k, v, labels, C, **kw)
+    assert_close(out, forward(topk, q, k, v, labels, C, impl=ref, **kw), dtype, f"{tag} out")
+    dout = np.random.default_rng(7).standard_normal(out.shape).astype(dtype)
+    grads = backward(topk, dout, q, k, v, labels, C, **kw)
+    rgrads = backward(topk, dout, q, k, v, labels, C, impl=ref, **kw)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, rgrads):
+        assert_close(g, r, dtype, f"{tag} {name}")
+    return out, grads
+
+
+# (n, m, d, e, C): degenerate sizes and sizes straddling the tiles (64 rows, 128 keys)
+SHAPES = [(1, 1, 1, 1, 1), (5, 7, 3, 2, 2), (70, 150, 16, 8, 6), (130, 300, 33, 20, 70),
+          (200, 70, 1, 5, 9), (3, 300, 8, 1, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("topk", FORMS)
+def test_matches_reference(rng, dtype, shape, topk):
+    n, m, d, e, C = shape
+    q, k, v, labels = make(rng, dtype, (2,), n, m, d, e, C, drop=0.1 if n > 1 else 0)
+    check(topk, q, k, v, labels, C, dtype, f"{shape} topk={topk}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("topk", FORMS)
+def test_key_mask_empty_clusters_and_padded_queries(rng, dtype, topk):
+    q, k, v, labels = make(rng, dtype, (3,), 90, 260, 16, 8, 12, drop=0.2)
+    labels[labels == 3] = 4                         # cluster 3 empty
+    mask = rng.random((3, 260)) > 0.4
+    mask[1] = False                                 # a problem with no visible key
+    mask[2, :] = False
+    mask[2, [5, 140, 259]] = True                   # three visible keys, topk may exceed them
+    out, (dq, dk, dv) = check(topk, q, k, v, labels, 12, dtype, f"mask topk={topk}", key_mask=mask)
+    pad = labels == -1
+    assert np.all(out[pad] == 0) and np.all(dq[pad] == 0), "padded queries: output 0, no gradient"
+    assert np.all(out[1] == 0) and np.all(dq[1] == 0) and np.all(dk[1] == 0) and np.all(dv[1] == 0)
+    assert np.all(dk[~mask] == 0) and np.all(dv[~mask] == 0), "masked keys get no gradient"
+
+
+@pytest.mark.parametrize("topk", [1, 3, 50])
+def test_padded_keys_never_weighted(rng, topk):
+    """Padding keys get no weight even when topk exceeds a sequence's valid keys."""
+    q, k, v, labels = make(rng, np.float64, (2,), 40, 100, 8, 4, 5, drop=0)
+    mask = np.zeros((2, 100), bool)
+    mask[0, [3, 50, 97]] = True
+    mask[1, :30] = True
+    out = ra.improved_clustered_attention(q, k, v, labels, 5, topk, key_mask=mask)
+    k2, v2 = k.copy(), v.copy()
+    k2[~mask] = 1e3                                 # would dominate any softmax it entered
+    v2[~mask] = 1e6
+    out2 = ra.improved_clustered_attention(q, k2, v2, labels, 5, topk, key_mask=mask)
+    assert np.array_equal(out, out2), "masked keys changed the output"
+    ones = ra.improved_clustered_attention(q, k, np.ones_like(v), labels, 5, topk, key_mask=mask)
+    assert_close(ones, np.ones_like(ones), np.float64, "weights of every query sum to 1")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_broadcast_batch_axes(rng, dtype):
+    q = rng.standard_normal((2, 1, 3, 40, 8)).astype(dtype)
+    k = rng.standard_normal((4, 1, 50, 8)).astype(dtype)
+    v = rng.standard_normal((1, 50, 6)).astype(dtype)
+    labels = rng.integers(-1, 7, (3, 40))
+    mask = rng.random((3, 50)) > 0.2
+    for topk in (None, 4):
+        out, _ = check(topk, q, k, v, labels, 7, dtype, f"broadcast topk={topk}", key_mask=mask)
+        assert out.shape == (2, 4, 3, 40, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_memory_layouts(rng, dtype, layout):
+    q, k, v, labels = make(rng, dtype, (2,), 66, 140, 12, 7, 5)
+    mask = rng.random((2, 140)) > 0.3
+    lab = np.ascontiguousarray(labels[:, ::-1])[:, ::-1] if layout == "negative" else labels
+    for topk in (None, 6):
+        want = forward(topk, q, k, v, labels, 5, key_mask=mask)
+        got = forward(topk, strided(q, layout), strided(k, layout), strided(v, layout), lab, 5,
+                      key_mask=mask)
+        assert np.array_equal(got, want), f"{layout} topk={topk}: layout changed the output"
+        dout = rng.standard_normal(want.shape).astype(dtype)
+        g1 = backward(topk, dout, q, k, v, labels, 5, key_mask=mask)
+        g2 = backward(topk, strided(dout, layout), strided(q, layout), strided(k, layout),
+                      strided(v, layout), lab, 5, key_mask=mask)
+        for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
+            assert np.array_equal(a, b), f"{layout} topk={topk} {name}: layout changed the gradient"
+
+
+def test_output_argument(rng):
+    q, k, v, labels = make(rng, np.float64, (), 20, 30, 4, 3, 4)
+    buf = np.full((20, 3), np.nan)
+    res = ra.improved_clustered_attention(q, k, v, labels, 4, 2, out=buf)
+    assert res is buf
+    assert np.array_equal(buf, ra.improved_clustered_attention(q, k, v, labels, 4, 2))
+
+
+# ------------------------------------------------------------------ gradients
+def numeric_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + eps
+        hi = f()
+        x[idx] = old - eps
+        lo = f()
+        x[idx] = old
+        g[idx] = (hi - lo) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_finite_differences(rng, topk):
+    """Central differences of the loss Σ dout∘out; improved: T_c and m̂_c held constant."""
+    q, k, v, labels = make(rng, np.float64, (), 9, 11, 3, 2, 3, drop=0.15)
+    labels[0] = 0
+    mask = np.ones(11, bool)
+    mask[4] = False
+    dout = rng.standard_normal((9, 2))
+    kw = dict(key_mask=mask, scale=0.7)
+    if topk is None:
+        loss = lambda: float(np.sum(dout * ra.clustered_attention(q, k, v, labels, 3, **kw)))
+    else:
+        hold = ref.improved_clustered_selection(q, k, labels, 3, topk, **kw)
+        loss = lambda: float(np.sum(dout * ref.improved_clustered_attention(
+            q, k, v, labels, 3, topk, _hold=hold, **kw)))
+    grads = backward(topk, dout, q, k, v, labels, 3, **kw)
+    for name, x, g in zip(("dq", "dk", "dv"), (q, k, v), grads):
+        num = numeric_grad(loss, x)
+        err = np.max(np.abs(num - g))
+        assert err < 1e-7 * max(1.0, np.max(np.abs(num))), f"topk={topk} {name}: FD error {err:.2e}"
+
+
+# ------------------------------------------------------------------ special cases
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_at_least_m_is_dense(rng, dtype):
+    q, k, v, labels = make(rng, dtype, (2,), 70, 140, 16, 8, 6, drop=0)
+    mask = rng.random((2, 140)) > 0.3
+    for topk in (140, 141, 10**6):
+        out = ra.improved_clustered_attention(q, k, v, labels, 6, topk, key_mask=mask)
+        assert_close(out, ref.attention(q, k, v, key_mask=mask), dtype, f"topk={topk} vs dense")
+        assert_close(out, ra.attention(q, k, v, key_mask=mask), dtype, f"topk={topk} vs ra.attention")
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    got = ra.improved_clustered_attention_backward(dout, q, k, v, labels, 6, 140, key_mask=mask)
+    want = ref.attention_backward(dout, q, k, v, key_mask=mask)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        assert_close(g, w, dtype, f"topk=m backward {name} vs dense")
+
+
+def test_improved_differs_from_plain(rng):
+    q, k, v, labels = make(rng, np.float64, (), 60, 80, 8, 4, 4, drop=0)
+    plain = ra.clustered_attention(q, k, v, labels, 4)
+    improved = ra.improved_clustered_attention(q, k, v, labels, 4, 8)
+    dense = ra.attention(q, k, v)
+    assert not np.allclose(plain, improved)
+    assert np.linalg.norm(improved - dense) < np.linalg.norm(plain - dense), \
+        "the exact top-k weights should move the output towards dense attention"
+
+
+def test_single_cluster_plain_is_mean_query_attention(rng):
+    q, k, v, labels = make(rng, np.float64, (), 30, 20, 5, 3, 1, drop=0)
+    out = ra.clustered_attention(q, k, v, labels, 1)
+    row = ref.attention(q.mean(axis=0, keepdims=True), k, v)
+    assert_close(out, np.repeat(row, 30, axis=0), np.float64, "one cluster")
+
+
+@pytest.mark.parametrize("topk", [None, 7])
+def test_bit_identical_across_thread_counts(rng, topk):
+    q, k, v, labels = make(rng, np.float32, (1,), 700, 1500, 32, 32, 20)
+    mask = rng.random((1, 1500)) > 0.1
+    dout = rng.standard_normal((1, 700, 32)).astype(np.float32)
+    before = ra.get_num_threads()
+    try:
+        results = []
+        for nt in (1, 2, 3):
+            ra.set_num_threads(nt)
+            out = forward(topk, q, k, v, labels, 20, key_mask=mask)
+            results.append((out,) + tuple(backward(topk, dout, q, k, v, labels, 20, key_mask=mask)))
+    finally:
+        ra.set_num_threads(before)
+    for nt, res in zip((2, 3), results[1:]):
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], res):
+            assert np.array_equal(a, b), f"topk={topk} {name}: 1 vs {nt} threads differ"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value")
+def test_nan_stays_in_its_cluster(rng):
+    q, k, v, labels = make(rng, np.float64, (), 40, 50, 4, 3, 4, drop=0)
+    q[0, 0] = np.nan
+    for topk in (None, 5):
+        out = forward(topk, q, k, v, labels, 4)
+        bad = labels == labels[0]
+        assert np.all(np.isnan(out[bad])) and np.all(np.isfinite(out[~bad])), f"topk={topk}"
+
+
+# ------------------------------------------------------------------ errors
+def test_errors_name_the_argument(rng):
+    q, k, v, labels = make(rng, np.float64, (), 10, 12, 4, 3, 3)
+    with pytest.raises(ValueError, match="labels"):
+        ra.clustered_attention(q, k, v, np.full(10, 3), 3)
+    with pytest.raises(ValueError, match="labels"):
+        ra.improved_clustered_attention(q, k, v, np.full(10, -2), 3, 2)
+    with pytest.raises(ValueError, match="labels"):
+        ra.clustered_attention(q, k, v, labels[:9], 3)
+    with pytest.raises(TypeError, match="labels"):
+        ra.clustered_attention(q, k, v, labels.astype(float), 3)
+    with pytest.raises(ValueError, match="n_clusters"):
+        ra.clustered_attention(q, k, v, labels, 0)
+    with pytest.raises(ValueError, match="n_clusters"):
+        ra.clustered_attention(q, k, v, labels, 11)
+    with pytest.raises(TypeError, match="n_clusters"):
+        ra.clustered_attention(q, k, v, labels, 2.5)
+    with pytest.raises(ValueError, match="topk"):
+        ra.improved_clustered_attention(q, k, v, labels, 3, 0)
+    with pytest.raises(ValueError, match="same feature size"):
+        ra.clustered_attention(q, k[:, :3], v, labels, 3)
+    with pytest.raises(ValueError, match="sequence length"):
+        ra.clustered_attention(q, k, v[:5], labels, 3)
+    with pytest.raises(ValueError, match="key_mask"):
+        ra.clustered_attention(q, k, v, labels, 3, key_mask=np.ones(5, bool))
+    with pytest.raises(ValueError, match="dout"):
+        ra.clustered_attention_backward(np.ones((10, 4)), q, k, v, labels, 3)
+    with pytest.raises(TypeError, match="q"):
+        ra.clustered_attention(q.astype(complex), k, v, labels, 3)
+
+
+def test_private_gufunc_rejects_bad_labels(rng):
+    """The C planner checks labels itself: no read out of bounds when called directly."""
+    q, k, v, labels = make(rng, np.float64, (), 10, 12, 4, 3, 3)
+    mask = np.ones(12, bool)
+    with pytest.raises(ValueError, match="labels"):
+        ra._ext._clustered_forward(q, k, v, np.full(10, 7), mask, False, 3, 0, 0.5)
+    with pytest.raises(ValueError, match="n_clusters"):
+        ra._ext._clustered_backward(q[:, :3], q, k, v, labels, mask, False, 0, 0, 0.5)
+
+
+# ------------------------------------------------------------------ layer
+def test_layer_runs_the_pipeline(rng):
+    """Needs lsh_hash / hamming_kmeans from issue 3 (routing_attention.clustering)."""
+    clustering = pytest.importorskip("routing_attention.clustering",
+                                     reason="lsh_hash/hamming_kmeans (issue 3) not merged yet")
+    q, k, v, _ = make(rng, np.float64, (2,), 120, 90, 16, 8, 1)
+    for topk in (None, 6):
+        layer = ra.ClusteredAttention(10, bits=16, iterations=5, topk=topk, seed=3)
+        out = layer(q, k, v)
+        labels = layer.labels
+        assert labels.shape == (2, 120) and labels.min() >= 0 and labels.max() < 10
+        codes = clustering.lsh_hash(q, layer.planes)
+        assert np.array_equal(labels, clustering.hamming_kmeans(codes, 10, iters=5, seed=3))
+        assert np.array_equal(out, forward(topk, q, k, v, labels, 10))
+        assert np.array_equal(out, layer(q, k, v)), "deterministic for a given seed"
+        dout = rng.standard_normal(out.shape)
+        for name, g, w in zip(("dq", "dk", "dv"), layer.backward(dout),
+                              backward(topk, dout, q, k, v, labels, 10)):
+            assert np.array_equal(g, w), f"layer backward {name}"
+
+
+def test_layer_backward_before_call():
+    with pytest.raises(RuntimeError, match="before"):
+        ra.ClusteredAttention(4).backward(np.zeros((3, 2)))
