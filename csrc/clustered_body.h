@@ -110,7 +110,7 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
     return off;
 }
 
-/* Per-thread tiles: q (BQ, d), acc/o' (BQ, e) ×2, s, dp, t (BQ·BK) ×3, mx, sum, lse',
+/* Per-thread tiles: q (BQ, d), acc/o' (BQ, e) ×2, s, dp (BQ·BK) ×2, mx, sum, lse',
  * delta' (BQ) ×4, dq (BQ, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
  * key positions (BK) int64, dk tile (max(kmax, BK), d). */
 static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
