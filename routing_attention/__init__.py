@@ -10,8 +10,8 @@ from ._ext import build_info, get_num_threads, set_num_threads
 from .clustering import (assign_clusters, commitment_loss, hamming_kmeans, lsh_hash,
                          members_from_labels, spherical_kmeans, top_members, update_centroids)
 from .dense import attention, attention_backward
-from .routing import (local_attention, local_attention_backward, routing_attention,
-                      routing_attention_backward)
+from .routing import (RoutingAttention, local_attention, local_attention_backward,
+                      routing_attention, routing_attention_backward)
 from .combiner import CombinerAttention, combiner_attention, combiner_attention_backward
 from .clustered import (ClusteredAttention, clustered_attention, clustered_attention_backward,
                         improved_clustered_attention, improved_clustered_attention_backward)
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention", "attention_backward",
-    "routing_attention", "routing_attention_backward",
+    "routing_attention", "routing_attention_backward", "RoutingAttention",
     "local_attention", "local_attention_backward",
     "spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
     "top_members", "members_from_labels", "lsh_hash", "hamming_kmeans",

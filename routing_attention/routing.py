@@ -4,7 +4,7 @@ import numpy as np
 from . import _ext
 from ._checks import as_matrix, batch_shape, flag, float_dtype, integer, scale_value, unbroadcast
 
-__all__ = ["routing_attention", "routing_attention_backward", "local_attention",
+__all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
 
 MERGES = ("mean", "lse")
@@ -145,3 +145,204 @@ def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None)
     """Gradients (dq, dk, dv) of `local_attention`."""
     q_idx, k_idx = _local_args(q, k, window, causal)
     return routing_attention_backward(dout, q, k, v, q_idx, k_idx, causal=causal, scale=scale)
+
+
+# ------------------------------------------------------------------ the layer
+def _normalize(x):
+    """Rows of x scaled to unit L2 norm (zero rows stay zero) and their norms."""
+    norm = np.sqrt(np.einsum("...d,...d->...", x, x))[..., None]
+    return x / np.where(norm > 0, norm, 1), norm
+
+
+def _normalize_backward(dxhat, xhat, norm):
+    """Gradient through x -> x / |x|: (dx̂ - x̂ (x̂·dx̂)) / |x|."""
+    proj = np.einsum("...d,...d->...", xhat, dxhat)[..., None]
+    return np.where(norm > 0, (dxhat - xhat * proj) / np.where(norm > 0, norm, 1), 0)
+
+
+def _mask_members(idx, mask):
+    """Replace members whose mask entry is False by -1.  idx (..., c, w), mask (..., n)."""
+    if mask is None:
+        return idx
+    mask = np.asarray(mask, bool)
+    batch = np.broadcast_shapes(idx.shape[:-2], mask.shape[:-1])
+    idx = np.broadcast_to(idx, batch + idx.shape[-2:])
+    flat = np.broadcast_to(mask, batch + mask.shape[-1:]).reshape(batch + (1, -1))
+    keep = np.take_along_axis(np.broadcast_to(flat, batch + (idx.shape[-2], mask.shape[-1])),
+                              np.maximum(idx, 0), axis=-1)
+    return np.where((idx >= 0) & keep, idx, -1)
+
+
+class RoutingAttention:
+    """Routing Transformer attention layer: online spherical k-means routing plus local heads.
+
+    Inputs are q, k, v of shape (..., heads, n, d) / (..., heads, m, d) / (..., heads, m, e).
+    Each head has its own unit-norm centroids (heads, c, d), shared by its queries and
+    keys, initialised by `spherical_kmeans` on the first batch (all batch rows pooled)
+    and, while `training`, moved by one `update_centroids` step (EMA with `decay`) per
+    call on that call's normalised queries and keys (padding excluded).
+
+    Parameters
+    ----------
+    n_clusters : int, optional
+        Clusters per head; default round(sqrt(n)) at the first call.
+    local_heads : int
+        The first `local_heads` heads run `local_attention` (window `window`) instead of
+        routing, as in the paper's mix of local and routing heads.
+    window : int, optional
+        Local attention window; default n // n_clusters.
+    shared_qk : bool
+        Shared-QK attention: keys are the normalised queries (the `k` argument is not
+        used and gets zero gradient) and a token does not attend to itself unless
+        alone (`exclude_self`).
+    causal : bool
+        Causal masking by position inside clusters (and in local heads).
+    membership : {"balanced", "argmax"}
+        "balanced": every cluster takes its w best queries and keys (`top_members`,
+        w = n // n_clusters by default); tokens may be in several clusters or none.
+        This looks at the whole sequence, so future tokens influence which past keys a
+        query meets.  "argmax": each token joins its nearest centroid
+        (`members_from_labels`), which depends on the token alone: truly causal.
+    w : int, optional
+        Members per cluster for balanced membership.
+    merge : {"mean", "lse"}
+        How a token in several clusters combines them (see `routing_attention`).
+    decay : float
+        EMA decay of the centroid update (0.999 in the paper).
+    kmeans_iters, seed : int
+        Initial spherical k-means.
+    scale : float, optional
+        Logit scale (default 1/sqrt(d)).
+
+    After each call, `commitment_loss` holds mean ‖x̂ − μ_label‖² per head over the
+    normalised queries and keys (the paper's auxiliary loss, reported, not
+    differentiated) and `q_idx` / `k_idx` the memberships used.
+    """
+
+    def __init__(self, n_clusters=None, *, local_heads=0, window=None, shared_qk=False,
+                 causal=False, membership="balanced", w=None, merge="mean", decay=0.999,
+                 kmeans_iters=10, seed=0, scale=None):
+        if membership not in ("balanced", "argmax"):
+            raise ValueError(f"membership must be 'balanced' or 'argmax'; got {membership!r}")
+        if merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES}; got {merge!r}")
+        self.n_clusters = None if n_clusters is None else integer("n_clusters", n_clusters, low=1)
+        self.local_heads = integer("local_heads", local_heads, low=0)
+        self.window = None if window is None else integer("window", window, low=1)
+        self.w = None if w is None else integer("w", w, low=1)
+        self.shared_qk = flag("shared_qk", shared_qk)
+        self.causal = flag("causal", causal)
+        self.membership, self.merge = membership, merge
+        self.decay = float(decay)
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")
+        self.kmeans_iters = integer("kmeans_iters", kmeans_iters, low=0)
+        self.seed, self.scale = seed, scale
+        self.training = True
+        self.centroids = None
+        self.commitment_loss = None
+        self.q_idx = self.k_idx = None
+        self._saved = None
+
+    # -- routing decisions ------------------------------------------------------
+    def _members(self, xhat, mask, n_clusters, size):
+        from .clustering import assign_clusters, members_from_labels, top_members
+        if self.membership == "balanced":
+            scores = xhat @ np.swapaxes(self.centroids, -1, -2)
+            idx = top_members(scores, min(size, xhat.shape[-2]))
+        else:
+            idx = members_from_labels(assign_clusters(xhat, self.centroids), n_clusters)
+        return _mask_members(idx, mask)
+
+    def _route(self, qhat, khat, key_mask, query_mask):
+        from .clustering import assign_clusters, commitment_loss, spherical_kmeans, update_centroids
+        heads, n, d = qhat.shape[-3:]
+        m = khat.shape[-2]
+        pooled = np.concatenate([qhat, khat], axis=-2)             # (..., heads, n+m, d)
+        pool_mask = None
+        if key_mask is not None or query_mask is not None:
+            qm = np.ones(qhat.shape[:-1], bool) if query_mask is None else \
+                np.broadcast_to(query_mask, qhat.shape[:-1])
+            km = np.ones(khat.shape[:-1], bool) if key_mask is None else \
+                np.broadcast_to(key_mask, khat.shape[:-1])
+            pool_mask = np.concatenate([qm, km], axis=-1)
+        if self.centroids is None:
+            c = self.n_clusters or max(1, int(round(np.sqrt(n))))
+            per_head = np.moveaxis(pooled.reshape((-1, heads) + pooled.shape[-2:]), 0, 1)
+            per_head = per_head.reshape(heads, -1, d)                 # (heads, B·(n+m), d)
+            mh = None if pool_mask is None else np.moveaxis(
+                pool_mask.reshape((-1, heads, pooled.shape[-2])), 0, 1).reshape(heads, -1)
+            self.centroids = spherical_kmeans(per_head, min(c, per_head.shape[-2]),
+                                              iters=self.kmeans_iters, seed=self.seed, mask=mh)
+        c = self.centroids.shape[-2]
+        size = self.w or max(1, n // c)
+        q_idx = self._members(qhat, query_mask, c, size)
+        k_idx = q_idx if self.shared_qk else self._members(khat, key_mask, c, max(1, m // c) if self.w is None else self.w)
+        labels = assign_clusters(pooled, self.centroids)
+        self.commitment_loss = commitment_loss(pooled, self.centroids, labels, mask=pool_mask)
+        if self.training:
+            self.centroids = update_centroids(self.centroids, pooled, labels, decay=self.decay,
+                                              mask=pool_mask)
+        return q_idx, k_idx
+
+    # -- forward / backward -----------------------------------------------------
+    def __call__(self, q, k, v, *, key_mask=None, query_mask=None):
+        """Attention output (..., heads, n, e); see the class docstring."""
+        dtype = float_dtype(q=q, k=k, v=v)
+        q = as_matrix("q", q, dtype, min_rank=3)
+        v = as_matrix("v", v, dtype, min_rank=3)
+        k = q if self.shared_qk else as_matrix("k", k, dtype, min_rank=3)
+        heads = q.shape[-3]
+        if self.local_heads > heads:
+            raise ValueError(f"local_heads ({self.local_heads}) exceeds the number of heads ({heads})")
+        if self.centroids is not None and self.centroids.shape[0] != heads - self.local_heads:
+            raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
+                             f"got {heads - self.local_heads}")
+        qhat, qnorm = _normalize(q)
+        khat, knorm = (qhat, qnorm) if self.shared_qk else _normalize(k)
+        katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
+        L = self.local_heads
+        out = np.empty(np.broadcast_shapes(q.shape[:-1], v.shape[:-2] + (q.shape[-2],)) + (v.shape[-1],), dtype)
+        kw = dict(causal=self.causal, scale=self.scale)
+        window = None
+        if L:
+            c = self.n_clusters or max(1, int(round(np.sqrt(q.shape[-2]))))
+            window = self.window or max(1, q.shape[-2] // c)
+            out[..., :L, :, :] = local_attention(q[..., :L, :, :], katt[..., :L, :, :],
+                                                 v[..., :L, :, :], window, **kw)
+        q_idx = k_idx = None
+        if L < heads:
+            kmask = None if key_mask is None else np.asarray(key_mask, bool)[..., None, :]
+            qmask = None if query_mask is None else np.asarray(query_mask, bool)[..., None, :]
+            q_idx, k_idx = self._route(qhat[..., L:, :, :], khat[..., L:, :, :], kmask, qmask)
+            out[..., L:, :, :] = routing_attention(
+                q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
+                exclude_self=self.shared_qk, merge=self.merge, **kw)
+        self.q_idx, self.k_idx = q_idx, k_idx
+        self._saved = (q, k, v, qhat, qnorm, katt, window, q_idx, k_idx)
+        return out
+
+    def backward(self, dout):
+        """Gradients (dq, dk, dv) of the last call's output (routing decisions fixed)."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward call first")
+        q, k, v, qhat, qnorm, katt, window, q_idx, k_idx = self._saved
+        dout = np.asarray(dout, q.dtype)
+        L, heads = self.local_heads, q.shape[-3]
+        dq = np.zeros(np.broadcast_shapes(q.shape, dout.shape[:-1] + (q.shape[-1],)), q.dtype)
+        dkatt = np.zeros(np.broadcast_shapes(katt.shape[:-2], dout.shape[:-2]) + katt.shape[-2:], q.dtype)
+        dv = np.zeros(np.broadcast_shapes(v.shape[:-2], dout.shape[:-2]) + v.shape[-2:], q.dtype)
+        kw = dict(causal=self.causal, scale=self.scale)
+        if L:
+            g = local_attention_backward(dout[..., :L, :, :], q[..., :L, :, :], katt[..., :L, :, :],
+                                         v[..., :L, :, :], window, **kw)
+            dq[..., :L, :, :], dkatt[..., :L, :, :], dv[..., :L, :, :] = g
+        if L < heads:
+            g = routing_attention_backward(dout[..., L:, :, :], q[..., L:, :, :], katt[..., L:, :, :],
+                                           v[..., L:, :, :], q_idx, k_idx, exclude_self=self.shared_qk,
+                                           merge=self.merge, **kw)
+            dq[..., L:, :, :], dkatt[..., L:, :, :], dv[..., L:, :, :] = g
+        dq, dkatt, dv = unbroadcast(dq, q.shape), unbroadcast(dkatt, katt.shape), unbroadcast(dv, v.shape)
+        if self.shared_qk:        # keys were the normalised queries
+            return dq + _normalize_backward(dkatt, qhat, qnorm), np.zeros_like(k), dv
+        return dq, dkatt, dv

@@ -1,0 +1,159 @@
+"""The RoutingAttention layer: routing decisions, centroid updates, causality, gradients."""
+import numpy as np
+import pytest
+
+import routing_attention as ra
+from conftest import assert_close
+
+
+def data(rng, shape=(2, 3, 64, 8), dtype=np.float64):
+    return tuple(rng.standard_normal(shape).astype(dtype) for _ in range(3))
+
+
+def normalise(x):
+    n = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(n > 0, n, 1)
+
+
+@pytest.mark.parametrize("membership", ["balanced", "argmax"])
+@pytest.mark.parametrize("merge", ["mean", "lse"])
+def test_output_is_routing_attention_on_its_memberships(rng, membership, merge):
+    q, k, v = data(rng)
+    layer = ra.RoutingAttention(n_clusters=4, local_heads=1, window=8, causal=True,
+                                membership=membership, merge=merge)
+    out = layer(q, k, v)
+    assert out.shape == q.shape
+    want_local = ra.local_attention(q[:, :1], k[:, :1], v[:, :1], 8, causal=True)
+    assert np.array_equal(out[:, :1], want_local)
+    want = ra.routing_attention(q[:, 1:], k[:, 1:], v[:, 1:], layer.q_idx, layer.k_idx,
+                                causal=True, merge=merge)
+    assert np.array_equal(out[:, 1:], want)
+    assert layer.q_idx.shape[:3] == (2, 2, 4)
+    if membership == "balanced":
+        assert layer.q_idx.shape[-1] == 64 // 4
+        assert np.all(np.diff(layer.q_idx, axis=-1) > 0), "balanced lists sorted by position"
+    else:   # argmax: every token in exactly one cluster
+        members = np.sort(layer.q_idx[layer.q_idx >= 0].reshape(2, 2, -1), axis=-1)
+        assert np.array_equal(members, np.broadcast_to(np.arange(64), (2, 2, 64)))
+
+
+def test_centroid_init_and_update_match_the_clustering_functions(rng):
+    q, k, v = data(rng, (2, 2, 50, 6))
+    key_mask = np.ones((2, 50), bool)
+    key_mask[1, 40:] = False
+    layer = ra.RoutingAttention(n_clusters=5, decay=0.9, seed=3)
+    layer(q, k, v, key_mask=key_mask)
+    pooled = np.concatenate([normalise(q), normalise(k)], axis=-2)            # (2, 2, 100, 6)
+    pool_mask = np.concatenate([np.ones((2, 2, 50), bool),
+                                np.broadcast_to(key_mask[:, None, :], (2, 2, 50))], axis=-1)
+    per_head = np.moveaxis(pooled, 0, 1).reshape(2, 100 * 2, 6)
+    mask_head = np.moveaxis(pool_mask, 0, 1).reshape(2, 200)
+    init = ra.spherical_kmeans(per_head, 5, iters=10, seed=3, mask=mask_head)
+    labels = ra.assign_clusters(pooled, init)
+    want = ra.update_centroids(init, pooled, labels, decay=0.9, mask=pool_mask)
+    assert_close(layer.centroids, want, np.float64, "updated centroids")
+    assert_close(layer.commitment_loss, ra.commitment_loss(pooled, init, labels, mask=pool_mask),
+                 np.float64, "commitment loss")
+    # padded keys are in no key list
+    assert not np.isin(np.arange(40, 50), layer.k_idx[1]).any()
+    # a second call in eval mode leaves the centroids alone
+    before = layer.centroids.copy()
+    layer.training = False
+    layer(q, k, v)
+    assert np.array_equal(layer.centroids, before)
+
+
+def test_argmax_membership_is_causal(rng):
+    """Perturbing future tokens never changes past outputs under argmax membership."""
+    q, k, v = data(rng, (1, 2, 80, 8))
+    layer = ra.RoutingAttention(n_clusters=6, causal=True, membership="argmax", merge="lse",
+                                local_heads=1, window=10)
+    layer(q, k, v)                       # initialise the centroids
+    layer.training = False
+    base = layer(q, k, v)
+    for t in (0, 17, 40, 79):
+        q2, k2, v2 = (x.copy() for x in (q, k, v))
+        for x in (q2, k2, v2):
+            x[..., t + 1:, :] = rng.standard_normal(x[..., t + 1:, :].shape) * 3
+        out = layer(q2, k2, v2)
+        assert np.array_equal(out[..., :t + 1, :], base[..., :t + 1, :]), f"future leaked into t<={t}"
+
+
+def test_balanced_membership_is_not_causal_and_says_so(rng):
+    """The documented caveat: top-w membership looks at the whole sequence."""
+    assert "future tokens" in ra.RoutingAttention.__doc__
+    q, k, v = data(rng, (1, 1, 64, 8))
+    layer = ra.RoutingAttention(n_clusters=4, causal=True)
+    layer(q, k, v)
+    layer.training = False
+    base = layer(q, k, v)
+    changed = False
+    for seed in range(10):
+        r = np.random.default_rng(seed)
+        q2, k2 = q.copy(), k.copy()
+        q2[..., 40:, :] = r.standard_normal(q2[..., 40:, :].shape) * 5
+        k2[..., 40:, :] = r.standard_normal(k2[..., 40:, :].shape) * 5
+        changed |= not np.array_equal(layer(q2, k2, v)[..., :40, :], base[..., :40, :])
+    assert changed, "balanced membership unexpectedly causal on this data"
+
+
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_backward_by_finite_differences(rng, shared_qk):
+    q, k, v = data(rng, (1, 2, 24, 4))
+    layer = ra.RoutingAttention(n_clusters=3, causal=True, shared_qk=shared_qk, local_heads=1,
+                                window=6, merge="lse")
+    layer(q, k, v)
+    layer.training = False
+    out = layer(q, k, v)
+    idx = (layer.q_idx.copy(), layer.k_idx.copy())
+    wts = rng.standard_normal(out.shape)
+    grads = layer.backward(wts)
+    for which, g in enumerate(grads):
+        num = np.zeros_like(g)
+        for pos in np.ndindex(g.shape):
+            args = [q.copy(), k.copy(), v.copy()]
+            args[which][pos] += 1e-6
+            up = np.sum(wts * layer(*args))
+            assert np.array_equal(layer.q_idx, idx[0]) and np.array_equal(layer.k_idx, idx[1])
+            args[which][pos] -= 2e-6
+            down = np.sum(wts * layer(*args))
+            num[pos] = (up - down) / 2e-6
+        err = np.max(np.abs(num - g))
+        assert err < 1e-7, f"shared_qk={shared_qk} d{'qkv'[which]}: {err:.2e}"
+    if shared_qk:
+        assert np.all(grads[1] == 0), "shared-QK: the k argument is unused"
+
+
+def test_float32_and_defaults(rng):
+    q, k, v = data(rng, (2, 256, 16), np.float32)       # heads=2, no batch axis
+    layer = ra.RoutingAttention()
+    out = layer(q, k, v)
+    assert out.dtype == np.float32 and out.shape == q.shape
+    assert layer.centroids.shape == (2, 16, 16)          # c = sqrt(256)
+    assert layer.q_idx.shape == (2, 16, 16)              # w = n / c
+    dq, dk, dv = layer.backward(np.ones_like(out))
+    assert dq.dtype == np.float32 and dq.shape == q.shape
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(membership="random"), "membership must be"),
+    (dict(merge="max"), "merge must be"),
+    (dict(n_clusters=0), "n_clusters must be >= 1"),
+    (dict(decay=1.5), "decay must lie in"),
+    (dict(local_heads=-1), "local_heads must be >= 0"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ra.RoutingAttention(**kwargs)
+
+
+def test_bad_calls(rng):
+    q, k, v = data(rng, (1, 2, 16, 4))
+    with pytest.raises(ValueError, match="local_heads"):
+        ra.RoutingAttention(local_heads=3)(q, k, v)
+    with pytest.raises(RuntimeError, match="forward call first"):
+        ra.RoutingAttention().backward(q)
+    layer = ra.RoutingAttention(n_clusters=2)
+    layer(q, k, v)
+    with pytest.raises(ValueError, match="routing heads"):
+        layer(q[:, :1], k[:, :1], v[:, :1])
