@@ -1,20 +1,32 @@
 /* engine_body.h — typed body of the tile engine (see engine.h).  Included by engine.c
  * once per dtype with T, KT (kernel table type), and FN(name) = name##_<suffix>. */
 
-/* Write -inf into the logits of every invisible (query, key) pair of the tile. */
-static void FN(apply_mask)(T *s, int rows, int cols, const int64_t *qpos,
+/* Write -inf into the logits of every invisible (query, key) pair of the tile; skipped
+ * when the positions show that every pair is visible. */
+static void FN(apply_mask)(const KT *K, T *s, int rows, int cols, const int64_t *qpos,
                            const int64_t *kpos, int flags)
 {
-    for (int i = 0; i < rows; i++) {
-        const int64_t qi = qpos ? qpos[i] : 0;
-        T *si = s + (ptrdiff_t)i * RA_BK;
-        for (int j = 0; j < cols; j++) {
-            const int64_t kj = kpos[j];
-            const int hidden = kj < 0 || ((flags & RA_CAUSAL) && kj > qi) ||
-                               ((flags & RA_EXCLUDE_SELF) && kj == qi);
-            if (hidden) si[j] = -INFINITY;
-        }
+    int64_t qmin = INT64_MAX, kmin = INT64_MAX, kmax = INT64_MIN;
+    for (int j = 0; j < cols; j++) {
+        kmin = kpos[j] < kmin ? kpos[j] : kmin;
+        kmax = kpos[j] > kmax ? kpos[j] : kmax;
     }
+    if (!qpos) {                       /* queries without positions: padding only */
+        if (kmin >= 0) return;
+        for (int i = 0; i < rows; i++)
+            for (int j = 0; j < cols; j++)
+                if (kpos[j] < 0) s[(ptrdiff_t)i * RA_BK + j] = -INFINITY;
+        return;
+    }
+    for (int i = 0; i < rows; i++) qmin = qpos[i] < qmin ? qpos[i] : qmin;
+    /* every pair visible: no padding, and (if causal or exclude_self) every key
+       strictly before every query, or at most at it when only causal */
+    int all_visible = kmin >= 0;
+    if (flags & RA_EXCLUDE_SELF) all_visible &= kmax < qmin;
+    else if (flags & RA_CAUSAL) all_visible &= kmax <= qmin;
+    if (all_visible) return;
+    K->mask_tile(rows, cols, s, RA_BK, qpos, kpos, (flags & RA_CAUSAL) != 0,
+                 (flags & RA_EXCLUDE_SELF) != 0);
 }
 
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
@@ -64,7 +76,7 @@ void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d,
     /* 1. logits: s = q · kᵀ */
     K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, RA_BK, 0);
     /* 2. position mask */
-    if (flags & RA_MASKED) FN(apply_mask)(qt->s, rows, cols, qt->pos, kt->pos, flags);
+    if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, rows, cols, qt->pos, kt->pos, flags);
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
     K->softmax_step(rows, cols, qt->s, RA_BK, qt->mx, qt->sum, qt->acc, e, e);
     /* 4. acc += p · v */
@@ -93,7 +105,7 @@ void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *
     const int rows = g->rows, cols = kt->cols;
     /* forward pass 1-3 recomputed: s = q·kᵀ, masked, p = exp(s - lse) */
     K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
-    if (flags & RA_MASKED) FN(apply_mask)(g->s, rows, cols, g->pos, kt->pos, flags);
+    if (flags & RA_MASKED) FN(apply_mask)(K, g->s, rows, cols, g->pos, kt->pos, flags);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
     /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
     K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);

@@ -27,6 +27,10 @@
                          int e, ptrdiff_t ldacc);                                          \
     /* S (bq×bk, lds) = exp(S - lse[i]) row by row; rows with lse = -inf become 0. */      \
     void (*exp_shift)(int bq, int bk, T *S, ptrdiff_t lds, const T *lse);                   \
+    /* S[i, j] = -inf where key j is hidden from query i: kpos[j] < 0, or causal and      \
+       kpos[j] > qpos[i], or exclude_self and kpos[j] == qpos[i]. */                      \
+    void (*mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,           \
+                      const int64_t *kpos, int causal, int exclude_self);                  \
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
                          T scale);

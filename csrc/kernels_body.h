@@ -235,6 +235,21 @@ static void FN(exp_shift)(int bq, int bk, T *S, ptrdiff_t lds, const T *lse)
     }
 }
 
+static void FN(mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,
+                          const int64_t *kpos, int causal, int exclude_self)
+{
+    const int64_t c = causal ? 1 : 0, x = exclude_self ? 1 : 0;
+    for (int i = 0; i < bq; i++) {
+        const int64_t qi = qpos[i];
+        T *s = S + i * lds;
+        for (int j = 0; j < bk; j++) {   /* branch-free so it vectorises */
+            const int64_t kj = kpos[j];
+            const int64_t hidden = (kj < 0) | ((kj > qi) & c) | ((kj == qi) & x);
+            s[j] = hidden ? (T)-INFINITY : s[j];
+        }
+    }
+}
+
 static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,
                              T scale)
 {

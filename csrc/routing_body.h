@@ -145,8 +145,8 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
         status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
         if (status != RA_OK) break;
-        const int flags = RA_MASKED | (RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0) ? RA_CAUSAL : 0) |
-                          (RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0) ? RA_EXCLUDE_SELF : 0);
+        const int flags = ra_routing_flags(RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0),
+                                           RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0));
         FN(routing_problem_forward)(K, &plan, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
                                     RA_VEC_AT(T, ra_vec_at(scale, b), 0), flags,
                                     RA_VEC_AT(uint8_t, ra_vec_at(merge_lse, b), 0), scratch,
@@ -279,8 +279,8 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
         status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
         if (status != RA_OK) break;
-        const int flags = RA_MASKED | (RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0) ? RA_CAUSAL : 0) |
-                          (RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0) ? RA_EXCLUDE_SELF : 0);
+        const int flags = ra_routing_flags(RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0),
+                                           RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0));
         const int lse_merge = RA_VEC_AT(uint8_t, ra_vec_at(merge_lse, b), 0) != 0;
         const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
         RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);

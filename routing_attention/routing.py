@@ -245,17 +245,16 @@ class RoutingAttention:
         self._saved = None
 
     # -- routing decisions ------------------------------------------------------
-    def _members(self, xhat, mask, n_clusters, size):
-        from .clustering import assign_clusters, members_from_labels, top_members
+    def _members(self, xhat, scores, labels, mask, size):
+        from .clustering import members_from_labels, top_members
         if self.membership == "balanced":
-            scores = xhat @ np.swapaxes(self.centroids, -1, -2)
             idx = top_members(scores, min(size, xhat.shape[-2]))
         else:
-            idx = members_from_labels(assign_clusters(xhat, self.centroids), n_clusters)
+            idx = members_from_labels(labels, self.centroids.shape[-2])
         return _mask_members(idx, mask)
 
     def _route(self, qhat, khat, key_mask, query_mask):
-        from .clustering import assign_clusters, commitment_loss, spherical_kmeans, update_centroids
+        from .clustering import spherical_kmeans, update_centroids
         heads, n, d = qhat.shape[-3:]
         m = khat.shape[-2]
         pooled = np.concatenate([qhat, khat], axis=-2)             # (..., heads, n+m, d)
@@ -275,11 +274,20 @@ class RoutingAttention:
             self.centroids = spherical_kmeans(per_head, min(c, per_head.shape[-2]),
                                               iters=self.kmeans_iters, seed=self.seed, mask=mh)
         c = self.centroids.shape[-2]
+        # one product gives the balanced scores, the argmax labels (ties to the lowest
+        # cluster, as assign_clusters) and the commitment loss |x̂|² - 2 x̂·μ + |μ|²
+        scores = pooled @ np.swapaxes(self.centroids, -1, -2)       # (..., heads, n+m, c)
+        labels = scores.argmax(axis=-1)
+        best = np.take_along_axis(scores, labels[..., None], axis=-1)[..., 0]
+        mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)
+        sq = np.einsum("...d,...d->...", pooled, pooled) - 2 * best + np.take_along_axis(
+            mu2[..., None, :], labels[..., None], axis=-1)[..., 0]
+        weight = np.ones(sq.shape) if pool_mask is None else pool_mask.astype(sq.dtype)
+        self.commitment_loss = (sq * weight).sum(-1) / np.maximum(weight.sum(-1), 1)
         size = self.w or max(1, n // c)
-        q_idx = self._members(qhat, query_mask, c, size)
-        k_idx = q_idx if self.shared_qk else self._members(khat, key_mask, c, max(1, m // c) if self.w is None else self.w)
-        labels = assign_clusters(pooled, self.centroids)
-        self.commitment_loss = commitment_loss(pooled, self.centroids, labels, mask=pool_mask)
+        q_idx = self._members(qhat, scores[..., :n, :], labels[..., :n], query_mask, size)
+        k_idx = q_idx if self.shared_qk else self._members(
+            khat, scores[..., n:, :], labels[..., n:], key_mask, self.w or max(1, m // c))
         if self.training:
             self.centroids = update_centroids(self.centroids, pooled, labels, decay=self.decay,
                                               mask=pool_mask)
