@@ -279,9 +279,10 @@ class RoutingAttention:
         scores = pooled @ np.swapaxes(self.centroids, -1, -2)       # (..., heads, n+m, c)
         labels = scores.argmax(axis=-1)
         best = np.take_along_axis(scores, labels[..., None], axis=-1)[..., 0]
-        mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)
+        mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)[..., None, :]
+        mu2 = mu2.reshape((1,) * (labels.ndim + 1 - mu2.ndim) + mu2.shape)   # (..., 1, c)
         sq = np.einsum("...d,...d->...", pooled, pooled) - 2 * best + np.take_along_axis(
-            mu2[..., None, :], labels[..., None], axis=-1)[..., 0]
+            mu2, labels[..., None], axis=-1)[..., 0]
         weight = np.ones(sq.shape) if pool_mask is None else pool_mask.astype(sq.dtype)
         self.commitment_loss = (sq * weight).sum(-1) / np.maximum(weight.sum(-1), 1)
         size = self.w or max(1, n // c)
