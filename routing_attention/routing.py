@@ -214,10 +214,16 @@ class RoutingAttention:
     scale : float, optional
         Logit scale (default 1/sqrt(d)).
 
+    The initial k-means runs on at most INIT_ROWS_PER_CLUSTER · n_clusters rows per head
+    (a seeded random sample of the first batch's queries and keys), so the first call
+    stays fast on long sequences.
+
     After each call, `commitment_loss` holds mean ‖x̂ − μ_label‖² per head over the
     normalised queries and keys (the paper's auxiliary loss, reported, not
     differentiated) and `q_idx` / `k_idx` the memberships used.
     """
+
+    INIT_ROWS_PER_CLUSTER = 64
 
     def __init__(self, n_clusters=None, *, local_heads=0, window=None, shared_qk=False,
                  causal=False, membership="balanced", w=None, merge="mean", decay=0.999,
@@ -271,6 +277,11 @@ class RoutingAttention:
             per_head = per_head.reshape(heads, -1, d)                 # (heads, B·(n+m), d)
             mh = None if pool_mask is None else np.moveaxis(
                 pool_mask.reshape((-1, heads, pooled.shape[-2])), 0, 1).reshape(heads, -1)
+            if per_head.shape[-2] > self.INIT_ROWS_PER_CLUSTER * c:   # k-means on a sample
+                rows = np.sort(np.random.default_rng(self.seed).choice(
+                    per_head.shape[-2], self.INIT_ROWS_PER_CLUSTER * c, replace=False))
+                per_head = per_head[:, rows]
+                mh = None if mh is None else mh[:, rows]
             self.centroids = spherical_kmeans(per_head, min(c, per_head.shape[-2]),
                                               iters=self.kmeans_iters, seed=self.seed, mask=mh)
         c = self.centroids.shape[-2]
