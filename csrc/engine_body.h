@@ -45,15 +45,31 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
         }
         return;
     }
-    /* transposed: 16 rows at a time, so each output row is written in short runs */
-    for (int r0 = 0; r0 < rows; r0 += 16) {
-        const int r1 = r0 + 16 < rows ? r0 + 16 : rows;
-        for (int c = 0; c < cols; c++) {
-            T *o = dst + (ptrdiff_t)c * ld;
-            for (int r = r0; r < r1; r++) {
-                const int64_t row = idx ? idx[r] : first + r;
-                o[r] = row < 0 ? 0 : *(const T *)(src.data + (ptrdiff_t)row * src.s0 +
-                                                   (ptrdiff_t)c * src.s1) * mul;
+    /* transposed, 64 rows at a time: the SIMD gather when the rows are contiguous and all
+       present, else 16-row blocks so each output row is written in short runs */
+    const int simd = src.s1 == (ptrdiff_t)sizeof(T) && src.s0 % (ptrdiff_t)sizeof(T) == 0;
+    for (int r0 = 0; r0 < rows; r0 += 64) {
+        const int r1 = r0 + 64 < rows ? r0 + 64 : rows;
+        int64_t off[64];
+        int present = simd;
+        for (int r = r0; r < r1 && present; r++) {
+            const int64_t row = idx ? idx[r] : first + r;
+            present = row >= 0;
+            off[r - r0] = row * (src.s0 / (ptrdiff_t)sizeof(T));
+        }
+        if (present) {
+            ra_kernels()->KSEL.gather_t(r1 - r0, cols, (const T *)src.data, off, mul, dst + r0, ld);
+            continue;
+        }
+        for (int b0 = r0; b0 < r1; b0 += 16) {
+            const int b1 = b0 + 16 < r1 ? b0 + 16 : r1;
+            for (int c = 0; c < cols; c++) {
+                T *o = dst + (ptrdiff_t)c * ld;
+                for (int r = b0; r < b1; r++) {
+                    const int64_t row = idx ? idx[r] : first + r;
+                    o[r] = row < 0 ? 0 : *(const T *)(src.data + (ptrdiff_t)row * src.s0 +
+                                                       (ptrdiff_t)c * src.s1) * mul;
+                }
             }
         }
     }

@@ -31,6 +31,10 @@
        kpos[j] > qpos[i], or exclude_self and kpos[j] == qpos[i]. */                      \
     void (*mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,           \
                       const int64_t *kpos, int causal, int exclude_self);                  \
+    /* Transposing gather: dst[c·ld + r] = mul · src[off[r] + c] for r < rows, c < cols  \
+       (row r of a strided matrix starts at element offset off[r] from src). */           \
+    void (*gather_t)(int rows, int cols, const T *src, const int64_t *off, T mul, T *dst, \
+                     ptrdiff_t ld);                                                        \
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
                          T scale);

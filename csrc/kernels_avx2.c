@@ -25,7 +25,7 @@
 
 const RaKernels ra_kernels_avx2 = {
     "avx2",
-    {gemm_f32_avx2, gemm_tn_f32_avx2, softmax_step_f32_avx2, exp_shift_f32_avx2, mask_tile_f32_avx2, softmax_grad_f32_avx2},
-    {gemm_f64_avx2, gemm_tn_f64_avx2, softmax_step_f64_avx2, exp_shift_f64_avx2, mask_tile_f64_avx2, softmax_grad_f64_avx2},
+    {gemm_f32_avx2, gemm_tn_f32_avx2, softmax_step_f32_avx2, exp_shift_f32_avx2, mask_tile_f32_avx2, gather_t_f32_avx2, softmax_grad_f32_avx2},
+    {gemm_f64_avx2, gemm_tn_f64_avx2, softmax_step_f64_avx2, exp_shift_f64_avx2, mask_tile_f64_avx2, gather_t_f64_avx2, softmax_grad_f64_avx2},
     fma_probe_f32_avx2,
 };

@@ -250,6 +250,15 @@ static void FN(mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qp
     }
 }
 
+static void FN(gather_t)(int rows, int cols, const T *src, const int64_t *off, T mul,
+                         T *restrict dst, ptrdiff_t ld)
+{
+    for (int c = 0; c < cols; c++) {       /* vectorises into gathers over r */
+        T *o = dst + c * ld;
+        for (int r = 0; r < rows; r++) o[r] = src[off[r] + c] * mul;
+    }
+}
+
 static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,
                              T scale)
 {

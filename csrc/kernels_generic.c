@@ -25,7 +25,7 @@
 
 const RaKernels ra_kernels_generic = {
     "generic",
-    {gemm_f32_generic, gemm_tn_f32_generic, softmax_step_f32_generic, exp_shift_f32_generic, mask_tile_f32_generic, softmax_grad_f32_generic},
-    {gemm_f64_generic, gemm_tn_f64_generic, softmax_step_f64_generic, exp_shift_f64_generic, mask_tile_f64_generic, softmax_grad_f64_generic},
+    {gemm_f32_generic, gemm_tn_f32_generic, softmax_step_f32_generic, exp_shift_f32_generic, mask_tile_f32_generic, gather_t_f32_generic, softmax_grad_f32_generic},
+    {gemm_f64_generic, gemm_tn_f64_generic, softmax_step_f64_generic, exp_shift_f64_generic, mask_tile_f64_generic, gather_t_f64_generic, softmax_grad_f64_generic},
     fma_probe_f32_generic,
 };

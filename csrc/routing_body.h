@@ -87,6 +87,15 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
 {
     const int e = P->e;
     const int64_t a = P->q_start[i], z = P->q_start[i + 1];
+    T *dst = (T *)(out.data + i * out.s0);
+    const int contiguous = out.s1 == (ptrdiff_t)sizeof(T);
+    if (z - a == 1) {                          /* the common case: one cluster */
+        const T *o = buf->o_slot + P->q_occ[a] * e;
+        if (contiguous) memcpy(dst, o, sizeof(T) * (size_t)e);
+        else for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = o[c];
+        RA_VEC_AT(T, lse, i) = buf->l_slot[P->q_occ[a]];
+        return;
+    }
     T mx = -INFINITY;
     for (int64_t t = a; t < z; t++) {
         const T l = buf->l_slot[P->q_occ[t]];
@@ -101,7 +110,9 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
         const int64_t slot = P->q_occ[t];
         const T wgt = merge_lse ? (L == -INFINITY ? 0 : exp(buf->l_slot[slot] - L))
                                 : (T)1 / (T)(z - a);
-        for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) += wgt * buf->o_slot[slot * e + c];
+        const T *o = buf->o_slot + slot * e;
+        if (contiguous) for (int c = 0; c < e; c++) dst[c] += wgt * o[c];
+        else for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) += wgt * o[c];
     }
     RA_VEC_AT(T, lse, i) = L;
 }
