@@ -4,7 +4,8 @@ Flags are portable: ``-O3`` only, no ``-march=native``/``-Ofast``/``-ffast-math`
 The SIMD tile kernels are compiled three times (AVX-512, AVX2+FMA, baseline x86-64)
 through ``#pragma GCC target`` inside ``csrc/kernels_*.c`` and chosen at run time.
 OpenMP is used when the compiler accepts ``-fopenmp``; otherwise the build goes on
-single-threaded with a warning.  Set ``RA_SANITIZE=1`` for an ASan/UBSan build.
+single-threaded with a warning (``RA_NO_OPENMP=1`` forces that, for testing).  Set
+``RA_SANITIZE=1`` for an ASan/UBSan build.
 """
 import glob
 import os
@@ -47,11 +48,11 @@ class BuildExt(build_ext):
             san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
             compile_args = [a.replace("-O3", "-O1") for a in compile_args] + san
             link_args += san
-        if _compiler_accepts(cc, ["-fopenmp"], OPENMP_PROBE):
+        if not os.environ.get("RA_NO_OPENMP") and _compiler_accepts(cc, ["-fopenmp"], OPENMP_PROBE):
             compile_args.append("-fopenmp")
             link_args.append("-fopenmp")
         else:
-            warnings.warn("routing_attention: the compiler does not support OpenMP (-fopenmp); "
+            warnings.warn("routing_attention: OpenMP is unavailable (no -fopenmp support, or RA_NO_OPENMP set); "
                           "building a single-threaded extension.")
             print("WARNING: OpenMP not found; routing_attention will run single-threaded.",
                   file=sys.stderr)

@@ -320,6 +320,7 @@ int FN(ra_commitment_loss)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
                            RaBVec labels, RaBVec mask, RaBVec loss)
 {
     const int nt = ra_num_threads(), nch = ra_nchunks(n);
+    (void)nt;   /* used only by the OpenMP pragma */
     int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     T *partial = ra_alloc(ra_mul(sizeof(T), (size_t)nch));
     int st = (lab && partial) ? RA_OK : RA_ERR_NOMEM;
