@@ -550,7 +550,8 @@ def _leak_check(calls, watched, rounds, traced_rounds, per_call_bytes=8):
         ra.set_num_threads(saved)
     assert dref == [0] * len(watched), f"reference counts of the inputs changed by {dref}"
     traced = traced_rounds * len(calls)
-    assert py < traced * per_call_bytes, f"Python heap grew {py} B over {traced} calls"
+    # 16 KiB of slack for one-off caches; a leaked array per call is far more than that
+    assert py < traced * per_call_bytes + 16384, f"Python heap grew {py} B over {traced} calls"
     total = rounds * len(calls)
     if not SANITIZED:       # ASan's malloc does not report mallinfo
         assert cheap < total * per_call_bytes, f"C heap grew {cheap} B over {total} calls"
@@ -566,7 +567,7 @@ def test_no_leaks_in_successful_calls():
 
 def test_no_leaks_in_failing_calls():
     calls = _error_calls()
-    _leak_check(calls, [IDX], 5 if SANITIZED else 150, 3 if SANITIZED else 20)
+    _leak_check(calls, [IDX], 5 if SANITIZED else 150, 5 if SANITIZED else 20)
 
 
 def test_the_leak_check_catches_a_leaked_array():
@@ -575,7 +576,7 @@ def test_the_leak_check_catches_a_leaked_array():
     a = _inputs("attention")
     calls = [lambda: kept.append(ra.attention(a["q"], a["k"], a["v"]))]
     with pytest.raises(AssertionError, match="Python heap grew"):
-        _leak_check(calls, [a["q"]], 0, 300)
+        _leak_check(calls, [a["q"]], 0, 1000)
     kept.clear()
     with pytest.raises(AssertionError, match="reference counts"):
         _leak_check([lambda: kept.append(a["q"])], [a["q"]], 0, 50)
