@@ -27,10 +27,18 @@ enum {
 /* ------------------------------------------------------------------ threads */
 /* Number of threads every parallel region uses (0 = OpenMP default). */
 extern int ra_requested_threads;
+/* GNU libgomp cannot start a thread team in a child forked after the parent ran one (the
+ * child waits forever on the parent's pool).  ra_omp_started is set before the first
+ * parallel region; a fork child handler (module.c) then sets ra_omp_broken, and every
+ * region of that child runs on one thread, which needs no pool. */
+extern int ra_omp_started, ra_omp_broken;
 
 static inline int ra_num_threads(void)
 {
 #ifdef _OPENMP
+    if (__atomic_load_n(&ra_omp_broken, __ATOMIC_RELAXED)) return 1;
+    if (!__atomic_load_n(&ra_omp_started, __ATOMIC_RELAXED))
+        __atomic_store_n(&ra_omp_started, 1, __ATOMIC_RELAXED);
     return ra_requested_threads > 0 ? ra_requested_threads : omp_get_max_threads();
 #else
     return 1;

@@ -75,6 +75,33 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
     }
 }
 
+/* 1 if every entry of a (rows, cols) block with leading dimension ld is finite */
+static int FN(all_finite)(const T *a, int rows, int cols, ptrdiff_t ld)
+{
+    int ok = 1;
+    for (int i = 0; i < rows; i++) {
+        const T *r = a + (ptrdiff_t)i * ld;
+        for (int c = 0; c < cols; c++) ok &= (r[c] - r[c]) == 0;   /* false for inf, NaN */
+    }
+    return ok;
+}
+
+/* acc (rows, e) += p (rows, cols) · v (cols, e), skipping the terms whose weight is 0.
+ * The slow twin of the gemm, used only when v is not finite (see ra_fwd_step). */
+static void FN(pv_skip_zero)(int rows, int cols, int e, const T *p, ptrdiff_t ldp,
+                             const T *v, ptrdiff_t ldv, T *acc, ptrdiff_t ldacc)
+{
+    for (int i = 0; i < rows; i++) {
+        T *a = acc + (ptrdiff_t)i * ldacc;
+        for (int j = 0; j < cols; j++) {
+            const T w = p[(ptrdiff_t)i * ldp + j];
+            if (w == 0) continue;
+            const T *vj = v + (ptrdiff_t)j * ldv;
+            for (int c = 0; c < e; c++) a[c] += w * vj[c];
+        }
+    }
+}
+
 void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
 {
     for (int i = 0; i < qt->rows; i++) {
@@ -95,8 +122,13 @@ void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d,
     if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, rows, cols, qt->pos, kt->pos, flags);
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
     K->softmax_step(rows, cols, qt->s, RA_BK, qt->mx, qt->sum, qt->acc, e, e);
-    /* 4. acc += p · v */
-    K->gemm(rows, e, cols, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e, 1);
+    /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
+     * when a masked tile's v holds a non-finite value, weights of 0 are skipped so that
+     * value reaches only the queries that see its key (DESIGN §6, NaN locality). */
+    if ((flags & RA_MASKED) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
+        FN(pv_skip_zero)(rows, cols, e, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e);
+    else
+        K->gemm(rows, e, cols, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e, 1);
 }
 
 void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,

@@ -7,6 +7,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <limits.h>
+#include <pthread.h>
 
 #include <numpy/arrayobject.h>
 #include <numpy/ufuncobject.h>
@@ -14,6 +15,13 @@
 #include "methods.h"
 
 int ra_requested_threads = 0;
+int ra_omp_started = 0, ra_omp_broken = 0;
+
+/* In a child forked after the parent used OpenMP, run single-threaded (see common.h). */
+static void ra_after_fork_child(void)
+{
+    if (ra_omp_started) ra_omp_broken = 1;
+}
 
 /* ------------------------------------------------------------------ errors */
 /* Turn a driver's status into a Python exception (taking the GIL to do so). */
@@ -514,6 +522,7 @@ static PyObject *ra_fma_peak(PyObject *self, PyObject *args)
     long iters;
     int threads;
     if (!PyArg_ParseTuple(args, "li", &iters, &threads)) return NULL;
+    if (ra_omp_broken) threads = 1;   /* a child forked after OpenMP ran (common.h) */
     if (iters < 0 || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "_fma_peak: iters >= 0 and threads >= 1 required");
         return NULL;
@@ -556,6 +565,8 @@ PyMODINIT_FUNC PyInit__ext(void)
     PyObject *mod = PyModule_Create(&ra_module);
     if (!mod) return NULL;
     ra_kernels();   /* resolve the SIMD path once, before any thread runs */
+    static int atfork_done = 0;
+    if (!atfork_done && pthread_atfork(NULL, NULL, ra_after_fork_child) == 0) atfork_done = 1;
     const size_t count = sizeof(ra_gufuncs) / sizeof(ra_gufuncs[0]);
     for (size_t i = 0; i < count; i++) {
         const RaGufunc *g = &ra_gufuncs[i];

@@ -33,7 +33,9 @@ def float_dtype(**arrays):
 
 
 def as_matrix(name, a, dtype, min_rank=2):
-    """`a` as an array of `dtype` with at least `min_rank` axes (no copy when possible)."""
+    """`a` as an array of `dtype` with at least `min_rank` axes (no copy when possible).
+    Complex, object and string input raises TypeError naming `name` (no silent cast)."""
+    float_dtype(**{name: a})
     arr = np.asarray(a, dtype=dtype)
     if arr.ndim < min_rank:
         raise ValueError(f"{name} must have at least {min_rank} dimensions "
@@ -65,6 +67,8 @@ def scale_value(scale, d, dtype):
     """The logit scale as a `dtype` scalar; None means 1/sqrt(d)."""
     if scale is None:
         return dtype.type(1.0 / np.sqrt(d)) if d > 0 else dtype.type(1.0)
+    if isinstance(scale, (str, bytes)) or np.iscomplexobj(scale):
+        raise TypeError(f"scale must be a real number; got {scale!r}")
     try:
         s = float(scale)
     except (TypeError, ValueError):
@@ -92,6 +96,20 @@ def flag(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False; got {value!r}")
     return bool(value)
+
+
+def check_out(out, shape, dtype):
+    """`out=`: None, or an ndarray of exactly `shape` that results of `dtype` can be cast to."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array; got {type(out).__name__}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)} (the broadcast output); "
+                         f"got {out.shape}")
+    if not np.can_cast(dtype, out.dtype, casting="same_kind"):
+        raise TypeError(f"out has dtype {out.dtype}; results are {dtype}")
+    return out
 
 
 def unbroadcast(grad, shape):

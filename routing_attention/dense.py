@@ -2,8 +2,8 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, flag, float_dtype, scale_value,
-                      unbroadcast)
+from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype,
+                      scale_value, unbroadcast)
 
 __all__ = ["attention", "attention_backward"]
 
@@ -59,6 +59,8 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=Fa
     """
     q, k, v, mask, use_mask, causal, scale = _prepare(q, k, v, causal, key_mask, scale)
     return_lse = flag("return_lse", return_lse)
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
+    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     o, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal, out=(out, None))
     return (o, lse) if return_lse else o
 
@@ -89,11 +91,12 @@ def attention_backward(dout, q, k, v, *, causal=False, key_mask=None, scale=None
     if dout.shape[-2:] != expected[-2:]:
         raise ValueError(f"dout must have shape (..., n, e) = (..., {expected[-2]}, {expected[-1]}) "
                          f"like the attention output; got {dout.shape}")
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
     if lse is None or output is None:
         output, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal)
     else:
         output = as_matrix("output", output, q.dtype)
-        lse = np.asarray(lse, dtype=q.dtype)
+        lse = as_matrix("lse", lse, q.dtype, min_rank=1)
         if output.shape[-2:] != expected[-2:]:
             raise ValueError(f"output must have shape (..., {expected[-2]}, {expected[-1]}); "
                              f"got {output.shape}")

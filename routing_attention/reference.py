@@ -30,7 +30,7 @@ def masked_softmax(logits, visible):
     Returns (p, lse); a row with nothing visible gets p = 0 and lse = -inf.
     """
     s = np.where(visible, logits, -np.inf)
-    mx = s.max(axis=-1, keepdims=True)
+    mx = s.max(axis=-1, keepdims=True, initial=-np.inf)   # a row of no keys at all too
     mx = np.where(np.isneginf(mx), 0.0, mx)
     e = np.where(visible, np.exp(s - mx), 0.0)
     total = e.sum(axis=-1, keepdims=True)

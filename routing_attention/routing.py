@@ -2,7 +2,8 @@
 import numpy as np
 
 from . import _ext
-from ._checks import as_matrix, batch_shape, flag, float_dtype, integer, scale_value, unbroadcast
+from ._checks import (as_matrix, batch_shape, check_out, flag, float_dtype, integer, scale_value,
+                      unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -19,11 +20,11 @@ def check_members(name, idx, length):
                         f"got dtype {arr.dtype}")
     if arr.ndim < 2:
         raise ValueError(f"{name} must have shape (..., n_clusters, size); got {arr.shape}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = (arr < -1) | (arr >= length)
+    bad = (arr < -1) | (arr >= length)        # before the cast: uint64 must not wrap to -1
     if bad.any():
         raise ValueError(f"{name} has entries outside [-1, {length}): first offender "
                          f"{int(arr[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])}")
+    arr = arr.astype(np.int64, copy=False)
     if arr.shape[-1] > 1:
         s = np.sort(arr, axis=-1)
         dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
@@ -89,9 +90,12 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
     """
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale)
+    return_lse = flag("return_lse", return_lse)
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     o, lse = _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
                                    out=(out, None))
-    return (o, lse) if flag("return_lse", return_lse) else o
+    return (o, lse) if return_lse else o
 
 
 def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False,
@@ -106,6 +110,7 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exc
     if dout.shape[-2:] != (q.shape[-2], v.shape[-1]):
         raise ValueError(f"dout must have shape (..., n, e) = (..., {q.shape[-2]}, {v.shape[-1]}) "
                          f"like the output; got {dout.shape}")
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
     dq, dk, dv = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self,
                                         lse_merge)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
@@ -116,6 +121,9 @@ def local_members(n, m, window, causal):
     """Membership lists of local attention: cluster b holds the queries of block b and
     the keys of blocks b-1, b (and b+1 unless causal); -1 pads short lists."""
     window = integer("window", window, low=1)
+    # a window covering every position is one block: the same lists, without allocating
+    # `window`-long rows for a huge window
+    window = min(window, max(n, m, 1))
     blocks = max(1, -(-n // window))
     starts = np.arange(blocks, dtype=np.int64)[:, None] * window
     q_idx = starts + np.arange(window, dtype=np.int64)[None, :]

@@ -38,3 +38,20 @@ def strided(a, kind):
 
 
 LAYOUTS = ["contiguous", "fortran", "every_other", "negative"]
+
+
+# ---- hypothesis profiles (tests/test_properties.py): "fast" by default, keeping the
+# normal suite quick; `pytest --hypothesis-profile=thorough` (or RA_HYPOTHESIS_PROFILE=
+# thorough) for long runs.
+try:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("fast", max_examples=30, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("thorough", max_examples=1000, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("RA_HYPOTHESIS_PROFILE", "fast"))
+except ImportError:     # hypothesis is in the [test] extra; without it those tests skip
+    pass
