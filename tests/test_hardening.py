@@ -52,6 +52,12 @@ def _local(rng, dtype):
 
 _combiner = _local
 
+
+def _clustered(rng, dtype):
+    a = _dense(rng, dtype)
+    a["labels"] = rng.integers(-1, 3, (2, 10))
+    return a
+
 # name -> (input builder, call returning a tuple of arrays)
 METHODS = {
     "attention": (_dense, lambda a: ra.attention(
@@ -72,7 +78,41 @@ METHODS = {
     "combiner_logsparse": (_combiner, lambda a: (ra.combiner_attention(
         a["q"], a["k"], a["v"], plan="logsparse", causal=False),)),
     "CombinerAttention": (_combiner, lambda a: _layer_roundtrip(a)),
+    "clustered_attention": (_clustered, lambda a: (ra.clustered_attention(
+        a["q"], a["k"], a["v"], a["labels"], 3, key_mask=a["key_mask"]),)),
+    "clustered_attention_backward": (_clustered, lambda a: ra.clustered_attention_backward(
+        a["dout"], a["q"], a["k"], a["v"], a["labels"], 3, key_mask=a["key_mask"])),
+    "improved_clustered_attention": (_clustered, lambda a: (ra.improved_clustered_attention(
+        a["q"], a["k"], a["v"], a["labels"], 3, 4, key_mask=a["key_mask"]),)),
+    "improved_clustered_attention_backward": (_clustered, lambda a: ra.improved_clustered_attention_backward(
+        a["dout"], a["q"], a["k"], a["v"], a["labels"], 3, 4, key_mask=a["key_mask"])),
+    "RoutingAttention": (_local, lambda a: _routing_layer_roundtrip(a)),
+    "ClusteredAttention": (_local, lambda a: _clustered_layer_roundtrip(a)),
+    "routing_decisions": (_local, lambda a: _routing_decisions(a)),
 }
+
+
+def _routing_layer_roundtrip(a):
+    layer = ra.RoutingAttention(n_clusters=3, local_heads=1, window=4, causal=True)
+    q, k, v = (x[None] for x in (a["q"], a["k"], a["v"]))       # (1, heads=2, n, d)
+    out = layer(q, k, v)
+    return (out, layer.centroids) + tuple(layer.backward(a["dout"][None]))
+
+
+def _clustered_layer_roundtrip(a):
+    layer = ra.ClusteredAttention(n_clusters=3, bits=8, topk=3, seed=1)
+    return (layer(a["q"], a["k"], a["v"]),) + tuple(layer.backward(a["dout"]))
+
+
+def _routing_decisions(a):
+    x = a["q"]
+    cent = ra.spherical_kmeans(x, 3, iters=3, seed=2)
+    labels = ra.assign_clusters(x, cent)
+    planes = np.random.default_rng(3).standard_normal((6, x.shape[-1] + 1))
+    codes = ra.lsh_hash(x, planes)
+    return (cent, labels, ra.update_centroids(cent, x, labels, decay=0.9),
+            ra.commitment_loss(x, cent, labels), ra.top_members(x @ np.swapaxes(cent, -1, -2), 4),
+            ra.members_from_labels(labels, 3), codes, ra.hamming_kmeans(codes, 3, iters=3, seed=4))
 
 
 def _layer_roundtrip(a):
