@@ -17,6 +17,17 @@ static void FN(apply_mask)(T *s, int rows, int cols, const int64_t *qpos,
     }
 }
 
+/* Write -inf into the logits the explicit bitmap hides (bit clear). */
+static void FN(apply_vis)(T *s, int rows, int cols, const uint64_t *vis, ptrdiff_t ldvis)
+{
+    for (int i = 0; i < rows; i++) {
+        T *si = s + (ptrdiff_t)i * RA_BK;
+        const uint64_t *w = vis + (ptrdiff_t)i * ldvis;
+        for (int j = 0; j < cols; j++)
+            if (!((w[j >> 6] >> (j & 63)) & 1)) si[j] = -INFINITY;
+    }
+}
+
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {
@@ -65,6 +76,7 @@ void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d,
     K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, RA_BK, 0);
     /* 2. position mask */
     if (flags & RA_MASKED) FN(apply_mask)(qt->s, rows, cols, qt->pos, kt->pos, flags);
+    if (kt->vis) FN(apply_vis)(qt->s, rows, cols, kt->vis, kt->ldvis);
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
     K->softmax_step(rows, cols, qt->s, RA_BK, qt->mx, qt->sum, qt->acc, e, e);
     /* 4. acc += p · v */
@@ -94,6 +106,7 @@ void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *
     /* forward pass 1-3 recomputed: s = q·kᵀ, masked, p = exp(s - lse) */
     K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
     if (flags & RA_MASKED) FN(apply_mask)(g->s, rows, cols, g->pos, kt->pos, flags);
+    if (kt->vis) FN(apply_vis)(g->s, rows, cols, kt->vis, kt->ldvis);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
     /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
     K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
