@@ -12,15 +12,16 @@ typedef struct {
     int64_t *qidx, *didx, *kid, *vid, *spos, *sqpos, *vids, *midx;
     T *qs, *acc, *s, *mx, *sum;                 /* forward query tile */
     T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
-    T *qt_m;                                    /* members' qᵀ (d, L), unscaled */
-    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward) */
+    T *q_m;                                     /* members' q (L, d), unscaled */
+    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward; k_m always) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
     T *dout, *lse, *delta, *dq, *dp;            /* gradient tile (backward) */
     RaRange span;                               /* positions in the _m packs */
     /* region units: each region's run [rlo, rhi) of span columns, its pooled key and
        (scaled) query, the span columns they came from (backward), a running scan, the
        tile's bitmap and finished rows */
-    int *rlo, *rhi, *runarg;
+    int *rlo, *rhi, *head, *next;
+    int32_t *barg;
     int32_t *ak, *aq;
     T *pk, *pq, *run, *otile, *olse;
     uint64_t *vis;
@@ -49,13 +50,16 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->v_s = ra_take(a, ra_mul(z->maxS, e), S);
     w->kt_m = ra_take(a, ra_mul(z->maxMem, d), S);
     w->v_m = ra_take(a, ra_mul(z->maxMem, e), S);
-    w->qt_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    w->q_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    w->k_m = ra_take(a, ra_mul(z->maxMem, d), S);
     w->rlo = ra_take(a, z->maxV, sizeof(int));
     w->rhi = ra_take(a, z->maxV, sizeof(int));
-    w->runarg = ra_take(a, z->maxMem, sizeof(int));
+    w->head = ra_take(a, z->maxMem, sizeof(int));
+    w->next = ra_take(a, z->maxV, sizeof(int));
+    w->barg = ra_take(a, d, sizeof(int32_t));
     w->pk = ra_take(a, ra_mul(z->maxV, d), S);
     w->pq = ra_take(a, ra_mul(z->maxV, d), S);
-    w->run = ra_take(a, z->maxMem, S);
+    w->run = ra_take(a, d, S);
     w->otile = ra_take(a, BQ * e, S);
     w->olse = ra_take(a, BQ, S);
     w->vis = ra_take(a, BQ * (BK / 64), sizeof(uint64_t));
@@ -66,7 +70,6 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
         w->vt_d = ra_take(a, ra_mul(z->maxD, e), S);
         w->k_s = ra_take(a, ra_mul(z->maxS, d), S);
         w->vt_s = ra_take(a, ra_mul(z->maxS, e), S);
-        w->k_m = ra_take(a, ra_mul(z->maxMem, d), S);
         w->vt_m = ra_take(a, ra_mul(z->maxMem, e), S);
         w->dk_d = ra_take(a, ra_mul(z->maxD, d), S);
         w->dv_d = ra_take(a, ra_mul(z->maxD, e), S);
@@ -137,55 +140,57 @@ static void FN(range_list)(RaRange r, int64_t *idx)
     for (int64_t j = 0; j < r.count; j++) idx[j] = r.start + j * r.stride;
 }
 
-/* Max-pool every region of a unit at once.  xt (d, L) packed transposed over the unit's
- * span; region r covers columns [lo[r], hi[r]).  dst (nv, d) = mul · element-wise max,
- * arg (nv, d, optional) = the column it came from (ties: the lowest).  Regions that are a
- * prefix or a suffix of the span (all of them for fixed, axial, mixture: nested runs)
- * read one running scan per channel, so a unit costs O((L + nv)·d), not O(Σ runs·d). */
-static void FN(pool_regions)(const T *xt, int L, int nv, const int *lo, const int *hi, int d,
-                             T mul, T *dst, int32_t *arg, T *run, int *runarg)
+/* Max-pool every region of a unit at once.  x (L, d) packed over the unit's span; region
+ * r covers rows [lo[r], hi[r]).  dst (nv, d) = mul · element-wise max, arg (nv, d,
+ * optional) = the row it came from (ties: the lowest).  Regions that start the span
+ * (prefixes) share one running scan upwards, regions that end it (suffixes) one scan
+ * downwards, so nested runs (fixed, axial, mixture) cost O((L + nv)·d), not O(Σ runs·d);
+ * any other run is scanned on its own.  Scratch: best (d), barg (d), head (L), next (nv). */
+static void FN(pool_one)(const T *xr, int d, int j, T *best, int32_t *barg, int strict)
 {
-    int pre = 0, suf = 0;
-    for (int r = 0; r < nv; r++) {
-        pre |= lo[r] == 0;
-        suf |= lo[r] > 0 && hi[r] == L;
+    for (int c = 0; c < d; c++) {   /* vectorises over the channels */
+        const int up = strict ? xr[c] > best[c] : xr[c] >= best[c];
+        best[c] = up ? xr[c] : best[c];
+        barg[c] = up ? j : barg[c];
     }
-    for (int c = 0; c < d; c++) {
-        const T *x = xt + (ptrdiff_t)c * L;
-        if (pre) {   /* run[j] = max x[0..j], first arg */
-            run[0] = x[0], runarg[0] = 0;
-            for (int j = 1; j < L; j++) {
-                const int up = x[j] > run[j - 1];
-                run[j] = up ? x[j] : run[j - 1];
-                runarg[j] = up ? j : runarg[j - 1];
-            }
-            for (int r = 0; r < nv; r++)
-                if (lo[r] == 0) {
-                    dst[(ptrdiff_t)r * d + c] = run[hi[r] - 1] * mul;
-                    if (arg) arg[(ptrdiff_t)r * d + c] = runarg[hi[r] - 1];
-                }
+}
+
+static void FN(pool_emit)(const T *best, const int32_t *barg, int d, T mul, T *dst, int32_t *arg)
+{
+    for (int c = 0; c < d; c++) dst[c] = best[c] * mul;
+    if (arg) memcpy(arg, barg, sizeof(int32_t) * (size_t)d);
+}
+
+static void FN(pool_regions)(const T *x, int L, int nv, const int *lo, const int *hi, int d,
+                             T mul, T *dst, int32_t *arg, T *best, int32_t *barg, int *head,
+                             int *next)
+{
+    for (int dir = 0; dir < 2; dir++) {   /* 0: prefixes, 1: suffixes (not prefixes) */
+        int reach = dir ? L : -1;          /* last row the scan must visit */
+        for (int j = 0; j < L; j++) head[j] = -1;
+        for (int r = nv - 1; r >= 0; r--) {
+            const int in = dir ? lo[r] > 0 && hi[r] == L : lo[r] == 0;
+            if (!in) continue;
+            const int at = dir ? lo[r] : hi[r] - 1;   /* emit when the scan reaches it */
+            next[r] = head[at];
+            head[at] = r;
+            reach = dir ? (at < reach ? at : reach) : (at > reach ? at : reach);
         }
-        if (suf) {   /* run[j] = max x[j..L), first arg */
-            run[L - 1] = x[L - 1], runarg[L - 1] = L - 1;
-            for (int j = L - 2; j >= 0; j--) {
-                const int up = x[j] >= run[j + 1];
-                run[j] = up ? x[j] : run[j + 1];
-                runarg[j] = up ? j : runarg[j + 1];
-            }
+        if (dir ? reach == L : reach < 0) continue;
+        const int j0 = dir ? L - 1 : 0, step = dir ? -1 : 1;
+        for (int c = 0; c < d; c++) best[c] = -INFINITY, barg[c] = j0;
+        for (int j = j0;; j += step) {
+            FN(pool_one)(x + (ptrdiff_t)j * d, d, j, best, barg, !dir);
+            for (int r = head[j]; r >= 0; r = next[r])
+                FN(pool_emit)(best, barg, d, mul, dst + (ptrdiff_t)r * d, arg ? arg + (ptrdiff_t)r * d : NULL);
+            if (j == reach) break;
         }
-        for (int r = 0; r < nv; r++) {
-            if (lo[r] == 0) continue;
-            T best;
-            int at;
-            if (hi[r] == L) best = run[lo[r]], at = runarg[lo[r]];
-            else {
-                best = x[lo[r]], at = lo[r];
-                for (int j = lo[r] + 1; j < hi[r]; j++)
-                    if (x[j] > best) best = x[j], at = j;
-            }
-            dst[(ptrdiff_t)r * d + c] = best * mul;
-            if (arg) arg[(ptrdiff_t)r * d + c] = at;
-        }
+    }
+    for (int r = 0; r < nv; r++) {
+        if (lo[r] == 0 || hi[r] == L || hi[r] <= lo[r]) continue;
+        for (int c = 0; c < d; c++) best[c] = -INFINITY, barg[c] = lo[r];
+        for (int j = lo[r]; j < hi[r]; j++) FN(pool_one)(x + (ptrdiff_t)j * d, d, j, best, barg, 1);
+        FN(pool_emit)(best, barg, d, mul, dst + (ptrdiff_t)r * d, arg ? arg + (ptrdiff_t)r * d : NULL);
     }
 }
 
@@ -197,10 +202,10 @@ static void FN(pack_members)(FN(CWs) *w, RaRange span, RaMat q, RaMat k, RaMat v
     w->span = span;
     FN(range_list)(span, w->midx);
     FN(ra_gather)(k, w->midx, 0, L, d, 1, 1, w->kt_m, L);
-    FN(ra_gather)(q, w->midx, 0, L, d, 1, 1, w->qt_m, L);
+    FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
+    FN(ra_gather)(q, w->midx, 0, L, d, 1, 0, w->q_m, d);
     FN(ra_gather)(v, w->midx, 0, L, e, 1, 0, w->v_m, e);
-    if (w->k_m) {
-        FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
+    if (w->vt_m) {
         FN(ra_gather)(v, w->midx, 0, L, e, 1, 1, w->vt_m, L);
     }
 }
@@ -219,10 +224,10 @@ static int64_t FN(region_unit_setup)(const RaCPlan *p, FN(CWs) *w, int wave, int
         w->rlo[r] = (int)((m.start - w->span.start) / w->span.stride);
         w->rhi[r] = w->rlo[r] + (int)m.count;
     }
-    FN(pool_regions)(w->kt_m, L, (int)nv, w->rlo, w->rhi, d, 1, w->pk, bwd ? w->ak : NULL,
-                     w->run, w->runarg);
-    FN(pool_regions)(w->qt_m, L, (int)nv, w->rlo, w->rhi, d, sc, w->pq, bwd ? w->aq : NULL,
-                     w->run, w->runarg);
+    FN(pool_regions)(w->k_m, L, (int)nv, w->rlo, w->rhi, d, 1, w->pk, bwd ? w->ak : NULL,
+                     w->run, w->barg, w->head, w->next);
+    FN(pool_regions)(w->q_m, L, (int)nv, w->rlo, w->rhi, d, sc, w->pq, bwd ? w->aq : NULL,
+                     w->run, w->barg, w->head, w->next);
     return nv;
 }
 
