@@ -641,6 +641,7 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         const RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
         const RaVec lsev = {(char *)tb.lse, sizeof(T)};
         FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             T acc = 0;
             for (int c = 0; c < e; c++) acc += RA_MAT_AT(T, gb, i, c) * tb.out[(ptrdiff_t)i * e + c];
@@ -667,11 +668,16 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
                 for (int64_t u = u0; u < u1; u++)
                     FN(query_unit_backward)(K, &p, &ws[ra_thread_id()], pass, u, qb, kb, vb, gb,
                                             sc, d, e, &tb, tb.offs[u] - tb.offs[u0]);
-                for (int64_t s = 0; s < tb.offs[u1] - tb.offs[u0]; s++) {
-                    T *dkh = tb.dkhat + tb.slot_kid[s] * d, *dvh = tb.dvhat + tb.slot_vid[s] * e;
-                    for (int c = 0; c < d; c++) dkh[c] += tb.slot_dk[s * d + c];
-                    for (int c = 0; c < e; c++) dvh[c] += tb.slot_dv[s * e + c];
-                }
+                /* slots summed in unit order; threads split the channels, so every
+                   element's additions keep that order (bit-identical for any nt) */
+                const int64_t ns = tb.offs[u1] - tb.offs[u0];
+                #pragma omp parallel for num_threads(nt) schedule(static)
+                for (int cb = 0; cb < (d + e + 15) / 16; cb++)
+                    for (int64_t s = 0; s < ns; s++)
+                        for (int c = cb * 16; c < cb * 16 + 16 && c < d + e; c++) {
+                            if (c < d) tb.dkhat[tb.slot_kid[s] * d + c] += tb.slot_dk[s * d + c];
+                            else tb.dvhat[tb.slot_vid[s] * e + c - d] += tb.slot_dv[s * e + c - d];
+                        }
             }
         }
 
@@ -685,6 +691,7 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
 
         /* 4. outputs */
         const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             for (int c = 0; c < d; c++) {
                 RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];

@@ -81,4 +81,15 @@ RA_ROUTING_DECLS(double, f64)
 RA_COMBINER_DECLS(float, f32)
 RA_COMBINER_DECLS(double, f64)
 
+/* ------------------------------------------------------------------ engine test hook */
+/* masked_check.c: dense attention under an explicit boolean mask (n, m) through the
+ * engine's visibility bitmap, forward and backward, logits q·k.  Tests only. */
+#define RA_MASKED_CHECK_DECLS(T, SUF)                                                     \
+    int ra_engine_masked_##SUF(int n, int m, int d, int e, RaMat q, RaMat k, RaMat v,      \
+                               RaMat mask, RaMat dout, RaMat out, RaVec lse, RaMat dq,     \
+                               RaMat dk, RaMat dv);
+
+RA_MASKED_CHECK_DECLS(float, f32)
+RA_MASKED_CHECK_DECLS(double, f64)
+
 #endif /* RA_METHODS_H */
