@@ -23,13 +23,21 @@ except ImportError:   # torch is optional
 PLANS = ("fixed", "axial", "logsparse", "mixture")
 
 
+CPU = {}   # median process CPU seconds (all threads) of the last median_time call per fn
+
+
 def median_time(fn, repeats):
+    """Median wall time; the median CPU time (process_time, all threads) goes to CPU[fn],
+    a steadier figure when other jobs compete for the cores."""
     fn()
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
+        c = time.process_time()
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    CPU["last"] = float(np.median(cpu))
     return float(np.median(times))
 
 
@@ -45,18 +53,23 @@ def main():
     info = ra.build_info()
     print(f"# threads={ra.get_num_threads()} simd={info['simd']} torch="
           f"{torch.__version__ if torch else 'not installed'} d={args.d} float32 causal")
-    print(f"{'n':>6} {'method':>10} {'fwd ms':>10} {'bwd ms':>10}")
-    rows = {}
+    print(f"{'n':>6} {'method':>10} {'fwd ms':>10} {'bwd ms':>10}   {'fwd cpu':>8} {'bwd cpu':>8}"
+          f" {'bwd/fwd':>7} {'(cpu)':>6}")
+    rows, cpus = {}, {}
     dense_last = {}
     for n in args.sizes:
         q, k, v = (rng.standard_normal((1, n, args.d)).astype(np.float32) for _ in range(3))
         g = rng.standard_normal((1, n, args.d)).astype(np.float32)
         for plan in PLANS:
             f = median_time(lambda: ra.combiner_attention(q, k, v, plan=plan), args.repeats)
+            fc = CPU["last"]
             b = median_time(lambda: ra.combiner_attention_backward(g, q, k, v, plan=plan),
                             args.repeats)
+            bc = CPU["last"]
             rows[(plan, n)] = (f, b)
-            print(f"{n:>6} {plan:>10} {f * 1e3:>10.1f} {b * 1e3:>10.1f}", flush=True)
+            cpus[(plan, n)] = (fc, bc)
+            print(f"{n:>6} {plan:>10} {f * 1e3:>10.1f} {b * 1e3:>10.1f}   {fc * 1e3:>8.1f} "
+                  f"{bc * 1e3:>8.1f} {b / f:>7.2f} {bc / fc:>6.2f}", flush=True)
         dense = {"ours-dense": (lambda: ra.attention(q, k, v, causal=True),
                                 lambda: ra.attention_backward(g, q, k, v, causal=True))}
         if torch is not None:
@@ -89,6 +102,9 @@ def main():
         x = np.log(ns)
         fit = [np.polyfit(x, np.log([rows[(method, n)][i] for n in ns]), 1)[0] for i in (0, 1)]
         print(f"{method:>10}: forward {fit[0]:.2f}  backward {fit[1]:.2f}  (n = {ns})")
+        if method in PLANS:
+            fit = [np.polyfit(x, np.log([cpus[(method, n)][i] for n in ns]), 1)[0] for i in (0, 1)]
+            print(f"{'(cpu time)':>10}: forward {fit[0]:.2f}  backward {fit[1]:.2f}")
     if torch is not None:
         print("\n# speed-up over torch SDPA (fwd, bwd)")
         for (method, n), (f, b) in rows.items():

@@ -62,6 +62,20 @@ int ra_cplan_init(RaCPlan *p, int kind, int64_t n, int64_t block, int causal)
     return RA_OK;
 }
 
+/* logsparse span vid -> direction, level, index a within the level */
+static void ls_decode(const RaCPlan *p, int64_t vid, int *dir, int *l, int64_t *a)
+{
+    *dir = p->L > 0 && vid >= p->off[1][0] ? 1 : 0;
+    *l = p->L - 1;
+    while (*l > 0 && vid < p->off[*dir][*l]) (*l)--;
+    *a = vid - p->off[*dir][*l];
+}
+
+/* logsparse: spans at level l, and how many of them one region unit takes (short spans
+   are batched into one engine tile of up to 32 regions) */
+static int64_t ls_spans(const RaCPlan *p, int l) { return (p->n + ((int64_t)2 << l) - 1) >> (l + 1); }
+static int64_t ls_group(int l) { return l >= 5 ? 1 : 32 >> l; }
+
 RaCRegion ra_cplan_region(const RaCPlan *p, int64_t vid)
 {
     RaCRegion g = {{0, 0, 1}, -1, vid, 1};
@@ -94,11 +108,10 @@ RaCRegion ra_cplan_region(const RaCPlan *p, int64_t vid)
         break;
     }
     default: {  /* logsparse */
-        const int dir = vid >= p->off[1][0] && p->L > 0 ? 1 : 0;
-        int l = p->L - 1;
-        while (l > 0 && vid < p->off[dir][l]) l--;
-        const int64_t a = vid - p->off[dir][l], len = (int64_t)1 << l;
-        const int64_t s = a * 2 * len;       /* span [s, s + len) (reversed coords if dir) */
+        int dir, l;
+        int64_t a;
+        ls_decode(p, vid, &dir, &l, &a);
+        const int64_t len = (int64_t)1 << l, s = a * 2 * len;   /* reversed coords if dir */
         int64_t lo = dir ? p->n - s - len : s, hi = lo + len;
         lo = max64(lo, 0);
         hi = min64(hi, p->n);
@@ -122,7 +135,7 @@ int64_t ra_cplan_wave_units(const RaCPlan *p, int w)
     if (p->kind == RA_PLAN_MIXTURE) return w == 0 ? p->M : p->nr;
     if (p->kind == RA_PLAN_LOGSPARSE) {
         const int l = w % p->L;
-        return (p->n + ((int64_t)2 << l) - 1) >> (l + 1);
+        return (ls_spans(p, l) + ls_group(l) - 1) / ls_group(l);
     }
     return p->nr;
 }
@@ -149,10 +162,11 @@ int64_t ra_cplan_wave_unit(const RaCPlan *p, int w, int64_t u, int64_t *vids)
             for (int64_t c = 0; c + 1 < row_len(p, u); c++) PUSH(RA_MIX_ROW_RIGHT * G + u * M + c);
         }
         break;
-    default: {  /* logsparse: wave (dir, level), unit = one span */
+    default: {  /* logsparse: wave (dir, level), unit = a group of consecutive spans */
         const int dir = w / p->L, l = w % p->L;
-        const int64_t vid = p->off[dir][l] + u;
-        if (ra_cplan_region(p, vid).members.count > 0) PUSH(vid);
+        const int64_t a1 = min64((u + 1) * ls_group(l), ls_spans(p, l));
+        for (int64_t a = u * ls_group(l); a < a1; a++)
+            if (ra_cplan_region(p, p->off[dir][l] + a).members.count > 0) PUSH(p->off[dir][l] + a);
         break;
     }
     }
@@ -167,8 +181,18 @@ RaRange ra_cplan_wave_span(const RaCPlan *p, int w, int64_t u)
     case RA_PLAN_MIXTURE:
         if (w == 0) return (RaRange){u, col_rows(p, u), M};
         return (RaRange){u * M, row_len(p, u), 1};
-    case RA_PLAN_LOGSPARSE:
-        return ra_cplan_region(p, p->off[w / p->L][w % p->L] + u).members;
+    case RA_PLAN_LOGSPARSE: {   /* the hull of the group's spans */
+        const int dir = w / p->L, l = w % p->L;
+        const int64_t a1 = min64((u + 1) * ls_group(l), ls_spans(p, l));
+        int64_t lo = p->n, hi = 0;
+        for (int64_t a = u * ls_group(l); a < a1; a++) {
+            const RaRange m = ra_cplan_region(p, p->off[dir][l] + a).members;
+            if (m.count == 0) continue;
+            lo = min64(lo, m.start);
+            hi = max64(hi, m.start + m.count);
+        }
+        return (RaRange){lo, max64(0, hi - lo), 1};
+    }
     default:
         return (RaRange){u * M, row_len(p, u), 1};
     }
@@ -182,7 +206,7 @@ int ra_cplan_npasses(const RaCPlan *p)
 
 int64_t ra_cplan_pass_units(const RaCPlan *p, int pass)
 {
-    if (p->kind == RA_PLAN_LOGSPARSE) return p->n;
+    if (p->kind == RA_PLAN_LOGSPARSE) return (p->n + RA_BQ - 1) / RA_BQ;
     return pass == 0 ? p->nr : p->M;
 }
 
@@ -196,15 +220,21 @@ int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t
     U->sq = RA_SQ_NONE;
     U->sflags = 0;
     if (p->kind == RA_PLAN_LOGSPARSE) {
-        /* direct = {i}; regions = the dyadic spans tiling [0, i) (and mirrored, (i, n)) */
-        U->q = U->direct = (RaRange){u, 1, 1};
+        /* RA_BQ consecutive queries; direct = {i} and the dyadic spans tiling [0, i) (and
+           mirrored, (i, n)) of each query: the union of their lists, with an explicit
+           per-(query, key) bitmap (ra_cplan_vis) */
+        const int64_t q0 = u * RA_BQ, q1 = min64(n, q0 + RA_BQ);
+        U->q = U->direct = (RaRange){q0, q1 - q0, 1};
         U->dflags = 0;
-        for (int l = 0; l < p->L; l++)
-            if ((u >> l) & 1) PUSH(p->off[0][l] + (u >> (l + 1)), p->off[0][l] + (u >> (l + 1)), 0);
-        if (!causal) {
-            const int64_t ur = n - 1 - u;
+        U->sq = RA_SQ_VIS;
+        for (int dir = 0; dir < (causal ? 1 : 2); dir++) {
+            const int64_t c0 = dir ? n - q1 : q0, c1 = dir ? n - 1 - q0 : q1 - 1;
             for (int l = 0; l < p->L; l++)
-                if ((ur >> l) & 1) PUSH(p->off[1][l] + (ur >> (l + 1)), p->off[1][l] + (ur >> (l + 1)), 0);
+                for (int64_t a = c0 >> (l + 1); a <= c1 >> (l + 1); a++) {
+                    /* queries whose span at level l is a: bit l set, i >> (l+1) == a */
+                    const int64_t lo = (a << (l + 1)) | ((int64_t)1 << l), hi = ((a + 1) << (l + 1)) - 1;
+                    if (max64(lo, c0) <= min64(hi, c1)) PUSH(p->off[dir][l] + a, p->off[dir][l] + a, 0);
+                }
         }
         return cnt;
     }
@@ -254,6 +284,22 @@ int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t
     return cnt;
 }
 
+void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t *key, int cols,
+                  int summary, uint64_t *vis, ptrdiff_t ldvis)
+{
+    for (int i = 0; i < rows; i++) memset(vis + (ptrdiff_t)i * ldvis, 0, sizeof(uint64_t) * (size_t)ldvis);
+    for (int j = 0; j < cols; j++) {
+        int dir = 0, l = 0;
+        int64_t a = key[j];
+        if (summary) ls_decode(p, key[j], &dir, &l, &a);
+        for (int i = 0; i < rows; i++) {
+            const int64_t x = dir ? p->n - 1 - qpos[i] : qpos[i];
+            const int on = summary ? ((x >> l) & 1) && (x >> (l + 1)) == a : a == x;
+            if (on) vis[(ptrdiff_t)i * ldvis + (j >> 6)] |= (uint64_t)1 << (j & 63);
+        }
+    }
+}
+
 void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s)
 {
     memset(s, 0, sizeof(*s));
@@ -267,12 +313,11 @@ void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s)
         }
     }
     for (int w = 0; w < ra_cplan_nwaves(p); w++)
-        for (int64_t u = 0; u < ra_cplan_wave_units(p, w); u++)
+        for (int64_t u = 0; u < ra_cplan_wave_units(p, w); u++) {
             s->maxV = max64(s->maxV, ra_cplan_wave_unit(p, w, u, NULL));
-    /* a region lies inside a grid row or column, or is one logsparse span */
-    s->maxMem = p->kind == RA_PLAN_LOGSPARSE ? (p->L > 0 ? (int64_t)1 << (p->L - 1) : 1)
-                                             : max64(p->M, p->nr);
-    s->maxMem = min64(s->maxMem, p->n);
+            s->maxMem = max64(s->maxMem, ra_cplan_wave_span(p, w, u).count);
+        }
+    s->maxMem = max64(s->maxMem, 1);
     s->maxQ = max64(s->maxQ, 1);
     s->maxD = max64(s->maxD, 1);
     s->maxS = max64(s->maxS, 1);

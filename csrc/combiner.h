@@ -9,7 +9,9 @@ enum { RA_PLAN_FIXED = 0, RA_PLAN_AXIAL = 1, RA_PLAN_LOGSPARSE = 2, RA_PLAN_MIXT
 /* mixture region kinds: vid = kind·(nr·M) + r·M + c */
 enum { RA_MIX_COL_ABOVE = 0, RA_MIX_COL_BELOW = 1, RA_MIX_ROW_LEFT = 2, RA_MIX_ROW_RIGHT = 3 };
 /* which coordinate of a query its summary entries' spos is compared with */
-enum { RA_SQ_NONE = 0, RA_SQ_ROW = 1, RA_SQ_COL = 2 };
+enum { RA_SQ_NONE = 0, RA_SQ_ROW = 1, RA_SQ_COL = 2, RA_SQ_VIS = 3 };
+/* RA_SQ_VIS: no position mask; visibility of every (query, key) pair, direct keys and
+   summary entries alike, is an explicit bitmap from ra_cplan_vis */
 
 /* positions start, start + stride, …  (count of them) */
 typedef struct { int64_t start, count, stride; } RaRange;
@@ -56,6 +58,10 @@ int64_t ra_cplan_pass_units(const RaCPlan *p, int pass);
 int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t *kid,
                       int64_t *vid, int64_t *spos);
 void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s);
+/* RA_SQ_VIS units: bitmap (rows, ldvis words) of which key is visible to which query;
+   key = direct positions (summary 0) or summary vids (summary 1) */
+void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t *key, int cols,
+                  int summary, uint64_t *vis, ptrdiff_t ldvis);
 
 /* Bump allocator carving one buffer into aligned pieces; base NULL = measure only. */
 typedef struct { char *base; size_t used; } RaArena;

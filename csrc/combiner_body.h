@@ -9,14 +9,22 @@
 /* One thread's tiles.  _d: direct keys of a query unit, _s: its summary entries,
  * _m: members of a region.  Backward-only pieces stay NULL in the forward. */
 typedef struct {
-    int64_t *qidx, *didx, *kid, *vid, *spos, *sqpos, *vids, *midx, *arg;
+    int64_t *qidx, *didx, *kid, *vid, *spos, *sqpos, *vids, *midx;
     T *qs, *acc, *s, *mx, *sum;                 /* forward query tile */
     T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
-    T *qt_m;                                    /* members' qᵀ (d, L), unscaled */
-    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward) */
+    T *q_m;                                     /* members' q (L, d), unscaled */
+    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward; k_m always) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
     T *dout, *lse, *delta, *dq, *dp;            /* gradient tile (backward) */
     RaRange span;                               /* positions in the _m packs */
+    /* region units: each region's run [rlo, rhi) of span columns, its pooled key and
+       (scaled) query, the span columns they came from (backward), a running scan, the
+       tile's bitmap and finished rows */
+    int *rlo, *rhi, *head, *next;
+    int32_t *barg;
+    int32_t *ak, *aq;
+    T *pk, *pq, *run, *otile, *olse;
+    uint64_t *vis;
 } FN(CWs);
 
 static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int e, int bwd)
@@ -31,7 +39,6 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->sqpos = ra_take(a, BQ, I);
     w->vids = ra_take(a, z->maxV, I);
     w->midx = ra_take(a, z->maxMem, I);
-    w->arg = ra_take(a, d, I);
     w->qs = ra_take(a, BQ * d, S);
     w->acc = ra_take(a, BQ * e, S);
     w->s = ra_take(a, BQ * BK, S);
@@ -43,13 +50,26 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->v_s = ra_take(a, ra_mul(z->maxS, e), S);
     w->kt_m = ra_take(a, ra_mul(z->maxMem, d), S);
     w->v_m = ra_take(a, ra_mul(z->maxMem, e), S);
-    w->qt_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    w->q_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    w->k_m = ra_take(a, ra_mul(z->maxMem, d), S);
+    w->rlo = ra_take(a, z->maxV, sizeof(int));
+    w->rhi = ra_take(a, z->maxV, sizeof(int));
+    w->head = ra_take(a, z->maxMem, sizeof(int));
+    w->next = ra_take(a, z->maxV, sizeof(int));
+    w->barg = ra_take(a, d, sizeof(int32_t));
+    w->pk = ra_take(a, ra_mul(z->maxV, d), S);
+    w->pq = ra_take(a, ra_mul(z->maxV, d), S);
+    w->run = ra_take(a, d, S);
+    w->otile = ra_take(a, BQ * e, S);
+    w->olse = ra_take(a, BQ, S);
+    w->vis = ra_take(a, BQ * (BK / 64), sizeof(uint64_t));
     if (bwd) {
+        w->ak = ra_take(a, ra_mul(z->maxV, d), sizeof(int32_t));
+        w->aq = ra_take(a, ra_mul(z->maxV, d), sizeof(int32_t));
         w->k_d = ra_take(a, ra_mul(z->maxD, d), S);
         w->vt_d = ra_take(a, ra_mul(z->maxD, e), S);
         w->k_s = ra_take(a, ra_mul(z->maxS, d), S);
         w->vt_s = ra_take(a, ra_mul(z->maxS, e), S);
-        w->k_m = ra_take(a, ra_mul(z->maxMem, d), S);
         w->vt_m = ra_take(a, ra_mul(z->maxMem, e), S);
         w->dk_d = ra_take(a, ra_mul(z->maxD, d), S);
         w->dv_d = ra_take(a, ra_mul(z->maxD, e), S);
@@ -115,29 +135,62 @@ static int FN(cgrow)(char **buf, size_t *have, size_t bytes)
 }
 
 /* ------------------------------------------------------------------ small helpers */
-static int FN(same_range)(RaRange a, RaRange b)
-{
-    return a.start == b.start && a.count == b.count && a.stride == b.stride;
-}
-
 static void FN(range_list)(RaRange r, int64_t *idx)
 {
     for (int64_t j = 0; j < r.count; j++) idx[j] = r.start + j * r.stride;
 }
 
-/* xt (d, ld) packed transposed; over the L columns from o: dst (d) = mul · element-wise
- * max, arg (d) = the position it came from, idx[o + j] (ties: the lowest; arg may be NULL) */
-static void FN(maxpool)(const T *xt, ptrdiff_t ld, const int64_t *idx, int64_t o, int L, int d,
-                        T mul, T *dst, int64_t *arg)
+/* Max-pool every region of a unit at once.  x (L, d) packed over the unit's span; region
+ * r covers rows [lo[r], hi[r]).  dst (nv, d) = mul · element-wise max, arg (nv, d,
+ * optional) = the row it came from (ties: the lowest).  Regions that start the span
+ * (prefixes) share one running scan upwards, regions that end it (suffixes) one scan
+ * downwards, so nested runs (fixed, axial, mixture) cost O((L + nv)·d), not O(Σ runs·d);
+ * any other run is scanned on its own.  Scratch: best (d), barg (d), head (L), next (nv). */
+static void FN(pool_one)(const T *xr, int d, int j, T *best, int32_t *barg, int strict)
 {
-    for (int c = 0; c < d; c++) {
-        const T *x = xt + c * ld + o;
-        T best = x[0];
-        int at = 0;
-        for (int j = 1; j < L; j++)
-            if (x[j] > best) { best = x[j]; at = j; }
-        dst[c] = best * mul;
-        if (arg) arg[c] = idx[o + at];
+    for (int c = 0; c < d; c++) {   /* vectorises over the channels */
+        const int up = strict ? xr[c] > best[c] : xr[c] >= best[c];
+        best[c] = up ? xr[c] : best[c];
+        barg[c] = up ? j : barg[c];
+    }
+}
+
+static void FN(pool_emit)(const T *best, const int32_t *barg, int d, T mul, T *dst, int32_t *arg)
+{
+    for (int c = 0; c < d; c++) dst[c] = best[c] * mul;
+    if (arg) memcpy(arg, barg, sizeof(int32_t) * (size_t)d);
+}
+
+static void FN(pool_regions)(const T *x, int L, int nv, const int *lo, const int *hi, int d,
+                             T mul, T *dst, int32_t *arg, T *best, int32_t *barg, int *head,
+                             int *next)
+{
+    for (int dir = 0; dir < 2; dir++) {   /* 0: prefixes, 1: suffixes (not prefixes) */
+        int reach = dir ? L : -1;          /* last row the scan must visit */
+        for (int j = 0; j < L; j++) head[j] = -1;
+        for (int r = nv - 1; r >= 0; r--) {
+            const int in = dir ? lo[r] > 0 && hi[r] == L : lo[r] == 0;
+            if (!in) continue;
+            const int at = dir ? lo[r] : hi[r] - 1;   /* emit when the scan reaches it */
+            next[r] = head[at];
+            head[at] = r;
+            reach = dir ? (at < reach ? at : reach) : (at > reach ? at : reach);
+        }
+        if (dir ? reach == L : reach < 0) continue;
+        const int j0 = dir ? L - 1 : 0, step = dir ? -1 : 1;
+        for (int c = 0; c < d; c++) best[c] = -INFINITY, barg[c] = j0;
+        for (int j = j0;; j += step) {
+            FN(pool_one)(x + (ptrdiff_t)j * d, d, j, best, barg, !dir);
+            for (int r = head[j]; r >= 0; r = next[r])
+                FN(pool_emit)(best, barg, d, mul, dst + (ptrdiff_t)r * d, arg ? arg + (ptrdiff_t)r * d : NULL);
+            if (j == reach) break;
+        }
+    }
+    for (int r = 0; r < nv; r++) {
+        if (lo[r] == 0 || hi[r] == L || hi[r] <= lo[r]) continue;
+        for (int c = 0; c < d; c++) best[c] = -INFINITY, barg[c] = lo[r];
+        for (int j = lo[r]; j < hi[r]; j++) FN(pool_one)(x + (ptrdiff_t)j * d, d, j, best, barg, 1);
+        FN(pool_emit)(best, barg, d, mul, dst + (ptrdiff_t)r * d, arg ? arg + (ptrdiff_t)r * d : NULL);
     }
 }
 
@@ -149,70 +202,104 @@ static void FN(pack_members)(FN(CWs) *w, RaRange span, RaMat q, RaMat k, RaMat v
     w->span = span;
     FN(range_list)(span, w->midx);
     FN(ra_gather)(k, w->midx, 0, L, d, 1, 1, w->kt_m, L);
-    FN(ra_gather)(q, w->midx, 0, L, d, 1, 1, w->qt_m, L);
+    FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
+    FN(ra_gather)(q, w->midx, 0, L, d, 1, 0, w->q_m, d);
     FN(ra_gather)(v, w->midx, 0, L, e, 1, 0, w->v_m, e);
-    if (w->k_m) {
-        FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
+    if (w->vt_m) {
         FN(ra_gather)(v, w->midx, 0, L, e, 1, 1, w->vt_m, L);
     }
 }
 
-/* column of region members' first position inside the packed span */
-static int64_t FN(span_offset)(const FN(CWs) *w, RaRange mem)
+/* Set up region unit u of wave w: pack its span, each region's run of span columns,
+ * pooled keys pk and scaled queries pq (args into ak, aq in the backward). */
+static int64_t FN(region_unit_setup)(const RaCPlan *p, FN(CWs) *w, int wave, int64_t u, RaMat q,
+                                     RaMat k, RaMat v, T sc, int d, int e, int bwd)
 {
-    return (mem.start - w->span.start) / w->span.stride;
+    const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
+    if (nv == 0) return 0;
+    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    const int L = (int)w->span.count;
+    for (int64_t r = 0; r < nv; r++) {
+        const RaRange m = ra_cplan_region(p, w->vids[r]).members;
+        w->rlo[r] = (int)((m.start - w->span.start) / w->span.stride);
+        w->rhi[r] = w->rlo[r] + (int)m.count;
+    }
+    FN(pool_regions)(w->k_m, L, (int)nv, w->rlo, w->rhi, d, 1, w->pk, bwd ? w->ak : NULL,
+                     w->run, w->barg, w->head, w->next);
+    FN(pool_regions)(w->q_m, L, (int)nv, w->rlo, w->rhi, d, sc, w->pq, bwd ? w->aq : NULL,
+                     w->run, w->barg, w->head, w->next);
+    return nv;
 }
 
-/* Consecutive regions vids[a..b) sharing members and each with its own query row are
- * one engine tile (axial: every cell of a row); pooled regions go one at a time. */
-static int64_t FN(region_batch)(const RaCPlan *p, const int64_t *vids, int64_t a, int64_t nv)
+/* Regions a..b of the unit as one query tile: rows = their queries (pooled, or the
+ * region's query row), keys = the hull [*j0, *j1) of their runs.  Returns 1 when the
+ * rows' runs differ, so each key tile needs the bitmap of FN(region_vis). */
+static int FN(region_tile)(const RaCPlan *p, FN(CWs) *w, int64_t a, int64_t b, RaMat q, T sc,
+                           int d, int *j0, int *j1)
 {
-    const RaCRegion g = ra_cplan_region(p, vids[a]);
-    int64_t b = a + 1;
-    if (g.qsrc < 0) return b;
-    while (b < nv && b - a < RA_BQ && vids[b] == vids[b - 1] + 1) {
-        const RaCRegion h = ra_cplan_region(p, vids[b]);
-        if (h.qsrc < 0 || !FN(same_range)(h.members, g.members)) break;
-        b++;
+    int ragged = 0;
+    *j0 = w->rlo[a], *j1 = w->rhi[a];
+    for (int64_t r = a; r < b; r++) {
+        const RaCRegion h = ra_cplan_region(p, w->vids[r]);
+        T *qr = w->qs + (ptrdiff_t)(r - a) * d;
+        if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
+        else memcpy(qr, w->pq + (ptrdiff_t)r * d, sizeof(T) * (size_t)d);
+        ragged |= w->rlo[r] != w->rlo[a] || w->rhi[r] != w->rhi[a];
+        *j0 = w->rlo[r] < *j0 ? w->rlo[r] : *j0;
+        *j1 = w->rhi[r] > *j1 ? w->rhi[r] : *j1;
     }
-    return b;
+    return ragged;
+}
+
+/* bitmap of the key tile of span columns [c0, c0 + cols): row r sees its own run */
+static const uint64_t *FN(region_vis)(FN(CWs) *w, int64_t a, int rows, int c0, int cols)
+{
+    const int ld = RA_BK / 64;
+    memset(w->vis, 0, sizeof(uint64_t) * (size_t)rows * ld);
+    for (int r = 0; r < rows; r++) {
+        const int lo = w->rlo[a + r] - c0 > 0 ? w->rlo[a + r] - c0 : 0;
+        const int hi = w->rhi[a + r] - c0 < cols ? w->rhi[a + r] - c0 : cols;
+        for (int j = lo; j < hi; j++) w->vis[r * ld + (j >> 6)] |= (uint64_t)1 << (j & 63);
+    }
+    return w->vis;
 }
 
 /* ------------------------------------------------------------------ pass 1: regions */
 /* Region unit u of wave w.  q, k (n, d), v (n, e) -> khat rows of the summary keys it
  * owns, vhat (rows, e) and rlse (rows) of its regions:
  *   k̂ = max_j k_j,  q̂ = max_j q_j (or the region's query row),
- *   v̂ = Σ_j softmax_j(scale·q̂·k_j) v_j   over the members j. */
+ *   v̂ = Σ_j softmax_j(scale·q̂·k_j) v_j   over the members j.
+ * Up to RA_BQ regions share one engine tile; their different runs are a bitmap. */
 static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
                                     int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
                                     FN(CTab) *tb)
 {
-    const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
-    if (nv == 0) return;
-    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 0);
     const ptrdiff_t ld = w->span.count;
-    for (int64_t a = 0, b; a < nv; a = b) {
-        b = FN(region_batch)(p, w->vids, a, nv);
-        const RaCRegion g = ra_cplan_region(p, w->vids[a]);
-        const int rows = (int)(b - a), L = (int)g.members.count;
-        const int64_t o = FN(span_offset)(w, g.members);
-        for (int r = 0; r < rows; r++) {
-            const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
-            T *qr = w->qs + (ptrdiff_t)r * d;
-            if (h.owns_kid) FN(maxpool)(w->kt_m, ld, w->midx, o, L, d, 1, tb->khat + h.kid * d, NULL);
-            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
-            else FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, sc, qr, NULL);
-        }
+    for (int64_t r = 0; r < nv; r++) {
+        const RaCRegion h = ra_cplan_region(p, w->vids[r]);
+        if (h.owns_kid) memcpy(tb->khat + h.kid * d, w->pk + r * d, sizeof(T) * (size_t)d);
+    }
+    for (int64_t a = 0; a < nv; a += RA_BQ) {
+        const int rows = (int)(nv - a < RA_BQ ? nv - a : RA_BQ);
+        int c0, c1;
+        const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
         FN(RaQTile) qt = {rows, w->qs, NULL, w->mx, w->sum, w->acc, w->s};
         FN(ra_fwd_init)(&qt, e);
-        for (int j0 = 0; j0 < L; j0 += RA_BK) {
-            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld,
-                              w->v_m + (o + j0) * e, e, NULL, 0, NULL, 0, NULL};
+        for (int j0 = c0; j0 < c1; j0 += RA_BK) {
+            const int cols = c1 - j0 < RA_BK ? c1 - j0 : RA_BK;
+            FN(RaKTile) kt = {cols, w->kt_m + j0, ld, w->v_m + (ptrdiff_t)j0 * e, e, NULL, 0,
+                              NULL, 0, NULL, ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL,
+                              RA_BK / 64};
             FN(ra_fwd_step)(K, &qt, &kt, d, e, 0);
         }
-        const int64_t v0 = w->vids[a];
-        FN(ra_fwd_finish)(&qt, e, (char *)(tb->vhat + v0 * e), e * sizeof(T), sizeof(T),
-                          (char *)(tb->rlse + v0), sizeof(T));
+        FN(ra_fwd_finish)(&qt, e, (char *)w->otile, e * sizeof(T), sizeof(T), (char *)w->olse,
+                          sizeof(T));
+        for (int r = 0; r < rows; r++) {
+            const int64_t vid = w->vids[a + r];
+            memcpy(tb->vhat + vid * e, w->otile + (ptrdiff_t)r * e, sizeof(T) * (size_t)e);
+            tb->rlse[vid] = w->olse[r];
+        }
     }
 }
 
@@ -244,6 +331,16 @@ static void FN(summary_qpos)(const RaCPlan *p, const RaCUnit *U, const int64_t *
 {
     for (int r = 0; r < rows; r++)
         sqpos[r] = U->sq == RA_SQ_ROW ? qidx[r] / p->M : U->sq == RA_SQ_COL ? qidx[r] % p->M : 0;
+}
+
+/* RA_SQ_VIS units: attach the planner's bitmap for this (query tile, key tile) pair */
+static void FN(unit_vis)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, const int64_t *qpos,
+                         int rows, FN(RaKTile) *kt, const int64_t *key, int summary)
+{
+    if (U->sq != RA_SQ_VIS) return;
+    ra_cplan_vis(p, qpos, rows, key, kt->cols, summary, w->vis, RA_BK / 64);
+    kt->vis = w->vis;
+    kt->ldvis = RA_BK / 64;
 }
 
 /* A causal key chunk whose first (smallest) position is after every query of the tile
@@ -280,6 +377,7 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
             if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
             FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd,
                               w->v_d + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, w->didx + j0};
+            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->didx + j0, 0);
             FN(ra_fwd_step)(K, &qt, &kt, d, e, U.dflags);
         }
         FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
@@ -288,6 +386,7 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
             if (FN(chunk_hidden)(U.sflags, w->spos + j0, w->sqpos, rows)) break;
             FN(RaKTile) kt = {S - j0 < RA_BK ? S - j0 : RA_BK, w->kt_s + j0, S,
                               w->v_s + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, w->spos + j0};
+            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->vid + j0, 1);
             FN(ra_fwd_step)(K, &qt, &kt, d, e, U.sflags);
         }
         if (last) {
@@ -426,6 +525,7 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
             if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
             FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd, NULL, 0,
                               w->k_d + (ptrdiff_t)j0 * d, d, w->vt_d + j0, nd, w->didx + j0};
+            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->didx + j0, 0);
             FN(ra_bwd_step)(K, &g, &kt, w->dk_d + (ptrdiff_t)j0 * d, d,
                             w->dv_d + (ptrdiff_t)j0 * e, e, d, e, U.dflags);
         }
@@ -435,6 +535,7 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
             if (FN(chunk_hidden)(U.sflags, w->spos + j0, w->sqpos, rows)) break;
             FN(RaKTile) kt = {S - j0 < RA_BK ? S - j0 : RA_BK, w->kt_s + j0, S, NULL, 0,
                               w->k_s + (ptrdiff_t)j0 * d, d, w->vt_s + j0, S, w->spos + j0};
+            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->vid + j0, 1);
             FN(ra_bwd_step)(K, &g, &kt, w->dk_s + (ptrdiff_t)j0 * d, d,
                             w->dv_s + (ptrdiff_t)j0 * e, e, d, e, U.sflags);
         }
@@ -455,59 +556,59 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
  *   k̂ = max_j k_j            so dk_{argmax} += dk̂          (per element, ties: lowest j)
  *   v̂ = softmax(q̂̃·kᵀ)·v     so the engine gives dq̂̃, dk_j, dv_j with lse = rlse
  *   q̂ = max_j q_j (or a row) so dq̃_{argmax} += dq̂̃
- * Every position written lies inside the unit's members, disjoint within the wave. */
+ * Member gradients gather in span columns (dk_m, dv_m) and are added to dks, dvs once.
+ * Every position written lies inside the unit's span, disjoint within the wave. */
 static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
                                      int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
                                      FN(CTab) *tb)
 {
-    const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
+    const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 1);
     if (nv == 0) return;
-    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
-    const ptrdiff_t ld = w->span.count;
-    for (int64_t a = 0, b; a < nv; a = b) {
-        b = FN(region_batch)(p, w->vids, a, nv);
-        const RaCRegion g = ra_cplan_region(p, w->vids[a]);
-        const int rows = (int)(b - a), L = (int)g.members.count;
-        const int64_t v0 = w->vids[a], o = FN(span_offset)(w, g.members);
+    const int L = (int)w->span.count;
+    memset(w->dk_m, 0, sizeof(T) * (size_t)L * d);
+    memset(w->dv_m, 0, sizeof(T) * (size_t)L * e);
+    for (int64_t r = 0; r < nv; r++) {
+        const RaCRegion h = ra_cplan_region(p, w->vids[r]);
+        if (!h.owns_kid) continue;
+        for (int c = 0; c < d; c++)
+            w->dk_m[(ptrdiff_t)w->ak[r * d + c] * d + c] += tb->dkhat[h.kid * d + c];
+    }
+    for (int64_t a = 0; a < nv; a += RA_BQ) {
+        const int rows = (int)(nv - a < RA_BQ ? nv - a : RA_BQ);
+        int c0, c1;
+        const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
         for (int r = 0; r < rows; r++) {
-            const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
-            T *qr = w->qs + (ptrdiff_t)r * d;
-            if (h.owns_kid) {
-                FN(maxpool)(w->kt_m, ld, w->midx, o, L, d, 1, w->dq, w->arg);
-                for (int c = 0; c < d; c++) tb->dks[w->arg[c] * d + c] += tb->dkhat[h.kid * d + c];
-            }
-            if (h.qsrc >= 0) FN(ra_gather)(q, NULL, h.qsrc, 1, d, sc, 0, qr, d);
-            else FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, sc, qr, NULL);
+            const int64_t vid = w->vids[a + r];
             T dl = 0;
-            for (int c = 0; c < e; c++) dl += tb->dvhat[(v0 + r) * e + c] * tb->vhat[(v0 + r) * e + c];
+            for (int c = 0; c < e; c++) dl += tb->dvhat[vid * e + c] * tb->vhat[vid * e + c];
+            memcpy(w->dout + (ptrdiff_t)r * e, tb->dvhat + vid * e, sizeof(T) * (size_t)e);
+            w->lse[r] = tb->rlse[vid];
             w->delta[r] = dl;
         }
         memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
-        memset(w->dk_m, 0, sizeof(T) * (size_t)L * d);
-        memset(w->dv_m, 0, sizeof(T) * (size_t)L * e);
-        FN(RaQGradTile) gt = {rows, w->qs, tb->dvhat + v0 * e, tb->rlse + v0, w->delta, NULL,
-                              w->dq, w->s, w->dp};
-        for (int j0 = 0; j0 < L; j0 += RA_BK) {
-            FN(RaKTile) kt = {L - j0 < RA_BK ? L - j0 : RA_BK, w->kt_m + o + j0, ld, NULL, 0,
-                              w->k_m + (o + j0) * d, d, w->vt_m + o + j0, ld, NULL};
+        FN(RaQGradTile) gt = {rows, w->qs, w->dout, w->lse, w->delta, NULL, w->dq, w->s, w->dp};
+        for (int j0 = c0; j0 < c1; j0 += RA_BK) {
+            const int cols = c1 - j0 < RA_BK ? c1 - j0 : RA_BK;
+            FN(RaKTile) kt = {cols, w->kt_m + j0, L, NULL, 0, w->k_m + (ptrdiff_t)j0 * d, d,
+                              w->vt_m + j0, L, NULL,
+                              ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL, RA_BK / 64};
             FN(ra_bwd_step)(K, &gt, &kt, w->dk_m + (ptrdiff_t)j0 * d, d,
                             w->dv_m + (ptrdiff_t)j0 * e, e, d, e, 0);
-        }
-        for (int j = 0; j < L; j++) {
-            const int64_t at = w->midx[o + j];
-            for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
-            for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
         }
         for (int r = 0; r < rows; r++) {
             const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
             const T *dqr = w->dq + (ptrdiff_t)r * d;
             if (h.qsrc >= 0)
                 for (int c = 0; c < d; c++) tb->dqs[h.qsrc * d + c] += dqr[c];
-            else {
-                FN(maxpool)(w->qt_m, ld, w->midx, o, L, d, 1, w->qs, w->arg);   /* qs is free */
-                for (int c = 0; c < d; c++) tb->dqs[w->arg[c] * d + c] += dqr[c];
-            }
+            else
+                for (int c = 0; c < d; c++)
+                    tb->dqs[w->midx[w->aq[(a + r) * d + c]] * d + c] += dqr[c];
         }
+    }
+    for (int j = 0; j < L; j++) {
+        const int64_t at = w->midx[j];
+        for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
+        for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
     }
 }
 
@@ -540,6 +641,7 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         const RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
         const RaVec lsev = {(char *)tb.lse, sizeof(T)};
         FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             T acc = 0;
             for (int c = 0; c < e; c++) acc += RA_MAT_AT(T, gb, i, c) * tb.out[(ptrdiff_t)i * e + c];
@@ -566,11 +668,16 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
                 for (int64_t u = u0; u < u1; u++)
                     FN(query_unit_backward)(K, &p, &ws[ra_thread_id()], pass, u, qb, kb, vb, gb,
                                             sc, d, e, &tb, tb.offs[u] - tb.offs[u0]);
-                for (int64_t s = 0; s < tb.offs[u1] - tb.offs[u0]; s++) {
-                    T *dkh = tb.dkhat + tb.slot_kid[s] * d, *dvh = tb.dvhat + tb.slot_vid[s] * e;
-                    for (int c = 0; c < d; c++) dkh[c] += tb.slot_dk[s * d + c];
-                    for (int c = 0; c < e; c++) dvh[c] += tb.slot_dv[s * e + c];
-                }
+                /* slots summed in unit order; threads split the channels, so every
+                   element's additions keep that order (bit-identical for any nt) */
+                const int64_t ns = tb.offs[u1] - tb.offs[u0];
+                #pragma omp parallel for num_threads(nt) schedule(static)
+                for (int cb = 0; cb < (d + e + 15) / 16; cb++)
+                    for (int64_t s = 0; s < ns; s++)
+                        for (int c = cb * 16; c < cb * 16 + 16 && c < d + e; c++) {
+                            if (c < d) tb.dkhat[tb.slot_kid[s] * d + c] += tb.slot_dk[s * d + c];
+                            else tb.dvhat[tb.slot_vid[s] * e + c - d] += tb.slot_dv[s * e + c - d];
+                        }
             }
         }
 
@@ -584,6 +691,7 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
 
         /* 4. outputs */
         const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
+        #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             for (int c = 0; c < d; c++) {
                 RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];

@@ -14,7 +14,12 @@
  *                                 and (!RA_EXCLUDE_SELF || kpos[j] != qpos[i])
  *
  * The mask is applied only when the step's flags contain RA_MASKED; planners leave it
- * out for tiles they know to be fully visible.  Logits are q·k with q pre-scaled, so
+ * out for tiles they know to be fully visible.
+ *
+ * A planner whose visibility is not a function of positions may also pass an explicit
+ * bitmap with a key tile (KTile.vis, optional, NULL = unused): key j of the tile is
+ * visible to query i of the step only if bit j%64 of word vis[i*ldvis + j/64] is set.
+ * It applies whatever the flags, on top of the position mask (both must allow).  Logits are q·k with q pre-scaled, so
  * `scale` is folded into the query tile.
  *
  * Tile contract (T = float or double, suffix _f32 / _f64):
@@ -57,6 +62,8 @@ enum {
         const T *k;  ptrdiff_t ldk;    /* (cols, d)  backward only */                     \
         const T *vt; ptrdiff_t ldvt;   /* (e, cols)  backward only */                     \
         const int64_t *pos;            /* (cols) original positions, -1 = padding */      \
+        const uint64_t *vis;           /* optional (rows, ldvis) bitmap, NULL = none */   \
+        ptrdiff_t ldvis;               /* words per query row of vis */                   \
     } RaKTile_##SUF;                                                                      \
     typedef struct {                                                                      \
         int rows;                                                                         \

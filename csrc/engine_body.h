@@ -29,6 +29,17 @@ static void FN(apply_mask)(const KT *K, T *s, int rows, int cols, const int64_t 
                  (flags & RA_EXCLUDE_SELF) != 0);
 }
 
+/* Write -inf into the logits the explicit bitmap hides (bit clear). */
+static void FN(apply_vis)(T *s, int rows, int cols, const uint64_t *vis, ptrdiff_t ldvis)
+{
+    for (int i = 0; i < rows; i++) {
+        T *si = s + (ptrdiff_t)i * RA_BK;
+        const uint64_t *w = vis + (ptrdiff_t)i * ldvis;
+        for (int j = 0; j < cols; j++)
+            if (!((w[j >> 6] >> (j & 63)) & 1)) si[j] = -INFINITY;
+    }
+}
+
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {
@@ -120,12 +131,13 @@ void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d,
     K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, RA_BK, 0);
     /* 2. position mask */
     if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, rows, cols, qt->pos, kt->pos, flags);
+    if (kt->vis) FN(apply_vis)(qt->s, rows, cols, kt->vis, kt->ldvis);
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
     K->softmax_step(rows, cols, qt->s, RA_BK, qt->mx, qt->sum, qt->acc, e, e);
     /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
      * when a masked tile's v holds a non-finite value, weights of 0 are skipped so that
      * value reaches only the queries that see its key (DESIGN §6, NaN locality). */
-    if ((flags & RA_MASKED) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
+    if (((flags & RA_MASKED) || kt->vis) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
         FN(pv_skip_zero)(rows, cols, e, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e);
     else
         K->gemm(rows, e, cols, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e, 1);
@@ -154,6 +166,7 @@ void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *
     /* forward pass 1-3 recomputed: s = q·kᵀ, masked, p = exp(s - lse) */
     K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
     if (flags & RA_MASKED) FN(apply_mask)(K, g->s, rows, cols, g->pos, kt->pos, flags);
+    if (kt->vis) FN(apply_vis)(g->s, rows, cols, kt->vis, kt->ldvis);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
     /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
     K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);

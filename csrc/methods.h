@@ -142,4 +142,15 @@ int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBM
 int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBVec iters,
                       RaBVec seed, RaBVec labels, RaBVec centroids);
 
+/* ------------------------------------------------------------------ engine test hook */
+/* masked_check.c: dense attention under an explicit boolean mask (n, m) through the
+ * engine's visibility bitmap, forward and backward, logits q·k.  Tests only. */
+#define RA_MASKED_CHECK_DECLS(T, SUF)                                                     \
+    int ra_engine_masked_##SUF(int n, int m, int d, int e, RaMat q, RaMat k, RaMat v,      \
+                               RaMat mask, RaMat dout, RaMat out, RaVec lse, RaMat dq,     \
+                               RaMat dk, RaMat dv);
+
+RA_MASKED_CHECK_DECLS(float, f32)
+RA_MASKED_CHECK_DECLS(double, f64)
+
 #endif /* RA_METHODS_H */

@@ -374,6 +374,33 @@ static void hamming_kmeans_loop(char **args, npy_intp const *dims, npy_intp cons
 }
 #undef ARG_FLAG
 
+/* ------------------------------------------------------------------ engine test hook */
+/* (n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e)
+ * q, k, v, mask, dout -> out, lse, dq, dk, dv */
+#define ENGINE_MASKED_LOOP(SUF)                                                           \
+    static void engine_masked_loop_##SUF(char **args, npy_intp const *dims,              \
+                                         npy_intp const *steps, void *data)              \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (!ra_dims_fit(dims + 1, 4, "_engine_masked")) return;                          \
+        const int n = (int)dims[1], d = (int)dims[2], m = (int)dims[3], e = (int)dims[4]; \
+        int st = RA_OK;                                                                   \
+        for (npy_intp b = 0; b < dims[0] && st == RA_OK; b++) {                           \
+            /* operands 0..9, core strides from steps[10] on */                          \
+            RaMat M[10];                                                                  \
+            static const int core[10] = {10, 12, 14, 16, 18, 20, 22, 23, 25, 27};        \
+            for (int a = 0; a < 10; a++)                                                  \
+                M[a] = (RaMat){args[a] + b * steps[a], steps[core[a]],                    \
+                               a == 6 ? 0 : steps[core[a] + 1]};                          \
+            const RaVec lse = {M[6].data, M[6].s0};                                       \
+            st = ra_engine_masked_##SUF(n, m, d, e, M[0], M[1], M[2], M[3], M[4], M[5],   \
+                                        lse, M[7], M[8], M[9]);                           \
+        }                                                                                 \
+        ra_raise(st, "_engine_masked");                                                   \
+    }
+ENGINE_MASKED_LOOP(f32)
+ENGINE_MASKED_LOOP(f64)
+
 /* ------------------------------------------------------------------ registration table */
 typedef struct {
     const char *name;
@@ -419,6 +446,12 @@ static const RaGufunc ra_gufuncs[] = {
      "_combiner_forward(q, k, v, plan, block, causal, scale) -> out\n\n"
      "plan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind "
      "routing_attention.combiner_attention; use that instead."},
+    {"_engine_masked", "(n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e)", 5, 5,
+     {engine_masked_loop_f32, engine_masked_loop_f64},
+     (char[]){F, F, F, B, F, F, F, F, F, F, /**/ D, D, D, B, D, D, D, D, D, D},
+     "_engine_masked(q, k, v, mask, dout) -> (out, lse, dq, dk, dv)\n\n"
+     "Test hook: dense attention (logits q·k) under an explicit boolean mask, through the\n"
+     "engine's visibility bitmap, single-threaded."},
     {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(),(),(),()->(n,d),(n,d),(n,e)", 8, 3,
      {combiner_backward_loop_f32, combiner_backward_loop_f64},
      (char[]){F, F, F, F, L, L, B, F, F, F, F, /**/ D, D, D, D, L, L, B, D, D, D, D},
