@@ -12,6 +12,8 @@
 
 #include "common.h"
 
+#define RA_TOPM 16   /* rank tracked per column by top_sample */
+
 #define RA_KERNEL_FNS(T)                                                                  \
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
     void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
@@ -29,7 +31,16 @@
     void (*exp_shift)(int bq, int bk, T *S, ptrdiff_t lds, const T *lse);                   \
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
-                         T scale);
+                         T scale);                                                         \
+    /* top_members sample: rows (rows×cb, ld) update top (RA_TOPM×ldt), per column the    \
+       RA_TOPM largest values seen so far in decreasing order (NaN counts as -inf).       \
+       Initialise top to -inf. */                                                          \
+    void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, T *top, ptrdiff_t ldt); \
+    /* top_members admission: row r (rows×cb, ld) joins column j's candidate list iff     \
+       s[r][j] >= thr[j] (so NaN never does): pos[j·cap + cnt[j]] = row0 + r, val[..] =   \
+       s[r][j], cnt[j]++.  A list reaching cap sets thr[j] = NaN (it admits no more). */   \
+    void (*top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,       \
+                      int cap, int *cnt, int32_t *pos, T *val);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

@@ -25,7 +25,9 @@
 
 const RaKernels ra_kernels_avx512 = {
     "avx512",
-    {gemm_f32_avx512, gemm_tn_f32_avx512, softmax_step_f32_avx512, exp_shift_f32_avx512, softmax_grad_f32_avx512},
-    {gemm_f64_avx512, gemm_tn_f64_avx512, softmax_step_f64_avx512, exp_shift_f64_avx512, softmax_grad_f64_avx512},
+    {gemm_f32_avx512, gemm_tn_f32_avx512, softmax_step_f32_avx512, exp_shift_f32_avx512, softmax_grad_f32_avx512,
+     top_sample_f32_avx512, top_admit_f32_avx512},
+    {gemm_f64_avx512, gemm_tn_f64_avx512, softmax_step_f64_avx512, exp_shift_f64_avx512, softmax_grad_f64_avx512,
+     top_sample_f64_avx512, top_admit_f64_avx512},
     fma_probe_f32_avx512,
 };

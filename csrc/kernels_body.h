@@ -11,6 +11,8 @@
  * pragma of the including file decides which instructions they become.
  */
 
+#include <immintrin.h>
+
 #define VL ((int)(VEC_BYTES / sizeof(T)))
 typedef T FN(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
 typedef UT FN(uvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
@@ -246,6 +248,83 @@ static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, co
         for (int j = 0; j < bkv; j += VL)
             FN(vstore)(g + j, FN(vload)(p + j) * (FN(vload)(g + j) - di) * scale);
         for (int j = bkv; j < bk; j++) g[j] = p[j] * (g[j] - di) * scale;
+    }
+}
+
+/* ------------------------------------------------------------------ top_members */
+/* Bit l set iff lane l of the comparison mask m is true. */
+static inline unsigned FN(mask_bits)(uvec m)
+{
+#if VEC_BYTES == 64 && RA_IS_F32
+    return (unsigned)_mm512_movepi32_mask((__m512i)m);
+#elif VEC_BYTES == 64
+    return (unsigned)_mm512_movepi64_mask((__m512i)m);
+#elif VEC_BYTES == 32 && RA_IS_F32
+    return (unsigned)_mm256_movemask_ps((__m256)m);
+#elif VEC_BYTES == 32
+    return (unsigned)_mm256_movemask_pd((__m256d)m);
+#elif VEC_BYTES == 16 && RA_IS_F32
+    return (unsigned)_mm_movemask_ps((__m128)m);
+#else
+    return (unsigned)_mm_movemask_pd((__m128d)m);
+#endif
+}
+
+static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, T *top, ptrdiff_t ldt)
+{
+    const int cbv = cb / VL * VL;
+    const vec ninf = FN(vsplat)(-(T)INFINITY);
+    for (int j0 = 0; j0 < cbv; j0 += VL) {
+        vec t[RA_TOPM];
+        for (int k = 0; k < RA_TOPM; k++) t[k] = FN(vload)(top + k * ldt + j0);
+        for (int r = 0; r < rows; r++) {
+            vec v = FN(vload)(s + r * ld + j0);
+            v = FN(vsel)((uvec)(v == v), v, ninf);
+            if (!FN(mask_bits)((uvec)(v > t[RA_TOPM - 1]))) continue;   /* most rows */
+            for (int k = 0; k < RA_TOPM; k++) {       /* insertion network, one lane each */
+                const uvec gt = (uvec)(v > t[k]);
+                const vec hi = FN(vsel)(gt, v, t[k]);
+                v = FN(vsel)(gt, t[k], v);
+                t[k] = hi;
+            }
+        }
+        for (int k = 0; k < RA_TOPM; k++) FN(vstore)(top + k * ldt + j0, t[k]);
+    }
+    for (int j = cbv; j < cb; j++)
+        for (int r = 0; r < rows; r++) {
+            T v = s[r * ld + j];
+            if (v != v) v = -(T)INFINITY;
+            for (int k = 0; k < RA_TOPM; k++) {
+                T *tk = top + k * ldt + j;
+                if (v > *tk) { const T x = *tk; *tk = v; v = x; }
+            }
+        }
+}
+
+static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
+                          int cap, int *cnt, int32_t *pos, T *val)
+{
+    const int cbv = cb / VL * VL;
+    for (int r = 0; r < rows; r++) {
+        const T *p = s + r * ld;
+        for (int j0 = 0; j0 < cbv; j0 += VL) {
+            unsigned bits = FN(mask_bits)((uvec)(FN(vload)(p + j0) >= FN(vload)(thr + j0)));
+            while (bits) {
+                const int j = j0 + __builtin_ctz(bits);
+                bits &= bits - 1;
+                const int k = cnt[j]++;
+                pos[(size_t)j * cap + k] = row0 + r;
+                val[(size_t)j * cap + k] = p[j];
+                if (k + 1 == cap) thr[j] = (T)NAN;
+            }
+        }
+        for (int j = cbv; j < cb; j++)
+            if (p[j] >= thr[j]) {
+                const int k = cnt[j]++;
+                pos[(size_t)j * cap + k] = row0 + r;
+                val[(size_t)j * cap + k] = p[j];
+                if (k + 1 == cap) thr[j] = (T)NAN;
+            }
     }
 }
 

@@ -25,7 +25,9 @@
 
 const RaKernels ra_kernels_generic = {
     "generic",
-    {gemm_f32_generic, gemm_tn_f32_generic, softmax_step_f32_generic, exp_shift_f32_generic, softmax_grad_f32_generic},
-    {gemm_f64_generic, gemm_tn_f64_generic, softmax_step_f64_generic, exp_shift_f64_generic, softmax_grad_f64_generic},
+    {gemm_f32_generic, gemm_tn_f32_generic, softmax_step_f32_generic, exp_shift_f32_generic, softmax_grad_f32_generic,
+     top_sample_f32_generic, top_admit_f32_generic},
+    {gemm_f64_generic, gemm_tn_f64_generic, softmax_step_f64_generic, exp_shift_f64_generic, softmax_grad_f64_generic,
+     top_sample_f64_generic, top_admit_f64_generic},
     fma_probe_f32_generic,
 };
