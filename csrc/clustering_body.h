@@ -354,62 +354,84 @@ int FN(ra_commitment_loss)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 /* The ranking key of a score: NaN ranks lowest, as −inf. */
 static inline T FN(rank_key)(T v) { return v == v ? v : -(T)INFINITY; }
 
-/* The (k+1)-th largest of a (m > k, no NaN); reorders a.  Quickselect, Hoare partition
- * around a median-of-three pivot, expected O(m). */
-static T FN(kth_largest)(T *a, int m, int k)
+/* The (k+1)-th largest of a (m > k entries, no NaN); a and b (m each) are scratch, a's
+ * contents are destroyed.  Quickselect with branch-free out-of-place partitions (the
+ * comparisons on random data are unpredictable): split around a median-of-three pivot p
+ * into (> p | <= p), and a side holding k that is all <= p is split again into
+ * (== p | < p), so runs of equal values end at once.  Expected O(m). */
+static T FN(kth_largest)(T *a, T *b, int m, int k)
 {
-    int lo = 0, hi = m - 1;
-    while (hi > lo) {
-        if (hi - lo < 16) {                       /* insertion sort, decreasing */
-            for (int i = lo + 1; i <= hi; i++) {
-                const T x = a[i];
-                int j = i;
-                for (; j > lo && a[j - 1] < x; j--) a[j] = a[j - 1];
-                a[j] = x;
-            }
-            break;
-        }
-        const int mid = lo + (hi - lo) / 2;
-        T x = a[lo], y = a[mid], z = a[hi], p;       /* median of three */
+    while (m > 16) {
+        T x = a[0], y = a[m / 2], z = a[m - 1];
         if (x < y) { T u = x; x = y; y = u; }
         if (y < z) { T u = y; y = z; z = u; }
         if (x < y) { T u = x; x = y; y = u; }
-        p = y;
-        int i = lo - 1, j = hi + 1;
-        for (;;) {                                    /* a[lo..j] >= p >= a[j+1..hi] */
-            do i++; while (a[i] > p);
-            do j--; while (a[j] < p);
-            if (i >= j) break;
-            const T u = a[i]; a[i] = a[j]; a[j] = u;
+        const T p = y;
+        int nh = 0, nl = 0;
+        for (int i = 0; i < m; i++) {          /* b = [> p ...) ... (... <= p] */
+            const T v = a[i];
+            b[nh] = v;
+            b[m - 1 - nl] = v;
+            const int gt = v > p;
+            nh += gt;
+            nl += !gt;
         }
-        if (k <= j) hi = j; else lo = j + 1;
+        if (k < nh) { T *u = a; a = b; b = u; m = nh; continue; }
+        k -= nh;
+        const T *lo = b + nh;                   /* m - nh entries, all <= p, p among them */
+        const int ml = m - nh;
+        int ne = 0, nl2 = 0;
+        for (int i = 0; i < ml; i++) {          /* a = [== p ...) ... (... < p] */
+            const T v = lo[i];
+            a[ne] = v;
+            a[ml - 1 - nl2] = v;
+            const int eq = v == p;
+            ne += eq;
+            nl2 += !eq;
+        }
+        if (k < ne) return p;
+        k -= ne;
+        a += ne;
+        m = ml - ne;
+    }
+    for (int i = 1; i < m; i++) {               /* insertion sort, decreasing */
+        const T x = a[i];
+        int j = i;
+        for (; j > 0 && a[j - 1] < x; j--) a[j] = a[j - 1];
+        a[j] = x;
     }
     return a[k];
 }
 
-/* Write the w best of a position-ordered list (vals, positions pos or NULL = 0, 1, ...)
- * whose w-th best value is t: every value > t and the first (w − #greater) equal to t,
- * i.e. ties to the lower position, listed by position. */
+/* Write the w best of a position-ordered list (vals with byte stride vstride, positions
+ * pos or NULL = 0, 1, ...) whose w-th best value is t: every value > t and the first
+ * (w − #greater) equal to t, i.e. ties to the lower position, listed by position.
+ * Branch-free; sel (w + 1) is scratch. */
 static void FN(emit_best)(const T *vals, ptrdiff_t vstride, const int32_t *pos, int cnt, int w,
-                          T t, int greater, RaMat o, int j)
+                          T t, int greater, int64_t *sel, RaMat o, int j)
 {
     int need_eq = w - greater, r = 0;
-    for (int k = 0; k < cnt && r < w; k++) {
+    for (int k = 0; k < cnt; k++) {
         const T v = FN(rank_key)(*(const T *)((const char *)vals + k * vstride));
-        if (v > t || (v == t && need_eq-- > 0))
-            RA_MAT_AT(int64_t, o, j, r++) = pos ? pos[k] : k;
+        const int eq = (v == t) & (need_eq > 0);
+        const int take = (v > t) | eq;
+        need_eq -= eq;
+        sel[r] = pos ? pos[k] : k;
+        r += take;
+        if (r == w) break;
     }
+    for (int q = 0; q < w; q++) RA_MAT_AT(int64_t, o, j, q) = sel[q];
 }
 
 /* Exact path for one column (n rows, byte stride st): select on all n keys. */
-static void FN(top_column_exact)(const char *col, ptrdiff_t st, int n, int w, T *tmp, RaMat o,
-                                 int j)
+static void FN(top_column_exact)(const char *col, ptrdiff_t st, int n, int w, T *tmp, T *tmp2,
+                                 int64_t *sel, RaMat o, int j)
 {
     for (int i = 0; i < n; i++) tmp[i] = FN(rank_key)(*(const T *)(col + i * st));
-    const T t = FN(kth_largest)(tmp, n, w - 1);
+    const T t = FN(kth_largest)(tmp, tmp2, n, w - 1);
     int greater = 0;
-    for (int i = 0; i < n; i++) greater += tmp[i] > t;
-    FN(emit_best)((const T *)col, st, NULL, n, w, t, greater, o, j);
+    for (int i = 0; i < n; i++) greater += FN(rank_key)(*(const T *)(col + i * st)) > t;
+    FN(emit_best)((const T *)col, st, NULL, n, w, t, greater, sel, o, j);
 }
 
 /* Sampling plan: rows 0, k, 2k, ... (S = ceil(n/k) of them) give per cluster the RA_TOPM-th
@@ -461,8 +483,9 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb, cap)));
     const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb, cap)));
     const size_t sz_tmp = ra_round_up(ra_mul(sizeof(T), n));
+    const size_t sz_sel = ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1));
     const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, sz_top), ra_add(sz_cnt, sz_pos)),
-                                     ra_add(sz_val, sz_tmp));
+                                     ra_add(ra_add(sz_val, sz_tmp), ra_add(sz_tmp, sz_sel)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     /* rows must be contiguous along clusters for the vector passes: else pack a copy */
     const int packed = !(scores.s1 == (ptrdiff_t)sizeof(T) &&
@@ -492,7 +515,9 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
             int *cnt = (int *)p;                     p += sz_cnt;
             int32_t *pos = (int32_t *)p;             p += sz_pos;
             T *val = (T *)p;                         p += sz_val;
-            T *tmp = (T *)p;
+            T *tmp = (T *)p;                         p += sz_tmp;
+            T *tmp2 = (T *)p;                        p += sz_tmp;
+            int64_t *sel = (int64_t *)p;
             if (k) {
                 const T *sp = base + j0;
                 for (int q = 0; q < RA_TOPM * ldt; q++) top[q] = -(T)INFINITY;
@@ -507,15 +532,17 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
             for (int t = 0; t < g; t++) {
                 const int j = j0 + t;
                 if (!k || cnt[t] < w || cnt[t] >= cap) {
-                    FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp, o, j);
+                    FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp, tmp2, sel,
+                                         o, j);
                     continue;
                 }
                 const T *v = val + (size_t)t * cap;
                 memcpy(tmp, v, sizeof(T) * (size_t)cnt[t]);
-                const T th = FN(kth_largest)(tmp, cnt[t], w - 1);
+                const T th = FN(kth_largest)(tmp, tmp2, cnt[t], w - 1);
                 int greater = 0;
                 for (int q = 0; q < cnt[t]; q++) greater += v[q] > th;
-                FN(emit_best)(v, sizeof(T), pos + (size_t)t * cap, cnt[t], w, th, greater, o, j);
+                FN(emit_best)(v, sizeof(T), pos + (size_t)t * cap, cnt[t], w, th, greater, sel,
+                              o, j);
             }
         }
     }
