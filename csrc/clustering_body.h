@@ -479,9 +479,10 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     /* per thread: thresholds, sample tops, counts, candidate lists, selection scratch */
     const size_t sz_thr = ra_round_up(ra_mul(sizeof(T), ldt));
     const size_t sz_top = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt)));
-    const size_t sz_cnt = ra_round_up(ra_mul(sizeof(int), ldt));
-    const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb, cap)));
-    const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb, cap)));
+    /* top_admit's layout: cb + 1 lists (the last one scratch) of cap + 1 slots */
+    const size_t sz_cnt = ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1));
+    const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, (size_t)cap + 1)));
+    const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, (size_t)cap + 1)));
     const size_t sz_tmp = ra_round_up(ra_mul(sizeof(T), n));
     const size_t sz_sel = ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1));
     const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, sz_top), ra_add(sz_cnt, sz_pos)),
@@ -525,8 +526,8 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
                 for (int t = 0; t < g; t++) {
                     const T th = top[(RA_TOPM - 1) * ldt + t];
                     thr[t] = th == -(T)INFINITY ? (T)NAN : th;     /* −inf: exact path */
-                    cnt[t] = 0;
                 }
+                memset(cnt, 0, sizeof(int) * ((size_t)g + 1));
                 K->top_admit(n, g, sp, ld, 0, thr, cap, cnt, pos, val);
             }
             for (int t = 0; t < g; t++) {
@@ -536,12 +537,12 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
                                          o, j);
                     continue;
                 }
-                const T *v = val + (size_t)t * cap;
+                const T *v = val + (size_t)t * (cap + 1);
                 memcpy(tmp, v, sizeof(T) * (size_t)cnt[t]);
                 const T th = FN(kth_largest)(tmp, tmp2, cnt[t], w - 1);
                 int greater = 0;
                 for (int q = 0; q < cnt[t]; q++) greater += v[q] > th;
-                FN(emit_best)(v, sizeof(T), pos + (size_t)t * cap, cnt[t], w, th, greater, sel,
+                FN(emit_best)(v, sizeof(T), pos + (size_t)t * (cap + 1), cnt[t], w, th, greater, sel,
                               o, j);
             }
         }

@@ -37,8 +37,10 @@
        Initialise top to -inf. */                                                          \
     void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, T *top, ptrdiff_t ldt); \
     /* top_members admission: row r (rows×cb, ld) joins column j's candidate list iff     \
-       s[r][j] >= thr[j] (so NaN never does): pos[j·cap + cnt[j]] = row0 + r, val[..] =   \
-       s[r][j], cnt[j]++.  A list reaching cap sets thr[j] = NaN (it admits no more). */   \
+       s[r][j] >= thr[j] (so NaN never does): pos[j·(cap+1) + cnt[j]] = row0 + r,         \
+       val[..] = s[r][j], cnt[j]++.  A list reaching cap sets thr[j] = NaN (it admits no   \
+       more).  cnt, pos and val hold cb + 1 lists of cap + 1 slots: list cb and the last  \
+       slot of each list are scratch the kernel may write. */                              \
     void (*top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,       \
                       int cap, int *cnt, int32_t *pos, T *val);
 

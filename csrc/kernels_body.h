@@ -305,24 +305,34 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
                           int cap, int *cnt, int32_t *pos, T *val)
 {
     const int cbv = cb / VL * VL;
+    const size_t st = (size_t)cap + 1;
     for (int r = 0; r < rows; r++) {
         const T *p = s + r * ld;
         for (int j0 = 0; j0 < cbv; j0 += VL) {
             unsigned bits = FN(mask_bits)((uvec)(FN(vload)(p + j0) >= FN(vload)(thr + j0)));
+            /* the first hit without a branch (most chunks have 0 or 1): with none, the
+               write goes to the spare slot of list j0 + VL (<= cb) and counts nothing */
+            const int l = __builtin_ctz(bits | (1u << VL)), j = j0 + l;
+            const int k = cnt[j];
+            pos[j * st + k] = row0 + r;
+            val[j * st + k] = p[j0 + (l & (VL - 1))];
+            cnt[j] = k + (bits != 0);
+            if (__builtin_expect(k + 1 >= cap, 0) && bits) thr[j] = (T)NAN;
+            bits &= bits - 1;
             while (bits) {
-                const int j = j0 + __builtin_ctz(bits);
+                const int jj = j0 + __builtin_ctz(bits);
                 bits &= bits - 1;
-                const int k = cnt[j]++;
-                pos[(size_t)j * cap + k] = row0 + r;
-                val[(size_t)j * cap + k] = p[j];
-                if (k + 1 == cap) thr[j] = (T)NAN;
+                const int kk = cnt[jj]++;
+                pos[jj * st + kk] = row0 + r;
+                val[jj * st + kk] = p[jj];
+                if (kk + 1 == cap) thr[jj] = (T)NAN;
             }
         }
         for (int j = cbv; j < cb; j++)
             if (p[j] >= thr[j]) {
                 const int k = cnt[j]++;
-                pos[(size_t)j * cap + k] = row0 + r;
-                val[(size_t)j * cap + k] = p[j];
+                pos[j * st + k] = row0 + r;
+                val[j * st + k] = p[j];
                 if (k + 1 == cap) thr[j] = (T)NAN;
             }
     }
