@@ -446,7 +446,7 @@ static int FN(top_plan)(int n, int w, int *cap)
     return k;
 }
 
-#define RA_TOP_CB 128   /* most clusters per work unit */
+#define RA_TOP_CB 256   /* most clusters per work unit */
 
 /* scores (B; n, c) -> idx (B; c, w) int64: for each cluster the w rows with the largest
  * score (NaN counts as −inf), ties to the lower position, listed by position.

@@ -308,6 +308,9 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
     const size_t st = (size_t)cap + 1;
     for (int r = 0; r < rows; r++) {
         const T *p = s + r * ld;
+        if (r + 8 < rows)                            /* rows are strided: help the prefetcher */
+            for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                __builtin_prefetch(p + 8 * ld + j0);
         for (int j0 = 0; j0 < cbv; j0 += VL) {
             unsigned bits = FN(mask_bits)((uvec)(FN(vload)(p + j0) >= FN(vload)(thr + j0)));
             /* the first hit without a branch (most chunks have 0 or 1): with none, the
