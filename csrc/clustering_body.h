@@ -466,6 +466,10 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
+    /* Ordered comparisons with NaN scores (and the NaN "admit nothing" thresholds) set
+       FE_INVALID; the result is exact regardless, so the caller's flag is restored. */
+    fexcept_t fe_saved;
+    fegetexceptflag(&fe_saved, FE_INVALID);
     int cap = 0;
     const int k = FN(top_plan)(n, w, &cap);
     const int S = k ? (n + k - 1) / k : 0;
@@ -549,6 +553,7 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     }
     ra_free(scratch);
     ra_free(pk);
+    fesetexceptflag(&fe_saved, FE_INVALID);
     return RA_OK;
 }
 #undef RA_TOP_CB
