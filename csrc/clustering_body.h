@@ -453,7 +453,8 @@ static int FN(top_plan)(int n, int w, int *cap)
  *
  * Per work unit (up to RA_TOP_CB adjacent clusters of one problem):
  *  1. a strided sample of rows gives each cluster a threshold θ (its RA_TOPM-th largest
- *     sampled score: ~2.5w rows should reach it), by a vector insertion network;
+ *     sampled score: ~2.5w rows should reach it), by a vector insertion network; for
+ *     w <= RA_TOPM the network runs over every row and θ is the exact w-th largest;
  *  2. one pass over the rows appends every (position, score) with score >= θ to the
  *     cluster's list — in position order, one vector compare per row and VL clusters;
  *  3. per cluster, the w-th largest t of the list's scores (quickselect on a copy of the
@@ -471,7 +472,12 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     fexcept_t fe_saved;
     fegetexceptflag(&fe_saved, FE_INVALID);
     int cap = 0;
-    const int k = FN(top_plan)(n, w, &cap);
+    /* w <= RA_TOPM: the "sample" is every row, so θ is exactly the w-th largest score and
+       the lists hold just the rows reaching it (ties beyond 4w + 64 take the exact path) */
+    const int all_rows = w <= RA_TOPM;
+    const int k = all_rows ? 1 : FN(top_plan)(n, w, &cap);
+    if (all_rows) cap = 4 * w + 64;
+    const int rank = all_rows ? w : RA_TOPM;      /* θ = the rank-th largest sampled */
     const int S = k ? (n + k - 1) / k : 0;
     /* clusters per unit: enough units for every thread, a multiple of 16 lanes */
     int cb = (c + nt - 1) / nt;
@@ -526,9 +532,9 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
             if (k) {
                 const T *sp = base + j0;
                 for (int q = 0; q < RA_TOPM * ldt; q++) top[q] = -(T)INFINITY;
-                K->top_sample(S, g, sp, ld * k, top, ldt);
+                K->top_sample(S, g, sp, ld * k, rank, top, ldt);
                 for (int t = 0; t < g; t++) {
-                    const T th = top[(RA_TOPM - 1) * ldt + t];
+                    const T th = top[(rank - 1) * ldt + t];
                     thr[t] = th == -(T)INFINITY ? (T)NAN : th;     /* −inf: exact path */
                 }
                 memset(cnt, 0, sizeof(int) * ((size_t)g + 1));

@@ -32,10 +32,11 @@
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
                          T scale);                                                         \
-    /* top_members sample: rows (rows×cb, ld) update top (RA_TOPM×ldt), per column the    \
-       RA_TOPM largest values seen so far in decreasing order (NaN counts as -inf).       \
+    /* top_members sample: rows (rows×cb, ld) update top (m×ldt, m <= RA_TOPM), per      \
+       column the m largest values seen so far in decreasing order (NaN counts as -inf).  \
        Initialise top to -inf. */                                                          \
-    void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, T *top, ptrdiff_t ldt); \
+    void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,         \
+                       ptrdiff_t ldt);                                                     \
     /* top_members admission: row r (rows×cb, ld) joins column j's candidate list iff     \
        s[r][j] >= thr[j] (so NaN never does): pos[j·(cap+1) + cnt[j]] = row0 + r,         \
        val[..] = s[r][j], cnt[j]++.  A list reaching cap sets thr[j] = NaN (it admits no   \

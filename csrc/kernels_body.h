@@ -270,35 +270,38 @@ static inline unsigned FN(mask_bits)(uvec m)
 #endif
 }
 
-static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, T *top, ptrdiff_t ldt)
+static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,
+                           ptrdiff_t ldt)
 {
     const int cbv = cb / VL * VL;
     const vec ninf = FN(vsplat)(-(T)INFINITY);
-    for (int j0 = 0; j0 < cbv; j0 += VL) {
-        vec t[RA_TOPM];
-        for (int k = 0; k < RA_TOPM; k++) t[k] = FN(vload)(top + k * ldt + j0);
-        for (int r = 0; r < rows; r++) {
-            vec v = FN(vload)(s + r * ld + j0);
+    T *last = top + (m - 1) * ldt;
+    for (int r = 0; r < rows; r++) {               /* row by row: the rows are strided */
+        const T *p = s + r * ld;
+        if (r + 4 < rows)
+            for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                __builtin_prefetch(p + 4 * ld + j0);
+        for (int j0 = 0; j0 < cbv; j0 += VL) {
+            vec v = FN(vload)(p + j0);
             v = FN(vsel)((uvec)(v == v), v, ninf);
-            if (!FN(mask_bits)((uvec)(v > t[RA_TOPM - 1]))) continue;   /* most rows */
-            for (int k = 0; k < RA_TOPM; k++) {       /* insertion network, one lane each */
-                const uvec gt = (uvec)(v > t[k]);
-                const vec hi = FN(vsel)(gt, v, t[k]);
-                v = FN(vsel)(gt, t[k], v);
-                t[k] = hi;
+            if (!FN(mask_bits)((uvec)(v > FN(vload)(last + j0)))) continue;   /* most rows */
+            for (int k = 0; k < m; k++) {             /* insertion network, one lane each */
+                const vec t = FN(vload)(top + k * ldt + j0);
+                const uvec gt = (uvec)(v > t);
+                FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, v, t));
+                v = FN(vsel)(gt, t, v);
             }
         }
-        for (int k = 0; k < RA_TOPM; k++) FN(vstore)(top + k * ldt + j0, t[k]);
-    }
-    for (int j = cbv; j < cb; j++)
-        for (int r = 0; r < rows; r++) {
-            T v = s[r * ld + j];
+        for (int j = cbv; j < cb; j++) {
+            T v = p[j];
             if (v != v) v = -(T)INFINITY;
-            for (int k = 0; k < RA_TOPM; k++) {
+            if (!(v > last[j])) continue;
+            for (int k = 0; k < m; k++) {
                 T *tk = top + k * ldt + j;
                 if (v > *tk) { const T x = *tk; *tk = v; v = x; }
             }
         }
+    }
 }
 
 static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
