@@ -472,11 +472,10 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     fexcept_t fe_saved;
     fegetexceptflag(&fe_saved, FE_INVALID);
     int cap = 0;
-    /* w <= RA_TOPM: the "sample" is every row, so θ is exactly the w-th largest score and
-       the lists hold just the rows reaching it (ties beyond 4w + 64 take the exact path) */
+    /* w <= RA_TOPM: the network runs over every row with positions alongside, and its
+       first w entries are the answer (no admission pass) unless they reach −inf */
     const int all_rows = w <= RA_TOPM;
     const int k = all_rows ? 1 : FN(top_plan)(n, w, &cap);
-    if (all_rows) cap = 4 * w + 64;
     const int rank = all_rows ? w : RA_TOPM;      /* θ = the rank-th largest sampled */
     const int S = k ? (n + k - 1) / k : 0;
     /* clusters per unit: enough units for every thread, a multiple of 16 lanes */
@@ -488,14 +487,14 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     const int ldt = (cb + 15) / 16 * 16;
     /* per thread: thresholds, sample tops, counts, candidate lists, selection scratch */
     const size_t sz_thr = ra_round_up(ra_mul(sizeof(T), ldt));
-    const size_t sz_top = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt)));
+    const size_t sz_top = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt)));  /* + tpos */
     /* top_admit's layout: cb + 1 lists (the last one scratch) of cap + 1 slots */
     const size_t sz_cnt = ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1));
     const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, (size_t)cap + 1)));
     const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, (size_t)cap + 1)));
     const size_t sz_tmp = ra_round_up(ra_mul(sizeof(T), n));
     const size_t sz_sel = ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1));
-    const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, sz_top), ra_add(sz_cnt, sz_pos)),
+    const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, 2 * sz_top), ra_add(sz_cnt, sz_pos)),
                                      ra_add(ra_add(sz_val, sz_tmp), ra_add(sz_tmp, sz_sel)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     /* rows must be contiguous along clusters for the vector passes: else pack a copy */
@@ -523,6 +522,7 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
             char *p = scratch + (size_t)ra_thread_id() * per_thread;
             T *thr = (T *)p;                         p += sz_thr;
             T *top = (T *)p;                         p += sz_top;
+            IT *tpos = (IT *)p;                      p += sz_top;
             int *cnt = (int *)p;                     p += sz_cnt;
             int32_t *pos = (int32_t *)p;             p += sz_pos;
             T *val = (T *)p;                         p += sz_val;
@@ -532,7 +532,25 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
             if (k) {
                 const T *sp = base + j0;
                 for (int q = 0; q < RA_TOPM * ldt; q++) top[q] = -(T)INFINITY;
-                K->top_sample(S, g, sp, ld * k, rank, top, ldt);
+                K->top_sample(S, g, sp, ld * k, rank, top, ldt, all_rows ? tpos : NULL);
+                if (all_rows) {
+                    for (int t = 0; t < g; t++) {
+                        const int j = j0 + t;
+                        if (top[(w - 1) * ldt + t] == -(T)INFINITY) {   /* NaN/−inf in it */
+                            FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp,
+                                                 tmp2, sel, o, j);
+                            continue;
+                        }
+                        for (int r = 0; r < w; r++) {   /* its w best, by position */
+                            const int64_t x = (int64_t)tpos[r * ldt + t];
+                            int q = r;
+                            for (; q > 0 && sel[q - 1] > x; q--) sel[q] = sel[q - 1];
+                            sel[q] = x;
+                        }
+                        for (int r = 0; r < w; r++) RA_MAT_AT(int64_t, o, j, r) = sel[r];
+                    }
+                    continue;
+                }
                 for (int t = 0; t < g; t++) {
                     const T th = top[(rank - 1) * ldt + t];
                     thr[t] = th == -(T)INFINITY ? (T)NAN : th;     /* −inf: exact path */

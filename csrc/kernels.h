@@ -33,10 +33,12 @@
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
                          T scale);                                                         \
     /* top_members sample: rows (rows×cb, ld) update top (m×ldt, m <= RA_TOPM), per      \
-       column the m largest values seen so far in decreasing order (NaN counts as -inf).  \
-       Initialise top to -inf. */                                                          \
+       column the m largest values seen so far in decreasing order (NaN counts as -inf;   \
+       a value enters only if strictly larger, so equal values keep row order).           \
+       Initialise top to -inf.  tpos (m×ldt unsigned integers of T's width: uint32 for    \
+       float, uint64 for double) or NULL: the row index r of each entry, alongside. */    \
     void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,         \
-                       ptrdiff_t ldt);                                                     \
+                       ptrdiff_t ldt, void *tpos);                                         \
     /* top_members admission: row r (rows×cb, ld) joins column j's candidate list iff     \
        s[r][j] >= thr[j] (so NaN never does): pos[j·(cap+1) + cnt[j]] = row0 + r,         \
        val[..] = s[r][j], cnt[j]++.  A list reaching cap sets thr[j] = NaN (it admits no   \

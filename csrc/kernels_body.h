@@ -271,8 +271,9 @@ static inline unsigned FN(mask_bits)(uvec m)
 }
 
 static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,
-                           ptrdiff_t ldt)
+                           ptrdiff_t ldt, void *tpos_)
 {
+    UT *tpos = (UT *)tpos_;
     const int cbv = cb / VL * VL;
     const vec ninf = FN(vsplat)(-(T)INFINITY);
     T *last = top + (m - 1) * ldt;
@@ -285,20 +286,45 @@ static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T 
             vec v = FN(vload)(p + j0);
             v = FN(vsel)((uvec)(v == v), v, ninf);
             if (!FN(mask_bits)((uvec)(v > FN(vload)(last + j0)))) continue;   /* most rows */
-            for (int k = 0; k < m; k++) {             /* insertion network, one lane each */
-                const vec t = FN(vload)(top + k * ldt + j0);
-                const uvec gt = (uvec)(v > t);
-                FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, v, t));
-                v = FN(vsel)(gt, t, v);
+            /* insertion, one lane each: v goes in front of the first entry it strictly
+               exceeds and the entries from there on shift down one slot (compare with v
+               itself, never with a displaced entry); an equal value stays behind the
+               earlier rows, so the list is the first m in (value ↓, position ↑) */
+            vec carry = v;
+            if (tpos) {
+                uvec q = (uvec){0} + (UT)r;
+                for (int k = 0; k < m; k++) {
+                    const vec t = FN(vload)(top + k * ldt + j0);
+                    uvec tq;
+                    memcpy(&tq, tpos + k * ldt + j0, sizeof(tq));
+                    const uvec gt = (uvec)(v > t);
+                    FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, carry, t));
+                    const uvec nq = (q & gt) | (tq & ~gt);
+                    memcpy(tpos + k * ldt + j0, &nq, sizeof(nq));
+                    carry = FN(vsel)(gt, t, carry);
+                    q = (tq & gt) | (q & ~gt);
+                }
+            } else {
+                for (int k = 0; k < m; k++) {
+                    const vec t = FN(vload)(top + k * ldt + j0);
+                    const uvec gt = (uvec)(v > t);
+                    FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, carry, t));
+                    carry = FN(vsel)(gt, t, carry);
+                }
             }
         }
         for (int j = cbv; j < cb; j++) {
             T v = p[j];
             if (v != v) v = -(T)INFINITY;
             if (!(v > last[j])) continue;
+            UT q = (UT)r;
+            T carry = v;
             for (int k = 0; k < m; k++) {
                 T *tk = top + k * ldt + j;
-                if (v > *tk) { const T x = *tk; *tk = v; v = x; }
+                if (v > *tk) {                 /* from here on: shift down one slot */
+                    const T x = *tk; *tk = carry; carry = x;
+                    if (tpos) { const UT y = tpos[k * ldt + j]; tpos[k * ldt + j] = q; q = y; }
+                }
             }
         }
     }

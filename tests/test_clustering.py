@@ -290,6 +290,17 @@ def test_top_members_extreme_w_and_small_n(n, w):
     assert_same(ra.top_members(s32, w), ref.top_members(s32, w), f"n={n}, w={w} f32")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_top_members_small_w_ties_keep_row_order(dtype):
+    """w <= 16 runs an insertion network over every row: displaced entries must keep
+    their place ahead of equal later rows (ties to the lower position)."""
+    for hi in (3, 12, 40, 200):
+        s = int_data((3000, 37), 40 + hi, 0, hi).astype(dtype)
+        s[::7] = hi - 1                                          # late equal rows too
+        for w in (2, 5, 11, 16):
+            assert_same(ra.top_members(s, w), ref.top_members(s, w), f"hi={hi}, w={w}")
+
+
 def test_top_members_all_equal_and_many_ties():
     s = np.full((5000, 20), 3.0, np.float32)
     assert_same(ra.top_members(s, 120), np.tile(np.arange(120), (20, 1)), "all equal")
