@@ -488,10 +488,11 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     /* per thread: thresholds, sample tops, counts, candidate lists, selection scratch */
     const size_t sz_thr = ra_round_up(ra_mul(sizeof(T), ldt));
     const size_t sz_top = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt)));  /* + tpos */
-    /* top_admit's layout: cb + 1 lists (the last one scratch) of cap + 1 slots */
+    /* top_admit's layout: cb + 1 lists (the last one scratch) of L = cap + slack slots */
+    const size_t L = (size_t)cap + RA_TOP_SLACK;
     const size_t sz_cnt = ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1));
-    const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, (size_t)cap + 1)));
-    const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, (size_t)cap + 1)));
+    const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, L)));
+    const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, L)));
     const size_t sz_tmp = ra_round_up(ra_mul(sizeof(T), n));
     const size_t sz_sel = ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1));
     const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, 2 * sz_top), ra_add(sz_cnt, sz_pos)),
@@ -565,12 +566,12 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
                                          o, j);
                     continue;
                 }
-                const T *v = val + (size_t)t * (cap + 1);
+                const T *v = val + (size_t)t * L;
                 memcpy(tmp, v, sizeof(T) * (size_t)cnt[t]);
                 const T th = FN(kth_largest)(tmp, tmp2, cnt[t], w - 1);
                 int greater = 0;
                 for (int q = 0; q < cnt[t]; q++) greater += v[q] > th;
-                FN(emit_best)(v, sizeof(T), pos + (size_t)t * (cap + 1), cnt[t], w, th, greater, sel,
+                FN(emit_best)(v, sizeof(T), pos + (size_t)t * L, cnt[t], w, th, greater, sel,
                               o, j);
             }
         }

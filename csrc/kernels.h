@@ -12,7 +12,8 @@
 
 #include "common.h"
 
-#define RA_TOPM 16   /* rank tracked per column by top_sample */
+#define RA_TOPM 16        /* rank tracked per column by top_sample */
+#define RA_TOP_SLACK 65   /* top_admit list slots beyond cap */
 
 #define RA_KERNEL_FNS(T)                                                                  \
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
@@ -40,10 +41,11 @@
     void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,         \
                        ptrdiff_t ldt, void *tpos);                                         \
     /* top_members admission: row r (rows×cb, ld) joins column j's candidate list iff     \
-       s[r][j] >= thr[j] (so NaN never does): pos[j·(cap+1) + cnt[j]] = row0 + r,         \
-       val[..] = s[r][j], cnt[j]++.  A list reaching cap sets thr[j] = NaN (it admits no   \
-       more).  cnt, pos and val hold cb + 1 lists of cap + 1 slots: list cb and the last  \
-       slot of each list are scratch the kernel may write. */                              \
+       s[r][j] >= thr[j] (so NaN never does): pos[j·L + cnt[j]] = row0 + r, val[..] =     \
+       s[r][j], cnt[j]++, with list stride L = cap + RA_TOP_SLACK.  A list found holding   \
+       >= cap entries (checked every RA_TOP_SLACK - 1 rows, so it may reach               \
+       cap + RA_TOP_SLACK - 1) gets thr[j] = NaN and admits no more.  cnt (initialised),  \
+       pos and val hold cb + 1 lists: list cb, whose count must be 0, is scratch. */       \
     void (*top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,       \
                       int cap, int *cnt, int32_t *pos, T *val);
 

@@ -330,44 +330,67 @@ static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T 
     }
 }
 
+/* Bit l set iff a[l] >= b[l] (false with a NaN; quiet where the ISA has it). */
+static inline unsigned FN(ge_bits)(vec a, vec b)
+{
+#if VEC_BYTES == 64 && RA_IS_F32
+    return (unsigned)_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
+#elif VEC_BYTES == 64
+    return (unsigned)_mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GE_OQ);
+#elif VEC_BYTES == 32 && RA_IS_F32
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ));
+#elif VEC_BYTES == 32
+    return (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)a, (__m256d)b, _CMP_GE_OQ));
+#else
+    return FN(mask_bits)((uvec)(a >= b));
+#endif
+}
+
 static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
                           int cap, int *cnt, int32_t *pos, T *val)
 {
     const int cbv = cb / VL * VL;
-    const size_t st = (size_t)cap + 1;
-    for (int r = 0; r < rows; r++) {
-        const T *p = s + r * ld;
-        if (r + 8 < rows)                            /* rows are strided: help the prefetcher */
-            for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
-                __builtin_prefetch(p + 8 * ld + j0);
-        for (int j0 = 0; j0 < cbv; j0 += VL) {
-            unsigned bits = FN(mask_bits)((uvec)(FN(vload)(p + j0) >= FN(vload)(thr + j0)));
-            /* the first hit without a branch (most chunks have 0 or 1): with none, the
-               write goes to the spare slot of list j0 + VL (<= cb) and counts nothing */
-            const int l = __builtin_ctz(bits | (1u << VL)), j = j0 + l;
-            const int k = cnt[j];
-            pos[j * st + k] = row0 + r;
-            val[j * st + k] = p[j0 + (l & (VL - 1))];
-            cnt[j] = k + (bits != 0);
-            if (__builtin_expect(k + 1 >= cap, 0) && bits) thr[j] = (T)NAN;
-            bits &= bits - 1;
-            while (bits) {
-                const int jj = j0 + __builtin_ctz(bits);
+    const ptrdiff_t st = (ptrdiff_t)cap + RA_TOP_SLACK;
+    ptrdiff_t off[cb + 1];                          /* next free slot of each list */
+    for (int j = 0; j <= cb; j++) off[j] = j * st + cnt[j];
+    for (int b0 = 0; b0 < rows; b0 += RA_TOP_SLACK - 1) {
+        const int b1 = rows - b0 < RA_TOP_SLACK - 1 ? rows : b0 + RA_TOP_SLACK - 1;
+        for (int r = b0; r < b1; r++) {
+            const T *p = s + r * ld;
+            if (r + 8 < rows)                        /* rows are strided: help the prefetcher */
+                for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                    __builtin_prefetch(p + 8 * ld + j0);
+            const int32_t at = row0 + r;
+            for (int j0 = 0; j0 < cbv; j0 += VL) {
+                unsigned bits = FN(ge_bits)(FN(vload)(p + j0), FN(vload)(thr + j0));
+                /* the first hit without a branch (most chunks have 0 or 1): with none, the
+                   write goes to the next free slot of list j0 + VL (<= cb), uncounted */
+                const int l = __builtin_ctz(bits | (1u << VL));
+                const ptrdiff_t o = off[j0 + l];
+                pos[o] = at;
+                val[o] = p[j0 + (l & (VL - 1))];
+                off[j0 + l] = o + (bits != 0);
                 bits &= bits - 1;
-                const int kk = cnt[jj]++;
-                pos[jj * st + kk] = row0 + r;
-                val[jj * st + kk] = p[jj];
-                if (kk + 1 == cap) thr[jj] = (T)NAN;
+                while (bits) {
+                    const int jj = j0 + __builtin_ctz(bits);
+                    bits &= bits - 1;
+                    const ptrdiff_t oo = off[jj]++;
+                    pos[oo] = at;
+                    val[oo] = p[jj];
+                }
             }
+            for (int j = cbv; j < cb; j++)
+                if (p[j] >= thr[j]) {
+                    const ptrdiff_t o = off[j]++;
+                    pos[o] = at;
+                    val[o] = p[j];
+                }
         }
-        for (int j = cbv; j < cb; j++)
-            if (p[j] >= thr[j]) {
-                const int k = cnt[j]++;
-                pos[j * st + k] = row0 + r;
-                val[j * st + k] = p[j];
-                if (k + 1 == cap) thr[j] = (T)NAN;
-            }
+        /* a block adds at most RA_TOP_SLACK - 1 entries per list: full lists stop here */
+        for (int j = 0; j < cb; j++)
+            if (off[j] - j * st >= cap) thr[j] = (T)NAN;
     }
+    for (int j = 0; j < cb; j++) cnt[j] = (int)(off[j] - j * st);
 }
 
 #if RA_IS_F32
