@@ -361,6 +361,34 @@ static inline T FN(rank_key)(T v) { return v == v ? v : -(T)INFINITY; }
  * (== p | < p), so runs of equal values end at once.  Expected O(m). */
 static T FN(kth_largest)(T *a, T *b, int m, int k)
 {
+    if (m > 128) {
+        /* one pass with two pivots bracketing the target rank, read off a sorted strided
+           sample of 31 (Floyd–Rivest style): count what lies above the band, keep the
+           band (~1/5 of the input); if the k-th is not in it, the plain loop below */
+        enum { G = 31, D = 3 };
+        T smp[G];
+        for (int i = 0; i < G; i++) {
+            const T x = a[(int)((2 * (int64_t)i + 1) * m / (2 * G))];
+            int j = i;
+            for (; j > 0 && smp[j - 1] < x; j--) smp[j] = smp[j - 1];
+            smp[j] = x;
+        }
+        const int rr = (int)(((int64_t)2 * k + 1) * G / (2 * (int64_t)m));
+        const T pa = rr - D > 0 ? smp[rr - D] : (T)INFINITY;
+        const T pb = rr + D < G - 1 ? smp[rr + D] : -(T)INFINITY;
+        int above = 0, nb = 0;
+        for (int i = 0; i < m; i++) {
+            const T v = a[i];
+            b[nb] = v;
+            above += v > pa;
+            nb += (v <= pa) & (v >= pb);
+        }
+        if (above <= k && k < above + nb) {
+            T *u = a; a = b; b = u;
+            m = nb;
+            k -= above;
+        }
+    }
     while (m > 16) {
         T x = a[0], y = a[m / 2], z = a[m - 1];
         if (x < y) { T u = x; x = y; y = u; }
