@@ -8,6 +8,8 @@
  * rows (or one cluster's members, in position order) and is combined in a fixed order,
  * so results are bit-identical for any thread count.
  */
+#include <fenv.h>
+
 #include "methods.h"
 
 #define RA_CHUNK 4096      /* rows per reduction chunk: fixed, never thread-dependent */

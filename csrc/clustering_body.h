@@ -352,194 +352,265 @@ int FN(ra_commitment_loss)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 }
 
 /* ------------------------------------------------------------------ top_members */
-/* A candidate row of one cluster: its score (NaN stored as −inf) and position. */
-typedef struct { T v; int32_t pos; } FN(RaScored);
+/* The ranking key of a score: NaN ranks lowest, as −inf. */
+static inline T FN(rank_key)(T v) { return v == v ? v : -(T)INFINITY; }
 
-/* a ranks above b: larger score, or equal score and lower position (a total order) */
-static inline int FN(better)(FN(RaScored) a, FN(RaScored) b)
+/* The (k+1)-th largest of a (m > k entries, no NaN); a and b (m each) are scratch, a's
+ * contents are destroyed.  Quickselect with branch-free out-of-place partitions (the
+ * comparisons on random data are unpredictable): split around a median-of-three pivot p
+ * into (> p | <= p), and a side holding k that is all <= p is split again into
+ * (== p | < p), so runs of equal values end at once.  Expected O(m). */
+static T FN(kth_largest)(T *a, T *b, int m, int k)
 {
-    return a.v > b.v || (a.v == b.v && a.pos < b.pos);
-}
-
-/* nth_element: reorder a (m) so that a[k] is the (k+1)-th best, a[0..k) better and
- * a(k..m) worse.  Quickselect with a median-of-three pivot, expected O(m). */
-static void FN(select_nth)(FN(RaScored) *a, int m, int k)
-{
-    int lo = 0, hi = m - 1;
-    while (hi - lo >= 3) {
-        FN(RaScored) tmp;
-#define RA_SWAP(i, j) (tmp = a[i], a[i] = a[j], a[j] = tmp)
-        const int mid = lo + (hi - lo) / 2;
-        if (FN(better)(a[mid], a[lo])) RA_SWAP(mid, lo);
-        if (FN(better)(a[hi], a[lo])) RA_SWAP(hi, lo);
-        if (FN(better)(a[hi], a[mid])) RA_SWAP(hi, mid);
-        /* a[lo] >= a[mid] >= a[hi]: partition a[lo+1 .. hi-1] around p = a[mid] */
-        const FN(RaScored) p = a[mid];
-        RA_SWAP(mid, hi - 1);
-        int i = lo, j = hi - 1;
-        for (;;) {
-            while (FN(better)(a[++i], p)) {}
-            while (FN(better)(p, a[--j])) {}
-            if (i >= j) break;
-            RA_SWAP(i, j);
+    if (m > 128) {
+        /* one pass with two pivots bracketing the target rank, read off a sorted strided
+           sample of 31 (Floyd–Rivest style): count what lies above the band, keep the
+           band (~1/5 of the input); if the k-th is not in it, the plain loop below */
+        enum { G = 31, D = 3 };
+        T smp[G];
+        for (int i = 0; i < G; i++) {
+            const T x = a[(int)((2 * (int64_t)i + 1) * m / (2 * G))];
+            int j = i;
+            for (; j > 0 && smp[j - 1] < x; j--) smp[j] = smp[j - 1];
+            smp[j] = x;
         }
-        RA_SWAP(i, hi - 1);          /* pivot to its final slot i */
-#undef RA_SWAP
-        if (i == k) return;
-        if (k < i) hi = i - 1; else lo = i + 1;
-    }
-    for (int i = lo + 1; i <= hi; i++)          /* at most 3 left: insertion sort */
-        for (int j = i; j > lo && FN(better)(a[j], a[j - 1]); j--) {
-            const FN(RaScored) tmp = a[j];
-            a[j] = a[j - 1];
-            a[j - 1] = tmp;
+        const int rr = (int)(((int64_t)2 * k + 1) * G / (2 * (int64_t)m));
+        const T pa = rr - D > 0 ? smp[rr - D] : (T)INFINITY;
+        const T pb = rr + D < G - 1 ? smp[rr + D] : -(T)INFINITY;
+        int above = 0, nb = 0;
+        for (int i = 0; i < m; i++) {
+            const T v = a[i];
+            b[nb] = v;
+            above += v > pa;
+            nb += (v <= pa) & (v >= pb);
         }
-}
-
-#define RA_GROUP ((int)(64 / sizeof(T)))   /* clusters per work unit: one cache line of a row */
-/* 16-byte GCC vectors (native SSE2 width: this file is built for baseline x86-64) and
- * the matching lane-mask type; a group's row of scores is 64 / 16 = 4 of them. */
-typedef T FN(gvec) __attribute__((vector_size(16)));
-typedef IT FN(givec) __attribute__((vector_size(16)));
-#define RA_GVECS 4
-
-/* The smallest value strictly above v (+inf stays +inf: admitting a later +inf row
- * costs a little work, never a wrong answer, since cut_back ranks exactly). */
-static inline T FN(next_up)(T v)
-{
-    return sizeof(T) == 4 ? (T)nextafterf((float)v, INFINITY) : (T)nextafter((double)v, INFINITY);
-}
-
-/* Cut a candidate list bt (cnt, in position order) back to its best w, keeping position
- * order: the w-th best e is found by quickselect on a copy (tmp), then a stable filter
- * keeps the entries ranking at or above e.  Returns e. */
-static FN(RaScored) FN(cut_back)(FN(RaScored) *bt, int cnt, int w, FN(RaScored) *tmp)
-{
-    memcpy(tmp, bt, sizeof(FN(RaScored)) * (size_t)cnt);
-    FN(select_nth)(tmp, cnt, w - 1);
-    const FN(RaScored) e = tmp[w - 1];
-    int kept = 0;
-    for (int r = 0; r < cnt; r++)
-        if (!FN(better)(e, bt[r])) bt[kept++] = bt[r];
-    return e;
-}
-
-/* One pass over rows of s (n, g) — g <= RA_GROUP clusters — keeping each cluster's best
- * w rows in buf (g, 2w), in position order.  Rows arrive in position order, so a row
- * ranks above the kept w-th best only with a strictly larger score: each cluster admits
- * a row iff its score >= lo[t], one vector compare per row for the whole group.
- *   lo == NULL: the first w rows all enter (NaN as −inf), exact for any input.
- *   lo given:   only scores >= lo[t] ever enter (a lower bound guessed from a sample);
- *               cnt[t] < w on return means the guess was too high for cluster t.
- * A full buffer is cut back to w, raising lo.  kth[t] = value of the w-th best kept. */
-static void FN(top_pass)(RaMat s, int n, int g, int w, const T *lo_init, FN(RaScored) *buf,
-                         FN(RaScored) *tmp, int *cnt, T *kth)
-{
-    T lo[RA_GROUP] __attribute__((aligned(64))), row[RA_GROUP] __attribute__((aligned(64)));
-    for (int t = 0; t < RA_GROUP; t++) {          /* lanes >= g never admit */
-        cnt[t] = 0;
-        lo[t] = t >= g ? INFINITY : lo_init ? lo_init[t] : -INFINITY;
-        row[t] = 0;
-    }
-    const int full = g == RA_GROUP && s.s1 == (ptrdiff_t)sizeof(T);
-    for (int i = 0; i < n; i++) {
-        const char *p = s.data + (ptrdiff_t)i * s.s0;
-        if (full) memcpy(row, p, sizeof(row));
-        else for (int t = 0; t < g; t++) row[t] = *(const T *)(p + (ptrdiff_t)t * s.s1);
-        if (!lo_init && i < w) {                  /* exact mode: the first w rows enter */
-            for (int t = 0; t < g; t++)
-                buf[(size_t)t * 2 * w + cnt[t]++] = (FN(RaScored)){row[t] == row[t] ? row[t] : -INFINITY, i};
-            if (i == w - 1)
-                for (int t = 0; t < g; t++)
-                    lo[t] = FN(next_up)(FN(cut_back)(buf + (size_t)t * 2 * w, w, w, tmp).v);
-            continue;
-        }
-        /* one vector test for the group; NaN -> −inf first (quiet ==), so the ordered
-           compare sees no NaN and a NaN score is never admitted */
-        const FN(gvec) ninf = (FN(gvec)){0} - (T)INFINITY;
-        FN(givec) hit = {0};
-        for (int q = 0; q < RA_GVECS; q++) {
-            FN(gvec) rv, lv;
-            memcpy(&rv, row + q * (16 / sizeof(T)), sizeof(rv));
-            memcpy(&lv, lo + q * (16 / sizeof(T)), sizeof(lv));
-            const FN(givec) num = (FN(givec))(rv == rv);
-            rv = (FN(gvec))(((FN(givec))rv & num) | ((FN(givec))ninf & ~num));
-            memcpy(row + q * (16 / sizeof(T)), &rv, sizeof(rv));
-            hit |= (FN(givec))(rv >= lv);
-        }
-        int any = 0;
-        for (int l = 0; l < (int)(16 / sizeof(T)); l++) any |= hit[l] != 0;
-        if (!any) continue;
-        for (int t = 0; t < g; t++) {
-            if (!(row[t] >= lo[t])) continue;
-            FN(RaScored) *bt = buf + (size_t)t * 2 * w;
-            bt[cnt[t]++] = (FN(RaScored)){row[t], i};
-            if (cnt[t] == 2 * w) {
-                lo[t] = FN(next_up)(FN(cut_back)(bt, cnt[t], w, tmp).v);
-                cnt[t] = w;
-            }
+        if (above <= k && k < above + nb) {
+            T *u = a; a = b; b = u;
+            m = nb;
+            k -= above;
         }
     }
-    for (int t = 0; t < g; t++) {
-        if (cnt[t] < w) continue;
-        kth[t] = FN(cut_back)(buf + (size_t)t * 2 * w, cnt[t], w, tmp).v;
-        cnt[t] = w;
+    while (m > 16) {
+        T x = a[0], y = a[m / 2], z = a[m - 1];
+        if (x < y) { T u = x; x = y; y = u; }
+        if (y < z) { T u = y; y = z; z = u; }
+        if (x < y) { T u = x; x = y; y = u; }
+        const T p = y;
+        int nh = 0, nl = 0;
+        for (int i = 0; i < m; i++) {          /* b = [> p ...) ... (... <= p] */
+            const T v = a[i];
+            b[nh] = v;
+            b[m - 1 - nl] = v;
+            const int gt = v > p;
+            nh += gt;
+            nl += !gt;
+        }
+        if (k < nh) { T *u = a; a = b; b = u; m = nh; continue; }
+        k -= nh;
+        const T *lo = b + nh;                   /* m - nh entries, all <= p, p among them */
+        const int ml = m - nh;
+        int ne = 0, nl2 = 0;
+        for (int i = 0; i < ml; i++) {          /* a = [== p ...) ... (... < p] */
+            const T v = lo[i];
+            a[ne] = v;
+            a[ml - 1 - nl2] = v;
+            const int eq = v == p;
+            ne += eq;
+            nl2 += !eq;
+        }
+        if (k < ne) return p;
+        k -= ne;
+        a += ne;
+        m = ml - ne;
     }
+    for (int i = 1; i < m; i++) {               /* insertion sort, decreasing */
+        const T x = a[i];
+        int j = i;
+        for (; j > 0 && a[j - 1] < x; j--) a[j] = a[j - 1];
+        a[j] = x;
+    }
+    return a[k];
 }
+
+/* Write the w best of a position-ordered list (vals with byte stride vstride, positions
+ * pos or NULL = 0, 1, ...) whose w-th best value is t: every value > t and the first
+ * (w − #greater) equal to t, i.e. ties to the lower position, listed by position.
+ * Branch-free; sel (w + 1) is scratch. */
+static void FN(emit_best)(const T *vals, ptrdiff_t vstride, const int32_t *pos, int cnt, int w,
+                          T t, int greater, int64_t *sel, RaMat o, int j)
+{
+    int need_eq = w - greater, r = 0;
+    for (int k = 0; k < cnt; k++) {
+        const T v = FN(rank_key)(*(const T *)((const char *)vals + k * vstride));
+        const int eq = (v == t) & (need_eq > 0);
+        const int take = (v > t) | eq;
+        need_eq -= eq;
+        sel[r] = pos ? pos[k] : k;
+        r += take;
+        if (r == w) break;
+    }
+    for (int q = 0; q < w; q++) RA_MAT_AT(int64_t, o, j, q) = sel[q];
+}
+
+/* Exact path for one column (n rows, byte stride st): select on all n keys. */
+static void FN(top_column_exact)(const char *col, ptrdiff_t st, int n, int w, T *tmp, T *tmp2,
+                                 int64_t *sel, RaMat o, int j)
+{
+    for (int i = 0; i < n; i++) tmp[i] = FN(rank_key)(*(const T *)(col + i * st));
+    const T t = FN(kth_largest)(tmp, tmp2, n, w - 1);
+    int greater = 0;
+    for (int i = 0; i < n; i++) greater += FN(rank_key)(*(const T *)(col + i * st)) > t;
+    FN(emit_best)((const T *)col, st, NULL, n, w, t, greater, sel, o, j);
+}
+
+/* Sampling plan: rows 0, k, 2k, ... (S = ceil(n/k) of them) give per cluster the RA_TOPM-th
+ * largest sampled score θ; about RA_TOPM·k ≈ max(2.5w, 256) rows reach it.  No plan
+ * (k = 0) when that is not well below n: every cluster takes the exact path. */
+static int FN(top_plan)(int n, int w, int *cap)
+{
+    const double K = 2.5 * w > 256 ? 2.5 * w : 256;
+    const int k = (int)(K / RA_TOPM);
+    if ((double)n < 4.0 * RA_TOPM * k) return 0;
+    *cap = 2 * RA_TOPM * k + 64;
+    return k;
+}
+
+#define RA_TOP_CB 256   /* most clusters per work unit */
 
 /* scores (B; n, c) -> idx (B; c, w) int64: for each cluster the w rows with the largest
  * score (NaN counts as −inf), ties to the lower position, listed by position.
  *
- * Per group of RA_GROUP clusters (one cache line of a score row): when n is large
- * enough, a pass over a strided sample of 16w rows picks, per cluster, a score that
- * about 1.4w rows should reach; the full pass then admits only rows at or above it and
- * rarely has to cut its buffer back.  A cluster whose guess was too high is redone
- * exactly.  O(n) per cluster plus O(w) selections, never a sort of n. */
+ * Per work unit (up to RA_TOP_CB adjacent clusters of one problem):
+ *  1. a strided sample of rows gives each cluster a threshold θ (its RA_TOPM-th largest
+ *     sampled score: ~2.5w rows should reach it), by a vector insertion network; for
+ *     w <= RA_TOPM the network runs over every row and θ is the exact w-th largest;
+ *  2. one pass over the rows appends every (position, score) with score >= θ to the
+ *     cluster's list — in position order, one vector compare per row and VL clusters;
+ *  3. per cluster, the w-th largest t of the list's scores (quickselect on a copy of the
+ *     scores only); the answer is every score > t plus the first w − #(> t) equal to t.
+ * A cluster whose list got fewer than w rows (θ too high), overflowed (θ too low, or
+ * massive ties), or whose θ is −inf (NaN/−inf columns) takes the exact path: select on
+ * all n keys.  Each cluster's result depends on nothing else, so any split into units
+ * and any thread count give the same output. */
 int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat idx)
 {
+    const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
-    const int ngroups = (c + RA_GROUP - 1) / RA_GROUP;
-    /* per thread: candidate buffers (RA_GROUP, 2w), a selection copy (2w) */
-    const size_t buf_sz = ra_round_up(ra_mul(sizeof(FN(RaScored)), ra_mul(RA_GROUP, 2 * (size_t)w)));
-    const size_t per_thread = ra_round_up(ra_add(buf_sz, ra_mul(sizeof(FN(RaScored)), 2 * (size_t)w)));
+    /* Ordered comparisons with NaN scores (and the NaN "admit nothing" thresholds) set
+       FE_INVALID; the result is exact regardless, so the caller's flag is restored. */
+    fexcept_t fe_saved;
+    fegetexceptflag(&fe_saved, FE_INVALID);
+    int cap = 0;
+    /* w <= RA_TOPM: the network runs over every row with positions alongside, and its
+       first w entries are the answer (no admission pass) unless they reach −inf */
+    const int all_rows = w <= RA_TOPM;
+    const int k = all_rows ? 1 : FN(top_plan)(n, w, &cap);
+    const int rank = all_rows ? w : RA_TOPM;      /* θ = the rank-th largest sampled */
+    const int S = k ? (n + k - 1) / k : 0;
+    /* clusters per unit: enough units for every thread, a multiple of 16 lanes */
+    int cb = (c + nt - 1) / nt;
+    cb = (cb + 15) / 16 * 16;
+    if (cb > RA_TOP_CB) cb = RA_TOP_CB;
+    if (cb > c) cb = c;
+    const int parts = (c + cb - 1) / cb;
+    const int ldt = (cb + 15) / 16 * 16;
+    /* per thread: thresholds, sample tops, counts, candidate lists, selection scratch */
+    const size_t sz_thr = ra_round_up(ra_mul(sizeof(T), ldt));
+    const size_t sz_top = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt)));  /* + tpos */
+    /* top_admit's layout: cb + 1 lists (the last one scratch) of L = cap + slack slots */
+    const size_t L = (size_t)cap + RA_TOP_SLACK;
+    const size_t sz_cnt = ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1));
+    const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, L)));
+    const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, L)));
+    const size_t sz_tmp = ra_round_up(ra_mul(sizeof(T), n));
+    const size_t sz_sel = ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1));
+    const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, 2 * sz_top), ra_add(sz_cnt, sz_pos)),
+                                     ra_add(ra_add(sz_val, sz_tmp), ra_add(sz_tmp, sz_sel)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    if (!scratch) return RA_ERR_NOMEM;
-    /* the sample: every k-th row, k = n / 16w; its w1-th best, w1 = 1.4·w·(rows/n) */
-    const int k = n / (16 * w);
-    const int ns = k >= 2 ? (n + k - 1) / k : 0;
-    const int w1 = k >= 2 ? (int)(1.4 * w * ns / n) : 0;
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (ptrdiff_t unit = 0; unit < B * ngroups; unit++) {
-        const ptrdiff_t b = unit / ngroups;
-        const int j0 = (int)(unit % ngroups) * RA_GROUP;
-        const int g = c - j0 < RA_GROUP ? c - j0 : RA_GROUP;
-        char *base = scratch + (size_t)ra_thread_id() * per_thread;
-        FN(RaScored) *buf = (FN(RaScored) *)base, *tmp = (FN(RaScored) *)(base + buf_sz);
-        int cnt[RA_GROUP], c1[RA_GROUP];
-        T kth[RA_GROUP], k1[RA_GROUP];
-        RaMat s = ra_mat_at(scores, b), o = ra_mat_at(idx, b);
-        s.data += (ptrdiff_t)j0 * s.s1;
-        if (w1 >= 8) {
-            /* 1. a lower bound per cluster from the sample, then the filtered pass */
-            const RaMat sample = {s.data, s.s0 * k, s.s1};
-            FN(top_pass)(sample, ns, g, w1, NULL, buf, tmp, cnt, kth);
-            FN(top_pass)(s, n, g, w, kth, buf, tmp, cnt, kth);
-        } else {
-            FN(top_pass)(s, n, g, w, NULL, buf, tmp, cnt, kth);
+    /* rows must be contiguous along clusters for the vector passes: else pack a copy */
+    const int packed = !(scores.s1 == (ptrdiff_t)sizeof(T) &&
+                         scores.s0 % (ptrdiff_t)sizeof(T) == 0 &&
+                         scores.sb % (ptrdiff_t)sizeof(T) == 0 &&
+                         ((uintptr_t)scores.data % sizeof(T)) == 0);
+    T *pk = packed && k ? ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, c))) : NULL;
+    if (!scratch || (packed && k && !pk)) { ra_free(scratch); ra_free(pk); return RA_ERR_NOMEM; }
+
+    for (ptrdiff_t b = 0; b < B; b++) {
+        const RaMat s = ra_mat_at(scores, b), o = ra_mat_at(idx, b);
+        const T *base = (const T *)s.data;
+        ptrdiff_t ld = s.s0 / (ptrdiff_t)sizeof(T);
+        if (pk) {
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int i = 0; i < n; i++)
+                for (int j = 0; j < c; j++) pk[(size_t)i * c + j] = RA_MAT_AT(T, s, i, j);
+            base = pk;
+            ld = c;
         }
-        for (int t = 0; t < g; t++) {
-            FN(RaScored) *bt = buf + (size_t)t * 2 * w;
-            if (cnt[t] < w) {               /* 2. the guess was too high: exact pass */
-                const RaMat col = {s.data + (ptrdiff_t)t * s.s1, s.s0, s.s1};
-                FN(top_pass)(col, n, 1, w, NULL, bt, tmp, c1, k1);
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int part = 0; part < parts; part++) {
+            const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
+            char *p = scratch + (size_t)ra_thread_id() * per_thread;
+            T *thr = (T *)p;                         p += sz_thr;
+            T *top = (T *)p;                         p += sz_top;
+            IT *tpos = (IT *)p;                      p += sz_top;
+            int *cnt = (int *)p;                     p += sz_cnt;
+            int32_t *pos = (int32_t *)p;             p += sz_pos;
+            T *val = (T *)p;                         p += sz_val;
+            T *tmp = (T *)p;                         p += sz_tmp;
+            T *tmp2 = (T *)p;                        p += sz_tmp;
+            int64_t *sel = (int64_t *)p;
+            if (k) {
+                const T *sp = base + j0;
+                for (int q = 0; q < RA_TOPM * ldt; q++) top[q] = -(T)INFINITY;
+                K->top_sample(S, g, sp, ld * k, rank, top, ldt, all_rows ? tpos : NULL);
+                if (all_rows) {
+                    for (int t = 0; t < g; t++) {
+                        const int j = j0 + t;
+                        if (top[(w - 1) * ldt + t] == -(T)INFINITY) {   /* NaN/−inf in it */
+                            FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp,
+                                                 tmp2, sel, o, j);
+                            continue;
+                        }
+                        for (int r = 0; r < w; r++) {   /* its w best, by position */
+                            const int64_t x = (int64_t)tpos[r * ldt + t];
+                            int q = r;
+                            for (; q > 0 && sel[q - 1] > x; q--) sel[q] = sel[q - 1];
+                            sel[q] = x;
+                        }
+                        for (int r = 0; r < w; r++) RA_MAT_AT(int64_t, o, j, r) = sel[r];
+                    }
+                    continue;
+                }
+                for (int t = 0; t < g; t++) {
+                    const T th = top[(rank - 1) * ldt + t];
+                    thr[t] = th == -(T)INFINITY ? (T)NAN : th;     /* −inf: exact path */
+                }
+                memset(cnt, 0, sizeof(int) * ((size_t)g + 1));
+                K->top_admit(n, g, sp, ld, 0, thr, cap, cnt, pos, val);
             }
-            for (int r = 0; r < w; r++) RA_MAT_AT(int64_t, o, j0 + t, r) = bt[r].pos;
+            for (int t = 0; t < g; t++) {
+                const int j = j0 + t;
+                if (!k || cnt[t] < w || cnt[t] >= cap) {
+                    FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp, tmp2, sel,
+                                         o, j);
+                    continue;
+                }
+                const T *v = val + (size_t)t * L;
+                memcpy(tmp, v, sizeof(T) * (size_t)cnt[t]);
+                const T th = FN(kth_largest)(tmp, tmp2, cnt[t], w - 1);
+                int greater = 0;
+                for (int q = 0; q < cnt[t]; q++) greater += v[q] > th;
+                FN(emit_best)(v, sizeof(T), pos + (size_t)t * L, cnt[t], w, th, greater, sel,
+                              o, j);
+            }
         }
     }
     ra_free(scratch);
+    ra_free(pk);
+    fesetexceptflag(&fe_saved, FE_INVALID);
     return RA_OK;
 }
-#undef RA_GROUP
+#undef RA_TOP_CB
 
 /* ------------------------------------------------------------------ lsh_hash */
 /* x (B; n, d), planes (B; bits, d + 1)  ->  codes (B; n) int64: bit b set iff

@@ -12,6 +12,9 @@
 
 #include "common.h"
 
+#define RA_TOPM 16        /* rank tracked per column by top_sample */
+#define RA_TOP_SLACK 65   /* top_admit list slots beyond cap */
+
 #define RA_KERNEL_FNS(T)                                                                  \
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
     void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
@@ -37,7 +40,22 @@
                      ptrdiff_t ld);                                                        \
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
-                         T scale);
+                         T scale);                                                         \
+    /* top_members sample: rows (rows×cb, ld) update top (m×ldt, m <= RA_TOPM), per      \
+       column the m largest values seen so far in decreasing order (NaN counts as -inf;   \
+       a value enters only if strictly larger, so equal values keep row order).           \
+       Initialise top to -inf.  tpos (m×ldt unsigned integers of T's width: uint32 for    \
+       float, uint64 for double) or NULL: the row index r of each entry, alongside. */    \
+    void (*top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,         \
+                       ptrdiff_t ldt, void *tpos);                                         \
+    /* top_members admission: row r (rows×cb, ld) joins column j's candidate list iff     \
+       s[r][j] >= thr[j] (so NaN never does): pos[j·L + cnt[j]] = row0 + r, val[..] =     \
+       s[r][j], cnt[j]++, with list stride L = cap + RA_TOP_SLACK.  A list found holding   \
+       >= cap entries (checked every RA_TOP_SLACK - 1 rows, so it may reach               \
+       cap + RA_TOP_SLACK - 1) gets thr[j] = NaN and admits no more.  cnt (initialised),  \
+       pos and val hold cb + 1 lists: list cb, whose count must be 0, is scratch. */       \
+    void (*top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,       \
+                      int cap, int *cnt, int32_t *pos, T *val);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

@@ -11,6 +11,8 @@
  * pragma of the including file decides which instructions they become.
  */
 
+#include <immintrin.h>
+
 #define VL ((int)(VEC_BYTES / sizeof(T)))
 typedef T FN(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
 typedef UT FN(uvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
@@ -271,6 +273,148 @@ static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, co
             FN(vstore)(g + j, FN(vload)(p + j) * (FN(vload)(g + j) - di) * scale);
         for (int j = bkv; j < bk; j++) g[j] = p[j] * (g[j] - di) * scale;
     }
+}
+
+/* ------------------------------------------------------------------ top_members */
+/* Bit l set iff lane l of the comparison mask m is true. */
+static inline unsigned FN(mask_bits)(uvec m)
+{
+#if VEC_BYTES == 64 && RA_IS_F32
+    return (unsigned)_mm512_movepi32_mask((__m512i)m);
+#elif VEC_BYTES == 64
+    return (unsigned)_mm512_movepi64_mask((__m512i)m);
+#elif VEC_BYTES == 32 && RA_IS_F32
+    return (unsigned)_mm256_movemask_ps((__m256)m);
+#elif VEC_BYTES == 32
+    return (unsigned)_mm256_movemask_pd((__m256d)m);
+#elif VEC_BYTES == 16 && RA_IS_F32
+    return (unsigned)_mm_movemask_ps((__m128)m);
+#else
+    return (unsigned)_mm_movemask_pd((__m128d)m);
+#endif
+}
+
+static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,
+                           ptrdiff_t ldt, void *tpos_)
+{
+    UT *tpos = (UT *)tpos_;
+    const int cbv = cb / VL * VL;
+    const vec ninf = FN(vsplat)(-(T)INFINITY);
+    T *last = top + (m - 1) * ldt;
+    for (int r = 0; r < rows; r++) {               /* row by row: the rows are strided */
+        const T *p = s + r * ld;
+        if (r + 4 < rows)
+            for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                __builtin_prefetch(p + 4 * ld + j0);
+        for (int j0 = 0; j0 < cbv; j0 += VL) {
+            vec v = FN(vload)(p + j0);
+            v = FN(vsel)((uvec)(v == v), v, ninf);
+            if (!FN(mask_bits)((uvec)(v > FN(vload)(last + j0)))) continue;   /* most rows */
+            /* insertion, one lane each: v goes in front of the first entry it strictly
+               exceeds and the entries from there on shift down one slot (compare with v
+               itself, never with a displaced entry); an equal value stays behind the
+               earlier rows, so the list is the first m in (value ↓, position ↑) */
+            vec carry = v;
+            if (tpos) {
+                uvec q = (uvec){0} + (UT)r;
+                for (int k = 0; k < m; k++) {
+                    const vec t = FN(vload)(top + k * ldt + j0);
+                    uvec tq;
+                    memcpy(&tq, tpos + k * ldt + j0, sizeof(tq));
+                    const uvec gt = (uvec)(v > t);
+                    FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, carry, t));
+                    const uvec nq = (q & gt) | (tq & ~gt);
+                    memcpy(tpos + k * ldt + j0, &nq, sizeof(nq));
+                    carry = FN(vsel)(gt, t, carry);
+                    q = (tq & gt) | (q & ~gt);
+                }
+            } else {
+                for (int k = 0; k < m; k++) {
+                    const vec t = FN(vload)(top + k * ldt + j0);
+                    const uvec gt = (uvec)(v > t);
+                    FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, carry, t));
+                    carry = FN(vsel)(gt, t, carry);
+                }
+            }
+        }
+        for (int j = cbv; j < cb; j++) {
+            T v = p[j];
+            if (v != v) v = -(T)INFINITY;
+            if (!(v > last[j])) continue;
+            UT q = (UT)r;
+            T carry = v;
+            for (int k = 0; k < m; k++) {
+                T *tk = top + k * ldt + j;
+                if (v > *tk) {                 /* from here on: shift down one slot */
+                    const T x = *tk; *tk = carry; carry = x;
+                    if (tpos) { const UT y = tpos[k * ldt + j]; tpos[k * ldt + j] = q; q = y; }
+                }
+            }
+        }
+    }
+}
+
+/* Bit l set iff a[l] >= b[l] (false with a NaN; quiet where the ISA has it). */
+static inline unsigned FN(ge_bits)(vec a, vec b)
+{
+#if VEC_BYTES == 64 && RA_IS_F32
+    return (unsigned)_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
+#elif VEC_BYTES == 64
+    return (unsigned)_mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GE_OQ);
+#elif VEC_BYTES == 32 && RA_IS_F32
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ));
+#elif VEC_BYTES == 32
+    return (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)a, (__m256d)b, _CMP_GE_OQ));
+#else
+    return FN(mask_bits)((uvec)(a >= b));
+#endif
+}
+
+static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
+                          int cap, int *cnt, int32_t *pos, T *val)
+{
+    const int cbv = cb / VL * VL;
+    const ptrdiff_t st = (ptrdiff_t)cap + RA_TOP_SLACK;
+    ptrdiff_t off[cb + 1];                          /* next free slot of each list */
+    for (int j = 0; j <= cb; j++) off[j] = j * st + cnt[j];
+    for (int b0 = 0; b0 < rows; b0 += RA_TOP_SLACK - 1) {
+        const int b1 = rows - b0 < RA_TOP_SLACK - 1 ? rows : b0 + RA_TOP_SLACK - 1;
+        for (int r = b0; r < b1; r++) {
+            const T *p = s + r * ld;
+            if (r + 8 < rows)                        /* rows are strided: help the prefetcher */
+                for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                    __builtin_prefetch(p + 8 * ld + j0);
+            const int32_t at = row0 + r;
+            for (int j0 = 0; j0 < cbv; j0 += VL) {
+                unsigned bits = FN(ge_bits)(FN(vload)(p + j0), FN(vload)(thr + j0));
+                /* the first hit without a branch (most chunks have 0 or 1): with none, the
+                   write goes to the next free slot of list j0 + VL (<= cb), uncounted */
+                const int l = __builtin_ctz(bits | (1u << VL));
+                const ptrdiff_t o = off[j0 + l];
+                pos[o] = at;
+                val[o] = p[j0 + (l & (VL - 1))];
+                off[j0 + l] = o + (bits != 0);
+                bits &= bits - 1;
+                while (bits) {
+                    const int jj = j0 + __builtin_ctz(bits);
+                    bits &= bits - 1;
+                    const ptrdiff_t oo = off[jj]++;
+                    pos[oo] = at;
+                    val[oo] = p[jj];
+                }
+            }
+            for (int j = cbv; j < cb; j++)
+                if (p[j] >= thr[j]) {
+                    const ptrdiff_t o = off[j]++;
+                    pos[o] = at;
+                    val[o] = p[j];
+                }
+        }
+        /* a block adds at most RA_TOP_SLACK - 1 entries per list: full lists stop here */
+        for (int j = 0; j < cb; j++)
+            if (off[j] - j * st >= cap) thr[j] = (T)NAN;
+    }
+    for (int j = 0; j < cb; j++) cnt[j] = (int)(off[j] - j * st);
 }
 
 #if RA_IS_F32

@@ -230,6 +230,97 @@ def test_top_members_adversarial_order_and_single_row():
     assert_same(ra.top_members(np.array([[2.0, 1.0]]), 1), np.array([[0], [0]]), "n=1")
 
 
+def _top_members_hard_columns(n, seed):
+    """Columns aimed at the rare paths of the sampled top-w kernel (whatever its sampling
+    stride, periods 8..64 are covered): a sample that overestimates (sampled rows high:
+    too few candidates, redo) or underestimates (sampled rows low: the candidate lists
+    overflow), masses of ties at the threshold, all-equal, NaN / ±inf columns, too few
+    finite scores, and plain random columns."""
+    g = rng(seed)
+    i = np.arange(n)[:, None]
+    cols = []
+    for period in (8, 10, 16, 20, 32, 40, 64):
+        hi = g.standard_normal((n, 1))
+        hi[i[:, 0] % period == 0] += 100.0                     # the sample looks great
+        lo = g.standard_normal((n, 1))
+        lo[i[:, 0] % period == 0] -= 100.0                     # the sample looks awful
+        cols += [hi, lo]
+    cols.append(g.integers(0, 3, (n, 1)).astype(float))        # huge ties at the threshold
+    cols.append(g.integers(0, 40, (n, 1)).astype(float))       # moderate ties
+    cols.append(np.full((n, 1), 0.25))                         # all equal
+    cols.append(np.full((n, 1), np.nan))                       # all NaN
+    cols.append(np.full((n, 1), -np.inf))                      # all -inf
+    mix = np.where(g.random((n, 1)) < 0.5, np.nan, -np.inf)
+    cols.append(mix)                                           # NaN and -inf only
+    few = np.full((n, 1), np.nan)
+    m = min(n, 30)
+    few[g.choice(n, m, replace=False)] = g.standard_normal((m, 1))
+    cols.append(few)                                           # 30 finite, rest NaN
+    some = g.standard_normal((n, 1))
+    some[g.random(n) < 0.7] = np.nan
+    cols.append(some)                                          # 70% NaN
+    pinf = g.standard_normal((n, 1))
+    pinf[g.random(n) < 0.1] = np.inf
+    cols.append(pinf)                                          # 10% +inf
+    ninf = g.standard_normal((n, 1))
+    ninf[g.random(n) < 0.9] = -np.inf
+    cols.append(ninf)                                          # 90% -inf
+    cols.append(np.arange(n, dtype=float)[:, None])            # ascending
+    cols.append(-np.arange(n, dtype=float)[:, None])           # descending
+    cols.append(g.standard_normal((n, 14)))                    # ordinary columns
+    return np.concatenate(cols, axis=1)                        # 44 columns: a 12-lane tail
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("w", [1, 2, 7, 64, 100, 300])
+def test_top_members_rare_paths(dtype, w):
+    s = _top_members_hard_columns(6000, 30 + w).astype(dtype)
+    want = ref.top_members(s, w)
+    for k in (1, 2):
+        with threads(k), np.errstate(all="raise"):             # comparisons raise no flag
+            assert_same(ra.top_members(s, w), want, f"w={w}, {k} thread(s)")
+
+
+@pytest.mark.parametrize("n, w", [(5, 5), (40, 40), (3000, 3000), (3000, 2999), (3000, 1),
+                                  (17, 3), (1100, 16), (20000, 5)])
+def test_top_members_extreme_w_and_small_n(n, w):
+    s = _top_members_hard_columns(n, n + w)
+    s32 = s.astype(np.float32)
+    assert_same(ra.top_members(s, w), ref.top_members(s, w), f"n={n}, w={w} f64")
+    assert_same(ra.top_members(s32, w), ref.top_members(s32, w), f"n={n}, w={w} f32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_top_members_small_w_ties_keep_row_order(dtype):
+    """w <= 16 runs an insertion network over every row: displaced entries must keep
+    their place ahead of equal later rows (ties to the lower position)."""
+    for hi in (3, 12, 40, 200):
+        s = int_data((3000, 37), 40 + hi, 0, hi).astype(dtype)
+        s[::7] = hi - 1                                          # late equal rows too
+        for w in (2, 5, 11, 16):
+            assert_same(ra.top_members(s, w), ref.top_members(s, w), f"hi={hi}, w={w}")
+
+
+def test_top_members_all_equal_and_many_ties():
+    s = np.full((5000, 20), 3.0, np.float32)
+    assert_same(ra.top_members(s, 120), np.tile(np.arange(120), (20, 1)), "all equal")
+    t = int_data((2, 8000, 37), 31, 0, 2).astype(np.float32)   # two values: half tie
+    assert_same(ra.top_members(t, 150), ref.top_members(t, 150), "ties at the threshold")
+
+
+def test_top_members_wide_batched_strided():
+    """More clusters than one work unit, a batch, a non-contiguous view, odd c."""
+    g = rng(32)
+    s = g.standard_normal((2, 300, 4100)).astype(np.float32)
+    view = np.swapaxes(s, -1, -2)[:, ::-1]                      # (2, 4100, 300) strided
+    want = ref.top_members(view, 50)
+    for k in (1, 2):
+        with threads(k):
+            assert_same(ra.top_members(view, 50), want, f"strided batch, {k} thread(s)")
+            assert_same(ra.top_members(np.ascontiguousarray(view[:, :, :261]), 50),
+                        want[:, :261], f"contiguous, c=261, {k} thread(s)")
+
+
 # ------------------------------------------------------------------ members_from_labels
 def test_members_from_labels_against_reference():
     labels = rng(17).integers(-1, 6, (3, 80))
