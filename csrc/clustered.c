@@ -18,18 +18,5 @@
  * results are bit-identical for any thread count). */
 #define RA_CL_TARGET_UNITS 8
 
-#define T float
-#define KT RaKernelsF32
-#define KSEL f32
-#define FN(name) name##_f32
-#include "clustered_body.h"
-#undef T
-#undef KT
-#undef KSEL
-#undef FN
-
-#define T double
-#define KT RaKernelsF64
-#define KSEL f64
-#define FN(name) name##_f64
-#include "clustered_body.h"
+#define RA_TYPED_BODY "clustered_body.h"
+#include "typed.h"

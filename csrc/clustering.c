@@ -100,29 +100,8 @@ static int ra_read_labels(int n, int c, RaVec labels, RaVec mask, int64_t *lab)
 }
 
 /* ------------------------------------------------------------------ typed kernels */
-#define T float
-#define IT int32_t
-#define KT RaKernelsF32
-#define KSEL f32
-#define FN(name) name##_f32
-#include "clustering_body.h"
-#undef T
-#undef IT
-#undef KT
-#undef KSEL
-#undef FN
-
-#define T double
-#define IT int64_t
-#define KT RaKernelsF64
-#define KSEL f64
-#define FN(name) name##_f64
-#include "clustering_body.h"
-#undef T
-#undef IT
-#undef KT
-#undef KSEL
-#undef FN
+#define RA_TYPED_BODY "clustering_body.h"
+#include "typed.h"
 
 /* ------------------------------------------------------------------ members_from_labels */
 /* labels (B; n) in [-1, c)  ->  members (B; c, s): the rows of each cluster in

@@ -325,18 +325,5 @@ void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s)
 }
 
 /* ------------------------------------------------------------------ typed drivers */
-#define T float
-#define KT RaKernelsF32
-#define KSEL f32
-#define FN(name) name##_f32
-#include "combiner_body.h"
-#undef T
-#undef KT
-#undef KSEL
-#undef FN
-
-#define T double
-#define KT RaKernelsF64
-#define KSEL f64
-#define FN(name) name##_f64
-#include "combiner_body.h"
+#define RA_TYPED_BODY "combiner_body.h"
+#include "typed.h"

@@ -6,18 +6,5 @@
  * bit-identical for any number of threads. */
 #define RA_TARGET_UNITS 8
 
-#define T float
-#define KT RaKernelsF32
-#define KSEL f32
-#define FN(name) name##_f32
-#include "dense_body.h"
-#undef T
-#undef KT
-#undef KSEL
-#undef FN
-
-#define T double
-#define KT RaKernelsF64
-#define KSEL f64
-#define FN(name) name##_f64
-#include "dense_body.h"
+#define RA_TYPED_BODY "dense_body.h"
+#include "typed.h"

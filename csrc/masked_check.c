@@ -4,18 +4,5 @@
  * compared with a NumPy reference in tests/test_combiner.py. */
 #include "methods.h"
 
-#define T float
-#define KT RaKernelsF32
-#define KSEL f32
-#define FN(name) name##_f32
-#include "masked_check_body.h"
-#undef T
-#undef KT
-#undef KSEL
-#undef FN
-
-#define T double
-#define KT RaKernelsF64
-#define KSEL f64
-#define FN(name) name##_f64
-#include "masked_check_body.h"
+#define RA_TYPED_BODY "masked_check_body.h"
+#include "typed.h"

@@ -83,18 +83,5 @@ size_t ra_routing_scratch_elems(int d, int e, int u, int backward)
 }
 
 /* ------------------------------------------------------------------ typed planners */
-#define T float
-#define KT RaKernelsF32
-#define KSEL f32
-#define FN(name) name##_f32
-#include "routing_body.h"
-#undef T
-#undef KT
-#undef KSEL
-#undef FN
-
-#define T double
-#define KT RaKernelsF64
-#define KSEL f64
-#define FN(name) name##_f64
-#include "routing_body.h"
+#define RA_TYPED_BODY "routing_body.h"
+#include "typed.h"
