@@ -43,7 +43,7 @@ sys.path.insert(0, HERE)
 import routing_attention as ra  # noqa: E402
 from routing_attention.routing import local_members  # noqa: E402
 
-from common import (fp32_peak_gflops, machine_description, median_times,  # noqa: E402
+from common import (SUITE_MARKER, fp32_peak_gflops, machine_description, median_times,  # noqa: E402
                     set_threads, try_import_torch)
 from bench_routing import fit_exponent, try_import_rt  # noqa: E402
 from bench_clustered import try_fast_transformers  # noqa: E402
@@ -63,7 +63,7 @@ C_CLUSTERS, TOPK, BITS, ITERS = 100, 32, 32, 10   # clustered: the Fast Transfor
 DEFAULT_JSON = os.path.join(HERE, "suite_results.json")
 DEFAULT_MD = os.path.join(HERE, "RESULTS.md")
 PLOT_DIR = os.path.join(HERE, "plots")
-MARKER = "<!-- suite: everything below is written by benchmarks/suite.py -->"
+MARKER = SUITE_MARKER
 
 
 # ----------------------------------------------------------------------------- peers
