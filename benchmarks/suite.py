@@ -420,8 +420,8 @@ def render(R):
         L += ["", "Exponent: least-squares slope of log t on log n over the measured (not extrapolated) "
               "n ≥ 4096.", ""]
     # --- speed-ups
-    t2 = thr[-1]
-    L += [f"## Speed-up at {t2} thread(s)", "",
+    t2 = R.get("report_threads") or thr[0]
+    L += [f"## Speed-up at {t2} thread(s) (the steadier thread count on a shared machine)", "",
           "Over dense torch SDPA (SDPA time / ours; *extrap.* where SDPA is extrapolated), and over the "
           "method's own peer where one ran (peer time / ours).  > 1 means ours is faster.", "",
           "| method | " + " | ".join(f"vs SDPA fwd / bwd n={n}" for n in ns) + " | vs peer fwd / bwd (n: ratio) |",
@@ -541,7 +541,7 @@ def plot(R, outdir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(outdir, exist_ok=True)
-    t = R["threads"][-1]
+    t = R.get("report_threads") or R["threads"][0]
     names = R["names"]
     cmap = plt.get_cmap("tab20")
     color = {nm: cmap(i % 20) for i, nm in enumerate(names)}
