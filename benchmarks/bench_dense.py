@@ -14,7 +14,7 @@ import numpy as np
 import routing_attention as ra
 from routing_attention import reference as ref
 
-from common import (fp32_peak_gflops, machine_description, median_times, set_threads,
+from common import (SUITE_MARKER, fp32_peak_gflops, machine_description, median_times, set_threads,
                     try_import_torch)
 
 
@@ -91,9 +91,18 @@ def main(argv=None):
     report = "\n".join(lines)
     print(report)
     if args.output:
+        # keep the suite's part of the file (benchmarks/suite.py writes after its marker)
+        tail = ""
+        try:
+            with open(args.output) as f:
+                text = f.read()
+            if SUITE_MARKER in text:
+                tail = "\n" + SUITE_MARKER + text.split(SUITE_MARKER, 1)[1]
+        except OSError:
+            pass
         with open(args.output, "w") as f:
             f.write("# Dense attention benchmark\n\nCommand: `python benchmarks/bench_dense.py "
-                    + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n\n" + report + "\n")
+                    + " ".join(argv if argv is not None else sys.argv[1:]) + "`\n\n" + report + "\n" + tail)
 
 
 if __name__ == "__main__":

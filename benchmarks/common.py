@@ -9,6 +9,11 @@ import routing_attention as ra
 from routing_attention import _ext
 
 
+# benchmarks/RESULTS.md: the dense section (bench_dense.py) comes first; everything after
+# this line is written by suite.py, and each script keeps the other's part.
+SUITE_MARKER = "<!-- suite: everything below is written by benchmarks/suite.py -->"
+
+
 def median_times(cases, repeats):
     """Run every case once per round, `repeats` rounds (interleaved, so machine noise
     hits every case alike); returns {name: median seconds}.  A case is (name, setup,
