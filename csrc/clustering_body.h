@@ -24,11 +24,13 @@ static inline int64_t FN(argmax_row)(const T *s, int c)
 /* x (n, d) strided, ct (d, c) = centroidsᵀ  ->  lab (n): argmax_j x_i·μ_j (−1 for rows
  * with mask False; mask.data may be NULL).  Blocks of RA_ROWS rows through the gemm
  * kernel; scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
- * (RA_ROWS, c).  With count != 0, returns how many labels differ from lab's previous
- * contents (else 0, and lab is only written). */
+ * (RA_ROWS, c).  When scores.data / best.data are set, the scores (n, c) and each row's
+ * best score (n; NaN for a row labelled −1) are written there too.  With count != 0,
+ * returns how many labels differ from lab's previous contents (else 0, and lab is only
+ * written). */
 static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, const T *ct,
-                               int c, RaVec lab, int count, char *scratch, size_t per_thread,
-                               int nt)
+                               int c, RaVec lab, RaMat scores, RaVec best, int count,
+                               char *scratch, size_t per_thread, int nt)
 {
     const int nblk = (n + RA_ROWS - 1) / RA_ROWS;
     int64_t changed = 0;
@@ -41,10 +43,14 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
         K->gemm(rows, c, d, xs, d, ct, c, s, c, 0);
         for (int r = 0; r < rows; r++) {
             const int i = i0 + r;
+            const T *si = s + (size_t)r * c;
             const int64_t l = (mask.data && !RA_VEC_AT(uint8_t, mask, i))
-                              ? -1 : FN(argmax_row)(s + (size_t)r * c, c);
+                              ? -1 : FN(argmax_row)(si, c);
             if (count) changed += RA_VEC_AT(int64_t, lab, i) != l;
             RA_VEC_AT(int64_t, lab, i) = l;
+            if (scores.data)
+                for (int j = 0; j < c; j++) RA_MAT_AT(T, scores, i, j) = si[j];
+            if (best.data) RA_VEC_AT(T, best, i) = l >= 0 ? si[l] : (T)NAN;
         }
     }
     return changed;
@@ -58,7 +64,7 @@ static size_t FN(assign_scratch)(int d, int c)
 /* ------------------------------------------------------------------ assign_clusters */
 /* x (B; n, d), centroids (B; c, d) -> labels (B; n) int64 */
 int FN(ra_assign_clusters)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat centroids,
-                           RaBVec labels)
+                           RaBVec labels, RaBMat scores, RaBVec best)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
@@ -69,8 +75,9 @@ int FN(ra_assign_clusters)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
     const RaVec no_mask = {NULL, 0};
     for (ptrdiff_t b = 0; b < B; b++) {
         FN(pack_transposed)(ra_mat_at(centroids, b), c, d, ct);
-        FN(assign_rows)(K, ra_mat_at(x, b), no_mask, n, d, ct, c, ra_vec_at(labels, b), 0,
-                        scratch, per_thread, nt);
+        RaMat sb = {scores.data ? scores.data + b * scores.sb : NULL, scores.s0, scores.s1};
+        FN(assign_rows)(K, ra_mat_at(x, b), no_mask, n, d, ct, c, ra_vec_at(labels, b), sb,
+                        ra_vec_at(best, b), 0, scratch, per_thread, nt);
     }
     ra_free(ct);
     ra_free(scratch);
@@ -250,8 +257,11 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
         for (int64_t it = 0; it < n_iters && nvalid > 0; it++) {
             FN(pack_transposed)((RaMat){(char *)mu, (ptrdiff_t)(sizeof(T) * (size_t)d), sizeof(T)},
                                 c, d, ct);
+            const RaMat no_scores = {NULL, 0, 0};
+            const RaVec no_best = {NULL, 0};
             const int64_t changed = FN(assign_rows)(K, xn_view, valid_view, n, d, ct, c,
-                                                    lab_view, 1, scratch, per_thread, nt);
+                                                    lab_view, no_scores, no_best, 1, scratch,
+                                                    per_thread, nt);
             if (changed == 0) break;
             ra_group_by_label(n, lab, c, start, rows, counts, nt);
             FN(spherical_update)(d, c, xn, start, rows, mu, sums, nt);

@@ -114,9 +114,11 @@ RA_CLUSTERED_DECLS(double, f64)
     int ra_spherical_kmeans_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec mask, \
                                   RaBMat init, int use_init, RaBVec iters, RaBVec seed,   \
                                   RaBMat centroids);                                      \
-    /* x (B; n, d), centroids (B; c, d)  ->  labels (B; n): argmax, ties to lowest */     \
+    /* x (B; n, d), centroids (B; c, d)  ->  labels (B; n): argmax, ties to lowest;      \
+       optionally (data != NULL) scores (B; n, c) = x·μᵀ and best (B; n) = max score */   \
     int ra_assign_clusters_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat x,              \
-                                 RaBMat centroids, RaBVec labels);                        \
+                                 RaBMat centroids, RaBVec labels, RaBMat scores,          \
+                                 RaBVec best);                                            \
     /* centroids (B; c, d), x (B; n, d), labels (B; n), mask (B; n) uint8 or NULL,        \
        decay (B)  ->  out (B; c, d)  (out may alias centroids) */                         \
     int ra_update_centroids_##SUF(ptrdiff_t B, int n, int d, int c, RaBMat centroids,     \

@@ -279,13 +279,31 @@ SPHERICAL_KMEANS_LOOP(f64)
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
+        const RaBMat no_scores = {NULL, 0, 0, 0};                                         \
+        const RaBVec no_best = {NULL, 0, 0};                                              \
         int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
                                           (int)dims[3], BMAT(0, 3), BMAT(1, 5),           \
-                                          BVEC(2, 7));                                    \
+                                          BVEC(2, 7), no_scores, no_best);                \
         ra_raise(st, "assign_clusters");                                                  \
     }
 ASSIGN_CLUSTERS_LOOP(f32)
 ASSIGN_CLUSTERS_LOOP(f64)
+
+/* (n,d),(c,d)->(n),(n,c),(n)  x, centroids -> labels, scores, best */
+#define ASSIGN_SCORES_LOOP(SUF)                                                           \
+    static void assign_scores_loop_##SUF(char **args, npy_intp const *dims,              \
+                                         npy_intp const *steps, void *data)              \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
+        /* operands 0..4, core strides from steps[5] on */                               \
+        int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
+                                          (int)dims[3], BMAT(0, 5), BMAT(1, 7),           \
+                                          BVEC(2, 9), BMAT(3, 10), BVEC(4, 12));          \
+        ra_raise(st, "assign_clusters");                                                  \
+    }
+ASSIGN_SCORES_LOOP(f32)
+ASSIGN_SCORES_LOOP(f64)
 
 /* (c,d),(n,d),(n),(n),()->(c,d)  centroids, x, labels, mask, decay -> out */
 #define UPDATE_CENTROIDS_LOOP(SUF)                                                        \
@@ -481,6 +499,11 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, L, /**/ D, D, L},
      "_assign_clusters(x, centroids) -> labels\n\n"
      "Low-level gufunc behind routing_attention.assign_clusters."},
+    {"_assign_scores", "(n,d),(c,d)->(n),(n,c),(n)", 2, 3,
+     {assign_scores_loop_f32, assign_scores_loop_f64},
+     (char[]){F, F, L, F, F, /**/ D, D, L, D, D},
+     "_assign_scores(x, centroids) -> (labels, scores, best)\n\n"
+     "Low-level gufunc behind routing_attention.assign_clusters(..., return_scores=True)."},
     {"_update_centroids", "(c,d),(n,d),(n),(n),()->(c,d)", 5, 1,
      {update_centroids_loop_f32, update_centroids_loop_f64},
      (char[]){F, F, L, B, F, F, /**/ D, D, L, B, D, D},

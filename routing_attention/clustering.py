@@ -118,12 +118,15 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     return out
 
 
-def assign_clusters(x, centroids, *, out=None):
+def assign_clusters(x, centroids, *, out=None, return_scores=False):
     """labels (..., n) int64: argmax over clusters of x·μ_c, ties to the lowest c.
 
     x (..., n, d) and centroids (..., c, d) broadcast over leading axes.  Rows need not
     be normalised (the argmax of the cosine is the same).  A row whose scores are all
-    NaN gets label -1.
+    NaN gets label -1.  With ``return_scores=True`` also returns the scores x·μᵀ
+    (..., n, c) and each row's best score (..., n) (NaN where the label is -1), from
+    the same product: what balanced membership (`top_members`) and the commitment
+    loss need, without a second pass.
     """
     dtype = float_dtype(x=x, centroids=centroids)
     x = as_matrix("x", x, dtype)
@@ -132,6 +135,10 @@ def assign_clusters(x, centroids, *, out=None):
     if cent.shape[-2] < 1:
         raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
     batch_shape(x=(x, 2), centroids=(cent, 2))
+    if return_scores:
+        if out is not None:
+            raise ValueError("out is not supported with return_scores=True")
+        return _ext._assign_scores(x, cent)
     return _ext._assign_clusters(x, cent, out=out)
 
 

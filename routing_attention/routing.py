@@ -268,7 +268,7 @@ class RoutingAttention:
         return _mask_members(idx, mask)
 
     def _route(self, qhat, khat, key_mask, query_mask):
-        from .clustering import spherical_kmeans, update_centroids
+        from .clustering import assign_clusters, spherical_kmeans, update_centroids
         heads, n, d = qhat.shape[-3:]
         m = khat.shape[-2]
         pooled = np.concatenate([qhat, khat], axis=-2)             # (..., heads, n+m, d)
@@ -293,21 +293,26 @@ class RoutingAttention:
             self.centroids = spherical_kmeans(per_head, min(c, per_head.shape[-2]),
                                               iters=self.kmeans_iters, seed=self.seed, mask=mh)
         c = self.centroids.shape[-2]
-        # one product gives the balanced scores, the argmax labels (ties to the lowest
-        # cluster, as assign_clusters) and the commitment loss |x̂|² - 2 x̂·μ + |μ|²
-        scores = pooled @ np.swapaxes(self.centroids, -1, -2)       # (..., heads, n+m, c)
-        labels = scores.argmax(axis=-1)
-        best = np.take_along_axis(scores, labels[..., None], axis=-1)[..., 0]
+        # one product per side gives the balanced scores, the argmax labels and the
+        # commitment loss |x̂|² - 2 x̂·μ_label + |μ_label|²
+        lq, sq_, bq = assign_clusters(qhat, self.centroids, return_scores=True)
+        lk, sk_, bk = (lq, sq_, bq) if self.shared_qk else assign_clusters(
+            khat, self.centroids, return_scores=True)
+        labels = np.concatenate([lq, lk], axis=-1)
+        best = np.concatenate([bq, bk], axis=-1)
         mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)[..., None, :]
         mu2 = mu2.reshape((1,) * (labels.ndim + 1 - mu2.ndim) + mu2.shape)   # (..., 1, c)
         sq = np.einsum("...d,...d->...", pooled, pooled) - 2 * best + np.take_along_axis(
-            mu2, labels[..., None], axis=-1)[..., 0]
-        weight = np.ones(sq.shape) if pool_mask is None else pool_mask.astype(sq.dtype)
+            mu2, np.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        weight = (labels >= 0).astype(sq.dtype)
+        if pool_mask is not None:
+            weight = weight * pool_mask
+        sq = np.where(weight > 0, sq, 0)
         self.commitment_loss = (sq * weight).sum(-1) / np.maximum(weight.sum(-1), 1)
         size = self.w or max(1, n // c)
-        q_idx = self._members(qhat, scores[..., :n, :], labels[..., :n], query_mask, size)
+        q_idx = self._members(qhat, sq_, lq, query_mask, size)
         k_idx = q_idx if self.shared_qk else self._members(
-            khat, scores[..., n:, :], labels[..., n:], key_mask, self.w or max(1, m // c))
+            khat, sk_, lk, key_mask, self.w or max(1, m // c))
         if self.training:
             self.centroids = update_centroids(self.centroids, pooled, labels, decay=self.decay,
                                               mask=pool_mask)

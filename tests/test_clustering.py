@@ -481,3 +481,20 @@ def test_gufunc_rejects_bad_shapes_directly():
         _ext._top_members(X, out=np.empty((4, 11), np.int64))
     with pytest.raises(ValueError, match="labels"):
         _ext._members_from_labels(np.array([0, 7]), out=np.empty((2, 2), np.int64))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_assign_clusters_return_scores(dtype):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 300, 12)).astype(dtype)[..., ::-1, :]     # negative stride
+    cent = rng.standard_normal((3, 7, 12)).astype(dtype)
+    labels, scores, best = ra.assign_clusters(x, cent, return_scores=True)
+    want = x.astype(np.float64) @ np.swapaxes(cent, -1, -2).astype(np.float64)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    assert scores.dtype == dtype and scores.shape == (2, 3, 300, 7)
+    assert np.max(np.abs(scores - want)) <= tol * np.max(np.abs(want))
+    assert np.array_equal(labels, ra.assign_clusters(x, cent))
+    assert np.array_equal(labels, scores.argmax(-1)), "labels are the argmax of the returned scores"
+    assert np.array_equal(best, scores.max(-1))
+    with pytest.raises(ValueError, match="out is not supported"):
+        ra.assign_clusters(x, cent, out=np.empty((2, 3, 300), np.int64), return_scores=True)
