@@ -40,6 +40,10 @@ static void FN(apply_vis)(T *s, int rows, int cols, const uint64_t *vis, ptrdiff
     }
 }
 
+#ifndef RA_PREFETCH_ROWS
+#define RA_PREFETCH_ROWS 8
+#endif
+
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {
@@ -48,6 +52,12 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
             const int64_t row = idx ? idx[r] : first + r;
             const char *p = src.data + (ptrdiff_t)row * src.s0;
             T *o = dst + (ptrdiff_t)r * ld;
+            if (idx && r + RA_PREFETCH_ROWS < rows && idx[r + RA_PREFETCH_ROWS] >= 0 &&
+                src.s1 == (ptrdiff_t)sizeof(T)) {
+                /* scattered rows: fetch a later row's cache lines while copying this one */
+                const char *ahead = src.data + (ptrdiff_t)idx[r + RA_PREFETCH_ROWS] * src.s0;
+                for (size_t b = 0; b < sizeof(T) * (size_t)cols; b += 64) __builtin_prefetch(ahead + b);
+            }
             if (row < 0) memset(o, 0, sizeof(T) * (size_t)cols);
             else if (src.s1 == (ptrdiff_t)sizeof(T))
                 for (int c = 0; c < cols; c++) o[c] = ((const T *)p)[c] * mul;
