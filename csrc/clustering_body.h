@@ -9,18 +9,6 @@ static void FN(pack_transposed)(RaMat m, int c, int d, T *ct)
     FN(ra_gather)(m, NULL, 0, c, d, 1, 1, ct, c);
 }
 
-/* Index of the largest non-NaN entry of s (c), ties to the lowest; −1 if all are NaN. */
-static inline int64_t FN(argmax_row)(const T *s, int c)
-{
-    int64_t lab = -1;
-    T best = 0;
-    for (int j = 0; j < c; j++) {
-        const T v = s[j];
-        if (v == v && (lab < 0 || v > best)) { best = v; lab = j; }
-    }
-    return lab;
-}
-
 /* x (n, d) strided, ct (d, c) = centroidsᵀ  ->  lab (n): argmax_j x_i·μ_j (−1 for rows
  * with mask False; mask.data may be NULL).  Blocks of RA_ROWS rows through the gemm
  * kernel; scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
@@ -38,27 +26,35 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
     for (int blk = 0; blk < nblk; blk++) {
         const int i0 = blk * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
         T *xs = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
-        T *s = xs + (size_t)RA_ROWS * d;
+        T *s = xs + (size_t)RA_ROWS * d, *top = s + (size_t)RA_ROWS * c;
+        int64_t *arg = (int64_t *)(top + RA_ROWS);
         FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
         K->gemm(rows, c, d, xs, d, ct, c, s, c, 0);
+        K->argmax_rows(rows, c, s, c, arg, top);
         for (int r = 0; r < rows; r++) {
             const int i = i0 + r;
-            const T *si = s + (size_t)r * c;
-            const int64_t l = (mask.data && !RA_VEC_AT(uint8_t, mask, i))
-                              ? -1 : FN(argmax_row)(si, c);
+            const int masked = mask.data && !RA_VEC_AT(uint8_t, mask, i);
+            const int64_t l = masked ? -1 : arg[r];
             if (count) changed += RA_VEC_AT(int64_t, lab, i) != l;
             RA_VEC_AT(int64_t, lab, i) = l;
-            if (scores.data)
-                for (int j = 0; j < c; j++) RA_MAT_AT(T, scores, i, j) = si[j];
-            if (best.data) RA_VEC_AT(T, best, i) = l >= 0 ? si[l] : (T)NAN;
+            if (scores.data) {
+                const T *si = s + (size_t)r * c;
+                if (scores.s1 == (ptrdiff_t)sizeof(T))
+                    memcpy(scores.data + (ptrdiff_t)i * scores.s0, si, sizeof(T) * (size_t)c);
+                else
+                    for (int j = 0; j < c; j++) RA_MAT_AT(T, scores, i, j) = si[j];
+            }
+            if (best.data) RA_VEC_AT(T, best, i) = masked ? (T)NAN : top[r];
         }
     }
     return changed;
 }
 
+/* x block (RA_ROWS, d), scores (RA_ROWS, c), best (RA_ROWS), labels (RA_ROWS) int64 */
 static size_t FN(assign_scratch)(int d, int c)
 {
-    return ra_round_up(ra_mul(sizeof(T), ra_mul(RA_ROWS, ra_add((size_t)d, (size_t)c))));
+    return ra_round_up(ra_add(ra_mul(sizeof(T), ra_mul(RA_ROWS, ra_add((size_t)d + 1, (size_t)c))),
+                              sizeof(int64_t) * RA_ROWS + sizeof(int64_t)));
 }
 
 /* ------------------------------------------------------------------ assign_clusters */

@@ -38,6 +38,9 @@
        (row r of a strided matrix starts at element offset off[r] from src). */           \
     void (*gather_t)(int rows, int cols, const T *src, const int64_t *off, T mul, T *dst, \
                      ptrdiff_t ld);                                                        \
+    /* Row argmax of S (rows×c, lds): lab[i] = first j with the largest non-NaN S[i, j]    \
+       (-1 if the row is all NaN), best[i] = that value (NaN for -1). */                  \
+    void (*argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best);\
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \
                          T scale);                                                         \

@@ -27,11 +27,11 @@ const RaKernels ra_kernels_avx2 = {
     "avx2",
     {.gemm = gemm_f32_avx2, .gemm_tn = gemm_tn_f32_avx2, .softmax_step = softmax_step_f32_avx2,
      .exp_shift = exp_shift_f32_avx2, .mask_tile = mask_tile_f32_avx2, .gather_t = gather_t_f32_avx2,
-     .softmax_grad = softmax_grad_f32_avx2, .top_sample = top_sample_f32_avx2,
+     .softmax_grad = softmax_grad_f32_avx2, .argmax_rows = argmax_rows_f32_avx2, .top_sample = top_sample_f32_avx2,
      .top_admit = top_admit_f32_avx2},
     {.gemm = gemm_f64_avx2, .gemm_tn = gemm_tn_f64_avx2, .softmax_step = softmax_step_f64_avx2,
      .exp_shift = exp_shift_f64_avx2, .mask_tile = mask_tile_f64_avx2, .gather_t = gather_t_f64_avx2,
-     .softmax_grad = softmax_grad_f64_avx2, .top_sample = top_sample_f64_avx2,
+     .softmax_grad = softmax_grad_f64_avx2, .argmax_rows = argmax_rows_f64_avx2, .top_sample = top_sample_f64_avx2,
      .top_admit = top_admit_f64_avx2},
     fma_probe_f32_avx2,
 };

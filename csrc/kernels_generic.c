@@ -27,11 +27,11 @@ const RaKernels ra_kernels_generic = {
     "generic",
     {.gemm = gemm_f32_generic, .gemm_tn = gemm_tn_f32_generic, .softmax_step = softmax_step_f32_generic,
      .exp_shift = exp_shift_f32_generic, .mask_tile = mask_tile_f32_generic, .gather_t = gather_t_f32_generic,
-     .softmax_grad = softmax_grad_f32_generic, .top_sample = top_sample_f32_generic,
+     .softmax_grad = softmax_grad_f32_generic, .argmax_rows = argmax_rows_f32_generic, .top_sample = top_sample_f32_generic,
      .top_admit = top_admit_f32_generic},
     {.gemm = gemm_f64_generic, .gemm_tn = gemm_tn_f64_generic, .softmax_step = softmax_step_f64_generic,
      .exp_shift = exp_shift_f64_generic, .mask_tile = mask_tile_f64_generic, .gather_t = gather_t_f64_generic,
-     .softmax_grad = softmax_grad_f64_generic, .top_sample = top_sample_f64_generic,
+     .softmax_grad = softmax_grad_f64_generic, .argmax_rows = argmax_rows_f64_generic, .top_sample = top_sample_f64_generic,
      .top_admit = top_admit_f64_generic},
     fma_probe_f32_generic,
 };

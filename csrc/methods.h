@@ -51,20 +51,31 @@ static inline int ra_routing_flags(int causal, int exclude_self)
     return f ? (f | RA_MASKED) : 0;
 }
 
+/* Per-slot statistics of a routing forward, slot (cl, r) = r-th valid member query of
+ * cluster cl: output row o (c, w, e), its lse l (c, w), and self_only (c, w) bytes (the
+ * exclude_self fallback was taken).  Contiguous per problem, o_sb/l_sb/self_sb apart. */
+typedef struct {
+    char *o, *l, *self_only;
+    ptrdiff_t o_sb, l_sb, self_sb;
+} RaRoutingSlots;
+
 #define RA_ROUTING_DECLS(T, SUF)                                                          \
     /* q (B; n, d), k (B; m, d), v (B; m, e), q_idx (B; c, w), k_idx (B; c, u) int64;    \
-       scale (B), causal, exclude_self, merge_lse (B) uint8 -> out (B; n, e), lse (B; n) */\
+       scale (B), causal, exclude_self, merge_lse (B) uint8 -> out (B; n, e), lse (B; n), \
+       slot statistics (written) */                                                       \
     int ra_routing_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int c, int w,  \
                                  int u, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,       \
                                  RaBMat k_idx, RaBVec scale, RaBVec causal,               \
                                  RaBVec exclude_self, RaBVec merge_lse, RaBMat out,       \
-                                 RaBVec lse);                                             \
+                                 RaBVec lse, RaRoutingSlots slots);                       \
     /* dout (B; n, e) and the forward's inputs -> dq (B; n, d), dk (B; m, d),            \
-       dv (B; m, e), written */                                                           \
+       dv (B; m, e), written.  saved.o == NULL: the forward is recomputed; else          \
+       saved_out (B; n, e), saved_lse (B; n) and saved slots are the forward's. */        \
     int ra_routing_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int c, int w, \
                                   int u, RaBMat dout, RaBMat q, RaBMat k, RaBMat v,       \
                                   RaBMat q_idx, RaBMat k_idx, RaBVec scale, RaBVec causal,\
-                                  RaBVec exclude_self, RaBVec merge_lse, RaBMat dq,       \
+                                  RaBVec exclude_self, RaBVec merge_lse, RaBMat saved_out,\
+                                  RaBVec saved_lse, RaRoutingSlots saved, RaBMat dq,      \
                                   RaBMat dk, RaBMat dv);
 
 RA_ROUTING_DECLS(float, f32)

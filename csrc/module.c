@@ -108,43 +108,90 @@ ATTENTION_BACKWARD_LOOP(f32)
 ATTENTION_BACKWARD_LOOP(f64)
 
 /* ------------------------------------------------------------------ routing attention */
-/* (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n)
- * q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse -> out, lse */
-#define ROUTING_FORWARD_LOOP(SUF)                                                         \
+/* Is a core block of `nd` axes with sizes dims and byte strides steps C-contiguous for
+ * items of `item` bytes?  (Axes of size 1 may have any stride.) */
+static int ra_core_contiguous(const npy_intp *dims, const npy_intp *steps, int nd, npy_intp item)
+{
+    npy_intp expect = item;
+    for (int a = nd - 1; a >= 0; a--) {
+        if (dims[a] > 1 && steps[a] != expect) return 0;
+        expect *= dims[a];
+    }
+    return 1;
+}
+
+static void ra_raise_layout(const char *where, const char *what)
+{
+    NPY_ALLOW_C_API_DEF
+    NPY_ALLOW_C_API
+    PyErr_Format(PyExc_ValueError, "%s: %s must be C-contiguous in their core axes", where, what);
+    NPY_DISABLE_C_API
+}
+
+/* (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)
+ * q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse
+ *   -> out, lse, slot_out, slot_lse, slot_self */
+#define ROUTING_FORWARD_LOOP(SUF, T)                                                      \
     static void routing_forward_loop_##SUF(char **args, npy_intp const *dims,            \
                                            npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention")) return;       \
-        /* operands 0..10, core strides from steps[11] on */                             \
+        /* operands 0..13, core strides from steps[14] on; dims n d m e c w u */          \
+        const npy_intp cwe[3] = {dims[5], dims[6], dims[4]}, cw[2] = {dims[5], dims[6]};   \
+        if (!ra_core_contiguous(cwe, steps + 27, 3, sizeof(T)) ||                         \
+            !ra_core_contiguous(cw, steps + 30, 2, sizeof(T)) ||                          \
+            !ra_core_contiguous(cw, steps + 32, 2, 1)) {                                  \
+            ra_raise_layout("routing_attention", "the slot statistics outputs");          \
+            return;                                                                       \
+        }                                                                                 \
+        RaRoutingSlots slots = {args[11], args[12], args[13], steps[11], steps[12],       \
+                                steps[13]};                                               \
         int st = ra_routing_forward_##SUF(                                                \
             dims[0], (int)dims[1], (int)dims[3], (int)dims[2], (int)dims[4], (int)dims[5], \
-            (int)dims[6], (int)dims[7], BMAT(0, 11), BMAT(1, 13), BMAT(2, 15), BMAT(3, 17),\
-            BMAT(4, 19), BSCALAR(5), BSCALAR(6), BSCALAR(7), BSCALAR(8), BMAT(9, 21),     \
-            BVEC(10, 23));                                                                \
+            (int)dims[6], (int)dims[7], BMAT(0, 14), BMAT(1, 16), BMAT(2, 18), BMAT(3, 20),\
+            BMAT(4, 22), BSCALAR(5), BSCALAR(6), BSCALAR(7), BSCALAR(8), BMAT(9, 24),     \
+            BVEC(10, 26), slots);                                                         \
         ra_raise(st, "routing_attention");                                                \
     }
-ROUTING_FORWARD_LOOP(f32)
-ROUTING_FORWARD_LOOP(f64)
+ROUTING_FORWARD_LOOP(f32, float)
+ROUTING_FORWARD_LOOP(f64, double)
 
-/* (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,d),(m,d),(m,e)
- * dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse -> dq, dk, dv */
-#define ROUTING_BACKWARD_LOOP(SUF)                                                        \
+/* (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()
+ *   ->(n,d),(m,d),(m,e)
+ * dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved,
+ * scale, causal, exclude_self, merge_lse -> dq, dk, dv */
+#define ROUTING_BACKWARD_LOOP(SUF, T)                                                     \
     static void routing_backward_loop_##SUF(char **args, npy_intp const *dims,           \
                                             npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention_backward")) return;\
-        /* operands 0..12, core strides from steps[13] on */                             \
+        /* operands 0..18, core strides from steps[19] on; dims n e d m c w u */          \
+        RaRoutingSlots saved = {NULL, NULL, NULL, 0, 0, 0};                               \
+        if (*(npy_bool *)args[11]) {   /* use_saved: one scalar for the whole call */     \
+            const npy_intp ne[2] = {dims[1], dims[2]}, n1[1] = {dims[1]};                  \
+            const npy_intp cwe[3] = {dims[5], dims[6], dims[2]}, cw[2] = {dims[5], dims[6]};\
+            if (!ra_core_contiguous(ne, steps + 31, 2, sizeof(T)) ||                      \
+                !ra_core_contiguous(n1, steps + 33, 1, sizeof(T)) ||                      \
+                !ra_core_contiguous(cwe, steps + 34, 3, sizeof(T)) ||                     \
+                !ra_core_contiguous(cw, steps + 37, 2, sizeof(T)) ||                      \
+                !ra_core_contiguous(cw, steps + 39, 2, 1)) {                              \
+                ra_raise_layout("routing_attention_backward", "the saved statistics");    \
+                return;                                                                   \
+            }                                                                             \
+            saved = (RaRoutingSlots){args[8], args[9], args[10], steps[8], steps[9],       \
+                                     steps[10]};                                          \
+        }                                                                                 \
         int st = ra_routing_backward_##SUF(                                               \
             dims[0], (int)dims[1], (int)dims[4], (int)dims[3], (int)dims[2], (int)dims[5], \
-            (int)dims[6], (int)dims[7], BMAT(0, 13), BMAT(1, 15), BMAT(2, 17), BMAT(3, 19),\
-            BMAT(4, 21), BMAT(5, 23), BSCALAR(6), BSCALAR(7), BSCALAR(8), BSCALAR(9),     \
-            BMAT(10, 25), BMAT(11, 27), BMAT(12, 29));                                    \
+            (int)dims[6], (int)dims[7], BMAT(0, 19), BMAT(1, 21), BMAT(2, 23), BMAT(3, 25),\
+            BMAT(4, 27), BMAT(5, 29), BSCALAR(12), BSCALAR(13), BSCALAR(14), BSCALAR(15), \
+            BMAT(6, 31), BVEC(7, 33), saved, BMAT(16, 41), BMAT(17, 43), BMAT(18, 45));   \
         ra_raise(st, "routing_attention_backward");                                       \
     }
-ROUTING_BACKWARD_LOOP(f32)
-ROUTING_BACKWARD_LOOP(f64)
+ROUTING_BACKWARD_LOOP(f32, float)
+ROUTING_BACKWARD_LOOP(f64, double)
 /* ------------------------------------------------------------------ combiner attention */
 /* (n,d),(n,d),(n,e),(),(),(),()->(n,e)
  * q, k, v, plan, block, causal, scale -> out */
@@ -447,16 +494,21 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, F, F, B, B, F, F, F, B, F, F, F, /**/ D, D, D, D, B, B, D, D, D, B, D, D, D},
      "_attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal)"
      " -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.attention_backward."},
-    {"_routing_forward", "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n)", 9, 2,
+    {"_routing_forward",
+     "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)", 9, 5,
      {routing_forward_loop_f32, routing_forward_loop_f64},
-     (char[]){F, F, F, L, L, F, B, B, B, F, F, /**/ D, D, D, L, L, D, B, B, B, D, D},
+     (char[]){F, F, F, L, L, F, B, B, B, F, F, F, F, B, /**/ D, D, D, L, L, D, B, B, B, D, D, D, D, B},
      "_routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse)"
-     " -> (out, lse)\n\nLow-level gufunc behind routing_attention.routing_attention."},
-    {"_routing_backward", "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,d),(m,d),(m,e)",
-     10, 3, {routing_backward_loop_f32, routing_backward_loop_f64},
-     (char[]){F, F, F, F, L, L, F, B, B, B, F, F, F, /**/ D, D, D, D, L, L, D, B, B, B, D, D, D},
-     "_routing_backward(dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse)"
-     " -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.routing_attention_backward."},
+     " -> (out, lse, slot_out, slot_lse, slot_self)\n\n"
+     "Low-level gufunc behind routing_attention.routing_attention."},
+    {"_routing_backward",
+     "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()"
+     "->(n,d),(m,d),(m,e)", 16, 3, {routing_backward_loop_f32, routing_backward_loop_f64},
+     (char[]){F, F, F, F, L, L, F, F, F, F, B, B, F, B, B, B, F, F, F,
+              /**/ D, D, D, D, L, L, D, D, D, D, B, B, D, B, B, B, D, D, D},
+     "_routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self,"
+     " use_saved, scale, causal, exclude_self, merge_lse) -> (dq, dk, dv)\n\n"
+     "Low-level gufunc behind routing_attention.routing_attention_backward."},
     /* ---- combiner attention */
     {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e)", 7, 1,
      {combiner_forward_loop_f32, combiner_forward_loop_f64},

@@ -135,27 +135,27 @@ static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaM
 }
 
 /* q (B; n, d), k (B; m, d), v (B; m, e), q_idx (B; c, w), k_idx (B; c, u)
- * -> out (B; n, e), lse (B; n) */
+ * -> out (B; n, e), lse (B; n), and the per-slot statistics (contiguous per problem):
+ *    slots.o (B; c, w, e), slots.l (B; c, w), slots.self_only (B; c, w) */
 int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w, int u,
                            RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx, RaBMat k_idx,
                            RaBVec scale, RaBVec causal, RaBVec exclude_self, RaBVec merge_lse,
-                           RaBMat out, RaBVec lse)
+                           RaBMat out, RaBVec lse, RaRoutingSlots slots)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     RaRoutingPlan plan;
     if (ra_routing_plan_alloc(&plan, n, m, d, e, c, w, u) != RA_OK) return RA_ERR_NOMEM;
-    const size_t slots = (size_t)c * w;
     const size_t per_thread = ra_round_up(sizeof(T) * ra_routing_scratch_elems(d, e, u, 0));
     FN(RoutingBuffers) buf = {&plan};
-    buf.o_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(slots, e)));
-    buf.l_slot = ra_alloc(ra_mul(sizeof(T), slots));
-    buf.self_only = ra_alloc(slots);
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    int status = (buf.o_slot && buf.l_slot && buf.self_only && scratch) ? RA_OK : RA_ERR_NOMEM;
+    int status = scratch ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
         status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
         if (status != RA_OK) break;
+        buf.o_slot = (T *)(slots.o + b * slots.o_sb);
+        buf.l_slot = (T *)(slots.l + b * slots.l_sb);
+        buf.self_only = (uint8_t *)(slots.self_only + b * slots.self_sb);
         const int flags = ra_routing_flags(RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0),
                                            RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0));
         FN(routing_problem_forward)(K, &plan, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
@@ -163,9 +163,6 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
                                     RA_VEC_AT(uint8_t, ra_vec_at(merge_lse, b), 0), scratch,
                                     per_thread, &buf, ra_mat_at(out, b), ra_vec_at(lse, b));
     }
-    ra_free(buf.o_slot);
-    ra_free(buf.l_slot);
-    ra_free(buf.self_only);
     ra_free(scratch);
     ra_routing_plan_free(&plan);
     return status;
@@ -263,11 +260,14 @@ static void FN(routing_sum_slots)(const int64_t *occ, int64_t a, int64_t z, cons
     }
 }
 
-/* dout (B; n, e), q, k, v, q_idx, k_idx -> dq (B; n, d), dk (B; m, d), dv (B; m, e) */
+/* dout (B; n, e), q, k, v, q_idx, k_idx -> dq (B; n, d), dk (B; m, d), dv (B; m, e).
+ * With saved.o != NULL, the forward's merged output (B; n, e) and lse (B; n) (both
+ * contiguous per problem) and its slot statistics are used instead of recomputing it. */
 int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w, int u,
                             RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,
                             RaBMat k_idx, RaBVec scale, RaBVec causal, RaBVec exclude_self,
-                            RaBVec merge_lse, RaBMat dq, RaBMat dk, RaBMat dv)
+                            RaBVec merge_lse, RaBMat saved_out, RaBVec saved_lse,
+                            RaRoutingSlots saved, RaBMat dq, RaBMat dk, RaBMat dv)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
@@ -276,17 +276,20 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     const size_t qslots = (size_t)c * w, kslots = (size_t)c * u;
     const size_t per_thread = ra_round_up(sizeof(T) * ra_routing_scratch_elems(d, e, u, 1));
     FN(RoutingBuffers) buf = {&plan};
-    buf.o_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, e)));
-    buf.l_slot = ra_alloc(ra_mul(sizeof(T), qslots));
-    buf.self_only = ra_alloc(qslots);
-    buf.out = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, e)));
-    buf.lse = ra_alloc(ra_mul(sizeof(T), (size_t)n));
+    const int recompute = saved.o == NULL;
+    if (recompute) {
+        buf.o_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, e)));
+        buf.l_slot = ra_alloc(ra_mul(sizeof(T), qslots));
+        buf.self_only = ra_alloc(qslots);
+        buf.out = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, e)));
+        buf.lse = ra_alloc(ra_mul(sizeof(T), (size_t)n));
+    }
     buf.dq_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, d)));
     buf.dk_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, d)));
     buf.dv_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, e)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    int status = (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse &&
-                  buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch) ? RA_OK : RA_ERR_NOMEM;
+    int status = (!recompute || (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse)) &&
+                 buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
         status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
         if (status != RA_OK) break;
@@ -296,11 +299,18 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
         const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
         RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         RaMat gb = ra_mat_at(dout, b);
-        /* recompute the forward: slot rows, merged output and lse */
-        RaMat outm = {(char *)buf.out, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-        RaVec lsev = {(char *)buf.lse, sizeof(T)};
-        FN(routing_problem_forward)(K, &plan, qb, kb, vb, sc, flags, lse_merge, scratch,
-                                    per_thread, &buf, outm, lsev);
+        if (recompute) {   /* the forward again: slot rows, merged output and lse */
+            RaMat outm = {(char *)buf.out, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+            RaVec lsev = {(char *)buf.lse, sizeof(T)};
+            FN(routing_problem_forward)(K, &plan, qb, kb, vb, sc, flags, lse_merge, scratch,
+                                        per_thread, &buf, outm, lsev);
+        } else {
+            buf.o_slot = (T *)(saved.o + b * saved.o_sb);
+            buf.l_slot = (T *)(saved.l + b * saved.l_sb);
+            buf.self_only = (uint8_t *)(saved.self_only + b * saved.self_sb);
+            buf.out = (T *)(saved_out.data + b * saved_out.sb);
+            buf.lse = (T *)(saved_lse.data + b * saved_lse.sb);
+        }
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (int cl = 0; cl < c; cl++)
             FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags, lse_merge,
@@ -320,11 +330,13 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
                                   e, 1, dvb, j);
         }
     }
-    ra_free(buf.o_slot);
-    ra_free(buf.l_slot);
-    ra_free(buf.self_only);
-    ra_free(buf.out);
-    ra_free(buf.lse);
+    if (recompute) {
+        ra_free(buf.o_slot);
+        ra_free(buf.l_slot);
+        ra_free(buf.self_only);
+        ra_free(buf.out);
+        ra_free(buf.lse);
+    }
     ra_free(buf.dq_slot);
     ra_free(buf.dk_slot);
     ra_free(buf.dv_slot);

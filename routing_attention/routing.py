@@ -58,7 +58,7 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
 
 
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
-                      scale=None, return_lse=False, out=None):
+                      scale=None, return_lse=False, return_saved=False, out=None):
     """Attention inside clusters given by membership lists (Routing Transformer).
 
     Parameters
@@ -82,27 +82,42 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
     scale : float, optional (default 1/sqrt(d))
     return_lse : bool
         Also return L = logsumexp over the token's per-cluster log-sum-exps, (..., n).
+    return_saved : bool
+        Also return a dict of the forward's statistics (merged output and lse, and each
+        (cluster, query) slot's output and lse); pass it as
+        ``routing_attention_backward(..., **saved)`` to skip recomputing the forward.
     out : ndarray (..., n, e), optional
 
     Returns
     -------
-    out (..., n, e) [, lse (..., n)]
+    out (..., n, e) [, lse (..., n)] [, saved dict]
     """
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale)
-    return_lse = flag("return_lse", return_lse)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
-    o, lse = _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
-                                   out=(out, None))
-    return (o, lse) if return_lse else o
+    o, lse, slot_out, slot_lse, slot_self = _ext._routing_forward(
+        q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
+        out=(out, None, None, None, None))
+    result = (o,)
+    if flag("return_lse", return_lse):
+        result += (lse,)
+    if flag("return_saved", return_saved):
+        result += (dict(output=o, lse=lse, slot_output=slot_out, slot_lse=slot_lse,
+                        slot_self=slot_self),)
+    return result[0] if len(result) == 1 else result
+
+
+SAVED_KEYS = ("output", "lse", "slot_output", "slot_lse", "slot_self")
 
 
 def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False,
-                               merge="mean", scale=None):
+                               merge="mean", scale=None, **saved):
     """Gradients (dq, dk, dv) of `routing_attention` (memberships are not differentiated).
 
-    The forward is recomputed inside; the result has the shapes of q, k and v.
+    ``**saved`` is the dict `routing_attention(..., return_saved=True)` returned for the
+    same inputs and keywords; without it the forward is recomputed inside.  The
+    result has the shapes of q, k and v.
     """
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale)
@@ -110,9 +125,30 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exc
     if dout.shape[-2:] != (q.shape[-2], v.shape[-1]):
         raise ValueError(f"dout must have shape (..., n, e) = (..., {q.shape[-2]}, {v.shape[-1]}) "
                          f"like the output; got {dout.shape}")
-    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
-    dq, dk, dv = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, scale, causal, exclude_self,
-                                        lse_merge)
+    batch = batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2),
+                        k_idx=(k_idx, 2))
+    n, e, (c, w) = q.shape[-2], v.shape[-1], q_idx.shape[-2:]
+    shapes = dict(output=(n, e), lse=(n,), slot_output=(c, w, e), slot_lse=(c, w), slot_self=(c, w))
+    unknown = set(saved) - set(SAVED_KEYS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; the saved statistics "
+                        f"are {SAVED_KEYS}")
+    if saved and set(saved) != set(SAVED_KEYS):
+        raise ValueError(f"pass all saved statistics {SAVED_KEYS} (as returned by "
+                         f"routing_attention(..., return_saved=True)) or none")
+    arrays = []
+    for key in SAVED_KEYS:
+        dtype = np.bool_ if key == "slot_self" else q.dtype
+        if saved:
+            a = np.ascontiguousarray(saved[key], dtype=dtype)
+            if a.shape != batch + shapes[key]:
+                raise ValueError(f"{key} must have shape {batch + shapes[key]} (from the same "
+                                 f"forward call); got {a.shape}")
+        else:
+            a = np.broadcast_to(np.zeros((), dtype), shapes[key])
+        arrays.append(a)
+    dq, dk, dv = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, *arrays, bool(saved), scale,
+                                        causal, exclude_self, lse_merge)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
 
@@ -343,23 +379,23 @@ class RoutingAttention:
             window = self.window or max(1, q.shape[-2] // c)
             out[..., :L, :, :] = local_attention(q[..., :L, :, :], katt[..., :L, :, :],
                                                  v[..., :L, :, :], window, **kw)
-        q_idx = k_idx = None
+        q_idx = k_idx = saved = None
         if L < heads:
             kmask = None if key_mask is None else np.asarray(key_mask, bool)[..., None, :]
             qmask = None if query_mask is None else np.asarray(query_mask, bool)[..., None, :]
             q_idx, k_idx = self._route(qhat[..., L:, :, :], khat[..., L:, :, :], kmask, qmask)
-            out[..., L:, :, :] = routing_attention(
+            out[..., L:, :, :], saved = routing_attention(
                 q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
-                exclude_self=self.shared_qk, merge=self.merge, **kw)
+                exclude_self=self.shared_qk, merge=self.merge, return_saved=True, **kw)
         self.q_idx, self.k_idx = q_idx, k_idx
-        self._saved = (q, k, v, qhat, qnorm, katt, window, q_idx, k_idx)
+        self._saved = (q, k, v, qhat, qnorm, katt, window, q_idx, k_idx, saved)
         return out
 
     def backward(self, dout):
         """Gradients (dq, dk, dv) of the last call's output (routing decisions fixed)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        q, k, v, qhat, qnorm, katt, window, q_idx, k_idx = self._saved
+        q, k, v, qhat, qnorm, katt, window, q_idx, k_idx, saved = self._saved
         dout = np.asarray(dout, q.dtype)
         L, heads = self.local_heads, q.shape[-3]
         dq = np.zeros(np.broadcast_shapes(q.shape, dout.shape[:-1] + (q.shape[-1],)), q.dtype)
@@ -373,7 +409,7 @@ class RoutingAttention:
         if L < heads:
             g = routing_attention_backward(dout[..., L:, :, :], q[..., L:, :, :], katt[..., L:, :, :],
                                            v[..., L:, :, :], q_idx, k_idx, exclude_self=self.shared_qk,
-                                           merge=self.merge, **kw)
+                                           merge=self.merge, **kw, **saved)
             dq[..., L:, :, :], dkatt[..., L:, :, :], dv[..., L:, :, :] = g
         dq, dkatt, dv = unbroadcast(dq, q.shape), unbroadcast(dkatt, katt.shape), unbroadcast(dv, v.shape)
         if self.shared_qk:        # keys were the normalised queries

@@ -215,8 +215,11 @@ def test_kernel_checks_indices_itself(rng):
     for bad in (np.array([[0, 25]]), np.array([[3, 3]]), np.array([[-7, 1]])):
         with pytest.raises(ValueError, match="index out of range or repeated"):
             _ext._routing_forward(q, k, v, bad, bad, 0.5, False, False, False)
+        unused = [np.zeros((20, 3)), np.zeros(20), np.zeros((1, 2, 3)), np.zeros((1, 2)),
+                  np.zeros((1, 2), bool)]
         with pytest.raises(ValueError, match="index out of range or repeated"):
-            _ext._routing_backward(np.ones((20, 3)), q, k, v, bad, bad, 0.5, False, False, False)
+            _ext._routing_backward(np.ones((20, 3)), q, k, v, bad, bad, *unused, False, 0.5,
+                                   False, False, False)
 
 
 # ------------------------------------------------------------------ local attention
@@ -240,3 +243,28 @@ def test_local_attention_bad_window(rng):
         ra.local_attention(q, k, v, 0)
     with pytest.raises(TypeError, match="window must be an integer"):
         ra.local_attention(q, k, v, 2.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("merge", ["mean", "lse"])
+def test_saved_statistics_skip_the_recompute(rng, dtype, merge):
+    """backward(**saved) gives bit-identical gradients to the recomputing backward."""
+    n = 120
+    q, k, v = make(rng, dtype, (2,), n, n, 16, 8)
+    q_idx = random_members(rng, (2,), 8, 30, n, pad=0.1)
+    kw = dict(causal=True, exclude_self=True, merge=merge)
+    out, saved = ra.routing_attention(q, k, v, q_idx, q_idx, return_saved=True, **kw)
+    assert np.array_equal(out, ra.routing_attention(q, k, v, q_idx, q_idx, **kw))
+    assert saved["slot_self"].any(), "the exclude_self fallback is exercised"
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    plain = ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, **kw)
+    fast = ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, **kw, **saved)
+    for a, b in zip(plain, fast):
+        assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="pass all saved statistics"):
+        ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, lse=saved["lse"], **kw)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, bogus=1, **kw)
+    bad = dict(saved, slot_lse=saved["slot_lse"][:1])
+    with pytest.raises(ValueError, match="slot_lse must have shape"):
+        ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, **kw, **bad)
