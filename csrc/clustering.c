@@ -137,19 +137,13 @@ int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBM
 static int64_t ra_hamming_assign(int n, int c, const uint64_t *code, const uint8_t *valid,
                                  const uint64_t *cent, int64_t *lab, int nt)
 {
+    const RaKernels *K = ra_kernels();
+    const int nch = ra_nchunks(n);
     int64_t changed = 0;
     #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
-    for (int i = 0; i < n; i++) {
-        int64_t best_j = -1;
-        if (valid[i]) {
-            int best = 65;
-            for (int j = 0; j < c; j++) {
-                const int dist = __builtin_popcountll(code[i] ^ cent[j]);
-                if (dist < best) { best = dist; best_j = j; }
-            }
-        }
-        changed += best_j != lab[i];
-        lab[i] = best_j;
+    for (int k = 0; k < nch; k++) {
+        const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+        changed += K->hamming_assign(k * RA_CHUNK, i1, code, valid, cent, c, lab);
     }
     return changed;
 }
@@ -162,10 +156,11 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
                             int64_t nvalid, uint64_t *rng, uint64_t *cent, uint64_t *dist,
                             uint64_t *partial, int nt)
 {
+    const RaKernels *K = ra_kernels();
     const int nch = ra_nchunks(n), L = ra_trials(c);
     uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
     cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
-    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (uint64_t)__builtin_popcountll(code[i] ^ cent[0]) : 0;
+    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (uint64_t)ra_popcount64(code[i] ^ cent[0]) : 0;
     for (int j = 1; j < c; j++) {
         /* 1. D² weights, summed per chunk */
         #pragma omp parallel for num_threads(nt) schedule(static)
@@ -199,15 +194,9 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
             #pragma omp parallel for num_threads(nt) schedule(static)
             for (int k = 0; k < nch; k++) {
                 const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                for (int t = 0; t < L; t++) {
-                    uint64_t s = 0;
-                    for (int i = k * RA_CHUNK; i < i1; i++) {
-                        uint64_t dd = (uint64_t)__builtin_popcountll(code[i] ^ code[cand[t]]);
-                        dd = dd < dist[i] ? dd : dist[i];
-                        s += dd * dd;
-                    }
-                    pot[(size_t)k * L + t] = s;
-                }
+                for (int t = 0; t < L; t++)
+                    pot[(size_t)k * L + t] = K->hamming_potential(k * RA_CHUNK, i1, code, dist,
+                                                                  code[cand[t]]);
             }
             uint64_t best = UINT64_MAX;
             pick = cand[0];
@@ -220,10 +209,9 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
         cent[j] = code[pick];
         /* 4. distances to the nearest chosen centroid */
         #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int i = 0; i < n; i++) {
-            const uint64_t dd = (uint64_t)__builtin_popcountll(code[i] ^ cent[j]);
-            if (valid[i] && dd < dist[i]) dist[i] = dd;
-        }
+        for (int k = 0; k < nch; k++)
+            K->hamming_min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
+                           valid, cent[j], dist);
     }
 }
 

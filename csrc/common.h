@@ -54,6 +54,17 @@ static inline int ra_thread_id(void)
 #endif
 }
 
+/* ------------------------------------------------------------------ bits */
+/* Bits set in x.  Branch-free SWAR arithmetic: the baseline x86-64 target has no popcnt
+ * instruction, and __builtin_popcountll there is a call into libgcc per word. */
+static inline int ra_popcount64(uint64_t x)
+{
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+    return (int)((x * 0x0101010101010101ULL) >> 56);
+}
+
 /* ------------------------------------------------------------------ scratch */
 #define RA_ALIGN 64
 

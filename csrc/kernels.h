@@ -70,6 +70,17 @@ typedef struct {
     /* Peak probe: `iters` rounds of 12 independent float32 vector FMA chains; returns
        the flop count done (the checksum keeps the compiler from dropping the work). */
     double (*fma_probe)(long iters, float *checksum);
+    /* Hamming distances of 64-bit codes, rows [i0, i1) (popcnt where the CPU has it):
+       nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,
+       returning how many labels changed; */
+    int64_t (*hamming_assign)(int i0, int i1, const uint64_t *code, const uint8_t *valid,
+                              const uint64_t *cent, int c, int64_t *lab);
+    /* Σ min(popcount(code[i] ^ center), dist[i])²; */
+    uint64_t (*hamming_potential)(int i0, int i1, const uint64_t *code, const uint64_t *dist,
+                                  uint64_t center);
+    /* dist[i] = min(dist[i], popcount(code[i] ^ center)) for valid rows. */
+    void (*hamming_min)(int i0, int i1, const uint64_t *code, const uint8_t *valid,
+                        uint64_t center, uint64_t *dist);
 } RaKernels;
 
 extern const RaKernels ra_kernels_avx512, ra_kernels_avx2, ra_kernels_generic;

@@ -1,10 +1,11 @@
 /* kernels_avx2.c — the tile kernels compiled for AVX2 + FMA (256-bit vectors, 16 registers). */
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,popcnt")
 
 #include "kernels.h"
 
 #define VEC_BYTES 32
 #define GEMM_MR 6
+#define RA_POPCOUNT __builtin_popcountll   /* the popcnt instruction (every AVX2 CPU has it) */
 #define GEMM_NV 2
 
 #define T float
@@ -34,4 +35,7 @@ const RaKernels ra_kernels_avx2 = {
      .softmax_grad = softmax_grad_f64_avx2, .argmax_rows = argmax_rows_f64_avx2, .top_sample = top_sample_f64_avx2,
      .top_admit = top_admit_f64_avx2},
     fma_probe_f32_avx2,
+    hamming_assign_f32_avx2,
+    hamming_potential_f32_avx2,
+    hamming_min_f32_avx2,
 };

@@ -1,10 +1,11 @@
 /* kernels_avx512.c — the tile kernels compiled for AVX-512 (512-bit vectors, 32 registers). */
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt")
 
 #include "kernels.h"
 
 #define VEC_BYTES 64
 #define GEMM_MR 6
+#define RA_POPCOUNT __builtin_popcountll   /* the popcnt instruction (every AVX2 CPU has it) */
 #define GEMM_NV 4
 
 #define T float
@@ -34,4 +35,7 @@ const RaKernels ra_kernels_avx512 = {
      .softmax_grad = softmax_grad_f64_avx512, .argmax_rows = argmax_rows_f64_avx512, .top_sample = top_sample_f64_avx512,
      .top_admit = top_admit_f64_avx512},
     fma_probe_f32_avx512,
+    hamming_assign_f32_avx512,
+    hamming_potential_f32_avx512,
+    hamming_min_f32_avx512,
 };

@@ -5,6 +5,7 @@
 
 #define VEC_BYTES 16
 #define GEMM_MR 4
+#define RA_POPCOUNT ra_popcount64   /* baseline x86-64 has no popcnt instruction: SWAR */
 #define GEMM_NV 2
 
 #define T float
@@ -34,4 +35,7 @@ const RaKernels ra_kernels_generic = {
      .softmax_grad = softmax_grad_f64_generic, .argmax_rows = argmax_rows_f64_generic, .top_sample = top_sample_f64_generic,
      .top_admit = top_admit_f64_generic},
     fma_probe_f32_generic,
+    hamming_assign_f32_generic,
+    hamming_potential_f32_generic,
+    hamming_min_f32_generic,
 };
