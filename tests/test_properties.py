@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): random shapes (sizes of 1 included), dtypes, memory
 layouts (Fortran order, gaps, negative strides), broadcast batches, masks and memberships
-for every method, each checked against its dense float64 twin in `routing_attention.reference`.
+for every method and the routing decisions, each checked against its twin in
+`routing_attention.reference`.
 
 Profiles (registered in conftest.py): "fast" (default, ~30 examples per test) and
 "thorough" (`pytest tests/test_properties.py --hypothesis-profile=thorough`).
@@ -118,3 +119,48 @@ def test_combiner_attention(t, plan, causal, data):
                  dtype, what)
     compare_grads(ra.combiner_attention_backward(dout, q, k, v, **kw),
                   ref.combiner_attention_backward(dout, q, k, v, **kw), dtype, what)
+
+
+@given(tensors(), st.integers(1, 4), st.sampled_from([0, 1, 3, 20]), st.booleans(), st.data())
+def test_clustered_attention(t, n_clusters, topk, masked, data):
+    """Plain (topk 0) and improved clustered attention, random labels (-1 included)."""
+    dtype, q, k, v, dout, rng = t
+    n_clusters = min(n_clusters, q.shape[-2])       # the API asks for n_clusters <= n
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    labels = rng.integers(-1, n_clusters, batch + (q.shape[-2],))
+    mask = (rng.random(batch + (k.shape[-2],)) < 0.7) if masked else None
+    kw = dict(key_mask=mask)
+    what = f"clustered {q.shape} {k.shape} C={n_clusters} topk={topk} masked={masked}"
+    if topk == 0:
+        got = ra.clustered_attention(q, k, v, labels, n_clusters, **kw)
+        want = ref.clustered_attention(q, k, v, labels, n_clusters, **kw)
+        grads = (ra.clustered_attention_backward(dout, q, k, v, labels, n_clusters, **kw),
+                 ref.clustered_attention_backward(dout, q, k, v, labels, n_clusters, **kw))
+    else:
+        got = ra.improved_clustered_attention(q, k, v, labels, n_clusters, topk, **kw)
+        want = ref.improved_clustered_attention(q, k, v, labels, n_clusters, topk, **kw)
+        grads = (ra.improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters, topk, **kw),
+                 ref.improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters, topk, **kw))
+    assert_close(got, want, dtype, what)
+    compare_grads(*grads, dtype, what)
+
+
+@given(st.integers(1, 40), st.integers(1, 9), st.integers(1, 6), BATCH, DTYPES,
+       st.sampled_from(LAYOUTS), st.integers(0, 2**32 - 1), st.data())
+def test_routing_decisions(n, c, d, batch, dtype, layout, seed, data):
+    """assign_clusters, top_members, members_from_labels and lsh_hash equal their
+    references exactly.  Small integer values make products exact in both precisions,
+    so ties are real ties and exercise the tie rules."""
+    rng = np.random.default_rng(seed)
+    x = strided(rng.integers(-3, 4, batch + (n, d)).astype(dtype), layout)
+    cent = rng.integers(-3, 4, (c, d)).astype(dtype)
+    labels = ra.assign_clusters(x, cent)
+    assert np.array_equal(labels, ref.assign_clusters(x, cent)), "assign_clusters"
+    scores = strided(rng.integers(-4, 5, batch + (n, c)).astype(dtype), layout)
+    w = data.draw(st.integers(1, n))
+    assert np.array_equal(ra.top_members(scores, w), ref.top_members(scores, w)), "top_members"
+    assert np.array_equal(ra.members_from_labels(labels, c), ref.members_from_labels(labels, c))
+    bits = data.draw(st.integers(1, 63))
+    planes = rng.integers(-2, 3, (bits, d + 1)).astype(np.float64)
+    xd = x.astype(np.float64)
+    assert np.array_equal(ra.lsh_hash(xd, planes), ref.lsh_hash(xd, planes)), "lsh_hash"
