@@ -169,10 +169,8 @@ def main(argv=None, n=8192, heads=4):
     t0 = time.perf_counter()
     rows, check = run_demo(args.n, args.heads, progress=not args.quiet)
     print(format_table(rows))
-    mem_note = ""
     print(f"\n× dense = dense time / method time; rel. error = ‖out − dense‖ / ‖dense‖ (Frobenius); "
-          f"peak MiB = memory "
-          f"allocated above the inputs during one call (outputs {rows[0]['out_bytes'] / 2**20:.0f} MiB "
+          f"peak MiB = memory allocated above the inputs during one call (outputs {rows[0]['out_bytes'] / 2**20:.0f} MiB "
           f"included).")
     ok = check < 1e-4 and all(np.isfinite(r["rel_err"]) for r in rows)
     print(f"dense attention vs the float64 NumPy reference: relative error {check:.1e} -> "

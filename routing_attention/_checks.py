@@ -43,6 +43,22 @@ def as_matrix(name, a, dtype, min_rank=2):
     return arr
 
 
+def qkv_arrays(q, k, v):
+    """q (..., n, d), k (..., m, d), v (..., m, e) as arrays of their common float dtype,
+    with the feature size of q and k and the sequence length of k and v checked."""
+    dtype = float_dtype(q=q, k=k, v=v)
+    q = as_matrix("q", q, dtype)
+    k = as_matrix("k", k, dtype)
+    v = as_matrix("v", v, dtype)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
+                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
+                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    return q, k, v
+
+
 def as_bool_mask(name, mask, length):
     """A (..., length) boolean mask; False marks padding."""
     arr = np.asarray(mask)

@@ -7,7 +7,7 @@ weights on each cluster's top-k keys.  DESIGN.md §4.2.
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, float_dtype, integer, scale_value,
+from ._checks import (as_bool_mask, as_matrix, batch_shape, integer, qkv_arrays, scale_value,
                       unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
@@ -17,16 +17,8 @@ __all__ = ["clustered_attention", "clustered_attention_backward",
 
 def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
     """Validated operands for the gufuncs; topk None means the plain form (passed as 0)."""
-    dtype = float_dtype(q=q, k=k, v=v)
-    q = as_matrix("q", q, dtype)
-    k = as_matrix("k", k, dtype)
-    v = as_matrix("v", v, dtype)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
-                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
-                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    q, k, v = qkv_arrays(q, k, v)
+    dtype = q.dtype
     n, m = q.shape[-2], k.shape[-2]
     n_clusters = integer("n_clusters", n_clusters, low=1)
     if n_clusters > n:

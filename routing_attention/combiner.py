@@ -7,7 +7,7 @@ the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan
 import numpy as np
 
 from . import _ext
-from ._checks import as_matrix, batch_shape, flag, float_dtype, integer, scale_value, unbroadcast
+from ._checks import as_matrix, batch_shape, flag, integer, qkv_arrays, scale_value, unbroadcast
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -18,20 +18,12 @@ _PLAN_CODE = {"fixed": 0, "axial": 1, "logsparse": 2, "mixture": 3}
 def _prepare(q, k, v, plan, block, causal, scale):
     if not isinstance(plan, str) or plan not in _PLAN_CODE:
         raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
-    dtype = float_dtype(q=q, k=k, v=v)
-    q = as_matrix("q", q, dtype)
-    k = as_matrix("k", k, dtype)
-    v = as_matrix("v", v, dtype)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
-                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
+    q, k, v = qkv_arrays(q, k, v)
+    dtype = q.dtype
     if k.shape[-2] != q.shape[-2]:
         raise ValueError(f"combiner_attention needs as many keys as queries (n == m, a "
                          f"self-attention layout): q has n={q.shape[-2]} (shape {q.shape}), "
                          f"k has m={k.shape[-2]} (shape {k.shape})")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
-                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
     n = q.shape[-2]
     if n < 1:
         raise ValueError(f"combiner_attention needs a sequence of at least 1 position; got "

@@ -2,23 +2,15 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype,
+from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, qkv_arrays,
                       scale_value, unbroadcast)
 
 __all__ = ["attention", "attention_backward"]
 
 
 def _prepare(q, k, v, causal, key_mask, scale):
-    dtype = float_dtype(q=q, k=k, v=v)
-    q = as_matrix("q", q, dtype)
-    k = as_matrix("k", k, dtype)
-    v = as_matrix("v", v, dtype)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
-                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
-                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    q, k, v = qkv_arrays(q, k, v)
+    dtype = q.dtype
     causal = flag("causal", causal)
     m = k.shape[-2]
     if key_mask is None:

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_matrix, batch_shape, check_out, flag, float_dtype, integer, scale_value,
+from ._checks import (as_matrix, batch_shape, check_out, flag, float_dtype, integer, qkv_arrays, scale_value,
                       unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
@@ -35,16 +35,8 @@ def check_members(name, idx, length):
 
 
 def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
-    dtype = float_dtype(q=q, k=k, v=v)
-    q = as_matrix("q", q, dtype)
-    k = as_matrix("k", k, dtype)
-    v = as_matrix("v", v, dtype)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]}, "
-                         f"k has {k.shape[-1]}")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]}, "
-                         f"v has {v.shape[-2]}")
+    q, k, v = qkv_arrays(q, k, v)
+    dtype = q.dtype
     q_idx = check_members("q_idx", q_idx, q.shape[-2])
     k_idx = check_members("k_idx", k_idx, k.shape[-2])
     if q_idx.shape[-2] != k_idx.shape[-2]:

@@ -68,7 +68,7 @@ def test_one_cluster_is_dense_attention(rng, dtype, causal):
     for merge in ("mean", "lse"):
         got = ra.routing_attention(q, k, v, everyone, everyone, causal=causal, merge=merge)
         assert_close(got, ref.attention(q, k, v, causal=causal), dtype, f"one cluster {merge}")
-        assert_close(got, ra.attention(q, k, v, causal=causal), dtype, f"one cluster vs engine")
+        assert_close(got, ra.attention(q, k, v, causal=causal), dtype, "one cluster vs engine")
 
 
 def test_lse_merge_is_softmax_over_concatenated_lists(rng):
