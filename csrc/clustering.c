@@ -217,76 +217,118 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
 
 /* codes (B; n) int64 bit patterns, mask (B; n) uint8 or data == NULL, iters, seed (B)
  * -> labels (B; n) int64 in [-1, c), centroids (B; c) int64 codes */
+/* Scratch of one Hamming k-means problem. */
+typedef struct {
+    uint64_t *code, *dist, *partial, *cent;
+    uint8_t *valid, *empty;
+    int64_t *lab, *start, *rows, *counts;
+} RaHammingWork;
+
+static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
+{
+    const size_t nch = (size_t)ra_nchunks(n);
+    w->code = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
+    w->dist = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
+    w->partial = ra_alloc(ra_mul(sizeof(uint64_t), ra_mul(nch, ra_trials(c) + 1)));
+    w->cent = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)c));
+    w->valid = ra_alloc((size_t)n);
+    w->empty = ra_alloc((size_t)c);
+    w->lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
+    w->start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
+    w->rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
+    w->counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul(nch, c)));
+    return (w->code && w->dist && w->partial && w->cent && w->valid && w->empty && w->lab &&
+            w->start && w->rows && w->counts) ? RA_OK : RA_ERR_NOMEM;
+}
+
+static void ra_hamming_work_free(RaHammingWork *w)
+{
+    ra_free(w->code); ra_free(w->dist); ra_free(w->partial); ra_free(w->cent);
+    ra_free(w->valid); ra_free(w->empty); ra_free(w->lab); ra_free(w->start);
+    ra_free(w->rows); ra_free(w->counts);
+}
+
+/* One problem b: seeding, Lloyd iterations, labels and centroids written out; nt threads
+ * inside (the result does not depend on nt). */
+static void ra_hamming_problem(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec mask,
+                               RaBVec iters, RaBVec seed, RaBVec labels, RaBVec centroids,
+                               RaHammingWork *w, int nt)
+{
+    uint64_t *code = w->code, *cent = w->cent;
+    uint8_t *valid = w->valid;
+    int64_t *lab = w->lab, *start = w->start, *rows = w->rows;
+    RaVec cv = ra_vec_at(codes, b), mv = ra_vec_at(mask, b);
+    const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
+    uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
+    int64_t nvalid = 0;
+    for (int i = 0; i < n; i++) {
+        code[i] = (uint64_t)RA_VEC_AT(int64_t, cv, i);
+        valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
+        nvalid += valid[i];
+        lab[i] = -2;                     /* "no label yet": every row counts as changed */
+    }
+    if (nvalid == 0) {
+        memset(cent, 0, sizeof(uint64_t) * (size_t)c);
+    } else {
+        /* 1. k-means++ seeding */
+        ra_hamming_seed(n, c, code, valid, nvalid, &rng, cent, w->dist, w->partial, nt);
+        /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
+        int reseeded = 1;
+        for (int64_t it = 0;; it++) {
+            const int64_t changed = ra_hamming_assign(n, c, code, valid, cent, lab, nt);
+            if (it == n_iters || (changed == 0 && !reseeded)) break;
+            ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
+            /* per cluster: bit counters over its members, O(size · 64) */
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+            for (int j = 0; j < c; j++) {
+                const int64_t size = start[j + 1] - start[j];
+                w->empty[j] = size == 0;
+                if (size == 0) continue;
+                int64_t ones[64] = {0};
+                for (int64_t t = start[j]; t < start[j + 1]; t++) {
+                    uint64_t x = code[rows[t]];
+                    while (x) { ones[__builtin_ctzll(x)]++; x &= x - 1; }
+                }
+                uint64_t m = 0;
+                for (int bit = 0; bit < 64; bit++)
+                    if (2 * ones[bit] > size) m |= 1ull << bit;   /* a tied bit is 0 */
+                cent[j] = m;
+            }
+            /* empty clusters, in cluster order: a fresh random valid row */
+            reseeded = 0;
+            for (int j = 0; j < c; j++) {
+                if (!w->empty[j]) continue;
+                cent[j] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(&rng) % (uint64_t)nvalid))];
+                reseeded = 1;
+            }
+        }
+    }
+    RaVec lv = ra_vec_at(labels, b), ov = ra_vec_at(centroids, b);
+    for (int i = 0; i < n; i++) RA_VEC_AT(int64_t, lv, i) = nvalid ? lab[i] : -1;
+    for (int j = 0; j < c; j++) RA_VEC_AT(int64_t, ov, j) = (int64_t)cent[j];
+}
+
 int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBVec iters,
                       RaBVec seed, RaBVec labels, RaBVec centroids)
 {
     const int nt = ra_num_threads();
-    const int nch = ra_nchunks(n);
-    uint64_t *code = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
-    uint64_t *dist = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
-    uint64_t *partial = ra_alloc(ra_mul(sizeof(uint64_t), ra_mul((size_t)nch, ra_trials(c) + 1)));
-    uint64_t *cent = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)c));
-    uint8_t *valid = ra_alloc((size_t)n);
-    uint8_t *empty = ra_alloc((size_t)c);
-    int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
-    int64_t *start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
-    int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
-    int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
-    int st = (code && dist && partial && cent && valid && empty && lab && start && rows && counts)
-             ? RA_OK : RA_ERR_NOMEM;
-
-    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
-        RaVec cv = ra_vec_at(codes, b), mv = ra_vec_at(mask, b);
-        const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
-        uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
-        int64_t nvalid = 0;
-        for (int i = 0; i < n; i++) {
-            code[i] = (uint64_t)RA_VEC_AT(int64_t, cv, i);
-            valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
-            nvalid += valid[i];
-            lab[i] = -2;                     /* "no label yet": every row counts as changed */
-        }
-        if (nvalid == 0) {
-            memset(cent, 0, sizeof(uint64_t) * (size_t)c);
-        } else {
-            /* 1. k-means++ seeding */
-            ra_hamming_seed(n, c, code, valid, nvalid, &rng, cent, dist, partial, nt);
-            /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
-            int reseeded = 1;
-            for (int64_t it = 0;; it++) {
-                const int64_t changed = ra_hamming_assign(n, c, code, valid, cent, lab, nt);
-                if (it == n_iters || (changed == 0 && !reseeded)) break;
-                ra_group_by_label(n, lab, c, start, rows, counts, nt);
-                /* per cluster: bit counters over its members, O(size · 64) */
-                #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-                for (int j = 0; j < c; j++) {
-                    const int64_t size = start[j + 1] - start[j];
-                    empty[j] = size == 0;
-                    if (size == 0) continue;
-                    int64_t ones[64] = {0};
-                    for (int64_t t = start[j]; t < start[j + 1]; t++) {
-                        uint64_t x = code[rows[t]];
-                        while (x) { ones[__builtin_ctzll(x)]++; x &= x - 1; }
-                    }
-                    uint64_t m = 0;
-                    for (int bit = 0; bit < 64; bit++)
-                        if (2 * ones[bit] > size) m |= 1ull << bit;   /* a tied bit is 0 */
-                    cent[j] = m;
-                }
-                /* empty clusters, in cluster order: a fresh random valid row */
-                reseeded = 0;
-                for (int j = 0; j < c; j++) {
-                    if (!empty[j]) continue;
-                    cent[j] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(&rng) % (uint64_t)nvalid))];
-                    reseeded = 1;
-                }
-            }
-        }
-        RaVec lv = ra_vec_at(labels, b), ov = ra_vec_at(centroids, b);
-        for (int i = 0; i < n; i++) RA_VEC_AT(int64_t, lv, i) = nvalid ? lab[i] : -1;
-        for (int j = 0; j < c; j++) RA_VEC_AT(int64_t, ov, j) = (int64_t)cent[j];
+    /* A problem of one row chunk has no parallelism inside: run whole problems in
+       parallel then, one per thread (same results: each problem is computed alike). */
+    const int by_problem = nt > 1 && B > 1 && ra_nchunks(n) == 1;
+    const int workers = by_problem ? (B < nt ? (int)B : nt) : 1;
+    RaHammingWork *work = calloc((size_t)workers, sizeof(RaHammingWork));
+    int st = work ? RA_OK : RA_ERR_NOMEM;
+    for (int t = 0; t < workers && st == RA_OK; t++) st = ra_hamming_work_alloc(&work[t], n, c);
+    if (st == RA_OK && by_problem) {
+        #pragma omp parallel for num_threads(workers) schedule(dynamic, 1)
+        for (ptrdiff_t b = 0; b < B; b++)
+            ra_hamming_problem(b, n, c, codes, mask, iters, seed, labels, centroids,
+                               &work[ra_thread_id()], 1);
+    } else if (st == RA_OK) {
+        for (ptrdiff_t b = 0; b < B; b++)
+            ra_hamming_problem(b, n, c, codes, mask, iters, seed, labels, centroids, &work[0], nt);
     }
-    ra_free(code); ra_free(dist); ra_free(partial); ra_free(cent); ra_free(valid);
-    ra_free(empty); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
+    for (int t = 0; work && t < workers; t++) ra_hamming_work_free(&work[t]);
+    free(work);
     return st;
 }

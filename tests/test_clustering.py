@@ -498,3 +498,23 @@ def test_assign_clusters_return_scores(dtype):
     assert np.array_equal(best, scores.max(-1))
     with pytest.raises(ValueError, match="out is not supported"):
         ra.assign_clusters(x, cent, out=np.empty((2, 3, 300), np.int64), return_scores=True)
+
+
+def test_hamming_kmeans_small_batches_run_problem_parallel_identically():
+    """n <= one row chunk with a batch runs whole problems in parallel: the answers must
+    equal one problem at a time and the 1-thread run."""
+    rng = np.random.default_rng(11)
+    codes = rng.integers(0, 2**40, (5, 300), dtype=np.int64)
+    mask = rng.random((5, 300)) < 0.9
+    res = {}
+    try:
+        for t in (1, 2):
+            ra.set_num_threads(t)
+            res[t] = ra.hamming_kmeans(codes, 7, iters=6, seed=3, mask=mask, return_centroids=True)
+    finally:
+        ra.set_num_threads(0)
+    for a, b in zip(res[1], res[2]):
+        assert np.array_equal(a, b)
+    for p in range(5):
+        one = ra.hamming_kmeans(codes[p], 7, iters=6, seed=3, mask=mask[p], return_centroids=True)
+        assert np.array_equal(one[0], res[2][0][p]) and np.array_equal(one[1], res[2][1][p])
