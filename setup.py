@@ -1,6 +1,6 @@
 """Build the single C extension ``routing_attention._ext``.
 
-Flags are portable: ``-O3`` only, no ``-march=native``/``-Ofast``/``-ffast-math``.
+Flags are portable and IEEE-exact: ``-O3`` only, no native-architecture or fast-math flags.
 The SIMD tile kernels are compiled three times (AVX-512, AVX2+FMA, baseline x86-64)
 through ``#pragma GCC target`` inside ``csrc/kernels_*.c`` and chosen at run time.
 OpenMP is used when the compiler accepts ``-fopenmp``; otherwise the build goes on

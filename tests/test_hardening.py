@@ -558,7 +558,7 @@ def _measure(calls, rounds, traced_rounds, watched):
                 try:
                     call()
                 except (ValueError, TypeError, MemoryError, RuntimeError):
-                    pass
+                    continue        # error paths are measured for leaks too
     run(20)                             # warm caches, NumPy's allocator, thread pools
     gc.collect()
     refs = [sys.getrefcount(x) for x in watched]
