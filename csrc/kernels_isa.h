@@ -1,0 +1,47 @@
+/* kernels_isa.h — one instruction set's kernels and table.  Included once by each
+ * kernels_<isa>.c after its target pragma and these macros:
+ *   ISA          the suffix token (avx512, avx2, generic): names ra_kernels_<ISA>
+ *   VEC_BYTES, GEMM_MR, GEMM_NV, RA_POPCOUNT   see kernels_body.h */
+#include "kernels.h"
+
+#define RA_CAT3_(a, b, c) a##b##c
+#define RA_CAT3(a, b, c) RA_CAT3_(a, b, c)
+#define RA_STR_(x) #x
+#define RA_STR(x) RA_STR_(x)
+
+#define T float
+#define UT uint32_t
+#define RA_IS_F32 1
+#define FN(name) RA_CAT3(name, _f32_, ISA)
+#include "kernels_body.h"
+#undef T
+#undef UT
+#undef RA_IS_F32
+#undef FN
+
+#define T double
+#define UT uint64_t
+#define RA_IS_F32 0
+#define FN(name) RA_CAT3(name, _f64_, ISA)
+#include "kernels_body.h"
+#undef T
+#undef UT
+#undef RA_IS_F32
+#undef FN
+
+#define RA_TYPED_TABLE(S)                                                                 \
+    {.gemm = RA_CAT3(gemm, S, ISA), .gemm_tn = RA_CAT3(gemm_tn, S, ISA),                  \
+     .softmax_step = RA_CAT3(softmax_step, S, ISA), .exp_shift = RA_CAT3(exp_shift, S, ISA), \
+     .mask_tile = RA_CAT3(mask_tile, S, ISA), .gather_t = RA_CAT3(gather_t, S, ISA),      \
+     .softmax_grad = RA_CAT3(softmax_grad, S, ISA), .argmax_rows = RA_CAT3(argmax_rows, S, ISA), \
+     .top_sample = RA_CAT3(top_sample, S, ISA), .top_admit = RA_CAT3(top_admit, S, ISA)}
+
+const RaKernels RA_CAT3(ra_kernels, _, ISA) = {
+    RA_STR(ISA),
+    RA_TYPED_TABLE(_f32_),
+    RA_TYPED_TABLE(_f64_),
+    RA_CAT3(fma_probe, _f32_, ISA),
+    RA_CAT3(hamming_assign, _f32_, ISA),
+    RA_CAT3(hamming_potential, _f32_, ISA),
+    RA_CAT3(hamming_min, _f32_, ISA),
+};
