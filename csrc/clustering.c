@@ -150,11 +150,15 @@ static int64_t ra_hamming_assign(int n, int c, const uint64_t *code, const uint8
 
 /* Seeded greedy k-means++ on Hamming distance: cent (c) from the valid codes.  Each
  * step draws ra_trials(c) candidates by D² sampling and keeps the one leaving the least
- * total D² (the first on ties).  Integer weights: every sum is exact.
- * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)) are scratch. */
+ * total D² (the first on ties).  Integer weights: every sum is exact.  The D² weights are
+ * summed per block of RA_HAMMING_BLOCK rows and per chunk, so a draw walks chunks, then
+ * blocks, then rows.  Invalid rows keep dist 0 (weight 0, never drawn).
+ * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)), block (ceil(n / RA_HAMMING_BLOCK))
+ * are scratch. */
+#define RA_HAMMING_BLOCK 64     /* divides RA_CHUNK */
 static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *valid,
                             int64_t nvalid, uint64_t *rng, uint64_t *cent, uint64_t *dist,
-                            uint64_t *partial, int nt)
+                            uint64_t *partial, uint64_t *block, int nt)
 {
     const RaKernels *K = ra_kernels();
     const int nch = ra_nchunks(n), L = ra_trials(c);
@@ -162,12 +166,18 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
     cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
     for (int i = 0; i < n; i++) dist[i] = valid[i] ? (uint64_t)ra_popcount64(code[i] ^ cent[0]) : 0;
     for (int j = 1; j < c; j++) {
-        /* 1. D² weights, summed per chunk */
+        /* 1. D² weights, summed per block and per chunk */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int k = 0; k < nch; k++) {
             const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
             uint64_t s = 0;
-            for (int i = k * RA_CHUNK; i < i1; i++) s += dist[i] * dist[i];
+            for (int b0 = k * RA_CHUNK; b0 < i1; b0 += RA_HAMMING_BLOCK) {
+                const int b1 = b0 + RA_HAMMING_BLOCK < i1 ? b0 + RA_HAMMING_BLOCK : i1;
+                uint64_t t = 0;
+                for (int i = b0; i < b1; i++) t += dist[i] * dist[i];
+                block[b0 / RA_HAMMING_BLOCK] = t;
+                s += t;
+            }
             partial[k] = s;
         }
         uint64_t total = 0;
@@ -183,7 +193,9 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
                 uint64_t run = 0;
                 int k = 0;
                 while (run + partial[k] <= target) run += partial[k++];
-                int i = k * RA_CHUNK;
+                int b = k * (RA_CHUNK / RA_HAMMING_BLOCK);
+                while (run + block[b] <= target) run += block[b++];
+                int i = b * RA_HAMMING_BLOCK;
                 for (;; i++) {
                     run += dist[i] * dist[i];
                     if (run > target) break;
@@ -211,15 +223,41 @@ static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *v
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int k = 0; k < nch; k++)
             K->hamming_min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
-                           valid, cent[j], dist);
+                           cent[j], dist);
     }
+}
+
+/* The per-bit majority of the codes rows[0..size): a tied bit is 0.  The 64 per-bit
+ * counts are kept bit-sliced (plane[l] holds bit l of every count), so adding a code is
+ * a ripple-carry over a few planes instead of a loop over its set bits. */
+static uint64_t ra_bit_majority(const uint64_t *code, const int64_t *rows, int64_t size)
+{
+    uint64_t plane[64] = {0};
+    int levels = 0;
+    for (int64_t t = 0; t < size; t++) {
+        uint64_t carry = code[rows[t]];
+        int l = 0;
+        for (; carry; l++) {
+            const uint64_t both = plane[l] & carry;
+            plane[l] ^= carry;
+            carry = both;
+        }
+        levels = l > levels ? l : levels;
+    }
+    uint64_t m = 0;
+    for (int bit = 0; bit < 64; bit++) {
+        int64_t ones = 0;
+        for (int l = 0; l < levels; l++) ones |= (int64_t)((plane[l] >> bit) & 1) << l;
+        if (2 * ones > size) m |= 1ull << bit;
+    }
+    return m;
 }
 
 /* codes (B; n) int64 bit patterns, mask (B; n) uint8 or data == NULL, iters, seed (B)
  * -> labels (B; n) int64 in [-1, c), centroids (B; c) int64 codes */
 /* Scratch of one Hamming k-means problem. */
 typedef struct {
-    uint64_t *code, *dist, *partial, *cent;
+    uint64_t *code, *dist, *partial, *block, *cent;
     uint8_t *valid, *empty;
     int64_t *lab, *start, *rows, *counts;
 } RaHammingWork;
@@ -230,6 +268,7 @@ static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
     w->code = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
     w->dist = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
     w->partial = ra_alloc(ra_mul(sizeof(uint64_t), ra_mul(nch, ra_trials(c) + 1)));
+    w->block = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n / RA_HAMMING_BLOCK + 1));
     w->cent = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)c));
     w->valid = ra_alloc((size_t)n);
     w->empty = ra_alloc((size_t)c);
@@ -237,13 +276,14 @@ static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
     w->start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
     w->rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     w->counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul(nch, c)));
-    return (w->code && w->dist && w->partial && w->cent && w->valid && w->empty && w->lab &&
+    return (w->code && w->dist && w->partial && w->block && w->cent && w->valid && w->empty && w->lab &&
             w->start && w->rows && w->counts) ? RA_OK : RA_ERR_NOMEM;
 }
 
 static void ra_hamming_work_free(RaHammingWork *w)
 {
-    ra_free(w->code); ra_free(w->dist); ra_free(w->partial); ra_free(w->cent);
+    ra_free(w->code); ra_free(w->dist); ra_free(w->partial); ra_free(w->block);
+    ra_free(w->cent);
     ra_free(w->valid); ra_free(w->empty); ra_free(w->lab); ra_free(w->start);
     ra_free(w->rows); ra_free(w->counts);
 }
@@ -271,28 +311,20 @@ static void ra_hamming_problem(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
         memset(cent, 0, sizeof(uint64_t) * (size_t)c);
     } else {
         /* 1. k-means++ seeding */
-        ra_hamming_seed(n, c, code, valid, nvalid, &rng, cent, w->dist, w->partial, nt);
+        ra_hamming_seed(n, c, code, valid, nvalid, &rng, cent, w->dist, w->partial, w->block,
+                            nt);
         /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
         int reseeded = 1;
         for (int64_t it = 0;; it++) {
             const int64_t changed = ra_hamming_assign(n, c, code, valid, cent, lab, nt);
             if (it == n_iters || (changed == 0 && !reseeded)) break;
             ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
-            /* per cluster: bit counters over its members, O(size · 64) */
+            /* per cluster: the per-bit majority of its members */
             #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
             for (int j = 0; j < c; j++) {
                 const int64_t size = start[j + 1] - start[j];
                 w->empty[j] = size == 0;
-                if (size == 0) continue;
-                int64_t ones[64] = {0};
-                for (int64_t t = start[j]; t < start[j + 1]; t++) {
-                    uint64_t x = code[rows[t]];
-                    while (x) { ones[__builtin_ctzll(x)]++; x &= x - 1; }
-                }
-                uint64_t m = 0;
-                for (int bit = 0; bit < 64; bit++)
-                    if (2 * ones[bit] > size) m |= 1ull << bit;   /* a tied bit is 0 */
-                cent[j] = m;
+                if (size > 0) cent[j] = ra_bit_majority(code, rows + start[j], size);
             }
             /* empty clusters, in cluster order: a fresh random valid row */
             reseeded = 0;

@@ -32,8 +32,11 @@ const RaKernels *ra_kernels(void)
     if (ra_selected) return ra_selected;
     const char *force = getenv("RA_SIMD");
     const RaKernels *k = &ra_kernels_generic;
-    if (ra_cpu_has_avx512() && !(force && (strcmp(force, "avx2") == 0 || strcmp(force, "generic") == 0)))
-        k = &ra_kernels_avx512;
+    const int lower = force && (strcmp(force, "avx2") == 0 || strcmp(force, "generic") == 0);
+    if (ra_cpu_has_avx512() && !lower)
+        /* RA_SIMD=avx512 keeps the scalar-popcnt Hamming kernels of pre-Ice Lake CPUs */
+        k = __builtin_cpu_supports("avx512vpopcntdq") && !(force && strcmp(force, "avx512") == 0)
+            ? &ra_kernels_avx512vp : &ra_kernels_avx512;
     else if (ra_cpu_has_avx2() && !(force && strcmp(force, "generic") == 0))
         k = &ra_kernels_avx2;
     ra_selected = k;

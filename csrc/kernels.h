@@ -64,7 +64,7 @@ typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 
 typedef struct {
-    const char *name;   /* "avx512", "avx2" or "generic" */
+    const char *name;   /* "avx512-vpopcnt", "avx512", "avx2" or "generic" */
     RaKernelsF32 f32;
     RaKernelsF64 f64;
     /* Peak probe: `iters` rounds of 12 independent float32 vector FMA chains; returns
@@ -78,12 +78,12 @@ typedef struct {
     /* Σ min(popcount(code[i] ^ center), dist[i])²; */
     uint64_t (*hamming_potential)(int i0, int i1, const uint64_t *code, const uint64_t *dist,
                                   uint64_t center);
-    /* dist[i] = min(dist[i], popcount(code[i] ^ center)) for valid rows. */
-    void (*hamming_min)(int i0, int i1, const uint64_t *code, const uint8_t *valid,
-                        uint64_t center, uint64_t *dist);
+    /* dist[i] = min(dist[i], popcount(code[i] ^ center)). */
+    void (*hamming_min)(int i0, int i1, const uint64_t *code, uint64_t center, uint64_t *dist);
 } RaKernels;
 
-extern const RaKernels ra_kernels_avx512, ra_kernels_avx2, ra_kernels_generic;
+extern const RaKernels ra_kernels_avx512vp, ra_kernels_avx512, ra_kernels_avx2,
+    ra_kernels_generic;
 
 /* The table for this CPU (resolved once, thread-safe after the module is imported). */
 const RaKernels *ra_kernels(void);

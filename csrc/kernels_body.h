@@ -441,47 +441,6 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
 }
 
 #if RA_IS_F32
-/* ------------------------------------------------------------------ Hamming distances */
-static int64_t FN(hamming_assign)(int i0, int i1, const uint64_t *code, const uint8_t *valid,
-                                  const uint64_t *cent, int c, int64_t *lab)
-{
-    int64_t changed = 0;
-    for (int i = i0; i < i1; i++) {
-        int64_t best_j = -1;
-        if (valid[i]) {
-            int best = 65;
-            for (int j = 0; j < c; j++) {
-                const int dist = RA_POPCOUNT(code[i] ^ cent[j]);
-                if (dist < best) { best = dist; best_j = j; }
-            }
-        }
-        changed += best_j != lab[i];
-        lab[i] = best_j;
-    }
-    return changed;
-}
-
-static uint64_t FN(hamming_potential)(int i0, int i1, const uint64_t *code, const uint64_t *dist,
-                                      uint64_t center)
-{
-    uint64_t s = 0;
-    for (int i = i0; i < i1; i++) {
-        uint64_t dd = (uint64_t)RA_POPCOUNT(code[i] ^ center);
-        dd = dd < dist[i] ? dd : dist[i];
-        s += dd * dd;
-    }
-    return s;
-}
-
-static void FN(hamming_min)(int i0, int i1, const uint64_t *code, const uint8_t *valid,
-                            uint64_t center, uint64_t *dist)
-{
-    for (int i = i0; i < i1; i++) {
-        const uint64_t dd = (uint64_t)RA_POPCOUNT(code[i] ^ center);
-        if (valid[i] && dd < dist[i]) dist[i] = dd;
-    }
-}
-
 static double FN(fma_probe)(long iters, float *checksum)
 {
     vec a[12];

@@ -1,7 +1,8 @@
 /* kernels_isa.h — one instruction set's kernels and table.  Included once by each
  * kernels_<isa>.c after its target pragma and these macros:
  *   ISA          the suffix token (avx512, avx2, generic): names ra_kernels_<ISA>
- *   VEC_BYTES, GEMM_MR, GEMM_NV, RA_POPCOUNT   see kernels_body.h */
+ *   VEC_BYTES, GEMM_MR, GEMM_NV   see kernels_body.h
+ *   RA_POPCOUNT                   see kernels_hamming.h */
 #include "kernels.h"
 
 #define RA_CAT3_(a, b, c) a##b##c
@@ -29,6 +30,10 @@
 #undef RA_IS_F32
 #undef FN
 
+#define HFN(name) RA_CAT3(name, _, ISA)
+#include "kernels_hamming.h"
+#undef HFN
+
 #define RA_TYPED_TABLE(S)                                                                 \
     {.gemm = RA_CAT3(gemm, S, ISA), .gemm_tn = RA_CAT3(gemm_tn, S, ISA),                  \
      .softmax_step = RA_CAT3(softmax_step, S, ISA), .exp_shift = RA_CAT3(exp_shift, S, ISA), \
@@ -36,12 +41,11 @@
      .softmax_grad = RA_CAT3(softmax_grad, S, ISA), .argmax_rows = RA_CAT3(argmax_rows, S, ISA), \
      .top_sample = RA_CAT3(top_sample, S, ISA), .top_admit = RA_CAT3(top_admit, S, ISA)}
 
-const RaKernels RA_CAT3(ra_kernels, _, ISA) = {
-    RA_STR(ISA),
-    RA_TYPED_TABLE(_f32_),
-    RA_TYPED_TABLE(_f64_),
-    RA_CAT3(fma_probe, _f32_, ISA),
-    RA_CAT3(hamming_assign, _f32_, ISA),
-    RA_CAT3(hamming_potential, _f32_, ISA),
-    RA_CAT3(hamming_min, _f32_, ISA),
-};
+/* The table NAME, called LABEL, with the Hamming kernels of HISA. */
+#define RA_KERNEL_TABLE(NAME, LABEL, HISA)                                                \
+    const RaKernels NAME = {                                                              \
+        LABEL, RA_TYPED_TABLE(_f32_), RA_TYPED_TABLE(_f64_), RA_CAT3(fma_probe, _f32_, ISA), \
+        RA_CAT3(hamming_assign, _, HISA), RA_CAT3(hamming_potential, _, HISA),            \
+        RA_CAT3(hamming_min, _, HISA)}
+
+RA_KERNEL_TABLE(RA_CAT3(ra_kernels, _, ISA), RA_STR(ISA), ISA);
