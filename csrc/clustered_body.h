@@ -13,27 +13,25 @@ static inline int FN(cl_better)(FN(ClCand) a, FN(ClCand) b)
     return a.v > b.v || (a.v == b.v && a.j < b.j);
 }
 
-/* h (cap) is a heap whose root is its worst candidate: push x, or let it replace the
- * root when the heap is full and x ranks above it. */
-static void FN(cl_heap_push)(FN(ClCand) *h, int *size, int cap, FN(ClCand) x)
+/* A candidate list (cap) holds the best logits offered so far, best first: values lv and
+ * key positions lj.  Offer (x, j), j above every position in the list: it goes after the
+ * entries ranking above it (value >= x: equal values came first, NaN ranks last) and the
+ * worst drops out when the list is full (x itself when it ranks below them all). */
+static void FN(cl_list_push)(T *lv, int64_t *lj, int *size, int cap, T x, int64_t j)
 {
-    int i;
-    if (*size < cap) {
-        for (i = (*size)++; i > 0 && FN(cl_better)(h[(i - 1) / 2], x); i = (i - 1) / 2)
-            h[i] = h[(i - 1) / 2];
-        h[i] = x;
-        return;
+    const int n = *size;
+    int at = n;
+    if (x == x) {
+        at = 0;
+        for (int i = 0; i < n; i++) at += lv[i] >= x;
     }
-    if (cap == 0 || !FN(cl_better)(x, h[0])) return;
-    for (i = 0;;) {
-        int c = 2 * i + 1;
-        if (c >= cap) break;
-        if (c + 1 < cap && FN(cl_better)(h[c], h[c + 1])) c++;   /* the worse child */
-        if (!FN(cl_better)(x, h[c])) break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
+    if (at == cap) return;
+    const int moved = (n < cap ? n : cap - 1) - at;
+    memmove(lv + at + 1, lv + at, sizeof(T) * (size_t)moved);
+    memmove(lj + at + 1, lj + at, sizeof(int64_t) * (size_t)moved);
+    lv[at] = x;
+    lj[at] = j;
+    if (n < cap) *size = n + 1;
 }
 
 static int FN(cl_cmp_rank)(const void *a, const void *b)
@@ -60,8 +58,10 @@ typedef struct {
     T *r, *mhat;         /* (C, e), (C) residual r_c and top-k mass m̂_c */
     int64_t *sel;        /* (C, kmax) T_c sorted by position, -1 padded */
     T *aw;               /* (C, kmax) a_c[j] of the selected keys */
-    FN(ClCand) *heap;    /* (C, G, kmax) per key group candidates */
-    int *heap_size;      /* (C, G) */
+    T *cand_v;           /* (C, G, kmax) per key group candidate lists, best first: logits */
+    int64_t *cand_j;     /* (C, G, kmax) and key positions */
+    int *cand_size;      /* (C, G) */
+    FN(ClCand) *merged;  /* (C, G·kmax) the lists of a cluster merged */
     T *gsum;             /* backward: (C, e) Σ_{i∈c} dout_i */
     T *delta;            /* backward: (C) gsum_c · r_c */
     T *dcent_part;       /* backward: (G, C, d) dcent over key group g, scaled query */
@@ -98,8 +98,10 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
     CARVE(mhat, T, (size_t)C);
     CARVE(sel, int64_t, ra_mul(C, kmax));
     CARVE(aw, T, ra_mul(C, kmax));
-    CARVE(heap, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
-    CARVE(heap_size, int, ra_mul(C, G));
+    CARVE(cand_v, T, ra_mul(ra_mul(C, G), kmax));
+    CARVE(cand_j, int64_t, ra_mul(ra_mul(C, G), kmax));
+    CARVE(merged, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
+    CARVE(cand_size, int, ra_mul(C, G));
     CARVE(gsum, T, backward ? ra_mul(C, e) : 0);
     CARVE(delta, T, backward ? (size_t)C : 0);
     CARVE(dcent_part, T, backward ? ra_mul(ra_mul(G, C), d) : 0);
@@ -170,44 +172,52 @@ static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
     }
 }
 
-/* Top-k candidates of centroid rows [c0, c0+rows) over key blocks [t0, t1):
- * a = exp(scale·q̄·kᵀ − lse) (rows, BK) tile by tile, each unmasked key offered to the
- * row's heap of group g.  k (m, d), cent (C, d). */
-static void FN(cl_topk_group)(const KT *K, RaMat k, RaVec key_mask, int m, int d, T sc,
-                              const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
-                              int g, int G, int kmax, T *ws)
+/* Offer a tile's logits s (rows, BK) of centroid rows [c0, c0+rows) to their candidate
+ * lists of key group g; keys with kpos < 0 are masked.  Ranking by logit ranks by
+ * centroid weight a_c[j] = exp(logit − lse_c), which is monotone in it. */
+static void FN(cl_offer)(const FN(ClProblem) *p, const T *s, const int64_t *kpos, int rows,
+                         int cols, int c0, int g, int G, int kmax)
 {
     const int kc = (int)p->info[1];
-    T *qs = ws, *kt = qs + (ptrdiff_t)RA_BQ * d, *s = kt + (ptrdiff_t)d * RA_BK;
-    RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
-    FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, qs, d);
-    for (int t = t0; t < t1; t++) {
-        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, kt, RA_BK);
-        K->gemm(rows, cols, d, qs, d, kt, RA_BK, s, RA_BK, 0);
-        K->exp_shift(rows, cols, s, RA_BK, p->lsec + c0);
-        for (int r = 0; r < rows; r++) {
-            const size_t hc = (size_t)(c0 + r) * G + g;
-            for (int j = 0; j < cols; j++) {
-                if (key_mask.data && !RA_VEC_AT(uint8_t, key_mask, j0 + j)) continue;
-                FN(ClCand) x = {s[(ptrdiff_t)r * RA_BK + j], j0 + j};
-                FN(cl_heap_push)(p->heap + hc * kmax, p->heap_size + hc, kc, x);
+    for (int r = 0; r < rows && kc > 0; r++) {
+        const size_t hc = (size_t)(c0 + r) * G + g;
+        T *lv = p->cand_v + hc * kmax;
+        int64_t *lj = p->cand_j + hc * kmax;
+        int *size = p->cand_size + hc;
+        const T *x = s + (ptrdiff_t)r * RA_BK;
+        /* keys arrive by increasing position, so once the list is full with a number
+           last, only a strictly larger logit can enter: per block of 32 logits, one
+           vector comparison finds those above the last, and only they are offered */
+        for (int b0 = 0; b0 < cols; b0 += 32) {
+            const int b1 = b0 + 32 < cols ? b0 + 32 : cols;
+            uint32_t above = 0;
+            if (*size == kc && lv[kc - 1] == lv[kc - 1]) {
+                const T worst = lv[kc - 1];
+                for (int j = b0; j < b1; j++) above |= (uint32_t)(x[j] > worst) << (j - b0);
+            } else {
+                above = b1 - b0 == 32 ? UINT32_MAX : (1u << (b1 - b0)) - 1;
+            }
+            for (; above; above &= above - 1) {
+                const int j = b0 + __builtin_ctz(above);
+                if (kpos[j] >= 0) FN(cl_list_push)(lv, lj, size, kc, x[j], kpos[j]);
             }
         }
     }
 }
 
-/* Cluster c: merge its G candidate heaps into T_c (sorted by position), then
+/* Cluster c: merge its G candidate lists (of logits) into T_c (sorted by position), then
  * m̂_c = Σ_{T_c} a_c[j] and r_c = o_c − Σ_{T_c} a_c[j] v_j.  v (m, e). */
 static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *p, int c)
 {
     const int kc = (int)p->info[1];
-    FN(ClCand) *all = p->heap + (size_t)c * G * kmax;
+    FN(ClCand) *all = p->merged + (size_t)c * G * kmax;
     int total = 0;
-    for (int g = 0; g < G; g++) {      /* compact the groups' candidates to the front */
-        const int sz = p->heap_size[(size_t)c * G + g];
-        memmove(all + total, all + (size_t)g * kmax, sizeof(FN(ClCand)) * (size_t)sz);
-        total += sz;
+    for (int g = 0; g < G; g++) {      /* the groups' candidates, one after another */
+        const size_t list = ((size_t)c * G + g) * kmax;
+        for (int t = 0; t < p->cand_size[(size_t)c * G + g]; t++, total++) {
+            all[total].v = p->cand_v[list + t];
+            all[total].j = p->cand_j[list + t];
+        }
     }
     qsort(all, (size_t)total, sizeof(FN(ClCand)), FN(cl_cmp_rank));
     const int kept = total < kc ? total : kc;
@@ -216,9 +226,10 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
     T *aw = p->aw + (size_t)c * kmax, *r = p->r + (ptrdiff_t)c * e;
     T mass = 0;
     memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
+    const T lse = p->lsec[c];
     for (int t = 0; t < kmax; t++) {
         sel[t] = t < kept ? all[t].j : -1;
-        aw[t] = t < kept ? all[t].v : 0;
+        aw[t] = t < kept ? (T)exp(all[t].v - lse) : 0;   /* a_c[j] from its logit */
         if (t >= kept) continue;
         mass += aw[t];
         for (int f = 0; f < e; f++) r[f] -= aw[t] * RA_MAT_AT(T, v, sel[t], f);
@@ -292,13 +303,15 @@ static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int6
 }
 
 /* Centroid rows [c0, c0+rows) against key blocks [t0, t1) on the engine: the softmax
- * over this key group only, written to part_o (rows, e) and part_lse (rows) of group g.
+ * over this key group only, written to part_o (rows, e) and part_lse (rows) of group g;
+ * improved form (kmax > 0): the logits are also offered to the group's top-k lists.
  * k (m, d), v (m, e), cent (C, d). */
 static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                                   RaVec key_mask, int m, int d, int e, T sc,
                                   const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
-                                  int g, int G)
+                                  int g, int G, int kmax)
 {
+    for (int r = 0; r < rows; r++) p->cand_size[(size_t)(c0 + r) * G + g] = 0;
     RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
     FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
@@ -314,7 +327,9 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
         FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
         FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
         FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
-        FN(ra_fwd_step)(K, &w->qt, &kt, d, e, masked ? RA_MASKED : 0);
+        FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked ? RA_MASKED : 0);
+        if (kmax > 0) FN(cl_offer)(p, w->qt.s, w->kpos, rows, cols, c0, g, G, kmax);
+        FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked ? RA_MASKED : 0);
     }
     const ptrdiff_t ts = sizeof(T);
     FN(ra_fwd_finish)(&w->qt, e, (char *)(p->part_o + ((ptrdiff_t)c0 * G + g) * e),
@@ -434,7 +449,8 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
     }
 
     /* 3. centroid attention, one (problem, centroid tile, key group) per unit, so one
-       problem keeps every thread busy; then the groups merged by log-sum-exp */
+       problem keeps every thread busy, collecting the top-k candidates of the improved
+       form on the way; then the groups merged by log-sum-exp */
     const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
@@ -449,7 +465,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
         FN(cl_centroid_group)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b), ra_vec_at(key_mask, b),
                               m, d, e, RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
-                              t0, t1, g, G);
+                              t0, t1, g, G, kmax);
     }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t unit = 0; unit < B * C; unit++) {
@@ -458,26 +474,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(cl_centroid_merge)(&p, (int)(unit % C), G, e);
     }
 
-    /* 4. improved: top-k candidates per (problem, centroid tile, key group) */
-    if (kmax > 0) {
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-        for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
-            const ptrdiff_t b = unit / ((ptrdiff_t)nct * G);
-            const int ct = (int)(unit / G % nct), g = (int)(unit % G);
-            const int c0 = ct * RA_BQ, rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
-            const int t0 = g * blocks_per_group;
-            const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
-            FN(ClProblem) p;
-            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-            for (int r = 0; r < rows; r++) p.heap_size[(size_t)(c0 + r) * G + g] = 0;
-            T *ws = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
-            FN(cl_topk_group)(K, ra_mat_at(k, b), ra_vec_at(key_mask, b), m, d,
-                              RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
-                              t0 < nkb ? t0 : nkb, t1, g, G, kmax, ws);
-        }
-    }
-
-    /* 5. T_c, m̂_c, r_c per (problem, cluster) */
+    /* 4. T_c, m̂_c, r_c per (problem, cluster) */
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t unit = 0; unit < B * C; unit++) {
         const ptrdiff_t b = unit / C;

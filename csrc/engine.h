@@ -85,6 +85,12 @@ enum {
     /* fold one key tile into the running softmax of qt */                                \
     void ra_fwd_step_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt,       \
                            int d, int e, int flags);                                      \
+    /* the two halves of ra_fwd_step, for planners that read the logits in between:    \
+       qt->s = q·kᵀ masked (hidden keys -inf), then the softmax update from qt->s */      \
+    void ra_fwd_logits_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt,     \
+                             int d, int flags);                                           \
+    void ra_fwd_accumulate_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt, \
+                                 int e, int flags);                                       \
     /* out = acc / sum (0 when nothing was visible), lse = mx + log(sum) (-inf); both    \
        written through byte strides; lse may be NULL */                                   \
     void ra_fwd_finish_##SUF(const RaQTile_##SUF *qt, int e, char *out, ptrdiff_t os0,   \

@@ -132,9 +132,8 @@ void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
     memset(qt->acc, 0, sizeof(T) * (size_t)qt->rows * (size_t)e);
 }
 
-/* q is (rows, d), kt is (d, cols), v is (cols, e), acc is (rows, e) */
-void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int e,
-                     int flags)
+/* q is (rows, d), kt is (d, cols) -> s (rows, cols) masked logits */
+void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int flags)
 {
     const int rows = qt->rows, cols = kt->cols;
     /* 1. logits: s = q · kᵀ */
@@ -142,6 +141,13 @@ void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d,
     /* 2. position mask */
     if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, rows, cols, qt->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(qt->s, rows, cols, kt->vis, kt->ldvis);
+}
+
+/* s (rows, cols) masked logits, v is (cols, e) -> acc (rows, e), mx, sum updated */
+void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int e,
+                           int flags)
+{
+    const int rows = qt->rows, cols = kt->cols;
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
     K->softmax_step(rows, cols, qt->s, RA_BK, qt->mx, qt->sum, qt->acc, e, e);
     /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
@@ -151,6 +157,14 @@ void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d,
         FN(pv_skip_zero)(rows, cols, e, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e);
     else
         K->gemm(rows, e, cols, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e, 1);
+}
+
+/* q is (rows, d), kt is (d, cols), v is (cols, e), acc is (rows, e) */
+void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int e,
+                     int flags)
+{
+    FN(ra_fwd_logits)(K, qt, kt, d, flags);
+    FN(ra_fwd_accumulate)(K, qt, kt, e, flags);
 }
 
 void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,
