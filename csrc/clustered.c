@@ -17,6 +17,9 @@
 /* Work split of the centroid passes over key blocks (a function of the shape only, so
  * results are bit-identical for any thread count). */
 #define RA_CL_TARGET_UNITS 8
+/* Centroid rows per tile of the centroid passes (the engine takes any row count): with
+ * C ≤ 128 clusters every key tile is gathered once per key group. */
+#define RA_CL_ROWS 128
 
 #define RA_TYPED_BODY "clustered_body.h"
 #include "typed.h"

@@ -2,42 +2,15 @@
  * with T, KT, KSEL and FN(name) = name##_<suffix>. */
 
 /* ------------------------------------------------------------------ top-k candidates */
-/* One candidate key of a cluster's top-k: its centroid weight and position. */
+/* One candidate key of a cluster's top-k: its centroid logit and position. */
 typedef struct { T v; int64_t j; } FN(ClCand);
 
-/* a ranks above b: larger weight, ties to the lower key; NaN ranks below any number. */
+/* a ranks above b: larger logit, ties to the lower key; NaN ranks below any number. */
 static inline int FN(cl_better)(FN(ClCand) a, FN(ClCand) b)
 {
     if (a.v != a.v) return b.v != b.v && a.j < b.j;
     if (b.v != b.v) return 1;
     return a.v > b.v || (a.v == b.v && a.j < b.j);
-}
-
-/* A candidate list (cap) holds the best logits offered so far, best first: values lv and
- * key positions lj.  Offer (x, j), j above every position in the list: it goes after the
- * entries ranking above it (value >= x: equal values came first, NaN ranks last) and the
- * worst drops out when the list is full (x itself when it ranks below them all). */
-static void FN(cl_list_push)(T *lv, int64_t *lj, int *size, int cap, T x, int64_t j)
-{
-    const int n = *size;
-    int at = n;
-    if (x == x) {
-        at = 0;
-        for (int i = 0; i < n; i++) at += lv[i] >= x;
-    }
-    if (at == cap) return;
-    const int moved = (n < cap ? n : cap - 1) - at;
-    memmove(lv + at + 1, lv + at, sizeof(T) * (size_t)moved);
-    memmove(lj + at + 1, lj + at, sizeof(int64_t) * (size_t)moved);
-    lv[at] = x;
-    lj[at] = j;
-    if (n < cap) *size = n + 1;
-}
-
-static int FN(cl_cmp_rank)(const void *a, const void *b)
-{
-    const FN(ClCand) x = *(const FN(ClCand) *)a, y = *(const FN(ClCand) *)b;
-    return FN(cl_better)(x, y) ? -1 : FN(cl_better)(y, x) ? 1 : 0;
 }
 
 static int FN(cl_cmp_key)(const void *a, const void *b)
@@ -112,15 +85,15 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
     return off;
 }
 
-/* Per-thread tiles: q (BQ, d), acc/o' (BQ, e) ×2, s, dp (BQ·BK) ×2, mx, sum, lse',
- * delta' (BQ) ×4, dq (BQ, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
+/* Per-thread tiles (R = RA_CL_ROWS): q (R, d), acc/o' (R, e) ×2, s, dp (R·BK) ×2, mx, sum,
+ * lse', delta' (R) ×4, dq (R, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
  * key positions (BK) int64, dk tile (max(kmax, BK), d). */
 static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
 {
     const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK);
-    size_t items = ra_mul(2 * RA_BQ, d);
-    items = ra_add(items, ra_mul(3 * RA_BQ, e));
-    items = ra_add(items, 2 * (size_t)RA_BQ * RA_BK + 4 * RA_BQ);
+    size_t items = ra_mul(2 * RA_CL_ROWS, d);
+    items = ra_add(items, ra_mul(3 * RA_CL_ROWS, e));
+    items = ra_add(items, 2 * (size_t)RA_CL_ROWS * RA_BK + 4 * RA_CL_ROWS);
     items = ra_add(items, ra_mul(kcols, 3 * (size_t)d + 2 * (size_t)e));
     items = ra_add(items, RA_BK * sizeof(int64_t) / sizeof(T));
     return FN(cl_bytes)(sizeof(T), items);
@@ -159,49 +132,29 @@ static int FN(cl_plan)(int n, int m, int C, int topk, RaVec labels, RaVec key_ma
 }
 
 /* q (n, d) -> cent_c (d) = mean of the member rows of c (0 if empty), summed in order. */
+/* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler
+ * vectorises (same operations, so the same result). */
+static inline void FN(cl_add_row)(T *dst, T a, RaMat m, int64_t i, int n)
+{
+    const char *row = m.data + (ptrdiff_t)i * m.s0;
+    if (m.s1 == (ptrdiff_t)sizeof(T)) {
+        const T *x = (const T *)row;
+        for (int f = 0; f < n; f++) dst[f] += a * x[f];
+    } else {
+        for (int f = 0; f < n; f++) dst[f] += a * *(const T *)(row + (ptrdiff_t)f * m.s1);
+    }
+}
+
 static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
 {
     T *dst = p->cent + (ptrdiff_t)c * d;
     const int64_t s0 = p->start[c], s1 = p->start[c + 1];
     memset(dst, 0, sizeof(T) * (size_t)d);
     for (int64_t s = s0; s < s1; s++)
-        for (int f = 0; f < d; f++) dst[f] += RA_MAT_AT(T, q, p->order[s], f);
+        FN(cl_add_row)(dst, 1, q, p->order[s], d);
     if (s1 > s0) {
         const T inv = (T)1 / (T)(s1 - s0);
         for (int f = 0; f < d; f++) dst[f] *= inv;
-    }
-}
-
-/* Offer a tile's logits s (rows, BK) of centroid rows [c0, c0+rows) to their candidate
- * lists of key group g; keys with kpos < 0 are masked.  Ranking by logit ranks by
- * centroid weight a_c[j] = exp(logit − lse_c), which is monotone in it. */
-static void FN(cl_offer)(const FN(ClProblem) *p, const T *s, const int64_t *kpos, int rows,
-                         int cols, int c0, int g, int G, int kmax)
-{
-    const int kc = (int)p->info[1];
-    for (int r = 0; r < rows && kc > 0; r++) {
-        const size_t hc = (size_t)(c0 + r) * G + g;
-        T *lv = p->cand_v + hc * kmax;
-        int64_t *lj = p->cand_j + hc * kmax;
-        int *size = p->cand_size + hc;
-        const T *x = s + (ptrdiff_t)r * RA_BK;
-        /* keys arrive by increasing position, so once the list is full with a number
-           last, only a strictly larger logit can enter: per block of 32 logits, one
-           vector comparison finds those above the last, and only they are offered */
-        for (int b0 = 0; b0 < cols; b0 += 32) {
-            const int b1 = b0 + 32 < cols ? b0 + 32 : cols;
-            uint32_t above = 0;
-            if (*size == kc && lv[kc - 1] == lv[kc - 1]) {
-                const T worst = lv[kc - 1];
-                for (int j = b0; j < b1; j++) above |= (uint32_t)(x[j] > worst) << (j - b0);
-            } else {
-                above = b1 - b0 == 32 ? UINT32_MAX : (1u << (b1 - b0)) - 1;
-            }
-            for (; above; above &= above - 1) {
-                const int j = b0 + __builtin_ctz(above);
-                if (kpos[j] >= 0) FN(cl_list_push)(lv, lj, size, kc, x[j], kpos[j]);
-            }
-        }
     }
 }
 
@@ -211,17 +164,32 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
 {
     const int kc = (int)p->info[1];
     FN(ClCand) *all = p->merged + (size_t)c * G * kmax;
-    int total = 0;
-    for (int g = 0; g < G; g++) {      /* the groups' candidates, one after another */
-        const size_t list = ((size_t)c * G + g) * kmax;
-        for (int t = 0; t < p->cand_size[(size_t)c * G + g]; t++, total++) {
-            all[total].v = p->cand_v[list + t];
-            all[total].j = p->cand_j[list + t];
+    /* the G best-first lists merged, best first, up to kc (G <= RA_CL_TARGET_UNITS) */
+    int head[RA_CL_TARGET_UNITS] = {0}, kept = 0;
+    for (; kept < kc; kept++) {
+        int from = -1;
+        FN(ClCand) best = {0, 0};
+        for (int g = 0; g < G; g++) {
+            const size_t at = ((size_t)c * G + g) * kmax + (size_t)head[g];
+            if (head[g] == p->cand_size[(size_t)c * G + g]) continue;
+            const FN(ClCand) x = {p->cand_v[at], p->cand_j[at]};
+            if (from < 0 || FN(cl_better)(x, best)) { best = x; from = g; }
+        }
+        if (from < 0) break;
+        all[kept] = best;
+        head[from]++;
+    }
+    /* then by position: insertion sort of the few, qsort of many */
+    if (kept > 64) {
+        qsort(all, (size_t)kept, sizeof(FN(ClCand)), FN(cl_cmp_key));
+    } else {
+        for (int t = 1; t < kept; t++) {
+            const FN(ClCand) x = all[t];
+            int i = t;
+            for (; i > 0 && all[i - 1].j > x.j; i--) all[i] = all[i - 1];
+            all[i] = x;
         }
     }
-    qsort(all, (size_t)total, sizeof(FN(ClCand)), FN(cl_cmp_rank));
-    const int kept = total < kc ? total : kc;
-    qsort(all, (size_t)kept, sizeof(FN(ClCand)), FN(cl_cmp_key));
     int64_t *sel = p->sel + (size_t)c * kmax;
     T *aw = p->aw + (size_t)c * kmax, *r = p->r + (ptrdiff_t)c * e;
     T mass = 0;
@@ -232,7 +200,7 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
         aw[t] = t < kept ? (T)exp(all[t].v - lse) : 0;   /* a_c[j] from its logit */
         if (t >= kept) continue;
         mass += aw[t];
-        for (int f = 0; f < e; f++) r[f] -= aw[t] * RA_MAT_AT(T, v, sel[t], f);
+        FN(cl_add_row)(r, -aw[t], v, sel[t], e);
     }
     p->mhat[c] = mass;
 }
@@ -251,17 +219,17 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
 {
     const ptrdiff_t kcols = kmax > RA_BK ? kmax : RA_BK;
     w->qs = ws;
-    w->dq = w->qs + (ptrdiff_t)RA_BQ * d;
-    w->o = w->dq + (ptrdiff_t)RA_BQ * d;
-    w->dout = w->o + (ptrdiff_t)RA_BQ * e;
-    w->qt.acc = w->dout + (ptrdiff_t)RA_BQ * e;
-    w->qt.s = w->qt.acc + (ptrdiff_t)RA_BQ * e;
-    w->gt.dp = w->qt.s + (ptrdiff_t)RA_BQ * RA_BK;
-    w->qt.mx = w->gt.dp + (ptrdiff_t)RA_BQ * RA_BK;
-    w->qt.sum = w->qt.mx + RA_BQ;
-    w->lse = w->qt.sum + RA_BQ;
-    w->delta = w->lse + RA_BQ;
-    w->kt = w->delta + RA_BQ;
+    w->dq = w->qs + (ptrdiff_t)RA_CL_ROWS * d;
+    w->o = w->dq + (ptrdiff_t)RA_CL_ROWS * d;
+    w->dout = w->o + (ptrdiff_t)RA_CL_ROWS * e;
+    w->qt.acc = w->dout + (ptrdiff_t)RA_CL_ROWS * e;
+    w->qt.s = w->qt.acc + (ptrdiff_t)RA_CL_ROWS * e;
+    w->gt.dp = w->qt.s + (ptrdiff_t)RA_CL_ROWS * RA_BK;
+    w->qt.mx = w->gt.dp + (ptrdiff_t)RA_CL_ROWS * RA_BK;
+    w->qt.sum = w->qt.mx + RA_CL_ROWS;
+    w->lse = w->qt.sum + RA_CL_ROWS;
+    w->delta = w->lse + RA_CL_ROWS;
+    w->kt = w->delta + RA_CL_ROWS;
     w->v = w->kt + kcols * d;
     w->k = w->v + kcols * e;
     w->vt = w->k + kcols * d;
@@ -311,6 +279,7 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                                   const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
                                   int g, int G, int kmax)
 {
+    const int kc = kmax > 0 ? (int)p->info[1] : 0;
     for (int r = 0; r < rows; r++) p->cand_size[(size_t)(c0 + r) * G + g] = 0;
     RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
     FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
@@ -328,7 +297,11 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
         FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
         FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
         FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked ? RA_MASKED : 0);
-        if (kmax > 0) FN(cl_offer)(p, w->qt.s, w->kpos, rows, cols, c0, g, G, kmax);
+        if (kc > 0) {   /* the improved form's candidates; logit order = weight order */
+            const size_t list = ((size_t)c0 * G + g) * kmax;
+            K->top_offer(rows, cols, w->qt.s, RA_BK, w->kpos, kc, p->cand_v + list,
+                         p->cand_j + list, (ptrdiff_t)G * kmax, p->cand_size + (size_t)c0 * G + g, G);
+        }
         FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked ? RA_MASKED : 0);
     }
     const ptrdiff_t ts = sizeof(T);
@@ -385,8 +358,8 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
         FN(RaKTile) kt = {cols, w->kt, RA_BK, NULL, 0, w->k, d, w->vt, RA_BK, w->kpos};
         memset(w->dk, 0, sizeof(T) * (size_t)cols * d);
         memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
-        for (int c0 = 0; c0 < C; c0 += RA_BQ) {
-            const int rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+        for (int c0 = 0; c0 < C; c0 += RA_CL_ROWS) {
+            const int rows = C - c0 < RA_CL_ROWS ? C - c0 : RA_CL_ROWS;
             RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
             FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
             w->gt.rows = rows;
@@ -424,7 +397,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
                         size_t per_problem, int backward, char *scratch, size_t per_thread,
                         int nt)
 {
-    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_BQ - 1) / RA_BQ;
+    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_CL_ROWS - 1) / RA_CL_ROWS;
     int status = RA_OK;
 
     /* 1. member lists */
@@ -456,7 +429,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
     for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
         const ptrdiff_t b = unit / ((ptrdiff_t)nct * G);
         const int ct = (int)(unit / G % nct), g = (int)(unit % G);
-        const int c0 = ct * RA_BQ, rows = C - c0 < RA_BQ ? C - c0 : RA_BQ;
+        const int c0 = ct * RA_CL_ROWS, rows = C - c0 < RA_CL_ROWS ? C - c0 : RA_CL_ROWS;
         const int t0 = g * blocks_per_group < nkb ? g * blocks_per_group : nkb;
         const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
         FN(ClProblem) p;
@@ -495,7 +468,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
  * shape only. */
 static int FN(cl_groups)(ptrdiff_t B, int m, int C)
 {
-    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_BQ - 1) / RA_BQ;
+    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_CL_ROWS - 1) / RA_CL_ROWS;
     if (nkb == 0) return 1;
     ptrdiff_t G = (RA_CL_TARGET_UNITS + B * nct - 1) / (B * nct);
     return (int)(G > nkb ? nkb : G < 1 ? 1 : G);
@@ -638,7 +611,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         RaMat g = ra_mat_at(dout, b);
         memset(gs, 0, ts * (size_t)e);
         for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
-            for (int f = 0; f < e; f++) gs[f] += RA_MAT_AT(T, g, p.order[s], f);
+            FN(cl_add_row)(gs, 1, g, p.order[s], e);
         T acc = 0;
         for (int f = 0; f < e; f++) acc += gs[f] * p.r[(ptrdiff_t)c * e + f];
         p.delta[c] = acc;
@@ -714,10 +687,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
             for (int f = 0; f < e; f++) gv += gs[f] * RA_MAT_AT(T, vm, sel[t], f);
             const T ds = -aw[t] * gv;
             for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -aw[t] * gs[f];
-            for (int f = 0; f < d; f++) {
-                dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
-                dcen[f] += sc * ds * RA_MAT_AT(T, km, sel[t], f);
-            }
+            for (int f = 0; f < d; f++) dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
+            FN(cl_add_row)(dcen, sc * ds, km, sel[t], d);
         }
         /* forward 6 was out_i = r_c + m̂_c·o'_i with o'_i = softmax_{T_c}(s·q_i·K_T)·V_T
            and m̂_c constant: the engine backward with dout' = m̂_c·dout_i */

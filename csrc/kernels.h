@@ -58,7 +58,14 @@
        cap + RA_TOP_SLACK - 1) gets thr[j] = NaN and admits no more.  cnt (initialised),  \
        pos and val hold cb + 1 lists: list cb, whose count must be 0, is scratch. */       \
     void (*top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,       \
-                      int cap, int *cnt, int32_t *pos, T *val);
+                      int cap, int *cnt, int32_t *pos, T *val);                            \
+    /* Clustered top-k: row r of s (rows×cols, ld) offers each entry j with kpos[j] >= 0  \
+       to its candidate list (values lv, positions lj at row stride ldl; size at          \
+       size[r·lds]; at most cap > 0 entries), which keeps the best offered so far, best   \
+       first: larger value, ties to the earlier offer, NaN last.  Successive calls offer  \
+       increasing positions. */                                                            \
+    void (*top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,  \
+                      int cap, T *lv, int64_t *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

@@ -440,6 +440,72 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
     for (int j = 0; j < cb; j++) cnt[j] = (int)(off[j] - j * st);
 }
 
+/* ------------------------------------------------------------------ clustered top-k */
+/* Bit l set iff a[l] > b[l] (false with a NaN; quiet where the ISA has it). */
+static inline unsigned FN(gt_bits)(vec a, vec b)
+{
+#if VEC_BYTES == 64 && RA_IS_F32
+    return (unsigned)_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ);
+#elif VEC_BYTES == 64
+    return (unsigned)_mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GT_OQ);
+#elif VEC_BYTES == 32 && RA_IS_F32
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GT_OQ));
+#elif VEC_BYTES == 32
+    return (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)a, (__m256d)b, _CMP_GT_OQ));
+#else
+    return FN(mask_bits)((uvec)(a > b));
+#endif
+}
+
+/* How many of a best-first list's n values rank above x: those >= x (an equal value was
+ * offered earlier; NaN entries rank last); all n when x is NaN. */
+static inline int FN(list_rank)(const T *v, int n, T x)
+{
+    if (x != x) return n;
+    const vec xv = FN(vsplat)(x);
+    int at = 0, i = 0;
+    for (; i + VL <= n; i += VL) at += __builtin_popcount(FN(ge_bits)(FN(vload)(v + i), xv));
+    for (; i < n; i++) at += v[i] >= x;
+    return at;
+}
+
+static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,
+                          int cap, T *lv, int64_t *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds)
+{
+    for (int r = 0; r < rows; r++) {
+        const T *x = s + r * ld;
+        T *v = lv + r * ldl;
+        int64_t *pos = lj + r * ldl;
+        int *n = size + r * lds;
+        for (int j0 = 0; j0 < cols; j0 += VL) {
+            const int lanes = cols - j0 < VL ? cols - j0 : VL;
+            unsigned offer = (1u << lanes) - 1;
+            if (*n == cap && v[cap - 1] == v[cap - 1]) {
+                /* full with a number last: only a strictly larger value can enter */
+                if (lanes == VL) {
+                    offer = FN(gt_bits)(FN(vload)(x + j0), FN(vsplat)(v[cap - 1]));
+                } else {
+                    offer = 0;
+                    for (int l = 0; l < lanes; l++) offer |= (unsigned)(x[j0 + l] > v[cap - 1]) << l;
+                }
+            }
+            for (; offer; offer &= offer - 1) {
+                const int j = j0 + __builtin_ctz(offer);
+                if (kpos[j] < 0) continue;
+                const int at = FN(list_rank)(v, *n, x[j]);
+                if (at == cap) continue;
+                for (int i = *n < cap ? *n : cap - 1; i > at; i--) {
+                    v[i] = v[i - 1];
+                    pos[i] = pos[i - 1];
+                }
+                v[at] = x[j];
+                pos[at] = kpos[j];
+                if (*n < cap) (*n)++;
+            }
+        }
+    }
+}
+
 #if RA_IS_F32
 static double FN(fma_probe)(long iters, float *checksum)
 {

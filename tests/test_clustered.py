@@ -42,9 +42,10 @@ def check(topk, q, k, v, labels, C, dtype, tag, **kw):
     return out, grads
 
 
-# (n, m, d, e, C): degenerate sizes and sizes straddling the tiles (64 rows, 128 keys)
+# (n, m, d, e, C): degenerate sizes and sizes straddling the tiles (64 query rows, 128
+# centroid rows, 256 keys)
 SHAPES = [(1, 1, 1, 1, 1), (5, 7, 3, 2, 2), (70, 150, 16, 8, 6), (130, 300, 33, 20, 70),
-          (200, 70, 1, 5, 9), (3, 300, 8, 1, 3)]
+          (200, 70, 1, 5, 9), (3, 300, 8, 1, 3), (400, 520, 8, 4, 140)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
