@@ -377,21 +377,23 @@ static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T 
     }
 }
 
-/* Bit l set iff a[l] >= b[l] (false with a NaN; quiet where the ISA has it). */
-static inline unsigned FN(ge_bits)(vec a, vec b)
-{
+/* Bit l set iff a[l] OP b[l] (false with a NaN; quiet where the ISA has it). */
 #if VEC_BYTES == 64 && RA_IS_F32
-    return (unsigned)_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ);
+#define RA_CMP_BITS(a, b, PRED, OP) (unsigned)_mm512_cmp_ps_mask((__m512)(a), (__m512)(b), PRED)
 #elif VEC_BYTES == 64
-    return (unsigned)_mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GE_OQ);
+#define RA_CMP_BITS(a, b, PRED, OP) (unsigned)_mm512_cmp_pd_mask((__m512d)(a), (__m512d)(b), PRED)
 #elif VEC_BYTES == 32 && RA_IS_F32
-    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GE_OQ));
+#define RA_CMP_BITS(a, b, PRED, OP)                                                         \
+    (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)(a), (__m256)(b), PRED))
 #elif VEC_BYTES == 32
-    return (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)a, (__m256d)b, _CMP_GE_OQ));
+#define RA_CMP_BITS(a, b, PRED, OP)                                                         \
+    (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)(a), (__m256d)(b), PRED))
 #else
-    return FN(mask_bits)((uvec)(a >= b));
+#define RA_CMP_BITS(a, b, PRED, OP) FN(mask_bits)((uvec)((a) OP (b)))
 #endif
-}
+static inline unsigned FN(ge_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_GE_OQ, >=); }
+static inline unsigned FN(gt_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_GT_OQ, >); }
+#undef RA_CMP_BITS
 
 static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
                           int cap, int *cnt, int32_t *pos, T *val)
@@ -441,21 +443,6 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
 }
 
 /* ------------------------------------------------------------------ clustered top-k */
-/* Bit l set iff a[l] > b[l] (false with a NaN; quiet where the ISA has it). */
-static inline unsigned FN(gt_bits)(vec a, vec b)
-{
-#if VEC_BYTES == 64 && RA_IS_F32
-    return (unsigned)_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ);
-#elif VEC_BYTES == 64
-    return (unsigned)_mm512_cmp_pd_mask((__m512d)a, (__m512d)b, _CMP_GT_OQ);
-#elif VEC_BYTES == 32 && RA_IS_F32
-    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_GT_OQ));
-#elif VEC_BYTES == 32
-    return (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)a, (__m256d)b, _CMP_GT_OQ));
-#else
-    return FN(mask_bits)((uvec)(a > b));
-#endif
-}
 
 /* How many of a best-first list's n values rank above x: those >= x (an equal value was
  * offered earlier; NaN entries rank last); all n when x is NaN. */
