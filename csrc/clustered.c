@@ -20,6 +20,8 @@
 /* Centroid rows per tile of the centroid passes (the engine takes any row count): with
  * C ≤ 128 clusters every key tile is gathered once per key group. */
 #define RA_CL_ROWS 128
+/* Stride of a top-k candidate list of capacity k (top_offer's layout). */
+#define CL_LIST(k) ((size_t)((k) + RA_OFFER_ALIGN - 1) / RA_OFFER_ALIGN * RA_OFFER_ALIGN)
 
 #define RA_TYPED_BODY "clustered_body.h"
 #include "typed.h"

@@ -31,8 +31,9 @@ typedef struct {
     T *r, *mhat;         /* (C, e), (C) residual r_c and top-k mass m̂_c */
     int64_t *sel;        /* (C, kmax) T_c sorted by position, -1 padded */
     T *aw;               /* (C, kmax) a_c[j] of the selected keys */
-    T *cand_v;           /* (C, G, kmax) per key group candidate lists, best first: logits */
-    int64_t *cand_j;     /* (C, G, kmax) and key positions */
+    T *cand_v;           /* (C, G, CL_LIST(kmax)) per key group candidate lists, best
+                            first (top_offer's layout): logits */
+    IT *cand_j;          /* (C, G, CL_LIST(kmax)) and key positions */
     int *cand_size;      /* (C, G) */
     FN(ClCand) *merged;  /* (C, G·kmax) the lists of a cluster merged */
     T *gsum;             /* backward: (C, e) Σ_{i∈c} dout_i */
@@ -71,8 +72,8 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
     CARVE(mhat, T, (size_t)C);
     CARVE(sel, int64_t, ra_mul(C, kmax));
     CARVE(aw, T, ra_mul(C, kmax));
-    CARVE(cand_v, T, ra_mul(ra_mul(C, G), kmax));
-    CARVE(cand_j, int64_t, ra_mul(ra_mul(C, G), kmax));
+    CARVE(cand_v, T, ra_mul(ra_mul(C, G), CL_LIST(kmax)));
+    CARVE(cand_j, IT, ra_mul(ra_mul(C, G), CL_LIST(kmax)));
     CARVE(merged, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
     CARVE(cand_size, int, ra_mul(C, G));
     CARVE(gsum, T, backward ? ra_mul(C, e) : 0);
@@ -170,7 +171,7 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
         int from = -1;
         FN(ClCand) best = {0, 0};
         for (int g = 0; g < G; g++) {
-            const size_t at = ((size_t)c * G + g) * kmax + (size_t)head[g];
+            const size_t at = ((size_t)c * G + g) * CL_LIST(kmax) + (size_t)head[g];
             if (head[g] == p->cand_size[(size_t)c * G + g]) continue;
             const FN(ClCand) x = {p->cand_v[at], p->cand_j[at]};
             if (from < 0 || FN(cl_better)(x, best)) { best = x; from = g; }
@@ -280,7 +281,11 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                                   int g, int G, int kmax)
 {
     const int kc = kmax > 0 ? (int)p->info[1] : 0;
-    for (int r = 0; r < rows; r++) p->cand_size[(size_t)(c0 + r) * G + g] = 0;
+    for (int r = 0; r < rows && kc > 0; r++) {   /* empty lists, no stale bits */
+        const size_t list = ((size_t)(c0 + r) * G + g) * CL_LIST(kmax);
+        p->cand_size[(size_t)(c0 + r) * G + g] = 0;
+        memset(p->cand_v + list, 0, sizeof(T) * CL_LIST(kmax));
+    }
     RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
     FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
@@ -298,9 +303,10 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
         FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
         FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked ? RA_MASKED : 0);
         if (kc > 0) {   /* the improved form's candidates; logit order = weight order */
-            const size_t list = ((size_t)c0 * G + g) * kmax;
+            const size_t list = ((size_t)c0 * G + g) * CL_LIST(kmax);
             K->top_offer(rows, cols, w->qt.s, RA_BK, w->kpos, kc, p->cand_v + list,
-                         p->cand_j + list, (ptrdiff_t)G * kmax, p->cand_size + (size_t)c0 * G + g, G);
+                         p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
+                         p->cand_size + (size_t)c0 * G + g, G);
         }
         FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked ? RA_MASKED : 0);
     }
@@ -549,9 +555,16 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
                                 RA_VEC_AT(T, ra_vec_at(scale, b), 0));
         }
         RaMat o = ra_mat_at(out, b);
-        for (int i = 0; i < rows; i++)
-            for (int f = 0; f < e; f++)
-                RA_MAT_AT(T, o, idx[i], f) = kc > 0 ? r[f] + mh * w.o[(ptrdiff_t)i * e + f] : r[f];
+        for (int i = 0; i < rows; i++) {
+            char *row = o.data + (ptrdiff_t)idx[i] * o.s0;
+            const T *oi = w.o + (ptrdiff_t)i * e;
+            if (kc == 0)
+                for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f];
+            else if (o.s1 == (ptrdiff_t)sizeof(T))       /* unit stride: vectorised */
+                for (int f = 0; f < e; f++) ((T *)row)[f] = r[f] + mh * oi[f];
+            else
+                for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f] + mh * oi[f];
+        }
     }
 
     /* 7. queries labelled -1 output 0 */

@@ -14,6 +14,7 @@
 
 #define RA_TOPM 16        /* rank tracked per column by top_sample */
 #define RA_TOP_SLACK 65   /* top_admit list slots beyond cap */
+#define RA_OFFER_ALIGN 16 /* top_offer list stride granule (elements): the widest vector */
 
 #define RA_KERNEL_FNS(T)                                                                  \
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
@@ -60,12 +61,13 @@
     void (*top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,       \
                       int cap, int *cnt, int32_t *pos, T *val);                            \
     /* Clustered top-k: row r of s (rows×cols, ld) offers each entry j with kpos[j] >= 0  \
-       to its candidate list (values lv, positions lj at row stride ldl; size at          \
-       size[r·lds]; at most cap > 0 entries), which keeps the best offered so far, best   \
-       first: larger value, ties to the earlier offer, NaN last.  Successive calls offer  \
-       increasing positions. */                                                            \
+       to its candidate list (values lv, positions lj: integers of T's width, row stride  \
+       ldl; size at size[r·lds]; at most cap > 0 entries), which keeps the best offered   \
+       so far, best first: larger value, ties to the earlier offer, NaN last.  Successive \
+       calls offer increasing positions.  Lists start 64-byte aligned and ldl is a        \
+       multiple of RA_OFFER_ALIGN elements, at least cap rounded up to one. */            \
     void (*top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,  \
-                      int cap, T *lv, int64_t *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds);
+                      int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

@@ -444,52 +444,69 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
 
 /* ------------------------------------------------------------------ clustered top-k */
 
-/* How many of a best-first list's n values rank above x: those >= x (an equal value was
- * offered earlier; NaN entries rank last); all n when x is NaN. */
-static inline int FN(list_rank)(const T *v, int n, T x)
-{
-    if (x != x) return n;
-    const vec xv = FN(vsplat)(x);
-    int at = 0, i = 0;
-    for (; i + VL <= n; i += VL) at += __builtin_popcount(FN(ge_bits)(FN(vload)(v + i), xv));
-    for (; i < n; i++) at += v[i] >= x;
-    return at;
-}
-
+/* Clustered top-k.  A candidate list is nch = ceil(cap / VL) whole vectors of values and
+ * as many of positions (integers of T's width), so every access is one aligned vector and
+ * an insertion is a few shuffles and blends: no element-wise shifting. */
 static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,
-                          int cap, T *lv, int64_t *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds)
+                          int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds)
 {
+    const int nch = (cap + VL - 1) / VL;
+    uvec lane, from_prev;                    /* lane l; element VL-1+l of (previous, this) */
+    for (int l = 0; l < VL; l++) {
+        lane[l] = (UT)l;
+        from_prev[l] = (UT)(VL - 1 + l);
+    }
     for (int r = 0; r < rows; r++) {
         const T *x = s + r * ld;
-        T *v = lv + r * ldl;
-        int64_t *pos = lj + r * ldl;
-        int *n = size + r * lds;
+        vec *v = (vec *)(lv + r * ldl);
+        uvec *p = (uvec *)((UT *)lj + r * ldl);
+        int n = size[r * lds];
+        T worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
         for (int j0 = 0; j0 < cols; j0 += VL) {
             const int lanes = cols - j0 < VL ? cols - j0 : VL;
             unsigned offer = (1u << lanes) - 1;
-            if (*n == cap && v[cap - 1] == v[cap - 1]) {
-                /* full with a number last: only a strictly larger value can enter */
+            if (worst == worst) {             /* full, a number last: only larger values */
                 if (lanes == VL) {
-                    offer = FN(gt_bits)(FN(vload)(x + j0), FN(vsplat)(v[cap - 1]));
+                    offer = FN(gt_bits)(FN(vload)(x + j0), FN(vsplat)(worst));
                 } else {
                     offer = 0;
-                    for (int l = 0; l < lanes; l++) offer |= (unsigned)(x[j0 + l] > v[cap - 1]) << l;
+                    for (int l = 0; l < lanes; l++) offer |= (unsigned)(x[j0 + l] > worst) << l;
                 }
             }
             for (; offer; offer &= offer - 1) {
                 const int j = j0 + __builtin_ctz(offer);
                 if (kpos[j] < 0) continue;
-                const int at = FN(list_rank)(v, *n, x[j]);
-                if (at == cap) continue;
-                for (int i = *n < cap ? *n : cap - 1; i > at; i--) {
-                    v[i] = v[i - 1];
-                    pos[i] = pos[i - 1];
+                const T xj = x[j];
+                /* rank: entries >= xj rank above it (earlier offers win ties, NaN entries
+                   rank last, lanes beyond n are empty); a NaN goes last */
+                int at = n;
+                if (xj == xj) {
+                    at = 0;
+                    const vec xv = FN(vsplat)(xj);
+                    for (int c = 0; c * VL < n; c++) {
+                        const int live = n - c * VL;
+                        unsigned ge = FN(ge_bits)(v[c], xv);
+                        if (live < VL) ge &= (1u << live) - 1;
+                        at += __builtin_popcount(ge);
+                    }
                 }
-                v[at] = x[j];
-                pos[at] = kpos[j];
-                if (*n < cap) (*n)++;
+                if (at >= cap) continue;
+                /* entries from `at` on move one lane up (across vectors through the
+                   previous vector's last lane), xj goes to lane `at` */
+                const uvec atv = (uvec){0} + (UT)at, pj = (uvec){0} + (UT)kpos[j];
+                for (int c = nch - 1; c >= at / VL; c--) {
+                    const vec shifted = __builtin_shuffle(v[c > 0 ? c - 1 : 0], v[c], from_prev);
+                    const uvec pshift = __builtin_shuffle(p[c > 0 ? c - 1 : 0], p[c], from_prev);
+                    const uvec idx = lane + (UT)(c * VL);
+                    const uvec keep = (uvec)(idx < atv), here = (uvec)(idx == atv);
+                    v[c] = FN(vsel)(keep, v[c], FN(vsel)(here, FN(vsplat)(xj), shifted));
+                    p[c] = (p[c] & keep) | (~keep & ((pj & here) | (pshift & ~here)));
+                }
+                if (n < cap) n++;
+                worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
             }
         }
+        size[r * lds] = n;
     }
 }
 
