@@ -132,130 +132,10 @@ int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBM
 }
 
 /* ------------------------------------------------------------------ hamming_kmeans */
-/* codes (n) -> labels (n): nearest centroid by popcount(code xor centroid), ties to
- * the lowest cluster, −1 for invalid rows.  Returns how many labels changed. */
-static int64_t ra_hamming_assign(int n, int c, const uint64_t *code, const uint8_t *valid,
-                                 const uint64_t *cent, int64_t *lab, int nt)
-{
-    const RaKernels *K = ra_kernels();
-    const int nch = ra_nchunks(n);
-    int64_t changed = 0;
-    #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
-    for (int k = 0; k < nch; k++) {
-        const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-        changed += K->hamming_assign(k * RA_CHUNK, i1, code, valid, cent, c, lab);
-    }
-    return changed;
-}
+#define RA_HAMMING_BLOCK 64     /* rows per D² block sum of the seeding; divides RA_CHUNK */
 
-/* Seeded greedy k-means++ on Hamming distance: cent (c) from the valid codes.  Each
- * step draws ra_trials(c) candidates by D² sampling and keeps the one leaving the least
- * total D² (the first on ties).  Integer weights: every sum is exact.  The D² weights are
- * summed per block of RA_HAMMING_BLOCK rows and per chunk, so a draw walks chunks, then
- * blocks, then rows.  Invalid rows keep dist 0 (weight 0, never drawn).
- * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)), block (ceil(n / RA_HAMMING_BLOCK))
- * are scratch. */
-#define RA_HAMMING_BLOCK 64     /* divides RA_CHUNK */
-static void ra_hamming_seed(int n, int c, const uint64_t *code, const uint8_t *valid,
-                            int64_t nvalid, uint64_t *rng, uint64_t *cent, uint64_t *dist,
-                            uint64_t *partial, uint64_t *block, int nt)
-{
-    const RaKernels *K = ra_kernels();
-    const int nch = ra_nchunks(n), L = ra_trials(c);
-    uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
-    cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
-    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (uint64_t)ra_popcount64(code[i] ^ cent[0]) : 0;
-    for (int j = 1; j < c; j++) {
-        /* 1. D² weights, summed per block and per chunk */
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int k = 0; k < nch; k++) {
-            const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-            uint64_t s = 0;
-            for (int b0 = k * RA_CHUNK; b0 < i1; b0 += RA_HAMMING_BLOCK) {
-                const int b1 = b0 + RA_HAMMING_BLOCK < i1 ? b0 + RA_HAMMING_BLOCK : i1;
-                uint64_t t = 0;
-                for (int i = b0; i < b1; i++) t += dist[i] * dist[i];
-                block[b0 / RA_HAMMING_BLOCK] = t;
-                s += t;
-            }
-            partial[k] = s;
-        }
-        uint64_t total = 0;
-        for (int k = 0; k < nch; k++) total += partial[k];
-        int pick;
-        if (total == 0) {                   /* every valid row is a centroid already */
-            pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
-        } else {
-            /* 2. L candidates: first row whose running weight exceeds a uniform target */
-            int cand[RA_MAX_TRIALS];
-            for (int t = 0; t < L; t++) {
-                const uint64_t target = ra_rng_next(rng) % total;
-                uint64_t run = 0;
-                int k = 0;
-                while (run + partial[k] <= target) run += partial[k++];
-                int b = k * (RA_CHUNK / RA_HAMMING_BLOCK);
-                while (run + block[b] <= target) run += block[b++];
-                int i = b * RA_HAMMING_BLOCK;
-                for (;; i++) {
-                    run += dist[i] * dist[i];
-                    if (run > target) break;
-                }
-                cand[t] = i;
-            }
-            /* 3. keep the candidate with the least remaining potential */
-            #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int k = 0; k < nch; k++) {
-                const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                for (int t = 0; t < L; t++)
-                    pot[(size_t)k * L + t] = K->hamming_potential(k * RA_CHUNK, i1, code, dist,
-                                                                  code[cand[t]]);
-            }
-            uint64_t best = UINT64_MAX;
-            pick = cand[0];
-            for (int t = 0; t < L; t++) {
-                uint64_t s = 0;
-                for (int k = 0; k < nch; k++) s += pot[(size_t)k * L + t];
-                if (s < best) { best = s; pick = cand[t]; }
-            }
-        }
-        cent[j] = code[pick];
-        /* 4. distances to the nearest chosen centroid */
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int k = 0; k < nch; k++)
-            K->hamming_min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
-                           cent[j], dist);
-    }
-}
-
-/* The per-bit majority of the codes rows[0..size): a tied bit is 0.  The 64 per-bit
- * counts are kept bit-sliced (plane[l] holds bit l of every count), so adding a code is
- * a ripple-carry over a few planes instead of a loop over its set bits. */
-static uint64_t ra_bit_majority(const uint64_t *code, const int64_t *rows, int64_t size)
-{
-    uint64_t plane[64] = {0};
-    int levels = 0;
-    for (int64_t t = 0; t < size; t++) {
-        uint64_t carry = code[rows[t]];
-        int l = 0;
-        for (; carry; l++) {
-            const uint64_t both = plane[l] & carry;
-            plane[l] ^= carry;
-            carry = both;
-        }
-        levels = l > levels ? l : levels;
-    }
-    uint64_t m = 0;
-    for (int bit = 0; bit < 64; bit++) {
-        int64_t ones = 0;
-        for (int l = 0; l < levels; l++) ones |= (int64_t)((plane[l] >> bit) & 1) << l;
-        if (2 * ones > size) m |= 1ull << bit;
-    }
-    return m;
-}
-
-/* codes (B; n) int64 bit patterns, mask (B; n) uint8 or data == NULL, iters, seed (B)
- * -> labels (B; n) int64 in [-1, c), centroids (B; c) int64 codes */
-/* Scratch of one Hamming k-means problem. */
+/* Scratch of one Hamming k-means problem (code words of up to 64 bits: code, dist and
+ * cent are used as arrays of the problem's word type). */
 typedef struct {
     uint64_t *code, *dist, *partial, *block, *cent;
     uint8_t *valid, *empty;
@@ -276,68 +156,48 @@ static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
     w->start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
     w->rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     w->counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul(nch, c)));
-    return (w->code && w->dist && w->partial && w->block && w->cent && w->valid && w->empty && w->lab &&
-            w->start && w->rows && w->counts) ? RA_OK : RA_ERR_NOMEM;
+    return (w->code && w->dist && w->partial && w->block && w->cent && w->valid && w->empty &&
+            w->lab && w->start && w->rows && w->counts) ? RA_OK : RA_ERR_NOMEM;
 }
 
 static void ra_hamming_work_free(RaHammingWork *w)
 {
     ra_free(w->code); ra_free(w->dist); ra_free(w->partial); ra_free(w->block);
-    ra_free(w->cent);
-    ra_free(w->valid); ra_free(w->empty); ra_free(w->lab); ra_free(w->start);
-    ra_free(w->rows); ra_free(w->counts);
+    ra_free(w->cent); ra_free(w->valid); ra_free(w->empty); ra_free(w->lab);
+    ra_free(w->start); ra_free(w->rows); ra_free(w->counts);
 }
 
-/* One problem b: seeding, Lloyd iterations, labels and centroids written out; nt threads
- * inside (the result does not depend on nt). */
+/* One problem in 64-bit words, and in 32-bit words when every code fits: the same
+ * results, twice the lanes per vector popcount. */
+#define HW uint64_t
+#define HSEL hamming64
+#define HFN(name) name##_64
+#include "hamming_body.h"
+#undef HW
+#undef HSEL
+#undef HFN
+#define HW uint32_t
+#define HSEL hamming32
+#define HFN(name) name##_32
+#include "hamming_body.h"
+#undef HW
+#undef HSEL
+#undef HFN
+
+/* codes (B; n) int64 bit patterns, mask (B; n) uint8 or data == NULL, iters, seed (B)
+ * -> labels (B; n) int64 in [-1, c), centroids (B; c) int64 codes.  Problem b with nt
+ * threads inside (the result does not depend on nt). */
 static void ra_hamming_problem(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec mask,
                                RaBVec iters, RaBVec seed, RaBVec labels, RaBVec centroids,
                                RaHammingWork *w, int nt)
 {
-    uint64_t *code = w->code, *cent = w->cent;
-    uint8_t *valid = w->valid;
-    int64_t *lab = w->lab, *start = w->start, *rows = w->rows;
-    RaVec cv = ra_vec_at(codes, b), mv = ra_vec_at(mask, b);
-    const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
-    uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
-    int64_t nvalid = 0;
-    for (int i = 0; i < n; i++) {
-        code[i] = (uint64_t)RA_VEC_AT(int64_t, cv, i);
-        valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
-        nvalid += valid[i];
-        lab[i] = -2;                     /* "no label yet": every row counts as changed */
-    }
-    if (nvalid == 0) {
-        memset(cent, 0, sizeof(uint64_t) * (size_t)c);
-    } else {
-        /* 1. k-means++ seeding */
-        ra_hamming_seed(n, c, code, valid, nvalid, &rng, cent, w->dist, w->partial, w->block,
-                            nt);
-        /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
-        int reseeded = 1;
-        for (int64_t it = 0;; it++) {
-            const int64_t changed = ra_hamming_assign(n, c, code, valid, cent, lab, nt);
-            if (it == n_iters || (changed == 0 && !reseeded)) break;
-            ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
-            /* per cluster: the per-bit majority of its members */
-            #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-            for (int j = 0; j < c; j++) {
-                const int64_t size = start[j + 1] - start[j];
-                w->empty[j] = size == 0;
-                if (size > 0) cent[j] = ra_bit_majority(code, rows + start[j], size);
-            }
-            /* empty clusters, in cluster order: a fresh random valid row */
-            reseeded = 0;
-            for (int j = 0; j < c; j++) {
-                if (!w->empty[j]) continue;
-                cent[j] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(&rng) % (uint64_t)nvalid))];
-                reseeded = 1;
-            }
-        }
-    }
-    RaVec lv = ra_vec_at(labels, b), ov = ra_vec_at(centroids, b);
-    for (int i = 0; i < n; i++) RA_VEC_AT(int64_t, lv, i) = nvalid ? lab[i] : -1;
-    for (int j = 0; j < c; j++) RA_VEC_AT(int64_t, ov, j) = (int64_t)cent[j];
+    RaVec cv = ra_vec_at(codes, b);
+    uint64_t bits = 0;
+    for (int i = 0; i < n; i++) bits |= (uint64_t)RA_VEC_AT(int64_t, cv, i);
+    if (bits >> 32)
+        ra_hamming_fit_64(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
+    else
+        ra_hamming_fit_32(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
 }
 
 int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBVec iters,

@@ -72,6 +72,19 @@
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 
+/* Hamming distances of code words, rows [i0, i1) (popcnt where the CPU has it). */
+typedef struct {
+    /* nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,
+       returning how many labels changed; */
+    int64_t (*assign)(int i0, int i1, const void *code, const uint8_t *valid,
+                      const void *cent, int c, int64_t *lab);
+    /* Σ min(popcount(code[i] ^ center), dist[i])²; */
+    uint64_t (*potential)(int i0, int i1, const void *code, const void *dist,
+                          uint64_t center);
+    /* dist[i] = min(dist[i], popcount(code[i] ^ center)). */
+    void (*min)(int i0, int i1, const void *code, uint64_t center, void *dist);
+} RaHammingKernels;
+
 typedef struct {
     const char *name;   /* "avx512-vpopcnt", "avx512", "avx2" or "generic" */
     RaKernelsF32 f32;
@@ -79,16 +92,9 @@ typedef struct {
     /* Peak probe: `iters` rounds of 12 independent float32 vector FMA chains; returns
        the flop count done (the checksum keeps the compiler from dropping the work). */
     double (*fma_probe)(long iters, float *checksum);
-    /* Hamming distances of 64-bit codes, rows [i0, i1) (popcnt where the CPU has it):
-       nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,
-       returning how many labels changed; */
-    int64_t (*hamming_assign)(int i0, int i1, const uint64_t *code, const uint8_t *valid,
-                              const uint64_t *cent, int c, int64_t *lab);
-    /* Σ min(popcount(code[i] ^ center), dist[i])²; */
-    uint64_t (*hamming_potential)(int i0, int i1, const uint64_t *code, const uint64_t *dist,
-                                  uint64_t center);
-    /* dist[i] = min(dist[i], popcount(code[i] ^ center)). */
-    void (*hamming_min)(int i0, int i1, const uint64_t *code, uint64_t center, uint64_t *dist);
+    /* Hamming kernels for 64-bit and for 32-bit code words (codes, centroids and
+       distances all of that width, passed as void *). */
+    RaHammingKernels hamming64, hamming32;
 } RaKernels;
 
 extern const RaKernels ra_kernels_avx512vp, ra_kernels_avx512, ra_kernels_avx2,

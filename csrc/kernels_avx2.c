@@ -4,6 +4,7 @@
 #define VEC_BYTES 32
 #define GEMM_MR 6
 #define RA_POPCOUNT __builtin_popcountll   /* the popcnt instruction (every AVX2 CPU has it) */
+#define RA_POPCOUNT32 __builtin_popcount
 #define GEMM_NV 2
 #define ISA avx2
 #include "kernels_isa.h"

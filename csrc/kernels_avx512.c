@@ -4,6 +4,7 @@
 #define VEC_BYTES 64
 #define GEMM_MR 6
 #define RA_POPCOUNT __builtin_popcountll   /* the popcnt instruction (every AVX2 CPU has it) */
+#define RA_POPCOUNT32 __builtin_popcount
 #define GEMM_NV 4
 #define ISA avx512
 #include "kernels_isa.h"
@@ -11,7 +12,7 @@
 /* Ice Lake and later also count bits eight lanes at a time (VPOPCNTQ): the same table
    with the Hamming kernels compiled for that; kernels.c picks it when the CPU has it. */
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq")
-#define HFN(name) name##_avx512vp
+#define HFN(name) RA_CAT3(name, _, avx512vp)
 #include "kernels_hamming.h"
 #undef HFN
 RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);

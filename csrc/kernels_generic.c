@@ -4,6 +4,7 @@
 #define VEC_BYTES 16
 #define GEMM_MR 4
 #define RA_POPCOUNT ra_popcount64   /* baseline x86-64 has no popcnt instruction: SWAR */
+#define RA_POPCOUNT32 ra_popcount64
 #define GEMM_NV 2
 #define ISA generic
 #include "kernels_isa.h"

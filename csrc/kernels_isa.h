@@ -2,7 +2,7 @@
  * kernels_<isa>.c after its target pragma and these macros:
  *   ISA          the suffix token (avx512, avx2, generic): names ra_kernels_<ISA>
  *   VEC_BYTES, GEMM_MR, GEMM_NV   see kernels_body.h
- *   RA_POPCOUNT                   see kernels_hamming.h */
+ *   RA_POPCOUNT, RA_POPCOUNT32    see kernels_hamming.h */
 #include "kernels.h"
 
 #define RA_CAT3_(a, b, c) a##b##c
@@ -46,7 +46,9 @@
 #define RA_KERNEL_TABLE(NAME, LABEL, HISA)                                                \
     const RaKernels NAME = {                                                              \
         LABEL, RA_TYPED_TABLE(_f32_), RA_TYPED_TABLE(_f64_), RA_CAT3(fma_probe, _f32_, ISA), \
-        RA_CAT3(hamming_assign, _, HISA), RA_CAT3(hamming_potential, _, HISA),            \
-        RA_CAT3(hamming_min, _, HISA)}
+        {RA_CAT3(hamming_assign64, _, HISA), RA_CAT3(hamming_potential64, _, HISA),       \
+         RA_CAT3(hamming_min64, _, HISA)},                                                \
+        {RA_CAT3(hamming_assign32, _, HISA), RA_CAT3(hamming_potential32, _, HISA),       \
+         RA_CAT3(hamming_min32, _, HISA)}}
 
 RA_KERNEL_TABLE(RA_CAT3(ra_kernels, _, ISA), RA_STR(ISA), ISA);

@@ -379,16 +379,18 @@ def test_hamming_kmeans_against_reference(iters):
 @pytest.mark.parametrize("simd", ["default", "avx512", "avx2", "generic"])
 def test_hamming_kmeans_on_every_kernel_table(simd):
     """Each instruction set's Hamming kernels (VPOPCNTQ, popcnt, SWAR; forced by RA_SIMD)
-    give the reference labels on full 64-bit codes, over more than one row chunk."""
+    give the reference labels over more than one row chunk, on full 64-bit codes and on
+    codes that fit 32 bits (the narrow-word kernels)."""
     code = (
         "import numpy as np, routing_attention as ra\n"
         "from routing_attention import reference as ref\n"
         "g = np.random.default_rng(24)\n"
-        "codes = g.integers(-2**63, 2**63 - 1, (2, 5000), dtype=np.int64)\n"
-        "mask = g.random((2, 5000)) > 0.1\n"
-        "got = ra.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
-        "want = ref.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
-        "assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])\n"
+        "for hi in (2**63 - 1, 2**32 - 1):\n"
+        "    codes = g.integers(-hi - 1 if hi > 2**32 else 0, hi, (2, 5000), dtype=np.int64)\n"
+        "    mask = g.random((2, 5000)) > 0.1\n"
+        "    got = ra.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
+        "    want = ref.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
+        "    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), hi\n"
         "print('ok', ra.build_info()['simd'])\n")
     env = dict(os.environ)
     env.pop("RA_SIMD", None)

@@ -1,0 +1,174 @@
+/* hamming_body.h — Hamming k-means of one problem for one code-word type; included
+ * twice by clustering.c with HW (uint64_t, or uint32_t when every code fits), HSEL (the
+ * matching member of RaKernels) and HFN(name) = name##_64 / name##_32. */
+
+/* code (n) -> labels (n): nearest centroid by popcount(code xor centroid), ties to
+ * the lowest cluster, −1 for invalid rows.  Returns how many labels changed. */
+static int64_t HFN(ra_hamming_assign)(int n, int c, const HW *code, const uint8_t *valid,
+                                      const HW *cent, int64_t *lab, int nt)
+{
+    const RaHammingKernels *K = &ra_kernels()->HSEL;
+    const int nch = ra_nchunks(n);
+    int64_t changed = 0;
+    #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
+    for (int k = 0; k < nch; k++) {
+        const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+        changed += K->assign(k * RA_CHUNK, i1, code, valid, cent, c, lab);
+    }
+    return changed;
+}
+
+/* Seeded greedy k-means++ on Hamming distance: cent (c) from the valid codes.  Each
+ * step draws ra_trials(c) candidates by D² sampling and keeps the one leaving the least
+ * total D² (the first on ties).  Integer weights: every sum is exact.  The D² weights are
+ * summed per block of RA_HAMMING_BLOCK rows and per chunk, so a draw walks chunks, then
+ * blocks, then rows.  Invalid rows keep dist 0 (weight 0, never drawn).
+ * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)), block (ceil(n / RA_HAMMING_BLOCK))
+ * are scratch. */
+static void HFN(ra_hamming_seed)(int n, int c, const HW *code, const uint8_t *valid,
+                                 int64_t nvalid, uint64_t *rng, HW *cent, HW *dist,
+                                 uint64_t *partial, uint64_t *block, int nt)
+{
+    const RaHammingKernels *K = &ra_kernels()->HSEL;
+    const int nch = ra_nchunks(n), L = ra_trials(c);
+    uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
+    cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
+    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (HW)ra_popcount64(code[i] ^ cent[0]) : 0;
+    for (int j = 1; j < c; j++) {
+        /* 1. D² weights, summed per block and per chunk */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int k = 0; k < nch; k++) {
+            const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+            uint64_t s = 0;
+            for (int b0 = k * RA_CHUNK; b0 < i1; b0 += RA_HAMMING_BLOCK) {
+                const int b1 = b0 + RA_HAMMING_BLOCK < i1 ? b0 + RA_HAMMING_BLOCK : i1;
+                uint64_t t = 0;
+                for (int i = b0; i < b1; i++) t += (uint64_t)(dist[i] * dist[i]);
+                block[b0 / RA_HAMMING_BLOCK] = t;
+                s += t;
+            }
+            partial[k] = s;
+        }
+        uint64_t total = 0;
+        for (int k = 0; k < nch; k++) total += partial[k];
+        int pick;
+        if (total == 0) {                   /* every valid row is a centroid already */
+            pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
+        } else {
+            /* 2. L candidates: first row whose running weight exceeds a uniform target */
+            int cand[RA_MAX_TRIALS];
+            for (int t = 0; t < L; t++) {
+                const uint64_t target = ra_rng_next(rng) % total;
+                uint64_t run = 0;
+                int k = 0;
+                while (run + partial[k] <= target) run += partial[k++];
+                int b = k * (RA_CHUNK / RA_HAMMING_BLOCK);
+                while (run + block[b] <= target) run += block[b++];
+                int i = b * RA_HAMMING_BLOCK;
+                for (;; i++) {
+                    run += (uint64_t)(dist[i] * dist[i]);
+                    if (run > target) break;
+                }
+                cand[t] = i;
+            }
+            /* 3. keep the candidate with the least remaining potential */
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int k = 0; k < nch; k++) {
+                const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+                for (int t = 0; t < L; t++)
+                    pot[(size_t)k * L + t] = K->potential(k * RA_CHUNK, i1, code, dist,
+                                                                  code[cand[t]]);
+            }
+            uint64_t best = UINT64_MAX;
+            pick = cand[0];
+            for (int t = 0; t < L; t++) {
+                uint64_t s = 0;
+                for (int k = 0; k < nch; k++) s += pot[(size_t)k * L + t];
+                if (s < best) { best = s; pick = cand[t]; }
+            }
+        }
+        cent[j] = code[pick];
+        /* 4. distances to the nearest chosen centroid */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int k = 0; k < nch; k++)
+            K->min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
+                           cent[j], dist);
+    }
+}
+
+/* The per-bit majority of the codes rows[0..size): a tied bit is 0.  The per-bit
+ * counts are kept bit-sliced (plane[l] holds bit l of every count), so adding a code is
+ * a ripple-carry over a few planes instead of a loop over its set bits. */
+static HW HFN(ra_bit_majority)(const HW *code, const int64_t *rows, int64_t size)
+{
+    HW plane[64] = {0};
+    int levels = 0;
+    for (int64_t t = 0; t < size; t++) {
+        HW carry = code[rows[t]];
+        int l = 0;
+        for (; carry; l++) {
+            const HW both = plane[l] & carry;
+            plane[l] ^= carry;
+            carry = both;
+        }
+        levels = l > levels ? l : levels;
+    }
+    HW m = 0;
+    for (int bit = 0; bit < (int)(8 * sizeof(HW)); bit++) {
+        int64_t ones = 0;
+        for (int l = 0; l < levels; l++) ones |= (int64_t)((plane[l] >> bit) & 1) << l;
+        if (2 * ones > size) m |= (HW)1 << bit;
+    }
+    return m;
+}
+
+/* Problem b: seeding, Lloyd iterations, labels and centroids written out. */
+static void HFN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec mask,
+                                RaBVec iters, RaBVec seed, RaBVec labels, RaBVec centroids,
+                                RaHammingWork *w, int nt)
+{
+    HW *code = (HW *)w->code, *cent = (HW *)w->cent;
+    uint8_t *valid = w->valid;
+    int64_t *lab = w->lab, *start = w->start, *rows = w->rows;
+    RaVec cv = ra_vec_at(codes, b), mv = ra_vec_at(mask, b);
+    const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
+    uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
+    int64_t nvalid = 0;
+    for (int i = 0; i < n; i++) {
+        code[i] = (HW)RA_VEC_AT(int64_t, cv, i);
+        valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
+        nvalid += valid[i];
+        lab[i] = -2;                     /* "no label yet": every row counts as changed */
+    }
+    if (nvalid == 0) {
+        memset(cent, 0, sizeof(HW) * (size_t)c);
+    } else {
+        /* 1. k-means++ seeding */
+        HFN(ra_hamming_seed)(n, c, code, valid, nvalid, &rng, cent, (HW *)w->dist, w->partial,
+                             w->block, nt);
+        /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
+        int reseeded = 1;
+        for (int64_t it = 0;; it++) {
+            const int64_t changed = HFN(ra_hamming_assign)(n, c, code, valid, cent, lab, nt);
+            if (it == n_iters || (changed == 0 && !reseeded)) break;
+            ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
+            /* per cluster: the per-bit majority of its members */
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+            for (int j = 0; j < c; j++) {
+                const int64_t size = start[j + 1] - start[j];
+                w->empty[j] = size == 0;
+                if (size > 0) cent[j] = HFN(ra_bit_majority)(code, rows + start[j], size);
+            }
+            /* empty clusters, in cluster order: a fresh random valid row */
+            reseeded = 0;
+            for (int j = 0; j < c; j++) {
+                if (!w->empty[j]) continue;
+                cent[j] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(&rng) % (uint64_t)nvalid))];
+                reseeded = 1;
+            }
+        }
+    }
+    RaVec lv = ra_vec_at(labels, b), ov = ra_vec_at(centroids, b);
+    for (int i = 0; i < n; i++) RA_VEC_AT(int64_t, lv, i) = nvalid ? lab[i] : -1;
+    for (int j = 0; j < c; j++) RA_VEC_AT(int64_t, ov, j) = (int64_t)(uint64_t)cent[j];
+}
