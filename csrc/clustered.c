@@ -20,6 +20,8 @@
 /* Centroid rows per tile of the centroid passes (the engine takes any row count): with
  * C ≤ 128 clusters every key tile is gathered once per key group. */
 #define RA_CL_ROWS 128
+/* Keys whose centroid logits go to top_offer together (a multiple of RA_BK). */
+#define RA_CL_CHUNK (8 * RA_BK)
 /* Stride of a top-k candidate list of capacity k (top_offer's layout). */
 #define CL_LIST(k) ((size_t)((k) + RA_OFFER_ALIGN - 1) / RA_OFFER_ALIGN * RA_OFFER_ALIGN)
 

@@ -88,7 +88,8 @@ static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int
 
 /* Per-thread tiles (R = RA_CL_ROWS): q (R, d), acc/o' (R, e) ×2, s, dp (R·BK) ×2, mx, sum,
  * lse', delta' (R) ×4, dq (R, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
- * key positions (BK) int64, dk tile (max(kmax, BK), d). */
+ * key positions (BK) int64, dk tile (max(kmax, BK), d); improved form: the logits of a
+ * chunk of key tiles (R, RA_CL_CHUNK) and their key positions (RA_CL_CHUNK) int64. */
 static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
 {
     const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK);
@@ -97,6 +98,8 @@ static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
     items = ra_add(items, 2 * (size_t)RA_CL_ROWS * RA_BK + 4 * RA_CL_ROWS);
     items = ra_add(items, ra_mul(kcols, 3 * (size_t)d + 2 * (size_t)e));
     items = ra_add(items, RA_BK * sizeof(int64_t) / sizeof(T));
+    if (kmax > 0)
+        items = ra_add(items, (size_t)RA_CL_CHUNK * (RA_CL_ROWS + sizeof(int64_t) / sizeof(T)));
     return FN(cl_bytes)(sizeof(T), items);
 }
 
@@ -214,6 +217,8 @@ typedef struct {
     T *kt, *v, *k, *vt;          /* T_c packed: (d, kmax), (kmax, e), (kmax, d), (e, kmax) */
     int64_t *kpos;               /* (BK) key positions of a centroid-attention tile */
     T *dk;                       /* (BK, d) dk tile of the centroid backward */
+    T *chunk;                    /* improved: (R, RA_CL_CHUNK) logits of a chunk of key tiles */
+    int64_t *chunk_pos;          /* (RA_CL_CHUNK) and their key positions (-1 masked) */
 } FN(ClTiles);
 
 static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
@@ -236,6 +241,8 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
     w->vt = w->k + kcols * d;
     w->kpos = (int64_t *)(w->vt + kcols * e);
     w->dk = (T *)(w->kpos + RA_BK);
+    w->chunk = kmax > 0 ? w->dk + kcols * d : NULL;
+    w->chunk_pos = kmax > 0 ? (int64_t *)(w->chunk + (ptrdiff_t)RA_CL_ROWS * RA_CL_CHUNK) : NULL;
     w->qt.q = w->gt.q = w->qs;
     w->qt.pos = w->gt.pos = NULL;
     w->gt.s = w->qt.s;
@@ -302,11 +309,20 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
         FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
         FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
         FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked ? RA_MASKED : 0);
-        if (kc > 0) {   /* the improved form's candidates; logit order = weight order */
-            const size_t list = ((size_t)c0 * G + g) * CL_LIST(kmax);
-            K->top_offer(rows, cols, w->qt.s, RA_BK, w->kpos, kc, p->cand_v + list,
-                         p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
-                         p->cand_size + (size_t)c0 * G + g, G);
+        if (kc > 0) {
+            /* the improved form's candidates (logit order = weight order): the logits of
+               RA_CL_CHUNK keys at a time, so top_offer sees whole rows of many keys */
+            const int at = (t - t0) % (RA_CL_CHUNK / RA_BK) * RA_BK;
+            for (int r = 0; r < rows; r++)
+                memcpy(w->chunk + (ptrdiff_t)r * RA_CL_CHUNK + at,
+                       w->qt.s + (ptrdiff_t)r * RA_BK, sizeof(T) * (size_t)cols);
+            memcpy(w->chunk_pos + at, w->kpos, sizeof(int64_t) * (size_t)cols);
+            if (at + cols == RA_CL_CHUNK || t == t1 - 1) {
+                const size_t list = ((size_t)c0 * G + g) * CL_LIST(kmax);
+                K->top_offer(rows, at + cols, w->chunk, RA_CL_CHUNK, w->chunk_pos, kc,
+                             p->cand_v + list, p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
+                             p->cand_size + (size_t)c0 * G + g, G);
+            }
         }
         FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked ? RA_MASKED : 0);
     }

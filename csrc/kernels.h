@@ -15,6 +15,7 @@
 #define RA_TOPM 16        /* rank tracked per column by top_sample */
 #define RA_TOP_SLACK 65   /* top_admit list slots beyond cap */
 #define RA_OFFER_ALIGN 16 /* top_offer list stride granule (elements): the widest vector */
+#define RA_OFFER_DEPTH 4  /* top_offer's pre-pass floor up to cap = 4 vectors of lanes */
 
 #define RA_KERNEL_FNS(T)                                                                  \
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \

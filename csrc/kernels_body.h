@@ -456,22 +456,47 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
         lane[l] = (UT)l;
         from_prev[l] = (UT)(VL - 1 + l);
     }
+    const int depth = (cap + VL - 1) / VL;    /* per-lane ranks that make up cap values */
+    const vec ninf = FN(vsplat)(-(T)INFINITY);
     for (int r = 0; r < rows; r++) {
         const T *x = s + r * ld;
         vec *v = (vec *)(lv + r * ldl);
         uvec *p = (uvec *)((UT *)lj + r * ldl);
         int n = size[r * lds];
         T worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
+        /* floor: each lane's depth largest values (NaN as -inf) are depth·VL >= cap
+           distinct entries, so an entry below the least of them is not among this row's
+           best cap; -inf (too few, or -inf values) filters nothing */
+        T floor = -(T)INFINITY;
+        if (depth <= RA_OFFER_DEPTH && cols / VL >= depth) {
+            vec top[RA_OFFER_DEPTH];
+            for (int t = 0; t < depth; t++) top[t] = ninf;
+            for (int j0 = 0; j0 + VL <= cols; j0 += VL) {
+                vec y = FN(vload)(x + j0);
+                y = FN(vsel)((uvec)(y == y), y, ninf);
+                for (int t = 0; t < depth; t++) {     /* insert y into the lane's ranks */
+                    const uvec up = (uvec)(y > top[t]);
+                    const vec was = top[t];
+                    top[t] = FN(vsel)(up, y, was);
+                    y = FN(vsel)(up, was, y);
+                }
+            }
+            floor = top[depth - 1][0];
+            for (int l = 1; l < VL; l++) floor = top[depth - 1][l] < floor ? top[depth - 1][l] : floor;
+        }
         for (int j0 = 0; j0 < cols; j0 += VL) {
             const int lanes = cols - j0 < VL ? cols - j0 : VL;
             unsigned offer = (1u << lanes) - 1;
-            if (worst == worst) {             /* full, a number last: only larger values */
-                if (lanes == VL) {
-                    offer = FN(gt_bits)(FN(vload)(x + j0), FN(vsplat)(worst));
-                } else {
-                    offer = 0;
-                    for (int l = 0; l < lanes; l++) offer |= (unsigned)(x[j0 + l] > worst) << l;
-                }
+            if (lanes == VL) {
+                const vec y = FN(vload)(x + j0);
+                if (floor > -(T)INFINITY) offer = FN(ge_bits)(y, FN(vsplat)(floor));
+                /* full, a number last: only larger values */
+                if (worst == worst) offer &= FN(gt_bits)(y, FN(vsplat)(worst));
+            } else {
+                for (int l = 0; l < lanes; l++)   /* quiet comparisons, as above */
+                    if ((floor > -(T)INFINITY && !__builtin_isgreaterequal(x[j0 + l], floor)) ||
+                        (worst == worst && !__builtin_isgreater(x[j0 + l], worst)))
+                        offer &= ~(1u << l);
             }
             for (; offer; offer &= offer - 1) {
                 const int j = j0 + __builtin_ctz(offer);
