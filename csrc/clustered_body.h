@@ -297,6 +297,7 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
     FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
     FN(ra_fwd_init)(&w->qt, e);
+    const int v_rows = v.s1 == (ptrdiff_t)sizeof(T) && v.s0 > 0 && v.s0 % (ptrdiff_t)sizeof(T) == 0;
     for (int t = t0; t < t1; t++) {
         const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
         int masked = 0;
@@ -306,8 +307,13 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
             masked |= !valid;
         }
         FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
-        FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
         FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
+        if (v_rows) {                     /* unit-stride rows: the engine reads v in place */
+            kt.v = (T *)(v.data + (ptrdiff_t)j0 * v.s0);
+            kt.ldv = v.s0 / (ptrdiff_t)sizeof(T);
+        } else {
+            FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
+        }
         FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked ? RA_MASKED : 0);
         if (kc > 0) {
             /* the improved form's candidates (logit order = weight order): the logits of
