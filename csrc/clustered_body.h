@@ -136,26 +136,13 @@ static int FN(cl_plan)(int n, int m, int C, int topk, RaVec labels, RaVec key_ma
 }
 
 /* q (n, d) -> cent_c (d) = mean of the member rows of c (0 if empty), summed in order. */
-/* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler
- * vectorises (same operations, so the same result). */
-static inline void FN(cl_add_row)(T *dst, T a, RaMat m, int64_t i, int n)
-{
-    const char *row = m.data + (ptrdiff_t)i * m.s0;
-    if (m.s1 == (ptrdiff_t)sizeof(T)) {
-        const T *x = (const T *)row;
-        for (int f = 0; f < n; f++) dst[f] += a * x[f];
-    } else {
-        for (int f = 0; f < n; f++) dst[f] += a * *(const T *)(row + (ptrdiff_t)f * m.s1);
-    }
-}
-
 static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
 {
     T *dst = p->cent + (ptrdiff_t)c * d;
     const int64_t s0 = p->start[c], s1 = p->start[c + 1];
     memset(dst, 0, sizeof(T) * (size_t)d);
     for (int64_t s = s0; s < s1; s++)
-        FN(cl_add_row)(dst, 1, q, p->order[s], d);
+        FN(ra_add_row)(dst, 1, q, p->order[s], d);
     if (s1 > s0) {
         const T inv = (T)1 / (T)(s1 - s0);
         for (int f = 0; f < d; f++) dst[f] *= inv;
@@ -204,7 +191,7 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
         aw[t] = t < kept ? (T)exp(all[t].v - lse) : 0;   /* a_c[j] from its logit */
         if (t >= kept) continue;
         mass += aw[t];
-        FN(cl_add_row)(r, -aw[t], v, sel[t], e);
+        FN(ra_add_row)(r, -aw[t], v, sel[t], e);
     }
     p->mhat[c] = mass;
 }
@@ -646,7 +633,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         RaMat g = ra_mat_at(dout, b);
         memset(gs, 0, ts * (size_t)e);
         for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
-            FN(cl_add_row)(gs, 1, g, p.order[s], e);
+            FN(ra_add_row)(gs, 1, g, p.order[s], e);
         T acc = 0;
         for (int f = 0; f < e; f++) acc += gs[f] * p.r[(ptrdiff_t)c * e + f];
         p.delta[c] = acc;
@@ -723,7 +710,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
             const T ds = -aw[t] * gv;
             for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -aw[t] * gs[f];
             for (int f = 0; f < d; f++) dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
-            FN(cl_add_row)(dcen, sc * ds, km, sel[t], d);
+            FN(ra_add_row)(dcen, sc * ds, km, sel[t], d);
         }
         /* forward 6 was out_i = r_c + m̂_c·o'_i with o'_i = softmax_{T_c}(s·q_i·K_T)·V_T
            and m̂_c constant: the engine backward with dout' = m̂_c·dout_i */

@@ -280,41 +280,49 @@ int FN(ra_update_centroids)(ptrdiff_t B, int n, int d, int c, RaBMat centroids, 
                             RaBVec labels, RaBVec mask, RaBVec decay, RaBMat out)
 {
     const int nt = ra_num_threads();
-    const size_t per_thread = ra_round_up(ra_mul(2 * sizeof(T), (size_t)d));   /* v, sum */
     int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
-    int64_t *start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
-    int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
-    int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)ra_nchunks(n), c)));
-    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    int st = (lab && start && rows && counts && scratch) ? RA_OK : RA_ERR_NOMEM;
+    T *sum = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)c, (size_t)d)));
+    int64_t *size = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c));
+    int st = (lab && sum && size) ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
         st = ra_read_labels(n, c, ra_vec_at(labels, b), ra_vec_at(mask, b), lab);
         if (st != RA_OK) break;
-        ra_group_by_label(n, lab, c, start, rows, counts, nt);
         RaMat cb = ra_mat_at(centroids, b), xb = ra_mat_at(x, b), ob = ra_mat_at(out, b);
         const T dec = RA_VEC_AT(T, ra_vec_at(decay, b), 0);
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-        for (int j = 0; j < c; j++) {
-            T *v = (T *)(scratch + (size_t)ra_thread_id() * per_thread), *s = v + d;
-            const int64_t size = start[j + 1] - start[j];
-            /* read the whole row before writing: out may alias centroids */
-            for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
-            if (size > 0) {
-                memset(s, 0, sizeof(T) * (size_t)d);
-                for (int64_t t = start[j]; t < start[j + 1]; t++)
-                    for (int u = 0; u < d; u++) s[u] += RA_MAT_AT(T, xb, rows[t], u);
-                T sq = 0;
-                for (int u = 0; u < d; u++) {
-                    v[u] = dec * v[u] + (1 - dec) * (s[u] / (T)size);
-                    sq += v[u] * v[u];
-                }
-                const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
-                for (int u = 0; u < d; u++) v[u] *= inv;
+        /* each part owns a range of clusters and sums their rows in one sequential pass
+           over x, so every cluster's rows are added in row order whatever the split */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int part = 0; part < nt; part++) {
+            const int j0 = (int)((int64_t)c * part / nt), j1 = (int)((int64_t)c * (part + 1) / nt);
+            if (j0 == j1) continue;
+            memset(sum + (size_t)j0 * d, 0, sizeof(T) * (size_t)(j1 - j0) * d);
+            memset(size + j0, 0, sizeof(int64_t) * (size_t)(j1 - j0));
+            for (int i = 0; i < n; i++) {
+                const int64_t l = lab[i];
+                if (l < j0 || l >= j1) continue;
+                FN(ra_add_row)(sum + (size_t)l * d, 1, xb, i, d);
+                size[l]++;
             }
-            for (int u = 0; u < d; u++) RA_MAT_AT(T, ob, j, u) = v[u];
+            for (int j = j0; j < j1; j++) {
+                T *v = sum + (size_t)j * d;     /* becomes the new centroid in place */
+                if (size[j] == 0) {
+                    for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
+                } else {
+                    T sq = 0;
+                    for (int u = 0; u < d; u++) {
+                        v[u] = dec * RA_MAT_AT(T, cb, j, u) + (1 - dec) * (v[u] / (T)size[j]);
+                        sq += v[u] * v[u];
+                    }
+                    const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
+                    for (int u = 0; u < d; u++) v[u] *= inv;
+                }
+            }
         }
+        /* written after every read: out may alias centroids */
+        for (int j = 0; j < c; j++)
+            for (int u = 0; u < d; u++) RA_MAT_AT(T, ob, j, u) = sum[(size_t)j * d + u];
     }
-    ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts); ra_free(scratch);
+    ra_free(lab); ra_free(sum); ra_free(size);
     return st;
 }
 

@@ -74,6 +74,9 @@ enum {
         T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
         T *s, *dp;             /* scratch (RA_BQ, RA_BK) each */                          \
     } RaQGradTile_##SUF;                                                                  \
+    /* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler    \
+       vectorises (the same operations either way, so the same result). */               \
+    void ra_add_row_##SUF(T *dst, T a, RaMat m, int64_t i, int n);                         \
     /* Gather rows of src (a strided 2-D view) into a contiguous tile.  Row r of the    \
        tile is src row idx[r] (idx NULL: row first + r); idx[r] < 0 gives a zero row.   \
        Values are multiplied by mul.  transposed = 0: dst is (rows, cols) with leading  \

@@ -44,6 +44,17 @@ static void FN(apply_vis)(T *s, int rows, int cols, const uint64_t *vis, ptrdiff
 #define RA_PREFETCH_ROWS 8
 #endif
 
+void FN(ra_add_row)(T *dst, T a, RaMat m, int64_t i, int n)
+{
+    const char *row = m.data + (ptrdiff_t)i * m.s0;
+    if (m.s1 == (ptrdiff_t)sizeof(T)) {
+        const T *x = (const T *)row;
+        for (int f = 0; f < n; f++) dst[f] += a * x[f];
+    } else {
+        for (int f = 0; f < n; f++) dst[f] += a * *(const T *)(row + (ptrdiff_t)f * m.s1);
+    }
+}
+
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {

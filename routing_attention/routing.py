@@ -184,10 +184,11 @@ def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None)
 
 
 # ------------------------------------------------------------------ the layer
-def _normalize(x):
-    """Rows of x scaled to unit L2 norm (zero rows stay zero) and their norms."""
+def _normalize(x, out=None):
+    """Rows of x scaled to unit L2 norm (zero rows stay zero; into `out` if given) and
+    their norms."""
     norm = np.sqrt(np.einsum("...d,...d->...", x, x))[..., None]
-    return x / np.where(norm > 0, norm, 1), norm
+    return np.divide(x, np.where(norm > 0, norm, 1), out=out), norm
 
 
 def _normalize_backward(dxhat, xhat, norm):
@@ -287,19 +288,37 @@ class RoutingAttention:
         self._saved = None
 
     # -- routing decisions ------------------------------------------------------
-    def _members(self, xhat, scores, labels, mask, size):
-        from .clustering import members_from_labels, top_members
-        if self.membership == "balanced":
-            idx = top_members(scores, min(size, xhat.shape[-2]))
-        else:
-            idx = members_from_labels(labels, self.centroids.shape[-2])
-        return _mask_members(idx, mask)
+    def _members(self, xhat, mask, size):
+        """Labels, best scores (..., heads, n) and members (..., heads, c, size) of the
+        normalised rows xhat (..., heads, n, d), one head at a time, so that only one
+        head's (n, c) score matrix is alive at once."""
+        from .clustering import assign_clusters, members_from_labels, top_members
+        labels = np.empty(xhat.shape[:-1], np.int64)
+        best = np.empty(xhat.shape[:-1], xhat.dtype)
+        balanced = self.membership == "balanced"
+        idx = None
+        for h in range(xhat.shape[-3]):
+            lab, scores, top = assign_clusters(xhat[..., h, :, :], self.centroids[h],
+                                               return_scores=True)
+            labels[..., h, :], best[..., h, :] = lab, top
+            if balanced:
+                members = _mask_members(top_members(scores, min(size, xhat.shape[-2])), mask)
+                if idx is None:
+                    idx = np.empty(members.shape[:-2] + (xhat.shape[-3],) + members.shape[-2:],
+                                   np.int64)
+                idx[..., h, :, :] = members
+            del scores
+        if not balanced:        # one width for all heads: the largest cluster's size
+            mask = None if mask is None else np.asarray(mask)[..., None, :]
+            idx = _mask_members(members_from_labels(labels, self.centroids.shape[-2]), mask)
+        return labels, best, idx
 
-    def _route(self, qhat, khat, key_mask, query_mask):
-        from .clustering import assign_clusters, spherical_kmeans, update_centroids
+    def _route(self, qhat, khat, key_mask, query_mask, pooled=None):
+        from .clustering import spherical_kmeans, update_centroids
         heads, n, d = qhat.shape[-3:]
         m = khat.shape[-2]
-        pooled = np.concatenate([qhat, khat], axis=-2)             # (..., heads, n+m, d)
+        if pooled is None:                                          # (..., heads, n+m, d)
+            pooled = np.concatenate([qhat, khat], axis=-2)
         pool_mask = None
         if key_mask is not None or query_mask is not None:
             qm = np.ones(qhat.shape[:-1], bool) if query_mask is None else \
@@ -321,11 +340,13 @@ class RoutingAttention:
             self.centroids = spherical_kmeans(per_head, min(c, per_head.shape[-2]),
                                               iters=self.kmeans_iters, seed=self.seed, mask=mh)
         c = self.centroids.shape[-2]
-        # one product per side gives the balanced scores, the argmax labels and the
+        # one product per side gives the balanced members, the argmax labels and the
         # commitment loss |x̂|² - 2 x̂·μ_label + |μ_label|²
-        lq, sq_, bq = assign_clusters(qhat, self.centroids, return_scores=True)
-        lk, sk_, bk = (lq, sq_, bq) if self.shared_qk else assign_clusters(
-            khat, self.centroids, return_scores=True)
+        qm = None if query_mask is None else np.asarray(query_mask, bool)[..., 0, :]
+        km = None if key_mask is None else np.asarray(key_mask, bool)[..., 0, :]
+        lq, bq, q_idx = self._members(qhat, qm, self.w or max(1, n // c))
+        lk, bk, k_idx = (lq, bq, q_idx) if self.shared_qk else self._members(
+            khat, km, self.w or max(1, m // c))
         labels = np.concatenate([lq, lk], axis=-1)
         best = np.concatenate([bq, bk], axis=-1)
         mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)[..., None, :]
@@ -337,10 +358,6 @@ class RoutingAttention:
             weight = weight * pool_mask
         sq = np.where(weight > 0, sq, 0)
         self.commitment_loss = (sq * weight).sum(-1) / np.maximum(weight.sum(-1), 1)
-        size = self.w or max(1, n // c)
-        q_idx = self._members(qhat, sq_, lq, query_mask, size)
-        k_idx = q_idx if self.shared_qk else self._members(
-            khat, sk_, lk, key_mask, self.w or max(1, m // c))
         if self.training:
             self.centroids = update_centroids(self.centroids, pooled, labels, decay=self.decay,
                                               mask=pool_mask)
@@ -359,8 +376,17 @@ class RoutingAttention:
         if self.centroids is not None and self.centroids.shape[0] != heads - self.local_heads:
             raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
                              f"got {heads - self.local_heads}")
-        qhat, qnorm = _normalize(q)
-        khat, knorm = (qhat, qnorm) if self.shared_qk else _normalize(k)
+        pooled = None
+        if not self.shared_qk and q.shape[:-2] == k.shape[:-2] and self.local_heads < q.shape[-3]:
+            # normalised queries and keys side by side in one buffer: the routing pools
+            # them for the centroid update without another copy
+            n = q.shape[-2]
+            pooled = np.empty(q.shape[:-2] + (n + k.shape[-2], q.shape[-1]), dtype)
+            qhat, qnorm = _normalize(q, out=pooled[..., :n, :])
+            khat, knorm = _normalize(k, out=pooled[..., n:, :])
+        else:
+            qhat, qnorm = _normalize(q)
+            khat, knorm = (qhat, qnorm) if self.shared_qk else _normalize(k)
         katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
         L = self.local_heads
         out = np.empty(np.broadcast_shapes(q.shape[:-1], v.shape[:-2] + (q.shape[-2],)) + (v.shape[-1],), dtype)
@@ -375,7 +401,10 @@ class RoutingAttention:
         if L < heads:
             kmask = None if key_mask is None else np.asarray(key_mask, bool)[..., None, :]
             qmask = None if query_mask is None else np.asarray(query_mask, bool)[..., None, :]
-            q_idx, k_idx = self._route(qhat[..., L:, :, :], khat[..., L:, :, :], kmask, qmask)
+            q_idx, k_idx = self._route(qhat[..., L:, :, :], khat[..., L:, :, :], kmask, qmask,
+                                       None if pooled is None else pooled[..., L:, :, :])
+            if not self.shared_qk:      # the normalised rows are done with: free them
+                qhat = khat = pooled = None
             out[..., L:, :, :], saved = routing_attention(
                 q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
                 exclude_self=self.shared_qk, merge=self.merge, return_saved=True, **kw)
