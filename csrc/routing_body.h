@@ -206,11 +206,10 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
             const int64_t i = qpos[r0 + r], slot = slot0 + r;
             const T wgt = merge_lse ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
             const T *o = merge_lse ? buf->out + i * e : buf->o_slot + slot * e;
-            T dl = 0;
-            for (int c = 0; c < e; c++) {
-                dop[(ptrdiff_t)r * e + c] = wgt * RA_MAT_AT(T, dout, i, c);
-                dl += dop[(ptrdiff_t)r * e + c] * o[c];
-            }
+            T *dr = dop + (ptrdiff_t)r * e, dl = 0;
+            memset(dr, 0, sizeof(T) * (size_t)e);
+            FN(ra_add_row)(dr, wgt, dout, i, e);
+            for (int c = 0; c < e; c++) dl += dr[c] * o[c];
             delta[r] = dl;
             lrow[r] = merge_lse ? buf->lse[i] : buf->l_slot[slot];
         }
@@ -253,11 +252,22 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
 static void FN(routing_sum_slots)(const int64_t *occ, int64_t a, int64_t z, const T *rows,
                                   int width, T mul, RaMat dst, int64_t i)
 {
-    for (int c = 0; c < width; c++) {
-        T acc = 0;
-        for (int64_t t = a; t < z; t++) acc += rows[occ[t] * width + c];
-        RA_MAT_AT(T, dst, i, c) = mul * acc;
+    if (dst.s1 != (ptrdiff_t)sizeof(T)) {
+        for (int c = 0; c < width; c++) {
+            T acc = 0;
+            for (int64_t t = a; t < z; t++) acc += rows[occ[t] * width + c];
+            RA_MAT_AT(T, dst, i, c) = mul * acc;
+        }
+        return;
     }
+    /* unit-stride row: whole slot rows at a time (the same sums, in the same order) */
+    T *o = (T *)(dst.data + (ptrdiff_t)i * dst.s0);
+    for (int c = 0; c < width; c++) o[c] = 0;
+    for (int64_t t = a; t < z; t++) {
+        const T *r = rows + occ[t] * width;
+        for (int c = 0; c < width; c++) o[c] += r[c];
+    }
+    for (int c = 0; c < width; c++) o[c] *= mul;
 }
 
 /* dout (B; n, e), q, k, v, q_idx, k_idx -> dq (B; n, d), dk (B; m, d), dv (B; m, e).

@@ -10,7 +10,7 @@ of -1 means "in no cluster" (padding).
 import numpy as np
 
 from . import _ext
-from ._checks import as_bool_mask, as_matrix, batch_shape, flag, float_dtype, integer
+from ._checks import as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype, integer
 
 __all__ = ["spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
            "top_members", "members_from_labels", "lsh_hash", "hamming_kmeans"]
@@ -126,7 +126,7 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
     NaN gets label -1.  With ``return_scores=True`` also returns the scores x·μᵀ
     (..., n, c) and each row's best score (..., n) (NaN where the label is -1), from
     the same product: what balanced membership (`top_members`) and the commitment
-    loss need, without a second pass.
+    loss need, without a second pass; `out` is then a (labels, scores, best) tuple.
     """
     dtype = float_dtype(x=x, centroids=centroids)
     x = as_matrix("x", x, dtype)
@@ -136,9 +136,15 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
         raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
     batch_shape(x=(x, 2), centroids=(cent, 2))
     if return_scores:
-        if out is not None:
-            raise ValueError("out is not supported with return_scores=True")
-        return _ext._assign_scores(x, cent)
+        if out is None:
+            return _ext._assign_scores(x, cent)
+        if not isinstance(out, tuple) or len(out) != 3:
+            raise TypeError("out must be a (labels, scores, best) tuple with return_scores=True")
+        n, c = x.shape[-2], cent.shape[-2]
+        batch = np.broadcast_shapes(x.shape[:-2], cent.shape[:-2])
+        out = (check_out(out[0], batch + (n,), np.int64), check_out(out[1], batch + (n, c), dtype),
+               check_out(out[2], batch + (n,), dtype))
+        return _ext._assign_scores(x, cent, out=out)
     return _ext._assign_clusters(x, cent, out=out)
 
 

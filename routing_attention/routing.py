@@ -295,19 +295,20 @@ class RoutingAttention:
         from .clustering import assign_clusters, members_from_labels, top_members
         labels = np.empty(xhat.shape[:-1], np.int64)
         best = np.empty(xhat.shape[:-1], xhat.dtype)
+        scores = np.empty(xhat.shape[:-3] + xhat.shape[-2:-1] + self.centroids.shape[-2:-1],
+                          xhat.dtype)               # one head's, reused by every head
         balanced = self.membership == "balanced"
         idx = None
         for h in range(xhat.shape[-3]):
-            lab, scores, top = assign_clusters(xhat[..., h, :, :], self.centroids[h],
-                                               return_scores=True)
-            labels[..., h, :], best[..., h, :] = lab, top
+            assign_clusters(xhat[..., h, :, :], self.centroids[h], return_scores=True,
+                            out=(labels[..., h, :], scores, best[..., h, :]))
             if balanced:
                 members = _mask_members(top_members(scores, min(size, xhat.shape[-2])), mask)
                 if idx is None:
                     idx = np.empty(members.shape[:-2] + (xhat.shape[-3],) + members.shape[-2:],
                                    np.int64)
                 idx[..., h, :, :] = members
-            del scores
+        del scores
         if not balanced:        # one width for all heads: the largest cluster's size
             mask = None if mask is None else np.asarray(mask)[..., None, :]
             idx = _mask_members(members_from_labels(labels, self.centroids.shape[-2]), mask)

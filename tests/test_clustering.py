@@ -526,8 +526,18 @@ def test_assign_clusters_return_scores(dtype):
     assert np.array_equal(labels, ra.assign_clusters(x, cent))
     assert np.array_equal(labels, scores.argmax(-1)), "labels are the argmax of the returned scores"
     assert np.array_equal(best, scores.max(-1))
-    with pytest.raises(ValueError, match="out is not supported"):
+    # out=: a (labels, scores, best) tuple, filled in place (strided views included)
+    got = (np.full((2, 3, 300), -7, np.int64), np.empty((2, 3, 300, 9), dtype)[..., 1:8],
+           np.empty((2, 3, 300), dtype))
+    res = ra.assign_clusters(x, cent, out=got, return_scores=True)
+    assert all(r is g for r, g in zip(res, got))
+    for g, w in zip(got, (labels, scores, best)):
+        assert np.array_equal(g, w)
+    with pytest.raises(TypeError, match="tuple"):
         ra.assign_clusters(x, cent, out=np.empty((2, 3, 300), np.int64), return_scores=True)
+    with pytest.raises(ValueError, match="shape"):
+        ra.assign_clusters(x, cent, out=(None, np.empty((2, 3, 300, 6), dtype), None),
+                           return_scores=True)
 
 
 def test_hamming_kmeans_small_batches_run_problem_parallel_identically():
