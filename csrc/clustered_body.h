@@ -149,6 +149,21 @@ static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
     }
 }
 
+/* Cluster c, T_c and a_c[T_c] known: m̂_c = Σ_{T_c} a_c[j], r_c = o_c − Σ_{T_c} a_c[j] v_j.
+ * v (m, e). */
+static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, int c)
+{
+    const int64_t *sel = p->sel + (size_t)c * kmax;
+    const T *aw = p->aw + (size_t)c * kmax;
+    T *r = p->r + (ptrdiff_t)c * e, mass = 0;
+    memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
+    for (int t = 0; t < kmax && sel[t] >= 0; t++) {
+        mass += aw[t];
+        FN(ra_add_row)(r, -aw[t], v, sel[t], e);
+    }
+    p->mhat[c] = mass;
+}
+
 /* Cluster c: merge its G candidate lists (of logits) into T_c (sorted by position), then
  * m̂_c = Σ_{T_c} a_c[j] and r_c = o_c − Σ_{T_c} a_c[j] v_j.  v (m, e). */
 static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *p, int c)
@@ -182,18 +197,13 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
         }
     }
     int64_t *sel = p->sel + (size_t)c * kmax;
-    T *aw = p->aw + (size_t)c * kmax, *r = p->r + (ptrdiff_t)c * e;
-    T mass = 0;
-    memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
+    T *aw = p->aw + (size_t)c * kmax;
     const T lse = p->lsec[c];
     for (int t = 0; t < kmax; t++) {
         sel[t] = t < kept ? all[t].j : -1;
         aw[t] = t < kept ? (T)exp(all[t].v - lse) : 0;   /* a_c[j] from its logit */
-        if (t >= kept) continue;
-        mass += aw[t];
-        FN(ra_add_row)(r, -aw[t], v, sel[t], e);
     }
-    p->mhat[c] = mass;
+    FN(cl_residual)(v, e, kmax, p, c);
 }
 
 /* Per-thread tiles of the query pass, carved from ws. */
@@ -403,6 +413,51 @@ static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *se
 }
 
 /* ------------------------------------------------------------------ shared front end */
+/* Steps 3-4 of cl_front from a forward's saved statistics: o_c, lse_c copied; T_c and
+ * a_c[T_c] copied after checking that T_c's positions are increasing, in [0, m), and
+ * exactly k = min(topk, unmasked keys) of them (RA_ERR_INDEX otherwise); then r_c, m̂_c. */
+static int FN(cl_front_saved)(ptrdiff_t B, int m, int e, int C, int kmax, int G, RaBMat v,
+                              char *packs, size_t per_problem, int backward,
+                              const RaClusteredSaved *saved, int nt, int n, int d)
+{
+    int status = RA_OK;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+        const ptrdiff_t b = unit / C;
+        const int c = (int)(unit % C);
+        FN(ClProblem) p;
+        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+        RaMat so = ra_mat_at(saved->o, b);
+        for (int f = 0; f < e; f++) p.oc[(ptrdiff_t)c * e + f] = RA_MAT_AT(T, so, c, f);
+        p.lsec[c] = RA_VEC_AT(T, ra_vec_at(saved->lse, b), c);
+        if (kmax > 0) {
+            RaMat ss = ra_mat_at(saved->sel, b), sa = ra_mat_at(saved->aw, b);
+            int64_t *sel = p.sel + (size_t)c * kmax, prev = -1;
+            T *aw = p.aw + (size_t)c * kmax;
+            const int kc = (int)p.info[1];
+            int bad = 0;
+            for (int t = 0; t < kmax; t++) {
+                sel[t] = RA_MAT_AT(int64_t, ss, c, t);
+                aw[t] = RA_MAT_AT(T, sa, c, t);
+                bad |= t < kc ? (sel[t] <= prev || sel[t] >= m) : sel[t] != -1;
+                if (t < kc) prev = sel[t];
+            }
+            if (bad) {
+                #pragma omp atomic write
+                status = RA_ERR_INDEX;
+                sel[0] = -1;                     /* nothing is read through it */
+            }
+        }
+        if (kmax > 0) {
+            FN(cl_residual)(ra_mat_at(v, b), e, kmax, &p, c);
+        } else {
+            memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
+            p.mhat[c] = 0;
+        }
+    }
+    return status;
+}
+
 /* Everything both directions need, for all B problems: plans, centroids, the centroid
  * attention (o_c, lse_c), and for the improved form T_c, a_c[T_c], m̂_c and r_c (plain:
  * r_c = o_c, m̂_c = 0).  Problem b's buffers start at packs + b·per_problem. */
@@ -410,7 +465,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
                         int topk, int kmax, int G, RaBMat q, RaBMat k, RaBMat v,
                         RaBVec labels, RaBVec key_mask, RaBVec scale, char *packs,
                         size_t per_problem, int backward, char *scratch, size_t per_thread,
-                        int nt)
+                        int nt, const RaClusteredSaved *saved)
 {
     const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_CL_ROWS - 1) / RA_CL_ROWS;
     int status = RA_OK;
@@ -435,6 +490,9 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
         FN(cl_centroid)(ra_mat_at(q, b), d, &p, (int)(unit % C));
     }
+
+    if (saved && saved->o.data) return FN(cl_front_saved)(B, m, e, C, kmax, G, v, packs,
+                                                          per_problem, backward, saved, nt, n, d);
 
     /* 3. centroid attention, one (problem, centroid tile, key group) per unit, so one
        problem keeps every thread busy, collecting the top-k candidates of the improved
@@ -519,7 +577,7 @@ static FN(ClUnit) *FN(cl_units)(ptrdiff_t B, int C, char *packs, size_t per_prob
  * scale (B) -> out (B; n, e) */
 int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
                              RaBMat q, RaBMat k, RaBMat v, RaBVec labels, RaBVec key_mask,
-                             RaBVec scale, RaBMat out)
+                             RaBVec scale, RaBMat out, RaClusteredSaved saved)
 {
     if (C < 1 || topk < 0) return RA_ERR_VALUE;
     const KT *K = &ra_kernels()->KSEL;
@@ -536,8 +594,25 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     if (!packs || !scratch) goto done;
 
     status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
-                          scale, packs, per_problem, 0, scratch, per_thread, nt);
+                          scale, packs, per_problem, 0, scratch, per_thread, nt, NULL);
     if (status != RA_OK) goto done;
+    if (saved.o.data) {         /* what the backward would otherwise recompute */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+            const ptrdiff_t b = unit / C;
+            const int c = (int)(unit % C);
+            FN(ClProblem) p;
+            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 0, &p);
+            RaMat so = ra_mat_at(saved.o, b), ss = ra_mat_at(saved.sel, b);
+            RaMat sa = ra_mat_at(saved.aw, b);
+            for (int f = 0; f < e; f++) RA_MAT_AT(T, so, c, f) = p.oc[(ptrdiff_t)c * e + f];
+            RA_VEC_AT(T, ra_vec_at(saved.lse, b), c) = p.lsec[c];
+            for (int t = 0; t < kmax; t++) {
+                RA_MAT_AT(int64_t, ss, c, t) = p.sel[(size_t)c * kmax + t];
+                RA_MAT_AT(T, sa, c, t) = p.aw[(size_t)c * kmax + t];
+            }
+        }
+    }
     ptrdiff_t nunits;
     units = FN(cl_units)(B, C, packs, per_problem, n, d, e, kmax, G, 0, 0, &nunits);
     status = RA_ERR_NOMEM;
@@ -598,7 +673,8 @@ done:
  * -> dq (B; n, d), dk (B; m, d), dv (B; m, e)   (written, not accumulated) */
 int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
                               RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBVec labels,
-                              RaBVec key_mask, RaBVec scale, RaBMat dq, RaBMat dk, RaBMat dv)
+                              RaBVec key_mask, RaBVec scale, RaClusteredSaved saved,
+                              RaBMat dq, RaBMat dk, RaBMat dv)
 {
     if (C < 1 || topk < 0) return RA_ERR_VALUE;
     const KT *K = &ra_kernels()->KSEL;
@@ -616,9 +692,9 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     int status = RA_ERR_NOMEM;
     if (!packs || !scratch) goto done;
 
-    /* forward passes 1-5 recomputed */
+    /* forward passes 1-4: recomputed, or from the forward's saved statistics */
     status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
-                          scale, packs, per_problem, 1, scratch, per_thread, nt);
+                          scale, packs, per_problem, 1, scratch, per_thread, nt, &saved);
     if (status != RA_OK) goto done;
 
     /* forward 6 broadcast r_c to every member, so the cluster's gradient is their sum:

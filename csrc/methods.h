@@ -99,20 +99,32 @@ RA_ROUTING_DECLS(double, f64)
 RA_COMBINER_DECLS(float, f32)
 RA_COMBINER_DECLS(double, f64)
 /* ------------------------------------------------------------------ clustered attention */
+/* What the clustered backward takes from its forward instead of recomputing it: the
+ * centroid attention o (B; C, e) and lse (B; C); improved form, T_c as key positions
+ * sel (B; C, K) int64 (-1 padded, increasing) and their centroid weights aw (B; C, K),
+ * K = min(topk, m).  All data NULL: not given. */
+typedef struct {
+    RaBMat o, sel, aw;
+    RaBVec lse;
+} RaClusteredSaved;
+
 #define RA_CLUSTERED_DECLS(T, SUF)                                                        \
     /* q (B; n, d), k (B; m, d), v (B; m, e), labels (B; n) int64 in [-1, C),            \
        key_mask (B; m) uint8 or data == NULL, scale (B); C clusters; topk = 0 for the    \
        plain form, >= 1 for the improved form  ->  out (B; n, e).  RA_ERR_INDEX for a    \
-       label out of range. */                                                           \
+       label out of range.  saved: written when its data are set. */                    \
     int ra_clustered_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int C,        \
                                    int topk, RaBMat q, RaBMat k, RaBMat v, RaBVec labels, \
-                                   RaBVec key_mask, RaBVec scale, RaBMat out);            \
+                                   RaBVec key_mask, RaBVec scale, RaBMat out,             \
+                                   RaClusteredSaved saved);                               \
     /* dout (B; n, e) and the forward's inputs  ->  dq (B; n, d), dk (B; m, d),           \
-       dv (B; m, e) (written, not accumulated); m̂ held constant */                       \
+       dv (B; m, e) (written, not accumulated); m̂ held constant.  saved (data set): the \
+       forward's statistics, checked (RA_ERR_INDEX for a bad position) and used. */     \
     int ra_clustered_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int C,       \
                                     int topk, RaBMat dout, RaBMat q, RaBMat k, RaBMat v,  \
                                     RaBVec labels, RaBVec key_mask, RaBVec scale,         \
-                                    RaBMat dq, RaBMat dk, RaBMat dv);
+                                    RaClusteredSaved saved, RaBMat dq, RaBMat dk,         \
+                                    RaBMat dv);
 
 RA_CLUSTERED_DECLS(float, f32)
 RA_CLUSTERED_DECLS(double, f64)

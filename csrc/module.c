@@ -250,50 +250,74 @@ static int clustered_scalars(char **args, int ic, int m, int *C, int *topk, cons
     return 1;
 }
 
-/* (n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e)
- * q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale -> out */
+/* The saved statistics' core dims (c, k) must be (n_clusters, min(topk, m)). */
+static int clustered_saved_dims(npy_intp c, npy_intp k, int C, int kmax, const char *where)
+{
+    if (c == C && k == kmax) return 1;
+    NPY_ALLOW_C_API_DEF
+    NPY_ALLOW_C_API
+    PyErr_Format(PyExc_ValueError, "%s: saved statistics of shape (%lld, %lld) do not match "
+                 "n_clusters=%d, min(topk, m)=%d", where, (long long)c, (long long)k, C, kmax);
+    NPY_DISABLE_C_API
+    return 0;
+}
+
+/* (n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k)
+ * q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale
+ *   -> out, saved centroid output, centroid lse, top-k positions, top-k weights */
 #define CLUSTERED_FORWARD_LOOP(SUF)                                                       \
     static void clustered_forward_loop_##SUF(char **args, npy_intp const *dims,          \
                                              npy_intp const *steps, void *data)          \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 4, "clustered_attention")) return;                     \
+        if (!ra_dims_fit(dims + 1, 6, "clustered_attention")) return;                     \
         const int n = (int)dims[1], d = (int)dims[2], m = (int)dims[3], e = (int)dims[4]; \
-        /* operands 0..9, core strides from steps[10] on */                              \
+        /* operands 0..13, core strides from steps[14] on */                             \
         if (dims[0] == 0) return;                                                         \
         int C, topk;                                                                      \
         if (!clustered_scalars(args, 6, m, &C, &topk, "clustered_attention")) return;     \
-        RaBVec mask = BVEC(4, 17);                                                        \
+        if (!clustered_saved_dims(dims[5], dims[6], C, topk, "clustered_attention")) return; \
+        RaBVec mask = BVEC(4, 21);                                                        \
         if (!*(npy_bool *)args[5]) mask.data = NULL;                                      \
-        int st = ra_clustered_forward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 10),    \
-                                            BMAT(1, 12), BMAT(2, 14), BVEC(3, 16), mask,  \
-                                            BSCALAR(8), BMAT(9, 18));                     \
+        RaClusteredSaved saved = {BMAT(10, 24), BMAT(12, 27), BMAT(13, 29), BVEC(11, 26)}; \
+        int st = ra_clustered_forward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 14),    \
+                                            BMAT(1, 16), BMAT(2, 18), BVEC(3, 20), mask,  \
+                                            BSCALAR(8), BMAT(9, 22), saved);              \
         ra_raise(st, "clustered_attention (labels must lie in [-1, n_clusters))");        \
     }
 CLUSTERED_FORWARD_LOOP(f32)
 CLUSTERED_FORWARD_LOOP(f64)
 
-/* (n,e),(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,d),(m,d),(m,e)
- * dout, q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale -> dq, dk, dv */
+/* (n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),()->(n,d),(m,d),(m,e)
+ * dout, q, k, v, labels, key_mask, saved (4), use_mask, use_saved, n_clusters, topk, scale
+ *   -> dq, dk, dv */
 #define CLUSTERED_BACKWARD_LOOP(SUF)                                                      \
     static void clustered_backward_loop_##SUF(char **args, npy_intp const *dims,         \
                                               npy_intp const *steps, void *data)         \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 4, "clustered_attention_backward")) return;            \
+        if (!ra_dims_fit(dims + 1, 6, "clustered_attention_backward")) return;            \
         const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3], m = (int)dims[4]; \
-        /* operands 0..12, core strides from steps[13] on */                             \
+        /* operands 0..17, core strides from steps[18] on */                             \
         if (dims[0] == 0) return;                                                         \
         int C, topk;                                                                      \
-        if (!clustered_scalars(args, 7, m, &C, &topk, "clustered_attention_backward"))    \
+        if (!clustered_scalars(args, 12, m, &C, &topk, "clustered_attention_backward"))   \
             return;                                                                       \
-        RaBVec mask = BVEC(5, 22);                                                        \
-        if (!*(npy_bool *)args[6]) mask.data = NULL;                                      \
-        int st = ra_clustered_backward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 13),   \
-                                             BMAT(1, 15), BMAT(2, 17), BMAT(3, 19),       \
-                                             BVEC(4, 21), mask, BSCALAR(9), BMAT(10, 23), \
-                                             BMAT(11, 25), BMAT(12, 27));                 \
-        ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters))"); \
+        RaBVec mask = BVEC(5, 27);                                                        \
+        if (!*(npy_bool *)args[10]) mask.data = NULL;                                     \
+        RaClusteredSaved saved = {BMAT(6, 28), BMAT(8, 31), BMAT(9, 33), BVEC(7, 30)};    \
+        if (*(npy_bool *)args[11]) {                                                      \
+            if (!clustered_saved_dims(dims[5], dims[6], C, topk,                          \
+                                      "clustered_attention_backward")) return;            \
+        } else {                                                                          \
+            saved.o.data = saved.sel.data = saved.aw.data = saved.lse.data = NULL;        \
+        }                                                                                 \
+        int st = ra_clustered_backward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 18),   \
+                                             BMAT(1, 20), BMAT(2, 22), BMAT(3, 24),       \
+                                             BVEC(4, 26), mask, BSCALAR(14), saved,       \
+                                             BMAT(15, 35), BMAT(16, 37), BMAT(17, 39));   \
+        ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters); "   \
+                 "saved top-k positions must come from the same forward)");               \
     }
 CLUSTERED_BACKWARD_LOOP(f32)
 CLUSTERED_BACKWARD_LOOP(f64)
@@ -528,17 +552,23 @@ static const RaGufunc ra_gufuncs[] = {
      "_combiner_backward(dout, q, k, v, plan, block, causal, scale) -> (dq, dk, dv)\n\n"
      "Low-level gufunc behind routing_attention.combiner_attention_backward."},
     /* ---- clustered attention */
-    {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e)", 9, 1,
-     {clustered_forward_loop_f32, clustered_forward_loop_f64},
-     (char[]){F, F, F, L, B, B, L, L, F, F, /**/ D, D, D, L, B, B, L, L, D, D},
-     "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale) -> out\n\n"
+    {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k)",
+     9, 5, {clustered_forward_loop_f32, clustered_forward_loop_f64},
+     (char[]){F, F, F, L, B, B, L, L, F, F, F, F, L, F, /**/ D, D, D, L, B, B, L, L, D, D, D, D, L, D},
+     "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale,\n"
+     "                   out=(out, centroid_out, centroid_lse, topk_index, topk_weight))\n\n"
      "Low-level gufunc behind routing_attention.clustered_attention (topk = 0) and\n"
-     "improved_clustered_attention (topk >= 1); use those instead."},
-    {"_clustered_backward", "(n,e),(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,d),(m,d),(m,e)",
-     10, 3, {clustered_backward_loop_f32, clustered_backward_loop_f64},
-     (char[]){F, F, F, F, L, B, B, L, L, F, F, F, F, /**/ D, D, D, D, L, B, B, L, L, D, D, D, D},
-     "_clustered_backward(dout, q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale)"
-     " -> (dq, dk, dv)\n\nLow-level gufunc behind the clustered attention backward functions."},
+     "improved_clustered_attention (topk >= 1); use those instead.  The out tuple must be\n"
+     "given: c = n_clusters and k = min(topk, m) come from it."},
+    {"_clustered_backward",
+     "(n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),()->(n,d),(m,d),(m,e)",
+     15, 3, {clustered_backward_loop_f32, clustered_backward_loop_f64},
+     (char[]){F, F, F, F, L, B, F, F, L, F, B, B, L, L, F, F, F, F,
+              /**/ D, D, D, D, L, B, D, D, L, D, B, B, L, L, D, D, D, D},
+     "_clustered_backward(dout, q, k, v, labels, key_mask, centroid_out, centroid_lse,\n"
+     "                    topk_index, topk_weight, use_mask, use_saved, n_clusters, topk,\n"
+     "                    scale) -> (dq, dk, dv)\n\n"
+     "Low-level gufunc behind the clustered attention backward functions."},
 
     /* ---- routing decisions (clustering.c) ---- */
     {"_spherical_kmeans", "(n,d),(n),(c,d),(),(),()->(c,d)", 6, 1,

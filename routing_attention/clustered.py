@@ -7,8 +7,8 @@ weights on each cluster's top-k keys.  DESIGN.md §4.2.
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, integer, qkv_arrays, scale_value,
-                      unbroadcast)
+from ._checks import (as_bool_mask, as_matrix, batch_shape, flag, integer, qkv_arrays,
+                      scale_value, unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -37,24 +37,66 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
         mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
-    batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1), key_mask=(mask, 1))
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1), key_mask=(mask, 1))
     return (q, k, v, labels, mask, use_mask, n_clusters, topk,
-            scale_value(scale, q.shape[-1], dtype))
+            scale_value(scale, q.shape[-1], dtype), batch)
 
 
-def _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale):
-    q, k, v, labels, mask, use_mask, C, topk, scale = _prepare(q, k, v, labels, n_clusters,
-                                                               topk, key_mask, scale)
+# The forward's statistics that spare the backward its recomputation (return_saved=True).
+SAVED_KEYS = ("centroid_out", "centroid_lse", "topk_index", "topk_weight")
+
+
+def _saved_shapes(batch, C, kmax, e):
+    return dict(centroid_out=batch + (C, e), centroid_lse=batch + (C,),
+                topk_index=batch + (C, kmax), topk_weight=batch + (C, kmax))
+
+
+def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved):
+    q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
+        q, k, v, labels, n_clusters, topk, key_mask, scale)
+    shapes = _saved_shapes(batch, C, min(topk, k.shape[-2]), v.shape[-1])
+    saved = {key: np.empty(shape, np.int64 if key == "topk_index" else q.dtype)
+             for key, shape in shapes.items()}
+    o = _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale,
+                                out=(out,) + tuple(saved[key] for key in SAVED_KEYS))[0]
+    return (o, saved) if flag("return_saved", return_saved) else o
+
+
+def _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved):
+    q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
+        q, k, v, labels, n_clusters, topk, key_mask, scale)
     dout = as_matrix("dout", dout, q.dtype)
     n, e = q.shape[-2], v.shape[-1]
     if dout.shape[-2:] != (n, e):
         raise ValueError(f"dout must have shape (..., n, e) = (..., {n}, {e}) like the "
                          f"attention output; got {dout.shape}")
-    dq, dk, dv = _ext._clustered_backward(dout, q, k, v, labels, mask, use_mask, C, topk, scale)
+    unknown = set(saved) - set(SAVED_KEYS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; the saved "
+                        f"statistics are {SAVED_KEYS}")
+    if saved and set(saved) != set(SAVED_KEYS):
+        raise ValueError(f"pass all saved statistics {SAVED_KEYS} (as returned with "
+                         f"return_saved=True) or none")
+    shapes = _saved_shapes(batch, C, min(topk, k.shape[-2]), e)
+    arrays = []
+    for key in SAVED_KEYS:
+        dtype = np.int64 if key == "topk_index" else q.dtype
+        if saved:
+            a = np.asarray(saved[key])
+            if a.shape != shapes[key]:
+                raise ValueError(f"{key} must have shape {shapes[key]} (from the same forward "
+                                 f"call); got {a.shape}")
+            a = a.astype(dtype, copy=False)
+        else:
+            a = np.broadcast_to(np.zeros((), dtype), shapes[key][len(batch):])
+        arrays.append(a)
+    dq, dk, dv = _ext._clustered_backward(dout, q, k, v, labels, mask, *arrays, use_mask,
+                                          bool(saved), C, topk, scale)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
 
-def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None, out=None):
+def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None, out=None,
+                        return_saved=False):
     """Clustered attention: each cluster's centroid query attends, its members share the row.
 
     Parameters
@@ -72,47 +114,52 @@ def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=Non
     scale : float, optional
         Multiplies q·k; defaults to 1/sqrt(d).
     out : ndarray, shape (..., n, e), optional
+    return_saved : bool
+        Also return a dict of the statistics the backward would otherwise recompute
+        (the centroid attention): pass it on as ``clustered_attention_backward(...,
+        **saved)``.
 
     Returns
     -------
     out : ndarray (..., n, e).  For query i in cluster c, with q̄_c the mean of the queries
     labelled c: ``softmax(scale · q̄_c kᵀ) v`` over the unmasked keys.  O(n·C·d) time.
+    [, saved : dict]
     """
-    q, k, v, labels, mask, use_mask, C, _, scale = _prepare(q, k, v, labels, n_clusters, None,
-                                                            key_mask, scale)
-    return _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, 0, scale, out=out)
+    return _forward(q, k, v, labels, n_clusters, None, key_mask, scale, out, return_saved)
 
 
 def clustered_attention_backward(dout, q, k, v, labels, n_clusters, *, key_mask=None,
-                                 scale=None):
+                                 scale=None, **saved):
     """Gradients (dq, dk, dv) of `clustered_attention`; arguments as in the forward.
 
     A centroid's gradient is shared equally by its members (÷ cluster size); queries
-    labelled -1 get none.  Gradients are summed over broadcast batch axes.
+    labelled -1 get none.  Gradients are summed over broadcast batch axes.  ``**saved``:
+    the dict the forward returned with ``return_saved=True`` for the same inputs (the
+    centroid attention is then not recomputed; the result is the same).
     """
-    return _backward(dout, q, k, v, labels, n_clusters, None, key_mask, scale)
+    return _backward(dout, q, k, v, labels, n_clusters, None, key_mask, scale, saved)
 
 
 def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None,
-                                 scale=None, out=None):
+                                 scale=None, out=None, return_saved=False):
     """Improved clustered attention: exact weights on each cluster's top-k keys.
 
     Arguments as in `clustered_attention`, plus ``topk >= 1``.  For cluster c, T_c is the
     min(topk, unmasked keys) keys with the largest centroid weight a_c (ties to the lower
     key; never a masked key) and m̂_c = Σ_{j∈T_c} a_c[j].  Query i of cluster c gives keys
     in T_c the weights ``m̂_c · softmax_{j∈T_c}(scale · q_i·k_j)`` and every other key a_c[j].
-    With topk >= m this is dense attention.
+    With topk >= m this is dense attention.  ``return_saved=True`` also returns the dict
+    of statistics for the backward (centroid attention, T_c and a_c[T_c]).
     """
-    q, k, v, labels, mask, use_mask, C, topk, scale = _prepare(q, k, v, labels, n_clusters,
-                                                               topk, key_mask, scale)
-    return _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale, out=out)
+    return _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved)
 
 
 def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters, topk, *,
-                                          key_mask=None, scale=None):
+                                          key_mask=None, scale=None, **saved):
     """Gradients (dq, dk, dv) of `improved_clustered_attention`, with m̂_c (and the choice
-    of T_c) treated as constants, as in the paper."""
-    return _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale)
+    of T_c) treated as constants, as in the paper.  ``**saved``: the forward's
+    ``return_saved=True`` dict for the same inputs (then nothing is recomputed)."""
+    return _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved)
 
 
 # ------------------------------------------------------------------ layer
@@ -172,19 +219,24 @@ class ClusteredAttention:
         labels = self.cluster(q, query_mask)
         C = min(self.n_clusters, q.shape[-2])
         self.labels = labels
-        self._saved = (q, k, v, labels, C, key_mask)
         if self.topk is None:
-            return clustered_attention(q, k, v, labels, C, key_mask=key_mask, scale=self.scale)
-        return improved_clustered_attention(q, k, v, labels, C, self.topk, key_mask=key_mask,
-                                            scale=self.scale)
+            out, stats = clustered_attention(q, k, v, labels, C, key_mask=key_mask,
+                                             scale=self.scale, return_saved=True)
+        else:
+            out, stats = improved_clustered_attention(q, k, v, labels, C, self.topk,
+                                                      key_mask=key_mask, scale=self.scale,
+                                                      return_saved=True)
+        self._saved = (q, k, v, labels, C, key_mask, stats)
+        return out
 
     def backward(self, dout):
         """(dq, dk, dv) of the last call."""
         if self._saved is None:
             raise RuntimeError("ClusteredAttention.backward called before the layer was run")
-        q, k, v, labels, C, key_mask = self._saved
+        q, k, v, labels, C, key_mask, stats = self._saved
         if self.topk is None:
             return clustered_attention_backward(dout, q, k, v, labels, C, key_mask=key_mask,
-                                                scale=self.scale)
+                                                scale=self.scale, **stats)
         return improved_clustered_attention_backward(dout, q, k, v, labels, C, self.topk,
-                                                     key_mask=key_mask, scale=self.scale)
+                                                     key_mask=key_mask, scale=self.scale,
+                                                     **stats)

@@ -297,10 +297,63 @@ def test_private_gufunc_rejects_bad_labels(rng):
     """The C planner checks labels itself: no read out of bounds when called directly."""
     q, k, v, labels = make(rng, np.float64, (), 10, 12, 4, 3, 3)
     mask = np.ones(12, bool)
+    saved_out = lambda K: (None, np.empty((3, 3)), np.empty(3), np.empty((3, K), np.int64),
+                           np.empty((3, K)))
     with pytest.raises(ValueError, match="labels"):
-        ra._ext._clustered_forward(q, k, v, np.full(10, 7), mask, False, 3, 0, 0.5)
+        ra._ext._clustered_forward(q, k, v, np.full(10, 7), mask, False, 3, 0, 0.5,
+                                   out=saved_out(0))
+    with pytest.raises(ValueError, match="saved statistics"):
+        ra._ext._clustered_forward(q, k, v, labels, mask, False, 3, 2, 0.5, out=saved_out(4))
+    dummy = (np.zeros((3, 3)), np.zeros(3), np.zeros((3, 0), np.int64), np.zeros((3, 0)))
     with pytest.raises(ValueError, match="n_clusters"):
-        ra._ext._clustered_backward(q[:, :3], q, k, v, labels, mask, False, 0, 0, 0.5)
+        ra._ext._clustered_backward(q[:, :3], q, k, v, labels, mask, *dummy, False, False, 0, 0,
+                                    0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("topk", [None, 1, 5, 1000])
+def test_saved_statistics_give_the_same_gradients(rng, dtype, topk):
+    """backward(**saved) skips the forward's recomputation and gives the same bits."""
+    q, k, v, labels = make(rng, dtype, (2,), 70, 150, 16, 8, 6)
+    mask = rng.random((2, 150)) > 0.2
+    dout = rng.standard_normal((3, 2, 70, 8)).astype(dtype)        # broadcast batch
+    out, saved = forward(topk, q, k, v, labels, 6, key_mask=mask, return_saved=True)
+    assert np.array_equal(out, forward(topk, q, k, v, labels, 6, key_mask=mask))
+    assert sorted(saved) == ["centroid_lse", "centroid_out", "topk_index", "topk_weight"]
+    kmax = 0 if topk is None else min(topk, 150)
+    assert saved["topk_index"].shape == (2, 6, kmax) and saved["centroid_out"].shape == (2, 6, 8)
+    got = backward(topk, dout, q, k, v, labels, 6, key_mask=mask, **saved)
+    want = backward(topk, dout, q, k, v, labels, 6, key_mask=mask)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and np.array_equal(g, w)
+    if topk is not None:      # T_c: increasing unmasked positions, min(topk, unmasked) each
+        for b in range(2):
+            for c in range(6):
+                sel = saved["topk_index"][b, c]
+                kept = sel[sel >= 0]
+                assert len(kept) == min(topk, mask[b].sum()) and np.all(np.diff(kept) > 0)
+                assert mask[b, kept].all()
+
+
+def test_saved_statistics_are_checked(rng):
+    q, k, v, labels = make(rng, np.float64, (), 30, 40, 8, 4, 3)
+    dout = rng.standard_normal((30, 4))
+    _, saved = forward(5, q, k, v, labels, 3, return_saved=True)
+    with pytest.raises(ValueError, match="pass all saved statistics"):
+        backward(5, dout, q, k, v, labels, 3, centroid_out=saved["centroid_out"])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        backward(5, dout, q, k, v, labels, 3, bogus=1, **saved)
+    with pytest.raises(ValueError, match="topk_index must have shape"):
+        backward(5, dout, q, k, v, labels, 3, **dict(saved, topk_index=saved["topk_index"][:, :4]))
+    for bad in (45, -3):              # out of range, or not increasing: never read
+        sel = saved["topk_index"].copy()
+        sel[1, 2] = bad
+        with pytest.raises(ValueError, match="same forward"):
+            backward(5, dout, q, k, v, labels, 3, **dict(saved, topk_index=sel))
+    sel = saved["topk_index"].copy()
+    sel[0, [0, 1]] = sel[0, [1, 0]]
+    with pytest.raises(ValueError, match="same forward"):
+        backward(5, dout, q, k, v, labels, 3, **dict(saved, topk_index=sel))
 
 
 # ------------------------------------------------------------------ layer
