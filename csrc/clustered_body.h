@@ -136,6 +136,28 @@ static int FN(cl_plan)(int n, int m, int C, int topk, RaVec labels, RaVec key_ma
 }
 
 /* q (n, d) -> cent_c (d) = mean of the member rows of c (0 if empty), summed in order. */
+/* x · y (n): eight partial sums, combined in a fixed order (vectorisable, deterministic). */
+static inline T FN(cl_dot)(const T *x, const T *y, int n)
+{
+    T part[8] = {0}, s = 0;
+    int f = 0;
+    for (; f + 8 <= n; f += 8)
+        for (int l = 0; l < 8; l++) part[l] += x[f + l] * y[f + l];
+    for (; f < n; f++) s += x[f] * y[f];
+    for (int l = 0; l < 8; l++) s += part[l];
+    return s;
+}
+
+/* Row i of m (n columns) += x (n); unit-stride rows in a vectorised loop. */
+static inline void FN(cl_row_add)(RaMat m, int64_t i, const T *x, int n)
+{
+    char *row = m.data + (ptrdiff_t)i * m.s0;
+    if (m.s1 == (ptrdiff_t)sizeof(T))
+        for (int f = 0; f < n; f++) ((T *)row)[f] += x[f];
+    else
+        for (int f = 0; f < n; f++) *(T *)(row + (ptrdiff_t)f * m.s1) += x[f];
+}
+
 static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
 {
     T *dst = p->cent + (ptrdiff_t)c * d;
@@ -780,17 +802,19 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
             memset(dkt, 0, ts * (size_t)kc * d);
             memset(dvt, 0, ts * (size_t)kc * e);
         }
+        /* T_c's keys and values packed: k (kc, d), v (kc, e) rows, and the transposes */
+        if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
         for (int t = 0; t < kc; t++) {
-            T gv = 0;
-            for (int f = 0; f < e; f++) gv += gs[f] * RA_MAT_AT(T, vm, sel[t], f);
-            const T ds = -aw[t] * gv;
+            const T ds = -aw[t] * FN(cl_dot)(gs, w.v + (ptrdiff_t)t * e, e);
+            const T *kr = w.k + (ptrdiff_t)t * d;
             for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -aw[t] * gs[f];
-            for (int f = 0; f < d; f++) dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
-            FN(ra_add_row)(dcen, sc * ds, km, sel[t], d);
+            for (int f = 0; f < d; f++) {
+                dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
+                dcen[f] += sc * ds * kr[f];
+            }
         }
         /* forward 6 was out_i = r_c + m̂_c·o'_i with o'_i = softmax_{T_c}(s·q_i·K_T)·V_T
            and m̂_c constant: the engine backward with dout' = m̂_c·dout_i */
-        if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
         const T inv = size ? (T)1 / (T)size : 0;
         for (int i0 = 0; i0 < size; i0 += RA_BQ) {
             const int rows = size - i0 < RA_BQ ? size - i0 : RA_BQ;
@@ -798,12 +822,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
             if (kc > 0) {
                 FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e, sc);
                 FN(ra_gather)(ra_mat_at(dout, b), idx, 0, rows, e, mh, 0, w.dout, e);
-                for (int i = 0; i < rows; i++) {
-                    T acc = 0;
-                    for (int f = 0; f < e; f++)
-                        acc += w.dout[(ptrdiff_t)i * e + f] * w.o[(ptrdiff_t)i * e + f];
-                    w.delta[i] = acc;
-                }
+                for (int i = 0; i < rows; i++)
+                    w.delta[i] = FN(cl_dot)(w.dout + (ptrdiff_t)i * e, w.o + (ptrdiff_t)i * e, e);
                 memset(w.dq, 0, ts * (size_t)rows * d);
                 w.gt.rows = rows;
                 for (int t = 0; t * RA_BK < kc; t++) {
@@ -813,10 +833,15 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
                 }
             }
             /* forward 2 was q̄_c = mean of members: each gets dcent_c / |c| */
-            for (int i = 0; i < rows; i++)
-                for (int f = 0; f < d; f++)
-                    RA_MAT_AT(T, dqm, idx[i], f) =
-                        dcen[f] * inv + (kc > 0 ? sc * w.dq[(ptrdiff_t)i * d + f] : 0);
+            for (int i = 0; i < rows; i++) {
+                char *row = dqm.data + (ptrdiff_t)idx[i] * dqm.s0;
+                const T *dqi = w.dq + (ptrdiff_t)i * d;
+                if (dqm.s1 == (ptrdiff_t)sizeof(T) && kc > 0)   /* unit stride: vectorised */
+                    for (int f = 0; f < d; f++) ((T *)row)[f] = dcen[f] * inv + sc * dqi[f];
+                else
+                    for (int f = 0; f < d; f++)
+                        *(T *)(row + (ptrdiff_t)f * dqm.s1) = dcen[f] * inv + (kc > 0 ? sc * dqi[f] : 0);
+            }
         }
     }
 
@@ -852,8 +877,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
                 for (int t = lo; t < kc && sel[t] < j1; t++) {
                     const T *gk = p.dkt + ((size_t)c * kmax + t) * d;
                     const T *gv = p.dvt + ((size_t)c * kmax + t) * e;
-                    for (int f = 0; f < d; f++) RA_MAT_AT(T, dkm, sel[t], f) += gk[f];
-                    for (int f = 0; f < e; f++) RA_MAT_AT(T, dvm, sel[t], f) += gv[f];
+                    FN(cl_row_add)(dkm, sel[t], gk, d);
+                    FN(cl_row_add)(dvm, sel[t], gv, e);
                 }
             }
         }
