@@ -9,6 +9,8 @@ separately and included in the "total" columns.  Where pytorch-fast-transformers
 clustering included, interleaved round by round (medians).  Baselines: our dense attention (the
 same tile engine), torch's scaled_dot_product_attention when torch is importable, and
 idiap's pytorch-fast-transformers (clustered / improved clustered) when installed.
+The backward columns use the forward's saved statistics (``return_saved=True``, as the
+ClusteredAttention layer does); their ratio to the forward is printed at the end.
 Dense cases that would take minutes are skipped and reported as such.  Medians of
 `repeats` runs; the growth exponent is a least-squares fit of log time on log n.
 """
@@ -82,13 +84,16 @@ def main():
         labels = cluster()
         r = {"n": n, "cluster": median_time(cluster, args.repeats)}
         r["clus fwd"] = median_time(lambda: ra.clustered_attention(q, k, v, labels, C), args.repeats)
+        _, saved = ra.clustered_attention(q, k, v, labels, C, return_saved=True)
         r["clus bwd"] = median_time(
-            lambda: ra.clustered_attention_backward(dout, q, k, v, labels, C), args.repeats)
+            lambda: ra.clustered_attention_backward(dout, q, k, v, labels, C, **saved),
+            args.repeats)
         r["impr fwd"] = median_time(
             lambda: ra.improved_clustered_attention(q, k, v, labels, C, TOPK), args.repeats)
+        _, saved_i = ra.improved_clustered_attention(q, k, v, labels, C, TOPK, return_saved=True)
         r["impr bwd"] = median_time(
-            lambda: ra.improved_clustered_attention_backward(dout, q, k, v, labels, C, TOPK),
-            args.repeats)
+            lambda: ra.improved_clustered_attention_backward(dout, q, k, v, labels, C, TOPK,
+                                                             **saved_i), args.repeats)
         r["total clus"] = r["cluster"] + r["clus fwd"]
         r["total impr"] = r["cluster"] + r["impr fwd"]
         dense_reps = max(1, args.repeats if n <= 4096 else 1)
@@ -130,8 +135,12 @@ def main():
         big = [r for r in rows if r["n"] >= 4096]
         if len(big) >= 2:
             ns = [r["n"] for r in big]
-            print(f"growth exponent total impr, n >= 4096: "
-                  f"{fit_exponent(ns, [r['total impr'] for r in big]):.2f}")
+            for c in ("total clus", "total impr"):
+                print(f"growth exponent {c}, n >= 4096: "
+                      f"{fit_exponent(ns, [r[c] for r in big]):.2f}")
+    for r in rows:
+        print(f"n={r['n']}: backward / forward = {r['clus bwd'] / r['clus fwd']:.2f} (clustered), "
+              f"{r['impr bwd'] / r['impr fwd']:.2f} (improved)")
     for r in rows:
         for base in ("ra dense fwd", "torch sdpa fwd", "ft clus fwd", "ft impr fwd"):
             if r.get(base) is not None:
