@@ -5,7 +5,8 @@
 B=1, H=1, d=e=64, float32, causal.  Medians of `repeats` runs after one warm-up.  Dense
 baselines: our dense engine (causal) and, when torch is importable, torch's
 scaled_dot_product_attention (CPU, is_causal=True).  Dense cases whose estimated time
-exceeds --dense-limit seconds are skipped (O(n²)).  The growth exponent of every plan is
+exceeds --dense-limit seconds are skipped (O(n²)).  The backward gets the forward's saved
+statistics (``return_saved=True``), as the CombinerAttention layer does.  The growth exponent of every plan is
 fitted by least squares on log(time) vs log(n).
 """
 import argparse
@@ -63,8 +64,9 @@ def main():
         for plan in PLANS:
             f = median_time(lambda: ra.combiner_attention(q, k, v, plan=plan), args.repeats)
             fc = CPU["last"]
-            b = median_time(lambda: ra.combiner_attention_backward(g, q, k, v, plan=plan),
-                            args.repeats)
+            _, saved = ra.combiner_attention(q, k, v, plan=plan, return_saved=True)
+            b = median_time(lambda: ra.combiner_attention_backward(g, q, k, v, plan=plan,
+                                                                   **saved), args.repeats)
             bc = CPU["last"]
             rows[(plan, n)] = (f, b)
             cpus[(plan, n)] = (fc, bc)

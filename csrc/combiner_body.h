@@ -404,9 +404,9 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
 
 /* Both forward passes for one problem: regions (wave by wave), then the query passes.
  * ws holds nt thread scratch blocks. */
-static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
-                                RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb,
-                                RaMat out, RaVec lse)
+/* The region summaries (khat, vhat, rlse) of one problem. */
+static void FN(problem_summaries)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
+                                  RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb)
 {
     /* regions write disjoint summaries: all waves run as one parallel loop */
     int64_t total = 0;
@@ -418,6 +418,14 @@ static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int 
         while (u >= ra_cplan_wave_units(p, w)) u -= ra_cplan_wave_units(p, w++);
         FN(region_unit_forward)(K, p, &ws[ra_thread_id()], w, u, q, k, v, sc, d, e, tb);
     }
+}
+
+/* The forward of one problem: summaries, then every query's softmax -> out, lse. */
+static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
+                                RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb,
+                                RaMat out, RaVec lse)
+{
+    FN(problem_summaries)(K, p, ws, nt, q, k, v, sc, d, e, tb);
     for (int pass = 0; pass < ra_cplan_npasses(p); pass++) {
         const int64_t nu = ra_cplan_pass_units(p, pass);
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
@@ -468,7 +476,7 @@ static int FN(problem_plan)(RaCPlan *p, ptrdiff_t b, int n, RaBVec plan, RaBVec 
  * -> out (B; n, e) */
 int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k, RaBMat v,
                             RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
-                            RaBMat out)
+                            RaBMat out, RaBVec lse)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
@@ -482,9 +490,9 @@ int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k
         st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
         if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, 0, &tb, ws);
         if (st != RA_OK) break;
-        const RaVec no_lse = {NULL, 0};
         FN(problem_forward)(K, &p, ws, nt, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
-                            sc, d, e, &tb, ra_mat_at(out, b), no_lse);
+                            sc, d, e, &tb, ra_mat_at(out, b),
+                            lse.data ? ra_vec_at(lse, b) : (RaVec){NULL, 0});
     }
     ra_free(ws);
     ra_free(bf.tab_buf);
@@ -613,14 +621,16 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
 }
 
 /* dout, q, k, v (B; n, ·) -> dq, dk (B; n, d), dv (B; n, e), written.  Per problem:
- *   1. recompute the forward: summaries (khat, vhat, rlse), out, lse; delta = rowsum(dout∘out)
+ *   1. the summaries (khat, vhat, rlse) recomputed; out, lse saved or recomputed;
+ *      delta = rowsum(dout∘out)
  *   2. query passes backward, in chunks of units whose slots fit the budget; after each
  *      chunk the slots are summed into dkhat, dvhat in unit order (deterministic)
  *   3. region waves backward
  *   4. dq = scale·dq̃, dk, dv copied out */
 int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBMat q,
-                             RaBMat k, RaBMat v, RaBVec plan, RaBVec block, RaBVec causal,
-                             RaBVec scale, RaBMat dq, RaBMat dk, RaBMat dv)
+                             RaBMat k, RaBMat v, RaBMat saved_out, RaBVec saved_lse,
+                             RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
+                             RaBMat dq, RaBMat dk, RaBMat dv)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
@@ -637,10 +647,21 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         const RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         const RaMat gb = ra_mat_at(dout, b);
 
-        /* 1. forward recomputed into contiguous out (n, e), lse (n) */
-        const RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
-        const RaVec lsev = {(char *)tb.lse, sizeof(T)};
-        FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+        /* 1. the summaries, and out (n, e), lse (n) contiguous: recomputed or saved */
+        if (saved_out.data) {
+            FN(problem_summaries)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb);
+            const RaMat so = ra_mat_at(saved_out, b);
+            const RaVec sl = ra_vec_at(saved_lse, b);
+            #pragma omp parallel for num_threads(nt) schedule(static)
+            for (int i = 0; i < n; i++) {
+                for (int c = 0; c < e; c++) tb.out[(ptrdiff_t)i * e + c] = RA_MAT_AT(T, so, i, c);
+                tb.lse[i] = RA_VEC_AT(T, sl, i);
+            }
+        } else {
+            const RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+            const RaVec lsev = {(char *)tb.lse, sizeof(T)};
+            FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+        }
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             T acc = 0;

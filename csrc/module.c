@@ -203,17 +203,18 @@ ROUTING_BACKWARD_LOOP(f64, double)
         if (!ra_dims_fit(dims + 1, 3, "combiner_attention")) return;                      \
         const int n = (int)dims[1], d = (int)dims[2], e = (int)dims[3];                   \
         if (dims[0] == 0) return;                                                         \
-        /* operands 0..7, core strides from steps[8] on */                               \
-        int st = ra_combiner_forward_##SUF(dims[0], n, d, e, BMAT(0, 8), BMAT(1, 10),      \
-                                           BMAT(2, 12), BSCALAR(3), BSCALAR(4),           \
-                                           BSCALAR(5), BSCALAR(6), BMAT(7, 14));          \
+        /* operands 0..8, core strides from steps[9] on */                               \
+        int st = ra_combiner_forward_##SUF(dims[0], n, d, e, BMAT(0, 9), BMAT(1, 11),      \
+                                           BMAT(2, 13), BSCALAR(3), BSCALAR(4),           \
+                                           BSCALAR(5), BSCALAR(6), BMAT(7, 15),           \
+                                           BVEC(8, 17));                                  \
         ra_raise(st, "combiner_attention");                                               \
     }
 COMBINER_FORWARD_LOOP(f32)
 COMBINER_FORWARD_LOOP(f64)
 
-/* (n,e),(n,d),(n,d),(n,e),(),(),(),()->(n,d),(n,d),(n,e)
- * dout, q, k, v, plan, block, causal, scale -> dq, dk, dv */
+/* (n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e)
+ * dout, q, k, v, saved out, saved lse, use_saved, plan, block, causal, scale -> dq, dk, dv */
 #define COMBINER_BACKWARD_LOOP(SUF)                                                       \
     static void combiner_backward_loop_##SUF(char **args, npy_intp const *dims,          \
                                              npy_intp const *steps, void *data)          \
@@ -222,11 +223,14 @@ COMBINER_FORWARD_LOOP(f64)
         if (!ra_dims_fit(dims + 1, 3, "combiner_attention_backward")) return;             \
         const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3];                   \
         if (dims[0] == 0) return;                                                         \
-        /* operands 0..10, core strides from steps[11] on */                             \
-        int st = ra_combiner_backward_##SUF(dims[0], n, d, e, BMAT(0, 11), BMAT(1, 13),    \
-                                            BMAT(2, 15), BMAT(3, 17), BSCALAR(4),         \
-                                            BSCALAR(5), BSCALAR(6), BSCALAR(7),           \
-                                            BMAT(8, 19), BMAT(9, 21), BMAT(10, 23));      \
+        /* operands 0..13, core strides from steps[14] on */                             \
+        RaBMat so = BMAT(4, 22);                                                          \
+        if (!*(npy_bool *)args[6]) so.data = NULL;                                        \
+        int st = ra_combiner_backward_##SUF(dims[0], n, d, e, BMAT(0, 14), BMAT(1, 16),    \
+                                            BMAT(2, 18), BMAT(3, 20), so, BVEC(5, 24),    \
+                                            BSCALAR(7), BSCALAR(8), BSCALAR(9),           \
+                                            BSCALAR(10), BMAT(11, 25), BMAT(12, 27),      \
+                                            BMAT(13, 29));                                \
         ra_raise(st, "combiner_attention_backward");                                      \
     }
 COMBINER_BACKWARD_LOOP(f32)
@@ -534,10 +538,10 @@ static const RaGufunc ra_gufuncs[] = {
      " use_saved, scale, causal, exclude_self, merge_lse) -> (dq, dk, dv)\n\n"
      "Low-level gufunc behind routing_attention.routing_attention_backward."},
     /* ---- combiner attention */
-    {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e)", 7, 1,
+    {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e),(n)", 7, 2,
      {combiner_forward_loop_f32, combiner_forward_loop_f64},
-     (char[]){F, F, F, L, L, B, F, F, /**/ D, D, D, L, L, B, D, D},
-     "_combiner_forward(q, k, v, plan, block, causal, scale) -> out\n\n"
+     (char[]){F, F, F, L, L, B, F, F, F, /**/ D, D, D, L, L, B, D, D, D},
+     "_combiner_forward(q, k, v, plan, block, causal, scale) -> (out, lse)\n\n"
      "plan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind "
      "routing_attention.combiner_attention; use that instead."},
     {"_engine_masked", "(n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e)", 5, 5,
@@ -546,10 +550,12 @@ static const RaGufunc ra_gufuncs[] = {
      "_engine_masked(q, k, v, mask, dout) -> (out, lse, dq, dk, dv)\n\n"
      "Test hook: dense attention (logits q·k) under an explicit boolean mask, through the\n"
      "engine's visibility bitmap, single-threaded."},
-    {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(),(),(),()->(n,d),(n,d),(n,e)", 8, 3,
-     {combiner_backward_loop_f32, combiner_backward_loop_f64},
-     (char[]){F, F, F, F, L, L, B, F, F, F, F, /**/ D, D, D, D, L, L, B, D, D, D, D},
-     "_combiner_backward(dout, q, k, v, plan, block, causal, scale) -> (dq, dk, dv)\n\n"
+    {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e)",
+     11, 3, {combiner_backward_loop_f32, combiner_backward_loop_f64},
+     (char[]){F, F, F, F, F, F, B, L, L, B, F, F, F, F,
+              /**/ D, D, D, D, D, D, B, L, L, B, D, D, D, D},
+     "_combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale)"
+     " -> (dq, dk, dv)\n\n"
      "Low-level gufunc behind routing_attention.combiner_attention_backward."},
     /* ---- clustered attention */
     {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k)",

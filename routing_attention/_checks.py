@@ -136,3 +136,29 @@ def unbroadcast(grad, shape):
     axes = tuple(range(extra)) + tuple(
         extra + i for i, s in enumerate(shape) if s == 1 and grad.shape[extra + i] != 1)
     return grad.sum(axis=axes).reshape(shape)
+
+
+def saved_arrays(saved, keys, batch, core_shapes, dtypes, contiguous=False):
+    """The forward's statistics for a backward gufunc.  `saved` holds all of `keys` (as
+    returned with ``return_saved=True``) or nothing; each array must have shape
+    batch + core_shapes[key] and is cast to dtypes[key] (and made C-contiguous if asked).
+    Nothing saved: zero-stride dummies of the core shapes, which the gufunc ignores."""
+    unknown = set(saved) - set(keys)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; the saved "
+                        f"statistics are {keys}")
+    if saved and set(saved) != set(keys):
+        raise ValueError(f"pass all saved statistics {keys} (as returned with "
+                         f"return_saved=True) or none")
+    arrays = []
+    for key in keys:
+        if not saved:
+            arrays.append(np.broadcast_to(np.zeros((), dtypes[key]), core_shapes[key]))
+            continue
+        a = np.asarray(saved[key])
+        if a.shape != batch + core_shapes[key]:
+            raise ValueError(f"{key} must have shape {batch + core_shapes[key]} (from the same "
+                             f"forward call); got {a.shape}")
+        a = a.astype(dtypes[key], copy=False)
+        arrays.append(np.ascontiguousarray(a) if contiguous else a)
+    return arrays

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _ext
 from ._checks import (as_bool_mask, as_matrix, batch_shape, flag, integer, qkv_arrays,
-                      scale_value, unbroadcast)
+                      saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -46,16 +46,17 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
 SAVED_KEYS = ("centroid_out", "centroid_lse", "topk_index", "topk_weight")
 
 
-def _saved_shapes(batch, C, kmax, e):
-    return dict(centroid_out=batch + (C, e), centroid_lse=batch + (C,),
-                topk_index=batch + (C, kmax), topk_weight=batch + (C, kmax))
+def _saved_shapes(C, kmax, e):
+    """Core shapes of the saved statistics (K = min(topk, m), 0 for the plain form)."""
+    return dict(centroid_out=(C, e), centroid_lse=(C,), topk_index=(C, kmax),
+                topk_weight=(C, kmax))
 
 
 def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved):
     q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
         q, k, v, labels, n_clusters, topk, key_mask, scale)
-    shapes = _saved_shapes(batch, C, min(topk, k.shape[-2]), v.shape[-1])
-    saved = {key: np.empty(shape, np.int64 if key == "topk_index" else q.dtype)
+    shapes = _saved_shapes(C, min(topk, k.shape[-2]), v.shape[-1])
+    saved = {key: np.empty(batch + shape, np.int64 if key == "topk_index" else q.dtype)
              for key, shape in shapes.items()}
     o = _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale,
                                 out=(out,) + tuple(saved[key] for key in SAVED_KEYS))[0]
@@ -70,26 +71,9 @@ def _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved):
     if dout.shape[-2:] != (n, e):
         raise ValueError(f"dout must have shape (..., n, e) = (..., {n}, {e}) like the "
                          f"attention output; got {dout.shape}")
-    unknown = set(saved) - set(SAVED_KEYS)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; the saved "
-                        f"statistics are {SAVED_KEYS}")
-    if saved and set(saved) != set(SAVED_KEYS):
-        raise ValueError(f"pass all saved statistics {SAVED_KEYS} (as returned with "
-                         f"return_saved=True) or none")
-    shapes = _saved_shapes(batch, C, min(topk, k.shape[-2]), e)
-    arrays = []
-    for key in SAVED_KEYS:
-        dtype = np.int64 if key == "topk_index" else q.dtype
-        if saved:
-            a = np.asarray(saved[key])
-            if a.shape != shapes[key]:
-                raise ValueError(f"{key} must have shape {shapes[key]} (from the same forward "
-                                 f"call); got {a.shape}")
-            a = a.astype(dtype, copy=False)
-        else:
-            a = np.broadcast_to(np.zeros((), dtype), shapes[key][len(batch):])
-        arrays.append(a)
+    dtypes = {key: np.int64 if key == "topk_index" else q.dtype for key in SAVED_KEYS}
+    arrays = saved_arrays(saved, SAVED_KEYS, batch, _saved_shapes(C, min(topk, k.shape[-2]), e),
+                          dtypes)
     dq, dk, dv = _ext._clustered_backward(dout, q, k, v, labels, mask, *arrays, use_mask,
                                           bool(saved), C, topk, scale)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)

@@ -7,7 +7,8 @@ the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan
 import numpy as np
 
 from . import _ext
-from ._checks import as_matrix, batch_shape, flag, integer, qkv_arrays, scale_value, unbroadcast
+from ._checks import (as_matrix, batch_shape, flag, integer, qkv_arrays, saved_arrays,
+                      scale_value, unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -42,7 +43,8 @@ def _prepare(q, k, v, plan, block, causal, scale):
     return q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype)
 
 
-def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None):
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None,
+                       return_saved=False):
     """Combiner attention: one softmax per query over direct keys and region summaries.
 
     Parameters
@@ -63,21 +65,31 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=
         True: query i sees only keys j <= i, directly or through regions of the past.
     scale : float, optional
         Multiplies every logit (direct, summary and inside regions); 1/sqrt(d) default.
+    return_saved : bool
+        Also return a dict of the statistics that spare the backward the query
+        softmaxes (``output``: the returned array itself, ``lse``): pass it on as
+        ``combiner_attention_backward(..., **saved)``, with the output unmodified.
 
     Returns
     -------
     out : ndarray (..., n, e).  Summary keys and region queries are element-wise
     max-pools over their region; gradients (see `combiner_attention_backward`) flow to
-    the arg-max element, ties going to the lowest position.
+    the arg-max element, ties going to the lowest position.  [, saved : dict]
     """
     q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
-    return _ext._combiner_forward(q, k, v, plan, block, causal, scale)
+    out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale)
+    return (out, dict(output=out, lse=lse)) if flag("return_saved", return_saved) else out
+
+
+SAVED_KEYS = ("output", "lse")
 
 
 def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=True,
-                                scale=None):
+                                scale=None, **saved):
     """Gradients (dq, dk, dv) of `combiner_attention` for the loss gradient `dout`
-    (..., n, e).  The forward is recomputed; gradients are summed over broadcast axes."""
+    (..., n, e); gradients are summed over broadcast axes.  ``**saved``: the dict the
+    forward returned with ``return_saved=True`` for the same inputs (else the forward's
+    query softmaxes are recomputed; the result is the same)."""
     q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
     dout = as_matrix("dout", dout, q.dtype)
     expected = (q.shape[-2], v.shape[-1])
@@ -85,7 +97,11 @@ def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, caus
         raise ValueError(f"dout must have shape (..., n, e) = (..., {expected[0]}, {expected[1]}) "
                          f"like the attention output; got {dout.shape}")
     batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2))
-    dq, dk, dv = _ext._combiner_backward(dout, q, k, v, plan, block, causal, scale)
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    arrays = saved_arrays(saved, SAVED_KEYS, batch, dict(output=expected, lse=expected[:1]),
+                          dict(output=q.dtype, lse=q.dtype))
+    dq, dk, dv = _ext._combiner_backward(dout, q, k, v, *arrays, bool(saved), plan, block,
+                                         causal, scale)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
 
@@ -107,14 +123,16 @@ class CombinerAttention:
         return dict(plan=self.plan, block=self.block, causal=self.causal, scale=self.scale)
 
     def __call__(self, q, k, v):
-        out = combiner_attention(q, k, v, **self._kwargs())
-        self._saved = (q, k, v)
+        out, stats = combiner_attention(q, k, v, return_saved=True, **self._kwargs())
+        # the caller may modify the returned array: the backward keeps its own copy
+        self._saved = (q, k, v, dict(stats, output=out.copy()))
         return out
 
     def backward(self, dout):
         if self._saved is None:
             raise RuntimeError("CombinerAttention.backward needs a forward call first")
-        return combiner_attention_backward(dout, *self._saved, **self._kwargs())
+        q, k, v, stats = self._saved
+        return combiner_attention_backward(dout, q, k, v, **self._kwargs(), **stats)
 
     def __repr__(self):
         return (f"CombinerAttention(plan={self.plan!r}, block={self.block!r}, "

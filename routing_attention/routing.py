@@ -2,8 +2,8 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_matrix, batch_shape, check_out, flag, float_dtype, integer, qkv_arrays, scale_value,
-                      unbroadcast)
+from ._checks import (as_matrix, batch_shape, check_out, flag, float_dtype, integer, qkv_arrays,
+                      saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -121,24 +121,8 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exc
                         k_idx=(k_idx, 2))
     n, e, (c, w) = q.shape[-2], v.shape[-1], q_idx.shape[-2:]
     shapes = dict(output=(n, e), lse=(n,), slot_output=(c, w, e), slot_lse=(c, w), slot_self=(c, w))
-    unknown = set(saved) - set(SAVED_KEYS)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; the saved statistics "
-                        f"are {SAVED_KEYS}")
-    if saved and set(saved) != set(SAVED_KEYS):
-        raise ValueError(f"pass all saved statistics {SAVED_KEYS} (as returned by "
-                         f"routing_attention(..., return_saved=True)) or none")
-    arrays = []
-    for key in SAVED_KEYS:
-        dtype = np.bool_ if key == "slot_self" else q.dtype
-        if saved:
-            a = np.ascontiguousarray(saved[key], dtype=dtype)
-            if a.shape != batch + shapes[key]:
-                raise ValueError(f"{key} must have shape {batch + shapes[key]} (from the same "
-                                 f"forward call); got {a.shape}")
-        else:
-            a = np.broadcast_to(np.zeros((), dtype), shapes[key])
-        arrays.append(a)
+    dtypes = {key: np.bool_ if key == "slot_self" else q.dtype for key in SAVED_KEYS}
+    arrays = saved_arrays(saved, SAVED_KEYS, batch, shapes, dtypes, contiguous=True)
     dq, dk, dv = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, *arrays, bool(saved), scale,
                                         causal, exclude_self, lse_merge)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)

@@ -237,6 +237,52 @@ def test_layer_matches_functions():
     assert "mixture" in repr(layer)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("plan", PLANS)
+def test_saved_statistics_give_the_same_gradients(plan, causal, dtype):
+    """backward(**saved) skips the forward's query softmaxes and gives the same bits."""
+    rng = np.random.default_rng(11)
+    q, k, v = inputs(rng, (2,), 300, d=8, e=4, dtype=dtype)     # several query units
+    kw = dict(plan=plan, block=blk(plan, 16), causal=causal)
+    out, saved = ra.combiner_attention(q, k, v, return_saved=True, **kw)
+    assert sorted(saved) == ["lse", "output"] and saved["output"] is out
+    assert np.array_equal(out, ra.combiner_attention(q, k, v, **kw))
+    dout = rng.standard_normal((3, 2, 300, 4)).astype(dtype)       # broadcast batch
+    got = ra.combiner_attention_backward(dout, q, k, v, **kw, **saved)
+    want = ra.combiner_attention_backward(dout, q, k, v, **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and np.array_equal(g, w)
+    # lse is each query's log-sum-exp over everything it sees: with one block it is dense
+    if plan == "fixed":
+        dense = ra.combiner_attention(q, k, v, return_saved=True, plan="fixed", block=300,
+                                      causal=causal)[1]["lse"]
+        _, want_lse = ra.attention(q, k, v, causal=causal, return_lse=True)
+        np.testing.assert_allclose(dense, want_lse, **tol(dtype))
+
+
+def test_saved_statistics_are_checked():
+    q, k, v = inputs(np.random.default_rng(12), (), 20)
+    dout = np.ones((20, 3))
+    _, saved = ra.combiner_attention(q, k, v, return_saved=True)
+    with pytest.raises(ValueError, match="pass all saved statistics"):
+        ra.combiner_attention_backward(dout, q, k, v, lse=saved["lse"])
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ra.combiner_attention_backward(dout, q, k, v, bogus=1, **saved)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        ra.combiner_attention_backward(dout, q, k, v, **dict(saved, lse=saved["lse"][:5]))
+
+
+def test_layer_backward_survives_an_in_place_edit_of_its_output():
+    q, k, v = inputs(np.random.default_rng(13), (2,), 40)
+    layer = ra.CombinerAttention("axial", block=6)
+    out = layer(q, k, v)
+    want = ra.combiner_attention_backward(np.ones_like(out), q, k, v, plan="axial", block=6)
+    out += 1.0                                  # a residual added in place
+    for g, w in zip(layer.backward(np.ones_like(out)), want):
+        assert np.array_equal(g, w)
+
+
 def test_scale_keyword():
     rng = np.random.default_rng(12)
     q, k, v = inputs(rng, (), 12, d=4)
