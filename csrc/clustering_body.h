@@ -276,51 +276,73 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
 /* centroids (B; c, d), x (B; n, d), labels (B; n) in [-1, c), mask (B; n) uint8,
  * decay (B)  ->  out (B; c, d): μ_c ← normalise(decay·μ_c + (1 − decay)·mean of x rows
  * labelled c, mask True); a cluster with no such row is copied unchanged. */
+/* Problem b with `parts` threads: each owns a range of clusters and sums their rows in one
+ * sequential pass over x, so every cluster's rows are added in row order whatever the
+ * split.  lab (n), sum (c, d), size (c) are scratch. */
+static int FN(update_problem)(ptrdiff_t b, int n, int d, int c, RaBMat centroids, RaBMat x,
+                              RaBVec labels, RaBVec mask, RaBVec decay, RaBMat out,
+                              int64_t *lab, T *sum, int64_t *size, int parts)
+{
+    const int st = ra_read_labels(n, c, ra_vec_at(labels, b), ra_vec_at(mask, b), lab);
+    if (st != RA_OK) return st;
+    RaMat cb = ra_mat_at(centroids, b), xb = ra_mat_at(x, b), ob = ra_mat_at(out, b);
+    const T dec = RA_VEC_AT(T, ra_vec_at(decay, b), 0);
+    #pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
+    for (int part = 0; part < parts; part++) {
+        const int j0 = (int)((int64_t)c * part / parts), j1 = (int)((int64_t)c * (part + 1) / parts);
+        if (j0 == j1) continue;
+        memset(sum + (size_t)j0 * d, 0, sizeof(T) * (size_t)(j1 - j0) * d);
+        memset(size + j0, 0, sizeof(int64_t) * (size_t)(j1 - j0));
+        for (int i = 0; i < n; i++) {
+            const int64_t l = lab[i];
+            if (l < j0 || l >= j1) continue;
+            FN(ra_add_row)(sum + (size_t)l * d, 1, xb, i, d);
+            size[l]++;
+        }
+        for (int j = j0; j < j1; j++) {
+            T *v = sum + (size_t)j * d;     /* becomes the new centroid in place */
+            if (size[j] == 0) {
+                for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
+            } else {
+                T sq = 0;
+                for (int u = 0; u < d; u++) {
+                    v[u] = dec * RA_MAT_AT(T, cb, j, u) + (1 - dec) * (v[u] / (T)size[j]);
+                    sq += v[u] * v[u];
+                }
+                const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
+                for (int u = 0; u < d; u++) v[u] *= inv;
+            }
+        }
+    }
+    /* written after every read: out may alias centroids */
+    for (int j = 0; j < c; j++)
+        for (int u = 0; u < d; u++) RA_MAT_AT(T, ob, j, u) = sum[(size_t)j * d + u];
+    return RA_OK;
+}
+
+/* Several problems: one per thread (each a single sequential pass); one problem: its
+ * clusters split among the threads.  The same sums either way. */
 int FN(ra_update_centroids)(ptrdiff_t B, int n, int d, int c, RaBMat centroids, RaBMat x,
                             RaBVec labels, RaBVec mask, RaBVec decay, RaBMat out)
 {
     const int nt = ra_num_threads();
-    int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
-    T *sum = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)c, (size_t)d)));
-    int64_t *size = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c));
+    const int workers = B > 1 ? (B < nt ? (int)B : nt) : 1, parts = B > 1 ? 1 : nt;
+    int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)n, workers)));
+    T *sum = ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)c, (size_t)d), workers)));
+    int64_t *size = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)c, workers)));
     int st = (lab && sum && size) ? RA_OK : RA_ERR_NOMEM;
-    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
-        st = ra_read_labels(n, c, ra_vec_at(labels, b), ra_vec_at(mask, b), lab);
-        if (st != RA_OK) break;
-        RaMat cb = ra_mat_at(centroids, b), xb = ra_mat_at(x, b), ob = ra_mat_at(out, b);
-        const T dec = RA_VEC_AT(T, ra_vec_at(decay, b), 0);
-        /* each part owns a range of clusters and sums their rows in one sequential pass
-           over x, so every cluster's rows are added in row order whatever the split */
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int part = 0; part < nt; part++) {
-            const int j0 = (int)((int64_t)c * part / nt), j1 = (int)((int64_t)c * (part + 1) / nt);
-            if (j0 == j1) continue;
-            memset(sum + (size_t)j0 * d, 0, sizeof(T) * (size_t)(j1 - j0) * d);
-            memset(size + j0, 0, sizeof(int64_t) * (size_t)(j1 - j0));
-            for (int i = 0; i < n; i++) {
-                const int64_t l = lab[i];
-                if (l < j0 || l >= j1) continue;
-                FN(ra_add_row)(sum + (size_t)l * d, 1, xb, i, d);
-                size[l]++;
-            }
-            for (int j = j0; j < j1; j++) {
-                T *v = sum + (size_t)j * d;     /* becomes the new centroid in place */
-                if (size[j] == 0) {
-                    for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
-                } else {
-                    T sq = 0;
-                    for (int u = 0; u < d; u++) {
-                        v[u] = dec * RA_MAT_AT(T, cb, j, u) + (1 - dec) * (v[u] / (T)size[j]);
-                        sq += v[u] * v[u];
-                    }
-                    const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
-                    for (int u = 0; u < d; u++) v[u] *= inv;
-                }
+    if (st == RA_OK) {
+        #pragma omp parallel for num_threads(workers) schedule(dynamic, 1) if (workers > 1)
+        for (ptrdiff_t b = 0; b < B; b++) {
+            const int w = ra_thread_id();
+            const int r = FN(update_problem)(b, n, d, c, centroids, x, labels, mask, decay, out,
+                                             lab + (size_t)w * n, sum + (size_t)w * c * d,
+                                             size + (size_t)w * c, parts);
+            if (r != RA_OK) {
+                #pragma omp atomic write
+                st = r;
             }
         }
-        /* written after every read: out may alias centroids */
-        for (int j = 0; j < c; j++)
-            for (int u = 0; u < d; u++) RA_MAT_AT(T, ob, j, u) = sum[(size_t)j * d + u];
     }
     ra_free(lab); ra_free(sum); ra_free(size);
     return st;
