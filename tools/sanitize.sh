@@ -35,7 +35,9 @@ done
 so="$(PYTHONPATH="$work" LD_PRELOAD="$libasan:$libubsan" ASAN_OPTIONS=detect_leaks=0 \
       "$PY" -c 'import routing_attention._ext as e; print(e.__file__)')"
 case "$so" in "$work"/*) ;; *) echo "sanitize: imported $so, not the sanitizer build" >&2; exit 1;; esac
-ldd "$so" | grep -q libasan || { echo "sanitize: $so is not linked to libasan" >&2; exit 1; }
+# (not `ldd | grep -q`: under pipefail, grep quitting early can kill ldd with SIGPIPE and
+# fail the check at random)
+case "$(ldd "$so")" in *libasan*) ;; *) echo "sanitize: $so is not linked to libasan" >&2; exit 1;; esac
 
 # ---- 3. the whole suite under the sanitizers
 # detect_leaks=0: CPython itself keeps interned objects alive at exit (not our leaks; the
