@@ -13,6 +13,8 @@
    with the Hamming kernels compiled for that; kernels.c picks it when the CPU has it. */
 #pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq")
 #define HFN(name) RA_CAT3(name, _, avx512vp)
+#define RA_HAMMING_VPOPCNT 1
 #include "kernels_hamming.h"
+#undef RA_HAMMING_VPOPCNT
 #undef HFN
 RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);

@@ -3,10 +3,12 @@
  * by kernels_avx512.c for the VPOPCNTQ variant) with these macros defined:
  *   HFN(name)      name mangling through RA_CAT3, e.g. name##_avx2
  *   RA_POPCOUNT    popcount of one uint64_t;  RA_POPCOUNT32: of one uint32_t
+ *   VEC_BYTES      the vector width; RA_HAMMING_VPOPCNT when the target has VPOPCNTDQ
  * It includes itself once per word width W (64, 32), naming the kernels
- * hamming_<kernel><W>_<isa>.  Loops run over rows with lanes of the word width, so that
- * a target with a vector popcount (AVX-512 VPOPCNTDQ) vectorises them, 16 lanes for
- * 32-bit words; elsewhere they take one popcnt per pair. */
+ * hamming_<kernel><W>_<isa>.  Rows go through in vectors of W-bit lanes (16 lanes of
+ * 32-bit words in 512 bits): the lane popcount is the VPOPCNT instruction where the CPU
+ * has it, else the SWAR bit count in vector arithmetic; leftover rows take the scalar
+ * popcount. */
 #ifndef HW
 #define HW uint64_t
 #define HPOP RA_POPCOUNT
@@ -25,8 +27,33 @@
 #else
 
 #ifndef RA_HAMMING_ROWS
-#define RA_HAMMING_ROWS 64   /* rows per block of hamming_assign */
+#define RA_HAMMING_ROWS 64   /* rows per block of hamming_assign, a multiple of any lane count */
 #endif
+
+typedef HW HNAME(ra_hvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(HW))));
+#define hvec HNAME(ra_hvec)
+#define HL ((int)(VEC_BYTES / sizeof(HW)))           /* lanes */
+
+/* Lane-wise popcount. */
+static inline hvec HFN(HNAME(hamming_popv))(hvec x)
+{
+#ifdef RA_HAMMING_VPOPCNT
+    return sizeof(HW) == 8 ? (hvec)_mm512_popcnt_epi64((__m512i)x)
+                           : (hvec)_mm512_popcnt_epi32((__m512i)x);
+#else
+    const hvec m1 = (hvec){0} + (HW)0x5555555555555555ull, m2 = (hvec){0} + (HW)0x3333333333333333ull;
+    const hvec m4 = (hvec){0} + (HW)0x0f0f0f0f0f0f0f0full;
+    x = x - ((x >> 1) & m1);
+    x = (x & m2) + ((x >> 2) & m2);
+    x = (x + (x >> 4)) & m4;                 /* a count per byte */
+    x = x + (x >> 8);
+    x = x + (x >> 16);
+    if (sizeof(HW) == 8) x = x + (x >> (4 * sizeof(HW)));
+    return x & 0x7f;
+#endif
+}
+
+static inline hvec HFN(HNAME(hamming_loadv))(const HW *p) { return *(const hvec *)p; }
 
 /* code (rows [i0, i1)), cent (c) -> lab: the nearest centroid of each valid row, ties to
  * the lowest, -1 for invalid rows.  Returns how many labels changed. */
@@ -36,22 +63,37 @@ static int64_t HFN(HNAME(hamming_assign))(int i0, int i1, const void *code_,
 {
     const HW *code = code_, *cent = cent_;
     int64_t changed = 0;
-    HW best[RA_HAMMING_ROWS], best_j[RA_HAMMING_ROWS];
+    hvec best[RA_HAMMING_ROWS / HL], best_j[RA_HAMMING_ROWS / HL];
     for (int b0 = i0; b0 < i1; b0 += RA_HAMMING_ROWS) {
         const int rows = i1 - b0 < RA_HAMMING_ROWS ? i1 - b0 : RA_HAMMING_ROWS;
-        const HW *x = code + b0;
-        for (int r = 0; r < rows; r++) { best[r] = 65; best_j[r] = 0; }   /* any j beats 65 */
+        const int nv = rows / HL;
+        hvec x[RA_HAMMING_ROWS / HL];
+        for (int t = 0; t < nv; t++) {
+            x[t] = HFN(HNAME(hamming_loadv))(code + b0 + t * HL);
+            best[t] = (hvec){0} + 65;        /* any distance beats 65 */
+            best_j[t] = (hvec){0};
+        }
         for (int j = 0; j < c; j++) {
-            const HW cj = cent[j];
-            for (int r = 0; r < rows; r++) {        /* strict <: ties keep the lower j */
-                const HW dist = (HW)HPOP(x[r] ^ cj);
-                const int closer = dist < best[r];
-                best[r] = closer ? dist : best[r];
-                best_j[r] = closer ? (HW)j : best_j[r];
+            const hvec cj = (hvec){0} + cent[j], jv = (hvec){0} + (HW)j;
+            for (int t = 0; t < nv; t++) {   /* strict <: ties keep the lower j */
+                const hvec dist = HFN(HNAME(hamming_popv))(x[t] ^ cj);
+                const hvec closer = (hvec)(dist < best[t]);
+                best[t] = (dist & closer) | (best[t] & ~closer);
+                best_j[t] = (jv & closer) | (best_j[t] & ~closer);
             }
         }
         for (int r = 0; r < rows; r++) {
-            const int64_t label = valid[b0 + r] ? (int64_t)best_j[r] : -1;
+            int64_t label = -1;
+            if (r < nv * HL) {
+                label = (int64_t)best_j[r / HL][r % HL];
+            } else {                         /* leftover rows, one at a time */
+                int bd = 65;
+                for (int j = 0; j < c; j++) {
+                    const int dist = HPOP(code[b0 + r] ^ cent[j]);
+                    if (dist < bd) { bd = dist; label = j; }
+                }
+            }
+            if (!valid[b0 + r]) label = -1;
             changed += label != lab[b0 + r];
             lab[b0 + r] = label;
         }
@@ -64,16 +106,26 @@ static uint64_t HFN(HNAME(hamming_potential))(int i0, int i1, const void *code_,
                                               const void *dist_, uint64_t center_)
 {
     const HW *code = code_, *dist = dist_, center = (HW)center_;
+    const hvec cv = (hvec){0} + center;
     uint64_t total = 0;
-    for (int b0 = i0; b0 < i1; b0 += 1 << 16) {     /* 2^16 rows · 64² fit any word */
+    int i = i0;
+    /* lane sums over at most 2^16 rows: 2^16 · 64² fits any word */
+    for (int b0 = i0; b0 + HL <= i1; b0 = i) {
         const int b1 = i1 - b0 < 1 << 16 ? i1 : b0 + (1 << 16);
-        HW s = 0;
-        for (int i = b0; i < b1; i++) {
-            HW dd = (HW)HPOP(code[i] ^ center);
-            dd = dd < dist[i] ? dd : dist[i];
-            s += dd * dd;
+        hvec acc = (hvec){0};
+        for (i = b0; i + HL <= b1; i += HL) {
+            hvec dd = HFN(HNAME(hamming_popv))(HFN(HNAME(hamming_loadv))(code + i) ^ cv);
+            const hvec d0 = HFN(HNAME(hamming_loadv))(dist + i);
+            const hvec less = (hvec)(dd < d0);
+            dd = (dd & less) | (d0 & ~less);
+            acc += dd * dd;
         }
-        total += s;
+        for (int l = 0; l < HL; l++) total += acc[l];
+    }
+    for (; i < i1; i++) {
+        HW dd = (HW)HPOP(code[i] ^ center);
+        dd = dd < dist[i] ? dd : dist[i];
+        total += (uint64_t)dd * dd;
     }
     return total;
 }
@@ -84,10 +136,20 @@ static void HFN(HNAME(hamming_min))(int i0, int i1, const void *code_, uint64_t 
 {
     const HW *code = code_, center = (HW)center_;
     HW *dist = dist_;
-    for (int i = i0; i < i1; i++) {
+    const hvec cv = (hvec){0} + center;
+    int i = i0;
+    for (; i + HL <= i1; i += HL) {
+        const hvec dd = HFN(HNAME(hamming_popv))(HFN(HNAME(hamming_loadv))(code + i) ^ cv);
+        const hvec d0 = HFN(HNAME(hamming_loadv))(dist + i);
+        const hvec less = (hvec)(dd < d0);
+        *(hvec *)(dist + i) = (dd & less) | (d0 & ~less);
+    }
+    for (; i < i1; i++) {
         const HW dd = (HW)HPOP(code[i] ^ center);
         dist[i] = dd < dist[i] ? dd : dist[i];
     }
 }
 
+#undef hvec
+#undef HL
 #endif
