@@ -1,4 +1,8 @@
 """Shared test helpers: dtype tolerances and an array zoo."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -55,3 +59,16 @@ try:
     settings.load_profile(os.environ.get("RA_HYPOTHESIS_PROFILE", "fast"))
 except ImportError:     # hypothesis is in the [test] extra; without it those tests skip
     settings = None
+
+
+def run_with_simd(code, simd, timeout=300):
+    """Run `code` in a fresh interpreter with the kernel table forced by RA_SIMD ("default":
+    the one the CPU gets); asserts it succeeded and printed "ok", returns its stdout."""
+    env = dict(os.environ)
+    env.pop("RA_SIMD", None)
+    if simd != "default":
+        env["RA_SIMD"] = simd
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+    return res.stdout

@@ -1,14 +1,10 @@
 """Clustered and improved clustered attention: the C planner against the NumPy reference."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import routing_attention as ra
 from routing_attention import reference as ref
-from conftest import LAYOUTS, assert_close, strided
+from conftest import LAYOUTS, assert_close, run_with_simd, strided
 
 DTYPES = [np.float32, np.float64]
 FORMS = [None, 1, 5, 1000]          # topk: None = plain clustered attention
@@ -72,15 +68,9 @@ def test_every_simd_path_with_ties(simd):
         "        want = ref.improved_clustered_attention(*args, key_mask=mask)\n"
         "        assert np.max(np.abs(got - want)) <= tol * max(1, np.max(np.abs(want))), dt\n"
         "print('ok', ra.build_info()['simd'])\n")
-    env = dict(os.environ)
-    env.pop("RA_SIMD", None)
+    out = run_with_simd(code, simd)
     if simd != "default":
-        env["RA_SIMD"] = simd
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
-    if simd != "default":
-        assert res.stdout.split()[1] in (simd, "generic"), res.stdout
+        assert out.split()[1] in (simd, "generic"), out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

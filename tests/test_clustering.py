@@ -2,15 +2,13 @@
 dtype tolerances for centroids and losses; recovery, determinism, thread independence
 and argument errors."""
 import contextlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import routing_attention as ra
 from routing_attention import reference as ref
+from conftest import run_with_simd
 
 DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 1e-5, np.float64: 1e-10}
@@ -392,15 +390,9 @@ def test_hamming_kmeans_on_every_kernel_table(simd):
         "    want = ref.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
         "    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), hi\n"
         "print('ok', ra.build_info()['simd'])\n")
-    env = dict(os.environ)
-    env.pop("RA_SIMD", None)
-    if simd != "default":
-        env["RA_SIMD"] = simd
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+    out = run_with_simd(code, simd)
     if simd in ("avx2", "generic"):
-        assert res.stdout.split()[1] in (simd, "generic"), res.stdout
+        assert out.split()[1] in (simd, "generic"), out
 
 
 def test_hamming_kmeans_reseeds_empty_clusters():

@@ -1,14 +1,10 @@
 """Dense attention: the C tile engine against the NumPy reference."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import routing_attention as ra
 from routing_attention import reference as ref
-from conftest import LAYOUTS, assert_close, strided
+from conftest import LAYOUTS, assert_close, run_with_simd, strided
 
 DTYPES = [np.float32, np.float64]
 
@@ -241,10 +237,7 @@ def test_lower_simd_paths(simd):
         "    for g, w in zip(got, want):\n"
         "        assert np.max(np.abs(g - w)) <= tol * max(1, np.max(np.abs(w))), (dt, np.max(np.abs(g - w)))\n"
         "print('ok')\n")
-    env = dict(os.environ, RA_SIMD=simd)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+    run_with_simd(code, simd)
 
 
 def test_build_info():
