@@ -158,7 +158,11 @@ RA_CLUSTERED_DECLS(double, f64)
     int ra_top_members_##SUF(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat idx); \
     /* x (B; n, d), planes (B; bits, d + 1)  ->  codes (B; n), bits <= 64 */               \
     int ra_lsh_hash_##SUF(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes,   \
-                          RaBVec codes);
+                          RaBVec codes);                                                  \
+    /* x (B; n, d) -> xhat = x / |x| row by row (a row whose norm is not > 0 is divided  \
+       by 1), norm (B; n) = |x|, sq (B; n) = |xhat|² */                                   \
+    int ra_normalize_rows_##SUF(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat,         \
+                                RaBVec norm, RaBVec sq);
 
 RA_CLUSTERING_DECLS(float, f32)
 RA_CLUSTERING_DECLS(double, f64)

@@ -444,6 +444,20 @@ TOP_MEMBERS_LOOP(f64)
 LSH_HASH_LOOP(f32)
 LSH_HASH_LOOP(f64)
 
+/* (n,d)->(n,d),(n),(n)  x -> xhat, norm, |xhat|² */
+#define NORMALIZE_ROWS_LOOP(SUF)                                                          \
+    static void normalize_rows_loop_##SUF(char **args, npy_intp const *dims,             \
+                                          npy_intp const *steps, void *data)             \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 2, "normalize_rows")) return;          \
+        ra_raise(ra_normalize_rows_##SUF(dims[0], (int)dims[1], (int)dims[2], BMAT(0, 4),  \
+                                         BMAT(1, 6), BVEC(2, 8), BVEC(3, 9)),             \
+                 "normalize_rows");                                                       \
+    }
+NORMALIZE_ROWS_LOOP(f32)
+NORMALIZE_ROWS_LOOP(f64)
+
 /* (n)->(c,s)  labels -> members */
 static void members_from_labels_loop(char **args, npy_intp const *dims, npy_intp const *steps,
                                      void *data)
@@ -606,6 +620,11 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, L, /**/ D, L},
      "_top_members(scores, out=idx) -> idx\n\n"
      "Low-level gufunc behind routing_attention.top_members."},
+    {"_normalize_rows", "(n,d)->(n,d),(n),(n)", 1, 3,
+     {normalize_rows_loop_f32, normalize_rows_loop_f64}, (char[]){F, F, F, F, /**/ D, D, D, D},
+     "_normalize_rows(x) -> (xhat, norm, sq)\n\n"
+     "Rows scaled to unit L2 norm (a row whose norm is not > 0 is divided by 1), their\n"
+     "norms and |xhat|²; behind the RoutingAttention layer."},
     {"_lsh_hash", "(n,d),(b,e)->(n)", 2, 1, {lsh_hash_loop_f32, lsh_hash_loop_f64},
      (char[]){F, F, L, /**/ D, D, L},
      "_lsh_hash(x, planes) -> codes\n\nLow-level gufunc behind routing_attention.lsh_hash."},

@@ -169,10 +169,10 @@ def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None)
 
 # ------------------------------------------------------------------ the layer
 def _normalize(x, out=None):
-    """Rows of x scaled to unit L2 norm (zero rows stay zero; into `out` if given) and
-    their norms."""
-    norm = np.sqrt(np.einsum("...d,...d->...", x, x))[..., None]
-    return np.divide(x, np.where(norm > 0, norm, 1), out=out), norm
+    """Rows of x scaled to unit L2 norm (zero rows stay zero; into `out` if given), their
+    norms (..., n, 1) and the squared norms of the scaled rows (..., n), in one C pass."""
+    xhat, norm, sq = _ext._normalize_rows(x, out=(out, None, None))
+    return xhat, norm[..., None], sq
 
 
 def _normalize_backward(dxhat, xhat, norm):
@@ -298,7 +298,10 @@ class RoutingAttention:
             idx = _mask_members(members_from_labels(labels, self.centroids.shape[-2]), mask)
         return labels, best, idx
 
-    def _route(self, qhat, khat, key_mask, query_mask, pooled=None):
+    def _route(self, qhat, khat, key_mask, query_mask, pooled, pooled_sq):
+        """Member lists (q_idx, k_idx) of the normalised rows; pooled (…, heads, n+m, d):
+        qhat and khat side by side, or None to concatenate here; pooled_sq (…, heads,
+        n+m): their squared norms."""
         from .clustering import spherical_kmeans, update_centroids
         heads, n, d = qhat.shape[-3:]
         m = khat.shape[-2]
@@ -336,7 +339,7 @@ class RoutingAttention:
         best = np.concatenate([bq, bk], axis=-1)
         mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)[..., None, :]
         mu2 = mu2.reshape((1,) * (labels.ndim + 1 - mu2.ndim) + mu2.shape)   # (..., 1, c)
-        sq = np.einsum("...d,...d->...", pooled, pooled) - 2 * best + np.take_along_axis(
+        sq = pooled_sq - 2 * best + np.take_along_axis(
             mu2, np.maximum(labels, 0)[..., None], axis=-1)[..., 0]
         weight = (labels >= 0).astype(sq.dtype)
         if pool_mask is not None:
@@ -367,11 +370,11 @@ class RoutingAttention:
             # them for the centroid update without another copy
             n = q.shape[-2]
             pooled = np.empty(q.shape[:-2] + (n + k.shape[-2], q.shape[-1]), dtype)
-            qhat, qnorm = _normalize(q, out=pooled[..., :n, :])
-            khat, knorm = _normalize(k, out=pooled[..., n:, :])
+            qhat, qnorm, qsq = _normalize(q, out=pooled[..., :n, :])
+            khat, knorm, ksq = _normalize(k, out=pooled[..., n:, :])
         else:
-            qhat, qnorm = _normalize(q)
-            khat, knorm = (qhat, qnorm) if self.shared_qk else _normalize(k)
+            qhat, qnorm, qsq = _normalize(q)
+            khat, knorm, ksq = (qhat, qnorm, qsq) if self.shared_qk else _normalize(k)
         katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
         L = self.local_heads
         out = np.empty(np.broadcast_shapes(q.shape[:-1], v.shape[:-2] + (q.shape[-2],)) + (v.shape[-1],), dtype)
@@ -387,7 +390,8 @@ class RoutingAttention:
             kmask = None if key_mask is None else np.asarray(key_mask, bool)[..., None, :]
             qmask = None if query_mask is None else np.asarray(query_mask, bool)[..., None, :]
             q_idx, k_idx = self._route(qhat[..., L:, :, :], khat[..., L:, :, :], kmask, qmask,
-                                       None if pooled is None else pooled[..., L:, :, :])
+                                       None if pooled is None else pooled[..., L:, :, :],
+                                       np.concatenate([qsq[..., L:, :], ksq[..., L:, :]], axis=-1))
             if not self.shared_qk:      # the normalised rows are done with: free them
                 qhat = khat = pooled = None
             out[..., L:, :, :], saved = routing_attention(

@@ -157,3 +157,35 @@ def test_bad_calls(rng):
     layer(q, k, v)
     with pytest.raises(ValueError, match="routing heads"):
         layer(q[:, :1], k[:, :1], v[:, :1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_normalisation_kernel(rng, dtype):
+    """The C row normalisation behind the layer: x / |x| (zero and NaN rows divided by 1),
+    |x| and |x̂|², strided input and output included, the same bits on 1 and 2 threads."""
+    x = rng.standard_normal((3, 40, 9)).astype(dtype)[:, ::-1, :]        # negative stride
+    x[0, 3] = 0
+    x[1, 5, 2] = np.nan
+    out = np.empty((3, 40, 12), dtype)[..., 1:10]                        # strided rows
+    with np.errstate(invalid="ignore"):
+        norm = np.linalg.norm(x.astype(np.float64), axis=-1)
+        want = x / np.where(norm > 0, norm, 1)[..., None]
+        xhat, got_norm, sq = ra._ext._normalize_rows(x, out=(out, None, None))
+        tol = 1e-6 if dtype == np.float32 else 1e-14
+        assert xhat is out
+        np.testing.assert_allclose(xhat, want, rtol=tol, atol=tol)
+        np.testing.assert_allclose(got_norm, norm, rtol=tol)
+        np.testing.assert_allclose(sq, (want.astype(np.float64) ** 2).sum(-1), rtol=tol, atol=tol)
+        assert (xhat[0, 3] == 0).all() and sq[0, 3] == 0
+        # a NaN row has a NaN norm: divided by 1, it passes through unchanged
+        assert np.array_equal(xhat[1, 5], x[1, 5], equal_nan=True) and np.isnan(sq[1, 5])
+        assert np.isfinite(np.delete(xhat[1], 5, 0)).all()
+        ra.set_num_threads(1)
+        try:
+            one = ra._ext._normalize_rows(x)
+            ra.set_num_threads(2)
+            two = ra._ext._normalize_rows(x)
+        finally:
+            ra.set_num_threads(0)
+        for a, b in zip(one, two):
+            assert np.array_equal(a, b, equal_nan=True)
