@@ -136,18 +136,6 @@ static int FN(cl_plan)(int n, int m, int C, int topk, RaVec labels, RaVec key_ma
 }
 
 /* q (n, d) -> cent_c (d) = mean of the member rows of c (0 if empty), summed in order. */
-/* x · y (n): eight partial sums, combined in a fixed order (vectorisable, deterministic). */
-static inline T FN(cl_dot)(const T *x, const T *y, int n)
-{
-    T part[8] = {0}, s = 0;
-    int f = 0;
-    for (; f + 8 <= n; f += 8)
-        for (int l = 0; l < 8; l++) part[l] += x[f + l] * y[f + l];
-    for (; f < n; f++) s += x[f] * y[f];
-    for (int l = 0; l < 8; l++) s += part[l];
-    return s;
-}
-
 /* Row i of m (n columns) += x (n); unit-stride rows in a vectorised loop. */
 static inline void FN(cl_row_add)(RaMat m, int64_t i, const T *x, int n)
 {
@@ -805,7 +793,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         /* T_c's keys and values packed: k (kc, d), v (kc, e) rows, and the transposes */
         if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
         for (int t = 0; t < kc; t++) {
-            const T ds = -aw[t] * FN(cl_dot)(gs, w.v + (ptrdiff_t)t * e, e);
+            const T ds = -aw[t] * FN(ra_dot)((const char *)gs, sizeof(T),
+                                             (const char *)(w.v + (ptrdiff_t)t * e), sizeof(T), e);
             const T *kr = w.k + (ptrdiff_t)t * d;
             for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -aw[t] * gs[f];
             for (int f = 0; f < d; f++) {
@@ -823,7 +812,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
                 FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e, sc);
                 FN(ra_gather)(ra_mat_at(dout, b), idx, 0, rows, e, mh, 0, w.dout, e);
                 for (int i = 0; i < rows; i++)
-                    w.delta[i] = FN(cl_dot)(w.dout + (ptrdiff_t)i * e, w.o + (ptrdiff_t)i * e, e);
+                    w.delta[i] = FN(ra_dot)((const char *)(w.dout + (ptrdiff_t)i * e), sizeof(T),
+                                            (const char *)(w.o + (ptrdiff_t)i * e), sizeof(T), e);
                 memset(w.dq, 0, ts * (size_t)rows * d);
                 w.gt.rows = rows;
                 for (int t = 0; t * RA_BK < kc; t++) {

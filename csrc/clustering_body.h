@@ -649,19 +649,6 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
 #undef RA_TOP_CB
 
 /* ------------------------------------------------------------------ normalize_rows */
-/* Σ a[f]·b[f] over strided rows: eight partial sums combined in a fixed order. */
-static inline T FN(row_dot)(const char *a, ptrdiff_t sa, const char *b, ptrdiff_t sb, int n)
-{
-    T part[8] = {0}, s = 0;
-    int f = 0;
-    for (; f + 8 <= n; f += 8)
-        for (int l = 0; l < 8; l++)
-            part[l] += *(const T *)(a + (f + l) * sa) * *(const T *)(b + (f + l) * sb);
-    for (; f < n; f++) s += *(const T *)(a + f * sa) * *(const T *)(b + f * sb);
-    for (int l = 0; l < 8; l++) s += part[l];
-    return s;
-}
-
 /* x (B; n, d) -> xhat (B; n, d), norm, sq (B; n); rows in parallel (each on its own). */
 int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBVec norm,
                           RaBVec sq)
@@ -675,12 +662,12 @@ int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBV
         const RaMat xb = ra_mat_at(x, b), ob = ra_mat_at(xhat, b);
         const char *row = xb.data + (ptrdiff_t)i * xb.s0;
         char *out = ob.data + (ptrdiff_t)i * ob.s0;
-        const T nrm = (T)sqrt(FN(row_dot)(row, xb.s1, row, xb.s1, d));
+        const T nrm = (T)sqrt(FN(ra_dot)(row, xb.s1, row, xb.s1, d));
         const T div = nrm > 0 ? nrm : 1;
         for (int f = 0; f < d; f++)
             *(T *)(out + (ptrdiff_t)f * ob.s1) = *(const T *)(row + (ptrdiff_t)f * xb.s1) / div;
         RA_VEC_AT(T, ra_vec_at(norm, b), i) = nrm;
-        RA_VEC_AT(T, ra_vec_at(sq, b), i) = FN(row_dot)(out, ob.s1, out, ob.s1, d);
+        RA_VEC_AT(T, ra_vec_at(sq, b), i) = FN(ra_dot)(out, ob.s1, out, ob.s1, d);
     }
     return RA_OK;
 }

@@ -77,6 +77,9 @@ enum {
     /* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler    \
        vectorises (the same operations either way, so the same result). */               \
     void ra_add_row_##SUF(T *dst, T a, RaMat m, int64_t i, int n);                         \
+    /* Σ a[f]·b[f], f < n, over byte strides sa, sb: eight partial sums combined in a     \
+       fixed order (vectorised for unit strides; the same result for any strides). */     \
+    T ra_dot_##SUF(const char *a, ptrdiff_t sa, const char *b, ptrdiff_t sb, int n);       \
     /* Gather rows of src (a strided 2-D view) into a contiguous tile.  Row r of the    \
        tile is src row idx[r] (idx NULL: row first + r); idx[r] < 0 gives a zero row.   \
        Values are multiplied by mul.  transposed = 0: dst is (rows, cols) with leading  \

@@ -55,6 +55,24 @@ void FN(ra_add_row)(T *dst, T a, RaMat m, int64_t i, int n)
     }
 }
 
+T FN(ra_dot)(const char *a, ptrdiff_t sa, const char *b, ptrdiff_t sb, int n)
+{
+    T part[8] = {0}, s = 0;
+    int f = 0;
+    if (sa == (ptrdiff_t)sizeof(T) && sb == (ptrdiff_t)sizeof(T)) {
+        const T *x = (const T *)a, *y = (const T *)b;
+        for (; f + 8 <= n; f += 8)
+            for (int l = 0; l < 8; l++) part[l] += x[f + l] * y[f + l];
+    } else {
+        for (; f + 8 <= n; f += 8)
+            for (int l = 0; l < 8; l++)
+                part[l] += *(const T *)(a + (f + l) * sa) * *(const T *)(b + (f + l) * sb);
+    }
+    for (; f < n; f++) s += *(const T *)(a + f * sa) * *(const T *)(b + f * sb);
+    for (int l = 0; l < 8; l++) s += part[l];
+    return s;
+}
+
 void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int cols, T mul,
                    int transposed, T *dst, ptrdiff_t ld)
 {
