@@ -13,7 +13,8 @@ static void FN(pack_transposed)(RaMat m, int c, int d, T *ct)
  * with mask False; mask.data may be NULL).  Blocks of RA_ROWS rows through the gemm
  * kernel; scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
  * (RA_ROWS, c).  When scores.data / best.data are set, the scores (n, c) and each row's
- * best score (n; NaN for a row labelled −1) are written there too.  With count != 0,
+ * best score (n; NaN for a row labelled −1) are written there too (the gemm writes
+ * straight into scores when its rows are contiguous).  With count != 0,
  * returns how many labels differ from lab's previous contents (else 0, and lab is only
  * written). */
 static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, const T *ct,
@@ -21,6 +22,8 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
                                char *scratch, size_t per_thread, int nt)
 {
     const int nblk = (n + RA_ROWS - 1) / RA_ROWS;
+    const int direct = scores.data && scores.s1 == (ptrdiff_t)sizeof(T) &&
+                       scores.s0 % (ptrdiff_t)sizeof(T) == 0;
     int64_t changed = 0;
     #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
     for (int blk = 0; blk < nblk; blk++) {
@@ -28,16 +31,21 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
         T *xs = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
         T *s = xs + (size_t)RA_ROWS * d, *top = s + (size_t)RA_ROWS * c;
         int64_t *arg = (int64_t *)(top + RA_ROWS);
+        ptrdiff_t lds = c;
         FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
-        K->gemm(rows, c, d, xs, d, ct, c, s, c, 0);
-        K->argmax_rows(rows, c, s, c, arg, top);
+        if (direct) {          /* the product straight into the scores output */
+            s = (T *)(scores.data + (ptrdiff_t)i0 * scores.s0);
+            lds = scores.s0 / (ptrdiff_t)sizeof(T);
+        }
+        K->gemm(rows, c, d, xs, d, ct, c, s, lds, 0);
+        K->argmax_rows(rows, c, s, lds, arg, top);
         for (int r = 0; r < rows; r++) {
             const int i = i0 + r;
             const int masked = mask.data && !RA_VEC_AT(uint8_t, mask, i);
             const int64_t l = masked ? -1 : arg[r];
             if (count) changed += RA_VEC_AT(int64_t, lab, i) != l;
             RA_VEC_AT(int64_t, lab, i) = l;
-            if (scores.data) {
+            if (scores.data && !direct) {
                 const T *si = s + (size_t)r * c;
                 if (scores.s1 == (ptrdiff_t)sizeof(T))
                     memcpy(scores.data + (ptrdiff_t)i * scores.s0, si, sizeof(T) * (size_t)c);
@@ -664,8 +672,14 @@ int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBV
         char *out = ob.data + (ptrdiff_t)i * ob.s0;
         const T nrm = (T)sqrt(FN(ra_dot)(row, xb.s1, row, xb.s1, d));
         const T div = nrm > 0 ? nrm : 1;
-        for (int f = 0; f < d; f++)
-            *(T *)(out + (ptrdiff_t)f * ob.s1) = *(const T *)(row + (ptrdiff_t)f * xb.s1) / div;
+        if (xb.s1 == (ptrdiff_t)sizeof(T) && ob.s1 == (ptrdiff_t)sizeof(T)) {
+            const T *src = (const T *)row;           /* contiguous rows: vector divisions */
+            T *dst = (T *)out;
+            for (int f = 0; f < d; f++) dst[f] = src[f] / div;
+        } else {
+            for (int f = 0; f < d; f++)
+                *(T *)(out + (ptrdiff_t)f * ob.s1) = *(const T *)(row + (ptrdiff_t)f * xb.s1) / div;
+        }
         RA_VEC_AT(T, ra_vec_at(norm, b), i) = nrm;
         RA_VEC_AT(T, ra_vec_at(sq, b), i) = FN(ra_dot)(out, ob.s1, out, ob.s1, d);
     }

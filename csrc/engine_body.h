@@ -60,9 +60,18 @@ T FN(ra_dot)(const char *a, ptrdiff_t sa, const char *b, ptrdiff_t sb, int n)
     T part[8] = {0}, s = 0;
     int f = 0;
     if (sa == (ptrdiff_t)sizeof(T) && sb == (ptrdiff_t)sizeof(T)) {
-        const T *x = (const T *)a, *y = (const T *)b;
+        /* the same eight partial sums, held in 16-byte vectors (the baseline SSE2
+           width, so the compiler keeps them in registers) */
+        typedef T v16 __attribute__((vector_size(16)));
+        enum { NV = 8 * sizeof(T) / 16, PER = 16 / sizeof(T) };
+        v16 acc[NV] = {{0}}, x, y;
         for (; f + 8 <= n; f += 8)
-            for (int l = 0; l < 8; l++) part[l] += x[f + l] * y[f + l];
+            for (int u = 0; u < NV; u++) {
+                memcpy(&x, a + (ptrdiff_t)(f + u * PER) * sa, sizeof x);
+                memcpy(&y, b + (ptrdiff_t)(f + u * PER) * sb, sizeof y);
+                acc[u] += x * y;
+            }
+        memcpy(part, acc, sizeof acc);
     } else {
         for (; f + 8 <= n; f += 8)
             for (int l = 0; l < 8; l++)

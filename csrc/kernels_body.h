@@ -263,27 +263,6 @@ static void FN(gather_t)(int rows, int cols, const T *src, const int64_t *off, T
     }
 }
 
-static void FN(argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
-{
-    const int cv = c / VL * VL;
-    for (int i = 0; i < rows; i++) {
-        const T *s = S + i * lds;
-        vec vm = FN(vsplat)(-INFINITY);
-        for (int j = 0; j < cv; j += VL) {
-            vec x = FN(vload)(s + j);
-            x = FN(vsel)((uvec)(x == x), x, vm);   /* NaN never competes (quiet compare) */
-            vm = FN(vsel)((uvec)(x > vm), x, vm);
-        }
-        T m = FN(hmax)(vm);
-        for (int j = cv; j < c; j++) m = (s[j] == s[j] && s[j] > m) ? s[j] : m;
-        int64_t l = -1;
-        for (int j = 0; j < c; j++)
-            if (s[j] == m) { l = j; break; }
-        lab[i] = l;
-        best[i] = l >= 0 ? m : (T)NAN;
-    }
-}
-
 static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,
                              T scale)
 {
@@ -393,7 +372,49 @@ static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T 
 #endif
 static inline unsigned FN(ge_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_GE_OQ, >=); }
 static inline unsigned FN(gt_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_GT_OQ, >); }
+static inline unsigned FN(eq_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_EQ_OQ, ==); }
 #undef RA_CMP_BITS
+
+/* S (rows, c) -> lab (rows): the first column holding the row's largest non-NaN score
+ * (−1 when every score is NaN), best (rows): that score (NaN for −1).  Two running
+ * maxima per row, then one vector compare per block of columns, last block first, finds
+ * the first column equal to the maximum.  NaN lanes are replaced before any ordered compare, so none
+ * raises the invalid flag. */
+static void FN(argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
+{
+    const int cv = c / VL * VL;
+    for (int i = 0; i < rows; i++) {
+        const T *s = S + i * lds;
+        vec m0 = FN(vsplat)(-INFINITY), m1 = m0;
+        int j = 0;
+        for (; j + 2 * VL <= cv; j += 2 * VL) {
+            vec x0 = FN(vload)(s + j), x1 = FN(vload)(s + j + VL);
+            x0 = FN(vsel)((uvec)(x0 == x0), x0, m0);       /* NaN lanes never compete */
+            x1 = FN(vsel)((uvec)(x1 == x1), x1, m1);
+            m0 = FN(vsel)((uvec)(x0 > m0), x0, m0);
+            m1 = FN(vsel)((uvec)(x1 > m1), x1, m1);
+        }
+        for (; j < cv; j += VL) {
+            vec x = FN(vload)(s + j);
+            x = FN(vsel)((uvec)(x == x), x, m0);
+            m0 = FN(vsel)((uvec)(x > m0), x, m0);
+        }
+        m0 = FN(vsel)((uvec)(m1 > m0), m1, m0);
+        T m = FN(hmax)(m0);
+        for (j = cv; j < c; j++) m = (s[j] == s[j] && s[j] > m) ? s[j] : m;
+        int first = c;                 /* no early exit: its branch would mispredict */
+        const vec mv = FN(vsplat)(m);
+        for (j = cv - VL; j >= 0; j -= VL) {
+            const unsigned hit = FN(eq_bits)(FN(vload)(s + j), mv);
+            first = hit ? j + __builtin_ctz(hit) : first;
+        }
+        for (j = cv; first == c && j < c; j++)
+            if (s[j] == m) first = j;
+        const int64_t l = first < c ? first : -1;
+        lab[i] = l;
+        best[i] = l >= 0 ? m : (T)NAN;
+    }
+}
 
 static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
                           int cap, int *cnt, int32_t *pos, T *val)

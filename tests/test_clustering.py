@@ -102,6 +102,36 @@ def test_assign_nan_row_and_tiny_shapes():
     assert_same(ra.assign_clusters(x[:1], cent[:1]), np.array([0]), "n=c=d=1")
 
 
+@pytest.mark.parametrize("simd", ["default", "avx2", "generic"])
+def test_assign_argmax_across_vector_blocks_on_every_kernel_table(simd):
+    """The vector argmax: ties split across column blocks and the tail, a NaN column, a
+    ±inf column and an all-NaN row, for widths below, at and above two vectors; labels
+    and best scores equal the reference on each instruction set's kernels."""
+    code = (
+        "import numpy as np, routing_attention as ra\n"
+        "from routing_attention import reference as ref\n"
+        "g = np.random.default_rng(31)\n"
+        "for c in (3, 16, 33, 70):\n"
+        "    for dt in (np.float32, np.float64):\n"
+        "        x = g.integers(-2, 3, (2, 200, 6)).astype(dt)\n"
+        "        cent = g.integers(-2, 3, (2, c, 6)).astype(dt)\n"
+        "        cent[:, c - 1] = cent[:, c // 2] = cent[:, 0]        # ties in far blocks\n"
+        "        if c > 2:\n"
+        "            cent[0, 1, 0] = np.nan                           # a NaN column\n"
+        "            cent[1, 1] = 0; cent[1, 1, 2] = np.inf           # +inf, -inf and NaN\n"
+        "        x[0, 7] = np.nan                                     # an all-NaN row\n"
+        "        with np.errstate(invalid='ignore'):\n"
+        "            lab, sc, best = ra.assign_clusters(x, cent, return_scores=True)\n"
+        "            want = ref.assign_clusters(x, cent)\n"
+        "        assert np.array_equal(lab, want), (c, dt)\n"
+        "        assert np.array_equal(ra.assign_clusters(x, cent), want), (c, dt)\n"
+        "        top = np.take_along_axis(sc, np.maximum(lab, 0)[..., None], -1)[..., 0]\n"
+        "        assert np.array_equal(best, np.where(lab >= 0, top, np.nan), equal_nan=True)\n"
+        "print('ok', ra.build_info()['simd'])\n")
+    out = run_with_simd(code, simd)
+    assert out.split()[0] == "ok", out
+
+
 # ------------------------------------------------------------------ spherical_kmeans
 @pytest.mark.parametrize("iters", [0, 1, 4])
 def test_spherical_kmeans_float64_against_reference(iters):
