@@ -41,6 +41,7 @@ static inline int ra_trials(int c)
     const int L = 2 + (int)floor(log((double)c));
     return L < RA_MAX_TRIALS ? L : RA_MAX_TRIALS;
 }
+#define RA_SEED_COLS RA_MAX_TRIALS   /* candidate columns of the seeding gemm (zero-padded) */
 
 /* Position of the k-th (0-based) row with valid[i] != 0; valid has at least k+1 such rows. */
 static int ra_kth_valid(int n, const uint8_t *valid, int64_t k)

@@ -100,12 +100,15 @@ static inline double FN(seed_weight)(T best, uint8_t valid)
  * first is uniform; each next one is the best of ra_trials(c) candidates drawn with
  * probability ∝ D², D = 1 − (largest cos to the centroids so far): the one leaving the
  * least total D² (the first on ties).  best (n), w (n), partial (ra_nchunks(n) ·
- * (ra_trials(c) + 1)) are scratch. */
-static void FN(spherical_seed)(int n, int d, int c, const T *xn, const uint8_t *valid,
-                               int64_t nvalid, uint64_t *rng, T *mu, T *best, double *w,
-                               double *partial, int nt)
+ * (ra_trials(c) + 1)), cands (d, RA_SEED_COLS) and, per thread, a block of
+ * RA_ROWS · RA_SEED_COLS are scratch: the candidates' cosines come from the gemm kernel,
+ * RA_ROWS rows at a time. */
+static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
+                               const uint8_t *valid, int64_t nvalid, uint64_t *rng, T *mu,
+                               T *best, double *w, double *partial, T *cands, T *blocks, int nt)
 {
     const int nch = ra_nchunks(n), L = ra_trials(c);
+    const int LP = (L + 15) / 16 * 16;      /* candidate columns: whole vectors on every ISA */
     double *pot = partial + nch;            /* (nch, L) candidate potentials per chunk */
     for (int j = 0; j < c; j++) {
         int pick = -1;
@@ -135,21 +138,29 @@ static void FN(spherical_seed)(int n, int d, int c, const T *xn, const uint8_t *
                     for (int i = n - 1; i >= 0 && cand[t] < 0; i--)
                         if (w[i] > 0) cand[t] = i;
                 }
-                /* 3. keep the candidate with the least remaining potential */
+                /* 3. keep the candidate with the least remaining potential: the
+                      candidates transposed and zero-padded (d, LP), their
+                      cosines by blocks of rows, each candidate's sum in row order */
+                for (int u = 0; u < d; u++)
+                    for (int t = 0; t < LP; t++)
+                        cands[(size_t)u * LP + t] = t < L ? xn[(size_t)cand[t] * d + u] : 0;
                 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int k = 0; k < nch; k++) {
                     const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                    for (int t = 0; t < L; t++) {
-                        const T *m = xn + (size_t)cand[t] * d;
-                        double s = 0;
-                        for (int i = k * RA_CHUNK; i < i1; i++) {
-                            const T *xi = xn + (size_t)i * d;
-                            T dot = 0;
-                            for (int u = 0; u < d; u++) dot += xi[u] * m[u];
-                            s += FN(seed_weight)(dot > best[i] ? dot : best[i], valid[i]);
+                    T *cos = blocks + (size_t)ra_thread_id() * RA_ROWS * LP;
+                    double s[RA_MAX_TRIALS] = {0};
+                    for (int i0 = k * RA_CHUNK; i0 < i1; i0 += RA_ROWS) {
+                        const int rows = i1 - i0 < RA_ROWS ? i1 - i0 : RA_ROWS;
+                        K->gemm(rows, LP, d, xn + (size_t)i0 * d, d, cands, LP, cos, LP, 0);
+                        for (int r = 0; r < rows; r++) {
+                            const T b = best[i0 + r];
+                            for (int t = 0; t < L; t++) {
+                                const T dot = cos[(size_t)r * LP + t];
+                                s[t] += FN(seed_weight)(dot > b ? dot : b, valid[i0 + r]);
+                            }
                         }
-                        pot[(size_t)k * L + t] = s;
                     }
+                    for (int t = 0; t < L; t++) pot[(size_t)k * L + t] = s[t];
                 }
                 double least = INFINITY;
                 for (int t = 0; t < L; t++) {
@@ -166,9 +177,8 @@ static void FN(spherical_seed)(int n, int d, int c, const T *xn, const uint8_t *
         /* 4. best cos against the new centroid */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
-            const T *xi = xn + (size_t)i * d;
-            T dot = 0;
-            for (int u = 0; u < d; u++) dot += xi[u] * m[u];
+            const T dot = FN(ra_dot)((const char *)(xn + (size_t)i * d), sizeof(T),
+                                     (const char *)m, sizeof(T), d);
             if (j == 0 || dot > best[i]) best[i] = dot;
         }
     }
@@ -219,8 +229,10 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
     int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    T *seed_cands = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, RA_SEED_COLS)));
+    T *seed_blocks = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)nt, RA_ROWS * RA_SEED_COLS)));
     int st = (xn && mu && ct && sums && best && partial && w && valid && lab && start && rows &&
-              counts && scratch) ? RA_OK : RA_ERR_NOMEM;
+              counts && scratch && seed_cands && seed_blocks) ? RA_OK : RA_ERR_NOMEM;
     const RaMat xn_view = {(char *)xn, (ptrdiff_t)(sizeof(T) * (size_t)d), sizeof(T)};
     const RaVec lab_view = {(char *)lab, sizeof(int64_t)}, valid_view = {(char *)valid, 1};
 
@@ -253,7 +265,8 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
             for (int j = 0; j < c; j++)
                 for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = RA_MAT_AT(T, ib, j, u);
         } else if (nvalid > 0) {
-            FN(spherical_seed)(n, d, c, xn, valid, nvalid, &rng, mu, best, w, partial, nt);
+            FN(spherical_seed)(K, n, d, c, xn, valid, nvalid, &rng, mu, best, w, partial,
+                               seed_cands, seed_blocks, nt);
         } else {
             memset(mu, 0, sizeof(T) * cd);
         }
@@ -276,7 +289,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
     }
     ra_free(xn); ra_free(mu); ra_free(ct); ra_free(sums); ra_free(best); ra_free(partial);
     ra_free(w); ra_free(valid); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
-    ra_free(scratch);
+    ra_free(scratch); ra_free(seed_cands); ra_free(seed_blocks);
     return st;
 }
 
