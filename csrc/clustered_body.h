@@ -720,9 +720,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         memset(gs, 0, ts * (size_t)e);
         for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
             FN(ra_add_row)(gs, 1, g, p.order[s], e);
-        T acc = 0;
-        for (int f = 0; f < e; f++) acc += gs[f] * p.r[(ptrdiff_t)c * e + f];
-        p.delta[c] = acc;
+        p.delta[c] = FN(ra_dot)((const char *)gs, sizeof(T),
+                                (const char *)(p.r + (ptrdiff_t)c * e), sizeof(T), e);
     }
 
     /* forward 5 was r_c = a_c·V − Σ_{T_c} a_c[j] v_j: first the full a_c·V term, the

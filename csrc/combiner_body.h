@@ -587,8 +587,8 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
         const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
         for (int r = 0; r < rows; r++) {
             const int64_t vid = w->vids[a + r];
-            T dl = 0;
-            for (int c = 0; c < e; c++) dl += tb->dvhat[vid * e + c] * tb->vhat[vid * e + c];
+            const T dl = FN(ra_dot)((const char *)(tb->dvhat + vid * e), sizeof(T),
+                                    (const char *)(tb->vhat + vid * e), sizeof(T), e);
             memcpy(w->dout + (ptrdiff_t)r * e, tb->dvhat + vid * e, sizeof(T) * (size_t)e);
             w->lse[r] = tb->rlse[vid];
             w->delta[r] = dl;
@@ -664,9 +664,8 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         }
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
-            T acc = 0;
-            for (int c = 0; c < e; c++) acc += RA_MAT_AT(T, gb, i, c) * tb.out[(ptrdiff_t)i * e + c];
-            tb.delta[i] = acc;
+            tb.delta[i] = FN(ra_dot)(gb.data + (ptrdiff_t)i * gb.s0, gb.s1,
+                                     (const char *)(tb.out + (ptrdiff_t)i * e), sizeof(T), e);
         }
         memset(tb.dqs, 0, sizeof(T) * (size_t)n * d);
         memset(tb.dks, 0, sizeof(T) * (size_t)n * d);

@@ -165,9 +165,8 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
         FN(ra_gather)(ra_mat_at(q, b), NULL, 0, n, d, sc, 0, qs, d);
         FN(ra_gather)(g, NULL, 0, n, e, 1, 0, dop, e);
         for (int i = 0; i < n; i++) {
-            T acc = 0;
-            for (int c = 0; c < e; c++) acc += dop[(ptrdiff_t)i * e + c] * RA_MAT_AT(T, o, i, c);
-            delta[i] = acc;
+            delta[i] = FN(ra_dot)((const char *)(dop + (ptrdiff_t)i * e), sizeof(T),
+                                  o.data + (ptrdiff_t)i * o.s0, o.s1, e);
             lse_p[i] = RA_VEC_AT(T, l, i);
         }
         FN(ra_gather)(ra_mat_at(k, b), NULL, 0, m, d, 1, 0, kp, d);

@@ -206,11 +206,10 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
             const int64_t i = qpos[r0 + r], slot = slot0 + r;
             const T wgt = merge_lse ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
             const T *o = merge_lse ? buf->out + i * e : buf->o_slot + slot * e;
-            T *dr = dop + (ptrdiff_t)r * e, dl = 0;
+            T *dr = dop + (ptrdiff_t)r * e;
             memset(dr, 0, sizeof(T) * (size_t)e);
             FN(ra_add_row)(dr, wgt, dout, i, e);
-            for (int c = 0; c < e; c++) dl += dr[c] * o[c];
-            delta[r] = dl;
+            delta[r] = FN(ra_dot)((const char *)dr, sizeof(T), (const char *)o, sizeof(T), e);
             lrow[r] = merge_lse ? buf->lse[i] : buf->l_slot[slot];
         }
         T *dq = buf->dq_slot + slot0 * d;
