@@ -97,6 +97,8 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
                 for (size_t b = 0; b < sizeof(T) * (size_t)cols; b += 64) __builtin_prefetch(ahead + b);
             }
             if (row < 0) memset(o, 0, sizeof(T) * (size_t)cols);
+            else if (src.s1 == (ptrdiff_t)sizeof(T) && mul == 1)
+                memcpy(o, p, sizeof(T) * (size_t)cols);   /* x·1 = x exactly: a plain copy */
             else if (src.s1 == (ptrdiff_t)sizeof(T))
                 for (int c = 0; c < cols; c++) o[c] = ((const T *)p)[c] * mul;
             else
@@ -214,7 +216,10 @@ void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,
         const T inv = sum == 0 ? 0 : 1 / sum;
         const T *a = qt->acc + (ptrdiff_t)i * e;
         char *o = out + (ptrdiff_t)i * os0;
-        for (int c = 0; c < e; c++) *(T *)(o + (ptrdiff_t)c * os1) = a[c] * inv;
+        if (os1 == (ptrdiff_t)sizeof(T))
+            for (int c = 0; c < e; c++) ((T *)o)[c] = a[c] * inv;     /* vectorised */
+        else
+            for (int c = 0; c < e; c++) *(T *)(o + (ptrdiff_t)c * os1) = a[c] * inv;
         if (lse) *(T *)(lse + (ptrdiff_t)i * ls0) = sum == 0 ? -INFINITY : qt->mx[i] + log(sum);
     }
 }
