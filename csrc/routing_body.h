@@ -202,13 +202,14 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
         FN(ra_gather)(q, qpos + r0, 0, rows, d, scale, 0, qs, d);
+        FN(ra_gather)(dout, qpos + r0, 0, rows, e, 1, 0, dop, e);
         for (int r = 0; r < rows; r++) {
             const int64_t i = qpos[r0 + r], slot = slot0 + r;
             const T wgt = merge_lse ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
             const T *o = merge_lse ? buf->out + i * e : buf->o_slot + slot * e;
             T *dr = dop + (ptrdiff_t)r * e;
-            memset(dr, 0, sizeof(T) * (size_t)e);
-            FN(ra_add_row)(dr, wgt, dout, i, e);
+            if (wgt != 1)
+                for (int c = 0; c < e; c++) dr[c] *= wgt;
             delta[r] = FN(ra_dot)((const char *)dr, sizeof(T), (const char *)o, sizeof(T), e);
             lrow[r] = merge_lse ? buf->lse[i] : buf->l_slot[slot];
         }
@@ -259,14 +260,20 @@ static void FN(routing_sum_slots)(const int64_t *occ, int64_t a, int64_t z, cons
         }
         return;
     }
-    /* unit-stride row: whole slot rows at a time (the same sums, in the same order) */
+    /* unit-stride row: whole slot rows at a time (the same sums, in the same order; the
+       first row is copied rather than added to zero, and a multiplier of 1 is skipped) */
     T *o = (T *)(dst.data + (ptrdiff_t)i * dst.s0);
-    for (int c = 0; c < width; c++) o[c] = 0;
-    for (int64_t t = a; t < z; t++) {
+    if (z == a) {
+        memset(o, 0, sizeof(T) * (size_t)width);
+        return;
+    }
+    memcpy(o, rows + occ[a] * width, sizeof(T) * (size_t)width);
+    for (int64_t t = a + 1; t < z; t++) {
         const T *r = rows + occ[t] * width;
         for (int c = 0; c < width; c++) o[c] += r[c];
     }
-    for (int c = 0; c < width; c++) o[c] *= mul;
+    if (mul != 1)
+        for (int c = 0; c < width; c++) o[c] *= mul;
 }
 
 /* dout (B; n, e), q, k, v, q_idx, k_idx -> dq (B; n, d), dk (B; m, d), dv (B; m, e).
