@@ -691,13 +691,21 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
                 /* slots summed in unit order; threads split the channels, so every
                    element's additions keep that order (bit-identical for any nt) */
                 const int64_t ns = tb.offs[u1] - tb.offs[u0];
+                const int kblocks = (d + 15) / 16, vblocks = (e + 15) / 16;
                 #pragma omp parallel for num_threads(nt) schedule(static)
-                for (int cb = 0; cb < (d + e + 15) / 16; cb++)
-                    for (int64_t s = 0; s < ns; s++)
-                        for (int c = cb * 16; c < cb * 16 + 16 && c < d + e; c++) {
-                            if (c < d) tb.dkhat[tb.slot_kid[s] * d + c] += tb.slot_dk[s * d + c];
-                            else tb.dvhat[tb.slot_vid[s] * e + c - d] += tb.slot_dv[s * e + c - d];
-                        }
+                for (int cb = 0; cb < kblocks + vblocks; cb++) {
+                    const int is_k = cb < kblocks, width = is_k ? d : e;
+                    const int c0 = (is_k ? cb : cb - kblocks) * 16;
+                    const int c1 = c0 + 16 < width ? c0 + 16 : width;
+                    T *dst = is_k ? tb.dkhat : tb.dvhat;
+                    const T *src = is_k ? tb.slot_dk : tb.slot_dv;
+                    const int64_t *id = is_k ? tb.slot_kid : tb.slot_vid;
+                    for (int64_t s = 0; s < ns; s++) {
+                        T *o = dst + id[s] * width;
+                        const T *r = src + s * width;
+                        for (int c = c0; c < c1; c++) o[c] += r[c];
+                    }
+                }
             }
         }
 

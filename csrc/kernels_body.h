@@ -254,12 +254,62 @@ static void FN(mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qp
     }
 }
 
+/* Transpose the VL×VL block x in registers: afterwards x[i][l] is the old x[l][i].
+ * Stage h exchanges, between rows r and r + h (bit h of r clear), the lanes whose bit h
+ * differs from the row's: log2(VL) stages of two-input shuffles. */
+static inline void FN(transpose_block)(vec x[VL])
+{
+    #pragma GCC unroll 8
+    for (int h = VL / 2; h >= 1; h /= 2) {
+        uvec lo, hi;
+        #pragma GCC unroll 16
+        for (int l = 0; l < VL; l++) {
+            lo[l] = (UT)((l & h) ? VL + l - h : l);   /* row r keeps its lanes with bit h clear */
+            hi[l] = (UT)((l & h) ? VL + l : l + h);   /* row r + h keeps those with it set */
+        }
+        #pragma GCC unroll 16
+        for (int r = 0; r < VL; r++) {
+            if (r & h) continue;
+            const vec a = x[r], b = x[r + h];
+            x[r] = __builtin_shuffle(a, b, lo);
+            x[r + h] = __builtin_shuffle(a, b, hi);
+        }
+    }
+}
+
+/* dst (cols, rows) with leading dimension ld: dst[c, r] = mul · src[off[r] + c].  Rows
+ * evenly spaced in memory (a packed span) go by whole VL×VL blocks, loaded as rows and
+ * transposed in registers; scattered rows (cluster members) by the vector gathers, which
+ * measured faster there. */
 static void FN(gather_t)(int rows, int cols, const T *src, const int64_t *off, T mul,
                          T *restrict dst, ptrdiff_t ld)
 {
-    for (int c = 0; c < cols; c++) {       /* vectorises into gathers over r */
+    int even = rows >= 2;
+    for (int r = 2; r < rows && even; r++) even = off[r] - off[r - 1] == off[1] - off[0];
+    if (!even) {
+        for (int c = 0; c < cols; c++) {       /* vectorises into gathers over r */
+            T *o = dst + c * ld;
+            for (int r = 0; r < rows; r++) o[r] = src[off[r] + c] * mul;
+        }
+        return;
+    }
+    const int rv = rows / VL * VL, cv = cols / VL * VL;
+    const vec m = FN(vsplat)(mul);
+    for (int r0 = 0; r0 < rv; r0 += VL)
+        for (int c0 = 0; c0 < cv; c0 += VL) {
+            vec x[VL];
+            #pragma GCC unroll 16
+            for (int i = 0; i < VL; i++) {
+                memcpy(&x[i], src + off[r0 + i] + c0, sizeof(vec));
+                x[i] *= m;
+            }
+            FN(transpose_block)(x);
+            #pragma GCC unroll 16
+            for (int i = 0; i < VL; i++) memcpy(dst + (c0 + i) * ld + r0, &x[i], sizeof(vec));
+        }
+    for (int c = 0; c < cols; c++) {               /* the edges: rows ≥ rv or columns ≥ cv */
         T *o = dst + c * ld;
-        for (int r = 0; r < rows; r++) o[r] = src[off[r] + c] * mul;
+        for (int r = c < cv ? rv : 0; r < rows; r++) o[r] = src[off[r] + c] * mul;
     }
 }
 
