@@ -140,31 +140,23 @@ static void FN(range_list)(RaRange r, int64_t *idx)
     for (int64_t j = 0; j < r.count; j++) idx[j] = r.start + j * r.stride;
 }
 
-/* Max-pool every region of a unit at once.  x (L, d) packed over the unit's span; region
- * r covers rows [lo[r], hi[r]).  dst (nv, d) = mul · element-wise max, arg (nv, d,
- * optional) = the row it came from (ties: the lowest).  Regions that start the span
- * (prefixes) share one running scan upwards, regions that end it (suffixes) one scan
- * downwards, so nested runs (fixed, axial, mixture) cost O((L + nv)·d), not O(Σ runs·d);
- * any other run is scanned on its own.  Scratch: best (d), barg (d), head (L), next (nv). */
-static void FN(pool_one)(const T *xr, int d, int j, T *best, int32_t *barg, int strict)
-{
-    for (int c = 0; c < d; c++) {   /* vectorises over the channels */
-        const int up = strict ? xr[c] > best[c] : xr[c] >= best[c];
-        best[c] = up ? xr[c] : best[c];
-        barg[c] = up ? j : barg[c];
-    }
-}
-
 static void FN(pool_emit)(const T *best, const int32_t *barg, int d, T mul, T *dst, int32_t *arg)
 {
     for (int c = 0; c < d; c++) dst[c] = best[c] * mul;
     if (arg) memcpy(arg, barg, sizeof(int32_t) * (size_t)d);
 }
 
+/* Max-pool every region of a unit at once.  x (L, d) packed over the unit's span; region
+ * r covers rows [lo[r], hi[r]).  dst (nv, d) = mul · element-wise max, arg (nv, d,
+ * optional) = the row it came from (ties: the lowest).  Regions that start the span
+ * (prefixes) share one running scan upwards, regions that end it (suffixes) one scan
+ * downwards, so nested runs (fixed, axial, mixture) cost O((L + nv)·d), not O(Σ runs·d);
+ * any other run is scanned on its own.  Scratch: best (d), barg (d), head (L), next (nv). */
 static void FN(pool_regions)(const T *x, int L, int nv, const int *lo, const int *hi, int d,
                              T mul, T *dst, int32_t *arg, T *best, int32_t *barg, int *head,
                              int *next)
 {
+    const KT *K = &ra_kernels()->KSEL;       /* the running maxima: K->pool_scan */
     for (int dir = 0; dir < 2; dir++) {   /* 0: prefixes, 1: suffixes (not prefixes) */
         int reach = dir ? L : -1;          /* last row the scan must visit */
         for (int j = 0; j < L; j++) head[j] = -1;
@@ -179,17 +171,20 @@ static void FN(pool_regions)(const T *x, int L, int nv, const int *lo, const int
         if (dir ? reach == L : reach < 0) continue;
         const int j0 = dir ? L - 1 : 0, step = dir ? -1 : 1;
         for (int c = 0; c < d; c++) best[c] = -INFINITY, barg[c] = j0;
-        for (int j = j0;; j += step) {
-            FN(pool_one)(x + (ptrdiff_t)j * d, d, j, best, barg, !dir);
-            for (int r = head[j]; r >= 0; r = next[r])
+        for (int j = j0;; ) {          /* scan to the next row that ends a region, emit */
+            int stop = j;
+            while (stop != reach && head[stop] < 0) stop += step;
+            K->pool_scan(x, d, j, stop + step, step, d, best, barg, !dir);
+            for (int r = head[stop]; r >= 0; r = next[r])
                 FN(pool_emit)(best, barg, d, mul, dst + (ptrdiff_t)r * d, arg ? arg + (ptrdiff_t)r * d : NULL);
-            if (j == reach) break;
+            if (stop == reach) break;
+            j = stop + step;
         }
     }
     for (int r = 0; r < nv; r++) {
         if (lo[r] == 0 || hi[r] == L || hi[r] <= lo[r]) continue;
         for (int c = 0; c < d; c++) best[c] = -INFINITY, barg[c] = lo[r];
-        for (int j = lo[r]; j < hi[r]; j++) FN(pool_one)(x + (ptrdiff_t)j * d, d, j, best, barg, 1);
+        K->pool_scan(x, d, lo[r], hi[r], 1, d, best, barg, 1);
         FN(pool_emit)(best, barg, d, mul, dst + (ptrdiff_t)r * d, arg ? arg + (ptrdiff_t)r * d : NULL);
     }
 }

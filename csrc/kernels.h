@@ -68,7 +68,13 @@
        calls offer increasing positions.  Lists start 64-byte aligned and ldl is a        \
        multiple of RA_OFFER_ALIGN elements, at least cap rounded up to one. */            \
     void (*top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,  \
-                      int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds);
+                      int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds);   \
+    /* Running column maximum (Combiner max-pooling): rows j = from, from + step, ...,     \
+       up to but not including to (step ±1), row j at x + j·ld, d columns.  Where a row   \
+       is larger (strict) or at least as large (!strict) than best[c], best[c] takes its  \
+       value and barg[c] = j; NaN never replaces. */                                      \
+    void (*pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, int d, T *best, \
+                      int32_t *barg, int strict);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

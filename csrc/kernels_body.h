@@ -606,6 +606,44 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
     }
 }
 
+/* ------------------------------------------------------------------ max-pooling */
+/* Columns in register blocks of VL: the running maximum and its row stay in registers
+ * over the whole scan; the row indices ride in 32-bit lanes beside the values. */
+#if RA_IS_F32
+typedef int32_t FN(svec) __attribute__((vector_size(VEC_BYTES)));
+#else
+typedef int64_t FN(svec) __attribute__((vector_size(VEC_BYTES)));
+#endif
+typedef int32_t FN(ivec) __attribute__((vector_size(VL * 4), aligned(4)));
+
+static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, int d, T *best,
+                          int32_t *barg, int strict)
+{
+    const int dv = d / VL * VL;
+    for (int c0 = 0; c0 < dv; c0 += VL) {
+        vec b;
+        FN(ivec) a;
+        memcpy(&b, best + c0, sizeof b);
+        memcpy(&a, barg + c0, sizeof a);
+        for (int j = from; j != to; j += step) {
+            const vec xv = FN(vload)(x + j * ld + c0);
+            const uvec up = strict ? (uvec)(xv > b) : (uvec)(xv >= b);
+            const FN(ivec) upi = __builtin_convertvector((FN(svec))up, FN(ivec));
+            b = FN(vsel)(up, xv, b);
+            a = (upi & j) | (~upi & a);
+        }
+        memcpy(best + c0, &b, sizeof b);
+        memcpy(barg + c0, &a, sizeof a);
+    }
+    for (int c = dv; c < d; c++)
+        for (int j = from; j != to; j += step) {
+            const T xj = x[j * ld + c];
+            const int up = strict ? xj > best[c] : xj >= best[c];
+            best[c] = up ? xj : best[c];
+            barg[c] = up ? j : barg[c];
+        }
+}
+
 #if RA_IS_F32
 static double FN(fma_probe)(long iters, float *checksum)
 {

@@ -4,6 +4,7 @@ import pytest
 
 import routing_attention as ra
 from routing_attention import reference as ref
+from conftest import run_with_simd
 
 PLANS = ["fixed", "axial", "logsparse", "mixture"]
 DTYPES = [np.float64, np.float32]
@@ -143,6 +144,33 @@ def test_maxpool_ties_go_to_lowest_position():
                                   ref.combiner_attention_backward(g, q, k, v, **kw)):
                 np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10,
                                            err_msg=f"d{name} {plan} causal={causal}")
+
+
+@pytest.mark.parametrize("simd", ["default", "avx2", "generic"])
+def test_maxpool_wide_rows_on_every_kernel_table(simd):
+    """d = 37: whole vector blocks and a tail for every instruction set's pooling kernel
+    (forced by RA_SIMD), with integer data so ties are everywhere; forward and gradients
+    against the reference for every plan, both dtypes."""
+    code = (
+        "import numpy as np, routing_attention as ra\n"
+        "from routing_attention import reference as ref\n"
+        "g = np.random.default_rng(9)\n"
+        "for dt, tol in ((np.float64, 1e-10), (np.float32, 1e-5)):\n"
+        "    q, k = (g.integers(-1, 2, (70, 37)).astype(dt) * 0.3 for _ in range(2))\n"
+        "    v, dout = (g.standard_normal((70, 6)).astype(dt) for _ in range(2))\n"
+        "    for plan in ('fixed', 'axial', 'logsparse', 'mixture'):\n"
+        "        for causal in (True, False):\n"
+        "            kw = dict(plan=plan, causal=causal)\n"
+        "            got = (ra.combiner_attention(q, k, v, **kw),) + \\\n"
+        "                ra.combiner_attention_backward(dout, q, k, v, **kw)\n"
+        "            want = (ref.combiner_attention(q, k, v, **kw),) + \\\n"
+        "                ref.combiner_attention_backward(dout, q, k, v, **kw)\n"
+        "            for a, b in zip(got, want):\n"
+        "                err = np.max(np.abs(a - b)) / max(1, np.max(np.abs(b)))\n"
+        "                assert err <= tol, (dt, plan, causal, err)\n"
+        "print('ok', ra.build_info()['simd'])\n")
+    out = run_with_simd(code, simd)
+    assert out.split()[0] == "ok", out
 
 
 def test_broadcast_batch_axes():
