@@ -1,6 +1,7 @@
 """Routing attention (routing included) vs dense torch SDPA and lucidrains' routing-transformer.
 
     python benchmarks/bench_routing.py [--heads 4] [--repeats 5] [--output benchmarks/RESULTS_routing.md]
+    python benchmarks/bench_routing.py --scaling     # the layer's 1 -> 2 thread speed-up only
 
 For n in {4096, 16384, 65536}, d=64, c=sqrt(n), w=n/c, float32, batch 1:
   ours   = RoutingAttention layer call (normalise, centroid scores, balanced top-w
@@ -100,6 +101,30 @@ print(json.dumps(dict(layer=layer_peak, kernel=kernel_peak, io=4 * q.nbytes)))
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def thread_scaling(ns, heads, d):
+    """Layer forward and backward on 1 and 2 threads, alternating call by call in one
+    process, so that a busy machine slows both thread counts alike; medians."""
+    import time
+    for n in ns:
+        c = int(round(np.sqrt(n)))
+        rng = np.random.default_rng(0)
+        q, k, v, dout = (rng.standard_normal((1, heads, n, d), dtype=np.float32) for _ in range(4))
+        layer = ra.RoutingAttention(n_clusters=c, w=n // c, kmeans_iters=2)
+        layer(q, k, v)
+        times = {(t, m): [] for t in (1, 2) for m in ("fwd", "bwd")}
+        for _ in range(15 if n <= 16384 else 5):
+            for t in (1, 2):
+                set_threads(t)
+                for m, call in (("fwd", lambda: layer(q, k, v)), ("bwd", lambda: layer.backward(dout))):
+                    start = time.perf_counter()
+                    call()
+                    times[(t, m)].append(time.perf_counter() - start)
+        for m in ("fwd", "bwd"):
+            one, two = np.median(times[(1, m)]) * 1e3, np.median(times[(2, m)]) * 1e3
+            print(f"n={n} {m}: 1 thread {one:.1f} ms, 2 threads {two:.1f} ms, speed-up {one / two:.2f}×",
+                  flush=True)
+
+
 def fit_exponent(ns, ts):
     ok = [(n, t) for n, t in zip(ns, ts) if t is not None]
     if len(ok) < 2:
@@ -117,7 +142,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--max-dense-n", type=int, default=16384)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--scaling", action="store_true",
+                    help="only the layer's 2-thread speed-up, threads alternating in one process")
     args = ap.parse_args(argv)
+    if args.scaling:
+        thread_scaling(args.ns, args.heads, args.d)
+        return
     torch, KA = try_import_torch(), try_import_rt()
     lines = [f"Machine: {machine_description()}",
              f"torch: {torch.__version__ if torch else 'not installed: SDPA and routing-transformer skipped'}; "
