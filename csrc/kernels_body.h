@@ -428,8 +428,8 @@ static inline unsigned FN(eq_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP
 /* S (rows, c) -> lab (rows): the first column holding the row's largest non-NaN score
  * (−1 when every score is NaN), best (rows): that score (NaN for −1).  Two running
  * maxima per row, then one vector compare per block of columns, last block first, finds
- * the first column equal to the maximum.  NaN lanes are replaced before any ordered compare, so none
- * raises the invalid flag. */
+ * the first column equal to the maximum.  NaN lanes are replaced before any ordered
+ * compare, so none raises the invalid flag. */
 static void FN(argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
 {
     const int cv = c / VL * VL;
