@@ -352,7 +352,12 @@ int FN(ra_update_centroids)(ptrdiff_t B, int n, int d, int c, RaBMat centroids, 
     T *sum = ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)c, (size_t)d), workers)));
     int64_t *size = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)c, workers)));
     int st = (lab && sum && size) ? RA_OK : RA_ERR_NOMEM;
-    if (st == RA_OK) {
+    if (st == RA_OK && B == 1) {
+        /* called directly: from inside even an inactive parallel region, the clusters'
+           region would be a nested one, whose thread team libgomp builds afresh each time */
+        st = FN(update_problem)(0, n, d, c, centroids, x, labels, mask, decay, out, lab, sum,
+                                size, parts);
+    } else if (st == RA_OK) {
         #pragma omp parallel for num_threads(workers) schedule(dynamic, 1) if (workers > 1)
         for (ptrdiff_t b = 0; b < B; b++) {
             const int w = ra_thread_id();

@@ -272,83 +272,120 @@ class RoutingAttention:
         self._saved = None
 
     # -- routing decisions ------------------------------------------------------
-    def _members(self, xhat, mask, size):
-        """Labels, best scores (..., heads, n) and members (..., heads, c, size) of the
-        normalised rows xhat (..., heads, n, d), one head at a time, so that only one
-        head's (n, c) score matrix is alive at once."""
-        from .clustering import assign_clusters, members_from_labels, top_members
+    def _pool_head(self, q, k, h, qhat, qsq):
+        """Head h's normalised queries and keys side by side, (..., n+m, d), and their
+        squared norms (..., n+m).  Shared-QK: the normalised queries, twice."""
+        if qhat is not None:
+            x, sq = qhat[..., h, :, :], qsq[..., h, :]
+            return np.concatenate([x, x], axis=-2), np.concatenate([sq, sq], axis=-1)
+        n = q.shape[-2]
+        pooled = np.empty(q.shape[:-3] + (n + k.shape[-2], q.shape[-1]), q.dtype)
+        _, _, qsq_h = _normalize(q[..., h, :, :], out=pooled[..., :n, :])
+        _, _, ksq_h = _normalize(k[..., h, :, :], out=pooled[..., n:, :])
+        return pooled, np.concatenate([qsq_h, ksq_h], axis=-1)
+
+    def _score_head(self, xhat, centroids, scores, mask, size):
+        """Labels and best scores (..., n) of the normalised rows xhat (..., n, d) against
+        one head's centroids (c, d), through the reused score buffer (..., n, c); with
+        balanced membership also the members (..., c, size), else None."""
+        from .clustering import assign_clusters, top_members
         labels = np.empty(xhat.shape[:-1], np.int64)
         best = np.empty(xhat.shape[:-1], xhat.dtype)
-        scores = np.empty(xhat.shape[:-3] + xhat.shape[-2:-1] + self.centroids.shape[-2:-1],
-                          xhat.dtype)               # one head's, reused by every head
-        balanced = self.membership == "balanced"
-        idx = None
-        for h in range(xhat.shape[-3]):
-            assign_clusters(xhat[..., h, :, :], self.centroids[h], return_scores=True,
-                            out=(labels[..., h, :], scores, best[..., h, :]))
-            if balanced:
-                members = _mask_members(top_members(scores, min(size, xhat.shape[-2])), mask)
-                if idx is None:
-                    idx = np.empty(members.shape[:-2] + (xhat.shape[-3],) + members.shape[-2:],
-                                   np.int64)
-                idx[..., h, :, :] = members
-        del scores
-        if not balanced:        # one width for all heads: the largest cluster's size
-            mask = None if mask is None else np.asarray(mask)[..., None, :]
-            idx = _mask_members(members_from_labels(labels, self.centroids.shape[-2]), mask)
-        return labels, best, idx
+        assign_clusters(xhat, centroids, return_scores=True, out=(labels, scores, best))
+        if self.membership != "balanced":
+            return labels, best, None
+        return labels, best, _mask_members(top_members(scores, min(size, xhat.shape[-2])), mask)
 
-    def _route(self, qhat, khat, key_mask, query_mask, pooled, pooled_sq):
-        """Member lists (q_idx, k_idx) of the normalised rows; pooled (…, heads, n+m, d):
-        qhat and khat side by side, or None to concatenate here; pooled_sq (…, heads,
-        n+m): their squared norms."""
-        from .clustering import spherical_kmeans, update_centroids
-        heads, n, d = qhat.shape[-3:]
-        m = khat.shape[-2]
-        if pooled is None:                                          # (..., heads, n+m, d)
-            pooled = np.concatenate([qhat, khat], axis=-2)
+    def _init_centroids(self, q, k, qhat, qsq, pool_mask):
+        """Spherical k-means on the first batch: per head, all its normalised queries and
+        keys (batch rows pooled), or a seeded sample of INIT_ROWS_PER_CLUSTER · c rows."""
+        from .clustering import spherical_kmeans
+        heads, n, d = q.shape[-3:]
+        c = self.n_clusters or max(1, int(round(np.sqrt(n))))
+        rows = mh = None
+        xs = []
+        for h in range(heads):
+            x = self._pool_head(q, k, h, qhat, qsq)[0].reshape(-1, d)        # (B·(n+m), d)
+            if rows is None and x.shape[0] > self.INIT_ROWS_PER_CLUSTER * c:
+                rows = np.sort(np.random.default_rng(self.seed).choice(
+                    x.shape[0], self.INIT_ROWS_PER_CLUSTER * c, replace=False))
+            xs.append(x if rows is None else x[rows])
+        x = np.stack(xs)                                                       # (heads, rows, d)
+        if pool_mask is not None:
+            mh = np.moveaxis(pool_mask.reshape((-1, heads, pool_mask.shape[-1])), 0, 1)
+            mh = mh.reshape(heads, -1)
+            mh = mh if rows is None else mh[:, rows]
+        self.centroids = spherical_kmeans(x, min(c, x.shape[-2]), iters=self.kmeans_iters,
+                                          seed=self.seed, mask=mh)
+
+    def _route(self, q, k, key_mask, query_mask, qhat=None, qsq=None):
+        """Member lists (q_idx, k_idx) of the routing heads q (..., heads, n, d), k (...,
+        heads, m, d), one head at a time: the head's queries and keys are normalised side
+        by side into one buffer, scored against its centroids (one product gives the
+        balanced members, the argmax labels and the commitment loss |x̂|² − 2 x̂·μ_label +
+        |μ_label|²), and, in training, its centroids move by one update_centroids step on
+        that buffer.  So only one head's normalised rows and one head's (n, c) score
+        matrix are alive at once.  Shared-QK: qhat, qsq are the normalised queries."""
+        from .clustering import members_from_labels, update_centroids
+        heads, n, d = q.shape[-3:]
+        m = n if qhat is not None else k.shape[-2]
         pool_mask = None
         if key_mask is not None or query_mask is not None:
-            qm = np.ones(qhat.shape[:-1], bool) if query_mask is None else \
-                np.broadcast_to(query_mask, qhat.shape[:-1])
-            km = np.ones(khat.shape[:-1], bool) if key_mask is None else \
-                np.broadcast_to(key_mask, khat.shape[:-1])
-            pool_mask = np.concatenate([qm, km], axis=-1)
+            qm = np.ones(q.shape[:-1], bool) if query_mask is None else \
+                np.broadcast_to(query_mask, q.shape[:-1])
+            km = np.ones(q.shape[:-2] + (m,), bool) if key_mask is None else \
+                np.broadcast_to(key_mask, q.shape[:-2] + (m,))
+            pool_mask = np.concatenate([qm, km], axis=-1)                  # (..., heads, n+m)
         if self.centroids is None:
-            c = self.n_clusters or max(1, int(round(np.sqrt(n))))
-            per_head = np.moveaxis(pooled.reshape((-1, heads) + pooled.shape[-2:]), 0, 1)
-            per_head = per_head.reshape(heads, -1, d)                 # (heads, B·(n+m), d)
-            mh = None if pool_mask is None else np.moveaxis(
-                pool_mask.reshape((-1, heads, pooled.shape[-2])), 0, 1).reshape(heads, -1)
-            if per_head.shape[-2] > self.INIT_ROWS_PER_CLUSTER * c:   # k-means on a sample
-                rows = np.sort(np.random.default_rng(self.seed).choice(
-                    per_head.shape[-2], self.INIT_ROWS_PER_CLUSTER * c, replace=False))
-                per_head = per_head[:, rows]
-                mh = None if mh is None else mh[:, rows]
-            self.centroids = spherical_kmeans(per_head, min(c, per_head.shape[-2]),
-                                              iters=self.kmeans_iters, seed=self.seed, mask=mh)
+            self._init_centroids(q, k, qhat, qsq, pool_mask)
         c = self.centroids.shape[-2]
-        # one product per side gives the balanced members, the argmax labels and the
-        # commitment loss |x̂|² - 2 x̂·μ_label + |μ_label|²
         qm = None if query_mask is None else np.asarray(query_mask, bool)[..., 0, :]
         km = None if key_mask is None else np.asarray(key_mask, bool)[..., 0, :]
-        lq, bq, q_idx = self._members(qhat, qm, self.w or max(1, n // c))
-        lk, bk, k_idx = (lq, bq, q_idx) if self.shared_qk else self._members(
-            khat, km, self.w or max(1, m // c))
-        labels = np.concatenate([lq, lk], axis=-1)
-        best = np.concatenate([bq, bk], axis=-1)
-        mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)[..., None, :]
-        mu2 = mu2.reshape((1,) * (labels.ndim + 1 - mu2.ndim) + mu2.shape)   # (..., 1, c)
-        sq = pooled_sq - 2 * best + np.take_along_axis(
-            mu2, np.maximum(labels, 0)[..., None], axis=-1)[..., 0]
-        weight = (labels >= 0).astype(sq.dtype)
-        if pool_mask is not None:
-            weight = weight * pool_mask
-        sq = np.where(weight > 0, sq, 0)
-        self.commitment_loss = (sq * weight).sum(-1) / np.maximum(weight.sum(-1), 1)
-        if self.training:
-            self.centroids = update_centroids(self.centroids, pooled, labels, decay=self.decay,
-                                              mask=pool_mask)
+        wq, wk = self.w or max(1, n // c), self.w or max(1, m // c)
+        mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)     # (heads, c)
+        batch = q.shape[:-3]
+        scores = np.empty(batch + (max(n, m), c), q.dtype)     # one head's, reused by every head
+        labels = np.empty(batch + (heads, n + m), np.int64)
+        loss = np.empty(batch + (heads,), q.dtype)
+        q_idx = k_idx = None
+        new_centroids = self.centroids.copy()
+        for h in range(heads):
+            pooled, sq = self._pool_head(q, k, h, qhat, qsq)
+            lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h],
+                                          scores[..., :n, :], qm, wq)
+            if qhat is not None:
+                lk, bk, mk = lq, bq, mq
+            else:
+                lk, bk, mk = self._score_head(pooled[..., n:, :], self.centroids[h],
+                                              scores[..., :m, :], km, wk)
+            if mq is not None:
+                if q_idx is None:
+                    q_idx = np.empty(mq.shape[:-2] + (heads,) + mq.shape[-2:], np.int64)
+                    k_idx = np.empty(mk.shape[:-2] + (heads,) + mk.shape[-2:], np.int64)
+                q_idx[..., h, :, :], k_idx[..., h, :, :] = mq, mk
+            lab = labels[..., h, :]
+            lab[..., :n], lab[..., n:] = lq, lk
+            best = np.concatenate([bq, bk], axis=-1)
+            sq = sq - 2 * best + mu2[h][np.maximum(lab, 0)]
+            weight = (lab >= 0).astype(sq.dtype)
+            if pool_mask is not None:
+                weight = weight * pool_mask[..., h, :]
+            sq = np.where(weight > 0, sq, 0)
+            loss[..., h] = (sq * weight).sum(-1) / np.maximum(weight.sum(-1), 1)
+            if self.training:
+                new_centroids[h] = update_centroids(
+                    self.centroids[h], pooled, lab, decay=self.decay,
+                    mask=None if pool_mask is None else pool_mask[..., h, :])
+            del pooled
+        del scores
+        if self.membership != "balanced":   # one width for all heads: the largest cluster's size
+            qmask = None if qm is None else qm[..., None, :]
+            kmask = None if km is None else km[..., None, :]
+            q_idx = _mask_members(members_from_labels(labels[..., :n], c), qmask)
+            k_idx = q_idx if qhat is not None else \
+                _mask_members(members_from_labels(labels[..., n:], c), kmask)
+        self.commitment_loss = loss
+        self.centroids = new_centroids
         return q_idx, k_idx
 
     # -- forward / backward -----------------------------------------------------
@@ -364,17 +401,13 @@ class RoutingAttention:
         if self.centroids is not None and self.centroids.shape[0] != heads - self.local_heads:
             raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
                              f"got {heads - self.local_heads}")
-        pooled = None
-        if not self.shared_qk and q.shape[:-2] == k.shape[:-2] and self.local_heads < q.shape[-3]:
-            # normalised queries and keys side by side in one buffer: the routing pools
-            # them for the centroid update without another copy
-            n = q.shape[-2]
-            pooled = np.empty(q.shape[:-2] + (n + k.shape[-2], q.shape[-1]), dtype)
-            qhat, qnorm, qsq = _normalize(q, out=pooled[..., :n, :])
-            khat, knorm, ksq = _normalize(k, out=pooled[..., n:, :])
-        else:
+        if self.shared_qk:      # the normalised queries are the keys, in the attention too
             qhat, qnorm, qsq = _normalize(q)
-            khat, knorm, ksq = (qhat, qnorm, qsq) if self.shared_qk else _normalize(k)
+        else:
+            qhat = qnorm = qsq = None
+            if self.local_heads < heads and q.shape[:-2] != k.shape[:-2]:
+                raise ValueError("q and k must have the same leading (batch, heads) axes for the "
+                                 f"routing decisions; got q {q.shape} and k {k.shape}")
         katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
         L = self.local_heads
         out = np.empty(np.broadcast_shapes(q.shape[:-1], v.shape[:-2] + (q.shape[-2],)) + (v.shape[-1],), dtype)
@@ -389,11 +422,9 @@ class RoutingAttention:
         if L < heads:
             kmask = None if key_mask is None else np.asarray(key_mask, bool)[..., None, :]
             qmask = None if query_mask is None else np.asarray(query_mask, bool)[..., None, :]
-            q_idx, k_idx = self._route(qhat[..., L:, :, :], khat[..., L:, :, :], kmask, qmask,
-                                       None if pooled is None else pooled[..., L:, :, :],
-                                       np.concatenate([qsq[..., L:, :], ksq[..., L:, :]], axis=-1))
-            if not self.shared_qk:      # the normalised rows are done with: free them
-                qhat = khat = pooled = None
+            q_idx, k_idx = self._route(q[..., L:, :, :], k[..., L:, :, :], kmask, qmask,
+                                       None if qhat is None else qhat[..., L:, :, :],
+                                       None if qsq is None else qsq[..., L:, :])
             out[..., L:, :, :], saved = routing_attention(
                 q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
                 exclude_self=self.shared_qk, merge=self.merge, return_saved=True, **kw)

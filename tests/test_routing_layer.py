@@ -157,6 +157,12 @@ def test_bad_calls(rng):
     layer(q, k, v)
     with pytest.raises(ValueError, match="routing heads"):
         layer(q[:, :1], k[:, :1], v[:, :1])
+    # routing needs the queries and keys of the same batch rows; local heads alone do not
+    k2 = np.concatenate([k, k])
+    with pytest.raises(ValueError, match="q and k must have the same"):
+        ra.RoutingAttention(n_clusters=2)(q, k2, np.concatenate([v, v]))
+    out = ra.RoutingAttention(local_heads=2, window=4)(q, k2, np.concatenate([v, v]))
+    assert out.shape == (2, 2, 16, 4)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
