@@ -7,8 +7,8 @@
  * It includes itself once per word width W (64, 32), naming the kernels
  * hamming_<kernel><W>_<isa>.  Rows go through in vectors of W-bit lanes (16 lanes of
  * 32-bit words in 512 bits): the lane popcount is the VPOPCNT instruction where the CPU
- * has it, else the SWAR bit count in vector arithmetic; leftover rows take the scalar
- * popcount. */
+ * has it, else a nibble-table lookup per byte (AVX2, AVX-512BW), else (baseline SSE2) the
+ * SWAR bit count in vector arithmetic; leftover rows take the scalar popcount. */
 #ifndef HW
 #define HW uint64_t
 #define HPOP RA_POPCOUNT
@@ -40,6 +40,28 @@ static inline hvec HFN(HNAME(hamming_popv))(hvec x)
 #ifdef RA_HAMMING_VPOPCNT
     return sizeof(HW) == 8 ? (hvec)_mm512_popcnt_epi64((__m512i)x)
                            : (hvec)_mm512_popcnt_epi32((__m512i)x);
+#elif VEC_BYTES == 64
+    /* AVX-512BW: a 16-entry table of nibble counts looked up per byte (vpshufb), then the
+       bytes of each lane summed: vpsadbw for 64-bit lanes, two multiply-adds for 32-bit */
+    const __m512i lut = _mm512_set4_epi32(0x04030302, 0x03020201, 0x03020201, 0x02010100);
+    const __m512i nib = _mm512_set1_epi8(0x0f), v = (__m512i)x;
+    const __m512i cnt = _mm512_add_epi8(
+        _mm512_shuffle_epi8(lut, _mm512_and_si512(v, nib)),
+        _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)));
+    if (sizeof(HW) == 8) return (hvec)_mm512_sad_epu8(cnt, _mm512_setzero_si512());
+    return (hvec)_mm512_madd_epi16(_mm512_maddubs_epi16(cnt, _mm512_set1_epi8(1)),
+                                   _mm512_set1_epi16(1));
+#elif VEC_BYTES == 32
+    /* AVX2: the same nibble table, 32 bytes at a time */
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i nib = _mm256_set1_epi8(0x0f), v = (__m256i)x;
+    const __m256i cnt = _mm256_add_epi8(
+        _mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib)),
+        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib)));
+    if (sizeof(HW) == 8) return (hvec)_mm256_sad_epu8(cnt, _mm256_setzero_si256());
+    return (hvec)_mm256_madd_epi16(_mm256_maddubs_epi16(cnt, _mm256_set1_epi8(1)),
+                                   _mm256_set1_epi16(1));
 #else
     const hvec m1 = (hvec){0} + (HW)0x5555555555555555ull, m2 = (hvec){0} + (HW)0x3333333333333333ull;
     const hvec m4 = (hvec){0} + (HW)0x0f0f0f0f0f0f0f0full;
