@@ -679,8 +679,12 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
 int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBVec norm,
                           RaBVec sq)
 {
+    const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     const ptrdiff_t total = B * (ptrdiff_t)n;
+    /* unit-stride rows through the SIMD kernel, others element by element; which path a
+       row takes depends on the layout only, never on the thread count */
+    const int unit = x.s1 == (ptrdiff_t)sizeof(T) && xhat.s1 == (ptrdiff_t)sizeof(T);
     #pragma omp parallel for num_threads(nt) schedule(static) if (total * d > 32768)
     for (ptrdiff_t u = 0; u < total; u++) {
         const ptrdiff_t b = u / n;
@@ -688,18 +692,17 @@ int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBV
         const RaMat xb = ra_mat_at(x, b), ob = ra_mat_at(xhat, b);
         const char *row = xb.data + (ptrdiff_t)i * xb.s0;
         char *out = ob.data + (ptrdiff_t)i * ob.s0;
+        T *nrm_i = &RA_VEC_AT(T, ra_vec_at(norm, b), i), *sq_i = &RA_VEC_AT(T, ra_vec_at(sq, b), i);
+        if (unit) {
+            K->normalize_row((const T *)row, d, (T *)out, nrm_i, sq_i);
+            continue;
+        }
         const T nrm = (T)sqrt(FN(ra_dot)(row, xb.s1, row, xb.s1, d));
         const T div = nrm > 0 ? nrm : 1;
-        if (xb.s1 == (ptrdiff_t)sizeof(T) && ob.s1 == (ptrdiff_t)sizeof(T)) {
-            const T *src = (const T *)row;           /* contiguous rows: vector divisions */
-            T *dst = (T *)out;
-            for (int f = 0; f < d; f++) dst[f] = src[f] / div;
-        } else {
-            for (int f = 0; f < d; f++)
-                *(T *)(out + (ptrdiff_t)f * ob.s1) = *(const T *)(row + (ptrdiff_t)f * xb.s1) / div;
-        }
-        RA_VEC_AT(T, ra_vec_at(norm, b), i) = nrm;
-        RA_VEC_AT(T, ra_vec_at(sq, b), i) = FN(ra_dot)(out, ob.s1, out, ob.s1, d);
+        for (int f = 0; f < d; f++)
+            *(T *)(out + (ptrdiff_t)f * ob.s1) = *(const T *)(row + (ptrdiff_t)f * xb.s1) / div;
+        *nrm_i = nrm;
+        *sq_i = FN(ra_dot)(out, ob.s1, out, ob.s1, d);
     }
     return RA_OK;
 }

@@ -74,7 +74,10 @@
        is larger (strict) or at least as large (!strict) than best[c], best[c] takes its  \
        value and barg[c] = j; NaN never replaces. */                                      \
     void (*pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, int d, T *best, \
-                      int32_t *barg, int strict);
+                      int32_t *barg, int strict);                                          \
+    /* One unit-stride row x (d) -> out = x / |x| (x itself when |x| is 0 or NaN),        \
+       *norm = |x|, *sq = |out|² (sums in a fixed order per instruction set). */         \
+    void (*normalize_row)(const T *x, int d, T *out, T *norm, T *sq);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

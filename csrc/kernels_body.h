@@ -644,6 +644,35 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
         }
 }
 
+/* ------------------------------------------------------------------ row normalisation */
+static void FN(normalize_row)(const T *x, int d, T *out, T *norm, T *sq)
+{
+    const int dv = d / VL * VL;
+    vec acc = FN(vsplat)(0);
+    for (int j = 0; j < dv; j += VL) {
+        const vec v = FN(vload)(x + j);
+        acc += v * v;
+    }
+    T s = FN(hsum)(acc);
+    for (int j = dv; j < d; j++) s += x[j] * x[j];
+    const T nrm = (T)sqrt((double)s);
+    const T div = nrm > 0 ? nrm : 1;
+    const vec dvec = FN(vsplat)(div);
+    vec acc2 = FN(vsplat)(0);
+    for (int j = 0; j < dv; j += VL) {
+        const vec o = FN(vload)(x + j) / dvec;
+        FN(vstore)(out + j, o);
+        acc2 += o * o;
+    }
+    T s2 = FN(hsum)(acc2);
+    for (int j = dv; j < d; j++) {
+        out[j] = x[j] / div;
+        s2 += out[j] * out[j];
+    }
+    *norm = nrm;
+    *sq = s2;
+}
+
 #if RA_IS_F32
 static double FN(fma_probe)(long iters, float *checksum)
 {

@@ -272,14 +272,16 @@ class RoutingAttention:
         self._saved = None
 
     # -- routing decisions ------------------------------------------------------
-    def _pool_head(self, q, k, h, qhat, qsq):
-        """Head h's normalised queries and keys side by side, (..., n+m, d), and their
-        squared norms (..., n+m).  Shared-QK: the normalised queries, twice."""
+    def _pool_head(self, q, k, h, qhat, qsq, pooled=None):
+        """Head h's normalised queries and keys side by side, (..., n+m, d) (written into
+        `pooled` if given), and their squared norms (..., n+m).  Shared-QK: the normalised
+        queries, twice."""
         if qhat is not None:
             x, sq = qhat[..., h, :, :], qsq[..., h, :]
             return np.concatenate([x, x], axis=-2), np.concatenate([sq, sq], axis=-1)
         n = q.shape[-2]
-        pooled = np.empty(q.shape[:-3] + (n + k.shape[-2], q.shape[-1]), q.dtype)
+        if pooled is None:
+            pooled = np.empty(q.shape[:-3] + (n + k.shape[-2], q.shape[-1]), q.dtype)
         _, _, qsq_h = _normalize(q[..., h, :, :], out=pooled[..., :n, :])
         _, _, ksq_h = _normalize(k[..., h, :, :], out=pooled[..., n:, :])
         return pooled, np.concatenate([qsq_h, ksq_h], axis=-1)
@@ -349,8 +351,9 @@ class RoutingAttention:
         loss = np.empty(batch + (heads,), q.dtype)
         q_idx = k_idx = None
         new_centroids = self.centroids.copy()
-        for h in range(heads):
-            pooled, sq = self._pool_head(q, k, h, qhat, qsq)
+        pool_buf = None if qhat is not None else np.empty(batch + (n + m, d), q.dtype)
+        for h in range(heads):      # pool_buf: one head's rows, refilled by every head
+            pooled, sq = self._pool_head(q, k, h, qhat, qsq, pool_buf)
             lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h],
                                           scores[..., :n, :], qm, wq)
             if qhat is not None:
@@ -376,8 +379,7 @@ class RoutingAttention:
                 new_centroids[h] = update_centroids(
                     self.centroids[h], pooled, lab, decay=self.decay,
                     mask=None if pool_mask is None else pool_mask[..., h, :])
-            del pooled
-        del scores
+        del scores, pool_buf, pooled
         if self.membership != "balanced":   # one width for all heads: the largest cluster's size
             qmask = None if qm is None else qm[..., None, :]
             kmask = None if km is None else km[..., None, :]

@@ -106,7 +106,8 @@ def test_assign_nan_row_and_tiny_shapes():
 def test_assign_argmax_across_vector_blocks_on_every_kernel_table(simd):
     """The vector argmax: ties split across column blocks and the tail, a NaN column, a
     ±inf column and an all-NaN row, for widths below, at and above two vectors; labels
-    and best scores equal the reference on each instruction set's kernels."""
+    and best scores equal the reference on each instruction set's kernels.  Also the row
+    normalisation kernel the layer uses, on the same tables."""
     code = (
         "import numpy as np, routing_attention as ra\n"
         "from routing_attention import reference as ref\n"
@@ -127,6 +128,16 @@ def test_assign_argmax_across_vector_blocks_on_every_kernel_table(simd):
         "        assert np.array_equal(ra.assign_clusters(x, cent), want), (c, dt)\n"
         "        top = np.take_along_axis(sc, np.maximum(lab, 0)[..., None], -1)[..., 0]\n"
         "        assert np.array_equal(best, np.where(lab >= 0, top, np.nan), equal_nan=True)\n"
+        "# the layer's row normalisation kernel on the same table (whole vectors and a tail)\n"
+        "for dt, tol in ((np.float32, 1e-6), (np.float64, 1e-14)):\n"
+        "    x = g.standard_normal((50, 37)).astype(dt)\n"
+        "    x[3] = 0\n"
+        "    xhat, nrm, sq = ra._ext._normalize_rows(x)\n"
+        "    want = np.linalg.norm(x.astype(np.float64), axis=-1)\n"
+        "    assert np.allclose(nrm, want, rtol=tol, atol=0), dt\n"
+        "    assert np.allclose(xhat, x / np.where(want > 0, want, 1)[:, None], rtol=tol, atol=tol), dt\n"
+        "    assert np.allclose(sq, (xhat.astype(np.float64) ** 2).sum(-1), rtol=tol, atol=tol), dt\n"
+        "    assert sq[3] == 0 and (xhat[3] == 0).all()\n"
         "print('ok', ra.build_info()['simd'])\n")
     out = run_with_simd(code, simd)
     assert out.split()[0] == "ok", out
