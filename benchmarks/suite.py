@@ -236,6 +236,11 @@ except OSError:
     reset = False
 base = rss()
 q, k, v, dout = suite.make_data(n, heads, d)
+if mode == 'fwd':          # the forward's inputs are q, k, v: drop dout and restart the peak
+    dout = suite.np.zeros((1, 1, 1, d), suite.np.float32)
+    if reset:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
 fwd, setup, bwd = suite.method_fns(name, q, k, v, dout)
 if mode == 'fwd':
     out = fwd()

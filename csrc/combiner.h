@@ -63,6 +63,13 @@ void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s);
 void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t *key, int cols,
                   int summary, uint64_t *vis, ptrdiff_t ldvis);
 
+/* what a problem's tables hold: the forward's, the backward's, and in the backward the
+   recomputed output (RA_CT_OUT) and gradient accumulators (RA_CT_GRADS) */
+enum { RA_CT_FORWARD = 0, RA_CT_BACKWARD = 1, RA_CT_OUT = 2, RA_CT_GRADS = 4 };
+
+/* summary-gradient slots per chunk of query units (raised to one unit's worth) */
+#define RA_SLOT_BUDGET 8192
+
 /* Bump allocator carving one buffer into aligned pieces; base NULL = measure only. */
 typedef struct { char *base; size_t used; } RaArena;
 

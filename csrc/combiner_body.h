@@ -86,9 +86,11 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
 }
 
 /* One problem's shared tables.  khat (NK, d), vhat (R, e), rlse (R): region summaries;
- * st_acc (n, e), st_mx, st_sum (n): online-softmax state carried between passes.
- * Backward: out (n, e), lse, delta (n), dqs (n, d) w.r.t. q̃, dks (n, d), dvs (n, e),
- * dkhat (NK, d), dvhat (R, e), slots of summary gradients, unit offsets. */
+ * st_acc (n, e), st_mx, st_sum (n): online-softmax state carried between passes (plans
+ * with two passes only).  Backward: lse, delta (n), out (n, e) when it is recomputed;
+ * dqs (n, d) w.r.t. q̃, dks (n, d), dvs (n, e) unless the outputs themselves are
+ * contiguous and serve as the accumulators; dkhat (NK, d), dvhat (R, e); slots of
+ * summary gradients, unit offsets. */
 typedef struct {
     T *khat, *vhat, *rlse, *st_acc, *st_mx, *st_sum;
     T *out, *lse, *delta, *dqs, *dks, *dvs, *dkhat, *dvhat, *slot_dk, *slot_dv;
@@ -97,24 +99,29 @@ typedef struct {
 } FN(CTab);
 
 static void FN(ctab_layout)(FN(CTab) *t, RaArena *a, const RaCPlan *p, const RaCSizes *z,
-                            int d, int e, int bwd)
+                            int d, int e, int mode)
 {
     const size_t S = sizeof(T), n = (size_t)p->n;
     memset(t, 0, sizeof(*t));
     t->khat = ra_take(a, ra_mul(p->NK, d), S);
     t->vhat = ra_take(a, ra_mul(p->R, e), S);
     t->rlse = ra_take(a, p->R, S);
-    t->st_acc = ra_take(a, ra_mul(n, e), S);
-    t->st_mx = ra_take(a, n, S);
-    t->st_sum = ra_take(a, n, S);
-    if (!bwd) return;
-    t->budget = z->maxS > p->n ? z->maxS : p->n;
-    t->out = ra_take(a, ra_mul(n, e), S);
+    if (ra_cplan_npasses(p) > 1) {
+        t->st_acc = ra_take(a, ra_mul(n, e), S);
+        t->st_mx = ra_take(a, n, S);
+        t->st_sum = ra_take(a, n, S);
+    }
+    if (!(mode & RA_CT_BACKWARD)) return;
+    t->budget = p->n < RA_SLOT_BUDGET ? p->n : RA_SLOT_BUDGET;
+    t->budget = z->maxS > t->budget ? z->maxS : t->budget;
+    if (mode & RA_CT_OUT) t->out = ra_take(a, ra_mul(n, e), S);
     t->lse = ra_take(a, n, S);
     t->delta = ra_take(a, n, S);
-    t->dqs = ra_take(a, ra_mul(n, d), S);
-    t->dks = ra_take(a, ra_mul(n, d), S);
-    t->dvs = ra_take(a, ra_mul(n, e), S);
+    if (mode & RA_CT_GRADS) {
+        t->dqs = ra_take(a, ra_mul(n, d), S);
+        t->dks = ra_take(a, ra_mul(n, d), S);
+        t->dvs = ra_take(a, ra_mul(n, e), S);
+    }
     t->dkhat = ra_take(a, ra_mul(p->NK, d), S);
     t->dvhat = ra_take(a, ra_mul(p->R, e), S);
     t->slot_dk = ra_take(a, ra_mul(t->budget, d), S);
@@ -436,23 +443,23 @@ typedef struct {
     size_t tab_have, ws_have;
 } FN(CBufs);
 
-static int FN(problem_setup)(FN(CBufs) *bf, const RaCPlan *p, int nt, int d, int e, int bwd,
+static int FN(problem_setup)(FN(CBufs) *bf, const RaCPlan *p, int nt, int d, int e, int mode,
                              FN(CTab) *tb, FN(CWs) *ws)
 {
     RaCSizes z;
     ra_cplan_sizes(p, &z);
     RaArena a = {NULL, 0};
-    FN(ctab_layout)(tb, &a, p, &z, d, e, bwd);
+    FN(ctab_layout)(tb, &a, p, &z, d, e, mode);
     if (FN(cgrow)(&bf->tab_buf, &bf->tab_have, a.used)) return RA_ERR_NOMEM;
     a = (RaArena){bf->tab_buf, 0};
-    FN(ctab_layout)(tb, &a, p, &z, d, e, bwd);
+    FN(ctab_layout)(tb, &a, p, &z, d, e, mode);
     RaArena m = {NULL, 0};
-    FN(cws_layout)(&ws[0], &m, &z, d, e, bwd);
+    FN(cws_layout)(&ws[0], &m, &z, d, e, mode & RA_CT_BACKWARD);
     const size_t per_thread = m.used;
     if (FN(cgrow)(&bf->ws_buf, &bf->ws_have, ra_mul(per_thread, (size_t)nt))) return RA_ERR_NOMEM;
     for (int t = 0; t < nt; t++) {
         RaArena x = {bf->ws_buf + (size_t)t * per_thread, 0};
-        FN(cws_layout)(&ws[t], &x, &z, d, e, bwd);
+        FN(cws_layout)(&ws[t], &x, &z, d, e, mode & RA_CT_BACKWARD);
     }
     return RA_OK;
 }
@@ -483,7 +490,7 @@ int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k
         FN(CTab) tb;
         T sc;
         st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
-        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, 0, &tb, ws);
+        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, RA_CT_FORWARD, &tb, ws);
         if (st != RA_OK) break;
         FN(problem_forward)(K, &p, ws, nt, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
                             sc, d, e, &tb, ra_mat_at(out, b),
@@ -615,13 +622,19 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
     }
 }
 
+/* a matrix (n, width) whose rows are packed one after the other */
+static int FN(packed)(RaBMat m, int width)
+{
+    return m.s1 == (ptrdiff_t)sizeof(T) && m.s0 == (ptrdiff_t)width * (ptrdiff_t)sizeof(T);
+}
+
 /* dout, q, k, v (B; n, ·) -> dq, dk (B; n, d), dv (B; n, e), written.  Per problem:
  *   1. the summaries (khat, vhat, rlse) recomputed; out, lse saved or recomputed;
  *      delta = rowsum(dout∘out)
  *   2. query passes backward, in chunks of units whose slots fit the budget; after each
  *      chunk the slots are summed into dkhat, dvhat in unit order (deterministic)
  *   3. region waves backward
- *   4. dq = scale·dq̃, dk, dv copied out */
+ *   4. dq = scale·dq̃; dk, dv copied out unless they were the accumulators */
 int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBMat q,
                              RaBMat k, RaBMat v, RaBMat saved_out, RaBVec saved_lse,
                              RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
@@ -629,6 +642,9 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
+    /* packed outputs accumulate the gradients in place, sparing three (n, ·) tables */
+    const int in_place = FN(packed)(dq, d) && FN(packed)(dk, d) && FN(packed)(dv, e);
+    const int mode = RA_CT_BACKWARD | (saved_out.data ? 0 : RA_CT_OUT) | (in_place ? 0 : RA_CT_GRADS);
     FN(CBufs) bf = {NULL, NULL, 0, 0};
     FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
     int st = ws ? RA_OK : RA_ERR_NOMEM;
@@ -637,30 +653,32 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         FN(CTab) tb;
         T sc;
         st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
-        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, 1, &tb, ws);
+        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, mode, &tb, ws);
         if (st != RA_OK) break;
         const RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         const RaMat gb = ra_mat_at(dout, b);
+        const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
+        if (in_place) {
+            tb.dqs = (T *)dqm.data;
+            tb.dks = (T *)dkm.data;
+            tb.dvs = (T *)dvm.data;
+        }
 
-        /* 1. the summaries, and out (n, e), lse (n) contiguous: recomputed or saved */
+        /* 1. the summaries, out (n, e) and lse (n): saved or recomputed; delta (n) */
+        RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
         if (saved_out.data) {
             FN(problem_summaries)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb);
-            const RaMat so = ra_mat_at(saved_out, b);
+            outm = ra_mat_at(saved_out, b);
             const RaVec sl = ra_vec_at(saved_lse, b);
-            #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int i = 0; i < n; i++) {
-                for (int c = 0; c < e; c++) tb.out[(ptrdiff_t)i * e + c] = RA_MAT_AT(T, so, i, c);
-                tb.lse[i] = RA_VEC_AT(T, sl, i);
-            }
+            for (int i = 0; i < n; i++) tb.lse[i] = RA_VEC_AT(T, sl, i);
         } else {
-            const RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
             const RaVec lsev = {(char *)tb.lse, sizeof(T)};
             FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
         }
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             tb.delta[i] = FN(ra_dot)(gb.data + (ptrdiff_t)i * gb.s0, gb.s1,
-                                     (const char *)(tb.out + (ptrdiff_t)i * e), sizeof(T), e);
+                                     outm.data + (ptrdiff_t)i * outm.s0, outm.s1, e);
         }
         memset(tb.dqs, 0, sizeof(T) * (size_t)n * d);
         memset(tb.dks, 0, sizeof(T) * (size_t)n * d);
@@ -713,13 +731,11 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         }
 
         /* 4. outputs */
-        const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
-            for (int c = 0; c < d; c++) {
-                RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];
-                RA_MAT_AT(T, dkm, i, c) = tb.dks[(ptrdiff_t)i * d + c];
-            }
+            for (int c = 0; c < d; c++) RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];
+            if (in_place) continue;
+            for (int c = 0; c < d; c++) RA_MAT_AT(T, dkm, i, c) = tb.dks[(ptrdiff_t)i * d + c];
             for (int c = 0; c < e; c++) RA_MAT_AT(T, dvm, i, c) = tb.dvs[(ptrdiff_t)i * e + c];
         }
     }

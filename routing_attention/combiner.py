@@ -7,8 +7,8 @@ the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan
 import numpy as np
 
 from . import _ext
-from ._checks import (as_matrix, batch_shape, flag, integer, qkv_arrays, saved_arrays,
-                      scale_value, unbroadcast)
+from ._checks import (as_matrix, batch_shape, check_out, flag, integer, qkv_arrays,
+                      saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -44,7 +44,7 @@ def _prepare(q, k, v, plan, block, causal, scale):
 
 
 def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None,
-                       return_saved=False):
+                       return_saved=False, out=None):
     """Combiner attention: one softmax per query over direct keys and region summaries.
 
     Parameters
@@ -69,6 +69,8 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=
         Also return a dict of the statistics that spare the backward the query
         softmaxes (``output``: the returned array itself, ``lse``): pass it on as
         ``combiner_attention_backward(..., **saved)``, with the output unmodified.
+    out : ndarray, shape (..., n, e), optional
+        Where to write the output (any strides).
 
     Returns
     -------
@@ -77,7 +79,9 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=
     the arg-max element, ties going to the lowest position.  [, saved : dict]
     """
     q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
-    out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale)
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
+    out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale, out=(out, None))
     return (out, dict(output=out, lse=lse)) if flag("return_saved", return_saved) else out
 
 

@@ -213,6 +213,35 @@ def test_strided_inputs():
             np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_out_and_strided_gradient_outputs(dtype):
+    """out= (a strided, reversed view) receives the forward; gradient outputs with
+    strides accumulate in the kernel's own tables instead of in place, bit for bit."""
+    rng = np.random.default_rng(11)
+    n = 23
+    q, k, v = inputs(rng, (2,), n, d=6, e=4, dtype=dtype)
+    g = rng.standard_normal((2, n, 4)).astype(dtype)
+    for plan in PLANS:
+        for causal in (True, False):
+            kw = dict(plan=plan, causal=causal, scale=0.375)
+            want = ra.combiner_attention(q, k, v, **kw)
+            buf = np.full((2, n, 9), 7, dtype)
+            view = buf[:, ::-1, 1::2]
+            assert ra.combiner_attention(q, k, v, out=view, **kw) is view
+            np.testing.assert_array_equal(view, want)
+            np.testing.assert_array_equal(buf[:, :, 0::2], 7)   # nothing outside the view
+            grads = ra.combiner_attention_backward(g, q, k, v, **kw)
+            outs = tuple(np.zeros((2, n, 2 * x.shape[-1]), dtype)[:, ::-1, ::2] for x in grads)
+            b = None if plan == "logsparse" else int(np.ceil(np.sqrt(n)))
+            code = ra.combiner.PLANS.index(plan)
+            res = ra._ext._combiner_backward(g, q, k, v, want, want[..., 0], False, code, b or 1,
+                                             causal, 0.375, out=outs)
+            for name, x, y in zip("qkv", res, grads):
+                np.testing.assert_array_equal(x, y, err_msg=f"d{name} {plan} causal={causal}")
+    with pytest.raises(ValueError, match="out must have shape"):
+        ra.combiner_attention(q, k, v, out=np.empty((2, n, 3), dtype))
+
+
 @pytest.mark.parametrize("plan", PLANS)
 def test_n_or_d_of_one(plan):
     rng = np.random.default_rng(9)
