@@ -67,6 +67,9 @@ void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t
    recomputed output (RA_CT_OUT) and gradient accumulators (RA_CT_GRADS) */
 enum { RA_CT_FORWARD = 0, RA_CT_BACKWARD = 1, RA_CT_OUT = 2, RA_CT_GRADS = 4 };
 
+/* span columns packed at once for a region unit of a single long region (combiner_body.h) */
+#define RA_SPAN_WINDOW 512
+
 /* summary-gradient slots per chunk of query units (raised to one unit's worth) */
 #define RA_SLOT_BUDGET 8192
 

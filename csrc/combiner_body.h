@@ -16,14 +16,16 @@ typedef struct {
     T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward; k_m always) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
     T *dout, *lse, *delta, *dq, *dp;            /* gradient tile (backward) */
-    RaRange span;                               /* positions in the _m packs */
+    RaRange span;                               /* a region unit's positions */
+    int win0, win1, fresh;                      /* span columns in the _m packs; their
+                                                   gradients not yet started (backward) */
     /* region units: each region's run [rlo, rhi) of span columns, its pooled key and
        (scaled) query, the span columns they came from (backward), a running scan, the
        tile's bitmap and finished rows */
     int *rlo, *rhi, *head, *next;
-    int32_t *barg;
+    int32_t *barg, *warg;
     int32_t *ak, *aq;
-    T *pk, *pq, *run, *otile, *olse;
+    T *pk, *pq, *run, *wbest, *otile, *olse;
     uint64_t *vis;
 } FN(CWs);
 
@@ -57,6 +59,8 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->head = ra_take(a, z->maxMem, sizeof(int));
     w->next = ra_take(a, z->maxV, sizeof(int));
     w->barg = ra_take(a, d, sizeof(int32_t));
+    w->warg = ra_take(a, d, sizeof(int32_t));
+    w->wbest = ra_take(a, d, S);
     w->pk = ra_take(a, ra_mul(z->maxV, d), S);
     w->pq = ra_take(a, ra_mul(z->maxV, d), S);
     w->run = ra_take(a, d, S);
@@ -196,41 +200,117 @@ static void FN(pool_regions)(const T *x, int L, int nv, const int *lo, const int
     }
 }
 
-/* Pack the positions of a region unit once: kᵀ, qᵀ (d, Ls), v (Ls, e); backward also
- * k (Ls, d), vᵀ (e, Ls).  Each region of the unit is a sub-run of these columns. */
-static void FN(pack_members)(FN(CWs) *w, RaRange span, RaMat q, RaMat k, RaMat v, int d, int e)
+/* The span of a region unit is packed in windows of span columns: one window for the
+ * whole span, except for a unit of one long region (longer than RA_SPAN_WINDOW; the upper
+ * logsparse levels), which is pooled and attended window by window so that the scratch
+ * stays bounded (ra_cplan_sizes).  A tile of keys never straddles two windows. */
+
+/* span columns [x0, x1) -> their positions in midx */
+static void FN(window_positions)(FN(CWs) *w, int x0, int x1)
 {
-    const int L = (int)span.count;
-    w->span = span;
-    FN(range_list)(span, w->midx);
-    FN(ra_gather)(k, w->midx, 0, L, d, 1, 1, w->kt_m, L);
-    FN(ra_gather)(k, w->midx, 0, L, d, 1, 0, w->k_m, d);
-    FN(ra_gather)(q, w->midx, 0, L, d, 1, 0, w->q_m, d);
-    FN(ra_gather)(v, w->midx, 0, L, e, 1, 0, w->v_m, e);
-    if (w->vt_m) {
-        FN(ra_gather)(v, w->midx, 0, L, e, 1, 1, w->vt_m, L);
-    }
+    const RaRange r = {w->span.start + x0 * w->span.stride, x1 - x0, w->span.stride};
+    FN(range_list)(r, w->midx);
 }
 
-/* Set up region unit u of wave w: pack its span, each region's run of span columns,
- * pooled keys pk and scaled queries pq (args into ak, aq in the backward). */
+/* Pack window [x0, x1): kᵀ (d, W), v (W, e); k (W, d) too when with_k; the backward (bwd)
+ * also k and vᵀ (e, W).  Its gradients start afresh (FN(region_window)). */
+static void FN(pack_window)(FN(CWs) *w, int x0, int x1, RaMat k, RaMat v, int d, int e,
+                            int with_k, int bwd)
+{
+    const int W = x1 - x0;
+    FN(window_positions)(w, x0, x1);
+    FN(ra_gather)(k, w->midx, 0, W, d, 1, 1, w->kt_m, W);
+    FN(ra_gather)(v, w->midx, 0, W, e, 1, 0, w->v_m, e);
+    if (with_k || bwd) FN(ra_gather)(k, w->midx, 0, W, d, 1, 0, w->k_m, d);
+    if (bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 1, w->vt_m, W);
+    w->win0 = x0, w->win1 = x1, w->fresh = 1;
+}
+
+/* Running max-pool of a long region, one window (W rows of x) at a time: a window's
+ * maximum replaces the running one only if greater, so ties keep the first row, as in
+ * one scan.  best, arg (d): the running maxima and their span columns (arg optional). */
+static void FN(pool_window)(FN(CWs) *w, const T *x, int x0, int W, int d, T *best, int32_t *arg)
+{
+    const int lo = 0;
+    FN(pool_regions)(x, W, 1, &lo, &W, d, 1, w->wbest, w->warg, w->run, w->barg, w->head, w->next);
+    for (int c = 0; c < d; c++)
+        if (w->wbest[c] > best[c]) {
+            best[c] = w->wbest[c];
+            if (arg) arg[c] = x0 + w->warg[c];
+        }
+}
+
+/* Set up region unit u of wave w: each region's run of span columns, pooled keys pk and
+ * scaled queries pq (their span columns into ak, aq in the backward); one window unit
+ * leaves its span packed. */
 static int64_t FN(region_unit_setup)(const RaCPlan *p, FN(CWs) *w, int wave, int64_t u, RaMat q,
                                      RaMat k, RaMat v, T sc, int d, int e, int bwd)
 {
     const int64_t nv = ra_cplan_wave_unit(p, wave, u, w->vids);
     if (nv == 0) return 0;
-    FN(pack_members)(w, ra_cplan_wave_span(p, wave, u), q, k, v, d, e);
+    w->span = ra_cplan_wave_span(p, wave, u);
     const int L = (int)w->span.count;
     for (int64_t r = 0; r < nv; r++) {
         const RaRange m = ra_cplan_region(p, w->vids[r]).members;
         w->rlo[r] = (int)((m.start - w->span.start) / w->span.stride);
         w->rhi[r] = w->rlo[r] + (int)m.count;
     }
-    FN(pool_regions)(w->k_m, L, (int)nv, w->rlo, w->rhi, d, 1, w->pk, bwd ? w->ak : NULL,
-                     w->run, w->barg, w->head, w->next);
-    FN(pool_regions)(w->q_m, L, (int)nv, w->rlo, w->rhi, d, sc, w->pq, bwd ? w->aq : NULL,
-                     w->run, w->barg, w->head, w->next);
+    int32_t *ak = bwd ? w->ak : NULL, *aq = bwd ? w->aq : NULL;
+    if (nv > 1 || L <= RA_SPAN_WINDOW) {
+        FN(pack_window)(w, 0, L, k, v, d, e, 1, bwd);
+        FN(ra_gather)(q, w->midx, 0, L, d, 1, 0, w->q_m, d);
+        FN(pool_regions)(w->k_m, L, (int)nv, w->rlo, w->rhi, d, 1, w->pk, ak, w->run, w->barg,
+                         w->head, w->next);
+        FN(pool_regions)(w->q_m, L, (int)nv, w->rlo, w->rhi, d, sc, w->pq, aq, w->run, w->barg,
+                         w->head, w->next);
+        return nv;
+    }
+    for (int c = 0; c < d; c++) {   /* one region covering the span (rlo 0, rhi L) */
+        w->pk[c] = w->pq[c] = -INFINITY;
+        if (bwd) ak[c] = aq[c] = 0;
+    }
+    for (int x0 = 0; x0 < L; x0 += RA_SPAN_WINDOW) {
+        const int W = L - x0 < RA_SPAN_WINDOW ? L - x0 : RA_SPAN_WINDOW;
+        FN(window_positions)(w, x0, x0 + W);
+        FN(ra_gather)(k, w->midx, 0, W, d, 1, 0, w->k_m, d);
+        FN(ra_gather)(q, w->midx, 0, W, d, 1, 0, w->q_m, d);
+        FN(pool_window)(w, w->k_m, x0, W, d, w->pk, ak);
+        FN(pool_window)(w, w->q_m, x0, W, d, w->pq, aq);
+    }
+    for (int c = 0; c < d; c++) w->pq[c] *= sc;
+    w->win0 = w->win1 = 0;   /* nothing packed for the attention yet */
     return nv;
+}
+
+/* Make the window holding span column j0 the packed one; returns how many key columns
+ * from j0 a tile may take (up to RA_BK, c1 and the window's end).  Backward: the window
+ * left behind has its gradients added to dks, dvs (FN(region_flush)), and a fresh one
+ * starts from the pooled keys' gradients dk̂ at their arg-max columns. */
+static void FN(region_flush)(FN(CWs) *w, int d, int e, FN(CTab) *tb);
+static int FN(region_window)(const RaCPlan *p, FN(CWs) *w, int64_t nv, int j0, int c1, RaMat k,
+                             RaMat v, int d, int e, FN(CTab) *tb, int bwd)
+{
+    if (j0 < w->win0 || j0 >= w->win1) {
+        if (bwd && w->win1 > w->win0 && !w->fresh) FN(region_flush)(w, d, e, tb);
+        const int x0 = j0 / RA_SPAN_WINDOW * RA_SPAN_WINDOW, L = (int)w->span.count;
+        FN(pack_window)(w, x0, L - x0 < RA_SPAN_WINDOW ? L : x0 + RA_SPAN_WINDOW, k, v, d, e, 0, bwd);
+    }
+    if (bwd && w->fresh) {
+        const int W = w->win1 - w->win0;
+        memset(w->dk_m, 0, sizeof(T) * (size_t)W * d);
+        memset(w->dv_m, 0, sizeof(T) * (size_t)W * e);
+        for (int64_t r = 0; r < nv; r++) {
+            const RaCRegion h = ra_cplan_region(p, w->vids[r]);
+            if (!h.owns_kid) continue;
+            for (int c = 0; c < d; c++) {
+                const int at = w->ak[r * d + c] - w->win0;
+                if (at >= 0 && at < W) w->dk_m[(ptrdiff_t)at * d + c] += tb->dkhat[h.kid * d + c];
+            }
+        }
+        w->fresh = 0;
+    }
+    const int room = (c1 < w->win1 ? c1 : w->win1) - j0;
+    return room < RA_BK ? room : RA_BK;
 }
 
 /* Regions a..b of the unit as one query tile: rows = their queries (pooled, or the
@@ -277,7 +357,6 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
                                     FN(CTab) *tb)
 {
     const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 0);
-    const ptrdiff_t ld = w->span.count;
     for (int64_t r = 0; r < nv; r++) {
         const RaCRegion h = ra_cplan_region(p, w->vids[r]);
         if (h.owns_kid) memcpy(tb->khat + h.kid * d, w->pk + r * d, sizeof(T) * (size_t)d);
@@ -288,11 +367,12 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
         const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
         FN(RaQTile) qt = {rows, w->qs, NULL, w->mx, w->sum, w->acc, w->s};
         FN(ra_fwd_init)(&qt, e);
-        for (int j0 = c0; j0 < c1; j0 += RA_BK) {
-            const int cols = c1 - j0 < RA_BK ? c1 - j0 : RA_BK;
-            FN(RaKTile) kt = {cols, w->kt_m + j0, ld, w->v_m + (ptrdiff_t)j0 * e, e, NULL, 0,
-                              NULL, 0, NULL, ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL,
-                              RA_BK / 64};
+        for (int j0 = c0, cols; j0 < c1; j0 += cols) {
+            cols = FN(region_window)(p, w, nv, j0, c1, k, v, d, e, tb, 0);
+            const int x = j0 - w->win0;
+            FN(RaKTile) kt = {cols, w->kt_m + x, w->win1 - w->win0, w->v_m + (ptrdiff_t)x * e, e,
+                              NULL, 0, NULL, 0, NULL,
+                              ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL, RA_BK / 64};
             FN(ra_fwd_step)(K, &qt, &kt, d, e, 0);
         }
         FN(ra_fwd_finish)(&qt, e, (char *)w->otile, e * sizeof(T), sizeof(T), (char *)w->olse,
@@ -562,27 +642,28 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
     memcpy(tb->slot_vid + slot, w->vid, sizeof(int64_t) * (size_t)S);
 }
 
+/* The packed window's member gradients (dk_m, dv_m) added to dks, dvs. */
+static void FN(region_flush)(FN(CWs) *w, int d, int e, FN(CTab) *tb)
+{
+    for (int j = 0; j < w->win1 - w->win0; j++) {
+        const int64_t at = w->midx[j];
+        for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
+        for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
+    }
+}
+
 /* Region unit u of wave w, backward of pass 1 given dkhat, dvhat.  In the forward:
  *   k̂ = max_j k_j            so dk_{argmax} += dk̂          (per element, ties: lowest j)
  *   v̂ = softmax(q̂̃·kᵀ)·v     so the engine gives dq̂̃, dk_j, dv_j with lse = rlse
  *   q̂ = max_j q_j (or a row) so dq̃_{argmax} += dq̂̃
- * Member gradients gather in span columns (dk_m, dv_m) and are added to dks, dvs once.
- * Every position written lies inside the unit's span, disjoint within the wave. */
+ * Member gradients gather per window in span columns (dk_m, dv_m) and are added to dks,
+ * dvs once.  Every position written lies inside the unit's span, disjoint within the wave. */
 static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
                                      int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
                                      FN(CTab) *tb)
 {
     const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 1);
     if (nv == 0) return;
-    const int L = (int)w->span.count;
-    memset(w->dk_m, 0, sizeof(T) * (size_t)L * d);
-    memset(w->dv_m, 0, sizeof(T) * (size_t)L * e);
-    for (int64_t r = 0; r < nv; r++) {
-        const RaCRegion h = ra_cplan_region(p, w->vids[r]);
-        if (!h.owns_kid) continue;
-        for (int c = 0; c < d; c++)
-            w->dk_m[(ptrdiff_t)w->ak[r * d + c] * d + c] += tb->dkhat[h.kid * d + c];
-    }
     for (int64_t a = 0; a < nv; a += RA_BQ) {
         const int rows = (int)(nv - a < RA_BQ ? nv - a : RA_BQ);
         int c0, c1;
@@ -597,14 +678,16 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
         }
         memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
         FN(RaQGradTile) gt = {rows, w->qs, w->dout, w->lse, w->delta, NULL, w->dq, w->s, w->dp};
-        for (int j0 = c0; j0 < c1; j0 += RA_BK) {
-            const int cols = c1 - j0 < RA_BK ? c1 - j0 : RA_BK;
-            FN(RaKTile) kt = {cols, w->kt_m + j0, L, NULL, 0, w->k_m + (ptrdiff_t)j0 * d, d,
-                              w->vt_m + j0, L, NULL,
+        for (int j0 = c0, cols; j0 < c1; j0 += cols) {
+            cols = FN(region_window)(p, w, nv, j0, c1, k, v, d, e, tb, 1);
+            const int x = j0 - w->win0, W = w->win1 - w->win0;
+            FN(RaKTile) kt = {cols, w->kt_m + x, W, NULL, 0, w->k_m + (ptrdiff_t)x * d, d,
+                              w->vt_m + x, W, NULL,
                               ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL, RA_BK / 64};
-            FN(ra_bwd_step)(K, &gt, &kt, w->dk_m + (ptrdiff_t)j0 * d, d,
-                            w->dv_m + (ptrdiff_t)j0 * e, e, d, e, 0);
+            FN(ra_bwd_step)(K, &gt, &kt, w->dk_m + (ptrdiff_t)x * d, d,
+                            w->dv_m + (ptrdiff_t)x * e, e, d, e, 0);
         }
+        const RaRange sp = w->span;
         for (int r = 0; r < rows; r++) {
             const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
             const T *dqr = w->dq + (ptrdiff_t)r * d;
@@ -612,13 +695,12 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
                 for (int c = 0; c < d; c++) tb->dqs[h.qsrc * d + c] += dqr[c];
             else
                 for (int c = 0; c < d; c++)
-                    tb->dqs[w->midx[w->aq[(a + r) * d + c]] * d + c] += dqr[c];
+                    tb->dqs[(sp.start + w->aq[(a + r) * d + c] * sp.stride) * d + c] += dqr[c];
         }
     }
-    for (int j = 0; j < L; j++) {
-        const int64_t at = w->midx[j];
-        for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
-        for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
+    if (w->win1 > w->win0) {   /* the last window (started, if no tile came) */
+        FN(region_window)(p, w, nv, w->win0, w->win1, k, v, d, e, tb, 1);
+        FN(region_flush)(w, d, e, tb);
     }
 }
 
