@@ -284,6 +284,20 @@ int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t
     return cnt;
 }
 
+/* ------------------------------------------------------------------ phases */
+int ra_cplan_nphases(const RaCPlan *p) { return p->kind == RA_PLAN_MIXTURE ? 2 : 1; }
+
+RaCPhase ra_cplan_phase(const RaCPlan *p, int ph)
+{
+    if (p->kind == RA_PLAN_MIXTURE) {
+        /* wave 0 (columns) makes the column regions that pass 0 (rows) reads; wave 1
+           (rows) the row regions of pass 1 (columns); kid = vid */
+        const int64_t half = 2 * p->nr * p->M;
+        return (RaCPhase){ph, ph + 1, ph, ph + 1, ph * half, half, ph * half, half};
+    }
+    return (RaCPhase){0, ra_cplan_nwaves(p), 0, ra_cplan_npasses(p), 0, p->R, 0, p->NK};
+}
+
 void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t *key, int cols,
                   int summary, uint64_t *vis, ptrdiff_t ldvis)
 {

@@ -53,6 +53,13 @@ int64_t ra_cplan_wave_unit(const RaCPlan *p, int w, int64_t u, int64_t *vids);
 /* positions covering every region of that unit (each region's members are a sub-run) */
 RaRange ra_cplan_wave_span(const RaCPlan *p, int w, int64_t u);
 int ra_cplan_npasses(const RaCPlan *p);
+
+/* Phases: the waves that compute a set of summaries and the query passes that read them,
+   run together so the tables hold one phase's summaries at a time: region ids vid in
+   [vbase, vbase + nv), summary keys kid in [kbase, kbase + nk). */
+typedef struct { int wave0, wave1, pass0, pass1; int64_t vbase, nv, kbase, nk; } RaCPhase;
+int ra_cplan_nphases(const RaCPlan *p);
+RaCPhase ra_cplan_phase(const RaCPlan *p, int ph);
 int64_t ra_cplan_pass_units(const RaCPlan *p, int pass);
 /* query unit u of a pass; fills U and its summary entries (kid NULL: count only) */
 int64_t ra_cplan_unit(const RaCPlan *p, int pass, int64_t u, RaCUnit *U, int64_t *kid,

@@ -9,7 +9,7 @@
 /* One thread's tiles.  _d: direct keys of a query unit, _s: its summary entries,
  * _m: members of a region.  Backward-only pieces stay NULL in the forward. */
 typedef struct {
-    int64_t *qidx, *didx, *kid, *vid, *spos, *sqpos, *vids, *midx;
+    int64_t *qidx, *didx, *kid, *vid, *kloc, *vloc, *spos, *sqpos, *vids, *midx;
     T *qs, *acc, *s, *mx, *sum;                 /* forward query tile */
     T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
     T *q_m;                                     /* members' q (L, d), unscaled */
@@ -37,6 +37,8 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->didx = ra_take(a, z->maxD, I);
     w->kid = ra_take(a, z->maxS, I);
     w->vid = ra_take(a, z->maxS, I);
+    w->kloc = ra_take(a, z->maxS, I);
+    w->vloc = ra_take(a, z->maxS, I);
     w->spos = ra_take(a, z->maxS, I);
     w->sqpos = ra_take(a, BQ, I);
     w->vids = ra_take(a, z->maxV, I);
@@ -89,27 +91,35 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     }
 }
 
-/* One problem's shared tables.  khat (NK, d), vhat (R, e), rlse (R): region summaries;
+/* One problem's shared tables.  khat (nk, d), vhat (nv, e), rlse (nv): the region
+ * summaries of one phase (ra_cplan_phase; row = id − kbase or vid − vbase);
  * st_acc (n, e), st_mx, st_sum (n): online-softmax state carried between passes (plans
  * with two passes only).  Backward: lse, delta (n), out (n, e) when it is recomputed;
  * dqs (n, d) w.r.t. q̃, dks (n, d), dvs (n, e) unless the outputs themselves are
- * contiguous and serve as the accumulators; dkhat (NK, d), dvhat (R, e); slots of
+ * contiguous and serve as the accumulators; dkhat (nk, d), dvhat (nv, e); slots of
  * summary gradients, unit offsets. */
 typedef struct {
     T *khat, *vhat, *rlse, *st_acc, *st_mx, *st_sum;
     T *out, *lse, *delta, *dqs, *dks, *dvs, *dkhat, *dvhat, *slot_dk, *slot_dv;
     int64_t *slot_kid, *slot_vid, *offs;
-    int64_t budget;   /* slots */
+    int64_t budget;        /* slots */
+    int64_t kbase, vbase;  /* the phase whose summaries the tables hold */
 } FN(CTab);
 
 static void FN(ctab_layout)(FN(CTab) *t, RaArena *a, const RaCPlan *p, const RaCSizes *z,
                             int d, int e, int mode)
 {
     const size_t S = sizeof(T), n = (size_t)p->n;
+    int64_t NK = 0, R = 0;   /* table rows: the largest phase */
+    for (int ph = 0; ph < ra_cplan_nphases(p); ph++) {
+        const RaCPhase f = ra_cplan_phase(p, ph);
+        NK = f.nk > NK ? f.nk : NK;
+        R = f.nv > R ? f.nv : R;
+    }
     memset(t, 0, sizeof(*t));
-    t->khat = ra_take(a, ra_mul(p->NK, d), S);
-    t->vhat = ra_take(a, ra_mul(p->R, e), S);
-    t->rlse = ra_take(a, p->R, S);
+    t->khat = ra_take(a, ra_mul(NK, d), S);
+    t->vhat = ra_take(a, ra_mul(R, e), S);
+    t->rlse = ra_take(a, R, S);
     if (ra_cplan_npasses(p) > 1) {
         t->st_acc = ra_take(a, ra_mul(n, e), S);
         t->st_mx = ra_take(a, n, S);
@@ -126,8 +136,8 @@ static void FN(ctab_layout)(FN(CTab) *t, RaArena *a, const RaCPlan *p, const RaC
         t->dks = ra_take(a, ra_mul(n, d), S);
         t->dvs = ra_take(a, ra_mul(n, e), S);
     }
-    t->dkhat = ra_take(a, ra_mul(p->NK, d), S);
-    t->dvhat = ra_take(a, ra_mul(p->R, e), S);
+    t->dkhat = ra_take(a, ra_mul(NK, d), S);
+    t->dvhat = ra_take(a, ra_mul(R, e), S);
     t->slot_dk = ra_take(a, ra_mul(t->budget, d), S);
     t->slot_dv = ra_take(a, ra_mul(t->budget, e), S);
     t->slot_kid = ra_take(a, t->budget, sizeof(int64_t));
@@ -304,7 +314,8 @@ static int FN(region_window)(const RaCPlan *p, FN(CWs) *w, int64_t nv, int j0, i
             if (!h.owns_kid) continue;
             for (int c = 0; c < d; c++) {
                 const int at = w->ak[r * d + c] - w->win0;
-                if (at >= 0 && at < W) w->dk_m[(ptrdiff_t)at * d + c] += tb->dkhat[h.kid * d + c];
+                if (at >= 0 && at < W)
+                    w->dk_m[(ptrdiff_t)at * d + c] += tb->dkhat[(h.kid - tb->kbase) * d + c];
             }
         }
         w->fresh = 0;
@@ -359,7 +370,8 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
     const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 0);
     for (int64_t r = 0; r < nv; r++) {
         const RaCRegion h = ra_cplan_region(p, w->vids[r]);
-        if (h.owns_kid) memcpy(tb->khat + h.kid * d, w->pk + r * d, sizeof(T) * (size_t)d);
+        if (h.owns_kid)
+            memcpy(tb->khat + (h.kid - tb->kbase) * d, w->pk + r * d, sizeof(T) * (size_t)d);
     }
     for (int64_t a = 0; a < nv; a += RA_BQ) {
         const int rows = (int)(nv - a < RA_BQ ? nv - a : RA_BQ);
@@ -378,7 +390,7 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
         FN(ra_fwd_finish)(&qt, e, (char *)w->otile, e * sizeof(T), sizeof(T), (char *)w->olse,
                           sizeof(T));
         for (int r = 0; r < rows; r++) {
-            const int64_t vid = w->vids[a + r];
+            const int64_t vid = w->vids[a + r] - tb->vbase;
             memcpy(tb->vhat + vid * e, w->otile + (ptrdiff_t)r * e, sizeof(T) * (size_t)e);
             tb->rlse[vid] = w->olse[r];
         }
@@ -395,15 +407,19 @@ static void FN(pack_unit)(FN(CWs) *w, const RaCUnit *U, int64_t ns, RaMat k, RaM
     const RaMat vh = {(char *)tb->vhat, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
     FN(range_list)(U->q, w->qidx);
     FN(range_list)(U->direct, w->didx);
+    for (int j = 0; j < S; j++) {   /* the summaries' rows in this phase's tables */
+        w->kloc[j] = w->kid[j] - tb->kbase;
+        w->vloc[j] = w->vid[j] - tb->vbase;
+    }
     FN(ra_gather)(k, w->didx, 0, nd, d, 1, 1, w->kt_d, nd);
     FN(ra_gather)(v, w->didx, 0, nd, e, 1, 0, w->v_d, e);
-    FN(ra_gather)(kh, w->kid, 0, S, d, 1, 1, w->kt_s, S);
-    FN(ra_gather)(vh, w->vid, 0, S, e, 1, 0, w->v_s, e);
+    FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 1, w->kt_s, S);
+    FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 0, w->v_s, e);
     if (w->k_d) {
         FN(ra_gather)(k, w->didx, 0, nd, d, 1, 0, w->k_d, d);
         FN(ra_gather)(v, w->didx, 0, nd, e, 1, 1, w->vt_d, nd);
-        FN(ra_gather)(kh, w->kid, 0, S, d, 1, 0, w->k_s, d);
-        FN(ra_gather)(vh, w->vid, 0, S, e, 1, 1, w->vt_s, S);
+        FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 0, w->k_s, d);
+        FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 1, w->vt_s, S);
     }
 }
 
@@ -484,36 +500,42 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
     }
 }
 
-/* Both forward passes for one problem: regions (wave by wave), then the query passes.
- * ws holds nt thread scratch blocks. */
-/* The region summaries (khat, vhat, rlse) of one problem. */
-static void FN(problem_summaries)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
+/* The region summaries (khat, vhat, rlse) of phase ph of one problem; ws holds nt
+ * thread scratch blocks. */
+static void FN(problem_summaries)(const KT *K, const RaCPlan *p, int ph, FN(CWs) *ws, int nt,
                                   RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb)
 {
-    /* regions write disjoint summaries: all waves run as one parallel loop */
+    const RaCPhase f = ra_cplan_phase(p, ph);
+    tb->kbase = f.kbase;
+    tb->vbase = f.vbase;
+    /* regions write disjoint summaries: the phase's waves run as one parallel loop */
     int64_t total = 0;
-    for (int w = 0; w < ra_cplan_nwaves(p); w++) total += ra_cplan_wave_units(p, w);
+    for (int w = f.wave0; w < f.wave1; w++) total += ra_cplan_wave_units(p, w);
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t x = 0; x < total; x++) {
-        int w = 0;
+        int w = f.wave0;
         int64_t u = x;
         while (u >= ra_cplan_wave_units(p, w)) u -= ra_cplan_wave_units(p, w++);
         FN(region_unit_forward)(K, p, &ws[ra_thread_id()], w, u, q, k, v, sc, d, e, tb);
     }
 }
 
-/* The forward of one problem: summaries, then every query's softmax -> out, lse. */
+/* The forward of one problem, phase by phase: summaries, then the passes reading them;
+ * the last pass finishes every query's softmax -> out, lse. */
 static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
                                 RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb,
                                 RaMat out, RaVec lse)
 {
-    FN(problem_summaries)(K, p, ws, nt, q, k, v, sc, d, e, tb);
-    for (int pass = 0; pass < ra_cplan_npasses(p); pass++) {
-        const int64_t nu = ra_cplan_pass_units(p, pass);
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-        for (int64_t u = 0; u < nu; u++)
-            FN(query_unit_forward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, sc, d, e, tb,
-                                   out, lse);
+    for (int ph = 0; ph < ra_cplan_nphases(p); ph++) {
+        const RaCPhase f = ra_cplan_phase(p, ph);
+        FN(problem_summaries)(K, p, ph, ws, nt, q, k, v, sc, d, e, tb);
+        for (int pass = f.pass0; pass < f.pass1; pass++) {
+            const int64_t nu = ra_cplan_pass_units(p, pass);
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+            for (int64_t u = 0; u < nu; u++)
+                FN(query_unit_forward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, sc, d, e,
+                                       tb, out, lse);
+        }
     }
 }
 
@@ -638,8 +660,8 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
     }
     memcpy(tb->slot_dk + slot * d, w->dk_s, sizeof(T) * (size_t)S * d);
     memcpy(tb->slot_dv + slot * e, w->dv_s, sizeof(T) * (size_t)S * e);
-    memcpy(tb->slot_kid + slot, w->kid, sizeof(int64_t) * (size_t)S);
-    memcpy(tb->slot_vid + slot, w->vid, sizeof(int64_t) * (size_t)S);
+    memcpy(tb->slot_kid + slot, w->kloc, sizeof(int64_t) * (size_t)S);
+    memcpy(tb->slot_vid + slot, w->vloc, sizeof(int64_t) * (size_t)S);
 }
 
 /* The packed window's member gradients (dk_m, dv_m) added to dks, dvs. */
@@ -669,7 +691,7 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
         int c0, c1;
         const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
         for (int r = 0; r < rows; r++) {
-            const int64_t vid = w->vids[a + r];
+            const int64_t vid = w->vids[a + r] - tb->vbase;
             const T dl = FN(ra_dot)((const char *)(tb->dvhat + vid * e), sizeof(T),
                                     (const char *)(tb->vhat + vid * e), sizeof(T), e);
             memcpy(w->dout + (ptrdiff_t)r * e, tb->dvhat + vid * e, sizeof(T) * (size_t)e);
@@ -704,6 +726,46 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
     }
 }
 
+/* Query pass `pass` backward, in chunks of units whose summary-gradient slots fit the
+ * budget; after each chunk the slots are summed into dkhat, dvhat in unit order. */
+static void FN(pass_backward)(const KT *K, const RaCPlan *p, int pass, FN(CWs) *ws, int nt,
+                              RaMat q, RaMat k, RaMat v, RaMat dout, T sc, int d, int e,
+                              FN(CTab) *tb)
+{
+    const int64_t nu = ra_cplan_pass_units(p, pass);
+    tb->offs[0] = 0;
+    for (int64_t u = 0; u < nu; u++) {
+        RaCUnit U;
+        tb->offs[u + 1] = tb->offs[u] + ra_cplan_unit(p, pass, u, &U, NULL, NULL, NULL);
+    }
+    for (int64_t u0 = 0, u1; u0 < nu; u0 = u1) {
+        u1 = u0 + 1;
+        while (u1 < nu && tb->offs[u1 + 1] - tb->offs[u0] <= tb->budget) u1++;
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+        for (int64_t u = u0; u < u1; u++)
+            FN(query_unit_backward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, dout, sc, d, e,
+                                    tb, tb->offs[u] - tb->offs[u0]);
+        /* threads split the channels, so every element's additions keep the unit order
+           (bit-identical for any nt) */
+        const int64_t ns = tb->offs[u1] - tb->offs[u0];
+        const int kblocks = (d + 15) / 16, vblocks = (e + 15) / 16;
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int cb = 0; cb < kblocks + vblocks; cb++) {
+            const int is_k = cb < kblocks, width = is_k ? d : e;
+            const int c0 = (is_k ? cb : cb - kblocks) * 16;
+            const int c1 = c0 + 16 < width ? c0 + 16 : width;
+            T *dst = is_k ? tb->dkhat : tb->dvhat;
+            const T *src = is_k ? tb->slot_dk : tb->slot_dv;
+            const int64_t *id = is_k ? tb->slot_kid : tb->slot_vid;
+            for (int64_t s = 0; s < ns; s++) {
+                T *o = dst + id[s] * width;
+                const T *r = src + s * width;
+                for (int c = c0; c < c1; c++) o[c] += r[c];
+            }
+        }
+    }
+}
+
 /* a matrix (n, width) whose rows are packed one after the other */
 static int FN(packed)(RaBMat m, int width)
 {
@@ -711,12 +773,11 @@ static int FN(packed)(RaBMat m, int width)
 }
 
 /* dout, q, k, v (B; n, ·) -> dq, dk (B; n, d), dv (B; n, e), written.  Per problem:
- *   1. the summaries (khat, vhat, rlse) recomputed; out, lse saved or recomputed;
- *      delta = rowsum(dout∘out)
- *   2. query passes backward, in chunks of units whose slots fit the budget; after each
- *      chunk the slots are summed into dkhat, dvhat in unit order (deterministic)
- *   3. region waves backward
- *   4. dq = scale·dq̃; dk, dv copied out unless they were the accumulators */
+ *   1. out, lse saved or recomputed (the forward leaves its last phase's summaries in
+ *      the tables); delta = rowsum(dout∘out)
+ *   2. phase by phase, the last first: the phase's summaries (khat, vhat, rlse) unless
+ *      held, its query passes backward (-> dkhat, dvhat), its region waves backward
+ *   3. dq = scale·dq̃; dk, dv copied out unless they were the accumulators */
 int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBMat q,
                              RaBMat k, RaBMat v, RaBMat saved_out, RaBVec saved_lse,
                              RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
@@ -746,16 +807,17 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
             tb.dvs = (T *)dvm.data;
         }
 
-        /* 1. the summaries, out (n, e) and lse (n): saved or recomputed; delta (n) */
+        /* 1. out (n, e) and lse (n), saved or recomputed; delta (n) */
         RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+        int held = -1;   /* the phase whose summaries the tables hold */
         if (saved_out.data) {
-            FN(problem_summaries)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb);
             outm = ra_mat_at(saved_out, b);
             const RaVec sl = ra_vec_at(saved_lse, b);
             for (int i = 0; i < n; i++) tb.lse[i] = RA_VEC_AT(T, sl, i);
         } else {
             const RaVec lsev = {(char *)tb.lse, sizeof(T)};
             FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+            held = ra_cplan_nphases(&p) - 1;
         }
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
@@ -765,54 +827,25 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         memset(tb.dqs, 0, sizeof(T) * (size_t)n * d);
         memset(tb.dks, 0, sizeof(T) * (size_t)n * d);
         memset(tb.dvs, 0, sizeof(T) * (size_t)n * e);
-        memset(tb.dkhat, 0, sizeof(T) * (size_t)p.NK * d);
-        memset(tb.dvhat, 0, sizeof(T) * (size_t)p.R * e);
 
-        /* 2. query passes */
-        for (int pass = 0; pass < ra_cplan_npasses(&p); pass++) {
-            const int64_t nu = ra_cplan_pass_units(&p, pass);
-            tb.offs[0] = 0;
-            for (int64_t u = 0; u < nu; u++) {
-                RaCUnit U;
-                tb.offs[u + 1] = tb.offs[u] + ra_cplan_unit(&p, pass, u, &U, NULL, NULL, NULL);
-            }
-            for (int64_t u0 = 0, u1; u0 < nu; u0 = u1) {
-                u1 = u0 + 1;
-                while (u1 < nu && tb.offs[u1 + 1] - tb.offs[u0] <= tb.budget) u1++;
-                #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-                for (int64_t u = u0; u < u1; u++)
-                    FN(query_unit_backward)(K, &p, &ws[ra_thread_id()], pass, u, qb, kb, vb, gb,
-                                            sc, d, e, &tb, tb.offs[u] - tb.offs[u0]);
-                /* slots summed in unit order; threads split the channels, so every
-                   element's additions keep that order (bit-identical for any nt) */
-                const int64_t ns = tb.offs[u1] - tb.offs[u0];
-                const int kblocks = (d + 15) / 16, vblocks = (e + 15) / 16;
-                #pragma omp parallel for num_threads(nt) schedule(static)
-                for (int cb = 0; cb < kblocks + vblocks; cb++) {
-                    const int is_k = cb < kblocks, width = is_k ? d : e;
-                    const int c0 = (is_k ? cb : cb - kblocks) * 16;
-                    const int c1 = c0 + 16 < width ? c0 + 16 : width;
-                    T *dst = is_k ? tb.dkhat : tb.dvhat;
-                    const T *src = is_k ? tb.slot_dk : tb.slot_dv;
-                    const int64_t *id = is_k ? tb.slot_kid : tb.slot_vid;
-                    for (int64_t s = 0; s < ns; s++) {
-                        T *o = dst + id[s] * width;
-                        const T *r = src + s * width;
-                        for (int c = c0; c < c1; c++) o[c] += r[c];
-                    }
-                }
+        /* 2. phases */
+        for (int ph = ra_cplan_nphases(&p) - 1; ph >= 0; ph--) {
+            const RaCPhase f = ra_cplan_phase(&p, ph);
+            if (ph != held) FN(problem_summaries)(K, &p, ph, ws, nt, qb, kb, vb, sc, d, e, &tb);
+            memset(tb.dkhat, 0, sizeof(T) * (size_t)f.nk * d);
+            memset(tb.dvhat, 0, sizeof(T) * (size_t)f.nv * e);
+            for (int pass = f.pass0; pass < f.pass1; pass++)
+                FN(pass_backward)(K, &p, pass, ws, nt, qb, kb, vb, gb, sc, d, e, &tb);
+            for (int w = f.wave0; w < f.wave1; w++) {
+                const int64_t nu = ra_cplan_wave_units(&p, w);
+                #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+                for (int64_t u = 0; u < nu; u++)
+                    FN(region_unit_backward)(K, &p, &ws[ra_thread_id()], w, u, qb, kb, vb, sc, d,
+                                             e, &tb);
             }
         }
 
-        /* 3. region waves */
-        for (int w = 0; w < ra_cplan_nwaves(&p); w++) {
-            const int64_t nu = ra_cplan_wave_units(&p, w);
-            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-            for (int64_t u = 0; u < nu; u++)
-                FN(region_unit_backward)(K, &p, &ws[ra_thread_id()], w, u, qb, kb, vb, sc, d, e, &tb);
-        }
-
-        /* 4. outputs */
+        /* 3. outputs */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             for (int c = 0; c < d; c++) RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];
