@@ -328,10 +328,13 @@ void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s)
     }
     for (int w = 0; w < ra_cplan_nwaves(p); w++)
         for (int64_t u = 0; u < ra_cplan_wave_units(p, w); u++) {
+            int64_t vid;
             const int64_t nv = ra_cplan_wave_unit(p, w, u, NULL), L = ra_cplan_wave_span(p, w, u).count;
             s->maxV = max64(s->maxV, nv);
-            /* a unit of one region is packed in windows */
-            s->maxMem = max64(s->maxMem, nv == 1 ? min64(L, RA_SPAN_WINDOW) : L);
+            /* a unit of one region spanning it is packed in windows (combiner_body.h) */
+            const int windows = nv == 1 && ra_cplan_wave_unit(p, w, u, &vid) == 1 &&
+                                ra_cplan_region(p, vid).members.count == L;
+            s->maxMem = max64(s->maxMem, windows ? min64(L, RA_SPAN_WINDOW) : L);
         }
     s->maxMem = max64(s->maxMem, 1);
     s->maxQ = max64(s->maxQ, 1);

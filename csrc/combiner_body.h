@@ -222,15 +222,15 @@ static void FN(window_positions)(FN(CWs) *w, int x0, int x1)
     FN(range_list)(r, w->midx);
 }
 
-/* Pack window [x0, x1): kᵀ (d, W), v (W, e); k (W, d) too when with_k; the backward (bwd)
- * also k and vᵀ (e, W).  Its gradients start afresh (FN(region_window)). */
+/* Pack window [x0, x1): the forward kᵀ (d, W), v (W, e), and k (W, d) when with_k; the
+ * backward (bwd) kᵀ, k and vᵀ (e, W).  Its gradients start afresh (FN(region_window)). */
 static void FN(pack_window)(FN(CWs) *w, int x0, int x1, RaMat k, RaMat v, int d, int e,
                             int with_k, int bwd)
 {
     const int W = x1 - x0;
     FN(window_positions)(w, x0, x1);
     FN(ra_gather)(k, w->midx, 0, W, d, 1, 1, w->kt_m, W);
-    FN(ra_gather)(v, w->midx, 0, W, e, 1, 0, w->v_m, e);
+    if (!bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 0, w->v_m, e);
     if (with_k || bwd) FN(ra_gather)(k, w->midx, 0, W, d, 1, 0, w->k_m, d);
     if (bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 1, w->vt_m, W);
     w->win0 = x0, w->win1 = x1, w->fresh = 1;
@@ -266,7 +266,7 @@ static int64_t FN(region_unit_setup)(const RaCPlan *p, FN(CWs) *w, int wave, int
         w->rhi[r] = w->rlo[r] + (int)m.count;
     }
     int32_t *ak = bwd ? w->ak : NULL, *aq = bwd ? w->aq : NULL;
-    if (nv > 1 || L <= RA_SPAN_WINDOW) {
+    if (nv > 1 || L <= RA_SPAN_WINDOW || w->rlo[0] != 0 || w->rhi[0] != L) {
         FN(pack_window)(w, 0, L, k, v, d, e, 1, bwd);
         FN(ra_gather)(q, w->midx, 0, L, d, 1, 0, w->q_m, d);
         FN(pool_regions)(w->k_m, L, (int)nv, w->rlo, w->rhi, d, 1, w->pk, ak, w->run, w->barg,
@@ -275,7 +275,7 @@ static int64_t FN(region_unit_setup)(const RaCPlan *p, FN(CWs) *w, int wave, int
                          w->head, w->next);
         return nv;
     }
-    for (int c = 0; c < d; c++) {   /* one region covering the span (rlo 0, rhi L) */
+    for (int c = 0; c < d; c++) {   /* one region, covering the span */
         w->pk[c] = w->pq[c] = -INFINITY;
         if (bwd) ak[c] = aq[c] = 0;
     }
@@ -398,9 +398,10 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
 }
 
 /* ------------------------------------------------------------------ pass 2: queries */
-/* Pack a query unit's key lists: direct keys from k, v; summary entries from the tables. */
+/* Pack a query unit's key lists: direct keys from k, v; summary entries from the tables.
+ * The forward takes kᵀ and v, the backward (bwd) kᵀ, k and vᵀ. */
 static void FN(pack_unit)(FN(CWs) *w, const RaCUnit *U, int64_t ns, RaMat k, RaMat v,
-                          const FN(CTab) *tb, int d, int e)
+                          const FN(CTab) *tb, int d, int e, int bwd)
 {
     const int nd = (int)U->direct.count, S = (int)ns;
     const RaMat kh = {(char *)tb->khat, (ptrdiff_t)d * (ptrdiff_t)sizeof(T), sizeof(T)};
@@ -412,10 +413,11 @@ static void FN(pack_unit)(FN(CWs) *w, const RaCUnit *U, int64_t ns, RaMat k, RaM
         w->vloc[j] = w->vid[j] - tb->vbase;
     }
     FN(ra_gather)(k, w->didx, 0, nd, d, 1, 1, w->kt_d, nd);
-    FN(ra_gather)(v, w->didx, 0, nd, e, 1, 0, w->v_d, e);
     FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 1, w->kt_s, S);
-    FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 0, w->v_s, e);
-    if (w->k_d) {
+    if (!bwd) {
+        FN(ra_gather)(v, w->didx, 0, nd, e, 1, 0, w->v_d, e);
+        FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 0, w->v_s, e);
+    } else {
         FN(ra_gather)(k, w->didx, 0, nd, d, 1, 0, w->k_d, d);
         FN(ra_gather)(v, w->didx, 0, nd, e, 1, 1, w->vt_d, nd);
         FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 0, w->k_s, d);
@@ -458,7 +460,7 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
     const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
     const int last = pass == ra_cplan_npasses(p) - 1;
-    FN(pack_unit)(w, &U, ns, k, v, tb, d, e);
+    FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 0);
     for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
         const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
         const int64_t *qpos = w->qidx + q0;
@@ -617,7 +619,7 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
     RaCUnit U;
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
     const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
-    FN(pack_unit)(w, &U, ns, k, v, tb, d, e);
+    FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 1);
     memset(w->dk_d, 0, sizeof(T) * (size_t)nd * d);
     memset(w->dv_d, 0, sizeof(T) * (size_t)nd * e);
     memset(w->dk_s, 0, sizeof(T) * (size_t)S * d);
@@ -848,8 +850,12 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
         /* 3. outputs */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
-            for (int c = 0; c < d; c++) RA_MAT_AT(T, dqm, i, c) = sc * tb.dqs[(ptrdiff_t)i * d + c];
-            if (in_place) continue;
+            T *dqs = tb.dqs + (ptrdiff_t)i * d;
+            if (in_place) {
+                for (int c = 0; c < d; c++) dqs[c] *= sc;
+                continue;
+            }
+            for (int c = 0; c < d; c++) RA_MAT_AT(T, dqm, i, c) = sc * dqs[c];
             for (int c = 0; c < d; c++) RA_MAT_AT(T, dkm, i, c) = tb.dks[(ptrdiff_t)i * d + c];
             for (int c = 0; c < e; c++) RA_MAT_AT(T, dvm, i, c) = tb.dvs[(ptrdiff_t)i * e + c];
         }
