@@ -124,6 +124,31 @@ def test_backward_by_finite_differences(rng, shared_qk):
         assert np.all(grads[1] == 0), "shared-QK: the k argument is unused"
 
 
+def test_repeated_calls_overwrite_the_saved_statistics(rng):
+    """A call with the shapes of the last one writes its statistics into the last call's
+    arrays: outputs and gradients are those of a fresh layer in the same state, and the
+    output returned earlier is left alone."""
+    q, k, v = data(rng, (2, 2, 32, 4))
+    q2, k2, v2 = data(rng, (2, 2, 32, 4))
+    g = rng.standard_normal(q.shape)
+    first = ra.RoutingAttention(n_clusters=4, merge="lse", causal=True, local_heads=1, window=8)
+    first(q, k, v)
+    first.training = False
+    fresh = ra.RoutingAttention(n_clusters=4, merge="lse", causal=True, local_heads=1, window=8)
+    fresh.centroids, fresh.training = first.centroids.copy(), False
+    out1 = first(q, k, v)
+    kept = out1.copy()
+    slots = first._saved[-1][1]["slot_output"]
+    out2 = first(q2, k2, v2)
+    assert first._saved[-1][1]["slot_output"] is slots, "same shapes: the arrays are reused"
+    assert np.array_equal(out1, kept)
+    assert np.array_equal(out2, fresh(q2, k2, v2))
+    for name, x, y in zip("qkv", first.backward(g), fresh.backward(g)):
+        assert np.array_equal(x, y), f"d{name}"
+    first(q2[:, :, :16], k2[:, :, :16], v2[:, :, :16])    # new shapes: new arrays
+    assert first._saved[-1][1]["slot_output"] is not slots
+
+
 def test_float32_and_defaults(rng):
     q, k, v = data(rng, (2, 256, 16), np.float32)       # heads=2, no batch axis
     layer = ra.RoutingAttention()
