@@ -458,9 +458,9 @@ class RoutingAttention:
         q, k, v, qhat, qnorm, katt, window, q_idx, k_idx, saved = self._saved
         dout = np.asarray(dout, q.dtype)
         L, heads = self.local_heads, q.shape[-3]
-        dq = np.zeros(np.broadcast_shapes(q.shape, dout.shape[:-1] + (q.shape[-1],)), q.dtype)
-        dkatt = np.zeros(np.broadcast_shapes(katt.shape[:-2], dout.shape[:-2]) + katt.shape[-2:], q.dtype)
-        dv = np.zeros(np.broadcast_shapes(v.shape[:-2], dout.shape[:-2]) + v.shape[-2:], q.dtype)
+        # both backwards already sum their gradients over broadcast axes: the head slices
+        # of arrays shaped like the inputs take them as they are
+        dq, dkatt, dv = (np.empty(x.shape, q.dtype) for x in (q, katt, v))
         kw = dict(causal=self.causal, scale=self.scale)
         if L:
             g = local_attention_backward(dout[..., :L, :, :], q[..., :L, :, :], katt[..., :L, :, :],
@@ -471,7 +471,6 @@ class RoutingAttention:
                                            v[..., L:, :, :], q_idx, k_idx, exclude_self=self.shared_qk,
                                            merge=self.merge, **kw, **saved[1])
             dq[..., L:, :, :], dkatt[..., L:, :, :], dv[..., L:, :, :] = g
-        dq, dkatt, dv = unbroadcast(dq, q.shape), unbroadcast(dkatt, katt.shape), unbroadcast(dv, v.shape)
         if self.shared_qk:        # keys were the normalised queries
             return dq + _normalize_backward(dkatt, qhat, qnorm), np.zeros_like(k), dv
         return dq, dkatt, dv

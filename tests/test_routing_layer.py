@@ -149,6 +149,33 @@ def test_repeated_calls_overwrite_the_saved_statistics(rng):
     assert first._saved[-1][1]["slot_output"] is not slots
 
 
+@pytest.mark.parametrize("shared_qk", [False, True])
+def test_gradients_with_broadcast_batch_axes(rng, shared_qk):
+    """v with a batch axis that q and k lack: the output broadcasts, and each gradient is
+    summed over the axes its input was broadcast along (once: it used to be counted
+    once per broadcast copy)."""
+    q = rng.standard_normal((1, 2, 16, 4))
+    k = rng.standard_normal((1, 2, 16, 4))
+    v = rng.standard_normal((3, 2, 16, 4))
+    layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4, merge="lse",
+                                shared_qk=shared_qk)
+    layer(q, k, v)
+    layer.training = False
+    out = layer(q, k, v)
+    assert out.shape == (3, 2, 16, 4)
+    g = rng.standard_normal(out.shape)
+    grads = layer.backward(g)
+    args = [q, k, v]
+    for which, grad in enumerate(grads):
+        assert grad.shape == args[which].shape
+        for pos in [(0, 0, 3, 1), (0, 1, 9, 2), (0, 1, 15, 0)]:
+            up, down = [a.copy() for a in args], [a.copy() for a in args]
+            up[which][pos] += 1e-6
+            down[which][pos] -= 1e-6
+            num = (np.sum(g * layer(*up)) - np.sum(g * layer(*down))) / 2e-6
+            assert abs(num - grad[pos]) < 1e-7, f"d{'qkv'[which]}{pos}: {grad[pos]} vs {num}"
+
+
 def test_float32_and_defaults(rng):
     q, k, v = data(rng, (2, 256, 16), np.float32)       # heads=2, no batch axis
     layer = ra.RoutingAttention()
