@@ -7,7 +7,7 @@ weights on each cluster's top-k keys.  DESIGN.md §4.2.
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, flag, integer, qkv_arrays,
+from ._checks import (as_bool_mask, as_matrix, batch_shape, flag, float_dtype, integer, qkv_arrays,
                       saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
@@ -193,7 +193,9 @@ class ClusteredAttention:
         """Labels (..., n) of the queries: lsh_hash → hamming_kmeans (-1 where masked)."""
         from .clustering import hamming_kmeans, lsh_hash
         q = np.asarray(q)
-        codes = lsh_hash(q, self._planes(q.shape[-1]).astype(q.dtype, copy=False))
+        dtype = float_dtype(q=q)        # integer queries hash as float64, like every call
+        codes = lsh_hash(q.astype(dtype, copy=False),
+                         self._planes(q.shape[-1]).astype(dtype, copy=False))
         C = min(self.n_clusters, q.shape[-2])
         return hamming_kmeans(codes, C, iters=self.iterations, seed=self.seed, mask=query_mask)
 

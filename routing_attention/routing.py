@@ -2,8 +2,8 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_matrix, batch_shape, check_out, flag, float_dtype, integer, qkv_arrays,
-                      saved_arrays, scale_value, unbroadcast)
+from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype,
+                      integer, qkv_arrays, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -126,8 +126,9 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exc
     if dout.shape[-2:] != (q.shape[-2], v.shape[-1]):
         raise ValueError(f"dout must have shape (..., n, e) = (..., {q.shape[-2]}, {v.shape[-1]}) "
                          f"like the output; got {dout.shape}")
-    batch = batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2),
-                        k_idx=(k_idx, 2))
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    # the forward's statistics have its batch axes (dout may add more: they broadcast)
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
     n, e, (c, w) = q.shape[-2], v.shape[-1], q_idx.shape[-2:]
     shapes = dict(output=(n, e), lse=(n,), slot_output=(c, w, e), slot_lse=(c, w), slot_self=(c, w))
     dtypes = {key: np.bool_ if key == "slot_self" else q.dtype for key in SAVED_KEYS}
@@ -206,7 +207,12 @@ def _mask_members(idx, mask):
 class RoutingAttention:
     """Routing Transformer attention layer: online spherical k-means routing plus local heads.
 
-    Inputs are q, k, v of shape (..., heads, n, d) / (..., heads, m, d) / (..., heads, m, e).
+    Inputs are q, k, v of shape (..., heads, n, d) / (..., heads, m, d) / (..., heads, m, e);
+    leading axes and a heads axis of 1 broadcast (the routing heads need q and k with
+    the same leading axes), and `backward` sums each gradient back to its input's shape.
+    ``layer(q, k, v, key_mask=, query_mask=)`` takes optional boolean masks (..., m) and
+    (..., n) whose leading axes broadcast to q's batch axes: a False key is padding no
+    query sees, in every head; a False query is in no cluster and gets output 0.
     Each head has its own unit-norm centroids (heads, c, d), shared by its queries and
     keys, initialised by `spherical_kmeans` on the first batch (all batch rows pooled)
     and, while `training`, moved by one `update_centroids` step (EMA with `decay`) per
@@ -224,7 +230,7 @@ class RoutingAttention:
     shared_qk : bool
         Shared-QK attention: keys are the normalised queries (the `k` argument is not
         used and gets zero gradient) and a token does not attend to itself unless
-        alone (`exclude_self`).
+        alone (`exclude_self`), in local heads too.
     causal : bool
         Causal masking by position inside clusters (and in local heads).
     membership : {"balanced", "argmax"}
@@ -295,17 +301,17 @@ class RoutingAttention:
         _, _, ksq_h = _normalize(k[..., h, :, :], out=pooled[..., n:, :])
         return pooled, np.concatenate([qsq_h, ksq_h], axis=-1)
 
-    def _score_head(self, xhat, centroids, scores, mask, size):
+    def _score_head(self, xhat, centroids, scores, size):
         """Labels and best scores (..., n) of the normalised rows xhat (..., n, d) against
         one head's centroids (c, d), through the reused score buffer (..., n, c); with
-        balanced membership also the members (..., c, size), else None."""
+        balanced membership also the members (..., c, size) before any mask, else None."""
         from .clustering import assign_clusters, top_members
         labels = np.empty(xhat.shape[:-1], np.int64)
         best = np.empty(xhat.shape[:-1], xhat.dtype)
         assign_clusters(xhat, centroids, return_scores=True, out=(labels, scores, best))
         if self.membership != "balanced":
             return labels, best, None
-        return labels, best, _mask_members(top_members(scores, min(size, xhat.shape[-2])), mask)
+        return labels, best, top_members(scores, min(size, xhat.shape[-2]))
 
     def _init_centroids(self, q, k, qhat, qsq, pool_mask):
         """Spherical k-means on the first batch: per head, all its normalised queries and
@@ -364,13 +370,14 @@ class RoutingAttention:
         for h in range(heads):      # pool_buf: one head's rows, refilled by every head
             pooled, sq = self._pool_head(q, k, h, qhat, qsq, pool_buf)
             lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h],
-                                          scores[..., :n, :], qm, wq)
-            if qhat is not None:
+                                          scores[..., :n, :], wq)
+            if qhat is not None:    # shared-QK: the keys are the queries
                 lk, bk, mk = lq, bq, mq
             else:
                 lk, bk, mk = self._score_head(pooled[..., n:, :], self.centroids[h],
-                                              scores[..., :m, :], km, wk)
+                                              scores[..., :m, :], wk)
             if mq is not None:
+                mq, mk = _mask_members(mq, qm), _mask_members(mk, km)
                 if q_idx is None:
                     q_idx = np.empty(mq.shape[:-2] + (heads,) + mq.shape[-2:], np.int64)
                     k_idx = np.empty(mk.shape[:-2] + (heads,) + mk.shape[-2:], np.int64)
@@ -393,25 +400,51 @@ class RoutingAttention:
             qmask = None if qm is None else qm[..., None, :]
             kmask = None if km is None else km[..., None, :]
             q_idx = _mask_members(members_from_labels(labels[..., :n], c), qmask)
-            k_idx = q_idx if qhat is not None else \
-                _mask_members(members_from_labels(labels[..., n:], c), kmask)
+            k_idx = _mask_members(members_from_labels(labels[..., n:], c), kmask)
         self.commitment_loss = loss
         self.centroids = new_centroids
         return q_idx, k_idx
 
     # -- forward / backward -----------------------------------------------------
+    @staticmethod
+    def _layer_mask(name, mask, length, batch):
+        """A (..., length) boolean mask whose leading axes broadcast to `batch` (the
+        queries' batch axes, without heads), with a heads axis added; or None."""
+        if mask is None:
+            return None
+        mask = as_bool_mask(name, mask, length)
+        try:
+            fits = np.broadcast_shapes(mask.shape[:-1], batch) == batch
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} must have shape (..., {length}) with leading axes that "
+                             f"broadcast to the batch axes {batch} of q; got {mask.shape}")
+        return mask[..., None, :]
+
     def __call__(self, q, k, v, *, key_mask=None, query_mask=None):
         """Attention output (..., heads, n, e); see the class docstring."""
         dtype = float_dtype(q=q, k=k, v=v)
         q = as_matrix("q", q, dtype, min_rank=3)
+        k = as_matrix("k", k, dtype, min_rank=3)
         v = as_matrix("v", v, dtype, min_rank=3)
-        k = q if self.shared_qk else as_matrix("k", k, dtype, min_rank=3)
-        heads = q.shape[-3]
+        shapes = (q.shape, k.shape, v.shape)      # the gradients' shapes
+        try:
+            heads = np.broadcast_shapes(*((x.shape[-3],) for x in (q, k, v)))[0]
+        except ValueError:
+            raise ValueError(f"q, k and v must have the same number of heads (axis -3), or 1; "
+                             f"got {q.shape[-3]}, {k.shape[-3]} and {v.shape[-3]}") from None
+        q, k, v = (x if x.shape[-3] == heads else
+                   np.broadcast_to(x, x.shape[:-3] + (heads,) + x.shape[-2:]) for x in (q, k, v))
+        k = q if self.shared_qk else k
         if self.local_heads > heads:
             raise ValueError(f"local_heads ({self.local_heads}) exceeds the number of heads ({heads})")
         if self.centroids is not None and self.centroids.shape[0] != heads - self.local_heads:
             raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
                              f"got {heads - self.local_heads}")
+        n, m = q.shape[-2], k.shape[-2]
+        kmask = self._layer_mask("key_mask", key_mask, m, q.shape[:-3])
+        qmask = self._layer_mask("query_mask", query_mask, n, q.shape[:-3])
         if self.shared_qk:      # the normalised queries are the keys, in the attention too
             qhat, qnorm, qsq = _normalize(q)
         else:
@@ -421,18 +454,18 @@ class RoutingAttention:
                                  f"routing decisions; got q {q.shape} and k {k.shape}")
         katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
         L = self.local_heads
-        out = np.empty(np.broadcast_shapes(q.shape[:-1], v.shape[:-2] + (q.shape[-2],)) + (v.shape[-1],), dtype)
-        kw = dict(causal=self.causal, scale=self.scale)
-        window = None
+        batch = np.broadcast_shapes(q.shape[:-2], katt.shape[:-2], v.shape[:-2])
+        out = np.empty(batch + (n, v.shape[-1]), dtype)
+        kw = dict(causal=self.causal, scale=self.scale, exclude_self=self.shared_qk)
+        local = None
         if L:
-            c = self.n_clusters or max(1, int(round(np.sqrt(q.shape[-2]))))
-            window = self.window or max(1, q.shape[-2] // c)
-            out[..., :L, :, :] = local_attention(q[..., :L, :, :], katt[..., :L, :, :],
-                                                 v[..., :L, :, :], window, **kw)
+            c = self.n_clusters or max(1, int(round(np.sqrt(n))))
+            lq, lk = local_members(n, m, self.window or max(1, n // c), self.causal)
+            local = (_mask_members(lq, qmask), _mask_members(lk, kmask))   # padding: -1
+            out[..., :L, :, :] = routing_attention(q[..., :L, :, :], katt[..., :L, :, :],
+                                                   v[..., :L, :, :], *local, **kw)
         q_idx = k_idx = saved = None
         if L < heads:
-            kmask = None if key_mask is None else np.asarray(key_mask, bool)[..., None, :]
-            qmask = None if query_mask is None else np.asarray(query_mask, bool)[..., None, :]
             q_idx, k_idx = self._route(q[..., L:, :, :], k[..., L:, :, :], kmask, qmask,
                                        None if qhat is None else qhat[..., L:, :, :],
                                        None if qsq is None else qsq[..., L:, :])
@@ -448,29 +481,33 @@ class RoutingAttention:
             saved = (signature, dict(zip(SAVED_KEYS, stats)))
             out[..., L:, :, :] = stats[0]
         self.q_idx, self.k_idx = q_idx, k_idx
-        self._saved = (q, k, v, qhat, qnorm, katt, window, q_idx, k_idx, saved)
+        self._saved = (shapes, q, qhat, qnorm, katt, v, local, q_idx, k_idx, saved)
         return out
 
     def backward(self, dout):
-        """Gradients (dq, dk, dv) of the last call's output (routing decisions fixed)."""
+        """Gradients (dq, dk, dv) of the last call's output (routing decisions fixed),
+        shaped like the q, k, v passed in (summed over the axes they were broadcast
+        along)."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
-        q, k, v, qhat, qnorm, katt, window, q_idx, k_idx, saved = self._saved
+        shapes, q, qhat, qnorm, katt, v, local, q_idx, k_idx, saved = self._saved
         dout = np.asarray(dout, q.dtype)
         L, heads = self.local_heads, q.shape[-3]
-        # both backwards already sum their gradients over broadcast axes: the head slices
-        # of arrays shaped like the inputs take them as they are
+        # both backwards already sum their gradients over broadcast batch axes: the head
+        # slices of arrays shaped like the (head-broadcast) inputs take them as they are
         dq, dkatt, dv = (np.empty(x.shape, q.dtype) for x in (q, katt, v))
-        kw = dict(causal=self.causal, scale=self.scale)
+        kw = dict(causal=self.causal, scale=self.scale, exclude_self=self.shared_qk)
         if L:
-            g = local_attention_backward(dout[..., :L, :, :], q[..., :L, :, :], katt[..., :L, :, :],
-                                         v[..., :L, :, :], window, **kw)
+            g = routing_attention_backward(dout[..., :L, :, :], q[..., :L, :, :],
+                                           katt[..., :L, :, :], v[..., :L, :, :], *local, **kw)
             dq[..., :L, :, :], dkatt[..., :L, :, :], dv[..., :L, :, :] = g
         if L < heads:
-            g = routing_attention_backward(dout[..., L:, :, :], q[..., L:, :, :], katt[..., L:, :, :],
-                                           v[..., L:, :, :], q_idx, k_idx, exclude_self=self.shared_qk,
+            g = routing_attention_backward(dout[..., L:, :, :], q[..., L:, :, :],
+                                           katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
                                            merge=self.merge, **kw, **saved[1])
             dq[..., L:, :, :], dkatt[..., L:, :, :], dv[..., L:, :, :] = g
         if self.shared_qk:        # keys were the normalised queries
-            return dq + _normalize_backward(dkatt, qhat, qnorm), np.zeros_like(k), dv
-        return dq, dkatt, dv
+            dq, dk = dq + _normalize_backward(dkatt, qhat, qnorm), np.zeros(shapes[1], q.dtype)
+        else:
+            dk = dkatt
+        return unbroadcast(dq, shapes[0]), unbroadcast(dk, shapes[1]), unbroadcast(dv, shapes[2])

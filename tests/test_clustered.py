@@ -367,6 +367,15 @@ def test_layer_runs_the_pipeline(rng):
             assert np.array_equal(g, w), f"layer backward {name}"
 
 
+def test_layer_hashes_integer_queries_as_float64(rng):
+    """Integer inputs promote to float64 everywhere, the hyperplanes included."""
+    q = rng.integers(-3, 4, (2, 40, 5))
+    k, v = rng.standard_normal((2, 40, 5)), rng.standard_normal((2, 40, 3))
+    a, b = ra.ClusteredAttention(6, bits=16, seed=1), ra.ClusteredAttention(6, bits=16, seed=1)
+    assert np.array_equal(a(q, k, v), b(q.astype(np.float64), k, v))
+    assert np.array_equal(a.labels, b.labels)
+
+
 def test_layer_backward_before_call():
     with pytest.raises(RuntimeError, match="before"):
         ra.ClusteredAttention(4).backward(np.zeros((3, 2)))

@@ -261,6 +261,11 @@ def test_saved_statistics_skip_the_recompute(rng, dtype, merge):
     fast = ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, **kw, **saved)
     for a, b in zip(plain, fast):
         assert np.array_equal(a, b)
+    # a dout with a batch axis more than the forward's: the statistics broadcast
+    d3 = np.stack([dout, 2 * dout, -dout])
+    for a, b in zip(ra.routing_attention_backward(d3, q, k, v, q_idx, q_idx, **kw),
+                    ra.routing_attention_backward(d3, q, k, v, q_idx, q_idx, **kw, **saved)):
+        assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="pass all saved statistics"):
         ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, lse=saved["lse"], **kw)
     with pytest.raises(TypeError, match="unexpected keyword"):

@@ -176,6 +176,80 @@ def test_gradients_with_broadcast_batch_axes(rng, shared_qk):
             assert abs(num - grad[pos]) < 1e-7, f"d{'qkv'[which]}{pos}: {grad[pos]} vs {num}"
 
 
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("membership", ["balanced", "argmax"])
+def test_masks_hide_padding_in_every_head(rng, shared_qk, membership):
+    """Padding keys are invisible to local and routing heads alike (shared-QK too), and
+    padding queries get output 0: changing the padded values changes nothing else."""
+    q, k, v = data(rng, (2, 3, 16, 4))
+    km = np.ones((2, 16), bool)
+    km[0, 11:], km[1, :3] = False, False
+    qm = np.ones(16, bool)
+    qm[5] = False
+    layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4, shared_qk=shared_qk,
+                                membership=membership)
+    layer(q, k, v, key_mask=km, query_mask=qm)
+    layer.training = False
+    out = layer(q, k, v, key_mask=km, query_mask=qm)
+    for b in range(2):
+        listed = layer.k_idx[b][layer.k_idx[b] >= 0]
+        assert listed.size and km[b, listed].all(), "a padding key in a routing list"
+    assert not out[:, :, 5].any(), "a padding query's output"
+    out2 = layer(q, k, v + 100.0 * (~km)[:, None, :, None], key_mask=km, query_mask=qm)
+    np.testing.assert_allclose(out2, out, rtol=1e-12, atol=1e-12)
+
+
+def test_broadcast_heads_and_batch_axes(rng):
+    """A heads axis of 1 broadcasts across local and routing heads (its gradient summed
+    over them); a local-only layer broadcasts k's batch axes like local_attention."""
+    q, k, v = data(rng, (2, 3, 16, 4))
+    layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4)
+    layer(q, k, v[:, :1])
+    layer.training = False
+    out = layer(q, k, v[:, :1])
+    g = rng.standard_normal(out.shape)
+    grads = layer.backward(g)
+    full = layer(q, k, np.repeat(v[:, :1], 3, axis=1))
+    assert np.array_equal(out, full)
+    want = layer.backward(g)
+    assert grads[2].shape == (2, 1, 16, 4)
+    np.testing.assert_allclose(grads[2], want[2].sum(axis=1, keepdims=True), rtol=1e-12, atol=1e-12)
+    local = ra.RoutingAttention(local_heads=3, window=4)
+    kb = np.stack([k, 2 * k, 3 * k])                       # (3, 2, 3, 16, 4): a batch axis more
+    got = local(q, kb, v)
+    assert got.shape == (3, 2, 3, 16, 4)
+    np.testing.assert_array_equal(got, ra.local_attention(q, kb, v, 4))
+    dq, dk, dv = local.backward(np.ones_like(got))
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, kb.shape, v.shape)
+
+
+def test_shared_qk_local_heads_exclude_self_and_dk_shape(rng):
+    """Shared-QK: a token's own value does not reach its output in local heads either
+    (it is not alone in its window), and dk is zero with the shape of the k passed."""
+    q, k, v = data(rng, (1, 2, 16, 4))
+    kb = np.concatenate([k, k, k])                         # (3, 2, 16, 4): unused, broadcast
+    layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4, shared_qk=True)
+    out = layer(q, kb, v)
+    v2 = v.copy()
+    v2[0, 0, 6] += 10.0
+    out2 = layer(q, kb, v2)
+    assert np.array_equal(out2[:, 0, 6], out[:, 0, 6]), "token 6 attended to itself"
+    assert not np.allclose(out2[:, 0, 5], out[:, 0, 5]), "its neighbour sees it"
+    dq, dk, dv = layer.backward(np.ones_like(out))
+    assert dk.shape == kb.shape and not dk.any()
+
+
+def test_layer_masks_must_fit_the_batch(rng):
+    q, k, v = data(rng, (1, 2, 8, 4))
+    layer = ra.RoutingAttention(n_clusters=2)
+    with pytest.raises(ValueError, match="key_mask must have shape"):
+        layer(q, k, v, key_mask=np.ones((3, 8), bool))
+    with pytest.raises(ValueError, match="query_mask must have shape"):
+        layer(q, k, v, query_mask=np.ones((2, 1, 8), bool))
+    with pytest.raises(ValueError, match="same number of heads"):
+        layer(q, k, v[:, :1].repeat(3, axis=1))
+
+
 def test_float32_and_defaults(rng):
     q, k, v = data(rng, (2, 256, 16), np.float32)       # heads=2, no batch axis
     layer = ra.RoutingAttention()
