@@ -59,13 +59,14 @@ def qkv_arrays(q, k, v):
     return q, k, v
 
 
-def as_bool_mask(name, mask, length):
-    """A (..., length) boolean mask; False marks padding."""
+def as_bool_mask(name, mask, length, rows="keys"):
+    """A (..., length) boolean mask over `rows` (keys, queries, ...); False marks padding."""
     arr = np.asarray(mask)
     if arr.dtype != np.bool_:
         raise TypeError(f"{name} must be a boolean array (False = padding); got dtype {arr.dtype}")
     if arr.ndim < 1 or arr.shape[-1] != length:
-        raise ValueError(f"{name} must have shape (..., {length}) to match the keys; got {arr.shape}")
+        raise ValueError(f"{name} must have shape (..., {length}) to match the {rows}; "
+                         f"got {arr.shape}")
     return arr
 
 
@@ -114,8 +115,9 @@ def flag(name, value):
     return bool(value)
 
 
-def check_out(out, shape, dtype):
-    """`out=`: None, or an ndarray of exactly `shape` that results of `dtype` can be cast to."""
+def check_out(out, shape, dtype, exact=False):
+    """`out=`: None, or an ndarray of exactly `shape` that results of `dtype` can be cast
+    to (exact: of that very dtype, for integer labels and positions)."""
     if out is None:
         return None
     if not isinstance(out, np.ndarray):
@@ -123,8 +125,8 @@ def check_out(out, shape, dtype):
     if out.shape != tuple(shape):
         raise ValueError(f"out must have shape {tuple(shape)} (the broadcast output); "
                          f"got {out.shape}")
-    if not np.can_cast(dtype, out.dtype, casting="same_kind"):
-        raise TypeError(f"out has dtype {out.dtype}; results are {dtype}")
+    if (out.dtype != dtype) if exact else not np.can_cast(dtype, out.dtype, casting="same_kind"):
+        raise TypeError(f"out has dtype {out.dtype}; results are {np.dtype(dtype)}")
     return out
 
 

@@ -7,8 +7,8 @@ weights on each cluster's top-k keys.  DESIGN.md §4.2.
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, flag, float_dtype, integer, qkv_arrays,
-                      saved_arrays, scale_value, unbroadcast)
+from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype, integer,
+                      qkv_arrays, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -58,8 +58,17 @@ def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_sav
     shapes = _saved_shapes(C, min(topk, k.shape[-2]), v.shape[-1])
     saved = {key: np.empty(batch + shape, np.int64 if key == "topk_index" else q.dtype)
              for key, shape in shapes.items()}
+    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
+    # the kernel reads rows of q, k, v after writing output rows: an out= that overlaps
+    # them gets the result through a separate array
+    target = out
+    if out is not None and any(np.may_share_memory(out, x) for x in (q, k, v)):
+        out = None
     o = _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale,
                                 out=(out,) + tuple(saved[key] for key in SAVED_KEYS))[0]
+    if target is not None and out is None:
+        target[...] = o
+        o = target
     return (o, saved) if flag("return_saved", return_saved) else o
 
 
@@ -197,6 +206,8 @@ class ClusteredAttention:
         codes = lsh_hash(q.astype(dtype, copy=False),
                          self._planes(q.shape[-1]).astype(dtype, copy=False))
         C = min(self.n_clusters, q.shape[-2])
+        if query_mask is not None:
+            query_mask = as_bool_mask("query_mask", query_mask, q.shape[-2], "queries")
         return hamming_kmeans(codes, C, iters=self.iterations, seed=self.seed, mask=query_mask)
 
     def __call__(self, q, k, v, *, key_mask=None, query_mask=None):

@@ -23,7 +23,7 @@ def _mask(mask, n):
     """(…, n) bool mask; None means every row takes part."""
     if mask is None:
         return np.broadcast_to(np.True_, (n,))
-    return as_bool_mask("mask", mask, n)
+    return as_bool_mask("mask", mask, n, "rows")
 
 
 def _seed(seed):
@@ -134,18 +134,17 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
     _same_d("x", x, "centroids", cent)
     if cent.shape[-2] < 1:
         raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
-    batch_shape(x=(x, 2), centroids=(cent, 2))
+    batch = batch_shape(x=(x, 2), centroids=(cent, 2))
+    n, c = x.shape[-2], cent.shape[-2]
     if return_scores:
         if out is None:
             return _ext._assign_scores(x, cent)
         if not isinstance(out, tuple) or len(out) != 3:
             raise TypeError("out must be a (labels, scores, best) tuple with return_scores=True")
-        n, c = x.shape[-2], cent.shape[-2]
-        batch = np.broadcast_shapes(x.shape[:-2], cent.shape[:-2])
-        out = (check_out(out[0], batch + (n,), np.int64), check_out(out[1], batch + (n, c), dtype),
-               check_out(out[2], batch + (n,), dtype))
+        out = (check_out(out[0], batch + (n,), np.int64, exact=True),
+               check_out(out[1], batch + (n, c), dtype), check_out(out[2], batch + (n,), dtype))
         return _ext._assign_scores(x, cent, out=out)
-    return _ext._assign_clusters(x, cent, out=out)
+    return _ext._assign_clusters(x, cent, out=check_out(out, batch + (n,), np.int64, exact=True))
 
 
 def update_centroids(centroids, x, labels, *, decay=0.999, mask=None, out=None):
@@ -188,8 +187,9 @@ def update_centroids(centroids, x, labels, *, decay=0.999, mask=None, out=None):
         x = np.moveaxis(np.broadcast_to(x, xb + (n, d)), src, dst).reshape(rest + (pooled * n, d))
         lab = np.moveaxis(np.broadcast_to(lab, xb + (n,)), src, dst).reshape(rest + (pooled * n,))
         m = np.moveaxis(np.broadcast_to(m, xb + (n,)), src, dst).reshape(rest + (pooled * n,))
-    batch_shape(centroids=(cent, 2), x=(x, 2))
-    return _ext._update_centroids(cent, x, lab, m, dec, out=out)
+    batch = batch_shape(centroids=(cent, 2), x=(x, 2))
+    return _ext._update_centroids(cent, x, lab, m, dec,
+                                  out=check_out(out, batch + cent.shape[-2:], dtype))
 
 
 def commitment_loss(x, centroids, labels, *, mask=None):
@@ -226,8 +226,8 @@ def top_members(scores, w, *, out=None):
     s = as_matrix("scores", scores, dtype)
     n, c = s.shape[-2:]
     w = integer("w", w, 1, n)
-    if out is None:
-        out = np.empty(s.shape[:-2] + (c, w), np.int64)
+    shape = s.shape[:-2] + (c, w)
+    out = np.empty(shape, np.int64) if out is None else check_out(out, shape, np.int64, exact=True)
     return _ext._top_members(s, out=out)
 
 
@@ -270,8 +270,8 @@ def lsh_hash(x, planes, *, out=None):
     if p.shape[-1] != d + 1:
         raise ValueError(f"planes must have d + 1 = {d + 1} columns (normal vector, then "
                          f"threshold) for x with d = {d}; got shape {p.shape}")
-    batch_shape(x=(x, 2), planes=(p, 2))
-    return _ext._lsh_hash(x, p, out=out)
+    batch = batch_shape(x=(x, 2), planes=(p, 2))
+    return _ext._lsh_hash(x, p, out=check_out(out, batch + x.shape[-2:-1], np.int64, exact=True))
 
 
 def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_centroids=False):

@@ -412,7 +412,7 @@ class RoutingAttention:
         queries' batch axes, without heads), with a heads axis added; or None."""
         if mask is None:
             return None
-        mask = as_bool_mask(name, mask, length)
+        mask = as_bool_mask(name, mask, length, "keys" if name == "key_mask" else "queries")
         try:
             fits = np.broadcast_shapes(mask.shape[:-1], batch) == batch
         except ValueError:
@@ -491,7 +491,7 @@ class RoutingAttention:
         if self._saved is None:
             raise RuntimeError("backward() needs a forward call first")
         shapes, q, qhat, qnorm, katt, v, local, q_idx, k_idx, saved = self._saved
-        dout = np.asarray(dout, q.dtype)
+        dout = as_matrix("dout", dout, q.dtype, min_rank=3)
         L, heads = self.local_heads, q.shape[-3]
         # both backwards already sum their gradients over broadcast batch axes: the head
         # slices of arrays shaped like the (head-broadcast) inputs take them as they are

@@ -152,6 +152,23 @@ def test_output_argument(rng):
     res = ra.improved_clustered_attention(q, k, v, labels, 4, 2, out=buf)
     assert res is buf
     assert np.array_equal(buf, ra.improved_clustered_attention(q, k, v, labels, 4, 2))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ra.clustered_attention(q, k, v, labels, 4, out=np.empty((20, 4)))
+    with pytest.raises(TypeError, match="out has dtype"):
+        ra.clustered_attention(q, k, v, labels, 4, out=np.empty((20, 3), np.int64))
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_output_argument_may_be_an_input(rng, topk):
+    """out= may be q, k or v itself (the kernel rereads their rows after writing output
+    rows, so the result goes through a separate array first)."""
+    q, k, v, labels = make(rng, np.float64, (2,), 24, 24, 3, 3, 4)
+    want = forward(topk, q, k, v, labels, 4)
+    for which in range(3):
+        args = [q.copy(), k.copy(), v.copy()]
+        got = forward(topk, *args, labels, 4, out=args[which])
+        assert got is args[which]
+        assert np.array_equal(got, want), f"out= input {which}"
 
 
 # ------------------------------------------------------------------ gradients

@@ -546,6 +546,29 @@ def test_gufunc_rejects_bad_shapes_directly():
         _ext._members_from_labels(np.array([0, 7]), out=np.empty((2, 2), np.int64))
 
 
+def test_out_arguments_are_checked():
+    """out= of the helpers: the shape the other arguments give (top_members: w columns),
+    and int64 exactly where the results are labels, codes or positions."""
+    rng = np.random.default_rng(3)
+    x, cent = rng.standard_normal((2, 30, 4)), rng.standard_normal((5, 4))
+    scores = rng.standard_normal((30, 5))
+    with pytest.raises(ValueError, match=r"out must have shape \(5, 3\)"):
+        ra.top_members(scores, 3, out=np.empty((5, 4), np.int64))
+    with pytest.raises(TypeError, match="out has dtype float64"):
+        ra.top_members(scores, 3, out=np.empty((5, 3)))
+    with pytest.raises(TypeError, match="out has dtype float64"):
+        ra.assign_clusters(x, cent, out=np.empty((2, 30)))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ra.assign_clusters(x, cent, out=np.empty((30,), np.int64))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ra.lsh_hash(x, rng.standard_normal((8, 5)), out=np.empty((2, 31), np.int64))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ra.update_centroids(cent, x[0], np.zeros(30, np.int64), out=np.empty((4, 4)))
+    labels = np.empty((2, 30), np.int64)
+    assert ra.assign_clusters(x, cent, out=labels) is labels
+    assert np.array_equal(labels, ra.assign_clusters(x, cent))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_assign_clusters_return_scores(dtype):
     rng = np.random.default_rng(5)

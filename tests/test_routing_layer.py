@@ -248,6 +248,13 @@ def test_layer_masks_must_fit_the_batch(rng):
         layer(q, k, v, query_mask=np.ones((2, 1, 8), bool))
     with pytest.raises(ValueError, match="same number of heads"):
         layer(q, k, v[:, :1].repeat(3, axis=1))
+    with pytest.raises(ValueError, match="to match the queries"):
+        layer(q, k, v, query_mask=np.ones(7, bool))
+    out = layer(q, k, v)
+    with pytest.raises(TypeError, match="dout has complex dtype"):
+        layer.backward(out * (1 + 1j))
+    with pytest.raises(ValueError, match="to match the queries"):
+        ra.ClusteredAttention(2)(q[0], k[0], v[0], query_mask=np.ones(7, bool))
 
 
 def test_float32_and_defaults(rng):
