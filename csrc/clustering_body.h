@@ -241,13 +241,8 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
         RaVec mb = ra_vec_at(mask, b);
         const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
         uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
-        /* 1. unit rows (a zero row stays zero); masked rows never take part */
-        int64_t nvalid = 0;
-        for (int i = 0; i < n; i++) {
-            valid[i] = mb.data == NULL || RA_VEC_AT(uint8_t, mb, i);
-            nvalid += valid[i];
-            lab[i] = -2;                     /* "no label yet": every row counts as changed */
-        }
+        /* 1. unit rows (a zero row stays zero); masked rows, and rows with a NaN or an
+              infinity, never take part */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             T *o = xn + (size_t)i * d;
@@ -258,7 +253,11 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
             }
             const T inv = sq > 0 ? 1 / sqrt(sq) : 0;
             for (int u = 0; u < d; u++) o[u] *= inv;
+            valid[i] = (mb.data == NULL || RA_VEC_AT(uint8_t, mb, i)) && isfinite(sq);
+            lab[i] = -2;                     /* "no label yet": every row counts as changed */
         }
+        int64_t nvalid = 0;
+        for (int i = 0; i < n; i++) nvalid += valid[i];
         /* 2. initial centroids: given, or seeded k-means++ (nothing to seed from: zeros) */
         if (use_init) {
             RaMat ib = ra_mat_at(init, b);

@@ -421,8 +421,10 @@ def _mask_or_all(mask, shape):
 
 def _spherical_one(x, c, iters, seed, valid, init):
     n, d = x.shape
-    norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
-    xn = np.where(norm > 0, x / np.where(norm > 0, norm, 1), 0.0)
+    with np.errstate(invalid="ignore", over="ignore"):     # rows with a NaN or an inf
+        norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
+        xn = np.where(norm > 0, x / np.where(norm > 0, norm, 1), 0.0)   # zero stays zero
+    valid = valid & np.isfinite(norm[:, 0])      # rows with a NaN or an inf take no part
     vidx = np.flatnonzero(valid)
     if init is not None:
         mu = np.array(init, dtype=np.float64)

@@ -155,6 +155,29 @@ def test_spherical_kmeans_float64_against_reference(iters):
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1, rtol=1e-12)
 
 
+@pytest.mark.parametrize("iters", [0, 3])
+def test_spherical_kmeans_nan_rows_take_no_part(iters):
+    """Rows with a NaN or an infinity take no part, exactly as if masked (never a seed,
+    in no cluster); zero rows stay eligible (their cosines are 0)."""
+    for seed in range(12):
+        g = rng(40 + seed)
+        x = g.standard_normal((60, 5))
+        bad = np.zeros(60, bool)
+        bad[g.integers(0, 60, 12)] = True
+        x[bad] = np.nan
+        x[g.integers(0, 60, 2), 1] = np.inf
+        bad |= ~np.isfinite(x).all(axis=1)
+        x[g.integers(0, 60, 2)] = 0.0
+        bad &= ~(x == 0).all(axis=1)
+        with np.errstate(invalid="ignore"):
+            got = ra.spherical_kmeans(x, 7, iters=iters, seed=seed)
+        masked = ra.spherical_kmeans(np.where(bad[:, None], 1.0, x), 7, iters=iters, seed=seed,
+                                     mask=~bad)
+        assert np.array_equal(got, masked), f"seed {seed}: not the same as masking the rows"
+        assert_close(got, ref.spherical_kmeans(x, 7, iters=iters, seed=seed), np.float64,
+                     f"seed {seed} iters={iters}")
+
+
 def test_spherical_kmeans_seeds_are_masked_rows_free():
     x, _ = separated(40, 5, 8, 7)
     mask = np.ones(200, bool)
