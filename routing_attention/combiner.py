@@ -128,8 +128,14 @@ class CombinerAttention:
 
     def __call__(self, q, k, v):
         out, stats = combiner_attention(q, k, v, return_saved=True, **self._kwargs())
-        # the caller may modify the returned array: the backward keeps its own copy
-        self._saved = (q, k, v, dict(stats, output=out.copy()))
+        # the caller may modify the returned array: the backward keeps its own copy, in
+        # the previous call's copy when the shapes repeat (no new pages to fault in)
+        kept = None if self._saved is None else self._saved[3]["output"]
+        if kept is not None and kept.shape == out.shape and kept.dtype == out.dtype:
+            np.copyto(kept, out)
+        else:
+            kept = out.copy()
+        self._saved = (q, k, v, dict(stats, output=kept))
         return out
 
     def backward(self, dout):

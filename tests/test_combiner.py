@@ -338,6 +338,16 @@ def test_layer_backward_survives_an_in_place_edit_of_its_output():
     out += 1.0                                  # a residual added in place
     for g, w in zip(layer.backward(np.ones_like(out)), want):
         assert np.array_equal(g, w)
+    # a second call with the same shapes keeps its copy in the first call's array: the
+    # first output stays the caller's, the gradients follow the second call
+    q2, snapshot, kept = q[:, ::-1].copy(), out.copy(), layer._saved[3]["output"]
+    out2 = layer(q2, k, v)
+    assert layer._saved[3]["output"] is kept, "same shapes: the copy reuses its array"
+    want2 = ra.combiner_attention_backward(np.ones_like(out2), q2, k, v, plan="axial", block=6)
+    out2 *= 3.0
+    assert np.array_equal(out, snapshot), "the first call's output is the caller's"
+    for g, w in zip(layer.backward(np.ones_like(out2)), want2):
+        assert np.array_equal(g, w)
 
 
 def test_scale_keyword():
