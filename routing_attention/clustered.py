@@ -186,7 +186,7 @@ class ClusteredAttention:
         self.bits = integer("bits", bits, low=1, high=63)
         self.iterations = integer("iterations", iterations, low=0)
         self.topk = None if topk is None else integer("topk", topk, low=1)
-        self.seed = integer("seed", seed)
+        self.seed = integer("seed", seed, 0, 2**64 - 1)
         self.scale = scale
         self.planes = None      # (bits, d + 1), drawn on the first call
         self.labels = None      # the last call's clustering, (..., n)

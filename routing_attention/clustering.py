@@ -217,7 +217,7 @@ def top_members(scores, w, *, out=None):
     """Balanced membership: the w best rows of every cluster.
 
     scores (..., n, c) -> idx (..., c, w) int64: for each cluster the w rows with the
-    largest score (NaN ranks lowest), ties to the lower position, listed by increasing
+    largest score (NaN ranks as −inf), ties to the lower position, listed by increasing
     position.  A row may be in several clusters or in none.  A selection, never a sort
     of n: a strided sample sets each cluster's threshold, one vectorised pass collects
     the rows reaching it (in position order), a quickselect on those scores finds the

@@ -238,7 +238,10 @@ class RoutingAttention:
         w = n // n_clusters by default); tokens may be in several clusters or none.
         This looks at the whole sequence, so future tokens influence which past keys a
         query meets.  "argmax": each token joins its nearest centroid
-        (`members_from_labels`), which depends on the token alone: truly causal.
+        (`members_from_labels`), which depends on the token alone: causal for given
+        centroids (the first call's k-means and, while `training`, the EMA update use
+        the whole batch; fix the centroids and set `training = False` for strictly causal
+        evaluation).
     w : int, optional
         Members per cluster for balanced membership.
     merge : {"mean", "lse"}
@@ -275,11 +278,14 @@ class RoutingAttention:
         self.shared_qk = flag("shared_qk", shared_qk)
         self.causal = flag("causal", causal)
         self.membership, self.merge = membership, merge
-        self.decay = float(decay)
+        try:
+            self.decay = float(decay)
+        except (TypeError, ValueError):
+            raise TypeError(f"decay must be a number in [0, 1]; got {decay!r}") from None
         if not 0.0 <= self.decay <= 1.0:
             raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")
         self.kmeans_iters = integer("kmeans_iters", kmeans_iters, low=0)
-        self.seed, self.scale = seed, scale
+        self.seed, self.scale = integer("seed", seed, 0, 2**64 - 1), scale
         self.training = True
         self.centroids = None
         self.commitment_loss = None

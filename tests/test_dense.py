@@ -94,6 +94,9 @@ def test_out_argument(rng, dtype):
     assert np.array_equal(out_view, expect)
     with pytest.raises(ValueError):
         ra.attention(q, k, v, out=np.empty((2, 30, 4), dtype))
+    for bad in ("U3", np.complex128, object, np.int64):     # never a silent cast into out
+        with pytest.raises(TypeError, match="out has dtype"):
+            ra.attention(q, k, v, out=np.empty((2, 30, 5), bad))
 
 
 def test_scale_and_lse_reuse(rng):

@@ -274,10 +274,18 @@ def test_float32_and_defaults(rng):
     (dict(n_clusters=0), "n_clusters must be >= 1"),
     (dict(decay=1.5), "decay must lie in"),
     (dict(local_heads=-1), "local_heads must be >= 0"),
+    (dict(seed=-1), "seed must be >= 0"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ra.RoutingAttention(**kwargs)
+
+
+def test_bad_arguments_of_other_kinds():
+    with pytest.raises(TypeError, match="decay must be a number"):
+        ra.RoutingAttention(decay="x")
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        ra.ClusteredAttention(4, seed=-1)
 
 
 def test_bad_calls(rng):
