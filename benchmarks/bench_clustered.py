@@ -111,8 +111,9 @@ def main():
                           for x in (q, k, v))
             am = FullMask(n, device="cpu")
             lm = LengthMask(torch.tensor([n]), max_len=n)
-            fc = ClusteredAttention(C, iterations=ITERS, bits=BITS)
-            fi = ImprovedClusteredAttention(C, iterations=ITERS, bits=BITS, topk=TOPK)
+            fc = ClusteredAttention(C, iterations=ITERS, bits=BITS, attention_dropout=0.0)
+            fi = ImprovedClusteredAttention(C, iterations=ITERS, bits=BITS, topk=TOPK,
+                                            attention_dropout=0.0)
             # the head-to-head: both pipelines (clustering included) interleaved round by
             # round, so machine noise hits both alike; these totals replace the sums above
             none = lambda: None

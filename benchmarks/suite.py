@@ -149,8 +149,11 @@ def method_fns(name, q, k, v, dout):
         tq, tk, tv = fq, fk, fv
         tdout = tdout.transpose(1, 2).contiguous()
         am, lm = FullMask(n, device="cpu"), LengthMask(torch.tensor([n]), max_len=n)
-        mod = (ClusteredAttention(C_CLUSTERS, iterations=ITERS, bits=BITS) if name == "ft-clustered"
-               else ImprovedClusteredAttention(C_CLUSTERS, iterations=ITERS, bits=BITS, topk=TOPK))
+        # no dropout (its default is 0.1): ours has none, and dropout is not attention work
+        mod = (ClusteredAttention(C_CLUSTERS, iterations=ITERS, bits=BITS, attention_dropout=0.0)
+               if name == "ft-clustered" else
+               ImprovedClusteredAttention(C_CLUSTERS, iterations=ITERS, bits=BITS, topk=TOPK,
+                                          attention_dropout=0.0))
         f = lambda: mod(fq, fk, fv, am, lm, lm)  # noqa: E731
     else:
         raise ValueError(name)
