@@ -39,7 +39,7 @@ typedef struct {
 
 typedef struct {
     int64_t maxQ, maxD, maxS;   /* per query unit: queries, direct keys, summary entries */
-    int64_t maxV, maxMem;       /* per region unit: regions, members of one region */
+    int64_t maxV, maxMem;       /* per region unit: regions, span columns packed at once */
     int64_t maxUnits;           /* units of the largest query pass */
 } RaCSizes;
 
