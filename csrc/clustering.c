@@ -14,6 +14,7 @@
 
 #define RA_CHUNK 4096      /* rows per reduction chunk: fixed, never thread-dependent */
 #define RA_ROWS 64         /* rows per matrix-product block */
+#define RA_FUSE_SCORES (1 << 20)   /* assign_top stores fewer scores (n·c) than this */
 
 /* ------------------------------------------------------------------ PRNG */
 /* splitmix64 (Steele, Lea, Flood 2014): state advances by the golden gamma. */
@@ -42,6 +43,16 @@ static inline int ra_trials(int c)
     return L < RA_MAX_TRIALS ? L : RA_MAX_TRIALS;
 }
 #define RA_SEED_COLS RA_MAX_TRIALS   /* candidate columns of the seeding gemm (zero-padded) */
+
+/* Clusters per top_members work unit: enough units for every thread, a multiple of 16
+ * (whole vectors on every ISA), at most 256. */
+static inline int ra_top_group(int c, int nt)
+{
+    int cb = (c + nt - 1) / nt;
+    cb = (cb + 15) / 16 * 16;
+    if (cb > 256) cb = 256;
+    return cb > c ? c : cb;
+}
 
 /* Position of the k-th (0-based) row with valid[i] != 0; valid has at least k+1 such rows. */
 static int ra_kth_valid(int n, const uint8_t *valid, int64_t k)

@@ -536,12 +536,80 @@ static int FN(top_plan)(int n, int w, int *cap)
     return k;
 }
 
-#define RA_TOP_CB 256   /* most clusters per work unit */
+/* One thread's top_members scratch for work units of up to cb clusters: thresholds,
+ * sample tops (and their positions), list counts, candidate lists (cb + 1 of
+ * cap + RA_TOP_SLACK slots, the last one top_admit's scratch), selection scratch.
+ * Returns its size in bytes; with p != NULL also carves ts out of p. */
+typedef struct {
+    T *thr, *top;
+    IT *tpos;
+    int *cnt;
+    int32_t *pos;
+    T *val, *tmp, *tmp2;
+    int64_t *sel;
+} FN(TopScratch);
+
+static size_t FN(top_scratch)(int n, int w, int cb, int cap, char *p, FN(TopScratch) *ts)
+{
+    const int ldt = (cb + 15) / 16 * 16;
+    const size_t L = (size_t)cap + RA_TOP_SLACK;
+    const size_t sz[9] = {
+        ra_round_up(ra_mul(sizeof(T), ldt)),                           /* thr */
+        ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt))),          /* top */
+        ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt))),          /* tpos */
+        ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1)),              /* cnt */
+        ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, L))),   /* pos */
+        ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, L))),     /* val */
+        ra_round_up(ra_mul(sizeof(T), n)),                             /* tmp */
+        ra_round_up(ra_mul(sizeof(T), n)),                             /* tmp2 */
+        ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1)),           /* sel */
+    };
+    size_t total = 0, at[9];
+    for (int i = 0; i < 9; i++) { at[i] = total; total = ra_add(total, sz[i]); }
+    if (p) {
+        ts->thr = (T *)(p + at[0]);
+        ts->top = (T *)(p + at[1]);
+        ts->tpos = (IT *)(p + at[2]);
+        ts->cnt = (int *)(p + at[3]);
+        ts->pos = (int32_t *)(p + at[4]);
+        ts->val = (T *)(p + at[5]);
+        ts->tmp = (T *)(p + at[6]);
+        ts->tmp2 = (T *)(p + at[7]);
+        ts->sel = (int64_t *)(p + at[8]);
+    }
+    return total;
+}
+
+/* Cluster t's thresholds from a top_sample state: θ = the RA_TOPM-th largest sampled
+ * score, NaN ("admit nothing": the exact path) when that is −inf; lists emptied. */
+static void FN(top_thresholds)(int g, FN(TopScratch) *ts, int ldt)
+{
+    for (int t = 0; t < g; t++) {
+        const T th = ts->top[(RA_TOPM - 1) * ldt + t];
+        ts->thr[t] = th == -(T)INFINITY ? (T)NAN : th;
+    }
+    memset(ts->cnt, 0, sizeof(int) * ((size_t)g + 1));
+}
+
+/* Cluster t of a unit, from its candidate list (>= w entries, in position order): the
+ * w-th largest t of the list's scores (quickselect on a copy), then every score > t and
+ * the first w − #(> t) equal to t, into row j of o. */
+static void FN(top_from_list)(FN(TopScratch) *ts, int t, int cap, int w, RaMat o, int j)
+{
+    const size_t L = (size_t)cap + RA_TOP_SLACK;
+    const T *v = ts->val + (size_t)t * L;
+    const int cnt = ts->cnt[t];
+    memcpy(ts->tmp, v, sizeof(T) * (size_t)cnt);
+    const T th = FN(kth_largest)(ts->tmp, ts->tmp2, cnt, w - 1);
+    int greater = 0;
+    for (int q = 0; q < cnt; q++) greater += v[q] > th;
+    FN(emit_best)(v, sizeof(T), ts->pos + (size_t)t * L, cnt, w, th, greater, ts->sel, o, j);
+}
 
 /* scores (B; n, c) -> idx (B; c, w) int64: for each cluster the w rows with the largest
  * score (NaN counts as −inf), ties to the lower position, listed by position.
  *
- * Per work unit (up to RA_TOP_CB adjacent clusters of one problem):
+ * Per work unit (ra_top_group adjacent clusters of one problem):
  *  1. a strided sample of rows gives each cluster a threshold θ (its RA_TOPM-th largest
  *     sampled score: ~2.5w rows should reach it), by a vector insertion network; for
  *     w <= RA_TOPM the network runs over every row and θ is the exact w-th largest;
@@ -568,25 +636,9 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     const int k = all_rows ? 1 : FN(top_plan)(n, w, &cap);
     const int rank = all_rows ? w : RA_TOPM;      /* θ = the rank-th largest sampled */
     const int S = k ? (n + k - 1) / k : 0;
-    /* clusters per unit: enough units for every thread, a multiple of 16 lanes */
-    int cb = (c + nt - 1) / nt;
-    cb = (cb + 15) / 16 * 16;
-    if (cb > RA_TOP_CB) cb = RA_TOP_CB;
-    if (cb > c) cb = c;
-    const int parts = (c + cb - 1) / cb;
+    const int cb = ra_top_group(c, nt), parts = (c + cb - 1) / cb;
     const int ldt = (cb + 15) / 16 * 16;
-    /* per thread: thresholds, sample tops, counts, candidate lists, selection scratch */
-    const size_t sz_thr = ra_round_up(ra_mul(sizeof(T), ldt));
-    const size_t sz_top = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt)));  /* + tpos */
-    /* top_admit's layout: cb + 1 lists (the last one scratch) of L = cap + slack slots */
-    const size_t L = (size_t)cap + RA_TOP_SLACK;
-    const size_t sz_cnt = ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1));
-    const size_t sz_pos = ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, L)));
-    const size_t sz_val = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, L)));
-    const size_t sz_tmp = ra_round_up(ra_mul(sizeof(T), n));
-    const size_t sz_sel = ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1));
-    const size_t per_thread = ra_add(ra_add(ra_add(sz_thr, 2 * sz_top), ra_add(sz_cnt, sz_pos)),
-                                     ra_add(ra_add(sz_val, sz_tmp), ra_add(sz_tmp, sz_sel)));
+    const size_t per_thread = FN(top_scratch)(n, w, cb, cap, NULL, NULL);
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     /* rows must be contiguous along clusters for the vector passes: else pack a copy */
     const int packed = !(scores.s1 == (ptrdiff_t)sizeof(T) &&
@@ -610,30 +662,23 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (int part = 0; part < parts; part++) {
             const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
-            char *p = scratch + (size_t)ra_thread_id() * per_thread;
-            T *thr = (T *)p;                         p += sz_thr;
-            T *top = (T *)p;                         p += sz_top;
-            IT *tpos = (IT *)p;                      p += sz_top;
-            int *cnt = (int *)p;                     p += sz_cnt;
-            int32_t *pos = (int32_t *)p;             p += sz_pos;
-            T *val = (T *)p;                         p += sz_val;
-            T *tmp = (T *)p;                         p += sz_tmp;
-            T *tmp2 = (T *)p;                        p += sz_tmp;
-            int64_t *sel = (int64_t *)p;
+            FN(TopScratch) ts;
+            FN(top_scratch)(n, w, cb, cap, scratch + (size_t)ra_thread_id() * per_thread, &ts);
             if (k) {
                 const T *sp = base + j0;
-                for (int q = 0; q < RA_TOPM * ldt; q++) top[q] = -(T)INFINITY;
-                K->top_sample(S, g, sp, ld * k, rank, top, ldt, all_rows ? tpos : NULL);
+                for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
+                K->top_sample(S, g, sp, ld * k, rank, ts.top, ldt, all_rows ? ts.tpos : NULL);
                 if (all_rows) {
                     for (int t = 0; t < g; t++) {
                         const int j = j0 + t;
-                        if (top[(w - 1) * ldt + t] == -(T)INFINITY) {   /* NaN/−inf in it */
-                            FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp,
-                                                 tmp2, sel, o, j);
+                        if (ts.top[(w - 1) * ldt + t] == -(T)INFINITY) {   /* NaN/−inf in it */
+                            FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w,
+                                                 ts.tmp, ts.tmp2, ts.sel, o, j);
                             continue;
                         }
+                        int64_t *sel = ts.sel;
                         for (int r = 0; r < w; r++) {   /* its w best, by position */
-                            const int64_t x = (int64_t)tpos[r * ldt + t];
+                            const int64_t x = (int64_t)ts.tpos[r * ldt + t];
                             int q = r;
                             for (; q > 0 && sel[q - 1] > x; q--) sel[q] = sel[q - 1];
                             sel[q] = x;
@@ -642,27 +687,16 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
                     }
                     continue;
                 }
-                for (int t = 0; t < g; t++) {
-                    const T th = top[(rank - 1) * ldt + t];
-                    thr[t] = th == -(T)INFINITY ? (T)NAN : th;     /* −inf: exact path */
-                }
-                memset(cnt, 0, sizeof(int) * ((size_t)g + 1));
-                K->top_admit(n, g, sp, ld, 0, thr, cap, cnt, pos, val);
+                FN(top_thresholds)(g, &ts, ldt);
+                K->top_admit(n, g, sp, ld, 0, ts.thr, cap, ts.cnt, ts.pos, ts.val);
             }
             for (int t = 0; t < g; t++) {
                 const int j = j0 + t;
-                if (!k || cnt[t] < w || cnt[t] >= cap) {
-                    FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, tmp, tmp2, sel,
-                                         o, j);
-                    continue;
-                }
-                const T *v = val + (size_t)t * L;
-                memcpy(tmp, v, sizeof(T) * (size_t)cnt[t]);
-                const T th = FN(kth_largest)(tmp, tmp2, cnt[t], w - 1);
-                int greater = 0;
-                for (int q = 0; q < cnt[t]; q++) greater += v[q] > th;
-                FN(emit_best)(v, sizeof(T), pos + (size_t)t * L, cnt[t], w, th, greater, sel,
-                              o, j);
+                if (!k || ts.cnt[t] < w || ts.cnt[t] >= cap)
+                    FN(top_column_exact)(s.data + (ptrdiff_t)j * s.s1, s.s0, n, w, ts.tmp,
+                                         ts.tmp2, ts.sel, o, j);
+                else
+                    FN(top_from_list)(&ts, t, cap, w, o, j);
             }
         }
     }
@@ -671,7 +705,149 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     fesetexceptflag(&fe_saved, FE_INVALID);
     return RA_OK;
 }
-#undef RA_TOP_CB
+
+/* ------------------------------------------------------------------ assign_top_members */
+/* Column j of the scores x·μᵀ (n) into col, through the gemm on the 16 columns of ct
+ * (d, c) from j/16·16 (fewer at the end): the same vector or tail path assign_rows takes
+ * for column j, hence the same bits.  xs (RA_ROWS, d) and blk (RA_ROWS, 16) scratch. */
+static void FN(score_column)(const KT *K, RaMat x, int n, int d, const T *ct, int c, int j,
+                             T *xs, T *blk, T *col)
+{
+    const int jb = j / 16 * 16, nb = c - jb < 16 ? c - jb : 16;
+    for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
+        const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
+        FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
+        K->gemm(rows, nb, d, xs, d, ct + jb, c, blk, 16, 0);
+        for (int r = 0; r < rows; r++) col[i0 + r] = blk[r * 16 + (j - jb)];
+    }
+}
+
+/* Without a sampling plan: the scores (n, c) stored, then the two kernels as they are. */
+static int FN(assign_top_stored)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x,
+                                 RaBMat centroids, RaBVec labels, RaBVec best, RaBMat idx)
+{
+    T *scores = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, c)));
+    int status = scores ? RA_OK : RA_ERR_NOMEM;
+    const RaBMat sv = {(char *)scores, 0, (ptrdiff_t)sizeof(T) * c, sizeof(T)};
+    for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
+        const RaBMat xb = {x.data + b * x.sb, 0, x.s0, x.s1};
+        const RaBMat cb = {centroids.data + b * centroids.sb, 0, centroids.s0, centroids.s1};
+        const RaBVec lb = {labels.data + b * labels.sb, 0, labels.s0};
+        const RaBVec bb = {best.data + b * best.sb, 0, best.s0};
+        const RaBMat ib = {idx.data + b * idx.sb, 0, idx.s0, idx.s1};
+        status = FN(ra_assign_clusters)(1, n, d, c, xb, cb, lb, sv, bb);
+        if (status == RA_OK) status = FN(ra_top_members)(1, n, c, w, sv, ib);
+    }
+    ra_free(scores);
+    return status;
+}
+
+/* x (B; n, d), centroids (B; c, d) -> labels (B; n) int64, best (B; n), idx (B; c, w)
+ * int64: bit for bit ra_assign_clusters (labels and best) followed by ra_top_members on
+ * the scores x·μᵀ, without storing the (n, c) scores.  Per work unit (the adjacent
+ * clusters ra_top_group gives one thread, a multiple of 16, so every score comes out of
+ * the same vector or tail path of the gemm as in assign_rows):
+ *  1. the sampled rows 0, k, 2k, ... are scored and set each cluster's threshold θ;
+ *  2. RA_ROWS rows at a time are scored into a tile that stays in cache: its argmax
+ *     over the unit's clusters is kept, and top_admit appends the rows reaching θ;
+ *  3. per cluster, the w best of its list, or the exact path on its column, scored
+ *     again (score_column) when the list fell short, overflowed, or θ is −inf.
+ * Then per row the units' maxima are combined in unit order (the first of equal maxima,
+ * as argmax_rows), so neither result depends on the split or the thread count.  Without
+ * a sampling plan (w <= RA_TOPM, or n small against w), or below RA_FUSE_SCORES scores
+ * (where the split's repeated row reads cost more than the stored scores' traffic), the
+ * scores are stored instead: the same result either way. */
+int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat centroids,
+                      RaBVec labels, RaBVec best, RaBMat idx)
+{
+    int cap = 0;
+    const int k = w <= RA_TOPM ? 0 : FN(top_plan)(n, w, &cap);
+    if (!k || (int64_t)n * c < RA_FUSE_SCORES)
+        return FN(assign_top_stored)(B, n, d, c, w, x, centroids, labels, best, idx);
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    fexcept_t fe_saved;                /* as in ra_top_members */
+    fegetexceptflag(&fe_saved, FE_INVALID);
+    const int cb = ra_top_group(c, nt), parts = (c + cb - 1) / cb;
+    const int ldt = (cb + 15) / 16 * 16, S = (n + k - 1) / k;
+    /* per thread: top_members' scratch, then x block (RA_ROWS, d), score tile
+       (RA_ROWS, cb), score_column's block (RA_ROWS, 16) and column (n) */
+    const size_t sz_top = FN(top_scratch)(n, w, cb, cap, NULL, NULL);
+    const size_t sz_rows = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_ROWS, (size_t)d + cb + 16)));
+    const size_t per_thread = ra_add(ra_add(sz_top, sz_rows), ra_round_up(ra_mul(sizeof(T), n)));
+    T *ct = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, c)));
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    int64_t *unit_lab = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)parts, n)));
+    T *unit_best = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)parts, n)));
+    if (!ct || !scratch || !unit_lab || !unit_best) {
+        ra_free(ct); ra_free(scratch); ra_free(unit_lab); ra_free(unit_best);
+        return RA_ERR_NOMEM;
+    }
+    for (ptrdiff_t b = 0; b < B; b++) {
+        const RaMat xb = ra_mat_at(x, b), o = ra_mat_at(idx, b);
+        const RaMat xk = {xb.data, xb.s0 * k, xb.s1};      /* the sampled rows */
+        FN(pack_transposed)(ra_mat_at(centroids, b), c, d, ct);
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int part = 0; part < parts; part++) {
+            const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
+            char *p = scratch + (size_t)ra_thread_id() * per_thread;
+            FN(TopScratch) ts;
+            FN(top_scratch)(n, w, cb, cap, p, &ts);
+            T *xs = (T *)(p + sz_top), *tile = xs + (size_t)RA_ROWS * d;
+            T *blk = tile + (size_t)RA_ROWS * cb, *col = (T *)(p + sz_top + sz_rows);
+            int64_t *lab = unit_lab + (size_t)part * n;
+            T *top = unit_best + (size_t)part * n;
+            /* 1. thresholds */
+            for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
+            for (int s0 = 0; s0 < S; s0 += RA_ROWS) {
+                const int rows = S - s0 < RA_ROWS ? S - s0 : RA_ROWS;
+                FN(ra_gather)(xk, NULL, s0, rows, d, 1, 0, xs, d);
+                K->gemm(rows, g, d, xs, d, ct + j0, c, tile, cb, 0);
+                K->top_sample(rows, g, tile, cb, RA_TOPM, ts.top, ldt, NULL);
+            }
+            FN(top_thresholds)(g, &ts, ldt);
+            /* 2. every row: the unit's argmax, and admission */
+            for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
+                const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
+                FN(ra_gather)(xb, NULL, i0, rows, d, 1, 0, xs, d);
+                K->gemm(rows, g, d, xs, d, ct + j0, c, tile, cb, 0);
+                K->argmax_rows(rows, g, tile, cb, lab + i0, top + i0);
+                K->top_admit(rows, g, tile, cb, i0, ts.thr, cap, ts.cnt, ts.pos, ts.val);
+            }
+            /* 3. selection */
+            for (int t = 0; t < g; t++) {
+                const int j = j0 + t;
+                if (ts.cnt[t] >= w && ts.cnt[t] < cap) {
+                    FN(top_from_list)(&ts, t, cap, w, o, j);
+                    continue;
+                }
+                FN(score_column)(K, xb, n, d, ct, c, j, xs, blk, col);
+                FN(top_column_exact)((const char *)col, sizeof(T), n, w, ts.tmp, ts.tmp2,
+                                     ts.sel, o, j);
+            }
+        }
+        /* 4. labels and best scores: the first unit holding the row's largest score */
+        const RaVec lv = ra_vec_at(labels, b), bv = ra_vec_at(best, b);
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int i = 0; i < n; i++) {
+            int64_t l = -1;
+            T m = (T)NAN;
+            for (int part = 0; part < parts; part++) {
+                const int64_t lp = unit_lab[(size_t)part * n + i];
+                const T mp = unit_best[(size_t)part * n + i];
+                if (lp >= 0 && (l < 0 || mp > m)) { l = part * (int64_t)cb + lp; m = mp; }
+            }
+            RA_VEC_AT(int64_t, lv, i) = l;
+            RA_VEC_AT(T, bv, i) = m;
+        }
+    }
+    ra_free(ct);
+    ra_free(scratch);
+    ra_free(unit_lab);
+    ra_free(unit_best);
+    fesetexceptflag(&fe_saved, FE_INVALID);
+    return RA_OK;
+}
 
 /* ------------------------------------------------------------------ normalize_rows */
 /* x (B; n, d) -> xhat (B; n, d), norm, sq (B; n); rows in parallel (each on its own). */

@@ -151,6 +151,15 @@ FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks
     int j = 0;
     for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL)
         FN(gemm_rows)(GEMM_NV, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+    /* whole vectors left: one panel as wide as they allow (every lane sees the same
+       operations whatever the panel's width, so the result does not depend on it) */
+    if (GEMM_NV > 3 && j + 3 * VL <= N) {
+        FN(gemm_rows)(GEMM_NV > 3 ? 3 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+        j += 3 * VL;
+    } else if (GEMM_NV > 2 && j + 2 * VL <= N) {
+        FN(gemm_rows)(GEMM_NV > 2 ? 2 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+        j += 2 * VL;
+    }
     for (; j + VL <= N; j += VL)
         FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
     for (; j < N; j++) {                       /* columns left over: plain dot products */

@@ -156,6 +156,10 @@ RA_CLUSTERED_DECLS(double, f64)
                                  RaBMat centroids, RaBVec labels, RaBVec mask, RaBVec loss);\
     /* scores (B; n, c)  ->  idx (B; c, w): top-w rows per cluster, by position */        \
     int ra_top_members_##SUF(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat idx); \
+    /* x (B; n, d), centroids (B; c, d)  ->  labels, best (B; n) as ra_assign_clusters     \
+       and idx (B; c, w) as ra_top_members on x·μᵀ, without storing the scores */        \
+    int ra_assign_top_##SUF(ptrdiff_t B, int n, int d, int c, int w, RaBMat x,            \
+                            RaBMat centroids, RaBVec labels, RaBVec best, RaBMat idx);    \
     /* x (B; n, d), planes (B; bits, d + 1)  ->  codes (B; n), bits <= 64 */               \
     int ra_lsh_hash_##SUF(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes,   \
                           RaBVec codes);                                                  \

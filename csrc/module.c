@@ -380,6 +380,23 @@ ASSIGN_CLUSTERS_LOOP(f64)
 ASSIGN_SCORES_LOOP(f32)
 ASSIGN_SCORES_LOOP(f64)
 
+/* (n,d),(c,d)->(n),(n)  x, centroids -> labels, best */
+#define ASSIGN_BEST_LOOP(SUF)                                                             \
+    static void assign_best_loop_##SUF(char **args, npy_intp const *dims,                \
+                                       npy_intp const *steps, void *data)                \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
+        const RaBMat no_scores = {NULL, 0, 0, 0};                                         \
+        /* operands 0..3, core strides from steps[4] on */                               \
+        int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
+                                          (int)dims[3], BMAT(0, 4), BMAT(1, 6),           \
+                                          BVEC(2, 8), no_scores, BVEC(3, 9));             \
+        ra_raise(st, "assign_clusters");                                                  \
+    }
+ASSIGN_BEST_LOOP(f32)
+ASSIGN_BEST_LOOP(f64)
+
 /* (c,d),(n,d),(n),(n),()->(c,d)  centroids, x, labels, mask, decay -> out */
 #define UPDATE_CENTROIDS_LOOP(SUF)                                                        \
     static void update_centroids_loop_##SUF(char **args, npy_intp const *dims,           \
@@ -425,6 +442,26 @@ COMMITMENT_LOSS_LOOP(f64)
     }
 TOP_MEMBERS_LOOP(f32)
 TOP_MEMBERS_LOOP(f64)
+
+/* (n,d),(c,d)->(n),(n),(c,w)  x, centroids -> labels, best, idx */
+#define ASSIGN_TOP_LOOP(SUF)                                                              \
+    static void assign_top_loop_##SUF(char **args, npy_intp const *dims,                 \
+                                      npy_intp const *steps, void *data)                 \
+    {                                                                                     \
+        (void)data;                                                                       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 4, "assign_top_members")) return;      \
+        const int n = (int)dims[1], d = (int)dims[2], c = (int)dims[3], w = (int)dims[4]; \
+        if (w < 1 || w > n) {                                                             \
+            ra_raise(RA_ERR_VALUE, "assign_top_members: w must be in [1, n]");            \
+            return;                                                                       \
+        }                                                                                 \
+        /* operands 0..4, core strides from steps[5] on */                               \
+        ra_raise(ra_assign_top_##SUF(dims[0], n, d, c, w, BMAT(0, 5), BMAT(1, 7),         \
+                                     BVEC(2, 9), BVEC(3, 10), BMAT(4, 11)),              \
+                 "assign_top_members");                                                   \
+    }
+ASSIGN_TOP_LOOP(f32)
+ASSIGN_TOP_LOOP(f64)
 
 /* (n,d),(b,e)->(n)  x, planes -> codes; e must be d + 1 */
 #define LSH_HASH_LOOP(SUF)                                                                \
@@ -606,6 +643,12 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, F, L, F, F, /**/ D, D, L, D, D},
      "_assign_scores(x, centroids) -> (labels, scores, best)\n\n"
      "Low-level gufunc behind routing_attention.assign_clusters(..., return_scores=True)."},
+    {"_assign_best", "(n,d),(c,d)->(n),(n)", 2, 2,
+     {assign_best_loop_f32, assign_best_loop_f64},
+     (char[]){F, F, L, F, /**/ D, D, L, D},
+     "_assign_best(x, centroids) -> (labels, best)\n\n"
+     "Labels and each row's best score (NaN where the label is -1), without the scores;\n"
+     "behind the RoutingAttention layer's argmax membership."},
     {"_update_centroids", "(c,d),(n,d),(n),(n),()->(c,d)", 5, 1,
      {update_centroids_loop_f32, update_centroids_loop_f64},
      (char[]){F, F, L, B, F, F, /**/ D, D, L, B, D, D},
@@ -620,6 +663,11 @@ static const RaGufunc ra_gufuncs[] = {
      (char[]){F, L, /**/ D, L},
      "_top_members(scores, out=idx) -> idx\n\n"
      "Low-level gufunc behind routing_attention.top_members."},
+    {"_assign_top", "(n,d),(c,d)->(n),(n),(c,w)", 2, 3,
+     {assign_top_loop_f32, assign_top_loop_f64},
+     (char[]){F, F, L, F, L, /**/ D, D, L, D, L},
+     "_assign_top(x, centroids, out=(labels, best, idx)) -> (labels, best, idx)\n\n"
+     "Low-level gufunc behind routing_attention.assign_top_members."},
     {"_normalize_rows", "(n,d)->(n,d),(n),(n)", 1, 3,
      {normalize_rows_loop_f32, normalize_rows_loop_f64}, (char[]){F, F, F, F, /**/ D, D, D, D},
      "_normalize_rows(x) -> (xhat, norm, sq)\n\n"

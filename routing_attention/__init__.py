@@ -7,8 +7,9 @@ Combiner built on the same engine.  Every function has a plain NumPy twin in
 """
 from . import reference
 from ._ext import build_info, get_num_threads, set_num_threads
-from .clustering import (assign_clusters, commitment_loss, hamming_kmeans, lsh_hash,
-                         members_from_labels, spherical_kmeans, top_members, update_centroids)
+from .clustering import (assign_clusters, assign_top_members, commitment_loss, hamming_kmeans,
+                         lsh_hash, members_from_labels, spherical_kmeans, top_members,
+                         update_centroids)
 from .dense import attention, attention_backward
 from .routing import (RoutingAttention, local_attention, local_attention_backward,
                       routing_attention, routing_attention_backward)
@@ -23,7 +24,7 @@ __all__ = [
     "routing_attention", "routing_attention_backward", "RoutingAttention",
     "local_attention", "local_attention_backward",
     "spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
-    "top_members", "members_from_labels", "lsh_hash", "hamming_kmeans",
+    "top_members", "assign_top_members", "members_from_labels", "lsh_hash", "hamming_kmeans",
     "build_info", "get_num_threads", "set_num_threads",
     "reference",
     "combiner_attention", "combiner_attention_backward", "CombinerAttention",

@@ -19,6 +19,8 @@ _routing_backward: np.ufunc  # (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->
 _routing_forward: np.ufunc  # (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n)  (9 in, 2 out)
 _spherical_kmeans: np.ufunc  # (n,d),(n),(c,d),(),(),()->(c,d)  (6 in, 1 out)
 _top_members: np.ufunc  # (n,c)->(c,w)  (1 in, 1 out)
+_assign_top: np.ufunc  # (n,d),(c,d)->(n),(n),(c,w)  (2 in, 3 out)
+_assign_best: np.ufunc  # (n,d),(c,d)->(n),(n)  (2 in, 2 out)
 _update_centroids: np.ufunc  # (c,d),(n,d),(n),(n),()->(c,d)  (5 in, 1 out)
 
 def build_info() -> dict[str, Any]: ...

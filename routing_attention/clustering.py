@@ -13,7 +13,8 @@ from . import _ext
 from ._checks import as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype, integer
 
 __all__ = ["spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
-           "top_members", "members_from_labels", "lsh_hash", "hamming_kmeans"]
+           "top_members", "assign_top_members", "members_from_labels", "lsh_hash",
+           "hamming_kmeans"]
 
 MAX_BITS = 63
 
@@ -119,6 +120,18 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     return out
 
 
+def _rows_and_centroids(x, centroids):
+    """Checked x (..., n, d), centroids (..., c >= 1, d) of one float dtype, and the
+    broadcast batch shape."""
+    dtype = float_dtype(x=x, centroids=centroids)
+    x = as_matrix("x", x, dtype)
+    cent = as_matrix("centroids", centroids, dtype)
+    _same_d("x", x, "centroids", cent)
+    if cent.shape[-2] < 1:
+        raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
+    return x, cent, dtype, batch_shape(x=(x, 2), centroids=(cent, 2))
+
+
 def assign_clusters(x, centroids, *, out=None, return_scores=False):
     """labels (..., n) int64: argmax over clusters of x·μ_c, ties to the lowest c.
 
@@ -129,13 +142,7 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
     the same product: what balanced membership (`top_members`) and the commitment
     loss need, without a second pass; `out` is then a (labels, scores, best) tuple.
     """
-    dtype = float_dtype(x=x, centroids=centroids)
-    x = as_matrix("x", x, dtype)
-    cent = as_matrix("centroids", centroids, dtype)
-    _same_d("x", x, "centroids", cent)
-    if cent.shape[-2] < 1:
-        raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
-    batch = batch_shape(x=(x, 2), centroids=(cent, 2))
+    x, cent, dtype, batch = _rows_and_centroids(x, centroids)
     n, c = x.shape[-2], cent.shape[-2]
     if return_scores:
         if out is None:
@@ -230,6 +237,32 @@ def top_members(scores, w, *, out=None):
     shape = s.shape[:-2] + (c, w)
     out = np.empty(shape, np.int64) if out is None else check_out(out, shape, np.int64, exact=True)
     return _ext._top_members(s, out=out)
+
+
+def assign_top_members(x, centroids, w, *, out=None):
+    """Both routing decisions of one product: (labels, best, members).
+
+    x (..., n, d) and centroids (..., c, d) broadcast over leading axes.  The result is
+    exactly ``assign_clusters(x, centroids, return_scores=True)``'s labels (..., n) and
+    best scores (..., n), and ``top_members(scores, w)``'s members (..., c, w), but the
+    (..., n, c) score matrix is never stored: each thread scores blocks of rows for its
+    clusters into a tile that stays in cache and takes the argmax and the candidate
+    rows from it (a strided sample scored first sets the candidates' thresholds).  It
+    saves the score matrix's memory and its trip through main memory.  `out` is a
+    (labels, best, members) tuple.
+    """
+    x, cent, dtype, batch = _rows_and_centroids(x, centroids)
+    n, c = x.shape[-2], cent.shape[-2]
+    w = integer("w", w, 1, n)
+    shapes = ((batch + (n,), np.int64), (batch + (n,), dtype), (batch + (c, w), np.int64))
+    if out is None:
+        out = tuple(np.empty(shape, t) for shape, t in shapes)
+    elif not isinstance(out, tuple) or len(out) != 3:
+        raise TypeError("out must be a (labels, best, members) tuple")
+    else:
+        out = tuple(check_out(o, shape, t, exact=t is np.int64)
+                    for o, (shape, t) in zip(out, shapes))
+    return _ext._assign_top(x, cent, out=out)
 
 
 def members_from_labels(labels, n_clusters, *, max_size=None):

@@ -307,17 +307,16 @@ class RoutingAttention:
         _, _, ksq_h = _normalize(k[..., h, :, :], out=pooled[..., n:, :])
         return pooled, np.concatenate([qsq_h, ksq_h], axis=-1)
 
-    def _score_head(self, xhat, centroids, scores, size):
+    def _score_head(self, xhat, centroids, size):
         """Labels and best scores (..., n) of the normalised rows xhat (..., n, d) against
-        one head's centroids (c, d), through the reused score buffer (..., n, c); with
-        balanced membership also the members (..., c, size) before any mask, else None."""
-        from .clustering import assign_clusters, top_members
-        labels = np.empty(xhat.shape[:-1], np.int64)
-        best = np.empty(xhat.shape[:-1], xhat.dtype)
-        assign_clusters(xhat, centroids, return_scores=True, out=(labels, scores, best))
+        one head's centroids (c, d); with balanced membership also the members (..., c,
+        size) before any mask, else None.  One product, and the (n, c) scores are never
+        stored (assign_top_members)."""
+        from .clustering import assign_top_members
         if self.membership != "balanced":
+            labels, best = _ext._assign_best(xhat, centroids)
             return labels, best, None
-        return labels, best, top_members(scores, min(size, xhat.shape[-2]))
+        return assign_top_members(xhat, centroids, min(size, xhat.shape[-2]))
 
     def _init_centroids(self, q, k, qhat, qsq, pool_mask):
         """Spherical k-means on the first batch: per head, all its normalised queries and
@@ -346,9 +345,9 @@ class RoutingAttention:
         heads, m, d), one head at a time: the head's queries and keys are normalised side
         by side into one buffer, scored against its centroids (one product gives the
         balanced members, the argmax labels and the commitment loss |x̂|² − 2 x̂·μ_label +
-        |μ_label|²), and, in training, its centroids move by one update_centroids step on
-        that buffer.  So only one head's normalised rows and one head's (n, c) score
-        matrix are alive at once.  Shared-QK: qhat, qsq are the normalised queries."""
+        |μ_label|², without storing the (n, c) scores), and, in training, its centroids
+        move by one update_centroids step on that buffer.  So only one head's normalised
+        rows are alive at once.  Shared-QK: qhat, qsq are the normalised queries."""
         from .clustering import members_from_labels, update_centroids
         heads, n, d = q.shape[-3:]
         m = n if qhat is not None else k.shape[-2]
@@ -367,7 +366,6 @@ class RoutingAttention:
         wq, wk = self.w or max(1, n // c), self.w or max(1, m // c)
         mu2 = np.einsum("...cd,...cd->...c", self.centroids, self.centroids)     # (heads, c)
         batch = q.shape[:-3]
-        scores = np.empty(batch + (max(n, m), c), q.dtype)     # one head's, reused by every head
         labels = np.empty(batch + (heads, n + m), np.int64)
         loss = np.empty(batch + (heads,), q.dtype)
         q_idx = k_idx = None
@@ -375,13 +373,11 @@ class RoutingAttention:
         pool_buf = None if qhat is not None else np.empty(batch + (n + m, d), q.dtype)
         for h in range(heads):      # pool_buf: one head's rows, refilled by every head
             pooled, sq = self._pool_head(q, k, h, qhat, qsq, pool_buf)
-            lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h],
-                                          scores[..., :n, :], wq)
+            lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h], wq)
             if qhat is not None:    # shared-QK: the keys are the queries
                 lk, bk, mk = lq, bq, mq
             else:
-                lk, bk, mk = self._score_head(pooled[..., n:, :], self.centroids[h],
-                                              scores[..., :m, :], wk)
+                lk, bk, mk = self._score_head(pooled[..., n:, :], self.centroids[h], wk)
             if mq is not None:
                 mq, mk = _mask_members(mq, qm), _mask_members(mk, km)
                 if q_idx is None:
@@ -401,7 +397,7 @@ class RoutingAttention:
                 new_centroids[h] = update_centroids(
                     self.centroids[h], pooled, lab, decay=self.decay,
                     mask=None if pool_mask is None else pool_mask[..., h, :])
-        del scores, pool_buf, pooled
+        del pool_buf, pooled
         if self.membership != "balanced":   # one width for all heads: the largest cluster's size
             qmask = None if qm is None else qm[..., None, :]
             kmask = None if km is None else km[..., None, :]

@@ -386,6 +386,146 @@ def test_top_members_wide_batched_strided():
                         want[:, :261], f"contiguous, c=261, {k} thread(s)")
 
 
+# ------------------------------------------------------------------ assign_top_members
+def assign_then_top(x, cent, w):
+    """What assign_top_members must equal: the two kernels through the stored scores."""
+    labels, scores, best = ra.assign_clusters(x, cent, return_scores=True)
+    return labels, best, ra.top_members(scores, w), scores
+
+
+def assert_assign_top(x, cent, w, what):
+    labels, best, members, scores = assign_then_top(x, cent, w)
+    for k in (1, 2):
+        with threads(k), np.errstate(all="raise"):             # comparisons raise no flag
+            got = ra.assign_top_members(x, cent, w)
+        assert_same(got[0], labels, f"{what}: labels, {k} thread(s)")
+        assert got[1].dtype == x.dtype and got[1].shape == best.shape, what
+        np.testing.assert_array_equal(got[1], best, err_msg=f"{what}: best, {k} thread(s)")
+        assert_same(got[2], members, f"{what}: members, {k} thread(s)")
+    return scores, members
+
+
+# (n, c, d, w): n·c >= 2**20 scores run the fused kernel (c = 70: a partial last unit of
+# clusters; c = 300: several units on one thread), smaller ones store the scores, w <= 16
+# has no sampling plan
+ASSIGN_TOP_CASES = [(16384, 64, 8, 256), (20000, 70, 3, 300), (4000, 300, 4, 40),
+                    (3000, 17, 5, 100), (500, 10, 6, 9), (64, 3, 2, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, c, d, w", ASSIGN_TOP_CASES)
+def test_assign_top_members_equals_assign_then_top(dtype, n, c, d, w):
+    g = rng(n + c)
+    x = g.standard_normal((n, d)).astype(dtype)
+    cent = g.standard_normal((c, d)).astype(dtype)
+    scores, members = assert_assign_top(x, cent, w, f"n={n} c={c} d={d} w={w}")
+    assert_same(members, ref.top_members(scores, w), "against the reference")
+
+
+@pytest.mark.parametrize("simd", ["default", "avx2", "generic"])
+def test_assign_top_members_on_every_kernel_table(simd):
+    """The fused kernel scores its units' columns (and a column again) with gemm calls
+    narrower than assign_clusters' one: equal bits on every instruction set's vector
+    width, for a partial last unit and a tail narrower than a vector."""
+    code = (
+        "import numpy as np, routing_attention as ra\n"
+        "g = np.random.default_rng(5)\n"
+        "for dt in (np.float32, np.float64):\n"
+        "    for n, c, w in ((30000, 37, 1000), (5000, 261, 19)):\n"
+        "        x = g.standard_normal((n, 9)).astype(dt)\n"
+        "        x[::4] = np.nan                             # every column takes the exact path\n"
+        "        x[1::4] = g.standard_normal((len(x[1::4]), 9)).astype(dt)\n"
+        "        cent = g.standard_normal((c, 9)).astype(dt)\n"
+        "        with np.errstate(invalid='ignore'):\n"
+        "            lab, sc, best = ra.assign_clusters(x, cent, return_scores=True)\n"
+        "            want = ra.top_members(sc, w)\n"
+        "        for k in (1, 2):\n"
+        "            ra.set_num_threads(k)\n"
+        "            got = ra.assign_top_members(x, cent, w)\n"
+        "            assert np.array_equal(got[0], lab) and np.array_equal(got[2], want), (dt, n, k)\n"
+        "            assert np.array_equal(got[1], best, equal_nan=True), (dt, n, k)\n"
+        "        x = g.standard_normal((n, 9)).astype(dt)   # finite rows: the sampled path\n"
+        "        lab, sc, best = ra.assign_clusters(x, cent, return_scores=True)\n"
+        "        got = ra.assign_top_members(x, cent, w // 4)\n"
+        "        assert np.array_equal(got[2], ra.top_members(sc, w // 4)), (dt, n)\n"
+        "        assert np.array_equal(got[0], lab) and np.array_equal(got[1], best), (dt, n)\n"
+        "print('ok', ra.build_info()['simd'])\n")
+    out = run_with_simd(code, simd)
+    assert out.split()[0] == "ok", out
+
+
+def test_assign_top_members_ties_across_units():
+    """Small integers: exact ties between clusters of different work units (c = 300 is
+    two units even on one thread) go to the lowest cluster, as in assign_clusters."""
+    x, cent = int_data((8000, 3), 21, -1, 2), int_data((300, 3), 22, -1, 2)
+    assert_assign_top(x, cent, 50, "integer ties")
+    want = ref.assign_clusters(x, cent)
+    assert_same(ra.assign_top_members(x, cent, 50)[0], want, "labels against the reference")
+
+
+@pytest.mark.parametrize("w", [20, 64, 100, 300])
+def test_assign_top_members_rare_paths(w):
+    """The hard finite columns of the top_members tests as exact scores (x · identity):
+    samples that over- or underestimate, masses of ties, sorted columns; the fused
+    kernel's short or overflowing lists score their column again."""
+    hard = _top_members_hard_columns(60000, 7 + w)
+    hard = hard[:, np.isfinite(hard).all(axis=0)]              # x·μ with NaN/inf is not exact
+    cent = np.eye(hard.shape[1])
+    assert hard.shape[0] * hard.shape[1] >= 2**20, "the fused kernel runs"
+    _, members = assert_assign_top(hard, cent, w, f"hard columns, w={w}")
+    assert_same(members, ref.top_members(hard, w), f"hard columns against the reference, w={w}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_assign_top_members_nan_rows(dtype):
+    """Every 4th row NaN (so every sampled row is, whatever the sampling stride): each
+    cluster's threshold is -inf and every column takes the exact path; NaN rows get
+    label -1, best NaN, and rank last."""
+    g = rng(9)
+    x = g.standard_normal((40000, 6)).astype(dtype)
+    x[::4] = np.nan
+    x[1::8, 2] = np.inf
+    cent = g.standard_normal((33, 6)).astype(dtype)
+    assert_assign_top(x, cent, 1300, "NaN rows")
+    labels, best, members = ra.assign_top_members(x, cent, 1300)
+    assert (labels[::4] == -1).all() and np.isnan(best[::4]).all()
+
+
+def test_assign_top_members_strided_broadcast_out():
+    g = rng(12)
+    x = g.standard_normal((2, 1, 9000, 10)).astype(np.float32)[..., ::-1, ::2]   # (2,1,9000,5)
+    cent = g.standard_normal((3, 130, 5)).astype(np.float32)
+    out = (np.empty((2, 3, 9000), np.int64), np.empty((2, 3, 9000), np.float32),
+           np.empty((2, 3, 130, 69), np.int64))
+    got = ra.assign_top_members(x, cent, 69, out=out)
+    assert all(a is b for a, b in zip(got, out))
+    labels, best, members, _ = assign_then_top(x, cent, 69)
+    assert_same(out[0], labels, "labels")
+    np.testing.assert_array_equal(out[1], best)
+    assert_same(out[2], members, "members")
+
+
+def test_assign_top_members_bad_input():
+    x, cent = np.zeros((10, 4)), np.ones((3, 4))
+    with pytest.raises(ValueError, match="w"):
+        ra.assign_top_members(x, cent, 11)
+    with pytest.raises(ValueError, match="w"):
+        ra.assign_top_members(x, cent, 0)
+    with pytest.raises(ValueError, match="centroids"):
+        ra.assign_top_members(x, np.ones((3, 5)), 2)
+    with pytest.raises(TypeError, match="tuple"):
+        ra.assign_top_members(x, cent, 2, out=np.empty(10, np.int64))
+    with pytest.raises(TypeError, match="out has dtype float64"):
+        ra.assign_top_members(x, cent, 2, out=(np.empty(10), np.empty(10), np.empty((3, 2))))
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 2\)"):
+        ra.assign_top_members(x, cent, 2, out=(np.empty(10, np.int64), np.empty(10),
+                                               np.empty((3, 3), np.int64)))
+    from routing_attention import _ext
+    with pytest.raises(ValueError, match="w must be"):
+        _ext._assign_top(x, cent, out=(np.empty(10, np.int64), np.empty(10),
+                                       np.empty((3, 11), np.int64)))
+
+
 # ------------------------------------------------------------------ members_from_labels
 def test_members_from_labels_against_reference():
     labels = rng(17).integers(-1, 6, (3, 80))
