@@ -497,17 +497,20 @@ class RoutingAttention:
         L, heads = self.local_heads, q.shape[-3]
         # both backwards already sum their gradients over broadcast batch axes: the head
         # slices of arrays shaped like the (head-broadcast) inputs take them as they are
-        dq, dkatt, dv = (np.empty(x.shape, q.dtype) for x in (q, katt, v))
         kw = dict(causal=self.causal, scale=self.scale, exclude_self=self.shared_qk)
+        parts = []
         if L:
-            g = routing_attention_backward(dout[..., :L, :, :], q[..., :L, :, :],
-                                           katt[..., :L, :, :], v[..., :L, :, :], *local, **kw)
-            dq[..., :L, :, :], dkatt[..., :L, :, :], dv[..., :L, :, :] = g
+            parts.append(routing_attention_backward(
+                dout[..., :L, :, :], q[..., :L, :, :], katt[..., :L, :, :], v[..., :L, :, :],
+                *local, **kw))
         if L < heads:
-            g = routing_attention_backward(dout[..., L:, :, :], q[..., L:, :, :],
-                                           katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
-                                           merge=self.merge, **kw, **saved[1])
-            dq[..., L:, :, :], dkatt[..., L:, :, :], dv[..., L:, :, :] = g
+            parts.append(routing_attention_backward(
+                dout[..., L:, :, :], q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :],
+                q_idx, k_idx, merge=self.merge, **kw, **saved[1]))
+        if len(parts) == 1:     # one kind of head: its gradients are the whole ones
+            dq, dkatt, dv = parts[0]
+        else:
+            dq, dkatt, dv = (np.concatenate(g, axis=-3) for g in zip(*parts))
         if self.shared_qk:        # keys were the normalised queries
             dq, dk = dq + _normalize_backward(dkatt, qhat, qnorm), np.zeros(shapes[1], q.dtype)
         else:
