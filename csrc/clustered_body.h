@@ -151,8 +151,14 @@ static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
     T *dst = p->cent + (ptrdiff_t)c * d;
     const int64_t s0 = p->start[c], s1 = p->start[c + 1];
     memset(dst, 0, sizeof(T) * (size_t)d);
-    for (int64_t s = s0; s < s1; s++)
+    for (int64_t s = s0; s < s1; s++) {
+        if (s + RA_PREFETCH_ROWS < s1) {      /* scattered rows: fetch one ahead */
+            const char *ahead = q.data + (ptrdiff_t)p->order[s + RA_PREFETCH_ROWS] * q.s0;
+            for (int f = 0; f < d; f += 64 / (int)sizeof(T))
+                __builtin_prefetch(ahead + (ptrdiff_t)f * q.s1);
+        }
         FN(ra_add_row)(dst, 1, q, p->order[s], d);
+    }
     if (s1 > s0) {
         const T inv = (T)1 / (T)(s1 - s0);
         for (int f = 0; f < d; f++) dst[f] *= inv;

@@ -623,6 +623,7 @@ static void FN(top_from_list)(FN(TopScratch) *ts, int t, int cap, int w, RaMat o
  * and any thread count give the same output. */
 int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat idx)
 {
+    if (c == 0) return RA_OK;         /* no clusters: nothing to list */
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     /* Ordered comparisons with NaN scores (and the NaN "admit nothing" thresholds) set
@@ -707,18 +708,18 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
 }
 
 /* ------------------------------------------------------------------ assign_top_members */
-/* Column j of the scores x·μᵀ (n) into col, through the gemm on the 16 columns of ct
- * (d, c) from j/16·16 (fewer at the end): the same vector or tail path assign_rows takes
- * for column j, hence the same bits.  xs (RA_ROWS, d) and blk (RA_ROWS, 16) scratch. */
-static void FN(score_column)(const KT *K, RaMat x, int n, int d, const T *ct, int c, int j,
-                             T *xs, T *blk, T *col)
+/* The scores x·μᵀ of the 16 columns of ct (d, c) from jb (fewer at the end) for every
+ * row, into cols (n, 16): the same vector or tail path of the gemm assign_rows takes for
+ * those columns (jb is a multiple of 16, hence of every vector width), so the same bits.
+ * xs (RA_ROWS, d) scratch. */
+static void FN(score_block)(const KT *K, RaMat x, int n, int d, const T *ct, int c, int jb,
+                            T *xs, T *cols)
 {
-    const int jb = j / 16 * 16, nb = c - jb < 16 ? c - jb : 16;
+    const int nb = c - jb < 16 ? c - jb : 16;
     for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
         const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
         FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
-        K->gemm(rows, nb, d, xs, d, ct + jb, c, blk, 16, 0);
-        for (int r = 0; r < rows; r++) col[i0 + r] = blk[r * 16 + (j - jb)];
+        K->gemm(rows, nb, d, xs, d, ct + jb, c, cols + (size_t)i0 * 16, 16, 0);
     }
 }
 
@@ -750,31 +751,40 @@ static int FN(assign_top_stored)(ptrdiff_t B, int n, int d, int c, int w, RaBMat
  *  1. the sampled rows 0, k, 2k, ... are scored and set each cluster's threshold θ;
  *  2. RA_ROWS rows at a time are scored into a tile that stays in cache: its argmax
  *     over the unit's clusters is kept, and top_admit appends the rows reaching θ;
- *  3. per cluster, the w best of its list, or the exact path on its column, scored
- *     again (score_column) when the list fell short, overflowed, or θ is −inf.
+ *  3. per cluster, the w best of its list; the clusters whose list fell short,
+ *     overflowed, or whose θ is −inf take the exact path on their column, scored again
+ *     16 columns at a time (score_block).
  * Then per row the units' maxima are combined in unit order (the first of equal maxima,
- * as argmax_rows), so neither result depends on the split or the thread count.  Without
- * a sampling plan (w <= RA_TOPM, or n small against w), or below RA_FUSE_SCORES scores
- * (where the split's repeated row reads cost more than the stored scores' traffic), the
- * scores are stored instead: the same result either way. */
+ * as argmax_rows), so neither result depends on the split or the thread count.  The
+ * caller's FE_INVALID is kept, and raised if a product raised it (as assign_clusters
+ * would), never by the comparisons.  Without a sampling plan (w <= RA_TOPM, or n small
+ * against w), or below RA_FUSE_SCORES scores (where the split's repeated row reads cost
+ * more than the stored scores' traffic), the scores are stored instead: the same result
+ * either way. */
 int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat centroids,
                       RaBVec labels, RaBVec best, RaBMat idx)
 {
+    if (c == 0) {           /* no clusters: labels -1, best NaN, no members */
+        const RaBMat no_scores = {NULL, 0, 0, 0};
+        return FN(ra_assign_clusters)(B, n, d, c, x, centroids, labels, no_scores, best);
+    }
     int cap = 0;
     const int k = w <= RA_TOPM ? 0 : FN(top_plan)(n, w, &cap);
     if (!k || (int64_t)n * c < RA_FUSE_SCORES)
         return FN(assign_top_stored)(B, n, d, c, w, x, centroids, labels, best, idx);
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
-    fexcept_t fe_saved;                /* as in ra_top_members */
+    fexcept_t fe_saved;
     fegetexceptflag(&fe_saved, FE_INVALID);
+    int invalid = 0;                   /* a product raised FE_INVALID */
     const int cb = ra_top_group(c, nt), parts = (c + cb - 1) / cb;
     const int ldt = (cb + 15) / 16 * 16, S = (n + k - 1) / k;
     /* per thread: top_members' scratch, then x block (RA_ROWS, d), score tile
-       (RA_ROWS, cb), score_column's block (RA_ROWS, 16) and column (n) */
+       (RA_ROWS, cb), and score_block's columns (n, 16) */
     const size_t sz_top = FN(top_scratch)(n, w, cb, cap, NULL, NULL);
-    const size_t sz_rows = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_ROWS, (size_t)d + cb + 16)));
-    const size_t per_thread = ra_add(ra_add(sz_top, sz_rows), ra_round_up(ra_mul(sizeof(T), n)));
+    const size_t sz_rows = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_ROWS, (size_t)d + cb)));
+    const size_t per_thread = ra_add(ra_add(sz_top, sz_rows),
+                                     ra_round_up(ra_mul(sizeof(T), ra_mul(n, 16))));
     T *ct = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int64_t *unit_lab = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)parts, n)));
@@ -787,17 +797,17 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
         const RaMat xb = ra_mat_at(x, b), o = ra_mat_at(idx, b);
         const RaMat xk = {xb.data, xb.s0 * k, xb.s1};      /* the sampled rows */
         FN(pack_transposed)(ra_mat_at(centroids, b), c, d, ct);
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(|:invalid)
         for (int part = 0; part < parts; part++) {
             const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
             char *p = scratch + (size_t)ra_thread_id() * per_thread;
             FN(TopScratch) ts;
             FN(top_scratch)(n, w, cb, cap, p, &ts);
             T *xs = (T *)(p + sz_top), *tile = xs + (size_t)RA_ROWS * d;
-            T *blk = tile + (size_t)RA_ROWS * cb, *col = (T *)(p + sz_top + sz_rows);
+            T *cols = (T *)(p + sz_top + sz_rows);
             int64_t *lab = unit_lab + (size_t)part * n;
             T *top = unit_best + (size_t)part * n;
-            /* 1. thresholds */
+            /* 1. thresholds (the sample's products also score rows of step 2) */
             for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
             for (int s0 = 0; s0 < S; s0 += RA_ROWS) {
                 const int rows = S - s0 < RA_ROWS ? S - s0 : RA_ROWS;
@@ -810,20 +820,27 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
             for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
                 const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
                 FN(ra_gather)(xb, NULL, i0, rows, d, 1, 0, xs, d);
+                feclearexcept(FE_INVALID);
                 K->gemm(rows, g, d, xs, d, ct + j0, c, tile, cb, 0);
+                invalid |= fetestexcept(FE_INVALID) != 0;
                 K->argmax_rows(rows, g, tile, cb, lab + i0, top + i0);
                 K->top_admit(rows, g, tile, cb, i0, ts.thr, cap, ts.cnt, ts.pos, ts.val);
             }
-            /* 3. selection */
-            for (int t = 0; t < g; t++) {
-                const int j = j0 + t;
-                if (ts.cnt[t] >= w && ts.cnt[t] < cap) {
-                    FN(top_from_list)(&ts, t, cap, w, o, j);
-                    continue;
+            /* 3. selection: from the lists, or exact on columns scored again per block */
+            for (int t0 = 0; t0 < g; t0 += 16) {
+                const int t1 = t0 + 16 < g ? t0 + 16 : g;
+                int scored = 0;
+                for (int t = t0; t < t1; t++) {
+                    const int j = j0 + t;
+                    if (ts.cnt[t] >= w && ts.cnt[t] < cap) {
+                        FN(top_from_list)(&ts, t, cap, w, o, j);
+                        continue;
+                    }
+                    if (!scored) FN(score_block)(K, xb, n, d, ct, c, j0 + t0, xs, cols);
+                    scored = 1;
+                    FN(top_column_exact)((const char *)(cols + (t - t0)), 16 * sizeof(T), n,
+                                         w, ts.tmp, ts.tmp2, ts.sel, o, j);
                 }
-                FN(score_column)(K, xb, n, d, ct, c, j, xs, blk, col);
-                FN(top_column_exact)((const char *)col, sizeof(T), n, w, ts.tmp, ts.tmp2,
-                                     ts.sel, o, j);
             }
         }
         /* 4. labels and best scores: the first unit holding the row's largest score */
@@ -846,6 +863,7 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
     ra_free(unit_lab);
     ra_free(unit_best);
     fesetexceptflag(&fe_saved, FE_INVALID);
+    if (invalid) feraiseexcept(FE_INVALID);
     return RA_OK;
 }
 

@@ -39,6 +39,7 @@
 
 #define RA_BQ 64    /* query rows per tile */
 #define RA_BK 256   /* keys per tile */
+#define RA_PREFETCH_ROWS 8   /* gathers of scattered rows fetch this many rows ahead */
 
 enum {
     RA_MASKED = 1,        /* apply the position mask in this step */

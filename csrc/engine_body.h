@@ -40,9 +40,6 @@ static void FN(apply_vis)(T *s, int rows, int cols, const uint64_t *vis, ptrdiff
     }
 }
 
-#ifndef RA_PREFETCH_ROWS
-#define RA_PREFETCH_ROWS 8
-#endif
 
 void FN(ra_add_row)(T *dst, T a, RaMat m, int64_t i, int n)
 {

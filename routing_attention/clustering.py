@@ -120,6 +120,16 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     return out
 
 
+def _separate(outs):
+    """A tuple of out= arrays, checked to share no memory (their results would depend on
+    the order the kernel writes them in)."""
+    for i, a in enumerate(outs):
+        for b in outs[i + 1:]:
+            if np.shares_memory(a, b):
+                raise ValueError("the out arrays must not overlap one another")
+    return outs
+
+
 def _rows_and_centroids(x, centroids):
     """Checked x (..., n, d), centroids (..., c >= 1, d) of one float dtype, and the
     broadcast batch shape."""
@@ -149,8 +159,9 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
             return _ext._assign_scores(x, cent)
         if not isinstance(out, tuple) or len(out) != 3:
             raise TypeError("out must be a (labels, scores, best) tuple with return_scores=True")
-        out = (check_out(out[0], batch + (n,), np.int64, exact=True),
-               check_out(out[1], batch + (n, c), dtype), check_out(out[2], batch + (n,), dtype))
+        out = _separate((check_out(out[0], batch + (n,), np.int64, exact=True),
+                         check_out(out[1], batch + (n, c), dtype),
+                         check_out(out[2], batch + (n,), dtype)))
         return _ext._assign_scores(x, cent, out=out)
     return _ext._assign_clusters(x, cent, out=check_out(out, batch + (n,), np.int64, exact=True))
 
@@ -260,8 +271,8 @@ def assign_top_members(x, centroids, w, *, out=None):
     elif not isinstance(out, tuple) or len(out) != 3:
         raise TypeError("out must be a (labels, best, members) tuple")
     else:
-        out = tuple(check_out(o, shape, t, exact=t is np.int64)
-                    for o, (shape, t) in zip(out, shapes))
+        out = _separate(tuple(check_out(o, shape, t, exact=t is np.int64)
+                              for o, (shape, t) in zip(out, shapes)))
     return _ext._assign_top(x, cent, out=out)
 
 

@@ -520,10 +520,48 @@ def test_assign_top_members_bad_input():
     with pytest.raises(ValueError, match=r"out must have shape \(3, 2\)"):
         ra.assign_top_members(x, cent, 2, out=(np.empty(10, np.int64), np.empty(10),
                                                np.empty((3, 3), np.int64)))
+    labels = np.empty(10, np.int64)
+    with pytest.raises(ValueError, match="overlap"):
+        ra.assign_top_members(x, cent, 2, out=(labels, np.empty(10), labels[:6].reshape(3, 2)))
+    scores = np.empty((10, 3))
+    with pytest.raises(ValueError, match="overlap"):
+        ra.assign_clusters(x, cent, return_scores=True, out=(labels, scores, scores[:, 0]))
     from routing_attention import _ext
     with pytest.raises(ValueError, match="w must be"):
         _ext._assign_top(x, cent, out=(np.empty(10, np.int64), np.empty(10),
                                        np.empty((3, 11), np.int64)))
+
+
+def test_no_clusters_through_the_raw_gufuncs():
+    """c = 0 reaches the kernels only through the private gufuncs (the wrappers want a
+    centroid): no members to list, every label -1, and no crash."""
+    from routing_attention import _ext
+    x = rng(2).standard_normal((4096, 8)).astype(np.float32)
+    out = (np.zeros(4096, np.int64), np.zeros(4096, np.float32), np.empty((0, 20), np.int64))
+    _ext._assign_top(x, np.empty((0, 8), np.float32), out=out)
+    assert (out[0] == -1).all() and np.isnan(out[1]).all()
+    assert ra.top_members(np.empty((4096, 0), np.float32), 20).shape == (0, 20)
+
+
+@pytest.mark.parametrize("n, c", [(4096, 256), (512, 16)])
+def test_assign_top_members_invalid_flag_like_assign_clusters(n, c):
+    """inf·0 in the product raises the invalid flag, in the fused kernel (4096 x 256) as
+    in the stored path and in assign_clusters; NaN inputs and the comparisons never do."""
+    g = rng(4)
+    x = g.standard_normal((n, 8)).astype(np.float32)
+    x[::3, 0] = np.inf
+    cent = g.standard_normal((c, 8)).astype(np.float32)
+    cent[:, 0] = 0
+    for k in (1, 2):
+        with threads(k), np.errstate(invalid="raise"):
+            with pytest.raises(FloatingPointError):
+                ra.assign_clusters(x, cent, return_scores=True)
+            with pytest.raises(FloatingPointError):
+                ra.assign_top_members(x, cent, 20)
+    x[::3, 0] = np.nan
+    with np.errstate(all="raise"):
+        labels, best, _ = ra.assign_top_members(x, cent, 20)
+    assert (labels[::3] == -1).all() and np.isnan(best[::3]).all()
 
 
 # ------------------------------------------------------------------ members_from_labels
