@@ -89,6 +89,10 @@ METHODS = {
     "RoutingAttention": (_local, lambda a: _routing_layer_roundtrip(a)),
     "ClusteredAttention": (_local, lambda a: _clustered_layer_roundtrip(a)),
     "routing_decisions": (_local, lambda a: _routing_decisions(a)),
+    "assign_top_members": (lambda rng, dtype: dict(
+        x=rng.standard_normal((16384, 4)).astype(dtype),          # n·c = 2**20: the fused
+        cent=rng.standard_normal((64, 4)).astype(dtype)),         # kernel, not the stored one
+        lambda a: ra.assign_top_members(a["x"], a["cent"], 300)),
 }
 
 
@@ -112,6 +116,7 @@ def _routing_decisions(a):
     codes = ra.lsh_hash(x, planes)
     return (cent, labels, ra.update_centroids(cent, x, labels, decay=0.9),
             ra.commitment_loss(x, cent, labels), ra.top_members(x @ np.swapaxes(cent, -1, -2), 4),
+            *ra.assign_top_members(x, cent, 4),
             ra.members_from_labels(labels, 3), codes, ra.hamming_kmeans(codes, 3, iters=3, seed=4))
 
 
