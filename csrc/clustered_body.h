@@ -174,6 +174,11 @@ static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, in
     T *r = p->r + (ptrdiff_t)c * e, mass = 0;
     memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
     for (int t = 0; t < kmax && sel[t] >= 0; t++) {
+        if (t + RA_PREFETCH_ROWS < kmax && sel[t + RA_PREFETCH_ROWS] >= 0) {
+            const char *ahead = v.data + (ptrdiff_t)sel[t + RA_PREFETCH_ROWS] * v.s0;
+            for (int f = 0; f < e; f += 64 / (int)sizeof(T))
+                __builtin_prefetch(ahead + (ptrdiff_t)f * v.s1);
+        }
         mass += aw[t];
         FN(ra_add_row)(r, -aw[t], v, sel[t], e);
     }
@@ -421,11 +426,14 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
 static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *sel, int kc,
                              int kmax, int d, int e, int backward)
 {
-    FN(ra_gather)(k, sel, 0, kc, d, 1, 1, w->kt, kmax);
-    FN(ra_gather)(v, sel, 0, kc, e, 1, 0, w->v, e);
-    if (!backward) return;
+    /* the scattered rows copied whole first, then transposed from that contiguous copy
+       (register transposes) rather than by element gathers from all over k and v */
+    const RaMat kp = {(char *)w->k, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+    const RaMat vp = {(char *)w->v, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
     FN(ra_gather)(k, sel, 0, kc, d, 1, 0, w->k, d);
-    FN(ra_gather)(v, sel, 0, kc, e, 1, 1, w->vt, kmax);
+    FN(ra_gather)(kp, NULL, 0, kc, d, 1, 1, w->kt, kmax);
+    FN(ra_gather)(v, sel, 0, kc, e, 1, 0, w->v, e);
+    if (backward) FN(ra_gather)(vp, NULL, 0, kc, e, 1, 1, w->vt, kmax);
 }
 
 /* ------------------------------------------------------------------ shared front end */

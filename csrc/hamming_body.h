@@ -98,25 +98,33 @@ static void HFN(ra_hamming_seed)(int n, int c, const HW *code, const uint8_t *va
 
 /* The per-bit majority of the codes rows[0..size): a tied bit is 0.  The per-bit
  * counts are kept bit-sliced (plane[l] holds bit l of every count), so adding a code is
- * a ripple-carry over a few planes instead of a loop over its set bits. */
+ * a ripple-carry over a few planes instead of a loop over its set bits; 32-bit codes go
+ * two to a 64-bit word (the low and the high half count separately, summed at the end). */
 static HW HFN(ra_bit_majority)(const HW *code, const int64_t *rows, int64_t size)
 {
-    HW plane[64] = {0};
+    enum { BITS = 8 * sizeof(HW), PER = 64 / BITS };      /* codes per word: 2 or 1 */
+    uint64_t plane[64] = {0};
     int levels = 0;
-    for (int64_t t = 0; t < size; t++) {
-        HW carry = code[rows[t]];
+    for (int64_t t = 0; t < size; t += PER) {
+        uint64_t carry = (uint64_t)code[rows[t]];
+        if (PER == 2 && t + 1 < size) carry |= (uint64_t)code[rows[t + 1]] << (BITS % 64);
         int l = 0;
         for (; carry; l++) {
-            const HW both = plane[l] & carry;
+            const uint64_t both = plane[l] & carry;
             plane[l] ^= carry;
             carry = both;
         }
         levels = l > levels ? l : levels;
     }
     HW m = 0;
-    for (int bit = 0; bit < (int)(8 * sizeof(HW)); bit++) {
+    for (int bit = 0; bit < BITS; bit++) {
         int64_t ones = 0;
-        for (int l = 0; l < levels; l++) ones |= (int64_t)((plane[l] >> bit) & 1) << l;
+        for (int half = 0; half < PER; half++) {
+            int64_t count = 0;
+            for (int l = 0; l < levels; l++)
+                count |= (int64_t)((plane[l] >> (bit + half * BITS % 64)) & 1) << l;
+            ones += count;
+        }
         if (2 * ones > size) m |= (HW)1 << bit;
     }
     return m;

@@ -77,8 +77,9 @@ int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx)
 size_t ra_routing_scratch_elems(int d, int e, int u, int backward)
 {
     const size_t tile = (size_t)RA_BQ * d + (size_t)RA_BQ * e + 2 * (size_t)RA_BQ;
-    const size_t fwd = (size_t)u * (d + e) + tile + (size_t)RA_BQ * RA_BK;
-    const size_t bwd = (size_t)u * (2 * (size_t)d + e) + tile + 2 * (size_t)RA_BQ * RA_BK;
+    const size_t fwd = (size_t)u * (2 * (size_t)d + e) + tile + (size_t)RA_BQ * RA_BK;
+    const size_t bwd = (size_t)u * (2 * (size_t)d + 2 * (size_t)e) + tile +
+                       2 * (size_t)RA_BQ * RA_BK;
     return backward && bwd > fwd ? bwd : fwd;
 }
 

@@ -26,6 +26,20 @@ typedef struct {
     T *dv_slot;       /* (c·u, e) backward only */
 } FN(RoutingBuffers);
 
+/* A cluster's keys kpos[0..nk) packed: rows k (nk, d) and v (nk, e) copied whole, then
+ * kᵀ (d, nk) and, if vt is not NULL, vᵀ (e, nk) transposed from those contiguous copies
+ * (register transposes) rather than by element gathers from all over k and v. */
+static void FN(routing_pack_keys)(RaMat k, RaMat v, const int64_t *kpos, int nk, int d, int e,
+                                  T *kp, T *kt, T *vp, T *vt)
+{
+    const RaMat krows = {(char *)kp, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+    const RaMat vrows = {(char *)vp, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+    FN(ra_gather)(k, kpos, 0, nk, d, 1, 0, kp, d);
+    FN(ra_gather)(krows, NULL, 0, nk, d, 1, 1, kt, nk);
+    FN(ra_gather)(v, kpos, 0, nk, e, 1, 0, vp, e);
+    if (vt) FN(ra_gather)(vrows, NULL, 0, nk, e, 1, 1, vt, nk);
+}
+
 /* ------------------------------------------------------------------ 2. attend (forward) */
 /* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
  * o_slot/l_slot rows cl·w + r receive the result for the r-th member query. */
@@ -37,17 +51,17 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     const int64_t *qpos = P->qlist + (ptrdiff_t)cl * P->w;
     const int64_t *kpos = P->klist + (ptrdiff_t)cl * P->u;
     if (nq == 0) return;
-    /* scratch: kᵀ (d, nk), v (nk, e), q tile (BQ, d), acc (BQ, e), s (BQ, BK), mx, sum */
-    T *kt = ws, *vp = kt + (ptrdiff_t)d * P->u;
+    /* scratch: kᵀ (d, nk), v (nk, e), k (nk, d), q tile (BQ, d), acc (BQ, e),
+       s (BQ, BK), mx, sum */
+    T *kt = ws, *vp = kt + (ptrdiff_t)d * P->u, *kp = vp + (ptrdiff_t)P->u * e;
     FN(RaQTile) qt;
-    T *qs = vp + (ptrdiff_t)P->u * e;
+    T *qs = kp + (ptrdiff_t)P->u * d;
     qt.q = qs;
     qt.acc = qs + RA_BQ * d;
     qt.s = qt.acc + RA_BQ * e;
     qt.mx = qt.s + RA_BQ * RA_BK;
     qt.sum = qt.mx + RA_BQ;
-    FN(ra_gather)(k, kpos, 0, nk, d, 1, 1, kt, nk);
-    FN(ra_gather)(v, kpos, 0, nk, e, 1, 0, vp, e);
+    FN(routing_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, NULL);
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         qt.pos = qpos + r0;
@@ -187,17 +201,16 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         memset(buf->dq_slot + (ptrdiff_t)cl * P->w * d, 0, sizeof(T) * (size_t)nq * d);
         return;
     }
-    /* scratch: k (nk, d), kᵀ (d, nk), vᵀ (e, nk), then per query tile:
+    /* scratch: k (nk, d), kᵀ (d, nk), vᵀ (e, nk), v (nk, e), then per query tile:
        q (BQ, d), dout (BQ, e), lse, delta (BQ), s, dp (BQ, BK) */
     T *kp = ws, *kt = kp + (ptrdiff_t)P->u * d, *vt = kt + (ptrdiff_t)d * P->u;
-    T *qs = vt + (ptrdiff_t)e * P->u, *dop = qs + RA_BQ * d, *lrow = dop + RA_BQ * e;
+    T *vp = vt + (ptrdiff_t)e * P->u;
+    T *qs = vp + (ptrdiff_t)P->u * e, *dop = qs + RA_BQ * d, *lrow = dop + RA_BQ * e;
     T *delta = lrow + RA_BQ;
     FN(RaQGradTile) g;
     g.s = delta + RA_BQ;
     g.dp = g.s + RA_BQ * RA_BK;
-    FN(ra_gather)(k, kpos, 0, nk, d, 1, 0, kp, d);
-    FN(ra_gather)(k, kpos, 0, nk, d, 1, 1, kt, nk);
-    FN(ra_gather)(v, kpos, 0, nk, e, 1, 1, vt, nk);
+    FN(routing_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt);
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
