@@ -165,6 +165,25 @@ static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
     }
 }
 
+/* Every centroid of one problem at once: the rows of q read in position order, each
+ * added to its cluster's sum (so each sum runs over its members by increasing position,
+ * as in cl_centroid), then divided by the member count.  labels already validated. */
+static void FN(cl_centroids_scan)(RaMat q, RaVec labels, int n, int d, int C,
+                                  const FN(ClProblem) *p)
+{
+    memset(p->cent, 0, sizeof(T) * (size_t)C * d);
+    for (int i = 0; i < n; i++) {
+        const int64_t l = RA_VEC_AT(int64_t, labels, i);
+        if (l >= 0) FN(ra_add_row)(p->cent + (ptrdiff_t)l * d, 1, q, i, d);
+    }
+    for (int c = 0; c < C; c++) {
+        const int64_t size = p->start[c + 1] - p->start[c];
+        if (size == 0) continue;
+        const T inv = (T)1 / (T)size;
+        for (int f = 0; f < d; f++) p->cent[(ptrdiff_t)c * d + f] *= inv;
+    }
+}
+
 /* Cluster c, T_c and a_c[T_c] known: m̂_c = Σ_{T_c} a_c[j], r_c = o_c − Σ_{T_c} a_c[j] v_j.
  * v (m, e). */
 static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, int c)
@@ -506,13 +525,24 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
     }
     if (status != RA_OK) return status;
 
-    /* 2. centroids, one (problem, cluster) per unit */
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
-        const ptrdiff_t b = unit / C;
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-        FN(cl_centroid)(ra_mat_at(q, b), d, &p, (int)(unit % C));
+    /* 2. centroids: one problem per unit (its rows read in order) when there are
+       problems for every thread, else one (problem, cluster) per unit; either way each
+       centroid sums its members by increasing position, so the same bits */
+    if (B >= nt) {
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (ptrdiff_t b = 0; b < B; b++) {
+            FN(ClProblem) p;
+            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+            FN(cl_centroids_scan)(ra_mat_at(q, b), ra_vec_at(labels, b), n, d, C, &p);
+        }
+    } else {
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (ptrdiff_t unit = 0; unit < B * C; unit++) {
+            const ptrdiff_t b = unit / C;
+            FN(ClProblem) p;
+            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
+            FN(cl_centroid)(ra_mat_at(q, b), d, &p, (int)(unit % C));
+        }
     }
 
     if (saved && saved->o.data) return FN(cl_front_saved)(B, m, e, C, kmax, G, v, packs,
