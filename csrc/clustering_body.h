@@ -933,11 +933,9 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
         RaVec out = ra_vec_at(codes, b);
         FN(ra_gather)(ra_mat_at(x, b), NULL, i0, rows, d, 1, 0, xs, d);
         K->gemm(rows, bits, d, xs, d, pt, bits, s, bits, 0);
-        for (int r = 0; r < rows; r++) {
-            uint64_t code = 0;
-            for (int k = 0; k < bits; k++) code |= (uint64_t)(s[(size_t)r * bits + k] > thr[k]) << k;
-            RA_VEC_AT(int64_t, out, i0 + r) = (int64_t)code;
-        }
+        int64_t *code = (int64_t *)(s + (size_t)RA_ROWS * bits + RA_ROWS);  /* labels slot */
+        K->threshold_bits(rows, bits, s, bits, thr, code);
+        for (int r = 0; r < rows; r++) RA_VEC_AT(int64_t, out, i0 + r) = code[r];
     }
     ra_free(packs);
     ra_free(scratch);

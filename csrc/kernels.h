@@ -77,7 +77,11 @@
                       int32_t *barg, int strict);                                          \
     /* One unit-stride row x (d) -> out = x / |x| (x itself when |x| is 0 or NaN),        \
        *norm = |x|, *sq = |out|² (sums in a fixed order per instruction set). */         \
-    void (*normalize_row)(const T *x, int d, T *out, T *norm, T *sq);
+    void (*normalize_row)(const T *x, int d, T *out, T *norm, T *sq);                           \
+    /* LSH codes: codes[r] = Σ_k [S[r, k] > thr[k]] << k for rows r of S (rows×bits,       \
+       lds), bits <= 64; quiet comparisons (a NaN score gives bit 0, raises no flag). */   \
+    void (*threshold_bits)(int rows, int bits, const T *S, ptrdiff_t lds, const T *thr,   \
+                           int64_t *codes);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

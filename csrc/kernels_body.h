@@ -475,6 +475,25 @@ static void FN(argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t 
     }
 }
 
+static void FN(threshold_bits)(int rows, int bits, const T *S, ptrdiff_t lds, const T *thr,
+                               int64_t *codes)
+{
+    const int bv = bits / VL * VL;
+    for (int r = 0; r < rows; r++) {
+        const T *s = S + r * lds;
+        uint64_t code = 0;
+        for (int j = 0; j < bv; j += VL) {
+            /* NaN lanes out of the way first (== is quiet everywhere, > is not on SSE2) */
+            vec y = FN(vload)(s + j), t = FN(vload)(thr + j);
+            y = FN(vsel)((uvec)(y == y), y, FN(vsplat)(-(T)INFINITY));
+            t = FN(vsel)((uvec)(t == t), t, FN(vsplat)((T)INFINITY));
+            code |= (uint64_t)FN(gt_bits)(y, t) << j;
+        }
+        for (int j = bv; j < bits; j++) code |= (uint64_t)__builtin_isgreater(s[j], thr[j]) << j;
+        codes[r] = (int64_t)code;
+    }
+}
+
 static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
                           int cap, int *cnt, int32_t *pos, T *val)
 {

@@ -41,7 +41,8 @@
      .softmax_grad = RA_CAT3(softmax_grad, S, ISA), .argmax_rows = RA_CAT3(argmax_rows, S, ISA), \
      .top_sample = RA_CAT3(top_sample, S, ISA), .top_admit = RA_CAT3(top_admit, S, ISA), \
      .top_offer = RA_CAT3(top_offer, S, ISA), .pool_scan = RA_CAT3(pool_scan, S, ISA), \
-     .normalize_row = RA_CAT3(normalize_row, S, ISA)}
+     .normalize_row = RA_CAT3(normalize_row, S, ISA),                                     \
+     .threshold_bits = RA_CAT3(threshold_bits, S, ISA)}
 
 /* The table NAME, called LABEL, with the Hamming kernels of HISA. */
 #define RA_KERNEL_TABLE(NAME, LABEL, HISA)                                                \

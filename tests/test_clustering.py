@@ -620,7 +620,8 @@ def test_hamming_kmeans_against_reference(iters):
 def test_hamming_kmeans_on_every_kernel_table(simd):
     """Each instruction set's Hamming kernels (VPOPCNTQ, popcnt, SWAR; forced by RA_SIMD)
     give the reference labels over more than one row chunk, on full 64-bit codes and on
-    codes that fit 32 bits (the narrow-word kernels)."""
+    codes that fit 32 bits (the narrow-word kernels); and its LSH code kernel the
+    reference codes."""
     code = (
         "import numpy as np, routing_attention as ra\n"
         "from routing_attention import reference as ref\n"
@@ -631,6 +632,19 @@ def test_hamming_kmeans_on_every_kernel_table(simd):
         "    got = ra.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
         "    want = ref.hamming_kmeans(codes, 17, iters=4, seed=3, mask=mask, return_centroids=True)\n"
         "    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), hi\n"
+        "# the LSH codes' vector threshold compares: exact integer products, whole vectors\n"
+        "# and tails, a NaN row (bits 0, and no invalid flag: the compares are quiet)\n"
+        "for dt in (np.float32, np.float64):\n"
+        "    for bits in (5, 16, 33, 63):\n"
+        "        x = g.integers(-3, 4, (2, 300, 9)).astype(dt)\n"
+        "        x[0, 4] = np.nan\n"
+        "        p = g.integers(-3, 4, (bits, 10)).astype(dt)\n"
+        "        p[:, -1] += 0.5\n"
+        "        with np.errstate(all='raise'):\n"
+        "            got = ra.lsh_hash(x, p)\n"
+        "        with np.errstate(invalid='ignore'):\n"
+        "            want = ref.lsh_hash(x, p)\n"
+        "        assert np.array_equal(got, want) and got[0, 4] == 0, (dt, bits)\n"
         "print('ok', ra.build_info()['simd'])\n")
     out = run_with_simd(code, simd)
     if simd in ("avx2", "generic"):
