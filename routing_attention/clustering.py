@@ -255,12 +255,14 @@ def assign_top_members(x, centroids, w, *, out=None):
 
     x (..., n, d) and centroids (..., c, d) broadcast over leading axes.  The result is
     exactly ``assign_clusters(x, centroids, return_scores=True)``'s labels (..., n) and
-    best scores (..., n), and ``top_members(scores, w)``'s members (..., c, w), but the
-    (..., n, c) score matrix is never stored: each thread scores blocks of rows for its
-    clusters into a tile that stays in cache and takes the argmax and the candidate
-    rows from it (a strided sample scored first sets the candidates' thresholds).  It
-    saves the score matrix's memory and its trip through main memory.  `out` is a
-    (labels, best, members) tuple.
+    best scores (..., n), and ``top_members(scores, w)``'s members (..., c, w), bit for
+    bit, but the (..., n, c) score matrix is not stored: each thread scores blocks of
+    rows for its clusters into a tile that stays in cache and takes the argmax and the
+    candidate rows from it (a strided sample scored first sets the candidates'
+    thresholds).  That saves the score matrix's memory and its trip through main memory.
+    Small problems (n·c < 2**20 scores, or w <= 16, or n < ~4·max(2.5·w, 256)) use a
+    temporary score matrix instead, which is cheaper there.  `out` is a (labels, best,
+    members) tuple of arrays that must not overlap.
     """
     x, cent, dtype, batch = _rows_and_centroids(x, centroids)
     n, c = x.shape[-2], cent.shape[-2]
