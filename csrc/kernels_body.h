@@ -565,9 +565,10 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
         T worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
         /* floor: each lane's depth largest values (NaN as -inf) are depth·VL >= cap
            distinct entries, so an entry below the least of them is not among this row's
-           best cap; -inf (too few, or -inf values) filters nothing */
+           best cap; -inf (too few, or -inf values) filters nothing.  Only while the list
+           is not full: a full list's worst entry filters about as well, for free */
         T floor = -(T)INFINITY;
-        if (depth <= RA_OFFER_DEPTH && cols / VL >= depth) {
+        if (depth <= RA_OFFER_DEPTH && cols / VL >= depth && n < cap) {
             vec top[RA_OFFER_DEPTH];
             for (int t = 0; t < depth; t++) top[t] = ninf;
             for (int j0 = 0; j0 + VL <= cols; j0 += VL) {
