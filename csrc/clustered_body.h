@@ -281,6 +281,7 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
     w->chunk = kmax > 0 ? w->dk + kcols * d : NULL;
     w->chunk_pos = kmax > 0 ? (int64_t *)(w->chunk + (ptrdiff_t)RA_CL_ROWS * RA_CL_CHUNK) : NULL;
     w->qt.q = w->gt.q = w->qs;
+    w->qt.lds = 0;
     w->qt.pos = w->gt.pos = NULL;
     w->gt.s = w->qt.s;
     w->gt.dout = w->dout;
@@ -335,40 +336,58 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
     w->qt.rows = rows;
     FN(ra_fwd_init)(&w->qt, e);
     const int v_rows = v.s1 == (ptrdiff_t)sizeof(T) && v.s0 > 0 && v.s0 % (ptrdiff_t)sizeof(T) == 0;
-    for (int t = t0; t < t1; t++) {
-        const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-        int masked = 0;
-        for (int j = 0; j < cols; j++) {
-            const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
-            w->kpos[j] = valid ? j0 + j : -1;
-            masked |= !valid;
-        }
-        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
-        FN(RaKTile) kt = {cols, w->kt, RA_BK, w->v, e, NULL, 0, NULL, 0, w->kpos};
-        if (v_rows) {                     /* unit-stride rows: the engine reads v in place */
-            kt.v = (T *)(v.data + (ptrdiff_t)j0 * v.s0);
-            kt.ldv = v.s0 / (ptrdiff_t)sizeof(T);
-        } else {
-            FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
-        }
-        FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked ? RA_MASKED : 0);
+    /* Key tiles a chunk at a time.  Improved form: the chunk's logits are computed side
+       by side into w->chunk (RA_CL_CHUNK keys, so top_offer sees whole rows of many keys,
+       before the softmax turns them into weights in place); plain form: one tile, in the
+       tile's own logits. */
+    const int per_chunk = kc > 0 ? RA_CL_CHUNK / RA_BK : 1;
+    T *const tile_s = w->qt.s;
+    for (int ta = t0; ta < t1; ta += per_chunk) {
+        const int tz = ta + per_chunk < t1 ? ta + per_chunk : t1;
+        int masked[RA_CL_CHUNK / RA_BK];
+        int width = 0;
         if (kc > 0) {
-            /* the improved form's candidates (logit order = weight order): the logits of
-               RA_CL_CHUNK keys at a time, so top_offer sees whole rows of many keys */
-            const int at = (t - t0) % (RA_CL_CHUNK / RA_BK) * RA_BK;
-            for (int r = 0; r < rows; r++)
-                memcpy(w->chunk + (ptrdiff_t)r * RA_CL_CHUNK + at,
-                       w->qt.s + (ptrdiff_t)r * RA_BK, sizeof(T) * (size_t)cols);
-            memcpy(w->chunk_pos + at, w->kpos, sizeof(int64_t) * (size_t)cols);
-            if (at + cols == RA_CL_CHUNK || t == t1 - 1) {
-                const size_t list = ((size_t)c0 * G + g) * CL_LIST(kmax);
-                K->top_offer(rows, at + cols, w->chunk, RA_CL_CHUNK, w->chunk_pos, kc,
-                             p->cand_v + list, p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
-                             p->cand_size + (size_t)c0 * G + g, G);
-            }
+            w->qt.s = w->chunk;
+            w->qt.lds = RA_CL_CHUNK;
         }
-        FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked ? RA_MASKED : 0);
+        for (int t = ta; t < tz; t++) {             /* 1. logits */
+            const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK, at = width;
+            int64_t *kpos = kc > 0 ? w->chunk_pos + at : w->kpos;
+            masked[t - ta] = 0;
+            for (int j = 0; j < cols; j++) {
+                const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
+                kpos[j] = valid ? j0 + j : -1;
+                masked[t - ta] |= !valid;
+            }
+            FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
+            const FN(RaKTile) kt = {cols, w->kt, RA_BK, NULL, 0, NULL, 0, NULL, 0, kpos};
+            w->qt.s = (kc > 0 ? w->chunk : tile_s) + at;
+            FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked[t - ta] ? RA_MASKED : 0);
+            width += cols;
+        }
+        if (kc > 0) {                                /* 2. the improved form's candidates */
+            const size_t list = ((size_t)c0 * G + g) * CL_LIST(kmax);
+            K->top_offer(rows, width, w->chunk, RA_CL_CHUNK, w->chunk_pos, kc,
+                         p->cand_v + list, p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
+                         p->cand_size + (size_t)c0 * G + g, G);
+        }
+        for (int t = ta, at = 0; t < tz; t++) {      /* 3. softmax and values */
+            const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
+            FN(RaKTile) kt = {cols, NULL, 0, w->v, e, NULL, 0, NULL, 0,
+                              kc > 0 ? w->chunk_pos + at : w->kpos};
+            if (v_rows) {                 /* unit-stride rows: the engine reads v in place */
+                kt.v = (T *)(v.data + (ptrdiff_t)j0 * v.s0);
+                kt.ldv = v.s0 / (ptrdiff_t)sizeof(T);
+            } else {
+                FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
+            }
+            w->qt.s = (kc > 0 ? w->chunk : tile_s) + at;
+            FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked[t - ta] ? RA_MASKED : 0);
+            at += cols;
+        }
     }
+    w->qt.s = tile_s;
+    w->qt.lds = 0;
     const ptrdiff_t ts = sizeof(T);
     FN(ra_fwd_finish)(&w->qt, e, (char *)(p->part_o + ((ptrdiff_t)c0 * G + g) * e),
                       ts * G * e, ts, (char *)(p->part_lse + (ptrdiff_t)c0 * G + g), ts * G);

@@ -73,6 +73,7 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
 
         T *ws = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
         FN(RaQTile) qt;
+        qt.lds = 0;
         T *qs = ws;
         qt.rows = rows;
         qt.q = qs;

@@ -55,6 +55,7 @@ enum {
         T *mx, *sum;           /* (rows) */                                               \
         T *acc;                /* (rows, e) */                                            \
         T *s;                  /* (RA_BQ, RA_BK) */                                       \
+        ptrdiff_t lds;         /* s's leading dimension; 0 means RA_BK */                 \
     } RaQTile_##SUF;                                                                      \
     typedef struct {                                                                      \
         int cols;                                                                         \

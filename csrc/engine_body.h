@@ -3,8 +3,8 @@
 
 /* Write -inf into the logits of every invisible (query, key) pair of the tile; skipped
  * when the positions show that every pair is visible. */
-static void FN(apply_mask)(const KT *K, T *s, int rows, int cols, const int64_t *qpos,
-                           const int64_t *kpos, int flags)
+static void FN(apply_mask)(const KT *K, T *s, ptrdiff_t lds, int rows, int cols,
+                           const int64_t *qpos, const int64_t *kpos, int flags)
 {
     int64_t qmin = INT64_MAX, kmin = INT64_MAX, kmax = INT64_MIN;
     for (int j = 0; j < cols; j++) {
@@ -15,7 +15,7 @@ static void FN(apply_mask)(const KT *K, T *s, int rows, int cols, const int64_t 
         if (kmin >= 0) return;
         for (int i = 0; i < rows; i++)
             for (int j = 0; j < cols; j++)
-                if (kpos[j] < 0) s[(ptrdiff_t)i * RA_BK + j] = -INFINITY;
+                if (kpos[j] < 0) s[(ptrdiff_t)i * lds + j] = -INFINITY;
         return;
     }
     for (int i = 0; i < rows; i++) qmin = qpos[i] < qmin ? qpos[i] : qmin;
@@ -25,15 +25,16 @@ static void FN(apply_mask)(const KT *K, T *s, int rows, int cols, const int64_t 
     if (flags & RA_EXCLUDE_SELF) all_visible &= kmax < qmin;
     else if (flags & RA_CAUSAL) all_visible &= kmax <= qmin;
     if (all_visible) return;
-    K->mask_tile(rows, cols, s, RA_BK, qpos, kpos, (flags & RA_CAUSAL) != 0,
+    K->mask_tile(rows, cols, s, lds, qpos, kpos, (flags & RA_CAUSAL) != 0,
                  (flags & RA_EXCLUDE_SELF) != 0);
 }
 
 /* Write -inf into the logits the explicit bitmap hides (bit clear). */
-static void FN(apply_vis)(T *s, int rows, int cols, const uint64_t *vis, ptrdiff_t ldvis)
+static void FN(apply_vis)(T *s, ptrdiff_t lds, int rows, int cols, const uint64_t *vis,
+                          ptrdiff_t ldvis)
 {
     for (int i = 0; i < rows; i++) {
-        T *si = s + (ptrdiff_t)i * RA_BK;
+        T *si = s + (ptrdiff_t)i * lds;
         const uint64_t *w = vis + (ptrdiff_t)i * ldvis;
         for (int j = 0; j < cols; j++)
             if (!((w[j >> 6] >> (j & 63)) & 1)) si[j] = -INFINITY;
@@ -169,15 +170,19 @@ void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
     memset(qt->acc, 0, sizeof(T) * (size_t)qt->rows * (size_t)e);
 }
 
+/* The leading dimension of a query tile's logits. */
+static inline ptrdiff_t FN(qt_lds)(const FN(RaQTile) *qt) { return qt->lds ? qt->lds : RA_BK; }
+
 /* q is (rows, d), kt is (d, cols) -> s (rows, cols) masked logits */
 void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int flags)
 {
     const int rows = qt->rows, cols = kt->cols;
+    const ptrdiff_t lds = FN(qt_lds)(qt);
     /* 1. logits: s = q · kᵀ */
-    K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, RA_BK, 0);
+    K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0);
     /* 2. position mask */
-    if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, rows, cols, qt->pos, kt->pos, flags);
-    if (kt->vis) FN(apply_vis)(qt->s, rows, cols, kt->vis, kt->ldvis);
+    if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, lds, rows, cols, qt->pos, kt->pos, flags);
+    if (kt->vis) FN(apply_vis)(qt->s, lds, rows, cols, kt->vis, kt->ldvis);
 }
 
 /* s (rows, cols) masked logits, v is (cols, e) -> acc (rows, e), mx, sum updated */
@@ -185,15 +190,16 @@ void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, 
                            int flags)
 {
     const int rows = qt->rows, cols = kt->cols;
+    const ptrdiff_t lds = FN(qt_lds)(qt);
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
-    K->softmax_step(rows, cols, qt->s, RA_BK, qt->mx, qt->sum, qt->acc, e, e);
+    K->softmax_step(rows, cols, qt->s, lds, qt->mx, qt->sum, qt->acc, e, e);
     /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
      * when a masked tile's v holds a non-finite value, weights of 0 are skipped so that
      * value reaches only the queries that see its key (DESIGN §6, NaN locality). */
     if (((flags & RA_MASKED) || kt->vis) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
-        FN(pv_skip_zero)(rows, cols, e, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e);
+        FN(pv_skip_zero)(rows, cols, e, qt->s, lds, kt->v, kt->ldv, qt->acc, e);
     else
-        K->gemm(rows, e, cols, qt->s, RA_BK, kt->v, kt->ldv, qt->acc, e, 1);
+        K->gemm(rows, e, cols, qt->s, lds, kt->v, kt->ldv, qt->acc, e, 1);
 }
 
 /* q is (rows, d), kt is (d, cols), v is (cols, e), acc is (rows, e) */
@@ -229,8 +235,8 @@ void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *
     const int rows = g->rows, cols = kt->cols;
     /* forward pass 1-3 recomputed: s = q·kᵀ, masked, p = exp(s - lse) */
     K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
-    if (flags & RA_MASKED) FN(apply_mask)(K, g->s, rows, cols, g->pos, kt->pos, flags);
-    if (kt->vis) FN(apply_vis)(g->s, rows, cols, kt->vis, kt->ldvis);
+    if (flags & RA_MASKED) FN(apply_mask)(K, g->s, RA_BK, rows, cols, g->pos, kt->pos, flags);
+    if (kt->vis) FN(apply_vis)(g->s, RA_BK, rows, cols, kt->vis, kt->ldvis);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
     /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
     K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);

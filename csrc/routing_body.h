@@ -55,6 +55,7 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
        s (BQ, BK), mx, sum */
     T *kt = ws, *vp = kt + (ptrdiff_t)d * P->u, *kp = vp + (ptrdiff_t)P->u * e;
     FN(RaQTile) qt;
+    qt.lds = 0;
     T *qs = kp + (ptrdiff_t)P->u * d;
     qt.q = qs;
     qt.acc = qs + RA_BQ * d;
