@@ -120,14 +120,17 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
     for (int64_t t = a; t < z; t++)
         total += (mx == -INFINITY) ? 0 : exp(buf->l_slot[P->q_occ[t]] - mx);
     const T L = (total == 0) ? -INFINITY : mx + log(total);
-    for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = 0;
-    for (int64_t t = a; t < z; t++) {
+    if (z == a)                                /* in no cluster: 0 */
+        for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = 0;
+    for (int64_t t = a; t < z; t++) {          /* Σ wgt·o, from 0, in cluster order */
         const int64_t slot = P->q_occ[t];
         const T wgt = merge_lse ? (L == -INFINITY ? 0 : exp(buf->l_slot[slot] - L))
                                 : (T)1 / (T)(z - a);
         const T *o = buf->o_slot + slot * e;
-        if (contiguous) for (int c = 0; c < e; c++) dst[c] += wgt * o[c];
-        else for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) += wgt * o[c];
+        if (contiguous && t == a) for (int c = 0; c < e; c++) dst[c] = 0 + wgt * o[c];
+        else if (contiguous) for (int c = 0; c < e; c++) dst[c] += wgt * o[c];
+        else for (int c = 0; c < e; c++)
+            RA_MAT_AT(T, out, i, c) = (t == a ? 0 : RA_MAT_AT(T, out, i, c)) + wgt * o[c];
     }
     RA_VEC_AT(T, lse, i) = L;
 }
