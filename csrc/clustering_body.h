@@ -807,7 +807,7 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
             T *cols = (T *)(p + sz_top + sz_rows);
             int64_t *lab = unit_lab + (size_t)part * n;
             T *top = unit_best + (size_t)part * n;
-            /* 1. thresholds (the sample's products also score rows of step 2) */
+            /* 1. thresholds from the sampled rows */
             for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
             for (int s0 = 0; s0 < S; s0 += RA_ROWS) {
                 const int rows = S - s0 < RA_ROWS ? S - s0 : RA_ROWS;

@@ -25,7 +25,8 @@
  * Tile contract (T = float or double, suffix _f32 / _f64):
  *   QTile   q  (rows, d)  contiguous, already multiplied by scale
  *           acc (rows, e) contiguous accumulator; mx, sum (rows) running statistics
- *           s   (RA_BQ, RA_BK) logits scratch
+ *           s   (RA_BQ, RA_BK) logits scratch, leading dimension lds (0: RA_BK; a
+ *               planner may point s into a wider buffer of its own between steps)
  *   KTile   kt (d, cols)  Kᵀ with leading dimension ldkt
  *           v  (cols, e)  with leading dimension ldv
  *   Backward additionally: k (cols, d) ld ldk, vt (e, cols) ld ldvt.
