@@ -464,14 +464,7 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
 static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *sel, int kc,
                              int kmax, int d, int e, int backward)
 {
-    /* the scattered rows copied whole first, then transposed from that contiguous copy
-       (register transposes) rather than by element gathers from all over k and v */
-    const RaMat kp = {(char *)w->k, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
-    const RaMat vp = {(char *)w->v, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-    FN(ra_gather)(k, sel, 0, kc, d, 1, 0, w->k, d);
-    FN(ra_gather)(kp, NULL, 0, kc, d, 1, 1, w->kt, kmax);
-    FN(ra_gather)(v, sel, 0, kc, e, 1, 0, w->v, e);
-    if (backward) FN(ra_gather)(vp, NULL, 0, kc, e, 1, 1, w->vt, kmax);
+    FN(ra_pack_keys)(k, v, sel, kc, d, e, w->k, w->kt, w->v, backward ? w->vt : NULL, kmax);
 }
 
 /* ------------------------------------------------------------------ shared front end */

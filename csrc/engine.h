@@ -89,6 +89,12 @@ enum {
        dimension ld; transposed = 1: dst is (cols, rows), i.e. dst[c*ld + r]. */         \
     void ra_gather_##SUF(RaMat src, const int64_t *idx, int64_t first, int rows,        \
                          int cols, T mul, int transposed, T *dst, ptrdiff_t ld);          \
+    /* Key rows idx[0..rows) packed for the engine (idx < 0: zero rows): k (rows, d), v  \
+       (rows, e) copied whole, then kᵀ (d, rows) and, if vt is not NULL, vᵀ (e, rows), \
+       both with leading dimension ldt, transposed from those contiguous copies (register\
+       transposes) rather than by element gathers from all over k and v. */              \
+    void ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, \
+                            T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt);                   \
     /* acc = 0, mx = -inf, sum = 0 */                                                     \
     void ra_fwd_init_##SUF(RaQTile_##SUF *qt, int e);                                     \
     /* fold one key tile into the running softmax of qt */                                \

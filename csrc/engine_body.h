@@ -134,6 +134,17 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
     }
 }
 
+void FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, T *kp,
+                      T *kt, T *vp, T *vt, ptrdiff_t ldt)
+{
+    const RaMat krows = {(char *)kp, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
+    const RaMat vrows = {(char *)vp, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+    FN(ra_gather)(k, idx, 0, rows, d, 1, 0, kp, d);
+    FN(ra_gather)(krows, NULL, 0, rows, d, 1, 1, kt, ldt);
+    FN(ra_gather)(v, idx, 0, rows, e, 1, 0, vp, e);
+    if (vt) FN(ra_gather)(vrows, NULL, 0, rows, e, 1, 1, vt, ldt);
+}
+
 /* 1 if every entry of a (rows, cols) block with leading dimension ld is finite */
 static int FN(all_finite)(const T *a, int rows, int cols, ptrdiff_t ld)
 {

@@ -26,20 +26,6 @@ typedef struct {
     T *dv_slot;       /* (c·u, e) backward only */
 } FN(RoutingBuffers);
 
-/* A cluster's keys kpos[0..nk) packed: rows k (nk, d) and v (nk, e) copied whole, then
- * kᵀ (d, nk) and, if vt is not NULL, vᵀ (e, nk) transposed from those contiguous copies
- * (register transposes) rather than by element gathers from all over k and v. */
-static void FN(routing_pack_keys)(RaMat k, RaMat v, const int64_t *kpos, int nk, int d, int e,
-                                  T *kp, T *kt, T *vp, T *vt)
-{
-    const RaMat krows = {(char *)kp, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
-    const RaMat vrows = {(char *)vp, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-    FN(ra_gather)(k, kpos, 0, nk, d, 1, 0, kp, d);
-    FN(ra_gather)(krows, NULL, 0, nk, d, 1, 1, kt, nk);
-    FN(ra_gather)(v, kpos, 0, nk, e, 1, 0, vp, e);
-    if (vt) FN(ra_gather)(vrows, NULL, 0, nk, e, 1, 1, vt, nk);
-}
-
 /* ------------------------------------------------------------------ 2. attend (forward) */
 /* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
  * o_slot/l_slot rows cl·w + r receive the result for the r-th member query. */
@@ -62,7 +48,7 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     qt.s = qt.acc + RA_BQ * e;
     qt.mx = qt.s + RA_BQ * RA_BK;
     qt.sum = qt.mx + RA_BQ;
-    FN(routing_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, NULL);
+    FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, NULL, nk);
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         qt.pos = qpos + r0;
@@ -214,7 +200,7 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     FN(RaQGradTile) g;
     g.s = delta + RA_BQ;
     g.dp = g.s + RA_BQ * RA_BK;
-    FN(routing_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt);
+    FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt, nk);
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
