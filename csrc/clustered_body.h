@@ -371,7 +371,18 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                          p->cand_v + list, p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
                          p->cand_size + (size_t)c0 * G + g, G);
         }
-        for (int t = ta, at = 0; t < tz; t++) {      /* 3. softmax and values */
+        if (kc > 0 && v_rows) {        /* 3. softmax and values: the chunk in one step */
+            int any_masked = 0;
+            for (int t = ta; t < tz; t++) any_masked |= masked[t - ta];
+            const int j0 = ta * RA_BK;
+            const FN(RaKTile) kt = {width, NULL, 0, (T *)(v.data + (ptrdiff_t)j0 * v.s0),
+                                    v.s0 / (ptrdiff_t)sizeof(T), NULL, 0, NULL, 0,
+                                    w->chunk_pos};
+            w->qt.s = w->chunk;
+            FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, any_masked ? RA_MASKED : 0);
+            continue;
+        }
+        for (int t = ta, at = 0; t < tz; t++) {      /* 3. softmax and values, by tile */
             const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
             FN(RaKTile) kt = {cols, NULL, 0, w->v, e, NULL, 0, NULL, 0,
                               kc > 0 ? w->chunk_pos + at : w->kpos};
