@@ -146,6 +146,16 @@ static inline void FN(cl_row_add)(RaMat m, int64_t i, const T *x, int n)
         for (int f = 0; f < n; f++) *(T *)(row + (ptrdiff_t)f * m.s1) += x[f];
 }
 
+/* Row i of m (n columns) = x (n). */
+static inline void FN(cl_row_write)(RaMat m, int64_t i, const T *x, int n)
+{
+    char *row = m.data + (ptrdiff_t)i * m.s0;
+    if (m.s1 == (ptrdiff_t)sizeof(T))
+        memcpy(row, x, sizeof(T) * (size_t)n);
+    else
+        for (int f = 0; f < n; f++) *(T *)(row + (ptrdiff_t)f * m.s1) = x[f];
+}
+
 static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
 {
     T *dst = p->cent + (ptrdiff_t)c * d;
@@ -165,17 +175,24 @@ static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
     }
 }
 
-/* Every centroid of one problem at once: the rows of q read in position order, each
- * added to its cluster's sum (so each sum runs over its members by increasing position,
- * as in cl_centroid), then divided by the member count.  labels already validated. */
+/* sums (C, d) = per cluster the sum of its rows of x (n, d), rows read in position order
+ * (so each sum runs over its members by increasing position, as a loop over the
+ * cluster's sorted member list does).  labels already validated. */
+static void FN(cl_sums_scan)(RaMat x, RaVec labels, int n, int d, int C, T *sums)
+{
+    memset(sums, 0, sizeof(T) * (size_t)C * d);
+    for (int i = 0; i < n; i++) {
+        const int64_t l = RA_VEC_AT(int64_t, labels, i);
+        if (l >= 0) FN(ra_add_row)(sums + (ptrdiff_t)l * d, 1, x, i, d);
+    }
+}
+
+/* Every centroid of one problem at once: cl_sums_scan, then each sum divided by the
+ * member count, as in cl_centroid. */
 static void FN(cl_centroids_scan)(RaMat q, RaVec labels, int n, int d, int C,
                                   const FN(ClProblem) *p)
 {
-    memset(p->cent, 0, sizeof(T) * (size_t)C * d);
-    for (int i = 0; i < n; i++) {
-        const int64_t l = RA_VEC_AT(int64_t, labels, i);
-        if (l >= 0) FN(ra_add_row)(p->cent + (ptrdiff_t)l * d, 1, q, i, d);
-    }
+    FN(cl_sums_scan)(q, labels, n, d, C, p->cent);
     for (int c = 0; c < C; c++) {
         const int64_t size = p->start[c + 1] - p->start[c];
         if (size == 0) continue;
@@ -465,8 +482,8 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
             FN(ra_bwd_step)(K, &w->gt, &kt, w->dk, d, dv_t, e, d, e, masked ? RA_MASKED : 0);
         }
         for (int r = 0; r < cols; r++) {
-            for (int f = 0; f < d; f++) RA_MAT_AT(T, dk, j0 + r, f) = w->dk[(ptrdiff_t)r * d + f];
-            for (int f = 0; f < e; f++) RA_MAT_AT(T, dv, j0 + r, f) = dv_t[(ptrdiff_t)r * e + f];
+            FN(cl_row_write)(dk, j0 + r, w->dk + (ptrdiff_t)r * d, d);
+            FN(cl_row_write)(dv, j0 + r, dv_t + (ptrdiff_t)r * e, e);
         }
     }
 }
@@ -776,6 +793,14 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
 
     /* forward 6 broadcast r_c to every member, so the cluster's gradient is their sum:
        gsum_c = Σ_{i∈c} dout_i */
+    if (B >= nt) {            /* a problem per thread: its dout rows read in order */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (ptrdiff_t b = 0; b < B; b++) {
+            FN(ClProblem) p;
+            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
+            FN(cl_sums_scan)(ra_mat_at(dout, b), ra_vec_at(labels, b), n, e, C, p.gsum);
+        }
+    }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t unit = 0; unit < B * C; unit++) {
         const ptrdiff_t b = unit / C;
@@ -783,10 +808,12 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         FN(ClProblem) p;
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
         T *gs = p.gsum + (ptrdiff_t)c * e;
-        RaMat g = ra_mat_at(dout, b);
-        memset(gs, 0, ts * (size_t)e);
-        for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
-            FN(ra_add_row)(gs, 1, g, p.order[s], e);
+        if (B < nt) {         /* else summed above: the same sums, in the same order */
+            RaMat g = ra_mat_at(dout, b);
+            memset(gs, 0, ts * (size_t)e);
+            for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
+                FN(ra_add_row)(gs, 1, g, p.order[s], e);
+        }
         p.delta[c] = FN(ra_dot)((const char *)gs, sizeof(T),
                                 (const char *)(p.r + (ptrdiff_t)c * e), sizeof(T), e);
     }
