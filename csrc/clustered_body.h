@@ -156,21 +156,29 @@ static inline void FN(cl_row_write)(RaMat m, int64_t i, const T *x, int n)
         for (int f = 0; f < n; f++) *(T *)(row + (ptrdiff_t)f * m.s1) = x[f];
 }
 
+/* dst (width) = the sum of cluster c's member rows of x (n, width), by increasing
+ * position (scattered rows: the next ones are fetched ahead). */
+static void FN(cl_member_sum)(RaMat x, int width, const FN(ClProblem) *p, int c, T *dst)
+{
+    const int64_t s0 = p->start[c], s1 = p->start[c + 1];
+    memset(dst, 0, sizeof(T) * (size_t)width);
+    for (int64_t s = s0; s < s1; s++) {
+        if (s + RA_PREFETCH_ROWS < s1) {
+            const char *ahead = x.data + (ptrdiff_t)p->order[s + RA_PREFETCH_ROWS] * x.s0;
+            for (int f = 0; f < width; f += 64 / (int)sizeof(T))
+                __builtin_prefetch(ahead + (ptrdiff_t)f * x.s1);
+        }
+        FN(ra_add_row)(dst, 1, x, p->order[s], width);
+    }
+}
+
 static void FN(cl_centroid)(RaMat q, int d, const FN(ClProblem) *p, int c)
 {
     T *dst = p->cent + (ptrdiff_t)c * d;
-    const int64_t s0 = p->start[c], s1 = p->start[c + 1];
-    memset(dst, 0, sizeof(T) * (size_t)d);
-    for (int64_t s = s0; s < s1; s++) {
-        if (s + RA_PREFETCH_ROWS < s1) {      /* scattered rows: fetch one ahead */
-            const char *ahead = q.data + (ptrdiff_t)p->order[s + RA_PREFETCH_ROWS] * q.s0;
-            for (int f = 0; f < d; f += 64 / (int)sizeof(T))
-                __builtin_prefetch(ahead + (ptrdiff_t)f * q.s1);
-        }
-        FN(ra_add_row)(dst, 1, q, p->order[s], d);
-    }
-    if (s1 > s0) {
-        const T inv = (T)1 / (T)(s1 - s0);
+    const int64_t size = p->start[c + 1] - p->start[c];
+    FN(cl_member_sum)(q, d, p, c, dst);
+    if (size > 0) {
+        const T inv = (T)1 / (T)size;
         for (int f = 0; f < d; f++) dst[f] *= inv;
     }
 }
@@ -808,12 +816,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         FN(ClProblem) p;
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
         T *gs = p.gsum + (ptrdiff_t)c * e;
-        if (B < nt) {         /* else summed above: the same sums, in the same order */
-            RaMat g = ra_mat_at(dout, b);
-            memset(gs, 0, ts * (size_t)e);
-            for (int64_t s = p.start[c]; s < p.start[c + 1]; s++)
-                FN(ra_add_row)(gs, 1, g, p.order[s], e);
-        }
+        if (B < nt)           /* else summed above: the same sums, in the same order */
+            FN(cl_member_sum)(ra_mat_at(dout, b), e, &p, c, gs);
         p.delta[c] = FN(ra_dot)((const char *)gs, sizeof(T),
                                 (const char *)(p.r + (ptrdiff_t)c * e), sizeof(T), e);
     }
