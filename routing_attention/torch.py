@@ -1,0 +1,501 @@
+"""PyTorch bridge: every routing_attention function as a ``torch.library`` custom op.
+
+The functions here have the NumPy API's names, arguments and keywords and take CPU
+tensors.  Each attention method is one custom op (namespace ``routing_attention``) whose
+forward returns the statistics its C backward needs; its autograd formula is a second op
+that runs the C backward on them (the forward is never recomputed).  Tensors are shared
+with NumPy without copies (float32 and float64; half precision is computed in float32
+and returned in its own dtype).  The NumPy functions stay the single source of truth:
+the ops only convert at the edge.
+
+Routing decisions (k-means, memberships, hashes) are non-differentiable ops: their float
+inputs are detached, index and label inputs get no gradient.  A double backward raises.
+
+Threads: the kernels use ``torch.get_num_threads()`` threads unless
+`set_num_threads` (this module's) chose a number.
+
+Layers: `RoutingAttention`, `ClusteredAttention`, `CombinerAttention` (torch.nn.Module).
+"""
+import hashlib
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from . import _ext
+from . import clustered as _clustered
+from . import clustering as _clustering
+from . import combiner as _combiner
+from . import dense as _dense
+from . import routing as _routing
+from ._checks import scale_value, unbroadcast
+
+__all__ = [
+    "attention", "local_attention", "routing_attention", "clustered_attention",
+    "improved_clustered_attention", "combiner_attention",
+    "spherical_kmeans", "assign_clusters", "assign_top_members", "top_members",
+    "members_from_labels", "update_centroids", "commitment_loss", "lsh_hash", "hamming_kmeans",
+    "RoutingAttention", "ClusteredAttention", "CombinerAttention",
+    "set_num_threads", "get_num_threads",
+]
+
+_NS = "routing_attention"
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------ threads
+_threads_chosen = None      # set by set_num_threads; None = follow torch.get_num_threads()
+
+
+def set_num_threads(n):
+    """Threads the kernels use from this module; ``None`` (the default) follows
+    ``torch.get_num_threads()`` at every call."""
+    global _threads_chosen
+    if n is not None:
+        _ext.set_num_threads(int(n))
+    _threads_chosen = None if n is None else int(n)
+
+
+def get_num_threads():
+    """Threads the next call will use."""
+    return _threads_chosen if _threads_chosen is not None else torch.get_num_threads()
+
+
+def _use_threads():
+    want = get_num_threads()
+    if _ext.get_num_threads() != want:
+        _ext.set_num_threads(want)
+
+
+# ------------------------------------------------------------------ tensor <-> ndarray
+def _np(t):
+    """A tensor as an ndarray sharing its memory (None stays None)."""
+    return None if t is None else t.detach().numpy()
+
+
+def _t(a):
+    """An ndarray as a tensor sharing its memory (read-only views are copied: torch
+    tensors are always writable)."""
+    a = np.asarray(a)
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a)
+
+
+def _batch(*pairs):
+    """Broadcast batch shape of (tensor, core rank) pairs; None tensors are skipped."""
+    return tuple(torch.broadcast_shapes(*(t.shape[:t.dim() - r] for t, r in pairs
+                                          if t is not None)))
+
+
+def _check_tensors(**tensors):
+    """Every argument a CPU tensor (or None): TypeError / ValueError naming it."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor for routing_attention.torch; got "
+                            f"{type(t).__name__} (use the NumPy API routing_attention.{name} "
+                            "arguments with routing_attention itself)")
+        if t.device.type not in ("cpu", "meta"):
+            raise ValueError(f"{name} is on device {t.device}; routing_attention's kernels run "
+                             f"on the CPU only: move it with {name}.cpu()")
+
+
+def _floats(**tensors):
+    """The float tensors of one call in the dtype they are computed in, and the dtype the
+    result is returned in.  float32/float64 promote like torch; float16 and bfloat16 are
+    computed in float32 and the results cast back."""
+    _check_tensors(**tensors)
+    present = [t for t in tensors.values() if t is not None]
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor; got {t.dtype}")
+    result = present[0].dtype
+    for t in present[1:]:
+        result = torch.promote_types(result, t.dtype)
+    compute = torch.float32 if result in _HALF else result
+    if compute not in (torch.float32, torch.float64):
+        raise TypeError(f"unsupported dtype {result}; use float32 or float64")
+    return [None if t is None else t.to(compute) for t in tensors.values()], result
+
+
+def _index(name, t):
+    _check_tensors(**{name: t})
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor; got {t.dtype}")
+    return t.to(torch.int64)
+
+
+def _mask(name, t):
+    if t is None:
+        return None
+    _check_tensors(**{name: t})
+    if t.dtype != torch.bool:
+        raise TypeError(f"{name} must be a boolean tensor (False = padding); got {t.dtype}")
+    return t
+
+
+def _scale(scale):
+    """scale as a Python float or None (a tensor scale would be data the op cannot trace)."""
+    if scale is None:
+        return None
+    if isinstance(scale, Tensor):
+        raise TypeError("scale must be a Python number, not a tensor")
+    return float(scale)
+
+
+# ------------------------------------------------------------------ autograd glue
+def _register_autograd(forward_op, backward_op, n_stats, lse_output):
+    """Autograd formula of an attention op: forward_op(q, k, v, *rest) -> (out, *stats);
+    backward_op(dout, dlse, q, k, v, *rest, *stats) -> (dq, dk, dv).  `lse_output`: the
+    first statistic is a log-sum-exp the user may differentiate (its gradient is passed as
+    dlse); every other statistic is not differentiable."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_positions = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
+        ctx.others = [None if isinstance(x, Tensor) else x for x in inputs]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions), *output)
+        ctx.mark_non_differentiable(*output[2 if lse_output else 1:])
+
+    def backward(ctx, dout, *dstats):
+        saved = ctx.saved_tensors
+        args = list(ctx.others)
+        for slot, i in enumerate(ctx.tensor_positions):
+            args[i] = saved[slot]
+        outputs = saved[len(ctx.tensor_positions):]
+        dlse = dstats[0] if lse_output else None
+        dq, dk, dv = backward_op(dout, dlse, *args, *outputs)
+        return (dq, dk, dv) + (None,) * (len(args) - 3)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(f"{_NS}.{backward_op._name}: double backward (gradients of gradients) "
+                           "is not supported by routing_attention's kernels")
+
+    def no_context(ctx, inputs, output):
+        pass
+
+    backward_op.register_autograd(no_double_backward, setup_context=no_context)
+
+
+def _lse_gradient(dlse, q, k, scale, attend, attend_backward):
+    """(dq, dk) of Σ_i dlse_i · L_i where L_i = log Σ_j exp(scale·q_i·k_j) over the keys
+    query i sees.  ∂L_i/∂s_ij is the attention weight P_ij, so dq_i = scale·g_i·Σ_j P_ij k_j
+    — attention with the keys as values — and dk_j = scale·Σ_i P_ij g_i q_i — that
+    attention's value gradient for dout_i = g_i q_i.  `attend(q, k, v)` and
+    `attend_backward(dout, q, k, v)` compute that distribution's attention."""
+    g = dlse[..., None]
+    dq = scale * g * attend(q, k, k)
+    dk = scale * attend_backward(g * q, q, k, k)[2]
+    return unbroadcast(dq, q.shape), dk
+
+
+def _has_gradient(dlse):
+    return dlse is not None and bool(np.any(dlse != 0))
+
+
+def _grads(dq, dk, dv):
+    return _t(dq), _t(dk), _t(dv)
+
+
+# ------------------------------------------------------------------ dense attention
+@custom_op(f"{_NS}::attention", mutates_args=(),
+           schema="(Tensor q, Tensor k, Tensor v, Tensor? key_mask, bool causal, float? scale)"
+                  " -> (Tensor, Tensor)")
+def _attention_op(q, k, v, key_mask, causal, scale):
+    _use_threads()
+    out, lse = _dense.attention(_np(q), _np(k), _np(v), causal=causal, key_mask=_np(key_mask),
+                                scale=scale, return_lse=True)
+    return _t(out), _t(lse)
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_mask, causal, scale):
+    batch = _batch((q, 2), (k, 2), (v, 2), (key_mask, 1))
+    return q.new_empty(batch + (q.shape[-2], v.shape[-1])), q.new_empty(batch + (q.shape[-2],))
+
+
+@custom_op(f"{_NS}::attention_backward", mutates_args=(),
+           schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor? key_mask, "
+                  "bool causal, float? scale, Tensor out, Tensor lse) -> (Tensor, Tensor, Tensor)")
+def _attention_backward_op(dout, dlse, q, k, v, key_mask, causal, scale, out, lse):
+    _use_threads()
+    q, k, v, mask, dlse = _np(q), _np(k), _np(v), _np(key_mask), _np(dlse)
+    kw = dict(causal=causal, key_mask=mask, scale=scale)
+    dq, dk, dv = _dense.attention_backward(_np(dout), q, k, v, lse=_np(lse), output=_np(out), **kw)
+    if _has_gradient(dlse):
+        eq, ek = _lse_gradient(dlse, q, k, scale_value(scale, q.shape[-1], q.dtype),
+                               lambda *a: _dense.attention(*a, **kw),
+                               lambda *a: _dense.attention_backward(*a, **kw))
+        dq, dk = dq + eq, dk + ek
+    return _grads(dq, dk, dv)
+
+
+def _grad_fake(dout, dlse, q, k, v, *rest):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+_attention_backward_op.register_fake(_grad_fake)
+_register_autograd(_attention_op, _attention_backward_op, 1, lse_output=True)
+
+
+def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False):
+    """Dense softmax attention on CPU tensors; see `routing_attention.attention`.
+    Differentiable in q, k, v (and through the returned lse)."""
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+    out, lse = _attention_op(q, k, v, _mask("key_mask", key_mask), bool(causal), _scale(scale))
+    out, lse = out.to(dtype), lse.to(dtype)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------ routing / local
+_ROUTING_STATS = "Tensor, Tensor, Tensor, Tensor, Tensor"     # out, lse, slot out/lse/self
+
+
+def _routing_forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
+    out, lse, saved = _routing.routing_attention(
+        q, k, v, q_idx, k_idx, causal=causal, exclude_self=exclude_self, merge=merge,
+        scale=scale, return_lse=True, return_saved=True)
+    # the kernel leaves the statistics of empty slots (-1) unwritten: give them fixed
+    # values, so that an op's outputs are a function of its inputs
+    empty = np.asarray(q_idx) < 0
+    slot_output, slot_lse, slot_self = saved["slot_output"], saved["slot_lse"], saved["slot_self"]
+    slot_output[np.broadcast_to(empty, slot_lse.shape)] = 0
+    slot_lse[np.broadcast_to(empty, slot_lse.shape)] = -np.inf
+    slot_self[np.broadcast_to(empty, slot_lse.shape)] = False
+    return tuple(_t(a) for a in (out, lse, slot_output, slot_lse, slot_self))
+
+
+def _routing_fake(q, k, v, q_idx, k_idx):
+    batch = _batch((q, 2), (k, 2), (v, 2), (q_idx, 2), (k_idx, 2))
+    n, e, (c, w) = q.shape[-2], v.shape[-1], q_idx.shape[-2:]
+    return (q.new_empty(batch + (n, e)), q.new_empty(batch + (n,)),
+            q.new_empty(batch + (c, w, e)), q.new_empty(batch + (c, w)),
+            q.new_empty(batch + (c, w), dtype=torch.bool))
+
+
+def _routing_backward(dout, dlse, q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale,
+                      stats):
+    """The NumPy routing backward on the forward's statistics, plus the lse term."""
+    kw = dict(causal=causal, exclude_self=exclude_self, scale=scale)
+    saved = dict(zip(_routing.SAVED_KEYS, (_np(s) for s in stats)))
+    q, k, v, dlse = _np(q), _np(k), _np(v), _np(dlse)
+    dq, dk, dv = _routing.routing_attention_backward(_np(dout), q, k, v, q_idx, k_idx, merge=merge,
+                                                     **kw, **saved)
+    if _has_gradient(dlse):
+        # L is the log-sum-exp of the concatenated key lists whatever the merge: its
+        # distribution is the lse-merged attention's
+        kw["merge"] = "lse"
+        eq, ek = _lse_gradient(
+            dlse, q, k, scale_value(scale, q.shape[-1], q.dtype),
+            lambda a, b, c: _routing.routing_attention(a, b, c, q_idx, k_idx, **kw),
+            lambda d, a, b, c: _routing.routing_attention_backward(d, a, b, c, q_idx, k_idx, **kw))
+        dq, dk = dq + eq, dk + ek
+    return _grads(dq, dk, dv)
+
+
+@custom_op(f"{_NS}::routing_attention", mutates_args=(),
+           schema="(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor k_idx, bool causal, "
+                  f"bool exclude_self, str merge, float? scale) -> ({_ROUTING_STATS})")
+def _routing_op(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
+    _use_threads()
+    return _routing_forward(_np(q), _np(k), _np(v), _np(q_idx), _np(k_idx), causal,
+                            exclude_self, merge, scale)
+
+
+@_routing_op.register_fake
+def _(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
+    return _routing_fake(q, k, v, q_idx, k_idx)
+
+
+@custom_op(f"{_NS}::routing_attention_backward", mutates_args=(),
+           schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor q_idx, "
+                  "Tensor k_idx, bool causal, bool exclude_self, str merge, float? scale, "
+                  "Tensor out, Tensor lse, Tensor slot_output, Tensor slot_lse, "
+                  "Tensor slot_self) -> (Tensor, Tensor, Tensor)")
+def _routing_backward_op(dout, dlse, q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale,
+                         *stats):
+    _use_threads()
+    return _routing_backward(dout, dlse, q, k, v, _np(q_idx), _np(k_idx), causal, exclude_self,
+                             merge, scale, stats)
+
+
+_routing_backward_op.register_fake(_grad_fake)
+_register_autograd(_routing_op, _routing_backward_op, 4, lse_output=True)
+
+
+def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
+                      scale=None, return_lse=False):
+    """Attention inside clusters given by membership lists, on CPU tensors; see
+    `routing_attention.routing_attention`.  q_idx, k_idx are integer tensors (no
+    gradient); differentiable in q, k, v (and through the returned lse)."""
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+    out, lse, *_ = _routing_op(q, k, v, _index("q_idx", q_idx), _index("k_idx", k_idx),
+                               bool(causal), bool(exclude_self), str(merge), _scale(scale))
+    out, lse = out.to(dtype), lse.to(dtype)
+    return (out, lse) if return_lse else out
+
+
+def _local_members(q, k, window, causal):
+    q_idx, k_idx = _routing.local_members(q.shape[-2], k.shape[-2], window, causal)
+    return q_idx, k_idx
+
+
+@custom_op(f"{_NS}::local_attention", mutates_args=(),
+           schema="(Tensor q, Tensor k, Tensor v, int window, bool causal, float? scale)"
+                  f" -> ({_ROUTING_STATS})")
+def _local_op(q, k, v, window, causal, scale):
+    _use_threads()
+    q_idx, k_idx = _local_members(q, k, window, causal)
+    return _routing_forward(_np(q), _np(k), _np(v), q_idx, k_idx, causal, False, "mean", scale)
+
+
+@_local_op.register_fake
+def _(q, k, v, window, causal, scale):
+    n, m = q.shape[-2], k.shape[-2]
+    w = min(window, max(n, m, 1))
+    blocks = max(1, -(-n // w))
+    span = (2 if causal else 3) * w
+    return _routing_fake(q, k, v, q.new_empty((blocks, w)), q.new_empty((blocks, span)))
+
+
+@custom_op(f"{_NS}::local_attention_backward", mutates_args=(),
+           schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, int window, "
+                  "bool causal, float? scale, Tensor out, Tensor lse, Tensor slot_output, "
+                  "Tensor slot_lse, Tensor slot_self) -> (Tensor, Tensor, Tensor)")
+def _local_backward_op(dout, dlse, q, k, v, window, causal, scale, *stats):
+    _use_threads()
+    q_idx, k_idx = _local_members(q, k, window, causal)
+    return _routing_backward(dout, None, q, k, v, q_idx, k_idx, causal, False, "mean", scale,
+                             stats)
+
+
+_local_backward_op.register_fake(_grad_fake)
+_register_autograd(_local_op, _local_backward_op, 4, lse_output=False)
+
+
+def local_attention(q, k, v, window, *, causal=False, scale=None):
+    """Blocked local attention on CPU tensors; see `routing_attention.local_attention`."""
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"window must be >= 1; got {window}")
+    return _local_op(q, k, v, window, bool(causal), _scale(scale))[0].to(dtype)
+
+
+# ------------------------------------------------------------------ clustered
+def _clustered_function(topk, backward):
+    """The NumPy function of the plain (topk 0) or improved form, and its extra keyword."""
+    if topk == 0:
+        f = _clustered.clustered_attention_backward if backward else _clustered.clustered_attention
+        return f, {}
+    f = (_clustered.improved_clustered_attention_backward if backward
+         else _clustered.improved_clustered_attention)
+    return f, dict(topk=topk)
+
+
+@custom_op(f"{_NS}::clustered_attention", mutates_args=(),
+           schema="(Tensor q, Tensor k, Tensor v, Tensor labels, int n_clusters, int topk, "
+                  "Tensor? key_mask, float? scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _clustered_op(q, k, v, labels, n_clusters, topk, key_mask, scale):
+    _use_threads()
+    forward, kw = _clustered_function(topk, False)
+    out, saved = forward(_np(q), _np(k), _np(v), _np(labels), n_clusters, key_mask=_np(key_mask),
+                         scale=scale, return_saved=True, **kw)
+    return (_t(out),) + tuple(_t(saved[key]) for key in _clustered.SAVED_KEYS)
+
+
+@_clustered_op.register_fake
+def _(q, k, v, labels, n_clusters, topk, key_mask, scale):
+    batch = _batch((q, 2), (k, 2), (v, 2), (labels, 1), (key_mask, 1))
+    kmax = min(topk, k.shape[-2])
+    e = v.shape[-1]
+    return (q.new_empty(batch + (q.shape[-2], e)), q.new_empty(batch + (n_clusters, e)),
+            q.new_empty(batch + (n_clusters,)),
+            q.new_empty(batch + (n_clusters, kmax), dtype=torch.int64),
+            q.new_empty(batch + (n_clusters, kmax)))
+
+
+@custom_op(f"{_NS}::clustered_attention_backward", mutates_args=(),
+           schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor labels, "
+                  "int n_clusters, int topk, Tensor? key_mask, float? scale, Tensor out, "
+                  "Tensor centroid_out, Tensor centroid_lse, Tensor topk_index, "
+                  "Tensor topk_weight) -> (Tensor, Tensor, Tensor)")
+def _clustered_backward_op(dout, dlse, q, k, v, labels, n_clusters, topk, key_mask, scale, out,
+                           *stats):
+    _use_threads()
+    saved = dict(zip(_clustered.SAVED_KEYS, (_np(s) for s in stats)))
+    backward, kw = _clustered_function(topk, True)
+    return _grads(*backward(_np(dout), _np(q), _np(k), _np(v), _np(labels), n_clusters,
+                            key_mask=_np(key_mask), scale=scale, **kw, **saved))
+
+
+_clustered_backward_op.register_fake(_grad_fake)
+_register_autograd(_clustered_op, _clustered_backward_op, 4, lse_output=False)
+
+
+def _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale):
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+    return _clustered_op(q, k, v, _index("labels", labels), int(n_clusters), topk,
+                         _mask("key_mask", key_mask), _scale(scale))[0].to(dtype)
+
+
+def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None):
+    """Clustered attention on CPU tensors; see `routing_attention.clustered_attention`.
+    labels (..., n) integer tensor (no gradient)."""
+    return _clustered_call(q, k, v, labels, n_clusters, 0, key_mask, scale)
+
+
+def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None, scale=None):
+    """Improved clustered attention on CPU tensors; see
+    `routing_attention.improved_clustered_attention` (m̂_c is a constant in the backward,
+    as in the paper)."""
+    topk = int(topk)
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1; got {topk}")
+    return _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale)
+
+
+# ------------------------------------------------------------------ Combiner
+@custom_op(f"{_NS}::combiner_attention", mutates_args=(),
+           schema="(Tensor q, Tensor k, Tensor v, str plan, int? block, bool causal, "
+                  "float? scale) -> (Tensor, Tensor)")
+def _combiner_op(q, k, v, plan, block, causal, scale):
+    _use_threads()
+    out, saved = _combiner.combiner_attention(_np(q), _np(k), _np(v), plan=plan, block=block,
+                                              causal=causal, scale=scale, return_saved=True)
+    return _t(out), _t(saved["lse"])
+
+
+@_combiner_op.register_fake
+def _(q, k, v, plan, block, causal, scale):
+    batch = _batch((q, 2), (k, 2), (v, 2))
+    return q.new_empty(batch + (q.shape[-2], v.shape[-1])), q.new_empty(batch + (q.shape[-2],))
+
+
+@custom_op(f"{_NS}::combiner_attention_backward", mutates_args=(),
+           schema="(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, str plan, "
+                  "int? block, bool causal, float? scale, Tensor out, Tensor lse)"
+                  " -> (Tensor, Tensor, Tensor)")
+def _combiner_backward_op(dout, dlse, q, k, v, plan, block, causal, scale, out, lse):
+    _use_threads()
+    return _grads(*_combiner.combiner_attention_backward(
+        _np(dout), _np(q), _np(k), _np(v), plan=plan, block=block, causal=causal, scale=scale,
+        output=_np(out), lse=_np(lse)))
+
+
+_combiner_backward_op.register_fake(_grad_fake)
+_register_autograd(_combiner_op, _combiner_backward_op, 1, lse_output=False)
+
+
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None):
+    """Combiner attention on CPU tensors; see `routing_attention.combiner_attention`."""
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+    block = None if block is None else int(block)
+    return _combiner_op(q, k, v, str(plan), block, bool(causal), _scale(scale))[0].to(dtype)
