@@ -499,3 +499,218 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     block = None if block is None else int(block)
     return _combiner_op(q, k, v, str(plan), block, bool(causal), _scale(scale))[0].to(dtype)
+
+
+# ------------------------------------------------------------------ routing decisions
+# Non-differentiable: float inputs are detached by the wrappers, outputs are labels,
+# member lists, codes or centroids that no gradient flows through.
+def _decision_inputs(**tensors):
+    """Float inputs of a routing decision: detached, computed dtype, result dtype."""
+    (*arrays,), dtype = _floats(**tensors)
+    return [None if a is None else a.detach() for a in arrays], dtype
+
+
+@custom_op(f"{_NS}::spherical_kmeans", mutates_args=(),
+           schema="(Tensor x, int n_clusters, int iters, int seed, Tensor? mask, Tensor? init)"
+                  " -> Tensor")
+def _spherical_kmeans_op(x, n_clusters, iters, seed, mask, init):
+    _use_threads()
+    return _t(_clustering.spherical_kmeans(_np(x), n_clusters, iters=iters, seed=seed,
+                                           mask=_np(mask), init=_np(init)))
+
+
+@_spherical_kmeans_op.register_fake
+def _(x, n_clusters, iters, seed, mask, init):
+    batch = _batch((x, 2), (mask, 1), (init, 2))
+    return x.new_empty(batch + (n_clusters, x.shape[-1]))
+
+
+def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
+    """Unit-norm centroids (..., c, d); see `routing_attention.spherical_kmeans`."""
+    (x, init), dtype = _decision_inputs(x=x, init=init)
+    return _spherical_kmeans_op(x, int(n_clusters), int(iters), int(seed), _mask("mask", mask),
+                                init).to(dtype)
+
+
+@custom_op(f"{_NS}::assign_clusters", mutates_args=(),
+           schema="(Tensor x, Tensor centroids) -> Tensor")
+def _assign_clusters_op(x, centroids):
+    _use_threads()
+    return _t(_clustering.assign_clusters(_np(x), _np(centroids)))
+
+
+@_assign_clusters_op.register_fake
+def _(x, centroids):
+    return x.new_empty(_batch((x, 2), (centroids, 2)) + (x.shape[-2],), dtype=torch.int64)
+
+
+@custom_op(f"{_NS}::assign_scores", mutates_args=(),
+           schema="(Tensor x, Tensor centroids) -> (Tensor, Tensor, Tensor)")
+def _assign_scores_op(x, centroids):
+    _use_threads()
+    return tuple(_t(a) for a in _clustering.assign_clusters(_np(x), _np(centroids),
+                                                            return_scores=True))
+
+
+@_assign_scores_op.register_fake
+def _(x, centroids):
+    batch, n = _batch((x, 2), (centroids, 2)), x.shape[-2]
+    return (x.new_empty(batch + (n,), dtype=torch.int64),
+            x.new_empty(batch + (n, centroids.shape[-2])), x.new_empty(batch + (n,)))
+
+
+def assign_clusters(x, centroids, *, return_scores=False):
+    """labels (..., n) int64 [, scores (..., n, c), best (..., n)]; see
+    `routing_attention.assign_clusters`."""
+    (x, centroids), dtype = _decision_inputs(x=x, centroids=centroids)
+    if not return_scores:
+        return _assign_clusters_op(x, centroids)
+    labels, scores, best = _assign_scores_op(x, centroids)
+    return labels, scores.to(dtype), best.to(dtype)
+
+
+@custom_op(f"{_NS}::assign_top_members", mutates_args=(),
+           schema="(Tensor x, Tensor centroids, int w) -> (Tensor, Tensor, Tensor)")
+def _assign_top_members_op(x, centroids, w):
+    _use_threads()
+    return tuple(_t(a) for a in _clustering.assign_top_members(_np(x), _np(centroids), w))
+
+
+@_assign_top_members_op.register_fake
+def _(x, centroids, w):
+    batch, n = _batch((x, 2), (centroids, 2)), x.shape[-2]
+    return (x.new_empty(batch + (n,), dtype=torch.int64), x.new_empty(batch + (n,)),
+            x.new_empty(batch + (centroids.shape[-2], w), dtype=torch.int64))
+
+
+def assign_top_members(x, centroids, w):
+    """(labels (..., n), best (..., n), members (..., c, w)); see
+    `routing_attention.assign_top_members`."""
+    (x, centroids), dtype = _decision_inputs(x=x, centroids=centroids)
+    labels, best, members = _assign_top_members_op(x, centroids, int(w))
+    return labels, best.to(dtype), members
+
+
+@custom_op(f"{_NS}::top_members", mutates_args=(), schema="(Tensor scores, int w) -> Tensor")
+def _top_members_op(scores, w):
+    _use_threads()
+    return _t(_clustering.top_members(_np(scores), w))
+
+
+@_top_members_op.register_fake
+def _(scores, w):
+    return scores.new_empty(scores.shape[:-2] + (scores.shape[-1], w), dtype=torch.int64)
+
+
+def top_members(scores, w):
+    """Balanced membership (..., c, w) int64; see `routing_attention.top_members`."""
+    (scores,), _ = _decision_inputs(scores=scores)
+    return _top_members_op(scores, int(w))
+
+
+@custom_op(f"{_NS}::members_from_labels", mutates_args=(),
+           schema="(Tensor labels, int n_clusters, int? max_size) -> Tensor")
+def _members_from_labels_op(labels, n_clusters, max_size):
+    _use_threads()
+    return _t(_clustering.members_from_labels(_np(labels), n_clusters, max_size=max_size))
+
+
+@_members_from_labels_op.register_fake
+def _(labels, n_clusters, max_size):
+    size = max_size if max_size is not None else torch.library.get_ctx().new_dynamic_size()
+    return labels.new_empty(labels.shape[:-1] + (n_clusters, size), dtype=torch.int64)
+
+
+def members_from_labels(labels, n_clusters, *, max_size=None):
+    """Argmax membership lists (..., c, s) int64; see `routing_attention.members_from_labels`
+    (without `max_size` the width depends on the data: under torch.compile it is a
+    dynamic size)."""
+    return _members_from_labels_op(_index("labels", labels), int(n_clusters),
+                                   None if max_size is None else int(max_size))
+
+
+@custom_op(f"{_NS}::update_centroids", mutates_args=(),
+           schema="(Tensor centroids, Tensor x, Tensor labels, float decay, Tensor? mask)"
+                  " -> Tensor")
+def _update_centroids_op(centroids, x, labels, decay, mask):
+    _use_threads()
+    return _t(_clustering.update_centroids(_np(centroids), _np(x), _np(labels), decay=decay,
+                                           mask=_np(mask)))
+
+
+@_update_centroids_op.register_fake
+def _(centroids, x, labels, decay, mask):
+    rows = _batch((x, 2), (labels, 1), (mask, 1))
+    extra = len(rows) - (centroids.dim() - 2)      # leftmost axes pooled into the mean
+    rest = rows[extra:] if extra > 0 else rows
+    return centroids.new_empty(tuple(torch.broadcast_shapes(centroids.shape[:-2], rest))
+                               + tuple(centroids.shape[-2:]))
+
+
+def update_centroids(centroids, x, labels, *, decay=0.999, mask=None):
+    """One online EMA step of spherical k-means; see `routing_attention.update_centroids`."""
+    (centroids, x), dtype = _decision_inputs(centroids=centroids, x=x)
+    return _update_centroids_op(centroids, x, _index("labels", labels), float(decay),
+                                _mask("mask", mask)).to(dtype)
+
+
+@custom_op(f"{_NS}::lsh_hash", mutates_args=(), schema="(Tensor x, Tensor planes) -> Tensor")
+def _lsh_hash_op(x, planes):
+    _use_threads()
+    return _t(_clustering.lsh_hash(_np(x), _np(planes)))
+
+
+@_lsh_hash_op.register_fake
+def _(x, planes):
+    return x.new_empty(_batch((x, 2), (planes, 2)) + (x.shape[-2],), dtype=torch.int64)
+
+
+def lsh_hash(x, planes):
+    """Random-hyperplane codes (..., n) int64; see `routing_attention.lsh_hash`."""
+    (x, planes), _ = _decision_inputs(x=x, planes=planes)
+    return _lsh_hash_op(x, planes)
+
+
+@custom_op(f"{_NS}::hamming_kmeans", mutates_args=(),
+           schema="(Tensor codes, int n_clusters, int iters, int seed, Tensor? mask)"
+                  " -> (Tensor, Tensor)")
+def _hamming_kmeans_op(codes, n_clusters, iters, seed, mask):
+    _use_threads()
+    labels, centroids = _clustering.hamming_kmeans(_np(codes), n_clusters, iters=iters,
+                                                   seed=seed, mask=_np(mask),
+                                                   return_centroids=True)
+    return _t(labels), _t(centroids)
+
+
+@_hamming_kmeans_op.register_fake
+def _(codes, n_clusters, iters, seed, mask):
+    batch = _batch((codes, 1), (mask, 1))
+    return (codes.new_empty(batch + (codes.shape[-1],), dtype=torch.int64),
+            codes.new_empty(batch + (n_clusters,), dtype=torch.int64))
+
+
+def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_centroids=False):
+    """Hamming k-means labels (..., n) int64 [, centroid codes (..., c)]; see
+    `routing_attention.hamming_kmeans`."""
+    labels, centroids = _hamming_kmeans_op(_index("codes", codes), int(n_clusters), int(iters),
+                                           int(seed), _mask("mask", mask))
+    return (labels, centroids) if return_centroids else labels
+
+
+def commitment_loss(x, centroids, labels, *, mask=None):
+    """The Routing Transformer's commitment loss per problem, mean over counted rows of
+    ‖x_i − μ_label(i)‖², as a differentiable torch expression (gradient to x; the
+    centroids are constants).  Rows labelled -1 or masked out are left out; a problem
+    with no counted row gives 0.  x (..., n, d), centroids (..., c, d), labels (..., n)."""
+    _check_tensors(x=x, centroids=centroids, labels=labels, mask=mask)
+    labels = _index("labels", labels)
+    batch = _batch((x, 2), (centroids, 2), (labels, 1), (mask, 1))
+    cent = centroids.detach().to(x.dtype).expand(batch + tuple(centroids.shape[-2:]))
+    lab = labels.expand(batch + (x.shape[-2],))
+    mu = torch.gather(cent, -2, lab.clamp(min=0)[..., None].expand(lab.shape + (x.shape[-1],)))
+    weight = (lab >= 0).to(x.dtype)
+    if mask is not None:
+        weight = weight * _mask("mask", mask).to(x.dtype)
+    sq = ((x - mu) ** 2).sum(-1)
+    sq = torch.where(weight > 0, sq, torch.zeros((), dtype=x.dtype))
+    return (sq * weight).sum(-1) / weight.sum(-1).clamp(min=1)
