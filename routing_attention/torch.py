@@ -714,3 +714,272 @@ def commitment_loss(x, centroids, labels, *, mask=None):
     sq = ((x - mu) ** 2).sum(-1)
     sq = torch.where(weight > 0, sq, torch.zeros((), dtype=x.dtype))
     return (sq * weight).sum(-1) / weight.sum(-1).clamp(min=1)
+
+
+# ------------------------------------------------------------------ layers
+def _in_backward():
+    """True while autograd runs a backward pass: a forward called now is a recomputation
+    (torch.utils.checkpoint), which must repeat the original call's routing decisions
+    and must not move the centroids again."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _may_be_recomputed():
+    """True when a forward runs the way torch.utils.checkpoint runs it the first time:
+    under saved-tensor hooks (non-reentrant) or with gradients off (reentrant)."""
+    return (not torch.is_grad_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+
+
+def _fingerprint(*tensors):
+    """A checksum of the tensors' values and shapes: a recomputed forward sees bit-identical
+    inputs, so it finds its original call's decisions under this key."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(repr((tuple(t.shape), t.dtype)).encode())
+        h.update(np.ascontiguousarray(_np(t)).view(np.uint8).data)
+    return h.digest()
+
+
+class _StateBuffer:
+    """Load a buffer whose shape is only known after the first call (centroids, planes)."""
+
+    @staticmethod
+    def resize_before_load(module, name, state_dict, prefix):
+        key = prefix + name
+        if key in state_dict and state_dict[key].shape != getattr(module, name).shape:
+            old = getattr(module, name)
+            setattr(module, name, torch.empty_like(state_dict[key], device=old.device))
+
+
+def _unit_rows(x):
+    """Rows scaled to unit L2 norm, zero rows kept zero (differentiable)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones((), dtype=x.dtype))
+
+
+class RoutingAttention(torch.nn.Module):
+    """Routing Transformer attention as a torch.nn.Module: online spherical k-means routing
+    plus local heads.  Options and semantics are those of the NumPy
+    `routing_attention.RoutingAttention` (see its docstring), on CPU tensors:
+
+    ``layer(q, k, v, key_mask=None, query_mask=None)`` with q (..., heads, n, d), k (...,
+    heads, m, d), v (..., heads, m, e) returns (..., heads, n, e).  The first
+    `local_heads` heads run local attention, the others routing attention.
+
+    - ``centroids`` is a buffer (routing heads, c, d): in ``state_dict``, moved by ``.to()``,
+      fitted by spherical k-means on the first batch the layer sees in training mode.
+      While ``self.training``, each forward moves it by one EMA step (`decay`) on that
+      call's normalised queries and keys — never in ``eval()``, and never again when
+      ``torch.utils.checkpoint`` recomputes the forward (the recomputation reuses the
+      original call's memberships, so its gradients are exact).
+    - ``commitment_loss``: after each call, a differentiable scalar tensor, mean over batch
+      and routing heads of mean ‖x̂ − μ_label‖² over the normalised queries and keys (0
+      without routing heads); add ``weight * layer.commitment_loss`` to the training loss.
+    - ``q_idx``, ``k_idx``: the last call's member lists (integer tensors).
+    - Every call is its own autograd node: a layer used several times in one graph gets
+      exact gradients for each use.  Memberships are not differentiated.
+
+    In eval mode a layer that was never trained fits its centroids on the first batch
+    too, and leaves them fixed afterwards.  The routing decisions run eagerly: under
+    ``torch.compile`` this layer causes graph breaks (the attention ops themselves do not).
+    """
+
+    _RECOMPUTE_CACHE = 32       # decisions kept for checkpoint recomputation, per layer
+
+    def __init__(self, n_clusters=None, *, local_heads=0, window=None, shared_qk=False,
+                 causal=False, membership="balanced", w=None, merge="mean", decay=0.999,
+                 kmeans_iters=10, seed=0, scale=None):
+        super().__init__()
+        # the NumPy layer checks the options and makes the routing decisions
+        self._router = _routing.RoutingAttention(
+            n_clusters, local_heads=local_heads, window=window, shared_qk=shared_qk,
+            causal=causal, membership=membership, w=w, merge=merge, decay=decay,
+            kmeans_iters=kmeans_iters, seed=seed, scale=scale)
+        self.register_buffer("centroids", torch.empty(0))
+        self.commitment_loss = None
+        self.q_idx = self.k_idx = None
+        self._decisions = OrderedDict()
+
+    def __getattr__(self, name):
+        # options (local_heads, causal, merge, ...) are read from the NumPy router
+        if name in ("n_clusters", "local_heads", "window", "shared_qk", "causal", "membership",
+                    "w", "merge", "decay", "kmeans_iters", "seed", "scale"):
+            return getattr(self._modules.get("_router") or self.__dict__["_router"], name)
+        return super().__getattr__(name)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _StateBuffer.resize_before_load(self, "centroids", state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        r = self._router
+        return (f"n_clusters={r.n_clusters}, local_heads={r.local_heads}, window={r.window}, "
+                f"shared_qk={r.shared_qk}, causal={r.causal}, membership={r.membership!r}, "
+                f"merge={r.merge!r}, decay={r.decay}")
+
+    # -- routing decisions (no gradient) ------------------------------------------
+    def _route(self, q, k, kmask, qmask):
+        """Member lists and the centroids they were made with, for the routing heads q
+        (..., h, n, d), k (..., h, m, d) (k is None for shared-QK).  Moves the centroid
+        buffer when training; a recomputation finds its original call's result."""
+        recompute = _in_backward()
+        key = None
+        if self.training and (recompute or _may_be_recomputed()):
+            key = _fingerprint(*(t for t in (q, k, kmask, qmask) if t is not None))
+        if recompute and key in self._decisions:
+            return self._decisions[key]
+        if recompute and self.training:
+            raise RuntimeError("RoutingAttention: a forward recomputed during backward (e.g. "
+                               "torch.utils.checkpoint) does not match any of the layer's last "
+                               f"{self._RECOMPUTE_CACHE} training calls; its routing decisions "
+                               "cannot be reproduced, so its gradients would be wrong")
+        r = self._router
+        qn = _np(q)
+        if r.shared_qk:
+            qhat, _, qsq = _routing._normalize(qn)
+            args = (qn, qn, _np(kmask), _np(qmask), qhat, qsq)
+        else:
+            args = (qn, _np(k), _np(kmask), _np(qmask))
+        r.centroids = (_np(self.centroids).astype(qn.dtype) if self.centroids.numel()
+                       else None)
+        if r.centroids is None:         # first call: k-means on this batch, no update yet
+            r.training = False
+            r._route(*args)
+        used = torch.from_numpy(r.centroids.copy())
+        r.training = self.training
+        q_idx, k_idx = r._route(*args)
+        if self.training or not self.centroids.numel():
+            self.centroids = torch.from_numpy(np.ascontiguousarray(r.centroids)).to(
+                self.centroids.device)
+        decision = (_t(q_idx), _t(k_idx), used)
+        if key is not None:
+            self._decisions[key] = decision
+            while len(self._decisions) > self._RECOMPUTE_CACHE:
+                self._decisions.popitem(last=False)
+        return decision
+
+    # -- forward ----------------------------------------------------------------
+    def forward(self, q, k, v, key_mask=None, query_mask=None):
+        """Attention output (..., heads, n, e); see the class docstring."""
+        (q, k, v), dtype = _floats(q=q, k=k, v=v)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() < 3:
+                raise ValueError(f"{name} must have shape (..., heads, sequence, feature); "
+                                 f"got {tuple(t.shape)}")
+        r = self._router
+        heads = torch.broadcast_shapes(*((t.shape[-3],) for t in (q, k, v)))[0]
+        q, k, v = (t.expand(t.shape[:-3] + (heads,) + t.shape[-2:]) for t in (q, k, v))
+        L = r.local_heads
+        if L > heads:
+            raise ValueError(f"local_heads ({L}) exceeds the number of heads ({heads})")
+        if self.centroids.numel() and self.centroids.shape[0] != heads - L:
+            raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
+                             f"got {heads - L}")
+        n, m = q.shape[-2], (q if r.shared_qk else k).shape[-2]
+        kmask = _mask("key_mask", key_mask)
+        qmask = _mask("query_mask", query_mask)
+        batch = tuple(q.shape[:-3])
+        kmask_h = None if kmask is None else torch.from_numpy(
+            r._layer_mask("key_mask", _np(kmask), m, batch))
+        qmask_h = None if qmask is None else torch.from_numpy(
+            r._layer_mask("query_mask", _np(qmask), n, batch))
+        katt = _unit_rows(q) if r.shared_qk else k        # shared-QK attends to unit keys
+        kw = dict(causal=r.causal, scale=r.scale, exclude_self=r.shared_qk)
+        parts = []
+        if L:
+            c = r.n_clusters or max(1, int(round(math.sqrt(n))))
+            lq, lk = _routing.local_members(n, m, r.window or max(1, n // c), r.causal)
+            lq = _routing._mask_members(lq, _np(qmask_h))
+            lk = _routing._mask_members(lk, _np(kmask_h))
+            parts.append(routing_attention(q[..., :L, :, :], katt[..., :L, :, :],
+                                           v[..., :L, :, :], _t(lq), _t(lk), **kw))
+        self.commitment_loss = q.new_zeros(())
+        if L < heads:
+            if not r.shared_qk and q.shape[:-2] != k.shape[:-2]:
+                raise ValueError("q and k must have the same leading (batch, heads) axes for the "
+                                 f"routing decisions; got q {tuple(q.shape)} and k "
+                                 f"{tuple(k.shape)}")
+            qr, kr = q[..., L:, :, :], (None if r.shared_qk else k[..., L:, :, :])
+            q_idx, k_idx, used = self._route(qr, kr, kmask_h, qmask_h)    # no gradient
+            self.q_idx, self.k_idx = q_idx, k_idx
+            parts.append(routing_attention(qr, katt[..., L:, :, :], v[..., L:, :, :], q_idx,
+                                           k_idx, merge=r.merge, **kw))
+            self.commitment_loss = self._commitment(qr, kr, used, kmask_h, qmask_h)
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+        return out.to(dtype)
+
+    def _commitment(self, q, k, centroids, kmask, qmask):
+        """Mean over batch and heads of mean ‖x̂ − μ_label‖² over the normalised queries and
+        keys (padding left out), differentiable in q and k."""
+        rows = [(q, qmask)] if k is None else [(q, qmask), (k, kmask)]
+        xs = torch.cat([_unit_rows(x) for x, _ in rows], dim=-2)
+        masks = None
+        if kmask is not None or qmask is not None:
+            masks = torch.cat([torch.ones(x.shape[:-1], dtype=torch.bool) if mk is None else
+                               mk.expand(x.shape[:-1]) for x, mk in rows], dim=-1)
+        cent = centroids.to(xs.dtype)
+        labels = assign_clusters(xs, cent)
+        return commitment_loss(xs, cent, labels, mask=masks).mean()
+
+
+class ClusteredAttention(torch.nn.Module):
+    """Clustered (or, with `topk`, improved clustered) attention with its own query
+    clustering, as a torch.nn.Module; options as in the NumPy
+    `routing_attention.ClusteredAttention`.  ``layer(q, k, v, key_mask=None,
+    query_mask=None)``: queries are hashed with random hyperplanes (the ``planes`` buffer,
+    (bits, d + 1), drawn from `seed` on the first call exactly as the NumPy layer draws
+    them), grouped by Hamming k-means into min(n_clusters, n) clusters, and attend once
+    per cluster.  The clustering is not differentiated; ``labels`` holds the last call's.
+    """
+
+    def __init__(self, n_clusters=100, *, bits=32, iterations=10, topk=None, seed=0, scale=None):
+        super().__init__()
+        self._options = _clustered.ClusteredAttention(n_clusters, bits=bits, iterations=iterations,
+                                                      topk=topk, seed=seed, scale=scale)
+        self.register_buffer("planes", torch.empty(0))
+        self.labels = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _StateBuffer.resize_before_load(self, "planes", state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self):
+        o = self._options
+        return (f"n_clusters={o.n_clusters}, bits={o.bits}, iterations={o.iterations}, "
+                f"topk={o.topk}, seed={o.seed}")
+
+    def forward(self, q, k, v, key_mask=None, query_mask=None):
+        """Attention output (..., n, e)."""
+        o = self._options
+        (q, k, v), dtype = _floats(q=q, k=k, v=v)
+        d = q.shape[-1]
+        if self.planes.shape != (o.bits, d + 1):
+            self.planes = torch.from_numpy(o._planes(d).copy()).to(self.planes.device)
+        codes = lsh_hash(q, self.planes.to(q.dtype))
+        C = min(o.n_clusters, q.shape[-2])
+        labels = hamming_kmeans(codes, C, iters=o.iterations, seed=o.seed, mask=query_mask)
+        self.labels = labels
+        kw = dict(key_mask=key_mask, scale=o.scale)
+        if o.topk is None:
+            return clustered_attention(q, k, v, labels, C, **kw).to(dtype)
+        return improved_clustered_attention(q, k, v, labels, C, o.topk, **kw).to(dtype)
+
+
+class CombinerAttention(torch.nn.Module):
+    """Combiner attention as a torch.nn.Module: ``layer(q, k, v)`` is
+    `combiner_attention` with the layer's plan, block, causal and scale."""
+
+    def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):
+        super().__init__()
+        if plan not in _combiner.PLANS:
+            raise ValueError(f"plan must be one of {', '.join(_combiner.PLANS)}; got {plan!r}")
+        self.plan, self.block, self.causal, self.scale = plan, block, bool(causal), scale
+
+    def extra_repr(self):
+        return f"plan={self.plan!r}, block={self.block}, causal={self.causal}, scale={self.scale}"
+
+    def forward(self, q, k, v):
+        """Attention output (..., n, e)."""
+        return combiner_attention(q, k, v, plan=self.plan, block=self.block, causal=self.causal,
+                                  scale=self.scale)
