@@ -262,9 +262,12 @@ def _routing_forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
     out, lse, saved = _routing.routing_attention(
         q, k, v, q_idx, k_idx, causal=causal, exclude_self=exclude_self, merge=merge,
         scale=scale, return_lse=True, return_saved=True)
-    # the kernel leaves the statistics of empty slots (-1) unwritten: give them fixed
-    # values, so that an op's outputs are a function of its inputs
-    empty = np.asarray(q_idx) < 0
+    # slot r of a cluster holds its r-th listed query; the kernel leaves the slots past
+    # the cluster's member count unwritten: give them fixed values, so that an op's
+    # outputs are a function of its inputs
+    q_idx = np.asarray(q_idx)
+    count = (q_idx >= 0).sum(axis=-1, keepdims=True)
+    empty = np.arange(q_idx.shape[-1]) >= count
     slot_output, slot_lse, slot_self = saved["slot_output"], saved["slot_lse"], saved["slot_self"]
     slot_output[np.broadcast_to(empty, slot_lse.shape)] = 0
     slot_lse[np.broadcast_to(empty, slot_lse.shape)] = -np.inf
