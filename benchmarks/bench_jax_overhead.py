@@ -1,0 +1,96 @@
+"""Per-call overhead of routing_attention.jax under jax.jit vs the NumPy call it wraps.
+
+For n in {64, 4096} (d = e = 64, one head, float32, causal) it times, on the same arrays:
+  numpy fwd      = ra.X(q, k, v, ...)                                (NumPy arrays)
+  jit fwd        = jax.jit(rj.X)(q, k, v).block_until_ready()        (JAX arrays)
+  numpy fwd+bwd  = ra.X(..., return_saved/lse) then ra.X_backward(ones, ..., saved)
+  jit grad       = jax.jit(jax.grad(sum of rj.X))(q, k, v), blocked
+for X = attention and routing_attention (c = sqrt(n) clusters of w = n / c queries and
+keys from top_members of random scores).  The overhead is the difference of the medians
+(jit - numpy), per call; it is what the host callback, the saved statistics' trip
+through XLA buffers and the dispatch of a jitted function cost.  Every case runs once
+per round, rounds interleaved; medians of `repeats` rounds, one process.
+
+    python benchmarks/bench_jax_overhead.py [--threads T] [--repeats R] [--sizes N ...]
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_description, median_times  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import routing_attention as ra  # noqa: E402
+import routing_attention.jax as rj  # noqa: E402
+
+
+def methods(n, rng):
+    """{name: (numpy forward, numpy forward + backward, jax function)} of (q, k, v)."""
+    c = max(1, int(round(np.sqrt(n))))
+    idx = ra.top_members(rng.standard_normal((n, c)).astype(np.float32), n // c)
+
+    def attention_fb(q, k, v):
+        out, lse = ra.attention(q, k, v, causal=True, return_lse=True)
+        return ra.attention_backward(np.ones_like(out), q, k, v, causal=True, lse=lse,
+                                     output=out)
+
+    def routing_fb(q, k, v):
+        out, saved = ra.routing_attention(q, k, v, idx, idx, causal=True, return_saved=True)
+        saved = {key: val for key, val in saved.items() if key != "keywords"}
+        return ra.routing_attention_backward(np.ones_like(out), q, k, v, idx, idx, causal=True,
+                                             **saved)
+
+    return {
+        "attention": (lambda q, k, v: ra.attention(q, k, v, causal=True), attention_fb,
+                      lambda q, k, v: rj.attention(q, k, v, causal=True)),
+        "routing_attention": (lambda q, k, v: ra.routing_attention(q, k, v, idx, idx, causal=True),
+                              routing_fb,
+                              lambda q, k, v: rj.routing_attention(q, k, v, idx, idx,
+                                                                   causal=True)),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1, help="kernel threads (0 = OpenMP default)")
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[64, 4096])
+    args = ap.parse_args()
+    ra.set_num_threads(args.threads)
+    print(machine_description())
+    print(f"jax {jax.__version__} ({jax.default_backend()}), routing_attention {ra.__version__}, "
+          f"threads={ra.get_num_threads()}, float32, d=e=64, one head, causal, "
+          f"median of {args.repeats}")
+    hdr = (f"{'method':>17} {'n':>5} | {'numpy fwd':>10} {'jit fwd':>10} {'overhead':>9} | "
+           f"{'numpy f+b':>10} {'jit grad':>10} {'overhead':>9}")
+    print(hdr)
+    print("-" * len(hdr))
+    rng = np.random.default_rng(0)
+    for n in args.sizes:
+        q, k, v = (rng.standard_normal((1, n, 64)).astype(np.float32) for _ in range(3))
+        qj, kj, vj = (jnp.asarray(x) for x in (q, k, v))
+        for name, (np_fwd, np_fb, jax_fn) in methods(n, rng).items():
+            fwd = jax.jit(jax_fn)
+            grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax_fn(q, k, v)), argnums=(0, 1, 2)))
+            # compile (and check) outside the timing
+            np.testing.assert_array_equal(np.asarray(fwd(qj, kj, vj)), np_fwd(q, k, v))
+            jax.block_until_ready(grad(qj, kj, vj))
+            t = median_times([
+                ("np_fwd", lambda: None, lambda _: np_fwd(q, k, v)),
+                ("jit_fwd", lambda: None, lambda _: fwd(qj, kj, vj).block_until_ready()),
+                ("np_fb", lambda: None, lambda _: np_fb(q, k, v)),
+                ("jit_grad", lambda: None, lambda _: jax.block_until_ready(grad(qj, kj, vj))),
+            ], args.repeats)
+            us = {key: val * 1e6 for key, val in t.items()}
+            print(f"{name:>17} {n:>5} | {us['np_fwd']:>8.1f}us {us['jit_fwd']:>8.1f}us "
+                  f"{us['jit_fwd'] - us['np_fwd']:>7.1f}us | {us['np_fb']:>8.1f}us "
+                  f"{us['jit_grad']:>8.1f}us {us['jit_grad'] - us['np_fb']:>7.1f}us", flush=True)
+
+
+if __name__ == "__main__":
+    main()
