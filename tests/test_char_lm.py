@@ -1,0 +1,100 @@
+"""examples/char_lm.py on a tiny configuration: every attention flag learns, our dense
+attention trains like torch's SDPA, DDP over 2 processes reproduces the single process, and
+a resumed run continues exactly where the uninterrupted one would be."""
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if os.environ.get("RA_SANITIZED"):
+    pytest.skip("torch does not run under the LD_PRELOADed sanitizer runtimes",
+                allow_module_level=True)
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "examples" / "char_lm.py"
+_spec = importlib.util.spec_from_file_location("char_lm", SCRIPT)
+char_lm = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(char_lm)
+
+HAS_LUCIDRAINS = importlib.util.find_spec("routing_transformer") is not None
+
+# 2 layers so gradients pass through one attention into another; 4 heads = 2 local + 2 routing
+TINY = ["--layers", "2", "--d-model", "32", "--heads", "4", "--context", "64", "--window", "16",
+        "--batch-size", "4", "--lr", "1e-2", "--warmup", "1", "--eval-windows", "4",
+        "--eval-every", "0", "--log-every", "1000", "--no-progress", "--threads", "1"]
+
+
+def run(*flags):
+    """char_lm.main in this process on the tiny configuration; returns its record."""
+    return char_lm.main(TINY + [str(f) for f in flags])
+
+
+def max_rel_diff(a, b):
+    assert len(a) == len(b), f"{len(a)} values vs {len(b)}"
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("attention", [
+    a if a != "rt-lucidrains" else pytest.param(a, marks=pytest.mark.skipif(
+        not HAS_LUCIDRAINS, reason="routing-transformer is not installed"))
+    for a in char_lm.ATTENTIONS])
+def test_every_attention_learns(attention):
+    record = run("--attention", attention, "--steps", 8)
+    losses = record["losses"]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses), f"{attention}: {losses}"
+    # from ln 256 = 5.55 nats the byte frequencies alone are learned within a few steps
+    assert losses[0] > 5.0, f"{attention}: first loss {losses[0]} (an untrained model: ~5.55)"
+    assert max(losses[-3:]) < losses[0] - 1.0, f"{attention}: loss did not decrease: {losses}"
+    (final,) = record["evals"]
+    assert final["step"] == 8 and 0 < final["val_bpc"] < 7.0, f"{attention}: {final}"
+    assert record["tokens_per_second"] > 0 and 0 < record["attention_share"] < 1
+    assert record["peak_rss_mib"] > 0
+
+
+def test_dense_trains_like_sdpa_in_float64():
+    """Same model, same seed: our dense attention and torch's SDPA give the same losses
+    (forward and gradients end to end; the issue asks 1e-4 relative, float64 gives ~1e-10)."""
+    sdpa = run("--attention", "sdpa", "--steps", 5, "--dtype", "float64")["losses"]
+    dense = run("--attention", "dense", "--steps", 5, "--dtype", "float64")["losses"]
+    assert max_rel_diff(dense, sdpa) < 1e-10, f"dense {dense} vs sdpa {sdpa}"
+    assert sdpa[-1] < sdpa[0], f"the comparison must cover training steps: {sdpa}"
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    """torchrun --nproc-per-node 2 (gloo, loopback) at the same global batch and seed gives
+    the single process's loss curve and held-out bits/char."""
+    flags = ["--attention", "dense", "--steps", "4", "--eval-every", "2", "--dtype", "float64"]
+    single = run(*flags)
+    log = tmp_path / "ddp.json"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(torchrun + [str(SCRIPT), "--ddp", *TINY, *flags,
+                                      "--log-json", str(log)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    ddp = json.loads(log.read_text())
+    assert len(ddp["losses"]) == 4
+    assert max_rel_diff(ddp["losses"], single["losses"]) < 1e-10, \
+        f"ddp {ddp['losses']} vs single {single['losses']}"
+    assert [e["step"] for e in ddp["evals"]] == [2, 4]
+    assert max_rel_diff([e["val_bpc"] for e in ddp["evals"]],
+                        [e["val_bpc"] for e in single["evals"]]) < 1e-10
+
+
+def test_resume_continues_the_uninterrupted_run(tmp_path):
+    """Stopping after 3 steps, saving, and resuming gives steps 4-5 of the uninterrupted run
+    bit for bit (routing: the centroid buffer and the optimizer state travel in the file)."""
+    flags = ["--attention", "routing", "--steps", 5]
+    whole = run(*flags)["losses"]
+    ckpt = tmp_path / "ckpt.pt"
+    first = run(*flags, "--stop-after", 3, "--ckpt", ckpt)["losses"]
+    resumed = run(*flags, "--resume", ckpt)["losses"]
+    assert first == whole[:3], f"{first} vs {whole[:3]}"
+    assert resumed == whole, f"resumed {resumed} vs uninterrupted {whole}"
