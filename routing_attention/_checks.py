@@ -3,10 +3,49 @@
 Every error names the argument it is about, so a user can tell which input to fix.
 """
 import operator
+import weakref
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# The kernels index a core axis (sequence, feature) with C int, in pairs: INT_MAX // 2.
+MAX_CORE_SIZE = 2**30 - 1
+# Integer arguments reach C as int64.
+MAX_INT64 = 2**63 - 1
+
+# Attributes by which NumPy (or the DLPack protocol) recognises an array-like object.
+_ARRAY_PROTOCOLS = ("__array__", "__array_interface__", "__array_struct__", "__array_function__",
+                    "__dlpack__", "__cuda_array_interface__")
+
+
+# ------------------------------------------------------------------ array inputs
+def reject_foreign(name, a):
+    """Raise TypeError if `a` is an array object of another library (a torch tensor, a
+    dask or JAX array, a pandas object, ...): np.asarray would silently copy, compute or
+    move it, and the gradients could not flow back to it.  NumPy arrays (and
+    subclasses), NumPy scalars, Python scalars, lists, tuples and other plain objects
+    pass.  Every array argument of the NumPy API goes through here."""
+    if isinstance(a, (np.ndarray, np.generic, list, tuple, int, float, complex, bool,
+                      str, bytes)) or a is None:
+        return
+    kind = type(a)
+    if not any(hasattr(kind, attr) for attr in _ARRAY_PROTOCOLS):
+        return
+    library = kind.__module__.split(".")[0]
+    what = f"{library}.{kind.__qualname__}" if library != "builtins" else kind.__qualname__
+    if library == "torch":
+        raise TypeError(f"{name} is a {what}; the NumPy API takes NumPy arrays. For torch "
+                        "tensors use routing_attention.torch (same functions, with autograd), "
+                        f"or pass {name}.detach().numpy()")
+    raise TypeError(f"{name} is a {what}, not a NumPy array; convert it with np.asarray({name}) "
+                    "(this copies or computes it) before calling the NumPy API")
+
+
+def as_array(name, a, dtype=None):
+    """np.asarray(a, dtype) for a user's argument, refusing other libraries' arrays."""
+    reject_foreign(name, a)
+    return np.asarray(a, dtype=dtype)
 
 
 def float_dtype(**arrays):
@@ -17,6 +56,7 @@ def float_dtype(**arrays):
     """
     dtypes = []
     for name, a in arrays.items():
+        reject_foreign(name, a)
         dt = np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype
         if dt.kind == "c":
             raise TypeError(f"{name} has complex dtype {dt}; attention needs real floating-point input")
@@ -56,18 +96,46 @@ def qkv_arrays(q, k, v):
     if v.shape[-2] != k.shape[-2]:
         raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
                          f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        core_size(name, x.shape[-2:], x.shape)
     return q, k, v
+
+
+def core_size(name, sizes, shape=None):
+    """ValueError if a core size (sequence length, feature size) exceeds what the
+    kernels index (MAX_CORE_SIZE), before anything of that size is built."""
+    for size in sizes:
+        if size > MAX_CORE_SIZE:
+            raise ValueError(f"{name}: a core dimension of {size} exceeds the supported maximum "
+                             f"{MAX_CORE_SIZE}" + (f" (shape {shape})" if shape is not None else ""))
 
 
 def as_bool_mask(name, mask, length, rows="keys"):
     """A (..., length) boolean mask over `rows` (keys, queries, ...); False marks padding."""
-    arr = np.asarray(mask)
+    arr = as_array(name, mask)
     if arr.dtype != np.bool_:
         raise TypeError(f"{name} must be a boolean array (False = padding); got dtype {arr.dtype}")
     if arr.ndim < 1 or arr.shape[-1] != length:
         raise ValueError(f"{name} must have shape (..., {length}) to match the {rows}; "
                          f"got {arr.shape}")
     return arr
+
+
+def mask_fits(name, mask, batch):
+    """ValueError unless the leading axes of `mask` (..., length) broadcast to `batch`
+    (the q/k/v batch shape): NumPy would let a mask such as torch's (B, 1, 1, m) for
+    q (B, H, n, d) enlarge the result to (B, B, H, n, e), which is almost always a
+    mistake."""
+    try:
+        fits = np.broadcast_shapes(mask.shape[:-1], tuple(batch)) == tuple(batch)
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {mask.shape} has leading axes {mask.shape[:-1]} that "
+                         f"do not broadcast to the batch axes {tuple(batch)} of q, k and v "
+                         f"(it would change the result's shape); give it shape (..., "
+                         f"{mask.shape[-1]}) with leading axes that broadcast to {tuple(batch)}, "
+                         f"e.g. {tuple(batch) + mask.shape[-1:]} or {mask.shape[-1:]}")
 
 
 def batch_shape(**arrays_and_core_ranks):
@@ -81,22 +149,31 @@ def batch_shape(**arrays_and_core_ranks):
 
 
 def scale_value(scale, d, dtype):
-    """The logit scale as a `dtype` scalar; None means 1/sqrt(d)."""
+    """The logit scale as a `dtype` scalar; None means 1/sqrt(d).  A scale that is not
+    finite in `dtype` (e.g. 1e39 in float32) is a ValueError, not a silent inf."""
     if scale is None:
         return dtype.type(1.0 / np.sqrt(d)) if d > 0 else dtype.type(1.0)
+    reject_foreign("scale", scale)
     if isinstance(scale, (str, bytes)) or np.iscomplexobj(scale):
         raise TypeError(f"scale must be a real number; got {scale!r}")
     try:
         s = float(scale)
+    except OverflowError:
+        raise ValueError("scale must be finite; got a number too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"scale must be a real number; got {scale!r}") from None
     if not np.isfinite(s):
         raise ValueError(f"scale must be finite; got {scale!r}")
+    if abs(s) > np.finfo(dtype).max:
+        raise ValueError(f"scale={scale!r} overflows {np.dtype(dtype).name} (largest "
+                         f"{np.finfo(dtype).max:.4g}), the precision of the inputs; use a "
+                         "smaller scale, or float64 inputs")
     return dtype.type(s)
 
 
-def integer(name, value, low=None, high=None):
-    """An int argument in [low, high], with a message naming it otherwise."""
+def integer(name, value, low=None, high=MAX_INT64):
+    """An int argument in [low, high] (by default at most the int64 maximum, as it
+    reaches C as int64), with a message naming it otherwise."""
     try:
         v = operator.index(value)
     except TypeError:
@@ -159,10 +236,140 @@ def saved_arrays(saved, keys, batch, core_shapes, dtypes, contiguous=False):
         if not saved:
             arrays.append(np.broadcast_to(np.zeros((), dtypes[key]), core_shapes[key]))
             continue
-        a = np.asarray(saved[key])
+        a = as_array(key, saved[key])
         if a.shape != batch + core_shapes[key]:
             raise ValueError(f"{key} must have shape {batch + core_shapes[key]} (from the same "
                              f"forward call); got {a.shape}")
         a = a.astype(dtypes[key], copy=False)
         arrays.append(np.ascontiguousarray(a) if contiguous else a)
     return arrays
+
+
+# ------------------------------------------------------------------ saved keywords
+# A forward called with ``return_saved=True`` records, in saved["keywords"], every keyword
+# that shaped its result, resolved (scale as the float used, block as the int used, the
+# key mask as a copy of the boolean array).  The backward takes each keyword the caller
+# leaves at None from there, and refuses one that disagrees: a gradient is never computed
+# for other keywords than the forward's.
+
+def _same(a, b):
+    """Equality of two resolved keyword values (arrays: same shape and elements)."""
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
+                and a.shape == b.shape and bool(np.array_equal(a, b)))
+    return a is b if a is None or b is None else bool(a == b)
+
+
+def _describe(value):
+    if isinstance(value, np.ndarray):
+        return f"an array of shape {value.shape}"
+    return repr(value)
+
+
+class BackwardKeywords:
+    """A backward's keywords, merged with the saved statistics of its forward.
+
+    ``BackwardKeywords(func, saved, defaults, **passed)``: `saved` is the backward's
+    ``**saved`` (arrays, and optionally "keywords", the forward's record); `passed` the
+    keywords as given (None = not given).  `.values` holds, for each keyword, the value
+    passed, else the forward's, else the default; `.arrays` the saved arrays without
+    the record.  `check(resolved)` then raises ValueError naming a keyword passed
+    explicitly whose resolved value differs from the forward's."""
+
+    def __init__(self, func, saved, defaults, **passed):
+        self.func, self.passed = func, passed
+        self.arrays = dict(saved)
+        forward = self.arrays.pop("keywords", None)
+        if forward is not None:
+            if not isinstance(forward, dict):
+                raise TypeError(f"{func}: keywords must be the dict saved['keywords'] of the "
+                                f"forward call; got {type(forward).__name__}")
+            if set(forward) != set(passed):
+                raise ValueError(f"{func}: saved['keywords'] records {sorted(forward)}, not the "
+                                 f"keywords {sorted(passed)} of this function's forward: the "
+                                 "saved statistics come from another function")
+        self.forward = forward
+        self.values = {name: value if value is not None
+                       else forward[name] if forward is not None else defaults[name]
+                       for name, value in passed.items()}
+
+    def check(self, resolved):
+        """`resolved`: every keyword's value as the forward records it."""
+        if self.forward is None:
+            return
+        for name, value in self.passed.items():
+            if value is not None and not _same(resolved[name], self.forward[name]):
+                raise ValueError(
+                    f"{self.func}: {name}={_describe(value)} disagrees with the forward call, "
+                    f"which used {name}={_describe(self.forward[name])} (saved['keywords']); "
+                    f"the gradient would be wrong. Pass the forward's {name}, or leave it out "
+                    "to take it from the saved statistics")
+
+
+def mask_record(mask, use_mask):
+    """A key mask as the saved keywords record it: a private copy, or None."""
+    return np.array(mask, dtype=bool, copy=True) if use_mask else None
+
+
+# ------------------------------------------------------------------ layer call contexts
+class LayerContext:
+    """Everything a layer's backward needs from one call, made by ``layer.forward``:
+    ``y, ctx = layer.forward(q, k, v)`` then ``dq, dk, dv = layer.backward(dout, ctx)``.
+    Opaque; its arrays are the layer's own and are never overwritten by later calls."""
+
+    __slots__ = ("_layer", "data")
+
+    def __init__(self, layer, data):
+        self._layer, self.data = weakref.ref(layer), data
+
+    def __repr__(self):
+        layer = self._layer()
+        return f"<{type(layer).__name__ if layer is not None else 'layer'} call context>"
+
+
+class LayerCalls:
+    """Call bookkeeping shared by the NumPy layers, so that a backward never uses the
+    statistics of another call than the one meant.
+
+    ``layer.forward(...)`` returns (output, LayerContext); ``layer.backward(dout, ctx)``
+    uses that context.  ``layer(...)`` keeps its call's context in the layer, and
+    ``layer.backward(dout)`` uses it when it is unambiguous: one ``layer(...)`` call since
+    the previous context-free backward (repeating that backward is allowed).  After two
+    or more such calls it raises RuntimeError.  Only the kept context's arrays are
+    reused (overwritten) by the next ``layer(...)`` call of the same shapes; contexts
+    handed out by ``forward`` never are."""
+
+    _kept = None        # data of the last layer(...) call
+    _calls = 0          # layer(...) calls since the last context-free backward
+
+    def _reusable(self):
+        """The kept call's data, now released for reuse by a new layer(...) call (and no
+        longer available to backward, in case that call fails part-way), or None."""
+        data, self._kept = self._kept, None
+        return data
+
+    def _keep(self, data):
+        self._kept = data
+        self._calls += 1
+
+    def _context(self, ctx):
+        """The data `backward` works on: ctx's, or the kept call's if unambiguous."""
+        name = type(self).__name__
+        if ctx is not None:
+            if not isinstance(ctx, LayerContext):
+                raise TypeError(f"{name}.backward: ctx must be the context returned by "
+                                f"{name}.forward; got {type(ctx).__name__}")
+            if ctx._layer() is not self:
+                raise ValueError(f"{name}.backward: ctx comes from another layer's forward call")
+            return ctx.data
+        if self._kept is None:
+            raise RuntimeError(f"{name}.backward needs a forward call first (layer(q, k, v), "
+                               "or y, ctx = layer.forward(q, k, v) then backward(dout, ctx))")
+        if self._calls > 1:
+            raise RuntimeError(
+                f"{name}.backward(dout) is ambiguous: the layer was called {self._calls} times "
+                "since the last backward, and the gradient of an earlier call would be computed "
+                "with the last call's statistics. Take each call's context and pass it: "
+                "y, ctx = layer.forward(q, k, v); ...; dq, dk, dv = layer.backward(dout, ctx)")
+        self._calls = 0
+        return self._kept

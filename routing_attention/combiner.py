@@ -7,13 +7,15 @@ the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan
 import numpy as np
 
 from . import _ext
-from ._checks import (as_matrix, batch_shape, check_out, flag, integer, qkv_arrays,
-                      saved_arrays, scale_value, unbroadcast)
+from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
+                      check_out, flag, integer, qkv_arrays, saved_arrays, scale_value,
+                      unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
 PLANS = ("fixed", "axial", "logsparse", "mixture")
 _PLAN_CODE = {"fixed": 0, "axial": 1, "logsparse": 2, "mixture": 3}
+DEFAULTS = dict(plan="fixed", block=None, causal=False, scale=None)
 
 
 def _prepare(q, k, v, plan, block, causal, scale):
@@ -43,7 +45,14 @@ def _prepare(q, k, v, plan, block, causal, scale):
     return q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype)
 
 
-def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None,
+def _keywords(plan, block, causal, scale):
+    """The forward's keywords as saved["keywords"] records them (block None for
+    logsparse, which has none)."""
+    return dict(plan=PLANS[plan], block=None if PLANS[plan] == "logsparse" else block,
+                causal=causal, scale=float(scale))
+
+
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None,
                        return_saved=False, out=None):
     """Combiner attention: one softmax per query over direct keys and region summaries.
 
@@ -63,12 +72,16 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=
         ceil(sqrt(n)).  Not used by logsparse (must be None).
     causal : bool
         True: query i sees only keys j <= i, directly or through regions of the past.
+        False (the default, as everywhere in this package) lets every query reach every
+        key.
     scale : float, optional
         Multiplies every logit (direct, summary and inside regions); 1/sqrt(d) default.
     return_saved : bool
         Also return a dict of the statistics that spare the backward the query
-        softmaxes (``output``: the returned array itself, ``lse``): pass it on as
-        ``combiner_attention_backward(..., **saved)``, with the output unmodified.
+        softmaxes (``output``: the returned array itself, ``lse``) and ``keywords``
+        (the resolved plan, block, causal and scale): pass it on as
+        ``combiner_attention_backward(dout, q, k, v, **saved)``, with the output
+        unmodified.
     out : ndarray, shape (..., n, e), optional
         Where to write the output (any strides).
 
@@ -77,24 +90,47 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=
     out : ndarray (..., n, e).  Summary keys and region queries are element-wise
     max-pools over their region; gradients (see `combiner_attention_backward`) flow to
     the arg-max element, ties going to the lowest position.  [, saved : dict]
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes or shapes (n != m, n = 0), an unknown plan, block out of [1, n] (or
+        given for logsparse), naming the argument.
     """
     q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
+    return_saved = flag("return_saved", return_saved)
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale, out=(out, None))
-    return (out, dict(output=out, lse=lse)) if flag("return_saved", return_saved) else out
+    if return_saved:
+        return out, dict(output=out, lse=lse, keywords=_keywords(plan, block, causal, scale))
+    return out
 
 
 SAVED_KEYS = ("output", "lse")
 
 
-def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=True,
+def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=None,
                                 scale=None, **saved):
     """Gradients (dq, dk, dv) of `combiner_attention` for the loss gradient `dout`
-    (..., n, e); gradients are summed over broadcast axes.  ``**saved``: the dict the
-    forward returned with ``return_saved=True`` for the same inputs (else the forward's
-    query softmaxes are recomputed; the result is the same)."""
-    q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
+    (..., n, e); gradients are summed over broadcast axes.
+
+    ``**saved``: the dict the forward returned with ``return_saved=True`` for the same
+    inputs (else the forward's query softmaxes are recomputed; the result is the same).
+    plan, block, causal and scale left at None are taken from it (saved["keywords"]),
+    or without it are the forward's defaults (fixed, ceil(sqrt(n)), False, 1/sqrt(d)).
+
+    Raises
+    ------
+    ValueError
+        A keyword that disagrees with the saved forward's, naming it; saved arrays of
+        the wrong shape; and the forward's input errors.
+    """
+    kw = BackwardKeywords("combiner_attention_backward", saved, DEFAULTS, plan=plan,
+                          block=block, causal=causal, scale=scale)
+    q, k, v, plan, block, causal, scale = _prepare(q, k, v, **kw.values)
+    kw.check(_keywords(plan, block, causal, scale))
+    saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     expected = (q.shape[-2], v.shape[-1])
     if dout.shape[-2:] != expected:
@@ -109,40 +145,56 @@ def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, caus
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
 
 
-class CombinerAttention:
-    """A Combiner attention layer: ``layer(q, k, v)`` runs it, ``layer.backward(dout)``
-    returns (dq, dk, dv) for the last call.
+class CombinerAttention(LayerCalls):
+    """A Combiner attention layer.
 
-    Parameters are those of `combiner_attention`; `block=None` picks ceil(sqrt(n)) per
-    call (fixed, axial, mixture).
+    ``out = layer(q, k, v)`` runs `combiner_attention`; ``layer.backward(dout)`` returns
+    (dq, dk, dv) for that call.  After several calls, take each call's context instead:
+    ``out, ctx = layer.forward(q, k, v)`` and ``layer.backward(dout, ctx)``
+    (``backward(dout)`` then raises RuntimeError rather than guess the call).
+
+    Parameters are those of `combiner_attention` (causal defaults to False); `block=None`
+    picks ceil(sqrt(n)) per call (fixed, axial, mixture).
     """
 
-    def __init__(self, plan="fixed", *, block=None, causal=True, scale=None):
+    def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):
         if not isinstance(plan, str) or plan not in _PLAN_CODE:
             raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
         self.plan, self.block, self.causal, self.scale = plan, block, flag("causal", causal), scale
-        self._saved = None
 
-    def _kwargs(self):
-        return dict(plan=self.plan, block=self.block, causal=self.causal, scale=self.scale)
-
-    def __call__(self, q, k, v):
-        out, stats = combiner_attention(q, k, v, return_saved=True, **self._kwargs())
-        # the caller may modify the returned array: the backward keeps its own copy, in
-        # the previous call's copy when the shapes repeat (no new pages to fault in)
-        kept = None if self._saved is None else self._saved[3]["output"]
+    def _run(self, q, k, v, reuse):
+        """Output and the backward's data (q, k, v, saved); the saved output is a copy
+        (the caller may modify the returned array), written into `reuse`'s when the
+        shapes repeat (no new pages to fault in)."""
+        out, saved = combiner_attention(q, k, v, plan=self.plan, block=self.block,
+                                        causal=self.causal, scale=self.scale, return_saved=True)
+        kept = None if reuse is None else reuse[3]["output"]
         if kept is not None and kept.shape == out.shape and kept.dtype == out.dtype:
             np.copyto(kept, out)
         else:
             kept = out.copy()
-        self._saved = (q, k, v, dict(stats, output=kept))
+        return out, (q, k, v, dict(saved, output=kept))
+
+    def forward(self, q, k, v):
+        """``(out, ctx)``: the output (..., n, e) and this call's context for
+        ``backward(dout, ctx)``."""
+        out, data = self._run(q, k, v, None)
+        return out, LayerContext(self, data)
+
+    def __call__(self, q, k, v):
+        """The attention output (..., n, e); the layer keeps this call's context for
+        ``backward(dout)``."""
+        out, data = self._run(q, k, v, self._reusable())
+        self._keep(data)
         return out
 
-    def backward(self, dout):
-        if self._saved is None:
-            raise RuntimeError("CombinerAttention.backward needs a forward call first")
-        q, k, v, stats = self._saved
-        return combiner_attention_backward(dout, q, k, v, **self._kwargs(), **stats)
+    def backward(self, dout, ctx=None):
+        """Gradients (dq, dk, dv) of the call `ctx` (from `forward`), or without ctx of
+        the one ``layer(q, k, v)`` call since the previous backward (RuntimeError after
+        two or more).  Shaped like q, k, v (summed over the axes they were broadcast
+        along)."""
+        q, k, v, saved = self._context(ctx)
+        return combiner_attention_backward(dout, q, k, v, **saved)
 
     def __repr__(self):
         return (f"CombinerAttention(plan={self.plan!r}, block={self.block!r}, "

@@ -2,10 +2,12 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, qkv_arrays,
-                      scale_value, unbroadcast)
+from ._checks import (BackwardKeywords, as_bool_mask, as_matrix, batch_shape, check_out, flag,
+                      mask_fits, mask_record, qkv_arrays, scale_value, unbroadcast)
 
 __all__ = ["attention", "attention_backward"]
+
+DEFAULTS = dict(causal=False, key_mask=None, scale=None)
 
 
 def _prepare(q, k, v, causal, key_mask, scale):
@@ -13,15 +15,23 @@ def _prepare(q, k, v, causal, key_mask, scale):
     dtype = q.dtype
     causal = flag("causal", causal)
     m = k.shape[-2]
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2))
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
         mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
-    batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
-    return q, k, v, mask, use_mask, causal, scale_value(scale, q.shape[-1], dtype)
+        batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
+        mask_fits("key_mask", mask, batch)
+    return q, k, v, mask, use_mask, causal, scale_value(scale, q.shape[-1], dtype), batch
 
 
-def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False, out=None):
+def _keywords(causal, mask, use_mask, scale):
+    """The forward's keywords as saved["keywords"] records them."""
+    return dict(causal=causal, key_mask=mask_record(mask, use_mask), scale=float(scale))
+
+
+def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False,
+              return_saved=False, out=None):
     """Softmax attention ``softmax(scale · q kᵀ) v``, exact, in O((n + m)·d) memory.
 
     Parameters
@@ -41,45 +51,74 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=Fa
     return_lse : bool
         Also return the log-sum-exp of each query's logits, shape (..., n), which
         `attention_backward` can reuse.
+    return_saved : bool
+        Also return a dict ``saved`` of what the backward needs (``output``, ``lse`` and
+        ``keywords``, the resolved causal, key_mask and scale of this call): pass it as
+        ``attention_backward(dout, q, k, v, **saved)``, with the output unmodified.
     out : ndarray, shape (..., n, e), optional
         Where to write the output.
 
     Returns
     -------
-    out : ndarray (..., n, e), and lse (..., n) when `return_lse`.  A query that sees no
-    key gets output 0 and lse -inf.
+    out : ndarray (..., n, e) [, lse (..., n) when `return_lse`] [, saved dict].  A query
+    that sees no key gets output 0 and lse -inf.
+
+    Raises
+    ------
+    TypeError
+        A non-numeric or complex dtype, or an array of another library (torch, dask,
+        ...), naming the argument.
+    ValueError
+        Mismatched shapes, a key_mask whose batch axes would enlarge the result, a
+        non-finite scale.
     """
-    q, k, v, mask, use_mask, causal, scale = _prepare(q, k, v, causal, key_mask, scale)
+    q, k, v, mask, use_mask, causal, scale, batch = _prepare(q, k, v, causal, key_mask, scale)
     return_lse = flag("return_lse", return_lse)
-    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
+    return_saved = flag("return_saved", return_saved)
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     o, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal, out=(out, None))
-    return (o, lse) if return_lse else o
+    result = (o, lse) if return_lse else (o,)
+    if return_saved:
+        result += (dict(output=o, lse=lse, keywords=_keywords(causal, mask, use_mask, scale)),)
+    return result[0] if len(result) == 1 else result
 
 
-def attention_backward(dout, q, k, v, *, causal=False, key_mask=None, scale=None, lse=None,
-                       output=None):
+def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None, lse=None,
+                       output=None, keywords=None):
     """Gradients of `attention` with respect to q, k and v.
 
     Parameters
     ----------
     dout : array_like, shape (..., n, e)
         Gradient of the loss with respect to the attention output.
-    q, k, v, causal, key_mask, scale
+    q, k, v
         Exactly as passed to `attention`.
-    lse, output : ndarray, optional
-        The forward's log-sum-exp (``return_lse=True``) and output.  Passing both skips
-        recomputing the forward; with either missing it is recomputed.
+    causal, key_mask, scale
+        As passed to `attention`.  None (the default) takes the forward's value from
+        `keywords` when given (``**saved``), else the forward's default (False, no
+        mask, 1/sqrt(d)).
+    lse, output, keywords : optional
+        The forward's ``saved`` dict (``attention(..., return_saved=True)``), passed as
+        ``**saved``.  With lse and output the forward is not recomputed (with either
+        missing it is).
 
     Returns
     -------
     dq, dk, dv : ndarrays with the shapes of q, k and v (gradients summed over any
     broadcast batch axes).
+
+    Raises
+    ------
+    ValueError
+        A keyword that disagrees with ``keywords`` (the forward's), naming it; saved
+        arrays of the wrong shape; and the forward's input errors.
     """
-    q, k, v, mask, use_mask, causal, scale = _prepare(q, k, v, causal, key_mask, scale)
+    kw = BackwardKeywords("attention_backward", dict(keywords=keywords), DEFAULTS,
+                          causal=causal, key_mask=key_mask, scale=scale)
+    q, k, v, mask, use_mask, causal, scale, batch = _prepare(q, k, v, **kw.values)
+    kw.check(_keywords(causal, mask, use_mask, scale))
     dout = as_matrix("dout", dout, q.dtype)
-    expected = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], mask.shape[:-1])
-    expected = expected + (q.shape[-2], v.shape[-1])
+    expected = batch + (q.shape[-2], v.shape[-1])
     if dout.shape[-2:] != expected[-2:]:
         raise ValueError(f"dout must have shape (..., n, e) = (..., {expected[-2]}, {expected[-1]}) "
                          f"like the attention output; got {dout.shape}")
@@ -89,11 +128,12 @@ def attention_backward(dout, q, k, v, *, causal=False, key_mask=None, scale=None
     else:
         output = as_matrix("output", output, q.dtype)
         lse = as_matrix("lse", lse, q.dtype, min_rank=1)
-        if output.shape[-2:] != expected[-2:]:
-            raise ValueError(f"output must have shape (..., {expected[-2]}, {expected[-1]}); "
+        if output.shape != expected:
+            raise ValueError(f"output must have shape {expected} (the forward's output); "
                              f"got {output.shape}")
-        if lse.ndim < 1 or lse.shape[-1] != q.shape[-2]:
-            raise ValueError(f"lse must have shape (..., {q.shape[-2]}); got {lse.shape}")
+        if lse.shape != expected[:-1]:
+            raise ValueError(f"lse must have shape (..., {q.shape[-2]}) = {expected[:-1]} (the "
+                             f"forward's lse); got {lse.shape}")
     dq, dk, dv = _ext._attention_backward(dout, q, k, v, mask, use_mask, output, lse, scale,
                                           causal)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)

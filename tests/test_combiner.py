@@ -303,7 +303,9 @@ def test_saved_statistics_give_the_same_gradients(plan, causal, dtype):
     q, k, v = inputs(rng, (2,), 300, d=8, e=4, dtype=dtype)     # several query units
     kw = dict(plan=plan, block=blk(plan, 16), causal=causal)
     out, saved = ra.combiner_attention(q, k, v, return_saved=True, **kw)
-    assert sorted(saved) == ["lse", "output"] and saved["output"] is out
+    assert sorted(saved) == ["keywords", "lse", "output"] and saved["output"] is out
+    assert saved["keywords"] == dict(plan=plan, block=blk(plan, 16), causal=causal,
+                                     scale=float(np.dtype(dtype).type(1 / np.sqrt(8))))
     assert np.array_equal(out, ra.combiner_attention(q, k, v, **kw))
     dout = rng.standard_normal((3, 2, 300, 4)).astype(dtype)       # broadcast batch
     got = ra.combiner_attention_backward(dout, q, k, v, **kw, **saved)
@@ -340,9 +342,9 @@ def test_layer_backward_survives_an_in_place_edit_of_its_output():
         assert np.array_equal(g, w)
     # a second call with the same shapes keeps its copy in the first call's array: the
     # first output stays the caller's, the gradients follow the second call
-    q2, snapshot, kept = q[:, ::-1].copy(), out.copy(), layer._saved[3]["output"]
+    q2, snapshot, kept = q[:, ::-1].copy(), out.copy(), layer._kept[3]["output"]
     out2 = layer(q2, k, v)
-    assert layer._saved[3]["output"] is kept, "same shapes: the copy reuses its array"
+    assert layer._kept[3]["output"] is kept, "same shapes: the copy reuses its array"
     want2 = ra.combiner_attention_backward(np.ones_like(out2), q2, k, v, plan="axial", block=6)
     out2 *= 3.0
     assert np.array_equal(out, snapshot), "the first call's output is the caller's"
