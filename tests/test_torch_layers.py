@@ -198,13 +198,14 @@ def test_clustered_layer_equals_numpy_layer_and_compiles(topk):
 
 
 @pytest.mark.parametrize("plan", ["fixed", "axial", "logsparse", "mixture"])
-def test_combiner_layer_matches_function_and_compiles(plan):
+def test_combiner_layer_matches_function(plan):
     q, k, v = _qkv(shape=(1, 2, 30, 4))
     layer = rt.CombinerAttention(plan, causal=True)
-    y = torch.compile(layer, fullgraph=True)(q, k, v)
+    # compiling is slow: one plan is enough to show the layer traces without graph breaks
+    y = torch.compile(layer, fullgraph=True)(q, k, v) if plan == "fixed" else layer(q, k, v)
     y_np = ra.combiner_attention(_np(q), _np(k), _np(v), plan=plan, causal=True)
     np.testing.assert_allclose(_np(y), y_np, rtol=0, atol=1e-14)
-    assert torch.autograd.gradcheck(layer, (q, k, v))
+    assert torch.autograd.gradcheck(layer, (q, k, v), fast_mode=True)
 
 
 def test_layer_rejects_bad_options_and_inputs():
@@ -218,3 +219,17 @@ def test_layer_rejects_bad_options_and_inputs():
         layer(q, k, v)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         rt.RoutingAttention()(_np(q), k, v)
+
+
+def test_readme_pytorch_snippet_runs():
+    """The README's "With PyTorch" example, executed as written."""
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## With PyTorch", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md (With PyTorch)", "exec"), namespace)
+    block = namespace["block"]
+    assert block.attn.centroids.shape[0] == 2          # the routing heads' centroids
+    assert all(p.grad is not None for p in block.parameters())
