@@ -7,9 +7,11 @@ For n in {64, 4096} (d = e = 64, one head, float32, causal) it times, on the sam
   jit grad       = jax.jit(jax.grad(sum of rj.X))(q, k, v), blocked
 for X = attention and routing_attention (c = sqrt(n) clusters of w = n / c queries and
 keys from top_members of random scores).  The overhead is the difference of the medians
-(jit - numpy), per call; it is what the host callback, the saved statistics' trip
-through XLA buffers and the dispatch of a jitted function cost.  Every case runs once
-per round, rounds interleaved; medians of `repeats` rounds, one process.
+(jit - numpy), per call: the host callback, the copies in and out of XLA buffers and the
+dispatch of a jitted function.  "jit" is the module as shipped (buffer_callback);
+"pure" is the same module with its one transport function swapped for a
+jax.pure_callback equivalent, to show why the module does not use that.  Every case
+runs once per round, rounds interleaved; medians of `repeats` rounds, one process.
 
     python benchmarks/bench_jax_overhead.py [--threads T] [--repeats R] [--sizes N ...]
 """
@@ -55,6 +57,31 @@ def methods(n, rng):
     }
 
 
+def pure_callback_transport(fn, specs, arrays, vmap_method="expand_dims", out_first=False):
+    """routing_attention.jax's transport (`_callback`) written with jax.pure_callback
+    (which has no output buffer to offer: `out_first` does not apply)."""
+    names = tuple(arrays)
+
+    def host(*values):
+        results = fn(**{name: np.asarray(x) for name, x in zip(names, values)})
+        return tuple(np.asarray(r, spec.dtype) for r, spec in zip(results, specs))
+
+    return jax.pure_callback(host, tuple(specs), *arrays.values(), vmap_method=vmap_method)
+
+
+def jitted(jax_fn, transport, args):
+    """(jit forward, jit grad of the sum) of jax_fn, traced (and run once) with
+    `transport` as routing_attention.jax's callback transport."""
+    shipped, rj._callback = rj._callback, transport
+    try:
+        fwd = jax.jit(lambda q, k, v: jax_fn(q, k, v))    # a new function: its own trace cache
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax_fn(q, k, v)), argnums=(0, 1, 2)))
+        jax.block_until_ready((fwd(*args), grad(*args)))
+        return fwd, grad
+    finally:
+        rj._callback = shipped
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="kernel threads (0 = OpenMP default)")
@@ -65,31 +92,34 @@ def main():
     print(machine_description())
     print(f"jax {jax.__version__} ({jax.default_backend()}), routing_attention {ra.__version__}, "
           f"threads={ra.get_num_threads()}, float32, d=e=64, one head, causal, "
-          f"median of {args.repeats}")
-    hdr = (f"{'method':>17} {'n':>5} | {'numpy fwd':>10} {'jit fwd':>10} {'overhead':>9} | "
-           f"{'numpy f+b':>10} {'jit grad':>10} {'overhead':>9}")
+          f"median of {args.repeats}; overhead = jit (or pure) - numpy, microseconds")
+    hdr = (f"{'method':>17} {'n':>5} | {'numpy fwd':>10} {'jit fwd':>10} {'overhead':>8} "
+           f"{'pure ovh':>8} | {'numpy f+b':>10} {'jit grad':>10} {'overhead':>8} {'pure ovh':>8}")
     print(hdr)
     print("-" * len(hdr))
     rng = np.random.default_rng(0)
     for n in args.sizes:
         q, k, v = (rng.standard_normal((1, n, 64)).astype(np.float32) for _ in range(3))
-        qj, kj, vj = (jnp.asarray(x) for x in (q, k, v))
+        qkv = tuple(jnp.asarray(x) for x in (q, k, v))
         for name, (np_fwd, np_fb, jax_fn) in methods(n, rng).items():
-            fwd = jax.jit(jax_fn)
-            grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(jax_fn(q, k, v)), argnums=(0, 1, 2)))
-            # compile (and check) outside the timing
-            np.testing.assert_array_equal(np.asarray(fwd(qj, kj, vj)), np_fwd(q, k, v))
-            jax.block_until_ready(grad(qj, kj, vj))
+            fwd, grad = jitted(jax_fn, rj._callback, qkv)
+            pure_fwd, pure_grad = jitted(jax_fn, pure_callback_transport, qkv)
+            for f in (fwd, pure_fwd):
+                np.testing.assert_array_equal(np.asarray(f(*qkv)), np_fwd(q, k, v))
             t = median_times([
                 ("np_fwd", lambda: None, lambda _: np_fwd(q, k, v)),
-                ("jit_fwd", lambda: None, lambda _: fwd(qj, kj, vj).block_until_ready()),
+                ("jit_fwd", lambda: None, lambda _: fwd(*qkv).block_until_ready()),
+                ("pure_fwd", lambda: None, lambda _: pure_fwd(*qkv).block_until_ready()),
                 ("np_fb", lambda: None, lambda _: np_fb(q, k, v)),
-                ("jit_grad", lambda: None, lambda _: jax.block_until_ready(grad(qj, kj, vj))),
+                ("jit_grad", lambda: None, lambda _: jax.block_until_ready(grad(*qkv))),
+                ("pure_grad", lambda: None, lambda _: jax.block_until_ready(pure_grad(*qkv))),
             ], args.repeats)
             us = {key: val * 1e6 for key, val in t.items()}
-            print(f"{name:>17} {n:>5} | {us['np_fwd']:>8.1f}us {us['jit_fwd']:>8.1f}us "
-                  f"{us['jit_fwd'] - us['np_fwd']:>7.1f}us | {us['np_fb']:>8.1f}us "
-                  f"{us['jit_grad']:>8.1f}us {us['jit_grad'] - us['np_fb']:>7.1f}us", flush=True)
+            print(f"{name:>17} {n:>5} | {us['np_fwd']:>10.1f} {us['jit_fwd']:>10.1f} "
+                  f"{us['jit_fwd'] - us['np_fwd']:>8.1f} {us['pure_fwd'] - us['np_fwd']:>8.1f} | "
+                  f"{us['np_fb']:>10.1f} {us['jit_grad']:>10.1f} "
+                  f"{us['jit_grad'] - us['np_fb']:>8.1f} {us['pure_grad'] - us['np_fb']:>8.1f}",
+                  flush=True)
 
 
 if __name__ == "__main__":

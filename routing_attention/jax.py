@@ -6,17 +6,20 @@ never imports JAX, only ``import routing_attention.jax`` does.
 Every attention method (`attention`, `local_attention`, `routing_attention`,
 `clustered_attention`, `improved_clustered_attention`, `combiner_attention`) takes JAX
 arrays and works under `jax.jit`, `jax.grad` and `jax.vmap`.  Its forward runs the NumPy
-function (the single source of truth) in a host callback (`jax.pure_callback`) and keeps
-the statistics it returns with ``return_saved=True``; its backward hands them to the NumPy
-``X_backward`` with the same keywords.  Leading axes broadcast as in NumPy, also across a
-`vmap` axis.  Array arguments are q, k, v (differentiable), and index, label and mask arrays
-(not differentiable: their cotangent is a float0 zero).  Every other keyword (``causal``,
+function (the single source of truth) in a host callback and keeps the statistics it
+returns with ``return_saved=True``; its backward hands them to the NumPy ``X_backward``
+with the same keywords.  Leading axes broadcast as in NumPy, also across a `vmap` axis.
+Array arguments are q, k, v (differentiable), and index, label and mask arrays (not
+differentiable: their cotangent is a float0 zero).  Every other keyword (``causal``,
 ``scale``, ``plan``, ``window``, ``n_clusters``, ...) is static: a Python value fixed when
-the function is traced, never a traced array.
+the function is traced, never a traced array.  Shapes and keywords are checked when
+tracing, by the NumPy function itself on an empty batch; index and label values are
+checked when the callback runs (JAX then raises a JaxRuntimeError carrying the NumPy
+API's message, which names the argument).
 
 The routing decisions (`spherical_kmeans`, `assign_clusters`, `assign_top_members`,
 `top_members`, `members_from_labels`, `update_centroids`, `lsh_hash`, `hamming_kmeans`)
-are host callbacks too, and not differentiable: their float inputs pass through
+are host callbacks too, and not differentiated: their float inputs pass through
 `jax.lax.stop_gradient`, so a gradient never flows through a routing decision.
 `members_from_labels` needs ``max_size``: a JAX output shape must be known when tracing.
 
@@ -25,17 +28,19 @@ computed in float32 and returned in their own dtype; integers compute in JAX's d
 float.  Without ``jax_enable_x64`` JAX has no 64-bit integers: labels, member lists and
 codes come back as int32 (positions fit; `lsh_hash` then refuses more than 31 bits).
 
-Why host callbacks and not XLA FFI handlers: the callbacks reuse the NumPy wrappers'
-validation and broadcasting unchanged and need no compiled glue; their cost is a fixed
-per-call overhead (see benchmarks/RESULTS_jax.md), small next to the kernels beyond
-short sequences.  A bad argument raises inside the callback; JAX reports it as a runtime
-error whose message carries the NumPy API's (which names the argument).
+The callbacks are `jax.experimental.buffer_callback`s: the NumPy code reads XLA's input
+buffers in place and its results are copied into XLA's output buffers.  That costs
+0.04-0.05 ms per call at n=64, where `jax.pure_callback` (which copies every input and
+output through new JAX arrays) costs 0.2-0.3 ms, and it needs no compiled glue, unlike XLA
+FFI handlers, which would also have to repeat the NumPy wrappers' validation and
+broadcasting in C++ (figures: benchmarks/RESULTS_jax.md).
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
 
 from . import clustered as _clustered
 from . import clustering as _clustering
@@ -84,16 +89,22 @@ def _aligned(arrays, cores):
             for name, a in arrays.items()}, batch
 
 
-def _callback(fn, specs, arrays, vmap_method="expand_dims"):
-    """``fn(**arrays)`` on the host; its results (a tuple) cast to the dtypes of `specs`."""
+def _callback(fn, specs, arrays, vmap_method="expand_dims", out_first=False):
+    """``fn(**arrays)`` on the host, its results (a tuple) written into XLA's output
+    buffers of `specs` (cast to their dtypes).  A `buffer_callback` hands the callback
+    XLA's own buffers: the inputs are read in place, not copied as `pure_callback` would.
+    With `out_first`, fn also gets ``out=`` the first output buffer to write into."""
     names = tuple(arrays)
 
-    def host(*values):
-        # JAX hands the callback its own arrays: one conversion each, before NumPy sees them
-        results = fn(**{name: np.asarray(x) for name, x in zip(names, values)})
-        return tuple(np.asarray(r, s.dtype) for r, s in zip(results, specs))
+    def host(_, outs, *values):
+        outs = [np.asarray(out) for out in outs]
+        kwargs = {name: np.asarray(x) for name, x in zip(names, values)}
+        results = fn(**kwargs, out=outs[0]) if out_first else fn(**kwargs)
+        for out, result in zip(outs, results):
+            if result is not out:
+                np.copyto(out, result, casting="same_kind")
 
-    return jax.pure_callback(host, tuple(specs), *arrays.values(), vmap_method=vmap_method)
+    return _buffer_callback(host, tuple(specs), vmap_method=vmap_method)(*arrays.values())
 
 
 # ------------------------------------------------------------------ attention methods
@@ -195,7 +206,7 @@ def _forward_call(name, kw_items, qkv, aux, with_saved):
         out, stats = forward(**values, **kw)
         return (out,) + tuple(stats[key] for key in saved)
 
-    results = _callback(host, (out_spec,) + tuple(saved.values()), arrays)
+    results = _callback(host, (out_spec,) + tuple(saved.values()), arrays, out_first=True)
     return results[0], dict(zip(saved, results[1:]))
 
 

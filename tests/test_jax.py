@@ -57,6 +57,16 @@ def _members():
     return q_idx, k_idx
 
 
+def _padded_members():
+    """Member lists with empty (-1) slots before, between and after members, and one
+    cluster without queries: (B, c=3, 7) queries, (B, 3, 9) keys."""
+    q_idx, k_idx = _members()
+    q_idx = np.insert(q_idx, [0, 3], -1, axis=-1)
+    k_idx = np.insert(k_idx, [0, 2, 6], -1, axis=-1)
+    q_idx[:, 2] = k_idx[:, 2, :6] = -1
+    return q_idx, k_idx
+
+
 def _labels():
     """Query labels (B, n) in [-1, 3): every cluster used, two padded queries."""
     labels = np.tile(np.arange(N) % 3, (B, 1))
@@ -79,9 +89,11 @@ def _case(name, **kw):
         "attention": (), "combiner_attention": (),
         "local_attention": (4,),
         "routing_attention": _members(),
+        "routing_padded": _padded_members(),
         "clustered_attention": (_labels(), 3),
         "improved_clustered_attention": (_labels(), 3, 4),
     }[name]
+    name = name.replace("_padded", "_attention")
     jax_fn, np_fn = getattr(rj, name), getattr(ra, name)
     np_bwd = getattr(ra, name + "_backward")
     return (lambda q, k, v: jax_fn(q, k, v, *array_args, **kw),
@@ -101,6 +113,8 @@ CASES = {
     "routing-causal": ("routing_attention", dict(causal=True)),
     "routing-exclude_self": ("routing_attention", dict(exclude_self=True, merge="lse")),
     "routing-causal-exclude_self": ("routing_attention", dict(causal=True, exclude_self=True)),
+    "routing-padded-lse": ("routing_padded", dict(merge="lse")),
+    "routing-padded-causal": ("routing_padded", dict(causal=True, exclude_self=True)),
     "clustered": ("clustered_attention", {}),
     "clustered-key_mask": ("clustered_attention", dict(key_mask=_key_mask(), scale=0.6)),
     "improved": ("improved_clustered_attention", {}),
@@ -266,6 +280,16 @@ def test_bad_arguments_raise_when_tracing(call, message):
     """Errors in shapes and keywords come from the NumPy API at trace time, naming them."""
     with pytest.raises(ValueError, match=message):
         jax.jit(call)(*_qkv(np.float64))
+
+
+def test_bad_index_values_raise_when_run():
+    """Index values are only known when the callback runs: JAX's runtime error carries the
+    NumPy API's message naming the argument."""
+    q, k, v = _qkv(np.float64)
+    q_idx, k_idx = _members()
+    q_idx[1, 2, 0] = N
+    with pytest.raises(jax.errors.JaxRuntimeError, match="q_idx has entries outside"):
+        jax.jit(rj.routing_attention)(q, k, v, q_idx, k_idx).block_until_ready()
 
 
 # ------------------------------------------------------------------ routing decisions
