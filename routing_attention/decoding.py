@@ -1,0 +1,335 @@
+"""Incremental causal decoding: one new token per sequence per step, attended against a cache.
+
+A cache keeps the keys and values (and whatever its method needs: queries for Combiner's
+region summaries, cluster lists for routing) of the tokens seen so far.  ``cache.step(q,
+k, v)`` appends one token to every sequence and returns its output row, equal (to
+rounding) to the last row of the method's full causal forward over the tokens so far.
+Every method works the same way: a planner gathers the new query's key list (all keys,
+the local window, its cluster's keys, or the direct keys plus region summaries), and one
+softmax over that list gives the row.
+
+Shapes: q (..., 1, d), k (..., 1, d), v (..., 1, e); the leading axes (batch, heads, ...)
+are fixed by the first step.  ``active`` (a boolean array over those axes) lets
+sequences of different lengths share a cache: only the active ones take a token, the
+others keep their state and get a zero row.  Memory grows like the tokens: O(n·(d + e))
+per sequence (Combiner: plus its region summaries, also O(n·d)).
+"""
+import numpy as np
+
+from ._checks import as_matrix, float_dtype, integer, scale_value
+from .reference import _dyadic_spans, COMBINER_PLANS
+
+__all__ = ["DenseCache", "LocalCache", "CombinerCache", "RoutingCache"]
+
+
+def _softmax_rows(q, keys, values, visible, scale):
+    """out (P, e) of one query per problem: q (P, d), keys (P, s, d), values (P, s, e),
+    visible (P, s) bool.  A problem with no visible key gets 0."""
+    if keys.shape[1] == 0:
+        return np.zeros((q.shape[0], values.shape[-1]), np.result_type(q, values))
+    logits = scale * np.einsum("pd,psd->ps", q, keys)
+    logits = np.where(visible, logits, -np.inf)
+    top = logits.max(axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    p = np.where(visible, np.exp(logits - top), 0)
+    total = p.sum(axis=-1, keepdims=True)
+    p = p / np.where(total > 0, total, 1)
+    return np.einsum("ps,pse->pe", p, values)
+
+
+class _Cache:
+    """Keys, values (and queries) of every sequence so far, grown by doubling; the
+    method's planner turns them into each new query's key list."""
+
+    keeps_queries = False
+
+    def __init__(self, *, scale=None):
+        self.scale = scale
+        self.batch = None       # leading axes, fixed by the first step
+        self.lengths = None     # (P,) tokens per flattened sequence
+
+    def _setup(self, q, k, v):
+        self.batch, self.dtype = q.shape[:-2], q.dtype
+        self.d, self.e = q.shape[-1], v.shape[-1]
+        P = int(np.prod(self.batch, dtype=np.int64))
+        self.lengths = np.zeros(P, np.int64)
+        self.keys = np.zeros((P, 16, self.d), self.dtype)
+        self.values = np.zeros((P, 16, self.e), self.dtype)
+        self.queries = np.zeros((P, 16, self.d), self.dtype) if self.keeps_queries else None
+        self._scale = scale_value(self.scale, self.d, self.dtype)
+
+    def _grow(self, need):
+        cap = self.keys.shape[1]
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+
+        def grown(a):
+            b = np.zeros((a.shape[0], cap, a.shape[2]), a.dtype)
+            b[:, :a.shape[1]] = a
+            return b
+        self.keys, self.values = grown(self.keys), grown(self.values)
+        if self.queries is not None:
+            self.queries = grown(self.queries)
+
+    def _inputs(self, q, k, v, active):
+        dtype = float_dtype(q=q, k=k, v=v)
+        q, k, v = (as_matrix(name, a, dtype) for name, a in (("q", q), ("k", k), ("v", v)))
+        for name, a in (("q", q), ("k", k), ("v", v)):
+            if a.shape[-2] != 1:
+                raise ValueError(f"{name} must hold one new token per sequence, shape (..., 1, "
+                                 f"features); got {a.shape}")
+        if self.batch is None:
+            if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2] or \
+                    k.shape[-1] != q.shape[-1]:
+                raise ValueError(f"q, k, v must have the same leading axes and q, k the same d; "
+                                 f"got {q.shape}, {k.shape}, {v.shape}")
+            self._setup(q, k, v)
+        for name, a, f in (("q", q, self.d), ("k", k, self.d), ("v", v, self.e)):
+            if a.shape != self.batch + (1, f):
+                raise ValueError(f"{name} must have shape {self.batch + (1, f)} like the first "
+                                 f"step's; got {a.shape}")
+        if dtype != self.dtype:
+            raise TypeError(f"this cache holds {self.dtype} tokens; got {dtype}")
+        if active is None:
+            rows = np.arange(self.lengths.size)
+        else:
+            active = np.asarray(active)
+            if active.dtype != np.bool_:
+                raise TypeError(f"active must be a boolean array; got dtype {active.dtype}")
+            rows = np.flatnonzero(np.broadcast_to(active, self.batch).reshape(-1))
+        flat = lambda a: a.reshape(-1, a.shape[-1])          # noqa: E731
+        return flat(q), flat(k), flat(v), rows
+
+    def step(self, q, k, v, *, active=None):
+        """Append one token (q, k, v: (..., 1, d / e)) to every active sequence and return
+        the new output rows (..., 1, e) (zero for inactive sequences)."""
+        q, k, v, rows = self._inputs(q, k, v, active)
+        t = self.lengths[rows]
+        self._grow(int(t.max(initial=-1)) + 1)
+        self.keys[rows, t], self.values[rows, t] = k[rows], v[rows]
+        if self.queries is not None:
+            self.queries[rows, t] = q[rows]
+        self._append(rows, t, q[rows], k[rows])
+        self.lengths[rows] = t + 1
+        out = np.zeros((self.lengths.size, self.e), self.dtype)
+        if rows.size:
+            out[rows] = self._attend(rows, t, q[rows])
+        return out.reshape(self.batch + (1, self.e))
+
+    def prefill(self, q, k, v):
+        """Feed a prompt (..., n, d) token by token; returns its outputs (..., n, e)."""
+        q, k, v = (np.asarray(a) for a in (q, k, v))
+        return np.concatenate([self.step(q[..., i:i + 1, :], k[..., i:i + 1, :],
+                                         v[..., i:i + 1, :]) for i in range(q.shape[-2])], -2)
+
+    def _append(self, rows, t, q, k):
+        """Planner hook: record what the method needs about the new tokens."""
+
+    def _attend_positions(self, rows, q, positions, visible):
+        """Softmax over the cached keys at `positions` (len(rows), s)."""
+        keys = self.keys[rows[:, None], positions]
+        values = self.values[rows[:, None], positions]
+        return _softmax_rows(q, keys, values, visible, self._scale)
+
+
+class DenseCache(_Cache):
+    """Causal dense attention: the new token at position t sees keys 0..t.  Each step
+    costs O(t·d)."""
+
+    def _attend(self, rows, t, q):
+        span = int(t.max()) + 1
+        positions = np.broadcast_to(np.arange(span), (rows.size, span))
+        return self._attend_positions(rows, q, positions, positions <= t[:, None])
+
+
+class LocalCache(_Cache):
+    """Causal local attention with blocks of `window` positions: the token at t (block
+    b = t // window) sees keys from block b−1 up to itself.  O(window·d) per step."""
+
+    def __init__(self, window, *, scale=None):
+        super().__init__(scale=scale)
+        self.window = integer("window", window, low=1)
+
+    def _attend(self, rows, t, q):
+        w = self.window
+        start = np.maximum(t // w - 1, 0) * w
+        positions = start[:, None] + np.arange(2 * w)
+        visible = positions <= t[:, None]
+        return self._attend_positions(rows, q, np.where(visible, positions, 0), visible)
+
+
+# ------------------------------------------------------------------ Combiner
+def _causal_support(plan, i, block):
+    """Query i's causal support under `plan`: (direct positions, regions), each region
+    (kind, range of members, region-query source or None).  It does not depend on the
+    sequence length, so a cache can compute it for the newest token."""
+    if plan == "fixed":
+        b = i // block
+        return list(range(b * block, i + 1)), [
+            (("block", g), range(g * block, g * block + block), None) for g in range(b)]
+    if plan == "logsparse":
+        return [i], [(("span", lo, hi), range(lo, hi), None) for lo, hi in _dyadic_spans(i)]
+    M = block
+    r, c = divmod(i, M)
+    direct = list(range(r * M, i + 1))
+    if plan == "axial":
+        return direct, [(("row", t, c), range(t * M, t * M + M), t * M + c) for t in range(r)]
+    direct += list(range(c, i, M))                          # mixture: own column above
+    regions = [(("above", cc, r), range(cc, r * M, M), None) for cc in range(M)
+               if cc != c and r > 0]
+    for t in range(r):
+        if c > 0:
+            regions.append((("left", t, c), range(t * M, t * M + c), None))
+        if c < M - 1:
+            regions.append((("right", t, c), range(t * M + c + 1, t * M + M), None))
+    return direct, regions
+
+
+class CombinerCache(_Cache):
+    """Causal Combiner attention (`plan` fixed, axial, logsparse or mixture).  `block`
+    must be given for fixed, axial and mixture: the functions' default ⌈√n⌉ depends on
+    the final length, which a decoder does not know.  A region's summary (max-pooled key,
+    and its values' expectation under the region query) is computed once, when a query
+    first needs it — every region of a causal plan lies wholly in the past — and reused.
+    Per step: O(block + n/block) keys and summaries (logsparse: O(log n))."""
+
+    keeps_queries = True
+
+    def __init__(self, plan, *, block=None, scale=None):
+        super().__init__(scale=scale)
+        if plan not in COMBINER_PLANS:
+            raise ValueError(f"plan must be one of {', '.join(COMBINER_PLANS)}; got {plan!r}")
+        if plan == "logsparse":
+            if block is not None:
+                raise ValueError("block is not used by plan='logsparse'; pass block=None")
+        elif block is None:
+            raise ValueError(f"decoding plan={plan!r} needs an explicit block (the default "
+                             "⌈√n⌉ depends on the final sequence length)")
+        else:
+            block = integer("block", block, low=1)
+        self.plan, self.block = plan, block
+        self.summaries = None       # per sequence: {region: (summary key, summary value)}
+
+    def _setup(self, q, k, v):
+        super()._setup(q, k, v)
+        self.summaries = [dict() for _ in range(self.lengths.size)]
+
+    def _summary(self, p, region, members, source):
+        known = self.summaries[p].get(region)
+        if known is None:
+            idx = np.fromiter(members, np.int64)
+            keys = self.keys[p, idx]
+            query = self.queries[p, idx].max(axis=0) if source is None else self.queries[p, source]
+            known = (keys.max(axis=0),
+                     _softmax_rows(query[None], keys[None], self.values[p, idx][None],
+                                   np.ones((1, idx.size), bool), self._scale)[0])
+            self.summaries[p][region] = known
+        return known
+
+    def _attend(self, rows, t, q):
+        out = np.empty((rows.size, self.e), self.dtype)
+        for a, (p, i) in enumerate(zip(rows, t)):     # supports differ with the position
+            direct, regions = _causal_support(self.plan, int(i), self.block)
+            summaries = [self._summary(p, *region) for region in regions]
+            keys = np.concatenate([self.keys[p, direct]] + [s[0][None] for s in summaries])
+            values = np.concatenate([self.values[p, direct]] + [s[1][None] for s in summaries])
+            out[a] = _softmax_rows(q[a][None], keys[None], values[None],
+                                   np.ones((1, len(keys)), bool), self._scale)[0]
+        return out
+
+
+# ------------------------------------------------------------------ routing
+class RoutingCache(_Cache):
+    """Causal decoding of a `RoutingAttention` layer with ``membership="argmax"`` and
+    ``causal=True`` (balanced top-w membership looks at the whole sequence and has no
+    causal decoding).  The layer's centroids are used as they are (fit them first; the
+    cache never moves them) and its `window` must be set for local heads (the default
+    n // n_clusters depends on the final length).
+
+    q, k, v are (..., heads, 1, d): the first `local_heads` heads attend their window,
+    the others the keys of the new query's cluster (its argmax centroid); each new key
+    joins the list of its own cluster.  Shared-QK layers attend to the normalised queries
+    and hide a token's own key unless it is the only one it can see.  Per step:
+    O(n / n_clusters + window) keys per head."""
+
+    def __init__(self, layer):
+        super().__init__(scale=layer.scale)
+        if layer.membership != "argmax" or not layer.causal:
+            raise ValueError("RoutingCache decodes a causal layer with membership='argmax' "
+                             f"(got membership={layer.membership!r}, causal={layer.causal}); "
+                             "balanced top-w membership is not causal and cannot be decoded")
+        if layer.local_heads and layer.window is None:
+            raise ValueError("RoutingCache needs the layer's window set for its local heads "
+                             "(the default n // n_clusters depends on the final length)")
+        self.layer = layer
+        self.members = None     # per flattened sequence: {cluster: list of key positions}
+
+    def _setup(self, q, k, v):
+        if q.ndim < 3:
+            raise ValueError(f"q must have shape (..., heads, 1, d); got {q.shape}")
+        heads = q.shape[-3]
+        layer = self.layer
+        routing = heads - layer.local_heads
+        if routing > 0 and layer.centroids is None:
+            raise ValueError("RoutingCache needs the layer's centroids: run the layer on a "
+                             "batch first or set layer.centroids")
+        if routing < 0 or (routing and layer.centroids.shape[0] != routing):
+            raise ValueError(f"the layer has {layer.local_heads} local heads and "
+                             f"{0 if layer.centroids is None else layer.centroids.shape[0]} "
+                             f"routing heads; got {heads} heads")
+        super()._setup(q, k, v)
+        self.heads = heads
+        self.members = [dict() for _ in range(self.lengths.size)]
+
+    def _unit(self, x):
+        norm = np.sqrt(np.einsum("pd,pd->p", x, x))[:, None]
+        return x / np.where(norm > 0, norm, 1)
+
+    def _append(self, rows, t, q, k):
+        layer = self.layer
+        if layer.shared_qk:       # keys are the normalised queries, in every head
+            k = self._unit(q)
+            self.keys[rows, t] = k
+        head = rows % self.heads - layer.local_heads
+        routed = head >= 0
+        self._query_labels = {}
+        if not routed.any():
+            return
+        cent = layer.centroids.astype(self.dtype, copy=False)[head[routed]]     # (r, c, d)
+        nearest = lambda x: np.argmax(np.einsum("rd,rcd->rc", self._unit(x), cent), -1)  # noqa: E731
+        q_labels = nearest(q[routed])
+        k_labels = q_labels if layer.shared_qk else nearest(k[routed])
+        for p, i, c in zip(rows[routed].tolist(), t[routed].tolist(), k_labels.tolist()):
+            self.members[p].setdefault(c, []).append(i)
+        self._query_labels = dict(zip(rows[routed].tolist(), q_labels.tolist()))
+
+    def _attend(self, rows, t, q):
+        layer = self.layer
+        out = np.empty((rows.size, self.e), self.dtype)
+        local = rows % self.heads < layer.local_heads
+        if local.any():
+            w = layer.window
+            start = np.maximum(t[local] // w - 1, 0) * w
+            positions = start[:, None] + np.arange(2 * w)
+            visible = positions <= t[local][:, None]
+            if layer.shared_qk:
+                visible = self._exclude_self(visible, positions == t[local][:, None])
+            out[local] = self._attend_positions(rows[local], q[local],
+                                                np.where(visible, positions, 0), visible)
+        for a in np.flatnonzero(~local):
+            p = rows[a]
+            positions = np.asarray(self.members[p].get(self._query_labels[int(p)], []), np.int64)
+            visible = np.ones((1, positions.size), bool)
+            if layer.shared_qk:
+                visible = self._exclude_self(visible, positions[None] == t[a])
+            out[a] = self._attend_positions(rows[a:a + 1], q[a:a + 1], positions[None],
+                                            visible)[0]
+        return out
+
+    @staticmethod
+    def _exclude_self(visible, is_self):
+        """A token's own key is hidden unless it is the only key it can see."""
+        alone = ~(visible & ~is_self).any(axis=-1, keepdims=True)
+        return visible & (~is_self | alone)
