@@ -30,6 +30,7 @@ from . import _ext
 from . import clustered as _clustered
 from . import clustering as _clustering
 from . import combiner as _combiner
+from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
 from ._checks import scale_value, unbroadcast
@@ -41,6 +42,7 @@ __all__ = [
     "members_from_labels", "update_centroids", "commitment_loss", "lsh_hash", "hamming_kmeans",
     "RoutingAttention", "ClusteredAttention", "CombinerAttention",
     "set_num_threads", "get_num_threads",
+    "DenseCache", "LocalCache", "CombinerCache", "RoutingCache",
 ]
 
 _NS = "routing_attention"
@@ -823,7 +825,8 @@ class RoutingAttention(torch.nn.Module):
 
     # -- routing decisions (no gradient) ------------------------------------------
     def _route(self, q, k, kmask, qmask):
-        """Member lists and the centroids they were made with, for the routing heads q
+        """Member lists, the centroids they were made with and the queries routed nowhere
+        because their scores are NaN (a non-finite query row), for the routing heads q
         (..., h, n, d), k (..., h, m, d) (k is None for shared-QK).  Moves the centroid
         buffer when training; a recomputation finds its original call's result."""
         recompute = _in_backward()
@@ -851,11 +854,11 @@ class RoutingAttention(torch.nn.Module):
             r._route(*args)
         used = torch.from_numpy(r.centroids.copy())
         r.training = self.training
-        q_idx, k_idx = r._route(*args)
+        q_idx, k_idx, lost = r._route(*args)
         if self.training or not self.centroids.numel():
             self.centroids = torch.from_numpy(np.ascontiguousarray(r.centroids)).to(
                 self.centroids.device)
-        decision = (_t(q_idx), _t(k_idx), used)
+        decision = (_t(q_idx), _t(k_idx), used, _t(lost))
         if key is not None:
             self._decisions[key] = decision
             while len(self._decisions) > self._RECOMPUTE_CACHE:
@@ -904,10 +907,15 @@ class RoutingAttention(torch.nn.Module):
                                  f"routing decisions; got q {tuple(q.shape)} and k "
                                  f"{tuple(k.shape)}")
             qr, kr = q[..., L:, :, :], (None if r.shared_qk else k[..., L:, :, :])
-            q_idx, k_idx, used = self._route(qr, kr, kmask_h, qmask_h)    # no gradient
+            q_idx, k_idx, used, lost = self._route(qr, kr, kmask_h, qmask_h)  # no gradient
             self.q_idx, self.k_idx = q_idx, k_idx
-            parts.append(routing_attention(qr, katt[..., L:, :, :], v[..., L:, :, :], q_idx,
-                                           k_idx, merge=r.merge, **kw))
+            routed = routing_attention(qr, katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
+                                       merge=r.merge, **kw)
+            if qmask_h is not None:         # a padded query keeps its 0
+                lost = lost & qmask_h
+            # NaN locality, as in the NumPy layer: a non-finite query row joins no cluster,
+            # and its output row is NaN as in dense attention
+            parts.append(torch.where(lost[..., None], torch.nan, routed))
             self.commitment_loss = self._commitment(qr, kr, used, kmask_h, qmask_h)
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
         return out.to(dtype)
@@ -986,3 +994,56 @@ class CombinerAttention(torch.nn.Module):
         """Attention output (..., n, e)."""
         return combiner_attention(q, k, v, plan=self.plan, block=self.block, causal=self.causal,
                                   scale=self.scale)
+
+
+# ------------------------------------------------------------------ decoding
+class DecodingCache:
+    """A `routing_attention.decoding` cache for tensors (generation: no autograd).
+
+    Build one with `DenseCache`, `LocalCache`, `CombinerCache` or `RoutingCache`;
+    ``cache.step(q, k, v, active=None)`` appends one token per sequence ((..., 1, d)
+    tensors) and returns its output rows (..., 1, e); ``prefill(q, k, v)`` feeds a prompt.
+    """
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def _call(self, method, q, k, v, **kw):
+        (q, k, v), dtype = _floats(q=q, k=k, v=v)
+        return torch.from_numpy(method(_np(q), _np(k), _np(v), **kw)).to(dtype)
+
+    def step(self, q, k, v, *, active=None):
+        if active is not None:
+            _check_tensors(active=active)
+            active = _np(active)
+        return self._call(self.cache.step, q, k, v, active=active)
+
+    def prefill(self, q, k, v):
+        return self._call(self.cache.prefill, q, k, v)
+
+    @property
+    def lengths(self):
+        return torch.from_numpy(self.cache.lengths.copy())
+
+
+def DenseCache(*, scale=None):
+    """Causal dense attention, one token at a time (see routing_attention.decoding)."""
+    return DecodingCache(_decoding.DenseCache(scale=scale))
+
+
+def LocalCache(window, *, scale=None):
+    """Causal local attention, one token at a time."""
+    return DecodingCache(_decoding.LocalCache(window, scale=scale))
+
+
+def CombinerCache(plan, *, block=None, scale=None):
+    """Causal Combiner attention, one token at a time (block required but for logsparse)."""
+    return DecodingCache(_decoding.CombinerCache(plan, block=block, scale=scale))
+
+
+def RoutingCache(layer):
+    """Causal decoding of a torch `RoutingAttention` layer (membership="argmax",
+    causal=True) with its current centroids, which the cache does not move."""
+    router = layer._router
+    router.centroids = _np(layer.centroids).copy() if layer.centroids.numel() else None
+    return DecodingCache(_decoding.RoutingCache(router))

@@ -233,3 +233,33 @@ def test_readme_pytorch_snippet_runs():
     block = namespace["block"]
     assert block.attn.centroids.shape[0] == 2          # the routing heads' centroids
     assert all(p.grad is not None for p in block.parameters())
+
+
+def test_decoding_caches_for_tensors():
+    """The tensor caches decode the torch layer and functions row for row."""
+    q, k, v = (t.detach() for t in _qkv(shape=(2, 3, 20, 8)))
+    layer = rt.RoutingAttention(n_clusters=3, membership="argmax", causal=True, window=4,
+                                local_heads=1)
+    layer(q, k, v)
+    layer.eval()
+    rows = rt.RoutingCache(layer).prefill(q, k, v)
+    assert rows.dtype == torch.float64
+    for t in (0, 7, 19):
+        full = layer(q[..., :t + 1, :], k[..., :t + 1, :], v[..., :t + 1, :])
+        torch.testing.assert_close(rows[..., t, :], full[..., t, :], rtol=0, atol=1e-12)
+    cache = rt.CombinerCache("fixed", block=5)
+    rows = cache.prefill(q.float(), k.float(), v.float())
+    full = rt.combiner_attention(q.float(), k.float(), v.float(), plan="fixed", block=5, causal=True)
+    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-6)
+    assert cache.lengths.tolist() == [20] * 6
+
+
+def test_nan_query_row_gives_nan_output_row_like_numpy_layer():
+    q, k, v = (t.detach().clone() for t in _qkv(shape=(1, 2, 32, 8)))
+    q[0, 1, 5] = float("nan")
+    layer, twin = rt.RoutingAttention(), ra.RoutingAttention()
+    with np.errstate(invalid="ignore"):
+        y = layer(q, k, v)
+        y_np = twin(_np(q), _np(k), _np(v))
+    assert torch.isnan(y[0, 1, 5]).all()
+    np.testing.assert_array_equal(_np(y), y_np)        # NaN in the same places, same values
