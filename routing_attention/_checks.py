@@ -131,11 +131,13 @@ def mask_fits(name, mask, batch):
     except ValueError:
         fits = False
     if not fits:
-        raise ValueError(f"{name} of shape {mask.shape} has leading axes {mask.shape[:-1]} that "
-                         f"do not broadcast to the batch axes {tuple(batch)} of q, k and v "
-                         f"(it would change the result's shape); give it shape (..., "
-                         f"{mask.shape[-1]}) with leading axes that broadcast to {tuple(batch)}, "
-                         f"e.g. {tuple(batch) + mask.shape[-1:]} or {mask.shape[-1:]}")
+        length = mask.shape[-1]
+        raise ValueError(f"{name} must have shape (..., {length}) with leading axes that broadcast "
+                         f"to the batch axes {tuple(batch)} of q, k and v; got {mask.shape}, which "
+                         f"would change the result's shape. Give it shape "
+                         f"{tuple(batch) + (length,)}, or fewer leading axes (e.g. ({length},)); a "
+                         f"PyTorch-style mask (B, 1, 1, {length}) for q (B, H, n, d) is "
+                         f"{name}[..., 0, :] here, of shape (B, 1, {length})")
 
 
 def batch_shape(**arrays_and_core_ranks):

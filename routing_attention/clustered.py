@@ -7,8 +7,9 @@ weights on each cluster's top-k keys.  DESIGN.md §4.2.
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype, integer,
-                      qkv_arrays, saved_arrays, scale_value, unbroadcast)
+from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
+                      as_matrix, batch_shape, check_out, flag, float_dtype, integer, mask_fits,
+                      mask_record, qkv_arrays, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -24,7 +25,7 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
     if n_clusters > n:
         raise ValueError(f"n_clusters must be <= the number of queries n = {n}; got {n_clusters}")
     topk = 0 if topk is None else integer("topk", topk, low=1)
-    labels = np.asarray(labels)
+    labels = as_array("labels", labels)
     if labels.dtype.kind not in "iu":
         raise TypeError(f"labels must be an integer array; got dtype {labels.dtype}")
     if labels.ndim < 1 or labels.shape[-1] != n:
@@ -38,8 +39,17 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
     else:
         mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1), key_mask=(mask, 1))
+    if use_mask:
+        mask_fits("key_mask", mask, batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1)))
     return (q, k, v, labels, mask, use_mask, n_clusters, topk,
             scale_value(scale, q.shape[-1], dtype), batch)
+
+
+def _keywords(n_clusters, topk, mask, use_mask, scale):
+    """The forward's keywords as saved["keywords"] records them (topk None: the plain
+    form)."""
+    return dict(n_clusters=n_clusters, topk=topk or None, key_mask=mask_record(mask, use_mask),
+                scale=float(scale))
 
 
 # The forward's statistics that spare the backward its recomputation (return_saved=True).
@@ -69,12 +79,31 @@ def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_sav
     if target is not None and out is None:
         target[...] = o
         o = target
-    return (o, saved) if flag("return_saved", return_saved) else o
+    if not flag("return_saved", return_saved):
+        return o
+    return o, dict(saved, keywords=_keywords(C, topk, mask, use_mask, scale))
 
 
-def _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved):
+def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved):
+    """The backward of either form (func names it: topk is None for the plain form and
+    then must not come from an improved forward's saved statistics, and conversely)."""
+    improved = func.startswith("improved")
+    kw = BackwardKeywords(func, saved, dict(n_clusters=None, topk=None, key_mask=None,
+                                            scale=None),
+                          n_clusters=n_clusters, topk=topk, key_mask=key_mask, scale=scale)
+    if kw.forward is not None and (kw.forward["topk"] is not None) != improved:
+        source = "improved_clustered_attention" if kw.forward["topk"] else "clustered_attention"
+        raise ValueError(f"{func}: the saved statistics come from {source} (topk="
+                         f"{kw.forward['topk']!r}); use {source}_backward")
+    for name in ("n_clusters", "topk") if improved else ("n_clusters",):
+        if kw.values[name] is None:
+            raise TypeError(f"{func} needs {name} (or the forward's saved statistics, "
+                            "return_saved=True)")
     q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
-        q, k, v, labels, n_clusters, topk, key_mask, scale)
+        q, k, v, labels, kw.values["n_clusters"], kw.values["topk"], kw.values["key_mask"],
+        kw.values["scale"])
+    kw.check(_keywords(C, topk, mask, use_mask, scale))
+    saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     n, e = q.shape[-2], v.shape[-1]
     if dout.shape[-2:] != (n, e):
@@ -109,8 +138,9 @@ def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=Non
     out : ndarray, shape (..., n, e), optional
     return_saved : bool
         Also return a dict of the statistics the backward would otherwise recompute
-        (the centroid attention): pass it on as ``clustered_attention_backward(...,
-        **saved)``.
+        (the centroid attention) and ``keywords`` (the resolved n_clusters, topk,
+        key_mask and scale): pass it on as ``clustered_attention_backward(dout, q, k,
+        v, labels, **saved)``.
 
     Returns
     -------
@@ -121,16 +151,19 @@ def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=Non
     return _forward(q, k, v, labels, n_clusters, None, key_mask, scale, out, return_saved)
 
 
-def clustered_attention_backward(dout, q, k, v, labels, n_clusters, *, key_mask=None,
+def clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, *, key_mask=None,
                                  scale=None, **saved):
     """Gradients (dq, dk, dv) of `clustered_attention`; arguments as in the forward.
 
     A centroid's gradient is shared equally by its members (÷ cluster size); queries
     labelled -1 get none.  Gradients are summed over broadcast batch axes.  ``**saved``:
     the dict the forward returned with ``return_saved=True`` for the same inputs (the
-    centroid attention is then not recomputed; the result is the same).
+    centroid attention is then not recomputed; the result is the same).  n_clusters,
+    key_mask and scale left at None are taken from it; without it n_clusters is
+    required.  A value that disagrees with the saved forward's is a ValueError naming it.
     """
-    return _backward(dout, q, k, v, labels, n_clusters, None, key_mask, scale, saved)
+    return _backward("clustered_attention_backward", dout, q, k, v, labels, n_clusters, None,
+                     key_mask, scale, saved)
 
 
 def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None,
@@ -142,28 +175,36 @@ def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=
     key; never a masked key) and m̂_c = Σ_{j∈T_c} a_c[j].  Query i of cluster c gives keys
     in T_c the weights ``m̂_c · softmax_{j∈T_c}(scale · q_i·k_j)`` and every other key a_c[j].
     With topk >= m this is dense attention.  ``return_saved=True`` also returns the dict
-    of statistics for the backward (centroid attention, T_c and a_c[T_c]).
+    of statistics for the backward (centroid attention, T_c and a_c[T_c], and
+    ``keywords``).
     """
     return _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved)
 
 
-def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters, topk, *,
+def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, topk=None, *,
                                           key_mask=None, scale=None, **saved):
     """Gradients (dq, dk, dv) of `improved_clustered_attention`, with m̂_c (and the choice
     of T_c) treated as constants, as in the paper.  ``**saved``: the forward's
-    ``return_saved=True`` dict for the same inputs (then nothing is recomputed)."""
-    return _backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved)
+    ``return_saved=True`` dict for the same inputs (then nothing is recomputed);
+    n_clusters, topk, key_mask and scale left at None are taken from it (without it
+    n_clusters and topk are required).  A value that disagrees with the saved forward's
+    is a ValueError naming it."""
+    return _backward("improved_clustered_attention_backward", dout, q, k, v, labels,
+                     n_clusters, topk, key_mask, scale, saved)
 
 
 # ------------------------------------------------------------------ layer
-class ClusteredAttention:
+class ClusteredAttention(LayerCalls):
     """Clustered attention with its own query clustering, as in Fast Transformers.
 
     ``layer(q, k, v)`` hashes the queries with random hyperplanes (`lsh_hash`, planes drawn
     once from `seed`), groups the codes by Hamming k-means (`hamming_kmeans`) and runs
     clustered attention — or improved clustered attention when `topk` is given.
-    ``layer.backward(dout)`` returns (dq, dk, dv) for the last call, the clustering held
-    fixed (routing decisions are not differentiated).
+    ``layer.backward(dout)`` returns (dq, dk, dv) for that call, the clustering held
+    fixed (routing decisions are not differentiated).  After several calls, take each
+    call's context instead: ``out, ctx = layer.forward(q, k, v)`` and
+    ``layer.backward(dout, ctx)`` (``backward(dout)`` then raises RuntimeError rather
+    than guess the call).
 
     Parameters
     ----------
@@ -190,7 +231,11 @@ class ClusteredAttention:
         self.scale = scale
         self.planes = None      # (bits, d + 1), drawn on the first call
         self.labels = None      # the last call's clustering, (..., n)
-        self._saved = None
+
+    def __repr__(self):
+        return (f"ClusteredAttention(n_clusters={self.n_clusters!r}, bits={self.bits!r}, "
+                f"iterations={self.iterations!r}, topk={self.topk!r}, seed={self.seed!r}, "
+                f"scale={self.scale!r})")
 
     def _planes(self, d):
         if self.planes is None or self.planes.shape[1] != d + 1:
@@ -201,39 +246,48 @@ class ClusteredAttention:
     def cluster(self, q, query_mask=None):
         """Labels (..., n) of the queries: lsh_hash → hamming_kmeans (-1 where masked)."""
         from .clustering import hamming_kmeans, lsh_hash
-        q = np.asarray(q)
         dtype = float_dtype(q=q)        # integer queries hash as float64, like every call
-        codes = lsh_hash(q.astype(dtype, copy=False),
-                         self._planes(q.shape[-1]).astype(dtype, copy=False))
+        q = as_matrix("q", q, dtype)
+        codes = lsh_hash(q, self._planes(q.shape[-1]).astype(dtype, copy=False))
         C = min(self.n_clusters, q.shape[-2])
         if query_mask is not None:
             query_mask = as_bool_mask("query_mask", query_mask, q.shape[-2], "queries")
+            mask_fits("query_mask", query_mask, q.shape[:-2])
         return hamming_kmeans(codes, C, iters=self.iterations, seed=self.seed, mask=query_mask)
 
+    def forward(self, q, k, v, *, key_mask=None, query_mask=None):
+        """``(out, ctx)``: the attention output (..., n, e) (query_mask False rows are
+        padding, output 0) and this call's context for ``backward(dout, ctx)``."""
+        out, data = self._run(q, k, v, key_mask, query_mask)
+        return out, LayerContext(self, data)
+
     def __call__(self, q, k, v, *, key_mask=None, query_mask=None):
-        """Attention output (..., n, e); query_mask False rows are padding (output 0)."""
-        q = np.asarray(q)
-        labels = self.cluster(q, query_mask)
-        C = min(self.n_clusters, q.shape[-2])
-        self.labels = labels
-        if self.topk is None:
-            out, stats = clustered_attention(q, k, v, labels, C, key_mask=key_mask,
-                                             scale=self.scale, return_saved=True)
-        else:
-            out, stats = improved_clustered_attention(q, k, v, labels, C, self.topk,
-                                                      key_mask=key_mask, scale=self.scale,
-                                                      return_saved=True)
-        self._saved = (q, k, v, labels, C, key_mask, stats)
+        """The attention output (..., n, e); query_mask False rows are padding (output
+        0).  The layer keeps this call's context for ``backward(dout)``."""
+        self._reusable()                # a failing call leaves no context to backward
+        out, data = self._run(q, k, v, key_mask, query_mask)
+        self._keep(data)
         return out
 
-    def backward(self, dout):
-        """(dq, dk, dv) of the last call."""
-        if self._saved is None:
-            raise RuntimeError("ClusteredAttention.backward called before the layer was run")
-        q, k, v, labels, C, key_mask, stats = self._saved
+    def _run(self, q, k, v, key_mask, query_mask):
+        """Output and the backward's data: (q, k, v, labels, saved)."""
+        labels = self.cluster(q, query_mask)
+        C = min(self.n_clusters, labels.shape[-1])
+        self.labels = labels
         if self.topk is None:
-            return clustered_attention_backward(dout, q, k, v, labels, C, key_mask=key_mask,
-                                                scale=self.scale, **stats)
-        return improved_clustered_attention_backward(dout, q, k, v, labels, C, self.topk,
-                                                     key_mask=key_mask, scale=self.scale,
-                                                     **stats)
+            out, saved = clustered_attention(q, k, v, labels, C, key_mask=key_mask,
+                                             scale=self.scale, return_saved=True)
+        else:
+            out, saved = improved_clustered_attention(q, k, v, labels, C, self.topk,
+                                                      key_mask=key_mask, scale=self.scale,
+                                                      return_saved=True)
+        return out, (q, k, v, labels, saved)
+
+    def backward(self, dout, ctx=None):
+        """Gradients (dq, dk, dv) of the call `ctx` (from `forward`), or without ctx of
+        the one ``layer(q, k, v)`` call since the previous backward (RuntimeError after
+        two or more); the clustering is held fixed."""
+        q, k, v, labels, saved = self._context(ctx)
+        if saved["keywords"]["topk"] is None:
+            return clustered_attention_backward(dout, q, k, v, labels, **saved)
+        return improved_clustered_attention_backward(dout, q, k, v, labels, **saved)

@@ -2,19 +2,22 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype,
-                      integer, qkv_arrays, saved_arrays, scale_value, unbroadcast)
+from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
+                      as_matrix, batch_shape, check_out, core_size, flag, float_dtype, integer,
+                      mask_fits, qkv_arrays, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
 
 MERGES = ("mean", "lse")
+DEFAULTS = dict(causal=False, exclude_self=False, merge="mean", scale=None)
+LOCAL_DEFAULTS = dict(window=None, causal=False, scale=None)
 
 
 def check_members(name, idx, length):
     """Validate a (..., c, w) membership array: int64 entries in [-1, length), no index
     repeated inside one cluster's list.  Returns it as an int64 array."""
-    arr = np.asarray(idx)
+    arr = as_array(name, idx)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array of positions (-1 = empty slot); "
                         f"got dtype {arr.dtype}")
@@ -49,6 +52,12 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
             merge == "lse", scale_value(scale, q.shape[-1], dtype))
 
 
+def _keywords(causal, exclude_self, lse_merge, scale):
+    """The forward's keywords as saved["keywords"] records them."""
+    return dict(causal=causal, exclude_self=exclude_self, merge="lse" if lse_merge else "mean",
+                scale=float(scale))
+
+
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
                       scale=None, return_lse=False, return_saved=False, out=None):
     """Attention inside clusters given by membership lists (Routing Transformer).
@@ -76,22 +85,28 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
         Also return L = logsumexp over the token's per-cluster log-sum-exps, (..., n).
     return_saved : bool
         Also return a dict of the forward's statistics (merged output and lse, and each
-        (cluster, query) slot's output and lse); pass it as
-        ``routing_attention_backward(..., **saved)`` to skip recomputing the forward.
+        (cluster, query) slot's output and lse) and ``keywords`` (the resolved causal,
+        exclude_self, merge and scale); pass it as
+        ``routing_attention_backward(dout, q, k, v, q_idx, k_idx, **saved)`` to skip
+        recomputing the forward.
     out : ndarray (..., n, e), optional
 
     Returns
     -------
     out (..., n, e) [, lse (..., n)] [, saved dict]
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes or shapes, member lists out of range or repeating a position, an
+        unknown merge, naming the argument.
     """
-    o, lse, slot_out, slot_lse, slot_self = _forward(q, k, v, q_idx, k_idx, causal, exclude_self,
-                                                     merge, scale, out)
-    result = (o,)
+    saved = _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out)
+    result = (saved["output"],)
     if flag("return_lse", return_lse):
-        result += (lse,)
+        result += (saved["lse"],)
     if flag("return_saved", return_saved):
-        result += (dict(output=o, lse=lse, slot_output=slot_out, slot_lse=slot_lse,
-                        slot_self=slot_self),)
+        result += (saved,)
     return result[0] if len(result) == 1 else result
 
 
@@ -99,8 +114,9 @@ SAVED_KEYS = ("output", "lse", "slot_output", "slot_lse", "slot_self")
 
 
 def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, saved_into=None):
-    """The checked forward -> (output, lse, slot_output, slot_lse, slot_self); with
-    `saved_into` (a saved dict of an identical earlier call) its arrays are overwritten."""
+    """The checked forward -> the saved dict (output, lse, slot_output, slot_lse,
+    slot_self, keywords); with `saved_into` (a saved dict of an identical earlier call)
+    its arrays are overwritten."""
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
@@ -108,20 +124,33 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
     outs = (out, None, None, None, None)
     if saved_into is not None:
         outs = tuple(saved_into[key] for key in SAVED_KEYS)
-    return _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
-                                 out=outs)
+    stats = _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
+                                  out=outs)
+    return dict(zip(SAVED_KEYS, stats), keywords=_keywords(causal, exclude_self, lse_merge, scale))
 
 
-def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False,
-                               merge="mean", scale=None, **saved):
+def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, exclude_self=None,
+                               merge=None, scale=None, **saved):
     """Gradients (dq, dk, dv) of `routing_attention` (memberships are not differentiated).
 
     ``**saved`` is the dict `routing_attention(..., return_saved=True)` returned for the
-    same inputs and keywords; without it the forward is recomputed inside.  The
-    result has the shapes of q, k and v.
+    same inputs; without it the forward is recomputed inside.  causal, exclude_self,
+    merge and scale left at None are taken from it (saved["keywords"]), or without it
+    are the forward's defaults (False, False, "mean", 1/sqrt(d)).  The result has the
+    shapes of q, k and v.
+
+    Raises
+    ------
+    ValueError
+        A keyword that disagrees with the saved forward's, naming it; saved arrays of
+        the wrong shape; and the forward's input errors.
     """
+    kw = BackwardKeywords("routing_attention_backward", saved, DEFAULTS, causal=causal,
+                          exclude_self=exclude_self, merge=merge, scale=scale)
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
-        q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale)
+        q, k, v, q_idx, k_idx, **kw.values)
+    kw.check(_keywords(causal, exclude_self, lse_merge, scale))
+    saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     if dout.shape[-2:] != (q.shape[-2], v.shape[-1]):
         raise ValueError(f"dout must have shape (..., n, e) = (..., {q.shape[-2]}, {v.shape[-1]}) "
@@ -156,25 +185,50 @@ def local_members(n, m, window, causal):
     return q_idx, k_idx
 
 
-def _local_args(q, k, window, causal):
-    n = np.shape(q)[-2] if np.ndim(q) >= 2 else 0
-    m = np.shape(k)[-2] if np.ndim(k) >= 2 else 0
-    return local_members(n, m, window, flag("causal", causal))
+def _local_args(q, k, v, window, causal):
+    """Checked q, k, v and the block member lists; sizes are checked before the lists
+    are built (a huge n must not allocate them)."""
+    q, k, v = qkv_arrays(q, k, v)
+    return q, k, v, local_members(q.shape[-2], k.shape[-2], window, flag("causal", causal))
 
 
-def local_attention(q, k, v, window, *, causal=False, scale=None, out=None):
+def local_attention(q, k, v, window, *, causal=False, scale=None, return_saved=False, out=None):
     """Blocked local attention: positions are cut into blocks of `window`; a query in
     block b sees the keys in blocks b-1 and b (and b+1 when not causal); causal also
     needs j <= i.  n need not be a multiple of `window`.  Runs on the routing planner
-    with one cluster per block.  Shapes as in `attention`."""
-    q_idx, k_idx = _local_args(q, k, window, causal)
-    return routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale, out=out)
+    with one cluster per block.  Shapes as in `attention`.
+
+    ``return_saved=True`` also returns a dict of the forward's statistics and its
+    ``keywords`` (window, causal, scale) for ``local_attention_backward(dout, q, k, v,
+    **saved)``.  Raises ValueError for window < 1 or a sequence longer than the kernels
+    index (2**30 - 1), before any list is built."""
+    q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
+    if not flag("return_saved", return_saved):
+        return routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale, out=out)
+    out, saved = routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale,
+                                   return_saved=True, out=out)
+    routed = saved["keywords"]
+    saved["keywords"] = dict(window=integer("window", window, low=1), causal=routed["causal"],
+                             scale=routed["scale"])
+    return out, saved
 
 
-def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None):
-    """Gradients (dq, dk, dv) of `local_attention`."""
-    q_idx, k_idx = _local_args(q, k, window, causal)
-    return routing_attention_backward(dout, q, k, v, q_idx, k_idx, causal=causal, scale=scale)
+def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=None, **saved):
+    """Gradients (dq, dk, dv) of `local_attention`.  ``**saved``: the forward's
+    ``return_saved=True`` dict; window, causal and scale left at None are taken from it
+    (else: window is required, causal False, scale 1/sqrt(d)).  A keyword that disagrees
+    with the saved forward's is a ValueError naming it."""
+    kw = BackwardKeywords("local_attention_backward", saved, LOCAL_DEFAULTS, window=window,
+                          causal=causal, scale=scale)
+    if kw.values["window"] is None:
+        raise TypeError("local_attention_backward needs window (or the forward's saved "
+                        "statistics, return_saved=True)")
+    window, causal, scale = kw.values["window"], kw.values["causal"], kw.values["scale"]
+    q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
+    kw.check(dict(window=integer("window", window, low=1), causal=causal,
+                  scale=float(scale_value(scale, q.shape[-1], q.dtype))))
+    return routing_attention_backward(dout, q, k, v, q_idx, k_idx, causal=causal, scale=scale,
+                                      **kw.arrays)
 
 
 # ------------------------------------------------------------------ the layer
@@ -204,7 +258,7 @@ def _mask_members(idx, mask):
     return np.where((idx >= 0) & keep, idx, -1)
 
 
-class RoutingAttention:
+class RoutingAttention(LayerCalls):
     """Routing Transformer attention layer: online spherical k-means routing plus local heads.
 
     Inputs are q, k, v of shape (..., heads, n, d) / (..., heads, m, d) / (..., heads, m, e);
@@ -290,7 +344,14 @@ class RoutingAttention:
         self.centroids = None
         self.commitment_loss = None
         self.q_idx = self.k_idx = None
-        self._saved = None
+
+    def __repr__(self):
+        options = dict(local_heads=self.local_heads, window=self.window, shared_qk=self.shared_qk,
+                       causal=self.causal, membership=self.membership, w=self.w, merge=self.merge,
+                       decay=self.decay, kmeans_iters=self.kmeans_iters, seed=self.seed,
+                       scale=self.scale)
+        text = ", ".join(f"{key}={value!r}" for key, value in options.items())
+        return f"RoutingAttention(n_clusters={self.n_clusters!r}, {text})"
 
     # -- routing decisions ------------------------------------------------------
     def _pool_head(self, q, k, h, qhat, qsq, pooled=None):
@@ -347,7 +408,9 @@ class RoutingAttention:
         balanced members, the argmax labels and the commitment loss |x̂|² − 2 x̂·μ_label +
         |μ_label|², without storing the (n, c) scores), and, in training, its centroids
         move by one update_centroids step on that buffer.  So only one head's normalised
-        rows are alive at once.  Shared-QK: qhat, qsq are the normalised queries."""
+        rows are alive at once.  Shared-QK: qhat, qsq are the normalised queries.
+        Also returns `lost` (..., heads, n): the queries routed nowhere because their
+        scores are NaN (a non-finite query row)."""
         from .clustering import members_from_labels, update_centroids
         heads, n, d = q.shape[-3:]
         m = n if qhat is not None else k.shape[-2]
@@ -405,7 +468,7 @@ class RoutingAttention:
             k_idx = _mask_members(members_from_labels(labels[..., n:], c), kmask)
         self.commitment_loss = loss
         self.centroids = new_centroids
-        return q_idx, k_idx
+        return q_idx, k_idx, labels[..., :n] < 0
 
     # -- forward / backward -----------------------------------------------------
     @staticmethod
@@ -415,17 +478,28 @@ class RoutingAttention:
         if mask is None:
             return None
         mask = as_bool_mask(name, mask, length, "keys" if name == "key_mask" else "queries")
-        try:
-            fits = np.broadcast_shapes(mask.shape[:-1], batch) == batch
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(f"{name} must have shape (..., {length}) with leading axes that "
-                             f"broadcast to the batch axes {batch} of q; got {mask.shape}")
+        mask_fits(name, mask, batch)
         return mask[..., None, :]
 
+    def forward(self, q, k, v, *, key_mask=None, query_mask=None):
+        """``(out, ctx)``: the attention output (..., heads, n, e) (see the class
+        docstring) and this call's context for ``backward(dout, ctx)``.  Routing and the
+        centroid update run as in ``layer(q, k, v)``."""
+        out, data = self._run(q, k, v, key_mask, query_mask, None)
+        return out, LayerContext(self, data)
+
     def __call__(self, q, k, v, *, key_mask=None, query_mask=None):
-        """Attention output (..., heads, n, e); see the class docstring."""
+        """The attention output (..., heads, n, e) (see the class docstring); the layer
+        keeps this call's context for ``backward(dout)``.  For several calls before a
+        backward, use ``forward`` and pass each call's context."""
+        out, data = self._run(q, k, v, key_mask, query_mask, self._reusable())
+        self._keep(data)
+        return out
+
+    def _run(self, q, k, v, key_mask, query_mask, reuse):
+        """Output and the backward's data of one call; `reuse`: the data of an earlier
+        call whose statistics arrays may be overwritten when every shape repeats (no new
+        pages to fault in, no second set alive during the call)."""
         dtype = float_dtype(q=q, k=k, v=v)
         q = as_matrix("q", q, dtype, min_rank=3)
         k = as_matrix("k", k, dtype, min_rank=3)
@@ -445,6 +519,11 @@ class RoutingAttention:
             raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
                              f"got {heads - self.local_heads}")
         n, m = q.shape[-2], k.shape[-2]
+        if n == 0 or m == 0:
+            raise ValueError(f"RoutingAttention needs at least one query and one key to route; "
+                             f"got q of shape {q.shape} and k of shape {k.shape}")
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            core_size(name, x.shape[-2:], x.shape)
         kmask = self._layer_mask("key_mask", key_mask, m, q.shape[:-3])
         qmask = self._layer_mask("query_mask", query_mask, n, q.shape[:-3])
         if self.shared_qk:      # the normalised queries are the keys, in the attention too
@@ -458,6 +537,8 @@ class RoutingAttention:
         L = self.local_heads
         batch = np.broadcast_shapes(q.shape[:-2], katt.shape[:-2], v.shape[:-2])
         out = np.empty(batch + (n, v.shape[-1]), dtype)
+        # everything the backward needs is in the data, layer options included, so a
+        # later change of the layer's attributes cannot change an earlier call's gradient
         kw = dict(causal=self.causal, scale=self.scale, exclude_self=self.shared_qk)
         local = None
         if L:
@@ -466,53 +547,68 @@ class RoutingAttention:
             local = (_mask_members(lq, qmask), _mask_members(lk, kmask))   # padding: -1
             out[..., :L, :, :] = routing_attention(q[..., :L, :, :], katt[..., :L, :, :],
                                                    v[..., :L, :, :], *local, **kw)
-        q_idx = k_idx = saved = None
+        q_idx = k_idx = saved = lost = None
         if L < heads:
-            q_idx, k_idx = self._route(q[..., L:, :, :], k[..., L:, :, :], kmask, qmask,
-                                       None if qhat is None else qhat[..., L:, :, :],
-                                       None if qsq is None else qsq[..., L:, :])
-            # the last call's statistics are overwritten when every shape repeats: no new
-            # pages to fault in, and no second set alive during the call
+            q_idx, k_idx, lost = self._route(q[..., L:, :, :], k[..., L:, :, :], kmask, qmask,
+                                             None if qhat is None else qhat[..., L:, :, :],
+                                             None if qsq is None else qsq[..., L:, :])
             signature = (q.shape, k.shape, v.shape, q_idx.shape, k_idx.shape, dtype)
-            previous = self._saved[-1] if self._saved is not None else None
-            reuse = previous if previous is not None and previous[0] == signature else None
-            self._saved = None      # a call that fails part-way leaves nothing to backward
-            stats = _forward(q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx,
+            previous = None if reuse is None else reuse["routed"]
+            into = previous[1] if previous is not None and previous[0] == signature else None
+            saved = _forward(q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx,
                              k_idx, self.causal, self.shared_qk, self.merge, self.scale, None,
-                             None if reuse is None else reuse[1])
-            saved = (signature, dict(zip(SAVED_KEYS, stats)))
-            out[..., L:, :, :] = stats[0]
+                             into)
+            routed = out[..., L:, :, :]
+            routed[...] = saved["output"]
+            # NaN locality: a non-finite query row has NaN scores and joins no cluster, but
+            # its output is NaN, as in dense attention (a padded query keeps its 0)
+            if qmask is not None:
+                lost &= qmask
+            if lost.any():
+                routed[np.broadcast_to(lost, routed.shape[:-1])] = np.nan
+            else:
+                lost = None
         self.q_idx, self.k_idx = q_idx, k_idx
-        self._saved = (shapes, q, qhat, qnorm, katt, v, local, q_idx, k_idx, saved)
-        return out
+        data = dict(shapes=shapes, q=q, qhat=qhat, qnorm=qnorm, katt=katt, v=v, local=local,
+                    q_idx=q_idx, k_idx=k_idx, lost=lost, local_heads=L, kw=kw,
+                    routed=None if saved is None else (signature, saved))
+        return out, data
 
-    def backward(self, dout):
-        """Gradients (dq, dk, dv) of the last call's output (routing decisions fixed),
-        shaped like the q, k, v passed in (summed over the axes they were broadcast
-        along)."""
-        if self._saved is None:
-            raise RuntimeError("backward() needs a forward call first")
-        shapes, q, qhat, qnorm, katt, v, local, q_idx, k_idx, saved = self._saved
+    def backward(self, dout, ctx=None):
+        """Gradients (dq, dk, dv) of one call's output (routing decisions fixed), shaped
+        like the q, k, v passed in (summed over the axes they were broadcast along).
+
+        ctx: the context ``forward`` returned with that call.  Without it, the gradients
+        are those of the one ``layer(q, k, v)`` call made since the previous backward;
+        after two or more such calls it raises RuntimeError (pass the context).  A query
+        whose row was not finite gets a NaN gradient row, as in dense attention.
+        """
+        data = self._context(ctx)
+        q, katt, v, L, kw = data["q"], data["katt"], data["v"], data["local_heads"], data["kw"]
+        shapes = data["shapes"]
         dout = as_matrix("dout", dout, q.dtype, min_rank=3)
-        L, heads = self.local_heads, q.shape[-3]
+        heads = q.shape[-3]
         # both backwards already sum their gradients over broadcast batch axes: the head
         # slices of arrays shaped like the (head-broadcast) inputs take them as they are
-        kw = dict(causal=self.causal, scale=self.scale, exclude_self=self.shared_qk)
         parts = []
         if L:
             parts.append(routing_attention_backward(
                 dout[..., :L, :, :], q[..., :L, :, :], katt[..., :L, :, :], v[..., :L, :, :],
-                *local, **kw))
+                *data["local"], **kw))
         if L < heads:
             parts.append(routing_attention_backward(
                 dout[..., L:, :, :], q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :],
-                q_idx, k_idx, merge=self.merge, **kw, **saved[1]))
+                data["q_idx"], data["k_idx"], **data["routed"][1]))
         if len(parts) == 1:     # one kind of head: its gradients are the whole ones
             dq, dkatt, dv = parts[0]
         else:
             dq, dkatt, dv = (np.concatenate(g, axis=-3) for g in zip(*parts))
-        if self.shared_qk:        # keys were the normalised queries
-            dq, dk = dq + _normalize_backward(dkatt, qhat, qnorm), np.zeros(shapes[1], q.dtype)
+        if kw["exclude_self"]:        # shared-QK: keys were the normalised queries
+            dq = dq + _normalize_backward(dkatt, data["qhat"], data["qnorm"])
+            dk = np.zeros(shapes[1], q.dtype)
         else:
             dk = dkatt
+        if data["lost"] is not None:  # the NaN rows of the forward
+            routed = dq[..., L:, :, :]
+            routed[np.broadcast_to(data["lost"], routed.shape[:-1])] = np.nan
         return unbroadcast(dq, shapes[0]), unbroadcast(dk, shapes[1]), unbroadcast(dv, shapes[2])

@@ -326,7 +326,11 @@ def test_saved_statistics_give_the_same_gradients(rng, dtype, topk):
     dout = rng.standard_normal((3, 2, 70, 8)).astype(dtype)        # broadcast batch
     out, saved = forward(topk, q, k, v, labels, 6, key_mask=mask, return_saved=True)
     assert np.array_equal(out, forward(topk, q, k, v, labels, 6, key_mask=mask))
-    assert sorted(saved) == ["centroid_lse", "centroid_out", "topk_index", "topk_weight"]
+    assert sorted(saved) == ["centroid_lse", "centroid_out", "keywords", "topk_index",
+                             "topk_weight"]
+    recorded = saved["keywords"]
+    assert (recorded["n_clusters"], recorded["topk"]) == (6, topk)
+    assert recorded["key_mask"] is not mask and np.array_equal(recorded["key_mask"], mask)
     kmax = 0 if topk is None else min(topk, 150)
     assert saved["topk_index"].shape == (2, 6, kmax) and saved["centroid_out"].shape == (2, 6, 8)
     got = backward(topk, dout, q, k, v, labels, 6, key_mask=mask, **saved)
@@ -377,7 +381,7 @@ def test_layer_runs_the_pipeline(rng):
         codes = clustering.lsh_hash(q, layer.planes)
         assert np.array_equal(labels, clustering.hamming_kmeans(codes, 10, iters=5, seed=3))
         assert np.array_equal(out, forward(topk, q, k, v, labels, 10))
-        assert np.array_equal(out, layer(q, k, v)), "deterministic for a given seed"
+        assert np.array_equal(out, layer.forward(q, k, v)[0]), "deterministic for a given seed"
         dout = rng.standard_normal(out.shape)
         for name, g, w in zip(("dq", "dk", "dv"), layer.backward(dout),
                               backward(topk, dout, q, k, v, labels, 10)):
@@ -394,5 +398,5 @@ def test_layer_hashes_integer_queries_as_float64(rng):
 
 
 def test_layer_backward_before_call():
-    with pytest.raises(RuntimeError, match="before"):
+    with pytest.raises(RuntimeError, match="needs a forward call first"):
         ra.ClusteredAttention(4).backward(np.zeros((3, 2)))

@@ -276,7 +276,7 @@ SPECIFIC_RULES = [
     ("idx_batch", "routing_attention", dict(q_idx=np.stack([IDX] * 3), k_idx=np.stack([IDX] * 2)),
      ValueError, r"batch axes do not broadcast: .*q_idx \(3,\), k_idx \(2,\)"),
     ("merge", "routing_attention", dict(merge="sum"), ValueError, r"merge must be one of"),
-    ("exclude_self_flag", "routing_attention_backward", dict(exclude_self=None), TypeError,
+    ("exclude_self_flag", "routing_attention_backward", dict(exclude_self="no"), TypeError,
      r"exclude_self must be True or False"),
     ("out_shape", "routing_attention", dict(out=np.empty((2, 6, 3))), ValueError, r"out must have shape \(6, 3\)"),
     ("window_zero", "local_attention", dict(window=0), ValueError, r"window must be >= 1"),
@@ -423,10 +423,10 @@ def test_nan_locality_combiner_causal(plan, which):
     rng = np.random.default_rng(7)
     n, j = 37, 17
     a = dict(zip("qkv", (rng.standard_normal((n, 5)) for _ in range(3))))
-    clean = ra.combiner_attention(a["q"], a["k"], a["v"], plan=plan)
+    clean = ra.combiner_attention(a["q"], a["k"], a["v"], plan=plan, causal=True)
     a[which] = _poisoned(a[which], j, np.nan)
     with np.errstate(invalid="ignore"):
-        out = ra.combiner_attention(a["q"], a["k"], a["v"], plan=plan)
+        out = ra.combiner_attention(a["q"], a["k"], a["v"], plan=plan, causal=True)
     assert np.isfinite(out[:j]).all(), f"{plan}: NaN {which}[{j}] reached an earlier query"
     np.testing.assert_allclose(out[:j], clean[:j], rtol=1e-13, atol=1e-13)
     assert not np.isfinite(out[j:]).all(), f"{plan}: NaN {which}[{j}] vanished"

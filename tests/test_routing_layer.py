@@ -102,7 +102,7 @@ def test_backward_by_finite_differences(rng, shared_qk):
     q, k, v = data(rng, (1, 2, 24, 4))
     layer = ra.RoutingAttention(n_clusters=3, causal=True, shared_qk=shared_qk, local_heads=1,
                                 window=6, merge="lse")
-    layer(q, k, v)
+    layer.forward(q, k, v)          # initialises the centroids (its context is not kept)
     layer.training = False
     out = layer(q, k, v)
     idx = (layer.q_idx.copy(), layer.k_idx.copy())
@@ -132,21 +132,28 @@ def test_repeated_calls_overwrite_the_saved_statistics(rng):
     q2, k2, v2 = data(rng, (2, 2, 32, 4))
     g = rng.standard_normal(q.shape)
     first = ra.RoutingAttention(n_clusters=4, merge="lse", causal=True, local_heads=1, window=8)
-    first(q, k, v)
+    first.forward(q, k, v)
     first.training = False
     fresh = ra.RoutingAttention(n_clusters=4, merge="lse", causal=True, local_heads=1, window=8)
     fresh.centroids, fresh.training = first.centroids.copy(), False
     out1 = first(q, k, v)
+    first.backward(g)
     kept = out1.copy()
-    slots = first._saved[-1][1]["slot_output"]
+    slots = first._kept["routed"][1]["slot_output"]
     out2 = first(q2, k2, v2)
-    assert first._saved[-1][1]["slot_output"] is slots, "same shapes: the arrays are reused"
+    assert first._kept["routed"][1]["slot_output"] is slots, "same shapes: the arrays are reused"
     assert np.array_equal(out1, kept)
     assert np.array_equal(out2, fresh(q2, k2, v2))
     for name, x, y in zip("qkv", first.backward(g), fresh.backward(g)):
         assert np.array_equal(x, y), f"d{name}"
     first(q2[:, :, :16], k2[:, :, :16], v2[:, :, :16])    # new shapes: new arrays
-    assert first._saved[-1][1]["slot_output"] is not slots
+    assert first._kept["routed"][1]["slot_output"] is not slots
+    # a context handed out by forward is never overwritten by later calls
+    out3, ctx = first.forward(q, k, v)
+    held = ctx.data["routed"][1]["slot_output"].copy()
+    first(q2, k2, v2)
+    first(q2, k2, v2)
+    assert np.array_equal(ctx.data["routed"][1]["slot_output"], held)
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
@@ -159,7 +166,7 @@ def test_gradients_with_broadcast_batch_axes(rng, shared_qk):
     v = rng.standard_normal((3, 2, 16, 4))
     layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4, merge="lse",
                                 shared_qk=shared_qk)
-    layer(q, k, v)
+    layer.forward(q, k, v)
     layer.training = False
     out = layer(q, k, v)
     assert out.shape == (3, 2, 16, 4)
@@ -204,7 +211,7 @@ def test_broadcast_heads_and_batch_axes(rng):
     over them); a local-only layer broadcasts k's batch axes like local_attention."""
     q, k, v = data(rng, (2, 3, 16, 4))
     layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4)
-    layer(q, k, v[:, :1])
+    layer.forward(q, k, v[:, :1])
     layer.training = False
     out = layer(q, k, v[:, :1])
     g = rng.standard_normal(out.shape)
@@ -229,13 +236,13 @@ def test_shared_qk_local_heads_exclude_self_and_dk_shape(rng):
     q, k, v = data(rng, (1, 2, 16, 4))
     kb = np.concatenate([k, k, k])                         # (3, 2, 16, 4): unused, broadcast
     layer = ra.RoutingAttention(n_clusters=2, local_heads=1, window=4, shared_qk=True)
-    out = layer(q, kb, v)
+    out, ctx = layer.forward(q, kb, v)
     v2 = v.copy()
     v2[0, 0, 6] += 10.0
     out2 = layer(q, kb, v2)
     assert np.array_equal(out2[:, 0, 6], out[:, 0, 6]), "token 6 attended to itself"
     assert not np.allclose(out2[:, 0, 5], out[:, 0, 5]), "its neighbour sees it"
-    dq, dk, dv = layer.backward(np.ones_like(out))
+    dq, dk, dv = layer.backward(np.ones_like(out), ctx)
     assert dk.shape == kb.shape and not dk.any()
 
 
