@@ -119,9 +119,8 @@ def _saved_without_keywords(result):
 
 
 def _attention_forward(q, k, v, key_mask=None, **kw):
-    # TODO: ra.attention(..., return_saved=True) once the NumPy API has it everywhere
-    out, lse = _dense.attention(q, k, v, key_mask=key_mask, return_lse=True, **kw)
-    return out, dict(output=out, lse=lse)
+    return _saved_without_keywords(_dense.attention(q, k, v, key_mask=key_mask,
+                                                    return_saved=True, **kw))
 
 
 def _attention_backward(dout, q, k, v, key_mask=None, **kw):
@@ -197,13 +196,18 @@ def _forward_call(name, kw_items, qkv, aux, with_saved):
     kw = dict(kw_items)
     q, k, v = qkv
     arrays = dict(zip("qkv", qkv), **aux)
-    batch = batch_shape(**{key: (a, _QKV_CORES.get(key) or _METHODS[name][2][key])
-                           for key, a in arrays.items()})
+    cores = dict(_QKV_CORES, **_METHODS[name][2])
+    batch = batch_shape(**{key: (a, cores[key]) for key, a in arrays.items()})
     saved = _saved_specs(name, qkv, aux, kw, batch) if with_saved else {}
     out_spec = jax.ShapeDtypeStruct(batch + (q.shape[-2], v.shape[-1]), q.dtype)
 
-    def host(**values):
-        out, stats = forward(**values, **kw)
+    def host(q, out, **values):
+        if "key_mask" in values:
+            # the NumPy API refuses a key_mask that adds batch axes to q, k and v (checked
+            # when tracing); under vmap a mapped mask does: q gets them, as a view
+            full = batch_shape(q=(q, 2), **{key: (a, cores[key]) for key, a in values.items()})
+            q = np.broadcast_to(q, full + q.shape[-2:])
+        out, stats = forward(q=q, out=out, **values, **kw)
         return (out,) + tuple(stats[key] for key in saved)
 
     results = _callback(host, (out_spec,) + tuple(saved.values()), arrays, out_first=True)
@@ -253,10 +257,11 @@ def _attention_call(name, q, k, v, aux, **kw):
     aux = {key: a for key, a in aux.items() if a is not None}
     cores = dict(_QKV_CORES, **_METHODS[name][2])
     arrays, _ = _aligned(dict(zip("qkv", _floats((q, k, v), compute)), **aux), cores)
-    # the NumPy forward on an empty batch checks the core shapes and every keyword now,
-    # when tracing, with the NumPy API's own messages (microseconds: no work is done)
-    _METHODS[name][0](**{key: np.zeros((0,) + a.shape[a.ndim - cores[key]:], a.dtype)
-                         for key, a in arrays.items()}, **kw)
+    # the NumPy forward on empty arrays (a leading axis of 0 before the real shapes)
+    # checks the shapes, batch axes and every keyword now, when tracing, with the NumPy
+    # API's own messages (microseconds: no work is done)
+    _METHODS[name][0](**{key: np.zeros((0,) + a.shape, a.dtype) for key, a in arrays.items()},
+                      **kw)
     qkv = tuple(arrays.pop(key) for key in "qkv")
     out = _attend(name, tuple(sorted(kw.items())), qkv, arrays)
     return out.astype(result)

@@ -213,6 +213,24 @@ def test_vmap_of_an_argument_with_fewer_batch_axes():
     np.testing.assert_array_equal(np.asarray(got), ra.assign_clusters(q, centroids[:, None]))
 
 
+def test_vmap_over_the_key_mask_alone():
+    """A mapped key_mask with unmapped q, k, v: each element masked as NumPy masks it
+    (NumPy itself refuses a mask that adds batch axes; under vmap that is the point)."""
+    q, k, v = _qkv(np.float64)
+    masks = np.stack([_key_mask(), _key_mask()[::-1], np.ones((B, N), bool)])
+    for name, call in [("attention", lambda m: rj.attention(q, k, v, causal=True, key_mask=m)),
+                       ("clustered", lambda m: rj.clustered_attention(q, k, v, _labels(), 3,
+                                                                      key_mask=m))]:
+        got = jax.jit(jax.vmap(call))(masks)
+        want = np.stack([np.asarray(call(m)) for m in masks])
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=name)
+    dout = _cotangent((len(masks), B, N, E), np.float64)
+    got = jax.grad(lambda q: jnp.sum(jax.vmap(lambda m: rj.attention(q, k, v, key_mask=m))(masks)
+                                     * dout))(q)
+    want = sum(ra.attention_backward(dout[i], q, k, v, key_mask=m)[0] for i, m in enumerate(masks))
+    assert_close(got, want, np.float64, "dq summed over the mapped masks")
+
+
 def test_batch_axes_broadcast_like_numpy():
     """q with batch (2, B), k and v with batch (B,) or none: the NumPy shapes and values,
     and gradients summed back to each input's shape."""
@@ -275,6 +293,7 @@ def test_without_x64_indices_are_int32():
     (lambda q, k, v: rj.combiner_attention(q, k, v, plan="diagonal"), "plan"),
     (lambda q, k, v: rj.attention(q, k[..., :2], v), "feature size d"),
     (lambda q, k, v: rj.clustered_attention(q, k, v, _labels(), 30), "n_clusters"),
+    (lambda q, k, v: rj.attention(q, k, v, key_mask=np.ones((3, B, N), bool)), "key_mask"),
 ])
 def test_bad_arguments_raise_when_tracing(call, message):
     """Errors in shapes and keywords come from the NumPy API at trace time, naming them."""
