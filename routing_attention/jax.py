@@ -201,7 +201,7 @@ def _forward_call(name, kw_items, qkv, aux, with_saved):
     saved = _saved_specs(name, qkv, aux, kw, batch) if with_saved else {}
     out_spec = jax.ShapeDtypeStruct(batch + (q.shape[-2], v.shape[-1]), q.dtype)
 
-    def host(q, out, **values):
+    def host(q, out=None, **values):
         if "key_mask" in values:
             # the NumPy API refuses a key_mask that adds batch axes to q, k and v (checked
             # when tracing); under vmap a mapped mask does: q gets them, as a view
