@@ -36,6 +36,7 @@ FFI handlers, which would also have to repeat the NumPy wrappers' validation and
 broadcasting in C++ (figures: benchmarks/RESULTS_jax.md).
 """
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,10 +124,6 @@ def _attention_forward(q, k, v, key_mask=None, **kw):
                                                     return_saved=True, **kw))
 
 
-def _attention_backward(dout, q, k, v, key_mask=None, **kw):
-    return _dense.attention_backward(dout, q, k, v, key_mask=key_mask, **kw)
-
-
 def _routing_forward(q, k, v, q_idx, k_idx, **kw):
     return _saved_without_keywords(_routing.routing_attention(q, k, v, q_idx, k_idx,
                                                               return_saved=True, **kw))
@@ -167,13 +164,22 @@ def _output_and_lse(q, k, v, aux, kw):
     return dict(output=((n, e), q.dtype), lse=((n,), q.dtype))
 
 
+class _Method(NamedTuple):
+    forward: Callable       # (q, k, v, **aux, **keywords, out=) -> (out, saved without keywords)
+    backward: Callable      # (dout, q, k, v, **aux, **keywords, **saved) -> dq, dk, dv
+    aux_cores: dict         # non-differentiated array arguments: name -> core rank
+    saved: Callable         # (q, k, v, aux, keywords) -> {key: (core shape, NumPy dtype)}
+
+
 _METHODS = {
-    "attention": (_attention_forward, _attention_backward, dict(key_mask=1), _output_and_lse),
-    "routing": (_routing_forward, _routing.routing_attention_backward, dict(q_idx=2, k_idx=2),
-                _routing_saved),
-    "clustered": (_clustered_forward, _clustered_backward, dict(labels=1, key_mask=1),
-                  _clustered_saved),
-    "combiner": (_combiner_forward, _combiner.combiner_attention_backward, {}, _output_and_lse),
+    "attention": _Method(_attention_forward, _dense.attention_backward, dict(key_mask=1),
+                         _output_and_lse),
+    "routing": _Method(_routing_forward, _routing.routing_attention_backward,
+                       dict(q_idx=2, k_idx=2), _routing_saved),
+    "clustered": _Method(_clustered_forward, _clustered_backward, dict(labels=1, key_mask=1),
+                         _clustered_saved),
+    "combiner": _Method(_combiner_forward, _combiner.combiner_attention_backward, {},
+                        _output_and_lse),
 }
 _QKV_CORES = dict(q=2, k=2, v=2)
 
@@ -184,7 +190,7 @@ def _jax_dtype(dtype):
 
 def _saved_specs(name, qkv, aux, kw, batch):
     """{key: ShapeDtypeStruct} of the statistics the forward keeps (without "output")."""
-    saved = _METHODS[name][3](*qkv, aux, kw)
+    saved = _METHODS[name].saved(*qkv, aux, kw)
     return {key: jax.ShapeDtypeStruct(batch + core, _jax_dtype(dtype))
             for key, (core, dtype) in saved.items() if key != "output"}
 
@@ -192,11 +198,10 @@ def _saved_specs(name, qkv, aux, kw, batch):
 def _forward_call(name, kw_items, qkv, aux, with_saved):
     """(out, saved) of the NumPy forward in a host callback; saved is empty unless
     `with_saved` (statistics nobody differentiates are not copied into XLA buffers)."""
-    forward, _, _, _ = _METHODS[name]
-    kw = dict(kw_items)
+    method, kw = _METHODS[name], dict(kw_items)
     q, k, v = qkv
     arrays = dict(zip("qkv", qkv), **aux)
-    cores = dict(_QKV_CORES, **_METHODS[name][2])
+    cores = dict(_QKV_CORES, **method.aux_cores)
     batch = batch_shape(**{key: (a, cores[key]) for key, a in arrays.items()})
     saved = _saved_specs(name, qkv, aux, kw, batch) if with_saved else {}
     out_spec = jax.ShapeDtypeStruct(batch + (q.shape[-2], v.shape[-1]), q.dtype)
@@ -207,7 +212,11 @@ def _forward_call(name, kw_items, qkv, aux, with_saved):
             # when tracing); under vmap a mapped mask does: q gets them, as a view
             full = batch_shape(q=(q, 2), **{key: (a, cores[key]) for key, a in values.items()})
             q = np.broadcast_to(q, full + q.shape[-2:])
-        out, stats = forward(q=q, out=out, **values, **kw)
+        out, stats = method.forward(q=q, out=out, **values, **kw)
+        unknown = set(stats) - set(saved) - {"output"}
+        if saved and unknown:
+            raise RuntimeError(f"routing_attention.jax does not keep the saved statistics "
+                               f"{sorted(unknown)} of {name}: update its saved shapes")
         return (out,) + tuple(stats[key] for key in saved)
 
     results = _callback(host, (out_spec,) + tuple(saved.values()), arrays, out_first=True)
@@ -229,9 +238,8 @@ def _attend_fwd(name, kw_items, qkv, aux):
 
 def _attend_bwd(name, kw_items, residuals, dout):
     qkv, aux, out, saved = residuals
-    _, backward, _, saved_cores = _METHODS[name]
-    kw = dict(kw_items)
-    np_dtypes = {key: dtype for key, (_, dtype) in saved_cores(*qkv, aux, kw).items()}
+    method, kw = _METHODS[name], dict(kw_items)
+    np_dtypes = {key: dtype for key, (_, dtype) in method.saved(*qkv, aux, kw).items()}
     keys = tuple(saved) + (("output",) if "output" in np_dtypes else ())
     stats = dict(saved, output=out)
     arrays = dict(dict(zip("qkv", qkv), **aux), dout=dout,
@@ -239,7 +247,7 @@ def _attend_bwd(name, kw_items, residuals, dout):
 
     def host(dout, q, k, v, **rest):
         given = {key: np.asarray(rest.pop(f"saved_{key}"), np_dtypes[key]) for key in keys}
-        return backward(dout, q, k, v, **rest, **kw, **given)
+        return method.backward(dout, q, k, v, **rest, **kw, **given)
 
     # broadcast_all under vmap: each gradient then has the vmapped axis, as JAX expects
     grads = _callback(host, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qkv),
@@ -253,15 +261,15 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 
 def _attention_call(name, q, k, v, aux, **kw):
     """Cast, align the batch axes, check, run the custom-vjp core, cast the result back."""
+    method = _METHODS[name]
     compute, result = _float_dtypes(q, k, v)
     aux = {key: a for key, a in aux.items() if a is not None}
-    cores = dict(_QKV_CORES, **_METHODS[name][2])
+    cores = dict(_QKV_CORES, **method.aux_cores)
     arrays, _ = _aligned(dict(zip("qkv", _floats((q, k, v), compute)), **aux), cores)
     # the NumPy forward on empty arrays (a leading axis of 0 before the real shapes)
     # checks the shapes, batch axes and every keyword now, when tracing, with the NumPy
     # API's own messages (microseconds: no work is done)
-    _METHODS[name][0](**{key: np.zeros((0,) + a.shape, a.dtype) for key, a in arrays.items()},
-                      **kw)
+    method.forward(**{key: np.zeros((0,) + a.shape, a.dtype) for key, a in arrays.items()}, **kw)
     qkv = tuple(arrays.pop(key) for key in "qkv")
     out = _attend(name, tuple(sorted(kw.items())), qkv, arrays)
     return out.astype(result)
