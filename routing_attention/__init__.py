@@ -5,8 +5,9 @@ sparse methods of the Routing Transformer, Fast Transformers' clustered attentio
 Combiner built on the same engine.  Every function has a plain NumPy twin in
 `routing_attention.reference`.
 """
-from . import reference
-from ._ext import build_info, get_num_threads, set_num_threads
+from . import _ext, reference
+from ._checks import integer as _integer
+from ._ext import build_info, get_num_threads
 from .clustering import (assign_clusters, assign_top_members, commitment_loss, hamming_kmeans,
                          lsh_hash, members_from_labels, spherical_kmeans, top_members,
                          update_centroids)
@@ -19,13 +20,22 @@ from .clustered import (ClusteredAttention, clustered_attention, clustered_atten
 
 __version__ = "0.1.0"
 
+MAX_THREADS = 4096
+
+
+def set_num_threads(n):
+    """Threads used by every kernel: 1 <= n <= MAX_THREADS (4096), or 0 for the OpenMP
+    default.  Raises TypeError for a non-integer and ValueError outside [0, MAX_THREADS]."""
+    _ext.set_num_threads(_integer("n", n, 0, MAX_THREADS))
+
+
 __all__ = [
     "attention", "attention_backward",
     "routing_attention", "routing_attention_backward", "RoutingAttention",
     "local_attention", "local_attention_backward",
     "spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
     "top_members", "assign_top_members", "members_from_labels", "lsh_hash", "hamming_kmeans",
-    "build_info", "get_num_threads", "set_num_threads",
+    "build_info", "get_num_threads", "set_num_threads", "MAX_THREADS",
     "reference",
     "combiner_attention", "combiner_attention_backward", "CombinerAttention",
     "clustered_attention", "clustered_attention_backward",

@@ -121,23 +121,27 @@ def as_bool_mask(name, mask, length, rows="keys"):
     return arr
 
 
-def mask_fits(name, mask, batch):
+def mask_fits(name, mask, batch, per_head=True):
     """ValueError unless the leading axes of `mask` (..., length) broadcast to `batch`
     (the q/k/v batch shape): NumPy would let a mask such as torch's (B, 1, 1, m) for
     q (B, H, n, d) enlarge the result to (B, B, H, n, e), which is almost always a
-    mistake."""
+    mistake.  per_head=False: `batch` excludes the heads axis (a layer's masks are
+    shared by every head)."""
     try:
         fits = np.broadcast_shapes(mask.shape[:-1], tuple(batch)) == tuple(batch)
     except ValueError:
         fits = False
     if not fits:
-        length = mask.shape[-1]
+        length, batch = mask.shape[-1], tuple(batch)
+        axes = "of q, k and v" if per_head else "of q without its heads axis (one mask serves " \
+            "every head)"
+        torch_fix = (f"{name}[..., 0, :] here, of shape (B, 1, {length})" if per_head else
+                     f"{name}[:, 0, 0, :] here, of shape (B, {length})")
         raise ValueError(f"{name} must have shape (..., {length}) with leading axes that broadcast "
-                         f"to the batch axes {tuple(batch)} of q, k and v; got {mask.shape}, which "
-                         f"would change the result's shape. Give it shape "
-                         f"{tuple(batch) + (length,)}, or fewer leading axes (e.g. ({length},)); a "
-                         f"PyTorch-style mask (B, 1, 1, {length}) for q (B, H, n, d) is "
-                         f"{name}[..., 0, :] here, of shape (B, 1, {length})")
+                         f"to the batch axes {batch} {axes}; got {mask.shape}, which would change "
+                         f"the result's shape. Give it shape {batch + (length,)}, or fewer "
+                         f"leading axes (e.g. ({length},)); a PyTorch-style mask (B, 1, 1, "
+                         f"{length}) for q (B, H, n, d) is {torch_fix}")
 
 
 def batch_shape(**arrays_and_core_ranks):
@@ -166,7 +170,7 @@ def scale_value(scale, d, dtype):
         raise TypeError(f"scale must be a real number; got {scale!r}") from None
     if not np.isfinite(s):
         raise ValueError(f"scale must be finite; got {scale!r}")
-    if abs(s) > np.finfo(dtype).max:
+    if abs(s) > float(np.finfo(dtype).max):
         raise ValueError(f"scale={scale!r} overflows {np.dtype(dtype).name} (largest "
                          f"{np.finfo(dtype).max:.4g}), the precision of the inputs; use a "
                          "smaller scale, or float64 inputs")

@@ -10,7 +10,8 @@ of -1 means "in no cluster" (padding).
 import numpy as np
 
 from . import _ext
-from ._checks import as_bool_mask, as_matrix, batch_shape, check_out, flag, float_dtype, integer
+from ._checks import (as_array, as_bool_mask, as_matrix, batch_shape, check_out, flag,
+                      float_dtype, integer)
 
 __all__ = ["spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
            "top_members", "assign_top_members", "members_from_labels", "lsh_hash",
@@ -34,7 +35,7 @@ def _seed(seed):
 
 def _int_array(name, a, min_rank=1):
     """An integer array as int64 (uint64 bit patterns are kept), naming the argument."""
-    arr = np.asarray(a)
+    arr = as_array(name, a)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype}")
     if arr.ndim < min_rank:
@@ -53,6 +54,19 @@ def _labels(labels, n, n_clusters):
         raise ValueError(f"labels must be in [-1, {n_clusters}) (n_clusters = {n_clusters}, "
                          f"-1 = no cluster); got values in [{lab.min()}, {lab.max()}]")
     return lab
+
+
+def _n_clusters(value, n, name, shape):
+    """n_clusters in [1, n] for the n rows of `name` (of `shape`), with a message that
+    says which bound failed."""
+    c = integer("n_clusters", value, 1)
+    if n == 0:
+        raise ValueError(f"{name} has no rows (shape {shape}): k-means needs at least "
+                         f"n_clusters = {c} of them")
+    if c > n:
+        raise ValueError(f"n_clusters must be <= the number of rows n = {n} of {name} (shape "
+                         f"{shape}); got {c}")
+    return c
 
 
 def _decay(decay):
@@ -103,7 +117,7 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     dtype = float_dtype(x=x) if init is None else float_dtype(x=x, init=init)
     x = as_matrix("x", x, dtype)
     n, d = x.shape[-2:]
-    c = integer("n_clusters", n_clusters, 1, n)
+    c = _n_clusters(n_clusters, n, "x", x.shape)
     iters = integer("iters", iters, 0)
     seed = _seed(seed)
     m = _mask(mask, n)
@@ -289,7 +303,9 @@ def members_from_labels(labels, n_clusters, *, max_size=None):
     lab = _int_array("labels", labels)
     lab = _labels(lab, lab.shape[-1], c)
     n = lab.shape[-1]
-    if max_size is None:
+    if max_size is None and lab.size == 0:      # no rows (or no problems): empty lists
+        s = 0
+    elif max_size is None:
         flat = lab.reshape(-1, n)
         keys = flat + c * np.arange(flat.shape[0])[:, None]
         sizes = np.bincount(keys[flat >= 0], minlength=flat.shape[0] * c)
@@ -332,7 +348,7 @@ def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_cen
     """
     cd = _int_array("codes", codes)
     n = cd.shape[-1]
-    c = integer("n_clusters", n_clusters, 1, n)
+    c = _n_clusters(n_clusters, n, "codes", cd.shape)
     iters = integer("iters", iters, 0)
     seed = _seed(seed)
     m = _mask(mask, n)

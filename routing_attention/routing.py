@@ -478,7 +478,7 @@ class RoutingAttention(LayerCalls):
         if mask is None:
             return None
         mask = as_bool_mask(name, mask, length, "keys" if name == "key_mask" else "queries")
-        mask_fits(name, mask, batch)
+        mask_fits(name, mask, batch, per_head=False)
         return mask[..., None, :]
 
     def forward(self, q, k, v, *, key_mask=None, query_mask=None):

@@ -670,3 +670,160 @@ def test_kernels_work_in_a_forked_child():
                 assert np.array_equal(x, y), f"{name}: the child's answer differs"
     finally:
         ra.set_num_threads(saved)
+
+
+# ====================================================================== inputs of other kinds
+class _Duck:
+    """An array of another library, as NumPy sees one (dask, cupy, xarray, ...): it
+    converts through __array__, which would compute or copy it behind the caller's back."""
+
+    def __init__(self, a):
+        self._a = np.asarray(a)
+        self.shape, self.dtype = self._a.shape, self._a.dtype
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+def _foreign_inputs():
+    rng = np.random.default_rng(21)
+    a = {key: x[0] for key, x in _clustered(rng, np.float64).items()}       # n = m = 10
+    a.update(q_idx=IDX, k_idx=IDX, x=a["q"], centroids=a["q"][:3], scores=a["q"][:, :3],
+             codes=np.arange(10), planes=np.ones((3, 5)), mask=a["key_mask"],
+             labels=np.arange(10) % 3, q3=a["q"][None], k3=a["k"][None], v3=a["v"][None])
+    _, a["saved"] = ra.combiner_attention(a["q"], a["k"], a["v"], return_saved=True)
+    return a
+
+
+# (call, the array arguments it takes): every array argument goes through _checks
+FOREIGN_CALLS = {
+    "attention": (lambda a: ra.attention(a["q"], a["k"], a["v"], key_mask=a["key_mask"]),
+                  ["q", "k", "v", "key_mask"]),
+    "attention_backward": (lambda a: ra.attention_backward(
+        a["dout"], a["q"], a["k"], a["v"], lse=np.zeros(10), output=np.zeros((10, 3))),
+        ["dout", "q"]),
+    "routing_attention_backward": (lambda a: ra.routing_attention_backward(
+        a["dout"], a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"]), ["dout", "v", "q_idx", "k_idx"]),
+    "local_attention": (lambda a: ra.local_attention(a["q"], a["k"], a["v"], 3), ["q", "k"]),
+    "improved_clustered_attention": (lambda a: ra.improved_clustered_attention(
+        a["q"], a["k"], a["v"], a["labels"], 3, 4, key_mask=a["key_mask"]),
+        ["k", "labels", "key_mask"]),
+    "combiner_attention_backward": (lambda a: ra.combiner_attention_backward(
+        a["dout"], a["q"], a["k"], a["v"], **a["saved"]), ["dout", "q"]),
+    "spherical_kmeans": (lambda a: ra.spherical_kmeans(a["x"], 3, mask=a["mask"]), ["x", "mask"]),
+    "update_centroids": (lambda a: ra.update_centroids(a["centroids"], a["x"], a["labels"]),
+                         ["centroids", "x", "labels"]),
+    "top_members": (lambda a: ra.top_members(a["scores"], 2), ["scores"]),
+    "members_from_labels": (lambda a: ra.members_from_labels(a["labels"], 3), ["labels"]),
+    "lsh_hash": (lambda a: ra.lsh_hash(a["x"], a["planes"]), ["x", "planes"]),
+    "hamming_kmeans": (lambda a: ra.hamming_kmeans(a["codes"], 3), ["codes"]),
+    "RoutingAttention": (lambda a: ra.RoutingAttention(2)(      # q3: q with a heads axis
+        a["q3"], a["k3"], a["v3"], key_mask=a["key_mask"]), ["q3", "v3", "key_mask"]),
+    "ClusteredAttention": (lambda a: ra.ClusteredAttention(3)(a["q"], a["k"], a["v"]), ["q", "v"]),
+}
+FOREIGN = [pytest.param(fn, arg, id=f"{fn}-{arg}") for fn, (_, args) in FOREIGN_CALLS.items()
+           for arg in args]
+
+
+@pytest.mark.parametrize("fn, arg", FOREIGN)
+def test_another_librarys_array_is_a_type_error_naming_it(fn, arg):
+    call, _ = FOREIGN_CALLS[fn]
+    a = _foreign_inputs()
+    call(a)                                                   # the NumPy inputs work
+    name = arg.rstrip("3")
+    with pytest.raises(TypeError, match=rf"^{name} is a .*_Duck, not a NumPy array; convert it "
+                                        rf"with np\.asarray\({name}\)"):
+        call(dict(a, **{arg: _Duck(a[arg])}))
+    call(dict(a, **{arg: a[arg].tolist()}))                   # lists keep working
+
+
+def test_torch_and_jax_arrays_say_what_to_use():
+    a = _foreign_inputs()
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=r"q is a torch\.Tensor; .*use routing_attention\.torch"):
+        ra.attention(torch.from_numpy(a["q"]), a["k"], a["v"])
+    with pytest.raises(TypeError, match=r"lse is a torch\.Tensor"):
+        ra.combiner_attention_backward(a["dout"], a["q"], a["k"], a["v"],
+                                       **dict(a["saved"], lse=torch.from_numpy(a["saved"]["lse"])))
+    with pytest.raises(TypeError, match=r"scale is a torch\.Tensor"):
+        ra.attention(a["q"], a["k"], a["v"], scale=torch.tensor(0.5))
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(TypeError, match=r"v is a jax.*not a NumPy array; .*np\.asarray\(v\)"):
+        ra.combiner_attention(a["q"], a["k"], jnp.asarray(a["v"]))
+
+
+def test_promotion_rules_as_the_readme_states():
+    """README: a call computes in np.result_type of its inputs' dtypes, float16 as
+    float32, integer/bool-only inputs as float64."""
+    q = np.random.default_rng(22).standard_normal((6, 4))
+    cases = [((np.float16,) * 3, np.float32), ((np.float32, np.float32, np.int64), np.float64),
+             ((np.float32, np.int8, np.float32), np.float32), ((np.int64, np.int32, bool), np.float64),
+             ((np.float32, np.float64, np.float32), np.float64)]
+    for dtypes, want in cases:
+        args = [(q * 3).astype(t) for t in dtypes]
+        assert ra.attention(*args).dtype == want, dtypes
+        assert ra.combiner_attention(*args).dtype == want, dtypes
+
+
+# ====================================================================== awkward sizes (issue 19)
+def test_a_mask_may_not_enlarge_the_batch():
+    rng = np.random.default_rng(23)
+    q, k, v = (rng.standard_normal((2, 3, 8, 4)) for _ in range(3))
+    torch_style = np.ones((2, 1, 1, 8), bool)         # (B, 1, 1, m) for q (B, H, n, d)
+    for call in (lambda m: ra.attention(q, k, v, key_mask=m),
+                 lambda m: ra.clustered_attention(q, k, v, np.zeros((2, 3, 8), int), 1, key_mask=m)):
+        with pytest.raises(ValueError, match=r"key_mask must have shape \(\.\.\., 8\) with leading "
+                                             r"axes that broadcast to the batch axes \(2, 3\).*"
+                                             r"got \(2, 1, 1, 8\).*key_mask\[\.\.\., 0, :\]"):
+            call(torch_style)
+        assert call(torch_style[..., 0, :]).shape == (2, 3, 8, 4)  # the fix the message gives
+    layer = ra.RoutingAttention(2)              # a layer's mask is shared by the heads
+    with pytest.raises(ValueError, match=r"batch axes \(2,\) of q without its heads axis.*"
+                                         r"key_mask\[:, 0, 0, :\]"):
+        layer(q, k, v, key_mask=torch_style)
+    assert layer(q, k, v, key_mask=torch_style[:, 0, 0, :]).shape == (2, 3, 8, 4)
+    with pytest.raises(ValueError, match=r"query_mask must have shape"):
+        ra.ClusteredAttention(2)(q, k, v, query_mask=np.ones((5, 2, 3, 8), bool))
+
+
+def test_local_attention_on_a_huge_sequence_raises_before_building_lists():
+    q = _huge((2**31, 4))
+    for call in (lambda: ra.local_attention(q, q, q, 4),
+                 lambda: ra.local_attention_backward(q, q, q, q, 4),
+                 lambda: ra.combiner_attention(q, q, q)):
+        with pytest.raises(ValueError, match=r"q: a core dimension of 2147483648 exceeds the "
+                                             r"supported maximum 1073741823"):
+            call()
+
+
+def test_empty_and_oversized_arguments_get_messages_that_make_sense():
+    assert ra.members_from_labels(np.zeros(0, np.int64), 3).shape == (3, 0)
+    assert ra.members_from_labels(np.zeros((2, 0), np.int64), 3).shape == (2, 3, 0)
+    with pytest.raises(ValueError, match=r"x has no rows \(shape \(0, 4\)\): k-means needs at "
+                                         r"least n_clusters = 1"):
+        ra.spherical_kmeans(np.zeros((0, 4)), 1)
+    with pytest.raises(ValueError, match=r"n_clusters must be <= the number of rows n = 3"):
+        ra.spherical_kmeans(np.ones((3, 4)), 4)
+    with pytest.raises(ValueError, match=r"codes has no rows"):
+        ra.hamming_kmeans(np.zeros(0, np.int64), 2)
+    empty = np.zeros((1, 2, 0, 4))
+    with pytest.raises(ValueError, match=r"RoutingAttention needs at least one query and one key"):
+        ra.RoutingAttention()(empty, empty, empty)
+    with pytest.raises(ValueError, match=r"iters must be <= 9223372036854775807; got "
+                                         r"18446744073709551616"):
+        ra.spherical_kmeans(np.ones((3, 4)), 2, iters=2**64)
+    with pytest.raises(ValueError, match=r"iters must be <="):
+        ra.hamming_kmeans(np.arange(5), 2, iters=2**64)
+    a = _qkv1()
+    with pytest.raises(ValueError, match=r"scale must be finite; got a number too large"):
+        ra.attention(a["q"], a["k"], a["v"], scale=10**400)
+    f32 = [x.astype(np.float32) for x in (a["q"], a["k"], a["v"])]
+    with pytest.raises(ValueError, match=r"scale=1e\+39 overflows float32"):
+        ra.attention(*f32, scale=1e39)
+    with pytest.raises(ValueError, match=r"scale=1e\+39 overflows float32"):
+        ra.combiner_attention_backward(a["dout"].astype(np.float32), *f32, scale=1e39)
+    with pytest.raises(ValueError, match=r"n must be <= 4096"):
+        ra.set_num_threads(2**40)
+    with pytest.raises(TypeError, match=r"n must be an integer"):
+        ra.set_num_threads(2.0)
+    assert ra.MAX_THREADS == 4096
