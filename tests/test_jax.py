@@ -1,5 +1,6 @@
 """routing_attention.jax: custom-vjp attention methods and routing decisions under jit,
 grad and vmap, against the NumPy API (the source of truth) and finite differences."""
+import os
 import pathlib
 import re
 import subprocess
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
+if os.environ.get("RA_SANITIZED"):
+    pytest.skip("jaxlib does not run under the LD_PRELOADed sanitizer runtimes",
+                allow_module_level=True)
 import jax.numpy as jnp  # noqa: E402
 import jax.test_util  # noqa: E402
 
