@@ -248,6 +248,9 @@ class ClusteredAttention(LayerCalls):
         from .clustering import hamming_kmeans, lsh_hash
         dtype = float_dtype(q=q)        # integer queries hash as float64, like every call
         q = as_matrix("q", q, dtype)
+        if q.shape[-2] == 0:
+            raise ValueError(f"ClusteredAttention needs at least one query to cluster; got q of "
+                             f"shape {q.shape}")
         codes = lsh_hash(q, self._planes(q.shape[-1]).astype(dtype, copy=False))
         C = min(self.n_clusters, q.shape[-2])
         if query_mask is not None:

@@ -270,7 +270,13 @@ class RoutingAttention(LayerCalls):
     Each head has its own unit-norm centroids (heads, c, d), shared by its queries and
     keys, initialised by `spherical_kmeans` on the first batch (all batch rows pooled)
     and, while `training`, moved by one `update_centroids` step (EMA with `decay`) per
-    call on that call's normalised queries and keys (padding excluded).
+    call on that call's normalised queries and keys (padding excluded).  A query whose
+    row is not finite joins no cluster and gets a NaN output row, as in dense attention.
+
+    ``layer.backward(dout)`` returns (dq, dk, dv) for the one ``layer(...)`` call made
+    since the previous backward; after several calls, take each call's context:
+    ``out, ctx = layer.forward(q, k, v)`` then ``layer.backward(dout, ctx)``
+    (``backward(dout)`` raises RuntimeError rather than guess the call).
 
     Parameters
     ----------
