@@ -51,8 +51,10 @@ def as_array(name, a, dtype=None):
 def float_dtype(**arrays):
     """The dtype a call computes in: float32 or float64, by NumPy's promotion rules.
 
-    Integers and bools promote to float64, float16 to float32; complex, object, string
-    and extended-precision inputs raise TypeError naming the argument.
+    np.result_type of the inputs' dtypes, with float16 computed as float32 and
+    integer/bool-only inputs as float64 (float32 with int64 gives float64, with int8
+    float32); complex, object, string and extended-precision inputs, and other
+    libraries' arrays, raise TypeError naming the argument.
     """
     dtypes = []
     for name, a in arrays.items():
