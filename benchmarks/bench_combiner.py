@@ -67,9 +67,10 @@ def main():
         q, k, v = (rng.standard_normal((1, 1, n, args.d)).astype(np.float32) for _ in range(3))
         g = rng.standard_normal((1, 1, n, args.d)).astype(np.float32)
         for plan in PLANS:
-            f = median_time(lambda _: ra.combiner_attention(q, k, v, plan=plan), args.repeats)
+            f = median_time(lambda _: ra.combiner_attention(q, k, v, plan=plan, causal=True),
+                            args.repeats)
             fc = CPU["last"]
-            _, saved = ra.combiner_attention(q, k, v, plan=plan, return_saved=True)
+            _, saved = ra.combiner_attention(q, k, v, plan=plan, causal=True, return_saved=True)
             b = median_time(lambda _: ra.combiner_attention_backward(g, q, k, v, plan=plan,
                                                                      **saved), args.repeats)
             bc = CPU["last"]
