@@ -2,6 +2,7 @@
 
 Every error names the argument it is about, so a user can tell which input to fix.
 """
+import math
 import operator
 import weakref
 
@@ -101,6 +102,47 @@ def qkv_arrays(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         core_size(name, x.shape[-2:], x.shape)
     return q, k, v
+
+
+# ------------------------------------------------------------------ fast path
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+_LARGEST = {dt: float(np.finfo(dt).max) for dt in _NATIVE}
+_ALL_KEYS = {}          # m -> the all-True (m,) key mask, a read-only broadcast view
+
+
+def plain_qkv(q, k, v):
+    """True when q, k, v need no conversion and no check beyond these: NumPy arrays of
+    one native float dtype (float32 or float64), at least 2-D, with equal batch axes and
+    matching d and m within MAX_CORE_SIZE.  Calls that pass it skip the general checks,
+    which cost more than a small problem's arithmetic; anything else takes the full
+    path (same results, and its clear errors)."""
+    if type(q) is not np.ndarray or type(k) is not np.ndarray or type(v) is not np.ndarray:
+        return False
+    dt = q.dtype
+    if k.dtype != dt or v.dtype != dt or dt not in _NATIVE:
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    return (len(qs) >= 2 and len(ks) >= 2 and len(vs) >= 2 and qs[:-2] == ks[:-2] == vs[:-2]
+            and qs[-1] == ks[-1]
+            and ks[-2] == vs[-2] and max(qs[-2], ks[-2], qs[-1], vs[-1]) <= MAX_CORE_SIZE)
+
+
+def plain_scale(scale, d, dtype):
+    """scale_value for None or a finite Python float that fits the dtype, else None
+    (then the caller takes the full path)."""
+    if scale is None:           # the very expression of scale_value: the same bits
+        return dtype.type(1.0 / math.sqrt(d)) if d > 0 else dtype.type(1.0)
+    if type(scale) is float and abs(scale) <= _LARGEST[dtype]:
+        return dtype.type(scale)
+    return None
+
+
+def all_keys(m):
+    """The all-True key mask of length m (cached per length)."""
+    mask = _ALL_KEYS.get(m)
+    if mask is None:
+        mask = _ALL_KEYS[m] = np.broadcast_to(np.True_, (m,))
+    return mask
 
 
 def core_size(name, sizes, shape=None):

@@ -4,18 +4,25 @@ Every query reaches every key it may see: directly for a local set, and through 
 summaries (a max-pooled key and the region's own softmax expectation of its values) for
 the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan`.
 """
+import math
+
 import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
-                      check_out, flag, integer, qkv_arrays, saved_arrays, scale_value,
-                      unbroadcast)
+                      check_out, flag, integer, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
+                      scale_value, unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
 PLANS = ("fixed", "axial", "logsparse", "mixture")
 _PLAN_CODE = {"fixed": 0, "axial": 1, "logsparse": 2, "mixture": 3}
 DEFAULTS = dict(plan="fixed", block=None, causal=False, scale=None)
+
+
+def _default_block(n):
+    """ceil(sqrt(n)), in integers (n >= 1)."""
+    return math.isqrt(n - 1) + 1
 
 
 def _prepare(q, k, v, plan, block, causal, scale):
@@ -38,7 +45,7 @@ def _prepare(q, k, v, plan, block, causal, scale):
                              f"spans); pass block=None, got {block!r}")
         block = 1
     elif block is None:
-        block = int(np.ceil(np.sqrt(n)))
+        block = _default_block(n)
     else:
         block = integer("block", block, 1, n)
     batch_shape(q=(q, 2), k=(k, 2), v=(v, 2))
@@ -97,6 +104,15 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
         Bad dtypes or shapes (n != m, n = 0), an unknown plan, block out of [1, n] (or
         given for logsparse), naming the argument.
     """
+    if (out is None and return_saved is False and type(causal) is bool and block is None
+            and plan in _PLAN_CODE and plain_qkv(q, k, v) and 1 <= q.shape[-2] == k.shape[-2]):
+        # fast path: arrays that need no conversion (see plain_qkv), the default block
+        native_scale = plain_scale(scale, q.shape[-1], q.dtype)
+        if native_scale is not None:
+            n = q.shape[-2]
+            block = 1 if plan == "logsparse" else _default_block(n)
+            return _ext._combiner_forward(q, k, v, _PLAN_CODE[plan], block, causal,
+                                          native_scale)[0]
     q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
     return_saved = flag("return_saved", return_saved)
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
