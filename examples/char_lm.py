@@ -17,6 +17,11 @@ Attention (every one causal):
     rt-lucidrains     the routing-transformer package's KmeansAttention on half the heads and
                       local-attention's LocalAttention on the other half (the peer of `routing`)
 
+Causality: every method masks keys after the query, but balanced routing membership (the
+default, as in the paper and in rt-lucidrains) picks each cluster's members from the whole
+window, so later bytes change which earlier keys a query meets: its predictions are not
+strictly causal.  `--membership argmax` is (for the centroids of the moment).
+
 Data: every `*.py` file of the running interpreter's standard library (site-packages left
 out), sorted by path; every 10th file is held out for validation.  Bytes, vocabulary 256.
 """
@@ -26,6 +31,7 @@ import math
 import os
 import pathlib
 import resource
+import statistics
 import sys
 import sysconfig
 import time
@@ -62,7 +68,9 @@ def get_args(argv=None):
                    help="routing / rt-lucidrains: keys are the normalised queries")
     p.add_argument("--membership", choices=("balanced", "argmax"), default="balanced",
                    help="routing: each cluster takes its --window nearest tokens (balanced, "
-                        "the paper's) or each token its nearest centroid (argmax)")
+                        "the paper's and rt-lucidrains'; NOT strictly causal: later bytes "
+                        "decide which earlier keys a query meets) or each token its nearest "
+                        "centroid (argmax: causal for given centroids)")
     p.add_argument("--block", type=int, default=None,
                    help="combiner block / grid width (default ceil(sqrt(context)))")
     p.add_argument("--aux-weight", type=float, default=1e-4,
@@ -318,13 +326,16 @@ class CharLM(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, x, y):
-        """(mean cross-entropy in nats, summed auxiliary loss of the attention layers)."""
+    def logits(self, x):
+        """Next-byte logits (B, T, 256) for the bytes x (B, T)."""
         x = self.tok(x) + self.pos(torch.arange(x.shape[1]))
         for block in self.blocks:
             x = block(x)
-        logits = self.ln(x) @ self.tok.weight.T
-        loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        return self.ln(x) @ self.tok.weight.T
+
+    def forward(self, x, y):
+        """(mean cross-entropy in nats, summed auxiliary loss of the attention layers)."""
+        loss = F.cross_entropy(self.logits(x).reshape(-1, 256), y.reshape(-1))
         return loss, sum(b.attn.attend.aux_loss for b in self.blocks)
 
 
@@ -435,6 +446,7 @@ def main(argv=None):
             pass
     say = progress.write if progress else print
     tokens_per_step = args.batch_size * args.context
+    record.setdefault("rss_before_training_mib", peak_rss_mib())
     model.train()
     while step < args.stop_after:
         step += 1
@@ -475,16 +487,20 @@ def main(argv=None):
     if progress:
         progress.close()
 
-    # first step excluded from the rates: it pays for allocations and the first k-means
-    timed = record["step_seconds"][1:] or record["step_seconds"]
-    attention = record["attention_seconds"][1:] or record["attention_seconds"]
-    record["tokens_per_second"] = tokens_per_step * len(timed) / sum(timed) if timed else None
-    record["attention_share"] = sum(attention) / sum(timed) if timed else None
+    # rates from the median step (robust to other processes' bursts on a shared machine), the
+    # first step left out: it pays for allocations and the first k-means
+    steps = list(zip(record["step_seconds"], record["attention_seconds"]))[1:] or \
+        list(zip(record["step_seconds"], record["attention_seconds"]))
+    if steps:
+        record["median_step_seconds"] = statistics.median(s for s, _ in steps)
+        record["tokens_per_second"] = tokens_per_step / record["median_step_seconds"]
+        record["attention_share"] = statistics.median(a / s for s, a in steps)
     record["peak_rss_mib"] = peak_rss_mib()
     if master:
-        print(f"done: {step} steps, {record['tokens_per_second'] or 0:,.0f} tokens/s, attention "
-              f"{100 * (record['attention_share'] or 0):.0f} % of step time, peak RSS "
-              f"{record['peak_rss_mib']:.0f} MiB (getrusage maxrss)")
+        print(f"done: {step} steps, {record.get('tokens_per_second', 0):,.0f} tokens/s and "
+              f"attention {100 * record.get('attention_share', 0):.0f} % of the step (median "
+              f"step), peak RSS {record['peak_rss_mib']:.0f} MiB (getrusage maxrss; "
+              f"{record['rss_before_training_mib']:.0f} MiB before the first step)")
         if args.log_json:
             pathlib.Path(args.log_json).write_text(json.dumps(record, indent=1))
     if args.ddp:

@@ -98,3 +98,47 @@ def test_resume_continues_the_uninterrupted_run(tmp_path):
     resumed = run(*flags, "--resume", ckpt)["losses"]
     assert first == whole[:3], f"{first} vs {whole[:3]}"
     assert resumed == whole, f"resumed {resumed} vs uninterrupted {whole}"
+
+
+def _future_influence(flags):
+    """Largest change of the logits at positions < 48 when bytes 48.. of a held-out window
+    are replaced, relative to the largest logit, after 3 float64 training steps (so that
+    routing centroids exist and have moved); eval mode."""
+    args = char_lm.get_args(TINY + ["--dtype", "float64", *flags])
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = char_lm.CharLM(args).double()
+    optimizer = char_lm.make_optimizer(model, args)
+    train, val, _, _ = char_lm.load_corpus()
+    for step in (1, 2, 3):
+        loss, aux = model(*char_lm.get_batch(train, step, args))
+        (loss + args.aux_weight * aux).backward()
+        for m in model.modules():
+            if isinstance(m, char_lm.Lucidrains):
+                m.update_centroids()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    x, _ = char_lm.get_batch(val, 0, args)
+    changed = x.clone()
+    changed[:, 48:] = torch.randint(0, 256, changed[:, 48:].shape,
+                                    generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = model.logits(x)[:, :48], model.logits(changed)[:, :48]
+    return ((before - after).abs().max() / before.abs().max()).item()
+
+
+@pytest.mark.parametrize("flags", [["--attention", a] for a in char_lm.ATTENTIONS
+                                   if a not in ("routing", "rt-lucidrains")]
+                         + [["--attention", "routing", "--membership", "argmax"],
+                            ["--attention", "routing", "--membership", "argmax", "--shared-qk"]],
+                         ids=" ".join)
+def test_causal_attentions_do_not_see_the_future(flags):
+    assert _future_influence(flags) < 1e-10, f"{flags}: later bytes change earlier predictions"
+
+
+def test_balanced_routing_sees_the_future_as_documented():
+    """Balanced membership picks cluster members from the whole window (the paper's scheme,
+    documented in char_lm.py): later bytes do change earlier predictions.  If this starts to
+    fail, the layer became causal and the example's docs must say so."""
+    assert _future_influence(["--attention", "routing"]) > 1e-6
