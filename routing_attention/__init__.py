@@ -18,6 +18,19 @@ from .combiner import CombinerAttention, combiner_attention, combiner_attention_
 from .clustered import (ClusteredAttention, clustered_attention, clustered_attention_backward,
                         improved_clustered_attention, improved_clustered_attention_backward)
 
+from ._dask import dask_aware as _dask_aware
+
+# Dask arrays in, lazy Dask arrays out; every public function exposes `.signature`
+for _name in ("attention", "attention_backward", "routing_attention",
+              "routing_attention_backward", "local_attention", "local_attention_backward",
+              "clustered_attention", "clustered_attention_backward",
+              "improved_clustered_attention", "improved_clustered_attention_backward",
+              "combiner_attention", "combiner_attention_backward", "spherical_kmeans",
+              "assign_clusters", "update_centroids", "commitment_loss", "top_members",
+              "assign_top_members", "members_from_labels", "lsh_hash", "hamming_kmeans"):
+    globals()[_name] = _dask_aware(globals()[_name])
+del _name
+
 __version__ = "0.1.0"
 
 MAX_THREADS = 4096
