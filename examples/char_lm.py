@@ -22,6 +22,12 @@ default, as in the paper and in rt-lucidrains) picks each cluster's members from
 window, so later bytes change which earlier keys a query meets: its predictions are not
 strictly causal.  `--membership argmax` is (for the centroids of the moment).
 
+DDP: the global batch is drawn per step from (seed, step) and split between the processes,
+gradients are averaged, so a run matches the single process up to float rounding.  Not
+for `routing` / `rt-lucidrains`: each process fits its first centroids on its own share of
+the batch, and DDP then copies rank 0's centroid buffer to every process at each forward
+(moved by rank 0's share only), so those curves are statistically alike, not equal.
+
 Data: every `*.py` file of the running interpreter's standard library (site-packages left
 out), sorted by path; every 10th file is held out for validation.  Bytes, vocabulary 256.
 """
