@@ -5,7 +5,7 @@ model, training loop.
     python examples/char_lm.py --attention routing                      # one process
     torchrun --nproc-per-node 2 examples/char_lm.py --ddp --attention routing   # DDP, gloo
 
-Attention (every one causal):
+Attention (every one masks the keys after the query):
     sdpa              torch.nn.functional.scaled_dot_product_attention (the reference)
     dense             routing_attention.torch.attention (ours, exact)
     local             routing_attention.torch.local_attention, window --window
@@ -223,6 +223,8 @@ class Lucidrains(nn.Module):
         self.routing = KmeansAttention(args.clusters, args.window, args.heads - self.local_heads,
                                        args.d_model // args.heads, causal=True,
                                        commitment=1.0, shared_qk=args.shared_qk)
+        # commitment=1.0: its loss (mean squared distance per element) is weighted by
+        # --aux-weight like ours (mean squared distance per row, so d times larger)
         self.aux_loss = 0.0
 
     def forward(self, q, k, v):
