@@ -4,6 +4,7 @@ model, training loop.
 
     python examples/char_lm.py --attention routing                      # one process
     torchrun --nproc-per-node 2 examples/char_lm.py --ddp --attention routing   # DDP, gloo
+    python examples/char_lm.py --attention local --sample 200           # then generate
 
 Attention (every one masks the keys after the query):
     sdpa              torch.nn.functional.scaled_dot_product_attention (the reference)
@@ -107,6 +108,10 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--resume", default=None, help="continue from this checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--sample", type=int, default=0, metavar="N",
+                   help="after training, generate N bytes (greedy) with the decoding caches "
+                        "and time it against recomputing the whole forward per byte")
+    p.add_argument("--prompt", default="def ", help="the bytes generation starts from")
     args = p.parse_args(argv)
     if args.clusters is None:
         args.clusters = max(1, args.context // args.window)
@@ -188,7 +193,9 @@ class Combiner(nn.Module):
         self.plan, self.block = plan, block
 
     def forward(self, q, k, v):
-        return rt.combiner_attention(q, k, v, plan=self.plan, block=self.block, causal=True)
+        # a block longer than the sequence means one block (generation's short prefixes)
+        block = None if self.block is None else min(self.block, q.shape[-2])
+        return rt.combiner_attention(q, k, v, plan=self.plan, block=block, causal=True)
 
 
 class Routing(nn.Module):
@@ -345,6 +352,60 @@ class CharLM(nn.Module):
         """(mean cross-entropy in nats, summed auxiliary loss of the attention layers)."""
         loss = F.cross_entropy(self.logits(x).reshape(-1, 256), y.reshape(-1))
         return loss, sum(b.attn.attend.aux_loss for b in self.blocks)
+
+
+# ----------------------------------------------------------------------------- generation
+def make_cache(attend, args):
+    """The decoding cache (routing_attention.torch) of one attention module, or None for
+    the methods without one (sdpa is decoded with a dense cache: the same attention)."""
+    if isinstance(attend, (SDPA, Dense)):
+        return rt.DenseCache()
+    if isinstance(attend, Local):
+        return rt.LocalCache(attend.window)
+    if isinstance(attend, Combiner):
+        block = attend.block or math.isqrt(args.context - 1) + 1   # the training window's
+        return rt.CombinerCache(attend.plan, block=None if attend.plan == "logsparse" else block)
+    if isinstance(attend, Routing) and attend.layer.membership == "argmax":
+        return rt.RoutingCache(attend.layer)
+    return None         # balanced routing (not causal) and rt-lucidrains: no decoding
+
+
+@torch.no_grad()
+def next_logits_cached(model, caches, byte, t):
+    """Logits (B, 256) after feeding one byte per sequence (B,) at position t, every layer's
+    keys and values appended to its cache: the last row of model.logits over bytes 0..t."""
+    x = model.tok(byte) + model.pos.weight[t]
+    for block, cache in zip(model.blocks, caches):
+        attn, h = block.attn, block.ln1(x)
+        B, C = h.shape
+        q, k, v = attn.qkv(h).view(B, 3, attn.heads, 1, C // attn.heads).unbind(1)
+        y = cache.step(q, k, v)                                  # (B, H, 1, head_dim)
+        x = x + attn.proj(y.reshape(B, C))
+        x = x + block.mlp(block.ln2(x))
+    return model.ln(x) @ model.tok.weight.T
+
+
+@torch.no_grad()
+def generate(model, args, prompt, n):
+    """Greedy continuation of `prompt` (bytes) by n bytes, twice: with the decoding caches
+    (when every layer has one) and by recomputing the whole forward per byte.  Returns
+    {"cached" / "recomputed": (text, seconds)}."""
+    model.eval()
+    caches = [make_cache(b.attn.attend, args) for b in model.blocks]
+    n = min(n, args.context - len(prompt))
+    result = {}
+    if all(c is not None for c in caches):
+        out, t0 = list(prompt), time.perf_counter()
+        for t in range(len(prompt) - 1 + n):
+            logits = next_logits_cached(model, caches, torch.tensor([out[t]]), t)
+            if t >= len(prompt) - 1:
+                out.append(int(logits.argmax(-1)))
+        result["cached"] = (bytes(out), time.perf_counter() - t0)
+    out, t0 = torch.tensor([list(prompt)], dtype=torch.long), time.perf_counter()
+    for _ in range(n):
+        out = torch.cat([out, model.logits(out)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    result["recomputed"] = (bytes(out[0].tolist()), time.perf_counter() - t0)
+    return result
 
 
 # ----------------------------------------------------------------------------- training
@@ -509,6 +570,16 @@ def main(argv=None):
               f"attention {100 * record.get('attention_share', 0):.0f} % of the step (median "
               f"step), peak RSS {record['peak_rss_mib']:.0f} MiB (getrusage maxrss; "
               f"{record['rss_before_training_mib']:.0f} MiB before the first step)")
+        if args.sample:
+            gen = generate(raw_model, args, args.prompt.encode(), args.sample)
+            for how, (text, seconds) in gen.items():
+                print(f"generated ({how}, {args.sample / seconds:,.1f} bytes/s): {text!r}")
+            if "cached" not in gen:
+                print(f"(no decoding cache for --attention {args.attention}"
+                      f"{' with balanced membership' if args.attention == 'routing' else ''})")
+            record["generation"] = {how: dict(text=text.decode("latin-1"),
+                                              bytes_per_second=args.sample / seconds)
+                                    for how, (text, seconds) in gen.items()}
         if args.log_json:
             pathlib.Path(args.log_json).write_text(json.dumps(record, indent=1))
     if args.ddp:
