@@ -1,5 +1,7 @@
 /* kernels_avx2.c — the tile kernels compiled for AVX2 + FMA (256-bit vectors, 16 registers). */
-#pragma GCC target("avx2,fma,popcnt")
+#include <immintrin.h>
+#include "kernels_target.h"
+RA_TARGET_BEGIN("avx2,fma,popcnt")
 
 #define VEC_BYTES 32
 #define GEMM_MR 6
@@ -8,3 +10,4 @@
 #define GEMM_NV 2
 #define ISA avx2
 #include "kernels_isa.h"
+RA_TARGET_END

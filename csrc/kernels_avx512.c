@@ -1,5 +1,7 @@
 /* kernels_avx512.c — the tile kernels compiled for AVX-512 (512-bit vectors, 32 registers). */
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt")
+#include <immintrin.h>
+#include "kernels_target.h"
+RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt")
 
 #define VEC_BYTES 64
 #define GEMM_MR 6
@@ -8,13 +10,15 @@
 #define GEMM_NV 4
 #define ISA avx512
 #include "kernels_isa.h"
+RA_TARGET_END
 
 /* Ice Lake and later also count bits eight lanes at a time (VPOPCNTQ): the same table
    with the Hamming kernels compiled for that; kernels.c picks it when the CPU has it. */
-#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq")
+RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq")
 #define HFN(name) RA_CAT3(name, _, avx512vp)
 #define RA_HAMMING_VPOPCNT 1
 #include "kernels_hamming.h"
 #undef RA_HAMMING_VPOPCNT
 #undef HFN
+RA_TARGET_END
 RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);

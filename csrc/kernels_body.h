@@ -19,6 +19,24 @@ typedef UT FN(uvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
 #define vec FN(vec)
 #define uvec FN(uvec)
 
+/* RA_SHUFFLE2(a, b, m): lane l takes lane m[l] of the concatenation (a, b), indices in
+ * [0, 2·VL).  GCC's __builtin_shuffle takes a run-time mask; clang's shufflevector wants
+ * constants, so clang gets the same permutation lane by lane (exact either way). */
+#ifndef RA_SHUFFLE2
+#if defined(__clang__)
+#define RA_SHUFFLE2(a, b, m) __extension__({                                             \
+        __typeof__((a) + (a)) ra_a_ = (a), ra_b_ = (b), ra_r_;   /* (a) + (a): not const */ \
+        for (int ra_l_ = 0; ra_l_ < (int)(sizeof(ra_a_) / sizeof(ra_a_[0])); ra_l_++) {   \
+            const int ra_i_ = (int)(m)[ra_l_];                                           \
+            const int ra_n_ = (int)(sizeof(ra_a_) / sizeof(ra_a_[0]));                    \
+            ra_r_[ra_l_] = ra_i_ < ra_n_ ? ra_a_[ra_i_] : ra_b_[ra_i_ - ra_n_];            \
+        }                                                                                \
+        ra_r_; })
+#else
+#define RA_SHUFFLE2(a, b, m) __builtin_shuffle(a, b, m)
+#endif
+#endif
+
 static inline vec FN(vload)(const T *p) { return *(const vec *)p; }
 static inline void FN(vstore)(T *p, vec x) { *(vec *)p = x; }
 static inline vec FN(vsplat)(T x) { return (vec){0} + x; }
@@ -280,8 +298,8 @@ static inline void FN(transpose_block)(vec x[VL])
         for (int r = 0; r < VL; r++) {
             if (r & h) continue;
             const vec a = x[r], b = x[r + h];
-            x[r] = __builtin_shuffle(a, b, lo);
-            x[r + h] = __builtin_shuffle(a, b, hi);
+            x[r] = RA_SHUFFLE2(a, b, lo);
+            x[r + h] = RA_SHUFFLE2(a, b, hi);
         }
     }
 }
@@ -620,8 +638,8 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
                    previous vector's last lane), xj goes to lane `at` */
                 const uvec atv = (uvec){0} + (UT)at, pj = (uvec){0} + (UT)kpos[j];
                 for (int c = nch - 1; c >= at / VL; c--) {
-                    const vec shifted = __builtin_shuffle(v[c > 0 ? c - 1 : 0], v[c], from_prev);
-                    const uvec pshift = __builtin_shuffle(p[c > 0 ? c - 1 : 0], p[c], from_prev);
+                    const vec shifted = RA_SHUFFLE2(v[c > 0 ? c - 1 : 0], v[c], from_prev);
+                    const uvec pshift = RA_SHUFFLE2(p[c > 0 ? c - 1 : 0], p[c], from_prev);
                     const uvec idx = lane + (UT)(c * VL);
                     const uvec keep = (uvec)(idx < atv), here = (uvec)(idx == atv);
                     v[c] = FN(vsel)(keep, v[c], FN(vsel)(here, FN(vsplat)(xj), shifted));
