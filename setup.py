@@ -2,7 +2,9 @@
 
 Flags are portable and IEEE-exact: ``-O3`` only, no native-architecture or fast-math flags.
 The SIMD tile kernels are compiled three times (AVX-512, AVX2+FMA, baseline x86-64)
-through ``#pragma GCC target`` inside ``csrc/kernels_*.c`` and chosen at run time.
+through a target pragma inside ``csrc/kernels_*.c`` (``csrc/kernels_target.h``: GCC's
+``#pragma GCC target`` or clang's ``#pragma clang attribute``) and chosen at run time;
+``CC=clang`` builds too.
 OpenMP is used when the compiler accepts ``-fopenmp``; otherwise the build goes on
 single-threaded with a warning (``RA_NO_OPENMP=1`` forces that, for testing).  Set
 ``RA_SANITIZE=1`` for an ASan/UBSan build.
@@ -48,6 +50,10 @@ class BuildExt(build_ext):
             san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
             compile_args = [a.replace("-O3", "-O1") for a in compile_args] + san
             link_args += san
+        # clang: keep floating-point comparisons and products where they are written, so
+        # a NaN compared quietly raises no FP flag (GCC's default behaviour already)
+        if _compiler_accepts(cc, ["-ffp-exception-behavior=maytrap"]):
+            compile_args.append("-ffp-exception-behavior=maytrap")
         if not os.environ.get("RA_NO_OPENMP") and _compiler_accepts(cc, ["-fopenmp"], OPENMP_PROBE):
             compile_args.append("-fopenmp")
             link_args.append("-fopenmp")

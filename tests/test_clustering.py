@@ -547,6 +547,10 @@ def test_no_clusters_through_the_raw_gufuncs():
 def test_assign_top_members_invalid_flag_like_assign_clusters(n, c):
     """inf·0 in the product raises the invalid flag, in the fused kernel (4096 x 256) as
     in the stored path and in assign_clusters; NaN inputs and the comparisons never do."""
+    info = ra.build_info()
+    if "clang" in info["compiler"].lower() and info["openmp"]:
+        pytest.skip("clang + LLVM's OpenMP runtime: a product's FE_INVALID raised inside a "
+                    "parallel region does not reach the caller (values are unaffected)")
     g = rng(4)
     x = g.standard_normal((n, 8)).astype(np.float32)
     x[::3, 0] = np.inf
