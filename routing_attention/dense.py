@@ -73,13 +73,14 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=Fa
         Mismatched shapes, a key_mask whose batch axes would enlarge the result, a
         non-finite scale.
     """
-    if (key_mask is None and out is None and return_saved is False and return_lse is False
+    if (key_mask is None and out is None and return_saved is False and type(return_lse) is bool
             and type(causal) is bool and plain_qkv(q, k, v)):
         # fast path: arrays that need no conversion (see plain_qkv), the common keywords
         native_scale = plain_scale(scale, q.shape[-1], q.dtype)
         if native_scale is not None:
-            return _ext._attention_forward(q, k, v, all_keys(k.shape[-2]), False, native_scale,
-                                           causal)[0]
+            o, lse = _ext._attention_forward(q, k, v, all_keys(k.shape[-2]), False, native_scale,
+                                             causal)
+            return (o, lse) if return_lse else o
     q, k, v, mask, use_mask, causal, scale, batch = _prepare(q, k, v, causal, key_mask, scale)
     return_lse = flag("return_lse", return_lse)
     return_saved = flag("return_saved", return_saved)

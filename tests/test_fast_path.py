@@ -21,8 +21,9 @@ def _qkv(shape, dtype, seed=0):
 def test_fast_path_equals_general_path(shape, scale, causal, dtype):
     q, k, v = _qkv(shape, dtype)
     assert _checks.plain_qkv(q, k, v)
-    fast = ra.attention(q, k, v, causal=causal, scale=scale)
-    general, _ = ra.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    fast, fast_lse = ra.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    general, saved = ra.attention(q, k, v, causal=causal, scale=scale, return_saved=True)
+    np.testing.assert_array_equal(fast_lse, saved["lse"])
     assert fast.dtype == dtype
     np.testing.assert_array_equal(fast, general)
     n = shape[-2]
