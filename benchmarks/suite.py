@@ -33,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -118,14 +119,17 @@ def method_fns(name, q, k, v, dout):
                 lambda _: ra.local_attention_backward(dout, q, k, v, LOCAL_WINDOW))
     if name == "routing":
         layer = routing_layer(q, k, n)
-        return (lambda: layer(q, k, v), lambda: layer(q, k, v), lambda _: layer.backward(dout))
+        return (lambda: layer(q, k, v), lambda: layer.forward(q, k, v)[1],
+                lambda ctx: layer.backward(dout, ctx))
     if name in ("clustered", "improved"):
         layer = ra.ClusteredAttention(C_CLUSTERS, bits=BITS, iterations=ITERS,
                                       topk=TOPK if name == "improved" else None)
-        return (lambda: layer(q, k, v), lambda: layer(q, k, v), lambda _: layer.backward(dout))
+        return (lambda: layer(q, k, v), lambda: layer.forward(q, k, v)[1],
+                lambda ctx: layer.backward(dout, ctx))
     if name.startswith("combiner-"):
         layer = ra.CombinerAttention(name.split("-", 1)[1], causal=False)
-        return (lambda: layer(q, k, v), lambda: layer(q, k, v), lambda _: layer.backward(dout))
+        return (lambda: layer(q, k, v), lambda: layer.forward(q, k, v)[1],
+                lambda ctx: layer.backward(dout, ctx))
     # peers: torch modules, forward under no_grad, backward = autograd of a fresh forward
     torch = try_import_torch()
     tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
@@ -400,7 +404,7 @@ def render(R):
           "torch: autograd `backward`; our dense backward gets the forward's lse and output as torch's "
           "autograd keeps them).", "",
           "Peers: " + "; ".join(f"{p} ({PEERS[p][1]}) vs {PEERS[p][0]}: "
-                                 + (R['peers'][p] or "run") for p in PEERS) + ".", "",
+                                 + (R['peers'].get(p, "not selected") or "run") for p in PEERS) + ".", "",
           "Timing: for each n and thread count all cases run once (warm-up), then interleaved rounds "
           "(ours and theirs alternate, order reversed every other round); medians.  "
           f"Dense O(n²) cases above n={R['max_dense_n']} are **extrapolated** as t(n₀)·(n/n₀)² from the "
@@ -446,7 +450,8 @@ def render(R):
                     parts.append(f"{b['t'] / a['t']:.1f}×")
                     ex |= bool(b.get("extrap") or a.get("extrap"))
             cells.append(" / ".join(parts) + (" *extrap.*" if ex else ""))
-        peer = [p for p, (m, _) in PEERS.items() if m == name and p != "sdpa"]
+        peer = [p for p, (m, _) in PEERS.items()
+                if m == name and p != "sdpa" and p in R["peers"]]
         pc = []
         for p in peer:
             if R["peers"][p]:
@@ -670,13 +675,27 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-accuracy", action="store_true")
     ap.add_argument("--quick", action="store_true",
-                    help="n 1024 4096, 2 threads, 3 rounds, accuracy at n=1024, memory at n=4096")
-    ap.add_argument("--json", default=DEFAULT_JSON)
-    ap.add_argument("--output", default=DEFAULT_MD, help="Markdown file (the part after the suite marker is replaced)")
-    ap.add_argument("--plots", default=PLOT_DIR)
+                    help="a smoke run: n 1024 4096, 2 threads, 3 rounds, accuracy at n=1024, "
+                         "memory at n=4096; writes into a temporary folder unless --json, "
+                         "--output or --plots name places (the committed results stay as they are)")
+    ap.add_argument("--json", default=None, help=f"raw results (default {DEFAULT_JSON})")
+    ap.add_argument("--output", default=None, help="Markdown file, the part after the suite "
+                    f"marker is replaced (default {DEFAULT_MD})")
+    ap.add_argument("--plots", default=None, help=f"folder of the plots (default {PLOT_DIR})")
     ap.add_argument("--replot", action="store_true", help="only re-render tables and plots from --json")
     ap.add_argument("--note", default="", help="a remark printed under the header (e.g. machine load)")
     args = ap.parse_args(argv)
+    if args.quick and not args.replot:
+        # a smoke run never replaces the committed headline results
+        scratch = tempfile.mkdtemp(prefix="ra-suite-quick-")
+        defaults = dict(json=os.path.join(scratch, "suite_results.json"),
+                        output=os.path.join(scratch, "RESULTS.md"),
+                        plots=os.path.join(scratch, "plots"))
+    else:
+        defaults = dict(json=DEFAULT_JSON, output=DEFAULT_MD, plots=PLOT_DIR)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     log = lambda msg: print(f"[suite {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
     if args.replot:
