@@ -5,7 +5,15 @@ sparse methods of the Routing Transformer, Fast Transformers' clustered attentio
 Combiner built on the same engine.  Every function has a plain NumPy twin in
 `routing_attention.reference`.
 """
-from . import _ext, reference
+try:
+    from . import _ext
+except ImportError as error:        # the C extension is not built next to this source
+    raise ImportError(
+        "routing_attention's C extension (routing_attention._ext) is not built for this "
+        f"source tree ({__path__[0]}): run `python -m pip install -e .` in the project folder, "
+        "or, after a plain `pip install .`, run Python from outside the source tree so that "
+        "the installed package is imported") from error
+from . import reference
 from ._checks import integer as _integer
 from ._ext import build_info, get_num_threads
 from .clustering import (assign_clusters, assign_top_members, commitment_loss, hamming_kmeans,
