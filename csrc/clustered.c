@@ -1,5 +1,5 @@
 /* clustered.c — clustered and improved clustered attention (Vyas, Katharopoulos, Fleuret
- * 2020, "Fast Transformers with Clustered Attention"), DESIGN §4.2, on the tile engine.
+ * 2020, "Fast Transformers with Clustered Attention"), docs/design.md (Clustered), on the tile engine.
  *
  * Both forms share one planner; `topk` = 0 selects the plain form:
  *

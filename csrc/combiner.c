@@ -1,4 +1,4 @@
-/* combiner.c — Combiner attention (Ren et al. 2021, DESIGN §4.3) on the tile engine.
+/* combiner.c — Combiner attention (Ren et al. 2021; docs/design.md, Combiner) on the tile engine.
  *
  * Every plan is described by one "region list" planner, shared by the typed drivers in
  * combiner_body.h:

@@ -206,7 +206,7 @@ void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, 
     K->softmax_step(rows, cols, qt->s, lds, qt->mx, qt->sum, qt->acc, e, e);
     /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
      * when a masked tile's v holds a non-finite value, weights of 0 are skipped so that
-     * value reaches only the queries that see its key (DESIGN §6, NaN locality). */
+     * value reaches only the queries that see its key (NaN locality: README, Reliability). */
     if (((flags & RA_MASKED) || kt->vis) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
         FN(pv_skip_zero)(rows, cols, e, qt->s, lds, kt->v, kt->ldv, qt->acc, e);
     else

@@ -2,7 +2,7 @@
 
 Queries are grouped into clusters; attention is computed once per cluster centroid (the
 mean of its queries) and broadcast to the members.  The improved form recomputes exact
-weights on each cluster's top-k keys.  DESIGN.md §4.2.
+weights on each cluster's top-k keys.  See docs/design.md (Clustered).
 """
 import numpy as np
 

@@ -2,7 +2,7 @@
 
 Every query reaches every key it may see: directly for a local set, and through region
 summaries (a max-pooled key and the region's own softmax expectation of its values) for
-the rest, all inside one softmax.  See DESIGN §4.3 and `reference.combiner_plan`.
+the rest, all inside one softmax.  See docs/design.md (Combiner) and `reference.combiner_plan`.
 """
 import math
 

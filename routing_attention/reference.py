@@ -218,7 +218,7 @@ def _dyadic_spans(i):
 
 
 def combiner_plan(plan, n, block=None, causal=True):
-    """Each query's support, straight from DESIGN §4.3.
+    """Each query's support, straight from docs/design.md (Combiner).
 
     Returns a list over queries i of (direct, regions): direct is a list of key
     positions; each region is (kmem, qsrc, vmem): the summary key is the max-pool of the

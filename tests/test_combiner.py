@@ -1,4 +1,4 @@
-"""Combiner attention (DESIGN §4.3): the C kernels against the plain NumPy reference."""
+"""Combiner attention (docs/design.md, Combiner): the C kernels against the plain NumPy reference."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""Hardening (issue 8, DESIGN §6): bad input, NaN locality, MemoryError, threads, leaks, fork.
+"""Hardening (issue 8; README, Reliability): bad input, NaN locality, MemoryError, threads, leaks, fork.
 
 Every public function is listed once in METHODS (a name, an input builder, a call); the
 thread, leak and fork tests walk that table, so a new method is one more row there and
