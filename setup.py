@@ -24,16 +24,21 @@ from setuptools.command.build_ext import build_ext
 
 def _compiler_accepts(compiler, flags, source="int main(void){return 0;}\n"):
     tmp = tempfile.mkdtemp()
+    saved_stderr = os.dup(2)            # a refused flag is an answer, not an error to show
     try:
         src = os.path.join(tmp, "probe.c")
         with open(src, "w") as f:
             f.write(source)
-        objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
-        compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags)
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            objs = compiler.compile([src], output_dir=tmp, extra_postargs=flags)
+            compiler.link_executable(objs, os.path.join(tmp, "probe"), extra_postargs=flags)
         return True
     except Exception:
         return False
     finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
