@@ -12,7 +12,9 @@ src="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${PYTHON:-python}"
 CLANG="${CLANG:-clang}"
 command -v "$CLANG" >/dev/null || { echo "clang_check: $CLANG not found" >&2; exit 1; }
-"$PY" -c "import setuptools" 2>/dev/null || "$PY" -m pip install --quiet setuptools
+# setup.py reads pyproject.toml, whose SPDX license string needs setuptools >= 77
+"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+    2>/dev/null || "$PY" -m pip install --quiet --upgrade "setuptools>=77"
 status=0
 for openmp in yes no; do
     work="$(mktemp -d "${TMPDIR:-/tmp}/ra-clang.XXXXXX")"

@@ -20,7 +20,9 @@ tar -C "$src" --exclude=./.git --exclude=./build --exclude='./.ci-venv' \
 
 # ---- 2. sanitizer build, in place inside the copy
 cd "$work"
-"$PY" -c "import setuptools" 2>/dev/null || "$PY" -m pip install --quiet setuptools
+# setup.py reads pyproject.toml, whose SPDX license string needs setuptools >= 77
+"$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+    2>/dev/null || "$PY" -m pip install --quiet --upgrade "setuptools>=77"
 echo "sanitize: building with RA_SANITIZE=1 in $work" >&2
 RA_SANITIZE=1 "$PY" setup.py -q build_ext --inplace >"$work/build.log" 2>&1 || {
     cat "$work/build.log" >&2; echo "sanitize: build failed" >&2; exit 1; }
