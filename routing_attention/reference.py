@@ -27,14 +27,15 @@ def _f64(*arrays):
 def masked_softmax(logits, visible):
     """Row softmax of `logits` over the entries where `visible` is True.
 
-    Returns (p, lse); a row with nothing visible gets p = 0 and lse = -inf.
+    Returns (p, lse); a row with nothing visible gets p = 0 and lse = -inf; a row with a
+    NaN among its visible logits gets NaN (p and lse), as the kernels give.
     """
     s = np.where(visible, logits, -np.inf)
     mx = s.max(axis=-1, keepdims=True, initial=-np.inf)   # a row of no keys at all too
     mx = np.where(np.isneginf(mx), 0.0, mx)
     e = np.where(visible, np.exp(s - mx), 0.0)
     total = e.sum(axis=-1, keepdims=True)
-    seen = total > 0
+    seen = ~(total <= 0)                                  # NaN totals stay NaN rows
     p = np.where(seen, e / np.where(seen, total, 1.0), 0.0)
     lse = np.where(seen, mx + np.log(np.where(seen, total, 1.0)), -np.inf)[..., 0]
     return p, lse
@@ -50,7 +51,9 @@ def _dense_visible(n, m, causal, key_mask):
 
 
 def _scale(scale, d):
-    return 1.0 / np.sqrt(d) if scale is None else float(scale)
+    if scale is not None:
+        return float(scale)
+    return 1.0 / np.sqrt(d) if d > 0 else 1.0             # d = 0: every logit is 0
 
 
 def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False):
@@ -217,7 +220,7 @@ def _dyadic_spans(i):
     return spans
 
 
-def combiner_plan(plan, n, block=None, causal=True):
+def combiner_plan(plan, n, block=None, causal=False):
     """Each query's support, straight from docs/design.md (Combiner).
 
     Returns a list over queries i of (direct, regions): direct is a list of key
@@ -309,7 +312,7 @@ def _combiner_batched(q, k, v, dout=None):
     return shape, arrays
 
 
-def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=True, scale=None):
+def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=False, scale=None):
     """The effective (…, n, n) attention matrix of Combiner: row i holds the direct
     weights of query i plus, for each region, its summary weight × the region's own
     distribution over its members.  combiner_attention(q, k, v) = weights @ v."""
@@ -326,13 +329,13 @@ def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=True, s
     return A.reshape(shape + (n, n))
 
 
-def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=True, scale=None):
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None):
     """Combiner attention through its explicit effective attention matrix."""
     A = combiner_attention_weights(q, k, plan=plan, block=block, causal=causal, scale=scale)
     return A @ np.asarray(v, dtype=np.float64)
 
 
-def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=True,
+def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=False,
                                 scale=None):
     """(dq, dk, dv) of `combiner_attention`, differentiated by hand query by query:
     the shared softmax, each region's own softmax, and max-pooling (the gradient goes to
