@@ -100,17 +100,15 @@ def test_resume_continues_the_uninterrupted_run(tmp_path):
     assert resumed == whole, f"resumed {resumed} vs uninterrupted {whole}"
 
 
-def _future_influence(flags):
-    """Largest change of the logits at positions < 45 when bytes 45.. of a held-out window
-    are replaced, relative to the largest logit, after 3 float64 training steps (so that
-    routing centroids exist and have moved); eval mode.  45 lies inside a local block (16)
-    and a Combiner block (8), so a leak inside a block shows too."""
+def _trained(flags):
+    """A tiny float64 model after 3 training steps (so that routing centroids exist and
+    have moved), in eval mode, and its arguments."""
     args = char_lm.get_args(TINY + ["--dtype", "float64", *flags])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = char_lm.CharLM(args).double()
     optimizer = char_lm.make_optimizer(model, args)
-    train, val, _, _ = char_lm.load_corpus()
+    train, _, _, _ = char_lm.load_corpus()
     for step in (1, 2, 3):
         loss, aux = model(*char_lm.get_batch(train, step, args))
         (loss + args.aux_weight * aux).backward()
@@ -119,7 +117,16 @@ def _future_influence(flags):
                 m.update_centroids()
         optimizer.step()
         optimizer.zero_grad()
-    model.eval()
+    return model.eval(), args
+
+
+def _future_influence(flags):
+    """Largest change of the logits at positions < 45 when bytes 45.. of a held-out window
+    are replaced, relative to the largest logit, after 3 float64 training steps (so that
+    routing centroids exist and have moved); eval mode.  45 lies inside a local block (16)
+    and a Combiner block (8), so a leak inside a block shows too."""
+    model, args = _trained(flags)
+    _, val, _, _ = char_lm.load_corpus()
     x, _ = char_lm.get_batch(val, 0, args)
     changed = x.clone()
     changed[:, 45:] = torch.randint(0, 256, changed[:, 45:].shape,
@@ -143,22 +150,6 @@ def test_balanced_routing_sees_the_future_as_documented():
     documented in char_lm.py): later bytes do change earlier predictions.  If this starts to
     fail, the layer became causal and the example's docs must say so."""
     assert _future_influence(["--attention", "routing"]) > 1e-6
-
-
-def _trained(flags):
-    """A tiny float64 model after 3 training steps (routing centroids fitted and moved)."""
-    args = char_lm.get_args(TINY + ["--dtype", "float64", *flags])
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = char_lm.CharLM(args).double()
-    optimizer = char_lm.make_optimizer(model, args)
-    train, _, _, _ = char_lm.load_corpus()
-    for step in (1, 2, 3):
-        loss, aux = model(*char_lm.get_batch(train, step, args))
-        (loss + args.aux_weight * aux).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval(), args
 
 
 @pytest.mark.parametrize("flags", [["--attention", "sdpa"], ["--attention", "dense"],
