@@ -248,12 +248,24 @@ def commitment_loss(x, centroids, labels, *, mask=None):
 def top_members(scores, w, *, out=None):
     """Balanced membership: the w best rows of every cluster.
 
-    scores (..., n, c) -> idx (..., c, w) int64: for each cluster the w rows with the
-    largest score (NaN ranks as −inf), ties to the lower position, listed by increasing
-    position.  A row may be in several clusters or in none.  A selection, never a sort
-    of n: a strided sample sets each cluster's threshold, one vectorised pass collects
-    the rows reaching it (in position order), a quickselect on those scores finds the
-    w-th; w <= 16 takes one pass of a top-w insertion network.  O(n·c) overall, exact.
+    Parameters
+    ----------
+    scores : array_like (..., n, c)
+        Score of every row for every cluster (e.g. x·μᵀ from `assign_clusters`).
+    w : int, 1 <= w <= n
+        Members per cluster.
+    out : ndarray (..., c, w) of int64, optional
+
+    Returns
+    -------
+    idx : ndarray (..., c, w) int64: for each cluster the w rows with the largest score
+    (NaN ranks as −inf; ties to the lower position), listed by increasing position.  A row
+    may be in several clusters or in none.  Exact, in O(n·c) (a selection, not a sort).
+
+    Raises
+    ------
+    TypeError, ValueError
+        A non-float scores array, w outside [1, n], a bad `out`.
     """
     dtype = float_dtype(scores=scores)
     s = as_matrix("scores", scores, dtype)
@@ -267,16 +279,26 @@ def top_members(scores, w, *, out=None):
 def assign_top_members(x, centroids, w, *, out=None):
     """Both routing decisions of one product: (labels, best, members).
 
-    x (..., n, d) and centroids (..., c, d) broadcast over leading axes.  The result is
-    exactly ``assign_clusters(x, centroids, return_scores=True)``'s labels (..., n) and
-    best scores (..., n), and ``top_members(scores, w)``'s members (..., c, w), bit for
-    bit, but the (..., n, c) score matrix is not stored: each thread scores blocks of
-    rows for its clusters into a tile that stays in cache and takes the argmax and the
-    candidate rows from it (a strided sample scored first sets the candidates'
-    thresholds).  That saves the score matrix's memory and its trip through main memory.
-    Small problems (n·c < 2**20 scores, or w <= 16, or n < ~4·max(2.5·w, 256)) use a
-    temporary score matrix instead, which is cheaper there.  `out` is a (labels, best,
-    members) tuple of arrays that must not overlap.
+    Parameters
+    ----------
+    x : array_like (..., n, d);  centroids : array_like (..., c, d)
+        Leading axes broadcast.
+    w : int, 1 <= w <= n
+        Members per cluster (balanced membership).
+    out : tuple of three ndarrays, optional
+        (labels, best, members), not overlapping one another.
+
+    Returns
+    -------
+    labels (..., n) int64, best (..., n), members (..., c, w) int64: bit for bit
+    ``assign_clusters(x, centroids, return_scores=True)``'s labels and best scores and
+    ``top_members(scores, w)``'s members, without ever storing the (..., n, c) scores (so
+    it needs less memory and less memory traffic on long sequences).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes, mismatched d, w outside [1, n], a bad or overlapping `out`.
     """
     x, cent, dtype, batch = _rows_and_centroids(x, centroids)
     n, c = x.shape[-2], cent.shape[-2]
