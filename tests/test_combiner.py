@@ -146,6 +146,7 @@ def test_maxpool_ties_go_to_lowest_position():
                                            err_msg=f"d{name} {plan} causal={causal}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("simd", ["default", "avx2", "generic"])
 def test_maxpool_wide_rows_on_every_kernel_table(simd):
     """d = 37: whole vector blocks and a tail for every instruction set's pooling kernel
@@ -401,6 +402,7 @@ LARGE = [("logsparse", None, 517), ("logsparse", None, 1100), ("mixture", 2, 530
          ("mixture", 260, 520), ("axial", 2, 520), ("fixed", 70, 300)]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("plan, block, n", LARGE)
 @pytest.mark.parametrize("causal", [True, False])
 def test_large_shapes_match_reference(plan, block, n, causal):
@@ -415,6 +417,7 @@ def test_large_shapes_match_reference(plan, block, n, causal):
         np.testing.assert_allclose(x, y, **tol(np.float64), err_msg=f"d{name}")
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("plan, block, n", [("fixed", 520, 1100), ("logsparse", None, 1100)])
 @pytest.mark.parametrize("ties", [False, True])
 def test_long_regions_in_windows(plan, block, n, ties):
