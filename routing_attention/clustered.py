@@ -147,6 +147,12 @@ def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=Non
     out : ndarray (..., n, e).  For query i in cluster c, with q̄_c the mean of the queries
     labelled c: ``softmax(scale · q̄_c kᵀ) v`` over the unmasked keys.  O(n·C·d) time.
     [, saved : dict]
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes or shapes, n_clusters outside [1, n], labels outside
+        [-1, n_clusters), a key_mask of the wrong shape, naming the argument.
     """
     return _forward(q, k, v, labels, n_clusters, None, key_mask, scale, out, return_saved)
 
@@ -161,6 +167,11 @@ def clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, *, key_
     centroid attention is then not recomputed; the result is the same).  n_clusters,
     key_mask and scale left at None are taken from it; without it n_clusters is
     required.  A value that disagrees with the saved forward's is a ValueError naming it.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As the forward; a keyword that disagrees with the saved forward's, naming it.
     """
     return _backward("clustered_attention_backward", dout, q, k, v, labels, n_clusters, None,
                      key_mask, scale, saved)
@@ -177,6 +188,11 @@ def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=
     With topk >= m this is dense attention.  ``return_saved=True`` also returns the dict
     of statistics for the backward (centroid attention, T_c and a_c[T_c], and
     ``keywords``).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `clustered_attention`, and topk < 1.
     """
     return _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved)
 
@@ -188,7 +204,13 @@ def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters=None
     ``return_saved=True`` dict for the same inputs (then nothing is recomputed);
     n_clusters, topk, key_mask and scale left at None are taken from it (without it
     n_clusters and topk are required).  A value that disagrees with the saved forward's
-    is a ValueError naming it."""
+    is a ValueError naming it.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As the forward; a keyword that disagrees with the saved forward's, naming it.
+    """
     return _backward("improved_clustered_attention_backward", dout, q, k, v, labels,
                      n_clusters, topk, key_mask, scale, saved)
 
@@ -220,6 +242,14 @@ class ClusteredAttention(LayerCalls):
         Seeds the hyperplanes and the k-means initialisation.
     scale : float, optional
         Multiplies q·k; defaults to 1/sqrt(d).
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction, n_clusters < 1, bits outside [1, 63], iterations < 0, topk < 1,
+        a seed outside [0, 2**64); at a call, the errors of `clustered_attention`.
+    RuntimeError
+        `backward(dout)` without a context after two or more calls.
     """
 
     def __init__(self, n_clusters=100, *, bits=32, iterations=10, topk=None, seed=0, scale=None):

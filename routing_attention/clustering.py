@@ -113,6 +113,12 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     Returns
     -------
     centroids : ndarray (..., c, d).  A cluster that loses every row keeps its centroid.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Non-float x, n_clusters outside [1, n], iters < 0, a seed outside [0, 2**64),
+        mask or init of the wrong shape, naming the argument.
     """
     dtype = float_dtype(x=x) if init is None else float_dtype(x=x, init=init)
     x = as_matrix("x", x, dtype)
@@ -165,6 +171,11 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
     (..., n, c) and each row's best score (..., n) (NaN where the label is -1), from
     the same product: what balanced membership (`top_members`) and the commitment
     loss need, without a second pass; `out` is then a (labels, scores, best) tuple.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes, x and centroids of different d, no centroid, a bad `out`.
     """
     x, cent, dtype, batch = _rows_and_centroids(x, centroids)
     n, c = x.shape[-2], cent.shape[-2]
@@ -201,6 +212,12 @@ def update_centroids(centroids, x, labels, *, decay=0.999, mask=None, out=None):
     Returns
     -------
     The updated centroids (..., c, d).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes, different d, labels outside [-1, c), decay outside [0, 1], a mask
+        or out of the wrong shape.
     """
     dtype = float_dtype(centroids=centroids, x=x)
     cent = as_matrix("centroids", centroids, dtype)
@@ -233,6 +250,11 @@ def commitment_loss(x, centroids, labels, *, mask=None):
     Returns one loss per problem, shape (...) (broadcast batch), 0 where no row counts;
     average it over the batch for a scalar.  It is a value, not differentiated here:
     its gradient with respect to x_i is 2 (x_i − μ_label(i)) / count.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes, different d, labels outside [-1, c), a mask of the wrong shape.
     """
     dtype = float_dtype(x=x, centroids=centroids)
     x = as_matrix("x", x, dtype)
@@ -320,6 +342,12 @@ def members_from_labels(labels, n_clusters, *, max_size=None):
     Row i is listed under cluster labels[i] (rows labelled -1 nowhere), in increasing
     position, padded with -1.  s = max_size, or by default the largest cluster size in
     the whole batch; a cluster with more than max_size rows keeps its first max_size.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Non-integer labels, labels outside [-1, n_clusters), n_clusters < 1,
+        max_size < 0.
     """
     c = integer("n_clusters", n_clusters, 1)
     lab = _int_array("labels", labels)
@@ -344,6 +372,11 @@ def lsh_hash(x, planes, *, out=None):
 
     Bit b of a row's code is 1 iff x·planes[b, :d] > planes[b, d] (the last column is a
     threshold); bits are packed lowest first, bits <= 63, so codes are non-negative.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Bad dtypes, planes without 1..63 rows or without d + 1 columns, a bad `out`.
     """
     dtype = float_dtype(x=x, planes=planes)
     x = as_matrix("x", x, dtype)
@@ -367,6 +400,12 @@ def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_cen
     the Hamming distance, best of 2 + ⌊ln c⌋ draws per centroid); a cluster left empty is re-seeded with a random row drawn from
     the same seeded stream.  Rows where mask is False get label -1.  Stops early at a
     fixed point.  With return_centroids, also returns the centroid codes (..., c).
+
+    Raises
+    ------
+    TypeError, ValueError
+        Non-integer codes, n_clusters outside [1, n], iters < 0, a seed outside
+        [0, 2**64), a mask of the wrong shape.
     """
     cd = _int_array("codes", codes)
     n = cd.shape[-1]

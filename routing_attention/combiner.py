@@ -171,6 +171,13 @@ class CombinerAttention(LayerCalls):
 
     Parameters are those of `combiner_attention` (causal defaults to False); `block=None`
     picks ceil(sqrt(n)) per call (fixed, axial, mixture).
+
+    Raises
+    ------
+    TypeError, ValueError
+        An unknown plan; at a call, the errors of `combiner_attention`.
+    RuntimeError
+        `backward(dout)` without a context after two or more calls.
     """
 
     def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):

@@ -217,7 +217,13 @@ def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=N
     """Gradients (dq, dk, dv) of `local_attention`.  ``**saved``: the forward's
     ``return_saved=True`` dict; window, causal and scale left at None are taken from it
     (else: window is required, causal False, scale 1/sqrt(d)).  A keyword that disagrees
-    with the saved forward's is a ValueError naming it."""
+    with the saved forward's is a ValueError naming it.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As `local_attention`; a keyword that disagrees with the saved forward's, naming it.
+    """
     kw = BackwardKeywords("local_attention_backward", saved, LOCAL_DEFAULTS, window=window,
                           causal=causal, scale=scale)
     if kw.values["window"] is None:
@@ -320,6 +326,16 @@ class RoutingAttention(LayerCalls):
     After each call, `commitment_loss` holds mean ‖x̂ − μ_label‖² per head over the
     normalised queries and keys (the paper's auxiliary loss, reported, not
     differentiated) and `q_idx` / `k_idx` the memberships used.
+
+    Raises
+    ------
+    TypeError, ValueError
+        At construction, an option out of range (n_clusters, local_heads, window, w < 1,
+        decay outside [0, 1], an unknown membership or merge); at a call, bad inputs
+        or masks (naming them), more local heads than heads, or a head count that does
+        not match the fitted centroids.
+    RuntimeError
+        `backward(dout)` without a context after two or more calls.
     """
 
     INIT_ROWS_PER_CLUSTER = 64
