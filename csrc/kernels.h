@@ -1,9 +1,10 @@
 /* kernels.h — the SIMD building blocks of the tile engine, one table per instruction set.
  *
- * kernels_body.h is compiled three times (kernels_avx512.c, kernels_avx2.c,
- * kernels_generic.c) under different `#pragma GCC target`s; ra_kernels() picks the best
- * table the running CPU supports, once.  The environment variable RA_SIMD
- * (avx512 | avx2 | generic) forces a lower path, for testing.
+ * kernels_body.h is compiled once per table: on x86 three times (kernels_avx512.c,
+ * kernels_avx2.c, kernels_generic.c) under different target pragmas, on AArch64 twice
+ * (kernels_neon.c, kernels_generic.c), elsewhere once (generic); ra_kernels() picks the
+ * best table the running CPU supports, once.  The environment variable RA_SIMD
+ * (avx512 | avx2 | generic on x86, generic on AArch64) forces a lower path, for testing.
  *
  * All matrices are row-major with an explicit leading dimension (in elements).
  */
@@ -100,7 +101,7 @@ typedef struct {
 } RaHammingKernels;
 
 typedef struct {
-    const char *name;   /* "avx512-vpopcnt", "avx512", "avx2" or "generic" */
+    const char *name;   /* "avx512-vpopcnt", "avx512", "avx2", "neon" or "generic" */
     RaKernelsF32 f32;
     RaKernelsF64 f64;
     /* Peak probe: `iters` rounds of 12 independent float32 vector FMA chains; returns
@@ -111,8 +112,13 @@ typedef struct {
     RaHammingKernels hamming64, hamming32;
 } RaKernels;
 
-extern const RaKernels ra_kernels_avx512vp, ra_kernels_avx512, ra_kernels_avx2,
-    ra_kernels_generic;
+extern const RaKernels ra_kernels_generic;
+#if defined(__x86_64__) || defined(__i386__)
+extern const RaKernels ra_kernels_avx512vp, ra_kernels_avx512, ra_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+extern const RaKernels ra_kernels_neon;
+#endif
 
 /* The table for this CPU (resolved once, thread-safe after the module is imported). */
 const RaKernels *ra_kernels(void);

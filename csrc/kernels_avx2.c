@@ -1,4 +1,6 @@
 /* kernels_avx2.c — the tile kernels compiled for AVX2 + FMA (256-bit vectors, 16 registers). */
+/* x86 only: other architectures build kernels_generic.c (and kernels_neon.c) alone. */
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include "kernels_target.h"
 RA_TARGET_BEGIN("avx2,fma,popcnt")
@@ -11,3 +13,4 @@ RA_TARGET_BEGIN("avx2,fma,popcnt")
 #define ISA avx2
 #include "kernels_isa.h"
 RA_TARGET_END
+#endif

@@ -1,4 +1,6 @@
 /* kernels_avx512.c — the tile kernels compiled for AVX-512 (512-bit vectors, 32 registers). */
+/* x86 only: other architectures build kernels_generic.c (and kernels_neon.c) alone. */
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #include "kernels_target.h"
 RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt")
@@ -22,3 +24,4 @@ RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcn
 #undef HFN
 RA_TARGET_END
 RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);
+#endif

@@ -11,7 +11,10 @@
  * pragma of the including file decides which instructions they become.
  */
 
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
+#define RA_X86 1
+#endif
 
 #define VL ((int)(VEC_BYTES / sizeof(T)))
 typedef T FN(vec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
@@ -366,10 +369,15 @@ static inline unsigned FN(mask_bits)(uvec m)
     return (unsigned)_mm256_movemask_ps((__m256)m);
 #elif VEC_BYTES == 32
     return (unsigned)_mm256_movemask_pd((__m256d)m);
-#elif VEC_BYTES == 16 && RA_IS_F32
+#elif defined(RA_X86) && RA_IS_F32
     return (unsigned)_mm_movemask_ps((__m128)m);
-#else
+#elif defined(RA_X86)
     return (unsigned)_mm_movemask_pd((__m128d)m);
+#else
+    /* portable (NEON and others): the sign bit of each lane, weighted by its lane bit */
+    unsigned bits = 0;
+    for (int l = 0; l < VL; l++) bits |= (unsigned)(m[l] >> (8 * sizeof(UT) - 1)) << l;
+    return bits;
 #endif
 }
 

@@ -7,8 +7,9 @@
  * It includes itself once per word width W (64, 32), naming the kernels
  * hamming_<kernel><W>_<isa>.  Rows go through in vectors of W-bit lanes (16 lanes of
  * 32-bit words in 512 bits): the lane popcount is the VPOPCNT instruction where the CPU
- * has it, else a nibble-table lookup per byte (AVX2, AVX-512BW), else (baseline SSE2) the
- * SWAR bit count in vector arithmetic; leftover rows take the scalar popcount. */
+ * has it, else a nibble-table lookup per byte (AVX2, AVX-512BW), else the compiler's
+ * popcount per lane where RA_HAMMING_BUILTIN is set (NEON), else (baseline) the SWAR bit
+ * count in vector arithmetic; leftover rows take the scalar popcount. */
 #ifndef HW
 #define HW uint64_t
 #define HPOP RA_POPCOUNT
@@ -62,6 +63,10 @@ static inline hvec HFN(HNAME(hamming_popv))(hvec x)
     if (sizeof(HW) == 8) return (hvec)_mm256_sad_epu8(cnt, _mm256_setzero_si256());
     return (hvec)_mm256_madd_epi16(_mm256_maddubs_epi16(cnt, _mm256_set1_epi8(1)),
                                    _mm256_set1_epi16(1));
+#elif defined(RA_HAMMING_BUILTIN)
+    /* the compiler's popcount per lane (AArch64: the NEON CNT instruction) */
+    for (int l = 0; l < HL; l++) x[l] = (HW)HPOP(x[l]);
+    return x;
 #else
     const hvec m1 = (hvec){0} + (HW)0x5555555555555555ull, m2 = (hvec){0} + (HW)0x3333333333333333ull;
     const hvec m4 = (hvec){0} + (HW)0x0f0f0f0f0f0f0f0full;
