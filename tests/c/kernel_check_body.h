@@ -1,0 +1,274 @@
+/* kernel_check_body.h — kernel_check.c's checks for one element type.  Included with
+ * T (float / double) and SUF (32 / 64) defined; undefines both at the end. */
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+#define KIND (SUF == 32 ? 'f' : 'd')
+#define KT CAT(RaKernelsF, SUF)
+#define ENG(name) CAT(CAT(name, _f), SUF)            /* the engine's typed names */
+#define UT CAT(CAT(uint, SUF), _t)                  /* unsigned integer of T's width */
+#define F(name) CAT(name, SUF)
+#define NAME(s) (SUF == 32 ? "f32." s : "f64." s)
+
+/* coarse: values on a grid of 1/8, so rows hold ties */
+static void F(fill)(T *x, int64_t n, int coarse)
+{
+    for (int64_t i = 0; i < n; i++)
+        x[i] = coarse ? (T)((int)(rng_unit() * 8) / 8.0) : (T)rng_unit();
+}
+
+static void *F(alloc)(size_t bytes)   /* 64-byte aligned, zeroed */
+{
+    void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    memset(p, 0, (bytes + 63) / 64 * 64);
+    return p;
+}
+
+static void F(check_gemm)(const KT *K)
+{
+    enum { M = 13, N = 37, KD = 29, LD = 41 };
+    T *A = F(alloc)(sizeof(T) * KD * LD), *B = F(alloc)(sizeof(T) * KD * LD);
+    T *C = F(alloc)(sizeof(T) * M * LD);
+    F(fill)(A, KD * LD, 0);
+    F(fill)(B, KD * LD, 0);
+    F(fill)(C, M * LD, 0);
+    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 1);
+    DUMP_AS(NAME("gemm.acc"), KIND, C, M * LD);
+    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 0);
+    DUMP_AS(NAME("gemm"), KIND, C, M * LD);
+    K->gemm_tn(M, N, KD, A, LD, B, LD, C, LD, 1);
+    DUMP_AS(NAME("gemm_tn"), KIND, C, M * LD);
+    free(A); free(B); free(C);
+}
+
+static void F(check_softmax)(const KT *K)
+{
+    enum { BQ = 10, BK = 37, LD = 40, E = 9 };
+    T *S = F(alloc)(sizeof(T) * BQ * LD), *acc = F(alloc)(sizeof(T) * BQ * E);
+    T mx[BQ], sum[BQ], lse[BQ], delta[BQ];
+    for (int i = 0; i < BQ; i++) { mx[i] = -(T)INFINITY; sum[i] = 0; }
+    F(fill)(acc, BQ * E, 0);
+    for (int step = 0; step < 2; step++) {
+        F(fill)(S, BQ * LD, 0);
+        for (int i = 0; i < BQ * LD; i++) S[i] *= 4 + 4 * step;
+        for (int j = 0; j < BK; j++) S[2 * LD + j] = -(T)INFINITY;   /* a row with no key */
+        S[3 * LD + 5] = -(T)INFINITY;
+        K->softmax_step(BQ, BK, S, LD, mx, sum, acc, E, E);
+        DUMP_AS(step ? NAME("softmax_step.p1") : NAME("softmax_step.p0"), KIND, S, BQ * LD);
+    }
+    DUMP_AS(NAME("softmax_step.mx"), KIND, mx, BQ);
+    DUMP_AS(NAME("softmax_step.sum"), KIND, sum, BQ);
+    DUMP_AS(NAME("softmax_step.acc"), KIND, acc, BQ * E);
+
+    F(fill)(S, BQ * LD, 0);
+    F(fill)(lse, BQ, 0);
+    lse[4] = -(T)INFINITY;
+    K->exp_shift(BQ, BK, S, LD, lse);
+    DUMP_AS(NAME("exp_shift"), KIND, S, BQ * LD);
+
+    T *dP = F(alloc)(sizeof(T) * BQ * LD);
+    F(fill)(dP, BQ * LD, 0);
+    F(fill)(delta, BQ, 0);
+    K->softmax_grad(BQ, BK, S, dP, LD, delta, (T)0.375);
+    DUMP_AS(NAME("softmax_grad"), KIND, dP, BQ * LD);
+    free(S); free(acc); free(dP);
+}
+
+static void F(check_mask_gather)(const KT *K)
+{
+    enum { BQ = 11, BK = 45, LD = 48 };
+    T *S = F(alloc)(sizeof(T) * BQ * LD);
+    int64_t qpos[BQ], kpos[BK], off[BQ];
+    for (int i = 0; i < BQ; i++) qpos[i] = 3 * i + 2;
+    for (int j = 0; j < BK; j++) kpos[j] = j % 9 == 4 ? -1 : j;
+    for (int mode = 0; mode < 3; mode++) {
+        F(fill)(S, BQ * LD, 0);
+        K->mask_tile(BQ, BK, S, LD, qpos, kpos, mode >= 1, mode == 2);
+        DUMP_AS(mode == 0 ? NAME("mask_tile.pad") : mode == 1 ? NAME("mask_tile.causal")
+                                                              : NAME("mask_tile.self"),
+                KIND, S, BQ * LD);
+    }
+    T *src = F(alloc)(sizeof(T) * 40 * 30), *dst = F(alloc)(sizeof(T) * 30 * LD);
+    F(fill)(src, 40 * 30, 0);
+    for (int r = 0; r < BQ; r++) off[r] = (int64_t)((r * 7) % 38) * 30 + r % 3;
+    K->gather_t(BQ, 25, src, off, (T)-1.5, dst, LD);
+    DUMP_AS(NAME("gather_t"), KIND, dst, 30 * LD);
+    free(S); free(src); free(dst);
+}
+
+static void F(check_selection)(const KT *K)
+{
+    enum { R = 70, CB = 21, LD = 24, M = 5, CAP = 6 };
+    T *s = F(alloc)(sizeof(T) * R * LD);
+    F(fill)(s, R * LD, 1);
+    s[3 * LD + 2] = NAN;
+    for (int j = 0; j < CB; j++) s[9 * LD + j] = NAN;   /* an all-NaN row */
+
+    int64_t lab[R];
+    T best[R];
+    K->argmax_rows(R, CB, s, LD, lab, best);
+    DUMP_AS(NAME("argmax_rows.lab"), 'i', lab, R);
+    DUMP_AS(NAME("argmax_rows.best"), KIND, best, R);
+
+    T *top = F(alloc)(sizeof(T) * M * LD);
+    UT *tpos = F(alloc)(sizeof(UT) * M * LD);
+    for (int i = 0; i < M * LD; i++) top[i] = -(T)INFINITY;
+    K->top_sample(R, CB, s, LD, M, top, LD, tpos);
+    DUMP_AS(NAME("top_sample.top"), KIND, top, M * LD);
+    DUMP_AS(NAME("top_sample.pos"), 'i', tpos, M * LD);
+
+    const int L = CAP + RA_TOP_SLACK;
+    T thr[CB + 1];
+    int cnt[CB + 1] = {0};
+    int32_t *pos = F(alloc)(sizeof(int32_t) * (CB + 1) * L);
+    T *val = F(alloc)(sizeof(T) * (CB + 1) * L);
+    for (int j = 0; j <= CB; j++) thr[j] = (T)(j % 4) / 4 - (T)0.5;
+    K->top_admit(R, CB, s, LD, 100, thr, CAP, cnt, pos, val);
+    DUMP_AS(NAME("top_admit.cnt"), 'i', cnt, CB);
+    DUMP_AS(NAME("top_admit.thr"), KIND, thr, CB);
+    for (int j = 0; j < CB; j++) {
+        DUMP_AS(NAME("top_admit.pos"), 'i', pos + j * L, cnt[j]);
+        DUMP_AS(NAME("top_admit.val"), KIND, val + j * L, cnt[j]);
+    }
+
+    enum { ROWS = 6, COLS = 50, LDS = 56, LDL = RA_OFFER_ALIGN };
+    T *so = F(alloc)(sizeof(T) * ROWS * LDS), *lv = F(alloc)(sizeof(T) * ROWS * LDL);
+    UT *lj = F(alloc)(sizeof(UT) * ROWS * LDL);
+    int64_t kpos[COLS];
+    int size[ROWS * 2] = {0};
+    for (int call = 0; call < 2; call++) {   /* two calls: increasing positions */
+        F(fill)(so, ROWS * LDS, 1);
+        so[LDS + 7] = NAN;
+        for (int j = 0; j < COLS; j++) kpos[j] = j % 13 == 5 ? -1 : call * COLS + j;
+        K->top_offer(ROWS, COLS, so, LDS, kpos, CAP, lv, lj, LDL, size, 2);
+    }
+    DUMP_AS(NAME("top_offer.size"), 'i', size, ROWS * 2);
+    for (int r = 0; r < ROWS; r++) {
+        DUMP_AS(NAME("top_offer.val"), KIND, lv + r * LDL, size[2 * r]);
+        DUMP_AS(NAME("top_offer.pos"), 'i', lj + r * LDL, size[2 * r]);
+    }
+    free(s); free(top); free(tpos); free(pos); free(val); free(so); free(lv); free(lj);
+}
+
+static void F(check_rows)(const KT *K)
+{
+    enum { N = 40, D = 19, LD = 21, BITS = 45 };
+    T *x = F(alloc)(sizeof(T) * N * LD);
+    F(fill)(x, N * LD, 1);
+    x[5 * LD + 3] = NAN;
+    T best[D];
+    int32_t barg[D];
+    for (int strict = 0; strict < 2; strict++) {
+        for (int c = 0; c < D; c++) { best[c] = -(T)INFINITY; barg[c] = -1; }
+        K->pool_scan(x, LD, 2, N - 1, 1, D, best, barg, strict);
+        K->pool_scan(x, LD, N - 1, 0, -1, D, best, barg, strict);
+        DUMP_AS(strict ? NAME("pool_scan.strict.best") : NAME("pool_scan.best"), KIND, best, D);
+        DUMP_AS(strict ? NAME("pool_scan.strict.arg") : NAME("pool_scan.arg"), 'i', barg, D);
+    }
+
+    T out[64], norm, sq, res[3 * 66];
+    for (int d = 0; d < 3; d++) {
+        const int len = d == 0 ? 1 : d == 1 ? 7 : 61;
+        T row[64];
+        F(fill)(row, len, 0);
+        K->normalize_row(row, len, out, &norm, &sq);
+        memcpy(res + d * 66, out, sizeof(T) * len);
+        res[d * 66 + 64] = norm;
+        res[d * 66 + 65] = sq;
+    }
+    T zero[8] = {0};
+    K->normalize_row(zero, 8, out, &norm, &sq);
+    DUMP_AS(NAME("normalize_row.zero"), KIND, out, 8);
+    DUMP_AS(NAME("normalize_row"), KIND, res, 1);
+    DUMP_AS(NAME("normalize_row.7"), KIND, res + 66, 7);
+    DUMP_AS(NAME("normalize_row.61"), KIND, res + 132, 61);
+    DUMP_AS(NAME("normalize_row.norms"), KIND, res + 64, 2);
+
+    T *S = F(alloc)(sizeof(T) * N * 48), thr[BITS];
+    int64_t codes[N];
+    F(fill)(S, N * 48, 1);
+    F(fill)(thr, BITS, 1);
+    S[48 + 4] = NAN;
+    K->threshold_bits(N, BITS, S, 48, thr, codes);
+    DUMP_AS(NAME("threshold_bits"), 'i', codes, N);
+    free(x); free(S);
+}
+
+/* The engine: two key tiles (the second with padding) through forward and backward,
+   causal and masked, with a query tile of 50 rows. */
+static void F(check_engine)(const KT *K)
+{
+    enum { ROWS = 50, D = 16, E = 12, C1 = 100, C2 = 60 };
+    const int cols[2] = {C1, C2};
+    T *q = F(alloc)(sizeof(T) * ROWS * D), *acc = F(alloc)(sizeof(T) * ROWS * E);
+    T *s = F(alloc)(sizeof(T) * RA_BQ * RA_BK), *dp = F(alloc)(sizeof(T) * RA_BQ * RA_BK);
+    T mx[ROWS], sum[ROWS], out[ROWS * E], lse[ROWS], delta[ROWS];
+    int64_t qpos[ROWS], kpos[2][C1];
+    T *k[2], *kt[2], *v[2], *vt[2], *dk[2], *dv[2];
+    ENG(RaKTile) tile[2];
+    for (int i = 0; i < ROWS; i++) qpos[i] = 3 * i + 7;
+    F(fill)(q, ROWS * D, 0);
+    for (int t = 0; t < 2; t++) {
+        const int n = cols[t];
+        k[t] = F(alloc)(sizeof(T) * n * D); kt[t] = F(alloc)(sizeof(T) * D * n);
+        v[t] = F(alloc)(sizeof(T) * n * E); vt[t] = F(alloc)(sizeof(T) * E * n);
+        dk[t] = F(alloc)(sizeof(T) * n * D); dv[t] = F(alloc)(sizeof(T) * n * E);
+        F(fill)(k[t], n * D, 0);
+        F(fill)(v[t], n * E, 0);
+        for (int j = 0; j < n; j++) {
+            kpos[t][j] = t == 1 && j % 7 == 3 ? -1 : t * C1 + j;
+            for (int f = 0; f < D; f++) kt[t][f * n + j] = k[t][j * D + f];
+            for (int f = 0; f < E; f++) vt[t][f * n + j] = v[t][j * E + f];
+        }
+        tile[t] = (ENG(RaKTile)){.cols = n, .kt = kt[t], .ldkt = n, .v = v[t], .ldv = E,
+                                 .k = k[t], .ldk = D, .vt = vt[t], .ldvt = n,
+                                 .pos = kpos[t], .vis = NULL, .ldvis = 0};
+    }
+    const int flags = RA_MASKED | RA_CAUSAL;
+    ENG(RaQTile) qt = {.rows = ROWS, .q = q, .pos = qpos, .mx = mx, .sum = sum, .acc = acc,
+                       .s = s, .lds = 0};
+    ENG(ra_fwd_init)(&qt, E);
+    for (int t = 0; t < 2; t++) ENG(ra_fwd_step)(K, &qt, &tile[t], D, E, flags);
+    ENG(ra_fwd_finish)(&qt, E, (char *)out, E * sizeof(T), sizeof(T), (char *)lse, sizeof(T));
+    DUMP_AS(NAME("engine.out"), KIND, out, ROWS * E);
+    DUMP_AS(NAME("engine.lse"), KIND, lse, ROWS);
+
+    T *dout = F(alloc)(sizeof(T) * ROWS * E), *dq = F(alloc)(sizeof(T) * ROWS * D);
+    F(fill)(dout, ROWS * E, 0);
+    for (int i = 0; i < ROWS; i++) {
+        T dsum = 0;
+        for (int f = 0; f < E; f++) dsum += dout[i * E + f] * out[i * E + f];
+        delta[i] = dsum;
+    }
+    ENG(RaQGradTile) g = {.rows = ROWS, .q = q, .dout = dout, .lse = lse, .delta = delta,
+                          .pos = qpos, .dq = dq, .s = s, .dp = dp};
+    for (int t = 0; t < 2; t++)
+        ENG(ra_bwd_step)(K, &g, &tile[t], dk[t], D, dv[t], E, D, E, flags);
+    DUMP_AS(NAME("engine.dq"), KIND, dq, ROWS * D);
+    for (int t = 0; t < 2; t++) {
+        DUMP_AS(NAME("engine.dk"), KIND, dk[t], cols[t] * D);
+        DUMP_AS(NAME("engine.dv"), KIND, dv[t], cols[t] * E);
+        free(k[t]); free(kt[t]); free(v[t]); free(vt[t]); free(dk[t]); free(dv[t]);
+    }
+    free(q); free(acc); free(s); free(dp); free(dout); free(dq);
+}
+
+static void F(check)(const KT *K)
+{
+    F(check_gemm)(K);
+    F(check_softmax)(K);
+    F(check_mask_gather)(K);
+    F(check_selection)(K);
+    F(check_rows)(K);
+    F(check_engine)(K);
+}
+
+#undef CAT_
+#undef CAT
+#undef F
+#undef NAME
+#undef KIND
+#undef KT
+#undef ENG
+#undef UT
+#undef T
+#undef SUF
