@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check the kernels on AArch64 from an x86-64 machine: build tests/c/kernel_check.c with
 # csrc/kernels*.c and csrc/engine.c natively and with Debian's gcc-aarch64-linux-gnu
-# (static, so qemu needs no sysroot), run every kernel table under qemu-aarch64-static
+# (static, so qemu needs no sysroot; also with clang --target=aarch64-linux-gnu and no
+# OpenMP when clang is installed), run every kernel table under qemu-aarch64-static
 # (neon and generic) and natively (generic and whatever this CPU has), then compare every
 # dump with the native generic table's (tools/compare_kernel_dumps.py: integers equal,
 # floats within 1e-5 / 1e-10 of each record's largest magnitude).
@@ -20,7 +21,8 @@ fi
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
-flags=(-O3 -std=gnu11 -fno-math-errno -Wall -Wno-unknown-pragmas -Werror -fopenmp -Icsrc -Itests/c)
+noomp=(-O3 -std=gnu11 -fno-math-errno -Wall -Wno-unknown-pragmas -Werror -Icsrc -Itests/c)
+flags=("${noomp[@]}" -fopenmp)
 srcs=(tests/c/kernel_check.c csrc/kernels*.c csrc/engine.c)
 
 gcc "${flags[@]}" "${srcs[@]}" -lm -o "$out/kc-x86"
@@ -35,8 +37,17 @@ for t in generic avx2 avx512 avx512-vpopcnt; do
     if [ "$rc" -eq 0 ]; then dumps+=("$out/x86-$t.bin");
     elif [ "$rc" -ne 3 ]; then echo "cross_aarch64: x86 table $t failed ($rc)" >&2; exit 1; fi
 done
+# clang, when installed: the AArch64 build without OpenMP (as Apple clang builds it)
+if command -v clang >/dev/null; then
+    clang --target=aarch64-linux-gnu "${noomp[@]}" -static "${srcs[@]}" -lm \
+        -o "$out/kc-a64-clang"
+fi
 for t in neon generic; do
     qemu-aarch64-static "$out/kc-a64" "$t" "$out/a64-$t.bin"
     dumps+=("$out/a64-$t.bin")
+    if [ -x "$out/kc-a64-clang" ]; then
+        qemu-aarch64-static "$out/kc-a64-clang" "$t" "$out/a64-clang-$t.bin"
+        dumps+=("$out/a64-clang-$t.bin")
+    fi
 done
 "$PYTHON" tools/compare_kernel_dumps.py "$out/x86-generic.bin" "${dumps[@]}"
