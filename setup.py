@@ -1,10 +1,15 @@
 """Build the single C extension ``routing_attention._ext``.
 
 Flags are portable and IEEE-exact: ``-O3`` only, no native-architecture or fast-math flags.
-The SIMD tile kernels are compiled three times (AVX-512, AVX2+FMA, baseline x86-64)
-through a target pragma inside ``csrc/kernels_*.c`` (``csrc/kernels_target.h``: GCC's
-``#pragma GCC target`` or clang's ``#pragma clang attribute``) and chosen at run time;
-``CC=clang`` builds too.
+The SIMD tile kernels come from one source (GCC vector extensions, ``csrc/kernels_body.h``)
+compiled once per table and chosen at import (``build_info()["simd"]``): on x86-64 three
+times (AVX-512, AVX2+FMA, baseline SSE2) through a target pragma inside
+``csrc/kernels_*.c`` (``csrc/kernels_target.h``: GCC's ``#pragma GCC target`` or clang's
+``#pragma clang attribute``); on AArch64 twice (NEON, generic; NEON is part of the base
+architecture, so no flag); elsewhere once (generic).  The x86 sources compile to nothing
+off x86, so the same flags serve every architecture and compiler.  ``CC=clang`` builds
+too.  Tested: GCC and clang on x86-64 (the suite), GCC and clang cross-built for AArch64
+and run under qemu (``tools/cross_aarch64.sh``: every kernel and the engine at C level).
 OpenMP is used when the compiler accepts ``-fopenmp``; otherwise the build goes on
 single-threaded with a warning (``RA_NO_OPENMP=1`` forces that, for testing).  Set
 ``RA_SANITIZE=1`` for an ASan/UBSan build.
