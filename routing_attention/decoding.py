@@ -134,6 +134,14 @@ class _Cache:
         return _softmax_rows(q, keys, values, visible, self._scale)
 
 
+def _window(t, window):
+    """Causal local attention's key positions for tokens at positions t (r,): from the
+    start of the previous block up to each token -> positions (r, 2·window), visible."""
+    start = np.maximum(t // window - 1, 0) * window
+    positions = start[:, None] + np.arange(2 * window)
+    return positions, positions <= t[:, None]
+
+
 class DenseCache(_Cache):
     """Causal dense attention: the new token at position t sees keys 0..t.  Each step
     costs O(t·d)."""
@@ -153,10 +161,7 @@ class LocalCache(_Cache):
         self.window = integer("window", window, low=1)
 
     def _attend(self, rows, t, q):
-        w = self.window
-        start = np.maximum(t // w - 1, 0) * w
-        positions = start[:, None] + np.arange(2 * w)
-        visible = positions <= t[:, None]
+        positions, visible = _window(t, self.window)
         return self._attend_positions(rows, q, np.where(visible, positions, 0), visible)
 
 
@@ -310,10 +315,7 @@ class RoutingCache(_Cache):
         out = np.empty((rows.size, self.e), self.dtype)
         local = rows % self.heads < layer.local_heads
         if local.any():
-            w = layer.window
-            start = np.maximum(t[local] // w - 1, 0) * w
-            positions = start[:, None] + np.arange(2 * w)
-            visible = positions <= t[local][:, None]
+            positions, visible = _window(t[local], layer.window)
             if layer.shared_qk:
                 visible = self._exclude_self(visible, positions == t[local][:, None])
             out[local] = self._attend_positions(rows[local], q[local],

@@ -152,7 +152,7 @@ def _scale(scale):
 
 
 # ------------------------------------------------------------------ autograd glue
-def _register_autograd(forward_op, backward_op, n_stats, lse_output):
+def _register_autograd(forward_op, backward_op, lse_output):
     """Autograd formula of an attention op: forward_op(q, k, v, *rest) -> (out, *stats);
     backward_op(dout, dlse, q, k, v, *rest, *stats) -> (dq, dk, dv).  `lse_output`: the
     first statistic is a log-sum-exp the user may differentiate (its gradient is passed as
@@ -244,7 +244,7 @@ def _grad_fake(dout, dlse, q, k, v, *rest):
 
 
 _attention_backward_op.register_fake(_grad_fake)
-_register_autograd(_attention_op, _attention_backward_op, 1, lse_output=True)
+_register_autograd(_attention_op, _attention_backward_op, lse_output=True)
 
 
 def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False):
@@ -332,7 +332,7 @@ def _routing_backward_op(dout, dlse, q, k, v, q_idx, k_idx, causal, exclude_self
 
 
 _routing_backward_op.register_fake(_grad_fake)
-_register_autograd(_routing_op, _routing_backward_op, 4, lse_output=True)
+_register_autograd(_routing_op, _routing_backward_op, lse_output=True)
 
 
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
@@ -382,7 +382,7 @@ def _local_backward_op(dout, dlse, q, k, v, window, causal, scale, *stats):
 
 
 _local_backward_op.register_fake(_grad_fake)
-_register_autograd(_local_op, _local_backward_op, 4, lse_output=False)
+_register_autograd(_local_op, _local_backward_op, lse_output=False)
 
 
 def local_attention(q, k, v, window, *, causal=False, scale=None):
@@ -442,7 +442,7 @@ def _clustered_backward_op(dout, dlse, q, k, v, labels, n_clusters, topk, key_ma
 
 
 _clustered_backward_op.register_fake(_grad_fake)
-_register_autograd(_clustered_op, _clustered_backward_op, 4, lse_output=False)
+_register_autograd(_clustered_op, _clustered_backward_op, lse_output=False)
 
 
 def _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale):
@@ -496,7 +496,7 @@ def _combiner_backward_op(dout, dlse, q, k, v, plan, block, causal, scale, out, 
 
 
 _combiner_backward_op.register_fake(_grad_fake)
-_register_autograd(_combiner_op, _combiner_backward_op, 1, lse_output=False)
+_register_autograd(_combiner_op, _combiner_backward_op, lse_output=False)
 
 
 def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None):
@@ -746,15 +746,13 @@ def _fingerprint(*tensors):
     return h.digest()
 
 
-class _StateBuffer:
-    """Load a buffer whose shape is only known after the first call (centroids, planes)."""
-
-    @staticmethod
-    def resize_before_load(module, name, state_dict, prefix):
-        key = prefix + name
-        if key in state_dict and state_dict[key].shape != getattr(module, name).shape:
-            old = getattr(module, name)
-            setattr(module, name, torch.empty_like(state_dict[key], device=old.device))
+def _resize_before_load(module, name, state_dict, prefix):
+    """Give a buffer whose shape is only known after the first call (centroids, planes)
+    the shape of the state_dict's entry, so that load_state_dict fills it."""
+    key = prefix + name
+    if key in state_dict and state_dict[key].shape != getattr(module, name).shape:
+        old = getattr(module, name)
+        setattr(module, name, torch.empty_like(state_dict[key], device=old.device))
 
 
 def _unit_rows(x):
@@ -814,7 +812,7 @@ class RoutingAttention(torch.nn.Module):
         return super().__getattr__(name)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _StateBuffer.resize_before_load(self, "centroids", state_dict, prefix)
+        _resize_before_load(self, "centroids", state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
@@ -952,7 +950,7 @@ class ClusteredAttention(torch.nn.Module):
         self.labels = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _StateBuffer.resize_before_load(self, "planes", state_dict, prefix)
+        _resize_before_load(self, "planes", state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
