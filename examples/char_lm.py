@@ -33,6 +33,7 @@ Data: every `*.py` file of the running interpreter's standard library (site-pack
 out), sorted by path; every 10th file is held out for validation.  Bytes, vocabulary 256.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -583,8 +584,19 @@ def main(argv=None):
         if args.log_json:
             pathlib.Path(args.log_json).write_text(json.dumps(record, indent=1))
     if args.ddp:
-        torch.distributed.destroy_process_group()
+        model = None                    # the DDP wrapper, so that its reducer can be collected
+        shut_down_ddp()
     return record
+
+
+def shut_down_ddp():
+    """Leave torch.distributed cleanly: both ranks meet at a barrier, the DDP wrapper (whose
+    reducer holds the process group) is collected, then the group is destroyed. Without this the
+    group's worker threads can outlive the interpreter and abort it at exit (seen once in CI:
+    'terminate called without an active exception', SIGABRT after all the work was done)."""
+    torch.distributed.barrier()
+    gc.collect()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
