@@ -6,6 +6,14 @@ import sys
 import numpy as np
 import pytest
 
+if os.environ.get("RA_BITCHECK"):     # tools/bitcheck.py: record every _ext call's outputs
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location(
+        "bitcheck", os.path.join(os.path.dirname(__file__), "..", "tools", "bitcheck.py"))
+    _bitcheck = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_bitcheck)
+    _bitcheck.install(os.environ["RA_BITCHECK"])
+
 RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 
 
