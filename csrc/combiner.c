@@ -314,6 +314,14 @@ void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t
     }
 }
 
+const uint64_t *ra_cunit_vis(void *ctx, int rows, int j0, int cols, ptrdiff_t *ldvis)
+{
+    const RaCVisCtx *c = ctx;
+    ra_cplan_vis(c->p, c->qpos, rows, c->key + j0, cols, c->summary, c->vis, RA_BK / 64);
+    *ldvis = RA_BK / 64;
+    return c->vis;
+}
+
 void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s)
 {
     memset(s, 0, sizeof(*s));

@@ -69,6 +69,16 @@ void ra_cplan_sizes(const RaCPlan *p, RaCSizes *s);
    key = direct positions (summary 0) or summary vids (summary 1) */
 void ra_cplan_vis(const RaCPlan *p, const int64_t *qpos, int rows, const int64_t *key, int cols,
                   int summary, uint64_t *vis, ptrdiff_t ldvis);
+/* The engine's bitmap callback (RaKeys.tile_vis) for a query unit's key list: ra_cplan_vis
+ * of the keys [j0, j0 + cols) of `key` for the current query rows `qpos`, into vis. */
+typedef struct {
+    const RaCPlan *p;
+    uint64_t *vis;            /* (RA_BQ, RA_BK / 64) */
+    const int64_t *qpos;      /* the current query tile's positions */
+    const int64_t *key;       /* key or summary ids of the list */
+    int summary;
+} RaCVisCtx;
+const uint64_t *ra_cunit_vis(void *ctx, int rows, int j0, int cols, ptrdiff_t *ldvis);
 
 /* what a problem's tables hold: the forward's, the backward's, and in the backward the
    recomputed output (RA_CT_OUT) and gradient accumulators (RA_CT_GRADS) */

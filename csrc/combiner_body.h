@@ -433,21 +433,31 @@ static void FN(summary_qpos)(const RaCPlan *p, const RaCUnit *U, const int64_t *
         sqpos[r] = U->sq == RA_SQ_ROW ? qidx[r] / p->M : U->sq == RA_SQ_COL ? qidx[r] % p->M : 0;
 }
 
-/* RA_SQ_VIS units: attach the planner's bitmap for this (query tile, key tile) pair */
-static void FN(unit_vis)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, const int64_t *qpos,
-                         int rows, FN(RaKTile) *kt, const int64_t *key, int summary)
-{
-    if (U->sq != RA_SQ_VIS) return;
-    ra_cplan_vis(p, qpos, rows, key, kt->cols, summary, w->vis, RA_BK / 64);
-    kt->vis = w->vis;
-    kt->ldvis = RA_BK / 64;
-}
+/* The key lists of a query unit for the engine: direct keys and summary entries, with
+ * the planner's bitmap for RA_SQ_VIS units (the callback's context names the query rows). */
+typedef struct {
+    FN(RaKeys) direct, summary;
+    RaCVisCtx dvis, svis;
+} FN(CUnitKeys);
 
-/* A causal key chunk whose first (smallest) position is after every query of the tile
- * holds nothing visible.  Lists under RA_CAUSAL are sorted by position. */
-static int FN(chunk_hidden)(int flags, const int64_t *kpos, const int64_t *qpos, int rows)
+static void FN(unit_keys)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, int64_t ns, int d,
+                          int e, int bwd, FN(CUnitKeys) *uk)
 {
-    return (flags & RA_CAUSAL) && kpos[0] > qpos[rows - 1];
+    const int nd = (int)U->direct.count, S = (int)ns, bitmap = U->sq == RA_SQ_VIS;
+    uk->dvis = (RaCVisCtx){p, w->vis, NULL, w->didx, 0};
+    uk->svis = (RaCVisCtx){p, w->vis, NULL, w->vid, 1};
+    uk->direct = (FN(RaKeys)){.count = nd, .kt = w->kt_d, .ldkt = nd, .pos = w->didx,
+                              .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->dvis};
+    uk->summary = (FN(RaKeys)){.count = S, .kt = w->kt_s, .ldkt = S, .pos = w->spos,
+                               .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->svis};
+    if (!bwd) {
+        uk->direct.v = w->v_d, uk->direct.ldv = e;
+        uk->summary.v = w->v_s, uk->summary.ldv = e;
+    } else {
+        uk->direct.k = w->k_d, uk->direct.ldk = d, uk->direct.vt = w->vt_d, uk->direct.ldvt = nd;
+        uk->summary.k = w->k_s, uk->summary.ldk = d, uk->summary.vt = w->vt_s;
+        uk->summary.ldvt = S;
+    }
 }
 
 /* Query unit u of a pass: q (n, d) -> out rows (or the carried state when a later pass
@@ -458,47 +468,29 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
 {
     RaCUnit U;
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
-    const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
+    const int nq = (int)U.q.count;
     const int last = pass == ra_cplan_npasses(p) - 1;
     FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 0);
+    FN(CUnitKeys) uk;
+    FN(unit_keys)(p, &U, w, ns, d, e, 0, &uk);
     for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
         const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
         const int64_t *qpos = w->qidx + q0;
         FN(RaQTile) qt = {rows, w->qs, qpos, w->mx, w->sum, w->acc, w->s};
         FN(ra_gather)(q, qpos, 0, rows, d, sc, 0, w->qs, d);
         if (pass == 0) FN(ra_fwd_init)(&qt, e);
-        else
-            for (int r = 0; r < rows; r++) {   /* continue the earlier pass's softmax */
-                memcpy(w->acc + (ptrdiff_t)r * e, tb->st_acc + qpos[r] * e, sizeof(T) * (size_t)e);
-                w->mx[r] = tb->st_mx[qpos[r]];
-                w->sum[r] = tb->st_sum[qpos[r]];
-            }
-        for (int j0 = 0; j0 < nd; j0 += RA_BK) {
-            if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
-            FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd,
-                              w->v_d + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, w->didx + j0};
-            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->didx + j0, 0);
-            FN(ra_fwd_step)(K, &qt, &kt, d, e, U.dflags);
-        }
+        else FN(ra_attend_restore)(&qt, e, qpos, tb->st_mx, tb->st_sum, tb->st_acc);
+        uk.dvis.qpos = uk.svis.qpos = qpos;
+        FN(ra_attend)(K, &qt, &uk.direct, d, e, U.dflags);
         FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
-        qt.pos = w->sqpos;
-        for (int j0 = 0; j0 < S; j0 += RA_BK) {
-            if (FN(chunk_hidden)(U.sflags, w->spos + j0, w->sqpos, rows)) break;
-            FN(RaKTile) kt = {S - j0 < RA_BK ? S - j0 : RA_BK, w->kt_s + j0, S,
-                              w->v_s + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, w->spos + j0};
-            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->vid + j0, 1);
-            FN(ra_fwd_step)(K, &qt, &kt, d, e, U.sflags);
-        }
+        qt.pos = w->sqpos;                      /* summaries are matched by row or column */
+        FN(ra_attend)(K, &qt, &uk.summary, d, e, U.sflags);
         if (last) {
             const ptrdiff_t os0 = out.s0 * U.q.stride, ls0 = lse.s0 * U.q.stride;
             FN(ra_fwd_finish)(&qt, e, out.data + qpos[0] * out.s0, os0, out.s1,
                               lse.data ? lse.data + qpos[0] * lse.s0 : NULL, ls0);
         } else
-            for (int r = 0; r < rows; r++) {
-                memcpy(tb->st_acc + qpos[r] * e, w->acc + (ptrdiff_t)r * e, sizeof(T) * (size_t)e);
-                tb->st_mx[qpos[r]] = w->mx[r];
-                tb->st_sum[qpos[r]] = w->sum[r];
-            }
+            FN(ra_attend_save)(&qt, e, qpos, tb->st_mx, tb->st_sum, tb->st_acc);
     }
 }
 
@@ -620,6 +612,8 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
     const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
     FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 1);
+    FN(CUnitKeys) uk;
+    FN(unit_keys)(p, &U, w, ns, d, e, 1, &uk);
     memset(w->dk_d, 0, sizeof(T) * (size_t)nd * d);
     memset(w->dv_d, 0, sizeof(T) * (size_t)nd * e);
     memset(w->dk_s, 0, sizeof(T) * (size_t)S * d);
@@ -635,24 +629,11 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
         }
         memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
         FN(RaQGradTile) g = {rows, w->qs, w->dout, w->lse, w->delta, qpos, w->dq, w->s, w->dp};
-        for (int j0 = 0; j0 < nd; j0 += RA_BK) {
-            if (FN(chunk_hidden)(U.dflags, w->didx + j0, qpos, rows)) break;
-            FN(RaKTile) kt = {nd - j0 < RA_BK ? nd - j0 : RA_BK, w->kt_d + j0, nd, NULL, 0,
-                              w->k_d + (ptrdiff_t)j0 * d, d, w->vt_d + j0, nd, w->didx + j0};
-            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->didx + j0, 0);
-            FN(ra_bwd_step)(K, &g, &kt, w->dk_d + (ptrdiff_t)j0 * d, d,
-                            w->dv_d + (ptrdiff_t)j0 * e, e, d, e, U.dflags);
-        }
+        uk.dvis.qpos = uk.svis.qpos = qpos;
+        FN(ra_attend_backward)(K, &g, &uk.direct, w->dk_d, d, w->dv_d, e, d, e, U.dflags, NULL);
         FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
         g.pos = w->sqpos;
-        for (int j0 = 0; j0 < S; j0 += RA_BK) {
-            if (FN(chunk_hidden)(U.sflags, w->spos + j0, w->sqpos, rows)) break;
-            FN(RaKTile) kt = {S - j0 < RA_BK ? S - j0 : RA_BK, w->kt_s + j0, S, NULL, 0,
-                              w->k_s + (ptrdiff_t)j0 * d, d, w->vt_s + j0, S, w->spos + j0};
-            FN(unit_vis)(p, &U, w, qpos, rows, &kt, w->vid + j0, 1);
-            FN(ra_bwd_step)(K, &g, &kt, w->dk_s + (ptrdiff_t)j0 * d, d,
-                            w->dv_s + (ptrdiff_t)j0 * e, e, d, e, U.sflags);
-        }
+        FN(ra_attend_backward)(K, &g, &uk.summary, w->dk_s, d, w->dv_s, e, d, e, U.sflags, NULL);
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < d; c++) tb->dqs[qpos[r] * d + c] += w->dq[(ptrdiff_t)r * d + c];
     }

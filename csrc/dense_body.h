@@ -1,30 +1,11 @@
 /* dense_body.h — typed dense planner; included by dense.c per dtype. */
 
-/* Key positions of one problem: j, or -1 where key_mask is False.  Returns whether
- * any key is masked; tile_masked[t] tells whether key tile t holds a masked key. */
-static int FN(dense_key_positions)(int m, RaVec key_mask, int64_t *kpos, char *tile_masked)
+/* Key positions of one problem: j, or -1 where key_mask is False (the engine hides
+ * those keys and skips the tiles a causal query tile cannot see). */
+static void FN(dense_key_positions)(int m, RaVec key_mask, int64_t *kpos)
 {
-    int any = 0;
-    for (int t = 0; t * RA_BK < m; t++) tile_masked[t] = 0;
-    for (int j = 0; j < m; j++) {
-        const int valid = key_mask.data == NULL || RA_VEC_AT(uint8_t, key_mask, j);
-        kpos[j] = valid ? j : -1;
-        if (!valid) { tile_masked[j / RA_BK] = 1; any = 1; }
-    }
-    return any;
-}
-
-/* Flags for query rows [i0, i1) against key tile t; -1 when every pair is hidden. */
-static int FN(dense_tile_flags)(int causal, int i0, int i1, int t, int m, const char *tile_masked)
-{
-    const int j0 = t * RA_BK, j1 = j0 + RA_BK < m ? j0 + RA_BK : m;
-    int flags = tile_masked[t] ? RA_MASKED : 0;
-    if (causal) {
-        if (j0 > i1 - 1) return -1;                 /* every key after every query */
-        flags |= RA_CAUSAL;
-        if (j1 - 1 > i0) flags |= RA_MASKED;        /* the tile crosses the diagonal */
-    }
-    return flags;
+    for (int j = 0; j < m; j++)
+        kpos[j] = key_mask.data == NULL || RA_VEC_AT(uint8_t, key_mask, j) ? j : -1;
 }
 
 /* q (B; n, d), k (B; m, d), v (B; m, e) -> out (B; n, e), lse (B; n) */
@@ -33,12 +14,12 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
                              RaBMat out, RaBVec lse)
 {
     const KT *K = &ra_kernels()->KSEL;
-    const int nkb = (m + RA_BK - 1) / RA_BK, nqb = (n + RA_BQ - 1) / RA_BQ;
+    const int nqb = (n + RA_BQ - 1) / RA_BQ;
     const int nt = ra_num_threads();
-    /* shared packs, one per problem: kᵀ (d, m), v (m, e), key positions, tile flags */
+    /* shared packs, one per problem: kᵀ (d, m), v (m, e), key positions */
     const size_t kt_sz = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)d, m)));
     const size_t v_sz = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)m, e)));
-    const size_t pos_sz = ra_round_up(ra_add(ra_mul(sizeof(int64_t), m), nkb));
+    const size_t pos_sz = ra_round_up(ra_mul(sizeof(int64_t), m));
     const size_t per_problem = ra_add(ra_add(kt_sz, v_sz), pos_sz);
     /* per-thread tile scratch: q (BQ, d), acc (BQ, e), s (BQ, BK), mx, sum, qpos (BQ) */
     const size_t per_thread = ra_round_up(sizeof(T) * ((size_t)RA_BQ * d + (size_t)RA_BQ * e +
@@ -56,7 +37,7 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
         int64_t *kpos = (int64_t *)(base + kt_sz + v_sz);
         FN(ra_gather)(ra_mat_at(k, b), NULL, 0, m, d, 1, 1, kt, m);
         FN(ra_gather)(ra_mat_at(v, b), NULL, 0, m, e, 1, 0, vp, e);
-        FN(dense_key_positions)(m, ra_vec_at(key_mask, b), kpos, (char *)(kpos + m));
+        FN(dense_key_positions)(m, ra_vec_at(key_mask, b), kpos);
     }
 
     /* 2. every (problem, query tile): online softmax over the visible key tiles */
@@ -67,9 +48,9 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
         const int is_causal = RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0) != 0;
         const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
         char *base = packs + b * per_problem;
-        const T *kt = (const T *)base, *vp = (const T *)(base + kt_sz);
-        const int64_t *kpos = (const int64_t *)(base + kt_sz + v_sz);
-        const char *tile_masked = (const char *)(kpos + m);
+        const FN(RaKeys) keys = {.count = m, .kt = (const T *)base, .ldkt = m,
+                                 .v = (const T *)(base + kt_sz), .ldv = e,
+                                 .pos = (const int64_t *)(base + kt_sz + v_sz)};
 
         T *ws = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
         FN(RaQTile) qt;
@@ -87,14 +68,7 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
 
         FN(ra_gather)(ra_mat_at(q, b), NULL, i0, rows, d, sc, 0, qs, d);
         FN(ra_fwd_init)(&qt, e);
-        for (int t = 0; t < nkb; t++) {
-            const int flags = FN(dense_tile_flags)(is_causal, i0, i0 + rows, t, m, tile_masked);
-            if (flags < 0) break;
-            const int j0 = t * RA_BK;
-            FN(RaKTile) ktile = {m - j0 < RA_BK ? m - j0 : RA_BK, kt + j0, m,
-                                 vp + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, kpos + j0};
-            FN(ra_fwd_step)(K, &qt, &ktile, d, e, flags);
-        }
+        FN(ra_attend)(K, &qt, &keys, d, e, is_causal ? RA_CAUSAL : 0);
         RaMat o = ra_mat_at(out, b);
         RaVec l = ra_vec_at(lse, b);
         FN(ra_fwd_finish)(&qt, e, o.data + (ptrdiff_t)i0 * o.s0, o.s0, o.s1,
@@ -122,13 +96,13 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
     const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
 
     /* shared packs per problem: scaled q (n, d), dout (n, e), lse, delta (n),
-       k (m, d), kᵀ (d, m), vᵀ (e, m), key positions + tile flags, dq partials (G, n, d) */
+       k (m, d), kᵀ (d, m), vᵀ (e, m), key positions, dq partials (G, n, d) */
     const size_t q_sz = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)n, d)));
     const size_t do_sz = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)n, e)));
     const size_t row_sz = ra_round_up(ra_mul(sizeof(T), (size_t)n));
     const size_t k_sz = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)m, d)));
     const size_t vt_sz = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)m, e)));
-    const size_t pos_sz = ra_round_up(ra_add(ra_mul(sizeof(int64_t), m), nkb));
+    const size_t pos_sz = ra_round_up(ra_mul(sizeof(int64_t), m));
     const size_t part_sz = ra_mul(q_sz, (size_t)G);
     size_t per_problem = q_sz;
     per_problem = ra_add(per_problem, do_sz);
@@ -151,10 +125,9 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
     T *kp = (T *)(base + q_sz + do_sz + 2 * row_sz), *ktp = (T *)((char *)kp + k_sz);     \
     T *vtp = (T *)((char *)ktp + k_sz);                                                  \
     int64_t *kpos = (int64_t *)((char *)vtp + vt_sz);                                    \
-    char *tile_masked = (char *)(kpos + m);                                              \
     T *dq_part = (T *)((char *)kpos + pos_sz);                                           \
     (void)qs; (void)dop; (void)lse_p; (void)delta; (void)kp; (void)ktp; (void)vtp;       \
-    (void)tile_masked; (void)dq_part
+    (void)dq_part
 
     /* 1. pack every problem; delta = rowsum(dout ∘ out); zero the dq partials */
     #pragma omp parallel for num_threads(nt) schedule(static)
@@ -173,7 +146,7 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
         FN(ra_gather)(ra_mat_at(k, b), NULL, 0, m, d, 1, 0, kp, d);
         FN(ra_gather)(ra_mat_at(k, b), NULL, 0, m, d, 1, 1, ktp, m);
         FN(ra_gather)(ra_mat_at(v, b), NULL, 0, m, e, 1, 1, vtp, m);
-        FN(dense_key_positions)(m, ra_vec_at(key_mask, b), kpos, tile_masked);
+        FN(dense_key_positions)(m, ra_vec_at(key_mask, b), kpos);
         memset(dq_part, 0, part_sz);
     }
 
@@ -196,14 +169,13 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
         const int t_end = (grp + 1) * blocks_per_group < nkb ? (grp + 1) * blocks_per_group : nkb;
         for (int t = grp * blocks_per_group; t < t_end; t++) {
             const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-            FN(RaKTile) ktile = {cols, ktp + j0, m, NULL, 0, kp + (ptrdiff_t)j0 * d, d,
-                                 vtp + j0, m, kpos + j0};
+            const FN(RaKeys) tile = {.count = cols, .kt = ktp + j0, .ldkt = m,
+                                     .k = kp + (ptrdiff_t)j0 * d, .ldk = d, .vt = vtp + j0,
+                                     .ldvt = m, .pos = kpos + j0};
             memset(dk_t, 0, sizeof(T) * (size_t)cols * d);
             memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
             for (int qb = 0; qb < nqb; qb++) {
                 const int i0 = qb * RA_BQ, rows = n - i0 < RA_BQ ? n - i0 : RA_BQ;
-                const int flags = FN(dense_tile_flags)(is_causal, i0, i0 + rows, t, m, tile_masked);
-                if (flags < 0) continue;
                 for (int r = 0; r < rows; r++) qpos[r] = i0 + r;
                 gt.rows = rows;
                 gt.q = qs + (ptrdiff_t)i0 * d;
@@ -212,7 +184,8 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
                 gt.delta = delta + i0;
                 gt.pos = qpos;
                 gt.dq = dqg + (ptrdiff_t)i0 * d;
-                FN(ra_bwd_step)(K, &gt, &ktile, dk_t, d, dv_t, e, d, e, flags);
+                FN(ra_attend_backward)(K, &gt, &tile, dk_t, d, dv_t, e, d, e,
+                                       is_causal ? RA_CAUSAL : 0, NULL);
             }
             /* forward: logits = (scale·q)·kᵀ, so dk = scale · dsᵀ·q = dsᵀ·qs (already) */
             for (int r = 0; r < cols; r++) {

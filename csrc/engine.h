@@ -1,32 +1,36 @@
 /* engine.h — the one tile engine every attention method runs on.
  *
- * A planner (dense, local, routing, clustered, combiner) gathers query rows into a
- * QTile and key rows into KTiles, then calls
+ * A planner (dense, local, routing, clustered, combiner) decides which rows meet: it
+ * gathers query rows into a QTile and packs key rows into a key list (RaKeys), then calls
  *
- *   forward:   ra_fwd_init → ra_fwd_step (once per key tile) → ra_fwd_finish
- *   backward:  ra_bwd_step (once per query tile × key tile pair)
+ *   forward:   ra_fwd_init (or ra_attend_restore) → ra_attend (once per key list)
+ *              → ra_fwd_finish (or ra_attend_save, to continue in a later pass)
+ *   backward:  ra_attend_backward (once per query gradient tile × key list)
  *
- * The engine never sees the original arrays, only contiguous tiles plus the original
- * positions of their rows, from which it builds the position mask:
+ * ra_attend and ra_attend_backward walk the list in tiles of RA_BK keys.  The engine never
+ * sees the original arrays, only contiguous tiles plus the original positions of their
+ * rows, from which it applies the masking rule (flags RA_CAUSAL, RA_EXCLUDE_SELF):
  *
  *   key j is visible to query i  iff  kpos[j] >= 0                       (not padding)
  *                                 and (!RA_CAUSAL       || kpos[j] <= qpos[i])
  *                                 and (!RA_EXCLUDE_SELF || kpos[j] != qpos[i])
  *
- * The mask is applied only when the step's flags contain RA_MASKED; planners leave it
- * out for tiles they know to be fully visible.
+ * Per tile the engine masks only when the rule can hide a pair (RA_MASKED, internal),
+ * and skips a tile the rule hides entirely.  A planner whose visibility is not a function
+ * of positions supplies an explicit bitmap per tile (RaKeys.tile_vis): key j of the tile
+ * is visible to query i only if bit j%64 of word vis[i*ldvis + j/64] is set, on top of
+ * the position rule.  Logits are q·k with q pre-scaled, so `scale` is folded into the
+ * query tile.  The exclude_self fallback (a query that sees nothing attends to itself)
+ * is ra_attend_self_fallback, differentiated by ra_attend_backward.
  *
- * A planner whose visibility is not a function of positions may also pass an explicit
- * bitmap with a key tile (KTile.vis, optional, NULL = unused): key j of the tile is
- * visible to query i of the step only if bit j%64 of word vis[i*ldvis + j/64] is set.
- * It applies whatever the flags, on top of the position mask (both must allow).  Logits are q·k with q pre-scaled, so
- * `scale` is folded into the query tile.
+ * The one-tile steps (ra_fwd_step, ra_fwd_logits / ra_fwd_accumulate, ra_bwd_step) remain
+ * for the planners not yet on key lists (clustered's centroid passes, Combiner's region
+ * pass: docs/architecture.md).
  *
  * Tile contract (T = float or double, suffix _f32 / _f64):
  *   QTile   q  (rows, d)  contiguous, already multiplied by scale
  *           acc (rows, e) contiguous accumulator; mx, sum (rows) running statistics
- *           s   (RA_BQ, RA_BK) logits scratch, leading dimension lds (0: RA_BK; a
- *               planner may point s into a wider buffer of its own between steps)
+ *           s   (RA_BQ, RA_BK) logits scratch, leading dimension lds (0: RA_BK)
  *   KTile   kt (d, cols)  Kᵀ with leading dimension ldkt
  *           v  (cols, e)  with leading dimension ldv
  *   Backward additionally: k (cols, d) ld ldk, vt (e, cols) ld ldvt.
@@ -43,7 +47,7 @@
 #define RA_PREFETCH_ROWS 8   /* gathers of scattered rows fetch this many rows ahead */
 
 enum {
-    RA_MASKED = 1,        /* apply the position mask in this step */
+    RA_MASKED = 1,        /* one-tile steps: apply the position mask in this step */
     RA_CAUSAL = 2,        /* key j visible to query i only if j <= i */
     RA_EXCLUDE_SELF = 4,  /* key i hidden from query i */
 };
@@ -95,8 +99,46 @@ enum {
        transposes) rather than by element gathers from all over k and v. */              \
     void ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, \
                             T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt);                   \
+    /* A key list: `count` keys packed for the engine, attended in tiles of RA_BK.     \
+       Forward reads kt, v; backward kt, k, vt.  pos (count) gives the positions the    \
+       masking rule reads (NULL: every key visible); tile_vis, if set, supplies the     \
+       explicit bitmap of the keys [j0, j0 + cols) for the `rows` query rows of the     \
+       current tile (ctx tells the callback which rows those are). */                    \
+    /* Set fields by name: unused ones stay zero. */                                     \
+    typedef struct RaKeys_##SUF {                                                         \
+        int count;                                                                        \
+        const T *kt; ptrdiff_t ldkt;   /* (d, count) */                                   \
+        const T *v;  ptrdiff_t ldv;    /* (count, e)  forward */                          \
+        const T *k;  ptrdiff_t ldk;    /* (count, d)  backward */                         \
+        const T *vt; ptrdiff_t ldvt;   /* (e, count)  backward */                         \
+        const int64_t *pos;                                                               \
+        const uint64_t *(*tile_vis)(void *ctx, int rows, int j0, int cols,                \
+                                    ptrdiff_t *ldvis);                                    \
+        void *ctx;                                                                        \
+    } RaKeys_##SUF;                                                                       \
     /* acc = 0, mx = -inf, sum = 0 */                                                     \
     void ra_fwd_init_##SUF(RaQTile_##SUF *qt, int e);                                     \
+    /* Fold every key of the list into the running softmax of qt (rows of qt already    \
+       initialised, or restored).  flags: RA_CAUSAL, RA_EXCLUDE_SELF; the engine decides \
+       per tile whether the rule hides anything, and skips tiles it hides entirely. */   \
+    void ra_attend_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKeys_##SUF *keys, int d, \
+                         int e, int flags);                                               \
+    /* The exclude_self fallback: a row of qt that saw no key (sum 0) attends to its own \
+       key if the list holds it (weight 1); self_only[r] records whether it did. */      \
+    void ra_attend_self_fallback_##SUF(RaQTile_##SUF *qt, const RaKeys_##SUF *keys,       \
+                                       int d, int e, uint8_t *self_only);                  \
+    /* A softmax carried across key lists: save rows r < rows of qt to slot at[r] of    \
+       (mx, sum, acc) arrays, and restore them. */                                       \
+    void ra_attend_save_##SUF(const RaQTile_##SUF *qt, int e, const int64_t *at, T *mx,   \
+                              T *sum, T *acc);                                            \
+    void ra_attend_restore_##SUF(RaQTile_##SUF *qt, int e, const int64_t *at,              \
+                                 const T *mx, const T *sum, const T *acc);                \
+    /* Backward of ra_attend for one query gradient tile: dq += over the list, dk (count,\
+       d) and dv (count, e) accumulate.  self_only (rows) or NULL: rows whose forward     \
+       took the exclude_self fallback (their one term is differentiated too). */         \
+    void ra_attend_backward_##SUF(const KT *K, RaQGradTile_##SUF *g, const RaKeys_##SUF *keys,\
+                                  T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d,     \
+                                  int e, int flags, const uint8_t *self_only);            \
     /* fold one key tile into the running softmax of qt */                                \
     void ra_fwd_step_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt,       \
                            int d, int e, int flags);                                      \

@@ -258,3 +258,139 @@ void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *
     K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
     K->gemm_tn(cols, d, rows, g->dp, RA_BK, g->q, d, dk, lddk, 1);
 }
+
+/* ------------------------------------------------------------------ key lists */
+/* The step flags of a query tile (qpos, rows) against a key tile (kpos, cols) under the
+ * rule `flags` (RA_CAUSAL, RA_EXCLUDE_SELF): RA_MASKED added when the rule may hide a
+ * pair, -1 when it hides every pair (the tile is skipped; folding it in would change
+ * nothing).  Padding (kpos < 0) is always hidden; without positions nothing is. */
+static int FN(tile_flags)(const int64_t *qpos, int rows, const int64_t *kpos, int cols,
+                          int flags)
+{
+    flags &= RA_CAUSAL | RA_EXCLUDE_SELF;
+    if (!kpos) return flags;
+    int64_t kmin = INT64_MAX, kmax = INT64_MIN;
+    int padding = 0;
+    for (int j = 0; j < cols; j++) {
+        if (kpos[j] < 0) { padding = 1; continue; }
+        kmin = kpos[j] < kmin ? kpos[j] : kmin;
+        kmax = kpos[j] > kmax ? kpos[j] : kmax;
+    }
+    if (kmin == INT64_MAX) return -1;                       /* nothing but padding */
+    if (!qpos) return padding ? flags | RA_MASKED : flags;
+    int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+    for (int i = 0; i < rows; i++) {
+        qmin = qpos[i] < qmin ? qpos[i] : qmin;
+        qmax = qpos[i] > qmax ? qpos[i] : qmax;
+    }
+    if ((flags & RA_CAUSAL) && kmin > qmax) return -1;      /* every key after every query */
+    int clear = !padding;
+    if (flags & RA_EXCLUDE_SELF) clear &= kmax < qmin;
+    else if (flags & RA_CAUSAL) clear &= kmax <= qmin;
+    return clear ? flags : flags | RA_MASKED;
+}
+
+/* Key tile [j0, j0 + RA_BK) of a list, with its bitmap for `rows` query rows. */
+static FN(RaKTile) FN(keys_tile)(const FN(RaKeys) *keys, int j0, int rows)
+{
+    FN(RaKTile) t = {0};
+    t.cols = keys->count - j0 < RA_BK ? keys->count - j0 : RA_BK;
+    t.kt = keys->kt + j0;
+    t.ldkt = keys->ldkt;
+    if (keys->v) { t.v = keys->v + (ptrdiff_t)j0 * keys->ldv; t.ldv = keys->ldv; }
+    if (keys->k) { t.k = keys->k + (ptrdiff_t)j0 * keys->ldk; t.ldk = keys->ldk; }
+    if (keys->vt) { t.vt = keys->vt + j0; t.ldvt = keys->ldvt; }
+    t.pos = keys->pos ? keys->pos + j0 : NULL;
+    if (keys->tile_vis) t.vis = keys->tile_vis(keys->ctx, rows, j0, t.cols, &t.ldvis);
+    return t;
+}
+
+void FN(ra_attend)(const KT *K, FN(RaQTile) *qt, const FN(RaKeys) *keys, int d, int e,
+                   int flags)
+{
+    for (int j0 = 0; j0 < keys->count; j0 += RA_BK) {
+        const int cols = keys->count - j0 < RA_BK ? keys->count - j0 : RA_BK;
+        const int f = FN(tile_flags)(qt->pos, qt->rows, keys->pos ? keys->pos + j0 : NULL,
+                                     cols, flags);
+        if (f < 0) continue;
+        const FN(RaKTile) t = FN(keys_tile)(keys, j0, qt->rows);
+        FN(ra_fwd_step)(K, qt, &t, d, e, f);
+    }
+}
+
+void FN(ra_attend_self_fallback)(FN(RaQTile) *qt, const FN(RaKeys) *keys, int d, int e,
+                                 uint8_t *self_only)
+{
+    for (int r = 0; r < qt->rows; r++) {
+        self_only[r] = 0;
+        if (qt->sum[r] != 0) continue;
+        for (int j = 0; j < keys->count; j++) {
+            if (keys->pos[j] != qt->pos[r]) continue;
+            T s = 0;
+            for (int c = 0; c < d; c++)
+                s += qt->q[(ptrdiff_t)r * d + c] * keys->kt[(ptrdiff_t)c * keys->ldkt + j];
+            qt->mx[r] = s;
+            qt->sum[r] = 1;
+            memcpy(qt->acc + (ptrdiff_t)r * e, keys->v + (ptrdiff_t)j * keys->ldv,
+                   sizeof(T) * (size_t)e);
+            self_only[r] = 1;
+            break;
+        }
+    }
+}
+
+void FN(ra_attend_save)(const FN(RaQTile) *qt, int e, const int64_t *at, T *mx, T *sum, T *acc)
+{
+    for (int r = 0; r < qt->rows; r++) {
+        memcpy(acc + at[r] * e, qt->acc + (ptrdiff_t)r * e, sizeof(T) * (size_t)e);
+        mx[at[r]] = qt->mx[r];
+        sum[at[r]] = qt->sum[r];
+    }
+}
+
+void FN(ra_attend_restore)(FN(RaQTile) *qt, int e, const int64_t *at, const T *mx,
+                           const T *sum, const T *acc)
+{
+    for (int r = 0; r < qt->rows; r++) {
+        memcpy(qt->acc + (ptrdiff_t)r * e, acc + at[r] * e, sizeof(T) * (size_t)e);
+        qt->mx[r] = mx[at[r]];
+        qt->sum[r] = sum[at[r]];
+    }
+}
+
+/* The one term of an exclude_self fallback row r (its own key j, weight exp(s - lse)):
+ * forward out = p·v_j, so dv_j += p·dout, ds = p·(dp - delta), dq += ds·k_j, dk_j += ds·q. */
+static void FN(self_fallback_backward)(const FN(RaQGradTile) *g, const FN(RaKeys) *keys, int r,
+                                       T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e)
+{
+    int j = 0;
+    while (keys->pos[j] != g->pos[r]) j++;        /* present: the forward found it */
+    const T *qr = g->q + (ptrdiff_t)r * d, *dr = g->dout + (ptrdiff_t)r * e;
+    const T *kj = keys->k + (ptrdiff_t)j * keys->ldk;
+    T s = 0, dp = 0;
+    for (int c = 0; c < d; c++) s += qr[c] * kj[c];
+    for (int c = 0; c < e; c++) dp += dr[c] * keys->vt[(ptrdiff_t)c * keys->ldvt + j];
+    const T p = exp(s - g->lse[r]), ds = p * (dp - g->delta[r]);
+    for (int c = 0; c < e; c++) dv[(ptrdiff_t)j * lddv + c] += p * dr[c];
+    for (int c = 0; c < d; c++) {
+        g->dq[(ptrdiff_t)r * d + c] += ds * kj[c];
+        dk[(ptrdiff_t)j * lddk + c] += ds * qr[c];
+    }
+}
+
+void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *keys, T *dk,
+                            ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e, int flags,
+                            const uint8_t *self_only)
+{
+    for (int j0 = 0; j0 < keys->count; j0 += RA_BK) {
+        const int cols = keys->count - j0 < RA_BK ? keys->count - j0 : RA_BK;
+        const int f = FN(tile_flags)(g->pos, g->rows, keys->pos ? keys->pos + j0 : NULL,
+                                     cols, flags);
+        if (f < 0) continue;
+        const FN(RaKTile) t = FN(keys_tile)(keys, j0, g->rows);
+        FN(ra_bwd_step)(K, g, &t, dk + (ptrdiff_t)j0 * lddk, lddk, dv + (ptrdiff_t)j0 * lddv,
+                        lddv, d, e, f);
+    }
+    for (int r = 0; self_only && r < g->rows; r++)
+        if (self_only[r]) FN(self_fallback_backward)(g, keys, r, dk, lddk, dv, lddv, d, e);
+}

@@ -43,12 +43,10 @@ void ra_routing_plan_free(RaRoutingPlan *P);
 /* RA_ERR_INDEX if an entry is outside [-1, n) / [-1, m) or repeated inside one list */
 int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx);
 size_t ra_routing_scratch_elems(int d, int e, int u, int backward);
-/* Engine flags of a routing problem.  Member lists are compacted (no padding), so the
- * position mask is needed only for causal or exclude_self. */
+/* The masking rule of a routing problem, for the engine's key lists. */
 static inline int ra_routing_flags(int causal, int exclude_self)
 {
-    const int f = (causal ? RA_CAUSAL : 0) | (exclude_self ? RA_EXCLUDE_SELF : 0);
-    return f ? (f | RA_MASKED) : 0;
+    return (causal ? RA_CAUSAL : 0) | (exclude_self ? RA_EXCLUDE_SELF : 0);
 }
 
 /* Per-slot statistics of a routing forward, slot (cl, r) = r-th valid member query of

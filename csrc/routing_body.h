@@ -36,6 +36,12 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     const int d = P->d, e = P->e, nq = P->qcount[cl], nk = P->kcount[cl];
     const int64_t *qpos = P->qlist + (ptrdiff_t)cl * P->w;
     const int64_t *kpos = P->klist + (ptrdiff_t)cl * P->u;
+    for (int r = nq; r < P->w; r++) {        /* empty slots: defined values, never read */
+        const ptrdiff_t slot = (ptrdiff_t)cl * P->w + r;
+        memset(buf->o_slot + slot * e, 0, sizeof(T) * (size_t)e);
+        buf->l_slot[slot] = -INFINITY;
+        buf->self_only[slot] = 0;
+    }
     if (nq == 0) return;
     /* scratch: kᵀ (d, nk), v (nk, e), k (nk, d), q tile (BQ, d), acc (BQ, e),
        s (BQ, BK), mx, sum */
@@ -49,32 +55,16 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     qt.mx = qt.s + RA_BQ * RA_BK;
     qt.sum = qt.mx + RA_BQ;
     FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, NULL, nk);
+    const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .v = vp, .ldv = e, .pos = kpos};
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         qt.pos = qpos + r0;
         FN(ra_gather)(q, qt.pos, 0, qt.rows, d, scale, 0, qs, d);
         FN(ra_fwd_init)(&qt, e);
-        for (int j0 = 0; j0 < nk; j0 += RA_BK) {
-            FN(RaKTile) ktile = {nk - j0 < RA_BK ? nk - j0 : RA_BK, kt + j0, nk,
-                                 vp + (ptrdiff_t)j0 * e, e, NULL, 0, NULL, 0, kpos + j0};
-            FN(ra_fwd_step)(K, &qt, &ktile, d, e, flags);
-        }
-        /* exclude_self: a query whose only visible key is itself attends to itself */
-        for (int r = 0; r < qt.rows; r++) {
-            const ptrdiff_t slot = (ptrdiff_t)cl * P->w + r0 + r;
-            buf->self_only[slot] = 0;
-            if (!(flags & RA_EXCLUDE_SELF) || qt.sum[r] != 0) continue;
-            for (int j = 0; j < nk; j++) {
-                if (kpos[j] != qt.pos[r]) continue;
-                T s = 0;
-                for (int c = 0; c < d; c++) s += qs[(ptrdiff_t)r * d + c] * kt[(ptrdiff_t)c * nk + j];
-                qt.mx[r] = s;
-                qt.sum[r] = 1;
-                memcpy(qt.acc + (ptrdiff_t)r * e, vp + (ptrdiff_t)j * e, sizeof(T) * (size_t)e);
-                buf->self_only[slot] = 1;
-                break;
-            }
-        }
+        FN(ra_attend)(K, &qt, &keys, d, e, flags);
+        uint8_t *self_only = buf->self_only + (ptrdiff_t)cl * P->w + r0;
+        if (flags & RA_EXCLUDE_SELF) FN(ra_attend_self_fallback)(&qt, &keys, d, e, self_only);
+        else memset(self_only, 0, (size_t)qt.rows);
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
         FN(ra_fwd_finish)(&qt, e, (char *)(buf->o_slot + slot0 * e), (ptrdiff_t)sizeof(T) * e,
                           sizeof(T), (char *)(buf->l_slot + slot0), sizeof(T));
@@ -201,6 +191,8 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     g.s = delta + RA_BQ;
     g.dp = g.s + RA_BQ * RA_BK;
     FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt, nk);
+    const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .k = kp, .ldk = d, .vt = vt,
+                             .ldvt = nk, .pos = kpos};
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
@@ -225,29 +217,8 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         g.delta = delta;
         g.pos = qpos + r0;
         g.dq = dq;
-        for (int j0 = 0; j0 < nk; j0 += RA_BK) {
-            FN(RaKTile) ktile = {nk - j0 < RA_BK ? nk - j0 : RA_BK, kt + j0, nk, NULL, 0,
-                                 kp + (ptrdiff_t)j0 * d, d, vt + j0, nk, kpos + j0};
-            FN(ra_bwd_step)(K, &g, &ktile, dk + (ptrdiff_t)j0 * d, d, dv + (ptrdiff_t)j0 * e, e,
-                            d, e, flags);
-        }
-        /* exclude_self fallback rows: the forward's only key was the query itself,
-           which the engine's mask hid; differentiate that single term here */
-        for (int r = 0; r < rows; r++) {
-            if (!buf->self_only[slot0 + r]) continue;
-            int j = 0;
-            while (kpos[j] != qpos[r0 + r]) j++;        /* present: the forward found it */
-            T s = 0, dp = 0;
-            for (int c = 0; c < d; c++) s += qs[(ptrdiff_t)r * d + c] * kp[(ptrdiff_t)j * d + c];
-            for (int c = 0; c < e; c++) dp += dop[(ptrdiff_t)r * e + c] * vt[(ptrdiff_t)c * nk + j];
-            /* forward: p = exp(s - lse), out += p·v  =>  dv += p·dO, ds = p·(dp - delta) */
-            const T p = exp(s - lrow[r]), ds = p * (dp - delta[r]);
-            for (int c = 0; c < e; c++) dv[(ptrdiff_t)j * e + c] += p * dop[(ptrdiff_t)r * e + c];
-            for (int c = 0; c < d; c++) {
-                dq[(ptrdiff_t)r * d + c] += ds * kp[(ptrdiff_t)j * d + c];
-                dk[(ptrdiff_t)j * d + c] += ds * qs[(ptrdiff_t)r * d + c];
-            }
-        }
+        FN(ra_attend_backward)(K, &g, &keys, dk, d, dv, e, d, e, flags,
+                               buf->self_only + slot0);
     }
 }
 

@@ -13,7 +13,9 @@ inputs that differ between runs are simply not compared.
     python tools/bitcheck.py shapes /tmp/after-shapes.json
     python tools/bitcheck.py compare /tmp/before.json /tmp/after.json
 
-Set RA_SIMD (generic, avx2, avx512, ...) to record another kernel table.  tests/conftest.py
+Set RA_SIMD (generic, avx2, avx512, ...) to record another kernel table.  To record a
+build in another checkout (a git worktree), run from there with PYTHONPATH=<that checkout>:
+`python tools/bitcheck.py` puts tools/, not the current directory, on sys.path.  tests/conftest.py
 installs the recorder when RA_BITCHECK names an output file.
 """
 import atexit
