@@ -315,14 +315,12 @@ static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
     w->gt.dq = w->dq;
 }
 
-/* Key tile t of the packed T_c (kc keys): columns [t·BK, ...). */
-static FN(RaKTile) FN(cl_ktile)(const FN(ClTiles) *w, int kc, int kmax, int d, int e, int t)
+/* The packed T_c (kc keys, capacity kmax) as the engine's key list. */
+static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, int kc, int kmax, int d, int e)
 {
-    const int j0 = t * RA_BK;
-    FN(RaKTile) kt = {kc - j0 < RA_BK ? kc - j0 : RA_BK, w->kt + j0, kmax,
-                      w->v + (ptrdiff_t)j0 * e, e, w->k + (ptrdiff_t)j0 * d, d,
-                      w->vt + j0, kmax, NULL};
-    return kt;
+    const FN(RaKeys) keys = {.count = kc, .kt = w->kt, .ldkt = kmax, .v = w->v, .ldv = e,
+                             .k = w->k, .ldk = d, .vt = w->vt, .ldvt = kmax};
+    return keys;
 }
 
 /* Exact softmax of member rows idx[0..rows) over T_c: o' (rows, e) and lse' (rows) in w.
@@ -333,10 +331,8 @@ static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int6
     FN(ra_gather)(q, idx, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
     FN(ra_fwd_init)(&w->qt, e);
-    for (int t = 0; t * RA_BK < kc; t++) {
-        FN(RaKTile) kt = FN(cl_ktile)(w, kc, kmax, d, e, t);
-        FN(ra_fwd_step)(K, &w->qt, &kt, d, e, 0);
-    }
+    const FN(RaKeys) keys = FN(cl_topk_keys)(w, kc, kmax, d, e);
+    FN(ra_attend)(K, &w->qt, &keys, d, e, 0);
     FN(ra_fwd_finish)(&w->qt, e, (char *)w->o, (ptrdiff_t)sizeof(T) * e, sizeof(T),
                       (char *)w->lse, sizeof(T));
 }
@@ -466,16 +462,13 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
     memset(dq_g, 0, sizeof(T) * (size_t)C * d);
     for (int t = t0; t < t1; t++) {
         const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-        int masked = 0;
-        for (int j = 0; j < cols; j++) {
-            const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
-            w->kpos[j] = valid ? j0 + j : -1;
-            masked |= !valid;
-        }
+        for (int j = 0; j < cols; j++)
+            w->kpos[j] = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j) ? j0 + j : -1;
         FN(ra_gather)(k, NULL, j0, cols, d, 1, 0, w->k, d);
         FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
         FN(ra_gather)(v, NULL, j0, cols, e, 1, 1, w->vt, RA_BK);
-        FN(RaKTile) kt = {cols, w->kt, RA_BK, NULL, 0, w->k, d, w->vt, RA_BK, w->kpos};
+        const FN(RaKeys) tile = {.count = cols, .kt = w->kt, .ldkt = RA_BK, .k = w->k, .ldk = d,
+                                 .vt = w->vt, .ldvt = RA_BK, .pos = w->kpos};
         memset(w->dk, 0, sizeof(T) * (size_t)cols * d);
         memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
         for (int c0 = 0; c0 < C; c0 += RA_CL_ROWS) {
@@ -487,7 +480,7 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
             w->gt.lse = p->lsec + c0;
             w->gt.delta = p->delta + c0;
             w->gt.dq = dq_g + (ptrdiff_t)c0 * d;
-            FN(ra_bwd_step)(K, &w->gt, &kt, w->dk, d, dv_t, e, d, e, masked ? RA_MASKED : 0);
+            FN(ra_attend_backward)(K, &w->gt, &tile, w->dk, d, dv_t, e, d, e, 0, NULL);
         }
         for (int r = 0; r < cols; r++) {
             FN(cl_row_write)(dk, j0 + r, w->dk + (ptrdiff_t)r * d, d);
@@ -913,11 +906,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
                                             (const char *)(w.o + (ptrdiff_t)i * e), sizeof(T), e);
                 memset(w.dq, 0, ts * (size_t)rows * d);
                 w.gt.rows = rows;
-                for (int t = 0; t * RA_BK < kc; t++) {
-                    FN(RaKTile) kt = FN(cl_ktile)(&w, kc, kmax, d, e, t);
-                    FN(ra_bwd_step)(K, &w.gt, &kt, dkt + (ptrdiff_t)t * RA_BK * d, d,
-                                    dvt + (ptrdiff_t)t * RA_BK * e, e, d, e, 0);
-                }
+                const FN(RaKeys) keys = FN(cl_topk_keys)(&w, kc, kmax, d, e);
+                FN(ra_attend_backward)(K, &w.gt, &keys, dkt, d, dvt, e, d, e, 0, NULL);
             }
             /* forward 2 was q̄_c = mean of members: each gets dcent_c / |c| */
             for (int i = 0; i < rows; i++) {
