@@ -337,10 +337,59 @@ static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int6
                       (char *)w->lse, sizeof(T));
 }
 
+/* What the centroid pass's key-list hooks need: where the keys come from (the group's
+ * first key j_first of k, v, key_mask) and where the improved form's candidates go. */
+typedef struct {
+    FN(ClTiles) *w;
+    RaMat k, v;
+    RaVec key_mask;
+    int j_first, d, e;
+    const FN(ClProblem) *p;
+    int kc, kmax, c0, g, G;
+    size_t list;             /* the candidate list of centroid c0 in group g */
+} FN(ClGroupKeys);
+
+/* RaKeys.load of the centroid pass: key positions (j, or -1 where masked) into w->kpos,
+ * kᵀ gathered into w->kt, and v gathered into w->v when the list does not read it in
+ * place. */
+static void FN(cl_group_load)(void *ctx, int j0, int rows, int need, FN(RaKTile) *t)
+{
+    const FN(ClGroupKeys) *c = ctx;
+    FN(ClTiles) *w = c->w;
+    const int jj = c->j_first + j0, cols = t->cols;
+    (void)rows;
+    for (int j = 0; j < cols; j++)
+        w->kpos[j] = !c->key_mask.data || RA_VEC_AT(uint8_t, c->key_mask, jj + j) ? jj + j : -1;
+    t->pos = w->kpos;
+    if (need & RA_NEED_KT) {
+        FN(ra_gather)(c->k, NULL, jj, cols, c->d, 1, 1, w->kt, RA_BK);
+        t->kt = w->kt;
+        t->ldkt = RA_BK;
+    }
+    if ((need & RA_NEED_V) && !t->v) {
+        FN(ra_gather)(c->v, NULL, jj, cols, c->e, 1, 0, w->v, c->e);
+        t->v = w->v;
+        t->ldv = c->e;
+    }
+}
+
+/* RaKeys.observe of the improved form: a span's centroid logits offered to the top-k
+ * candidate lists of its centroids (group g). */
+static void FN(cl_group_offer)(void *ctx, const T *s, ptrdiff_t lds, int rows, int width,
+                               const int64_t *pos)
+{
+    const FN(ClGroupKeys) *c = ctx;
+    const FN(ClProblem) *p = c->p;
+    ra_kernels()->KSEL.top_offer(rows, width, s, lds, pos, c->kc, p->cand_v + c->list,
+                                 p->cand_j + c->list, (ptrdiff_t)c->G * CL_LIST(c->kmax),
+                                 p->cand_size + (size_t)c->c0 * c->G + c->g, c->G);
+}
+
 /* Centroid rows [c0, c0+rows) against key blocks [t0, t1) on the engine: the softmax
  * over this key group only, written to part_o (rows, e) and part_lse (rows) of group g;
- * improved form (kmax > 0): the logits are also offered to the group's top-k lists.
- * k (m, d), v (m, e), cent (C, d). */
+ * improved form (kmax > 0): the logits are also offered to the group's top-k lists, a
+ * span of RA_CL_CHUNK keys at a time (so top_offer sees whole rows of many keys before
+ * the softmax turns them into weights in place).  k (m, d), v (m, e), cent (C, d). */
 static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                                   RaVec key_mask, int m, int d, int e, T sc,
                                   const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
@@ -356,70 +405,18 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
     FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
     FN(ra_fwd_init)(&w->qt, e);
+    /* unit-stride rows of v: the engine reads v in place */
     const int v_rows = v.s1 == (ptrdiff_t)sizeof(T) && v.s0 > 0 && v.s0 % (ptrdiff_t)sizeof(T) == 0;
-    /* Key tiles a chunk at a time.  Improved form: the chunk's logits are computed side
-       by side into w->chunk (RA_CL_CHUNK keys, so top_offer sees whole rows of many keys,
-       before the softmax turns them into weights in place); plain form: one tile, in the
-       tile's own logits. */
-    const int per_chunk = kc > 0 ? RA_CL_CHUNK / RA_BK : 1;
-    T *const tile_s = w->qt.s;
-    for (int ta = t0; ta < t1; ta += per_chunk) {
-        const int tz = ta + per_chunk < t1 ? ta + per_chunk : t1;
-        int masked[RA_CL_CHUNK / RA_BK];
-        int width = 0;
-        if (kc > 0) {
-            w->qt.s = w->chunk;
-            w->qt.lds = RA_CL_CHUNK;
-        }
-        for (int t = ta; t < tz; t++) {             /* 1. logits */
-            const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK, at = width;
-            int64_t *kpos = kc > 0 ? w->chunk_pos + at : w->kpos;
-            masked[t - ta] = 0;
-            for (int j = 0; j < cols; j++) {
-                const int valid = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j);
-                kpos[j] = valid ? j0 + j : -1;
-                masked[t - ta] |= !valid;
-            }
-            FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
-            const FN(RaKTile) kt = {cols, w->kt, RA_BK, NULL, 0, NULL, 0, NULL, 0, kpos};
-            w->qt.s = (kc > 0 ? w->chunk : tile_s) + at;
-            FN(ra_fwd_logits)(K, &w->qt, &kt, d, masked[t - ta] ? RA_MASKED : 0);
-            width += cols;
-        }
-        if (kc > 0) {                                /* 2. the improved form's candidates */
-            const size_t list = ((size_t)c0 * G + g) * CL_LIST(kmax);
-            K->top_offer(rows, width, w->chunk, RA_CL_CHUNK, w->chunk_pos, kc,
-                         p->cand_v + list, p->cand_j + list, (ptrdiff_t)G * CL_LIST(kmax),
-                         p->cand_size + (size_t)c0 * G + g, G);
-        }
-        if (kc > 0 && v_rows) {        /* 3. softmax and values: the chunk in one step */
-            int any_masked = 0;
-            for (int t = ta; t < tz; t++) any_masked |= masked[t - ta];
-            const int j0 = ta * RA_BK;
-            const FN(RaKTile) kt = {width, NULL, 0, (T *)(v.data + (ptrdiff_t)j0 * v.s0),
-                                    v.s0 / (ptrdiff_t)sizeof(T), NULL, 0, NULL, 0,
-                                    w->chunk_pos};
-            w->qt.s = w->chunk;
-            FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, any_masked ? RA_MASKED : 0);
-            continue;
-        }
-        for (int t = ta, at = 0; t < tz; t++) {      /* 3. softmax and values, by tile */
-            const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-            FN(RaKTile) kt = {cols, NULL, 0, w->v, e, NULL, 0, NULL, 0,
-                              kc > 0 ? w->chunk_pos + at : w->kpos};
-            if (v_rows) {                 /* unit-stride rows: the engine reads v in place */
-                kt.v = (T *)(v.data + (ptrdiff_t)j0 * v.s0);
-                kt.ldv = v.s0 / (ptrdiff_t)sizeof(T);
-            } else {
-                FN(ra_gather)(v, NULL, j0, cols, e, 1, 0, w->v, e);
-            }
-            w->qt.s = (kc > 0 ? w->chunk : tile_s) + at;
-            FN(ra_fwd_accumulate)(K, &w->qt, &kt, e, masked[t - ta] ? RA_MASKED : 0);
-            at += cols;
-        }
-    }
-    w->qt.s = tile_s;
-    w->qt.lds = 0;
+    const int j_first = t0 * RA_BK, j_end = t1 * RA_BK < m ? t1 * RA_BK : m;
+    FN(ClGroupKeys) c = {w, k, v, key_mask, j_first, d, e, p, kc, kmax, c0, g, G,
+                         ((size_t)c0 * G + g) * CL_LIST(kmax)};
+    const FN(RaKeys) keys = {
+        .count = j_end - j_first, .load = FN(cl_group_load), .ctx = &c,
+        .v = v_rows ? (const T *)(v.data + (ptrdiff_t)j_first * v.s0) : NULL,
+        .ldv = v_rows ? v.s0 / (ptrdiff_t)sizeof(T) : 0,
+        .span = kc > 0 ? RA_CL_CHUNK : 0, .span_s = w->chunk, .span_pos = w->chunk_pos,
+        .observe = kc > 0 ? FN(cl_group_offer) : NULL};
+    FN(ra_attend)(K, &w->qt, &keys, d, e, 0);
     const ptrdiff_t ts = sizeof(T);
     FN(ra_fwd_finish)(&w->qt, e, (char *)(p->part_o + ((ptrdiff_t)c0 * G + g) * e),
                       ts * G * e, ts, (char *)(p->part_lse + (ptrdiff_t)c0 * G + g), ts * G);

@@ -46,6 +46,9 @@
 #define RA_BK 256   /* keys per tile */
 #define RA_PREFETCH_ROWS 8   /* gathers of scattered rows fetch this many rows ahead */
 
+/* What a key list's load hook must provide for a tile. */
+enum { RA_NEED_KT = 1, RA_NEED_V = 2, RA_NEED_BACKWARD = 4 /* k and vt */ };
+
 enum {
     RA_MASKED = 1,        /* one-tile steps: apply the position mask in this step */
     RA_CAUSAL = 2,        /* key j visible to query i only if j <= i */
@@ -62,7 +65,7 @@ enum {
         T *s;                  /* (RA_BQ, RA_BK) */                                       \
         ptrdiff_t lds;         /* s's leading dimension; 0 means RA_BK */                 \
     } RaQTile_##SUF;                                                                      \
-    typedef struct {                                                                      \
+    typedef struct RaKTile_##SUF {                                                        \
         int cols;                                                                         \
         const T *kt; ptrdiff_t ldkt;   /* (d, cols) */                                    \
         const T *v;  ptrdiff_t ldv;    /* (cols, e) */                                    \
@@ -99,12 +102,20 @@ enum {
        transposes) rather than by element gathers from all over k and v. */              \
     void ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, \
                             T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt);                   \
-    /* A key list: `count` keys packed for the engine, attended in tiles of RA_BK.     \
-       Forward reads kt, v; backward kt, k, vt.  pos (count) gives the positions the    \
-       masking rule reads (NULL: every key visible); tile_vis, if set, supplies the     \
-       explicit bitmap of the keys [j0, j0 + cols) for the `rows` query rows of the     \
-       current tile (ctx tells the callback which rows those are). */                    \
-    /* Set fields by name: unused ones stay zero. */                                     \
+    /* A key list: `count` keys for the engine, attended in tiles of RA_BK.  Forward   \
+       reads kt, v; backward kt, k, vt.  pos (count) gives the positions the masking    \
+       rule reads (NULL: every key visible).  Set fields by name; unused ones stay 0.    \
+       Optional hooks, all given ctx:                                                    \
+       load      fills the tile of keys [j0, j0 + t->cols) that the list's own pointers  \
+                 do not hold (need: RA_NEED_* bits): gathers rows into the planner's     \
+                 buffers, sets the tile's pointers and positions; it may shorten cols.   \
+       tile_vis  the explicit bitmap of the tile's keys for the current `rows` queries.  \
+       span      keys per softmax step (a multiple of RA_BK; 0: RA_BK): the logits of a  \
+                 span are computed tile by tile into span_s (RA_BQ-or-more rows, leading \
+                 dimension span; positions into span_pos), shown to observe, then folded \
+                 in one step (v from the list when it has v, else tile by tile); within \
+                 spans no tile is skipped (a hidden pair's logit is -inf).               \
+       Outside spans a tile whose pairs are all hidden is skipped after its load. */     \
     typedef struct RaKeys_##SUF {                                                         \
         int count;                                                                        \
         const T *kt; ptrdiff_t ldkt;   /* (d, count) */                                   \
@@ -112,8 +123,14 @@ enum {
         const T *k;  ptrdiff_t ldk;    /* (count, d)  backward */                         \
         const T *vt; ptrdiff_t ldvt;   /* (e, count)  backward */                         \
         const int64_t *pos;                                                               \
+        void (*load)(void *ctx, int j0, int rows, int need, struct RaKTile_##SUF *t);     \
         const uint64_t *(*tile_vis)(void *ctx, int rows, int j0, int cols,                \
                                     ptrdiff_t *ldvis);                                    \
+        int span;                                                                         \
+        T *span_s;                                                                        \
+        int64_t *span_pos;                                                                \
+        void (*observe)(void *ctx, const T *s, ptrdiff_t lds, int rows, int width,        \
+                        const int64_t *pos);                                              \
         void *ctx;                                                                        \
     } RaKeys_##SUF;                                                                       \
     /* acc = 0, mx = -inf, sum = 0 */                                                     \

@@ -290,31 +290,89 @@ static int FN(tile_flags)(const int64_t *qpos, int rows, const int64_t *kpos, in
     return clear ? flags : flags | RA_MASKED;
 }
 
-/* Key tile [j0, j0 + RA_BK) of a list, with its bitmap for `rows` query rows. */
-static FN(RaKTile) FN(keys_tile)(const FN(RaKeys) *keys, int j0, int rows)
+/* Tile [j0, j0 + RA_BK) of a list from its pointers, then its load hook (need: what
+ * the step reads), for `rows` query rows. */
+static FN(RaKTile) FN(keys_tile)(const FN(RaKeys) *keys, int j0, int rows, int need)
 {
     FN(RaKTile) t = {0};
     t.cols = keys->count - j0 < RA_BK ? keys->count - j0 : RA_BK;
-    t.kt = keys->kt + j0;
-    t.ldkt = keys->ldkt;
+    if (keys->kt) { t.kt = keys->kt + j0; t.ldkt = keys->ldkt; }
     if (keys->v) { t.v = keys->v + (ptrdiff_t)j0 * keys->ldv; t.ldv = keys->ldv; }
     if (keys->k) { t.k = keys->k + (ptrdiff_t)j0 * keys->ldk; t.ldk = keys->ldk; }
     if (keys->vt) { t.vt = keys->vt + j0; t.ldvt = keys->ldvt; }
     t.pos = keys->pos ? keys->pos + j0 : NULL;
-    if (keys->tile_vis) t.vis = keys->tile_vis(keys->ctx, rows, j0, t.cols, &t.ldvis);
+    if (keys->load) keys->load(keys->ctx, j0, rows, need, &t);
     return t;
+}
+
+/* The step flags of tile t for query rows (qpos, rows); its bitmap attached if the tile
+ * is attended (see tile_flags). */
+static int FN(tile_prepare)(const FN(RaKeys) *keys, FN(RaKTile) *t, int j0, const int64_t *qpos,
+                            int rows, int flags)
+{
+    const int f = FN(tile_flags)(qpos, rows, t->pos, t->cols, flags);
+    if (f >= 0 && keys->tile_vis) t->vis = keys->tile_vis(keys->ctx, rows, j0, t->cols, &t->ldvis);
+    return f;
+}
+
+/* ra_attend with spans wider than a tile (see RaKeys.span). */
+static void FN(attend_spans)(const KT *K, FN(RaQTile) *qt, const FN(RaKeys) *keys, int d,
+                             int e, int flags)
+{
+    const int span = keys->span;
+    T *const own_s = qt->s;
+    const ptrdiff_t own_lds = qt->lds;
+    qt->lds = span;
+    for (int a = 0; a < keys->count; a += span) {
+        const int width = keys->count - a < span ? keys->count - a : span;
+        int any_masked = 0;
+        for (int j0 = a, cols; j0 < a + width; j0 += cols) {       /* 1. logits */
+            FN(RaKTile) t = FN(keys_tile)(keys, j0, qt->rows, RA_NEED_KT);
+            cols = t.cols;
+            int f = FN(tile_prepare)(keys, &t, j0, qt->pos, qt->rows, flags);
+            if (f < 0) f = (flags & (RA_CAUSAL | RA_EXCLUDE_SELF)) | RA_MASKED;
+            any_masked |= f & RA_MASKED;
+            if (t.pos) memcpy(keys->span_pos + (j0 - a), t.pos, sizeof(int64_t) * (size_t)cols);
+            qt->s = keys->span_s + (j0 - a);
+            FN(ra_fwd_logits)(K, qt, &t, d, f);
+        }
+        if (keys->observe)                                          /* 2. shown */
+            keys->observe(keys->ctx, keys->span_s, span, qt->rows, width, keys->span_pos);
+        if (keys->v) {                                              /* 3. one step */
+            FN(RaKTile) t = {0};
+            t.cols = width;
+            t.v = keys->v + (ptrdiff_t)a * keys->ldv;
+            t.ldv = keys->ldv;
+            t.pos = keys->span_pos;
+            qt->s = keys->span_s;
+            FN(ra_fwd_accumulate)(K, qt, &t, e, any_masked);
+            continue;
+        }
+        for (int j0 = a, cols; j0 < a + width; j0 += cols) {       /* 3. tile by tile */
+            FN(RaKTile) t = FN(keys_tile)(keys, j0, qt->rows, RA_NEED_V);
+            cols = t.cols;
+            int f = FN(tile_flags)(qt->pos, qt->rows, t.pos, cols, flags);
+            if (f < 0) f = RA_MASKED;
+            qt->s = keys->span_s + (j0 - a);
+            FN(ra_fwd_accumulate)(K, qt, &t, e, f & RA_MASKED);
+        }
+    }
+    qt->s = own_s;
+    qt->lds = own_lds;
 }
 
 void FN(ra_attend)(const KT *K, FN(RaQTile) *qt, const FN(RaKeys) *keys, int d, int e,
                    int flags)
 {
-    for (int j0 = 0; j0 < keys->count; j0 += RA_BK) {
-        const int cols = keys->count - j0 < RA_BK ? keys->count - j0 : RA_BK;
-        const int f = FN(tile_flags)(qt->pos, qt->rows, keys->pos ? keys->pos + j0 : NULL,
-                                     cols, flags);
-        if (f < 0) continue;
-        const FN(RaKTile) t = FN(keys_tile)(keys, j0, qt->rows);
-        FN(ra_fwd_step)(K, qt, &t, d, e, f);
+    if (keys->span > RA_BK) {
+        FN(attend_spans)(K, qt, keys, d, e, flags);
+        return;
+    }
+    for (int j0 = 0, cols; j0 < keys->count; j0 += cols) {
+        FN(RaKTile) t = FN(keys_tile)(keys, j0, qt->rows, RA_NEED_KT | RA_NEED_V);
+        cols = t.cols;
+        const int f = FN(tile_prepare)(keys, &t, j0, qt->pos, qt->rows, flags);
+        if (f >= 0) FN(ra_fwd_step)(K, qt, &t, d, e, f);
     }
 }
 
@@ -382,14 +440,13 @@ void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *k
                             ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e, int flags,
                             const uint8_t *self_only)
 {
-    for (int j0 = 0; j0 < keys->count; j0 += RA_BK) {
-        const int cols = keys->count - j0 < RA_BK ? keys->count - j0 : RA_BK;
-        const int f = FN(tile_flags)(g->pos, g->rows, keys->pos ? keys->pos + j0 : NULL,
-                                     cols, flags);
-        if (f < 0) continue;
-        const FN(RaKTile) t = FN(keys_tile)(keys, j0, g->rows);
-        FN(ra_bwd_step)(K, g, &t, dk + (ptrdiff_t)j0 * lddk, lddk, dv + (ptrdiff_t)j0 * lddv,
-                        lddv, d, e, f);
+    for (int j0 = 0, cols; j0 < keys->count; j0 += cols) {
+        FN(RaKTile) t = FN(keys_tile)(keys, j0, g->rows, RA_NEED_KT | RA_NEED_BACKWARD);
+        cols = t.cols;
+        const int f = FN(tile_prepare)(keys, &t, j0, g->pos, g->rows, flags);
+        if (f >= 0)
+            FN(ra_bwd_step)(K, g, &t, dk + (ptrdiff_t)j0 * lddk, lddk, dv + (ptrdiff_t)j0 * lddv,
+                            lddv, d, e, f);
     }
     for (int r = 0; self_only && r < g->rows; r++)
         if (self_only[r]) FN(self_fallback_backward)(g, keys, r, dk, lddk, dv, lddv, d, e);
