@@ -357,6 +357,53 @@ static const uint64_t *FN(region_vis)(FN(CWs) *w, int64_t a, int rows, int c0, i
     return w->vis;
 }
 
+/* The key list of a region tile: span columns [c0, c1), packed a window at a time by
+ * FN(region_window) as the engine reaches them (a tile never crosses a window). */
+typedef struct {
+    const RaCPlan *p;
+    FN(CWs) *w;
+    FN(CTab) *tb;
+    RaMat k, v;
+    int64_t nv, a;           /* regions of the unit; the tile's first region */
+    int c0, c1, d, e, bwd;
+} FN(CRegionKeys);
+
+static void FN(region_load)(void *ctx, int j0, int rows, int need, FN(RaKTile) *t)
+{
+    const FN(CRegionKeys) *c = ctx;
+    FN(CWs) *w = c->w;
+    const int d = c->d, e = c->e;
+    (void)rows, (void)need;
+    t->cols = FN(region_window)(c->p, w, c->nv, c->c0 + j0, c->c1, c->k, c->v, d, e, c->tb,
+                                c->bwd);
+    const int x = c->c0 + j0 - w->win0, W = w->win1 - w->win0;
+    t->kt = w->kt_m + x;
+    t->ldkt = W;
+    if (!c->bwd) {
+        t->v = w->v_m + (ptrdiff_t)x * e, t->ldv = e;
+        return;
+    }
+    t->k = w->k_m + (ptrdiff_t)x * d, t->ldk = d;
+    t->vt = w->vt_m + x, t->ldvt = W;
+    t->dk = w->dk_m + (ptrdiff_t)x * d;
+    t->dv = w->dv_m + (ptrdiff_t)x * e;
+}
+
+/* Ragged region tiles: row r of the tile sees its own region's run. */
+static const uint64_t *FN(region_tile_vis)(void *ctx, int rows, int j0, int cols, ptrdiff_t *ldvis)
+{
+    const FN(CRegionKeys) *c = ctx;
+    *ldvis = RA_BK / 64;
+    return FN(region_vis)(c->w, c->a, rows, c->c0 + j0, cols);
+}
+
+static FN(RaKeys) FN(region_keys)(FN(CRegionKeys) *c, int ragged)
+{
+    const FN(RaKeys) keys = {.count = c->c1 - c->c0, .load = FN(region_load),
+                             .tile_vis = ragged ? FN(region_tile_vis) : NULL, .ctx = c};
+    return keys;
+}
+
 /* ------------------------------------------------------------------ pass 1: regions */
 /* Region unit u of wave w.  q, k (n, d), v (n, e) -> khat rows of the summary keys it
  * owns, vhat (rows, e) and rlse (rows) of its regions:
@@ -379,14 +426,9 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
         const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
         FN(RaQTile) qt = {rows, w->qs, NULL, w->mx, w->sum, w->acc, w->s};
         FN(ra_fwd_init)(&qt, e);
-        for (int j0 = c0, cols; j0 < c1; j0 += cols) {
-            cols = FN(region_window)(p, w, nv, j0, c1, k, v, d, e, tb, 0);
-            const int x = j0 - w->win0;
-            FN(RaKTile) kt = {cols, w->kt_m + x, w->win1 - w->win0, w->v_m + (ptrdiff_t)x * e, e,
-                              NULL, 0, NULL, 0, NULL,
-                              ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL, RA_BK / 64};
-            FN(ra_fwd_step)(K, &qt, &kt, d, e, 0);
-        }
+        FN(CRegionKeys) rk = {p, w, tb, k, v, nv, a, c0, c1, d, e, 0};
+        const FN(RaKeys) keys = FN(region_keys)(&rk, ragged);
+        FN(ra_attend)(K, &qt, &keys, d, e, 0);
         FN(ra_fwd_finish)(&qt, e, (char *)w->otile, e * sizeof(T), sizeof(T), (char *)w->olse,
                           sizeof(T));
         for (int r = 0; r < rows; r++) {
@@ -683,15 +725,9 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
         }
         memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
         FN(RaQGradTile) gt = {rows, w->qs, w->dout, w->lse, w->delta, NULL, w->dq, w->s, w->dp};
-        for (int j0 = c0, cols; j0 < c1; j0 += cols) {
-            cols = FN(region_window)(p, w, nv, j0, c1, k, v, d, e, tb, 1);
-            const int x = j0 - w->win0, W = w->win1 - w->win0;
-            FN(RaKTile) kt = {cols, w->kt_m + x, W, NULL, 0, w->k_m + (ptrdiff_t)x * d, d,
-                              w->vt_m + x, W, NULL,
-                              ragged ? FN(region_vis)(w, a, rows, j0, cols) : NULL, RA_BK / 64};
-            FN(ra_bwd_step)(K, &gt, &kt, w->dk_m + (ptrdiff_t)x * d, d,
-                            w->dv_m + (ptrdiff_t)x * e, e, d, e, 0);
-        }
+        FN(CRegionKeys) rk = {p, w, tb, k, v, nv, a, c0, c1, d, e, 1};
+        const FN(RaKeys) keys = FN(region_keys)(&rk, ragged);
+        FN(ra_attend_backward)(K, &gt, &keys, NULL, d, NULL, e, d, e, 0, NULL);
         const RaRange sp = w->span;
         for (int r = 0; r < rows; r++) {
             const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);

@@ -74,6 +74,8 @@ enum {
         const int64_t *pos;            /* (cols) original positions, -1 = padding */      \
         const uint64_t *vis;           /* optional (rows, ldvis) bitmap, NULL = none */   \
         ptrdiff_t ldvis;               /* words per query row of vis */                   \
+        T *dk, *dv;    /* key lists, backward: where a load hook wants this tile's dk, dv \
+                          (leading dimensions lddk, lddv); NULL: the list's own rows */   \
     } RaKTile_##SUF;                                                                      \
     typedef struct {                                                                      \
         int rows;                                                                         \

@@ -445,8 +445,8 @@ void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *k
         cols = t.cols;
         const int f = FN(tile_prepare)(keys, &t, j0, g->pos, g->rows, flags);
         if (f >= 0)
-            FN(ra_bwd_step)(K, g, &t, dk + (ptrdiff_t)j0 * lddk, lddk, dv + (ptrdiff_t)j0 * lddv,
-                            lddv, d, e, f);
+            FN(ra_bwd_step)(K, g, &t, t.dk ? t.dk : dk + (ptrdiff_t)j0 * lddk, lddk,
+                            t.dv ? t.dv : dv + (ptrdiff_t)j0 * lddv, lddv, d, e, f);
     }
     for (int r = 0; self_only && r < g->rows; r++)
         if (self_only[r]) FN(self_fallback_backward)(g, keys, r, dk, lddk, dv, lddv, d, e);
