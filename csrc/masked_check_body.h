@@ -1,13 +1,18 @@
 /* masked_check_body.h — typed body of masked_check.c (T, KT, KSEL, FN defined). */
 
-/* bitmap of mask rows [i0, i0+rows) × columns [j0, j0+cols), RA_BK/64 words per row */
-static void FN(mc_vis)(RaMat mask, int i0, int rows, int j0, int cols, uint64_t *vis)
+/* RaKeys.tile_vis: the bitmap of mask rows [i0, i0+rows) × columns [j0, j0+cols) */
+typedef struct { RaMat mask; int i0; uint64_t *vis; } FN(McVis);
+
+static const uint64_t *FN(mc_vis)(void *ctx, int rows, int j0, int cols, ptrdiff_t *ldvis)
 {
-    memset(vis, 0, sizeof(uint64_t) * (size_t)rows * (RA_BK / 64));
+    const FN(McVis) *c = ctx;
+    memset(c->vis, 0, sizeof(uint64_t) * (size_t)rows * (RA_BK / 64));
     for (int i = 0; i < rows; i++)
         for (int j = 0; j < cols; j++)
-            if (RA_MAT_AT(uint8_t, mask, i0 + i, j0 + j))
-                vis[i * (RA_BK / 64) + (j >> 6)] |= (uint64_t)1 << (j & 63);
+            if (RA_MAT_AT(uint8_t, c->mask, c->i0 + i, j0 + j))
+                c->vis[i * (RA_BK / 64) + (j >> 6)] |= (uint64_t)1 << (j & 63);
+    *ldvis = RA_BK / 64;
+    return c->vis;
 }
 
 /* q (n, d), k (m, d), v (m, e), mask (n, m) bool, dout (n, e) -> out (n, e), lse (n),
@@ -34,19 +39,16 @@ int FN(ra_engine_masked)(int n, int m, int d, int e, RaMat q, RaMat k, RaMat v, 
     FN(ra_gather)(v, NULL, 0, m, e, 1, 1, vt, m);
     memset(dkr, 0, nm * d * S);
     memset(dvr, 0, nm * e * S);
+    FN(McVis) mv = {mask, 0, vis};
+    const FN(RaKeys) keys = {.count = m, .kt = kt, .ldkt = m, .v = vr, .ldv = e, .k = kr,
+                             .ldk = d, .vt = vt, .ldvt = m, .tile_vis = FN(mc_vis), .ctx = &mv};
     for (int i0 = 0; i0 < n; i0 += RA_BQ) {
         const int rows = n - i0 < RA_BQ ? n - i0 : RA_BQ;
         FN(ra_gather)(q, NULL, i0, rows, d, 1, 0, qs, d);
         FN(RaQTile) qt = {rows, qs, NULL, mx, sum, acc, s};
+        mv.i0 = i0;
         FN(ra_fwd_init)(&qt, e);
-        for (int j0 = 0; j0 < m; j0 += RA_BK) {
-            const int cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-            FN(mc_vis)(mask, i0, rows, j0, cols, vis);
-            FN(RaKTile) ktl = {cols, kt + j0, m, vr + (ptrdiff_t)j0 * e, e};
-            ktl.vis = vis;
-            ktl.ldvis = RA_BK / 64;
-            FN(ra_fwd_step)(K, &qt, &ktl, d, e, 0);
-        }
+        FN(ra_attend)(K, &qt, &keys, d, e, 0);
         FN(ra_fwd_finish)(&qt, e, out.data + i0 * out.s0, out.s0, out.s1, (char *)lt, S);
         FN(ra_gather)(dout, NULL, i0, rows, e, 1, 0, go, e);
         for (int i = 0; i < rows; i++) {
@@ -57,15 +59,7 @@ int FN(ra_engine_masked)(int n, int m, int d, int e, RaMat q, RaMat k, RaMat v, 
         }
         memset(dqt, 0, RA_BQ * (size_t)d * S);
         FN(RaQGradTile) g = {rows, qs, go, lt, dl, NULL, dqt, s, dp};
-        for (int j0 = 0; j0 < m; j0 += RA_BK) {
-            const int cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-            FN(mc_vis)(mask, i0, rows, j0, cols, vis);
-            FN(RaKTile) ktl = {cols, kt + j0, m, NULL, 0, kr + (ptrdiff_t)j0 * d, d, vt + j0, m};
-            ktl.vis = vis;
-            ktl.ldvis = RA_BK / 64;
-            FN(ra_bwd_step)(K, &g, &ktl, dkr + (ptrdiff_t)j0 * d, d, dvr + (ptrdiff_t)j0 * e, e,
-                            d, e, 0);
-        }
+        FN(ra_attend_backward)(K, &g, &keys, dkr, d, dvr, e, d, e, 0, NULL);
         for (int i = 0; i < rows; i++)
             for (int c = 0; c < d; c++) RA_MAT_AT(T, dq, i0 + i, c) = dqt[i * d + c];
     }
