@@ -23,9 +23,10 @@
  * query tile.  The exclude_self fallback (a query that sees nothing attends to itself)
  * is ra_attend_self_fallback, differentiated by ra_attend_backward.
  *
- * The one-tile steps (ra_fwd_step, ra_fwd_logits / ra_fwd_accumulate, ra_bwd_step) remain
- * for the planners not yet on key lists (clustered's centroid passes, Combiner's region
- * pass: docs/architecture.md).
+ * Planners that stream their keys (gathered tile by tile, or packed a window at a time)
+ * give the list a load hook; clustered's improved form, which offers a wide span of logits
+ * to its top-k lists before the softmax, uses spans with an observe hook.  The one-tile
+ * steps behind ra_attend are private to the engine.
  *
  * Tile contract (T = float or double, suffix _f32 / _f64):
  *   QTile   q  (rows, d)  contiguous, already multiplied by scale
@@ -50,7 +51,7 @@
 enum { RA_NEED_KT = 1, RA_NEED_V = 2, RA_NEED_BACKWARD = 4 /* k and vt */ };
 
 enum {
-    RA_MASKED = 1,        /* one-tile steps: apply the position mask in this step */
+    RA_MASKED = 1,        /* engine-internal: this tile needs the position mask */
     RA_CAUSAL = 2,        /* key j visible to query i only if j <= i */
     RA_EXCLUDE_SELF = 4,  /* key i hidden from query i */
 };
@@ -158,23 +159,10 @@ enum {
     void ra_attend_backward_##SUF(const KT *K, RaQGradTile_##SUF *g, const RaKeys_##SUF *keys,\
                                   T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d,     \
                                   int e, int flags, const uint8_t *self_only);            \
-    /* fold one key tile into the running softmax of qt */                                \
-    void ra_fwd_step_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt,       \
-                           int d, int e, int flags);                                      \
-    /* the two halves of ra_fwd_step, for planners that read the logits in between:    \
-       qt->s = q·kᵀ masked (hidden keys -inf), then the softmax update from qt->s */      \
-    void ra_fwd_logits_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt,     \
-                             int d, int flags);                                           \
-    void ra_fwd_accumulate_##SUF(const KT *K, RaQTile_##SUF *qt, const RaKTile_##SUF *kt, \
-                                 int e, int flags);                                       \
     /* out = acc / sum (0 when nothing was visible), lse = mx + log(sum) (-inf); both    \
        written through byte strides; lse may be NULL */                                   \
     void ra_fwd_finish_##SUF(const RaQTile_##SUF *qt, int e, char *out, ptrdiff_t os0,   \
-                             ptrdiff_t os1, char *lse, ptrdiff_t ls0);                    \
-    /* dv += Pᵀ·dout, dq += dS·k, dk += dSᵀ·q for one (query tile, key tile) pair */      \
-    void ra_bwd_step_##SUF(const KT *K, RaQGradTile_##SUF *g, const RaKTile_##SUF *kt,    \
-                           T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e,    \
-                           int flags);
+                             ptrdiff_t os1, char *lse, ptrdiff_t ls0);
 
 RA_ENGINE_DECLS(float, f32, RaKernelsF32)
 RA_ENGINE_DECLS(double, f64, RaKernelsF64)

@@ -185,7 +185,7 @@ void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
 static inline ptrdiff_t FN(qt_lds)(const FN(RaQTile) *qt) { return qt->lds ? qt->lds : RA_BK; }
 
 /* q is (rows, d), kt is (d, cols) -> s (rows, cols) masked logits */
-void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int flags)
+static void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int flags)
 {
     const int rows = qt->rows, cols = kt->cols;
     const ptrdiff_t lds = FN(qt_lds)(qt);
@@ -197,7 +197,7 @@ void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int 
 }
 
 /* s (rows, cols) masked logits, v is (cols, e) -> acc (rows, e), mx, sum updated */
-void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int e,
+static void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int e,
                            int flags)
 {
     const int rows = qt->rows, cols = kt->cols;
@@ -214,7 +214,7 @@ void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, 
 }
 
 /* q is (rows, d), kt is (d, cols), v is (cols, e), acc is (rows, e) */
-void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int e,
+static void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int e,
                      int flags)
 {
     FN(ra_fwd_logits)(K, qt, kt, d, flags);
@@ -240,7 +240,7 @@ void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,
 
 /* q (rows, d), dout (rows, e); k (cols, d), kt (d, cols), vt (e, cols);
  * dq (rows, d), dk (cols, d), dv (cols, e) accumulate */
-void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *dk,
+static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *dk,
                      ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e, int flags)
 {
     const int rows = g->rows, cols = kt->cols;

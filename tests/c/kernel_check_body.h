@@ -193,8 +193,8 @@ static void F(check_rows)(const KT *K)
     free(x); free(S);
 }
 
-/* The engine: two key tiles (the second with padding) through forward and backward,
-   causal and masked, with a query tile of 50 rows. */
+/* The engine: two key lists of one tile each (the second with padding) through forward
+   and backward, causal, with a query tile of 50 rows. */
 static void F(check_engine)(const KT *K)
 {
     enum { ROWS = 50, D = 16, E = 12, C1 = 100, C2 = 60 };
@@ -204,7 +204,7 @@ static void F(check_engine)(const KT *K)
     T mx[ROWS], sum[ROWS], out[ROWS * E], lse[ROWS], delta[ROWS];
     int64_t qpos[ROWS], kpos[2][C1];
     T *k[2], *kt[2], *v[2], *vt[2], *dk[2], *dv[2];
-    ENG(RaKTile) tile[2];
+    ENG(RaKeys) list[2];
     for (int i = 0; i < ROWS; i++) qpos[i] = 3 * i + 7;
     F(fill)(q, ROWS * D, 0);
     for (int t = 0; t < 2; t++) {
@@ -219,15 +219,14 @@ static void F(check_engine)(const KT *K)
             for (int f = 0; f < D; f++) kt[t][f * n + j] = k[t][j * D + f];
             for (int f = 0; f < E; f++) vt[t][f * n + j] = v[t][j * E + f];
         }
-        tile[t] = (ENG(RaKTile)){.cols = n, .kt = kt[t], .ldkt = n, .v = v[t], .ldv = E,
-                                 .k = k[t], .ldk = D, .vt = vt[t], .ldvt = n,
-                                 .pos = kpos[t], .vis = NULL, .ldvis = 0};
+        list[t] = (ENG(RaKeys)){.count = n, .kt = kt[t], .ldkt = n, .v = v[t], .ldv = E,
+                                .k = k[t], .ldk = D, .vt = vt[t], .ldvt = n, .pos = kpos[t]};
     }
-    const int flags = RA_MASKED | RA_CAUSAL;
+    const int flags = RA_CAUSAL;
     ENG(RaQTile) qt = {.rows = ROWS, .q = q, .pos = qpos, .mx = mx, .sum = sum, .acc = acc,
                        .s = s, .lds = 0};
     ENG(ra_fwd_init)(&qt, E);
-    for (int t = 0; t < 2; t++) ENG(ra_fwd_step)(K, &qt, &tile[t], D, E, flags);
+    for (int t = 0; t < 2; t++) ENG(ra_attend)(K, &qt, &list[t], D, E, flags);
     ENG(ra_fwd_finish)(&qt, E, (char *)out, E * sizeof(T), sizeof(T), (char *)lse, sizeof(T));
     DUMP_AS(NAME("engine.out"), KIND, out, ROWS * E);
     DUMP_AS(NAME("engine.lse"), KIND, lse, ROWS);
@@ -242,7 +241,7 @@ static void F(check_engine)(const KT *K)
     ENG(RaQGradTile) g = {.rows = ROWS, .q = q, .dout = dout, .lse = lse, .delta = delta,
                           .pos = qpos, .dq = dq, .s = s, .dp = dp};
     for (int t = 0; t < 2; t++)
-        ENG(ra_bwd_step)(K, &g, &tile[t], dk[t], D, dv[t], E, D, E, flags);
+        ENG(ra_attend_backward)(K, &g, &list[t], dk[t], D, dv[t], E, D, E, flags, NULL);
     DUMP_AS(NAME("engine.dq"), KIND, dq, ROWS * D);
     for (int t = 0; t < 2; t++) {
         DUMP_AS(NAME("engine.dk"), KIND, dk[t], cols[t] * D);
