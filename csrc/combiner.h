@@ -90,14 +90,5 @@ enum { RA_CT_FORWARD = 0, RA_CT_BACKWARD = 1, RA_CT_OUT = 2, RA_CT_GRADS = 4 };
 /* summary-gradient slots per chunk of query units (raised to one unit's worth) */
 #define RA_SLOT_BUDGET 8192
 
-/* Bump allocator carving one buffer into aligned pieces; base NULL = measure only. */
-typedef struct { char *base; size_t used; } RaArena;
-
-static inline void *ra_take(RaArena *a, size_t count, size_t size)
-{
-    void *r = a->base ? a->base + a->used : NULL;
-    a->used = ra_add(a->used, ra_round_up(ra_mul(count, size)));
-    return r;
-}
 
 #endif /* RA_COMBINER_H */

@@ -68,9 +68,10 @@ static inline int ra_popcount64(uint64_t x)
 /* ------------------------------------------------------------------ scratch */
 #define RA_ALIGN 64
 
-/* Round a byte count up to a whole number of cache lines. */
+/* Round a byte count up to a whole number of cache lines (SIZE_MAX stays SIZE_MAX). */
 static inline size_t ra_round_up(size_t bytes)
 {
+    if (bytes > SIZE_MAX - (RA_ALIGN - 1)) return SIZE_MAX;
     return (bytes + RA_ALIGN - 1) / RA_ALIGN * RA_ALIGN;
 }
 
@@ -96,6 +97,21 @@ static inline void *ra_alloc(size_t bytes)
 }
 
 static inline void ra_free(void *p) { free(p); }
+
+/* The one way scratch is laid out.  A planner writes one layout function that takes its
+ * pieces from an arena, and runs it twice: over an arena with base NULL it only measures
+ * (`used` = the bytes needed, SIZE_MAX on overflow; the pieces come back NULL), then over
+ * a buffer of that many bytes it carves the same pieces, each cache-line aligned. */
+typedef struct { char *base; size_t used; } RaArena;
+
+static inline void *ra_take(RaArena *a, size_t count, size_t size)
+{
+    void *r = a->base && a->used != SIZE_MAX ? a->base + a->used : NULL;
+    a->used = ra_add(a->used, ra_round_up(ra_mul(count, size)));
+    return r;
+}
+
+#define RA_TAKE(a, type, count) ((type *)ra_take((a), (count), sizeof(type)))
 
 /* ------------------------------------------------------------------ strided views */
 /* A 2-D operand as NumPy hands it over: base pointer and byte strides. */

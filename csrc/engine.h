@@ -136,6 +136,12 @@ enum {
                         const int64_t *pos);                                              \
         void *ctx;                                                                        \
     } RaKeys_##SUF;                                                                       \
+    /* The buffers of a query tile of up to `rows` rows, taken from an arena: q (rows, d)\
+       — returned, for the planner to gather its scaled queries into — and the engine's  \
+       own acc (rows, e), s (rows, RA_BK), mx, sum (rows). */                            \
+    T *ra_qtile_layout_##SUF(RaQTile_##SUF *qt, RaArena *a, int rows, int d, int e);      \
+    /* The engine's scratch of a gradient tile of up to `rows` rows: s, dp (rows, RA_BK).*/\
+    void ra_qgrad_layout_##SUF(RaQGradTile_##SUF *g, RaArena *a, int rows);              \
     /* acc = 0, mx = -inf, sum = 0 */                                                     \
     void ra_fwd_init_##SUF(RaQTile_##SUF *qt, int e);                                     \
     /* Fold every key of the list into the running softmax of qt (rows of qt already    \

@@ -172,6 +172,25 @@ static void FN(pv_skip_zero)(int rows, int cols, int e, const T *p, ptrdiff_t ld
     }
 }
 
+T *FN(ra_qtile_layout)(FN(RaQTile) *qt, RaArena *a, int rows, int d, int e)
+{
+    T *q = RA_TAKE(a, T, ra_mul(rows, d));
+    qt->q = q;
+    qt->pos = NULL;
+    qt->acc = RA_TAKE(a, T, ra_mul(rows, e));
+    qt->s = RA_TAKE(a, T, ra_mul(rows, RA_BK));
+    qt->lds = 0;
+    qt->mx = RA_TAKE(a, T, (size_t)rows);
+    qt->sum = RA_TAKE(a, T, (size_t)rows);
+    return q;
+}
+
+void FN(ra_qgrad_layout)(FN(RaQGradTile) *g, RaArena *a, int rows)
+{
+    g->s = RA_TAKE(a, T, ra_mul(rows, RA_BK));
+    g->dp = RA_TAKE(a, T, ra_mul(rows, RA_BK));
+}
+
 void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
 {
     for (int i = 0; i < qt->rows; i++) {

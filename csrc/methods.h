@@ -42,7 +42,6 @@ int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, i
 void ra_routing_plan_free(RaRoutingPlan *P);
 /* RA_ERR_INDEX if an entry is outside [-1, n) / [-1, m) or repeated inside one list */
 int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx);
-size_t ra_routing_scratch_elems(int d, int e, int u, int backward);
 /* The masking rule of a routing problem, for the engine's key lists. */
 static inline int ra_routing_flags(int causal, int exclude_self)
 {

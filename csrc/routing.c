@@ -74,15 +74,6 @@ int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx)
     return ra_compact_members(P, k_idx, P->u, P->m, P->klist, P->kcount, P->k_start, P->k_occ);
 }
 
-size_t ra_routing_scratch_elems(int d, int e, int u, int backward)
-{
-    const size_t tile = (size_t)RA_BQ * d + (size_t)RA_BQ * e + 2 * (size_t)RA_BQ;
-    const size_t fwd = (size_t)u * (2 * (size_t)d + e) + tile + (size_t)RA_BQ * RA_BK;
-    const size_t bwd = (size_t)u * (2 * (size_t)d + 2 * (size_t)e) + tile +
-                       2 * (size_t)RA_BQ * RA_BK;
-    return backward && bwd > fwd ? bwd : fwd;
-}
-
 /* ------------------------------------------------------------------ typed planners */
 #define RA_TYPED_BODY "routing_body.h"
 #include "typed.h"

@@ -26,6 +26,39 @@ typedef struct {
     T *dv_slot;       /* (c·u, e) backward only */
 } FN(RoutingBuffers);
 
+/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e),
+ * k (u, d) and a query tile; backward: k, kᵀ, vᵀ, v, then per query tile q (BQ, d),
+ * dout (BQ, e), lse, delta (BQ) and a gradient tile. */
+typedef struct { T *k, *kt, *v, *vt, *q, *dout, *lse, *delta; FN(RaQTile) qt; FN(RaQGradTile) g; } FN(RoutingTile);
+
+static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u, int backward)
+{
+    t->kt = RA_TAKE(a, T, ra_mul(d, u));
+    t->v = RA_TAKE(a, T, ra_mul(u, e));
+    t->k = RA_TAKE(a, T, ra_mul(u, d));
+    if (!backward) {
+        t->q = FN(ra_qtile_layout)(&t->qt, a, RA_BQ, d, e);
+        return;
+    }
+    t->vt = RA_TAKE(a, T, ra_mul(e, u));
+    t->q = RA_TAKE(a, T, (size_t)RA_BQ * d);
+    t->dout = RA_TAKE(a, T, (size_t)RA_BQ * e);
+    t->lse = RA_TAKE(a, T, RA_BQ);
+    t->delta = RA_TAKE(a, T, RA_BQ);
+    FN(ra_qgrad_layout)(&t->g, a, RA_BQ);
+}
+
+/* Bytes of one thread's scratch: the larger of the two layouts when the backward (which
+ * may run the forward again in the same scratch) is coming. */
+static size_t FN(routing_tile_bytes)(int d, int e, int u, int backward)
+{
+    FN(RoutingTile) t;
+    RaArena f = {NULL, 0}, b = {NULL, 0};
+    FN(routing_tile)(&f, &t, d, e, u, 0);
+    if (backward) FN(routing_tile)(&b, &t, d, e, u, 1);
+    return f.used > b.used ? f.used : b.used;
+}
+
 /* ------------------------------------------------------------------ 2. attend (forward) */
 /* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
  * o_slot/l_slot rows cl·w + r receive the result for the r-th member query. */
@@ -43,17 +76,11 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
         buf->self_only[slot] = 0;
     }
     if (nq == 0) return;
-    /* scratch: kᵀ (d, nk), v (nk, e), k (nk, d), q tile (BQ, d), acc (BQ, e),
-       s (BQ, BK), mx, sum */
-    T *kt = ws, *vp = kt + (ptrdiff_t)d * P->u, *kp = vp + (ptrdiff_t)P->u * e;
-    FN(RaQTile) qt;
-    qt.lds = 0;
-    T *qs = kp + (ptrdiff_t)P->u * d;
-    qt.q = qs;
-    qt.acc = qs + RA_BQ * d;
-    qt.s = qt.acc + RA_BQ * e;
-    qt.mx = qt.s + RA_BQ * RA_BK;
-    qt.sum = qt.mx + RA_BQ;
+    RaArena a = {(char *)ws, 0};
+    FN(RoutingTile) t;
+    FN(routing_tile)(&a, &t, d, e, P->u, 0);
+    FN(RaQTile) qt = t.qt;
+    T *const kt = t.kt, *const vp = t.v, *const kp = t.k, *const qs = t.q;
     FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, NULL, nk);
     const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .v = vp, .ldv = e, .pos = kpos};
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
@@ -140,7 +167,7 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
     const int nt = ra_num_threads();
     RaRoutingPlan plan;
     if (ra_routing_plan_alloc(&plan, n, m, d, e, c, w, u) != RA_OK) return RA_ERR_NOMEM;
-    const size_t per_thread = ra_round_up(sizeof(T) * ra_routing_scratch_elems(d, e, u, 0));
+    const size_t per_thread = FN(routing_tile_bytes)(d, e, u, 0);
     FN(RoutingBuffers) buf = {&plan};
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int status = scratch ? RA_OK : RA_ERR_NOMEM;
@@ -181,15 +208,12 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         memset(buf->dq_slot + (ptrdiff_t)cl * P->w * d, 0, sizeof(T) * (size_t)nq * d);
         return;
     }
-    /* scratch: k (nk, d), kᵀ (d, nk), vᵀ (e, nk), v (nk, e), then per query tile:
-       q (BQ, d), dout (BQ, e), lse, delta (BQ), s, dp (BQ, BK) */
-    T *kp = ws, *kt = kp + (ptrdiff_t)P->u * d, *vt = kt + (ptrdiff_t)d * P->u;
-    T *vp = vt + (ptrdiff_t)e * P->u;
-    T *qs = vp + (ptrdiff_t)P->u * e, *dop = qs + RA_BQ * d, *lrow = dop + RA_BQ * e;
-    T *delta = lrow + RA_BQ;
-    FN(RaQGradTile) g;
-    g.s = delta + RA_BQ;
-    g.dp = g.s + RA_BQ * RA_BK;
+    RaArena a = {(char *)ws, 0};
+    FN(RoutingTile) t;
+    FN(routing_tile)(&a, &t, d, e, P->u, 1);
+    FN(RaQGradTile) g = t.g;
+    T *const kp = t.k, *const kt = t.kt, *const vt = t.vt, *const vp = t.v;
+    T *const qs = t.q, *const dop = t.dout, *const lrow = t.lse, *const delta = t.delta;
     FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt, nk);
     const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .k = kp, .ldk = d, .vt = vt,
                              .ldvt = nk, .pos = kpos};
@@ -264,7 +288,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     RaRoutingPlan plan;
     if (ra_routing_plan_alloc(&plan, n, m, d, e, c, w, u) != RA_OK) return RA_ERR_NOMEM;
     const size_t qslots = (size_t)c * w, kslots = (size_t)c * u;
-    const size_t per_thread = ra_round_up(sizeof(T) * ra_routing_scratch_elems(d, e, u, 1));
+    const size_t per_thread = FN(routing_tile_bytes)(d, e, u, 1);
     FN(RoutingBuffers) buf = {&plan};
     const int recompute = saved.o == NULL;
     if (recompute) {
