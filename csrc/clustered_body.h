@@ -43,64 +43,36 @@ typedef struct {
     T *dkt, *dvt;        /* backward: (C, kmax, d), (C, kmax, e) gradients of T_c's keys */
 } FN(ClProblem);
 
-/* Bytes of `count` items of `size`, cache-line rounded; SIZE_MAX on overflow. */
-static size_t FN(cl_bytes)(size_t size, size_t count)
-{
-    const size_t b = ra_mul(size, count);
-    return b > SIZE_MAX - RA_ALIGN ? SIZE_MAX : ra_round_up(b);
-}
-
-/* Carve the buffers of one problem out of `base` (NULL: only measure).  Returns the
+/* The buffers of one problem, laid out from `base` (NULL: only measure).  Returns the
  * byte size, SIZE_MAX on overflow. */
 static size_t FN(cl_carve)(char *base, int n, int d, int e, int C, int kmax, int G,
                            int backward, FN(ClProblem) *p)
 {
-    size_t off = 0;
-#define CARVE(field, type, count)                                                        \
-    p->field = base ? (type *)(base + off) : NULL;                                       \
-    off = ra_add(off, FN(cl_bytes)(sizeof(type), (count)))
-    CARVE(order, int64_t, (size_t)n);
-    CARVE(start, int64_t, (size_t)C + 1);
-    CARVE(cursor, int64_t, (size_t)C);
-    CARVE(info, int64_t, 2);
-    CARVE(cent, T, ra_mul(C, d));
-    CARVE(oc, T, ra_mul(C, e));
-    CARVE(lsec, T, (size_t)C);
-    CARVE(part_o, T, ra_mul(ra_mul(C, G), e));
-    CARVE(part_lse, T, ra_mul(C, G));
-    CARVE(r, T, ra_mul(C, e));
-    CARVE(mhat, T, (size_t)C);
-    CARVE(sel, int64_t, ra_mul(C, kmax));
-    CARVE(aw, T, ra_mul(C, kmax));
-    CARVE(cand_v, T, ra_mul(ra_mul(C, G), CL_LIST(kmax)));
-    CARVE(cand_j, IT, ra_mul(ra_mul(C, G), CL_LIST(kmax)));
-    CARVE(merged, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
-    CARVE(cand_size, int, ra_mul(C, G));
-    CARVE(gsum, T, backward ? ra_mul(C, e) : 0);
-    CARVE(delta, T, backward ? (size_t)C : 0);
-    CARVE(dcent_part, T, backward ? ra_mul(ra_mul(G, C), d) : 0);
-    CARVE(dcent, T, backward ? ra_mul(C, d) : 0);
-    CARVE(dkt, T, backward ? ra_mul(ra_mul(C, kmax), d) : 0);
-    CARVE(dvt, T, backward ? ra_mul(ra_mul(C, kmax), e) : 0);
-#undef CARVE
-    return off;
-}
-
-/* Per-thread tiles (R = RA_CL_ROWS): q (R, d), acc/o' (R, e) ×2, s, dp (R·BK) ×2, mx, sum,
- * lse', delta' (R) ×4, dq (R, d), kᵀ (d, max(kmax, BK)), v (kmax, e), k (kmax, d), vᵀ (e, kmax),
- * key positions (BK) int64, dk tile (max(kmax, BK), d); improved form: the logits of a
- * chunk of key tiles (R, RA_CL_CHUNK) and their key positions (RA_CL_CHUNK) int64. */
-static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
-{
-    const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK);
-    size_t items = ra_mul(2 * RA_CL_ROWS, d);
-    items = ra_add(items, ra_mul(3 * RA_CL_ROWS, e));
-    items = ra_add(items, 2 * (size_t)RA_CL_ROWS * RA_BK + 4 * RA_CL_ROWS);
-    items = ra_add(items, ra_mul(kcols, 3 * (size_t)d + 2 * (size_t)e));
-    items = ra_add(items, RA_BK * sizeof(int64_t) / sizeof(T));
-    if (kmax > 0)
-        items = ra_add(items, (size_t)RA_CL_CHUNK * (RA_CL_ROWS + sizeof(int64_t) / sizeof(T)));
-    return FN(cl_bytes)(sizeof(T), items);
+    RaArena a = {base, 0};
+    p->order = RA_TAKE(&a, int64_t, (size_t)n);
+    p->start = RA_TAKE(&a, int64_t, (size_t)C + 1);
+    p->cursor = RA_TAKE(&a, int64_t, (size_t)C);
+    p->info = RA_TAKE(&a, int64_t, 2);
+    p->cent = RA_TAKE(&a, T, ra_mul(C, d));
+    p->oc = RA_TAKE(&a, T, ra_mul(C, e));
+    p->lsec = RA_TAKE(&a, T, (size_t)C);
+    p->part_o = RA_TAKE(&a, T, ra_mul(ra_mul(C, G), e));
+    p->part_lse = RA_TAKE(&a, T, ra_mul(C, G));
+    p->r = RA_TAKE(&a, T, ra_mul(C, e));
+    p->mhat = RA_TAKE(&a, T, (size_t)C);
+    p->sel = RA_TAKE(&a, int64_t, ra_mul(C, kmax));
+    p->aw = RA_TAKE(&a, T, ra_mul(C, kmax));
+    p->cand_v = RA_TAKE(&a, T, ra_mul(ra_mul(C, G), CL_LIST(kmax)));
+    p->cand_j = RA_TAKE(&a, IT, ra_mul(ra_mul(C, G), CL_LIST(kmax)));
+    p->merged = RA_TAKE(&a, FN(ClCand), ra_mul(ra_mul(C, G), kmax));
+    p->cand_size = RA_TAKE(&a, int, ra_mul(C, G));
+    p->gsum = RA_TAKE(&a, T, backward ? ra_mul(C, e) : 0);
+    p->delta = RA_TAKE(&a, T, backward ? (size_t)C : 0);
+    p->dcent_part = RA_TAKE(&a, T, backward ? ra_mul(ra_mul(G, C), d) : 0);
+    p->dcent = RA_TAKE(&a, T, backward ? ra_mul(C, d) : 0);
+    p->dkt = RA_TAKE(&a, T, backward ? ra_mul(ra_mul(C, kmax), d) : 0);
+    p->dvt = RA_TAKE(&a, T, backward ? ra_mul(ra_mul(C, kmax), e) : 0);
+    return a.used;
 }
 
 typedef struct { ptrdiff_t b; int c, i0; } FN(ClUnit);   /* one query tile of a cluster */
@@ -271,48 +243,56 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
     FN(cl_residual)(v, e, kmax, p, c);
 }
 
-/* Per-thread tiles of the query pass, carved from ws. */
+/* Per-thread tiles (R = RA_CL_ROWS rows): the engine's query tile, whose q (R, d) holds
+ * member or centroid rows, and gradient tile (sharing its logits scratch); o', dout (R, e),
+ * lse', delta (R), dq (R, d); T_c packed: kᵀ (d, kc), v (kc, e), k (kc, d), vᵀ (e, kc)
+ * with kc = max(kmax, BK) (the centroid backward packs a key tile there); key positions
+ * (BK) and the dk tile (kc, d) of the centroid backward; improved form: the logits of a
+ * span of RA_CL_CHUNK keys (R, RA_CL_CHUNK) and their positions. */
 typedef struct {
     FN(RaQTile) qt;
     FN(RaQGradTile) gt;
     T *qs, *o, *dout, *lse, *delta, *dq;
-    T *kt, *v, *k, *vt;          /* T_c packed: (d, kmax), (kmax, e), (kmax, d), (e, kmax) */
-    int64_t *kpos;               /* (BK) key positions of a centroid-attention tile */
-    T *dk;                       /* (BK, d) dk tile of the centroid backward */
-    T *chunk;                    /* improved: (R, RA_CL_CHUNK) logits of a chunk of key tiles */
-    int64_t *chunk_pos;          /* (RA_CL_CHUNK) and their key positions (-1 masked) */
+    T *kt, *v, *k, *vt;
+    int64_t *kpos;
+    T *dk;
+    T *chunk;
+    int64_t *chunk_pos;
 } FN(ClTiles);
 
-static void FN(cl_tiles)(T *ws, int d, int e, int kmax, FN(ClTiles) *w)
+static void FN(cl_tiles)(RaArena *a, int d, int e, int kmax, FN(ClTiles) *w)
 {
-    const ptrdiff_t kcols = kmax > RA_BK ? kmax : RA_BK;
-    w->qs = ws;
-    w->dq = w->qs + (ptrdiff_t)RA_CL_ROWS * d;
-    w->o = w->dq + (ptrdiff_t)RA_CL_ROWS * d;
-    w->dout = w->o + (ptrdiff_t)RA_CL_ROWS * e;
-    w->qt.acc = w->dout + (ptrdiff_t)RA_CL_ROWS * e;
-    w->qt.s = w->qt.acc + (ptrdiff_t)RA_CL_ROWS * e;
-    w->gt.dp = w->qt.s + (ptrdiff_t)RA_CL_ROWS * RA_BK;
-    w->qt.mx = w->gt.dp + (ptrdiff_t)RA_CL_ROWS * RA_BK;
-    w->qt.sum = w->qt.mx + RA_CL_ROWS;
-    w->lse = w->qt.sum + RA_CL_ROWS;
-    w->delta = w->lse + RA_CL_ROWS;
-    w->kt = w->delta + RA_CL_ROWS;
-    w->v = w->kt + kcols * d;
-    w->k = w->v + kcols * e;
-    w->vt = w->k + kcols * d;
-    w->kpos = (int64_t *)(w->vt + kcols * e);
-    w->dk = (T *)(w->kpos + RA_BK);
-    w->chunk = kmax > 0 ? w->dk + kcols * d : NULL;
-    w->chunk_pos = kmax > 0 ? (int64_t *)(w->chunk + (ptrdiff_t)RA_CL_ROWS * RA_CL_CHUNK) : NULL;
-    w->qt.q = w->gt.q = w->qs;
-    w->qt.lds = 0;
-    w->qt.pos = w->gt.pos = NULL;
-    w->gt.s = w->qt.s;
+    const size_t kcols = (size_t)(kmax > RA_BK ? kmax : RA_BK), R = RA_CL_ROWS;
+    w->qs = FN(ra_qtile_layout)(&w->qt, a, RA_CL_ROWS, d, e);
+    FN(ra_qgrad_layout)(&w->gt, a, RA_CL_ROWS, &w->qt);
+    w->dq = RA_TAKE(a, T, R * d);
+    w->o = RA_TAKE(a, T, R * e);
+    w->dout = RA_TAKE(a, T, R * e);
+    w->lse = RA_TAKE(a, T, R);
+    w->delta = RA_TAKE(a, T, R);
+    w->kt = RA_TAKE(a, T, ra_mul(kcols, d));
+    w->v = RA_TAKE(a, T, ra_mul(kcols, e));
+    w->k = RA_TAKE(a, T, ra_mul(kcols, d));
+    w->vt = RA_TAKE(a, T, ra_mul(kcols, e));
+    w->kpos = RA_TAKE(a, int64_t, RA_BK);
+    w->dk = RA_TAKE(a, T, ra_mul(kcols, d));
+    w->chunk = kmax > 0 ? RA_TAKE(a, T, R * RA_CL_CHUNK) : NULL;
+    w->chunk_pos = kmax > 0 ? RA_TAKE(a, int64_t, RA_CL_CHUNK) : NULL;
+    w->gt.q = w->qs;
+    w->gt.pos = NULL;
     w->gt.dout = w->dout;
     w->gt.lse = w->lse;
     w->gt.delta = w->delta;
     w->gt.dq = w->dq;
+}
+
+/* Bytes of one thread's tiles. */
+static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
+{
+    RaArena a = {NULL, 0};
+    FN(ClTiles) w;
+    FN(cl_tiles)(&a, d, e, kmax, &w);
+    return a.used;
 }
 
 /* The packed T_c (kc keys, capacity kmax) as the engine's key list. */
@@ -600,7 +580,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(ClProblem) p;
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
         FN(ClTiles) w;
-        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
         FN(cl_centroid_group)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b), ra_vec_at(key_mask, b),
                               m, d, e, RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
                               t0, t1, g, G, kmax);
@@ -723,7 +703,7 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
         const int rows = size < RA_BQ ? size : RA_BQ;
         const T *r = p.r + (ptrdiff_t)c * e, mh = p.mhat[c];
         FN(ClTiles) w;
-        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
         if (kc > 0) {
             FN(cl_pack_topk)(&w, ra_mat_at(k, b), ra_mat_at(v, b), p.sel + (size_t)c * kmax,
                              kc, kmax, d, e, 0);
@@ -826,7 +806,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         FN(ClProblem) p;
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 1, &p);
         FN(ClTiles) w;
-        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
         FN(cl_centroid_group_backward)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b),
                                        ra_vec_at(key_mask, b), ra_mat_at(dk, b),
                                        ra_mat_at(dv, b), m, C, d, e,
@@ -869,7 +849,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         T *dkt = p.dkt + (size_t)c * kmax * d, *dvt = p.dvt + (size_t)c * kmax * e;
         RaMat km = ra_mat_at(k, b), vm = ra_mat_at(v, b), dqm = ra_mat_at(dq, b);
         FN(ClTiles) w;
-        FN(cl_tiles)((T *)(scratch + (size_t)ra_thread_id() * per_thread), d, e, kmax, &w);
+        FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
 
         /* in the forward: r_c −= a_c[j] v_j for j ∈ T_c, so the dense step above
            over-counted dv_j by a_c[j]·gsum_c and ds_j by a_c[j]·(gsum_c·v_j): undo both */

@@ -110,7 +110,7 @@ static void FN(dense_bwd_tile)(RaArena *a, FN(DenseBwdTile) *t, int d, int e)
 {
     t->dk = RA_TAKE(a, T, (size_t)RA_BK * d);
     t->dv = RA_TAKE(a, T, (size_t)RA_BK * e);
-    FN(ra_qgrad_layout)(&t->g, a, RA_BQ);
+    FN(ra_qgrad_layout)(&t->g, a, RA_BQ, NULL);
     t->qpos = RA_TAKE(a, int64_t, RA_BQ);
 }
 

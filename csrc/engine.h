@@ -140,8 +140,10 @@ enum {
        — returned, for the planner to gather its scaled queries into — and the engine's  \
        own acc (rows, e), s (rows, RA_BK), mx, sum (rows). */                            \
     T *ra_qtile_layout_##SUF(RaQTile_##SUF *qt, RaArena *a, int rows, int d, int e);      \
-    /* The engine's scratch of a gradient tile of up to `rows` rows: s, dp (rows, RA_BK).*/\
-    void ra_qgrad_layout_##SUF(RaQGradTile_##SUF *g, RaArena *a, int rows);              \
+    /* The engine's scratch of a gradient tile of up to `rows` rows: s, dp (rows, RA_BK);\
+       s shared with the query tile `share` (NULL: its own) when the two never run at once.*/\
+    void ra_qgrad_layout_##SUF(RaQGradTile_##SUF *g, RaArena *a, int rows,                \
+                               const RaQTile_##SUF *share);                               \
     /* acc = 0, mx = -inf, sum = 0 */                                                     \
     void ra_fwd_init_##SUF(RaQTile_##SUF *qt, int e);                                     \
     /* Fold every key of the list into the running softmax of qt (rows of qt already    \

@@ -185,9 +185,9 @@ T *FN(ra_qtile_layout)(FN(RaQTile) *qt, RaArena *a, int rows, int d, int e)
     return q;
 }
 
-void FN(ra_qgrad_layout)(FN(RaQGradTile) *g, RaArena *a, int rows)
+void FN(ra_qgrad_layout)(FN(RaQGradTile) *g, RaArena *a, int rows, const FN(RaQTile) *share)
 {
-    g->s = RA_TAKE(a, T, ra_mul(rows, RA_BK));
+    g->s = share ? share->s : RA_TAKE(a, T, ra_mul(rows, RA_BK));
     g->dp = RA_TAKE(a, T, ra_mul(rows, RA_BK));
 }
 

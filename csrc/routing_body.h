@@ -45,7 +45,7 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
     t->dout = RA_TAKE(a, T, (size_t)RA_BQ * e);
     t->lse = RA_TAKE(a, T, RA_BQ);
     t->delta = RA_TAKE(a, T, RA_BQ);
-    FN(ra_qgrad_layout)(&t->g, a, RA_BQ);
+    FN(ra_qgrad_layout)(&t->g, a, RA_BQ, NULL);
 }
 
 /* Bytes of one thread's scratch: the larger of the two layouts when the backward (which
