@@ -9,6 +9,26 @@ static void FN(pack_transposed)(RaMat m, int c, int d, T *ct)
     FN(ra_gather)(m, NULL, 0, c, d, 1, 1, ct, c);
 }
 
+/* One thread's scratch of assign_rows (and lsh_hash, with c = bits): x block (RA_ROWS, d),
+ * scores (RA_ROWS, c), best (RA_ROWS), labels (RA_ROWS) int64. */
+typedef struct { T *x, *scores, *best; int64_t *arg; } FN(AssignTile);
+
+static void FN(assign_tile)(RaArena *a, int d, int c, FN(AssignTile) *t)
+{
+    t->x = RA_TAKE(a, T, ra_mul(RA_ROWS, d));
+    t->scores = RA_TAKE(a, T, ra_mul(RA_ROWS, c));
+    t->best = RA_TAKE(a, T, RA_ROWS);
+    t->arg = RA_TAKE(a, int64_t, RA_ROWS);
+}
+
+static size_t FN(assign_scratch)(int d, int c)
+{
+    RaArena a = {NULL, 0};
+    FN(AssignTile) t;
+    FN(assign_tile)(&a, d, c, &t);
+    return a.used;
+}
+
 /* x (n, d) strided, ct (d, c) = centroidsᵀ  ->  lab (n): argmax_j x_i·μ_j (−1 for rows
  * with mask False; mask.data may be NULL).  Blocks of RA_ROWS rows through the gemm
  * kernel; scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
@@ -28,9 +48,10 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
     #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
     for (int blk = 0; blk < nblk; blk++) {
         const int i0 = blk * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
-        T *xs = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
-        T *s = xs + (size_t)RA_ROWS * d, *top = s + (size_t)RA_ROWS * c;
-        int64_t *arg = (int64_t *)(top + RA_ROWS);
+        FN(AssignTile) t;
+        FN(assign_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, c, &t);
+        T *xs = t.x, *s = t.scores, *top = t.best;
+        int64_t *arg = t.arg;
         ptrdiff_t lds = c;
         FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
         if (direct) {          /* the product straight into the scores output */
@@ -58,12 +79,6 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
     return changed;
 }
 
-/* x block (RA_ROWS, d), scores (RA_ROWS, c), best (RA_ROWS), labels (RA_ROWS) int64 */
-static size_t FN(assign_scratch)(int d, int c)
-{
-    return ra_round_up(ra_add(ra_mul(sizeof(T), ra_mul(RA_ROWS, ra_add((size_t)d + 1, (size_t)c))),
-                              sizeof(int64_t) * RA_ROWS + sizeof(int64_t)));
-}
 
 /* ------------------------------------------------------------------ assign_clusters */
 /* x (B; n, d), centroids (B; c, d) -> labels (B; n) int64 */
@@ -539,7 +554,7 @@ static int FN(top_plan)(int n, int w, int *cap)
 /* One thread's top_members scratch for work units of up to cb clusters: thresholds,
  * sample tops (and their positions), list counts, candidate lists (cb + 1 of
  * cap + RA_TOP_SLACK slots, the last one top_admit's scratch), selection scratch.
- * Returns its size in bytes; with p != NULL also carves ts out of p. */
+ * Laid out from an arena. */
 typedef struct {
     T *thr, *top;
     IT *tpos;
@@ -549,35 +564,18 @@ typedef struct {
     int64_t *sel;
 } FN(TopScratch);
 
-static size_t FN(top_scratch)(int n, int w, int cb, int cap, char *p, FN(TopScratch) *ts)
+static void FN(top_scratch)(RaArena *a, int n, int w, int cb, int cap, FN(TopScratch) *ts)
 {
-    const int ldt = (cb + 15) / 16 * 16;
-    const size_t L = (size_t)cap + RA_TOP_SLACK;
-    const size_t sz[9] = {
-        ra_round_up(ra_mul(sizeof(T), ldt)),                           /* thr */
-        ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt))),          /* top */
-        ra_round_up(ra_mul(sizeof(T), ra_mul(RA_TOPM, ldt))),          /* tpos */
-        ra_round_up(ra_mul(sizeof(int), (size_t)cb + 1)),              /* cnt */
-        ra_round_up(ra_mul(sizeof(int32_t), ra_mul((size_t)cb + 1, L))),   /* pos */
-        ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)cb + 1, L))),     /* val */
-        ra_round_up(ra_mul(sizeof(T), n)),                             /* tmp */
-        ra_round_up(ra_mul(sizeof(T), n)),                             /* tmp2 */
-        ra_round_up(ra_mul(sizeof(int64_t), (size_t)w + 1)),           /* sel */
-    };
-    size_t total = 0, at[9];
-    for (int i = 0; i < 9; i++) { at[i] = total; total = ra_add(total, sz[i]); }
-    if (p) {
-        ts->thr = (T *)(p + at[0]);
-        ts->top = (T *)(p + at[1]);
-        ts->tpos = (IT *)(p + at[2]);
-        ts->cnt = (int *)(p + at[3]);
-        ts->pos = (int32_t *)(p + at[4]);
-        ts->val = (T *)(p + at[5]);
-        ts->tmp = (T *)(p + at[6]);
-        ts->tmp2 = (T *)(p + at[7]);
-        ts->sel = (int64_t *)(p + at[8]);
-    }
-    return total;
+    const size_t ldt = (size_t)(cb + 15) / 16 * 16, L = (size_t)cap + RA_TOP_SLACK;
+    ts->thr = RA_TAKE(a, T, ldt);
+    ts->top = RA_TAKE(a, T, ra_mul(RA_TOPM, ldt));
+    ts->tpos = RA_TAKE(a, IT, ra_mul(RA_TOPM, ldt));
+    ts->cnt = RA_TAKE(a, int, (size_t)cb + 1);
+    ts->pos = RA_TAKE(a, int32_t, ra_mul((size_t)cb + 1, L));
+    ts->val = RA_TAKE(a, T, ra_mul((size_t)cb + 1, L));
+    ts->tmp = RA_TAKE(a, T, (size_t)n);
+    ts->tmp2 = RA_TAKE(a, T, (size_t)n);
+    ts->sel = RA_TAKE(a, int64_t, (size_t)w + 1);
 }
 
 /* Cluster t's thresholds from a top_sample state: θ = the RA_TOPM-th largest sampled
@@ -639,7 +637,10 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     const int S = k ? (n + k - 1) / k : 0;
     const int cb = ra_top_group(c, nt), parts = (c + cb - 1) / cb;
     const int ldt = (cb + 15) / 16 * 16;
-    const size_t per_thread = FN(top_scratch)(n, w, cb, cap, NULL, NULL);
+    RaArena measure = {NULL, 0};
+    FN(TopScratch) ts0;
+    FN(top_scratch)(&measure, n, w, cb, cap, &ts0);
+    const size_t per_thread = measure.used;
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     /* rows must be contiguous along clusters for the vector passes: else pack a copy */
     const int packed = !(scores.s1 == (ptrdiff_t)sizeof(T) &&
@@ -664,7 +665,8 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
         for (int part = 0; part < parts; part++) {
             const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
             FN(TopScratch) ts;
-            FN(top_scratch)(n, w, cb, cap, scratch + (size_t)ra_thread_id() * per_thread, &ts);
+            FN(top_scratch)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, n, w, cb,
+                            cap, &ts);
             if (k) {
                 const T *sp = base + j0;
                 for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
@@ -743,6 +745,19 @@ static int FN(assign_top_stored)(ptrdiff_t B, int n, int d, int c, int w, RaBMat
     return status;
 }
 
+/* One thread's scratch of assign_top: top_members' scratch, then the x block (RA_ROWS, d),
+ * a score tile (RA_ROWS, cb), and score_block's columns (n, 16). */
+typedef struct { FN(TopScratch) ts; T *x, *scores, *cols; } FN(AssignTopTile);
+
+static void FN(assign_top_tile)(RaArena *a, int n, int w, int d, int cb, int cap,
+                                FN(AssignTopTile) *t)
+{
+    FN(top_scratch)(a, n, w, cb, cap, &t->ts);
+    t->x = RA_TAKE(a, T, ra_mul(RA_ROWS, d));
+    t->scores = RA_TAKE(a, T, ra_mul(RA_ROWS, cb));
+    t->cols = RA_TAKE(a, T, ra_mul(n, 16));
+}
+
 /* x (B; n, d), centroids (B; c, d) -> labels (B; n) int64, best (B; n), idx (B; c, w)
  * int64: bit for bit ra_assign_clusters (labels and best) followed by ra_top_members on
  * the scores x·μᵀ, without storing the (n, c) scores.  Per work unit (the adjacent
@@ -779,12 +794,10 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
     int invalid = 0;                   /* a product raised FE_INVALID */
     const int cb = ra_top_group(c, nt), parts = (c + cb - 1) / cb;
     const int ldt = (cb + 15) / 16 * 16, S = (n + k - 1) / k;
-    /* per thread: top_members' scratch, then x block (RA_ROWS, d), score tile
-       (RA_ROWS, cb), and score_block's columns (n, 16) */
-    const size_t sz_top = FN(top_scratch)(n, w, cb, cap, NULL, NULL);
-    const size_t sz_rows = ra_round_up(ra_mul(sizeof(T), ra_mul(RA_ROWS, (size_t)d + cb)));
-    const size_t per_thread = ra_add(ra_add(sz_top, sz_rows),
-                                     ra_round_up(ra_mul(sizeof(T), ra_mul(n, 16))));
+    RaArena measure = {NULL, 0};
+    FN(AssignTopTile) t0;
+    FN(assign_top_tile)(&measure, n, w, d, cb, cap, &t0);
+    const size_t per_thread = measure.used;
     T *ct = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int64_t *unit_lab = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)parts, n)));
@@ -800,11 +813,11 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(|:invalid)
         for (int part = 0; part < parts; part++) {
             const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
-            char *p = scratch + (size_t)ra_thread_id() * per_thread;
-            FN(TopScratch) ts;
-            FN(top_scratch)(n, w, cb, cap, p, &ts);
-            T *xs = (T *)(p + sz_top), *tile = xs + (size_t)RA_ROWS * d;
-            T *cols = (T *)(p + sz_top + sz_rows);
+            FN(AssignTopTile) at;
+            FN(assign_top_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, n,
+                                w, d, cb, cap, &at);
+            FN(TopScratch) ts = at.ts;
+            T *xs = at.x, *tile = at.scores, *cols = at.cols;
             int64_t *lab = unit_lab + (size_t)part * n;
             T *top = unit_best + (size_t)part * n;
             /* 1. thresholds from the sampled rows */
@@ -928,12 +941,13 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
         const ptrdiff_t b = unit / nblk;
         const int i0 = (int)(unit % nblk) * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
         const T *pt = (const T *)(packs + b * per_problem), *thr = pt + (size_t)d * bits;
-        T *xs = (T *)(scratch + (size_t)ra_thread_id() * per_thread);
-        T *s = xs + (size_t)RA_ROWS * d;
+        FN(AssignTile) t;
+        FN(assign_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, bits, &t);
+        T *xs = t.x, *s = t.scores;
         RaVec out = ra_vec_at(codes, b);
         FN(ra_gather)(ra_mat_at(x, b), NULL, i0, rows, d, 1, 0, xs, d);
         K->gemm(rows, bits, d, xs, d, pt, bits, s, bits, 0);
-        int64_t *code = (int64_t *)(s + (size_t)RA_ROWS * bits + RA_ROWS);  /* labels slot */
+        int64_t *code = t.arg;
         K->threshold_bits(rows, bits, s, bits, thr, code);
         for (int r = 0; r < rows; r++) RA_VEC_AT(int64_t, out, i0 + r) = code[r];
     }
