@@ -402,29 +402,13 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                       ts * G * e, ts, (char *)(p->part_lse + (ptrdiff_t)c0 * G + g), ts * G);
 }
 
-/* Merge cluster c's G key-group softmaxes: lse_c = log Σ_g exp(lse_g), o_c = Σ_g
- * exp(lse_g − lse_c)·o_g, in group order.  A row that saw no key: o_c = 0, lse_c = -inf. */
+/* Merge cluster c's G key-group softmaxes (the engine's log-sum-exp merge, in group
+ * order): lse_c and o_c.  A row that saw no key: o_c = 0, lse_c = -inf. */
 static void FN(cl_centroid_merge)(const FN(ClProblem) *p, int c, int G, int e)
 {
-    const T *lg = p->part_lse + (ptrdiff_t)c * G, *og = p->part_o + (ptrdiff_t)c * G * e;
-    T *o = p->oc + (ptrdiff_t)c * e, mx = -INFINITY, total = 0;
-    int nan = 0;
-    for (int g = 0; g < G; g++) {
-        nan |= lg[g] != lg[g];
-        if (lg[g] > mx) mx = lg[g];
-    }
-    memset(o, 0, sizeof(T) * (size_t)e);
-    if (mx == -INFINITY && !nan) {
-        p->lsec[c] = -INFINITY;
-        return;
-    }
-    for (int g = 0; g < G; g++) {
-        const T wg = (T)exp(lg[g] - mx);
-        total += wg;
-        for (int f = 0; f < e; f++) o[f] += wg * og[(ptrdiff_t)g * e + f];
-    }
-    for (int f = 0; f < e; f++) o[f] /= total;
-    p->lsec[c] = mx + (T)log(total);
+    p->lsec[c] = FN(ra_lse_merge)(G, NULL, p->part_lse + (ptrdiff_t)c * G,
+                                  p->part_o + (ptrdiff_t)c * G * e, e,
+                                  (char *)(p->oc + (ptrdiff_t)c * e), sizeof(T));
 }
 
 /* Backward of the centroid softmax a_c·V over key blocks [t0, t1) (group g): writes

@@ -167,6 +167,14 @@ enum {
     void ra_attend_backward_##SUF(const KT *K, RaQGradTile_##SUF *g, const RaKeys_##SUF *keys,\
                                   T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d,     \
                                   int e, int flags, const uint8_t *self_only);            \
+    /* The one log-sum-exp merge of softmaxes over disjoint key sets: rows at[t] (t when\
+       at is NULL), t < count, of lse and of o (normalised outputs, (·, e) contiguous) -> \
+       out (e, byte stride os) = Σ_t exp(lse_t − L)·o_t, computed as Σ_t w_t·o_t / Σ_t w_t \
+       with w_t = exp(lse_t − max), in order t = 0, 1, ...; returns L = log Σ_t exp(lse_t).\
+       Nothing seen (count 0 or every lse -inf): out 0, L -inf; a NaN lse: NaN.  With o \
+       NULL only L is computed. */                                                        \
+    T ra_lse_merge_##SUF(int count, const int64_t *at, const T *lse, const T *o, int e,    \
+                         char *out, ptrdiff_t os);                                        \
     /* out = acc / sum (0 when nothing was visible), lse = mx + log(sum) (-inf); both    \
        written through byte strides; lse may be NULL */                                   \
     void ra_fwd_finish_##SUF(const RaQTile_##SUF *qt, int e, char *out, ptrdiff_t os0,   \

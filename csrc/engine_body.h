@@ -470,3 +470,35 @@ void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *k
     for (int r = 0; self_only && r < g->rows; r++)
         if (self_only[r]) FN(self_fallback_backward)(g, keys, r, dk, lddk, dv, lddv, d, e);
 }
+
+T FN(ra_lse_merge)(int count, const int64_t *at, const T *lse, const T *o, int e, char *out,
+                   ptrdiff_t os)
+{
+    T mx = -INFINITY, total = 0;
+    int nan = 0;
+    for (int t = 0; t < count; t++) {
+        const T l = lse[at ? at[t] : t];
+        nan |= l != l;
+        if (l > mx) mx = l;
+    }
+    const int contiguous = os == (ptrdiff_t)sizeof(T);
+    if (o) {
+        if (contiguous) memset(out, 0, sizeof(T) * (size_t)e);
+        else for (int f = 0; f < e; f++) *(T *)(out + f * os) = 0;
+    }
+    if (mx == -INFINITY && !nan) return -INFINITY;
+    for (int t = 0; t < count; t++) {
+        const int64_t row = at ? at[t] : t;
+        const T w = (T)exp(lse[row] - mx);
+        total += w;
+        if (!o) continue;
+        const T *ot = o + row * e;
+        if (contiguous) for (int f = 0; f < e; f++) ((T *)out)[f] += w * ot[f];
+        else for (int f = 0; f < e; f++) *(T *)(out + f * os) += w * ot[f];
+    }
+    if (o) {
+        if (contiguous) for (int f = 0; f < e; f++) ((T *)out)[f] /= total;
+        else for (int f = 0; f < e; f++) *(T *)(out + f * os) /= total;
+    }
+    return mx + (T)log(total);
+}

@@ -99,7 +99,8 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
 }
 
 /* ------------------------------------------------------------------ 3. merge (forward) */
-/* Token i: out = mean of its rows, or Σ exp(l_c - L) o_c with L = logsumexp l_c. */
+/* Token i: its rows merged by the engine's log-sum-exp merge (lse), or their mean with
+ * the same L = logsumexp l_c as lse; in no cluster: 0 and -inf. */
 static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuffers) *buf,
                                     int64_t i, int merge_lse, RaMat out, RaVec lse)
 {
@@ -114,28 +115,21 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
         RA_VEC_AT(T, lse, i) = buf->l_slot[P->q_occ[a]];
         return;
     }
-    T mx = -INFINITY;
-    for (int64_t t = a; t < z; t++) {
-        const T l = buf->l_slot[P->q_occ[t]];
-        if (l > mx || l != l) mx = l;
-    }
-    T total = 0;
-    for (int64_t t = a; t < z; t++)
-        total += (mx == -INFINITY) ? 0 : exp(buf->l_slot[P->q_occ[t]] - mx);
-    const T L = (total == 0) ? -INFINITY : mx + log(total);
+    const int count = (int)(z - a);
+    const T L = FN(ra_lse_merge)(count, P->q_occ + a, buf->l_slot, merge_lse ? buf->o_slot : NULL,
+                                 e, (char *)dst, out.s1);
+    RA_VEC_AT(T, lse, i) = L;
+    if (merge_lse) return;
     if (z == a)                                /* in no cluster: 0 */
         for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = 0;
-    for (int64_t t = a; t < z; t++) {          /* Σ wgt·o, from 0, in cluster order */
-        const int64_t slot = P->q_occ[t];
-        const T wgt = merge_lse ? (L == -INFINITY ? 0 : exp(buf->l_slot[slot] - L))
-                                : (T)1 / (T)(z - a);
-        const T *o = buf->o_slot + slot * e;
+    const T wgt = (T)1 / (T)count;
+    for (int64_t t = a; t < z; t++) {          /* the mean: Σ o / count, in cluster order */
+        const T *o = buf->o_slot + P->q_occ[t] * e;
         if (contiguous && t == a) for (int c = 0; c < e; c++) dst[c] = 0 + wgt * o[c];
         else if (contiguous) for (int c = 0; c < e; c++) dst[c] += wgt * o[c];
         else for (int c = 0; c < e; c++)
             RA_MAT_AT(T, out, i, c) = (t == a ? 0 : RA_MAT_AT(T, out, i, c)) + wgt * o[c];
     }
-    RA_VEC_AT(T, lse, i) = L;
 }
 
 /* Forward of one problem: attend per cluster (parallel), then merge per token (parallel)

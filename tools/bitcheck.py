@@ -120,7 +120,11 @@ def compare(a, b):
           f"{len(names)} functions: {', '.join(names)}")
     for key in bad[:20]:
         print(f"DIFFERENT: {key}")
-    print(f"{len(bad)} differ")
+    by_function = {}
+    for key in bad:
+        by_function[key.split(":")[0]] = by_function.get(key.split(":")[0], 0) + 1
+    per = ", ".join(f"{name} {count}" for name, count in sorted(by_function.items()))
+    print(f"{len(bad)} differ" + (f" ({per})" if per else ""))
     return 1 if bad or not shared else 0
 
 
