@@ -423,3 +423,95 @@ class LayerCalls:
                 "y, ctx = layer.forward(q, k, v); ...; dq, dk, dv = layer.backward(dout, ctx)")
         self._calls = 0
         return self._kept
+
+
+# ------------------------------------------------------------------ shared argument checks
+def one_of(name, value, choices):
+    """value, which must be one of `choices` (a keyword such as plan, merge, membership)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def dout_shape(dout, n, e):
+    """dout must match the attention output's core shape (n, e)."""
+    if dout.shape[-2:] != (n, e):
+        raise ValueError(f"dout must have shape (..., n, e) = (..., {n}, {e}) like the attention "
+                         f"output; got {dout.shape}")
+
+
+def int_array(name, a, min_rank=1):
+    """An integer array as int64 (uint64 bit patterns are kept), naming the argument."""
+    arr = as_array(name, a)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype}")
+    if arr.ndim < min_rank:
+        raise ValueError(f"{name} must have at least {min_rank} dimension(s); got shape {arr.shape}")
+    if arr.dtype == np.uint64:
+        return arr.view(np.int64)
+    return arr.astype(np.int64, copy=False)
+
+
+def labels_array(labels, n, n_clusters, rows="rows"):
+    """(..., n) int64 cluster labels, each in [-1, n_clusters) (-1 = no cluster)."""
+    lab = int_array("labels", labels)
+    if lab.shape[-1] != n:
+        raise ValueError(f"labels must have shape (..., {n}) to match the {rows}; got {lab.shape}")
+    if lab.size and (lab.min() < -1 or lab.max() >= n_clusters):
+        raise ValueError(f"labels must lie in [-1, n_clusters) = [-1, {n_clusters}) (-1 = no "
+                         f"cluster); got values in [{lab.min()}, {lab.max()}]")
+    return lab
+
+
+def cluster_count(value, n, name, shape=None, rows="rows"):
+    """n_clusters in [1, n] for the n `rows` of `name`, saying which bound failed."""
+    c = integer("n_clusters", value, 1)
+    where = f" of {name} (shape {shape})" if shape is not None else ""
+    if n == 0 and shape is not None:
+        raise ValueError(f"{name} has no rows (shape {shape}): k-means needs at least "
+                         f"n_clusters = {c} of them")
+    if c > n:
+        raise ValueError(f"n_clusters must be <= the number of {rows} n = {n}{where}; got {c}")
+    return c
+
+
+def decay_value(decay):
+    """The EMA decay of centroid updates, a real number in [0, 1]."""
+    try:
+        v = float(decay)
+    except (TypeError, ValueError):
+        raise TypeError(f"decay must be a number in [0, 1]; got {decay!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")
+    return v
+
+
+def same_features(a_name, a, b_name, b):
+    """Two arrays with the same feature size d (their last axis)."""
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"{a_name} and {b_name} must have the same feature size d: {a_name} "
+                         f"has shape {a.shape}, {b_name} has shape {b.shape}")
+
+
+def member_lists(name, idx, length):
+    """A (..., c, w) membership array: entries in [-1, length), no position repeated inside
+    one cluster's list.  Returns it as int64."""
+    arr = as_array(name, idx)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array of positions (-1 = empty slot); "
+                        f"got dtype {arr.dtype}")
+    if arr.ndim < 2:
+        raise ValueError(f"{name} must have shape (..., n_clusters, size); got {arr.shape}")
+    bad = (arr < -1) | (arr >= length)        # before the cast: uint64 must not wrap to -1
+    if bad.any():
+        raise ValueError(f"{name} has entries outside [-1, {length}): first offender "
+                         f"{int(arr[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.shape[-1] > 1:
+        s = np.sort(arr, axis=-1)
+        dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
+        if dup.any():
+            where = tuple(int(i) for i in np.argwhere(dup)[0][:-1])
+            raise ValueError(f"{name} repeats a position inside the list of cluster {where}")
+    return arr
+

@@ -8,8 +8,9 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
-                      as_matrix, batch_shape, check_out, flag, float_dtype, integer, mask_fits,
-                      mask_record, qkv_arrays, saved_arrays, scale_value, unbroadcast)
+                      as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
+                      float_dtype, integer, labels_array, mask_fits, mask_record, qkv_arrays,
+                      saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -21,19 +22,9 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     n, m = q.shape[-2], k.shape[-2]
-    n_clusters = integer("n_clusters", n_clusters, low=1)
-    if n_clusters > n:
-        raise ValueError(f"n_clusters must be <= the number of queries n = {n}; got {n_clusters}")
+    n_clusters = cluster_count(n_clusters, n, "q", rows="queries")
     topk = 0 if topk is None else integer("topk", topk, low=1)
-    labels = as_array("labels", labels)
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"labels must be an integer array; got dtype {labels.dtype}")
-    if labels.ndim < 1 or labels.shape[-1] != n:
-        raise ValueError(f"labels must have shape (..., {n}) to match the queries; got {labels.shape}")
-    if labels.size and (labels.min() < -1 or labels.max() >= n_clusters):
-        raise ValueError(f"labels must lie in [-1, n_clusters) = [-1, {n_clusters}); got values "
-                         f"in [{labels.min()}, {labels.max()}]")
-    labels = labels.astype(np.int64, copy=False)
+    labels = labels_array(labels, n, n_clusters, rows="queries")
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
@@ -106,9 +97,7 @@ def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, sa
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     n, e = q.shape[-2], v.shape[-1]
-    if dout.shape[-2:] != (n, e):
-        raise ValueError(f"dout must have shape (..., n, e) = (..., {n}, {e}) like the "
-                         f"attention output; got {dout.shape}")
+    dout_shape(dout, n, e)
     dtypes = {key: np.int64 if key == "topk_index" else q.dtype for key in SAVED_KEYS}
     arrays = saved_arrays(saved, SAVED_KEYS, batch, _saved_shapes(C, min(topk, k.shape[-2]), e),
                           dtypes)

@@ -10,8 +10,9 @@ of -1 means "in no cluster" (padding).
 import numpy as np
 
 from . import _ext
-from ._checks import (as_array, as_bool_mask, as_matrix, batch_shape, check_out, flag,
-                      float_dtype, integer)
+from ._checks import (as_array, as_bool_mask, as_matrix, batch_shape, check_out, cluster_count,
+                      decay_value, flag, float_dtype, int_array, integer, labels_array,
+                      same_features)
 
 __all__ = ["spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
            "top_members", "assign_top_members", "members_from_labels", "lsh_hash",
@@ -31,58 +32,6 @@ def _mask(mask, n):
 def _seed(seed):
     s = integer("seed", seed, 0, 2**64 - 1)
     return np.uint64(s)
-
-
-def _int_array(name, a, min_rank=1):
-    """An integer array as int64 (uint64 bit patterns are kept), naming the argument."""
-    arr = as_array(name, a)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype}")
-    if arr.ndim < min_rank:
-        raise ValueError(f"{name} must have at least {min_rank} dimension(s); got shape {arr.shape}")
-    if arr.dtype == np.uint64:
-        return arr.view(np.int64)
-    return arr.astype(np.int64, copy=False)
-
-
-def _labels(labels, n, n_clusters):
-    """(…, n) int64 labels, each in [-1, n_clusters)."""
-    lab = _int_array("labels", labels)
-    if lab.shape[-1] != n:
-        raise ValueError(f"labels must have shape (..., {n}) to match the rows; got {lab.shape}")
-    if lab.size and (lab.min() < -1 or lab.max() >= n_clusters):
-        raise ValueError(f"labels must be in [-1, {n_clusters}) (n_clusters = {n_clusters}, "
-                         f"-1 = no cluster); got values in [{lab.min()}, {lab.max()}]")
-    return lab
-
-
-def _n_clusters(value, n, name, shape):
-    """n_clusters in [1, n] for the n rows of `name` (of `shape`), with a message that
-    says which bound failed."""
-    c = integer("n_clusters", value, 1)
-    if n == 0:
-        raise ValueError(f"{name} has no rows (shape {shape}): k-means needs at least "
-                         f"n_clusters = {c} of them")
-    if c > n:
-        raise ValueError(f"n_clusters must be <= the number of rows n = {n} of {name} (shape "
-                         f"{shape}); got {c}")
-    return c
-
-
-def _decay(decay):
-    try:
-        v = float(decay)
-    except (TypeError, ValueError):
-        raise TypeError(f"decay must be a real number; got {decay!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"decay must be in [0, 1]; got {decay!r}")
-    return v
-
-
-def _same_d(a_name, a, b_name, b):
-    if a.shape[-1] != b.shape[-1]:
-        raise ValueError(f"{a_name} and {b_name} must have the same feature size d: {a_name} "
-                         f"has shape {a.shape}, {b_name} has shape {b.shape}")
 
 
 # ------------------------------------------------------------------ spherical k-means
@@ -123,7 +72,7 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     dtype = float_dtype(x=x) if init is None else float_dtype(x=x, init=init)
     x = as_matrix("x", x, dtype)
     n, d = x.shape[-2:]
-    c = _n_clusters(n_clusters, n, "x", x.shape)
+    c = cluster_count(n_clusters, n, "x", x.shape)
     iters = integer("iters", iters, 0)
     seed = _seed(seed)
     m = _mask(mask, n)
@@ -156,7 +105,7 @@ def _rows_and_centroids(x, centroids):
     dtype = float_dtype(x=x, centroids=centroids)
     x = as_matrix("x", x, dtype)
     cent = as_matrix("centroids", centroids, dtype)
-    _same_d("x", x, "centroids", cent)
+    same_features("x", x, "centroids", cent)
     if cent.shape[-2] < 1:
         raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
     return x, cent, dtype, batch_shape(x=(x, 2), centroids=(cent, 2))
@@ -222,11 +171,11 @@ def update_centroids(centroids, x, labels, *, decay=0.999, mask=None, out=None):
     dtype = float_dtype(centroids=centroids, x=x)
     cent = as_matrix("centroids", centroids, dtype)
     x = as_matrix("x", x, dtype)
-    _same_d("centroids", cent, "x", x)
+    same_features("centroids", cent, "x", x)
     c, (n, d) = cent.shape[-2], x.shape[-2:]
-    lab = _labels(labels, n, c)
+    lab = labels_array(labels, n, c)
     m = _mask(mask, n)
-    dec = dtype.type(_decay(decay))
+    dec = dtype.type(decay_value(decay))
     xb = batch_shape(x=(x, 2), labels=(lab, 1), mask=(m, 1))
     extra = len(xb) - (cent.ndim - 2)
     if extra > 0:
@@ -259,8 +208,8 @@ def commitment_loss(x, centroids, labels, *, mask=None):
     dtype = float_dtype(x=x, centroids=centroids)
     x = as_matrix("x", x, dtype)
     cent = as_matrix("centroids", centroids, dtype)
-    _same_d("x", x, "centroids", cent)
-    lab = _labels(labels, x.shape[-2], cent.shape[-2])
+    same_features("x", x, "centroids", cent)
+    lab = labels_array(labels, x.shape[-2], cent.shape[-2])
     m = _mask(mask, x.shape[-2])
     batch_shape(x=(x, 2), centroids=(cent, 2), labels=(lab, 1), mask=(m, 1))
     return _ext._commitment_loss(x, cent, lab, m)
@@ -350,8 +299,8 @@ def members_from_labels(labels, n_clusters, *, max_size=None):
         max_size < 0.
     """
     c = integer("n_clusters", n_clusters, 1)
-    lab = _int_array("labels", labels)
-    lab = _labels(lab, lab.shape[-1], c)
+    lab = int_array("labels", labels)
+    lab = labels_array(lab, lab.shape[-1], c)
     n = lab.shape[-1]
     if max_size is None and lab.size == 0:      # no rows (or no problems): empty lists
         s = 0
@@ -407,9 +356,9 @@ def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_cen
         Non-integer codes, n_clusters outside [1, n], iters < 0, a seed outside
         [0, 2**64), a mask of the wrong shape.
     """
-    cd = _int_array("codes", codes)
+    cd = int_array("codes", codes)
     n = cd.shape[-1]
-    c = _n_clusters(n_clusters, n, "codes", cd.shape)
+    c = cluster_count(n_clusters, n, "codes", cd.shape)
     iters = integer("iters", iters, 0)
     seed = _seed(seed)
     m = _mask(mask, n)

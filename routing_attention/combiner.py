@@ -10,8 +10,8 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
-                      check_out, flag, integer, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
-                      scale_value, unbroadcast)
+                      check_out, dout_shape, flag, integer, one_of, plain_qkv, plain_scale,
+                      qkv_arrays, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -26,8 +26,7 @@ def _default_block(n):
 
 
 def _prepare(q, k, v, plan, block, causal, scale):
-    if not isinstance(plan, str) or plan not in _PLAN_CODE:
-        raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
+    one_of("plan", plan, PLANS)
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     if k.shape[-2] != q.shape[-2]:
@@ -149,9 +148,7 @@ def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     expected = (q.shape[-2], v.shape[-1])
-    if dout.shape[-2:] != expected:
-        raise ValueError(f"dout must have shape (..., n, e) = (..., {expected[0]}, {expected[1]}) "
-                         f"like the attention output; got {dout.shape}")
+    dout_shape(dout, *expected)
     batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2))
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     arrays = saved_arrays(saved, SAVED_KEYS, batch, dict(output=expected, lse=expected[:1]),
@@ -181,8 +178,7 @@ class CombinerAttention(LayerCalls):
     """
 
     def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):
-        if not isinstance(plan, str) or plan not in _PLAN_CODE:
-            raise ValueError(f"plan must be one of {', '.join(PLANS)}; got {plan!r}")
+        one_of("plan", plan, PLANS)
         self.plan, self.block, self.causal, self.scale = plan, block, flag("causal", causal), scale
 
     def _run(self, q, k, v, reuse):

@@ -2,9 +2,9 @@
 import numpy as np
 
 from . import _ext
-from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape, check_out,
-                      flag, mask_fits, mask_record, plain_qkv, plain_scale, qkv_arrays,
-                      scale_value, unbroadcast)
+from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
+                      check_out, dout_shape, flag, mask_fits, mask_record, plain_qkv,
+                      plain_scale, qkv_arrays, scale_value, unbroadcast)
 
 __all__ = ["attention", "attention_backward"]
 
@@ -128,9 +128,7 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
     kw.check(_keywords(causal, mask, use_mask, scale))
     dout = as_matrix("dout", dout, q.dtype)
     expected = batch + (q.shape[-2], v.shape[-1])
-    if dout.shape[-2:] != expected[-2:]:
-        raise ValueError(f"dout must have shape (..., n, e) = (..., {expected[-2]}, {expected[-1]}) "
-                         f"like the attention output; got {dout.shape}")
+    dout_shape(dout, *expected[-2:])
     batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
     if lse is None or output is None:
         output, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal)

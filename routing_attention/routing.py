@@ -3,8 +3,9 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
-                      as_matrix, batch_shape, check_out, core_size, flag, float_dtype, integer,
-                      mask_fits, qkv_arrays, saved_arrays, scale_value, unbroadcast)
+                      as_matrix, batch_shape, check_out, core_size, decay_value, dout_shape,
+                      flag, float_dtype, integer, mask_fits, member_lists, one_of, qkv_arrays,
+                      saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -14,27 +15,7 @@ DEFAULTS = dict(causal=False, exclude_self=False, merge="mean", scale=None)
 LOCAL_DEFAULTS = dict(window=None, causal=False, scale=None)
 
 
-def check_members(name, idx, length):
-    """Validate a (..., c, w) membership array: int64 entries in [-1, length), no index
-    repeated inside one cluster's list.  Returns it as an int64 array."""
-    arr = as_array(name, idx)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be an integer array of positions (-1 = empty slot); "
-                        f"got dtype {arr.dtype}")
-    if arr.ndim < 2:
-        raise ValueError(f"{name} must have shape (..., n_clusters, size); got {arr.shape}")
-    bad = (arr < -1) | (arr >= length)        # before the cast: uint64 must not wrap to -1
-    if bad.any():
-        raise ValueError(f"{name} has entries outside [-1, {length}): first offender "
-                         f"{int(arr[bad][0])} at {tuple(int(i) for i in np.argwhere(bad)[0])}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.shape[-1] > 1:
-        s = np.sort(arr, axis=-1)
-        dup = (s[..., 1:] == s[..., :-1]) & (s[..., 1:] >= 0)
-        if dup.any():
-            where = tuple(int(i) for i in np.argwhere(dup)[0][:-1])
-            raise ValueError(f"{name} repeats a position inside the list of cluster {where}")
-    return arr
+check_members = member_lists     # the public name of the membership check (_checks.py)
 
 
 def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
@@ -45,8 +26,7 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
     if q_idx.shape[-2] != k_idx.shape[-2]:
         raise ValueError(f"q_idx and k_idx must list the same number of clusters: "
                          f"{q_idx.shape[-2]} vs {k_idx.shape[-2]}")
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}; got {merge!r}")
+    one_of("merge", merge, MERGES)
     batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
     return (q, k, v, q_idx, k_idx, flag("causal", causal), flag("exclude_self", exclude_self),
             merge == "lse", scale_value(scale, q.shape[-1], dtype))
@@ -152,9 +132,7 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, excl
     kw.check(_keywords(causal, exclude_self, lse_merge, scale))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
-    if dout.shape[-2:] != (q.shape[-2], v.shape[-1]):
-        raise ValueError(f"dout must have shape (..., n, e) = (..., {q.shape[-2]}, {v.shape[-1]}) "
-                         f"like the output; got {dout.shape}")
+    dout_shape(dout, q.shape[-2], v.shape[-1])
     batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
     # the forward's statistics have its batch axes (dout may add more: they broadcast)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
@@ -343,10 +321,8 @@ class RoutingAttention(LayerCalls):
     def __init__(self, n_clusters=None, *, local_heads=0, window=None, shared_qk=False,
                  causal=False, membership="balanced", w=None, merge="mean", decay=0.999,
                  kmeans_iters=10, seed=0, scale=None):
-        if membership not in ("balanced", "argmax"):
-            raise ValueError(f"membership must be 'balanced' or 'argmax'; got {membership!r}")
-        if merge not in MERGES:
-            raise ValueError(f"merge must be one of {MERGES}; got {merge!r}")
+        one_of("membership", membership, ("balanced", "argmax"))
+        one_of("merge", merge, MERGES)
         self.n_clusters = None if n_clusters is None else integer("n_clusters", n_clusters, low=1)
         self.local_heads = integer("local_heads", local_heads, low=0)
         self.window = None if window is None else integer("window", window, low=1)
@@ -354,12 +330,7 @@ class RoutingAttention(LayerCalls):
         self.shared_qk = flag("shared_qk", shared_qk)
         self.causal = flag("causal", causal)
         self.membership, self.merge = membership, merge
-        try:
-            self.decay = float(decay)
-        except (TypeError, ValueError):
-            raise TypeError(f"decay must be a number in [0, 1]; got {decay!r}") from None
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must lie in [0, 1]; got {decay!r}")
+        self.decay = decay_value(decay)
         self.kmeans_iters = integer("kmeans_iters", kmeans_iters, low=0)
         self.seed, self.scale = integer("seed", seed, 0, 2**64 - 1), scale
         self.training = True
