@@ -13,6 +13,7 @@
 #include <numpy/ufuncobject.h>
 
 #include "methods.h"
+#include "gufuncs_gen.h"
 
 int ra_requested_threads = 0;
 int ra_omp_started = 0, ra_omp_broken = 0;
@@ -57,55 +58,65 @@ static int ra_dims_fit(const npy_intp *dims, int count, const char *where)
     return 1;
 }
 
-/* Views over operand `a` of the loop: outer stride steps[a], core strides from `core`. */
-#define BMAT(a, core) ((RaBMat){args[a], steps[a], steps[core], steps[(core) + 1]})
-#define BVEC(a, core) ((RaBVec){args[a], steps[a], steps[core]})
-#define BSCALAR(a) ((RaBVec){args[a], steps[a], 0})
+/* Operands by name.  Each adapter is instantiated with GF defined as its gufunc's name;
+ * gufuncs_gen.h (generated from the operand table in tools/gen_gufuncs.py) gives every
+ * operand x of gufunc GF its index GF_x in args and steps, GF_x_core the index in steps of
+ * its first core stride, and GF_dim_n the index in dims of core dimension n. */
+#define RA_CAT_(a, b) a##_##b
+#define RA_CAT(a, b) RA_CAT_(a, b)
+#define OPND(x) RA_CAT(GF, x)
+#define OPND_CORE(x) RA_CAT(GF, x##_core)
+#define ARG(x) args[OPND(x)]
+#define STEP(x) steps[OPND(x)]
+#define CORE(x) (steps + OPND_CORE(x))
+#define DIM(x) dims[RA_CAT(GF, dim_##x)]
+#define MAT(x) ((RaBMat){ARG(x), STEP(x), steps[OPND_CORE(x)], steps[OPND_CORE(x) + 1]})
+#define VEC(x) ((RaBVec){ARG(x), STEP(x), steps[OPND_CORE(x)]})
+#define SCALAR(x) ((RaBVec){ARG(x), STEP(x), 0})
+#define FLAG(x) (*(npy_bool *)ARG(x) != 0)
 
 /* ------------------------------------------------------------------ dense attention */
-/* (n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n)
- * q, k, v, key_mask, use_mask, scale, causal -> out, lse */
 #define ATTENTION_FORWARD_LOOP(SUF)                                                       \
-    static void attention_forward_loop_##SUF(char **args, npy_intp const *dims,          \
-                                             npy_intp const *steps, void *data)          \
+    static void attention_forward_loop_##SUF(char **args, npy_intp const *dims,           \
+                                             npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 4, "attention")) return;                               \
-        const int n = (int)dims[1], d = (int)dims[2], m = (int)dims[3], e = (int)dims[4]; \
-        /* operands 0..8, core strides from steps[9] on */                               \
+        const int n = (int)DIM(n), d = (int)DIM(d), m = (int)DIM(m), e = (int)DIM(e);     \
         if (dims[0] == 0) return;                                                         \
         /* use_mask is one scalar for the whole call (the wrapper passes a bool) */       \
-        RaBVec mask = BVEC(3, 15);                                                        \
-        if (!*(npy_bool *)args[4]) mask.data = NULL;                                      \
-        int st = ra_attention_forward_##SUF(dims[0], n, m, d, e, BMAT(0, 9), BMAT(1, 11), \
-                                            BMAT(2, 13), mask, BSCALAR(5), BSCALAR(6),    \
-                                            BMAT(7, 16), BVEC(8, 18));                    \
+        RaBVec mask = VEC(key_mask);                                                      \
+        if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
+        int st = ra_attention_forward_##SUF(dims[0], n, m, d, e, MAT(q), MAT(k),          \
+                                            MAT(v), mask, SCALAR(scale), SCALAR(causal),  \
+                                            MAT(out), VEC(lse));                          \
         ra_raise(st, "attention");                                                        \
     }
+#define GF attention_forward
 ATTENTION_FORWARD_LOOP(f32)
 ATTENTION_FORWARD_LOOP(f64)
+#undef GF
 
-/* (n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),()->(n,d),(m,d),(m,e)
- * dout, q, k, v, key_mask, use_mask, out, lse, scale, causal -> dq, dk, dv */
 #define ATTENTION_BACKWARD_LOOP(SUF)                                                      \
-    static void attention_backward_loop_##SUF(char **args, npy_intp const *dims,         \
-                                              npy_intp const *steps, void *data)         \
+    static void attention_backward_loop_##SUF(char **args, npy_intp const *dims,          \
+                                              npy_intp const *steps, void *data)          \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 4, "attention_backward")) return;                      \
-        const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3], m = (int)dims[4]; \
-        /* operands 0..12, core strides from steps[13] on */                             \
+        const int n = (int)DIM(n), e = (int)DIM(e), d = (int)DIM(d), m = (int)DIM(m);     \
         if (dims[0] == 0) return;                                                         \
-        RaBVec mask = BVEC(4, 21);                                                        \
-        if (!*(npy_bool *)args[5]) mask.data = NULL;                                      \
-        int st = ra_attention_backward_##SUF(dims[0], n, m, d, e, BMAT(0, 13), BMAT(1, 15),\
-                                             BMAT(2, 17), BMAT(3, 19), mask, BMAT(6, 22), \
-                                             BVEC(7, 24), BSCALAR(8), BSCALAR(9),         \
-                                             BMAT(10, 25), BMAT(11, 27), BMAT(12, 29));   \
+        RaBVec mask = VEC(key_mask);                                                      \
+        if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
+        int st = ra_attention_backward_##SUF(dims[0], n, m, d, e, MAT(dout), MAT(q),      \
+                                             MAT(k), MAT(v), mask, MAT(out),              \
+                                             VEC(lse), SCALAR(scale), SCALAR(causal),     \
+                                             MAT(dq), MAT(dk), MAT(dv));                  \
         ra_raise(st, "attention_backward");                                               \
     }
+#define GF attention_backward
 ATTENTION_BACKWARD_LOOP(f32)
 ATTENTION_BACKWARD_LOOP(f64)
+#undef GF
 
 /* ------------------------------------------------------------------ routing attention */
 /* Is a core block of `nd` axes with sizes dims and byte strides steps C-contiguous for
@@ -128,119 +139,113 @@ static void ra_raise_layout(const char *where, const char *what)
     NPY_DISABLE_C_API
 }
 
-/* (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)
- * q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse
- *   -> out, lse, slot_out, slot_lse, slot_self */
 #define ROUTING_FORWARD_LOOP(SUF, T)                                                      \
-    static void routing_forward_loop_##SUF(char **args, npy_intp const *dims,            \
-                                           npy_intp const *steps, void *data)            \
+    static void routing_forward_loop_##SUF(char **args, npy_intp const *dims,             \
+                                           npy_intp const *steps, void *data)             \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention")) return;       \
-        /* operands 0..13, core strides from steps[14] on; dims n d m e c w u */          \
-        const npy_intp cwe[3] = {dims[5], dims[6], dims[4]}, cw[2] = {dims[5], dims[6]};   \
-        if (!ra_core_contiguous(cwe, steps + 27, 3, sizeof(T)) ||                         \
-            !ra_core_contiguous(cw, steps + 30, 2, sizeof(T)) ||                          \
-            !ra_core_contiguous(cw, steps + 32, 2, 1)) {                                  \
+        const npy_intp cwe[3] = {DIM(c), DIM(w), DIM(e)}, cw[2] = {DIM(c), DIM(w)};       \
+        if (!ra_core_contiguous(cwe, CORE(slot_out), 3, sizeof(T)) ||                     \
+            !ra_core_contiguous(cw, CORE(slot_lse), 2, sizeof(T)) ||                      \
+            !ra_core_contiguous(cw, CORE(slot_self), 2, 1)) {                             \
             ra_raise_layout("routing_attention", "the slot statistics outputs");          \
             return;                                                                       \
         }                                                                                 \
-        RaRoutingSlots slots = {args[11], args[12], args[13], steps[11], steps[12],       \
-                                steps[13]};                                               \
+        RaRoutingSlots slots = {ARG(slot_out), ARG(slot_lse), ARG(slot_self), STEP(slot_out), STEP(slot_lse), \
+                                STEP(slot_self)};                                         \
         int st = ra_routing_forward_##SUF(                                                \
-            dims[0], (int)dims[1], (int)dims[3], (int)dims[2], (int)dims[4], (int)dims[5], \
-            (int)dims[6], (int)dims[7], BMAT(0, 14), BMAT(1, 16), BMAT(2, 18), BMAT(3, 20),\
-            BMAT(4, 22), BSCALAR(5), BSCALAR(6), BSCALAR(7), BSCALAR(8), BMAT(9, 24),     \
-            BVEC(10, 26), slots);                                                         \
+            dims[0], (int)DIM(n), (int)DIM(m), (int)DIM(d), (int)DIM(e), (int)DIM(c),     \
+            (int)DIM(w), (int)DIM(u), MAT(q), MAT(k), MAT(v), MAT(q_idx),                 \
+            MAT(k_idx), SCALAR(scale), SCALAR(causal), SCALAR(exclude_self), SCALAR(merge_lse), MAT(out), \
+            VEC(lse), slots);                                                             \
         ra_raise(st, "routing_attention");                                                \
     }
+#define GF routing_forward
 ROUTING_FORWARD_LOOP(f32, float)
 ROUTING_FORWARD_LOOP(f64, double)
+#undef GF
 
-/* (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()
- *   ->(n,d),(m,d),(m,e)
- * dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved,
- * scale, causal, exclude_self, merge_lse -> dq, dk, dv */
 #define ROUTING_BACKWARD_LOOP(SUF, T)                                                     \
-    static void routing_backward_loop_##SUF(char **args, npy_intp const *dims,           \
-                                            npy_intp const *steps, void *data)           \
+    static void routing_backward_loop_##SUF(char **args, npy_intp const *dims,            \
+                                            npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
-        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention_backward")) return;\
-        /* operands 0..18, core strides from steps[19] on; dims n e d m c w u */          \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention_backward")) return; \
         RaRoutingSlots saved = {NULL, NULL, NULL, 0, 0, 0};                               \
-        if (*(npy_bool *)args[11]) {   /* use_saved: one scalar for the whole call */     \
-            const npy_intp ne[2] = {dims[1], dims[2]}, n1[1] = {dims[1]};                  \
-            const npy_intp cwe[3] = {dims[5], dims[6], dims[2]}, cw[2] = {dims[5], dims[6]};\
-            if (!ra_core_contiguous(ne, steps + 31, 2, sizeof(T)) ||                      \
-                !ra_core_contiguous(n1, steps + 33, 1, sizeof(T)) ||                      \
-                !ra_core_contiguous(cwe, steps + 34, 3, sizeof(T)) ||                     \
-                !ra_core_contiguous(cw, steps + 37, 2, sizeof(T)) ||                      \
-                !ra_core_contiguous(cw, steps + 39, 2, 1)) {                              \
+        if (*(npy_bool *)ARG(use_saved)) {   /* use_saved: one scalar for the whole call */ \
+            const npy_intp ne[2] = {DIM(n), DIM(e)}, n1[1] = {DIM(n)};                    \
+            const npy_intp cwe[3] = {DIM(c), DIM(w), DIM(e)}, cw[2] = {DIM(c), DIM(w)};   \
+            if (!ra_core_contiguous(ne, CORE(out), 2, sizeof(T)) ||                       \
+                !ra_core_contiguous(n1, CORE(lse), 1, sizeof(T)) ||                       \
+                !ra_core_contiguous(cwe, CORE(slot_out), 3, sizeof(T)) ||                 \
+                !ra_core_contiguous(cw, CORE(slot_lse), 2, sizeof(T)) ||                  \
+                !ra_core_contiguous(cw, CORE(slot_self), 2, 1)) {                         \
                 ra_raise_layout("routing_attention_backward", "the saved statistics");    \
                 return;                                                                   \
             }                                                                             \
-            saved = (RaRoutingSlots){args[8], args[9], args[10], steps[8], steps[9],       \
-                                     steps[10]};                                          \
+            saved = (RaRoutingSlots){ARG(slot_out), ARG(slot_lse), ARG(slot_self), STEP(slot_out), STEP(slot_lse), \
+                                     STEP(slot_self)};                                    \
         }                                                                                 \
         int st = ra_routing_backward_##SUF(                                               \
-            dims[0], (int)dims[1], (int)dims[4], (int)dims[3], (int)dims[2], (int)dims[5], \
-            (int)dims[6], (int)dims[7], BMAT(0, 19), BMAT(1, 21), BMAT(2, 23), BMAT(3, 25),\
-            BMAT(4, 27), BMAT(5, 29), BSCALAR(12), BSCALAR(13), BSCALAR(14), BSCALAR(15), \
-            BMAT(6, 31), BVEC(7, 33), saved, BMAT(16, 41), BMAT(17, 43), BMAT(18, 45));   \
+            dims[0], (int)DIM(n), (int)DIM(m), (int)DIM(d), (int)DIM(e), (int)DIM(c),     \
+            (int)DIM(w), (int)DIM(u), MAT(dout), MAT(q), MAT(k), MAT(v),                  \
+            MAT(q_idx), MAT(k_idx), SCALAR(scale), SCALAR(causal), SCALAR(exclude_self), SCALAR(merge_lse), \
+            MAT(out), VEC(lse), saved, MAT(dq), MAT(dk), MAT(dv));                        \
         ra_raise(st, "routing_attention_backward");                                       \
     }
+#define GF routing_backward
 ROUTING_BACKWARD_LOOP(f32, float)
 ROUTING_BACKWARD_LOOP(f64, double)
+#undef GF
 /* ------------------------------------------------------------------ combiner attention */
-/* (n,d),(n,d),(n,e),(),(),(),()->(n,e)
- * q, k, v, plan, block, causal, scale -> out */
 #define COMBINER_FORWARD_LOOP(SUF)                                                        \
-    static void combiner_forward_loop_##SUF(char **args, npy_intp const *dims,           \
-                                            npy_intp const *steps, void *data)           \
+    static void combiner_forward_loop_##SUF(char **args, npy_intp const *dims,            \
+                                            npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 3, "combiner_attention")) return;                      \
-        const int n = (int)dims[1], d = (int)dims[2], e = (int)dims[3];                   \
+        const int n = (int)DIM(n), d = (int)DIM(d), e = (int)DIM(e);                      \
         if (dims[0] == 0) return;                                                         \
-        /* operands 0..8, core strides from steps[9] on */                               \
-        int st = ra_combiner_forward_##SUF(dims[0], n, d, e, BMAT(0, 9), BMAT(1, 11),      \
-                                           BMAT(2, 13), BSCALAR(3), BSCALAR(4),           \
-                                           BSCALAR(5), BSCALAR(6), BMAT(7, 15),           \
-                                           BVEC(8, 17));                                  \
+        int st = ra_combiner_forward_##SUF(dims[0], n, d, e, MAT(q), MAT(k),              \
+                                           MAT(v), SCALAR(plan), SCALAR(block),           \
+                                           SCALAR(causal), SCALAR(scale), MAT(out),       \
+                                           VEC(lse));                                     \
         ra_raise(st, "combiner_attention");                                               \
     }
+#define GF combiner_forward
 COMBINER_FORWARD_LOOP(f32)
 COMBINER_FORWARD_LOOP(f64)
+#undef GF
 
-/* (n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e)
- * dout, q, k, v, saved out, saved lse, use_saved, plan, block, causal, scale -> dq, dk, dv */
 #define COMBINER_BACKWARD_LOOP(SUF)                                                       \
-    static void combiner_backward_loop_##SUF(char **args, npy_intp const *dims,          \
-                                             npy_intp const *steps, void *data)          \
+    static void combiner_backward_loop_##SUF(char **args, npy_intp const *dims,           \
+                                             npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 3, "combiner_attention_backward")) return;             \
-        const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3];                   \
+        const int n = (int)DIM(n), e = (int)DIM(e), d = (int)DIM(d);                      \
         if (dims[0] == 0) return;                                                         \
-        /* operands 0..13, core strides from steps[14] on */                             \
-        RaBMat so = BMAT(4, 22);                                                          \
-        if (!*(npy_bool *)args[6]) so.data = NULL;                                        \
-        int st = ra_combiner_backward_##SUF(dims[0], n, d, e, BMAT(0, 14), BMAT(1, 16),    \
-                                            BMAT(2, 18), BMAT(3, 20), so, BVEC(5, 24),    \
-                                            BSCALAR(7), BSCALAR(8), BSCALAR(9),           \
-                                            BSCALAR(10), BMAT(11, 25), BMAT(12, 27),      \
-                                            BMAT(13, 29));                                \
+        RaBMat so = MAT(out);                                                             \
+        if (!*(npy_bool *)ARG(use_saved)) so.data = NULL;                                 \
+        int st = ra_combiner_backward_##SUF(dims[0], n, d, e, MAT(dout), MAT(q),          \
+                                            MAT(k), MAT(v), so, VEC(lse),                 \
+                                            SCALAR(plan), SCALAR(block), SCALAR(causal),  \
+                                            SCALAR(scale), MAT(dq), MAT(dk),              \
+                                            MAT(dv));                                     \
         ra_raise(st, "combiner_attention_backward");                                      \
     }
+#define GF combiner_backward
 COMBINER_BACKWARD_LOOP(f32)
 COMBINER_BACKWARD_LOOP(f64)
+#undef GF
 /* ------------------------------------------------------------------ clustered attention */
 /* n_clusters and topk are one scalar each for the whole call (the wrapper passes ints);
  * topk = 0 selects the plain form.  topk is clamped to m, which changes nothing. */
-static int clustered_scalars(char **args, int ic, int m, int *C, int *topk, const char *where)
+static int clustered_scalars(const char *n_clusters, const char *topk_arg, int m, int *C, int *topk,
+                             const char *where)
 {
-    const npy_int64 c = *(npy_int64 *)args[ic], t = *(npy_int64 *)args[ic + 1];
+    const npy_int64 c = *(const npy_int64 *)n_clusters, t = *(const npy_int64 *)topk_arg;
     if (c < 1 || c > INT_MAX / 2 || t < 0) {
         NPY_ALLOW_C_API_DEF
         NPY_ALLOW_C_API
@@ -266,284 +271,280 @@ static int clustered_saved_dims(npy_intp c, npy_intp k, int C, int kmax, const c
     return 0;
 }
 
-/* (n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k)
- * q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale
- *   -> out, saved centroid output, centroid lse, top-k positions, top-k weights */
 #define CLUSTERED_FORWARD_LOOP(SUF)                                                       \
-    static void clustered_forward_loop_##SUF(char **args, npy_intp const *dims,          \
-                                             npy_intp const *steps, void *data)          \
+    static void clustered_forward_loop_##SUF(char **args, npy_intp const *dims,           \
+                                             npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 6, "clustered_attention")) return;                     \
-        const int n = (int)dims[1], d = (int)dims[2], m = (int)dims[3], e = (int)dims[4]; \
-        /* operands 0..13, core strides from steps[14] on */                             \
+        const int n = (int)DIM(n), d = (int)DIM(d), m = (int)DIM(m), e = (int)DIM(e);     \
         if (dims[0] == 0) return;                                                         \
         int C, topk;                                                                      \
-        if (!clustered_scalars(args, 6, m, &C, &topk, "clustered_attention")) return;     \
-        if (!clustered_saved_dims(dims[5], dims[6], C, topk, "clustered_attention")) return; \
-        RaBVec mask = BVEC(4, 21);                                                        \
-        if (!*(npy_bool *)args[5]) mask.data = NULL;                                      \
-        RaClusteredSaved saved = {BMAT(10, 24), BMAT(12, 27), BMAT(13, 29), BVEC(11, 26)}; \
-        int st = ra_clustered_forward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 14),    \
-                                            BMAT(1, 16), BMAT(2, 18), BVEC(3, 20), mask,  \
-                                            BSCALAR(8), BMAT(9, 22), saved);              \
+        if (!clustered_scalars(ARG(n_clusters), ARG(topk), m, &C, &topk, "clustered_attention")) return;     \
+        if (!clustered_saved_dims(DIM(c), DIM(k), C, topk, "clustered_attention")) return; \
+        RaBVec mask = VEC(key_mask);                                                      \
+        if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
+        RaClusteredSaved saved = {MAT(centroid_out), MAT(topk_index), MAT(topk_weight), VEC(centroid_lse)}; \
+        int st = ra_clustered_forward_##SUF(dims[0], n, m, d, e, C, topk, MAT(q),         \
+                                            MAT(k), MAT(v), VEC(labels), mask,            \
+                                            SCALAR(scale), MAT(out), saved);              \
         ra_raise(st, "clustered_attention (labels must lie in [-1, n_clusters))");        \
     }
+#define GF clustered_forward
 CLUSTERED_FORWARD_LOOP(f32)
 CLUSTERED_FORWARD_LOOP(f64)
+#undef GF
 
-/* (n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),()->(n,d),(m,d),(m,e)
- * dout, q, k, v, labels, key_mask, saved (4), use_mask, use_saved, n_clusters, topk, scale
- *   -> dq, dk, dv */
 #define CLUSTERED_BACKWARD_LOOP(SUF)                                                      \
-    static void clustered_backward_loop_##SUF(char **args, npy_intp const *dims,         \
-                                              npy_intp const *steps, void *data)         \
+    static void clustered_backward_loop_##SUF(char **args, npy_intp const *dims,          \
+                                              npy_intp const *steps, void *data)          \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 6, "clustered_attention_backward")) return;            \
-        const int n = (int)dims[1], e = (int)dims[2], d = (int)dims[3], m = (int)dims[4]; \
-        /* operands 0..17, core strides from steps[18] on */                             \
+        const int n = (int)DIM(n), e = (int)DIM(e), d = (int)DIM(d), m = (int)DIM(m);     \
         if (dims[0] == 0) return;                                                         \
         int C, topk;                                                                      \
-        if (!clustered_scalars(args, 12, m, &C, &topk, "clustered_attention_backward"))   \
+        if (!clustered_scalars(ARG(n_clusters), ARG(topk), m, &C, &topk, "clustered_attention_backward"))   \
             return;                                                                       \
-        RaBVec mask = BVEC(5, 27);                                                        \
-        if (!*(npy_bool *)args[10]) mask.data = NULL;                                     \
-        RaClusteredSaved saved = {BMAT(6, 28), BMAT(8, 31), BMAT(9, 33), BVEC(7, 30)};    \
-        if (*(npy_bool *)args[11]) {                                                      \
-            if (!clustered_saved_dims(dims[5], dims[6], C, topk,                          \
+        RaBVec mask = VEC(key_mask);                                                      \
+        if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
+        RaClusteredSaved saved = {MAT(centroid_out), MAT(topk_index), MAT(topk_weight), VEC(centroid_lse)}; \
+        if (*(npy_bool *)ARG(use_saved)) {                                                \
+            if (!clustered_saved_dims(DIM(c), DIM(k), C, topk,                            \
                                       "clustered_attention_backward")) return;            \
         } else {                                                                          \
             saved.o.data = saved.sel.data = saved.aw.data = saved.lse.data = NULL;        \
         }                                                                                 \
-        int st = ra_clustered_backward_##SUF(dims[0], n, m, d, e, C, topk, BMAT(0, 18),   \
-                                             BMAT(1, 20), BMAT(2, 22), BMAT(3, 24),       \
-                                             BVEC(4, 26), mask, BSCALAR(14), saved,       \
-                                             BMAT(15, 35), BMAT(16, 37), BMAT(17, 39));   \
-        ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters); "   \
+        int st = ra_clustered_backward_##SUF(dims[0], n, m, d, e, C, topk, MAT(dout),     \
+                                             MAT(q), MAT(k), MAT(v),                      \
+                                             VEC(labels), mask, SCALAR(scale), saved,     \
+                                             MAT(dq), MAT(dk), MAT(dv));                  \
+        ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters); " \
                  "saved top-k positions must come from the same forward)");               \
     }
+#define GF clustered_backward
 CLUSTERED_BACKWARD_LOOP(f32)
 CLUSTERED_BACKWARD_LOOP(f64)
+#undef GF
 /* ------------------------------------------------------------------ routing decisions */
-/* Scalars read once per call (the wrappers pass a Python bool). */
-#define ARG_FLAG(a) (*(npy_bool *)args[a] != 0)
 
-/* (n,d),(n),(c,d),(),(),()->(c,d)
- * x, mask, init, use_init, iters, seed -> centroids */
 #define SPHERICAL_KMEANS_LOOP(SUF)                                                        \
-    static void spherical_kmeans_loop_##SUF(char **args, npy_intp const *dims,           \
-                                            npy_intp const *steps, void *data)           \
+    static void spherical_kmeans_loop_##SUF(char **args, npy_intp const *dims,            \
+                                            npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "spherical_kmeans")) return;        \
-        const int n = (int)dims[1], d = (int)dims[2], c = (int)dims[3];                   \
-        /* operands 0..6, core strides from steps[7] on */                               \
-        int st = ra_spherical_kmeans_##SUF(dims[0], n, d, c, BMAT(0, 7), BVEC(1, 9),      \
-                                           BMAT(2, 10), ARG_FLAG(3), BSCALAR(4),          \
-                                           BSCALAR(5), BMAT(6, 12));                      \
+        const int n = (int)DIM(n), d = (int)DIM(d), c = (int)DIM(c);                      \
+        int st = ra_spherical_kmeans_##SUF(dims[0], n, d, c, MAT(x), VEC(mask),           \
+                                           MAT(init), FLAG(use_init), SCALAR(iters),      \
+                                           SCALAR(seed), MAT(centroids));                 \
         ra_raise(st, "spherical_kmeans");                                                 \
     }
+#define GF spherical_kmeans
 SPHERICAL_KMEANS_LOOP(f32)
 SPHERICAL_KMEANS_LOOP(f64)
+#undef GF
 
-/* (n,d),(c,d)->(n)  x, centroids -> labels */
 #define ASSIGN_CLUSTERS_LOOP(SUF)                                                         \
-    static void assign_clusters_loop_##SUF(char **args, npy_intp const *dims,            \
-                                           npy_intp const *steps, void *data)            \
+    static void assign_clusters_loop_##SUF(char **args, npy_intp const *dims,             \
+                                           npy_intp const *steps, void *data)             \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
         const RaBMat no_scores = {NULL, 0, 0, 0};                                         \
         const RaBVec no_best = {NULL, 0, 0};                                              \
-        int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
-                                          (int)dims[3], BMAT(0, 3), BMAT(1, 5),           \
-                                          BVEC(2, 7), no_scores, no_best);                \
+        int st = ra_assign_clusters_##SUF(dims[0], (int)DIM(n), (int)DIM(d),              \
+                                          (int)DIM(c), MAT(x), MAT(centroids),            \
+                                          VEC(labels), no_scores, no_best);               \
         ra_raise(st, "assign_clusters");                                                  \
     }
+#define GF assign_clusters
 ASSIGN_CLUSTERS_LOOP(f32)
 ASSIGN_CLUSTERS_LOOP(f64)
+#undef GF
 
-/* (n,d),(c,d)->(n),(n,c),(n)  x, centroids -> labels, scores, best */
 #define ASSIGN_SCORES_LOOP(SUF)                                                           \
-    static void assign_scores_loop_##SUF(char **args, npy_intp const *dims,              \
-                                         npy_intp const *steps, void *data)              \
+    static void assign_scores_loop_##SUF(char **args, npy_intp const *dims,               \
+                                         npy_intp const *steps, void *data)               \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
-        /* operands 0..4, core strides from steps[5] on */                               \
-        int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
-                                          (int)dims[3], BMAT(0, 5), BMAT(1, 7),           \
-                                          BVEC(2, 9), BMAT(3, 10), BVEC(4, 12));          \
+        int st = ra_assign_clusters_##SUF(dims[0], (int)DIM(n), (int)DIM(d),              \
+                                          (int)DIM(c), MAT(x), MAT(centroids),            \
+                                          VEC(labels), MAT(scores), VEC(best));           \
         ra_raise(st, "assign_clusters");                                                  \
     }
+#define GF assign_scores
 ASSIGN_SCORES_LOOP(f32)
 ASSIGN_SCORES_LOOP(f64)
+#undef GF
 
-/* (n,d),(c,d)->(n),(n)  x, centroids -> labels, best */
 #define ASSIGN_BEST_LOOP(SUF)                                                             \
-    static void assign_best_loop_##SUF(char **args, npy_intp const *dims,                \
-                                       npy_intp const *steps, void *data)                \
+    static void assign_best_loop_##SUF(char **args, npy_intp const *dims,                 \
+                                       npy_intp const *steps, void *data)                 \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "assign_clusters")) return;         \
         const RaBMat no_scores = {NULL, 0, 0, 0};                                         \
-        /* operands 0..3, core strides from steps[4] on */                               \
-        int st = ra_assign_clusters_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
-                                          (int)dims[3], BMAT(0, 4), BMAT(1, 6),           \
-                                          BVEC(2, 8), no_scores, BVEC(3, 9));             \
+        int st = ra_assign_clusters_##SUF(dims[0], (int)DIM(n), (int)DIM(d),              \
+                                          (int)DIM(c), MAT(x), MAT(centroids),            \
+                                          VEC(labels), no_scores, VEC(best));             \
         ra_raise(st, "assign_clusters");                                                  \
     }
+#define GF assign_best
 ASSIGN_BEST_LOOP(f32)
 ASSIGN_BEST_LOOP(f64)
+#undef GF
 
-/* (c,d),(n,d),(n),(n),()->(c,d)  centroids, x, labels, mask, decay -> out */
 #define UPDATE_CENTROIDS_LOOP(SUF)                                                        \
-    static void update_centroids_loop_##SUF(char **args, npy_intp const *dims,           \
-                                            npy_intp const *steps, void *data)           \
+    static void update_centroids_loop_##SUF(char **args, npy_intp const *dims,            \
+                                            npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "update_centroids")) return;        \
-        const int c = (int)dims[1], d = (int)dims[2], n = (int)dims[3];                   \
-        int st = ra_update_centroids_##SUF(dims[0], n, d, c, BMAT(0, 6), BMAT(1, 8),      \
-                                           BVEC(2, 10), BVEC(3, 11), BSCALAR(4),          \
-                                           BMAT(5, 12));                                  \
+        const int c = (int)DIM(c), d = (int)DIM(d), n = (int)DIM(n);                      \
+        int st = ra_update_centroids_##SUF(dims[0], n, d, c, MAT(centroids), MAT(x),      \
+                                           VEC(labels), VEC(mask), SCALAR(decay),         \
+                                           MAT(updated));                                 \
         ra_raise(st, "update_centroids: labels");                                         \
     }
+#define GF update_centroids
 UPDATE_CENTROIDS_LOOP(f32)
 UPDATE_CENTROIDS_LOOP(f64)
+#undef GF
 
-/* (n,d),(c,d),(n),(n)->()  x, centroids, labels, mask -> loss */
 #define COMMITMENT_LOSS_LOOP(SUF)                                                         \
-    static void commitment_loss_loop_##SUF(char **args, npy_intp const *dims,            \
-                                           npy_intp const *steps, void *data)            \
+    static void commitment_loss_loop_##SUF(char **args, npy_intp const *dims,             \
+                                           npy_intp const *steps, void *data)             \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "commitment_loss")) return;         \
-        int st = ra_commitment_loss_##SUF(dims[0], (int)dims[1], (int)dims[2],            \
-                                          (int)dims[3], BMAT(0, 5), BMAT(1, 7),           \
-                                          BVEC(2, 9), BVEC(3, 10), BSCALAR(4));           \
+        int st = ra_commitment_loss_##SUF(dims[0], (int)DIM(n), (int)DIM(d),              \
+                                          (int)DIM(c), MAT(x), MAT(centroids),            \
+                                          VEC(labels), VEC(mask), SCALAR(loss));          \
         ra_raise(st, "commitment_loss: labels");                                          \
     }
+#define GF commitment_loss
 COMMITMENT_LOSS_LOOP(f32)
 COMMITMENT_LOSS_LOOP(f64)
+#undef GF
 
-/* (n,c)->(c,w)  scores -> idx */
 #define TOP_MEMBERS_LOOP(SUF)                                                             \
-    static void top_members_loop_##SUF(char **args, npy_intp const *dims,                \
-                                       npy_intp const *steps, void *data)                \
+    static void top_members_loop_##SUF(char **args, npy_intp const *dims,                 \
+                                       npy_intp const *steps, void *data)                 \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "top_members")) return;             \
-        const int n = (int)dims[1], c = (int)dims[2], w = (int)dims[3];                   \
+        const int n = (int)DIM(n), c = (int)DIM(c), w = (int)DIM(w);                      \
         if (w < 1 || w > n) { ra_raise(RA_ERR_VALUE, "top_members: w must be in [1, n]"); return; } \
-        ra_raise(ra_top_members_##SUF(dims[0], n, c, w, BMAT(0, 2), BMAT(1, 4)),          \
+        ra_raise(ra_top_members_##SUF(dims[0], n, c, w, MAT(scores), MAT(idx)),           \
                  "top_members");                                                          \
     }
+#define GF top_members
 TOP_MEMBERS_LOOP(f32)
 TOP_MEMBERS_LOOP(f64)
+#undef GF
 
-/* (n,d),(c,d)->(n),(n),(c,w)  x, centroids -> labels, best, idx */
 #define ASSIGN_TOP_LOOP(SUF)                                                              \
-    static void assign_top_loop_##SUF(char **args, npy_intp const *dims,                 \
-                                      npy_intp const *steps, void *data)                 \
+    static void assign_top_loop_##SUF(char **args, npy_intp const *dims,                  \
+                                      npy_intp const *steps, void *data)                  \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 4, "assign_top_members")) return;      \
-        const int n = (int)dims[1], d = (int)dims[2], c = (int)dims[3], w = (int)dims[4]; \
+        const int n = (int)DIM(n), d = (int)DIM(d), c = (int)DIM(c), w = (int)DIM(w);     \
         if (w < 1 || w > n) {                                                             \
             ra_raise(RA_ERR_VALUE, "assign_top_members: w must be in [1, n]");            \
             return;                                                                       \
         }                                                                                 \
-        /* operands 0..4, core strides from steps[5] on */                               \
-        ra_raise(ra_assign_top_##SUF(dims[0], n, d, c, w, BMAT(0, 5), BMAT(1, 7),         \
-                                     BVEC(2, 9), BVEC(3, 10), BMAT(4, 11)),              \
+        ra_raise(ra_assign_top_##SUF(dims[0], n, d, c, w, MAT(x), MAT(centroids),         \
+                                     VEC(labels), VEC(best), MAT(idx)),                   \
                  "assign_top_members");                                                   \
     }
+#define GF assign_top
 ASSIGN_TOP_LOOP(f32)
 ASSIGN_TOP_LOOP(f64)
+#undef GF
 
-/* (n,d),(b,e)->(n)  x, planes -> codes; e must be d + 1 */
 #define LSH_HASH_LOOP(SUF)                                                                \
-    static void lsh_hash_loop_##SUF(char **args, npy_intp const *dims,                   \
-                                    npy_intp const *steps, void *data)                   \
+    static void lsh_hash_loop_##SUF(char **args, npy_intp const *dims,                    \
+                                    npy_intp const *steps, void *data)                    \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 4, "lsh_hash")) return;                \
-        const int n = (int)dims[1], d = (int)dims[2], bits = (int)dims[3];                \
-        if (dims[4] != dims[2] + 1 || bits > 64) {                                        \
+        const int n = (int)DIM(n), d = (int)DIM(d), bits = (int)DIM(b);                   \
+        if (DIM(e) != DIM(d) + 1 || bits > 64) {                                          \
             ra_raise(RA_ERR_VALUE, "lsh_hash: planes must be (bits <= 64, d + 1)");       \
             return;                                                                       \
         }                                                                                 \
-        ra_raise(ra_lsh_hash_##SUF(dims[0], n, d, bits, BMAT(0, 3), BMAT(1, 5),           \
-                                   BVEC(2, 7)), "lsh_hash");                              \
+        ra_raise(ra_lsh_hash_##SUF(dims[0], n, d, bits, MAT(x), MAT(planes),              \
+                                   VEC(codes)), "lsh_hash");                              \
     }
+#define GF lsh_hash
 LSH_HASH_LOOP(f32)
 LSH_HASH_LOOP(f64)
+#undef GF
 
-/* (n,d)->(n,d),(n),(n)  x -> xhat, norm, |xhat|² */
 #define NORMALIZE_ROWS_LOOP(SUF)                                                          \
-    static void normalize_rows_loop_##SUF(char **args, npy_intp const *dims,             \
-                                          npy_intp const *steps, void *data)             \
+    static void normalize_rows_loop_##SUF(char **args, npy_intp const *dims,              \
+                                          npy_intp const *steps, void *data)              \
     {                                                                                     \
         (void)data;                                                                       \
         if (dims[0] == 0 || !ra_dims_fit(dims + 1, 2, "normalize_rows")) return;          \
-        ra_raise(ra_normalize_rows_##SUF(dims[0], (int)dims[1], (int)dims[2], BMAT(0, 4),  \
-                                         BMAT(1, 6), BVEC(2, 8), BVEC(3, 9)),             \
+        ra_raise(ra_normalize_rows_##SUF(dims[0], (int)DIM(n), (int)DIM(d), MAT(x),       \
+                                         MAT(xhat), VEC(norm), VEC(sq)),                  \
                  "normalize_rows");                                                       \
     }
+#define GF normalize_rows
 NORMALIZE_ROWS_LOOP(f32)
 NORMALIZE_ROWS_LOOP(f64)
+#undef GF
 
-/* (n)->(c,s)  labels -> members */
+#define GF members_from_labels
 static void members_from_labels_loop(char **args, npy_intp const *dims, npy_intp const *steps,
                                      void *data)
 {
     (void)data;
     if (dims[0] == 0 || !ra_dims_fit(dims + 1, 3, "members_from_labels")) return;
-    ra_raise(ra_members_from_labels(dims[0], (int)dims[1], (int)dims[2], (int)dims[3],
-                                    BVEC(0, 2), BMAT(1, 3)),
+    ra_raise(ra_members_from_labels(dims[0], (int)DIM(n), (int)DIM(c), (int)DIM(s),
+                                    VEC(labels), MAT(members)),
              "members_from_labels: labels");
 }
+#undef GF
 
-/* (n),(n),(),()->(n),(c)  codes, mask, iters, seed -> labels, centroids */
+#define GF hamming_kmeans
 static void hamming_kmeans_loop(char **args, npy_intp const *dims, npy_intp const *steps,
                                 void *data)
 {
     (void)data;
     if (dims[0] == 0 || !ra_dims_fit(dims + 1, 2, "hamming_kmeans")) return;
-    ra_raise(ra_hamming_kmeans(dims[0], (int)dims[1], (int)dims[2], BVEC(0, 6), BVEC(1, 7),
-                               BSCALAR(2), BSCALAR(3), BVEC(4, 8), BVEC(5, 9)),
+    ra_raise(ra_hamming_kmeans(dims[0], (int)DIM(n), (int)DIM(c), VEC(codes), VEC(mask),
+                               SCALAR(iters), SCALAR(seed), VEC(labels), VEC(centroids)),
              "hamming_kmeans");
 }
-#undef ARG_FLAG
+#undef GF
 
 /* ------------------------------------------------------------------ engine test hook */
-/* (n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e)
- * q, k, v, mask, dout -> out, lse, dq, dk, dv */
 #define ENGINE_MASKED_LOOP(SUF)                                                           \
     static void engine_masked_loop_##SUF(char **args, npy_intp const *dims,              \
                                          npy_intp const *steps, void *data)              \
     {                                                                                     \
         (void)data;                                                                       \
         if (!ra_dims_fit(dims + 1, 4, "_engine_masked")) return;                          \
-        const int n = (int)dims[1], d = (int)dims[2], m = (int)dims[3], e = (int)dims[4]; \
+        const int n = (int)DIM(n), d = (int)DIM(d), m = (int)DIM(m), e = (int)DIM(e);     \
         int st = RA_OK;                                                                   \
-        for (npy_intp b = 0; b < dims[0] && st == RA_OK; b++) {                           \
-            /* operands 0..9, core strides from steps[10] on */                          \
-            RaMat M[10];                                                                  \
-            static const int core[10] = {10, 12, 14, 16, 18, 20, 22, 23, 25, 27};        \
-            for (int a = 0; a < 10; a++)                                                  \
-                M[a] = (RaMat){args[a] + b * steps[a], steps[core[a]],                    \
-                               a == 6 ? 0 : steps[core[a] + 1]};                          \
-            const RaVec lse = {M[6].data, M[6].s0};                                       \
-            st = ra_engine_masked_##SUF(n, m, d, e, M[0], M[1], M[2], M[3], M[4], M[5],   \
-                                        lse, M[7], M[8], M[9]);                           \
-        }                                                                                 \
+        for (npy_intp b = 0; b < dims[0] && st == RA_OK; b++)                             \
+            st = ra_engine_masked_##SUF(n, m, d, e, ra_mat_at(MAT(q), b),                 \
+                                        ra_mat_at(MAT(k), b), ra_mat_at(MAT(v), b),       \
+                                        ra_mat_at(MAT(mask), b), ra_mat_at(MAT(dout), b), \
+                                        ra_mat_at(MAT(out), b), ra_vec_at(VEC(lse), b),   \
+                                        ra_mat_at(MAT(dq), b), ra_mat_at(MAT(dk), b),     \
+                                        ra_mat_at(MAT(dv), b));                           \
         ra_raise(st, "_engine_masked");                                                   \
     }
+#define GF engine_masked
 ENGINE_MASKED_LOOP(f32)
 ENGINE_MASKED_LOOP(f64)
+#undef GF
 
 /* ------------------------------------------------------------------ registration table */
 typedef struct {
@@ -556,141 +557,9 @@ typedef struct {
     int nloops;                                 /* 0 means 2: float32 and float64 */
 } RaGufunc;
 
-#define F NPY_FLOAT
-#define D NPY_DOUBLE
-#define B NPY_BOOL
-#define L NPY_INT64
-#define U NPY_UINT64
-
 static const RaGufunc ra_gufuncs[] = {
-    {"_attention_forward", "(n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n)", 7, 2,
-     {attention_forward_loop_f32, attention_forward_loop_f64},
-     (char[]){F, F, F, B, B, F, B, F, F, /**/ D, D, D, B, B, D, B, D, D},
-     "_attention_forward(q, k, v, key_mask, use_mask, scale, causal) -> (out, lse)\n\n"
-     "Low-level gufunc behind routing_attention.attention; use that instead."},
-    {"_attention_backward", "(n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),()->(n,d),(m,d),(m,e)",
-     10, 3, {attention_backward_loop_f32, attention_backward_loop_f64},
-     (char[]){F, F, F, F, B, B, F, F, F, B, F, F, F, /**/ D, D, D, D, B, B, D, D, D, B, D, D, D},
-     "_attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal)"
-     " -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.attention_backward."},
-    {"_routing_forward",
-     "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)", 9, 5,
-     {routing_forward_loop_f32, routing_forward_loop_f64},
-     (char[]){F, F, F, L, L, F, B, B, B, F, F, F, F, B, /**/ D, D, D, L, L, D, B, B, B, D, D, D, D, B},
-     "_routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse)"
-     " -> (out, lse, slot_out, slot_lse, slot_self)\n\n"
-     "Low-level gufunc behind routing_attention.routing_attention."},
-    {"_routing_backward",
-     "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()"
-     "->(n,d),(m,d),(m,e)", 16, 3, {routing_backward_loop_f32, routing_backward_loop_f64},
-     (char[]){F, F, F, F, L, L, F, F, F, F, B, B, F, B, B, B, F, F, F,
-              /**/ D, D, D, D, L, L, D, D, D, D, B, B, D, B, B, B, D, D, D},
-     "_routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self,"
-     " use_saved, scale, causal, exclude_self, merge_lse) -> (dq, dk, dv)\n\n"
-     "Low-level gufunc behind routing_attention.routing_attention_backward."},
-    /* ---- combiner attention */
-    {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e),(n)", 7, 2,
-     {combiner_forward_loop_f32, combiner_forward_loop_f64},
-     (char[]){F, F, F, L, L, B, F, F, F, /**/ D, D, D, L, L, B, D, D, D},
-     "_combiner_forward(q, k, v, plan, block, causal, scale) -> (out, lse)\n\n"
-     "plan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind "
-     "routing_attention.combiner_attention; use that instead."},
-    {"_engine_masked", "(n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e)", 5, 5,
-     {engine_masked_loop_f32, engine_masked_loop_f64},
-     (char[]){F, F, F, B, F, F, F, F, F, F, /**/ D, D, D, B, D, D, D, D, D, D},
-     "_engine_masked(q, k, v, mask, dout) -> (out, lse, dq, dk, dv)\n\n"
-     "Test hook: dense attention (logits q·k) under an explicit boolean mask, through the\n"
-     "engine's visibility bitmap, single-threaded."},
-    {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e)",
-     11, 3, {combiner_backward_loop_f32, combiner_backward_loop_f64},
-     (char[]){F, F, F, F, F, F, B, L, L, B, F, F, F, F,
-              /**/ D, D, D, D, D, D, B, L, L, B, D, D, D, D},
-     "_combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale)"
-     " -> (dq, dk, dv)\n\n"
-     "Low-level gufunc behind routing_attention.combiner_attention_backward."},
-    /* ---- clustered attention */
-    {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k)",
-     9, 5, {clustered_forward_loop_f32, clustered_forward_loop_f64},
-     (char[]){F, F, F, L, B, B, L, L, F, F, F, F, L, F, /**/ D, D, D, L, B, B, L, L, D, D, D, D, L, D},
-     "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale,\n"
-     "                   out=(out, centroid_out, centroid_lse, topk_index, topk_weight))\n\n"
-     "Low-level gufunc behind routing_attention.clustered_attention (topk = 0) and\n"
-     "improved_clustered_attention (topk >= 1); use those instead.  The out tuple must be\n"
-     "given: c = n_clusters and k = min(topk, m) come from it."},
-    {"_clustered_backward",
-     "(n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),()->(n,d),(m,d),(m,e)",
-     15, 3, {clustered_backward_loop_f32, clustered_backward_loop_f64},
-     (char[]){F, F, F, F, L, B, F, F, L, F, B, B, L, L, F, F, F, F,
-              /**/ D, D, D, D, L, B, D, D, L, D, B, B, L, L, D, D, D, D},
-     "_clustered_backward(dout, q, k, v, labels, key_mask, centroid_out, centroid_lse,\n"
-     "                    topk_index, topk_weight, use_mask, use_saved, n_clusters, topk,\n"
-     "                    scale) -> (dq, dk, dv)\n\n"
-     "Low-level gufunc behind the clustered attention backward functions."},
-
-    /* ---- routing decisions (clustering.c) ---- */
-    {"_spherical_kmeans", "(n,d),(n),(c,d),(),(),()->(c,d)", 6, 1,
-     {spherical_kmeans_loop_f32, spherical_kmeans_loop_f64},
-     (char[]){F, B, F, B, L, U, F, /**/ D, B, D, B, L, U, D},
-     "_spherical_kmeans(x, mask, init, use_init, iters, seed, out=centroids) -> centroids\n\n"
-     "Low-level gufunc behind routing_attention.spherical_kmeans; use that instead."},
-    {"_assign_clusters", "(n,d),(c,d)->(n)", 2, 1,
-     {assign_clusters_loop_f32, assign_clusters_loop_f64},
-     (char[]){F, F, L, /**/ D, D, L},
-     "_assign_clusters(x, centroids) -> labels\n\n"
-     "Low-level gufunc behind routing_attention.assign_clusters."},
-    {"_assign_scores", "(n,d),(c,d)->(n),(n,c),(n)", 2, 3,
-     {assign_scores_loop_f32, assign_scores_loop_f64},
-     (char[]){F, F, L, F, F, /**/ D, D, L, D, D},
-     "_assign_scores(x, centroids) -> (labels, scores, best)\n\n"
-     "Low-level gufunc behind routing_attention.assign_clusters(..., return_scores=True)."},
-    {"_assign_best", "(n,d),(c,d)->(n),(n)", 2, 2,
-     {assign_best_loop_f32, assign_best_loop_f64},
-     (char[]){F, F, L, F, /**/ D, D, L, D},
-     "_assign_best(x, centroids) -> (labels, best)\n\n"
-     "Labels and each row's best score (NaN where the label is -1), without the scores;\n"
-     "behind the RoutingAttention layer's argmax membership."},
-    {"_update_centroids", "(c,d),(n,d),(n),(n),()->(c,d)", 5, 1,
-     {update_centroids_loop_f32, update_centroids_loop_f64},
-     (char[]){F, F, L, B, F, F, /**/ D, D, L, B, D, D},
-     "_update_centroids(centroids, x, labels, mask, decay) -> centroids\n\n"
-     "Low-level gufunc behind routing_attention.update_centroids."},
-    {"_commitment_loss", "(n,d),(c,d),(n),(n)->()", 4, 1,
-     {commitment_loss_loop_f32, commitment_loss_loop_f64},
-     (char[]){F, F, L, B, F, /**/ D, D, L, B, D},
-     "_commitment_loss(x, centroids, labels, mask) -> loss\n\n"
-     "Low-level gufunc behind routing_attention.commitment_loss."},
-    {"_top_members", "(n,c)->(c,w)", 1, 1, {top_members_loop_f32, top_members_loop_f64},
-     (char[]){F, L, /**/ D, L},
-     "_top_members(scores, out=idx) -> idx\n\n"
-     "Low-level gufunc behind routing_attention.top_members."},
-    {"_assign_top", "(n,d),(c,d)->(n),(n),(c,w)", 2, 3,
-     {assign_top_loop_f32, assign_top_loop_f64},
-     (char[]){F, F, L, F, L, /**/ D, D, L, D, L},
-     "_assign_top(x, centroids, out=(labels, best, idx)) -> (labels, best, idx)\n\n"
-     "Low-level gufunc behind routing_attention.assign_top_members."},
-    {"_normalize_rows", "(n,d)->(n,d),(n),(n)", 1, 3,
-     {normalize_rows_loop_f32, normalize_rows_loop_f64}, (char[]){F, F, F, F, /**/ D, D, D, D},
-     "_normalize_rows(x) -> (xhat, norm, sq)\n\n"
-     "Rows scaled to unit L2 norm (a row whose norm is not > 0 is divided by 1), their\n"
-     "norms and |xhat|²; behind the RoutingAttention layer."},
-    {"_lsh_hash", "(n,d),(b,e)->(n)", 2, 1, {lsh_hash_loop_f32, lsh_hash_loop_f64},
-     (char[]){F, F, L, /**/ D, D, L},
-     "_lsh_hash(x, planes) -> codes\n\nLow-level gufunc behind routing_attention.lsh_hash."},
-    {"_members_from_labels", "(n)->(c,s)", 1, 1, {members_from_labels_loop, NULL},
-     (char[]){L, L},
-     "_members_from_labels(labels, out=members) -> members\n\n"
-     "Low-level gufunc behind routing_attention.members_from_labels.", 1},
-    {"_hamming_kmeans", "(n),(n),(),()->(n),(c)", 4, 2, {hamming_kmeans_loop, NULL},
-     (char[]){L, B, L, U, L, L},
-     "_hamming_kmeans(codes, mask, iters, seed, out=(labels, centroids)) -> (labels, centroids)\n\n"
-     "Low-level gufunc behind routing_attention.hamming_kmeans.", 1},
+RA_GUFUNC_ROWS
 };
-
-#undef F
-#undef L
-#undef D
-#undef B
-#undef U
 
 /* ------------------------------------------------------------------ module functions */
 static PyObject *ra_build_info(PyObject *self, PyObject *noargs)

@@ -1,0 +1,53 @@
+"""The operand table (tools/gen_gufuncs.py) is the one description of the extension's
+gufuncs: the committed generated files must be what it generates, and the built
+extension must register exactly what it declares."""
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+from routing_attention import _ext
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("gen_gufuncs", ROOT / "tools" / "gen_gufuncs.py")
+gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+
+CHAR = {"T32": "f", "T64": "d", "B": "?", "L": "l", "U": "L"}
+
+
+@pytest.mark.parametrize("path", ["csrc/gufuncs_gen.h", "routing_attention/_ext.pyi"])
+def test_committed_files_are_what_the_table_generates(tmp_path, path):
+    gen.write(tmp_path)
+    assert (tmp_path / path).read_text() == (ROOT / path).read_text(), (
+        f"{path} is stale: run python tools/gen_gufuncs.py")
+
+
+@pytest.mark.parametrize("name,spec,doc", gen.GUFUNCS, ids=[g[0] for g in gen.GUFUNCS])
+def test_built_gufunc_matches_its_table_entry(name, spec, doc):
+    g = gen.describe(name, spec)
+    uf = getattr(_ext, "_" + name)
+    assert uf.signature == g["signature"]
+    assert (uf.nin, uf.nout) == (g["nin"], g["nout"])
+    loops = ["32", "64"] if g["floats"] else [None]
+    expected = []
+    for bits in loops:
+        chars = [CHAR["T" + bits] if t == "T" else CHAR[t] for _, t, _ in g["operands"]]
+        expected.append("".join(chars[:g["nin"]]) + "->" + "".join(chars[g["nin"]:]))
+    assert uf.types == expected
+    assert doc.split()[0] in uf.__doc__
+
+
+def test_every_gufunc_of_the_extension_is_in_the_table():
+    built = {n[1:] for n in dir(_ext) if isinstance(getattr(_ext, n), np.ufunc)}
+    assert built == {g[0] for g in gen.GUFUNCS}
+
+
+def test_operand_indices_follow_numpys_layout():
+    """args/steps hold the operands first, then each operand's core strides in order."""
+    g = gen.describe("routing_forward", dict((n, s) for n, s, _ in gen.GUFUNCS)["routing_forward"])
+    names = [o[0] for o in g["operands"]]
+    assert names.index("slot_out") == 11 and g["core"][names.index("q")] == 14
+    assert g["core"][names.index("slot_out")] == 14 + 2 * 5 + 1 + 2     # q k v q_idx k_idx, out, lse
+    assert g["dims"] == ["n", "d", "m", "e", "c", "w", "u"]
