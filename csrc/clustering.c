@@ -181,20 +181,9 @@ static void ra_hamming_work_free(RaHammingWork *w)
 
 /* One problem in 64-bit words, and in 32-bit words when every code fits: the same
  * results, twice the lanes per vector popcount. */
-#define HW uint64_t
-#define HSEL hamming64
-#define HFN(name) name##_64
-#include "hamming_body.h"
-#undef HW
-#undef HSEL
-#undef HFN
-#define HW uint32_t
-#define HSEL hamming32
-#define HFN(name) name##_32
-#include "hamming_body.h"
-#undef HW
-#undef HSEL
-#undef HFN
+#define RA_TYPED_BODY "hamming_body.h"
+#define RA_TYPED_WORDS
+#include "typed.h"
 
 /* codes (B; n) int64 bit patterns, mask (B; n) uint8 or data == NULL, iters, seed (B)
  * -> labels (B; n) int64 in [-1, c), centroids (B; c) int64 codes.  Problem b with nt
@@ -207,9 +196,9 @@ static void ra_hamming_problem(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
     uint64_t bits = 0;
     for (int i = 0; i < n; i++) bits |= (uint64_t)RA_VEC_AT(int64_t, cv, i);
     if (bits >> 32)
-        ra_hamming_fit_64(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
+        ra_hamming_fit64(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
     else
-        ra_hamming_fit_32(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
+        ra_hamming_fit32(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
 }
 
 int ra_hamming_kmeans(ptrdiff_t B, int n, int c, RaBVec codes, RaBVec mask, RaBVec iters,

@@ -1,13 +1,13 @@
-/* hamming_body.h — Hamming k-means of one problem for one code-word type; included
- * twice by clustering.c with HW (uint64_t, or uint32_t when every code fits), HSEL (the
- * matching member of RaKernels) and HFN(name) = name##_64 / name##_32. */
+/* hamming_body.h — Hamming k-means of one problem for one code-word type, compiled
+ * through typed.h in word mode by clustering.c: W (uint64_t, or uint32_t when every code
+ * fits), WSEL (the matching member of RaKernels), FN(name) = name64 / name32. */
 
 /* code (n) -> labels (n): nearest centroid by popcount(code xor centroid), ties to
  * the lowest cluster, −1 for invalid rows.  Returns how many labels changed. */
-static int64_t HFN(ra_hamming_assign)(int n, int c, const HW *code, const uint8_t *valid,
-                                      const HW *cent, int64_t *lab, int nt)
+static int64_t FN(ra_hamming_assign)(int n, int c, const W *code, const uint8_t *valid,
+                                      const W *cent, int64_t *lab, int nt)
 {
-    const RaHammingKernels *K = &ra_kernels()->HSEL;
+    const RaHammingKernels *K = &ra_kernels()->WSEL;
     const int nch = ra_nchunks(n);
     int64_t changed = 0;
     #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
@@ -25,15 +25,15 @@ static int64_t HFN(ra_hamming_assign)(int n, int c, const HW *code, const uint8_
  * blocks, then rows.  Invalid rows keep dist 0 (weight 0, never drawn).
  * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)), block (ceil(n / RA_HAMMING_BLOCK))
  * are scratch. */
-static void HFN(ra_hamming_seed)(int n, int c, const HW *code, const uint8_t *valid,
-                                 int64_t nvalid, uint64_t *rng, HW *cent, HW *dist,
+static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *valid,
+                                 int64_t nvalid, uint64_t *rng, W *cent, W *dist,
                                  uint64_t *partial, uint64_t *block, int nt)
 {
-    const RaHammingKernels *K = &ra_kernels()->HSEL;
+    const RaHammingKernels *K = &ra_kernels()->WSEL;
     const int nch = ra_nchunks(n), L = ra_trials(c);
     uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
     cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
-    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (HW)ra_popcount64(code[i] ^ cent[0]) : 0;
+    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (W)ra_popcount64(code[i] ^ cent[0]) : 0;
     for (int j = 1; j < c; j++) {
         /* 1. D² weights, summed per block and per chunk */
         #pragma omp parallel for num_threads(nt) schedule(static)
@@ -100,9 +100,9 @@ static void HFN(ra_hamming_seed)(int n, int c, const HW *code, const uint8_t *va
  * counts are kept bit-sliced (plane[l] holds bit l of every count), so adding a code is
  * a ripple-carry over a few planes instead of a loop over its set bits; 32-bit codes go
  * two to a 64-bit word (the low and the high half count separately, summed at the end). */
-static HW HFN(ra_bit_majority)(const HW *code, const int64_t *rows, int64_t size)
+static W FN(ra_bit_majority)(const W *code, const int64_t *rows, int64_t size)
 {
-    enum { BITS = 8 * sizeof(HW), PER = 64 / BITS };      /* codes per word: 2 or 1 */
+    enum { BITS = 8 * sizeof(W), PER = 64 / BITS };      /* codes per word: 2 or 1 */
     uint64_t plane[64] = {0};
     int levels = 0;
     for (int64_t t = 0; t < size; t += PER) {
@@ -116,7 +116,7 @@ static HW HFN(ra_bit_majority)(const HW *code, const int64_t *rows, int64_t size
         }
         levels = l > levels ? l : levels;
     }
-    HW m = 0;
+    W m = 0;
     for (int bit = 0; bit < BITS; bit++) {
         int64_t ones = 0;
         for (int half = 0; half < PER; half++) {
@@ -125,17 +125,17 @@ static HW HFN(ra_bit_majority)(const HW *code, const int64_t *rows, int64_t size
                 count |= (int64_t)((plane[l] >> (bit + half * BITS % 64)) & 1) << l;
             ones += count;
         }
-        if (2 * ones > size) m |= (HW)1 << bit;
+        if (2 * ones > size) m |= (W)1 << bit;
     }
     return m;
 }
 
 /* Problem b: seeding, Lloyd iterations, labels and centroids written out. */
-static void HFN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec mask,
+static void FN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec mask,
                                 RaBVec iters, RaBVec seed, RaBVec labels, RaBVec centroids,
                                 RaHammingWork *w, int nt)
 {
-    HW *code = (HW *)w->code, *cent = (HW *)w->cent;
+    W *code = (W *)w->code, *cent = (W *)w->cent;
     uint8_t *valid = w->valid;
     int64_t *lab = w->lab, *start = w->start, *rows = w->rows;
     RaVec cv = ra_vec_at(codes, b), mv = ra_vec_at(mask, b);
@@ -143,21 +143,21 @@ static void HFN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec 
     uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
     int64_t nvalid = 0;
     for (int i = 0; i < n; i++) {
-        code[i] = (HW)RA_VEC_AT(int64_t, cv, i);
+        code[i] = (W)RA_VEC_AT(int64_t, cv, i);
         valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
         nvalid += valid[i];
         lab[i] = -2;                     /* "no label yet": every row counts as changed */
     }
     if (nvalid == 0) {
-        memset(cent, 0, sizeof(HW) * (size_t)c);
+        memset(cent, 0, sizeof(W) * (size_t)c);
     } else {
         /* 1. k-means++ seeding */
-        HFN(ra_hamming_seed)(n, c, code, valid, nvalid, &rng, cent, (HW *)w->dist, w->partial,
+        FN(ra_hamming_seed)(n, c, code, valid, nvalid, &rng, cent, (W *)w->dist, w->partial,
                              w->block, nt);
         /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
         int reseeded = 1;
         for (int64_t it = 0;; it++) {
-            const int64_t changed = HFN(ra_hamming_assign)(n, c, code, valid, cent, lab, nt);
+            const int64_t changed = FN(ra_hamming_assign)(n, c, code, valid, cent, lab, nt);
             if (it == n_iters || (changed == 0 && !reseeded)) break;
             ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
             /* per cluster: the per-bit majority of its members */
@@ -165,7 +165,7 @@ static void HFN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec 
             for (int j = 0; j < c; j++) {
                 const int64_t size = start[j + 1] - start[j];
                 w->empty[j] = size == 0;
-                if (size > 0) cent[j] = HFN(ra_bit_majority)(code, rows + start[j], size);
+                if (size > 0) cent[j] = FN(ra_bit_majority)(code, rows + start[j], size);
             }
             /* empty clusters, in cluster order: a fresh random valid row */
             reseeded = 0;

@@ -17,11 +17,13 @@ RA_TARGET_END
 /* Ice Lake and later also count bits eight lanes at a time (VPOPCNTQ): the same table
    with the Hamming kernels compiled for that; kernels.c picks it when the CPU has it. */
 RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq")
-#define HFN(name) RA_CAT3(name, _, avx512vp)
 #define RA_HAMMING_VPOPCNT 1
-#include "kernels_hamming.h"
+#define RA_TYPED_SUFFIX avx512vp
+#define RA_TYPED_BODY "kernels_hamming.h"
+#define RA_TYPED_WORDS
+#include "typed.h"
+#undef RA_TYPED_SUFFIX
 #undef RA_HAMMING_VPOPCNT
-#undef HFN
 RA_TARGET_END
 RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);
 #endif

@@ -1,46 +1,29 @@
-/* kernels_hamming.h — Hamming-distance kernels for one instruction set, for 64-bit and
- * 32-bit code words.  Included by kernels_<isa>.c (through kernels_isa.h, and once more
- * by kernels_avx512.c for the VPOPCNTQ variant) with these macros defined:
- *   HFN(name)      name mangling through RA_CAT3, e.g. name##_avx2
- *   RA_POPCOUNT    popcount of one uint64_t;  RA_POPCOUNT32: of one uint32_t
+/* kernels_hamming.h — Hamming-distance kernels for one instruction set and one code-word
+ * type, compiled through typed.h in word mode (W = uint64_t, uint32_t) by kernels_isa.h,
+ * and once more by kernels_avx512.c for the VPOPCNTQ variant, with these macros defined:
+ *   RA_POPCOUNT    popcount of one uint64_t;  RA_POPCOUNT32: of one uint32_t (WPOP)
  *   VEC_BYTES      the vector width; RA_HAMMING_VPOPCNT when the target has VPOPCNTDQ
- * It includes itself once per word width W (64, 32), naming the kernels
- * hamming_<kernel><W>_<isa>.  Rows go through in vectors of W-bit lanes (16 lanes of
- * 32-bit words in 512 bits): the lane popcount is the VPOPCNT instruction where the CPU
- * has it, else a nibble-table lookup per byte (AVX2, AVX-512BW), else the compiler's
- * popcount per lane where RA_HAMMING_BUILTIN is set (NEON), else (baseline) the SWAR bit
- * count in vector arithmetic; leftover rows take the scalar popcount. */
-#ifndef HW
-#define HW uint64_t
-#define HPOP RA_POPCOUNT
-#define HNAME(name) name##64
-#include "kernels_hamming.h"
-#undef HW
-#undef HPOP
-#undef HNAME
-#define HW uint32_t
-#define HPOP RA_POPCOUNT32
-#define HNAME(name) name##32
-#include "kernels_hamming.h"
-#undef HW
-#undef HPOP
-#undef HNAME
-#else
+ * naming the kernels hamming_<kernel><64|32>_<isa>.  Rows go through in vectors of W-bit
+ * lanes (16 lanes of 32-bit words in 512 bits): the lane popcount is the VPOPCNT
+ * instruction where the CPU has it, else a nibble-table lookup per byte (AVX2,
+ * AVX-512BW), else the compiler's popcount per lane where RA_HAMMING_BUILTIN is set
+ * (NEON), else (baseline) the SWAR bit count in vector arithmetic; leftover rows take the
+ * scalar popcount. */
 
 #ifndef RA_HAMMING_ROWS
 #define RA_HAMMING_ROWS 64   /* rows per block of hamming_assign, a multiple of any lane count */
 #endif
 
-typedef HW HNAME(ra_hvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(HW))));
-#define hvec HNAME(ra_hvec)
-#define HL ((int)(VEC_BYTES / sizeof(HW)))           /* lanes */
+typedef W FN(ra_hvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(W))));
+#define hvec FN(ra_hvec)
+#define HL ((int)(VEC_BYTES / sizeof(W)))           /* lanes */
 
 /* Lane-wise popcount. */
-static inline hvec HFN(HNAME(hamming_popv))(hvec x)
+static inline hvec FN(hamming_popv)(hvec x)
 {
 #ifdef RA_HAMMING_VPOPCNT
-    return sizeof(HW) == 8 ? (hvec)_mm512_popcnt_epi64((__m512i)x)
-                           : (hvec)_mm512_popcnt_epi32((__m512i)x);
+    return sizeof(W) == 8 ? (hvec)_mm512_popcnt_epi64((__m512i)x)
+                          : (hvec)_mm512_popcnt_epi32((__m512i)x);
 #elif VEC_BYTES == 64
     /* AVX-512BW: a 16-entry table of nibble counts looked up per byte (vpshufb), then the
        bytes of each lane summed: vpsadbw for 64-bit lanes, two multiply-adds for 32-bit */
@@ -49,7 +32,7 @@ static inline hvec HFN(HNAME(hamming_popv))(hvec x)
     const __m512i cnt = _mm512_add_epi8(
         _mm512_shuffle_epi8(lut, _mm512_and_si512(v, nib)),
         _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib)));
-    if (sizeof(HW) == 8) return (hvec)_mm512_sad_epu8(cnt, _mm512_setzero_si512());
+    if (sizeof(W) == 8) return (hvec)_mm512_sad_epu8(cnt, _mm512_setzero_si512());
     return (hvec)_mm512_madd_epi16(_mm512_maddubs_epi16(cnt, _mm512_set1_epi8(1)),
                                    _mm512_set1_epi16(1));
 #elif VEC_BYTES == 32
@@ -60,35 +43,35 @@ static inline hvec HFN(HNAME(hamming_popv))(hvec x)
     const __m256i cnt = _mm256_add_epi8(
         _mm256_shuffle_epi8(lut, _mm256_and_si256(v, nib)),
         _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), nib)));
-    if (sizeof(HW) == 8) return (hvec)_mm256_sad_epu8(cnt, _mm256_setzero_si256());
+    if (sizeof(W) == 8) return (hvec)_mm256_sad_epu8(cnt, _mm256_setzero_si256());
     return (hvec)_mm256_madd_epi16(_mm256_maddubs_epi16(cnt, _mm256_set1_epi8(1)),
                                    _mm256_set1_epi16(1));
 #elif defined(RA_HAMMING_BUILTIN)
     /* the compiler's popcount per lane (AArch64: the NEON CNT instruction) */
-    for (int l = 0; l < HL; l++) x[l] = (HW)HPOP(x[l]);
+    for (int l = 0; l < HL; l++) x[l] = (W)WPOP(x[l]);
     return x;
 #else
-    const hvec m1 = (hvec){0} + (HW)0x5555555555555555ull, m2 = (hvec){0} + (HW)0x3333333333333333ull;
-    const hvec m4 = (hvec){0} + (HW)0x0f0f0f0f0f0f0f0full;
+    const hvec m1 = (hvec){0} + (W)0x5555555555555555ull, m2 = (hvec){0} + (W)0x3333333333333333ull;
+    const hvec m4 = (hvec){0} + (W)0x0f0f0f0f0f0f0f0full;
     x = x - ((x >> 1) & m1);
     x = (x & m2) + ((x >> 2) & m2);
     x = (x + (x >> 4)) & m4;                 /* a count per byte */
     x = x + (x >> 8);
     x = x + (x >> 16);
-    if (sizeof(HW) == 8) x = x + (x >> (4 * sizeof(HW)));
+    if (sizeof(W) == 8) x = x + (x >> (4 * sizeof(W)));
     return x & 0x7f;
 #endif
 }
 
-static inline hvec HFN(HNAME(hamming_loadv))(const HW *p) { return *(const hvec *)p; }
+static inline hvec FN(hamming_loadv)(const W *p) { return *(const hvec *)p; }
 
 /* code (rows [i0, i1)), cent (c) -> lab: the nearest centroid of each valid row, ties to
  * the lowest, -1 for invalid rows.  Returns how many labels changed. */
-static int64_t HFN(HNAME(hamming_assign))(int i0, int i1, const void *code_,
+static int64_t FN(hamming_assign)(int i0, int i1, const void *code_,
                                           const uint8_t *valid, const void *cent_, int c,
                                           int64_t *lab)
 {
-    const HW *code = code_, *cent = cent_;
+    const W *code = code_, *cent = cent_;
     int64_t changed = 0;
     hvec best[RA_HAMMING_ROWS / HL], best_j[RA_HAMMING_ROWS / HL];
     for (int b0 = i0; b0 < i1; b0 += RA_HAMMING_ROWS) {
@@ -96,14 +79,14 @@ static int64_t HFN(HNAME(hamming_assign))(int i0, int i1, const void *code_,
         const int nv = rows / HL;
         hvec x[RA_HAMMING_ROWS / HL];
         for (int t = 0; t < nv; t++) {
-            x[t] = HFN(HNAME(hamming_loadv))(code + b0 + t * HL);
+            x[t] = FN(hamming_loadv)(code + b0 + t * HL);
             best[t] = (hvec){0} + 65;        /* any distance beats 65 */
             best_j[t] = (hvec){0};
         }
         for (int j = 0; j < c; j++) {
-            const hvec cj = (hvec){0} + cent[j], jv = (hvec){0} + (HW)j;
+            const hvec cj = (hvec){0} + cent[j], jv = (hvec){0} + (W)j;
             for (int t = 0; t < nv; t++) {   /* strict <: ties keep the lower j */
-                const hvec dist = HFN(HNAME(hamming_popv))(x[t] ^ cj);
+                const hvec dist = FN(hamming_popv)(x[t] ^ cj);
                 const hvec closer = (hvec)(dist < best[t]);
                 best[t] = (dist & closer) | (best[t] & ~closer);
                 best_j[t] = (jv & closer) | (best_j[t] & ~closer);
@@ -116,7 +99,7 @@ static int64_t HFN(HNAME(hamming_assign))(int i0, int i1, const void *code_,
             } else {                         /* leftover rows, one at a time */
                 int bd = 65;
                 for (int j = 0; j < c; j++) {
-                    const int dist = HPOP(code[b0 + r] ^ cent[j]);
+                    const int dist = WPOP(code[b0 + r] ^ cent[j]);
                     if (dist < bd) { bd = dist; label = j; }
                 }
             }
@@ -129,10 +112,10 @@ static int64_t HFN(HNAME(hamming_assign))(int i0, int i1, const void *code_,
 }
 
 /* code, dist (rows [i0, i1)) -> Σ min(popcount(code[i] ^ center), dist[i])². */
-static uint64_t HFN(HNAME(hamming_potential))(int i0, int i1, const void *code_,
+static uint64_t FN(hamming_potential)(int i0, int i1, const void *code_,
                                               const void *dist_, uint64_t center_)
 {
-    const HW *code = code_, *dist = dist_, center = (HW)center_;
+    const W *code = code_, *dist = dist_, center = (W)center_;
     const hvec cv = (hvec){0} + center;
     uint64_t total = 0;
     int i = i0;
@@ -141,8 +124,8 @@ static uint64_t HFN(HNAME(hamming_potential))(int i0, int i1, const void *code_,
         const int b1 = i1 - b0 < 1 << 16 ? i1 : b0 + (1 << 16);
         hvec acc = (hvec){0};
         for (i = b0; i + HL <= b1; i += HL) {
-            hvec dd = HFN(HNAME(hamming_popv))(HFN(HNAME(hamming_loadv))(code + i) ^ cv);
-            const hvec d0 = HFN(HNAME(hamming_loadv))(dist + i);
+            hvec dd = FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv);
+            const hvec d0 = FN(hamming_loadv)(dist + i);
             const hvec less = (hvec)(dd < d0);
             dd = (dd & less) | (d0 & ~less);
             acc += dd * dd;
@@ -150,7 +133,7 @@ static uint64_t HFN(HNAME(hamming_potential))(int i0, int i1, const void *code_,
         for (int l = 0; l < HL; l++) total += acc[l];
     }
     for (; i < i1; i++) {
-        HW dd = (HW)HPOP(code[i] ^ center);
+        W dd = (W)WPOP(code[i] ^ center);
         dd = dd < dist[i] ? dd : dist[i];
         total += (uint64_t)dd * dd;
     }
@@ -158,25 +141,24 @@ static uint64_t HFN(HNAME(hamming_potential))(int i0, int i1, const void *code_,
 }
 
 /* code, dist (rows [i0, i1)): dist[i] = min(dist[i], popcount(code[i] ^ center)). */
-static void HFN(HNAME(hamming_min))(int i0, int i1, const void *code_, uint64_t center_,
+static void FN(hamming_min)(int i0, int i1, const void *code_, uint64_t center_,
                                     void *dist_)
 {
-    const HW *code = code_, center = (HW)center_;
-    HW *dist = dist_;
+    const W *code = code_, center = (W)center_;
+    W *dist = dist_;
     const hvec cv = (hvec){0} + center;
     int i = i0;
     for (; i + HL <= i1; i += HL) {
-        const hvec dd = HFN(HNAME(hamming_popv))(HFN(HNAME(hamming_loadv))(code + i) ^ cv);
-        const hvec d0 = HFN(HNAME(hamming_loadv))(dist + i);
+        const hvec dd = FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv);
+        const hvec d0 = FN(hamming_loadv)(dist + i);
         const hvec less = (hvec)(dd < d0);
         *(hvec *)(dist + i) = (dd & less) | (d0 & ~less);
     }
     for (; i < i1; i++) {
-        const HW dd = (HW)HPOP(code[i] ^ center);
+        const W dd = (W)WPOP(code[i] ^ center);
         dist[i] = dd < dist[i] ? dd : dist[i];
     }
 }
 
 #undef hvec
 #undef HL
-#endif

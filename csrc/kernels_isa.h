@@ -2,7 +2,9 @@
  * kernels_<isa>.c after its target pragma and these macros:
  *   ISA          the suffix token (avx512, avx2, generic): names ra_kernels_<ISA>
  *   VEC_BYTES, GEMM_MR, GEMM_NV   see kernels_body.h
- *   RA_POPCOUNT, RA_POPCOUNT32    see kernels_hamming.h */
+ *   RA_POPCOUNT, RA_POPCOUNT32    see kernels_hamming.h
+ * and compiles kernels_body.h (per float type) and kernels_hamming.h (per code-word
+ * width) through typed.h, every name ending in _<ISA>. */
 #include "kernels.h"
 
 #define RA_CAT3_(a, b, c) a##b##c
@@ -10,29 +12,13 @@
 #define RA_STR_(x) #x
 #define RA_STR(x) RA_STR_(x)
 
-#define T float
-#define UT uint32_t
-#define RA_IS_F32 1
-#define FN(name) RA_CAT3(name, _f32_, ISA)
-#include "kernels_body.h"
-#undef T
-#undef UT
-#undef RA_IS_F32
-#undef FN
-
-#define T double
-#define UT uint64_t
-#define RA_IS_F32 0
-#define FN(name) RA_CAT3(name, _f64_, ISA)
-#include "kernels_body.h"
-#undef T
-#undef UT
-#undef RA_IS_F32
-#undef FN
-
-#define HFN(name) RA_CAT3(name, _, ISA)
-#include "kernels_hamming.h"
-#undef HFN
+#define RA_TYPED_SUFFIX ISA
+#define RA_TYPED_BODY "kernels_body.h"
+#include "typed.h"
+#define RA_TYPED_BODY "kernels_hamming.h"
+#define RA_TYPED_WORDS
+#include "typed.h"
+#undef RA_TYPED_SUFFIX
 
 #define RA_TYPED_TABLE(S)                                                                 \
     {.gemm = RA_CAT3(gemm, S, ISA), .gemm_tn = RA_CAT3(gemm_tn, S, ISA),                  \

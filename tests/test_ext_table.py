@@ -17,6 +17,12 @@ _spec.loader.exec_module(gen)
 CHAR = {"T32": "f", "T64": "d", "B": "?", "L": "l", "U": "L"}
 
 
+def ufunc(name):
+    """The extension's gufunc `name` (unwrapped when tools/bitcheck.py records calls)."""
+    f = getattr(_ext, name)
+    return getattr(f, "__wrapped__", f)
+
+
 @pytest.mark.parametrize("path", ["csrc/gufuncs_gen.h", "routing_attention/_ext.pyi"])
 def test_committed_files_are_what_the_table_generates(tmp_path, path):
     gen.write(tmp_path)
@@ -27,7 +33,7 @@ def test_committed_files_are_what_the_table_generates(tmp_path, path):
 @pytest.mark.parametrize("name,spec,doc", gen.GUFUNCS, ids=[g[0] for g in gen.GUFUNCS])
 def test_built_gufunc_matches_its_table_entry(name, spec, doc):
     g = gen.describe(name, spec)
-    uf = getattr(_ext, "_" + name)
+    uf = ufunc("_" + name)
     assert uf.signature == g["signature"]
     assert (uf.nin, uf.nout) == (g["nin"], g["nout"])
     loops = ["32", "64"] if g["floats"] else [None]
@@ -40,7 +46,7 @@ def test_built_gufunc_matches_its_table_entry(name, spec, doc):
 
 
 def test_every_gufunc_of_the_extension_is_in_the_table():
-    built = {n[1:] for n in dir(_ext) if isinstance(getattr(_ext, n), np.ufunc)}
+    built = {n[1:] for n in dir(_ext) if isinstance(ufunc(n), np.ufunc)}
     assert built == {g[0] for g in gen.GUFUNCS}
 
 
@@ -51,3 +57,16 @@ def test_operand_indices_follow_numpys_layout():
     assert names.index("slot_out") == 11 and g["core"][names.index("q")] == 14
     assert g["core"][names.index("slot_out")] == 14 + 2 * 5 + 1 + 2     # q k v q_idx k_idx, out, lse
     assert g["dims"] == ["n", "d", "m", "e", "c", "w", "u"]
+
+
+def test_typed_names_index_is_current(tmp_path):
+    """csrc/typed_names.txt (tools/typed_names.py) lists every name typed.h makes."""
+    spec = importlib.util.spec_from_file_location("typed_names", ROOT / "tools" / "typed_names.py")
+    tn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tn)
+    assert tn.render() == (ROOT / "csrc" / "typed_names.txt").read_text(), (
+        "csrc/typed_names.txt is stale: run python tools/typed_names.py")
+    index = (ROOT / "csrc" / "typed_names.txt").read_text()
+    for name in ("ra_routing_forward_f32", "gemm_f32_avx2", "hamming_assign64_avx512vp",
+                 "ra_hamming_fit32", "RaKeys_f64", "ra_attend_backward_f32"):
+        assert f"\n{name} " in index, name
