@@ -10,12 +10,14 @@
  * _m: members of a region.  Backward-only pieces stay NULL in the forward. */
 typedef struct {
     int64_t *qidx, *didx, *kid, *vid, *kloc, *vloc, *spos, *sqpos, *vids, *midx;
-    T *qs, *acc, *s, *mx, *sum;                 /* forward query tile */
+    FN(RaQTile) qt;                             /* the engine's query tile, q in qs */
+    FN(RaQGradTile) gt;                         /* its gradient tile (backward) */
+    T *qs;
     T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
     T *q_m;                                     /* members' q (L, d), unscaled */
     T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward; k_m always) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
-    T *dout, *lse, *delta, *dq, *dp;            /* gradient tile (backward) */
+    T *dout, *lse, *delta, *dq;                 /* gradient tile's rows (backward) */
     RaRange span;                               /* a region unit's positions */
     int win0, win1, fresh;                      /* span columns in the _m packs; their
                                                    gradients not yet started (backward) */
@@ -43,11 +45,7 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->sqpos = ra_take(a, BQ, I);
     w->vids = ra_take(a, z->maxV, I);
     w->midx = ra_take(a, z->maxMem, I);
-    w->qs = ra_take(a, BQ * d, S);
-    w->acc = ra_take(a, BQ * e, S);
-    w->s = ra_take(a, BQ * BK, S);
-    w->mx = ra_take(a, BQ, S);
-    w->sum = ra_take(a, BQ, S);
+    w->qs = FN(ra_qtile_layout)(&w->qt, a, RA_BQ, d, e);
     w->kt_d = ra_take(a, ra_mul(z->maxD, d), S);
     w->v_d = ra_take(a, ra_mul(z->maxD, e), S);
     w->kt_s = ra_take(a, ra_mul(z->maxS, d), S);
@@ -87,7 +85,12 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
         w->lse = ra_take(a, BQ, S);
         w->delta = ra_take(a, BQ, S);
         w->dq = ra_take(a, BQ * d, S);
-        w->dp = ra_take(a, BQ * BK, S);
+        FN(ra_qgrad_layout)(&w->gt, a, RA_BQ, &w->qt);
+        w->gt.q = w->qs;
+        w->gt.dout = w->dout;
+        w->gt.lse = w->lse;
+        w->gt.delta = w->delta;
+        w->gt.dq = w->dq;
     }
 }
 
