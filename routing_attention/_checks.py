@@ -515,3 +515,37 @@ def member_lists(name, idx, length):
             raise ValueError(f"{name} repeats a position inside the list of cluster {where}")
     return arr
 
+
+def routing_heads(heads, local_heads, built_for):
+    """A routing layer's heads: local_heads of them local, the rest routed; `built_for` is
+    the number of routing heads its centroids were made for (None: not made yet)."""
+    if local_heads > heads:
+        raise ValueError(f"local_heads ({local_heads}) exceeds the number of heads ({heads})")
+    if built_for is not None and built_for != heads - local_heads:
+        raise ValueError(f"the layer was built for {built_for} routing heads; "
+                         f"got {heads - local_heads}")
+
+
+def same_leading_axes(q_shape, k_shape):
+    """q and k routed together need the same (batch, heads) axes."""
+    if tuple(q_shape[:-2]) != tuple(k_shape[:-2]):
+        raise ValueError("q and k must have the same leading (batch, heads) axes for the "
+                         f"routing decisions; got q {tuple(q_shape)} and k {tuple(k_shape)}")
+
+
+def combiner_block(plan, block, explicit=False):
+    """A Combiner plan's block: none for 'logsparse' (its regions are dyadic spans), else
+    an integer >= 1, or None for the default unless `explicit` (decoding, whose default
+    would depend on the final length).  Returns the block (None when left to default)."""
+    if plan == "logsparse":
+        if block is not None:
+            raise ValueError("block is not used by plan='logsparse' (its regions are dyadic "
+                             f"spans); pass block=None, got {block!r}")
+        return None
+    if block is None:
+        if explicit:
+            raise ValueError(f"decoding plan={plan!r} needs an explicit block (the default "
+                             "⌈√n⌉ depends on the final sequence length)")
+        return None
+    return integer("block", block, low=1)
+

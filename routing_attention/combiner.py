@@ -10,8 +10,8 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
-                      check_out, dout_shape, flag, integer, one_of, plain_qkv, plain_scale,
-                      qkv_arrays, saved_arrays, scale_value, unbroadcast)
+                      check_out, combiner_block, dout_shape, flag, integer, one_of, plain_qkv,
+                      plain_scale, qkv_arrays, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -38,11 +38,9 @@ def _prepare(q, k, v, plan, block, causal, scale):
         raise ValueError(f"combiner_attention needs a sequence of at least 1 position; got "
                          f"q of shape {q.shape}")
     causal = flag("causal", causal)
+    block = combiner_block(plan, block)
     if plan == "logsparse":
-        if block is not None:
-            raise ValueError("block is not used by plan='logsparse' (its regions are dyadic "
-                             f"spans); pass block=None, got {block!r}")
-        block = 1
+        block = 1                    # unused by the plan
     elif block is None:
         block = _default_block(n)
     else:

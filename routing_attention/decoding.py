@@ -16,7 +16,7 @@ per sequence (Combiner: plus its region summaries, also O(n·d)).
 """
 import numpy as np
 
-from ._checks import as_matrix, float_dtype, integer, scale_value
+from ._checks import as_matrix, combiner_block, float_dtype, integer, one_of, scale_value
 from .reference import _dyadic_spans, COMBINER_PLANS
 
 __all__ = ["DenseCache", "LocalCache", "CombinerCache", "RoutingCache"]
@@ -204,17 +204,8 @@ class CombinerCache(_Cache):
 
     def __init__(self, plan, *, block=None, scale=None):
         super().__init__(scale=scale)
-        if plan not in COMBINER_PLANS:
-            raise ValueError(f"plan must be one of {', '.join(COMBINER_PLANS)}; got {plan!r}")
-        if plan == "logsparse":
-            if block is not None:
-                raise ValueError("block is not used by plan='logsparse'; pass block=None")
-        elif block is None:
-            raise ValueError(f"decoding plan={plan!r} needs an explicit block (the default "
-                             "⌈√n⌉ depends on the final sequence length)")
-        else:
-            block = integer("block", block, low=1)
-        self.plan, self.block = plan, block
+        one_of("plan", plan, COMBINER_PLANS)
+        self.plan, self.block = plan, combiner_block(plan, block, explicit=True)
         self.summaries = None       # per sequence: {region: (summary key, summary value)}
 
     def _setup(self, q, k, v):

@@ -5,7 +5,7 @@ from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, core_size, decay_value, dout_shape,
                       flag, float_dtype, integer, mask_fits, member_lists, one_of, qkv_arrays,
-                      saved_arrays, scale_value, unbroadcast)
+                      routing_heads, same_leading_axes, saved_arrays, scale_value, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -506,11 +506,8 @@ class RoutingAttention(LayerCalls):
         q, k, v = (x if x.shape[-3] == heads else
                    np.broadcast_to(x, x.shape[:-3] + (heads,) + x.shape[-2:]) for x in (q, k, v))
         k = q if self.shared_qk else k
-        if self.local_heads > heads:
-            raise ValueError(f"local_heads ({self.local_heads}) exceeds the number of heads ({heads})")
-        if self.centroids is not None and self.centroids.shape[0] != heads - self.local_heads:
-            raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
-                             f"got {heads - self.local_heads}")
+        routing_heads(heads, self.local_heads,
+                      None if self.centroids is None else self.centroids.shape[0])
         n, m = q.shape[-2], k.shape[-2]
         if n == 0 or m == 0:
             raise ValueError(f"RoutingAttention needs at least one query and one key to route; "
@@ -523,9 +520,8 @@ class RoutingAttention(LayerCalls):
             qhat, qnorm, qsq = _normalize(q)
         else:
             qhat = qnorm = qsq = None
-            if self.local_heads < heads and q.shape[:-2] != k.shape[:-2]:
-                raise ValueError("q and k must have the same leading (batch, heads) axes for the "
-                                 f"routing decisions; got q {q.shape} and k {k.shape}")
+            if self.local_heads < heads:
+                same_leading_axes(q.shape, k.shape)
         katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
         L = self.local_heads
         batch = np.broadcast_shapes(q.shape[:-2], katt.shape[:-2], v.shape[:-2])

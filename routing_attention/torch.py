@@ -33,7 +33,7 @@ from . import combiner as _combiner
 from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import scale_value, unbroadcast
+from ._checks import one_of, routing_heads, same_leading_axes, scale_value, unbroadcast
 
 __all__ = [
     "attention", "local_attention", "routing_attention", "clustered_attention",
@@ -875,11 +875,7 @@ class RoutingAttention(torch.nn.Module):
         heads = torch.broadcast_shapes(*((t.shape[-3],) for t in (q, k, v)))[0]
         q, k, v = (t.expand(t.shape[:-3] + (heads,) + t.shape[-2:]) for t in (q, k, v))
         L = r.local_heads
-        if L > heads:
-            raise ValueError(f"local_heads ({L}) exceeds the number of heads ({heads})")
-        if self.centroids.numel() and self.centroids.shape[0] != heads - L:
-            raise ValueError(f"the layer was built for {self.centroids.shape[0]} routing heads; "
-                             f"got {heads - L}")
+        routing_heads(heads, L, self.centroids.shape[0] if self.centroids.numel() else None)
         n, m = q.shape[-2], (q if r.shared_qk else k).shape[-2]
         kmask = _mask("key_mask", key_mask)
         qmask = _mask("query_mask", query_mask)
@@ -900,10 +896,8 @@ class RoutingAttention(torch.nn.Module):
                                            v[..., :L, :, :], _t(lq), _t(lk), **kw))
         self.commitment_loss = q.new_zeros(())
         if L < heads:
-            if not r.shared_qk and q.shape[:-2] != k.shape[:-2]:
-                raise ValueError("q and k must have the same leading (batch, heads) axes for the "
-                                 f"routing decisions; got q {tuple(q.shape)} and k "
-                                 f"{tuple(k.shape)}")
+            if not r.shared_qk:
+                same_leading_axes(q.shape, k.shape)
             qr, kr = q[..., L:, :, :], (None if r.shared_qk else k[..., L:, :, :])
             q_idx, k_idx, used, lost = self._route(qr, kr, kmask_h, qmask_h)  # no gradient
             self.q_idx, self.k_idx = q_idx, k_idx
@@ -981,8 +975,7 @@ class CombinerAttention(torch.nn.Module):
 
     def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):
         super().__init__()
-        if plan not in _combiner.PLANS:
-            raise ValueError(f"plan must be one of {', '.join(_combiner.PLANS)}; got {plan!r}")
+        one_of("plan", plan, _combiner.PLANS)
         self.plan, self.block, self.causal, self.scale = plan, block, bool(causal), scale
 
     def extra_repr(self):

@@ -2,11 +2,11 @@
 
 Typed code is written once with FN(name) and compiled per type (typed.h), so a name such
 as ra_routing_forward_f32 or gemm_f32_avx2 — the one a profiler or a debugger shows —
-appears nowhere in the source.  This index lists each of them next to the file and line
-that define it, so that grep finds it:
+appears nowhere in the source.  This index lists each of them next to the file that
+defines it and how it is spelled there, so that grep finds it:
 
     $ grep -w ra_routing_forward_f32 csrc/typed_names.txt
-    ra_routing_forward_f32  csrc/routing_body.h:...
+    ra_routing_forward_f32          csrc/routing_body.h  FN(ra_routing_forward)
 
 Run `python tools/typed_names.py` after adding or renaming a typed function;
 tests/test_ext_table.py fails when the committed index is stale.
@@ -48,10 +48,11 @@ def instantiations():
 
 
 def names():
-    """[(typed name, 'csrc/file:line')]"""
+    """[(typed name, 'csrc/file  how it is written there')] (no line numbers: the index
+    changes only when a typed name does)"""
     out = []
     for body, forms in instantiations().items():
-        for i, line in enumerate((CSRC / body).read_text().split("\n"), 1):
+        for line in (CSRC / body).read_text().split("\n"):
             for m in re.finditer(r"\bFN\((\w+)\)\s*(\(|;|\{|\[|__attribute__)", line):
                 stripped = line.lstrip()
                 defines = (line == stripped or stripped.startswith(("typedef", "}"))) and \
@@ -59,21 +60,22 @@ def names():
                 if not defines:
                     continue
                 for t, isa in forms:
-                    out.append((m.group(1) + t + (f"_{isa}" if isa else ""), f"csrc/{body}:{i}"))
+                    out.append((m.group(1) + t + (f"_{isa}" if isa else ""),
+                                f"csrc/{body}  FN({m.group(1)})"))
     # names declared per type by the headers' RA_*_DECLS(T, SUF) macros (the engine's tile
     # and key-list types, the drivers' prototypes)
     for path in sorted(CSRC.glob("*.h")):
         text = path.read_text()
         for m in re.finditer(r"#define (RA_\w+_DECLS)\(T, SUF[^)]*\)((?:.*\\\n)*.*)", text):
-            line0 = text[:m.start()].count("\n") + 1
             suffixes = re.findall(rf"^{m.group(1)}\(\w+, (\w+)", text, re.M)
             seen = set()
-            for k, body_line in enumerate(m.group(2).split("\n")):
+            for body_line in m.group(2).split("\n"):
                 for name in re.findall(r"(\w+)_##SUF\b", body_line):
                     if name in seen:            # the first mention declares it
                         continue
                     seen.add(name)
-                    out += [(f"{name}_{suf}", f"csrc/{path.name}:{line0 + k}") for suf in suffixes]
+                    out += [(f"{name}_{suf}", f"csrc/{path.name}  {name}_##SUF")
+                            for suf in suffixes]
     return sorted(set(out))
 
 

@@ -1,0 +1,488 @@
+/* combiner_passes_body.h — Combiner's passes on the engine: region summaries
+ * (pass 1), queries (pass 2), forward and backward drivers.
+ * Included by combiner_body.h (once per type, with its macros). */
+
+/* ------------------------------------------------------------------ pass 1: regions */
+/* Region unit u of wave w.  q, k (n, d), v (n, e) -> khat rows of the summary keys it
+ * owns, vhat (rows, e) and rlse (rows) of its regions:
+ *   k̂ = max_j k_j,  q̂ = max_j q_j (or the region's query row),
+ *   v̂ = Σ_j softmax_j(scale·q̂·k_j) v_j   over the members j.
+ * Up to RA_BQ regions share one engine tile; their different runs are a bitmap. */
+static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
+                                    int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
+                                    FN(CTab) *tb)
+{
+    const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 0);
+    for (int64_t r = 0; r < nv; r++) {
+        const RaCRegion h = ra_cplan_region(p, w->vids[r]);
+        if (h.owns_kid)
+            memcpy(tb->khat + (h.kid - tb->kbase) * d, w->pk + r * d, sizeof(T) * (size_t)d);
+    }
+    for (int64_t a = 0; a < nv; a += RA_BQ) {
+        const int rows = (int)(nv - a < RA_BQ ? nv - a : RA_BQ);
+        int c0, c1;
+        const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
+        FN(RaQTile) qt = w->qt;
+        qt.rows = rows;
+        FN(ra_fwd_init)(&qt, e);
+        FN(CRegionKeys) rk = {p, w, tb, k, v, nv, a, c0, c1, d, e, 0};
+        const FN(RaKeys) keys = FN(region_keys)(&rk, ragged);
+        FN(ra_attend)(K, &qt, &keys, d, e, 0);
+        FN(ra_fwd_finish)(&qt, e, (char *)w->otile, e * sizeof(T), sizeof(T), (char *)w->olse,
+                          sizeof(T));
+        for (int r = 0; r < rows; r++) {
+            const int64_t vid = w->vids[a + r] - tb->vbase;
+            memcpy(tb->vhat + vid * e, w->otile + (ptrdiff_t)r * e, sizeof(T) * (size_t)e);
+            tb->rlse[vid] = w->olse[r];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ pass 2: queries */
+/* Pack a query unit's key lists: direct keys from k, v; summary entries from the tables.
+ * The forward takes kᵀ and v, the backward (bwd) kᵀ, k and vᵀ. */
+static void FN(pack_unit)(FN(CWs) *w, const RaCUnit *U, int64_t ns, RaMat k, RaMat v,
+                          const FN(CTab) *tb, int d, int e, int bwd)
+{
+    const int nd = (int)U->direct.count, S = (int)ns;
+    const RaMat kh = {(char *)tb->khat, (ptrdiff_t)d * (ptrdiff_t)sizeof(T), sizeof(T)};
+    const RaMat vh = {(char *)tb->vhat, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+    FN(range_list)(U->q, w->qidx);
+    FN(range_list)(U->direct, w->didx);
+    for (int j = 0; j < S; j++) {   /* the summaries' rows in this phase's tables */
+        w->kloc[j] = w->kid[j] - tb->kbase;
+        w->vloc[j] = w->vid[j] - tb->vbase;
+    }
+    FN(ra_gather)(k, w->didx, 0, nd, d, 1, 1, w->kt_d, nd);
+    FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 1, w->kt_s, S);
+    if (!bwd) {
+        FN(ra_gather)(v, w->didx, 0, nd, e, 1, 0, w->v_d, e);
+        FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 0, w->v_s, e);
+    } else {
+        FN(ra_gather)(k, w->didx, 0, nd, d, 1, 0, w->k_d, d);
+        FN(ra_gather)(v, w->didx, 0, nd, e, 1, 1, w->vt_d, nd);
+        FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 0, w->k_s, d);
+        FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 1, w->vt_s, S);
+    }
+}
+
+/* Summary positions of a query tile (the row or column its summaries are matched with). */
+static void FN(summary_qpos)(const RaCPlan *p, const RaCUnit *U, const int64_t *qidx, int rows,
+                             int64_t *sqpos)
+{
+    for (int r = 0; r < rows; r++)
+        sqpos[r] = U->sq == RA_SQ_ROW ? qidx[r] / p->M : U->sq == RA_SQ_COL ? qidx[r] % p->M : 0;
+}
+
+/* The key lists of a query unit for the engine: direct keys and summary entries, with
+ * the planner's bitmap for RA_SQ_VIS units (the callback's context names the query rows). */
+typedef struct {
+    FN(RaKeys) direct, summary;
+    RaCVisCtx dvis, svis;
+} FN(CUnitKeys);
+
+static void FN(unit_keys)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, int64_t ns, int d,
+                          int e, int bwd, FN(CUnitKeys) *uk)
+{
+    const int nd = (int)U->direct.count, S = (int)ns, bitmap = U->sq == RA_SQ_VIS;
+    uk->dvis = (RaCVisCtx){p, w->vis, NULL, w->didx, 0};
+    uk->svis = (RaCVisCtx){p, w->vis, NULL, w->vid, 1};
+    uk->direct = (FN(RaKeys)){.count = nd, .kt = w->kt_d, .ldkt = nd, .pos = w->didx,
+                              .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->dvis};
+    uk->summary = (FN(RaKeys)){.count = S, .kt = w->kt_s, .ldkt = S, .pos = w->spos,
+                               .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->svis};
+    if (!bwd) {
+        uk->direct.v = w->v_d, uk->direct.ldv = e;
+        uk->summary.v = w->v_s, uk->summary.ldv = e;
+    } else {
+        uk->direct.k = w->k_d, uk->direct.ldk = d, uk->direct.vt = w->vt_d, uk->direct.ldvt = nd;
+        uk->summary.k = w->k_s, uk->summary.ldk = d, uk->summary.vt = w->vt_s;
+        uk->summary.ldvt = S;
+    }
+}
+
+/* Query unit u of a pass: q (n, d) -> out rows (or the carried state when a later pass
+ * follows).  out_i = Σ_direct e^{s_ij} v_j + Σ_summaries e^{q̃_i·k̂} v̂, over one Z_i. */
+static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int pass,
+                                   int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
+                                   FN(CTab) *tb, RaMat out, RaVec lse)
+{
+    RaCUnit U;
+    const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
+    const int nq = (int)U.q.count;
+    const int last = pass == ra_cplan_npasses(p) - 1;
+    FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 0);
+    FN(CUnitKeys) uk;
+    FN(unit_keys)(p, &U, w, ns, d, e, 0, &uk);
+    for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
+        const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
+        const int64_t *qpos = w->qidx + q0;
+        FN(RaQTile) qt = w->qt;
+        qt.rows = rows;
+        qt.pos = qpos;
+        FN(ra_gather)(q, qpos, 0, rows, d, sc, 0, w->qs, d);
+        if (pass == 0) FN(ra_fwd_init)(&qt, e);
+        else FN(ra_attend_restore)(&qt, e, qpos, tb->st_mx, tb->st_sum, tb->st_acc);
+        uk.dvis.qpos = uk.svis.qpos = qpos;
+        FN(ra_attend)(K, &qt, &uk.direct, d, e, U.dflags);
+        FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
+        qt.pos = w->sqpos;                      /* summaries are matched by row or column */
+        FN(ra_attend)(K, &qt, &uk.summary, d, e, U.sflags);
+        if (last) {
+            const ptrdiff_t os0 = out.s0 * U.q.stride, ls0 = lse.s0 * U.q.stride;
+            FN(ra_fwd_finish)(&qt, e, out.data + qpos[0] * out.s0, os0, out.s1,
+                              lse.data ? lse.data + qpos[0] * lse.s0 : NULL, ls0);
+        } else
+            FN(ra_attend_save)(&qt, e, qpos, tb->st_mx, tb->st_sum, tb->st_acc);
+    }
+}
+
+/* The region summaries (khat, vhat, rlse) of phase ph of one problem; ws holds nt
+ * thread scratch blocks. */
+static void FN(problem_summaries)(const KT *K, const RaCPlan *p, int ph, FN(CWs) *ws, int nt,
+                                  RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb)
+{
+    const RaCPhase f = ra_cplan_phase(p, ph);
+    tb->kbase = f.kbase;
+    tb->vbase = f.vbase;
+    /* regions write disjoint summaries: the phase's waves run as one parallel loop */
+    int64_t total = 0;
+    for (int w = f.wave0; w < f.wave1; w++) total += ra_cplan_wave_units(p, w);
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t x = 0; x < total; x++) {
+        int w = f.wave0;
+        int64_t u = x;
+        while (u >= ra_cplan_wave_units(p, w)) u -= ra_cplan_wave_units(p, w++);
+        FN(region_unit_forward)(K, p, &ws[ra_thread_id()], w, u, q, k, v, sc, d, e, tb);
+    }
+}
+
+/* The forward of one problem, phase by phase: summaries, then the passes reading them;
+ * the last pass finishes every query's softmax -> out, lse. */
+static void FN(problem_forward)(const KT *K, const RaCPlan *p, FN(CWs) *ws, int nt,
+                                RaMat q, RaMat k, RaMat v, T sc, int d, int e, FN(CTab) *tb,
+                                RaMat out, RaVec lse)
+{
+    for (int ph = 0; ph < ra_cplan_nphases(p); ph++) {
+        const RaCPhase f = ra_cplan_phase(p, ph);
+        FN(problem_summaries)(K, p, ph, ws, nt, q, k, v, sc, d, e, tb);
+        for (int pass = f.pass0; pass < f.pass1; pass++) {
+            const int64_t nu = ra_cplan_pass_units(p, pass);
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+            for (int64_t u = 0; u < nu; u++)
+                FN(query_unit_forward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, sc, d, e,
+                                       tb, out, lse);
+        }
+    }
+}
+
+/* Scratch for one problem: the tables plus nt thread blocks, grown as needed. */
+typedef struct {
+    char *tab_buf, *ws_buf;
+    size_t tab_have, ws_have;
+} FN(CBufs);
+
+static int FN(problem_setup)(FN(CBufs) *bf, const RaCPlan *p, int nt, int d, int e, int mode,
+                             FN(CTab) *tb, FN(CWs) *ws)
+{
+    RaCSizes z;
+    ra_cplan_sizes(p, &z);
+    RaArena a = {NULL, 0};
+    FN(ctab_layout)(tb, &a, p, &z, d, e, mode);
+    if (FN(cgrow)(&bf->tab_buf, &bf->tab_have, a.used)) return RA_ERR_NOMEM;
+    a = (RaArena){bf->tab_buf, 0};
+    FN(ctab_layout)(tb, &a, p, &z, d, e, mode);
+    RaArena m = {NULL, 0};
+    FN(cws_layout)(&ws[0], &m, &z, d, e, mode & RA_CT_BACKWARD);
+    const size_t per_thread = m.used;
+    if (FN(cgrow)(&bf->ws_buf, &bf->ws_have, ra_mul(per_thread, (size_t)nt))) return RA_ERR_NOMEM;
+    for (int t = 0; t < nt; t++) {
+        RaArena x = {bf->ws_buf + (size_t)t * per_thread, 0};
+        FN(cws_layout)(&ws[t], &x, &z, d, e, mode & RA_CT_BACKWARD);
+    }
+    return RA_OK;
+}
+
+/* Plan of problem b from the broadcast scalars. */
+static int FN(problem_plan)(RaCPlan *p, ptrdiff_t b, int n, RaBVec plan, RaBVec block,
+                            RaBVec causal, RaBVec scale, T *sc)
+{
+    *sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
+    return ra_cplan_init(p, (int)RA_VEC_AT(int64_t, ra_vec_at(plan, b), 0), n,
+                         RA_VEC_AT(int64_t, ra_vec_at(block, b), 0),
+                         RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0));
+}
+
+/* q, k (B; n, d), v (B; n, e), plan, block (B) int64, causal (B) uint8, scale (B)
+ * -> out (B; n, e) */
+int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k, RaBMat v,
+                            RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
+                            RaBMat out, RaBVec lse)
+{
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    FN(CBufs) bf = {NULL, NULL, 0, 0};
+    FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
+    int st = ws ? RA_OK : RA_ERR_NOMEM;
+    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
+        RaCPlan p;
+        FN(CTab) tb;
+        T sc;
+        st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
+        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, RA_CT_FORWARD, &tb, ws);
+        if (st != RA_OK) break;
+        FN(problem_forward)(K, &p, ws, nt, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
+                            sc, d, e, &tb, ra_mat_at(out, b),
+                            lse.data ? ra_vec_at(lse, b) : (RaVec){NULL, 0});
+    }
+    ra_free(ws);
+    ra_free(bf.tab_buf);
+    ra_free(bf.ws_buf);
+    return st;
+}
+
+/* ------------------------------------------------------------------ backward */
+/* Query unit u of a pass, backward of pass 2.  In the forward this was
+ *   s = q̃·[k_direct | k̂_summaries],  p = exp(s − lse),  out = p·[v_direct | v̂]
+ * so the engine gives dq̃ (rows owned by this unit in this pass, added to dqs), dk, dv of
+ * the direct keys (owned too, added to dks, dvs) and dk̂, dv̂ of the summary entries,
+ * which several units share: those go to this unit's slots, summed later in unit order. */
+static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int pass,
+                                    int64_t u, RaMat q, RaMat k, RaMat v, RaMat dout, T sc,
+                                    int d, int e, FN(CTab) *tb, int64_t slot)
+{
+    RaCUnit U;
+    const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
+    const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
+    FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 1);
+    FN(CUnitKeys) uk;
+    FN(unit_keys)(p, &U, w, ns, d, e, 1, &uk);
+    memset(w->dk_d, 0, sizeof(T) * (size_t)nd * d);
+    memset(w->dv_d, 0, sizeof(T) * (size_t)nd * e);
+    memset(w->dk_s, 0, sizeof(T) * (size_t)S * d);
+    memset(w->dv_s, 0, sizeof(T) * (size_t)S * e);
+    for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
+        const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
+        const int64_t *qpos = w->qidx + q0;
+        FN(ra_gather)(q, qpos, 0, rows, d, sc, 0, w->qs, d);
+        FN(ra_gather)(dout, qpos, 0, rows, e, 1, 0, w->dout, e);
+        for (int r = 0; r < rows; r++) {
+            w->lse[r] = tb->lse[qpos[r]];
+            w->delta[r] = tb->delta[qpos[r]];
+        }
+        memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
+        FN(RaQGradTile) g = w->gt;
+        g.rows = rows;
+        g.pos = qpos;
+        uk.dvis.qpos = uk.svis.qpos = qpos;
+        FN(ra_attend_backward)(K, &g, &uk.direct, w->dk_d, d, w->dv_d, e, d, e, U.dflags, NULL);
+        FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
+        g.pos = w->sqpos;
+        FN(ra_attend_backward)(K, &g, &uk.summary, w->dk_s, d, w->dv_s, e, d, e, U.sflags, NULL);
+        for (int r = 0; r < rows; r++)
+            for (int c = 0; c < d; c++) tb->dqs[qpos[r] * d + c] += w->dq[(ptrdiff_t)r * d + c];
+    }
+    for (int j = 0; j < nd; j++) {
+        for (int c = 0; c < d; c++) tb->dks[w->didx[j] * d + c] += w->dk_d[(ptrdiff_t)j * d + c];
+        for (int c = 0; c < e; c++) tb->dvs[w->didx[j] * e + c] += w->dv_d[(ptrdiff_t)j * e + c];
+    }
+    memcpy(tb->slot_dk + slot * d, w->dk_s, sizeof(T) * (size_t)S * d);
+    memcpy(tb->slot_dv + slot * e, w->dv_s, sizeof(T) * (size_t)S * e);
+    memcpy(tb->slot_kid + slot, w->kloc, sizeof(int64_t) * (size_t)S);
+    memcpy(tb->slot_vid + slot, w->vloc, sizeof(int64_t) * (size_t)S);
+}
+
+/* The packed window's member gradients (dk_m, dv_m) added to dks, dvs. */
+static void FN(region_flush)(FN(CWs) *w, int d, int e, FN(CTab) *tb)
+{
+    for (int j = 0; j < w->win1 - w->win0; j++) {
+        const int64_t at = w->midx[j];
+        for (int c = 0; c < d; c++) tb->dks[at * d + c] += w->dk_m[(ptrdiff_t)j * d + c];
+        for (int c = 0; c < e; c++) tb->dvs[at * e + c] += w->dv_m[(ptrdiff_t)j * e + c];
+    }
+}
+
+/* Region unit u of wave w, backward of pass 1 given dkhat, dvhat.  In the forward:
+ *   k̂ = max_j k_j            so dk_{argmax} += dk̂          (per element, ties: lowest j)
+ *   v̂ = softmax(q̂̃·kᵀ)·v     so the engine gives dq̂̃, dk_j, dv_j with lse = rlse
+ *   q̂ = max_j q_j (or a row) so dq̃_{argmax} += dq̂̃
+ * Member gradients gather per window in span columns (dk_m, dv_m) and are added to dks,
+ * dvs once.  Every position written lies inside the unit's span, disjoint within the wave. */
+static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int wave,
+                                     int64_t u, RaMat q, RaMat k, RaMat v, T sc, int d, int e,
+                                     FN(CTab) *tb)
+{
+    const int64_t nv = FN(region_unit_setup)(p, w, wave, u, q, k, v, sc, d, e, 1);
+    if (nv == 0) return;
+    for (int64_t a = 0; a < nv; a += RA_BQ) {
+        const int rows = (int)(nv - a < RA_BQ ? nv - a : RA_BQ);
+        int c0, c1;
+        const int ragged = FN(region_tile)(p, w, a, a + rows, q, sc, d, &c0, &c1);
+        for (int r = 0; r < rows; r++) {
+            const int64_t vid = w->vids[a + r] - tb->vbase;
+            const T dl = FN(ra_dot)((const char *)(tb->dvhat + vid * e), sizeof(T),
+                                    (const char *)(tb->vhat + vid * e), sizeof(T), e);
+            memcpy(w->dout + (ptrdiff_t)r * e, tb->dvhat + vid * e, sizeof(T) * (size_t)e);
+            w->lse[r] = tb->rlse[vid];
+            w->delta[r] = dl;
+        }
+        memset(w->dq, 0, sizeof(T) * (size_t)rows * d);
+        FN(RaQGradTile) gt = w->gt;
+        gt.rows = rows;
+        FN(CRegionKeys) rk = {p, w, tb, k, v, nv, a, c0, c1, d, e, 1};
+        const FN(RaKeys) keys = FN(region_keys)(&rk, ragged);
+        FN(ra_attend_backward)(K, &gt, &keys, NULL, d, NULL, e, d, e, 0, NULL);
+        const RaRange sp = w->span;
+        for (int r = 0; r < rows; r++) {
+            const RaCRegion h = ra_cplan_region(p, w->vids[a + r]);
+            const T *dqr = w->dq + (ptrdiff_t)r * d;
+            if (h.qsrc >= 0)
+                for (int c = 0; c < d; c++) tb->dqs[h.qsrc * d + c] += dqr[c];
+            else
+                for (int c = 0; c < d; c++)
+                    tb->dqs[(sp.start + w->aq[(a + r) * d + c] * sp.stride) * d + c] += dqr[c];
+        }
+    }
+    if (w->win1 > w->win0) {   /* the last window (started, if no tile came) */
+        FN(region_window)(p, w, nv, w->win0, w->win1, k, v, d, e, tb, 1);
+        FN(region_flush)(w, d, e, tb);
+    }
+}
+
+/* Query pass `pass` backward, in chunks of units whose summary-gradient slots fit the
+ * budget; after each chunk the slots are summed into dkhat, dvhat in unit order. */
+static void FN(pass_backward)(const KT *K, const RaCPlan *p, int pass, FN(CWs) *ws, int nt,
+                              RaMat q, RaMat k, RaMat v, RaMat dout, T sc, int d, int e,
+                              FN(CTab) *tb)
+{
+    const int64_t nu = ra_cplan_pass_units(p, pass);
+    tb->offs[0] = 0;
+    for (int64_t u = 0; u < nu; u++) {
+        RaCUnit U;
+        tb->offs[u + 1] = tb->offs[u] + ra_cplan_unit(p, pass, u, &U, NULL, NULL, NULL);
+    }
+    for (int64_t u0 = 0, u1; u0 < nu; u0 = u1) {
+        u1 = u0 + 1;
+        while (u1 < nu && tb->offs[u1 + 1] - tb->offs[u0] <= tb->budget) u1++;
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+        for (int64_t u = u0; u < u1; u++)
+            FN(query_unit_backward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, dout, sc, d, e,
+                                    tb, tb->offs[u] - tb->offs[u0]);
+        /* threads split the channels, so every element's additions keep the unit order
+           (bit-identical for any nt) */
+        const int64_t ns = tb->offs[u1] - tb->offs[u0];
+        const int kblocks = (d + 15) / 16, vblocks = (e + 15) / 16;
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int cb = 0; cb < kblocks + vblocks; cb++) {
+            const int is_k = cb < kblocks, width = is_k ? d : e;
+            const int c0 = (is_k ? cb : cb - kblocks) * 16;
+            const int c1 = c0 + 16 < width ? c0 + 16 : width;
+            T *dst = is_k ? tb->dkhat : tb->dvhat;
+            const T *src = is_k ? tb->slot_dk : tb->slot_dv;
+            const int64_t *id = is_k ? tb->slot_kid : tb->slot_vid;
+            for (int64_t s = 0; s < ns; s++) {
+                T *o = dst + id[s] * width;
+                const T *r = src + s * width;
+                for (int c = c0; c < c1; c++) o[c] += r[c];
+            }
+        }
+    }
+}
+
+/* a matrix (n, width) whose rows are packed one after the other */
+static int FN(packed)(RaBMat m, int width)
+{
+    return m.s1 == (ptrdiff_t)sizeof(T) && m.s0 == (ptrdiff_t)width * (ptrdiff_t)sizeof(T);
+}
+
+/* dout, q, k, v (B; n, ·) -> dq, dk (B; n, d), dv (B; n, e), written.  Per problem:
+ *   1. out, lse saved or recomputed (the forward leaves its last phase's summaries in
+ *      the tables); delta = rowsum(dout∘out)
+ *   2. phase by phase, the last first: the phase's summaries (khat, vhat, rlse) unless
+ *      held, its query passes backward (-> dkhat, dvhat), its region waves backward
+ *   3. dq = scale·dq̃; dk, dv copied out unless they were the accumulators */
+int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBMat q,
+                             RaBMat k, RaBMat v, RaBMat saved_out, RaBVec saved_lse,
+                             RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
+                             RaBMat dq, RaBMat dk, RaBMat dv)
+{
+    const KT *K = &ra_kernels()->KSEL;
+    const int nt = ra_num_threads();
+    /* packed outputs accumulate the gradients in place, sparing three (n, ·) tables */
+    const int in_place = FN(packed)(dq, d) && FN(packed)(dk, d) && FN(packed)(dv, e);
+    const int mode = RA_CT_BACKWARD | (saved_out.data ? 0 : RA_CT_OUT) | (in_place ? 0 : RA_CT_GRADS);
+    FN(CBufs) bf = {NULL, NULL, 0, 0};
+    FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
+    int st = ws ? RA_OK : RA_ERR_NOMEM;
+    for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
+        RaCPlan p;
+        FN(CTab) tb;
+        T sc;
+        st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
+        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, mode, &tb, ws);
+        if (st != RA_OK) break;
+        const RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
+        const RaMat gb = ra_mat_at(dout, b);
+        const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
+        if (in_place) {
+            tb.dqs = (T *)dqm.data;
+            tb.dks = (T *)dkm.data;
+            tb.dvs = (T *)dvm.data;
+        }
+
+        /* 1. out (n, e) and lse (n), saved or recomputed; delta (n) */
+        RaMat outm = {(char *)tb.out, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+        int held = -1;   /* the phase whose summaries the tables hold */
+        if (saved_out.data) {
+            outm = ra_mat_at(saved_out, b);
+            const RaVec sl = ra_vec_at(saved_lse, b);
+            for (int i = 0; i < n; i++) tb.lse[i] = RA_VEC_AT(T, sl, i);
+        } else {
+            const RaVec lsev = {(char *)tb.lse, sizeof(T)};
+            FN(problem_forward)(K, &p, ws, nt, qb, kb, vb, sc, d, e, &tb, outm, lsev);
+            held = ra_cplan_nphases(&p) - 1;
+        }
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int i = 0; i < n; i++) {
+            tb.delta[i] = FN(ra_dot)(gb.data + (ptrdiff_t)i * gb.s0, gb.s1,
+                                     outm.data + (ptrdiff_t)i * outm.s0, outm.s1, e);
+        }
+        memset(tb.dqs, 0, sizeof(T) * (size_t)n * d);
+        memset(tb.dks, 0, sizeof(T) * (size_t)n * d);
+        memset(tb.dvs, 0, sizeof(T) * (size_t)n * e);
+
+        /* 2. phases */
+        for (int ph = ra_cplan_nphases(&p) - 1; ph >= 0; ph--) {
+            const RaCPhase f = ra_cplan_phase(&p, ph);
+            if (ph != held) FN(problem_summaries)(K, &p, ph, ws, nt, qb, kb, vb, sc, d, e, &tb);
+            memset(tb.dkhat, 0, sizeof(T) * (size_t)f.nk * d);
+            memset(tb.dvhat, 0, sizeof(T) * (size_t)f.nv * e);
+            for (int pass = f.pass0; pass < f.pass1; pass++)
+                FN(pass_backward)(K, &p, pass, ws, nt, qb, kb, vb, gb, sc, d, e, &tb);
+            for (int w = f.wave0; w < f.wave1; w++) {
+                const int64_t nu = ra_cplan_wave_units(&p, w);
+                #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+                for (int64_t u = 0; u < nu; u++)
+                    FN(region_unit_backward)(K, &p, &ws[ra_thread_id()], w, u, qb, kb, vb, sc, d,
+                                             e, &tb);
+            }
+        }
+
+        /* 3. outputs */
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int i = 0; i < n; i++) {
+            T *dqs = tb.dqs + (ptrdiff_t)i * d;
+            if (in_place) {
+                for (int c = 0; c < d; c++) dqs[c] *= sc;
+                continue;
+            }
+            for (int c = 0; c < d; c++) RA_MAT_AT(T, dqm, i, c) = sc * dqs[c];
+            for (int c = 0; c < d; c++) RA_MAT_AT(T, dkm, i, c) = tb.dks[(ptrdiff_t)i * d + c];
+            for (int c = 0; c < e; c++) RA_MAT_AT(T, dvm, i, c) = tb.dvs[(ptrdiff_t)i * e + c];
+        }
+    }
+    ra_free(ws);
+    ra_free(bf.tab_buf);
+    ra_free(bf.ws_buf);
+    return st;
+}

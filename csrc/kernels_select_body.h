@@ -1,0 +1,346 @@
+/* kernels_select_body.h — selection kernels: top_members' sampling, admission
+ * and offers, clustered top-k offers, max-pooling scans.
+ * Included by kernels_body.h (once per type, with its macros). */
+
+/* ------------------------------------------------------------------ top_members */
+/* Bit l set iff lane l of the comparison mask m is true. */
+static inline unsigned FN(mask_bits)(uvec m)
+{
+#if VEC_BYTES == 64 && RA_IS_F32
+    return (unsigned)_mm512_movepi32_mask((__m512i)m);
+#elif VEC_BYTES == 64
+    return (unsigned)_mm512_movepi64_mask((__m512i)m);
+#elif VEC_BYTES == 32 && RA_IS_F32
+    return (unsigned)_mm256_movemask_ps((__m256)m);
+#elif VEC_BYTES == 32
+    return (unsigned)_mm256_movemask_pd((__m256d)m);
+#elif defined(RA_X86) && RA_IS_F32
+    return (unsigned)_mm_movemask_ps((__m128)m);
+#elif defined(RA_X86)
+    return (unsigned)_mm_movemask_pd((__m128d)m);
+#else
+    /* portable (NEON and others): the sign bit of each lane, weighted by its lane bit */
+    unsigned bits = 0;
+    for (int l = 0; l < VL; l++) bits |= (unsigned)(m[l] >> (8 * sizeof(UT) - 1)) << l;
+    return bits;
+#endif
+}
+
+static void FN(top_sample)(int rows, int cb, const T *s, ptrdiff_t ld, int m, T *top,
+                           ptrdiff_t ldt, void *tpos_)
+{
+    UT *tpos = (UT *)tpos_;
+    const int cbv = cb / VL * VL;
+    const vec ninf = FN(vsplat)(-(T)INFINITY);
+    T *last = top + (m - 1) * ldt;
+    for (int r = 0; r < rows; r++) {               /* row by row: the rows are strided */
+        const T *p = s + r * ld;
+        if (r + 4 < rows)
+            for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                __builtin_prefetch(p + 4 * ld + j0);
+        for (int j0 = 0; j0 < cbv; j0 += VL) {
+            vec v = FN(vload)(p + j0);
+            v = FN(vsel)((uvec)(v == v), v, ninf);
+            if (!FN(mask_bits)((uvec)(v > FN(vload)(last + j0)))) continue;   /* most rows */
+            /* insertion, one lane each: v goes in front of the first entry it strictly
+               exceeds and the entries from there on shift down one slot (compare with v
+               itself, never with a displaced entry); an equal value stays behind the
+               earlier rows, so the list is the first m in (value ↓, position ↑) */
+            vec carry = v;
+            if (tpos) {
+                uvec q = (uvec){0} + (UT)r;
+                for (int k = 0; k < m; k++) {
+                    const vec t = FN(vload)(top + k * ldt + j0);
+                    uvec tq;
+                    memcpy(&tq, tpos + k * ldt + j0, sizeof(tq));
+                    const uvec gt = (uvec)(v > t);
+                    FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, carry, t));
+                    const uvec nq = (q & gt) | (tq & ~gt);
+                    memcpy(tpos + k * ldt + j0, &nq, sizeof(nq));
+                    carry = FN(vsel)(gt, t, carry);
+                    q = (tq & gt) | (q & ~gt);
+                }
+            } else {
+                for (int k = 0; k < m; k++) {
+                    const vec t = FN(vload)(top + k * ldt + j0);
+                    const uvec gt = (uvec)(v > t);
+                    FN(vstore)(top + k * ldt + j0, FN(vsel)(gt, carry, t));
+                    carry = FN(vsel)(gt, t, carry);
+                }
+            }
+        }
+        for (int j = cbv; j < cb; j++) {
+            T v = p[j];
+            if (v != v) v = -(T)INFINITY;
+            if (!(v > last[j])) continue;
+            UT q = (UT)r;
+            T carry = v;
+            for (int k = 0; k < m; k++) {
+                T *tk = top + k * ldt + j;
+                if (v > *tk) {                 /* from here on: shift down one slot */
+                    const T x = *tk; *tk = carry; carry = x;
+                    if (tpos) { const UT y = tpos[k * ldt + j]; tpos[k * ldt + j] = q; q = y; }
+                }
+            }
+        }
+    }
+}
+
+/* Bit l set iff a[l] OP b[l] (false with a NaN; quiet where the ISA has it). */
+#if VEC_BYTES == 64 && RA_IS_F32
+#define RA_CMP_BITS(a, b, PRED, OP) (unsigned)_mm512_cmp_ps_mask((__m512)(a), (__m512)(b), PRED)
+#elif VEC_BYTES == 64
+#define RA_CMP_BITS(a, b, PRED, OP) (unsigned)_mm512_cmp_pd_mask((__m512d)(a), (__m512d)(b), PRED)
+#elif VEC_BYTES == 32 && RA_IS_F32
+#define RA_CMP_BITS(a, b, PRED, OP)                                                         \
+    (unsigned)_mm256_movemask_ps(_mm256_cmp_ps((__m256)(a), (__m256)(b), PRED))
+#elif VEC_BYTES == 32
+#define RA_CMP_BITS(a, b, PRED, OP)                                                         \
+    (unsigned)_mm256_movemask_pd(_mm256_cmp_pd((__m256d)(a), (__m256d)(b), PRED))
+#else
+#define RA_CMP_BITS(a, b, PRED, OP) FN(mask_bits)((uvec)((a) OP (b)))
+#endif
+static inline unsigned FN(ge_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_GE_OQ, >=); }
+static inline unsigned FN(gt_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_GT_OQ, >); }
+static inline unsigned FN(eq_bits)(vec a, vec b) { return RA_CMP_BITS(a, b, _CMP_EQ_OQ, ==); }
+#undef RA_CMP_BITS
+
+/* S (rows, c) -> lab (rows): the first column holding the row's largest non-NaN score
+ * (−1 when every score is NaN), best (rows): that score (NaN for −1).  Two running
+ * maxima per row, then one vector compare per block of columns, last block first, finds
+ * the first column equal to the maximum.  NaN lanes are replaced before any ordered
+ * compare, so none raises the invalid flag. */
+static void FN(argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
+{
+    const int cv = c / VL * VL;
+    for (int i = 0; i < rows; i++) {
+        const T *s = S + i * lds;
+        vec m0 = FN(vsplat)(-INFINITY), m1 = m0;
+        int j = 0;
+        for (; j + 2 * VL <= cv; j += 2 * VL) {
+            vec x0 = FN(vload)(s + j), x1 = FN(vload)(s + j + VL);
+            x0 = FN(vsel)((uvec)(x0 == x0), x0, m0);       /* NaN lanes never compete */
+            x1 = FN(vsel)((uvec)(x1 == x1), x1, m1);
+            m0 = FN(vsel)((uvec)(x0 > m0), x0, m0);
+            m1 = FN(vsel)((uvec)(x1 > m1), x1, m1);
+        }
+        for (; j < cv; j += VL) {
+            vec x = FN(vload)(s + j);
+            x = FN(vsel)((uvec)(x == x), x, m0);
+            m0 = FN(vsel)((uvec)(x > m0), x, m0);
+        }
+        m0 = FN(vsel)((uvec)(m1 > m0), m1, m0);
+        T m = FN(hmax)(m0);
+        for (j = cv; j < c; j++) m = (s[j] == s[j] && s[j] > m) ? s[j] : m;
+        int first = c;                 /* no early exit: its branch would mispredict */
+        const vec mv = FN(vsplat)(m);
+        for (j = cv - VL; j >= 0; j -= VL) {
+            const unsigned hit = FN(eq_bits)(FN(vload)(s + j), mv);
+            first = hit ? j + __builtin_ctz(hit) : first;
+        }
+        for (j = cv; first == c && j < c; j++)
+            if (s[j] == m) first = j;
+        const int64_t l = first < c ? first : -1;
+        lab[i] = l;
+        best[i] = l >= 0 ? m : (T)NAN;
+    }
+}
+
+static void FN(threshold_bits)(int rows, int bits, const T *S, ptrdiff_t lds, const T *thr,
+                               int64_t *codes)
+{
+    const int bv = bits / VL * VL;
+    for (int r = 0; r < rows; r++) {
+        const T *s = S + r * lds;
+        uint64_t code = 0;
+        for (int j = 0; j < bv; j += VL) {
+            /* NaN lanes out of the way first (== is quiet everywhere, > is not on SSE2) */
+            vec y = FN(vload)(s + j), t = FN(vload)(thr + j);
+            y = FN(vsel)((uvec)(y == y), y, FN(vsplat)(-(T)INFINITY));
+            t = FN(vsel)((uvec)(t == t), t, FN(vsplat)((T)INFINITY));
+            code |= (uint64_t)FN(gt_bits)(y, t) << j;
+        }
+        for (int j = bv; j < bits; j++) code |= (uint64_t)__builtin_isgreater(s[j], thr[j]) << j;
+        codes[r] = (int64_t)code;
+    }
+}
+
+static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
+                          int cap, int *cnt, int32_t *pos, T *val)
+{
+    const int cbv = cb / VL * VL;
+    const ptrdiff_t st = (ptrdiff_t)cap + RA_TOP_SLACK;
+    ptrdiff_t off[cb + 1];                          /* next free slot of each list */
+    for (int j = 0; j <= cb; j++) off[j] = j * st + cnt[j];
+    for (int b0 = 0; b0 < rows; b0 += RA_TOP_SLACK - 1) {
+        const int b1 = rows - b0 < RA_TOP_SLACK - 1 ? rows : b0 + RA_TOP_SLACK - 1;
+        for (int r = b0; r < b1; r++) {
+            const T *p = s + r * ld;
+            if (r + 8 < rows)                        /* rows are strided: help the prefetcher */
+                for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
+                    __builtin_prefetch(p + 8 * ld + j0);
+            const int32_t at = row0 + r;
+            for (int j0 = 0; j0 < cbv; j0 += VL) {
+                unsigned bits = FN(ge_bits)(FN(vload)(p + j0), FN(vload)(thr + j0));
+                /* the first hit without a branch (most chunks have 0 or 1): with none, the
+                   write goes to the next free slot of list j0 + VL (<= cb), uncounted */
+                const int l = __builtin_ctz(bits | (1u << VL));
+                const ptrdiff_t o = off[j0 + l];
+                pos[o] = at;
+                val[o] = p[j0 + (l & (VL - 1))];
+                off[j0 + l] = o + (bits != 0);
+                bits &= bits - 1;
+                while (bits) {
+                    const int jj = j0 + __builtin_ctz(bits);
+                    bits &= bits - 1;
+                    const ptrdiff_t oo = off[jj]++;
+                    pos[oo] = at;
+                    val[oo] = p[jj];
+                }
+            }
+            for (int j = cbv; j < cb; j++)
+                if (p[j] >= thr[j]) {
+                    const ptrdiff_t o = off[j]++;
+                    pos[o] = at;
+                    val[o] = p[j];
+                }
+        }
+        /* a block adds at most RA_TOP_SLACK - 1 entries per list: full lists stop here */
+        for (int j = 0; j < cb; j++)
+            if (off[j] - j * st >= cap) thr[j] = (T)NAN;
+    }
+    for (int j = 0; j < cb; j++) cnt[j] = (int)(off[j] - j * st);
+}
+
+/* ------------------------------------------------------------------ clustered top-k */
+
+/* Clustered top-k.  A candidate list is nch = ceil(cap / VL) whole vectors of values and
+ * as many of positions (integers of T's width), so every access is one aligned vector and
+ * an insertion is a few shuffles and blends: no element-wise shifting. */
+static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,
+                          int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds)
+{
+    const int nch = (cap + VL - 1) / VL;
+    uvec lane, from_prev;                    /* lane l; element VL-1+l of (previous, this) */
+    for (int l = 0; l < VL; l++) {
+        lane[l] = (UT)l;
+        from_prev[l] = (UT)(VL - 1 + l);
+    }
+    const int depth = (cap + VL - 1) / VL;    /* per-lane ranks that make up cap values */
+    const vec ninf = FN(vsplat)(-(T)INFINITY);
+    for (int r = 0; r < rows; r++) {
+        const T *x = s + r * ld;
+        vec *v = (vec *)(lv + r * ldl);
+        uvec *p = (uvec *)((UT *)lj + r * ldl);
+        int n = size[r * lds];
+        T worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
+        /* floor: each lane's depth largest values (NaN as -inf) are depth·VL >= cap
+           distinct entries, so an entry below the least of them is not among this row's
+           best cap; -inf (too few, or -inf values) filters nothing.  Only while the list
+           is not full: a full list's worst entry filters about as well, for free */
+        T floor = -(T)INFINITY;
+        if (depth <= RA_OFFER_DEPTH && cols / VL >= depth && n < cap) {
+            vec top[RA_OFFER_DEPTH];
+            for (int t = 0; t < depth; t++) top[t] = ninf;
+            for (int j0 = 0; j0 + VL <= cols; j0 += VL) {
+                vec y = FN(vload)(x + j0);
+                y = FN(vsel)((uvec)(y == y), y, ninf);
+                for (int t = 0; t < depth; t++) {     /* insert y into the lane's ranks */
+                    const uvec up = (uvec)(y > top[t]);
+                    const vec was = top[t];
+                    top[t] = FN(vsel)(up, y, was);
+                    y = FN(vsel)(up, was, y);
+                }
+            }
+            floor = top[depth - 1][0];
+            for (int l = 1; l < VL; l++) floor = top[depth - 1][l] < floor ? top[depth - 1][l] : floor;
+        }
+        for (int j0 = 0; j0 < cols; j0 += VL) {
+            const int lanes = cols - j0 < VL ? cols - j0 : VL;
+            unsigned offer = (1u << lanes) - 1;
+            if (lanes == VL) {
+                const vec y = FN(vload)(x + j0);
+                if (floor > -(T)INFINITY) offer = FN(ge_bits)(y, FN(vsplat)(floor));
+                /* full, a number last: only larger values */
+                if (worst == worst) offer &= FN(gt_bits)(y, FN(vsplat)(worst));
+            } else {
+                for (int l = 0; l < lanes; l++)   /* quiet comparisons, as above */
+                    if ((floor > -(T)INFINITY && !__builtin_isgreaterequal(x[j0 + l], floor)) ||
+                        (worst == worst && !__builtin_isgreater(x[j0 + l], worst)))
+                        offer &= ~(1u << l);
+            }
+            for (; offer; offer &= offer - 1) {
+                const int j = j0 + __builtin_ctz(offer);
+                if (kpos[j] < 0) continue;
+                const T xj = x[j];
+                /* rank: entries >= xj rank above it (earlier offers win ties, NaN entries
+                   rank last, lanes beyond n are empty); a NaN goes last */
+                int at = n;
+                if (xj == xj) {
+                    at = 0;
+                    const vec xv = FN(vsplat)(xj);
+                    for (int c = 0; c * VL < n; c++) {
+                        const int live = n - c * VL;
+                        unsigned ge = FN(ge_bits)(v[c], xv);
+                        if (live < VL) ge &= (1u << live) - 1;
+                        at += __builtin_popcount(ge);
+                    }
+                }
+                if (at >= cap) continue;
+                /* entries from `at` on move one lane up (across vectors through the
+                   previous vector's last lane), xj goes to lane `at` */
+                const uvec atv = (uvec){0} + (UT)at, pj = (uvec){0} + (UT)kpos[j];
+                for (int c = nch - 1; c >= at / VL; c--) {
+                    const vec shifted = RA_SHUFFLE2(v[c > 0 ? c - 1 : 0], v[c], from_prev);
+                    const uvec pshift = RA_SHUFFLE2(p[c > 0 ? c - 1 : 0], p[c], from_prev);
+                    const uvec idx = lane + (UT)(c * VL);
+                    const uvec keep = (uvec)(idx < atv), here = (uvec)(idx == atv);
+                    v[c] = FN(vsel)(keep, v[c], FN(vsel)(here, FN(vsplat)(xj), shifted));
+                    p[c] = (p[c] & keep) | (~keep & ((pj & here) | (pshift & ~here)));
+                }
+                if (n < cap) n++;
+                worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
+            }
+        }
+        size[r * lds] = n;
+    }
+}
+
+/* ------------------------------------------------------------------ max-pooling */
+/* Columns in register blocks of VL: the running maximum and its row stay in registers
+ * over the whole scan; the row indices ride in 32-bit lanes beside the values. */
+#if RA_IS_F32
+typedef int32_t FN(svec) __attribute__((vector_size(VEC_BYTES)));
+#else
+typedef int64_t FN(svec) __attribute__((vector_size(VEC_BYTES)));
+#endif
+typedef int32_t FN(ivec) __attribute__((vector_size(VL * 4), aligned(4)));
+
+static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, int d, T *best,
+                          int32_t *barg, int strict)
+{
+    const int dv = d / VL * VL;
+    for (int c0 = 0; c0 < dv; c0 += VL) {
+        vec b;
+        FN(ivec) a;
+        memcpy(&b, best + c0, sizeof b);
+        memcpy(&a, barg + c0, sizeof a);
+        for (int j = from; j != to; j += step) {
+            const vec xv = FN(vload)(x + j * ld + c0);
+            const uvec up = strict ? (uvec)(xv > b) : (uvec)(xv >= b);
+            const FN(ivec) upi = __builtin_convertvector((FN(svec))up, FN(ivec));
+            b = FN(vsel)(up, xv, b);
+            a = (upi & j) | (~upi & a);
+        }
+        memcpy(best + c0, &b, sizeof b);
+        memcpy(barg + c0, &a, sizeof a);
+    }
+    for (int c = dv; c < d; c++)
+        for (int j = from; j != to; j += step) {
+            const T xj = x[j * ld + c];
+            const int up = strict ? xj > best[c] : xj >= best[c];
+            best[c] = up ? xj : best[c];
+            barg[c] = up ? j : barg[c];
+        }
+}
+
