@@ -549,3 +549,95 @@ def combiner_block(plan, block, explicit=False):
         return None
     return integer("block", block, low=1)
 
+
+def core_shape(name, shape, expected, axes):
+    """An array whose core axes (named `axes`, e.g. "n_clusters, d") must be `expected`."""
+    if tuple(shape[-len(expected):]) != tuple(expected) or len(shape) < len(expected):
+        raise ValueError(f"{name} must have shape (..., {axes}) = (..., "
+                         f"{', '.join(map(str, expected))}); got {tuple(shape)}")
+
+
+def disjoint_outputs(outs):
+    """out= arrays that share no memory (their results would depend on the order the kernel
+    writes them in).  Returns them."""
+    for i, a in enumerate(outs):
+        for b in outs[i + 1:]:
+            if np.shares_memory(a, b):
+                raise ValueError("the out arrays must not overlap one another")
+    return outs
+
+
+def out_tuple(out, count, what):
+    """out= given as a tuple of `count` arrays (`what` names them)."""
+    if not isinstance(out, tuple) or len(out) != count:
+        raise TypeError(f"out must be a {what} tuple")
+    return out
+
+
+def some_clusters(centroids):
+    """centroids (..., c, d) with c >= 1."""
+    if centroids.shape[-2] < 1:
+        raise ValueError(f"centroids must hold at least one cluster; got shape {centroids.shape}")
+
+
+def lsh_planes(planes, d, max_bits):
+    """LSH planes (..., bits, d + 1): 1 <= bits <= max_bits, a normal and a threshold each."""
+    bits = planes.shape[-2]
+    if not 1 <= bits <= max_bits:
+        raise ValueError(f"planes must have between 1 and {max_bits} rows (one per bit); "
+                         f"got {bits} (shape {planes.shape})")
+    if planes.shape[-1] != d + 1:
+        raise ValueError(f"planes must have d + 1 = {d + 1} columns (normal vector, then "
+                         f"threshold) for x with d = {d}; got shape {planes.shape}")
+
+
+def same_cluster_count(q_idx, k_idx):
+    """Query and key member lists of the same clusters."""
+    if q_idx.shape[-2] != k_idx.shape[-2]:
+        raise ValueError(f"q_idx and k_idx must list the same number of clusters: "
+                         f"{q_idx.shape[-2]} vs {k_idx.shape[-2]}")
+
+
+def given_or_saved(func, name, value):
+    """A backward keyword that has no default: given, or from the forward's saved dict."""
+    if value is None:
+        raise TypeError(f"{func} needs {name} (or the forward's saved statistics, "
+                        "return_saved=True)")
+    return value
+
+
+def saved_from(func, improved, forward_topk):
+    """The plain clustered backward takes only the plain forward's saved statistics, the
+    improved backward only the improved forward's (forward_topk: the forward's topk)."""
+    if (forward_topk is not None) != improved:
+        source = "improved_clustered_attention" if forward_topk else "clustered_attention"
+        raise ValueError(f"{func}: the saved statistics come from {source} (topk="
+                         f"{forward_topk!r}); use {source}_backward")
+
+
+def some_rows(what, **shapes):
+    """Arrays (name=shape) whose sequence axis (-2) must not be empty for `what`."""
+    if any(shape[-2] == 0 for shape in shapes.values()):
+        got = " and ".join(f"{name} of shape {tuple(shape)}" for name, shape in shapes.items())
+        raise ValueError(f"{what}; got {got}")
+
+
+def self_attention_layout(q, k):
+    """Combiner: as many keys as queries, at least one of each."""
+    if k.shape[-2] != q.shape[-2]:
+        raise ValueError(f"combiner_attention needs as many keys as queries (n == m, a "
+                         f"self-attention layout): q has n={q.shape[-2]} (shape {q.shape}), "
+                         f"k has m={k.shape[-2]} (shape {k.shape})")
+    if q.shape[-2] < 1:
+        raise ValueError(f"combiner_attention needs a sequence of at least 1 position; got "
+                         f"q of shape {q.shape}")
+
+
+def forward_statistic(name, shape, expected, core=None):
+    """A saved statistic of the forward (its output or lse), with the forward's full shape;
+    `core` describes its core axes in the message, e.g. "(..., n)"."""
+    if tuple(shape) != tuple(expected):
+        described = f"{core} = {tuple(expected)}" if core else f"{tuple(expected)}"
+        raise ValueError(f"{name} must have shape {described} (the forward's {name}); "
+                         f"got {tuple(shape)}")
+

@@ -9,8 +9,9 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
-                      float_dtype, integer, labels_array, mask_fits, mask_record, qkv_arrays,
-                      saved_arrays, scale_value, unbroadcast)
+                      float_dtype, given_or_saved, integer, labels_array, mask_fits,
+                      mask_record, qkv_arrays, saved_arrays, saved_from, scale_value, some_rows,
+                      unbroadcast)
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -82,14 +83,10 @@ def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, sa
     kw = BackwardKeywords(func, saved, dict(n_clusters=None, topk=None, key_mask=None,
                                             scale=None),
                           n_clusters=n_clusters, topk=topk, key_mask=key_mask, scale=scale)
-    if kw.forward is not None and (kw.forward["topk"] is not None) != improved:
-        source = "improved_clustered_attention" if kw.forward["topk"] else "clustered_attention"
-        raise ValueError(f"{func}: the saved statistics come from {source} (topk="
-                         f"{kw.forward['topk']!r}); use {source}_backward")
+    if kw.forward is not None:
+        saved_from(func, improved, kw.forward["topk"])
     for name in ("n_clusters", "topk") if improved else ("n_clusters",):
-        if kw.values[name] is None:
-            raise TypeError(f"{func} needs {name} (or the forward's saved statistics, "
-                            "return_saved=True)")
+        given_or_saved(func, name, kw.values[name])
     q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
         q, k, v, labels, kw.values["n_clusters"], kw.values["topk"], kw.values["key_mask"],
         kw.values["scale"])
@@ -267,9 +264,7 @@ class ClusteredAttention(LayerCalls):
         from .clustering import hamming_kmeans, lsh_hash
         dtype = float_dtype(q=q)        # integer queries hash as float64, like every call
         q = as_matrix("q", q, dtype)
-        if q.shape[-2] == 0:
-            raise ValueError(f"ClusteredAttention needs at least one query to cluster; got q of "
-                             f"shape {q.shape}")
+        some_rows("ClusteredAttention needs at least one query to cluster", q=q.shape)
         codes = lsh_hash(q, self._planes(q.shape[-1]).astype(dtype, copy=False))
         C = min(self.n_clusters, q.shape[-2])
         if query_mask is not None:

@@ -11,8 +11,9 @@ import numpy as np
 
 from . import _ext
 from ._checks import (as_array, as_bool_mask, as_matrix, batch_shape, check_out, cluster_count,
-                      decay_value, flag, float_dtype, int_array, integer, labels_array,
-                      same_features)
+                      core_shape, decay_value, disjoint_outputs, flag, float_dtype, int_array,
+                      integer, labels_array, lsh_planes, out_tuple, same_features,
+                      some_clusters)
 
 __all__ = ["spherical_kmeans", "assign_clusters", "update_centroids", "commitment_loss",
            "top_members", "assign_top_members", "members_from_labels", "lsh_hash",
@@ -80,23 +81,11 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
         init_arr, use_init = np.broadcast_to(np.zeros((), dtype), (c, d)), False
     else:
         init_arr, use_init = as_matrix("init", init, dtype), True
-        if init_arr.shape[-2:] != (c, d):
-            raise ValueError(f"init must have shape (..., n_clusters, d) = (..., {c}, {d}); "
-                             f"got {init_arr.shape}")
+        core_shape("init", init_arr.shape, (c, d), "n_clusters, d")
     batch = batch_shape(x=(x, 2), mask=(m, 1), init=(init_arr, 2))
     out = np.empty(batch + (c, d), dtype)
     _ext._spherical_kmeans(x, m, init_arr, use_init, np.int64(iters), seed, out=out)
     return out
-
-
-def _separate(outs):
-    """A tuple of out= arrays, checked to share no memory (their results would depend on
-    the order the kernel writes them in)."""
-    for i, a in enumerate(outs):
-        for b in outs[i + 1:]:
-            if np.shares_memory(a, b):
-                raise ValueError("the out arrays must not overlap one another")
-    return outs
 
 
 def _rows_and_centroids(x, centroids):
@@ -106,8 +95,7 @@ def _rows_and_centroids(x, centroids):
     x = as_matrix("x", x, dtype)
     cent = as_matrix("centroids", centroids, dtype)
     same_features("x", x, "centroids", cent)
-    if cent.shape[-2] < 1:
-        raise ValueError(f"centroids must hold at least one cluster; got shape {cent.shape}")
+    some_clusters(cent)
     return x, cent, dtype, batch_shape(x=(x, 2), centroids=(cent, 2))
 
 
@@ -131,9 +119,8 @@ def assign_clusters(x, centroids, *, out=None, return_scores=False):
     if return_scores:
         if out is None:
             return _ext._assign_scores(x, cent)
-        if not isinstance(out, tuple) or len(out) != 3:
-            raise TypeError("out must be a (labels, scores, best) tuple with return_scores=True")
-        out = _separate((check_out(out[0], batch + (n,), np.int64, exact=True),
+        out = out_tuple(out, 3, "(labels, scores, best)")
+        out = disjoint_outputs((check_out(out[0], batch + (n,), np.int64, exact=True),
                          check_out(out[1], batch + (n, c), dtype),
                          check_out(out[2], batch + (n,), dtype)))
         return _ext._assign_scores(x, cent, out=out)
@@ -277,11 +264,10 @@ def assign_top_members(x, centroids, w, *, out=None):
     shapes = ((batch + (n,), np.int64), (batch + (n,), dtype), (batch + (c, w), np.int64))
     if out is None:
         out = tuple(np.empty(shape, t) for shape, t in shapes)
-    elif not isinstance(out, tuple) or len(out) != 3:
-        raise TypeError("out must be a (labels, best, members) tuple")
     else:
-        out = _separate(tuple(check_out(o, shape, t, exact=t is np.int64)
-                              for o, (shape, t) in zip(out, shapes)))
+        out = disjoint_outputs(tuple(check_out(o, shape, t, exact=t is np.int64)
+                              for o, (shape, t) in zip(out_tuple(out, 3, "(labels, best, members)"),
+                                                       shapes)))
     return _ext._assign_top(x, cent, out=out)
 
 
@@ -330,13 +316,7 @@ def lsh_hash(x, planes, *, out=None):
     dtype = float_dtype(x=x, planes=planes)
     x = as_matrix("x", x, dtype)
     p = as_matrix("planes", planes, dtype)
-    bits, d = p.shape[-2], x.shape[-1]
-    if not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"planes must have between 1 and {MAX_BITS} rows (one per bit); "
-                         f"got {bits} (shape {p.shape})")
-    if p.shape[-1] != d + 1:
-        raise ValueError(f"planes must have d + 1 = {d + 1} columns (normal vector, then "
-                         f"threshold) for x with d = {d}; got shape {p.shape}")
+    lsh_planes(p, x.shape[-1], MAX_BITS)
     batch = batch_shape(x=(x, 2), planes=(p, 2))
     return _ext._lsh_hash(x, p, out=check_out(out, batch + x.shape[-2:-1], np.int64, exact=True))
 

@@ -11,7 +11,8 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
                       check_out, combiner_block, dout_shape, flag, integer, one_of, plain_qkv,
-                      plain_scale, qkv_arrays, saved_arrays, scale_value, unbroadcast)
+                      plain_scale, qkv_arrays, saved_arrays, scale_value, self_attention_layout,
+                      unbroadcast)
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -29,14 +30,8 @@ def _prepare(q, k, v, plan, block, causal, scale):
     one_of("plan", plan, PLANS)
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
-    if k.shape[-2] != q.shape[-2]:
-        raise ValueError(f"combiner_attention needs as many keys as queries (n == m, a "
-                         f"self-attention layout): q has n={q.shape[-2]} (shape {q.shape}), "
-                         f"k has m={k.shape[-2]} (shape {k.shape})")
+    self_attention_layout(q, k)
     n = q.shape[-2]
-    if n < 1:
-        raise ValueError(f"combiner_attention needs a sequence of at least 1 position; got "
-                         f"q of shape {q.shape}")
     causal = flag("causal", causal)
     block = combiner_block(plan, block)
     if plan == "logsparse":

@@ -3,8 +3,8 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
-                      check_out, dout_shape, flag, mask_fits, mask_record, plain_qkv,
-                      plain_scale, qkv_arrays, scale_value, unbroadcast)
+                      check_out, dout_shape, flag, forward_statistic, mask_fits, mask_record,
+                      plain_qkv, plain_scale, qkv_arrays, scale_value, unbroadcast)
 
 __all__ = ["attention", "attention_backward"]
 
@@ -135,12 +135,8 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
     else:
         output = as_matrix("output", output, q.dtype)
         lse = as_matrix("lse", lse, q.dtype, min_rank=1)
-        if output.shape != expected:
-            raise ValueError(f"output must have shape {expected} (the forward's output); "
-                             f"got {output.shape}")
-        if lse.shape != expected[:-1]:
-            raise ValueError(f"lse must have shape (..., {q.shape[-2]}) = {expected[:-1]} (the "
-                             f"forward's lse); got {lse.shape}")
+        forward_statistic("output", output.shape, expected)
+        forward_statistic("lse", lse.shape, expected[:-1], core=f"(..., {q.shape[-2]})")
     dq, dk, dv = _ext._attention_backward(dout, q, k, v, mask, use_mask, output, lse, scale,
                                           causal)
     return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)

@@ -4,8 +4,9 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, core_size, decay_value, dout_shape,
-                      flag, float_dtype, integer, mask_fits, member_lists, one_of, qkv_arrays,
-                      routing_heads, same_leading_axes, saved_arrays, scale_value, unbroadcast)
+                      flag, float_dtype, given_or_saved, integer, mask_fits, member_lists,
+                      one_of, qkv_arrays, routing_heads, same_cluster_count, same_leading_axes,
+                      saved_arrays, scale_value, some_rows, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -23,9 +24,7 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
     dtype = q.dtype
     q_idx = check_members("q_idx", q_idx, q.shape[-2])
     k_idx = check_members("k_idx", k_idx, k.shape[-2])
-    if q_idx.shape[-2] != k_idx.shape[-2]:
-        raise ValueError(f"q_idx and k_idx must list the same number of clusters: "
-                         f"{q_idx.shape[-2]} vs {k_idx.shape[-2]}")
+    same_cluster_count(q_idx, k_idx)
     one_of("merge", merge, MERGES)
     batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
     return (q, k, v, q_idx, k_idx, flag("causal", causal), flag("exclude_self", exclude_self),
@@ -204,9 +203,7 @@ def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=N
     """
     kw = BackwardKeywords("local_attention_backward", saved, LOCAL_DEFAULTS, window=window,
                           causal=causal, scale=scale)
-    if kw.values["window"] is None:
-        raise TypeError("local_attention_backward needs window (or the forward's saved "
-                        "statistics, return_saved=True)")
+    given_or_saved("local_attention_backward", "window", kw.values["window"])
     window, causal, scale = kw.values["window"], kw.values["causal"], kw.values["scale"]
     q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
     kw.check(dict(window=integer("window", window, low=1), causal=causal,
@@ -509,9 +506,8 @@ class RoutingAttention(LayerCalls):
         routing_heads(heads, self.local_heads,
                       None if self.centroids is None else self.centroids.shape[0])
         n, m = q.shape[-2], k.shape[-2]
-        if n == 0 or m == 0:
-            raise ValueError(f"RoutingAttention needs at least one query and one key to route; "
-                             f"got q of shape {q.shape} and k of shape {k.shape}")
+        some_rows("RoutingAttention needs at least one query and one key to route",
+                  q=q.shape, k=k.shape)
         for name, x in (("q", q), ("k", k), ("v", v)):
             core_size(name, x.shape[-2:], x.shape)
         kmask = self._layer_mask("key_mask", key_mask, m, q.shape[:-3])
