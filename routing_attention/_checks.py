@@ -1,6 +1,9 @@
-"""Argument checking shared by every public function: dtypes, ranks, shapes, scalars.
+"""Argument checking for every public function: dtypes, ranks, shapes, scalars, keywords.
 
-Every error names the argument it is about, so a user can tell which input to fix.
+This module is the one home of the package's argument checks (tests/test_checks_single_home.py
+fails on a `raise ValueError` / `raise TypeError` elsewhere, bar the framework bridges' checks
+of their framework's own objects).  Every error names the argument it is about, so a user
+can tell which input to fix.
 """
 import math
 import operator
@@ -445,8 +448,7 @@ def int_array(name, a, min_rank=1):
     arr = as_array(name, a)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array; got dtype {arr.dtype}")
-    if arr.ndim < min_rank:
-        raise ValueError(f"{name} must have at least {min_rank} dimension(s); got shape {arr.shape}")
+    min_dims(name, arr.shape, min_rank)
     if arr.dtype == np.uint64:
         return arr.view(np.int64)
     return arr.astype(np.int64, copy=False)
@@ -640,4 +642,91 @@ def forward_statistic(name, shape, expected, core=None):
         described = f"{core} = {tuple(expected)}" if core else f"{tuple(expected)}"
         raise ValueError(f"{name} must have shape {described} (the forward's {name}); "
                          f"got {tuple(shape)}")
+
+
+def broadcast_heads(q, k, v):
+    """The number of heads (axis -3) q, k and v broadcast to."""
+    try:
+        return np.broadcast_shapes(*((x.shape[-3],) for x in (q, k, v)))[0]
+    except ValueError:
+        raise ValueError(f"q, k and v must have the same number of heads (axis -3), or 1; "
+                         f"got {q.shape[-3]}, {k.shape[-3]} and {v.shape[-3]}") from None
+
+
+# ------------------------------------------------------------------ decoding caches
+def decode_step(q, k, v, first_step):
+    """One decoding step's q, k, v: one new token each, shaped like the first step's
+    (first_step: (batch, d, e), or None at the first step: then q, k, v must agree)."""
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.shape[-2] != 1:
+            raise ValueError(f"{name} must hold one new token per sequence, shape (..., 1, "
+                             f"features); got {a.shape}")
+    if first_step is None:
+        if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2] or \
+                k.shape[-1] != q.shape[-1]:
+            raise ValueError(f"q, k, v must have the same leading axes and q, k the same d; "
+                             f"got {q.shape}, {k.shape}, {v.shape}")
+        return
+    batch, d, e = first_step
+    for name, a, f in (("q", q, d), ("k", k, d), ("v", v, e)):
+        if a.shape != batch + (1, f):
+            raise ValueError(f"{name} must have shape {batch + (1, f)} like the first "
+                             f"step's; got {a.shape}")
+
+
+def cache_dtype(held, got):
+    """A cache keeps the float type of its first step."""
+    if got != held:
+        raise TypeError(f"this cache holds {held} tokens; got {got}")
+
+
+def bool_array(name, a):
+    """A boolean array (a selection of sequences, ...)."""
+    a = np.asarray(a)
+    if a.dtype != np.bool_:
+        raise TypeError(f"{name} must be a boolean array; got dtype {a.dtype}")
+    return a
+
+
+def decodable_routing_layer(layer):
+    """A RoutingAttention layer that token-by-token decoding can follow: causal, argmax
+    membership, an explicit window for its local heads."""
+    if layer.membership != "argmax" or not layer.causal:
+        raise ValueError("RoutingCache decodes a causal layer with membership='argmax' "
+                         f"(got membership={layer.membership!r}, causal={layer.causal}); "
+                         "balanced top-w membership is not causal and cannot be decoded")
+    if layer.local_heads and layer.window is None:
+        raise ValueError("RoutingCache needs the layer's window set for its local heads "
+                         "(the default n // n_clusters depends on the final length)")
+
+
+def decoding_heads(q_shape, local_heads, centroids):
+    """q (..., heads, 1, d) for a routing layer with local_heads local heads and routing
+    centroids (heads - local_heads, c, d) (None: never run).  Returns the routing heads."""
+    if len(q_shape) < 3:
+        raise ValueError(f"q must have shape (..., heads, 1, d); got {q_shape}")
+    heads = q_shape[-3]
+    routing = heads - local_heads
+    if routing > 0 and centroids is None:
+        raise ValueError("RoutingCache needs the layer's centroids: run the layer on a "
+                         "batch first or set layer.centroids")
+    if routing < 0 or (routing and centroids.shape[0] != routing):
+        raise ValueError(f"the layer has {local_heads} local heads and "
+                         f"{0 if centroids is None else centroids.shape[0]} "
+                         f"routing heads; got {heads} heads")
+    return routing
+
+
+def rank_at_least(name, shape, axes):
+    """An array (any framework's) whose shape ends in the named core `axes`, e.g.
+    ("heads", "sequence", "feature")."""
+    if len(shape) < len(axes):
+        raise ValueError(f"{name} must have shape (..., {', '.join(axes)}); got {tuple(shape)}")
+
+
+def min_dims(name, shape, count):
+    """An array of at least `count` dimensions."""
+    if len(shape) < count:
+        raise ValueError(f"{name} must have at least {count} dimension(s); got shape "
+                         f"{tuple(shape)}")
 

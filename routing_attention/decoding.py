@@ -16,7 +16,8 @@ per sequence (Combiner: plus its region summaries, also O(n·d)).
 """
 import numpy as np
 
-from ._checks import as_matrix, combiner_block, float_dtype, integer, one_of, scale_value
+from ._checks import (as_matrix, bool_array, cache_dtype, combiner_block, decodable_routing_layer,
+                      decode_step, decoding_heads, float_dtype, integer, one_of, scale_value)
 from .reference import _dyadic_spans, COMBINER_PLANS
 
 __all__ = ["DenseCache", "LocalCache", "CombinerCache", "RoutingCache"]
@@ -76,28 +77,15 @@ class _Cache:
     def _inputs(self, q, k, v, active):
         dtype = float_dtype(q=q, k=k, v=v)
         q, k, v = (as_matrix(name, a, dtype) for name, a in (("q", q), ("k", k), ("v", v)))
-        for name, a in (("q", q), ("k", k), ("v", v)):
-            if a.shape[-2] != 1:
-                raise ValueError(f"{name} must hold one new token per sequence, shape (..., 1, "
-                                 f"features); got {a.shape}")
         if self.batch is None:
-            if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2] or \
-                    k.shape[-1] != q.shape[-1]:
-                raise ValueError(f"q, k, v must have the same leading axes and q, k the same d; "
-                                 f"got {q.shape}, {k.shape}, {v.shape}")
+            decode_step(q, k, v, None)
             self._setup(q, k, v)
-        for name, a, f in (("q", q, self.d), ("k", k, self.d), ("v", v, self.e)):
-            if a.shape != self.batch + (1, f):
-                raise ValueError(f"{name} must have shape {self.batch + (1, f)} like the first "
-                                 f"step's; got {a.shape}")
-        if dtype != self.dtype:
-            raise TypeError(f"this cache holds {self.dtype} tokens; got {dtype}")
+        decode_step(q, k, v, (self.batch, self.d, self.e))
+        cache_dtype(self.dtype, dtype)
         if active is None:
             rows = np.arange(self.lengths.size)
         else:
-            active = np.asarray(active)
-            if active.dtype != np.bool_:
-                raise TypeError(f"active must be a boolean array; got dtype {active.dtype}")
+            active = bool_array("active", active)
             rows = np.flatnonzero(np.broadcast_to(active, self.batch).reshape(-1))
         flat = lambda a: a.reshape(-1, a.shape[-1])          # noqa: E731
         return flat(q), flat(k), flat(v), rows
@@ -252,29 +240,14 @@ class RoutingCache(_Cache):
 
     def __init__(self, layer):
         super().__init__(scale=layer.scale)
-        if layer.membership != "argmax" or not layer.causal:
-            raise ValueError("RoutingCache decodes a causal layer with membership='argmax' "
-                             f"(got membership={layer.membership!r}, causal={layer.causal}); "
-                             "balanced top-w membership is not causal and cannot be decoded")
-        if layer.local_heads and layer.window is None:
-            raise ValueError("RoutingCache needs the layer's window set for its local heads "
-                             "(the default n // n_clusters depends on the final length)")
+        decodable_routing_layer(layer)
         self.layer = layer
         self.members = None     # per flattened sequence: {cluster: list of key positions}
 
     def _setup(self, q, k, v):
-        if q.ndim < 3:
-            raise ValueError(f"q must have shape (..., heads, 1, d); got {q.shape}")
-        heads = q.shape[-3]
         layer = self.layer
-        routing = heads - layer.local_heads
-        if routing > 0 and layer.centroids is None:
-            raise ValueError("RoutingCache needs the layer's centroids: run the layer on a "
-                             "batch first or set layer.centroids")
-        if routing < 0 or (routing and layer.centroids.shape[0] != routing):
-            raise ValueError(f"the layer has {layer.local_heads} local heads and "
-                             f"{0 if layer.centroids is None else layer.centroids.shape[0]} "
-                             f"routing heads; got {heads} heads")
+        decoding_heads(q.shape, layer.local_heads, layer.centroids)
+        heads = q.shape[-3]
         super()._setup(q, k, v)
         self.heads = heads
         self.members = [dict() for _ in range(self.lengths.size)]

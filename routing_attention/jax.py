@@ -48,7 +48,7 @@ from . import clustering as _clustering
 from . import combiner as _combiner
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import batch_shape, integer
+from ._checks import batch_shape, integer, min_dims
 
 __all__ = ["attention", "local_attention", "routing_attention", "clustered_attention",
            "improved_clustered_attention", "combiner_attention",
@@ -82,9 +82,7 @@ def _aligned(arrays, cores):
     the axis `vmap` puts in front lines up across them, and the broadcast batch shape."""
     arrays = {name: jnp.asarray(a) for name, a in arrays.items() if a is not None}
     for name, a in arrays.items():
-        if a.ndim < cores[name]:
-            raise ValueError(f"{name} must have at least {cores[name]} dimension(s); got "
-                             f"shape {a.shape}")
+        min_dims(name, a.shape, cores[name])
     batch = batch_shape(**{name: (a, cores[name]) for name, a in arrays.items()})
     return {name: a.reshape((1,) * (len(batch) + cores[name] - a.ndim) + a.shape)
             for name, a in arrays.items()}, batch

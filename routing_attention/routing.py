@@ -3,10 +3,11 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
-                      as_matrix, batch_shape, check_out, core_size, decay_value, dout_shape,
-                      flag, float_dtype, given_or_saved, integer, mask_fits, member_lists,
-                      one_of, qkv_arrays, routing_heads, same_cluster_count, same_leading_axes,
-                      saved_arrays, scale_value, some_rows, unbroadcast)
+                      as_matrix, batch_shape, broadcast_heads, check_out, core_size,
+                      decay_value, dout_shape, flag, float_dtype, given_or_saved, integer,
+                      mask_fits, member_lists, one_of, qkv_arrays, routing_heads,
+                      same_cluster_count, same_leading_axes, saved_arrays, scale_value,
+                      some_rows, unbroadcast)
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -495,11 +496,7 @@ class RoutingAttention(LayerCalls):
         k = as_matrix("k", k, dtype, min_rank=3)
         v = as_matrix("v", v, dtype, min_rank=3)
         shapes = (q.shape, k.shape, v.shape)      # the gradients' shapes
-        try:
-            heads = np.broadcast_shapes(*((x.shape[-3],) for x in (q, k, v)))[0]
-        except ValueError:
-            raise ValueError(f"q, k and v must have the same number of heads (axis -3), or 1; "
-                             f"got {q.shape[-3]}, {k.shape[-3]} and {v.shape[-3]}") from None
+        heads = broadcast_heads(q, k, v)
         q, k, v = (x if x.shape[-3] == heads else
                    np.broadcast_to(x, x.shape[:-3] + (heads,) + x.shape[-2:]) for x in (q, k, v))
         k = q if self.shared_qk else k

@@ -33,7 +33,8 @@ from . import combiner as _combiner
 from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import one_of, routing_heads, same_leading_axes, scale_value, unbroadcast
+from ._checks import (integer, one_of, rank_at_least, routing_heads, same_leading_axes, scale_value,
+                      unbroadcast)
 
 __all__ = [
     "attention", "local_attention", "routing_attention", "clustered_attention",
@@ -388,9 +389,7 @@ _register_autograd(_local_op, _local_backward_op, lse_output=False)
 def local_attention(q, k, v, window, *, causal=False, scale=None):
     """Blocked local attention on CPU tensors; see `routing_attention.local_attention`."""
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
-    window = int(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1; got {window}")
+    window = integer("window", int(window), low=1)
     return _local_op(q, k, v, window, bool(causal), _scale(scale))[0].to(dtype)
 
 
@@ -461,9 +460,7 @@ def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=
     """Improved clustered attention on CPU tensors; see
     `routing_attention.improved_clustered_attention` (m̂_c is a constant in the backward,
     as in the paper)."""
-    topk = int(topk)
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1; got {topk}")
+    topk = integer("topk", int(topk), low=1)
     return _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale)
 
 
@@ -868,9 +865,7 @@ class RoutingAttention(torch.nn.Module):
         """Attention output (..., heads, n, e); see the class docstring."""
         (q, k, v), dtype = _floats(q=q, k=k, v=v)
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if t.dim() < 3:
-                raise ValueError(f"{name} must have shape (..., heads, sequence, feature); "
-                                 f"got {tuple(t.shape)}")
+            rank_at_least(name, t.shape, ("heads", "sequence", "feature"))
         r = self._router
         heads = torch.broadcast_shapes(*((t.shape[-3],) for t in (q, k, v)))[0]
         q, k, v = (t.expand(t.shape[:-3] + (heads,) + t.shape[-2:]) for t in (q, k, v))
