@@ -5,8 +5,8 @@
  *
  *   plan       labels -> member lists (counting sort), centroid q̄_c = mean of members
  *   centroid   a_c = softmax(scale·q̄_c·Kᵀ) over unmasked keys, o_c = a_c·V, lse_c: the
- *              engine on (centroid tile × key group) units, groups merged by log-sum-exp;
- *              the backward runs the dense planner's backward on the centroid rows
+ *              engine on (centroid tile × key group) units, groups merged by the engine's
+ *              log-sum-exp merge; the backward is the engine's on the same units
  *   top-k      (improved) T_c = the k = min(topk, unmasked) keys of largest a_c, ties to
  *              the lower key; a_c[j] = exp(scale·q̄_c·k_j − lse_c) from gemm + exp_shift
  *   residual   r_c = o_c − Σ_{j∈T_c} a_c[j] v_j,  m̂_c = Σ_{j∈T_c} a_c[j]

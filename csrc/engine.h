@@ -31,7 +31,8 @@
  * Tile contract (T = float or double, suffix _f32 / _f64):
  *   QTile   q  (rows, d)  contiguous, already multiplied by scale
  *           acc (rows, e) contiguous accumulator; mx, sum (rows) running statistics
- *           s   (RA_BQ, RA_BK) logits scratch, leading dimension lds (0: RA_BK)
+ *           s   (rows, RA_BK) logits scratch, leading dimension lds (0: RA_BK); a tile has
+ *               any number of rows its planner laid out (RA_BQ, or clustered's 128)
  *   KTile   kt (d, cols)  Kᵀ with leading dimension ldkt
  *           v  (cols, e)  with leading dimension ldv
  *   Backward additionally: k (cols, d) ld ldk, vt (e, cols) ld ldvt.
@@ -63,7 +64,7 @@ enum {
         const int64_t *pos;    /* (rows) original positions, NULL if never masked */      \
         T *mx, *sum;           /* (rows) */                                               \
         T *acc;                /* (rows, e) */                                            \
-        T *s;                  /* (RA_BQ, RA_BK) */                                       \
+        T *s;                  /* (rows, RA_BK) */                                        \
         ptrdiff_t lds;         /* s's leading dimension; 0 means RA_BK */                 \
     } RaQTile_##SUF;                                                                      \
     typedef struct RaKTile_##SUF {                                                        \
@@ -85,7 +86,7 @@ enum {
         const T *lse, *delta;  /* (rows): log-sum-exp, rowsum(dout ∘ out) */              \
         const int64_t *pos;                                                               \
         T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
-        T *s, *dp;             /* scratch (RA_BQ, RA_BK) each */                          \
+        T *s, *dp;             /* scratch (rows, RA_BK) each */                           \
     } RaQGradTile_##SUF;                                                                  \
     /* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler    \
        vectorises (the same operations either way, so the same result). */               \
@@ -114,7 +115,7 @@ enum {
                  buffers, sets the tile's pointers and positions; it may shorten cols.   \
        tile_vis  the explicit bitmap of the tile's keys for the current `rows` queries.  \
        span      keys per softmax step (a multiple of RA_BK; 0: RA_BK): the logits of a  \
-                 span are computed tile by tile into span_s (RA_BQ-or-more rows, leading \
+                 span are computed tile by tile into span_s (the tile's rows, leading     \
                  dimension span; positions into span_pos), shown to observe, then folded \
                  in one step (v from the list when it has v, else tile by tile); within \
                  spans no tile is skipped (a hidden pair's logit is -inf).               \

@@ -13,7 +13,8 @@
  * the number of threads.
  */
 
-/* Per-problem buffers of the routing planner; sizes from ra_routing_sizes. */
+/* Per-problem buffers of the routing planner: the forward's slot statistics (the caller's
+ * output arrays, or the backward's own when it recomputes) and the backward's slot gradients. */
 typedef struct {
     const RaRoutingPlan *plan;
     T *o_slot;        /* (c·w, e) output row of each (cluster, query) slot */

@@ -111,7 +111,7 @@ def _core_sizes(arrays_and_dims):
 
 
 def _lazy(name, fn, params, args, kwargs):
-    import dask.array as da
+    import dask.array as da     # here: dask is optional, and only Dask inputs reach this
 
     bound = params.bind(*args, **kwargs)
     bound.apply_defaults()

@@ -7,6 +7,7 @@ weights on each cluster's top-k keys.  See docs/design.md (Clustered).
 import numpy as np
 
 from . import _ext
+from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
                       float_dtype, given_or_saved, integer, labels_array, mask_fits,
@@ -261,7 +262,6 @@ class ClusteredAttention(LayerCalls):
 
     def cluster(self, q, query_mask=None):
         """Labels (..., n) of the queries: lsh_hash → hamming_kmeans (-1 where masked)."""
-        from .clustering import hamming_kmeans, lsh_hash
         dtype = float_dtype(q=q)        # integer queries hash as float64, like every call
         q = as_matrix("q", q, dtype)
         some_rows("ClusteredAttention needs at least one query to cluster", q=q.shape)

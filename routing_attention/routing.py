@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import _ext
+from .clustering import assign_top_members, members_from_labels, spherical_kmeans, update_centroids
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, flag, float_dtype, given_or_saved, integer,
@@ -364,7 +365,6 @@ class RoutingAttention(LayerCalls):
         one head's centroids (c, d); with balanced membership also the members (..., c,
         size) before any mask, else None.  One product, and the (n, c) scores are never
         stored (assign_top_members)."""
-        from .clustering import assign_top_members
         if self.membership != "balanced":
             labels, best = _ext._assign_best(xhat, centroids)
             return labels, best, None
@@ -373,7 +373,6 @@ class RoutingAttention(LayerCalls):
     def _init_centroids(self, q, k, qhat, qsq, pool_mask):
         """Spherical k-means on the first batch: per head, all its normalised queries and
         keys (batch rows pooled), or a seeded sample of INIT_ROWS_PER_CLUSTER · c rows."""
-        from .clustering import spherical_kmeans
         heads, n, d = q.shape[-3:]
         c = self.n_clusters or max(1, int(round(np.sqrt(n))))
         rows = mh = None
@@ -402,7 +401,6 @@ class RoutingAttention(LayerCalls):
         rows are alive at once.  Shared-QK: qhat, qsq are the normalised queries.
         Also returns `lost` (..., heads, n): the queries routed nowhere because their
         scores are NaN (a non-finite query row)."""
-        from .clustering import members_from_labels, update_centroids
         heads, n, d = q.shape[-3:]
         m = n if qhat is not None else k.shape[-2]
         pool_mask = None
