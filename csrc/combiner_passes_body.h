@@ -203,14 +203,39 @@ static int FN(problem_setup)(FN(CBufs) *bf, const RaCPlan *p, int nt, int d, int
     return RA_OK;
 }
 
-/* Plan of problem b from the broadcast scalars. */
-static int FN(problem_plan)(RaCPlan *p, ptrdiff_t b, int n, RaBVec plan, RaBVec block,
-                            RaBVec causal, RaBVec scale, T *sc)
+/* A driver's run over its problems: the broadcast scalars, the grown scratch and the
+ * threads' tile sets. */
+typedef struct {
+    int n, d, e, mode, nt;
+    RaBVec plan, block, causal, scale;
+    FN(CBufs) bf;
+    FN(CWs) *ws;
+} FN(CRun);
+
+static int FN(run_open)(FN(CRun) *r, int n, int d, int e, int mode, RaBVec plan, RaBVec block,
+                        RaBVec causal, RaBVec scale)
 {
-    *sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
-    return ra_cplan_init(p, (int)RA_VEC_AT(int64_t, ra_vec_at(plan, b), 0), n,
-                         RA_VEC_AT(int64_t, ra_vec_at(block, b), 0),
-                         RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0));
+    *r = (FN(CRun)){n, d, e, mode, ra_num_threads(), plan, block, causal, scale,
+                    {NULL, NULL, 0, 0}, NULL};
+    r->ws = ra_alloc(sizeof(FN(CWs)) * (size_t)r->nt);
+    return r->ws ? RA_OK : RA_ERR_NOMEM;
+}
+
+/* Problem b: its plan (from the broadcast scalars), tables and tiles; its scale in *sc. */
+static int FN(run_problem)(FN(CRun) *r, ptrdiff_t b, RaCPlan *p, FN(CTab) *tb, T *sc)
+{
+    *sc = RA_VEC_AT(T, ra_vec_at(r->scale, b), 0);
+    const int st = ra_cplan_init(p, (int)RA_VEC_AT(int64_t, ra_vec_at(r->plan, b), 0), r->n,
+                                 RA_VEC_AT(int64_t, ra_vec_at(r->block, b), 0),
+                                 RA_VEC_AT(uint8_t, ra_vec_at(r->causal, b), 0));
+    return st != RA_OK ? st : FN(problem_setup)(&r->bf, p, r->nt, r->d, r->e, r->mode, tb, r->ws);
+}
+
+static void FN(run_close)(FN(CRun) *r)
+{
+    ra_free(r->ws);
+    ra_free(r->bf.tab_buf);
+    ra_free(r->bf.ws_buf);
 }
 
 /* q, k (B; n, d), v (B; n, e), plan, block (B) int64, causal (B) uint8, scale (B)
@@ -220,24 +245,18 @@ int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k
                             RaBMat out, RaBVec lse)
 {
     const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads();
-    FN(CBufs) bf = {NULL, NULL, 0, 0};
-    FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
-    int st = ws ? RA_OK : RA_ERR_NOMEM;
+    FN(CRun) run;
+    int st = FN(run_open)(&run, n, d, e, RA_CT_FORWARD, plan, block, causal, scale);
     for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
         RaCPlan p;
         FN(CTab) tb;
         T sc;
-        st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
-        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, RA_CT_FORWARD, &tb, ws);
-        if (st != RA_OK) break;
-        FN(problem_forward)(K, &p, ws, nt, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
-                            sc, d, e, &tb, ra_mat_at(out, b),
+        if ((st = FN(run_problem)(&run, b, &p, &tb, &sc)) != RA_OK) break;
+        FN(problem_forward)(K, &p, run.ws, run.nt, ra_mat_at(q, b), ra_mat_at(k, b),
+                            ra_mat_at(v, b), sc, d, e, &tb, ra_mat_at(out, b),
                             lse.data ? ra_vec_at(lse, b) : (RaVec){NULL, 0});
     }
-    ra_free(ws);
-    ra_free(bf.tab_buf);
-    ra_free(bf.ws_buf);
+    FN(run_close)(&run);
     return st;
 }
 
@@ -411,16 +430,14 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
     /* packed outputs accumulate the gradients in place, sparing three (n, ·) tables */
     const int in_place = FN(packed)(dq, d) && FN(packed)(dk, d) && FN(packed)(dv, e);
     const int mode = RA_CT_BACKWARD | (saved_out.data ? 0 : RA_CT_OUT) | (in_place ? 0 : RA_CT_GRADS);
-    FN(CBufs) bf = {NULL, NULL, 0, 0};
-    FN(CWs) *ws = ra_alloc(sizeof(FN(CWs)) * (size_t)nt);
-    int st = ws ? RA_OK : RA_ERR_NOMEM;
+    FN(CRun) run;
+    int st = FN(run_open)(&run, n, d, e, mode, plan, block, causal, scale);
+    FN(CWs) *const ws = run.ws;
     for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
         RaCPlan p;
         FN(CTab) tb;
         T sc;
-        st = FN(problem_plan)(&p, b, n, plan, block, causal, scale, &sc);
-        if (st == RA_OK) st = FN(problem_setup)(&bf, &p, nt, d, e, mode, &tb, ws);
-        if (st != RA_OK) break;
+        if ((st = FN(run_problem)(&run, b, &p, &tb, &sc)) != RA_OK) break;
         const RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         const RaMat gb = ra_mat_at(dout, b);
         const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
@@ -481,8 +498,6 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
             for (int c = 0; c < e; c++) RA_MAT_AT(T, dvm, i, c) = tb.dvs[(ptrdiff_t)i * e + c];
         }
     }
-    ra_free(ws);
-    ra_free(bf.tab_buf);
-    ra_free(bf.ws_buf);
+    FN(run_close)(&run);
     return st;
 }
