@@ -426,13 +426,13 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
                              RaBMat dq, RaBMat dk, RaBMat dv)
 {
     const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads();
     /* packed outputs accumulate the gradients in place, sparing three (n, ·) tables */
     const int in_place = FN(packed)(dq, d) && FN(packed)(dk, d) && FN(packed)(dv, e);
     const int mode = RA_CT_BACKWARD | (saved_out.data ? 0 : RA_CT_OUT) | (in_place ? 0 : RA_CT_GRADS);
     FN(CRun) run;
     int st = FN(run_open)(&run, n, d, e, mode, plan, block, causal, scale);
     FN(CWs) *const ws = run.ws;
+    const int nt = run.nt;
     for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
         RaCPlan p;
         FN(CTab) tb;
