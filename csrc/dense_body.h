@@ -29,7 +29,7 @@ static void FN(dense_fwd_tile)(RaArena *a, FN(DenseFwdTile) *t, int d, int e)
 /* q (B; n, d), k (B; m, d), v (B; m, e) -> out (B; n, e), lse (B; n) */
 int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, RaBMat k,
                              RaBMat v, RaBVec key_mask, RaBVec scale, RaBVec causal,
-                             RaBMat out, RaBVec lse)
+                             const RaBPairs *pairs, RaBMat out, RaBVec lse)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nqb = (n + RA_BQ - 1) / RA_BQ;
@@ -71,8 +71,10 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
         FN(DenseFwdTile) w;
         FN(dense_fwd_tile)(&wt, &w, d, e);
         for (int r = 0; r < rows; r++) w.qpos[r] = i0 + r;
+        FN(RaPairs) pr;
         w.qt.rows = rows;
         w.qt.pos = w.qpos;
+        w.qt.pairs = FN(ra_pairs_at)(pairs, b, n, NULL, &pr);
         FN(ra_gather)(ra_mat_at(q, b), NULL, i0, rows, d, sc, 0, w.q, d);
         FN(ra_fwd_init)(&w.qt, e);
         FN(ra_attend)(K, &w.qt, &keys, d, e, is_causal ? RA_CAUSAL : 0);
@@ -87,14 +89,16 @@ int FN(ra_attention_forward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat q, 
 }
 
 /* Scratch of the backward.  Per problem: scaled q (n, d), dout (n, e), lse, delta (n),
- * k (m, d), kᵀ (d, m), vᵀ (e, m), key positions (m), dq partials (G, n, d); per thread:
+ * k (m, d), kᵀ (d, m), vᵀ (e, m), key positions (m), dq partials (G, n, d), relative
+ * bias gradient partials (G, r); per thread:
  * dk (BK, d), dv (BK, e) of one key tile, a gradient tile and its positions (BQ). */
-typedef struct { T *q, *dout, *lse, *delta, *k, *kt, *vt, *dq_part; int64_t *kpos; } FN(DenseBwdPack);
+typedef struct { T *q, *dout, *lse, *delta, *k, *kt, *vt, *dq_part, *dbias_part; int64_t *kpos; } FN(DenseBwdPack);
 typedef struct { FN(RaQGradTile) g; T *dk, *dv; int64_t *qpos; } FN(DenseBwdTile);
 
 static void FN(dense_bwd_pack)(RaArena *a, FN(DenseBwdPack) *pk, int n, int m, int d, int e,
-                               int G)
+                               int G, int r)
 {
+    pk->dbias_part = RA_TAKE(a, T, ra_mul(G, r));
     pk->q = RA_TAKE(a, T, ra_mul(n, d));
     pk->dout = RA_TAKE(a, T, ra_mul(n, e));
     pk->lse = RA_TAKE(a, T, (size_t)n);
@@ -118,7 +122,8 @@ static void FN(dense_bwd_tile)(RaArena *a, FN(DenseBwdTile) *t, int d, int e)
  * -> dq (B; n, d), dk (B; m, d), dv (B; m, e) */
 int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat dout, RaBMat q,
                               RaBMat k, RaBMat v, RaBVec key_mask, RaBMat out, RaBVec lse,
-                              RaBVec scale, RaBVec causal, RaBMat dq, RaBMat dk, RaBMat dv)
+                              RaBVec scale, RaBVec causal, const RaBPairs *pairs, RaBMat dq,
+                              RaBMat dk, RaBMat dv)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nkb = (m + RA_BK - 1) / RA_BK, nqb = (n + RA_BQ - 1) / RA_BQ;
@@ -129,10 +134,11 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
     if (G > nkb) G = nkb;
     if (G < 1) G = 1;
     const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
+    const int r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
     RaArena pm = {NULL, 0}, tm = {NULL, 0};
     FN(DenseBwdPack) pk;
     FN(DenseBwdTile) tile;
-    FN(dense_bwd_pack)(&pm, &pk, n, m, d, e, G);
+    FN(dense_bwd_pack)(&pm, &pk, n, m, d, e, G, r);
     FN(dense_bwd_tile)(&tm, &tile, d, e);
     const size_t per_problem = pm.used, per_thread = tm.used;
     char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
@@ -142,7 +148,7 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
     FN(DenseBwdPack) pb;                                                                  \
     do {                                                                                  \
         RaArena at_ = {packs + (b) * per_problem, 0};                                     \
-        FN(dense_bwd_pack)(&at_, &pb, n, m, d, e, G);                                     \
+        FN(dense_bwd_pack)(&at_, &pb, n, m, d, e, G, r);                                     \
     } while (0)
 
     /* 1. pack every problem; delta = rowsum(dout ∘ out); zero the dq partials */
@@ -164,6 +170,7 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
         FN(ra_gather)(ra_mat_at(v, b), NULL, 0, m, e, 1, 1, pb.vt, m);
         FN(dense_key_positions)(m, ra_vec_at(key_mask, b), pb.kpos);
         memset(pb.dq_part, 0, sizeof(T) * (size_t)G * n * d);
+        memset(pb.dbias_part, 0, sizeof(T) * (size_t)G * r);
     }
 
     /* 2. every (problem, key group): dk, dv of its keys; dq partial over all queries */
@@ -177,6 +184,8 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
         FN(DenseBwdTile) w;
         FN(dense_bwd_tile)(&wt, &w, d, e);
         T *dqg = pb.dq_part + (size_t)grp * n * d;
+        FN(RaPairs) pr;
+        w.g.pairs = FN(ra_pairs_at)(pairs, b, n, r ? pb.dbias_part + (size_t)grp * r : NULL, &pr);
         RaMat dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
 
         const int t_end = (grp + 1) * blocks_per_group < nkb ? (grp + 1) * blocks_per_group : nkb;
@@ -223,6 +232,12 @@ int FN(ra_attention_backward)(ptrdiff_t B, int n, int m, int d, int e, RaBMat do
                 for (int grp = 0; grp < G; grp++) acc += pb.dq_part[grp * stride + (size_t)i * d + c];
                 RA_MAT_AT(T, dqm, i, c) = sc * acc;
             }
+    }
+    /* 4. the relative bias gradient: the group partials summed in group order */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t b = 0; b < B; b++) {
+        DENSE_PACK(b, pb);
+        FN(ra_pairs_write_dbias)(pairs, b, r, pb.dbias_part, G);
     }
 #undef DENSE_PACK
     ra_free(packs);

@@ -57,7 +57,27 @@ enum {
     RA_EXCLUDE_SELF = 4,  /* key i hidden from query i */
 };
 
+/* The pair terms of a batch of problems (see RaPairs): drop (B) int64 dropout thresholds
+ * out of 2^24, key (B) uint64 dropout streams, bias (B; r) the relative position bias with
+ * unit core stride, r = n + m - 1, entry j - i + n - 1 for query i and key j (data NULL:
+ * none), dbias (B; r) where a backward writes its gradient (data NULL: not wanted). */
+typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
+#define RA_DROP_ONE (1u << 24)   /* dropout thresholds are out of this */
+
 #define RA_ENGINE_DECLS(T, SUF, KT)                                                       \
+    /* Terms on the weights of the pairs a planner attends directly, given per problem:  \
+       a relative position bias added to the logit of (query position i, key position j),\
+       bias[j - i], and attention dropout: the weight p_ij (after the softmax) becomes    \
+       p_ij · keep, or 0 when ra_pair_bits(key, i, j) < drop (common.h).  Both read the   \
+       tiles' positions, so a query tile with pairs needs pos.  The backward regenerates  \
+       the dropout and accumulates dbias[j - i] += ∂loss/∂logit_ij when dbias is set. */ \
+    typedef struct {                                                                      \
+        const T *bias;         /* at offset 0 = same position; NULL: no bias */           \
+        T *dbias;              /* backward, same offsets; NULL: not wanted */             \
+        uint64_t key;          /* this problem's dropout stream */                        \
+        uint32_t drop;         /* threshold out of 2^24; 0: no dropout */                 \
+        T keep;                /* 1 / (1 - drop / 2^24) */                                \
+    } RaPairs_##SUF;                                                                      \
     typedef struct {                                                                      \
         int rows;                                                                         \
         const T *q;            /* (rows, d) scaled queries */                             \
@@ -66,6 +86,7 @@ enum {
         T *acc;                /* (rows, e) */                                            \
         T *s;                  /* (rows, RA_BK) */                                        \
         ptrdiff_t lds;         /* s's leading dimension; 0 means RA_BK */                 \
+        const RaPairs_##SUF *pairs;   /* NULL: none */                                    \
     } RaQTile_##SUF;                                                                      \
     typedef struct RaKTile_##SUF {                                                        \
         int cols;                                                                         \
@@ -87,6 +108,7 @@ enum {
         const int64_t *pos;                                                               \
         T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
         T *s, *dp;             /* scratch (rows, RA_BK) each */                           \
+        const RaPairs_##SUF *pairs;   /* NULL: none */                                    \
     } RaQGradTile_##SUF;                                                                  \
     /* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler    \
        vectorises (the same operations either way, so the same result). */               \
@@ -145,6 +167,14 @@ enum {
        s shared with the query tile `share` (NULL: its own) when the two never run at once.*/\
     void ra_qgrad_layout_##SUF(RaQGradTile_##SUF *g, RaArena *a, int rows,                \
                                const RaQTile_##SUF *share);                               \
+    /* Problem b's pair terms into *pr, for n queries: NULL when it has none.  dbias     \
+       (r entries, zeroed by the caller) is where a backward accumulates, or NULL. */     \
+    const RaPairs_##SUF *ra_pairs_at_##SUF(const RaBPairs *bp, ptrdiff_t b, int n, T *dbias,\
+                                           RaPairs_##SUF *pr);                            \
+    /* dbias of problem b (r entries, through its strides) = Σ_g part[g·r ..] over the   \
+       `parts` partial gradients, summed in order g = 0, 1, ... */                        \
+    void ra_pairs_write_dbias_##SUF(const RaBPairs *bp, ptrdiff_t b, int r, const T *part,\
+                                    int parts);                                           \
     /* acc = 0, mx = -inf, sum = 0 */                                                     \
     void ra_fwd_init_##SUF(RaQTile_##SUF *qt, int e);                                     \
     /* Fold every key of the list into the running softmax of qt (rows of qt already    \

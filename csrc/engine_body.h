@@ -180,6 +180,7 @@ T *FN(ra_qtile_layout)(FN(RaQTile) *qt, RaArena *a, int rows, int d, int e)
     qt->acc = RA_TAKE(a, T, ra_mul(rows, e));
     qt->s = RA_TAKE(a, T, ra_mul(rows, RA_BK));
     qt->lds = 0;
+    qt->pairs = NULL;
     qt->mx = RA_TAKE(a, T, (size_t)rows);
     qt->sum = RA_TAKE(a, T, (size_t)rows);
     return q;
@@ -189,6 +190,30 @@ void FN(ra_qgrad_layout)(FN(RaQGradTile) *g, RaArena *a, int rows, const FN(RaQT
 {
     g->s = share ? share->s : RA_TAKE(a, T, ra_mul(rows, RA_BK));
     g->dp = RA_TAKE(a, T, ra_mul(rows, RA_BK));
+    g->pairs = NULL;
+}
+
+const FN(RaPairs) *FN(ra_pairs_at)(const RaBPairs *bp, ptrdiff_t b, int n, T *dbias,
+                                   FN(RaPairs) *pr)
+{
+    const uint32_t drop = (uint32_t)RA_VEC_AT(int64_t, ra_vec_at(bp->drop, b), 0);
+    pr->bias = bp->bias.data ? (const T *)ra_vec_at(bp->bias, b).data + (n - 1) : NULL;
+    pr->dbias = pr->bias && dbias ? dbias + (n - 1) : NULL;
+    pr->key = RA_VEC_AT(uint64_t, ra_vec_at(bp->key, b), 0);
+    pr->drop = drop;
+    pr->keep = (T)((double)RA_DROP_ONE / (double)(RA_DROP_ONE - drop));
+    return drop || pr->bias ? pr : NULL;
+}
+
+void FN(ra_pairs_write_dbias)(const RaBPairs *bp, ptrdiff_t b, int r, const T *part, int parts)
+{
+    if (!bp->dbias.data) return;
+    RaVec out = ra_vec_at(bp->dbias, b);
+    for (int t = 0; t < r; t++) {
+        T acc = 0;
+        for (int g = 0; g < parts; g++) acc += part[(size_t)g * r + t];
+        RA_VEC_AT(T, out, t) = acc;
+    }
 }
 
 void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
@@ -208,8 +233,10 @@ static void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *k
 {
     const int rows = qt->rows, cols = kt->cols;
     const ptrdiff_t lds = FN(qt_lds)(qt);
-    /* 1. logits: s = q · kᵀ */
+    /* 1. logits: s = q · kᵀ [+ relative position bias] */
     K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0);
+    if (qt->pairs && qt->pairs->bias)
+        K->bias_tile(rows, cols, qt->s, lds, qt->pos, kt->pos, qt->pairs->bias);
     /* 2. position mask */
     if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, lds, rows, cols, qt->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(qt->s, lds, rows, cols, kt->vis, kt->ldvis);
@@ -223,10 +250,14 @@ static void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile
     const ptrdiff_t lds = FN(qt_lds)(qt);
     /* 3. online softmax: s <- p, acc rescaled to the new row maxima */
     K->softmax_step(rows, cols, qt->s, lds, qt->mx, qt->sum, qt->acc, e, e);
+    /* 3b. dropout after the softmax: sum above counts every weight, acc only the kept */
+    const FN(RaPairs) *pr = qt->pairs;
+    const int dropping = pr && pr->drop;
+    if (dropping) K->dropout_tile(rows, cols, qt->s, lds, qt->pos, kt->pos, pr->key, pr->drop, pr->keep);
     /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
      * when a masked tile's v holds a non-finite value, weights of 0 are skipped so that
      * value reaches only the queries that see its key (NaN locality: README, Reliability). */
-    if (((flags & RA_MASKED) || kt->vis) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
+    if (((flags & RA_MASKED) || kt->vis || dropping) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
         FN(pv_skip_zero)(rows, cols, e, qt->s, lds, kt->v, kt->ldv, qt->acc, e);
     else
         K->gemm(rows, e, cols, qt->s, lds, kt->v, kt->ldv, qt->acc, e, 1);
@@ -257,22 +288,55 @@ void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,
     }
 }
 
+/* dbias[kpos[j] - qpos[i]] += ds[i, j] over the tile's pairs (padding keys skipped). */
+static void FN(bias_grad)(const T *ds, ptrdiff_t ld, int rows, int cols, const int64_t *qpos,
+                          const int64_t *kpos, T *dbias)
+{
+    for (int i = 0; i < rows; i++) {
+        T *row = dbias - qpos[i];
+        const T *dsi = ds + (ptrdiff_t)i * ld;
+        for (int j = 0; j < cols; j++)
+            if (kpos[j] >= 0) row[kpos[j]] += dsi[j];
+    }
+}
+
+/* The dropout factor of pair (i, j) under pr: keep, 0 when dropped, 1 without dropout. */
+static inline T FN(drop_factor)(const FN(RaPairs) *pr, int64_t i, int64_t j)
+{
+    if (!pr || !pr->drop) return 1;
+    return ra_pair_bits(pr->key, i, j) >= pr->drop ? pr->keep : 0;
+}
+
 /* q (rows, d), dout (rows, e); k (cols, d), kt (d, cols), vt (e, cols);
  * dq (rows, d), dk (cols, d), dv (cols, e) accumulate */
 static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *dk,
                      ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e, int flags)
 {
     const int rows = g->rows, cols = kt->cols;
-    /* forward pass 1-3 recomputed: s = q·kᵀ, masked, p = exp(s - lse) */
+    const FN(RaPairs) *pr = g->pairs;
+    /* forward pass 1-3 recomputed: s = q·kᵀ [+ bias], masked, p = exp(s - lse) */
     K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
+    if (pr && pr->bias) K->bias_tile(rows, cols, g->s, RA_BK, g->pos, kt->pos, pr->bias);
     if (flags & RA_MASKED) FN(apply_mask)(K, g->s, RA_BK, rows, cols, g->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(g->s, RA_BK, rows, cols, kt->vis, kt->ldvis);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
-    /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
-    K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
-    K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
+    if (pr && pr->drop) {
+        /* forward: acc += (p∘f)·v with the dropout factor f (0 or keep), so
+           dv += (p∘f)ᵀ·dout (p∘f built in dp) and dp = f∘(dout·vᵀ) */
+        for (int i = 0; i < rows; i++)
+            memcpy(g->dp + (ptrdiff_t)i * RA_BK, g->s + (ptrdiff_t)i * RA_BK, sizeof(T) * (size_t)cols);
+        K->dropout_tile(rows, cols, g->dp, RA_BK, g->pos, kt->pos, pr->key, pr->drop, pr->keep);
+        K->gemm_tn(cols, e, rows, g->dp, RA_BK, g->dout, e, dv, lddv, 1);
+        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
+        K->dropout_tile(rows, cols, g->dp, RA_BK, g->pos, kt->pos, pr->key, pr->drop, pr->keep);
+    } else {
+        /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
+        K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
+        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
+    }
     /* forward: p = softmax(s), so ds = p ∘ (dp - delta) with delta = rowsum(dout∘out) */
     K->softmax_grad(rows, cols, g->s, g->dp, RA_BK, g->delta, 1);
+    if (pr && pr->dbias) FN(bias_grad)(g->dp, RA_BK, rows, cols, g->pos, kt->pos, pr->dbias);
     /* forward: s = q·kᵀ, so dq += ds·k and dk += dsᵀ·q */
     K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
     K->gemm_tn(cols, d, rows, g->dp, RA_BK, g->q, d, dk, lddk, 1);
@@ -403,13 +467,14 @@ void FN(ra_attend_self_fallback)(FN(RaQTile) *qt, const FN(RaKeys) *keys, int d,
         if (qt->sum[r] != 0) continue;
         for (int j = 0; j < keys->count; j++) {
             if (keys->pos[j] != qt->pos[r]) continue;
-            T s = 0;
+            T s = qt->pairs && qt->pairs->bias ? qt->pairs->bias[0] : 0;
             for (int c = 0; c < d; c++)
                 s += qt->q[(ptrdiff_t)r * d + c] * keys->kt[(ptrdiff_t)c * keys->ldkt + j];
             qt->mx[r] = s;
             qt->sum[r] = 1;
-            memcpy(qt->acc + (ptrdiff_t)r * e, keys->v + (ptrdiff_t)j * keys->ldv,
-                   sizeof(T) * (size_t)e);
+            const T f = FN(drop_factor)(qt->pairs, qt->pos[r], qt->pos[r]);
+            for (int c = 0; c < e; c++)
+                qt->acc[(ptrdiff_t)r * e + c] = f * keys->v[(ptrdiff_t)j * keys->ldv + c];
             self_only[r] = 1;
             break;
         }
@@ -435,8 +500,9 @@ void FN(ra_attend_restore)(FN(RaQTile) *qt, int e, const int64_t *at, const T *m
     }
 }
 
-/* The one term of an exclude_self fallback row r (its own key j, weight exp(s - lse)):
- * forward out = p·v_j, so dv_j += p·dout, ds = p·(dp - delta), dq += ds·k_j, dk_j += ds·q. */
+/* The one term of an exclude_self fallback row r (its own key j, weight p = exp(s - lse),
+ * dropout factor f): forward out = p·f·v_j, so dv_j += p·f·dout, ds = p·(f·dp - delta),
+ * dq += ds·k_j, dk_j += ds·q (and dbias at offset 0 += ds). */
 static void FN(self_fallback_backward)(const FN(RaQGradTile) *g, const FN(RaKeys) *keys, int r,
                                        T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e)
 {
@@ -444,11 +510,14 @@ static void FN(self_fallback_backward)(const FN(RaQGradTile) *g, const FN(RaKeys
     while (keys->pos[j] != g->pos[r]) j++;        /* present: the forward found it */
     const T *qr = g->q + (ptrdiff_t)r * d, *dr = g->dout + (ptrdiff_t)r * e;
     const T *kj = keys->k + (ptrdiff_t)j * keys->ldk;
-    T s = 0, dp = 0;
+    const FN(RaPairs) *pr = g->pairs;
+    T s = pr && pr->bias ? pr->bias[0] : 0, dp = 0;
     for (int c = 0; c < d; c++) s += qr[c] * kj[c];
     for (int c = 0; c < e; c++) dp += dr[c] * keys->vt[(ptrdiff_t)c * keys->ldvt + j];
-    const T p = exp(s - g->lse[r]), ds = p * (dp - g->delta[r]);
-    for (int c = 0; c < e; c++) dv[(ptrdiff_t)j * lddv + c] += p * dr[c];
+    const T f = FN(drop_factor)(pr, g->pos[r], g->pos[r]);
+    const T p = exp(s - g->lse[r]), ds = p * (f * dp - g->delta[r]);
+    if (pr && pr->dbias) pr->dbias[0] += ds;
+    for (int c = 0; c < e; c++) dv[(ptrdiff_t)j * lddv + c] += p * f * dr[c];
     for (int c = 0; c < d; c++) {
         g->dq[(ptrdiff_t)r * d + c] += ds * kj[c];
         dk[(ptrdiff_t)j * lddk + c] += ds * qr[c];

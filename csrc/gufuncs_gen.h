@@ -5,34 +5,41 @@
 #ifndef RA_GUFUNCS_GEN_H
 #define RA_GUFUNCS_GEN_H
 
-/* _attention_forward(q, k, v, key_mask, use_mask, scale, causal) -> (out, lse)  (n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n) */
+/* _attention_forward(q, k, v, key_mask, use_mask, scale, causal, drop, drop_key, bias) -> (out, lse)  (n,d),(m,d),(m,e),(m),(),(),(),(),(),(r)->(n,e),(n) */
 enum {
     attention_forward_q = 0, attention_forward_k = 1, attention_forward_v = 2,
     attention_forward_key_mask = 3, attention_forward_use_mask = 4,
-    attention_forward_scale = 5, attention_forward_causal = 6, attention_forward_out = 7,
-    attention_forward_lse = 8, attention_forward_q_core = 9, attention_forward_k_core = 11,
-    attention_forward_v_core = 13, attention_forward_key_mask_core = 15,
-    attention_forward_use_mask_core = 16, attention_forward_scale_core = 16,
-    attention_forward_causal_core = 16, attention_forward_out_core = 16,
-    attention_forward_lse_core = 18, attention_forward_dim_n = 1, attention_forward_dim_d = 2,
-    attention_forward_dim_m = 3, attention_forward_dim_e = 4,
+    attention_forward_scale = 5, attention_forward_causal = 6, attention_forward_drop = 7,
+    attention_forward_drop_key = 8, attention_forward_bias = 9, attention_forward_out = 10,
+    attention_forward_lse = 11, attention_forward_q_core = 12, attention_forward_k_core = 14,
+    attention_forward_v_core = 16, attention_forward_key_mask_core = 18,
+    attention_forward_use_mask_core = 19, attention_forward_scale_core = 19,
+    attention_forward_causal_core = 19, attention_forward_drop_core = 19,
+    attention_forward_drop_key_core = 19, attention_forward_bias_core = 19,
+    attention_forward_out_core = 20, attention_forward_lse_core = 22,
+    attention_forward_dim_n = 1, attention_forward_dim_d = 2, attention_forward_dim_m = 3,
+    attention_forward_dim_e = 4, attention_forward_dim_r = 5,
 };
 
-/* _attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal) -> (dq, dk, dv)  (n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),()->(n,d),(m,d),(m,e) */
+/* _attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal, drop, drop_key, bias) -> (dq, dk, dv, dbias)  (n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r) */
 enum {
     attention_backward_dout = 0, attention_backward_q = 1, attention_backward_k = 2,
     attention_backward_v = 3, attention_backward_key_mask = 4,
     attention_backward_use_mask = 5, attention_backward_out = 6, attention_backward_lse = 7,
-    attention_backward_scale = 8, attention_backward_causal = 9, attention_backward_dq = 10,
-    attention_backward_dk = 11, attention_backward_dv = 12, attention_backward_dout_core = 13,
-    attention_backward_q_core = 15, attention_backward_k_core = 17,
-    attention_backward_v_core = 19, attention_backward_key_mask_core = 21,
-    attention_backward_use_mask_core = 22, attention_backward_out_core = 22,
-    attention_backward_lse_core = 24, attention_backward_scale_core = 25,
-    attention_backward_causal_core = 25, attention_backward_dq_core = 25,
-    attention_backward_dk_core = 27, attention_backward_dv_core = 29,
+    attention_backward_scale = 8, attention_backward_causal = 9, attention_backward_drop = 10,
+    attention_backward_drop_key = 11, attention_backward_bias = 12,
+    attention_backward_dq = 13, attention_backward_dk = 14, attention_backward_dv = 15,
+    attention_backward_dbias = 16, attention_backward_dout_core = 17,
+    attention_backward_q_core = 19, attention_backward_k_core = 21,
+    attention_backward_v_core = 23, attention_backward_key_mask_core = 25,
+    attention_backward_use_mask_core = 26, attention_backward_out_core = 26,
+    attention_backward_lse_core = 28, attention_backward_scale_core = 29,
+    attention_backward_causal_core = 29, attention_backward_drop_core = 29,
+    attention_backward_drop_key_core = 29, attention_backward_bias_core = 29,
+    attention_backward_dq_core = 30, attention_backward_dk_core = 32,
+    attention_backward_dv_core = 34, attention_backward_dbias_core = 36,
     attention_backward_dim_n = 1, attention_backward_dim_e = 2, attention_backward_dim_d = 3,
-    attention_backward_dim_m = 4,
+    attention_backward_dim_m = 4, attention_backward_dim_r = 5,
 };
 
 /* _routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse) -> (out, lse, slot_out, slot_lse, slot_self)  (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w) */
@@ -264,12 +271,12 @@ enum {
 };
 
 #define RA_GUFUNC_ROWS \
-    {"_attention_forward", "(n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n)", 7, 2, {attention_forward_loop_f32, attention_forward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE}, \
-     "_attention_forward(q, k, v, key_mask, use_mask, scale, causal) -> (out, lse)\n\nLow-level gufunc behind routing_attention.attention; use that instead.", 0}, \
-    {"_attention_backward", "(n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),()->(n,d),(m,d),(m,e)", 10, 3, {attention_backward_loop_f32, attention_backward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
-     "_attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal) -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.attention_backward.", 0}, \
+    {"_attention_forward", "(n,d),(m,d),(m,e),(m),(),(),(),(),(),(r)->(n,e),(n)", 10, 2, {attention_forward_loop_f32, attention_forward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
+     "_attention_forward(q, k, v, key_mask, use_mask, scale, causal, drop, drop_key, bias) -> (out, lse)\n\nLow-level gufunc behind routing_attention.attention; use that instead.", 0}, \
+    {"_attention_backward", "(n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r)", 13, 4, {attention_backward_loop_f32, attention_backward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
+     "_attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal, drop, drop_key, bias) -> (dq, dk, dv, dbias)\n\nLow-level gufunc behind routing_attention.attention_backward.", 0}, \
     {"_routing_forward", "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)", 9, 5, {routing_forward_loop_f32, routing_forward_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL}, \
      "_routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse) -> (out, lse, slot_out, slot_lse, slot_self)\n\nLow-level gufunc behind routing_attention.routing_attention.", 0}, \

@@ -37,6 +37,14 @@
        kpos[j] > qpos[i], or exclude_self and kpos[j] == qpos[i]. */                      \
     void (*mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,           \
                       const int64_t *kpos, int causal, int exclude_self);                  \
+    /* Relative position bias: S[i, j] += bias[kpos[j] - qpos[i]] where kpos[j] >= 0    \
+       (bias points at offset 0; padding keys are left alone). */                        \
+    void (*bias_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,           \
+                      const int64_t *kpos, const T *bias);                                 \
+    /* Attention dropout: S[i, j] *= keep where ra_pair_bits(key, qpos[i], kpos[j]) >=   \
+       drop (common.h), else S[i, j] = 0. */                                              \
+    void (*dropout_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,        \
+                         const int64_t *kpos, uint64_t key, uint32_t drop, T keep);        \
     /* Transposing gather: dst[c·ld + r] = mul · src[off[r] + c] for r < rows, c < cols  \
        (row r of a strided matrix starts at element offset off[r] from src). */           \
     void (*gather_t)(int rows, int cols, const T *src, const int64_t *off, T mul, T *dst, \

@@ -284,6 +284,31 @@ static void FN(mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qp
     }
 }
 
+static void FN(bias_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,
+                          const int64_t *kpos, const T *bias)
+{
+    for (int i = 0; i < bq; i++) {
+        const int64_t qi = qpos[i];
+        T *s = S + i * lds;
+        for (int j = 0; j < bk; j++) {   /* padding reads offset 0 and adds nothing */
+            const int64_t kj = kpos[j];
+            const T b = bias[(kj >= 0 ? kj : qi) - qi];
+            s[j] += kj >= 0 ? b : 0;
+        }
+    }
+}
+
+static void FN(dropout_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,
+                             const int64_t *kpos, uint64_t key, uint32_t drop, T keep)
+{
+    for (int i = 0; i < bq; i++) {
+        const int64_t qi = qpos[i];
+        T *s = S + i * lds;
+        for (int j = 0; j < bk; j++)     /* branch-free so it vectorises */
+            s[j] = ra_pair_bits(key, qi, kpos[j]) >= drop ? s[j] * keep : 0;
+    }
+}
+
 /* Transpose the VL×VL block x in registers: afterwards x[i][l] is the old x[l][i].
  * Stage h exchanges, between rows r and r + h (bit h of r clear), the lanes whose bit h
  * differs from the row's: log2(VL) stages of two-input shuffles. */

@@ -23,7 +23,8 @@
 #define RA_TYPED_TABLE(S)                                                                 \
     {.gemm = RA_CAT3(gemm, S, ISA), .gemm_tn = RA_CAT3(gemm_tn, S, ISA),                  \
      .softmax_step = RA_CAT3(softmax_step, S, ISA), .exp_shift = RA_CAT3(exp_shift, S, ISA), \
-     .mask_tile = RA_CAT3(mask_tile, S, ISA), .gather_t = RA_CAT3(gather_t, S, ISA),      \
+     .mask_tile = RA_CAT3(mask_tile, S, ISA), .bias_tile = RA_CAT3(bias_tile, S, ISA),    \
+     .dropout_tile = RA_CAT3(dropout_tile, S, ISA), .gather_t = RA_CAT3(gather_t, S, ISA),      \
      .softmax_grad = RA_CAT3(softmax_grad, S, ISA), .argmax_rows = RA_CAT3(argmax_rows, S, ISA), \
      .top_sample = RA_CAT3(top_sample, S, ISA), .top_admit = RA_CAT3(top_admit, S, ISA), \
      .top_offer = RA_CAT3(top_offer, S, ISA), .pool_scan = RA_CAT3(pool_scan, S, ISA), \

@@ -11,16 +11,17 @@
 
 #define RA_DENSE_DECLS(T, SUF)                                                            \
     /* q (B; n, d), k (B; m, d), v (B; m, e), key_mask (B; m) uint8 or data == NULL,     \
-       scale (B), causal (B) uint8  ->  out (B; n, e), lse (B; n) */                      \
+       scale (B), causal (B) uint8, pair terms (engine.h)  ->  out (B; n, e), lse (B; n) */\
     int ra_attention_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, RaBMat q,     \
                                    RaBMat k, RaBMat v, RaBVec key_mask, RaBVec scale,     \
-                                   RaBVec causal, RaBMat out, RaBVec lse);                \
-    /* dout (B; n, e), q, k, v, key_mask, out (B; n, e), lse (B; n), scale, causal        \
-       ->  dq (B; n, d), dk (B; m, d), dv (B; m, e)   (written, not accumulated) */       \
+                                   RaBVec causal, const RaBPairs *pairs, RaBMat out,      \
+                                   RaBVec lse);                                           \
+    /* dout (B; n, e), q, k, v, key_mask, out (B; n, e), lse (B; n), scale, causal, pair \
+       terms ->  dq (B; n, d), dk (B; m, d), dv (B; m, e), pairs->dbias (written) */      \
     int ra_attention_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, RaBMat dout, \
                                     RaBMat q, RaBMat k, RaBMat v, RaBVec key_mask,        \
                                     RaBMat out, RaBVec lse, RaBVec scale, RaBVec causal,  \
-                                    RaBMat dq, RaBMat dk, RaBMat dv);
+                                    const RaBPairs *pairs, RaBMat dq, RaBMat dk, RaBMat dv);
 
 RA_DENSE_DECLS(float, f32)
 RA_DENSE_DECLS(double, f64)

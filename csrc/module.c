@@ -75,6 +75,34 @@ static int ra_dims_fit(const npy_intp *dims, int count, const char *where)
 #define SCALAR(x) ((RaBVec){ARG(x), STEP(x), 0})
 #define FLAG(x) (*(npy_bool *)ARG(x) != 0)
 
+/* ------------------------------------------------------------------ pair terms */
+/* The pair-term operands of gufunc GF (drop, drop_key, bias (r); dbias for a backward),
+ * checked: r is 0 or n + m - 1, bias unit-stride in its core axis, every drop threshold
+ * in [0, 2^24).  Returns 0 with a ValueError set otherwise. */
+static int ra_pairs_check(const RaBPairs *p, npy_intp B, npy_intp r, npy_intp expect,
+                          npy_intp item, const char *where)
+{
+    const char *bad = NULL;
+    if (r != 0 && r != expect) bad = "bias must have n + m - 1 entries (or none)";
+    else if (r > 1 && p->bias.s0 != item) bad = "bias must be contiguous in its last axis";
+    for (npy_intp b = 0; b < B && !bad; b++) {
+        const int64_t drop = RA_VEC_AT(int64_t, ra_vec_at(p->drop, b), 0);
+        if (drop < 0 || drop >= RA_DROP_ONE) bad = "the dropout threshold must be in [0, 2^24)";
+    }
+    if (!bad) return 1;
+    NPY_ALLOW_C_API_DEF
+    NPY_ALLOW_C_API
+    PyErr_Format(PyExc_ValueError, "%s: %s", where, bad);
+    NPY_DISABLE_C_API
+    return 0;
+}
+/* The forward's pair terms of gufunc GF (a backward adds .dbias = VEC(dbias) when r > 0) */
+#define PAIRS() ((RaBPairs){SCALAR(drop), SCALAR(drop_key), DIM(r) ? VEC(bias) : (RaBVec){0}, {0}})
+#define RA_ITEM_f32 4
+#define RA_ITEM_f64 8
+#define PAIRS_CHECK(p, SUF, where)                                                        \
+    ra_pairs_check(&(p), dims[0], DIM(r), DIM(n) + DIM(m) - 1, RA_ITEM_##SUF, where)
+
 /* ------------------------------------------------------------------ dense attention */
 #define ATTENTION_FORWARD_LOOP(SUF)                                                       \
     static void attention_forward_loop_##SUF(char **args, npy_intp const *dims,           \
@@ -87,9 +115,11 @@ static int ra_dims_fit(const npy_intp *dims, int count, const char *where)
         /* use_mask is one scalar for the whole call (the wrapper passes a bool) */       \
         RaBVec mask = VEC(key_mask);                                                      \
         if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
+        const RaBPairs pairs = PAIRS();                                                   \
+        if (!PAIRS_CHECK(pairs, SUF, "attention")) return;                                     \
         int st = ra_attention_forward_##SUF(dims[0], n, m, d, e, MAT(q), MAT(k),          \
                                             MAT(v), mask, SCALAR(scale), SCALAR(causal),  \
-                                            MAT(out), VEC(lse));                          \
+                                            &pairs, MAT(out), VEC(lse));                  \
         ra_raise(st, "attention");                                                        \
     }
 #define GF attention_forward
@@ -107,10 +137,13 @@ ATTENTION_FORWARD_LOOP(f64)
         if (dims[0] == 0) return;                                                         \
         RaBVec mask = VEC(key_mask);                                                      \
         if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
+        RaBPairs pairs = PAIRS();                                                         \
+        if (DIM(r)) pairs.dbias = VEC(dbias);                                             \
+        if (!PAIRS_CHECK(pairs, SUF, "attention_backward")) return;                            \
         int st = ra_attention_backward_##SUF(dims[0], n, m, d, e, MAT(dout), MAT(q),      \
                                              MAT(k), MAT(v), mask, MAT(out),              \
                                              VEC(lse), SCALAR(scale), SCALAR(causal),     \
-                                             MAT(dq), MAT(dk), MAT(dv));                  \
+                                             &pairs, MAT(dq), MAT(dk), MAT(dv));          \
         ra_raise(st, "attention_backward");                                               \
     }
 #define GF attention_backward

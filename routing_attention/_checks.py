@@ -6,6 +6,7 @@ of their framework's own objects).  Every error names the argument it is about, 
 can tell which input to fix.
 """
 import math
+import numbers
 import operator
 import weakref
 
@@ -730,3 +731,67 @@ def min_dims(name, shape, count):
         raise ValueError(f"{name} must have at least {count} dimension(s); got shape "
                          f"{tuple(shape)}")
 
+
+
+# ------------------------------------------------------------------ pair terms
+DROP_ONE = 1 << 24     # dropout probabilities are quantised to multiples of 2^-24
+
+
+def dropout_args(p, seed):
+    """dropout_p, dropout_seed -> (p, seed, threshold): p a float in [0, 1), quantised to
+    threshold / 2^24; seed an int in [0, 2^63) (required when p > 0; 0 when p == 0)."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (numbers.Real, np.floating)):
+        raise TypeError(f"dropout_p must be a float in [0, 1); got {p!r}")
+    p = float(p)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1); got {p}")
+    threshold = int(np.floor(p * DROP_ONE + 0.5))
+    if threshold >= DROP_ONE:
+        raise ValueError(f"dropout_p={p} rounds to 1 at the 2^-24 resolution of the dropout mask")
+    if threshold == 0:
+        return p, (0 if seed is None else integer("dropout_seed", seed, 0)), 0
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs dropout_seed (an int): the backward regenerates "
+                         "the dropout mask from it")
+    return p, integer("dropout_seed", seed, 0), threshold
+
+
+def rel_bias_array(rel_bias, n, m, dtype):
+    """The relative position bias: a float array (..., n + m - 1), entry j - i + n - 1 for
+    query i and key j, contiguous in its last axis; None stays None."""
+    if rel_bias is None:
+        return None
+    a = as_matrix("rel_bias", rel_bias, dtype, min_rank=1)
+    if a.shape[-1] != n + m - 1:
+        raise ValueError(f"rel_bias must have n + m - 1 = {n + m - 1} entries in its last axis "
+                         f"(one per offset j - i from {-(n - 1)} to {m - 1}); got shape {a.shape}")
+    if a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        a = np.ascontiguousarray(a)
+    return a
+
+
+def bias_table(table, name="table"):
+    """A learned bucket table (..., buckets) of at least one bucket."""
+    a = as_matrix(name, table, float_dtype(**{name: table}), min_rank=1)
+    if a.shape[-1] < 1:
+        raise ValueError(f"{name} needs at least one bucket in its last axis; got shape {a.shape}")
+    return a
+
+
+def bucket_layout(num_buckets, max_distance, bidirectional):
+    """T5 bucketing parameters: enough buckets for an exact half and a log half."""
+    num_buckets = integer("num_buckets", num_buckets, 1)
+    max_distance = integer("max_distance", max_distance, 1)
+    half = num_buckets // 2 if flag("bidirectional", bidirectional) else num_buckets
+    if half < 2:
+        raise ValueError(f"num_buckets={num_buckets} leaves fewer than 2 buckets per direction")
+    if max_distance <= half // 2:
+        raise ValueError(f"max_distance must exceed {half // 2} (the exactly bucketed "
+                         f"distances); got {max_distance}")
+    return num_buckets, max_distance, bool(bidirectional)
+
+
+def bias_sources(count):
+    """relative_bias needs at least one of alibi and table."""
+    if count == 0:
+        raise ValueError("relative_bias needs alibi, table or both")

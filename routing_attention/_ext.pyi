@@ -5,10 +5,10 @@ Every gufunc takes the usual ufunc keywords (out=, ...)."""
 from typing import Any
 import numpy as np
 
-_attention_forward: np.ufunc  # (n,d),(m,d),(m,e),(m),(),(),()->(n,e),(n)
-#   q:T(n,d) k:T(m,d) v:T(m,e) key_mask:B(m) use_mask:B() scale:T() causal:B() -> out:T(n,e) lse:T(n)
-_attention_backward: np.ufunc  # (n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),()->(n,d),(m,d),(m,e)
-#   dout:T(n,e) q:T(n,d) k:T(m,d) v:T(m,e) key_mask:B(m) use_mask:B() out:T(n,e) lse:T(n) scale:T() causal:B() -> dq:T(n,d) dk:T(m,d) dv:T(m,e)
+_attention_forward: np.ufunc  # (n,d),(m,d),(m,e),(m),(),(),(),(),(),(r)->(n,e),(n)
+#   q:T(n,d) k:T(m,d) v:T(m,e) key_mask:B(m) use_mask:B() scale:T() causal:B() drop:L() drop_key:U() bias:T(r) -> out:T(n,e) lse:T(n)
+_attention_backward: np.ufunc  # (n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r)
+#   dout:T(n,e) q:T(n,d) k:T(m,d) v:T(m,e) key_mask:B(m) use_mask:B() out:T(n,e) lse:T(n) scale:T() causal:B() drop:L() drop_key:U() bias:T(r) -> dq:T(n,d) dk:T(m,d) dv:T(m,e) dbias:T(r)
 _routing_forward: np.ufunc  # (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)
 #   q:T(n,d) k:T(m,d) v:T(m,e) q_idx:L(c,w) k_idx:L(c,u) scale:T() causal:B() exclude_self:B() merge_lse:B() -> out:T(n,e) lse:T(n) slot_out:T(c,w,e) slot_lse:T(c,w) slot_self:B(c,w)
 _routing_backward: np.ufunc  # (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()->(n,d),(m,d),(m,e)

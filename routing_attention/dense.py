@@ -3,36 +3,46 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
-                      check_out, dout_shape, flag, forward_statistic, mask_fits, mask_record,
-                      plain_qkv, plain_scale, qkv_arrays, scale_value, unbroadcast)
+                      check_out, dout_shape, dropout_args, flag, forward_statistic, mask_fits,
+                      mask_record, plain_qkv, plain_scale, qkv_arrays, rel_bias_array,
+                      scale_value, unbroadcast)
+from .pairs import _operands, NO_PAIRS
 
 __all__ = ["attention", "attention_backward"]
 
-DEFAULTS = dict(causal=False, key_mask=None, scale=None)
+DEFAULTS = dict(causal=False, key_mask=None, scale=None, dropout_p=0.0, dropout_seed=None)
 
 
-def _prepare(q, k, v, causal, key_mask, scale):
+def _prepare(q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias):
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     causal = flag("causal", causal)
-    m = k.shape[-2]
-    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2))
+    n, m = q.shape[-2], k.shape[-2]
+    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
+    rel_bias = rel_bias_array(rel_bias, n, m, dtype)
+    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2))
+    if rel_bias is not None:
+        cores["rel_bias"] = (rel_bias, 1)
+    batch = batch_shape(**cores)
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
         mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
-        batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
+        batch_shape(**cores, key_mask=(mask, 1))
         mask_fits("key_mask", mask, batch)
-    return q, k, v, mask, use_mask, causal, scale_value(scale, q.shape[-1], dtype), batch
+    pairs = _operands(dtype, batch, threshold, seed, rel_bias)
+    return (q, k, v, mask, use_mask, causal, scale_value(scale, q.shape[-1], dtype), batch,
+            pairs, (p, seed))
 
 
-def _keywords(causal, mask, use_mask, scale):
+def _keywords(causal, mask, use_mask, scale, dropout):
     """The forward's keywords as saved["keywords"] records them."""
-    return dict(causal=causal, key_mask=mask_record(mask, use_mask), scale=float(scale))
+    return dict(causal=causal, key_mask=mask_record(mask, use_mask), scale=float(scale),
+                dropout_p=dropout[0], dropout_seed=dropout[1])
 
 
-def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False,
-              return_saved=False, out=None):
+def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0,
+              dropout_seed=None, rel_bias=None, return_lse=False, return_saved=False, out=None):
     """Softmax attention ``softmax(scale · q kᵀ) v``, exact, in O((n + m)·d) memory.
 
     Parameters
@@ -49,6 +59,13 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=Fa
         False marks a padding key that no query sees.
     scale : float, optional
         Multiplies q·k; defaults to 1/sqrt(d).
+    dropout_p : float in [0, 1), dropout_seed : int
+        Attention dropout after the softmax, deterministic in the seed (required when
+        dropout_p > 0); see `routing_attention.pairs`.
+    rel_bias : array_like, shape (..., n + m - 1), optional
+        Relative position bias: rel_bias[..., j - i + n - 1] is added to the logit of
+        query i and key j (`routing_attention.pairs.relative_bias` builds it from ALiBi
+        slopes or a T5 bucket table).
     return_lse : bool
         Also return the log-sum-exp of each query's logits, shape (..., n), which
         `attention_backward` can reuse.
@@ -74,26 +91,31 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=Fa
         non-finite scale.
     """
     if (key_mask is None and out is None and return_saved is False and type(return_lse) is bool
-            and type(causal) is bool and plain_qkv(q, k, v)):
+            and type(causal) is bool and dropout_p == 0.0 and rel_bias is None
+            and plain_qkv(q, k, v)):
         # fast path: arrays that need no conversion (see plain_qkv), the common keywords
         native_scale = plain_scale(scale, q.shape[-1], q.dtype)
         if native_scale is not None:
             o, lse = _ext._attention_forward(q, k, v, all_keys(k.shape[-2]), False, native_scale,
-                                             causal)
+                                             causal, *NO_PAIRS[q.dtype.char])
             return (o, lse) if return_lse else o
-    q, k, v, mask, use_mask, causal, scale, batch = _prepare(q, k, v, causal, key_mask, scale)
+    q, k, v, mask, use_mask, causal, scale, batch, pairs, dropout = _prepare(
+        q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias)
     return_lse = flag("return_lse", return_lse)
     return_saved = flag("return_saved", return_saved)
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
-    o, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal, out=(out, None))
+    o, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal, *pairs,
+                                     out=(out, None))
     result = (o, lse) if return_lse else (o,)
     if return_saved:
-        result += (dict(output=o, lse=lse, keywords=_keywords(causal, mask, use_mask, scale)),)
+        result += (dict(output=o, lse=lse,
+                        keywords=_keywords(causal, mask, use_mask, scale, dropout)),)
     return result[0] if len(result) == 1 else result
 
 
-def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None, lse=None,
-                       output=None, keywords=None):
+def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
+                       dropout_p=None, dropout_seed=None, rel_bias=None, lse=None, output=None,
+                       keywords=None):
     """Gradients of `attention` with respect to q, k and v.
 
     Parameters
@@ -102,10 +124,12 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
         Gradient of the loss with respect to the attention output.
     q, k, v
         Exactly as passed to `attention`.
-    causal, key_mask, scale
+    causal, key_mask, scale, dropout_p, dropout_seed
         As passed to `attention`.  None (the default) takes the forward's value from
         `keywords` when given (``**saved``), else the forward's default (False, no
-        mask, 1/sqrt(d)).
+        mask, 1/sqrt(d), no dropout).
+    rel_bias : optional
+        As passed to `attention` (its gradient is then returned too).
     lse, output, keywords : optional
         The forward's ``saved`` dict (``attention(..., return_saved=True)``), passed as
         ``**saved``.  With lse and output the forward is not recomputed (with either
@@ -113,8 +137,8 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
 
     Returns
     -------
-    dq, dk, dv : ndarrays with the shapes of q, k and v (gradients summed over any
-    broadcast batch axes).
+    dq, dk, dv [, drel_bias] : ndarrays with the shapes of q, k, v [and rel_bias, when
+    given] (gradients summed over any broadcast batch axes).
 
     Raises
     ------
@@ -123,20 +147,24 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
         arrays of the wrong shape; and the forward's input errors.
     """
     kw = BackwardKeywords("attention_backward", dict(keywords=keywords), DEFAULTS,
-                          causal=causal, key_mask=key_mask, scale=scale)
-    q, k, v, mask, use_mask, causal, scale, batch = _prepare(q, k, v, **kw.values)
-    kw.check(_keywords(causal, mask, use_mask, scale))
+                          causal=causal, key_mask=key_mask, scale=scale, dropout_p=dropout_p,
+                          dropout_seed=dropout_seed)
+    q, k, v, mask, use_mask, causal, scale, batch, pairs, dropout = _prepare(
+        q, k, v, rel_bias=rel_bias, **kw.values)
+    kw.check(_keywords(causal, mask, use_mask, scale, dropout))
     dout = as_matrix("dout", dout, q.dtype)
     expected = batch + (q.shape[-2], v.shape[-1])
     dout_shape(dout, *expected[-2:])
-    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1))
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), key_mask=(mask, 1),
+                rel_bias=(pairs[2], 1))
     if lse is None or output is None:
-        output, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal)
+        output, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal, *pairs)
     else:
         output = as_matrix("output", output, q.dtype)
         lse = as_matrix("lse", lse, q.dtype, min_rank=1)
         forward_statistic("output", output.shape, expected)
         forward_statistic("lse", lse.shape, expected[:-1], core=f"(..., {q.shape[-2]})")
-    dq, dk, dv = _ext._attention_backward(dout, q, k, v, mask, use_mask, output, lse, scale,
-                                          causal)
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    dq, dk, dv, dbias = _ext._attention_backward(dout, q, k, v, mask, use_mask, output, lse,
+                                                 scale, causal, *pairs)
+    grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads

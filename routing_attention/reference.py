@@ -56,28 +56,85 @@ def _scale(scale, d):
     return 1.0 / np.sqrt(d) if d > 0 else 1.0             # d = 0: every logit is 0
 
 
-def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False):
-    """softmax(scale · q kᵀ + mask) v with the explicit (…, n, m) probability matrix."""
+# ------------------------------------------------------------------ pair terms
+def dropout_factor(dropout_p, dropout_seed, batch, qpos, kpos):
+    """The dropout factor of every (query, key) pair, (batch..., len(qpos), len(kpos)):
+    1/(1 - p') where kept, 0 where dropped, p' = dropout_p rounded to a multiple of 2^-24.
+    Problem b (flat index over `batch`) draws from the (b + 1)-th SplitMix64 output for
+    dropout_seed; pair (i, j) keeps iff the top 24 bits of the SplitMix64 finaliser of
+    key + (i·2^32 + j)·0x9E3779B97F4A7C15 are at least round(p·2^24)."""
+    thr = int(np.floor(dropout_p * 2**24 + 0.5))
+    out = np.ones(tuple(batch) + (len(qpos), len(kpos)))
+    if thr == 0:
+        return out
+    rng = SplitMix64(dropout_seed)
+    i = np.asarray(qpos, np.uint64)[:, None]
+    j = np.asarray(kpos, np.uint64)[None, :]
+    for b in _problems(batch):
+        z = np.uint64(rng.next()) + ((i << np.uint64(32)) + j) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        out[b] = np.where((z >> np.uint64(40)) >= thr, 2**24 / (2**24 - thr), 0.0)
+    return out
+
+
+def bias_matrix(rel_bias, n, m):
+    """rel_bias (..., n + m - 1) as the (..., n, m) logit offsets, entry (i, j) =
+    rel_bias[..., j - i + n - 1]; 0 when rel_bias is None."""
+    if rel_bias is None:
+        return 0.0
+    idx = np.arange(m)[None, :] - np.arange(n)[:, None] + n - 1
+    return np.asarray(rel_bias, np.float64)[..., idx]
+
+
+def bias_matrix_grad(dlogits, n, m, shape):
+    """The gradient of rel_bias (of `shape`) from that of the logits (..., n, m)."""
+    idx = (np.arange(m)[None, :] - np.arange(n)[:, None] + n - 1).ravel()
+    flat = dlogits.reshape(dlogits.shape[:-2] + (n * m,))
+    g = np.zeros(dlogits.shape[:-2] + (n + m - 1,))
+    for t in range(n + m - 1):
+        g[..., t] = flat[..., idx == t].sum(axis=-1)
+    return unbroadcast(g, shape)
+
+
+def _dense_pairs(q, k, v, dropout_p, dropout_seed, rel_bias):
+    n, m = q.shape[-2], k.shape[-2]
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
+                                np.shape(rel_bias)[:-1] if rel_bias is not None else ())
+    return bias_matrix(rel_bias, n, m), dropout_factor(dropout_p, dropout_seed, batch,
+                                                       np.arange(n), np.arange(m))
+
+
+def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0,
+              dropout_seed=None, rel_bias=None, return_lse=False):
+    """(softmax(scale · q kᵀ + bias + mask) ∘ dropout) v with the explicit (…, n, m)
+    probability matrix."""
     q, k, v = _f64(q, k, v)
-    s = _scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2))
+    bias, keep = _dense_pairs(q, k, v, dropout_p, dropout_seed, rel_bias)
+    s = _scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)) + bias
     p, lse = masked_softmax(s, _dense_visible(q.shape[-2], k.shape[-2], causal, key_mask))
-    out = p @ v
+    out = (p * keep) @ v
     return (out, lse) if return_lse else out
 
 
-def attention_backward(dout, q, k, v, *, causal=False, key_mask=None, scale=None, lse=None,
-                       output=None):
-    """(dq, dk, dv) of `attention` by the textbook softmax Jacobian."""
+def attention_backward(dout, q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0,
+                       dropout_seed=None, rel_bias=None, lse=None, output=None):
+    """(dq, dk, dv [, drel_bias]) of `attention` by the textbook softmax Jacobian."""
     dout, q, k, v = _f64(dout, q, k, v)
     sc = _scale(scale, q.shape[-1])
-    s = sc * (q @ np.swapaxes(k, -1, -2))
+    bias, keep = _dense_pairs(q, k, v, dropout_p, dropout_seed, rel_bias)
+    s = sc * (q @ np.swapaxes(k, -1, -2)) + bias
     p, _ = masked_softmax(s, _dense_visible(q.shape[-2], k.shape[-2], causal, key_mask))
-    dv = np.swapaxes(p, -1, -2) @ dout
-    dp = dout @ np.swapaxes(v, -1, -2)
+    dv = np.swapaxes(p * keep, -1, -2) @ dout
+    dp = (dout @ np.swapaxes(v, -1, -2)) * keep
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
     dq = sc * (ds @ k)
     dk = sc * (np.swapaxes(ds, -1, -2) @ q)
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    grads = unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    if rel_bias is None:
+        return grads
+    return grads + (bias_matrix_grad(ds, q.shape[-2], k.shape[-2], np.shape(rel_bias)),)
 
 
 # ------------------------------------------------------------------ routing attention

@@ -24,14 +24,18 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
+# The pair terms (engine.h RaPairs) that attention gufuncs take after their own operands:
+# drop = dropout threshold out of 2^24, drop_key = the problem's dropout stream, bias = the
+# relative position bias (r = n + m - 1 entries, or r = 0 for none); backwards add dbias.
 GUFUNCS = [
     ("attention_forward",
      "q:T(n,d) k:T(m,d) v:T(m,e) key_mask:B(m) use_mask:B() scale:T() causal:B()"
-     " -> out:T(n,e) lse:T(n)",
+     " drop:L() drop_key:U() bias:T(r) -> out:T(n,e) lse:T(n)",
      "Low-level gufunc behind routing_attention.attention; use that instead."),
     ("attention_backward",
      "dout:T(n,e) q:T(n,d) k:T(m,d) v:T(m,e) key_mask:B(m) use_mask:B() out:T(n,e) lse:T(n)"
-     " scale:T() causal:B() -> dq:T(n,d) dk:T(m,d) dv:T(m,e)",
+     " scale:T() causal:B() drop:L() drop_key:U() bias:T(r)"
+     " -> dq:T(n,d) dk:T(m,d) dv:T(m,e) dbias:T(r)",
      "Low-level gufunc behind routing_attention.attention_backward."),
     ("routing_forward",
      "q:T(n,d) k:T(m,d) v:T(m,e) q_idx:L(c,w) k_idx:L(c,u) scale:T() causal:B()"
