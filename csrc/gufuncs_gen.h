@@ -42,26 +42,28 @@ enum {
     attention_backward_dim_m = 4, attention_backward_dim_r = 5,
 };
 
-/* _routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse) -> (out, lse, slot_out, slot_lse, slot_self)  (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w) */
+/* _routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse, drop, drop_key, bias) -> (out, lse, slot_out, slot_lse, slot_self)  (n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),(),(),(),(r)->(n,e),(n),(c,w,e),(c,w),(c,w) */
 enum {
     routing_forward_q = 0, routing_forward_k = 1, routing_forward_v = 2,
     routing_forward_q_idx = 3, routing_forward_k_idx = 4, routing_forward_scale = 5,
     routing_forward_causal = 6, routing_forward_exclude_self = 7,
-    routing_forward_merge_lse = 8, routing_forward_out = 9, routing_forward_lse = 10,
-    routing_forward_slot_out = 11, routing_forward_slot_lse = 12,
-    routing_forward_slot_self = 13, routing_forward_q_core = 14, routing_forward_k_core = 16,
-    routing_forward_v_core = 18, routing_forward_q_idx_core = 20,
-    routing_forward_k_idx_core = 22, routing_forward_scale_core = 24,
-    routing_forward_causal_core = 24, routing_forward_exclude_self_core = 24,
-    routing_forward_merge_lse_core = 24, routing_forward_out_core = 24,
-    routing_forward_lse_core = 26, routing_forward_slot_out_core = 27,
-    routing_forward_slot_lse_core = 30, routing_forward_slot_self_core = 32,
-    routing_forward_dim_n = 1, routing_forward_dim_d = 2, routing_forward_dim_m = 3,
-    routing_forward_dim_e = 4, routing_forward_dim_c = 5, routing_forward_dim_w = 6,
-    routing_forward_dim_u = 7,
+    routing_forward_merge_lse = 8, routing_forward_drop = 9, routing_forward_drop_key = 10,
+    routing_forward_bias = 11, routing_forward_out = 12, routing_forward_lse = 13,
+    routing_forward_slot_out = 14, routing_forward_slot_lse = 15,
+    routing_forward_slot_self = 16, routing_forward_q_core = 17, routing_forward_k_core = 19,
+    routing_forward_v_core = 21, routing_forward_q_idx_core = 23,
+    routing_forward_k_idx_core = 25, routing_forward_scale_core = 27,
+    routing_forward_causal_core = 27, routing_forward_exclude_self_core = 27,
+    routing_forward_merge_lse_core = 27, routing_forward_drop_core = 27,
+    routing_forward_drop_key_core = 27, routing_forward_bias_core = 27,
+    routing_forward_out_core = 28, routing_forward_lse_core = 30,
+    routing_forward_slot_out_core = 31, routing_forward_slot_lse_core = 34,
+    routing_forward_slot_self_core = 36, routing_forward_dim_n = 1, routing_forward_dim_d = 2,
+    routing_forward_dim_m = 3, routing_forward_dim_e = 4, routing_forward_dim_c = 5,
+    routing_forward_dim_w = 6, routing_forward_dim_u = 7, routing_forward_dim_r = 8,
 };
 
-/* _routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved, scale, causal, exclude_self, merge_lse) -> (dq, dk, dv)  (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()->(n,d),(m,d),(m,e) */
+/* _routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved, scale, causal, exclude_self, merge_lse, drop, drop_key, bias) -> (dq, dk, dv, dbias)  (n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r) */
 enum {
     routing_backward_dout = 0, routing_backward_q = 1, routing_backward_k = 2,
     routing_backward_v = 3, routing_backward_q_idx = 4, routing_backward_k_idx = 5,
@@ -69,19 +71,23 @@ enum {
     routing_backward_slot_lse = 9, routing_backward_slot_self = 10,
     routing_backward_use_saved = 11, routing_backward_scale = 12,
     routing_backward_causal = 13, routing_backward_exclude_self = 14,
-    routing_backward_merge_lse = 15, routing_backward_dq = 16, routing_backward_dk = 17,
-    routing_backward_dv = 18, routing_backward_dout_core = 19, routing_backward_q_core = 21,
-    routing_backward_k_core = 23, routing_backward_v_core = 25,
-    routing_backward_q_idx_core = 27, routing_backward_k_idx_core = 29,
-    routing_backward_out_core = 31, routing_backward_lse_core = 33,
-    routing_backward_slot_out_core = 34, routing_backward_slot_lse_core = 37,
-    routing_backward_slot_self_core = 39, routing_backward_use_saved_core = 41,
-    routing_backward_scale_core = 41, routing_backward_causal_core = 41,
-    routing_backward_exclude_self_core = 41, routing_backward_merge_lse_core = 41,
-    routing_backward_dq_core = 41, routing_backward_dk_core = 43,
-    routing_backward_dv_core = 45, routing_backward_dim_n = 1, routing_backward_dim_e = 2,
+    routing_backward_merge_lse = 15, routing_backward_drop = 16,
+    routing_backward_drop_key = 17, routing_backward_bias = 18, routing_backward_dq = 19,
+    routing_backward_dk = 20, routing_backward_dv = 21, routing_backward_dbias = 22,
+    routing_backward_dout_core = 23, routing_backward_q_core = 25,
+    routing_backward_k_core = 27, routing_backward_v_core = 29,
+    routing_backward_q_idx_core = 31, routing_backward_k_idx_core = 33,
+    routing_backward_out_core = 35, routing_backward_lse_core = 37,
+    routing_backward_slot_out_core = 38, routing_backward_slot_lse_core = 41,
+    routing_backward_slot_self_core = 43, routing_backward_use_saved_core = 45,
+    routing_backward_scale_core = 45, routing_backward_causal_core = 45,
+    routing_backward_exclude_self_core = 45, routing_backward_merge_lse_core = 45,
+    routing_backward_drop_core = 45, routing_backward_drop_key_core = 45,
+    routing_backward_bias_core = 45, routing_backward_dq_core = 46,
+    routing_backward_dk_core = 48, routing_backward_dv_core = 50,
+    routing_backward_dbias_core = 52, routing_backward_dim_n = 1, routing_backward_dim_e = 2,
     routing_backward_dim_d = 3, routing_backward_dim_m = 4, routing_backward_dim_c = 5,
-    routing_backward_dim_w = 6, routing_backward_dim_u = 7,
+    routing_backward_dim_w = 6, routing_backward_dim_u = 7, routing_backward_dim_r = 8,
 };
 
 /* _combiner_forward(q, k, v, plan, block, causal, scale) -> (out, lse)  (n,d),(n,d),(n,e),(),(),(),()->(n,e),(n) */
@@ -277,12 +283,12 @@ enum {
     {"_attention_backward", "(n,e),(n,d),(m,d),(m,e),(m),(),(n,e),(n),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r)", 13, 4, {attention_backward_loop_f32, attention_backward_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
      "_attention_backward(dout, q, k, v, key_mask, use_mask, out, lse, scale, causal, drop, drop_key, bias) -> (dq, dk, dv, dbias)\n\nLow-level gufunc behind routing_attention.attention_backward.", 0}, \
-    {"_routing_forward", "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),()->(n,e),(n),(c,w,e),(c,w),(c,w)", 9, 5, {routing_forward_loop_f32, routing_forward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL}, \
-     "_routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse) -> (out, lse, slot_out, slot_lse, slot_self)\n\nLow-level gufunc behind routing_attention.routing_attention.", 0}, \
-    {"_routing_backward", "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),()->(n,d),(m,d),(m,e)", 16, 3, {routing_backward_loop_f32, routing_backward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
-     "_routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved, scale, causal, exclude_self, merge_lse) -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.routing_attention_backward.", 0}, \
+    {"_routing_forward", "(n,d),(m,d),(m,e),(c,w),(c,u),(),(),(),(),(),(),(r)->(n,e),(n),(c,w,e),(c,w),(c,w)", 12, 5, {routing_forward_loop_f32, routing_forward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL}, \
+     "_routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, merge_lse, drop, drop_key, bias) -> (out, lse, slot_out, slot_lse, slot_self)\n\nLow-level gufunc behind routing_attention.routing_attention.", 0}, \
+    {"_routing_backward", "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r)", 19, 4, {routing_backward_loop_f32, routing_backward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
+     "_routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved, scale, causal, exclude_self, merge_lse, drop, drop_key, bias) -> (dq, dk, dv, dbias)\n\nLow-level gufunc behind routing_attention.routing_attention_backward.", 0}, \
     {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e),(n)", 7, 2, {combiner_forward_loop_f32, combiner_forward_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
      "_combiner_forward(q, k, v, plan, block, causal, scale) -> (out, lse)\n\nplan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind routing_attention.combiner_attention; use that instead.", 0}, \

@@ -59,22 +59,23 @@ typedef struct {
 
 #define RA_ROUTING_DECLS(T, SUF)                                                          \
     /* q (B; n, d), k (B; m, d), v (B; m, e), q_idx (B; c, w), k_idx (B; c, u) int64;    \
-       scale (B), causal, exclude_self, merge_lse (B) uint8 -> out (B; n, e), lse (B; n), \
-       slot statistics (written) */                                                       \
+       scale (B), causal, exclude_self, merge_lse (B) uint8, pair terms (engine.h)        \
+       -> out (B; n, e), lse (B; n), slot statistics (written) */                         \
     int ra_routing_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int c, int w,  \
                                  int u, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,       \
                                  RaBMat k_idx, RaBVec scale, RaBVec causal,               \
-                                 RaBVec exclude_self, RaBVec merge_lse, RaBMat out,       \
-                                 RaBVec lse, RaRoutingSlots slots);                       \
+                                 RaBVec exclude_self, RaBVec merge_lse,                   \
+                                 const RaBPairs *pairs, RaBMat out, RaBVec lse,           \
+                                 RaRoutingSlots slots);                                   \
     /* dout (B; n, e) and the forward's inputs -> dq (B; n, d), dk (B; m, d),            \
-       dv (B; m, e), written.  saved.o == NULL: the forward is recomputed; else          \
+       dv (B; m, e), pairs->dbias, written.  saved.o == NULL: the forward is recomputed; \
        saved_out (B; n, e), saved_lse (B; n) and saved slots are the forward's. */        \
     int ra_routing_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int c, int w, \
                                   int u, RaBMat dout, RaBMat q, RaBMat k, RaBMat v,       \
                                   RaBMat q_idx, RaBMat k_idx, RaBVec scale, RaBVec causal,\
                                   RaBVec exclude_self, RaBVec merge_lse, RaBMat saved_out,\
-                                  RaBVec saved_lse, RaRoutingSlots saved, RaBMat dq,      \
-                                  RaBMat dk, RaBMat dv);
+                                  RaBVec saved_lse, RaRoutingSlots saved,                 \
+                                  const RaBPairs *pairs, RaBMat dq, RaBMat dk, RaBMat dv);
 
 RA_ROUTING_DECLS(float, f32)
 RA_ROUTING_DECLS(double, f64)

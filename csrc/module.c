@@ -109,7 +109,7 @@ static int ra_pairs_check(const RaBPairs *p, npy_intp B, npy_intp r, npy_intp ex
                                              npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 4, "attention")) return;                               \
+        if (!ra_dims_fit(dims + 1, 5, "attention")) return;                               \
         const int n = (int)DIM(n), d = (int)DIM(d), m = (int)DIM(m), e = (int)DIM(e);     \
         if (dims[0] == 0) return;                                                         \
         /* use_mask is one scalar for the whole call (the wrapper passes a bool) */       \
@@ -132,7 +132,7 @@ ATTENTION_FORWARD_LOOP(f64)
                                               npy_intp const *steps, void *data)          \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 4, "attention_backward")) return;                      \
+        if (!ra_dims_fit(dims + 1, 5, "attention_backward")) return;                      \
         const int n = (int)DIM(n), e = (int)DIM(e), d = (int)DIM(d), m = (int)DIM(m);     \
         if (dims[0] == 0) return;                                                         \
         RaBVec mask = VEC(key_mask);                                                      \
@@ -177,7 +177,7 @@ static void ra_raise_layout(const char *where, const char *what)
                                            npy_intp const *steps, void *data)             \
     {                                                                                     \
         (void)data;                                                                       \
-        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention")) return;       \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 8, "routing_attention")) return;       \
         const npy_intp cwe[3] = {DIM(c), DIM(w), DIM(e)}, cw[2] = {DIM(c), DIM(w)};       \
         if (!ra_core_contiguous(cwe, CORE(slot_out), 3, sizeof(T)) ||                     \
             !ra_core_contiguous(cw, CORE(slot_lse), 2, sizeof(T)) ||                      \
@@ -187,11 +187,13 @@ static void ra_raise_layout(const char *where, const char *what)
         }                                                                                 \
         RaRoutingSlots slots = {ARG(slot_out), ARG(slot_lse), ARG(slot_self), STEP(slot_out), STEP(slot_lse), \
                                 STEP(slot_self)};                                         \
+        const RaBPairs pairs = PAIRS();                                                   \
+        if (!PAIRS_CHECK(pairs, SUF, "routing_attention")) return;                        \
         int st = ra_routing_forward_##SUF(                                                \
             dims[0], (int)DIM(n), (int)DIM(m), (int)DIM(d), (int)DIM(e), (int)DIM(c),     \
             (int)DIM(w), (int)DIM(u), MAT(q), MAT(k), MAT(v), MAT(q_idx),                 \
-            MAT(k_idx), SCALAR(scale), SCALAR(causal), SCALAR(exclude_self), SCALAR(merge_lse), MAT(out), \
-            VEC(lse), slots);                                                             \
+            MAT(k_idx), SCALAR(scale), SCALAR(causal), SCALAR(exclude_self), SCALAR(merge_lse), \
+            &pairs, MAT(out), VEC(lse), slots);                                           \
         ra_raise(st, "routing_attention");                                                \
     }
 #define GF routing_forward
@@ -204,7 +206,7 @@ ROUTING_FORWARD_LOOP(f64, double)
                                             npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
-        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 7, "routing_attention_backward")) return; \
+        if (dims[0] == 0 || !ra_dims_fit(dims + 1, 8, "routing_attention_backward")) return; \
         RaRoutingSlots saved = {NULL, NULL, NULL, 0, 0, 0};                               \
         if (*(npy_bool *)ARG(use_saved)) {   /* use_saved: one scalar for the whole call */ \
             const npy_intp ne[2] = {DIM(n), DIM(e)}, n1[1] = {DIM(n)};                    \
@@ -220,11 +222,14 @@ ROUTING_FORWARD_LOOP(f64, double)
             saved = (RaRoutingSlots){ARG(slot_out), ARG(slot_lse), ARG(slot_self), STEP(slot_out), STEP(slot_lse), \
                                      STEP(slot_self)};                                    \
         }                                                                                 \
+        RaBPairs pairs = PAIRS();                                                         \
+        if (DIM(r)) pairs.dbias = VEC(dbias);                                             \
+        if (!PAIRS_CHECK(pairs, SUF, "routing_attention_backward")) return;               \
         int st = ra_routing_backward_##SUF(                                               \
             dims[0], (int)DIM(n), (int)DIM(m), (int)DIM(d), (int)DIM(e), (int)DIM(c),     \
             (int)DIM(w), (int)DIM(u), MAT(dout), MAT(q), MAT(k), MAT(v),                  \
             MAT(q_idx), MAT(k_idx), SCALAR(scale), SCALAR(causal), SCALAR(exclude_self), SCALAR(merge_lse), \
-            MAT(out), VEC(lse), saved, MAT(dq), MAT(dk), MAT(dv));                        \
+            MAT(out), VEC(lse), saved, &pairs, MAT(dq), MAT(dk), MAT(dv));                \
         ra_raise(st, "routing_attention_backward");                                       \
     }
 #define GF routing_backward

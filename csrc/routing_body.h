@@ -25,6 +25,9 @@ typedef struct {
     T *dq_slot;       /* (c·w, d) backward only */
     T *dk_slot;       /* (c·u, d) backward only */
     T *dv_slot;       /* (c·u, e) backward only */
+    const FN(RaPairs) *pairs;  /* the problem's pair terms, or NULL */
+    T *dbias_part;    /* (c, r)   backward: each cluster's relative bias gradient, or NULL */
+    int r;            /* n + m - 1 */
 } FN(RoutingBuffers);
 
 /* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e),
@@ -87,6 +90,7 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         qt.pos = qpos + r0;
+        qt.pairs = buf->pairs;
         FN(ra_gather)(q, qt.pos, 0, qt.rows, d, scale, 0, qs, d);
         FN(ra_fwd_init)(&qt, e);
         FN(ra_attend)(K, &qt, &keys, d, e, flags);
@@ -156,7 +160,7 @@ static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaM
 int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w, int u,
                            RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx, RaBMat k_idx,
                            RaBVec scale, RaBVec causal, RaBVec exclude_self, RaBVec merge_lse,
-                           RaBMat out, RaBVec lse, RaRoutingSlots slots)
+                           const RaBPairs *pairs, RaBMat out, RaBVec lse, RaRoutingSlots slots)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
@@ -172,6 +176,8 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
         buf.o_slot = (T *)(slots.o + b * slots.o_sb);
         buf.l_slot = (T *)(slots.l + b * slots.l_sb);
         buf.self_only = (uint8_t *)(slots.self_only + b * slots.self_sb);
+        FN(RaPairs) pr;
+        buf.pairs = FN(ra_pairs_at)(pairs, b, n, NULL, &pr);
         const int flags = ra_routing_flags(RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0),
                                            RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0));
         FN(routing_problem_forward)(K, &plan, ra_mat_at(q, b), ra_mat_at(k, b), ra_mat_at(v, b),
@@ -199,6 +205,7 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     T *dk = buf->dk_slot + (ptrdiff_t)cl * P->u * d, *dv = buf->dv_slot + (ptrdiff_t)cl * P->u * e;
     memset(dk, 0, sizeof(T) * (size_t)nk * d);
     memset(dv, 0, sizeof(T) * (size_t)nk * e);
+    if (buf->dbias_part) memset(buf->dbias_part + (ptrdiff_t)cl * buf->r, 0, sizeof(T) * (size_t)buf->r);
     if (nq == 0 || nk == 0) {
         memset(buf->dq_slot + (ptrdiff_t)cl * P->w * d, 0, sizeof(T) * (size_t)nq * d);
         return;
@@ -212,6 +219,12 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt, nk);
     const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .k = kp, .ldk = d, .vt = vt,
                              .ldvt = nk, .pos = kpos};
+    FN(RaPairs) pairs;                  /* this cluster's own bias gradient row */
+    if (buf->pairs) {
+        pairs = *buf->pairs;
+        pairs.dbias = buf->dbias_part ? buf->dbias_part + (ptrdiff_t)cl * buf->r + (P->n - 1) : NULL;
+        g.pairs = &pairs;
+    }
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
@@ -276,7 +289,8 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
                             RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,
                             RaBMat k_idx, RaBVec scale, RaBVec causal, RaBVec exclude_self,
                             RaBVec merge_lse, RaBMat saved_out, RaBVec saved_lse,
-                            RaRoutingSlots saved, RaBMat dq, RaBMat dk, RaBMat dv)
+                            RaRoutingSlots saved, const RaBPairs *pairs, RaBMat dq, RaBMat dk,
+                            RaBMat dv)
 {
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
@@ -296,9 +310,12 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     buf.dq_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, d)));
     buf.dk_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, d)));
     buf.dv_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, e)));
+    buf.r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
+    buf.dbias_part = buf.r ? ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)c, buf.r))) : NULL;
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int status = (!recompute || (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse)) &&
-                 buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch ? RA_OK : RA_ERR_NOMEM;
+                 buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch && (!buf.r || buf.dbias_part)
+                 ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
         status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
         if (status != RA_OK) break;
@@ -308,6 +325,8 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
         const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
         RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         RaMat gb = ra_mat_at(dout, b);
+        FN(RaPairs) pr;
+        buf.pairs = FN(ra_pairs_at)(pairs, b, n, NULL, &pr);
         if (recompute) {   /* the forward again: slot rows, merged output and lse */
             RaMat outm = {(char *)buf.out, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
             RaVec lsev = {(char *)buf.lse, sizeof(T)};
@@ -338,6 +357,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
             FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dv_slot,
                                   e, 1, dvb, j);
         }
+        FN(ra_pairs_write_dbias)(pairs, b, buf.r, buf.dbias_part, c);   /* cluster order */
     }
     if (recompute) {
         ra_free(buf.o_slot);
@@ -349,6 +369,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     ra_free(buf.dq_slot);
     ra_free(buf.dk_slot);
     ra_free(buf.dv_slot);
+    ra_free(buf.dbias_part);
     ra_free(scratch);
     ra_routing_plan_free(&plan);
     return status;

@@ -145,9 +145,11 @@ def _batched(arrays_and_core):
     return shape, full
 
 
-def _cluster_problems(q, k, q_idx, k_idx, causal, exclude_self, sc):
-    """For one problem: per cluster (queries, keys, probabilities p, lse) with the
-    explicit visibility matrix (exclude_self falls back to self when alone)."""
+def _cluster_problems(q, k, q_idx, k_idx, causal, exclude_self, sc, bias=0.0, keep=None):
+    """For one problem: per cluster (queries, keys, probabilities p, lse, dropout factor)
+    with the explicit visibility matrix (exclude_self falls back to self when alone);
+    bias (n, m) and keep (n, m) are the problem's pair terms (see bias_matrix,
+    dropout_factor)."""
     out = []
     for qs_, ks_ in zip(q_idx, k_idx):
         qs, ks = qs_[qs_ >= 0], ks_[ks_ >= 0]
@@ -158,26 +160,41 @@ def _cluster_problems(q, k, q_idx, k_idx, causal, exclude_self, sc):
             is_self = ks[None, :] == qs[:, None]
             alone = ~(vis & ~is_self).any(axis=1, keepdims=True)
             vis &= ~is_self | alone
-        p, lse = masked_softmax(sc * (q[qs] @ k[ks].T), vis)
-        out.append((qs, ks, p, lse))
+        b = bias[np.ix_(qs, ks)] if np.ndim(bias) else bias
+        p, lse = masked_softmax(sc * (q[qs] @ k[ks].T) + b, vis)
+        f = keep[np.ix_(qs, ks)] if keep is not None else np.ones_like(p)
+        out.append((qs, ks, p, lse, f))
     return out
 
 
+def _routing_pairs(q, k, v, q_idx, k_idx, dropout_p, dropout_seed, rel_bias):
+    """The batch shape and per-problem pair terms of a routing call."""
+    n, m = q.shape[-2], k.shape[-2]
+    extra = [(np.asarray(rel_bias, np.float64), 1)] if rel_bias is not None else []
+    shape, _ = _batched([(q, 2), (k, 2), (v, 2), (q_idx, 2), (k_idx, 2)] + extra)
+    bias = np.broadcast_to(bias_matrix(rel_bias, n, m), shape + (n, m))
+    keep = dropout_factor(dropout_p, dropout_seed, shape, np.arange(n), np.arange(m))
+    return shape, bias, keep
+
+
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
-                      scale=None, return_lse=False):
+                      scale=None, dropout_p=0.0, dropout_seed=None, rel_bias=None,
+                      return_lse=False):
     """Per cluster a dense masked softmax; per token a mean or log-sum-exp merge."""
     q, k, v = _f64(q, k, v)
     q_idx, k_idx = np.asarray(q_idx, np.int64), np.asarray(k_idx, np.int64)
     sc = _scale(scale, q.shape[-1])
-    shape, (qb, kb, vb, qib, kib) = _batched([(q, 2), (k, 2), (v, 2), (q_idx, 2), (k_idx, 2)])
+    shape, bias, keep = _routing_pairs(q, k, v, q_idx, k_idx, dropout_p, dropout_seed, rel_bias)
+    qb, kb, vb, qib, kib = (np.broadcast_to(a, shape + a.shape[-2:])
+                            for a in (q, k, v, q_idx, k_idx))
     n, e = q.shape[-2], v.shape[-1]
     out = np.zeros(shape + (n, e))
     lse_out = np.full(shape + (n,), -np.inf)
     for b in np.ndindex(*shape):
         rows = [[] for _ in range(n)]            # (o, lse) per cluster containing the token
-        for qs, ks, p, lse in _cluster_problems(qb[b], kb[b], qib[b], kib[b], causal,
-                                                exclude_self, sc):
-            o = p @ vb[b][ks]
+        for qs, ks, p, lse, f in _cluster_problems(qb[b], kb[b], qib[b], kib[b], causal,
+                                                   exclude_self, sc, bias[b], keep[b]):
+            o = (p * f) @ vb[b][ks]
             for r, i in enumerate(qs):
                 rows[i].append((o[r], lse[r]))
         for i, items in enumerate(rows):
@@ -195,69 +212,88 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
 
 
 def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False,
-                               merge="mean", scale=None):
+                               merge="mean", scale=None, dropout_p=0.0, dropout_seed=None,
+                               rel_bias=None):
     """Per cluster the softmax Jacobian, with the gradient each cluster receives from the
     merge: dout/count (mean) or dout with the global normaliser (lse)."""
     dout, q, k, v = _f64(dout, q, k, v)
     q_idx, k_idx = np.asarray(q_idx, np.int64), np.asarray(k_idx, np.int64)
     sc = _scale(scale, q.shape[-1])
+    pair_kw = dict(dropout_p=dropout_p, dropout_seed=dropout_seed, rel_bias=rel_bias)
     out, L = routing_attention(q, k, v, q_idx, k_idx, causal=causal, exclude_self=exclude_self,
-                               merge=merge, scale=scale, return_lse=True)
-    shape, (qb, kb, vb, qib, kib, gb) = _batched([(q, 2), (k, 2), (v, 2), (q_idx, 2), (k_idx, 2),
-                                                  (dout, 2)])
+                               merge=merge, scale=scale, return_lse=True, **pair_kw)
+    fshape, bias, keep = _routing_pairs(q, k, v, q_idx, k_idx, **pair_kw)
+    shape = np.broadcast_shapes(fshape, dout.shape[:-2])
+    qb, kb, vb, qib, kib, gb = (np.broadcast_to(a, shape + a.shape[-2:])
+                                for a in (q, k, v, q_idx, k_idx, dout))
+    bias, keep = (np.broadcast_to(a, shape + a.shape[-2:]) for a in (bias, keep))
     ob, Lb = np.broadcast_to(out, shape + out.shape[-2:]), np.broadcast_to(L, shape + L.shape[-1:])
     dq, dk, dv = (np.zeros(shape + a.shape[-2:]) for a in (q, k, v))
+    dlogits = np.zeros(shape + (q.shape[-2], k.shape[-2]))
     for b in np.ndindex(*shape):
         count = np.zeros(q.shape[-2])
         for qs_ in qib[b]:
             count[qs_[qs_ >= 0]] += 1
-        for qs, ks, p, lse in _cluster_problems(qb[b], kb[b], qib[b], kib[b], causal,
-                                                exclude_self, sc):
+        for qs, ks, p, lse, f in _cluster_problems(qb[b], kb[b], qib[b], kib[b], causal,
+                                                   exclude_self, sc, bias[b], keep[b]):
             if merge == "mean":
                 g = gb[b][qs] / count[qs][:, None]
-                o = p @ vb[b][ks]
+                o = (p * f) @ vb[b][ks]
             else:
                 finite = np.isfinite(Lb[b][qs])
                 with np.errstate(invalid="ignore"):
                     shift = np.where(finite, lse - Lb[b][qs], 0)
                 p = p * np.where(finite, np.exp(shift), 0)[:, None]
                 g, o = gb[b][qs], ob[b][qs]
-            dv[b][ks] += p.T @ g
-            dp = g @ vb[b][ks].T
+            dv[b][ks] += (p * f).T @ g
+            dp = (g @ vb[b][ks].T) * f
             ds = p * (dp - (g * o).sum(axis=1, keepdims=True))
             dq[b][qs] += sc * ds @ kb[b][ks]
             dk[b][ks] += sc * ds.T @ qb[b][qs]
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+            dlogits[b][np.ix_(qs, ks)] += ds
+    grads = unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    if rel_bias is None:
+        return grads
+    return grads + (bias_matrix_grad(dlogits, q.shape[-2], k.shape[-2], np.shape(rel_bias)),)
 
 
-def local_attention(q, k, v, window, *, causal=False, scale=None):
+def _local_visible(n, m, window, causal):
+    bi, bj = np.arange(n)[:, None] // window, np.arange(m)[None, :] // window
+    vis = (bj >= bi - 1) & (bj <= bi + (0 if causal else 1))
+    if causal:
+        vis &= np.arange(m)[None, :] <= np.arange(n)[:, None]
+    return vis
+
+
+def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
+                    dropout_seed=None, rel_bias=None):
     """Dense attention with the local block mask |block(i) - block(j)| <= 1
     (causal: block(j) in {block(i) - 1, block(i)} and j <= i)."""
-    n, m = np.shape(q)[-2], np.shape(k)[-2]
-    bi, bj = np.arange(n)[:, None] // window, np.arange(m)[None, :] // window
-    vis = (bj >= bi - 1) & (bj <= bi + (0 if causal else 1))
-    if causal:
-        vis &= np.arange(m)[None, :] <= np.arange(n)[:, None]
     q, k, v = _f64(q, k, v)
-    p, _ = masked_softmax(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)), vis)
-    return p @ v
+    bias, keep = _dense_pairs(q, k, v, dropout_p, dropout_seed, rel_bias)
+    vis = _local_visible(q.shape[-2], k.shape[-2], window, causal)
+    p, _ = masked_softmax(_scale(scale, q.shape[-1]) * (q @ np.swapaxes(k, -1, -2)) + bias, vis)
+    return (p * keep) @ v
 
 
-def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None):
-    """(dq, dk, dv) of `local_attention` by the softmax Jacobian."""
-    n, m = np.shape(q)[-2], np.shape(k)[-2]
-    bi, bj = np.arange(n)[:, None] // window, np.arange(m)[None, :] // window
-    vis = (bj >= bi - 1) & (bj <= bi + (0 if causal else 1))
-    if causal:
-        vis &= np.arange(m)[None, :] <= np.arange(n)[:, None]
+def local_attention_backward(dout, q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
+                             dropout_seed=None, rel_bias=None):
+    """(dq, dk, dv [, drel_bias]) of `local_attention` by the softmax Jacobian."""
     dout, q, k, v = _f64(dout, q, k, v)
     sc = _scale(scale, q.shape[-1])
-    p, _ = masked_softmax(sc * (q @ np.swapaxes(k, -1, -2)), vis)
-    dv = np.swapaxes(p, -1, -2) @ dout
-    dp = dout @ np.swapaxes(v, -1, -2)
+    bias, keep = _dense_pairs(q, k, v, dropout_p, dropout_seed, rel_bias)
+    vis = _local_visible(q.shape[-2], k.shape[-2], window, causal)
+    p, _ = masked_softmax(sc * (q @ np.swapaxes(k, -1, -2)) + bias, vis)
+    dv = np.swapaxes(p * keep, -1, -2) @ dout
+    dp = (dout @ np.swapaxes(v, -1, -2)) * keep
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-    return (unbroadcast(sc * (ds @ k), q.shape), unbroadcast(sc * (np.swapaxes(ds, -1, -2) @ q), k.shape),
-            unbroadcast(dv, v.shape))
+    grads = (unbroadcast(sc * (ds @ k), q.shape), unbroadcast(sc * (np.swapaxes(ds, -1, -2) @ q), k.shape),
+             unbroadcast(dv, v.shape))
+    if rel_bias is None:
+        return grads
+    return grads + (bias_matrix_grad(ds, q.shape[-2], k.shape[-2], np.shape(rel_bias)),)
+
+
 # ---------------------------------------------------------------------- Combiner (§4.3)
 COMBINER_PLANS = ("fixed", "axial", "logsparse", "mixture")
 

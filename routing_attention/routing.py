@@ -5,42 +5,55 @@ from . import _ext
 from .clustering import assign_top_members, members_from_labels, spherical_kmeans, update_centroids
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
-                      decay_value, dout_shape, flag, float_dtype, given_or_saved, integer,
-                      mask_fits, member_lists, one_of, qkv_arrays, routing_heads,
+                      decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
+                      integer, mask_fits, member_lists, one_of, qkv_arrays, rel_bias_array,
+                      routing_heads,
                       same_cluster_count, same_leading_axes, saved_arrays, scale_value,
                       some_rows, unbroadcast)
+from .pairs import _operands
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
 
 MERGES = ("mean", "lse")
-DEFAULTS = dict(causal=False, exclude_self=False, merge="mean", scale=None)
-LOCAL_DEFAULTS = dict(window=None, causal=False, scale=None)
+DEFAULTS = dict(causal=False, exclude_self=False, merge="mean", scale=None, dropout_p=0.0,
+                dropout_seed=None)
+LOCAL_DEFAULTS = dict(window=None, causal=False, scale=None, dropout_p=0.0, dropout_seed=None)
 
 
 check_members = member_lists     # the public name of the membership check (_checks.py)
 
 
-def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
+def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, dropout_p=0.0,
+             dropout_seed=None, rel_bias=None):
+    """Checked arguments; the last two are the pair-term operands of the gufuncs and the
+    resolved (dropout_p, dropout_seed)."""
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     q_idx = check_members("q_idx", q_idx, q.shape[-2])
     k_idx = check_members("k_idx", k_idx, k.shape[-2])
     same_cluster_count(q_idx, k_idx)
     one_of("merge", merge, MERGES)
-    batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
+    rel_bias = rel_bias_array(rel_bias, q.shape[-2], k.shape[-2], dtype)
+    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    if rel_bias is not None:
+        cores["rel_bias"] = (rel_bias, 1)
+    batch = batch_shape(**cores)
     return (q, k, v, q_idx, k_idx, flag("causal", causal), flag("exclude_self", exclude_self),
-            merge == "lse", scale_value(scale, q.shape[-1], dtype))
+            merge == "lse", scale_value(scale, q.shape[-1], dtype),
+            _operands(dtype, batch, threshold, seed, rel_bias), (p, seed))
 
 
-def _keywords(causal, exclude_self, lse_merge, scale):
+def _keywords(causal, exclude_self, lse_merge, scale, dropout):
     """The forward's keywords as saved["keywords"] records them."""
     return dict(causal=causal, exclude_self=exclude_self, merge="lse" if lse_merge else "mean",
-                scale=float(scale))
+                scale=float(scale), dropout_p=dropout[0], dropout_seed=dropout[1])
 
 
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
-                      scale=None, return_lse=False, return_saved=False, out=None):
+                      scale=None, dropout_p=0.0, dropout_seed=None, rel_bias=None,
+                      return_lse=False, return_saved=False, out=None):
     """Attention inside clusters given by membership lists (Routing Transformer).
 
     Parameters
@@ -62,6 +75,10 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
         (as the papers' code does), or weights exp(lse_c - L) — exactly one softmax over
         the concatenated key lists.  A token in no cluster gets output 0.
     scale : float, optional (default 1/sqrt(d))
+    dropout_p, dropout_seed, rel_bias
+        Attention dropout and relative position bias on the (query, key) pairs of each
+        cluster, by original positions, as in `routing_attention.attention` (see
+        `routing_attention.pairs`); the exclude_self fallback pair gets them too.
     return_lse : bool
         Also return L = logsumexp over the token's per-cluster log-sum-exps, (..., n).
     return_saved : bool
@@ -82,7 +99,8 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
         Bad dtypes or shapes, member lists out of range or repeating a position, an
         unknown merge, naming the argument.
     """
-    saved = _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out)
+    saved = _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out,
+                     pair_args=(dropout_p, dropout_seed, rel_bias))
     result = (saved["output"],)
     if flag("return_lse", return_lse):
         result += (saved["lse"],)
@@ -94,31 +112,37 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
 SAVED_KEYS = ("output", "lse", "slot_output", "slot_lse", "slot_self")
 
 
-def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, saved_into=None):
+def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, saved_into=None,
+             pair_args=(0.0, None, None)):
     """The checked forward -> the saved dict (output, lse, slot_output, slot_lse,
     slot_self, keywords); with `saved_into` (a saved dict of an identical earlier call)
-    its arrays are overwritten."""
-    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
-        q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale)
-    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    its arrays are overwritten.  pair_args: (dropout_p, dropout_seed, rel_bias)."""
+    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, dropout = _prepare(
+        q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, *pair_args)
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
+                        rel_bias=(pairs[2], 1))
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     outs = (out, None, None, None, None)
     if saved_into is not None:
         outs = tuple(saved_into[key] for key in SAVED_KEYS)
     stats = _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
-                                  out=outs)
-    return dict(zip(SAVED_KEYS, stats), keywords=_keywords(causal, exclude_self, lse_merge, scale))
+                                  *pairs, out=outs)
+    return dict(zip(SAVED_KEYS, stats),
+                keywords=_keywords(causal, exclude_self, lse_merge, scale, dropout))
 
 
 def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, exclude_self=None,
-                               merge=None, scale=None, **saved):
-    """Gradients (dq, dk, dv) of `routing_attention` (memberships are not differentiated).
+                               merge=None, scale=None, dropout_p=None, dropout_seed=None,
+                               rel_bias=None, **saved):
+    """Gradients (dq, dk, dv [, drel_bias]) of `routing_attention` (memberships are not
+    differentiated).
 
     ``**saved`` is the dict `routing_attention(..., return_saved=True)` returned for the
     same inputs; without it the forward is recomputed inside.  causal, exclude_self,
-    merge and scale left at None are taken from it (saved["keywords"]), or without it
-    are the forward's defaults (False, False, "mean", 1/sqrt(d)).  The result has the
-    shapes of q, k and v.
+    merge, scale, dropout_p and dropout_seed left at None are taken from it
+    (saved["keywords"]), or without it are the forward's defaults (False, False, "mean",
+    1/sqrt(d), no dropout).  rel_bias is passed again as in the forward; its gradient is
+    then returned as well.  The results have the shapes of q, k, v [and rel_bias].
 
     Raises
     ------
@@ -127,23 +151,27 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, excl
         the wrong shape; and the forward's input errors.
     """
     kw = BackwardKeywords("routing_attention_backward", saved, DEFAULTS, causal=causal,
-                          exclude_self=exclude_self, merge=merge, scale=scale)
-    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale = _prepare(
-        q, k, v, q_idx, k_idx, **kw.values)
-    kw.check(_keywords(causal, exclude_self, lse_merge, scale))
+                          exclude_self=exclude_self, merge=merge, scale=scale,
+                          dropout_p=dropout_p, dropout_seed=dropout_seed)
+    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, dropout = _prepare(
+        q, k, v, q_idx, k_idx, rel_bias=rel_bias, **kw.values)
+    kw.check(_keywords(causal, exclude_self, lse_merge, scale, dropout))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     dout_shape(dout, q.shape[-2], v.shape[-1])
-    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
+                rel_bias=(pairs[2], 1))
     # the forward's statistics have its batch axes (dout may add more: they broadcast)
-    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
+    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
+                        rel_bias=(pairs[2], 1))
     n, e, (c, w) = q.shape[-2], v.shape[-1], q_idx.shape[-2:]
     shapes = dict(output=(n, e), lse=(n,), slot_output=(c, w, e), slot_lse=(c, w), slot_self=(c, w))
     dtypes = {key: np.bool_ if key == "slot_self" else q.dtype for key in SAVED_KEYS}
     arrays = saved_arrays(saved, SAVED_KEYS, batch, shapes, dtypes, contiguous=True)
-    dq, dk, dv = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, *arrays, bool(saved), scale,
-                                        causal, exclude_self, lse_merge)
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    dq, dk, dv, dbias = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, *arrays, bool(saved),
+                                               scale, causal, exclude_self, lse_merge, *pairs)
+    grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads
 
 
 # ------------------------------------------------------------------ local attention
@@ -171,32 +199,39 @@ def _local_args(q, k, v, window, causal):
     return q, k, v, local_members(q.shape[-2], k.shape[-2], window, flag("causal", causal))
 
 
-def local_attention(q, k, v, window, *, causal=False, scale=None, return_saved=False, out=None):
+def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
+                    dropout_seed=None, rel_bias=None, return_saved=False, out=None):
     """Blocked local attention: positions are cut into blocks of `window`; a query in
     block b sees the keys in blocks b-1 and b (and b+1 when not causal); causal also
     needs j <= i.  n need not be a multiple of `window`.  Runs on the routing planner
-    with one cluster per block.  Shapes as in `attention`.
+    with one cluster per block.  Shapes, dropout_p, dropout_seed and rel_bias as in
+    `attention`.
 
     ``return_saved=True`` also returns a dict of the forward's statistics and its
     ``keywords`` (window, causal, scale) for ``local_attention_backward(dout, q, k, v,
     **saved)``.  Raises ValueError for window < 1 or a sequence longer than the kernels
     index (2**30 - 1), before any list is built."""
     q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
+    pair_kw = dict(dropout_p=dropout_p, dropout_seed=dropout_seed, rel_bias=rel_bias)
     if not flag("return_saved", return_saved):
-        return routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale, out=out)
+        return routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale, out=out,
+                                 **pair_kw)
     out, saved = routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale,
-                                   return_saved=True, out=out)
+                                   return_saved=True, out=out, **pair_kw)
     routed = saved["keywords"]
     saved["keywords"] = dict(window=integer("window", window, low=1), causal=routed["causal"],
-                             scale=routed["scale"])
+                             scale=routed["scale"], dropout_p=routed["dropout_p"],
+                             dropout_seed=routed["dropout_seed"])
     return out, saved
 
 
-def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=None, **saved):
-    """Gradients (dq, dk, dv) of `local_attention`.  ``**saved``: the forward's
-    ``return_saved=True`` dict; window, causal and scale left at None are taken from it
-    (else: window is required, causal False, scale 1/sqrt(d)).  A keyword that disagrees
-    with the saved forward's is a ValueError naming it.
+def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=None,
+                             dropout_p=None, dropout_seed=None, rel_bias=None, **saved):
+    """Gradients (dq, dk, dv [, drel_bias]) of `local_attention`.  ``**saved``: the
+    forward's ``return_saved=True`` dict; window, causal, scale, dropout_p and
+    dropout_seed left at None are taken from it (else: window is required, causal False,
+    scale 1/sqrt(d), no dropout).  A keyword that disagrees with the saved forward's is a
+    ValueError naming it.
 
     Raises
     ------
@@ -204,13 +239,17 @@ def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=N
         As `local_attention`; a keyword that disagrees with the saved forward's, naming it.
     """
     kw = BackwardKeywords("local_attention_backward", saved, LOCAL_DEFAULTS, window=window,
-                          causal=causal, scale=scale)
+                          causal=causal, scale=scale, dropout_p=dropout_p,
+                          dropout_seed=dropout_seed)
     given_or_saved("local_attention_backward", "window", kw.values["window"])
     window, causal, scale = kw.values["window"], kw.values["causal"], kw.values["scale"]
     q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
+    p, seed, _ = dropout_args(kw.values["dropout_p"], kw.values["dropout_seed"])
     kw.check(dict(window=integer("window", window, low=1), causal=causal,
-                  scale=float(scale_value(scale, q.shape[-1], q.dtype))))
+                  scale=float(scale_value(scale, q.shape[-1], q.dtype)), dropout_p=p,
+                  dropout_seed=seed))
     return routing_attention_backward(dout, q, k, v, q_idx, k_idx, causal=causal, scale=scale,
+                                      dropout_p=p, dropout_seed=seed, rel_bias=rel_bias,
                                       **kw.arrays)
 
 

@@ -54,9 +54,10 @@ def test_operand_indices_follow_numpys_layout():
     """args/steps hold the operands first, then each operand's core strides in order."""
     g = gen.describe("routing_forward", dict((n, s) for n, s, _ in gen.GUFUNCS)["routing_forward"])
     names = [o[0] for o in g["operands"]]
-    assert names.index("slot_out") == 11 and g["core"][names.index("q")] == 14
-    assert g["core"][names.index("slot_out")] == 14 + 2 * 5 + 1 + 2     # q k v q_idx k_idx, out, lse
-    assert g["dims"] == ["n", "d", "m", "e", "c", "w", "u"]
+    assert names.index("slot_out") == 14 and g["core"][names.index("q")] == 17
+    # core strides: q k v q_idx k_idx (2 each), bias (1), out (2), lse (1)
+    assert g["core"][names.index("slot_out")] == 17 + 2 * 5 + 1 + 2 + 1
+    assert g["dims"] == ["n", "d", "m", "e", "c", "w", "u", "r"]
 
 
 def test_typed_names_index_is_current(tmp_path):

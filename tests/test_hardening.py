@@ -327,7 +327,8 @@ def test_index_arrays_are_checked_before_the_kernels():
     a = _qkv1()
     for bad in (np.array([[0, 99]]), np.array([[3, 3]])):
         with pytest.raises(ValueError, match="index out of range or repeated"):
-            _ext._routing_forward(a["q"], a["k"], a["v"], bad, IDX[:1], 0.5, False, False, False)
+            _ext._routing_forward(a["q"], a["k"], a["v"], bad, IDX[:1], 0.5, False, False, False,
+                                  0, 0, np.empty(0))
 
 
 def test_huge_window_is_one_block_without_allocating_it():
@@ -512,7 +513,7 @@ def _raw_errors():
     calls = []
     for bad in (np.array([[0, 99]]), np.array([[3, 3]])):
         calls.append(lambda bad=bad: _ext._routing_forward(
-            a["q"], a["k"], a["v"], bad, IDX[:1], 0.5, False, False, False))
+            a["q"], a["k"], a["v"], bad, IDX[:1], 0.5, False, False, False, 0, 0, np.empty(0)))
         calls.append(lambda bad=bad: _ext._routing_backward(
             a["dout"], a["q"], a["k"], a["v"], IDX[:1], bad, 0.5, False, False, False))
     calls.append(lambda: _ext._combiner_forward(a["q"], a["k"], a["v"], 9, 2, True, 0.5))

@@ -214,12 +214,12 @@ def test_kernel_checks_indices_itself(rng):
     q, k, v = make(rng, np.float64, (), 20, 20, 4, 3)
     for bad in (np.array([[0, 25]]), np.array([[3, 3]]), np.array([[-7, 1]])):
         with pytest.raises(ValueError, match="index out of range or repeated"):
-            _ext._routing_forward(q, k, v, bad, bad, 0.5, False, False, False)
+            _ext._routing_forward(q, k, v, bad, bad, 0.5, False, False, False, 0, 0, np.empty(0))
         unused = [np.zeros((20, 3)), np.zeros(20), np.zeros((1, 2, 3)), np.zeros((1, 2)),
                   np.zeros((1, 2), bool)]
         with pytest.raises(ValueError, match="index out of range or repeated"):
             _ext._routing_backward(np.ones((20, 3)), q, k, v, bad, bad, *unused, False, 0.5,
-                                   False, False, False)
+                                   False, False, False, 0, 0, np.empty(0))
 
 
 # ------------------------------------------------------------------ local attention

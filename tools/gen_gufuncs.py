@@ -39,13 +39,14 @@ GUFUNCS = [
      "Low-level gufunc behind routing_attention.attention_backward."),
     ("routing_forward",
      "q:T(n,d) k:T(m,d) v:T(m,e) q_idx:L(c,w) k_idx:L(c,u) scale:T() causal:B()"
-     " exclude_self:B() merge_lse:B()"
+     " exclude_self:B() merge_lse:B() drop:L() drop_key:U() bias:T(r)"
      " -> out:T(n,e) lse:T(n) slot_out:T(c,w,e) slot_lse:T(c,w) slot_self:B(c,w)",
      "Low-level gufunc behind routing_attention.routing_attention."),
     ("routing_backward",
      "dout:T(n,e) q:T(n,d) k:T(m,d) v:T(m,e) q_idx:L(c,w) k_idx:L(c,u) out:T(n,e) lse:T(n)"
      " slot_out:T(c,w,e) slot_lse:T(c,w) slot_self:B(c,w) use_saved:B() scale:T() causal:B()"
-     " exclude_self:B() merge_lse:B() -> dq:T(n,d) dk:T(m,d) dv:T(m,e)",
+     " exclude_self:B() merge_lse:B() drop:L() drop_key:U() bias:T(r)"
+     " -> dq:T(n,d) dk:T(m,d) dv:T(m,e) dbias:T(r)",
      "Low-level gufunc behind routing_attention.routing_attention_backward."),
     ("combiner_forward",
      "q:T(n,d) k:T(n,d) v:T(n,e) plan:L() block:L() causal:B() scale:T() -> out:T(n,e) lse:T(n)",
