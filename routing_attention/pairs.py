@@ -36,8 +36,8 @@ def dropout_keys(seed, batch):
     """The dropout stream of every problem of a batch (uint64, shape `batch`): problem b
     (flat C-order index) gets the (b + 1)-th output of SplitMix64 seeded with `seed`."""
     count = int(np.prod(batch, dtype=np.int64))
-    b = np.arange(1, count + 1, dtype=np.uint64).reshape(batch)
-    return _splitmix_final(np.uint64(seed) + b * GOLDEN)
+    b = np.arange(1, count + 1, dtype=np.uint64)      # 1-d: array arithmetic wraps silently
+    return _splitmix_final(np.full(count, seed, np.uint64) + b * GOLDEN).reshape(batch)
 
 
 def _operands(dtype, batch, threshold, seed, rel_bias):

@@ -1,0 +1,244 @@
+"""Attention dropout and relative position bias (routing_attention.pairs) in every method
+that takes them, against the dense reference, by finite differences, and statistically."""
+import numpy as np
+import pytest
+
+import routing_attention as ra
+from routing_attention import reference as ref
+from routing_attention.pairs import (alibi_slopes, relative_bias, relative_bias_backward,
+                                     t5_buckets)
+
+from conftest import LAYOUTS, assert_close, strided
+
+B, H = 2, 3
+
+
+def members(rng, heads, n, c, w):
+    """Random membership lists (heads, c, w) with some empty slots."""
+    idx = np.stack([np.stack([rng.permutation(n)[:w] for _ in range(c)]) for _ in range(heads)])
+    idx[:, :, -2:] = -1
+    return idx
+
+
+def problem(rng, dtype, n, m, d=6, e=5, batch=(B, H)):
+    q, k, v = (rng.standard_normal(batch + s).astype(dtype) for s in ((n, d), (m, d), (m, e)))
+    bias = relative_bias(n, m, alibi=alibi_slopes(H), table=rng.standard_normal((H, 16)))
+    return q, k, v, bias
+
+
+def methods(rng, n):
+    """(name, forward, backward, reference forward, reference backward, extra args, kw)."""
+    q_idx = members(rng, H, n, 5, 12)
+    return [
+        ("dense", ra.attention, ra.attention_backward, ref.attention, ref.attention_backward,
+         (), dict(causal=True)),
+        ("dense-bidirectional", ra.attention, ra.attention_backward, ref.attention,
+         ref.attention_backward, (), dict(causal=False)),
+        ("routing-mean", ra.routing_attention, ra.routing_attention_backward,
+         ref.routing_attention, ref.routing_attention_backward, (q_idx, q_idx),
+         dict(causal=True, merge="mean")),
+        ("routing-lse-shared", ra.routing_attention, ra.routing_attention_backward,
+         ref.routing_attention, ref.routing_attention_backward, (q_idx, q_idx),
+         dict(exclude_self=True, merge="lse")),
+        ("local", ra.local_attention, ra.local_attention_backward, ref.local_attention,
+         ref.local_attention_backward, (7,), dict(causal=True)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("which", range(5))
+@pytest.mark.parametrize("terms", ["dropout", "bias", "both"])
+def test_matches_reference(dtype, which, terms):
+    rng = np.random.default_rng(which)
+    n = 40
+    name, fwd, bwd, rfwd, rbwd, extra, kw = methods(rng, n)[which]
+    q, k, v, bias = problem(rng, dtype, n, n)
+    if name == "routing-lse-shared":
+        k = q
+    if terms != "bias":
+        kw.update(dropout_p=0.3, dropout_seed=11)
+    if terms != "dropout":
+        kw.update(rel_bias=bias)
+    out = fwd(q, k, v, *extra, **kw)
+    assert_close(out, rfwd(q, k, v, *extra, **kw), dtype, f"{name} out")
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    got, want = bwd(dout, q, k, v, *extra, **kw), rbwd(dout, q, k, v, *extra, **kw)
+    assert len(got) == len(want) == (4 if "rel_bias" in kw else 3)
+    for g, w, what in zip(got, want, ("dq", "dk", "dv", "drel_bias")):
+        assert_close(g, w, dtype, f"{name} {what}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_masks_and_out(layout):
+    """Awkward strides, a broadcast bias (one per head), masked keys, n = 1 and out=."""
+    rng = np.random.default_rng(5)
+    for n, m, d in ((33, 70, 4), (1, 9, 1)):
+        q, k, v, _ = problem(rng, np.float64, n, m, d=d)
+        bias = relative_bias(n, m, alibi=alibi_slopes(H))          # (H, n + m - 1)
+        mask = rng.random((B, 1, m)) < 0.7
+        kw = dict(key_mask=mask, dropout_p=0.2, dropout_seed=2, rel_bias=strided(bias[:, None], layout)[:, 0])
+        out = np.empty((B, H, n, v.shape[-1]))
+        res = ra.attention(strided(q, layout), strided(k, layout), v, out=out, **kw)
+        assert res is out
+        assert_close(out, ref.attention(q, k, v, **kw), np.float64, f"{layout} out")
+        dout = rng.standard_normal(out.shape)
+        for g, w in zip(ra.attention_backward(dout, strided(q, layout), k, strided(v, layout), **kw),
+                        ref.attention_backward(dout, q, k, v, **kw)):
+            assert_close(g, w, np.float64, f"{layout} grads")
+
+
+def _numeric_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(*x.shape):
+        old = x[i]
+        x[i] = old + eps
+        hi = f()
+        x[i] = old - eps
+        lo = f()
+        x[i] = old
+        g[i] = (hi - lo) / (2 * eps)
+    return g
+
+
+@pytest.mark.parametrize("which", [0, 2, 4])
+def test_finite_differences(which):
+    """float64 gradients, rel_bias's included, by central differences at a fixed seed."""
+    rng = np.random.default_rng(7)
+    n = 12
+    name, fwd, bwd, _, _, extra, kw = methods(rng, n)[which]
+    if extra and np.ndim(extra[0]):
+        extra = (members(rng, 1, n, 3, 6)[0],) * 2
+    q, k, v, _ = problem(rng, np.float64, n, n, d=3, e=2, batch=())
+    bias = rng.standard_normal(2 * n - 1)
+    kw.update(dropout_p=0.25, dropout_seed=4, rel_bias=bias)
+    dout = rng.standard_normal((n, 2))
+
+    def loss():
+        return float((fwd(q, k, v, *extra, **kw) * dout).sum())
+    grads = bwd(dout, q, k, v, *extra, **kw)
+    for x, g, what in zip((q, k, v, bias), grads, ("dq", "dk", "dv", "drel_bias")):
+        num = _numeric_grad(loss, x)
+        assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max()), f"{name} {what}"
+
+
+def test_keep_rate_and_rescaling():
+    """With v = I the output is the dropped weight matrix itself: the kept fraction is
+    1 - p within binomial noise, kept weights are p_ij / (1 - p), every problem of a
+    batch and every seed draws its own mask, and the same seed the same one."""
+    rng = np.random.default_rng(3)
+    n = m = 256
+    p = 0.375          # a multiple of 2^-24: exactly the probability the mask uses
+    q = rng.standard_normal((2, n, 8))
+    k = rng.standard_normal((2, m, 8))
+    v = np.broadcast_to(np.eye(m), (2, m, m))
+    plain = ra.attention(q, k, v)
+    dropped = ra.attention(q, k, v, dropout_p=p, dropout_seed=123)
+    kept = dropped != 0
+    rate = kept.mean()
+    assert abs(rate - (1 - p)) < 5 * np.sqrt(p * (1 - p) / kept.size)
+    np.testing.assert_allclose(dropped[kept], plain[kept] / (1 - p), rtol=1e-12)
+    assert (kept[0] != kept[1]).mean() > 0.3                    # problems differ
+    again = ra.attention(q, k, v, dropout_p=p, dropout_seed=123)
+    other = ra.attention(q, k, v, dropout_p=p, dropout_seed=124)
+    assert np.array_equal(dropped, again)
+    assert ((other != 0) != kept).mean() > 0.3
+
+
+def test_no_terms_is_the_plain_kernel():
+    rng = np.random.default_rng(9)
+    q, k, v, _ = problem(rng, np.float32, 50, 60)
+    a = ra.attention(q, k, v, causal=True)
+    b = ra.attention(q, k, v, causal=True, dropout_p=0.0, dropout_seed=5,
+                     rel_bias=np.zeros(109, np.float32))
+    assert np.array_equal(a, b)
+
+
+def test_thread_count_does_not_change_bits():
+    rng = np.random.default_rng(2)
+    n = 300
+    q, k, v, bias = problem(rng, np.float32, n, n)
+    q_idx = members(rng, H, n, 6, 80)
+    kw = dict(dropout_p=0.3, dropout_seed=99, rel_bias=bias)
+    results = []
+    for threads in (1, 2):
+        ra.set_num_threads(threads)
+        try:
+            o = ra.attention(q, k, v, causal=True, **kw)
+            g = ra.attention_backward(o, q, k, v, causal=True, **kw)
+            ro = ra.routing_attention(q, k, v, q_idx, q_idx, merge="lse", **kw)
+            rg = ra.routing_attention_backward(ro, q, k, v, q_idx, q_idx, merge="lse", **kw)
+        finally:
+            ra.set_num_threads(0)
+        results.append((o, *g, ro, *rg))
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)
+
+
+def test_saved_keywords_carry_the_dropout():
+    rng = np.random.default_rng(4)
+    q, k, v, bias = problem(rng, np.float64, 20, 20)
+    out, saved = ra.attention(q, k, v, dropout_p=0.5, dropout_seed=8, rel_bias=bias,
+                              return_saved=True)
+    dout = rng.standard_normal(out.shape)
+    got = ra.attention_backward(dout, q, k, v, rel_bias=bias, **saved)
+    want = ref.attention_backward(dout, q, k, v, dropout_p=0.5, dropout_seed=8, rel_bias=bias)
+    for g, w in zip(got, want):
+        assert_close(g, w, np.float64, "from saved")
+    with pytest.raises(ValueError, match="dropout_seed"):
+        ra.attention_backward(dout, q, k, v, dropout_seed=9, **saved)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(dropout_p=1.0, dropout_seed=1), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1, dropout_seed=1), ValueError, "dropout_p"),
+    (dict(dropout_p=0.1), ValueError, "dropout_seed"),
+    (dict(dropout_p=0.1, dropout_seed=-3), ValueError, "dropout_seed"),
+    (dict(dropout_p="0.1", dropout_seed=1), TypeError, "dropout_p"),
+    (dict(rel_bias=np.zeros(5)), ValueError, "rel_bias"),
+    (dict(rel_bias=np.zeros((7, 19))), ValueError, "broadcast"),
+])
+def test_bad_arguments_name_themselves(kw, error, match):
+    q = np.zeros((2, 10, 4))
+    with pytest.raises(error, match=match):
+        ra.attention(q, q, q, **kw)
+    with pytest.raises(error, match=match):
+        ra.routing_attention(q, q, q, np.arange(10)[None], np.arange(10)[None], **kw)
+
+
+def test_raw_gufunc_checks_its_pair_operands():
+    q = np.zeros((10, 4))
+    with pytest.raises(ValueError, match="threshold"):
+        ra._ext._attention_forward(q, q, q, np.ones(10, bool), False, 0.5, False, 1 << 24, 0,
+                                   np.empty(0))
+    with pytest.raises(ValueError, match="n \\+ m - 1"):
+        ra._ext._attention_forward(q, q, q, np.ones(10, bool), False, 0.5, False, 0, 0,
+                                   np.zeros(5))
+
+
+def test_t5_buckets_and_bias_gradients():
+    off = np.arange(-300, 301)
+    b = t5_buckets(off, 32, 128, True)
+    assert b.min() == 0 and b.max() == 31
+    np.testing.assert_array_equal(b[300 - np.arange(8)], np.arange(8))       # exact, past
+    np.testing.assert_array_equal(b[300 + np.arange(1, 8)], 16 + np.arange(1, 8))  # future
+    assert np.all(np.diff(b[:301][::-1]) >= 0) and np.all(np.diff(b[300:]) >= 0)
+    assert b[0] == 15 and b[-1] == 31                              # far: the last buckets
+    causal = t5_buckets(off, 32, 128, False)
+    assert np.all(causal[off >= 0] == 0) and causal[0] == 31
+    # relative_bias_backward is the adjoint of relative_bias
+    rng = np.random.default_rng(0)
+    slopes, table = alibi_slopes(4), rng.standard_normal((4, 32))
+    g = rng.standard_normal((4, 2 * 20 - 1))
+    da, dt = relative_bias_backward(g, 20, 20, alibi=slopes, table=table)
+    eps = 1e-6
+    for x, dx in ((slopes, da), (table, dt)):
+        num = np.zeros_like(x)
+        for i in np.ndindex(*x.shape):
+            x[i] += eps
+            hi = (relative_bias(20, 20, alibi=slopes, table=table) * g).sum()
+            x[i] -= 2 * eps
+            lo = (relative_bias(20, 20, alibi=slopes, table=table) * g).sum()
+            x[i] += eps
+            num[i] = (hi - lo) / (2 * eps)
+        np.testing.assert_allclose(dx, num, atol=1e-6)
+    np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
