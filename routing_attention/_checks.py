@@ -795,3 +795,10 @@ def bias_sources(count):
     """relative_bias needs at least one of alibi and table."""
     if count == 0:
         raise ValueError("relative_bias needs alibi, table or both")
+
+
+def pair_terms_without_lse(return_lse):
+    """The torch bridge does not return the lse of calls with dropout or a position bias."""
+    if return_lse:
+        raise ValueError("return_lse is not available with dropout_p > 0 or rel_bias in the "
+                         "torch bridge (its gradient would not be propagated)")

@@ -33,11 +33,12 @@ from . import combiner as _combiner
 from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import (integer, one_of, rank_at_least, routing_heads, same_leading_axes, scale_value,
-                      unbroadcast)
+from ._checks import (bias_sources, dropout_args, integer, one_of, pair_terms_without_lse,
+                      rank_at_least, routing_heads, same_leading_axes, scale_value, unbroadcast)
+from .pairs import t5_buckets
 
 __all__ = [
-    "attention", "local_attention", "routing_attention", "clustered_attention",
+    "relative_bias", "attention", "local_attention", "routing_attention", "clustered_attention",
     "improved_clustered_attention", "combiner_attention",
     "spherical_kmeans", "assign_clusters", "assign_top_members", "top_members",
     "members_from_labels", "update_centroids", "commitment_loss", "lsh_hash", "hamming_kmeans",
@@ -248,9 +249,21 @@ _attention_backward_op.register_fake(_grad_fake)
 _register_autograd(_attention_op, _attention_backward_op, lse_output=True)
 
 
-def attention(q, k, v, *, causal=False, key_mask=None, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0,
+              dropout_seed=None, rel_bias=None, generator=None, return_lse=False):
     """Dense softmax attention on CPU tensors; see `routing_attention.attention`.
-    Differentiable in q, k, v (and through the returned lse)."""
+    Differentiable in q, k, v, rel_bias (and through the returned lse).
+
+    dropout_p > 0 drops attention weights (`routing_attention.pairs`); the mask's seed is
+    `dropout_seed`, or drawn from `generator` (torch's default generator when None), so
+    torch.manual_seed makes runs repeatable.  rel_bias (..., n + m - 1) is the relative
+    position bias (build it with `relative_bias`).  With either, return_lse is refused."""
+    pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator)
+    if pairs is not None:
+        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+        return _pair_op("dense", q, k, v, _mask("key_mask", key_mask), None, None, 0,
+                        bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
+                        rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse = _attention_op(q, k, v, _mask("key_mask", key_mask), bool(causal), _scale(scale))
     out, lse = out.to(dtype), lse.to(dtype)
@@ -337,10 +350,18 @@ _register_autograd(_routing_op, _routing_backward_op, lse_output=True)
 
 
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
-                      scale=None, return_lse=False):
+                      scale=None, dropout_p=0.0, dropout_seed=None, rel_bias=None,
+                      generator=None, return_lse=False):
     """Attention inside clusters given by membership lists, on CPU tensors; see
     `routing_attention.routing_attention`.  q_idx, k_idx are integer tensors (no
-    gradient); differentiable in q, k, v (and through the returned lse)."""
+    gradient); differentiable in q, k, v, rel_bias (and through the returned lse).
+    dropout_p, dropout_seed, rel_bias, generator: as in `attention`."""
+    pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator)
+    if pairs is not None:
+        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+        return _pair_op("routing", q, k, v, None, _index("q_idx", q_idx), _index("k_idx", k_idx),
+                        0, bool(causal), bool(exclude_self), str(merge), _scale(scale),
+                        pairs[0], pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse, *_ = _routing_op(q, k, v, _index("q_idx", q_idx), _index("k_idx", k_idx),
                                bool(causal), bool(exclude_self), str(merge), _scale(scale))
@@ -386,11 +407,140 @@ _local_backward_op.register_fake(_grad_fake)
 _register_autograd(_local_op, _local_backward_op, lse_output=False)
 
 
-def local_attention(q, k, v, window, *, causal=False, scale=None):
-    """Blocked local attention on CPU tensors; see `routing_attention.local_attention`."""
-    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
+                    dropout_seed=None, rel_bias=None, generator=None):
+    """Blocked local attention on CPU tensors; see `routing_attention.local_attention`.
+    dropout_p, dropout_seed, rel_bias, generator: as in `attention`."""
     window = integer("window", int(window), low=1)
+    pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, False, generator)
+    if pairs is not None:
+        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+        return _pair_op("local", q, k, v, None, None, None, window, bool(causal), False, "mean",
+                        _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _local_op(q, k, v, window, bool(causal), _scale(scale))[0].to(dtype)
+
+
+# ------------------------------------------------------------------ dropout / position bias
+# Calls with attention dropout or a relative position bias run through one op per
+# direction that names its method (dense, routing, local): the backward recomputes the
+# forward (the dropout mask is regenerated from the seed, never stored) and also returns
+# the gradient of rel_bias.  Their lse is not returned (return_lse with these terms is
+# refused), so no gradient can reach it.
+_PAIR_ARGS = ("str method, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? q_idx, "
+              "Tensor? k_idx, int window, bool causal, bool exclude_self, str merge, float? scale, "
+              "float dropout_p, int seed, Tensor? rel_bias")
+
+
+def _pair_call(method, q, k, v, key_mask, q_idx, k_idx, window, causal, exclude_self, merge,
+               scale, dropout_p, seed, rel_bias, dout=None):
+    """The NumPy forward (dout None) or backward of `method` with the pair terms."""
+    kw = dict(causal=causal, scale=scale, dropout_p=dropout_p, dropout_seed=seed,
+              rel_bias=_np(rel_bias))
+    if method == "dense":
+        fwd, bwd, extra = _dense.attention, _dense.attention_backward, ()
+        kw["key_mask"] = _np(key_mask)
+    elif method == "routing":
+        fwd, bwd = _routing.routing_attention, _routing.routing_attention_backward
+        extra = (_np(q_idx), _np(k_idx))
+        kw.update(exclude_self=exclude_self, merge=merge)
+    else:
+        fwd, bwd, extra = _routing.local_attention, _routing.local_attention_backward, (window,)
+    q, k, v = _np(q), _np(k), _np(v)
+    if dout is None:
+        return fwd(q, k, v, *extra, **kw)
+    return bwd(_np(dout), q, k, v, *extra, **kw)
+
+
+@custom_op(f"{_NS}::pair_attention", mutates_args=(), schema=f"({_PAIR_ARGS}) -> Tensor")
+def _pair_op(*args):
+    _use_threads()
+    return _t(_pair_call(*args))
+
+
+@_pair_op.register_fake
+def _(method, q, k, v, key_mask, q_idx, k_idx, *rest):
+    cores = [(q, 2), (k, 2), (v, 2), (key_mask, 1), (q_idx, 2), (k_idx, 2), (rest[-1], 1)]
+    return q.new_empty(_batch(*cores) + (q.shape[-2], v.shape[-1]))
+
+
+@custom_op(f"{_NS}::pair_attention_backward", mutates_args=(),
+           schema=f"(Tensor dout, {_PAIR_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)")
+def _pair_backward_op(dout, *args):
+    _use_threads()
+    grads = _pair_call(*args, dout=dout)
+    rel_bias = args[-1]
+    dbias = grads[3] if rel_bias is not None else np.zeros(0, _np(args[1]).dtype)
+    return _t(grads[0]), _t(grads[1]), _t(grads[2]), _t(dbias)
+
+
+@_pair_backward_op.register_fake
+def _(dout, method, q, k, v, *rest):
+    rel_bias = rest[-1]
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(rel_bias) if rel_bias is not None else q.new_empty(0))
+
+
+def _pair_setup(ctx, inputs, output):
+    ctx.inputs = list(inputs)
+    tensors = [i for i, x in enumerate(inputs) if isinstance(x, Tensor)]
+    ctx.positions = tensors
+    ctx.save_for_backward(*(inputs[i] for i in tensors))
+
+
+def _pair_backward(ctx, dout):
+    args = list(ctx.inputs)
+    for slot, i in enumerate(ctx.positions):
+        args[i] = ctx.saved_tensors[slot]
+    dq, dk, dv, dbias = _pair_backward_op(dout, *args)
+    grads = [None] * len(args)
+    grads[1:4] = dq, dk, dv
+    if args[-1] is not None:
+        grads[-1] = dbias
+    return tuple(grads)
+
+
+_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup)
+
+
+def _no_double_pair_backward(ctx, *grads):
+    raise RuntimeError(f"{_NS}.pair_attention_backward: double backward (gradients of "
+                       "gradients) is not supported by routing_attention's kernels")
+
+
+_pair_backward_op.register_autograd(_no_double_pair_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
+def relative_bias(n, m, *, alibi=None, table=None, max_distance=128, bidirectional=True):
+    """`routing_attention.pairs.relative_bias` on tensors, differentiable in alibi and
+    table (torch ops): the rel_bias (..., n + m - 1) of ALiBi slopes (...,) and/or a T5
+    bucket table (..., num_buckets)."""
+    offsets = torch.arange(-(n - 1), m, dtype=torch.int64)
+    parts = []
+    if alibi is not None:
+        _check_tensors(alibi=alibi)
+        parts.append(-alibi[..., None] * offsets.abs().to(alibi.dtype))
+    if table is not None:
+        _check_tensors(table=table)
+        buckets = t5_buckets(offsets.numpy(), table.shape[-1], max_distance, bidirectional)
+        parts.append(table[..., torch.from_numpy(buckets)])
+    bias_sources(len(parts))
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator):
+    """None when the call has no pair terms; else (dropout_p, seed, rel_bias) with a seed
+    drawn from torch's generator when dropout_seed is None and dropout_p > 0."""
+    if not dropout_p and rel_bias is None:
+        return None
+    pair_terms_without_lse(return_lse)
+    if dropout_seed is None and dropout_p:
+        dropout_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    p, seed, _ = dropout_args(dropout_p, dropout_seed)
+    if rel_bias is not None:
+        _check_tensors(rel_bias=rel_bias)
+    return p, seed, rel_bias
 
 
 # ------------------------------------------------------------------ clustered

@@ -1,0 +1,88 @@
+"""The torch bridge's attention dropout and relative position bias: torch's gradcheck, the
+reference, the seed drawn from torch's generator."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import routing_attention.torch as rat                      # noqa: E402
+from routing_attention import reference as ref             # noqa: E402
+from routing_attention.pairs import alibi_slopes, relative_bias  # noqa: E402
+
+H, N = 2, 10
+
+
+def leaves(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, H, N, c, generator=g, dtype=torch.float64, requires_grad=True)
+               for c in (3, 3, 2))
+    slopes = torch.tensor(alibi_slopes(H), requires_grad=True)
+    table = torch.randn(H, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    return q, k, v, slopes, table
+
+
+def members():
+    rng = np.random.default_rng(1)
+    return torch.tensor(np.stack([np.stack([rng.permutation(N)[:5] for _ in range(3)])
+                                  for _ in range(H)]))
+
+
+CALLS = {
+    "dense": lambda q, k, v, rb: rat.attention(q, k, v, causal=True, dropout_p=0.3,
+                                               dropout_seed=5, rel_bias=rb),
+    "routing": lambda q, k, v, rb: rat.routing_attention(q, k, v, members(), members(),
+                                                         merge="lse", dropout_p=0.3,
+                                                         dropout_seed=5, rel_bias=rb),
+    "local": lambda q, k, v, rb: rat.local_attention(q, k, v, 4, causal=True, dropout_p=0.2,
+                                                     dropout_seed=1, rel_bias=rb),
+}
+REFS = {
+    "dense": lambda q, k, v, rb: ref.attention(q, k, v, causal=True, dropout_p=0.3,
+                                               dropout_seed=5, rel_bias=rb),
+    "routing": lambda q, k, v, rb: ref.routing_attention(q, k, v, members().numpy(),
+                                                         members().numpy(), merge="lse",
+                                                         dropout_p=0.3, dropout_seed=5,
+                                                         rel_bias=rb),
+    "local": lambda q, k, v, rb: ref.local_attention(q, k, v, 4, causal=True, dropout_p=0.2,
+                                                     dropout_seed=1, rel_bias=rb),
+}
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+def test_gradcheck_through_alibi_and_table(method):
+    q, k, v, slopes, table = leaves()
+
+    def f(q, k, v, slopes, table):
+        rb = rat.relative_bias(N, N, alibi=slopes, table=table, max_distance=16)
+        return CALLS[method](q, k, v, rb)
+    assert torch.autograd.gradcheck(f, (q, k, v, slopes, table))
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+def test_matches_reference(method):
+    q, k, v, slopes, table = leaves(2)
+    rb = rat.relative_bias(N, N, alibi=slopes, table=table, max_distance=16)
+    np_rb = relative_bias(N, N, alibi=slopes.detach().numpy(), table=table.detach().numpy(),
+                          max_distance=16)
+    np.testing.assert_allclose(rb.detach().numpy(), np_rb, rtol=1e-12)
+    got = CALLS[method](q, k, v, rb).detach().numpy()
+    want = REFS[method](*(x.detach().numpy() for x in (q, k, v)), np_rb)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_seed_from_torch_generator():
+    q, k, v, *_ = leaves()
+    a, b = rat.attention(q, k, v, dropout_p=0.5), rat.attention(q, k, v, dropout_p=0.5)
+    assert not torch.equal(a, b)                        # a new mask per call
+    torch.manual_seed(3)
+    a = rat.attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(3)
+    b = rat.attention(q, k, v, dropout_p=0.5)
+    assert torch.equal(a, b)
+    a.sum().backward()                                  # the backward regenerates that mask
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_lse_refused_with_pair_terms():
+    q, k, v, *_ = leaves()
+    with pytest.raises(ValueError, match="return_lse"):
+        rat.attention(q, k, v, dropout_p=0.1, return_lse=True)
