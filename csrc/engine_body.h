@@ -292,9 +292,15 @@ void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,
 static void FN(bias_grad)(const T *ds, ptrdiff_t ld, int rows, int cols, const int64_t *qpos,
                           const int64_t *kpos, T *dbias)
 {
+    const int run = cols > 0 && ra_positions_run(kpos, cols);
     for (int i = 0; i < rows; i++) {
         T *row = dbias - qpos[i];
         const T *dsi = ds + (ptrdiff_t)i * ld;
+        if (run) {                          /* consecutive keys: one contiguous row */
+            T *dst = row + kpos[0];
+            for (int j = 0; j < cols; j++) dst[j] += dsi[j];
+            continue;
+        }
         for (int j = 0; j < cols; j++)
             if (kpos[j] >= 0) row[kpos[j]] += dsi[j];
     }

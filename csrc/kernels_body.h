@@ -287,6 +287,14 @@ static void FN(mask_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qp
 static void FN(bias_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t *qpos,
                           const int64_t *kpos, const T *bias)
 {
+    if (bk > 0 && ra_positions_run(kpos, bk)) {      /* consecutive keys: contiguous bias rows */
+        for (int i = 0; i < bq; i++) {
+            const T *b = bias + (kpos[0] - qpos[i]);
+            T *s = S + i * lds;
+            for (int j = 0; j < bk; j++) s[j] += b[j];
+        }
+        return;
+    }
     for (int i = 0; i < bq; i++) {
         const int64_t qi = qpos[i];
         T *s = S + i * lds;
