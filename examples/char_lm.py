@@ -43,6 +43,7 @@ import statistics
 import sys
 import sysconfig
 import time
+import functools
 from functools import lru_cache
 
 import torch
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 
 try:
     import routing_attention.torch as rt
+    from routing_attention.pairs import alibi_slopes
 except ImportError:             # only `--attention sdpa` works without the bridge
     rt = None
 
@@ -81,6 +83,13 @@ def get_args(argv=None):
                         "centroid (argmax: causal for given centroids)")
     p.add_argument("--block", type=int, default=None,
                    help="combiner block / grid width (default ceil(sqrt(context)))")
+    p.add_argument("--attn-dropout", type=float, default=0.0,
+                   help="attention dropout while training (the Routing Transformer's enwik8 "
+                        "model uses 0.4); not with combiner-* or rt-lucidrains")
+    p.add_argument("--position-bias", choices=("none", "alibi", "t5"), default="none",
+                   help="relative position bias in the attention logits: ALiBi slopes, or a "
+                        "learned causal T5 bucket table per head (32 buckets, max distance "
+                        "128); not with combiner-* or rt-lucidrains")
     p.add_argument("--aux-weight", type=float, default=1e-4,
                    help="weight of the routing commitment loss")
     # training
@@ -161,18 +170,26 @@ def eval_windows(data, args):
 # ----------------------------------------------------------------------------- attention
 # Each module maps q, k, v of shape (B, H, T, head_dim) to the output of that shape and keeps
 # in `aux_loss` the auxiliary loss of its last call (0 for the methods without one).
+# `dropout_p` and `rel_bias` (H, 2T - 1) are the attention dropout of this call (0 in eval
+# mode) and the relative position bias (None without --position-bias).
 class SDPA(nn.Module):
     aux_loss = 0.0
 
-    def forward(self, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):
+        if rel_bias is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        T = q.shape[-2]
+        offset = torch.arange(T)[None, :] - torch.arange(T)[:, None]      # j - i
+        logits_bias = rel_bias[..., offset + T - 1]
+        mask = logits_bias.masked_fill(offset > 0, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 class Dense(nn.Module):
     aux_loss = 0.0
 
-    def forward(self, q, k, v):
-        return rt.attention(q, k, v, causal=True)
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):
+        return rt.attention(q, k, v, causal=True, dropout_p=dropout_p, rel_bias=rel_bias)
 
 
 class Local(nn.Module):
@@ -182,8 +199,9 @@ class Local(nn.Module):
         super().__init__()
         self.window = window
 
-    def forward(self, q, k, v):
-        return rt.local_attention(q, k, v, self.window, causal=True)
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):
+        return rt.local_attention(q, k, v, self.window, causal=True, dropout_p=dropout_p,
+                                  rel_bias=rel_bias)
 
 
 class Combiner(nn.Module):
@@ -207,11 +225,11 @@ class Routing(nn.Module):
         self.layer = rt.RoutingAttention(args.clusters, local_heads=args.heads // 2,
                                          window=args.window, shared_qk=args.shared_qk,
                                          causal=True, membership=args.membership,
-                                         seed=args.seed)
+                                         seed=args.seed, dropout=args.attn_dropout)
         self.aux_loss = 0.0
 
-    def forward(self, q, k, v):
-        out = self.layer(q, k, v)
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):
+        out = self.layer(q, k, v, rel_bias=rel_bias)    # dropout: the layer's, while training
         self.aux_loss = self.layer.commitment_loss
         return out
 
@@ -252,6 +270,10 @@ class Lucidrains(nn.Module):
 def make_attention(args):
     if args.attention == "sdpa":
         return SDPA()
+    if (args.attn_dropout or args.position_bias != "none") and (
+            args.attention.startswith("combiner-") or args.attention == "rt-lucidrains"):
+        raise SystemExit(f"--attention {args.attention} takes no --attn-dropout or "
+                         "--position-bias")
     if rt is None:
         raise RuntimeError(f"--attention {args.attention} needs routing_attention.torch "
                            "(pip install -e '.[torch]')")
@@ -303,12 +325,26 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(args.d_model, 3 * args.d_model, bias=False)
         self.proj = nn.Linear(args.d_model, args.d_model, bias=False)
         self.attend = make_attention(args)
+        self.dropout, self.position_bias = args.attn_dropout, args.position_bias
+        slopes = alibi_slopes(args.heads) if self.position_bias == "alibi" else []
+        self.register_buffer("slopes", torch.tensor(slopes, dtype=torch.float32))
+        self.bias_table = (nn.Parameter(torch.zeros(args.heads, 32))
+                           if self.position_bias == "t5" else None)
+
+    def rel_bias(self, T):
+        """The (H, 2T - 1) relative position bias of a length-T window, or None."""
+        if self.position_bias == "none":
+            return None
+        return rt.relative_bias(T, T, alibi=self.slopes if self.slopes.numel() else None,
+                                table=self.bias_table, bidirectional=False)
 
     def forward(self, x):
         B, T, C = x.shape
         qkv = self.qkv(x)
         q, k, v = qkv.view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        y = TIMER(self.attend, q.contiguous(), k.contiguous(), v.contiguous(), qkv)
+        attend = functools.partial(self.attend, dropout_p=self.dropout if self.training else 0.0,
+                                   rel_bias=self.rel_bias(T))
+        y = TIMER(attend, q.contiguous(), k.contiguous(), v.contiguous(), qkv)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -358,7 +394,10 @@ class CharLM(nn.Module):
 # ----------------------------------------------------------------------------- generation
 def make_cache(attend, args):
     """The decoding cache (routing_attention.torch) of one attention module, or None for
-    the methods without one (sdpa is decoded with a dense cache: the same attention)."""
+    the methods without one (sdpa is decoded with a dense cache: the same attention).  The
+    caches take no position bias: with --position-bias, generation recomputes."""
+    if args.position_bias != "none":
+        return None
     if isinstance(attend, (SDPA, Dense)):
         return rt.DenseCache()
     if isinstance(attend, Local):

@@ -930,6 +930,10 @@ class RoutingAttention(torch.nn.Module):
     - Every call is its own autograd node: a layer used several times in one graph gets
       exact gradients for each use.  Memberships are not differentiated.
 
+    - ``dropout``: attention dropout probability, applied while ``self.training`` (each
+      call draws its seed from torch's generator); ``rel_bias`` (..., heads, n + m - 1)
+      passed to a call adds a relative position bias per head (see `relative_bias`).
+
     In eval mode a layer that was never trained fits its centroids on the first batch
     too, and leaves them fixed afterwards.  The routing decisions run eagerly: under
     ``torch.compile`` this layer causes graph breaks (the attention ops themselves do not).
@@ -939,8 +943,9 @@ class RoutingAttention(torch.nn.Module):
 
     def __init__(self, n_clusters=None, *, local_heads=0, window=None, shared_qk=False,
                  causal=False, membership="balanced", w=None, merge="mean", decay=0.999,
-                 kmeans_iters=10, seed=0, scale=None):
+                 kmeans_iters=10, seed=0, scale=None, dropout=0.0):
         super().__init__()
+        self.dropout = dropout_args(dropout, 0)[0]
         # the NumPy layer checks the options and makes the routing decisions
         self._router = _routing.RoutingAttention(
             n_clusters, local_heads=local_heads, window=window, shared_qk=shared_qk,
@@ -966,7 +971,7 @@ class RoutingAttention(torch.nn.Module):
         r = self._router
         return (f"n_clusters={r.n_clusters}, local_heads={r.local_heads}, window={r.window}, "
                 f"shared_qk={r.shared_qk}, causal={r.causal}, membership={r.membership!r}, "
-                f"merge={r.merge!r}, decay={r.decay}")
+                f"merge={r.merge!r}, decay={r.decay}, dropout={self.dropout}")
 
     # -- routing decisions (no gradient) ------------------------------------------
     def _route(self, q, k, kmask, qmask):
@@ -1011,13 +1016,17 @@ class RoutingAttention(torch.nn.Module):
         return decision
 
     # -- forward ----------------------------------------------------------------
-    def forward(self, q, k, v, key_mask=None, query_mask=None):
+    def forward(self, q, k, v, key_mask=None, query_mask=None, rel_bias=None):
         """Attention output (..., heads, n, e); see the class docstring."""
         (q, k, v), dtype = _floats(q=q, k=k, v=v)
         for name, t in (("q", q), ("k", k), ("v", v)):
             rank_at_least(name, t.shape, ("heads", "sequence", "feature"))
         r = self._router
         heads = torch.broadcast_shapes(*((t.shape[-3],) for t in (q, k, v)))[0]
+        if rel_bias is not None:
+            _check_tensors(rel_bias=rel_bias)
+            rank_at_least("rel_bias", rel_bias.shape, ("heads", "offset"))
+            rel_bias = rel_bias.expand(rel_bias.shape[:-2] + (heads, rel_bias.shape[-1]))
         q, k, v = (t.expand(t.shape[:-3] + (heads,) + t.shape[-2:]) for t in (q, k, v))
         L = r.local_heads
         routing_heads(heads, L, self.centroids.shape[0] if self.centroids.numel() else None)
@@ -1030,7 +1039,11 @@ class RoutingAttention(torch.nn.Module):
         qmask_h = None if qmask is None else torch.from_numpy(
             r._layer_mask("query_mask", _np(qmask), n, batch))
         katt = _unit_rows(q) if r.shared_qk else k        # shared-QK attends to unit keys
-        kw = dict(causal=r.causal, scale=r.scale, exclude_self=r.shared_qk)
+        kw = dict(causal=r.causal, scale=r.scale, exclude_self=r.shared_qk,
+                  dropout_p=self.dropout if self.training else 0.0)
+
+        def heads_of(lo, hi):
+            return {} if rel_bias is None else dict(rel_bias=rel_bias[..., lo:hi, :])
         parts = []
         if L:
             c = r.n_clusters or max(1, int(round(math.sqrt(n))))
@@ -1038,7 +1051,8 @@ class RoutingAttention(torch.nn.Module):
             lq = _routing._mask_members(lq, _np(qmask_h))
             lk = _routing._mask_members(lk, _np(kmask_h))
             parts.append(routing_attention(q[..., :L, :, :], katt[..., :L, :, :],
-                                           v[..., :L, :, :], _t(lq), _t(lk), **kw))
+                                           v[..., :L, :, :], _t(lq), _t(lk), **kw,
+                                           **heads_of(0, L)))
         self.commitment_loss = q.new_zeros(())
         if L < heads:
             if not r.shared_qk:
@@ -1047,7 +1061,7 @@ class RoutingAttention(torch.nn.Module):
             q_idx, k_idx, used, lost = self._route(qr, kr, kmask_h, qmask_h)  # no gradient
             self.q_idx, self.k_idx = q_idx, k_idx
             routed = routing_attention(qr, katt[..., L:, :, :], v[..., L:, :, :], q_idx, k_idx,
-                                       merge=r.merge, **kw)
+                                       merge=r.merge, **kw, **heads_of(L, heads))
             if qmask_h is not None:         # a padded query keeps its 0
                 lost = lost & qmask_h
             # NaN locality, as in the NumPy layer: a non-finite query row joins no cluster,

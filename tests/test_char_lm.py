@@ -183,3 +183,35 @@ def test_sample_flag_generates_the_same_text_both_ways():
     assert gen["cached"]["text"].startswith("import ") and len(gen["cached"]["text"]) == 27
     record = run("--attention", "routing", "--steps", 2, "--sample", 5)
     assert "cached" not in record["generation"], "balanced routing has no decoding cache"
+
+
+@pytest.mark.parametrize("bias", ["alibi", "t5"])
+def test_dense_with_position_bias_trains_like_sdpa(bias):
+    """The bias reaches our kernel and SDPA's float mask alike: the same float64 losses, the
+    T5 table learned through both (its gradient comes out of the kernel)."""
+    flags = ("--steps", 4, "--dtype", "float64", "--position-bias", bias)
+    sdpa = run("--attention", "sdpa", *flags)["losses"]
+    dense = run("--attention", "dense", *flags)["losses"]
+    assert max_rel_diff(dense, sdpa) < 1e-10, f"dense {dense} vs sdpa {sdpa}"
+
+
+@pytest.mark.parametrize("attention", ["dense", "local", "routing"])
+def test_dropout_and_bias_train(attention):
+    record = run("--attention", attention, "--steps", 8, "--attn-dropout", 0.2,
+                 "--position-bias", "t5")
+    losses = record["losses"]
+    assert all(math.isfinite(x) for x in losses) and max(losses[-3:]) < losses[0] - 1.0, losses
+
+
+@pytest.mark.parametrize("flags", [["--attention", "dense", "--position-bias", "alibi"],
+                                   ["--attention", "local", "--position-bias", "t5"],
+                                   ["--attention", "routing", "--membership", "argmax",
+                                    "--position-bias", "t5", "--attn-dropout", "0.3"]],
+                         ids=" ".join)
+def test_position_bias_keeps_causality(flags):
+    assert _future_influence(flags) < 1e-10
+
+
+def test_methods_without_the_terms_refuse_them():
+    with pytest.raises(SystemExit):
+        run("--attention", "combiner-fixed", "--steps", 1, "--attn-dropout", 0.1)
