@@ -211,7 +211,7 @@ class Combiner(nn.Module):
         super().__init__()
         self.plan, self.block = plan, block
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):     # both refused by make_attention
         # a block longer than the sequence means one block (generation's short prefixes)
         block = None if self.block is None else min(self.block, q.shape[-2])
         return rt.combiner_attention(q, k, v, plan=self.plan, block=block, causal=True)
@@ -253,7 +253,7 @@ class Lucidrains(nn.Module):
         # --aux-weight like ours (mean squared distance per row, so d times larger)
         self.aux_loss = 0.0
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):     # both refused by make_attention
         h = self.local_heads
         local = self.local(q[:, :h], k[:, :h], v[:, :h])
         routed, self.aux_loss = self.routing(q[:, h:], k[:, h:], v[:, h:])
