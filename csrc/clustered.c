@@ -24,6 +24,9 @@
 #define RA_CL_CHUNK (8 * RA_BK)
 /* Stride of a top-k candidate list of capacity k (top_offer's layout). */
 #define CL_LIST(k) ((size_t)((k) + RA_OFFER_ALIGN - 1) / RA_OFFER_ALIGN * RA_OFFER_ALIGN)
+/* Attention dropout: centroid c's weights a_c[j] draw their decisions as row -1 - c, so
+ * no centroid shares a mask with a query (rows >= 0, the improved form's exact part). */
+#define CL_CENTROID_ROW(c) (-1 - (int64_t)(c))
 
 #define RA_TYPED_BODY "clustered_body.h"
 #include "typed.h"

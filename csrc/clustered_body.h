@@ -4,12 +4,24 @@
 #include "clustered_passes_body.h"
 
 /* ------------------------------------------------------------------ shared front end */
+/* Problem b's pair terms of the centroid weights into *cp: its dropout only (a centroid
+ * has no position, so no bias), NULL without dropout. */
+static const FN(RaPairs) *FN(cl_centroid_pairs)(const RaBPairs *bp, ptrdiff_t b, int n,
+                                                FN(RaPairs) *cp)
+{
+    if (!FN(ra_pairs_at)(bp, b, n, NULL, cp) || !cp->drop) return NULL;
+    cp->bias = NULL;
+    cp->dbias = NULL;
+    return cp;
+}
+
 /* Steps 3-4 of cl_front from a forward's saved statistics: o_c, lse_c copied; T_c and
  * a_c[T_c] copied after checking that T_c's positions are increasing, in [0, m), and
  * exactly k = min(topk, unmasked keys) of them (RA_ERR_INDEX otherwise); then r_c, m̂_c. */
 static int FN(cl_front_saved)(ptrdiff_t B, int m, int e, int C, int kmax, int G, RaBMat v,
                               char *packs, size_t per_problem, int backward,
-                              const RaClusteredSaved *saved, int nt, int n, int d)
+                              const RaClusteredSaved *saved, int nt, int n, int d,
+                              const RaBPairs *pairs)
 {
     int status = RA_OK;
     #pragma omp parallel for num_threads(nt) schedule(static)
@@ -40,7 +52,8 @@ static int FN(cl_front_saved)(ptrdiff_t B, int m, int e, int C, int kmax, int G,
             }
         }
         if (kmax > 0) {
-            FN(cl_residual)(ra_mat_at(v, b), e, kmax, &p, c);
+            FN(RaPairs) cp;
+            FN(cl_residual)(ra_mat_at(v, b), e, kmax, &p, c, FN(cl_centroid_pairs)(pairs, b, n, &cp));
         } else {
             memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
             p.mhat[c] = 0;
@@ -56,7 +69,7 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
                         int topk, int kmax, int G, RaBMat q, RaBMat k, RaBMat v,
                         RaBVec labels, RaBVec key_mask, RaBVec scale, char *packs,
                         size_t per_problem, int backward, char *scratch, size_t per_thread,
-                        int nt, const RaClusteredSaved *saved)
+                        int nt, const RaClusteredSaved *saved, const RaBPairs *pairs)
 {
     const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_CL_ROWS - 1) / RA_CL_ROWS;
     int status = RA_OK;
@@ -94,7 +107,8 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
     }
 
     if (saved && saved->o.data) return FN(cl_front_saved)(B, m, e, C, kmax, G, v, packs,
-                                                          per_problem, backward, saved, nt, n, d);
+                                                          per_problem, backward, saved, nt, n, d,
+                                                          pairs);
 
     /* 3. centroid attention, one (problem, centroid tile, key group) per unit, so one
        problem keeps every thread busy, collecting the top-k candidates of the improved
@@ -111,9 +125,10 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
         FN(ClTiles) w;
         FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
+        FN(RaPairs) cp;
         FN(cl_centroid_group)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b), ra_vec_at(key_mask, b),
                               m, d, e, RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
-                              t0, t1, g, G, kmax);
+                              t0, t1, g, G, kmax, FN(cl_centroid_pairs)(pairs, b, n, &cp));
     }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t unit = 0; unit < B * C; unit++) {
@@ -130,7 +145,8 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(ClProblem) p;
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
         if (kmax > 0) {
-            FN(cl_select)(ra_mat_at(v, b), e, G, kmax, &p, c);
+            FN(RaPairs) cp;
+            FN(cl_select)(ra_mat_at(v, b), e, G, kmax, &p, c, FN(cl_centroid_pairs)(pairs, b, n, &cp));
         } else {
             memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
             p.mhat[c] = 0;
@@ -179,9 +195,11 @@ static FN(ClUnit) *FN(cl_units)(ptrdiff_t B, int C, char *packs, size_t per_prob
  * scale (B) -> out (B; n, e) */
 int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
                              RaBMat q, RaBMat k, RaBMat v, RaBVec labels, RaBVec key_mask,
-                             RaBVec scale, RaBMat out, RaClusteredSaved saved)
+                             RaBVec scale, const RaBPairs *pairs, RaBMat out,
+                             RaClusteredSaved saved)
 {
-    if (C < 1 || topk < 0) return RA_ERR_VALUE;
+    /* the plain form attends through centroids only: no pair a bias could apply to */
+    if (C < 1 || topk < 0 || (topk == 0 && pairs->bias.data)) return RA_ERR_VALUE;
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     const int kmax = topk < m ? topk : m;
@@ -196,7 +214,7 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     if (!packs || !scratch) goto done;
 
     status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
-                          scale, packs, per_problem, 0, scratch, per_thread, nt, NULL);
+                          scale, packs, per_problem, 0, scratch, per_thread, nt, NULL, pairs);
     if (status != RA_OK) goto done;
     if (saved.o.data) {         /* what the backward would otherwise recompute */
         #pragma omp parallel for num_threads(nt) schedule(static)
@@ -237,8 +255,10 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
         if (kc > 0) {
             FN(cl_pack_topk)(&w, ra_mat_at(k, b), ra_mat_at(v, b), p.sel + (size_t)c * kmax,
                              kc, kmax, d, e, 0);
+            FN(RaPairs) pr;
             FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e,
-                                RA_VEC_AT(T, ra_vec_at(scale, b), 0));
+                                RA_VEC_AT(T, ra_vec_at(scale, b), 0), p.sel + (size_t)c * kmax,
+                                FN(ra_pairs_at)(pairs, b, n, NULL, &pr));
         }
         RaMat o = ra_mat_at(out, b);
         for (int i = 0; i < rows; i++) {
@@ -278,6 +298,9 @@ typedef struct {
     size_t per_problem, per_thread;
     RaBMat dout, q, k, v, dq, dk, dv;
     RaBVec labels, key_mask, scale;
+    const RaBPairs *pairs;
+    T *dbias_part;           /* (B, C, r) each cluster's relative bias gradient, or NULL */
+    int r;
 } FN(ClBackward);
 
 static FN(ClProblem) FN(cl_problem)(const FN(ClBackward) *A, ptrdiff_t b)
@@ -312,9 +335,15 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
     T *dkt = p.dkt + (size_t)c * kmax * d, *dvt = p.dvt + (size_t)c * kmax * e;
     RaMat km = ra_mat_at(A->k, b), vm = ra_mat_at(A->v, b), dqm = ra_mat_at(A->dq, b);
     FN(ClTiles) w = FN(cl_thread_tiles)(A);
+    FN(RaPairs) cp, pr;
+    const FN(RaPairs) *cpairs = FN(cl_centroid_pairs)(A->pairs, b, A->n, &cp);
+    T *dbias = A->dbias_part ? A->dbias_part + ((size_t)b * A->C + c) * A->r : NULL;
+    if (dbias) memset(dbias, 0, sizeof(T) * (size_t)A->r);
+    const FN(RaPairs) *pairs = FN(ra_pairs_at)(A->pairs, b, A->n, dbias, &pr);
 
-    /* in the forward: r_c −= a_c[j] v_j for j ∈ T_c, so the dense step over-counted dv_j
-       by a_c[j]·gsum_c and ds_j by a_c[j]·(gsum_c·v_j): undo both */
+    /* in the forward: r_c −= a_c[j] f_cj v_j for j ∈ T_c (f_cj the centroid dropout
+       factor, 1 without), so the dense step over-counted dv_j by a_c[j]·f_cj·gsum_c and
+       ds_j by a_c[j]·f_cj·(gsum_c·v_j): undo both */
     if (kc > 0) {
         memset(dkt, 0, ts * (size_t)kc * d);
         memset(dvt, 0, ts * (size_t)kc * e);
@@ -322,10 +351,11 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
         FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
     }
     for (int t = 0; t < kc; t++) {
-        const T ds = -aw[t] * FN(ra_dot)((const char *)gs, sizeof(T),
-                                         (const char *)(w.v + (ptrdiff_t)t * e), sizeof(T), e);
+        const T af = aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]);
+        const T ds = -af * FN(ra_dot)((const char *)gs, sizeof(T),
+                                      (const char *)(w.v + (ptrdiff_t)t * e), sizeof(T), e);
         const T *kr = w.k + (ptrdiff_t)t * d;
-        for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -aw[t] * gs[f];
+        for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -af * gs[f];
         for (int f = 0; f < d; f++) {
             dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
             dcen[f] += sc * ds * kr[f];
@@ -338,14 +368,17 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
         const int rows = size - i0 < RA_BQ ? size - i0 : RA_BQ;
         const int64_t *idx = members + i0;
         if (kc > 0) {
-            FN(cl_topk_softmax)(K, &w, ra_mat_at(A->q, b), idx, rows, kc, kmax, d, e, sc);
+            FN(cl_topk_softmax)(K, &w, ra_mat_at(A->q, b), idx, rows, kc, kmax, d, e, sc, sel,
+                                pairs);
             FN(ra_gather)(ra_mat_at(A->dout, b), idx, 0, rows, e, mh, 0, w.dout, e);
             for (int i = 0; i < rows; i++)
                 w.delta[i] = FN(ra_dot)((const char *)(w.dout + (ptrdiff_t)i * e), sizeof(T),
                                         (const char *)(w.o + (ptrdiff_t)i * e), sizeof(T), e);
             memset(w.dq, 0, ts * (size_t)rows * d);
             w.gt.rows = rows;
-            const FN(RaKeys) keys = FN(cl_topk_keys)(&w, kc, kmax, d, e);
+            w.gt.pos = pairs ? idx : NULL;
+            w.gt.pairs = pairs;
+            const FN(RaKeys) keys = FN(cl_topk_keys)(&w, kc, kmax, d, e, pairs ? sel : NULL);
             FN(ra_attend_backward)(K, &w.gt, &keys, dkt, d, dvt, e, d, e, 0, NULL);
         }
         /* forward 2 was q̄_c = mean of members: each gets dcent_c / |c| */
@@ -400,10 +433,11 @@ static void FN(cl_cluster_gsum)(const FN(ClBackward) *A, ptrdiff_t b, int c, int
  * -> dq (B; n, d), dk (B; m, d), dv (B; m, e)   (written, not accumulated) */
 int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
                               RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBVec labels,
-                              RaBVec key_mask, RaBVec scale, RaClusteredSaved saved,
-                              RaBMat dq, RaBMat dk, RaBMat dv)
+                              RaBVec key_mask, RaBVec scale, const RaBPairs *pairs,
+                              RaClusteredSaved saved, RaBMat dq, RaBMat dk, RaBMat dv)
 {
-    if (C < 1 || topk < 0) return RA_ERR_VALUE;
+    /* the plain form attends through centroids only: no pair a bias could apply to */
+    if (C < 1 || topk < 0 || (topk == 0 && pairs->bias.data)) return RA_ERR_VALUE;
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     const int kmax = topk < m ? topk : m;
@@ -414,15 +448,18 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
     char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    const int r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
+    T *dbias_part = r ? ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)B, C), r))) : NULL;
     const FN(ClBackward) A = {n, m, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
-                              dout, q, k, v, dq, dk, dv, labels, key_mask, scale};
+                              dout, q, k, v, dq, dk, dv, labels, key_mask, scale, pairs,
+                              dbias_part, r};
     FN(ClUnit) *units = NULL;
     int status = RA_ERR_NOMEM;
-    if (!packs || !scratch) goto done;
+    if (!packs || !scratch || (r && !dbias_part)) goto done;
 
     /* forward passes 1-4: recomputed, or from the forward's saved statistics */
     status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
-                          scale, packs, per_problem, 1, scratch, per_thread, nt, &saved);
+                          scale, packs, per_problem, 1, scratch, per_thread, nt, &saved, pairs);
     if (status != RA_OK) goto done;
 
     /* forward 6 broadcast r_c to every member, so the cluster's gradient is their sum */
@@ -451,10 +488,12 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
         FN(ClProblem) p = FN(cl_problem)(&A, b);
         FN(ClTiles) w = FN(cl_thread_tiles)(&A);
+        FN(RaPairs) cp;
         FN(cl_centroid_group_backward)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b),
                                        ra_vec_at(key_mask, b), ra_mat_at(dk, b),
                                        ra_mat_at(dv, b), m, C, d, e,
-                                       RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, t0, t1, g);
+                                       RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, t0, t1, g,
+                                       FN(cl_centroid_pairs)(pairs, b, n, &cp));
     }
     /* logits were (scale·q̄)·kᵀ: dcent = scale · Σ_g dcent_part[g] */
     #pragma omp parallel for num_threads(nt) schedule(static)
@@ -491,8 +530,20 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         for (ptrdiff_t unit = 0; unit < B * nkb; unit++)
             FN(cl_topk_key_grads)(&A, unit / nkb, (int64_t)(unit % nkb) * RA_BK);
     }
+    /* the relative bias gradient: the clusters' partials summed in cluster order; a
+       cluster without members wrote none (its partial is zeroed here) */
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (ptrdiff_t b = 0; b < B; b++) {
+        if (!r) continue;
+        FN(ClProblem) p = FN(cl_problem)(&A, b);
+        for (int c = 0; c < C; c++)
+            if (p.start[c + 1] == p.start[c])
+                memset(dbias_part + ((size_t)b * C + c) * r, 0, sizeof(T) * (size_t)r);
+        FN(ra_pairs_write_dbias)(pairs, b, r, dbias_part + (size_t)b * C * r, C);
+    }
     status = RA_OK;
 done:
+    ra_free(dbias_part);
     ra_free(units);
     ra_free(packs);
     ra_free(scratch);

@@ -184,7 +184,8 @@ static void FN(cl_centroids_scan)(RaMat q, RaVec labels, int n, int d, int C,
 
 /* Cluster c, T_c and a_c[T_c] known: m̂_c = Σ_{T_c} a_c[j], r_c = o_c − Σ_{T_c} a_c[j] v_j.
  * v (m, e). */
-static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, int c)
+static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, int c,
+                            const FN(RaPairs) *cpairs)
 {
     const int64_t *sel = p->sel + (size_t)c * kmax;
     const T *aw = p->aw + (size_t)c * kmax;
@@ -197,14 +198,16 @@ static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, in
                 __builtin_prefetch(ahead + (ptrdiff_t)f * v.s1);
         }
         mass += aw[t];
-        FN(ra_add_row)(r, -aw[t], v, sel[t], e);
+        FN(ra_add_row)(r, -aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]), v,
+                       sel[t], e);
     }
     p->mhat[c] = mass;
 }
 
 /* Cluster c: merge its G candidate lists (of logits) into T_c (sorted by position), then
  * m̂_c = Σ_{T_c} a_c[j] and r_c = o_c − Σ_{T_c} a_c[j] v_j.  v (m, e). */
-static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *p, int c)
+static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *p, int c,
+                          const FN(RaPairs) *cpairs)
 {
     const int kc = (int)p->info[1];
     FN(ClCand) *all = p->merged + (size_t)c * G * kmax;
@@ -241,7 +244,7 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
         sel[t] = t < kept ? all[t].j : -1;
         aw[t] = t < kept ? (T)exp(all[t].v - lse) : 0;   /* a_c[j] from its logit */
     }
-    FN(cl_residual)(v, e, kmax, p, c);
+    FN(cl_residual)(v, e, kmax, p, c, cpairs);
 }
 
 /* Per-thread tiles (R = RA_CL_ROWS rows): the engine's query tile, whose q (R, d) holds
@@ -259,6 +262,7 @@ typedef struct {
     T *dk;
     T *chunk;
     int64_t *chunk_pos;
+    int64_t *rowpos;         /* (R) the dropout row ids of a centroid tile */
 } FN(ClTiles);
 
 static void FN(cl_tiles)(RaArena *a, int d, int e, int kmax, FN(ClTiles) *w)
@@ -279,6 +283,7 @@ static void FN(cl_tiles)(RaArena *a, int d, int e, int kmax, FN(ClTiles) *w)
     w->dk = RA_TAKE(a, T, ra_mul(kcols, d));
     w->chunk = kmax > 0 ? RA_TAKE(a, T, R * RA_CL_CHUNK) : NULL;
     w->chunk_pos = kmax > 0 ? RA_TAKE(a, int64_t, RA_CL_CHUNK) : NULL;
+    w->rowpos = RA_TAKE(a, int64_t, R);
     w->gt.q = w->qs;
     w->gt.pos = NULL;
     w->gt.dout = w->dout;
@@ -296,23 +301,29 @@ static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
     return a.used;
 }
 
-/* The packed T_c (kc keys, capacity kmax) as the engine's key list. */
-static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, int kc, int kmax, int d, int e)
+/* The packed T_c (kc keys, capacity kmax) as the engine's key list; pos: T_c's key
+ * positions when the pair terms need them, else NULL. */
+static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, int kc, int kmax, int d, int e,
+                                   const int64_t *pos)
 {
     const FN(RaKeys) keys = {.count = kc, .kt = w->kt, .ldkt = kmax, .v = w->v, .ldv = e,
-                             .k = w->k, .ldk = d, .vt = w->vt, .ldvt = kmax};
+                             .k = w->k, .ldk = d, .vt = w->vt, .ldvt = kmax, .pos = pos};
     return keys;
 }
 
-/* Exact softmax of member rows idx[0..rows) over T_c: o' (rows, e) and lse' (rows) in w.
- * q (n, d), k (m, d), v (m, e); T_c's keys already packed in w. */
+/* Exact softmax of member rows idx[0..rows) over T_c (positions sel) with the pair terms
+ * `pairs` (or NULL): o' (rows, e) and lse' (rows) in w.  q (n, d), k (m, d), v (m, e);
+ * T_c's keys already packed in w. */
 static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
-                                int rows, int kc, int kmax, int d, int e, T sc)
+                                int rows, int kc, int kmax, int d, int e, T sc,
+                                const int64_t *sel, const FN(RaPairs) *pairs)
 {
     FN(ra_gather)(q, idx, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
+    w->qt.pos = pairs ? idx : NULL;
+    w->qt.pairs = pairs;
     FN(ra_fwd_init)(&w->qt, e);
-    const FN(RaKeys) keys = FN(cl_topk_keys)(w, kc, kmax, d, e);
+    const FN(RaKeys) keys = FN(cl_topk_keys)(w, kc, kmax, d, e, pairs ? sel : NULL);
     FN(ra_attend)(K, &w->qt, &keys, d, e, 0);
     FN(ra_fwd_finish)(&w->qt, e, (char *)w->o, (ptrdiff_t)sizeof(T) * e, sizeof(T),
                       (char *)w->lse, sizeof(T));
@@ -374,7 +385,7 @@ static void FN(cl_group_offer)(void *ctx, const T *s, ptrdiff_t lds, int rows, i
 static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                                   RaVec key_mask, int m, int d, int e, T sc,
                                   const FN(ClProblem) *p, int c0, int rows, int t0, int t1,
-                                  int g, int G, int kmax)
+                                  int g, int G, int kmax, const FN(RaPairs) *cpairs)
 {
     const int kc = kmax > 0 ? (int)p->info[1] : 0;
     for (int r = 0; r < rows && kc > 0; r++) {   /* empty lists, no stale bits */
@@ -385,6 +396,9 @@ static void FN(cl_centroid_group)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
     RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
     FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
+    for (int r = 0; r < rows; r++) w->rowpos[r] = CL_CENTROID_ROW(c0 + r);
+    w->qt.pos = cpairs ? w->rowpos : NULL;
+    w->qt.pairs = cpairs;
     FN(ra_fwd_init)(&w->qt, e);
     /* unit-stride rows of v: the engine reads v in place */
     const int v_rows = v.s1 == (ptrdiff_t)sizeof(T) && v.s0 > 0 && v.s0 % (ptrdiff_t)sizeof(T) == 0;
@@ -418,7 +432,7 @@ static void FN(cl_centroid_merge)(const FN(ClProblem) *p, int c, int G, int e)
 static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k, RaMat v,
                                            RaVec key_mask, RaMat dk, RaMat dv, int m, int C,
                                            int d, int e, T sc, const FN(ClProblem) *p,
-                                           int t0, int t1, int g)
+                                           int t0, int t1, int g, const FN(RaPairs) *cpairs)
 {
     T *dq_g = p->dcent_part + (ptrdiff_t)g * C * d, *dv_t = w->v;
     memset(dq_g, 0, sizeof(T) * (size_t)C * d);
@@ -438,6 +452,9 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
             RaMat cm = {(char *)(p->cent + (ptrdiff_t)c0 * d), (ptrdiff_t)sizeof(T) * d, sizeof(T)};
             FN(ra_gather)(cm, NULL, 0, rows, d, sc, 0, w->qs, d);
             w->gt.rows = rows;
+            for (int r = 0; r < rows; r++) w->rowpos[r] = CL_CENTROID_ROW(c0 + r);
+            w->gt.pos = cpairs ? w->rowpos : NULL;
+            w->gt.pairs = cpairs;
             w->gt.dout = p->gsum + (ptrdiff_t)c0 * e;
             w->gt.lse = p->lsec + c0;
             w->gt.delta = p->delta + c0;

@@ -167,6 +167,12 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
        s shared with the query tile `share` (NULL: its own) when the two never run at once.*/\
     void ra_qgrad_layout_##SUF(RaQGradTile_##SUF *g, RaArena *a, int rows,                \
                                const RaQTile_##SUF *share);                               \
+    /* The dropout factor of pair (i, j) under pr: keep, 0 when dropped, 1 without. */   \
+    static inline T ra_drop_factor_##SUF(const RaPairs_##SUF *pr, int64_t i, int64_t j)   \
+    {                                                                                     \
+        if (!pr || !pr->drop) return 1;                                                   \
+        return ra_pair_bits(pr->key, i, j) >= pr->drop ? pr->keep : 0;                    \
+    }                                                                                     \
     /* Problem b's pair terms into *pr, for n queries: NULL when it has none.  dbias     \
        (r entries, zeroed by the caller) is where a backward accumulates, or NULL. */     \
     const RaPairs_##SUF *ra_pairs_at_##SUF(const RaBPairs *bp, ptrdiff_t b, int n, T *dbias,\

@@ -306,13 +306,6 @@ static void FN(bias_grad)(const T *ds, ptrdiff_t ld, int rows, int cols, const i
     }
 }
 
-/* The dropout factor of pair (i, j) under pr: keep, 0 when dropped, 1 without dropout. */
-static inline T FN(drop_factor)(const FN(RaPairs) *pr, int64_t i, int64_t j)
-{
-    if (!pr || !pr->drop) return 1;
-    return ra_pair_bits(pr->key, i, j) >= pr->drop ? pr->keep : 0;
-}
-
 /* q (rows, d), dout (rows, e); k (cols, d), kt (d, cols), vt (e, cols);
  * dq (rows, d), dk (cols, d), dv (cols, e) accumulate */
 static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *dk,
@@ -478,7 +471,7 @@ void FN(ra_attend_self_fallback)(FN(RaQTile) *qt, const FN(RaKeys) *keys, int d,
                 s += qt->q[(ptrdiff_t)r * d + c] * keys->kt[(ptrdiff_t)c * keys->ldkt + j];
             qt->mx[r] = s;
             qt->sum[r] = 1;
-            const T f = FN(drop_factor)(qt->pairs, qt->pos[r], qt->pos[r]);
+            const T f = FN(ra_drop_factor)(qt->pairs, qt->pos[r], qt->pos[r]);
             for (int c = 0; c < e; c++)
                 qt->acc[(ptrdiff_t)r * e + c] = f * keys->v[(ptrdiff_t)j * keys->ldv + c];
             self_only[r] = 1;
@@ -520,7 +513,7 @@ static void FN(self_fallback_backward)(const FN(RaQGradTile) *g, const FN(RaKeys
     T s = pr && pr->bias ? pr->bias[0] : 0, dp = 0;
     for (int c = 0; c < d; c++) s += qr[c] * kj[c];
     for (int c = 0; c < e; c++) dp += dr[c] * keys->vt[(ptrdiff_t)c * keys->ldvt + j];
-    const T f = FN(drop_factor)(pr, g->pos[r], g->pos[r]);
+    const T f = FN(ra_drop_factor)(pr, g->pos[r], g->pos[r]);
     const T p = exp(s - g->lse[r]), ds = p * (f * dp - g->delta[r]);
     if (pr && pr->dbias) pr->dbias[0] += ds;
     for (int c = 0; c < e; c++) dv[(ptrdiff_t)j * lddv + c] += p * f * dr[c];

@@ -131,26 +131,29 @@ enum {
     combiner_backward_dim_d = 3,
 };
 
-/* _clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale) -> (out, centroid_out, centroid_lse, topk_index, topk_weight)  (n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k) */
+/* _clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale, drop, drop_key, bias) -> (out, centroid_out, centroid_lse, topk_index, topk_weight)  (n,d),(m,d),(m,e),(n),(m),(),(),(),(),(),(),(r)->(n,e),(c,e),(c),(c,k),(c,k) */
 enum {
     clustered_forward_q = 0, clustered_forward_k = 1, clustered_forward_v = 2,
     clustered_forward_labels = 3, clustered_forward_key_mask = 4,
     clustered_forward_use_mask = 5, clustered_forward_n_clusters = 6,
-    clustered_forward_topk = 7, clustered_forward_scale = 8, clustered_forward_out = 9,
-    clustered_forward_centroid_out = 10, clustered_forward_centroid_lse = 11,
-    clustered_forward_topk_index = 12, clustered_forward_topk_weight = 13,
-    clustered_forward_q_core = 14, clustered_forward_k_core = 16,
-    clustered_forward_v_core = 18, clustered_forward_labels_core = 20,
-    clustered_forward_key_mask_core = 21, clustered_forward_use_mask_core = 22,
-    clustered_forward_n_clusters_core = 22, clustered_forward_topk_core = 22,
-    clustered_forward_scale_core = 22, clustered_forward_out_core = 22,
-    clustered_forward_centroid_out_core = 24, clustered_forward_centroid_lse_core = 26,
-    clustered_forward_topk_index_core = 27, clustered_forward_topk_weight_core = 29,
-    clustered_forward_dim_n = 1, clustered_forward_dim_d = 2, clustered_forward_dim_m = 3,
-    clustered_forward_dim_e = 4, clustered_forward_dim_c = 5, clustered_forward_dim_k = 6,
+    clustered_forward_topk = 7, clustered_forward_scale = 8, clustered_forward_drop = 9,
+    clustered_forward_drop_key = 10, clustered_forward_bias = 11, clustered_forward_out = 12,
+    clustered_forward_centroid_out = 13, clustered_forward_centroid_lse = 14,
+    clustered_forward_topk_index = 15, clustered_forward_topk_weight = 16,
+    clustered_forward_q_core = 17, clustered_forward_k_core = 19,
+    clustered_forward_v_core = 21, clustered_forward_labels_core = 23,
+    clustered_forward_key_mask_core = 24, clustered_forward_use_mask_core = 25,
+    clustered_forward_n_clusters_core = 25, clustered_forward_topk_core = 25,
+    clustered_forward_scale_core = 25, clustered_forward_drop_core = 25,
+    clustered_forward_drop_key_core = 25, clustered_forward_bias_core = 25,
+    clustered_forward_out_core = 26, clustered_forward_centroid_out_core = 28,
+    clustered_forward_centroid_lse_core = 30, clustered_forward_topk_index_core = 31,
+    clustered_forward_topk_weight_core = 33, clustered_forward_dim_n = 1,
+    clustered_forward_dim_d = 2, clustered_forward_dim_m = 3, clustered_forward_dim_e = 4,
+    clustered_forward_dim_r = 5, clustered_forward_dim_c = 6, clustered_forward_dim_k = 7,
 };
 
-/* _clustered_backward(dout, q, k, v, labels, key_mask, centroid_out, centroid_lse, topk_index, topk_weight, use_mask, use_saved, n_clusters, topk, scale) -> (dq, dk, dv)  (n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),()->(n,d),(m,d),(m,e) */
+/* _clustered_backward(dout, q, k, v, labels, key_mask, centroid_out, centroid_lse, topk_index, topk_weight, use_mask, use_saved, n_clusters, topk, scale, drop, drop_key, bias) -> (dq, dk, dv, dbias)  (n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r) */
 enum {
     clustered_backward_dout = 0, clustered_backward_q = 1, clustered_backward_k = 2,
     clustered_backward_v = 3, clustered_backward_labels = 4, clustered_backward_key_mask = 5,
@@ -158,19 +161,23 @@ enum {
     clustered_backward_topk_index = 8, clustered_backward_topk_weight = 9,
     clustered_backward_use_mask = 10, clustered_backward_use_saved = 11,
     clustered_backward_n_clusters = 12, clustered_backward_topk = 13,
-    clustered_backward_scale = 14, clustered_backward_dq = 15, clustered_backward_dk = 16,
-    clustered_backward_dv = 17, clustered_backward_dout_core = 18,
-    clustered_backward_q_core = 20, clustered_backward_k_core = 22,
-    clustered_backward_v_core = 24, clustered_backward_labels_core = 26,
-    clustered_backward_key_mask_core = 27, clustered_backward_centroid_out_core = 28,
-    clustered_backward_centroid_lse_core = 30, clustered_backward_topk_index_core = 31,
-    clustered_backward_topk_weight_core = 33, clustered_backward_use_mask_core = 35,
-    clustered_backward_use_saved_core = 35, clustered_backward_n_clusters_core = 35,
-    clustered_backward_topk_core = 35, clustered_backward_scale_core = 35,
-    clustered_backward_dq_core = 35, clustered_backward_dk_core = 37,
-    clustered_backward_dv_core = 39, clustered_backward_dim_n = 1,
+    clustered_backward_scale = 14, clustered_backward_drop = 15,
+    clustered_backward_drop_key = 16, clustered_backward_bias = 17,
+    clustered_backward_dq = 18, clustered_backward_dk = 19, clustered_backward_dv = 20,
+    clustered_backward_dbias = 21, clustered_backward_dout_core = 22,
+    clustered_backward_q_core = 24, clustered_backward_k_core = 26,
+    clustered_backward_v_core = 28, clustered_backward_labels_core = 30,
+    clustered_backward_key_mask_core = 31, clustered_backward_centroid_out_core = 32,
+    clustered_backward_centroid_lse_core = 34, clustered_backward_topk_index_core = 35,
+    clustered_backward_topk_weight_core = 37, clustered_backward_use_mask_core = 39,
+    clustered_backward_use_saved_core = 39, clustered_backward_n_clusters_core = 39,
+    clustered_backward_topk_core = 39, clustered_backward_scale_core = 39,
+    clustered_backward_drop_core = 39, clustered_backward_drop_key_core = 39,
+    clustered_backward_bias_core = 39, clustered_backward_dq_core = 40,
+    clustered_backward_dk_core = 42, clustered_backward_dv_core = 44,
+    clustered_backward_dbias_core = 46, clustered_backward_dim_n = 1,
     clustered_backward_dim_e = 2, clustered_backward_dim_d = 3, clustered_backward_dim_m = 4,
-    clustered_backward_dim_c = 5, clustered_backward_dim_k = 6,
+    clustered_backward_dim_c = 5, clustered_backward_dim_k = 6, clustered_backward_dim_r = 7,
 };
 
 /* _spherical_kmeans(x, mask, init, use_init, iters, seed) -> (centroids)  (n,d),(n),(c,d),(),(),()->(c,d) */
@@ -298,12 +305,12 @@ enum {
     {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e)", 11, 3, {combiner_backward_loop_f32, combiner_backward_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
      "_combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale) -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.combiner_attention_backward.", 0}, \
-    {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),()->(n,e),(c,e),(c),(c,k),(c,k)", 9, 5, {clustered_forward_loop_f32, clustered_forward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_DOUBLE}, \
-     "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale) -> (out, centroid_out, centroid_lse, topk_index, topk_weight)\n\nLow-level gufunc behind routing_attention.clustered_attention (topk = 0) and improved_clustered_attention (topk >= 1); use those instead.  The out tuple must be given: c = n_clusters and k = min(topk, m) come from it.", 0}, \
-    {"_clustered_backward", "(n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),()->(n,d),(m,d),(m,e)", 15, 3, {clustered_backward_loop_f32, clustered_backward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
-     "_clustered_backward(dout, q, k, v, labels, key_mask, centroid_out, centroid_lse, topk_index, topk_weight, use_mask, use_saved, n_clusters, topk, scale) -> (dq, dk, dv)\n\nLow-level gufunc behind the clustered attention backward functions.", 0}, \
+    {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),(),(),(),(r)->(n,e),(c,e),(c),(c,k),(c,k)", 12, 5, {clustered_forward_loop_f32, clustered_forward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_DOUBLE}, \
+     "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale, drop, drop_key, bias) -> (out, centroid_out, centroid_lse, topk_index, topk_weight)\n\nLow-level gufunc behind routing_attention.clustered_attention (topk = 0) and improved_clustered_attention (topk >= 1); use those instead.  The out tuple must be given: c = n_clusters and k = min(topk, m) come from it.", 0}, \
+    {"_clustered_backward", "(n,e),(n,d),(m,d),(m,e),(n),(m),(c,e),(c),(c,k),(c,k),(),(),(),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r)", 18, 4, {clustered_backward_loop_f32, clustered_backward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
+     "_clustered_backward(dout, q, k, v, labels, key_mask, centroid_out, centroid_lse, topk_index, topk_weight, use_mask, use_saved, n_clusters, topk, scale, drop, drop_key, bias) -> (dq, dk, dv, dbias)\n\nLow-level gufunc behind the clustered attention backward functions.", 0}, \
     {"_spherical_kmeans", "(n,d),(n),(c,d),(),(),()->(c,d)", 6, 1, {spherical_kmeans_loop_f32, spherical_kmeans_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_BOOL, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_DOUBLE, NPY_BOOL, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE}, \
      "_spherical_kmeans(x, mask, init, use_init, iters, seed) -> (centroids)\n\nLow-level gufunc behind routing_attention.spherical_kmeans; use that instead.", 0}, \

@@ -117,16 +117,16 @@ typedef struct {
        label out of range.  saved: written when its data are set. */                    \
     int ra_clustered_forward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int C,        \
                                    int topk, RaBMat q, RaBMat k, RaBMat v, RaBVec labels, \
-                                   RaBVec key_mask, RaBVec scale, RaBMat out,             \
-                                   RaClusteredSaved saved);                               \
+                                   RaBVec key_mask, RaBVec scale, const RaBPairs *pairs,  \
+                                   RaBMat out, RaClusteredSaved saved);                   \
     /* dout (B; n, e) and the forward's inputs  ->  dq (B; n, d), dk (B; m, d),           \
        dv (B; m, e) (written, not accumulated); m̂ held constant.  saved (data set): the \
        forward's statistics, checked (RA_ERR_INDEX for a bad position) and used. */     \
     int ra_clustered_backward_##SUF(ptrdiff_t B, int n, int m, int d, int e, int C,       \
                                     int topk, RaBMat dout, RaBMat q, RaBMat k, RaBMat v,  \
                                     RaBVec labels, RaBVec key_mask, RaBVec scale,         \
-                                    RaClusteredSaved saved, RaBMat dq, RaBMat dk,         \
-                                    RaBMat dv);
+                                    const RaBPairs *pairs, RaClusteredSaved saved,        \
+                                    RaBMat dq, RaBMat dk, RaBMat dv);
 
 RA_CLUSTERED_DECLS(float, f32)
 RA_CLUSTERED_DECLS(double, f64)

@@ -314,7 +314,7 @@ static int clustered_saved_dims(npy_intp c, npy_intp k, int C, int kmax, const c
                                              npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 6, "clustered_attention")) return;                     \
+        if (!ra_dims_fit(dims + 1, 7, "clustered_attention")) return;                     \
         const int n = (int)DIM(n), d = (int)DIM(d), m = (int)DIM(m), e = (int)DIM(e);     \
         if (dims[0] == 0) return;                                                         \
         int C, topk;                                                                      \
@@ -323,9 +323,11 @@ static int clustered_saved_dims(npy_intp c, npy_intp k, int C, int kmax, const c
         RaBVec mask = VEC(key_mask);                                                      \
         if (!*(npy_bool *)ARG(use_mask)) mask.data = NULL;                                \
         RaClusteredSaved saved = {MAT(centroid_out), MAT(topk_index), MAT(topk_weight), VEC(centroid_lse)}; \
+        const RaBPairs pairs = PAIRS();                                                   \
+        if (!PAIRS_CHECK(pairs, SUF, "clustered_attention")) return;                      \
         int st = ra_clustered_forward_##SUF(dims[0], n, m, d, e, C, topk, MAT(q),         \
                                             MAT(k), MAT(v), VEC(labels), mask,            \
-                                            SCALAR(scale), MAT(out), saved);              \
+                                            SCALAR(scale), &pairs, MAT(out), saved);      \
         ra_raise(st, "clustered_attention (labels must lie in [-1, n_clusters))");        \
     }
 #define GF clustered_forward
@@ -338,7 +340,7 @@ CLUSTERED_FORWARD_LOOP(f64)
                                               npy_intp const *steps, void *data)          \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 6, "clustered_attention_backward")) return;            \
+        if (!ra_dims_fit(dims + 1, 7, "clustered_attention_backward")) return;            \
         const int n = (int)DIM(n), e = (int)DIM(e), d = (int)DIM(d), m = (int)DIM(m);     \
         if (dims[0] == 0) return;                                                         \
         int C, topk;                                                                      \
@@ -353,10 +355,13 @@ CLUSTERED_FORWARD_LOOP(f64)
         } else {                                                                          \
             saved.o.data = saved.sel.data = saved.aw.data = saved.lse.data = NULL;        \
         }                                                                                 \
+        RaBPairs pairs = PAIRS();                                                         \
+        if (DIM(r)) pairs.dbias = VEC(dbias);                                             \
+        if (!PAIRS_CHECK(pairs, SUF, "clustered_attention_backward")) return;             \
         int st = ra_clustered_backward_##SUF(dims[0], n, m, d, e, C, topk, MAT(dout),     \
                                              MAT(q), MAT(k), MAT(v),                      \
-                                             VEC(labels), mask, SCALAR(scale), saved,     \
-                                             MAT(dq), MAT(dk), MAT(dv));                  \
+                                             VEC(labels), mask, SCALAR(scale), &pairs,    \
+                                             saved, MAT(dq), MAT(dk), MAT(dv));           \
         ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters); " \
                  "saved top-k positions must come from the same forward)");               \
     }

@@ -9,40 +9,49 @@ import numpy as np
 from . import _ext
 from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
-                      as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
-                      float_dtype, given_or_saved, integer, labels_array, mask_fits,
-                      mask_record, qkv_arrays, saved_arrays, saved_from, scale_value, some_rows,
-                      unbroadcast)
+                      as_matrix, batch_shape, check_out, cluster_count, dout_shape, dropout_args,
+                      flag, float_dtype, given_or_saved, integer, labels_array, mask_fits,
+                      mask_record, qkv_arrays, rel_bias_array,
+                      saved_arrays, saved_from, scale_value, some_rows, unbroadcast)
+from .pairs import _operands
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
            "ClusteredAttention"]
 
 
-def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale):
-    """Validated operands for the gufuncs; topk None means the plain form (passed as 0)."""
+def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale, dropout_p=0.0,
+             dropout_seed=None, rel_bias=None):
+    """Validated operands for the gufuncs; topk None means the plain form (passed as 0).
+    The last two results: the pair-term operands and the resolved (dropout_p, seed)."""
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     n, m = q.shape[-2], k.shape[-2]
     n_clusters = cluster_count(n_clusters, n, "q", rows="queries")
     topk = 0 if topk is None else integer("topk", topk, low=1)
     labels = labels_array(labels, n, n_clusters, rows="queries")
+    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
+    rel_bias = rel_bias_array(rel_bias, n, m, dtype)
+    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1))
+    if rel_bias is not None:
+        cores["rel_bias"] = (rel_bias, 1)
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
         mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
-    batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1), key_mask=(mask, 1))
+    batch = batch_shape(**cores, key_mask=(mask, 1))
     if use_mask:
-        mask_fits("key_mask", mask, batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1)))
+        mask_fits("key_mask", mask, batch_shape(**cores))
     return (q, k, v, labels, mask, use_mask, n_clusters, topk,
-            scale_value(scale, q.shape[-1], dtype), batch)
+            scale_value(scale, q.shape[-1], dtype), batch,
+            _operands(dtype, batch, threshold, seed, rel_bias), (p, seed))
 
 
-def _keywords(n_clusters, topk, mask, use_mask, scale):
+def _keywords(n_clusters, topk, mask, use_mask, scale, dropout):
     """The forward's keywords as saved["keywords"] records them (topk None: the plain
     form)."""
     return dict(n_clusters=n_clusters, topk=topk or None, key_mask=mask_record(mask, use_mask),
-                scale=float(scale))
+                scale=float(scale), dropout_p=dropout[0], dropout_seed=dropout[1])
 
 
 # The forward's statistics that spare the backward its recomputation (return_saved=True).
@@ -55,9 +64,10 @@ def _saved_shapes(C, kmax, e):
                 topk_weight=(C, kmax))
 
 
-def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved):
-    q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
-        q, k, v, labels, n_clusters, topk, key_mask, scale)
+def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved,
+             pair_args=(0.0, None, None)):
+    q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, dropout = _prepare(
+        q, k, v, labels, n_clusters, topk, key_mask, scale, *pair_args)
     shapes = _saved_shapes(C, min(topk, k.shape[-2]), v.shape[-1])
     saved = {key: np.empty(batch + shape, np.int64 if key == "topk_index" else q.dtype)
              for key, shape in shapes.items()}
@@ -67,31 +77,34 @@ def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_sav
     target = out
     if out is not None and any(np.may_share_memory(out, x) for x in (q, k, v)):
         out = None
-    o = _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale,
+    o = _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale, *pairs,
                                 out=(out,) + tuple(saved[key] for key in SAVED_KEYS))[0]
     if target is not None and out is None:
         target[...] = o
         o = target
     if not flag("return_saved", return_saved):
         return o
-    return o, dict(saved, keywords=_keywords(C, topk, mask, use_mask, scale))
+    return o, dict(saved, keywords=_keywords(C, topk, mask, use_mask, scale, dropout))
 
 
-def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved):
+def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved,
+              pair_args=(None, None, None)):
     """The backward of either form (func names it: topk is None for the plain form and
-    then must not come from an improved forward's saved statistics, and conversely)."""
+    then must not come from an improved forward's saved statistics, and conversely).
+    pair_args: (dropout_p, dropout_seed, rel_bias) as passed."""
     improved = func.startswith("improved")
     kw = BackwardKeywords(func, saved, dict(n_clusters=None, topk=None, key_mask=None,
-                                            scale=None),
-                          n_clusters=n_clusters, topk=topk, key_mask=key_mask, scale=scale)
+                                            scale=None, dropout_p=0.0, dropout_seed=None),
+                          n_clusters=n_clusters, topk=topk, key_mask=key_mask, scale=scale,
+                          dropout_p=pair_args[0], dropout_seed=pair_args[1])
     if kw.forward is not None:
         saved_from(func, improved, kw.forward["topk"])
     for name in ("n_clusters", "topk") if improved else ("n_clusters",):
         given_or_saved(func, name, kw.values[name])
-    q, k, v, labels, mask, use_mask, C, topk, scale, batch = _prepare(
+    q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, dropout = _prepare(
         q, k, v, labels, kw.values["n_clusters"], kw.values["topk"], kw.values["key_mask"],
-        kw.values["scale"])
-    kw.check(_keywords(C, topk, mask, use_mask, scale))
+        kw.values["scale"], kw.values["dropout_p"], kw.values["dropout_seed"], pair_args[2])
+    kw.check(_keywords(C, topk, mask, use_mask, scale, dropout))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     n, e = q.shape[-2], v.shape[-1]
@@ -99,13 +112,14 @@ def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, sa
     dtypes = {key: np.int64 if key == "topk_index" else q.dtype for key in SAVED_KEYS}
     arrays = saved_arrays(saved, SAVED_KEYS, batch, _saved_shapes(C, min(topk, k.shape[-2]), e),
                           dtypes)
-    dq, dk, dv = _ext._clustered_backward(dout, q, k, v, labels, mask, *arrays, use_mask,
-                                          bool(saved), C, topk, scale)
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    dq, dk, dv, dbias = _ext._clustered_backward(dout, q, k, v, labels, mask, *arrays, use_mask,
+                                                 bool(saved), C, topk, scale, *pairs)
+    grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if pair_args[2] is not None else grads
 
 
-def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None, out=None,
-                        return_saved=False):
+def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None,
+                        dropout_p=0.0, dropout_seed=None, out=None, return_saved=False):
     """Clustered attention: each cluster's centroid query attends, its members share the row.
 
     Parameters
@@ -122,6 +136,11 @@ def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=Non
         False marks a padding key that no query sees.
     scale : float, optional
         Multiplies q·k; defaults to 1/sqrt(d).
+    dropout_p, dropout_seed
+        Attention dropout (`routing_attention.pairs`) of the centroid weights a_c[j]:
+        a cluster's members share its centroid's weights, so they share its dropout mask
+        too (decisions of row -1 - c).  There is no position bias: a centroid has no
+        position (`improved_clustered_attention` takes rel_bias for its exact part).
     out : ndarray, shape (..., n, e), optional
     return_saved : bool
         Also return a dict of the statistics the backward would otherwise recompute
@@ -141,11 +160,12 @@ def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=Non
         Bad dtypes or shapes, n_clusters outside [1, n], labels outside
         [-1, n_clusters), a key_mask of the wrong shape, naming the argument.
     """
-    return _forward(q, k, v, labels, n_clusters, None, key_mask, scale, out, return_saved)
+    return _forward(q, k, v, labels, n_clusters, None, key_mask, scale, out, return_saved,
+                    (dropout_p, dropout_seed, None))
 
 
 def clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, *, key_mask=None,
-                                 scale=None, **saved):
+                                 scale=None, dropout_p=None, dropout_seed=None, **saved):
     """Gradients (dq, dk, dv) of `clustered_attention`; arguments as in the forward.
 
     A centroid's gradient is shared equally by its members (÷ cluster size); queries
@@ -154,6 +174,7 @@ def clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, *, key_
     centroid attention is then not recomputed; the result is the same).  n_clusters,
     key_mask and scale left at None are taken from it; without it n_clusters is
     required.  A value that disagrees with the saved forward's is a ValueError naming it.
+    dropout_p and dropout_seed as in the forward (or from ``**saved``).
 
     Raises
     ------
@@ -161,11 +182,12 @@ def clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, *, key_
         As the forward; a keyword that disagrees with the saved forward's, naming it.
     """
     return _backward("clustered_attention_backward", dout, q, k, v, labels, n_clusters, None,
-                     key_mask, scale, saved)
+                     key_mask, scale, saved, (dropout_p, dropout_seed, None))
 
 
 def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None,
-                                 scale=None, out=None, return_saved=False):
+                                 scale=None, dropout_p=0.0, dropout_seed=None, rel_bias=None,
+                                 out=None, return_saved=False):
     """Improved clustered attention: exact weights on each cluster's top-k keys.
 
     Arguments as in `clustered_attention`, plus ``topk >= 1``.  For cluster c, T_c is the
@@ -176,18 +198,26 @@ def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=
     of statistics for the backward (centroid attention, T_c and a_c[T_c], and
     ``keywords``).
 
+    dropout_p, dropout_seed: attention dropout (`routing_attention.pairs`) of every weight
+    — the exact weights of (query i, key j ∈ T_c) as pair (i, j), the centroid weights
+    a_c[j] outside T_c as row -1 - c, shared by the cluster's members.  rel_bias (...,
+    n + m - 1): a relative position bias on the exact part's logits (scale·q_i·k_j +
+    rel_bias[j - i + n - 1]); the centroid logits, T_c's choice and m̂_c take none.
+
     Raises
     ------
     TypeError, ValueError
         As `clustered_attention`, and topk < 1.
     """
-    return _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved)
+    return _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved,
+                    (dropout_p, dropout_seed, rel_bias))
 
 
 def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters=None, topk=None, *,
-                                          key_mask=None, scale=None, **saved):
-    """Gradients (dq, dk, dv) of `improved_clustered_attention`, with m̂_c (and the choice
-    of T_c) treated as constants, as in the paper.  ``**saved``: the forward's
+                                          key_mask=None, scale=None, dropout_p=None,
+                                          dropout_seed=None, rel_bias=None, **saved):
+    """Gradients (dq, dk, dv [, drel_bias]) of `improved_clustered_attention`, with m̂_c
+    (and the choice of T_c) treated as constants, as in the paper.  ``**saved``: the forward's
     ``return_saved=True`` dict for the same inputs (then nothing is recomputed);
     n_clusters, topk, key_mask and scale left at None are taken from it (without it
     n_clusters and topk are required).  A value that disagrees with the saved forward's
@@ -199,7 +229,7 @@ def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters=None
         As the forward; a keyword that disagrees with the saved forward's, naming it.
     """
     return _backward("improved_clustered_attention_backward", dout, q, k, v, labels,
-                     n_clusters, topk, key_mask, scale, saved)
+                     n_clusters, topk, key_mask, scale, saved, (dropout_p, dropout_seed, rel_bias))
 
 
 # ------------------------------------------------------------------ layer

@@ -68,7 +68,7 @@ def dropout_factor(dropout_p, dropout_seed, batch, qpos, kpos):
     if thr == 0:
         return out
     rng = SplitMix64(dropout_seed)
-    i = np.asarray(qpos, np.uint64)[:, None]
+    i = np.asarray(qpos, np.int64).astype(np.uint64)[:, None]   # row -1 - c wraps, as in C
     j = np.asarray(kpos, np.uint64)[None, :]
     for b in _problems(batch):
         z = np.uint64(rng.next()) + ((i << np.uint64(32)) + j) * np.uint64(0x9E3779B97F4A7C15)
@@ -749,14 +749,17 @@ def hamming_kmeans(codes, n_clusters, *, iters=10, seed=0, mask=None, return_cen
     cent = cent.view(np.int64)
     return (labels, cent) if return_centroids else labels
 # ------------------------------------------------------------------ clustered attention
-def _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, hold=None):
+def _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, hold=None,
+                   dropout_p=0.0, dropout_seed=None, rel_bias=None):
     """Every matrix of (improved) clustered attention, explicitly, in float64.
 
     Returns a dict: onehot (…, n, C) member matrix, cent (…, C, d), a (…, C, m) centroid
     attention, top (…, C, m) bool T_c (all False for the plain form, topk None), mhat
     (…, C), p2 (…, n, m) each query's softmax over its cluster's T_c, and w (…, n, m) the
     effective attention weights.  hold=(top, mhat) fixes T_c and m̂_c (finite differences
-    of the improved form with m̂ held constant).
+    of the improved form with m̂ held constant).  Pair terms: the exact part's logits get
+    rel_bias and its weights the dropout of pair (i, j) (f2), the centroid weights that
+    of row -1 - c (fc); the centroid logits, T_c and m̂_c are untouched by both.
     """
     q, k, v = _f64(q, k, v)
     labels = np.asarray(labels)
@@ -769,6 +772,11 @@ def _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, hold=None
         np.asarray(key_mask, dtype=bool)[..., None, :]
     a, _ = masked_softmax(sc * (cent @ np.swapaxes(k, -1, -2)), visible)
     visible = np.broadcast_to(visible, a.shape)
+    n = q.shape[-2]
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], labels.shape[:-1],
+                                np.shape(rel_bias)[:-1] if rel_bias is not None else ())
+    fc = dropout_factor(dropout_p, dropout_seed, batch, -1 - np.arange(n_clusters), np.arange(m))
+    f2 = dropout_factor(dropout_p, dropout_seed, batch, np.arange(n), np.arange(m))
     if hold is not None:
         top, mhat = hold
     elif topk is None:
@@ -782,24 +790,28 @@ def _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, hold=None
         top = (rank < kc) & visible
         mhat = np.where(top, a, 0.0).sum(axis=-1)
     qtop = (onehot @ top.astype(np.float64)) > 0                      # (…, n, m)
-    p2, _ = masked_softmax(sc * (q @ np.swapaxes(k, -1, -2)), qtop)
-    w = onehot @ np.where(top, 0.0, a) + (onehot @ mhat[..., None]) * p2
+    p2, _ = masked_softmax(sc * (q @ np.swapaxes(k, -1, -2)) + bias_matrix(rel_bias, n, m), qtop)
+    w = onehot @ np.where(top, 0.0, a * fc) + (onehot @ mhat[..., None]) * p2 * f2
     return dict(onehot=onehot, counts=counts, cent=cent, a=a, top=top, mhat=mhat, p2=p2, w=w,
-                sc=sc)
+                sc=sc, fc=fc, f2=f2)
 
 
-def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None):
+def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None,
+                        dropout_p=0.0, dropout_seed=None):
     """Clustered attention: out_i = softmax(scale·q̄_c·kᵀ) v for query i in cluster c,
     q̄_c the mean of the queries labelled c; label -1 gives 0."""
-    parts = _cluster_parts(q, k, v, labels, n_clusters, None, key_mask, scale)
+    parts = _cluster_parts(q, k, v, labels, n_clusters, None, key_mask, scale,
+                           dropout_p=dropout_p, dropout_seed=dropout_seed)
     return parts["w"] @ np.asarray(v, dtype=np.float64)
 
 
 def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None,
-                                 scale=None, _hold=None):
+                                 scale=None, dropout_p=0.0, dropout_seed=None, rel_bias=None,
+                                 _hold=None):
     """Improved clustered attention: exact softmax over each cluster's top-k keys (of the
     centroid attention), rescaled by their centroid mass m̂_c; centroid weights elsewhere."""
-    parts = _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, _hold)
+    parts = _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, _hold,
+                           dropout_p, dropout_seed, rel_bias)
     return parts["w"] @ np.asarray(v, dtype=np.float64)
 
 
@@ -812,35 +824,44 @@ def improved_clustered_selection(q, k, labels, n_clusters, topk, *, key_mask=Non
     return parts["top"], parts["mhat"]
 
 
-def _clustered_backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale):
+def _clustered_backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale,
+                        dropout_p=0.0, dropout_seed=None, rel_bias=None):
     dout, q, k, v = _f64(dout, q, k, v)
-    P = _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale)
+    P = _cluster_parts(q, k, v, labels, n_clusters, topk, key_mask, scale, None, dropout_p,
+                       dropout_seed, rel_bias)
     sc, onehot, a, top, p2 = P["sc"], P["onehot"], P["a"], P["top"], P["p2"]
     dv = np.swapaxes(P["w"], -1, -2) @ dout
     dw = dout @ np.swapaxes(v, -1, -2)                                # (…, n, m)
-    # exact part: w += m̂_c · p2 with m̂ constant; p2 = softmax(sc·q kᵀ) over T_c
-    dp2 = (onehot @ P["mhat"][..., None]) * dw
+    # exact part: w += m̂_c · p2 ∘ f2 with m̂ constant; p2 = softmax(sc·q kᵀ + bias) over T_c
+    dp2 = (onehot @ P["mhat"][..., None]) * dw * P["f2"]
     ds2 = p2 * (dp2 - (dp2 * p2).sum(axis=-1, keepdims=True))
     dq = sc * (ds2 @ k)
     dk = sc * (np.swapaxes(ds2, -1, -2) @ q)
-    # centroid part: w += onehot · (a outside T_c), a = softmax(sc·cent kᵀ)
-    da = np.where(top, 0.0, np.swapaxes(onehot, -1, -2) @ dw)          # (…, C, m)
+    # centroid part: w += onehot · (a ∘ fc outside T_c), a = softmax(sc·cent kᵀ)
+    da = np.where(top, 0.0, np.swapaxes(onehot, -1, -2) @ dw) * P["fc"]  # (…, C, m)
     ds = a * (da - (da * a).sum(axis=-1, keepdims=True))
     dcent = sc * (ds @ k)
     dk = dk + sc * (np.swapaxes(ds, -1, -2) @ P["cent"])
     # cent = mean of members
     dq = dq + onehot @ (dcent / np.maximum(P["counts"], 1)[..., None])
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    grads = unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    if rel_bias is None:
+        return grads
+    return grads + (bias_matrix_grad(ds2, q.shape[-2], k.shape[-2], np.shape(rel_bias)),)
 
 
 def clustered_attention_backward(dout, q, k, v, labels, n_clusters, *, key_mask=None,
-                                 scale=None):
+                                 scale=None, dropout_p=0.0, dropout_seed=None):
     """(dq, dk, dv) of `clustered_attention`; a centroid's gradient is shared equally
     by its members."""
-    return _clustered_backward(dout, q, k, v, labels, n_clusters, None, key_mask, scale)
+    return _clustered_backward(dout, q, k, v, labels, n_clusters, None, key_mask, scale,
+                               dropout_p, dropout_seed)
 
 
 def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters, topk, *,
-                                          key_mask=None, scale=None):
-    """(dq, dk, dv) of `improved_clustered_attention` with T_c and m̂_c held constant."""
-    return _clustered_backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale)
+                                          key_mask=None, scale=None, dropout_p=0.0,
+                                          dropout_seed=None, rel_bias=None):
+    """(dq, dk, dv [, drel_bias]) of `improved_clustered_attention` with T_c and m̂_c held
+    constant."""
+    return _clustered_backward(dout, q, k, v, labels, n_clusters, topk, key_mask, scale,
+                               dropout_p, dropout_seed, rel_bias)

@@ -307,14 +307,18 @@ def test_private_gufunc_rejects_bad_labels(rng):
     saved_out = lambda K: (None, np.empty((3, 3)), np.empty(3), np.empty((3, K), np.int64),
                            np.empty((3, K)))
     with pytest.raises(ValueError, match="labels"):
-        ra._ext._clustered_forward(q, k, v, np.full(10, 7), mask, False, 3, 0, 0.5,
-                                   out=saved_out(0))
+        ra._ext._clustered_forward(q, k, v, np.full(10, 7), mask, False, 3, 0, 0.5, 0, 0,
+                                   np.empty(0), out=saved_out(0))
     with pytest.raises(ValueError, match="saved statistics"):
-        ra._ext._clustered_forward(q, k, v, labels, mask, False, 3, 2, 0.5, out=saved_out(4))
+        ra._ext._clustered_forward(q, k, v, labels, mask, False, 3, 2, 0.5, 0, 0, np.empty(0),
+                                   out=saved_out(4))
     dummy = (np.zeros((3, 3)), np.zeros(3), np.zeros((3, 0), np.int64), np.zeros((3, 0)))
     with pytest.raises(ValueError, match="n_clusters"):
         ra._ext._clustered_backward(q[:, :3], q, k, v, labels, mask, *dummy, False, False, 0, 0,
-                                    0.5)
+                                    0.5, 0, 0, np.empty(0))
+    with pytest.raises(ValueError, match="invalid argument"):   # the plain form has no pairs
+        ra._ext._clustered_forward(q, k, v, labels, mask, False, 3, 0, 0.5, 0, 0,
+                                   np.zeros(21), out=saved_out(0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

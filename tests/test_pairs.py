@@ -242,3 +242,99 @@ def test_t5_buckets_and_bias_gradients():
             num[i] = (hi - lo) / (2 * eps)
         np.testing.assert_allclose(dx, num, atol=1e-6)
     np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+
+
+# ------------------------------------------------------------------ clustered
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("topk", [None, 1, 7, 400])
+def test_clustered_matches_reference(dtype, topk):
+    """Plain: dropout of the centroid weights; improved: dropout of the exact and the
+    centroid weights, rel_bias on the exact part's logits (topk 400 > m: all exact)."""
+    rng = np.random.default_rng(topk or 0)
+    n, m, C = 40, 300, 5
+    q, k, v, bias = problem(rng, dtype, n, m)
+    labels = rng.integers(-1, C, (B, H, n))
+    kw = dict(dropout_p=0.25, dropout_seed=3, key_mask=rng.random((B, 1, m)) < 0.8)
+    if topk:
+        kw["rel_bias"] = bias
+        fwd, bwd = ra.improved_clustered_attention, ra.improved_clustered_attention_backward
+        rfwd, rbwd = ref.improved_clustered_attention, ref.improved_clustered_attention_backward
+        extra = (labels, C, topk)
+    else:
+        fwd, bwd = ra.clustered_attention, ra.clustered_attention_backward
+        rfwd, rbwd = ref.clustered_attention, ref.clustered_attention_backward
+        extra = (labels, C)
+    out, saved = fwd(q, k, v, *extra, return_saved=True, **kw)
+    assert_close(out, rfwd(q, k, v, *extra, **kw), dtype, "out")
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    want = rbwd(dout, q, k, v, *extra, **kw)
+    again = {"rel_bias": bias} if topk else {}          # arrays are passed again
+    for got in (bwd(dout, q, k, v, *extra, **kw), bwd(dout, q, k, v, *extra, **again, **saved)):
+        assert len(got) == len(want) == (4 if topk else 3)
+        for g, w, what in zip(got, want, ("dq", "dk", "dv", "drel_bias")):
+            assert_close(g, w, dtype, f"topk={topk} {what}")
+
+
+def test_clustered_finite_differences():
+    """float64: the plain form's gradient by central differences; the improved form's
+    against central differences of the reference with T_c and m̂_c held (the kernel's
+    gradient treats them as constants, as the paper does)."""
+    rng = np.random.default_rng(8)
+    n, m, C = 9, 11, 3
+    q, k, v, _ = problem(rng, np.float64, n, m, d=3, e=2, batch=())
+    labels = rng.integers(0, C, n)
+    bias = rng.standard_normal(n + m - 1)
+    dout = rng.standard_normal((n, 2))
+    kw = dict(dropout_p=0.3, dropout_seed=6)
+    grads = ra.clustered_attention_backward(dout, q, k, v, labels, C, **kw)
+    for x, g in zip((q, k, v), grads):
+        num = _numeric_grad(lambda: float((ra.clustered_attention(q, k, v, labels, C, **kw)
+                                           * dout).sum()), x)
+        assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max())
+    hold = ref.improved_clustered_selection(q, k, labels, C, 4)
+    grads = ra.improved_clustered_attention_backward(dout, q, k, v, labels, C, 4, rel_bias=bias,
+                                                     **kw)
+    for x, g in zip((q, k, v, bias), grads):
+        num = _numeric_grad(lambda: float((ref.improved_clustered_attention(
+            q, k, v, labels, C, 4, rel_bias=bias, _hold=hold, **kw) * dout).sum()), x)
+        assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max())
+
+
+def test_clustered_members_share_the_centroid_mask():
+    """Plain clustered attention with v = I: every member of a cluster gets the same
+    row, zeros (dropped weights) included, and the kept rate is about 1 - p."""
+    rng = np.random.default_rng(1)
+    n, m, C = 64, 512, 4
+    q, k = rng.standard_normal((n, 8)), rng.standard_normal((m, 8))
+    labels = np.arange(n) % C
+    out = ra.clustered_attention(q, k, np.eye(m), labels, C, dropout_p=0.375, dropout_seed=2)
+    for c in range(C):
+        assert np.array_equal(out[labels == c], np.broadcast_to(out[c], (n // C, m)))
+    kept = (out[:C] != 0).mean()
+    assert abs(kept - 0.625) < 5 * np.sqrt(0.375 * 0.625 / (C * m))
+
+
+def test_plain_clustered_refuses_a_bias():
+    """No keyword for it, and the raw gufunc refuses a bias with topk 0 (test_clustered)."""
+    q = np.zeros((10, 4))
+    with pytest.raises(TypeError, match="rel_bias"):
+        ra.clustered_attention(q, q, q, np.zeros(10, int), 2, rel_bias=np.zeros(19))
+
+
+def test_clustered_thread_bit_identity():
+    rng = np.random.default_rng(3)
+    n = 700
+    q, k, v, bias = problem(rng, np.float32, n, n)
+    labels = rng.integers(0, 20, (B, H, n))
+    kw = dict(dropout_p=0.2, dropout_seed=5, rel_bias=bias)
+    results = []
+    for threads in (1, 2):
+        ra.set_num_threads(threads)
+        try:
+            o = ra.improved_clustered_attention(q, k, v, labels, 20, 16, **kw)
+            results.append((o, *ra.improved_clustered_attention_backward(o, q, k, v, labels, 20,
+                                                                         16, **kw)))
+        finally:
+            ra.set_num_threads(0)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

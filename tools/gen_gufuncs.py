@@ -63,7 +63,8 @@ GUFUNCS = [
      "Low-level gufunc behind routing_attention.combiner_attention_backward."),
     ("clustered_forward",
      "q:T(n,d) k:T(m,d) v:T(m,e) labels:L(n) key_mask:B(m) use_mask:B() n_clusters:L()"
-     " topk:L() scale:T() -> out:T(n,e) centroid_out:T(c,e) centroid_lse:T(c)"
+     " topk:L() scale:T() drop:L() drop_key:U() bias:T(r)"
+     " -> out:T(n,e) centroid_out:T(c,e) centroid_lse:T(c)"
      " topk_index:L(c,k) topk_weight:T(c,k)",
      "Low-level gufunc behind routing_attention.clustered_attention (topk = 0) and "
      "improved_clustered_attention (topk >= 1); use those instead.  The out tuple must be "
@@ -71,7 +72,8 @@ GUFUNCS = [
     ("clustered_backward",
      "dout:T(n,e) q:T(n,d) k:T(m,d) v:T(m,e) labels:L(n) key_mask:B(m) centroid_out:T(c,e)"
      " centroid_lse:T(c) topk_index:L(c,k) topk_weight:T(c,k) use_mask:B() use_saved:B()"
-     " n_clusters:L() topk:L() scale:T() -> dq:T(n,d) dk:T(m,d) dv:T(m,e)",
+     " n_clusters:L() topk:L() scale:T() drop:L() drop_key:U() bias:T(r)"
+     " -> dq:T(n,d) dk:T(m,d) dv:T(m,e) dbias:T(r)",
      "Low-level gufunc behind the clustered attention backward functions."),
     ("spherical_kmeans",
      "x:T(n,d) mask:B(n) init:T(c,d) use_init:B() iters:L() seed:U() -> centroids:T(c,d)",
