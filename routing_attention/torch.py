@@ -261,8 +261,8 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator)
     if pairs is not None:
         (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("dense", q, k, v, _mask("key_mask", key_mask), None, None, 0,
-                        bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
+        return _pair_op("dense", q, k, v, _mask("key_mask", key_mask), None, None, None, 0, 0,
+                        0, bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
                         rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse = _attention_op(q, k, v, _mask("key_mask", key_mask), bool(causal), _scale(scale))
@@ -360,8 +360,8 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
     if pairs is not None:
         (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
         return _pair_op("routing", q, k, v, None, _index("q_idx", q_idx), _index("k_idx", k_idx),
-                        0, bool(causal), bool(exclude_self), str(merge), _scale(scale),
-                        pairs[0], pairs[1], rel_bias).to(dtype)
+                        None, 0, 0, 0, bool(causal), bool(exclude_self), str(merge),
+                        _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse, *_ = _routing_op(q, k, v, _index("q_idx", q_idx), _index("k_idx", k_idx),
                                bool(causal), bool(exclude_self), str(merge), _scale(scale))
@@ -415,8 +415,8 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, False, generator)
     if pairs is not None:
         (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("local", q, k, v, None, None, None, window, bool(causal), False, "mean",
-                        _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
+        return _pair_op("local", q, k, v, None, None, None, None, window, 0, 0, bool(causal),
+                        False, "mean", _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _local_op(q, k, v, window, bool(causal), _scale(scale))[0].to(dtype)
 
@@ -428,16 +428,27 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
 # the gradient of rel_bias.  Their lse is not returned (return_lse with these terms is
 # refused), so no gradient can reach it.
 _PAIR_ARGS = ("str method, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? q_idx, "
-              "Tensor? k_idx, int window, bool causal, bool exclude_self, str merge, float? scale, "
-              "float dropout_p, int seed, Tensor? rel_bias")
+              "Tensor? k_idx, Tensor? labels, int window, int n_clusters, int topk, bool causal, "
+              "bool exclude_self, str merge, float? scale, float dropout_p, int seed, "
+              "Tensor? rel_bias")
 
 
-def _pair_call(method, q, k, v, key_mask, q_idx, k_idx, window, causal, exclude_self, merge,
-               scale, dropout_p, seed, rel_bias, dout=None):
+def _pair_call(method, q, k, v, key_mask, q_idx, k_idx, labels, window, n_clusters, topk,
+               causal, exclude_self, merge, scale, dropout_p, seed, rel_bias, dout=None):
     """The NumPy forward (dout None) or backward of `method` with the pair terms."""
     kw = dict(causal=causal, scale=scale, dropout_p=dropout_p, dropout_seed=seed,
               rel_bias=_np(rel_bias))
-    if method == "dense":
+    if method == "clustered":
+        kw = dict(key_mask=_np(key_mask), scale=scale, dropout_p=dropout_p, dropout_seed=seed)
+        if topk:
+            fwd = _clustered.improved_clustered_attention
+            bwd = _clustered.improved_clustered_attention_backward
+            extra = (_np(labels), n_clusters, topk)
+            kw["rel_bias"] = _np(rel_bias)
+        else:
+            fwd, bwd = _clustered.clustered_attention, _clustered.clustered_attention_backward
+            extra = (_np(labels), n_clusters)
+    elif method == "dense":
         fwd, bwd, extra = _dense.attention, _dense.attention_backward, ()
         kw["key_mask"] = _np(key_mask)
     elif method == "routing":
@@ -459,8 +470,9 @@ def _pair_op(*args):
 
 
 @_pair_op.register_fake
-def _(method, q, k, v, key_mask, q_idx, k_idx, *rest):
-    cores = [(q, 2), (k, 2), (v, 2), (key_mask, 1), (q_idx, 2), (k_idx, 2), (rest[-1], 1)]
+def _(method, q, k, v, key_mask, q_idx, k_idx, labels, *rest):
+    cores = [(q, 2), (k, 2), (v, 2), (key_mask, 1), (q_idx, 2), (k_idx, 2), (labels, 1),
+             (rest[-1], 1)]
     return q.new_empty(_batch(*cores) + (q.shape[-2], v.shape[-1]))
 
 
@@ -594,24 +606,38 @@ _clustered_backward_op.register_fake(_grad_fake)
 _register_autograd(_clustered_op, _clustered_backward_op, lse_output=False)
 
 
-def _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale):
+def _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale, pair_args=None):
+    if pair_args is not None:
+        pairs = _with_pairs(*pair_args)
+        if pairs is not None:
+            (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+            return _pair_op("clustered", q, k, v, _mask("key_mask", key_mask), None, None,
+                            _index("labels", labels), 0, int(n_clusters), topk, False, False,
+                            "mean", _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _clustered_op(q, k, v, _index("labels", labels), int(n_clusters), topk,
                          _mask("key_mask", key_mask), _scale(scale))[0].to(dtype)
 
 
-def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None):
+def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None,
+                        dropout_p=0.0, dropout_seed=None, generator=None):
     """Clustered attention on CPU tensors; see `routing_attention.clustered_attention`.
-    labels (..., n) integer tensor (no gradient)."""
-    return _clustered_call(q, k, v, labels, n_clusters, 0, key_mask, scale)
+    labels (..., n) integer tensor (no gradient).  dropout_p, dropout_seed, generator: as
+    in `attention` (the centroid weights are dropped, shared by a cluster's members)."""
+    return _clustered_call(q, k, v, labels, n_clusters, 0, key_mask, scale,
+                           (dropout_p, dropout_seed, None, False, generator))
 
 
-def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None, scale=None):
+def improved_clustered_attention(q, k, v, labels, n_clusters, topk, *, key_mask=None, scale=None,
+                                 dropout_p=0.0, dropout_seed=None, rel_bias=None,
+                                 generator=None):
     """Improved clustered attention on CPU tensors; see
     `routing_attention.improved_clustered_attention` (m̂_c is a constant in the backward,
-    as in the paper)."""
+    as in the paper).  dropout_p, dropout_seed, rel_bias (on the exact part's logits),
+    generator: as in `attention`."""
     topk = integer("topk", int(topk), low=1)
-    return _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale)
+    return _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale,
+                           (dropout_p, dropout_seed, rel_bias, False, generator))
 
 
 # ------------------------------------------------------------------ Combiner
@@ -1095,8 +1121,10 @@ class ClusteredAttention(torch.nn.Module):
     per cluster.  The clustering is not differentiated; ``labels`` holds the last call's.
     """
 
-    def __init__(self, n_clusters=100, *, bits=32, iterations=10, topk=None, seed=0, scale=None):
+    def __init__(self, n_clusters=100, *, bits=32, iterations=10, topk=None, seed=0, scale=None,
+                 dropout=0.0):
         super().__init__()
+        self.dropout = dropout_args(dropout, 0)[0]     # applied while training
         self._options = _clustered.ClusteredAttention(n_clusters, bits=bits, iterations=iterations,
                                                       topk=topk, seed=seed, scale=scale)
         self.register_buffer("planes", torch.empty(0))
@@ -1109,10 +1137,11 @@ class ClusteredAttention(torch.nn.Module):
     def extra_repr(self):
         o = self._options
         return (f"n_clusters={o.n_clusters}, bits={o.bits}, iterations={o.iterations}, "
-                f"topk={o.topk}, seed={o.seed}")
+                f"topk={o.topk}, seed={o.seed}, dropout={self.dropout}")
 
-    def forward(self, q, k, v, key_mask=None, query_mask=None):
-        """Attention output (..., n, e)."""
+    def forward(self, q, k, v, key_mask=None, query_mask=None, rel_bias=None):
+        """Attention output (..., n, e); rel_bias (improved form only): see
+        `improved_clustered_attention`."""
         o = self._options
         (q, k, v), dtype = _floats(q=q, k=k, v=v)
         d = q.shape[-1]
@@ -1122,10 +1151,13 @@ class ClusteredAttention(torch.nn.Module):
         C = min(o.n_clusters, q.shape[-2])
         labels = hamming_kmeans(codes, C, iters=o.iterations, seed=o.seed, mask=query_mask)
         self.labels = labels
-        kw = dict(key_mask=key_mask, scale=o.scale)
+        kw = dict(key_mask=key_mask, scale=o.scale,
+                  dropout_p=self.dropout if self.training else 0.0)
         if o.topk is None:
-            return clustered_attention(q, k, v, labels, C, **kw).to(dtype)
-        return improved_clustered_attention(q, k, v, labels, C, o.topk, **kw).to(dtype)
+            return clustered_attention(q, k, v, labels, C, **kw, **(
+                {} if rel_bias is None else dict(rel_bias=rel_bias))).to(dtype)
+        return improved_clustered_attention(q, k, v, labels, C, o.topk, rel_bias=rel_bias,
+                                            **kw).to(dtype)
 
 
 class CombinerAttention(torch.nn.Module):

@@ -86,3 +86,43 @@ def test_lse_refused_with_pair_terms():
     q, k, v, *_ = leaves()
     with pytest.raises(ValueError, match="return_lse"):
         rat.attention(q, k, v, dropout_p=0.1, return_lse=True)
+
+
+def test_clustered_gradcheck_and_reference():
+    """Plain clustered with dropout; improved with topk > m (every weight exact, so the
+    m̂-constant gradient is the true one) with dropout and a learned T5 table."""
+    g = torch.Generator().manual_seed(4)
+    n, m, C = 10, 12, 3
+    q, k, v = (torch.randn(2, rows, c, generator=g, dtype=torch.float64, requires_grad=True)
+               for rows, c in ((n, 3), (m, 3), (m, 2)))
+    labels = torch.randint(0, C, (2, n), generator=g)
+    table = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def plain(q, k, v):
+        return rat.clustered_attention(q, k, v, labels, C, dropout_p=0.3, dropout_seed=2)
+
+    def improved(q, k, v, table):
+        return rat.improved_clustered_attention(
+            q, k, v, labels, C, m + 1, dropout_p=0.3, dropout_seed=2,
+            rel_bias=rat.relative_bias(n, m, table=table, max_distance=16))
+    assert torch.autograd.gradcheck(plain, (q, k, v))
+    assert torch.autograd.gradcheck(improved, (q, k, v, table))
+    np_args = [x.detach().numpy() for x in (q, k, v)] + [labels.numpy(), C]
+    want = ref.clustered_attention(*np_args, dropout_p=0.3, dropout_seed=2)
+    np.testing.assert_allclose(plain(q, k, v).detach().numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_drop_only_while_training():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 32, 8) for _ in range(3))
+    for layer in (rat.RoutingAttention(4, local_heads=2, window=8, causal=True, dropout=0.3),
+                  rat.ClusteredAttention(4, topk=4, dropout=0.3)):
+        layer.eval()
+        a, b = layer(q, k, v), layer(q, k, v)
+        assert torch.equal(a, b)                         # eval: no dropout, deterministic
+        layer.train()
+        torch.manual_seed(5)
+        c = layer(q, k, v)
+        torch.manual_seed(5)
+        d = layer(q, k, v)
+        assert torch.equal(c, d) and not torch.allclose(a, c)
