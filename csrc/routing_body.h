@@ -26,7 +26,8 @@ typedef struct {
     T *dk_slot;       /* (c·u, d) backward only */
     T *dv_slot;       /* (c·u, e) backward only */
     const FN(RaPairs) *pairs;  /* the problem's pair terms, or NULL */
-    T *dbias_part;    /* (c, r)   backward: each cluster's relative bias gradient, or NULL */
+    T *dbias_part;    /* (G, r)   backward: the relative bias gradient of each group of
+                                  consecutive clusters (RA_BIAS_GROUPS), or NULL */
     int r;            /* n + m - 1 */
 } FN(RoutingBuffers);
 
@@ -191,6 +192,17 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
 }
 
 /* ------------------------------------------------------------------ backward */
+/* The relative bias gradient is summed per group of consecutive clusters (a function of
+ * the shape only, so the same bits for any thread count): group of cluster cl of c. */
+#ifndef RA_BIAS_GROUPS
+#define RA_BIAS_GROUPS 8
+#endif
+static inline int FN(bias_group)(int cl, int c)
+{
+    const int groups = c < RA_BIAS_GROUPS ? c : RA_BIAS_GROUPS;
+    return (int)((int64_t)cl * groups / c);
+}
+
 /* Cluster cl: per-slot gradient rows dq_slot (w.r.t. the scaled query), dk_slot, dv_slot.
  * The gradient reaching slot (cl, r) of token i is dO = dout_i / count_i (mean) or
  * dout_i with the merged lse L_i and delta_i = dout_i·out_i (lse merge: exactly the
@@ -205,7 +217,6 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     T *dk = buf->dk_slot + (ptrdiff_t)cl * P->u * d, *dv = buf->dv_slot + (ptrdiff_t)cl * P->u * e;
     memset(dk, 0, sizeof(T) * (size_t)nk * d);
     memset(dv, 0, sizeof(T) * (size_t)nk * e);
-    if (buf->dbias_part) memset(buf->dbias_part + (ptrdiff_t)cl * buf->r, 0, sizeof(T) * (size_t)buf->r);
     if (nq == 0 || nk == 0) {
         memset(buf->dq_slot + (ptrdiff_t)cl * P->w * d, 0, sizeof(T) * (size_t)nq * d);
         return;
@@ -222,7 +233,8 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     FN(RaPairs) pairs;                  /* this cluster's own bias gradient row */
     if (buf->pairs) {
         pairs = *buf->pairs;
-        pairs.dbias = buf->dbias_part ? buf->dbias_part + (ptrdiff_t)cl * buf->r + (P->n - 1) : NULL;
+        pairs.dbias = buf->dbias_part ? buf->dbias_part + (ptrdiff_t)FN(bias_group)(cl, P->c) * buf->r
+                                        + (P->n - 1) : NULL;
         g.pairs = &pairs;
     }
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
@@ -311,7 +323,8 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     buf.dk_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, d)));
     buf.dv_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, e)));
     buf.r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
-    buf.dbias_part = buf.r ? ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)c, buf.r))) : NULL;
+    const int groups = c < RA_BIAS_GROUPS ? c : RA_BIAS_GROUPS;
+    buf.dbias_part = buf.r ? ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)groups, buf.r))) : NULL;
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int status = (!recompute || (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse)) &&
                  buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch && (!buf.r || buf.dbias_part)
@@ -339,10 +352,24 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
             buf.out = (T *)(saved_out.data + b * saved_out.sb);
             buf.lse = (T *)(saved_lse.data + b * saved_lse.sb);
         }
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-        for (int cl = 0; cl < c; cl++)
-            FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags, lse_merge,
-                                         (T *)(scratch + (size_t)ra_thread_id() * per_thread), &buf);
+        if (buf.r) {
+            /* with a bias gradient: groups of consecutive clusters in parallel, each one
+               group's clusters in order into the group's own partial */
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (int g = 0; g < groups; g++) {
+                memset(buf.dbias_part + (size_t)g * buf.r, 0, sizeof(T) * (size_t)buf.r);
+                for (int cl = 0; cl < c; cl++)
+                    if (FN(bias_group)(cl, c) == g)
+                        FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags,
+                                                     lse_merge, (T *)(scratch + (size_t)ra_thread_id() * per_thread),
+                                                     &buf);
+            }
+        } else {
+            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+            for (int cl = 0; cl < c; cl++)
+                FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags, lse_merge,
+                                             (T *)(scratch + (size_t)ra_thread_id() * per_thread), &buf);
+        }
         RaMat dqb = ra_mat_at(dq, b), dkb = ra_mat_at(dk, b), dvb = ra_mat_at(dv, b);
         /* forward: logits = (scale·q)·kᵀ, so dq = scale · Σ slots; tokens in no
            cluster get zero gradient */
@@ -357,7 +384,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
             FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dv_slot,
                                   e, 1, dvb, j);
         }
-        FN(ra_pairs_write_dbias)(pairs, b, buf.r, buf.dbias_part, c);   /* cluster order */
+        FN(ra_pairs_write_dbias)(pairs, b, buf.r, buf.dbias_part, groups);   /* group order */
     }
     if (recompute) {
         ra_free(buf.o_slot);
