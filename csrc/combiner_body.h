@@ -10,6 +10,7 @@
  * _m: members of a region.  Backward-only pieces stay NULL in the forward. */
 typedef struct {
     int64_t *qidx, *didx, *kid, *vid, *kloc, *vloc, *spos, *sqpos, *vids, *midx;
+    int64_t *sid;                               /* summary entries' pair ids: -1 - vid */
     FN(RaQTile) qt;                             /* the engine's query tile, q in qs */
     FN(RaQGradTile) gt;                         /* its gradient tile (backward) */
     T *qs;
@@ -42,6 +43,7 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->kloc = ra_take(a, z->maxS, I);
     w->vloc = ra_take(a, z->maxS, I);
     w->spos = ra_take(a, z->maxS, I);
+    w->sid = ra_take(a, z->maxS, I);
     w->sqpos = ra_take(a, BQ, I);
     w->vids = ra_take(a, z->maxV, I);
     w->midx = ra_take(a, z->maxMem, I);
@@ -107,6 +109,12 @@ typedef struct {
     int64_t *slot_kid, *slot_vid, *offs;
     int64_t budget;        /* slots */
     int64_t kbase, vbase;  /* the phase whose summaries the tables hold */
+    /* pair terms (engine.h): the direct keys' (dropout and bias) and the summary entries'
+       (dropout only, column ids -1 - vid), NULL when none; backward: dbias (2n - 1, at
+       offset n - 1 = same position) accumulates the direct pairs' bias gradient, or NULL */
+    FN(RaPairs) pr, sp;
+    const FN(RaPairs) *direct_pairs, *summary_pairs;
+    T *dbias;
 } FN(CTab);
 
 static void FN(ctab_layout)(FN(CTab) *t, RaArena *a, const RaCPlan *p, const RaCSizes *z,

@@ -90,7 +90,9 @@ static void FN(unit_keys)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, int64_
     uk->direct = (FN(RaKeys)){.count = nd, .kt = w->kt_d, .ldkt = nd, .pos = w->didx,
                               .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->dvis};
     uk->summary = (FN(RaKeys)){.count = S, .kt = w->kt_s, .ldkt = S, .pos = w->spos,
+                               .ids = w->sid,
                                .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->svis};
+    for (int j = 0; j < S; j++) w->sid[j] = -1 - w->vid[j];
     if (!bwd) {
         uk->direct.v = w->v_d, uk->direct.ldv = e;
         uk->summary.v = w->v_s, uk->summary.ldv = e;
@@ -120,6 +122,7 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
         FN(RaQTile) qt = w->qt;
         qt.rows = rows;
         qt.pos = qpos;
+        qt.pairs = tb->direct_pairs;
         FN(ra_gather)(q, qpos, 0, rows, d, sc, 0, w->qs, d);
         if (pass == 0) FN(ra_fwd_init)(&qt, e);
         else FN(ra_attend_restore)(&qt, e, qpos, tb->st_mx, tb->st_sum, tb->st_acc);
@@ -127,6 +130,8 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
         FN(ra_attend)(K, &qt, &uk.direct, d, e, U.dflags);
         FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
         qt.pos = w->sqpos;                      /* summaries are matched by row or column */
+        qt.ids = qpos;                          /* and named by query position, -1 - vid */
+        qt.pairs = tb->summary_pairs;
         FN(ra_attend)(K, &qt, &uk.summary, d, e, U.sflags);
         if (last) {
             const ptrdiff_t os0 = out.s0 * U.q.stride, ls0 = lse.s0 * U.q.stride;
@@ -221,14 +226,23 @@ static int FN(run_open)(FN(CRun) *r, int n, int d, int e, int mode, RaBVec plan,
     return r->ws ? RA_OK : RA_ERR_NOMEM;
 }
 
-/* Problem b: its plan (from the broadcast scalars), tables and tiles; its scale in *sc. */
-static int FN(run_problem)(FN(CRun) *r, ptrdiff_t b, RaCPlan *p, FN(CTab) *tb, T *sc)
+/* Problem b: its plan (from the broadcast scalars), tables, tiles and pair terms; its
+ * scale in *sc. */
+static int FN(run_problem)(FN(CRun) *r, ptrdiff_t b, RaCPlan *p, FN(CTab) *tb, T *sc,
+                           const RaBPairs *pairs, T *dbias)
 {
     *sc = RA_VEC_AT(T, ra_vec_at(r->scale, b), 0);
-    const int st = ra_cplan_init(p, (int)RA_VEC_AT(int64_t, ra_vec_at(r->plan, b), 0), r->n,
-                                 RA_VEC_AT(int64_t, ra_vec_at(r->block, b), 0),
-                                 RA_VEC_AT(uint8_t, ra_vec_at(r->causal, b), 0));
-    return st != RA_OK ? st : FN(problem_setup)(&r->bf, p, r->nt, r->d, r->e, r->mode, tb, r->ws);
+    int st = ra_cplan_init(p, (int)RA_VEC_AT(int64_t, ra_vec_at(r->plan, b), 0), r->n,
+                           RA_VEC_AT(int64_t, ra_vec_at(r->block, b), 0),
+                           RA_VEC_AT(uint8_t, ra_vec_at(r->causal, b), 0));
+    if (st == RA_OK) st = FN(problem_setup)(&r->bf, p, r->nt, r->d, r->e, r->mode, tb, r->ws);
+    if (st != RA_OK) return st;
+    tb->direct_pairs = FN(ra_pairs_at)(pairs, b, r->n, NULL, &tb->pr);
+    tb->sp = tb->pr;
+    tb->sp.bias = NULL;
+    tb->summary_pairs = tb->direct_pairs && tb->pr.drop ? &tb->sp : NULL;
+    tb->dbias = tb->direct_pairs && tb->pr.bias ? dbias : NULL;
+    return RA_OK;
 }
 
 static void FN(run_close)(FN(CRun) *r)
@@ -242,7 +256,7 @@ static void FN(run_close)(FN(CRun) *r)
  * -> out (B; n, e) */
 int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k, RaBMat v,
                             RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
-                            RaBMat out, RaBVec lse)
+                            const RaBPairs *pairs, RaBMat out, RaBVec lse)
 {
     const KT *K = &ra_kernels()->KSEL;
     FN(CRun) run;
@@ -251,7 +265,7 @@ int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k
         RaCPlan p;
         FN(CTab) tb;
         T sc;
-        if ((st = FN(run_problem)(&run, b, &p, &tb, &sc)) != RA_OK) break;
+        if ((st = FN(run_problem)(&run, b, &p, &tb, &sc, pairs, NULL)) != RA_OK) break;
         FN(problem_forward)(K, &p, run.ws, run.nt, ra_mat_at(q, b), ra_mat_at(k, b),
                             ra_mat_at(v, b), sc, d, e, &tb, ra_mat_at(out, b),
                             lse.data ? ra_vec_at(lse, b) : (RaVec){NULL, 0});
@@ -268,8 +282,16 @@ int FN(ra_combiner_forward)(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k
  * which several units share: those go to this unit's slots, summed later in unit order. */
 static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, int pass,
                                     int64_t u, RaMat q, RaMat k, RaMat v, RaMat dout, T sc,
-                                    int d, int e, FN(CTab) *tb, int64_t slot)
+                                    int d, int e, FN(CTab) *tb, int64_t slot, T *dbias_window)
 {
+    /* the direct pairs' bias gradient goes to this unit's own window (see pass_backward) */
+    FN(RaPairs) direct;
+    const FN(RaPairs) *dpairs = tb->direct_pairs;
+    if (dpairs && dbias_window) {
+        direct = *dpairs;
+        direct.dbias = dbias_window;
+        dpairs = &direct;
+    }
     RaCUnit U;
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
     const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
@@ -293,10 +315,13 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
         FN(RaQGradTile) g = w->gt;
         g.rows = rows;
         g.pos = qpos;
+        g.pairs = dpairs;
         uk.dvis.qpos = uk.svis.qpos = qpos;
         FN(ra_attend_backward)(K, &g, &uk.direct, w->dk_d, d, w->dv_d, e, d, e, U.dflags, NULL);
         FN(summary_qpos)(p, &U, qpos, rows, w->sqpos);
         g.pos = w->sqpos;
+        g.ids = qpos;
+        g.pairs = tb->summary_pairs;
         FN(ra_attend_backward)(K, &g, &uk.summary, w->dk_s, d, w->dv_s, e, d, e, U.sflags, NULL);
         for (int r = 0; r < rows; r++)
             for (int c = 0; c < d; c++) tb->dqs[qpos[r] * d + c] += w->dq[(ptrdiff_t)r * d + c];
@@ -368,13 +393,44 @@ static void FN(region_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, 
     }
 }
 
+/* The offsets j - i of a query unit's direct pairs: [*lo, *lo + width), width returned
+ * (0 without direct keys). */
+static int64_t FN(unit_offsets)(const RaCUnit *U, int64_t *lo)
+{
+    if (U->q.count == 0 || U->direct.count == 0) return *lo = 0, 0;
+    const int64_t qlast = U->q.start + (U->q.count - 1) * U->q.stride;
+    const int64_t dlast = U->direct.start + (U->direct.count - 1) * U->direct.stride;
+    *lo = U->direct.start - qlast;
+    return dlast - U->q.start - *lo + 1;
+}
+
 /* Query pass `pass` backward, in chunks of units whose summary-gradient slots fit the
- * budget; after each chunk the slots are summed into dkhat, dvhat in unit order. */
-static void FN(pass_backward)(const KT *K, const RaCPlan *p, int pass, FN(CWs) *ws, int nt,
-                              RaMat q, RaMat k, RaMat v, RaMat dout, T sc, int d, int e,
-                              FN(CTab) *tb)
+ * budget; after each chunk the slots are summed into dkhat, dvhat in unit order, and
+ * (with a relative bias) each unit's bias-gradient window into tb->dbias, in unit order.
+ * RA_ERR_NOMEM if the windows cannot be allocated. */
+static int FN(pass_backward)(const KT *K, const RaCPlan *p, int pass, FN(CWs) *ws, int nt,
+                             RaMat q, RaMat k, RaMat v, RaMat dout, T sc, int d, int e,
+                             FN(CTab) *tb)
 {
     const int64_t nu = ra_cplan_pass_units(p, pass);
+    int64_t *wlo = NULL, *woff = NULL, wbudget = 0;
+    T *win = NULL;
+    if (tb->dbias) {               /* windows: at most 4n entries per chunk, or one unit's */
+        wlo = ra_alloc(ra_mul(sizeof(int64_t), (size_t)nu));
+        woff = ra_alloc(ra_mul(sizeof(int64_t), (size_t)nu + 1));
+        if (!wlo || !woff) { ra_free(wlo); ra_free(woff); return RA_ERR_NOMEM; }
+        woff[0] = 0;
+        for (int64_t u = 0; u < nu; u++) {
+            RaCUnit U;
+            ra_cplan_unit(p, pass, u, &U, NULL, NULL, NULL);
+            const int64_t width = FN(unit_offsets)(&U, &wlo[u]);
+            woff[u + 1] = woff[u] + width;
+            wbudget = width > wbudget ? width : wbudget;
+        }
+        wbudget = 4 * p->n > wbudget ? 4 * p->n : wbudget;
+        win = ra_alloc(ra_mul(sizeof(T), (size_t)wbudget));
+        if (!win) { ra_free(wlo); ra_free(woff); return RA_ERR_NOMEM; }
+    }
     tb->offs[0] = 0;
     for (int64_t u = 0; u < nu; u++) {
         RaCUnit U;
@@ -382,11 +438,19 @@ static void FN(pass_backward)(const KT *K, const RaCPlan *p, int pass, FN(CWs) *
     }
     for (int64_t u0 = 0, u1; u0 < nu; u0 = u1) {
         u1 = u0 + 1;
-        while (u1 < nu && tb->offs[u1 + 1] - tb->offs[u0] <= tb->budget) u1++;
+        while (u1 < nu && tb->offs[u1 + 1] - tb->offs[u0] <= tb->budget &&
+               (!win || woff[u1 + 1] - woff[u0] <= wbudget)) u1++;
+        if (win) memset(win, 0, sizeof(T) * (size_t)(woff[u1] - woff[u0]));
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
         for (int64_t u = u0; u < u1; u++)
             FN(query_unit_backward)(K, p, &ws[ra_thread_id()], pass, u, q, k, v, dout, sc, d, e,
-                                    tb, tb->offs[u] - tb->offs[u0]);
+                                    tb, tb->offs[u] - tb->offs[u0],
+                                    win ? win + (woff[u] - woff[u0]) - wlo[u] : NULL);
+        for (int64_t u = u0; win && u < u1; u++) {       /* unit order: the same bits */
+            const T *x = win + (woff[u] - woff[u0]);
+            T *dst = tb->dbias + wlo[u];
+            for (int64_t t = 0; t < woff[u + 1] - woff[u]; t++) dst[t] += x[t];
+        }
         /* threads split the channels, so every element's additions keep the unit order
            (bit-identical for any nt) */
         const int64_t ns = tb->offs[u1] - tb->offs[u0];
@@ -406,6 +470,10 @@ static void FN(pass_backward)(const KT *K, const RaCPlan *p, int pass, FN(CWs) *
             }
         }
     }
+    ra_free(win);
+    ra_free(wlo);
+    ra_free(woff);
+    return RA_OK;
 }
 
 /* a matrix (n, width) whose rows are packed one after the other */
@@ -423,7 +491,7 @@ static int FN(packed)(RaBMat m, int width)
 int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBMat q,
                              RaBMat k, RaBMat v, RaBMat saved_out, RaBVec saved_lse,
                              RaBVec plan, RaBVec block, RaBVec causal, RaBVec scale,
-                             RaBMat dq, RaBMat dk, RaBMat dv)
+                             const RaBPairs *pairs, RaBMat dq, RaBMat dk, RaBMat dv)
 {
     const KT *K = &ra_kernels()->KSEL;
     /* packed outputs accumulate the gradients in place, sparing three (n, ·) tables */
@@ -433,11 +501,17 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
     int st = FN(run_open)(&run, n, d, e, mode, plan, block, causal, scale);
     FN(CWs) *const ws = run.ws;
     const int nt = run.nt;
+    /* the relative bias gradient of a problem, entry j - i + n - 1 */
+    const int r = pairs->bias.data && pairs->dbias.data ? 2 * n - 1 : 0;
+    T *dbias = r ? ra_alloc(ra_mul(sizeof(T), (size_t)r)) : NULL;
+    if (r && !dbias) st = RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
         RaCPlan p;
         FN(CTab) tb;
         T sc;
-        if ((st = FN(run_problem)(&run, b, &p, &tb, &sc)) != RA_OK) break;
+        if ((st = FN(run_problem)(&run, b, &p, &tb, &sc, pairs, dbias ? dbias + (n - 1) : NULL))
+            != RA_OK) break;
+        if (dbias) memset(dbias, 0, sizeof(T) * (size_t)r);
         const RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         const RaMat gb = ra_mat_at(dout, b);
         const RaMat dqm = ra_mat_at(dq, b), dkm = ra_mat_at(dk, b), dvm = ra_mat_at(dv, b);
@@ -474,8 +548,9 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
             if (ph != held) FN(problem_summaries)(K, &p, ph, ws, nt, qb, kb, vb, sc, d, e, &tb);
             memset(tb.dkhat, 0, sizeof(T) * (size_t)f.nk * d);
             memset(tb.dvhat, 0, sizeof(T) * (size_t)f.nv * e);
-            for (int pass = f.pass0; pass < f.pass1; pass++)
-                FN(pass_backward)(K, &p, pass, ws, nt, qb, kb, vb, gb, sc, d, e, &tb);
+            for (int pass = f.pass0; pass < f.pass1 && st == RA_OK; pass++)
+                st = FN(pass_backward)(K, &p, pass, ws, nt, qb, kb, vb, gb, sc, d, e, &tb);
+            if (st != RA_OK) break;
             for (int w = f.wave0; w < f.wave1; w++) {
                 const int64_t nu = ra_cplan_wave_units(&p, w);
                 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
@@ -497,7 +572,9 @@ int FN(ra_combiner_backward)(ptrdiff_t B, int n, int d, int e, RaBMat dout, RaBM
             for (int c = 0; c < d; c++) RA_MAT_AT(T, dkm, i, c) = tb.dks[(ptrdiff_t)i * d + c];
             for (int c = 0; c < e; c++) RA_MAT_AT(T, dvm, i, c) = tb.dvs[(ptrdiff_t)i * e + c];
         }
+        if (st == RA_OK) FN(ra_pairs_write_dbias)(pairs, b, r, dbias, 1);
     }
+    ra_free(dbias);
     FN(run_close)(&run);
     return st;
 }

@@ -69,8 +69,11 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
        a relative position bias added to the logit of (query position i, key position j),\
        bias[j - i], and attention dropout: the weight p_ij (after the softmax) becomes    \
        p_ij · keep, or 0 when ra_pair_bits(key, i, j) < drop (common.h).  Both read the   \
-       tiles' positions, so a query tile with pairs needs pos.  The backward regenerates  \
-       the dropout and accumulates dbias[j - i] += ∂loss/∂logit_ij when dbias is set. */ \
+       tiles' positions, so a query tile with pairs needs pos — or ids, when a planner's \
+       masking positions are not the pairs' identities (Combiner's summaries: row and    \
+       column coordinates mask them, the query position and -1 - region id name them).   \
+       The backward regenerates the dropout and accumulates dbias[j - i] += ∂loss/∂logit_ij\
+       when dbias is set. */                                                              \
     typedef struct {                                                                      \
         const T *bias;         /* at offset 0 = same position; NULL: no bias */           \
         T *dbias;              /* backward, same offsets; NULL: not wanted */             \
@@ -87,6 +90,7 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
         T *s;                  /* (rows, RA_BK) */                                        \
         ptrdiff_t lds;         /* s's leading dimension; 0 means RA_BK */                 \
         const RaPairs_##SUF *pairs;   /* NULL: none */                                    \
+        const int64_t *ids;    /* (rows) the pairs' row ids; NULL: pos */                 \
     } RaQTile_##SUF;                                                                      \
     typedef struct RaKTile_##SUF {                                                        \
         int cols;                                                                         \
@@ -95,6 +99,7 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
         const T *k;  ptrdiff_t ldk;    /* (cols, d)  backward only */                     \
         const T *vt; ptrdiff_t ldvt;   /* (e, cols)  backward only */                     \
         const int64_t *pos;            /* (cols) original positions, -1 = padding */      \
+        const int64_t *ids;            /* (cols) the pairs' column ids; NULL: pos */      \
         const uint64_t *vis;           /* optional (rows, ldvis) bitmap, NULL = none */   \
         ptrdiff_t ldvis;               /* words per query row of vis */                   \
         T *dk, *dv;    /* key lists, backward: where a load hook wants this tile's dk, dv \
@@ -109,6 +114,7 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
         T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
         T *s, *dp;             /* scratch (rows, RA_BK) each */                           \
         const RaPairs_##SUF *pairs;   /* NULL: none */                                    \
+        const int64_t *ids;    /* (rows) the pairs' row ids; NULL: pos */                 \
     } RaQGradTile_##SUF;                                                                  \
     /* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler    \
        vectorises (the same operations either way, so the same result). */               \
@@ -149,6 +155,7 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
         const T *k;  ptrdiff_t ldk;    /* (count, d)  backward */                         \
         const T *vt; ptrdiff_t ldvt;   /* (e, count)  backward */                         \
         const int64_t *pos;                                                               \
+        const int64_t *ids;    /* (count) the pairs' column ids; NULL: pos (not with spans) */\
         void (*load)(void *ctx, int j0, int rows, int need, struct RaKTile_##SUF *t);     \
         const uint64_t *(*tile_vis)(void *ctx, int rows, int j0, int cols,                \
                                     ptrdiff_t *ldvis);                                    \

@@ -181,6 +181,7 @@ T *FN(ra_qtile_layout)(FN(RaQTile) *qt, RaArena *a, int rows, int d, int e)
     qt->s = RA_TAKE(a, T, ra_mul(rows, RA_BK));
     qt->lds = 0;
     qt->pairs = NULL;
+    qt->ids = NULL;
     qt->mx = RA_TAKE(a, T, (size_t)rows);
     qt->sum = RA_TAKE(a, T, (size_t)rows);
     return q;
@@ -191,6 +192,7 @@ void FN(ra_qgrad_layout)(FN(RaQGradTile) *g, RaArena *a, int rows, const FN(RaQT
     g->s = share ? share->s : RA_TAKE(a, T, ra_mul(rows, RA_BK));
     g->dp = RA_TAKE(a, T, ra_mul(rows, RA_BK));
     g->pairs = NULL;
+    g->ids = NULL;
 }
 
 const FN(RaPairs) *FN(ra_pairs_at)(const RaBPairs *bp, ptrdiff_t b, int n, T *dbias,
@@ -228,6 +230,13 @@ void FN(ra_fwd_init)(FN(RaQTile) *qt, int e)
 /* The leading dimension of a query tile's logits. */
 static inline ptrdiff_t FN(qt_lds)(const FN(RaQTile) *qt) { return qt->lds ? qt->lds : RA_BK; }
 
+/* The ids naming a tile's pairs for the pair terms: the planner's ids, else positions. */
+static inline const int64_t *FN(row_ids)(const int64_t *ids, const int64_t *pos)
+{
+    return ids ? ids : pos;
+}
+static inline const int64_t *FN(col_ids)(const FN(RaKTile) *t) { return t->ids ? t->ids : t->pos; }
+
 /* q is (rows, d), kt is (d, cols) -> s (rows, cols) masked logits */
 static void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int flags)
 {
@@ -236,7 +245,8 @@ static void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *k
     /* 1. logits: s = q · kᵀ [+ relative position bias] */
     K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0);
     if (qt->pairs && qt->pairs->bias)
-        K->bias_tile(rows, cols, qt->s, lds, qt->pos, kt->pos, qt->pairs->bias);
+        K->bias_tile(rows, cols, qt->s, lds, FN(row_ids)(qt->ids, qt->pos), FN(col_ids)(kt),
+                     qt->pairs->bias);
     /* 2. position mask */
     if (flags & RA_MASKED) FN(apply_mask)(K, qt->s, lds, rows, cols, qt->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(qt->s, lds, rows, cols, kt->vis, kt->ldvis);
@@ -253,7 +263,9 @@ static void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile
     /* 3b. dropout after the softmax: sum above counts every weight, acc only the kept */
     const FN(RaPairs) *pr = qt->pairs;
     const int dropping = pr && pr->drop;
-    if (dropping) K->dropout_tile(rows, cols, qt->s, lds, qt->pos, kt->pos, pr->key, pr->drop, pr->keep);
+    if (dropping)
+        K->dropout_tile(rows, cols, qt->s, lds, FN(row_ids)(qt->ids, qt->pos), FN(col_ids)(kt),
+                        pr->key, pr->drop, pr->keep);
     /* 4. acc += p · v.  A hidden key has p == 0 exactly, but 0·NaN = NaN in the gemm:
      * when a masked tile's v holds a non-finite value, weights of 0 are skipped so that
      * value reaches only the queries that see its key (NaN locality: README, Reliability). */
@@ -313,9 +325,10 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
 {
     const int rows = g->rows, cols = kt->cols;
     const FN(RaPairs) *pr = g->pairs;
+    const int64_t *rid = FN(row_ids)(g->ids, g->pos), *cid = FN(col_ids)(kt);
     /* forward pass 1-3 recomputed: s = q·kᵀ [+ bias], masked, p = exp(s - lse) */
     K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
-    if (pr && pr->bias) K->bias_tile(rows, cols, g->s, RA_BK, g->pos, kt->pos, pr->bias);
+    if (pr && pr->bias) K->bias_tile(rows, cols, g->s, RA_BK, rid, cid, pr->bias);
     if (flags & RA_MASKED) FN(apply_mask)(K, g->s, RA_BK, rows, cols, g->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(g->s, RA_BK, rows, cols, kt->vis, kt->ldvis);
     K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
@@ -324,10 +337,10 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
            dv += (p∘f)ᵀ·dout (p∘f built in dp) and dp = f∘(dout·vᵀ) */
         for (int i = 0; i < rows; i++)
             memcpy(g->dp + (ptrdiff_t)i * RA_BK, g->s + (ptrdiff_t)i * RA_BK, sizeof(T) * (size_t)cols);
-        K->dropout_tile(rows, cols, g->dp, RA_BK, g->pos, kt->pos, pr->key, pr->drop, pr->keep);
+        K->dropout_tile(rows, cols, g->dp, RA_BK, rid, cid, pr->key, pr->drop, pr->keep);
         K->gemm_tn(cols, e, rows, g->dp, RA_BK, g->dout, e, dv, lddv, 1);
         K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
-        K->dropout_tile(rows, cols, g->dp, RA_BK, g->pos, kt->pos, pr->key, pr->drop, pr->keep);
+        K->dropout_tile(rows, cols, g->dp, RA_BK, rid, cid, pr->key, pr->drop, pr->keep);
     } else {
         /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
         K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
@@ -335,7 +348,7 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
     }
     /* forward: p = softmax(s), so ds = p ∘ (dp - delta) with delta = rowsum(dout∘out) */
     K->softmax_grad(rows, cols, g->s, g->dp, RA_BK, g->delta, 1);
-    if (pr && pr->dbias) FN(bias_grad)(g->dp, RA_BK, rows, cols, g->pos, kt->pos, pr->dbias);
+    if (pr && pr->dbias) FN(bias_grad)(g->dp, RA_BK, rows, cols, rid, cid, pr->dbias);
     /* forward: s = q·kᵀ, so dq += ds·k and dk += dsᵀ·q */
     K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
     K->gemm_tn(cols, d, rows, g->dp, RA_BK, g->q, d, dk, lddk, 1);
@@ -383,6 +396,7 @@ static FN(RaKTile) FN(keys_tile)(const FN(RaKeys) *keys, int j0, int rows, int n
     if (keys->k) { t.k = keys->k + (ptrdiff_t)j0 * keys->ldk; t.ldk = keys->ldk; }
     if (keys->vt) { t.vt = keys->vt + j0; t.ldvt = keys->ldvt; }
     t.pos = keys->pos ? keys->pos + j0 : NULL;
+    t.ids = keys->ids ? keys->ids + j0 : NULL;
     if (keys->load) keys->load(keys->ctx, j0, rows, need, &t);
     return t;
 }

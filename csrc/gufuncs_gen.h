@@ -90,16 +90,19 @@ enum {
     routing_backward_dim_w = 6, routing_backward_dim_u = 7, routing_backward_dim_r = 8,
 };
 
-/* _combiner_forward(q, k, v, plan, block, causal, scale) -> (out, lse)  (n,d),(n,d),(n,e),(),(),(),()->(n,e),(n) */
+/* _combiner_forward(q, k, v, plan, block, causal, scale, drop, drop_key, bias) -> (out, lse)  (n,d),(n,d),(n,e),(),(),(),(),(),(),(r)->(n,e),(n) */
 enum {
     combiner_forward_q = 0, combiner_forward_k = 1, combiner_forward_v = 2,
     combiner_forward_plan = 3, combiner_forward_block = 4, combiner_forward_causal = 5,
-    combiner_forward_scale = 6, combiner_forward_out = 7, combiner_forward_lse = 8,
-    combiner_forward_q_core = 9, combiner_forward_k_core = 11, combiner_forward_v_core = 13,
-    combiner_forward_plan_core = 15, combiner_forward_block_core = 15,
-    combiner_forward_causal_core = 15, combiner_forward_scale_core = 15,
-    combiner_forward_out_core = 15, combiner_forward_lse_core = 17,
-    combiner_forward_dim_n = 1, combiner_forward_dim_d = 2, combiner_forward_dim_e = 3,
+    combiner_forward_scale = 6, combiner_forward_drop = 7, combiner_forward_drop_key = 8,
+    combiner_forward_bias = 9, combiner_forward_out = 10, combiner_forward_lse = 11,
+    combiner_forward_q_core = 12, combiner_forward_k_core = 14, combiner_forward_v_core = 16,
+    combiner_forward_plan_core = 18, combiner_forward_block_core = 18,
+    combiner_forward_causal_core = 18, combiner_forward_scale_core = 18,
+    combiner_forward_drop_core = 18, combiner_forward_drop_key_core = 18,
+    combiner_forward_bias_core = 18, combiner_forward_out_core = 19,
+    combiner_forward_lse_core = 21, combiner_forward_dim_n = 1, combiner_forward_dim_d = 2,
+    combiner_forward_dim_e = 3, combiner_forward_dim_r = 4,
 };
 
 /* _engine_masked(q, k, v, mask, dout) -> (out, lse, dq, dk, dv)  (n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e) */
@@ -114,21 +117,25 @@ enum {
     engine_masked_dim_m = 3, engine_masked_dim_e = 4,
 };
 
-/* _combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale) -> (dq, dk, dv)  (n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e) */
+/* _combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale, drop, drop_key, bias) -> (dq, dk, dv, dbias)  (n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),(),(),(),(r)->(n,d),(n,d),(n,e),(r) */
 enum {
     combiner_backward_dout = 0, combiner_backward_q = 1, combiner_backward_k = 2,
     combiner_backward_v = 3, combiner_backward_out = 4, combiner_backward_lse = 5,
     combiner_backward_use_saved = 6, combiner_backward_plan = 7, combiner_backward_block = 8,
-    combiner_backward_causal = 9, combiner_backward_scale = 10, combiner_backward_dq = 11,
-    combiner_backward_dk = 12, combiner_backward_dv = 13, combiner_backward_dout_core = 14,
-    combiner_backward_q_core = 16, combiner_backward_k_core = 18,
-    combiner_backward_v_core = 20, combiner_backward_out_core = 22,
-    combiner_backward_lse_core = 24, combiner_backward_use_saved_core = 25,
-    combiner_backward_plan_core = 25, combiner_backward_block_core = 25,
-    combiner_backward_causal_core = 25, combiner_backward_scale_core = 25,
-    combiner_backward_dq_core = 25, combiner_backward_dk_core = 27,
-    combiner_backward_dv_core = 29, combiner_backward_dim_n = 1, combiner_backward_dim_e = 2,
-    combiner_backward_dim_d = 3,
+    combiner_backward_causal = 9, combiner_backward_scale = 10, combiner_backward_drop = 11,
+    combiner_backward_drop_key = 12, combiner_backward_bias = 13, combiner_backward_dq = 14,
+    combiner_backward_dk = 15, combiner_backward_dv = 16, combiner_backward_dbias = 17,
+    combiner_backward_dout_core = 18, combiner_backward_q_core = 20,
+    combiner_backward_k_core = 22, combiner_backward_v_core = 24,
+    combiner_backward_out_core = 26, combiner_backward_lse_core = 28,
+    combiner_backward_use_saved_core = 29, combiner_backward_plan_core = 29,
+    combiner_backward_block_core = 29, combiner_backward_causal_core = 29,
+    combiner_backward_scale_core = 29, combiner_backward_drop_core = 29,
+    combiner_backward_drop_key_core = 29, combiner_backward_bias_core = 29,
+    combiner_backward_dq_core = 30, combiner_backward_dk_core = 32,
+    combiner_backward_dv_core = 34, combiner_backward_dbias_core = 36,
+    combiner_backward_dim_n = 1, combiner_backward_dim_e = 2, combiner_backward_dim_d = 3,
+    combiner_backward_dim_r = 4,
 };
 
 /* _clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale, drop, drop_key, bias) -> (out, centroid_out, centroid_lse, topk_index, topk_weight)  (n,d),(m,d),(m,e),(n),(m),(),(),(),(),(),(),(r)->(n,e),(c,e),(c),(c,k),(c,k) */
@@ -296,15 +303,15 @@ enum {
     {"_routing_backward", "(n,e),(n,d),(m,d),(m,e),(c,w),(c,u),(n,e),(n),(c,w,e),(c,w),(c,w),(),(),(),(),(),(),(),(r)->(n,d),(m,d),(m,e),(r)", 19, 4, {routing_backward_loop_f32, routing_backward_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_FLOAT, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_DOUBLE, NPY_BOOL, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
      "_routing_backward(dout, q, k, v, q_idx, k_idx, out, lse, slot_out, slot_lse, slot_self, use_saved, scale, causal, exclude_self, merge_lse, drop, drop_key, bias) -> (dq, dk, dv, dbias)\n\nLow-level gufunc behind routing_attention.routing_attention_backward.", 0}, \
-    {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),()->(n,e),(n)", 7, 2, {combiner_forward_loop_f32, combiner_forward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
-     "_combiner_forward(q, k, v, plan, block, causal, scale) -> (out, lse)\n\nplan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind routing_attention.combiner_attention; use that instead.", 0}, \
+    {"_combiner_forward", "(n,d),(n,d),(n,e),(),(),(),(),(),(),(r)->(n,e),(n)", 10, 2, {combiner_forward_loop_f32, combiner_forward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
+     "_combiner_forward(q, k, v, plan, block, causal, scale, drop, drop_key, bias) -> (out, lse)\n\nplan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind routing_attention.combiner_attention; use that instead.", 0}, \
     {"_engine_masked", "(n,d),(m,d),(m,e),(n,m),(n,e)->(n,e),(n),(n,d),(m,d),(m,e)", 5, 5, {engine_masked_loop_f32, engine_masked_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
      "_engine_masked(q, k, v, mask, dout) -> (out, lse, dq, dk, dv)\n\nTest hook: dense attention (logits q·k) under an explicit boolean mask, through the engine's visibility bitmap, single-threaded.", 0}, \
-    {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),()->(n,d),(n,d),(n,e)", 11, 3, {combiner_backward_loop_f32, combiner_backward_loop_f64}, \
-     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
-     "_combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale) -> (dq, dk, dv)\n\nLow-level gufunc behind routing_attention.combiner_attention_backward.", 0}, \
+    {"_combiner_backward", "(n,e),(n,d),(n,d),(n,e),(n,e),(n),(),(),(),(),(),(),(),(r)->(n,d),(n,d),(n,e),(r)", 14, 4, {combiner_backward_loop_f32, combiner_backward_loop_f64}, \
+     (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_FLOAT, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_BOOL, NPY_DOUBLE, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE}, \
+     "_combiner_backward(dout, q, k, v, out, lse, use_saved, plan, block, causal, scale, drop, drop_key, bias) -> (dq, dk, dv, dbias)\n\nLow-level gufunc behind routing_attention.combiner_attention_backward.", 0}, \
     {"_clustered_forward", "(n,d),(m,d),(m,e),(n),(m),(),(),(),(),(),(),(r)->(n,e),(c,e),(c),(c,k),(c,k)", 12, 5, {clustered_forward_loop_f32, clustered_forward_loop_f64}, \
      (char[]){NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_FLOAT, NPY_INT64, NPY_UINT64, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_FLOAT, NPY_INT64, NPY_FLOAT, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_BOOL, NPY_BOOL, NPY_INT64, NPY_INT64, NPY_DOUBLE, NPY_INT64, NPY_UINT64, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_DOUBLE, NPY_INT64, NPY_DOUBLE}, \
      "_clustered_forward(q, k, v, labels, key_mask, use_mask, n_clusters, topk, scale, drop, drop_key, bias) -> (out, centroid_out, centroid_lse, topk_index, topk_weight)\n\nLow-level gufunc behind routing_attention.clustered_attention (topk = 0) and improved_clustered_attention (topk >= 1); use those instead.  The out tuple must be given: c = n_clusters and k = min(topk, m) come from it.", 0}, \

@@ -88,15 +88,16 @@ RA_ROUTING_DECLS(double, f64)
        log-sum-exp; lse.data may be NULL) */                                              \
     int ra_combiner_forward_##SUF(ptrdiff_t B, int n, int d, int e, RaBMat q, RaBMat k,    \
                                   RaBMat v, RaBVec plan, RaBVec block, RaBVec causal,      \
-                                  RaBVec scale, RaBMat out, RaBVec lse);                   \
+                                  RaBVec scale, const RaBPairs *pairs, RaBMat out,         \
+                                  RaBVec lse);                                             \
     /* dout (B; n, e), q, k, v  ->  dq, dk (B; n, d), dv (B; n, e)  (written, not        \
        accumulated).  saved_out (B; n, e) / saved_lse (B; n): the forward's, or data     \
        NULL to recompute them (the region summaries are recomputed either way). */       \
     int ra_combiner_backward_##SUF(ptrdiff_t B, int n, int d, int e, RaBMat dout,         \
                                    RaBMat q, RaBMat k, RaBMat v, RaBMat saved_out,        \
                                    RaBVec saved_lse, RaBVec plan, RaBVec block,           \
-                                   RaBVec causal, RaBVec scale, RaBMat dq, RaBMat dk,     \
-                                   RaBMat dv);
+                                   RaBVec causal, RaBVec scale, const RaBPairs *pairs,    \
+                                   RaBMat dq, RaBMat dk, RaBMat dv);
 
 RA_COMBINER_DECLS(float, f32)
 RA_COMBINER_DECLS(double, f64)

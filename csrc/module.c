@@ -242,13 +242,16 @@ ROUTING_BACKWARD_LOOP(f64, double)
                                             npy_intp const *steps, void *data)            \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 3, "combiner_attention")) return;                      \
+        if (!ra_dims_fit(dims + 1, 4, "combiner_attention")) return;                      \
         const int n = (int)DIM(n), d = (int)DIM(d), e = (int)DIM(e);                      \
         if (dims[0] == 0) return;                                                         \
+        const RaBPairs pairs = PAIRS();   /* keys are the queries' positions: m = n */    \
+        if (!ra_pairs_check(&pairs, dims[0], DIM(r), 2 * DIM(n) - 1, RA_ITEM_##SUF,       \
+                            "combiner_attention")) return;                                \
         int st = ra_combiner_forward_##SUF(dims[0], n, d, e, MAT(q), MAT(k),              \
                                            MAT(v), SCALAR(plan), SCALAR(block),           \
-                                           SCALAR(causal), SCALAR(scale), MAT(out),       \
-                                           VEC(lse));                                     \
+                                           SCALAR(causal), SCALAR(scale), &pairs,         \
+                                           MAT(out), VEC(lse));                           \
         ra_raise(st, "combiner_attention");                                               \
     }
 #define GF combiner_forward
@@ -261,15 +264,19 @@ COMBINER_FORWARD_LOOP(f64)
                                              npy_intp const *steps, void *data)           \
     {                                                                                     \
         (void)data;                                                                       \
-        if (!ra_dims_fit(dims + 1, 3, "combiner_attention_backward")) return;             \
+        if (!ra_dims_fit(dims + 1, 4, "combiner_attention_backward")) return;             \
         const int n = (int)DIM(n), e = (int)DIM(e), d = (int)DIM(d);                      \
         if (dims[0] == 0) return;                                                         \
         RaBMat so = MAT(out);                                                             \
         if (!*(npy_bool *)ARG(use_saved)) so.data = NULL;                                 \
+        RaBPairs pairs = PAIRS();                                                         \
+        if (DIM(r)) pairs.dbias = VEC(dbias);                                             \
+        if (!ra_pairs_check(&pairs, dims[0], DIM(r), 2 * DIM(n) - 1, RA_ITEM_##SUF,       \
+                            "combiner_attention_backward")) return;                       \
         int st = ra_combiner_backward_##SUF(dims[0], n, d, e, MAT(dout), MAT(q),          \
                                             MAT(k), MAT(v), so, VEC(lse),                 \
                                             SCALAR(plan), SCALAR(block), SCALAR(causal),  \
-                                            SCALAR(scale), MAT(dq), MAT(dk),              \
+                                            SCALAR(scale), &pairs, MAT(dq), MAT(dk),      \
                                             MAT(dv));                                     \
         ra_raise(st, "combiner_attention_backward");                                      \
     }

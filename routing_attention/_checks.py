@@ -739,7 +739,8 @@ DROP_ONE = 1 << 24     # dropout probabilities are quantised to multiples of 2^-
 
 def dropout_args(p, seed):
     """dropout_p, dropout_seed -> (p, seed, threshold): p a float in [0, 1), quantised to
-    threshold / 2^24; seed an int in [0, 2^63) (required when p > 0; 0 when p == 0)."""
+    threshold / 2^24; seed an int in [0, 2^63) (required when p > 0; may stay None when
+    p == 0)."""
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, (numbers.Real, np.floating)):
         raise TypeError(f"dropout_p must be a float in [0, 1); got {p!r}")
     p = float(p)
@@ -749,7 +750,7 @@ def dropout_args(p, seed):
     if threshold >= DROP_ONE:
         raise ValueError(f"dropout_p={p} rounds to 1 at the 2^-24 resolution of the dropout mask")
     if threshold == 0:
-        return p, (0 if seed is None else integer("dropout_seed", seed, 0)), 0
+        return p, (None if seed is None else integer("dropout_seed", seed, 0)), 0
     if seed is None:
         raise ValueError("dropout_p > 0 needs dropout_seed (an int): the backward regenerates "
                          "the dropout mask from it")

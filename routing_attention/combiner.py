@@ -10,15 +10,17 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
-                      check_out, combiner_block, dout_shape, flag, integer, one_of, plain_qkv,
-                      plain_scale, qkv_arrays, saved_arrays, scale_value, self_attention_layout,
-                      unbroadcast)
+                      check_out, combiner_block, dout_shape, dropout_args, flag, integer, one_of,
+                      plain_qkv, plain_scale, qkv_arrays, rel_bias_array, saved_arrays,
+                      scale_value, self_attention_layout, unbroadcast)
+from .pairs import NO_PAIRS, _operands
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
 PLANS = ("fixed", "axial", "logsparse", "mixture")
 _PLAN_CODE = {"fixed": 0, "axial": 1, "logsparse": 2, "mixture": 3}
-DEFAULTS = dict(plan="fixed", block=None, causal=False, scale=None)
+DEFAULTS = dict(plan="fixed", block=None, causal=False, scale=None, dropout_p=0.0,
+                dropout_seed=None)
 
 
 def _default_block(n):
@@ -26,7 +28,10 @@ def _default_block(n):
     return math.isqrt(n - 1) + 1
 
 
-def _prepare(q, k, v, plan, block, causal, scale):
+def _prepare(q, k, v, plan, block, causal, scale, dropout_p=0.0, dropout_seed=None,
+             rel_bias=None):
+    """Checked arguments; the last two are the pair-term operands of the gufuncs and the
+    resolved (dropout_p, dropout_seed)."""
     one_of("plan", plan, PLANS)
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
@@ -40,19 +45,27 @@ def _prepare(q, k, v, plan, block, causal, scale):
         block = _default_block(n)
     else:
         block = integer("block", block, 1, n)
-    batch_shape(q=(q, 2), k=(k, 2), v=(v, 2))
-    return q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype)
+    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
+    rel_bias = rel_bias_array(rel_bias, n, n, dtype)
+    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2))
+    if rel_bias is not None:
+        cores["rel_bias"] = (rel_bias, 1)
+    batch = batch_shape(**cores)
+    return (q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype),
+            _operands(dtype, batch, threshold, seed, rel_bias), (p, seed))
 
 
-def _keywords(plan, block, causal, scale):
+def _keywords(plan, block, causal, scale, dropout):
     """The forward's keywords as saved["keywords"] records them (block None for
     logsparse, which has none)."""
     return dict(plan=PLANS[plan], block=None if PLANS[plan] == "logsparse" else block,
-                causal=causal, scale=float(scale))
+                causal=causal, scale=float(scale), dropout_p=dropout[0],
+                dropout_seed=dropout[1])
 
 
 def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None,
-                       return_saved=False, out=None):
+                       dropout_p=0.0, dropout_seed=None, rel_bias=None, return_saved=False,
+                       out=None):
     """Combiner attention: one softmax per query over direct keys and region summaries.
 
     Parameters
@@ -75,6 +88,14 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
         key.
     scale : float, optional
         Multiplies every logit (direct, summary and inside regions); 1/sqrt(d) default.
+    dropout_p, dropout_seed
+        Attention dropout (`routing_attention.pairs`) of the query's softmax weights:
+        a direct key's weight as pair (i, j), a summary's as pair (i, -1 - vid) with vid
+        the region's id (`reference.combiner_plan`).  A region's own distribution over its
+        members (shared by every query that reads the summary) is not dropped.
+    rel_bias : array_like, shape (..., 2n - 1), optional
+        Relative position bias on the direct keys' logits (rel_bias[..., j - i + n - 1]);
+        a summary has no position and gets none.
     return_saved : bool
         Also return a dict of the statistics that spare the backward the query
         softmaxes (``output``: the returned array itself, ``lse``) and ``keywords``
@@ -97,21 +118,25 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
         given for logsparse), naming the argument.
     """
     if (out is None and return_saved is False and type(causal) is bool and block is None
-            and plan in _PLAN_CODE and plain_qkv(q, k, v) and 1 <= q.shape[-2] == k.shape[-2]):
+            and dropout_p == 0.0 and rel_bias is None and plan in _PLAN_CODE
+            and plain_qkv(q, k, v) and 1 <= q.shape[-2] == k.shape[-2]):
         # fast path: arrays that need no conversion (see plain_qkv), the default block
         native_scale = plain_scale(scale, q.shape[-1], q.dtype)
         if native_scale is not None:
             n = q.shape[-2]
             block = 1 if plan == "logsparse" else _default_block(n)
             return _ext._combiner_forward(q, k, v, _PLAN_CODE[plan], block, causal,
-                                          native_scale)[0]
-    q, k, v, plan, block, causal, scale = _prepare(q, k, v, plan, block, causal, scale)
+                                          native_scale, *NO_PAIRS[q.dtype.char])[0]
+    q, k, v, plan, block, causal, scale, pairs, dropout = _prepare(
+        q, k, v, plan, block, causal, scale, dropout_p, dropout_seed, rel_bias)
     return_saved = flag("return_saved", return_saved)
-    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], pairs[2].shape[:-1])
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
-    out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale, out=(out, None))
+    out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale, *pairs,
+                                      out=(out, None))
     if return_saved:
-        return out, dict(output=out, lse=lse, keywords=_keywords(plan, block, causal, scale))
+        return out, dict(output=out, lse=lse,
+                         keywords=_keywords(plan, block, causal, scale, dropout))
     return out
 
 
@@ -119,9 +144,11 @@ SAVED_KEYS = ("output", "lse")
 
 
 def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=None,
-                                scale=None, **saved):
-    """Gradients (dq, dk, dv) of `combiner_attention` for the loss gradient `dout`
-    (..., n, e); gradients are summed over broadcast axes.
+                                scale=None, dropout_p=None, dropout_seed=None, rel_bias=None,
+                                **saved):
+    """Gradients (dq, dk, dv [, drel_bias]) of `combiner_attention` for the loss gradient
+    `dout` (..., n, e); gradients are summed over broadcast axes.  dropout_p,
+    dropout_seed as in the forward (or from ``**saved``); rel_bias passed again.
 
     ``**saved``: the dict the forward returned with ``return_saved=True`` for the same
     inputs (else the forward's query softmaxes are recomputed; the result is the same).
@@ -135,20 +162,23 @@ def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=
         the wrong shape; and the forward's input errors.
     """
     kw = BackwardKeywords("combiner_attention_backward", saved, DEFAULTS, plan=plan,
-                          block=block, causal=causal, scale=scale)
-    q, k, v, plan, block, causal, scale = _prepare(q, k, v, **kw.values)
-    kw.check(_keywords(plan, block, causal, scale))
+                          block=block, causal=causal, scale=scale, dropout_p=dropout_p,
+                          dropout_seed=dropout_seed)
+    q, k, v, plan, block, causal, scale, pairs, dropout = _prepare(q, k, v, rel_bias=rel_bias,
+                                                                   **kw.values)
+    kw.check(_keywords(plan, block, causal, scale, dropout))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     expected = (q.shape[-2], v.shape[-1])
     dout_shape(dout, *expected)
-    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2))
-    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    batch_shape(dout=(dout, 2), q=(q, 2), k=(k, 2), v=(v, 2), rel_bias=(pairs[2], 1))
+    batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], pairs[2].shape[:-1])
     arrays = saved_arrays(saved, SAVED_KEYS, batch, dict(output=expected, lse=expected[:1]),
                           dict(output=q.dtype, lse=q.dtype))
-    dq, dk, dv = _ext._combiner_backward(dout, q, k, v, *arrays, bool(saved), plan, block,
-                                         causal, scale)
-    return unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape)
+    dq, dk, dv, dbias = _ext._combiner_backward(dout, q, k, v, *arrays, bool(saved), plan,
+                                                block, causal, scale, *pairs)
+    grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads
 
 
 class CombinerAttention(LayerCalls):

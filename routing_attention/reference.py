@@ -317,13 +317,28 @@ def combiner_plan(plan, n, block=None, causal=False):
     """Each query's support, straight from docs/design.md (Combiner).
 
     Returns a list over queries i of (direct, regions): direct is a list of key
-    positions; each region is (kmem, qsrc, vmem): the summary key is the max-pool of the
-    keys in kmem, the summary value the softmax expectation of v over vmem under the
-    region query, which is the max-pool of the queries in vmem (qsrc None) or q[qsrc].
+    positions; each region is (kmem, qsrc, vmem, vid): the summary key is the max-pool of
+    the keys in kmem, the summary value the softmax expectation of v over vmem under the
+    region query, which is the max-pool of the queries in vmem (qsrc None) or q[qsrc];
+    vid names the region (its summary weight's dropout column is -1 - vid): fixed, the
+    block g; axial, the region query's position; logsparse, the span (dir, l, a) counted
+    by direction, then level, then a; mixture, kind·(rows·M) + r·M + c with kind 0/1 the
+    cells of column c above/below row r, 2/3 those of row r left/right of column c.
     """
     if plan not in COMBINER_PLANS:
         raise ValueError(f"plan must be one of {COMBINER_PLANS}; got {plan!r}")
     s = combiner_default_block(plan, n) if block is None else block
+    levels = max(0, (n - 1).bit_length())                  # 2^levels >= n
+    span_base = [[0] * levels for _ in range(2)]           # first vid of (dir, level)
+    counted = 0
+    for dir_ in range(2):
+        for lev in range(levels):
+            span_base[dir_][lev] = counted
+            counted += -(-n // (2 << lev))
+
+    def span_vid(dir_, lo, hi):
+        lev = (hi - lo).bit_length() - 1
+        return span_base[dir_][lev] + (lo >> (lev + 1))
     out = []
     for i in range(n):
         direct, regions = [], []
@@ -333,15 +348,16 @@ def combiner_plan(plan, n, block=None, causal=False):
             for g in range((n + s - 1) // s):
                 if g < b or (not causal and g > b):
                     mem = list(range(g * s, min(n, g * s + s)))
-                    regions.append((mem, None, mem))
+                    regions.append((mem, None, mem, g))
         elif plan == "logsparse":
             direct = [i]
             for lo, hi in _dyadic_spans(i):
-                regions.append((list(range(lo, hi)), None, list(range(lo, hi))))
+                regions.append((list(range(lo, hi)), None, list(range(lo, hi)),
+                                span_vid(0, lo, hi)))
             if not causal:
                 for lo, hi in _dyadic_spans(n - 1 - i):
                     mem = list(range(n - hi, n - lo))
-                    regions.append((mem, None, mem))
+                    regions.append((mem, None, mem, span_vid(1, lo, hi)))
         else:
             M = s
             nrows = (n + M - 1) // M
@@ -353,7 +369,8 @@ def combiner_plan(plan, n, block=None, causal=False):
                 for t in range(nrows):
                     if t < r or (not causal and t != r):
                         cells = row(t)
-                        regions.append((cells, cells[min(c, len(cells) - 1)], cells))
+                        src = cells[min(c, len(cells) - 1)]
+                        regions.append((cells, src, cells, src))
             else:   # mixture
                 direct = [j for j in row(r) if not causal or j <= i]
                 direct += [j for j in col(c) if j < i or (not causal and j > i)]
@@ -362,42 +379,65 @@ def combiner_plan(plan, n, block=None, causal=False):
                         continue
                     above = [j for j in col(cc) if j // M < r]
                     below = [j for j in col(cc) if j // M > r]
-                    for mem in ([above] if causal else [above, below]):
+                    for kind, mem in ([(0, above)] if causal else [(0, above), (1, below)]):
                         if mem:
-                            regions.append((mem, None, mem))
+                            regions.append((mem, None, mem, kind * nrows * M + r * M + cc))
                 for t in range(nrows):
                     if t < r or (not causal and t != r):
                         left = [j for j in row(t) if j % M < c]
                         right = [j for j in row(t) if j % M > c]
-                        for mem in (left, right):
+                        for kind, mem in ((2, left), (3, right)):
                             if mem:
-                                regions.append((mem, None, mem))
+                                regions.append((mem, None, mem, kind * nrows * M + t * M + c))
         out.append((sorted(direct), regions))
     return out
 
 
-def _combiner_problem(q, k, sc, support):
-    """Per query: direct keys, logits p (softmax over direct + summaries), and per region
-    (kmem, vmem, region query q̂, pooled key k̂, the region distribution a)."""
+def _combiner_problem(q, k, sc, support, bias=None, keep=None, keep_summary=None):
+    """Per query: direct keys, weights p (softmax over direct + summaries), their dropout
+    factors f, and per region (kmem, vmem, region query q̂, pooled key k̂, the region
+    distribution a).  bias (n, n), keep (n, n), keep_summary (n, regions): the problem's
+    pair terms (None: none); the bias applies to direct keys only."""
     rows = []
     for i, (direct, regions) in enumerate(support):
         regs = []
-        for kmem, qsrc, vmem in regions:
+        for kmem, qsrc, vmem, vid in regions:
             qh = q[vmem].max(axis=0) if qsrc is None else q[qsrc]
             kh = k[kmem].max(axis=0)
             a, _ = masked_softmax(sc * (k[vmem] @ qh), np.ones(len(vmem), dtype=bool))
             regs.append((kmem, qsrc, vmem, qh, kh, a))
-        logits = np.concatenate([sc * (k[direct] @ q[i]),
-                                 np.array([sc * (q[i] @ r[4]) for r in regs])])
+        direct_logits = sc * (k[direct] @ q[i])
+        if bias is not None:
+            direct_logits = direct_logits + bias[i, direct]
+        logits = np.concatenate([direct_logits, np.array([sc * (q[i] @ r[4]) for r in regs])])
         p, _ = masked_softmax(logits, np.ones(len(logits), dtype=bool))
-        rows.append((direct, p, regs))
+        f = np.ones_like(p)
+        if keep is not None:
+            f = np.concatenate([keep[i, direct], keep_summary[i, [g[3] for g in regions]]])
+        rows.append((direct, p, regs, f))
     return rows
 
 
-def _combiner_batched(q, k, v, dout=None):
+def _combiner_pairs(support, shape, n, dropout_p, dropout_seed, rel_bias):
+    """Per flat problem: (bias (n, n) or None, keep (n, n) or None, keep_summary)."""
+    count = int(np.prod(shape, dtype=np.int64))
+    bias = keep = keep_s = [None] * count          # a list of None: no term
+    if rel_bias is not None:
+        bias = np.broadcast_to(bias_matrix(rel_bias, n, n), shape + (n, n)).reshape(-1, n, n)
+    if dropout_p:
+        vids = 1 + max([g[3] for _, regions in support for g in regions], default=0)
+        keep = dropout_factor(dropout_p, dropout_seed, shape, np.arange(n),
+                              np.arange(n)).reshape(-1, n, n)
+        keep_s = dropout_factor(dropout_p, dropout_seed, shape, np.arange(n),
+                                -1 - np.arange(vids)).reshape(-1, n, vids)
+    return bias, keep, keep_s
+
+
+def _combiner_batched(q, k, v, dout=None, rel_bias=None):
     q, k, v = _f64(q, k, v)
     shape = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
-                                () if dout is None else np.shape(dout)[:-2])
+                                () if dout is None else np.shape(dout)[:-2],
+                                () if rel_bias is None else np.shape(rel_bias)[:-1])
     flat = lambda a: np.broadcast_to(a, shape + a.shape[-2:]).reshape((-1,) + a.shape[-2:])  # noqa: E731
     arrays = [flat(q), flat(k), flat(v)]
     if dout is not None:
@@ -405,55 +445,75 @@ def _combiner_batched(q, k, v, dout=None):
     return shape, arrays
 
 
-def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=False, scale=None):
+def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=False, scale=None,
+                               dropout_p=0.0, dropout_seed=None, rel_bias=None):
     """The effective (…, n, n) attention matrix of Combiner: row i holds the direct
     weights of query i plus, for each region, its summary weight × the region's own
-    distribution over its members.  combiner_attention(q, k, v) = weights @ v."""
+    distribution over its members (each weight of the query's softmax times its dropout
+    factor).  combiner_attention(q, k, v) = weights @ v."""
     n = np.shape(q)[-2]
     sc = _scale(scale, np.shape(q)[-1])
     support = combiner_plan(plan, n, block, causal)
-    shape, (qf, kf, _) = _combiner_batched(q, k, np.zeros(np.shape(k)[:-1] + (1,)))
+    shape, (qf, kf, _) = _combiner_batched(q, k, np.zeros(np.shape(k)[:-1] + (1,)),
+                                           rel_bias=rel_bias)
+    bias, keep, keep_s = _combiner_pairs(support, shape, n, dropout_p, dropout_seed, rel_bias)
     A = np.zeros((qf.shape[0], n, n))
     for b in range(qf.shape[0]):
-        for i, (direct, p, regs) in enumerate(_combiner_problem(qf[b], kf[b], sc, support)):
-            A[b, i, direct] += p[:len(direct)]
-            for w, (_, _, vmem, _, _, a) in zip(p[len(direct):], regs):
+        for i, (direct, p, regs, f) in enumerate(_combiner_problem(qf[b], kf[b], sc, support,
+                                                                    bias[b], keep[b], keep_s[b])):
+            pf = p * f
+            A[b, i, direct] += pf[:len(direct)]
+            for w, (_, _, vmem, _, _, a) in zip(pf[len(direct):], regs):
                 A[b, i, vmem] += w * a
     return A.reshape(shape + (n, n))
 
 
-def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None):
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None,
+                       dropout_p=0.0, dropout_seed=None, rel_bias=None):
     """Combiner attention through its explicit effective attention matrix."""
-    A = combiner_attention_weights(q, k, plan=plan, block=block, causal=causal, scale=scale)
+    A = combiner_attention_weights(q, k, plan=plan, block=block, causal=causal, scale=scale,
+                                   dropout_p=dropout_p, dropout_seed=dropout_seed,
+                                   rel_bias=rel_bias)
     return A @ np.asarray(v, dtype=np.float64)
 
 
 def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=False,
-                                scale=None):
+                                scale=None, dropout_p=0.0, dropout_seed=None, rel_bias=None):
     """(dq, dk, dv) of `combiner_attention`, differentiated by hand query by query:
     the shared softmax, each region's own softmax, and max-pooling (the gradient goes to
     the arg-max element; ties to the lowest position)."""
     n, d = np.shape(q)[-2:]
     sc = _scale(scale, d)
     support = combiner_plan(plan, n, block, causal)
-    shape, (qf, kf, vf, gf) = _combiner_batched(q, k, v, dout)
+    shape, (qf, kf, vf, gf) = _combiner_batched(q, k, v, dout, rel_bias)
+    fshape = np.broadcast_shapes(np.shape(q)[:-2], np.shape(k)[:-2], np.shape(v)[:-2],
+                                 () if rel_bias is None else np.shape(rel_bias)[:-1])
+    # the pair terms belong to the forward's problems (fshape); dout may add axes
+    bias, keep, keep_s = (
+        x if x[0] is None else
+        np.broadcast_to(x.reshape(fshape + x.shape[1:]), shape + x.shape[1:]).reshape(
+            (-1,) + x.shape[1:])
+        for x in _combiner_pairs(support, fshape, n, dropout_p, dropout_seed, rel_bias))
     dq, dk, dv = np.zeros_like(qf), np.zeros_like(kf), np.zeros_like(vf)
+    dlogits = np.zeros((qf.shape[0], n, n))
     cols = np.arange(d)
     for b in range(qf.shape[0]):
         qb, kb, vb = qf[b], kf[b], vf[b]
-        for i, (direct, p, regs) in enumerate(_combiner_problem(qb, kb, sc, support)):
+        for i, (direct, p, regs, f) in enumerate(_combiner_problem(qb, kb, sc, support, bias[b],
+                                                                    keep[b], keep_s[b])):
             g = gf[b, i]
             vals = [vb[j] for j in direct] + [r[5] @ vb[r[2]] for r in regs]
             keys = [kb[j] for j in direct] + [r[4] for r in regs]
-            # out_i = Σ p_e value_e with p = softmax(sc·q_i·key_e)
-            dp = np.array([g @ x for x in vals])
+            # out_i = Σ p_e f_e value_e with p = softmax(sc·q_i·key_e [+ bias])
+            dp = np.array([g @ x for x in vals]) * f
             ds = p * (dp - p @ dp)
+            dlogits[b, i, direct] += ds[:len(direct)]
             dq[b, i] += sc * sum(s_ * x for s_, x in zip(ds, keys))
             for t, j in enumerate(direct):
                 dk[b, j] += sc * ds[t] * qb[i]
-                dv[b, j] += p[t] * g
+                dv[b, j] += p[t] * f[t] * g
             for t, (kmem, qsrc, vmem, qh, kh, a) in enumerate(regs, start=len(direct)):
-                dkh, dvh = sc * ds[t] * qb[i], p[t] * g
+                dkh, dvh = sc * ds[t] * qb[i], p[t] * f[t] * g
                 # k̂ = max over kmem: gradient to the arg-max row of each column
                 dk[b, np.asarray(kmem)[np.argmax(kb[kmem], axis=0)], cols] += dkh
                 # v̂ = a @ v[vmem] with a = softmax(sc·q̂·k[vmem])
@@ -467,8 +527,11 @@ def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, caus
                 else:
                     dq[b, qsrc] += dqh
     full = lambda a: a.reshape(shape + a.shape[-2:])  # noqa: E731
-    return (unbroadcast(full(dq), np.shape(q)), unbroadcast(full(dk), np.shape(k)),
-            unbroadcast(full(dv), np.shape(v)))
+    grads = (unbroadcast(full(dq), np.shape(q)), unbroadcast(full(dk), np.shape(k)),
+             unbroadcast(full(dv), np.shape(v)))
+    if rel_bias is None:
+        return grads
+    return grads + (bias_matrix_grad(full(dlogits), n, n, np.shape(rel_bias)),)
 # ------------------------------------------------------------------ routing decisions
 # Same semantics as routing_attention.clustering, one problem at a time, with the same
 # random stream (SplitMix64 below) so seeded results can be compared exactly.  Labels,

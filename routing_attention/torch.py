@@ -429,7 +429,7 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
 # refused), so no gradient can reach it.
 _PAIR_ARGS = ("str method, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? q_idx, "
               "Tensor? k_idx, Tensor? labels, int window, int n_clusters, int topk, bool causal, "
-              "bool exclude_self, str merge, float? scale, float dropout_p, int seed, "
+              "bool exclude_self, str merge, float? scale, float dropout_p, int? seed, "
               "Tensor? rel_bias")
 
 

@@ -236,7 +236,8 @@ def test_out_and_strided_gradient_outputs(dtype):
             b = None if plan == "logsparse" else int(np.ceil(np.sqrt(n)))
             code = ra.combiner.PLANS.index(plan)
             res = ra._ext._combiner_backward(g, q, k, v, want, want[..., 0], False, code, b or 1,
-                                             causal, 0.375, out=outs)
+                                             causal, 0.375, 0, 0, np.empty(0, dtype),
+                                             out=outs + (None,))
             for name, x, y in zip("qkv", res, grads):
                 np.testing.assert_array_equal(x, y, err_msg=f"d{name} {plan} causal={causal}")
     with pytest.raises(ValueError, match="out must have shape"):
@@ -306,7 +307,8 @@ def test_saved_statistics_give_the_same_gradients(plan, causal, dtype):
     out, saved = ra.combiner_attention(q, k, v, return_saved=True, **kw)
     assert sorted(saved) == ["keywords", "lse", "output"] and saved["output"] is out
     assert saved["keywords"] == dict(plan=plan, block=blk(plan, 16), causal=causal,
-                                     scale=float(np.dtype(dtype).type(1 / np.sqrt(8))))
+                                     scale=float(np.dtype(dtype).type(1 / np.sqrt(8))),
+                                     dropout_p=0.0, dropout_seed=None)
     assert np.array_equal(out, ra.combiner_attention(q, k, v, **kw))
     dout = rng.standard_normal((3, 2, 300, 4)).astype(dtype)       # broadcast batch
     got = ra.combiner_attention_backward(dout, q, k, v, **kw, **saved)

@@ -235,6 +235,6 @@ def test_logsparse_records_no_block():
     a = _inputs(np.random.default_rng(7))
     _, saved = ra.combiner_attention(a["q"], a["k"], a["v"], plan="logsparse", return_saved=True)
     assert saved["keywords"] == dict(plan="logsparse", block=None, causal=False,
-                                     scale=1 / np.sqrt(D))
+                                     scale=1 / np.sqrt(D), dropout_p=0.0, dropout_seed=None)
     with pytest.raises(ValueError, match="block is not used by plan='logsparse'"):
         ra.combiner_attention_backward(a["dout"], a["q"], a["k"], a["v"], block=2, **saved)

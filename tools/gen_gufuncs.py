@@ -49,7 +49,8 @@ GUFUNCS = [
      " -> dq:T(n,d) dk:T(m,d) dv:T(m,e) dbias:T(r)",
      "Low-level gufunc behind routing_attention.routing_attention_backward."),
     ("combiner_forward",
-     "q:T(n,d) k:T(n,d) v:T(n,e) plan:L() block:L() causal:B() scale:T() -> out:T(n,e) lse:T(n)",
+     "q:T(n,d) k:T(n,d) v:T(n,e) plan:L() block:L() causal:B() scale:T() drop:L() drop_key:U()"
+     " bias:T(r) -> out:T(n,e) lse:T(n)",
      "plan: 0 fixed, 1 axial, 2 logsparse, 3 mixture.  Low-level gufunc behind "
      "routing_attention.combiner_attention; use that instead."),
     ("engine_masked",
@@ -59,7 +60,8 @@ GUFUNCS = [
      "engine's visibility bitmap, single-threaded."),
     ("combiner_backward",
      "dout:T(n,e) q:T(n,d) k:T(n,d) v:T(n,e) out:T(n,e) lse:T(n) use_saved:B() plan:L()"
-     " block:L() causal:B() scale:T() -> dq:T(n,d) dk:T(n,d) dv:T(n,e)",
+     " block:L() causal:B() scale:T() drop:L() drop_key:U() bias:T(r)"
+     " -> dq:T(n,d) dk:T(n,d) dv:T(n,e) dbias:T(r)",
      "Low-level gufunc behind routing_attention.combiner_attention_backward."),
     ("clustered_forward",
      "q:T(n,d) k:T(m,d) v:T(m,e) labels:L(n) key_mask:B(m) use_mask:B() n_clusters:L()"
