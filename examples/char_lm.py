@@ -85,11 +85,11 @@ def get_args(argv=None):
                    help="combiner block / grid width (default ceil(sqrt(context)))")
     p.add_argument("--attn-dropout", type=float, default=0.0,
                    help="attention dropout while training (the Routing Transformer's enwik8 "
-                        "model uses 0.4); not with combiner-* or rt-lucidrains")
+                        "model uses 0.4); not with rt-lucidrains")
     p.add_argument("--position-bias", choices=("none", "alibi", "t5"), default="none",
                    help="relative position bias in the attention logits: ALiBi slopes, or a "
                         "learned causal T5 bucket table per head (32 buckets, max distance "
-                        "128); not with combiner-* or rt-lucidrains")
+                        "128); not with rt-lucidrains")
     p.add_argument("--aux-weight", type=float, default=1e-4,
                    help="weight of the routing commitment loss")
     # training
@@ -211,10 +211,11 @@ class Combiner(nn.Module):
         super().__init__()
         self.plan, self.block = plan, block
 
-    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):     # both refused by make_attention
+    def forward(self, q, k, v, dropout_p=0.0, rel_bias=None):
         # a block longer than the sequence means one block (generation's short prefixes)
         block = None if self.block is None else min(self.block, q.shape[-2])
-        return rt.combiner_attention(q, k, v, plan=self.plan, block=block, causal=True)
+        return rt.combiner_attention(q, k, v, plan=self.plan, block=block, causal=True,
+                                     dropout_p=dropout_p, rel_bias=rel_bias)
 
 
 class Routing(nn.Module):
@@ -270,10 +271,8 @@ class Lucidrains(nn.Module):
 def make_attention(args):
     if args.attention == "sdpa":
         return SDPA()
-    if (args.attn_dropout or args.position_bias != "none") and (
-            args.attention.startswith("combiner-") or args.attention == "rt-lucidrains"):
-        raise SystemExit(f"--attention {args.attention} takes no --attn-dropout or "
-                         "--position-bias")
+    if (args.attn_dropout or args.position_bias != "none") and args.attention == "rt-lucidrains":
+        raise SystemExit("--attention rt-lucidrains takes no --attn-dropout or --position-bias")
     if rt is None:
         raise RuntimeError(f"--attention {args.attention} needs routing_attention.torch "
                            "(pip install -e '.[torch]')")

@@ -262,8 +262,8 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
     if pairs is not None:
         (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
         return _pair_op("dense", q, k, v, _mask("key_mask", key_mask), None, None, None, 0, 0,
-                        0, bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
-                        rel_bias).to(dtype)
+                        0, "", None, bool(causal), False, "mean", _scale(scale), pairs[0],
+                        pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse = _attention_op(q, k, v, _mask("key_mask", key_mask), bool(causal), _scale(scale))
     out, lse = out.to(dtype), lse.to(dtype)
@@ -360,7 +360,7 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
     if pairs is not None:
         (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
         return _pair_op("routing", q, k, v, None, _index("q_idx", q_idx), _index("k_idx", k_idx),
-                        None, 0, 0, 0, bool(causal), bool(exclude_self), str(merge),
+                        None, 0, 0, 0, "", None, bool(causal), bool(exclude_self), str(merge),
                         _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse, *_ = _routing_op(q, k, v, _index("q_idx", q_idx), _index("k_idx", k_idx),
@@ -415,8 +415,9 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, False, generator)
     if pairs is not None:
         (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("local", q, k, v, None, None, None, None, window, 0, 0, bool(causal),
-                        False, "mean", _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
+        return _pair_op("local", q, k, v, None, None, None, None, window, 0, 0, "", None,
+                        bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
+                        rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _local_op(q, k, v, window, bool(causal), _scale(scale))[0].to(dtype)
 
@@ -428,17 +429,22 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
 # the gradient of rel_bias.  Their lse is not returned (return_lse with these terms is
 # refused), so no gradient can reach it.
 _PAIR_ARGS = ("str method, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? q_idx, "
-              "Tensor? k_idx, Tensor? labels, int window, int n_clusters, int topk, bool causal, "
+              "Tensor? k_idx, Tensor? labels, int window, int n_clusters, int topk, str plan, "
+              "int? block, bool causal, "
               "bool exclude_self, str merge, float? scale, float dropout_p, int? seed, "
               "Tensor? rel_bias")
 
 
 def _pair_call(method, q, k, v, key_mask, q_idx, k_idx, labels, window, n_clusters, topk,
-               causal, exclude_self, merge, scale, dropout_p, seed, rel_bias, dout=None):
+               plan, block, causal, exclude_self, merge, scale, dropout_p, seed, rel_bias,
+               dout=None):
     """The NumPy forward (dout None) or backward of `method` with the pair terms."""
     kw = dict(causal=causal, scale=scale, dropout_p=dropout_p, dropout_seed=seed,
               rel_bias=_np(rel_bias))
-    if method == "clustered":
+    if method == "combiner":
+        fwd, bwd, extra = _combiner.combiner_attention, _combiner.combiner_attention_backward, ()
+        kw.update(plan=plan, block=block)
+    elif method == "clustered":
         kw = dict(key_mask=_np(key_mask), scale=scale, dropout_p=dropout_p, dropout_seed=seed)
         if topk:
             fwd = _clustered.improved_clustered_attention
@@ -612,8 +618,8 @@ def _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale, pair_arg
         if pairs is not None:
             (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
             return _pair_op("clustered", q, k, v, _mask("key_mask", key_mask), None, None,
-                            _index("labels", labels), 0, int(n_clusters), topk, False, False,
-                            "mean", _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
+                            _index("labels", labels), 0, int(n_clusters), topk, "", None, False,
+                            False, "mean", _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _clustered_op(q, k, v, _index("labels", labels), int(n_clusters), topk,
                          _mask("key_mask", key_mask), _scale(scale))[0].to(dtype)
@@ -672,10 +678,18 @@ _combiner_backward_op.register_fake(_grad_fake)
 _register_autograd(_combiner_op, _combiner_backward_op, lse_output=False)
 
 
-def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None):
-    """Combiner attention on CPU tensors; see `routing_attention.combiner_attention`."""
-    (q, k, v), dtype = _floats(q=q, k=k, v=v)
+def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None,
+                       dropout_p=0.0, dropout_seed=None, rel_bias=None, generator=None):
+    """Combiner attention on CPU tensors; see `routing_attention.combiner_attention`.
+    dropout_p, dropout_seed, rel_bias (direct keys), generator: as in `attention`."""
     block = None if block is None else int(block)
+    pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, False, generator)
+    if pairs is not None:
+        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+        return _pair_op("combiner", q, k, v, None, None, None, None, 0, 0, 0, str(plan), block,
+                        bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
+                        rel_bias).to(dtype)
+    (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _combiner_op(q, k, v, str(plan), block, bool(causal), _scale(scale))[0].to(dtype)
 
 
@@ -1161,21 +1175,25 @@ class ClusteredAttention(torch.nn.Module):
 
 
 class CombinerAttention(torch.nn.Module):
-    """Combiner attention as a torch.nn.Module: ``layer(q, k, v)`` is
-    `combiner_attention` with the layer's plan, block, causal and scale."""
+    """Combiner attention as a torch.nn.Module: ``layer(q, k, v, rel_bias=None)`` is
+    `combiner_attention` with the layer's plan, block, causal and scale, and attention
+    dropout `dropout` while ``training``."""
 
-    def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):
+    def __init__(self, plan="fixed", *, block=None, causal=False, scale=None, dropout=0.0):
         super().__init__()
         one_of("plan", plan, _combiner.PLANS)
         self.plan, self.block, self.causal, self.scale = plan, block, bool(causal), scale
+        self.dropout = dropout_args(dropout, 0)[0]
 
     def extra_repr(self):
-        return f"plan={self.plan!r}, block={self.block}, causal={self.causal}, scale={self.scale}"
+        return (f"plan={self.plan!r}, block={self.block}, causal={self.causal}, "
+                f"scale={self.scale}, dropout={self.dropout}")
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, rel_bias=None):
         """Attention output (..., n, e)."""
         return combiner_attention(q, k, v, plan=self.plan, block=self.block, causal=self.causal,
-                                  scale=self.scale)
+                                  scale=self.scale, rel_bias=rel_bias,
+                                  dropout_p=self.dropout if self.training else 0.0)
 
 
 # ------------------------------------------------------------------ decoding

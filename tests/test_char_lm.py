@@ -195,7 +195,8 @@ def test_dense_with_position_bias_trains_like_sdpa(bias):
     assert max_rel_diff(dense, sdpa) < 1e-10, f"dense {dense} vs sdpa {sdpa}"
 
 
-@pytest.mark.parametrize("attention", ["dense", "local", "routing"])
+@pytest.mark.parametrize("attention", ["dense", "local", "routing", "combiner-fixed",
+                                       "combiner-mixture"])
 def test_dropout_and_bias_train(attention):
     record = run("--attention", attention, "--steps", 8, "--attn-dropout", 0.2,
                  "--position-bias", "t5")
@@ -206,7 +207,9 @@ def test_dropout_and_bias_train(attention):
 @pytest.mark.parametrize("flags", [["--attention", "dense", "--position-bias", "alibi"],
                                    ["--attention", "local", "--position-bias", "t5"],
                                    ["--attention", "routing", "--membership", "argmax",
-                                    "--position-bias", "t5", "--attn-dropout", "0.3"]],
+                                    "--position-bias", "t5", "--attn-dropout", "0.3"],
+                                   ["--attention", "combiner-axial", "--block", "8",
+                                    "--position-bias", "t5"]],
                          ids=" ".join)
 def test_position_bias_keeps_causality(flags):
     assert _future_influence(flags) < 1e-10
@@ -214,4 +217,4 @@ def test_position_bias_keeps_causality(flags):
 
 def test_methods_without_the_terms_refuse_them():
     with pytest.raises(SystemExit):
-        run("--attention", "combiner-fixed", "--steps", 1, "--attn-dropout", 0.1)
+        run("--attention", "rt-lucidrains", "--steps", 1, "--attn-dropout", 0.1)

@@ -338,3 +338,62 @@ def test_clustered_thread_bit_identity():
             ra.set_num_threads(0)
     for a, b in zip(*results):
         assert np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------ Combiner
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("plan", ["fixed", "axial", "logsparse", "mixture"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_combiner_matches_reference(dtype, plan, causal):
+    """Direct weights dropped per (i, j) and biased; summary weights dropped per
+    (i, -1 - vid); with saved statistics too; odd n (short last grid row)."""
+    rng = np.random.default_rng(hash((plan, causal)) % 2**32)
+    n = 23
+    q, k, v, _ = problem(rng, dtype, n, n)
+    bias = relative_bias(n, n, alibi=alibi_slopes(H), table=rng.standard_normal((H, 16)))
+    kw = dict(plan=plan, causal=causal, dropout_p=0.25, dropout_seed=3, rel_bias=bias)
+    if plan != "logsparse":
+        kw["block"] = 5
+    out, saved = ra.combiner_attention(q, k, v, return_saved=True, **kw)
+    assert_close(out, ref.combiner_attention(q, k, v, **kw), dtype, "out")
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    want = ref.combiner_attention_backward(dout, q, k, v, **kw)
+    for got in (ra.combiner_attention_backward(dout, q, k, v, **kw),
+                ra.combiner_attention_backward(dout, q, k, v, rel_bias=bias, **saved)):
+        for g, w, what in zip(got, want, ("dq", "dk", "dv", "drel_bias")):
+            assert_close(g, w, dtype, f"{plan} {what}")
+
+
+@pytest.mark.parametrize("plan", ["fixed", "mixture"])
+def test_combiner_finite_differences(plan):
+    rng = np.random.default_rng(9)
+    n = 10
+    q, k, v, _ = problem(rng, np.float64, n, n, d=3, e=2, batch=())
+    bias = rng.standard_normal(2 * n - 1)
+    kw = dict(plan=plan, block=3, causal=True, dropout_p=0.3, dropout_seed=5, rel_bias=bias)
+    dout = rng.standard_normal((n, 2))
+    grads = ra.combiner_attention_backward(dout, q, k, v, **kw)
+    for x, g in zip((q, k, v, bias), grads):
+        num = _numeric_grad(lambda: float((ra.combiner_attention(q, k, v, **kw) * dout).sum()), x)
+        assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max())
+
+
+def test_combiner_thread_bit_identity():
+    rng = np.random.default_rng(4)
+    n = 600
+    q, k, v, _ = problem(rng, np.float32, n, n)
+    bias = relative_bias(n, n, alibi=alibi_slopes(H)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        ra.set_num_threads(threads)
+        try:
+            row = []
+            for plan in ("fixed", "mixture", "logsparse"):
+                kw = dict(plan=plan, causal=True, dropout_p=0.2, dropout_seed=1, rel_bias=bias)
+                o = ra.combiner_attention(q, k, v, **kw)
+                row += [o, *ra.combiner_attention_backward(o, q, k, v, **kw)]
+            results.append(row)
+        finally:
+            ra.set_num_threads(0)
+    for a, b in zip(*results):
+        assert np.array_equal(a, b)

@@ -116,7 +116,8 @@ def test_layers_drop_only_while_training():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 4, 32, 8) for _ in range(3))
     for layer in (rat.RoutingAttention(4, local_heads=2, window=8, causal=True, dropout=0.3),
-                  rat.ClusteredAttention(4, topk=4, dropout=0.3)):
+                  rat.ClusteredAttention(4, topk=4, dropout=0.3),
+                  rat.CombinerAttention("fixed", causal=True, dropout=0.3)):
         layer.eval()
         a, b = layer(q, k, v), layer(q, k, v)
         assert torch.equal(a, b)                         # eval: no dropout, deterministic
@@ -126,3 +127,20 @@ def test_layers_drop_only_while_training():
         torch.manual_seed(5)
         d = layer(q, k, v)
         assert torch.equal(c, d) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("plan", ["fixed", "axial", "logsparse", "mixture"])
+def test_combiner_gradcheck(plan):
+    q, k, v, slopes, table = leaves(6)
+    block = None if plan == "logsparse" else 3
+
+    def f(q, k, v, table):
+        rb = rat.relative_bias(N, N, table=table, max_distance=16, bidirectional=False)
+        return rat.combiner_attention(q, k, v, plan=plan, block=block, causal=True,
+                                      dropout_p=0.3, dropout_seed=7, rel_bias=rb)
+    assert torch.autograd.gradcheck(f, (q, k, v, table))
+    rb = relative_bias(N, N, table=table.detach().numpy(), max_distance=16, bidirectional=False)
+    want = ref.combiner_attention(*(x.detach().numpy() for x in (q, k, v)), plan=plan,
+                                  block=block, causal=True, dropout_p=0.3, dropout_seed=7,
+                                  rel_bias=rb)
+    np.testing.assert_allclose(f(q, k, v, table).detach().numpy(), want, rtol=1e-10, atol=1e-12)
