@@ -1,9 +1,9 @@
 """Cost of attention dropout and of a relative position bias inside the kernels (issue 22).
 
-Dense causal attention and routing attention (64 clusters of 64 queries and keys, the
-shape of a Routing Transformer layer at n = 4096), fp32, d = e = 64, H = 4, n = 4096,
-1 thread: forward and backward, plain vs dropout_p = 0.1 vs an ALiBi + T5 rel_bias vs
-both, interleaved, medians.  Target: each term ≤ 15 % of the plain kernel's time; when
+Dense causal attention, routing attention (64 random clusters of 64 queries and keys),
+improved clustered attention (100 clusters of random labels, top-32) and causal Combiner
+(fixed plan, block 64), fp32, d = e = 64, H = 4, n = 4096, 1 thread: forward and backward,
+plain vs dropout_p = 0.1 vs an ALiBi + T5 rel_bias vs both, interleaved, medians.  Target: each term ≤ 15 % of the plain kernel's time; when
 off, nothing (the plain call is the same code path with no pair terms).
 Run: python benchmarks/bench_pairs.py [--repeats R]  (writes RESULTS_pairs.md)
 """
@@ -34,12 +34,20 @@ def main():
     idx = np.stack([rng.permutation(N).reshape(C, N // C) for _ in range(H)])
     terms = {"plain": {}, "dropout": dict(dropout_p=0.1, dropout_seed=1),
              "bias": dict(rel_bias=bias), "both": dict(dropout_p=0.1, dropout_seed=1, rel_bias=bias)}
+    labels = rng.integers(0, 100, (H, N))
     calls = {
         "dense forward": lambda kw: ra.attention(q, k, v, causal=True, **kw),
         "dense backward": lambda kw: ra.attention_backward(dout, q, k, v, causal=True, **kw),
         "routing forward": lambda kw: ra.routing_attention(q, k, v, idx, idx, causal=True, **kw),
         "routing backward": lambda kw: ra.routing_attention_backward(dout, q, k, v, idx, idx,
                                                                      causal=True, **kw),
+        "improved clustered forward": lambda kw: ra.improved_clustered_attention(
+            q, k, v, labels, 100, 32, **kw),
+        "improved clustered backward": lambda kw: ra.improved_clustered_attention_backward(
+            dout, q, k, v, labels, 100, 32, **kw),
+        "combiner fixed forward": lambda kw: ra.combiner_attention(q, k, v, causal=True, **kw),
+        "combiner fixed backward": lambda kw: ra.combiner_attention_backward(
+            dout, q, k, v, causal=True, **kw),
     }
     rows = []
     for what, call in calls.items():
@@ -48,8 +56,9 @@ def main():
         rows.append((what, med))
         print(what, {t: f"{s * 1e3:.1f} ms" for t, s in med.items()}, flush=True)
     lines = ["# Attention dropout and relative position bias: their cost in the kernels", "",
-             f"fp32, n = {N}, d = e = {D}, H = {H}, causal, 1 thread; routing: {C} clusters of "
-             f"{N // C} queries and keys per head; medians of {args.repeats} interleaved "
+             f"fp32, n = {N}, d = e = {D}, H = {H}, 1 thread; dense, routing ({C} random clusters "
+             f"of {N // C} queries and keys per head) and Combiner (fixed, block 64) causal; "
+             "improved clustered: 100 clusters of random labels, top-32; medians of {args.repeats} interleaved "
              f"rounds; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')} "
              "(no BLAS peer here).  Target (issue 22): each term costs ≤ 15 % of the plain "
              "kernel.", "",

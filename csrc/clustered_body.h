@@ -299,7 +299,8 @@ typedef struct {
     RaBMat dout, q, k, v, dq, dk, dv;
     RaBVec labels, key_mask, scale;
     const RaBPairs *pairs;
-    T *dbias_part;           /* (B, C, r) each cluster's relative bias gradient, or NULL */
+    T *dbias_part;           /* (B, groups, r) the relative bias gradient of each group of
+                                consecutive clusters (cl_bias_group), or NULL */
     int r;
 } FN(ClBackward);
 
@@ -316,6 +317,14 @@ static FN(ClTiles) FN(cl_thread_tiles)(const FN(ClBackward) *A)
     FN(cl_tiles)(&(RaArena){A->scratch + (size_t)ra_thread_id() * A->per_thread, 0}, A->d, A->e,
                  A->kmax, &w);
     return w;
+}
+
+/* The relative bias gradient is summed per group of consecutive clusters (a function of
+ * the shape only: the same bits for any thread count): how many, and cluster c's. */
+static inline int FN(cl_bias_groups)(int C) { return C < 8 ? C : 8; }
+static inline int FN(cl_bias_group)(int c, int C)
+{
+    return (int)((int64_t)c * FN(cl_bias_groups)(C) / C);
 }
 
 /* Cluster c of problem b: the T_c terms of its gradient, then dq of its members. */
@@ -337,8 +346,8 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
     FN(ClTiles) w = FN(cl_thread_tiles)(A);
     FN(RaPairs) cp, pr;
     const FN(RaPairs) *cpairs = FN(cl_centroid_pairs)(A->pairs, b, A->n, &cp);
-    T *dbias = A->dbias_part ? A->dbias_part + ((size_t)b * A->C + c) * A->r : NULL;
-    if (dbias) memset(dbias, 0, sizeof(T) * (size_t)A->r);
+    T *dbias = A->dbias_part ? A->dbias_part + ((size_t)b * FN(cl_bias_groups)(A->C) +
+                                                FN(cl_bias_group)(c, A->C)) * A->r : NULL;
     const FN(RaPairs) *pairs = FN(ra_pairs_at)(A->pairs, b, A->n, dbias, &pr);
 
     /* in the forward: r_c −= a_c[j] f_cj v_j for j ∈ T_c (f_cj the centroid dropout
@@ -449,7 +458,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     const int r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
-    T *dbias_part = r ? ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)B, C), r))) : NULL;
+    const int groups = FN(cl_bias_groups)(C);
+    T *dbias_part = r ? ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)B, groups), r))) : NULL;
     const FN(ClBackward) A = {n, m, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
                               dout, q, k, v, dq, dk, dv, labels, key_mask, scale, pairs,
                               dbias_part, r};
@@ -512,9 +522,24 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     units = FN(cl_units)(B, C, packs, per_problem, n, d, e, kmax, G, 1, 1, &nunits);
     status = RA_ERR_NOMEM;
     if (!units) goto done;
-    /* every (problem, cluster): the T_c terms, then dq of its members */
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (ptrdiff_t u = 0; u < nunits; u++) FN(cl_cluster_backward)(K, &A, units[u].b, units[u].c);
+    /* every (problem, cluster): the T_c terms, then dq of its members; with a bias
+       gradient, groups of consecutive clusters, each one's in order */
+    if (r) {
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (ptrdiff_t x = 0; x < B * groups; x++) {
+            const ptrdiff_t b = x / groups;
+            const int g = (int)(x % groups);
+            memset(dbias_part + (size_t)x * r, 0, sizeof(T) * (size_t)r);
+            FN(ClProblem) p = FN(cl_problem)(&A, b);
+            for (int c = 0; c < C; c++)
+                if (FN(cl_bias_group)(c, C) == g && p.start[c + 1] > p.start[c])
+                    FN(cl_cluster_backward)(K, &A, b, c);
+        }
+    } else {
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (ptrdiff_t u = 0; u < nunits; u++)
+            FN(cl_cluster_backward)(K, &A, units[u].b, units[u].c);
+    }
 
     /* queries labelled -1 get no gradient */
     #pragma omp parallel for num_threads(nt) schedule(static)
@@ -530,17 +555,10 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         for (ptrdiff_t unit = 0; unit < B * nkb; unit++)
             FN(cl_topk_key_grads)(&A, unit / nkb, (int64_t)(unit % nkb) * RA_BK);
     }
-    /* the relative bias gradient: the clusters' partials summed in cluster order; a
-       cluster without members wrote none (its partial is zeroed here) */
+    /* the relative bias gradient: the groups' partials summed in group order */
     #pragma omp parallel for num_threads(nt) schedule(static)
-    for (ptrdiff_t b = 0; b < B; b++) {
-        if (!r) continue;
-        FN(ClProblem) p = FN(cl_problem)(&A, b);
-        for (int c = 0; c < C; c++)
-            if (p.start[c + 1] == p.start[c])
-                memset(dbias_part + ((size_t)b * C + c) * r, 0, sizeof(T) * (size_t)r);
-        FN(ra_pairs_write_dbias)(pairs, b, r, dbias_part + (size_t)b * C * r, C);
-    }
+    for (ptrdiff_t b = 0; b < B; b++)
+        if (r) FN(ra_pairs_write_dbias)(pairs, b, r, dbias_part + (size_t)b * groups * r, groups);
     status = RA_OK;
 done:
     ra_free(dbias_part);
