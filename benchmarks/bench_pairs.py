@@ -72,7 +72,9 @@ def main():
                      f"{med['bias'] * 1e3:.1f} ms | {med['both'] * 1e3:.1f} ms | {dc:+.0%} | "
                      f"{bc:+.0%} | {ok} |")
     out = pathlib.Path(__file__).with_name("RESULTS_pairs.md")
-    out.write_text("\n".join(lines) + "\n")
+    marker = "\n## With both terms off"           # the A/B section below is kept
+    kept = out.read_text().partition(marker) if out.exists() else ("", "", "")
+    out.write_text("\n".join(lines) + "\n" + (kept[1] + kept[2] if kept[1] else ""))
     print("\n".join(lines))
 
 
