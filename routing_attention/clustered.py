@@ -9,11 +9,11 @@ import numpy as np
 from . import _ext
 from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
-                      as_matrix, batch_shape, check_out, cluster_count, dout_shape, dropout_args,
-                      flag, float_dtype, given_or_saved, integer, labels_array, mask_fits,
-                      mask_record, qkv_arrays, rel_bias_array,
-                      saved_arrays, saved_from, scale_value, some_rows, unbroadcast)
-from .pairs import _operands
+                      as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
+                      float_dtype, given_or_saved, integer, labels_array, mask_fits,
+                      mask_record, qkv_arrays, saved_arrays, saved_from, scale_value,
+                      some_rows, unbroadcast)
+from .pairs import _checked
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
            "improved_clustered_attention", "improved_clustered_attention_backward",
@@ -30,11 +30,9 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale, dropout_p=0.0,
     n_clusters = cluster_count(n_clusters, n, "q", rows="queries")
     topk = 0 if topk is None else integer("topk", topk, low=1)
     labels = labels_array(labels, n, n_clusters, rows="queries")
-    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
-    rel_bias = rel_bias_array(rel_bias, n, m, dtype)
-    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2), labels=(labels, 1))
-    if rel_bias is not None:
-        cores["rel_bias"] = (rel_bias, 1)
+    cores, _, pairs, dropout = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2),
+                                                    labels=(labels, 1)),
+                                        n, m, dropout_p, dropout_seed, rel_bias)
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
@@ -43,8 +41,7 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale, dropout_p=0.0,
     if use_mask:
         mask_fits("key_mask", mask, batch_shape(**cores))
     return (q, k, v, labels, mask, use_mask, n_clusters, topk,
-            scale_value(scale, q.shape[-1], dtype), batch,
-            _operands(dtype, batch, threshold, seed, rel_bias), (p, seed))
+            scale_value(scale, q.shape[-1], dtype), batch, pairs, dropout)
 
 
 def _keywords(n_clusters, topk, mask, use_mask, scale, dropout):

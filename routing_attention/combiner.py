@@ -10,10 +10,10 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
-                      check_out, combiner_block, dout_shape, dropout_args, flag, integer, one_of,
-                      plain_qkv, plain_scale, qkv_arrays, rel_bias_array, saved_arrays,
-                      scale_value, self_attention_layout, unbroadcast)
-from .pairs import NO_PAIRS, _operands
+                      check_out, combiner_block, dout_shape, flag, integer, one_of, plain_qkv,
+                      plain_scale, qkv_arrays, saved_arrays, scale_value,
+                      self_attention_layout, unbroadcast)
+from .pairs import NO_PAIRS, _checked
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
 
@@ -45,14 +45,10 @@ def _prepare(q, k, v, plan, block, causal, scale, dropout_p=0.0, dropout_seed=No
         block = _default_block(n)
     else:
         block = integer("block", block, 1, n)
-    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
-    rel_bias = rel_bias_array(rel_bias, n, n, dtype)
-    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2))
-    if rel_bias is not None:
-        cores["rel_bias"] = (rel_bias, 1)
-    batch = batch_shape(**cores)
+    _, _, pairs, dropout = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2)), n, n, dropout_p,
+                                    dropout_seed, rel_bias)
     return (q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype),
-            _operands(dtype, batch, threshold, seed, rel_bias), (p, seed))
+            pairs, dropout)
 
 
 def _keywords(plan, block, causal, scale, dropout):

@@ -3,10 +3,9 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
-                      check_out, dout_shape, dropout_args, flag, forward_statistic, mask_fits,
-                      mask_record, plain_qkv, plain_scale, qkv_arrays, rel_bias_array,
-                      scale_value, unbroadcast)
-from .pairs import _operands, NO_PAIRS
+                      check_out, dout_shape, flag, forward_statistic, mask_fits, mask_record,
+                      plain_qkv, plain_scale, qkv_arrays, scale_value, unbroadcast)
+from .pairs import NO_PAIRS, _checked
 
 __all__ = ["attention", "attention_backward"]
 
@@ -18,21 +17,16 @@ def _prepare(q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias
     dtype = q.dtype
     causal = flag("causal", causal)
     n, m = q.shape[-2], k.shape[-2]
-    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
-    rel_bias = rel_bias_array(rel_bias, n, m, dtype)
-    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2))
-    if rel_bias is not None:
-        cores["rel_bias"] = (rel_bias, 1)
-    batch = batch_shape(**cores)
+    cores, batch, pairs, dropout = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2)), n, m,
+                                            dropout_p, dropout_seed, rel_bias)
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
     else:
         mask, use_mask = as_bool_mask("key_mask", key_mask, m), True
         batch_shape(**cores, key_mask=(mask, 1))
         mask_fits("key_mask", mask, batch)
-    pairs = _operands(dtype, batch, threshold, seed, rel_bias)
     return (q, k, v, mask, use_mask, causal, scale_value(scale, q.shape[-1], dtype), batch,
-            pairs, (p, seed))
+            pairs, dropout)
 
 
 def _keywords(causal, mask, use_mask, scale, dropout):

@@ -18,7 +18,8 @@ Every attention function takes
 """
 import numpy as np
 
-from ._checks import as_matrix, bias_table, bucket_layout, float_dtype, bias_sources
+from ._checks import (as_matrix, batch_shape, bias_sources, bias_table, bucket_layout,
+                      dropout_args, float_dtype, rel_bias_array)
 
 __all__ = ["alibi_slopes", "t5_buckets", "relative_bias", "relative_bias_backward",
            "dropout_keys"]
@@ -45,6 +46,18 @@ def _operands(dtype, batch, threshold, seed, rel_bias):
     keys = dropout_keys(seed, batch) if threshold else np.uint64(0)
     bias = rel_bias if rel_bias is not None else np.empty(0, dtype)
     return np.int64(threshold), keys, bias
+
+
+def _checked(dtype, cores, n, m, dropout_p, dropout_seed, rel_bias):
+    """A call's pair terms, checked: (cores with rel_bias added, the broadcast batch, the
+    gufunc operands (drop, drop_key, bias), the resolved (dropout_p, dropout_seed)).
+    cores: {name: (array, core rank)} of the call's other operands."""
+    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
+    rel_bias = rel_bias_array(rel_bias, n, m, dtype)
+    if rel_bias is not None:
+        cores = dict(cores, rel_bias=(rel_bias, 1))
+    batch = batch_shape(**cores)
+    return cores, batch, _operands(dtype, batch, threshold, seed, rel_bias), (p, seed)
 
 
 # the operands of a call without pair terms, per dtype char

@@ -6,11 +6,10 @@ from .clustering import assign_top_members, members_from_labels, spherical_kmean
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
-                      integer, mask_fits, member_lists, one_of, qkv_arrays, rel_bias_array,
-                      routing_heads,
+                      integer, mask_fits, member_lists, one_of, qkv_arrays, routing_heads,
                       same_cluster_count, same_leading_axes, saved_arrays, scale_value,
                       some_rows, unbroadcast)
-from .pairs import _operands
+from .pairs import _checked
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
            "local_attention_backward", "check_members", "local_members"]
@@ -34,15 +33,11 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, dropout_
     k_idx = check_members("k_idx", k_idx, k.shape[-2])
     same_cluster_count(q_idx, k_idx)
     one_of("merge", merge, MERGES)
-    p, seed, threshold = dropout_args(dropout_p, dropout_seed)
-    rel_bias = rel_bias_array(rel_bias, q.shape[-2], k.shape[-2], dtype)
-    cores = dict(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2))
-    if rel_bias is not None:
-        cores["rel_bias"] = (rel_bias, 1)
-    batch = batch_shape(**cores)
+    _, _, pairs, dropout = _checked(
+        dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2)),
+        q.shape[-2], k.shape[-2], dropout_p, dropout_seed, rel_bias)
     return (q, k, v, q_idx, k_idx, flag("causal", causal), flag("exclude_self", exclude_self),
-            merge == "lse", scale_value(scale, q.shape[-1], dtype),
-            _operands(dtype, batch, threshold, seed, rel_bias), (p, seed))
+            merge == "lse", scale_value(scale, q.shape[-1], dtype), pairs, dropout)
 
 
 def _keywords(causal, exclude_self, lse_merge, scale, dropout):

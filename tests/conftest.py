@@ -29,6 +29,21 @@ def assert_close(actual, expected, dtype, what):
     assert err <= rtol * scale, f"{what}: max abs error {err:.3e} > {rtol:.0e} × {scale:.3g}"
 
 
+def numeric_grad(f, x, eps=1e-6):
+    """Central differences of the scalar f() in each entry of x (changed in place and
+    restored)."""
+    g = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        old = x[idx]
+        x[idx] = old + eps
+        hi = f()
+        x[idx] = old - eps
+        lo = f()
+        x[idx] = old
+        g[idx] = (hi - lo) / (2 * eps)
+    return g
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -4,7 +4,7 @@ import pytest
 
 import routing_attention as ra
 from routing_attention import reference as ref
-from conftest import LAYOUTS, assert_close, run_with_simd, strided
+from conftest import LAYOUTS, assert_close, numeric_grad, run_with_simd, strided
 
 DTYPES = [np.float32, np.float64]
 FORMS = [None, 1, 5, 1000]          # topk: None = plain clustered attention
@@ -172,19 +172,6 @@ def test_output_argument_may_be_an_input(rng, topk):
 
 
 # ------------------------------------------------------------------ gradients
-def numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        old = x[idx]
-        x[idx] = old + eps
-        hi = f()
-        x[idx] = old - eps
-        lo = f()
-        x[idx] = old
-        g[idx] = (hi - lo) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("topk", [None, 3])
 def test_finite_differences(rng, topk):
     """Central differences of the loss Σ dout∘out; improved: T_c and m̂_c held constant."""

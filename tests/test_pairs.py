@@ -8,7 +8,7 @@ from routing_attention import reference as ref
 from routing_attention.pairs import (alibi_slopes, relative_bias, relative_bias_backward,
                                      t5_buckets)
 
-from conftest import LAYOUTS, assert_close, strided
+from conftest import LAYOUTS, assert_close, numeric_grad, strided
 
 B, H = 2, 3
 
@@ -87,19 +87,6 @@ def test_layouts_masks_and_out(layout):
             assert_close(g, w, np.float64, f"{layout} grads")
 
 
-def _numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    for i in np.ndindex(*x.shape):
-        old = x[i]
-        x[i] = old + eps
-        hi = f()
-        x[i] = old - eps
-        lo = f()
-        x[i] = old
-        g[i] = (hi - lo) / (2 * eps)
-    return g
-
-
 @pytest.mark.parametrize("which", [0, 2, 4])
 def test_finite_differences(which):
     """float64 gradients, rel_bias's included, by central differences at a fixed seed."""
@@ -117,7 +104,7 @@ def test_finite_differences(which):
         return float((fwd(q, k, v, *extra, **kw) * dout).sum())
     grads = bwd(dout, q, k, v, *extra, **kw)
     for x, g, what in zip((q, k, v, bias), grads, ("dq", "dk", "dv", "drel_bias")):
-        num = _numeric_grad(loss, x)
+        num = numeric_grad(loss, x)
         assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max()), f"{name} {what}"
 
 
@@ -288,14 +275,14 @@ def test_clustered_finite_differences():
     kw = dict(dropout_p=0.3, dropout_seed=6)
     grads = ra.clustered_attention_backward(dout, q, k, v, labels, C, **kw)
     for x, g in zip((q, k, v), grads):
-        num = _numeric_grad(lambda: float((ra.clustered_attention(q, k, v, labels, C, **kw)
+        num = numeric_grad(lambda: float((ra.clustered_attention(q, k, v, labels, C, **kw)
                                            * dout).sum()), x)
         assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max())
     hold = ref.improved_clustered_selection(q, k, labels, C, 4)
     grads = ra.improved_clustered_attention_backward(dout, q, k, v, labels, C, 4, rel_bias=bias,
                                                      **kw)
     for x, g in zip((q, k, v, bias), grads):
-        num = _numeric_grad(lambda: float((ref.improved_clustered_attention(
+        num = numeric_grad(lambda: float((ref.improved_clustered_attention(
             q, k, v, labels, C, 4, rel_bias=bias, _hold=hold, **kw) * dout).sum()), x)
         assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max())
 
@@ -374,7 +361,7 @@ def test_combiner_finite_differences(plan):
     dout = rng.standard_normal((n, 2))
     grads = ra.combiner_attention_backward(dout, q, k, v, **kw)
     for x, g in zip((q, k, v, bias), grads):
-        num = _numeric_grad(lambda: float((ra.combiner_attention(q, k, v, **kw) * dout).sum()), x)
+        num = numeric_grad(lambda: float((ra.combiner_attention(q, k, v, **kw) * dout).sum()), x)
         assert np.abs(g - num).max() <= 1e-7 * max(1.0, np.abs(num).max())
 
 
