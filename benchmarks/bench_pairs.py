@@ -58,8 +58,8 @@ def main():
     lines = ["# Attention dropout and relative position bias: their cost in the kernels", "",
              f"fp32, n = {N}, d = e = {D}, H = {H}, 1 thread; dense, routing ({C} random clusters "
              f"of {N // C} queries and keys per head) and Combiner (fixed, block 64) causal; "
-             "improved clustered: 100 clusters of random labels, top-32; medians of {args.repeats} interleaved "
-             f"rounds; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')} "
+             "improved clustered: 100 clusters of random labels, top-32; medians of "
+             f"{args.repeats} interleaved rounds; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')} "
              "(no BLAS peer here).  Target (issue 22): each term costs ≤ 15 % of the plain "
              "kernel.", "",
              "| kernel | plain | dropout 0.1 | ALiBi + T5 bias | both | dropout cost | bias cost | target |",
