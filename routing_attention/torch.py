@@ -260,10 +260,8 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
     position bias (build it with `relative_bias`).  With either, return_lse is refused."""
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator)
     if pairs is not None:
-        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("dense", q, k, v, _mask("key_mask", key_mask), None, None, None, 0, 0,
-                        0, "", None, bool(causal), False, "mean", _scale(scale), pairs[0],
-                        pairs[1], rel_bias).to(dtype)
+        return _pair_run("dense", q, k, v, pairs, key_mask=_mask("key_mask", key_mask),
+                         causal=bool(causal), scale=_scale(scale))
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse = _attention_op(q, k, v, _mask("key_mask", key_mask), bool(causal), _scale(scale))
     out, lse = out.to(dtype), lse.to(dtype)
@@ -358,10 +356,9 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
     dropout_p, dropout_seed, rel_bias, generator: as in `attention`."""
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator)
     if pairs is not None:
-        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("routing", q, k, v, None, _index("q_idx", q_idx), _index("k_idx", k_idx),
-                        None, 0, 0, 0, "", None, bool(causal), bool(exclude_self), str(merge),
-                        _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
+        return _pair_run("routing", q, k, v, pairs, q_idx=_index("q_idx", q_idx),
+                         k_idx=_index("k_idx", k_idx), causal=bool(causal),
+                         exclude_self=bool(exclude_self), merge=str(merge), scale=_scale(scale))
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     out, lse, *_ = _routing_op(q, k, v, _index("q_idx", q_idx), _index("k_idx", k_idx),
                                bool(causal), bool(exclude_self), str(merge), _scale(scale))
@@ -414,17 +411,16 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
     window = integer("window", int(window), low=1)
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, False, generator)
     if pairs is not None:
-        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("local", q, k, v, None, None, None, None, window, 0, 0, "", None,
-                        bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
-                        rel_bias).to(dtype)
+        return _pair_run("local", q, k, v, pairs, window=window, causal=bool(causal),
+                         scale=_scale(scale))
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _local_op(q, k, v, window, bool(causal), _scale(scale))[0].to(dtype)
 
 
 # ------------------------------------------------------------------ dropout / position bias
 # Calls with attention dropout or a relative position bias run through one op per
-# direction that names its method (dense, routing, local): the backward recomputes the
+# direction that names its method (dense, routing, local, clustered, combiner): the
+# backward recomputes the
 # forward (the dropout mask is regenerated from the seed, never stored) and also returns
 # the gradient of rel_bias.  Their lse is not returned (return_lse with these terms is
 # refused), so no gradient can reach it.
@@ -547,6 +543,23 @@ def relative_bias(n, m, *, alibi=None, table=None, max_distance=128, bidirection
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
+_PAIR_DEFAULTS = dict(key_mask=None, q_idx=None, k_idx=None, labels=None, window=0,
+                      n_clusters=0, topk=0, plan="", block=None, causal=False,
+                      exclude_self=False, merge="mean", scale=None)
+
+
+def _pair_run(method, q, k, v, pairs, **options):
+    """`method` with the pair terms `pairs` (from _with_pairs) on tensors q, k, v: the
+    op's other arguments by name (the rest at their defaults), the result in the call's
+    dtype."""
+    (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+    a = dict(_PAIR_DEFAULTS, **options)
+    return _pair_op(method, q, k, v, a["key_mask"], a["q_idx"], a["k_idx"], a["labels"],
+                    a["window"], a["n_clusters"], a["topk"], a["plan"], a["block"], a["causal"],
+                    a["exclude_self"], a["merge"], a["scale"], pairs[0], pairs[1],
+                    rel_bias).to(dtype)
+
+
 def _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator):
     """None when the call has no pair terms; else (dropout_p, seed, rel_bias) with a seed
     drawn from torch's generator when dropout_seed is None and dropout_p > 0."""
@@ -616,10 +629,9 @@ def _clustered_call(q, k, v, labels, n_clusters, topk, key_mask, scale, pair_arg
     if pair_args is not None:
         pairs = _with_pairs(*pair_args)
         if pairs is not None:
-            (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-            return _pair_op("clustered", q, k, v, _mask("key_mask", key_mask), None, None,
-                            _index("labels", labels), 0, int(n_clusters), topk, "", None, False,
-                            False, "mean", _scale(scale), pairs[0], pairs[1], rel_bias).to(dtype)
+            return _pair_run("clustered", q, k, v, pairs, key_mask=_mask("key_mask", key_mask),
+                             labels=_index("labels", labels), n_clusters=int(n_clusters),
+                             topk=topk, scale=_scale(scale))
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _clustered_op(q, k, v, _index("labels", labels), int(n_clusters), topk,
                          _mask("key_mask", key_mask), _scale(scale))[0].to(dtype)
@@ -685,10 +697,8 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
     block = None if block is None else int(block)
     pairs = _with_pairs(dropout_p, dropout_seed, rel_bias, False, generator)
     if pairs is not None:
-        (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
-        return _pair_op("combiner", q, k, v, None, None, None, None, 0, 0, 0, str(plan), block,
-                        bool(causal), False, "mean", _scale(scale), pairs[0], pairs[1],
-                        rel_bias).to(dtype)
+        return _pair_run("combiner", q, k, v, pairs, plan=str(plan), block=block,
+                         causal=bool(causal), scale=_scale(scale))
     (q, k, v), dtype = _floats(q=q, k=k, v=v)
     return _combiner_op(q, k, v, str(plan), block, bool(causal), _scale(scale))[0].to(dtype)
 
