@@ -42,7 +42,6 @@ static inline int ra_trials(int c)
     const int L = 2 + (int)floor(log((double)c));
     return L < RA_MAX_TRIALS ? L : RA_MAX_TRIALS;
 }
-#define RA_SEED_COLS RA_MAX_TRIALS   /* candidate columns of the seeding gemm (zero-padded) */
 
 /* Clusters per top_members work unit: enough units for every thread, a multiple of 16
  * (whole vectors on every ISA), at most 256. */

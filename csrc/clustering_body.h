@@ -111,22 +111,56 @@ static inline double FN(seed_weight)(T best, uint8_t valid)
     return (valid && w > 0) ? w * w : 0;
 }
 
+/* The unit rows xn (n, d) as blocks of RA_ROWS rows, each block transposed:
+ * xt (nb, d, RA_ROWS), nb = ceil(n / RA_ROWS), the last block zero-padded — the
+ * right-hand operand of the seeding gemm, read sequentially. */
+static void FN(seed_transpose)(int n, int d, const T *xn, T *xt, int nt)
+{
+    const int nb = (n + RA_ROWS - 1) / RA_ROWS;
+    #pragma omp parallel for num_threads(nt) schedule(static)
+    for (int blk = 0; blk < nb; blk++) {
+        T *o = xt + (size_t)blk * d * RA_ROWS;
+        for (int r = 0; r < RA_ROWS; r++) {
+            const int i = blk * RA_ROWS + r;
+            for (int u = 0; u < d; u++) o[(size_t)u * RA_ROWS + r] = i < n ? xn[(size_t)i * d + u] : 0;
+        }
+    }
+}
+
+/* Row of the D² sample: the first row whose running weight exceeds target (whole
+ * chunks are skipped by their sums); rounding past the end: the last row of positive
+ * weight. */
+static int FN(seed_sample)(int n, const double *w, const double *chunk_sum, double target)
+{
+    const int nch = ra_nchunks(n);
+    double run = 0;
+    int k = 0;
+    while (k < nch - 1 && run + chunk_sum[k] <= target) run += chunk_sum[k++];
+    for (int i = k * RA_CHUNK; i < n; i++) {
+        run += w[i];
+        if (w[i] > 0 && run > target) return i;
+    }
+    for (int i = n - 1; i >= 0; i--)
+        if (w[i] > 0) return i;
+    return -1;
+}
+
 /* Seeded greedy k-means++ on the unit rows xn (n, d): mu (c, d) := c rows of xn.  The
- * first is uniform; each next one is the best of ra_trials(c) candidates drawn with
+ * first is uniform; each next one is the best of L = ra_trials(c) candidates drawn with
  * probability ∝ D², D = 1 − (largest cos to the centroids so far): the one leaving the
- * least total D² (the first on ties).  best (n), w (n), partial (ra_nchunks(n) ·
- * (ra_trials(c) + 1)), cands (d, RA_SEED_COLS) and, per thread, a block of
- * RA_ROWS · RA_SEED_COLS are scratch: the candidates' cosines come from the gemm kernel,
- * RA_ROWS rows at a time. */
+ * least total D² (the first on ties).  Scratch: best (n), w (n), partial (ra_nchunks(n) ·
+ * (L + 1)), cands (L, d), xt (nb, d, RA_ROWS) from seed_transpose and cos (nb, L,
+ * RA_ROWS): the candidates' cosines, one (L, d) × (d, RA_ROWS) gemm per block, kept so
+ * that the winner's column updates best without another pass over xn. */
 static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                                const uint8_t *valid, int64_t nvalid, uint64_t *rng, T *mu,
-                               T *best, double *w, double *partial, T *cands, T *blocks, int nt)
+                               T *best, double *w, double *partial, T *cands, const T *xt,
+                               T *cos, int nt)
 {
-    const int nch = ra_nchunks(n), L = ra_trials(c);
-    const int LP = (L + 15) / 16 * 16;      /* candidate columns: whole vectors on every ISA */
+    const int nch = ra_nchunks(n), L = ra_trials(c), nb = (n + RA_ROWS - 1) / RA_ROWS;
     double *pot = partial + nch;            /* (nch, L) candidate potentials per chunk */
     for (int j = 0; j < c; j++) {
-        int pick = -1;
+        int pick = -1, won = -1;
         if (j > 0) {
             /* 1. weights, summed per chunk, chunks combined in order */
             #pragma omp parallel for num_threads(nt) schedule(static)
@@ -139,38 +173,27 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
             double total = 0;
             for (int k = 0; k < nch; k++) total += partial[k];
             if (total > 0) {
-                /* 2. L candidates: first row whose running weight exceeds u·total
-                      (rounding past the end: the last row of positive weight) */
+                /* 2. L candidates by D² sampling */
                 int cand[RA_MAX_TRIALS];
                 for (int t = 0; t < L; t++) {
-                    const double target = ra_rng_unit(rng) * total;
-                    double run = 0;
-                    cand[t] = -1;
-                    for (int i = 0; i < n && cand[t] < 0; i++) {
-                        run += w[i];
-                        if (w[i] > 0 && run > target) cand[t] = i;
-                    }
-                    for (int i = n - 1; i >= 0 && cand[t] < 0; i--)
-                        if (w[i] > 0) cand[t] = i;
+                    cand[t] = FN(seed_sample)(n, w, partial, ra_rng_unit(rng) * total);
+                    memcpy(cands + (size_t)t * d, xn + (size_t)cand[t] * d, sizeof(T) * (size_t)d);
                 }
-                /* 3. keep the candidate with the least remaining potential: the
-                      candidates transposed and zero-padded (d, LP), their
-                      cosines by blocks of rows, each candidate's sum in row order */
-                for (int u = 0; u < d; u++)
-                    for (int t = 0; t < LP; t++)
-                        cands[(size_t)u * LP + t] = t < L ? xn[(size_t)cand[t] * d + u] : 0;
+                /* 3. keep the candidate with the least remaining potential: each
+                      candidate's sum in row order per chunk, chunks combined in order */
                 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int k = 0; k < nch; k++) {
                     const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                    T *cos = blocks + (size_t)ra_thread_id() * RA_ROWS * LP;
                     double s[RA_MAX_TRIALS] = {0};
                     for (int i0 = k * RA_CHUNK; i0 < i1; i0 += RA_ROWS) {
                         const int rows = i1 - i0 < RA_ROWS ? i1 - i0 : RA_ROWS;
-                        K->gemm(rows, LP, d, xn + (size_t)i0 * d, d, cands, LP, cos, LP, 0);
+                        T *cb = cos + (size_t)(i0 / RA_ROWS) * L * RA_ROWS;
+                        K->gemm(L, RA_ROWS, d, cands, d, xt + (size_t)(i0 / RA_ROWS) * d * RA_ROWS,
+                                RA_ROWS, cb, RA_ROWS, 0);
                         for (int r = 0; r < rows; r++) {
                             const T b = best[i0 + r];
                             for (int t = 0; t < L; t++) {
-                                const T dot = cos[(size_t)r * LP + t];
+                                const T dot = cb[(size_t)t * RA_ROWS + r];
                                 s[t] += FN(seed_weight)(dot > b ? dot : b, valid[i0 + r]);
                             }
                         }
@@ -181,7 +204,7 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                 for (int t = 0; t < L; t++) {
                     double s = 0;
                     for (int k = 0; k < nch; k++) s += pot[(size_t)k * L + t];
-                    if (pick < 0 || s < least) { least = s; pick = cand[t]; }
+                    if (pick < 0 || s < least) { least = s; pick = cand[t]; won = t; }
                 }
             }
         }
@@ -189,12 +212,17 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
             pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
         T *m = mu + (size_t)j * d;
         memcpy(m, xn + (size_t)pick * d, sizeof(T) * (size_t)d);
-        /* 4. best cos against the new centroid */
+        /* 4. best cos against the new centroid: the winner's gemm column, or (a uniform
+              pick) the dot products */
         #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int i = 0; i < n; i++) {
-            const T dot = FN(ra_dot)((const char *)(xn + (size_t)i * d), sizeof(T),
-                                     (const char *)m, sizeof(T), d);
-            if (j == 0 || dot > best[i]) best[i] = dot;
+        for (int blk = 0; blk < nb; blk++) {
+            const int i0 = blk * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
+            const T *cw = won >= 0 ? cos + ((size_t)blk * L + won) * RA_ROWS : NULL;
+            for (int r = 0; r < rows; r++) {
+                const T dot = cw ? cw[r] : FN(ra_dot)((const char *)(xn + (size_t)(i0 + r) * d),
+                                                      sizeof(T), (const char *)m, sizeof(T), d);
+                if (j == 0 || dot > best[i0 + r]) best[i0 + r] = dot;
+            }
         }
     }
 }
@@ -244,10 +272,12 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
     int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    T *seed_cands = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, RA_SEED_COLS)));
-    T *seed_blocks = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)nt, RA_ROWS * RA_SEED_COLS)));
+    const size_t seeded = use_init ? 0 : ra_mul((size_t)(n + RA_ROWS - 1) / RA_ROWS, RA_ROWS);
+    T *seed_cands = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, RA_MAX_TRIALS)));
+    T *seed_xt = ra_alloc(ra_mul(sizeof(T), ra_mul(seeded, d)));
+    T *seed_cos = ra_alloc(ra_mul(sizeof(T), ra_mul(seeded, ra_trials(c))));
     int st = (xn && mu && ct && sums && best && partial && w && valid && lab && start && rows &&
-              counts && scratch && seed_cands && seed_blocks) ? RA_OK : RA_ERR_NOMEM;
+              counts && scratch && seed_cands && seed_xt && seed_cos) ? RA_OK : RA_ERR_NOMEM;
     const RaMat xn_view = {(char *)xn, (ptrdiff_t)(sizeof(T) * (size_t)d), sizeof(T)};
     const RaVec lab_view = {(char *)lab, sizeof(int64_t)}, valid_view = {(char *)valid, 1};
 
@@ -279,8 +309,9 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
             for (int j = 0; j < c; j++)
                 for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = RA_MAT_AT(T, ib, j, u);
         } else if (nvalid > 0) {
+            FN(seed_transpose)(n, d, xn, seed_xt, nt);
             FN(spherical_seed)(K, n, d, c, xn, valid, nvalid, &rng, mu, best, w, partial,
-                               seed_cands, seed_blocks, nt);
+                               seed_cands, seed_xt, seed_cos, nt);
         } else {
             memset(mu, 0, sizeof(T) * cd);
         }
@@ -303,7 +334,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
     }
     ra_free(xn); ra_free(mu); ra_free(ct); ra_free(sums); ra_free(best); ra_free(partial);
     ra_free(w); ra_free(valid); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
-    ra_free(scratch); ra_free(seed_cands); ra_free(seed_blocks);
+    ra_free(scratch); ra_free(seed_cands); ra_free(seed_xt); ra_free(seed_cos);
     return st;
 }
 
