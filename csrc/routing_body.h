@@ -17,12 +17,19 @@
  * output arrays, or the backward's own when it recomputes) and the backward's slot gradients. */
 typedef struct {
     const RaRoutingPlan *plan;
-    T *o_slot;        /* (c·w, e) output row of each (cluster, query) slot */
+    T *o_slot;        /* (c·w, e) output row of each (cluster, query) slot whose token
+                                  is in several clusters (others: not written) */
+    RaMat merged;     /* (n, e)   forward: the merged output (rows of one-cluster tokens
+                                  are written by the attend step) */
     T *l_slot;        /* (c·w)    its log-sum-exp */
     uint8_t *self_only; /* (c·w)  exclude_self fell back to the query's own key */
     T *out;           /* (n, e)   merged output (backward only) */
     T *lse;           /* (n)      merged log-sum-exp (backward only) */
-    T *dq_slot;       /* (c·w, d) backward only */
+    T *delta_tok;     /* (n)      backward: dout_i · out_i, for the tokens whose slots
+                                  use the merged row (lse merge, or in one cluster) */
+    T *dq_slot;       /* (c·w, d) backward only; like dk_slot, dv_slot: rows of tokens in
+                                  several clusters only */
+    RaMat dq, dk, dv; /* backward: the problem's gradients, (n, d), (m, d), (m, e) */
     T *dk_slot;       /* (c·u, d) backward only */
     T *dv_slot;       /* (c·u, e) backward only */
     const FN(RaPairs) *pairs;  /* the problem's pair terms, or NULL */
@@ -32,9 +39,14 @@ typedef struct {
 } FN(RoutingBuffers);
 
 /* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e),
- * k (u, d) and a query tile; backward: k, kᵀ, vᵀ, v, then per query tile q (BQ, d),
- * dout (BQ, e), lse, delta (BQ) and a gradient tile. */
-typedef struct { T *k, *kt, *v, *vt, *q, *dout, *lse, *delta; FN(RaQTile) qt; FN(RaQGradTile) g; } FN(RoutingTile);
+ * k (u, d) and a query tile; backward: k, kᵀ, vᵀ, v, the cluster's key gradients dk
+ * (u, d), dv (u, e), then per query tile q (BQ, d), dout (BQ, e), lse, delta (BQ), dq
+ * (BQ, d) and a gradient tile. */
+typedef struct {
+    T *k, *kt, *v, *vt, *q, *dout, *lse, *delta, *dk, *dv, *dq;
+    FN(RaQTile) qt;
+    FN(RaQGradTile) g;
+} FN(RoutingTile);
 
 static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u, int backward)
 {
@@ -46,6 +58,9 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
         return;
     }
     t->vt = RA_TAKE(a, T, ra_mul(e, u));
+    t->dk = RA_TAKE(a, T, ra_mul(u, d));
+    t->dv = RA_TAKE(a, T, ra_mul(u, e));
+    t->dq = RA_TAKE(a, T, (size_t)RA_BQ * d);
     t->q = RA_TAKE(a, T, (size_t)RA_BQ * d);
     t->dout = RA_TAKE(a, T, (size_t)RA_BQ * e);
     t->lse = RA_TAKE(a, T, RA_BQ);
@@ -65,8 +80,27 @@ static size_t FN(routing_tile_bytes)(int d, int e, int u, int backward)
 }
 
 /* ------------------------------------------------------------------ 2. attend (forward) */
+/* The finished rows of a query tile to their homes: a token in this cluster only is
+ * merged already (its row goes straight to merged, its slot row is left alone: the
+ * backward reads merged for it); a token in several clusters to its slot row. */
+static void FN(routing_place_rows)(const RaRoutingPlan *P, const FN(RaQTile) *qt, int e,
+                                   T *slot_rows, RaMat merged)
+{
+    for (int r = 0; r < qt->rows; r++) {
+        const int64_t i = qt->pos[r];
+        const T *src = qt->acc + (ptrdiff_t)r * e;
+        if (P->q_start[i + 1] - P->q_start[i] > 1)
+            memcpy(slot_rows + (ptrdiff_t)r * e, src, sizeof(T) * (size_t)e);
+        else if (merged.s1 == (ptrdiff_t)sizeof(T))
+            memcpy(merged.data + i * merged.s0, src, sizeof(T) * (size_t)e);
+        else
+            for (int c = 0; c < e; c++) RA_MAT_AT(T, merged, i, c) = src[c];
+    }
+}
+
 /* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
- * o_slot/l_slot rows cl·w + r receive the result for the r-th member query. */
+ * l_slot row cl·w + r receives the lse of the r-th member query, its output row goes
+ * to o_slot row cl·w + r or the merged output (routing_place_rows). */
 static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int cl, RaMat q,
                                         RaMat k, RaMat v, T scale, int flags, T *ws,
                                         FN(RoutingBuffers) *buf)
@@ -99,8 +133,9 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
         if (flags & RA_EXCLUDE_SELF) FN(ra_attend_self_fallback)(&qt, &keys, d, e, self_only);
         else memset(self_only, 0, (size_t)qt.rows);
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
-        FN(ra_fwd_finish)(&qt, e, (char *)(buf->o_slot + slot0 * e), (ptrdiff_t)sizeof(T) * e,
-                          sizeof(T), (char *)(buf->l_slot + slot0), sizeof(T));
+        FN(ra_fwd_finish)(&qt, e, (char *)qt.acc, (ptrdiff_t)sizeof(T) * e, sizeof(T),
+                          (char *)(buf->l_slot + slot0), sizeof(T));   /* in place */
+        FN(routing_place_rows)(P, &qt, e, buf->o_slot + slot0 * e, buf->merged);
     }
 }
 
@@ -114,10 +149,7 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
     const int64_t a = P->q_start[i], z = P->q_start[i + 1];
     T *dst = (T *)(out.data + i * out.s0);
     const int contiguous = out.s1 == (ptrdiff_t)sizeof(T);
-    if (z - a == 1) {                          /* the common case: one cluster */
-        const T *o = buf->o_slot + P->q_occ[a] * e;
-        if (contiguous) memcpy(dst, o, sizeof(T) * (size_t)e);
-        else for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = o[c];
+    if (z - a == 1) {             /* the common case: one cluster, the row is in place */
         RA_VEC_AT(T, lse, i) = buf->l_slot[P->q_occ[a]];
         return;
     }
@@ -146,6 +178,7 @@ static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaM
                                         FN(RoutingBuffers) *buf, RaMat out, RaVec lse)
 {
     const int nt = ra_num_threads();
+    buf->merged = out;
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int cl = 0; cl < P->c; cl++)
         FN(routing_cluster_forward)(K, P, cl, q, k, v, scale, flags,
@@ -203,7 +236,29 @@ static inline int FN(bias_group)(int cl, int c)
     return (int)((int64_t)cl * groups / c);
 }
 
-/* Cluster cl: per-slot gradient rows dq_slot (w.r.t. the scaled query), dk_slot, dv_slot.
+/* Gradient rows of one cluster's members (positions pos, rows (count, width)) to their
+ * homes: a token in this cluster only straight to its row of the result (times mul),
+ * a token in several clusters to its slot row, summed later (routing_sum_slots). */
+static void FN(routing_place_grads)(const int64_t *start, const int64_t *pos, int count,
+                                    const T *rows, int width, T *slot_rows, T mul, RaMat dst)
+{
+    for (int r = 0; r < count; r++) {
+        const int64_t i = pos[r];
+        const T *src = rows + (ptrdiff_t)r * width;
+        if (start[i + 1] - start[i] > 1) {
+            memcpy(slot_rows + (ptrdiff_t)r * width, src, sizeof(T) * (size_t)width);
+        } else if (dst.s1 == (ptrdiff_t)sizeof(T)) {
+            T *o = (T *)(dst.data + i * dst.s0);
+            if (mul == 1) memcpy(o, src, sizeof(T) * (size_t)width);
+            else for (int c = 0; c < width; c++) o[c] = src[c] * mul;
+        } else {
+            for (int c = 0; c < width; c++) RA_MAT_AT(T, dst, i, c) = mul * src[c];
+        }
+    }
+}
+
+/* Cluster cl: gradient rows dq (w.r.t. the scaled query, times scale), dk, dv, placed by
+ * routing_place_grads.
  * The gradient reaching slot (cl, r) of token i is dO = dout_i / count_i (mean) or
  * dout_i with the merged lse L_i and delta_i = dout_i·out_i (lse merge: exactly the
  * gradient of one softmax over the concatenated key lists). */
@@ -214,16 +269,23 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     const int d = P->d, e = P->e, nq = P->qcount[cl], nk = P->kcount[cl];
     const int64_t *qpos = P->qlist + (ptrdiff_t)cl * P->w;
     const int64_t *kpos = P->klist + (ptrdiff_t)cl * P->u;
-    T *dk = buf->dk_slot + (ptrdiff_t)cl * P->u * d, *dv = buf->dv_slot + (ptrdiff_t)cl * P->u * e;
-    memset(dk, 0, sizeof(T) * (size_t)nk * d);
-    memset(dv, 0, sizeof(T) * (size_t)nk * e);
-    if (nq == 0 || nk == 0) {
-        memset(buf->dq_slot + (ptrdiff_t)cl * P->w * d, 0, sizeof(T) * (size_t)nq * d);
-        return;
-    }
     RaArena a = {(char *)ws, 0};
     FN(RoutingTile) t;
     FN(routing_tile)(&a, &t, d, e, P->u, 1);
+    T *const dk = t.dk, *const dv = t.dv;
+    memset(dk, 0, sizeof(T) * (size_t)nk * d);
+    memset(dv, 0, sizeof(T) * (size_t)nk * e);
+    if (nq == 0 || nk == 0) {
+        memset(t.dq, 0, sizeof(T) * (size_t)RA_BQ * d);
+        for (int r0 = 0; r0 < nq; r0 += RA_BQ)
+            FN(routing_place_grads)(P->q_start, qpos + r0, nq - r0 < RA_BQ ? nq - r0 : RA_BQ, t.dq, d,
+                                    buf->dq_slot + ((ptrdiff_t)cl * P->w + r0) * d, scale, buf->dq);
+        FN(routing_place_grads)(P->k_start, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
+                                1, buf->dk);
+        FN(routing_place_grads)(P->k_start, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
+                                1, buf->dv);
+        return;
+    }
     FN(RaQGradTile) g = t.g;
     T *const kp = t.k, *const kt = t.kt, *const vt = t.vt, *const vp = t.v;
     T *const qs = t.q, *const dop = t.dout, *const lrow = t.lse, *const delta = t.delta;
@@ -245,14 +307,16 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         for (int r = 0; r < rows; r++) {
             const int64_t i = qpos[r0 + r], slot = slot0 + r;
             const T wgt = merge_lse ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
-            const T *o = merge_lse ? buf->out + i * e : buf->o_slot + slot * e;
             T *dr = dop + (ptrdiff_t)r * e;
             if (wgt != 1)
                 for (int c = 0; c < e; c++) dr[c] *= wgt;
-            delta[r] = FN(ra_dot)((const char *)dr, sizeof(T), (const char *)o, sizeof(T), e);
+            delta[r] = merge_lse || P->q_start[i + 1] - P->q_start[i] == 1
+                       ? buf->delta_tok[i]        /* dO = dout_i on the merged row */
+                       : FN(ra_dot)((const char *)dr, sizeof(T),
+                                    (const char *)(buf->o_slot + slot * e), sizeof(T), e);
             lrow[r] = merge_lse ? buf->lse[i] : buf->l_slot[slot];
         }
-        T *dq = buf->dq_slot + slot0 * d;
+        T *const dq = t.dq;
         memset(dq, 0, sizeof(T) * (size_t)rows * d);
         g.rows = rows;
         g.q = qs;
@@ -263,7 +327,13 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         g.dq = dq;
         FN(ra_attend_backward)(K, &g, &keys, dk, d, dv, e, d, e, flags,
                                buf->self_only + slot0);
+        FN(routing_place_grads)(P->q_start, qpos + r0, rows, dq, d, buf->dq_slot + slot0 * d,
+                                scale, buf->dq);
     }
+    FN(routing_place_grads)(P->k_start, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
+                            1, buf->dk);
+    FN(routing_place_grads)(P->k_start, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
+                            1, buf->dv);
 }
 
 /* Sum the slot rows of one token (occurrences [a, z) in cluster order) into dst. */
@@ -319,6 +389,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
         buf.out = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, e)));
         buf.lse = ra_alloc(ra_mul(sizeof(T), (size_t)n));
     }
+    buf.delta_tok = ra_alloc(ra_mul(sizeof(T), (size_t)n));
     buf.dq_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, d)));
     buf.dk_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, d)));
     buf.dv_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, e)));
@@ -327,7 +398,8 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
     buf.dbias_part = buf.r ? ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)groups, buf.r))) : NULL;
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int status = (!recompute || (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse)) &&
-                 buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch && (!buf.r || buf.dbias_part)
+                 buf.delta_tok && buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch &&
+                 (!buf.r || buf.dbias_part)
                  ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
         status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
@@ -338,6 +410,9 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
         const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
         RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
         RaMat gb = ra_mat_at(dout, b);
+        buf.dq = ra_mat_at(dq, b);
+        buf.dk = ra_mat_at(dk, b);
+        buf.dv = ra_mat_at(dv, b);
         FN(RaPairs) pr;
         buf.pairs = FN(ra_pairs_at)(pairs, b, n, NULL, &pr);
         if (recompute) {   /* the forward again: slot rows, merged output and lse */
@@ -352,6 +427,11 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
             buf.out = (T *)(saved_out.data + b * saved_out.sb);
             buf.lse = (T *)(saved_lse.data + b * saved_lse.sb);
         }
+        #pragma omp parallel for num_threads(nt) schedule(static)
+        for (int64_t i = 0; i < n; i++)      /* one pass in token order, not per slot */
+            if (lse_merge || plan.q_start[i + 1] - plan.q_start[i] == 1)
+                buf.delta_tok[i] = FN(ra_dot)(gb.data + i * gb.s0, gb.s1,
+                                              (const char *)(buf.out + i * e), sizeof(T), e);
         if (buf.r) {
             /* with a bias gradient: groups of consecutive clusters in parallel, each one
                group's clusters in order into the group's own partial */
@@ -370,19 +450,20 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
                 FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags, lse_merge,
                                              (T *)(scratch + (size_t)ra_thread_id() * per_thread), &buf);
         }
-        RaMat dqb = ra_mat_at(dq, b), dkb = ra_mat_at(dk, b), dvb = ra_mat_at(dv, b);
-        /* forward: logits = (scale·q)·kᵀ, so dq = scale · Σ slots; tokens in no
-           cluster get zero gradient */
+        /* forward: logits = (scale·q)·kᵀ, so dq = scale · Σ slots; tokens in one cluster
+           are written already, tokens in no cluster get zero gradient */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t i = 0; i < n; i++)
-            FN(routing_sum_slots)(plan.q_occ, plan.q_start[i], plan.q_start[i + 1], buf.dq_slot,
-                                  d, sc, dqb, i);
+            if (plan.q_start[i + 1] - plan.q_start[i] != 1)
+                FN(routing_sum_slots)(plan.q_occ, plan.q_start[i], plan.q_start[i + 1],
+                                      buf.dq_slot, d, sc, buf.dq, i);
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int64_t j = 0; j < m; j++) {
+            if (plan.k_start[j + 1] - plan.k_start[j] == 1) continue;
             FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dk_slot,
-                                  d, 1, dkb, j);
+                                  d, 1, buf.dk, j);
             FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dv_slot,
-                                  e, 1, dvb, j);
+                                  e, 1, buf.dv, j);
         }
         FN(ra_pairs_write_dbias)(pairs, b, buf.r, buf.dbias_part, groups);   /* group order */
     }
@@ -393,6 +474,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
         ra_free(buf.out);
         ra_free(buf.lse);
     }
+    ra_free(buf.delta_tok);
     ra_free(buf.dq_slot);
     ra_free(buf.dk_slot);
     ra_free(buf.dv_slot);

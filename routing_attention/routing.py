@@ -77,8 +77,11 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
     return_lse : bool
         Also return L = logsumexp over the token's per-cluster log-sum-exps, (..., n).
     return_saved : bool
-        Also return a dict of the forward's statistics (merged output and lse, and each
-        (cluster, query) slot's output and lse) and ``keywords`` (the resolved causal,
+        Also return a dict of the forward's statistics (merged output and lse, each
+        (cluster, query) slot's lse, and its output row where the token is in several
+        clusters — a token in one cluster has its row in the merged output, and its slot
+        row is left unwritten: not read, its values unspecified) and ``keywords`` (the
+        resolved causal,
         exclude_self, merge and scale); pass it as
         ``routing_attention_backward(dout, q, k, v, q_idx, k_idx, **saved)`` to skip
         recomputing the forward.

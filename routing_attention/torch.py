@@ -272,18 +272,31 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
 _ROUTING_STATS = "Tensor, Tensor, Tensor, Tensor, Tensor"     # out, lse, slot out/lse/self
 
 
+def _one_cluster_slots(q_idx, n):
+    """(..., c, w) bool: slot (cl, r) — the r-th listed query of cluster cl — belongs to
+    a token listed in no other cluster."""
+    listed = np.take_along_axis(q_idx, np.argsort(q_idx < 0, axis=-1, kind="stable"), -1)
+    flat = listed.reshape(-1, listed.shape[-2] * listed.shape[-1])
+    one = np.zeros(flat.shape, bool)
+    for b, row in enumerate(flat):
+        valid = row >= 0
+        one[b, valid] = np.bincount(row[valid], minlength=n)[row[valid]] == 1
+    return one.reshape(listed.shape)
+
+
 def _routing_forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
     out, lse, saved = _routing.routing_attention(
         q, k, v, q_idx, k_idx, causal=causal, exclude_self=exclude_self, merge=merge,
         scale=scale, return_lse=True, return_saved=True)
     # slot r of a cluster holds its r-th listed query; the kernel leaves the slots past
-    # the cluster's member count unwritten: give them fixed values, so that an op's
-    # outputs are a function of its inputs
+    # the cluster's member count, and the output slots of tokens in one cluster only,
+    # unwritten: give them fixed values, so that an op's outputs are a function of its
+    # inputs
     q_idx = np.asarray(q_idx)
     count = (q_idx >= 0).sum(axis=-1, keepdims=True)
     empty = np.arange(q_idx.shape[-1]) >= count
     slot_output, slot_lse, slot_self = saved["slot_output"], saved["slot_lse"], saved["slot_self"]
-    slot_output[np.broadcast_to(empty, slot_lse.shape)] = 0
+    slot_output[np.broadcast_to(empty | _one_cluster_slots(q_idx, q.shape[-2]), slot_lse.shape)] = 0
     slot_lse[np.broadcast_to(empty, slot_lse.shape)] = -np.inf
     slot_self[np.broadcast_to(empty, slot_lse.shape)] = False
     return tuple(_t(a) for a in (out, lse, slot_output, slot_lse, slot_self))

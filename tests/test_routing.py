@@ -273,3 +273,29 @@ def test_saved_statistics_skip_the_recompute(rng, dtype, merge):
     bad = dict(saved, slot_lse=saved["slot_lse"][:1])
     with pytest.raises(ValueError, match="slot_lse must have shape"):
         ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, **kw, **bad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_slot_rows_kept_only_for_tokens_in_several_clusters(rng, dtype):
+    """saved["slot_output"]: a token in several clusters has each cluster's own output in
+    its slots; a token in one cluster has its row in the merged output only, and the
+    backward reads it there (poisoning its slot rows changes no gradient)."""
+    n = 90
+    q, k, v = make(rng, dtype, (), n, n, 8, 5)
+    q_idx = random_members(rng, (), 6, 25, n, pad=0.1)
+    out, saved = ra.routing_attention(q, k, v, q_idx, q_idx, causal=True, return_saved=True)
+    slots = saved["slot_output"]
+    counts = np.bincount(q_idx[q_idx >= 0], minlength=n)
+    assert (counts == 1).any() and (counts > 1).any(), "both kinds of token are exercised"
+    for cl in range(q_idx.shape[0]):
+        own = ref.routing_attention(q, k, v, q_idx[cl:cl + 1], q_idx[cl:cl + 1], causal=True)
+        for r, i in enumerate(q_idx[cl][q_idx[cl] >= 0]):   # slot r: the r-th listed member
+            if counts[i] > 1:
+                assert_close(slots[cl, r], own[i], dtype, f"slot ({cl}, {r}) of token {i}")
+            else:
+                slots[cl, r] = np.nan
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    plain = ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, causal=True)
+    fast = ra.routing_attention_backward(dout, q, k, v, q_idx, q_idx, causal=True, **saved)
+    for a, b in zip(plain, fast):
+        assert np.array_equal(a, b)

@@ -242,3 +242,16 @@ def test_threads_follow_torch_unless_set():
         rt.set_num_threads(None)
         torch.set_num_threads(saved_torch)
         ra.set_num_threads(saved_ra)
+
+
+def test_routing_op_slot_outputs_are_a_function_of_the_inputs():
+    """The kernel leaves the slot rows of one-cluster tokens unwritten; the op zeroes
+    them (and the empty slots), and keeps the per-cluster rows of tokens in two clusters."""
+    q, k, v = (t.detach() for t in _qkv(batch=()))
+    q_idx = torch.tensor([[0, -1, 3, 5], [5, 1, 2, -1]])        # token 5 in both clusters
+    _, _, slot_out, _, _ = OPS.routing_attention(q, k, v, q_idx, q_idx, False, False, "mean", None)
+    # slot (cl, r) is the r-th listed query: cluster 0 lists 0, 3, 5; cluster 1 lists 5, 1, 2
+    assert (slot_out[0, :2] == 0).all() and (slot_out[1, 1:] == 0).all()
+    for cl, r in ((0, 2), (1, 0)):
+        own = rt.routing_attention(q, k, v, q_idx[cl:cl + 1], q_idx[cl:cl + 1])[5]
+        torch.testing.assert_close(slot_out[cl, r], own, rtol=1e-10, atol=1e-12)
