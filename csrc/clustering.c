@@ -178,8 +178,8 @@ static void ra_hamming_work_free(RaHammingWork *w)
     ra_free(w->start); ra_free(w->rows); ra_free(w->counts);
 }
 
-/* One problem in 64-bit words, and in 32-bit words when every code fits: the same
- * results, twice the lanes per vector popcount. */
+/* One problem in 64-bit words, and in 32-bit words when every code fits (and the 32-bit
+ * assign's packed keys hold c): the same results, twice the lanes per vector. */
 #define RA_TYPED_BODY "hamming_body.h"
 #define RA_TYPED_WORDS
 #include "typed.h"
@@ -194,7 +194,7 @@ static void ra_hamming_problem(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
     RaVec cv = ra_vec_at(codes, b);
     uint64_t bits = 0;
     for (int i = 0; i < n; i++) bits |= (uint64_t)RA_VEC_AT(int64_t, cv, i);
-    if (bits >> 32)
+    if (bits >> 32 || c > (1 << RA_HAMMING_KEY_BITS32))
         ra_hamming_fit64(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);
     else
         ra_hamming_fit32(b, n, c, codes, mask, iters, seed, labels, centroids, w, nt);

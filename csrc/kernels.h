@@ -96,9 +96,10 @@ typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 
 /* Hamming distances of code words, rows [i0, i1) (popcnt where the CPU has it). */
+#define RA_HAMMING_KEY_BITS32 26   /* the 32-bit assign packs (distance, j): c <= 2^26 */
 typedef struct {
     /* nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,
-       returning how many labels changed; */
+       returning how many labels changed (32-bit words: c <= 2^RA_HAMMING_KEY_BITS32); */
     int64_t (*assign)(int i0, int i1, const void *code, const uint8_t *valid,
                       const void *cent, int c, int64_t *lab);
     /* Σ min(popcount(code[i] ^ center), dist[i])²; */

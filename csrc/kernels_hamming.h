@@ -65,37 +65,54 @@ static inline hvec FN(hamming_popv)(hvec x)
 
 static inline hvec FN(hamming_loadv)(const W *p) { return *(const hvec *)p; }
 
+/* Lane-wise unsigned minimum: one instruction where the target has it. */
+static inline hvec FN(hamming_minv)(hvec a, hvec b)
+{
+#if VEC_BYTES == 64
+    return sizeof(W) == 8 ? (hvec)_mm512_min_epu64((__m512i)a, (__m512i)b)
+                          : (hvec)_mm512_min_epu32((__m512i)a, (__m512i)b);
+#else
+#if VEC_BYTES == 32
+    if (sizeof(W) == 4) return (hvec)_mm256_min_epu32((__m256i)a, (__m256i)b);
+#endif
+    const hvec lt = (hvec)(a < b);
+    return (a & lt) | (b & ~lt);
+#endif
+}
+
+/* hamming_assign's packed lane key dist · 2^RA_HKEY_SHIFT + j: the smallest key is the
+ * nearest centroid, ties to the lowest j (a distance needs 6 / 7 bits). */
+#define RA_HKEY_SHIFT (sizeof(W) == 8 ? 32 : RA_HAMMING_KEY_BITS32)
+
 /* code (rows [i0, i1)), cent (c) -> lab: the nearest centroid of each valid row, ties to
- * the lowest, -1 for invalid rows.  Returns how many labels changed. */
+ * the lowest, -1 for invalid rows.  Returns how many labels changed.  Each lane keeps the
+ * packed key of its best centroid so far, so a centroid costs xor, popcount, shift, or
+ * and one minimum per vector of rows (32-bit words: c <= 2^RA_HAMMING_KEY_BITS32). */
 static int64_t FN(hamming_assign)(int i0, int i1, const void *code_,
                                           const uint8_t *valid, const void *cent_, int c,
                                           int64_t *lab)
 {
     const W *code = code_, *cent = cent_;
     int64_t changed = 0;
-    hvec best[RA_HAMMING_ROWS / HL], best_j[RA_HAMMING_ROWS / HL];
+    const W jmask = (W)(((W)1 << RA_HKEY_SHIFT) - 1);
+    hvec best[RA_HAMMING_ROWS / HL];
     for (int b0 = i0; b0 < i1; b0 += RA_HAMMING_ROWS) {
         const int rows = i1 - b0 < RA_HAMMING_ROWS ? i1 - b0 : RA_HAMMING_ROWS;
         const int nv = rows / HL;
         hvec x[RA_HAMMING_ROWS / HL];
         for (int t = 0; t < nv; t++) {
             x[t] = FN(hamming_loadv)(code + b0 + t * HL);
-            best[t] = (hvec){0} + 65;        /* any distance beats 65 */
-            best_j[t] = (hvec){0};
+            best[t] = (hvec){0} + (W)~(W)0;  /* any key beats it */
         }
         for (int j = 0; j < c; j++) {
             const hvec cj = (hvec){0} + cent[j], jv = (hvec){0} + (W)j;
-            for (int t = 0; t < nv; t++) {   /* strict <: ties keep the lower j */
-                const hvec dist = FN(hamming_popv)(x[t] ^ cj);
-                const hvec closer = (hvec)(dist < best[t]);
-                best[t] = (dist & closer) | (best[t] & ~closer);
-                best_j[t] = (jv & closer) | (best_j[t] & ~closer);
-            }
+            for (int t = 0; t < nv; t++)
+                best[t] = FN(hamming_minv)(best[t], (FN(hamming_popv)(x[t] ^ cj) << RA_HKEY_SHIFT) | jv);
         }
         for (int r = 0; r < rows; r++) {
             int64_t label = -1;
             if (r < nv * HL) {
-                label = (int64_t)best_j[r / HL][r % HL];
+                label = (int64_t)(best[r / HL][r % HL] & jmask);
             } else {                         /* leftover rows, one at a time */
                 int bd = 65;
                 for (int j = 0; j < c; j++) {
@@ -162,3 +179,4 @@ static void FN(hamming_min)(int i0, int i1, const void *code_, uint64_t center_,
 
 #undef hvec
 #undef HL
+#undef RA_HKEY_SHIFT
