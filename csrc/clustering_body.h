@@ -502,33 +502,36 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
     const int nblk = (n + RA_ROWS - 1) / RA_ROWS;
-    /* shared pack per problem: Pᵀ (d, bits) and thresholds (bits) */
-    const size_t per_problem = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)d + 1, bits)));
-    const size_t per_thread = FN(assign_scratch)(d, bits);
+    /* shared pack per problem: Pᵀ (d, BP) with zero columns up to BP = bits rounded up to
+       16 (whole vectors on every ISA: no scalar tail in the gemm), thresholds (bits) */
+    const int bp = (bits + 15) / 16 * 16;
+    const size_t per_problem = ra_round_up(ra_mul(sizeof(T), ra_add(ra_mul((size_t)d, bp), bits)));
+    const size_t per_thread = FN(assign_scratch)(d, bp);
     char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     if (!packs || !scratch) { ra_free(packs); ra_free(scratch); return RA_ERR_NOMEM; }
 
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t b = 0; b < B; b++) {
-        T *pt = (T *)(packs + b * per_problem), *thr = pt + (size_t)d * bits;
+        T *pt = (T *)(packs + b * per_problem), *thr = pt + (size_t)d * bp;
         RaMat p = ra_mat_at(planes, b);
-        FN(pack_transposed)(p, bits, d, pt);
+        for (int u = 0; u < d; u++)
+            for (int k = 0; k < bp; k++) pt[(size_t)u * bp + k] = k < bits ? RA_MAT_AT(T, p, k, u) : 0;
         for (int k = 0; k < bits; k++) thr[k] = RA_MAT_AT(T, p, k, d);
     }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t unit = 0; unit < B * nblk; unit++) {
         const ptrdiff_t b = unit / nblk;
         const int i0 = (int)(unit % nblk) * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
-        const T *pt = (const T *)(packs + b * per_problem), *thr = pt + (size_t)d * bits;
+        const T *pt = (const T *)(packs + b * per_problem), *thr = pt + (size_t)d * bp;
         FN(AssignTile) t;
-        FN(assign_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, bits, &t);
+        FN(assign_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, bp, &t);
         T *xs = t.x, *s = t.scores;
         RaVec out = ra_vec_at(codes, b);
         FN(ra_gather)(ra_mat_at(x, b), NULL, i0, rows, d, 1, 0, xs, d);
-        K->gemm(rows, bits, d, xs, d, pt, bits, s, bits, 0);
+        K->gemm(rows, bp, d, xs, d, pt, bp, s, bp, 0);
         int64_t *code = t.arg;
-        K->threshold_bits(rows, bits, s, bits, thr, code);
+        K->threshold_bits(rows, bits, s, bp, thr, code);
         for (int r = 0; r < rows; r++) RA_VEC_AT(int64_t, out, i0 + r) = code[r];
     }
     ra_free(packs);

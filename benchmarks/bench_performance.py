@@ -1,0 +1,296 @@
+"""Performance targets (issue 17), each measured beside its peer and marked met / missed.
+
+    PYTHONPATH=. python benchmarks/bench_performance.py [--repeats 9] [--output FILE]
+
+Sections (fp32, d = e = 64; every comparison interleaved round by round, medians):
+  1. routing kernel, balanced c = 128 clusters of w = 128 (n = 16384, H = 4): forward and
+     backward as % of the measured fp32 FMA peak, 1 and 2 threads; torch FlexAttention
+     (compiled, CPU) on the same clusters gathered into (H, c, w, d), forward only; and a
+     per-stage breakdown: the same call with its outputs reused (no fresh pages), with
+     contiguous clusters (no scattered gathers), and the tile engine alone on the
+     pre-gathered clusters.
+  2. two cores: RoutingAttention (n = 16384, H = 4) and ClusteredAttention plain /
+     improved (n = 4096, H = 8, 63-bit codes, clustering included), 1 vs 2 threads.
+  3. clustering: Hamming k-means cost of one Lloyd iteration against the number of bits
+     (time with iters=1 minus iters=0: one majority update and one assignment);
+     clustered / improved (clustering included) against pytorch-fast-transformers at 63
+     and 32 bits, forward and backward; spherical k-means (its k-means++ start) against
+     faiss' Kmeans(spherical=True) (faiss' own start) and scikit-learn's KMeans on the unit
+     rows, n = 16384, k = 128, 10 iterations, with the quality each reaches.
+Peers that are not installed are reported as skipped.  OPENBLAS_CORETYPE is left as the
+environment sets it (scikit-learn's BLAS reads it) and printed in the header.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+import routing_attention as ra
+from routing_attention import routing as _routing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import suite  # noqa: E402
+from common import fp32_peak_gflops, machine_description, median_times, set_threads, try_import_torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+N_ROUTING, H_ROUTING, C_ROUTING = 16384, 4, 128
+N_CLUSTERED, H_CLUSTERED = 4096, 8
+D = 64
+TARGETS = []          # (what, figure, target, met)
+
+
+def target(what, value, goal, met, fmt="{:.2f}"):
+    TARGETS.append((what, fmt.format(value), goal, "met" if met else "**missed**"))
+
+
+def ms(t):
+    return f"{1e3 * t:.1f}"
+
+
+# ----------------------------------------------------------------------------- 1. routing kernel
+def routing_kernel(threads, repeats, lines):
+    torch = try_import_torch()
+    n, heads, c = N_ROUTING, H_ROUTING, C_ROUTING
+    w = n // c
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((heads, n, D), dtype=np.float32) for _ in range(4))
+    scattered = np.sort(np.stack([rng.permutation(n).reshape(c, w) for _ in range(heads)]), -1)
+    blocks = np.broadcast_to(np.arange(n).reshape(c, w), (heads, c, w)).copy()
+    gathered = [np.ascontiguousarray(np.take_along_axis(x, scattered.reshape(heads, n, 1), 1)
+                                     .reshape(heads, c, w, D)) for x in (q, k, v)]
+    flex = None
+    if torch is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
+        tg = [torch.from_numpy(x) for x in gathered]
+        flex(*tg)                                                  # compile (not timed)
+    _, saved = ra.routing_attention(q, k, v, scattered, scattered, return_saved=True)
+    _, saved_b = ra.routing_attention(q, k, v, blocks, blocks, return_saved=True)
+    reuse = {key: saved[key].copy() if key != "keywords" else saved[key] for key in saved}
+    dense = [np.ascontiguousarray(x[:, :4096]) for x in (q, k, v)]
+    _, dsaved = ra.attention(*dense, return_saved=True)
+    none = lambda: None  # noqa: E731
+    cases = [
+        ("fwd", none, lambda _: ra.routing_attention(q, k, v, scattered, scattered)),
+        ("bwd", none, lambda _: ra.routing_attention_backward(dout, q, k, v, scattered, scattered, **saved)),
+        ("fwd, outputs reused", none, lambda _: _routing._forward(
+            q, k, v, scattered, scattered, False, False, "mean", None, None, saved_into=reuse)),
+        ("fwd, contiguous clusters", none, lambda _: ra.routing_attention(q, k, v, blocks, blocks)),
+        ("bwd, contiguous clusters", none,
+         lambda _: ra.routing_attention_backward(dout, q, k, v, blocks, blocks, **saved_b)),
+        ("engine alone on the gathered clusters, fwd", none, lambda _: ra.attention(*gathered)),
+        ("dense engine n=4096, fwd", none, lambda _: ra.attention(*dense)),
+        ("dense engine n=4096, bwd", none,
+         lambda _: ra.attention_backward(dout[:, :4096], *dense, **dsaved)),
+    ]
+    if flex is not None:
+        cases.append(("FlexAttention compiled, fwd (gathered)", none, lambda _: flex(*tg)))
+    lines += ["", "## 1. Routing kernel: c = 128 clusters of 128 queries and 128 keys, n = 16384, H = 4", "",
+              "Forward FLOPs 4·d·(n·w) per head (q·k and p·v); backward 10·d·(n·w) (the logits "
+              "recomputed and four products), given the forward's saved statistics.  The dense "
+              "rows (n = 4096, H = 4) are the engine's own efficiency on large problems.", "",
+              "| threads | case | ms | GFLOP/s | % of peak |", "|---|---|---|---|---|"]
+    fw = 4.0 * heads * n * w * D
+    for t in threads:
+        set_threads(t)
+        peak = fp32_peak_gflops(t)
+        times = median_times(cases, repeats)
+        for name, sec in times.items():
+            flops = 4.0 * heads * 4096 * 4096 * D if "dense" in name else fw
+            flops *= 2.5 if "bwd" in name else 1
+            gf = flops / sec / 1e9
+            lines.append(f"| {t} | {name} | {ms(sec)} | {gf:.0f} | {100 * gf / peak:.0f} % |")
+        fwd_pct = 100 * fw / times["fwd"] / 1e9 / peak
+        bwd_pct = 100 * 2.5 * fw / times["bwd"] / 1e9 / peak
+        goal = 60 if t == 1 else 55
+        target(f"routing kernel forward, {t} thread(s), % of peak", fwd_pct, f">= {goal} %",
+               fwd_pct >= goal, "{:.0f} %")
+        target(f"routing kernel backward, {t} thread(s), % of peak", bwd_pct, f">= {goal} %",
+               bwd_pct >= goal, "{:.0f} %")
+        if flex is not None:
+            r = times["FlexAttention compiled, fwd (gathered)"] / times["fwd"]
+            target(f"routing forward vs FlexAttention compiled, {t} thread(s)", r, ">= 2×", r >= 2,
+                   "{:.2f}×")
+        lines.append(f"| {t} | measured fp32 FMA peak | | {peak:.0f} | 100 % |")
+
+
+# ----------------------------------------------------------------------------- 2. two cores
+def scaling(repeats, lines):
+    rng = np.random.default_rng(0)
+    rows = []
+    q, k, v, dout = (rng.standard_normal((1, H_ROUTING, N_ROUTING, D), dtype=np.float32)
+                     for _ in range(4))
+    layer = suite.routing_layer(q, k, N_ROUTING)
+    jobs = [("RoutingAttention n=16384, H=4", lambda: layer(q, k, v),
+             lambda: layer.forward(q, k, v)[1], lambda ctx: layer.backward(dout, ctx))]
+    suite.BITS = 63
+    qc, kc, vc, dc = (rng.standard_normal((1, H_CLUSTERED, N_CLUSTERED, D), dtype=np.float32)
+                      for _ in range(4))
+    for name in ("clustered", "improved"):
+        fwd, setup, bwd = suite.method_fns(name, qc, kc, vc, dc)
+        jobs.append((f"{name} n=4096, H=8, 63 bits", fwd, setup, bwd))
+    for what, fwd, setup, bwd in jobs:
+        cases = []
+        for t in (1, 2):
+            cases += [((t, "fwd"), lambda t=t: set_threads(t), lambda _, f=fwd: f()),
+                      ((t, "bwd"), lambda t=t: (set_threads(t), setup())[1], bwd)]
+        times = median_times(cases, repeats)
+        for m in ("fwd", "bwd"):
+            s = times[(1, m)] / times[(2, m)]
+            rows.append(f"| {what} | {m} | {ms(times[(1, m)])} | {ms(times[(2, m)])} | {s:.2f}× |")
+            target(f"{what} {m}: 1 → 2 threads", s, ">= 1.8×", s >= 1.8, "{:.2f}×")
+    lines += ["", "## 2. Two cores: layers, 1 → 2 threads (clustering and routing decisions included)", "",
+              "| layer | pass | 1 thread ms | 2 threads ms | speed-up |", "|---|---|---|---|---|"] + rows
+
+
+# ----------------------------------------------------------------------------- 3. clustering
+def hamming_iterations(repeats, lines):
+    set_threads(1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((H_CLUSTERED, N_CLUSTERED, D)).astype(np.float32)
+    lines += ["", "## 3a. Hamming k-means: one Lloyd iteration against the code length "
+              "(n = 4096, H = 8, C = 100, 1 thread)", "",
+              "| bits | seeding ms (iters=0) | one iteration ms (iters=1 minus iters=0) |",
+              "|---|---|---|"]
+    per = {}
+    for bits in (8, 16, 32, 48, 63):
+        codes = ra.lsh_hash(x, rng.standard_normal((bits, D + 1)).astype(np.float32))
+        none = lambda: None  # noqa: E731
+        times = median_times([(it, none, lambda _, it=it: ra.hamming_kmeans(codes, 100, iters=it))
+                              for it in (0, 1)], 3 * repeats)
+        per[bits] = times[1] - times[0]
+        lines.append(f"| {bits} | {ms(times[0])} | {1e3 * per[bits]:.3f} |")
+    spread = max(per.values()) / min(per.values())
+    target("Hamming k-means iteration, slowest / fastest over 8..63 bits", spread, "<= 1.2",
+           spread <= 1.2, "{:.2f}")
+
+
+def clustered_vs_ft(threads, repeats, lines):
+    if suite.peer_status()["ft-clustered"] is not None:
+        lines += ["", "## 3b. Clustered vs pytorch-fast-transformers: skipped (not installed)"]
+        return
+    lines += ["", "## 3b. Clustered / improved clustered vs pytorch-fast-transformers "
+              "(n = 4096, H = 8, C = 100, topk = 32, 10 Lloyd iterations, clustering included)", "",
+              "| bits | threads | method | ours fwd ms | ft fwd ms | fwd ratio | ours bwd ms | ft bwd ms | bwd ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((1, H_CLUSTERED, N_CLUSTERED, D), dtype=np.float32)
+                     for _ in range(4))
+    for bits in (63, 32):
+        suite.BITS = bits
+        for t in threads:
+            set_threads(t)
+            for ours, peer in (("clustered", "ft-clustered"), ("improved", "ft-improved")):
+                cases = []
+                for name in (ours, peer):
+                    fwd, setup, bwd = suite.method_fns(name, q, k, v, dout)
+                    cases += [((name, "fwd"), lambda: None, lambda _, f=fwd: f()),
+                              ((name, "bwd"), setup, bwd)]
+                tm = median_times(cases, repeats)
+                rf = tm[(peer, "fwd")] / tm[(ours, "fwd")]
+                rb = tm[(peer, "bwd")] / tm[(ours, "bwd")]
+                lines.append(f"| {bits} | {t} | {ours} | {ms(tm[(ours, 'fwd')])} | {ms(tm[(peer, 'fwd')])} | "
+                             f"{rf:.1f}× | {ms(tm[(ours, 'bwd')])} | {ms(tm[(peer, 'bwd')])} | {rb:.1f}× |")
+                if bits == 63:
+                    goal = 10 if t == 2 else 6
+                    target(f"{ours} fwd vs ft, 63 bits, {t} thread(s)", rf, f">= {goal}×", rf >= goal,
+                           "{:.1f}×")
+                    target(f"{ours} bwd vs ft, 63 bits, {t} thread(s)", rb, ">= 4×", rb >= 4, "{:.1f}×")
+
+
+def spherical_vs_faiss(threads, repeats, lines):
+    try:
+        import faiss
+    except ImportError:
+        lines += ["", "## 3c. Spherical k-means vs faiss: skipped (faiss-cpu not installed)"]
+        return
+    try:
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        KMeans = None
+    n, kk = 16384, 128
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, D)).astype(np.float32)
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def quality(mu):
+        mu = mu / np.linalg.norm(mu, axis=1, keepdims=True)
+        return float(np.mean(np.max(xn @ mu.T, axis=1)))
+
+    result = {}
+
+    def ours(_):
+        result["ours"] = ra.spherical_kmeans(x, kk, iters=10, seed=1)
+
+    def fa(_):
+        km = faiss.Kmeans(D, kk, niter=10, spherical=True, seed=1, verbose=False)
+        km.train(x)
+        result["faiss"] = km.centroids
+
+    def sk(_):
+        with threadpool_limits(limits=ra.get_num_threads()):
+            result["scikit-learn"] = KMeans(kk, n_init=1, max_iter=10, tol=0, random_state=1,
+                                            algorithm="lloyd").fit(xn).cluster_centers_
+
+    lines += ["", f"## 3c. Spherical k-means vs faiss and scikit-learn (n = {n}, k = {kk}, d = {D}, "
+              "10 iterations, fp32)", "",
+              "Quality: mean cosine of a unit row to its nearest centroid (higher is better).  Ours: "
+              "greedy k-means++ start (2 + ln k candidates per centroid); faiss: its own start "
+              "(random rows); scikit-learn: greedy k-means++ on the unit rows, Euclidean Lloyd.", "",
+              "| threads | library | ms | quality | ours faster by |", "|---|---|---|---|---|"]
+    for t in threads:
+        set_threads(t)
+        faiss.omp_set_num_threads(t)
+        cases = [("ours", lambda: None, ours), ("faiss", lambda: None, fa)]
+        if KMeans is not None:
+            cases.append(("scikit-learn", lambda: None, sk))
+        tm = median_times(cases, repeats)
+        for name, sec in tm.items():
+            lines.append(f"| {t} | {name} | {ms(sec)} | {quality(result[name]):.4f} | "
+                         f"{sec / tm['ours']:.2f}× |")
+        r = tm["faiss"] / tm["ours"]
+        better = quality(result["ours"]) >= quality(result["faiss"])
+        target(f"spherical k-means vs faiss, {t} thread(s) (quality ≥ faiss: {better})", r,
+               ">= 1.5× at equal or better quality", r >= 1.5 and better, "{:.2f}×")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--output", default=os.path.join(HERE, "RESULTS_performance.md"))
+    ap.add_argument("--only", nargs="+", default=["routing", "scaling", "hamming", "ft", "spherical"])
+    args = ap.parse_args(argv)
+    torch = try_import_torch()
+    start = time.time()
+    lines = []
+    if "routing" in args.only:
+        routing_kernel(args.threads, args.repeats, lines)
+    if "scaling" in args.only:
+        scaling(args.repeats, lines)
+    if "hamming" in args.only:
+        hamming_iterations(args.repeats, lines)
+    if "ft" in args.only:
+        clustered_vs_ft(args.threads, args.repeats, lines)
+    if "spherical" in args.only:
+        spherical_vs_faiss(args.threads, args.repeats, lines)
+    head = ["# Performance targets (issue 17)", "",
+            f"Command: `PYTHONPATH=. python benchmarks/bench_performance.py --repeats {args.repeats}`"
+            f" ({time.time() - start:.0f} s)", "",
+            f"Machine: {machine_description()}; torch {torch.__version__ if torch else 'not installed'}; "
+            f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}; "
+            f"load average at the end {os.getloadavg()[0]:.2f}", "",
+            "| target | measured | goal | |", "|---|---|---|---|"]
+    head += [f"| {w} | {f} | {g} | {m} |" for w, f, g, m in TARGETS]
+    text = "\n".join(head + lines) + "\n"
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
