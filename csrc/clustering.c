@@ -143,7 +143,6 @@ int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBM
 }
 
 /* ------------------------------------------------------------------ hamming_kmeans */
-#define RA_HAMMING_BLOCK 64     /* rows per D² block sum of the seeding; divides RA_CHUNK */
 
 /* Scratch of one Hamming k-means problem (code words of up to 64 bits: code, dist and
  * cent are used as arrays of the problem's word type). */

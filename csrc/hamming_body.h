@@ -33,22 +33,14 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
     const int nch = ra_nchunks(n), L = ra_trials(c);
     uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
     cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
-    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (W)ra_popcount64(code[i] ^ cent[0]) : 0;
+    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (W)65 : 0;   /* min(65, d) = d */
     for (int j = 1; j < c; j++) {
-        /* 1. D² weights, summed per block and per chunk */
+        /* 1. distances to the centroid chosen last, with their D² sums per block and per
+              chunk (invalid rows keep 0) */
         #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int k = 0; k < nch; k++) {
-            const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-            uint64_t s = 0;
-            for (int b0 = k * RA_CHUNK; b0 < i1; b0 += RA_HAMMING_BLOCK) {
-                const int b1 = b0 + RA_HAMMING_BLOCK < i1 ? b0 + RA_HAMMING_BLOCK : i1;
-                uint64_t t = 0;
-                for (int i = b0; i < b1; i++) t += (uint64_t)(dist[i] * dist[i]);
-                block[b0 / RA_HAMMING_BLOCK] = t;
-                s += t;
-            }
-            partial[k] = s;
-        }
+        for (int k = 0; k < nch; k++)
+            partial[k] = K->min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
+                                cent[j - 1], dist, block + k * (RA_CHUNK / RA_HAMMING_BLOCK));
         uint64_t total = 0;
         for (int k = 0; k < nch; k++) total += partial[k];
         int pick;
@@ -88,11 +80,6 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
             }
         }
         cent[j] = code[pick];
-        /* 4. distances to the nearest chosen centroid */
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int k = 0; k < nch; k++)
-            K->min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
-                           cent[j], dist);
     }
 }
 

@@ -97,6 +97,7 @@ typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 
 /* Hamming distances of code words, rows [i0, i1) (popcnt where the CPU has it). */
 #define RA_HAMMING_KEY_BITS32 26   /* the 32-bit assign packs (distance, j): c <= 2^26 */
+#define RA_HAMMING_BLOCK 64        /* rows per D² block sum of the seeding; divides RA_CHUNK */
 typedef struct {
     /* nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,
        returning how many labels changed (32-bit words: c <= 2^RA_HAMMING_KEY_BITS32); */
@@ -105,8 +106,11 @@ typedef struct {
     /* Σ min(popcount(code[i] ^ center), dist[i])²; */
     uint64_t (*potential)(int i0, int i1, const void *code, const void *dist,
                           uint64_t center);
-    /* dist[i] = min(dist[i], popcount(code[i] ^ center)). */
-    void (*min)(int i0, int i1, const void *code, uint64_t center, void *dist);
+    /* dist[i] = min(dist[i], popcount(code[i] ^ center)), and the sums of the new dist²
+       per block of RA_HAMMING_BLOCK rows from i0 (a multiple of it) into block; returns
+       their total. */
+    uint64_t (*min)(int i0, int i1, const void *code, uint64_t center, void *dist,
+                    uint64_t *block);
 } RaHammingKernels;
 
 typedef struct {

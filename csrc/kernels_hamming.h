@@ -128,6 +128,14 @@ static int64_t FN(hamming_assign)(int i0, int i1, const void *code_,
     return changed;
 }
 
+/* The square of a distance (at most 64) per lane: a 32 × 32 -> 64-bit product for
+ * 64-bit words (the cheap vpmuludq, not a full 64-bit multiply). */
+static inline hvec FN(hamming_sqv)(hvec x)
+{
+    if (sizeof(W) == 8) x &= (W)0xffffffffu;
+    return x * x;
+}
+
 /* code, dist (rows [i0, i1)) -> Σ min(popcount(code[i] ^ center), dist[i])². */
 static uint64_t FN(hamming_potential)(int i0, int i1, const void *code_,
                                               const void *dist_, uint64_t center_)
@@ -141,11 +149,9 @@ static uint64_t FN(hamming_potential)(int i0, int i1, const void *code_,
         const int b1 = i1 - b0 < 1 << 16 ? i1 : b0 + (1 << 16);
         hvec acc = (hvec){0};
         for (i = b0; i + HL <= b1; i += HL) {
-            hvec dd = FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv);
-            const hvec d0 = FN(hamming_loadv)(dist + i);
-            const hvec less = (hvec)(dd < d0);
-            dd = (dd & less) | (d0 & ~less);
-            acc += dd * dd;
+            const hvec dd = FN(hamming_minv)(FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv),
+                                             FN(hamming_loadv)(dist + i));
+            acc += FN(hamming_sqv)(dd);
         }
         for (int l = 0; l < HL; l++) total += acc[l];
     }
@@ -157,24 +163,37 @@ static uint64_t FN(hamming_potential)(int i0, int i1, const void *code_,
     return total;
 }
 
-/* code, dist (rows [i0, i1)): dist[i] = min(dist[i], popcount(code[i] ^ center)). */
-static void FN(hamming_min)(int i0, int i1, const void *code_, uint64_t center_,
-                                    void *dist_)
+/* code, dist (rows [i0, i1), i0 a multiple of RA_HAMMING_BLOCK): dist[i] = min(dist[i],
+ * popcount(code[i] ^ center)); block[b] = Σ dist² over the b-th block of RA_HAMMING_BLOCK
+ * rows from i0 (the last one may be short); returns Σ dist² over all the rows. */
+static uint64_t FN(hamming_min)(int i0, int i1, const void *code_, uint64_t center_,
+                                void *dist_, uint64_t *block)
 {
     const W *code = code_, center = (W)center_;
     W *dist = dist_;
     const hvec cv = (hvec){0} + center;
-    int i = i0;
-    for (; i + HL <= i1; i += HL) {
-        const hvec dd = FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv);
-        const hvec d0 = FN(hamming_loadv)(dist + i);
-        const hvec less = (hvec)(dd < d0);
-        *(hvec *)(dist + i) = (dd & less) | (d0 & ~less);
+    uint64_t total = 0;
+    for (int b0 = i0; b0 < i1; b0 += RA_HAMMING_BLOCK) {
+        const int b1 = i1 - b0 < RA_HAMMING_BLOCK ? i1 : b0 + RA_HAMMING_BLOCK;
+        hvec acc = (hvec){0};
+        int i = b0;
+        for (; i + HL <= b1; i += HL) {
+            const hvec dd = FN(hamming_minv)(FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv),
+                                             FN(hamming_loadv)(dist + i));
+            *(hvec *)(dist + i) = dd;
+            acc += FN(hamming_sqv)(dd);
+        }
+        uint64_t t = 0;
+        for (int l = 0; l < HL; l++) t += acc[l];
+        for (; i < b1; i++) {
+            const W dd = (W)WPOP(code[i] ^ center);
+            dist[i] = dd < dist[i] ? dd : dist[i];
+            t += (uint64_t)dist[i] * dist[i];
+        }
+        block[(b0 - i0) / RA_HAMMING_BLOCK] = t;
+        total += t;
     }
-    for (; i < i1; i++) {
-        const W dd = (W)WPOP(code[i] ^ center);
-        dist[i] = dd < dist[i] ? dd : dist[i];
-    }
+    return total;
 }
 
 #undef hvec
