@@ -83,38 +83,65 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
     }
 }
 
+/* Add `carry` (weight 2^level) to the bit-sliced counters plane[]. */
+static inline void FN(planes_add)(uint64_t *plane, int level, uint64_t carry)
+{
+    for (int l = level; carry; l++) {
+        const uint64_t both = plane[l] & carry;
+        plane[l] ^= carry;
+        carry = both;
+    }
+}
+
+/* Carry-save adder: x + y + z = lo + 2·hi, bit by bit. */
+static inline uint64_t FN(csa)(uint64_t *lo, uint64_t x, uint64_t y, uint64_t z)
+{
+    const uint64_t u = x ^ y;
+    *lo = u ^ z;
+    return (x & y) | (u & z);
+}
+
 /* The per-bit majority of the codes rows[0..size): a tied bit is 0.  The per-bit
- * counts are kept bit-sliced (plane[l] holds bit l of every count), so adding a code is
- * a ripple-carry over a few planes instead of a loop over its set bits; 32-bit codes go
- * two to a 64-bit word (the low and the high half count separately, summed at the end). */
+ * counts are kept bit-sliced (plane[l] holds bit l of every count): eight words at a
+ * time go through a carry-save tree into planes 0-2 and one ripple-carry from plane 3
+ * (a ripple per word runs ~log2(64) planes deep and ends in a mispredicted branch), and
+ * the counts are compared with size / 2 plane by plane, every bit at once.  32-bit codes
+ * go two to a 64-bit word (the low and the high half count separately, then are added
+ * bit-sliced). */
 static W FN(ra_bit_majority)(const W *code, const int64_t *rows, int64_t size)
 {
     enum { BITS = 8 * sizeof(W), PER = 64 / BITS };      /* codes per word: 2 or 1 */
     uint64_t plane[64] = {0};
-    int levels = 0;
-    for (int64_t t = 0; t < size; t += PER) {
-        uint64_t carry = (uint64_t)code[rows[t]];
-        if (PER == 2 && t + 1 < size) carry |= (uint64_t)code[rows[t + 1]] << (BITS % 64);
-        int l = 0;
-        for (; carry; l++) {
-            const uint64_t both = plane[l] & carry;
-            plane[l] ^= carry;
-            carry = both;
-        }
-        levels = l > levels ? l : levels;
+    int64_t t = 0;
+#define RA_WORD(t) ((uint64_t)code[rows[t]] | \
+                    (PER == 2 && (t) + 1 < size ? (uint64_t)code[rows[(t) + 1]] << (BITS % 64) : 0))
+    for (; t + 8 * PER <= size; t += 8 * PER) {
+        uint64_t w[8], two[4], four[2];
+        for (int u = 0; u < 8; u++) w[u] = RA_WORD(t + u * PER);
+        for (int u = 0; u < 4; u++) two[u] = FN(csa)(&plane[0], plane[0], w[2 * u], w[2 * u + 1]);
+        for (int u = 0; u < 2; u++) four[u] = FN(csa)(&plane[1], plane[1], two[2 * u], two[2 * u + 1]);
+        FN(planes_add)(plane, 3, FN(csa)(&plane[2], plane[2], four[0], four[1]));
     }
-    W m = 0;
-    for (int bit = 0; bit < BITS; bit++) {
-        int64_t ones = 0;
-        for (int half = 0; half < PER; half++) {
-            int64_t count = 0;
-            for (int l = 0; l < levels; l++)
-                count |= (int64_t)((plane[l] >> (bit + half * BITS % 64)) & 1) << l;
-            ones += count;
-        }
-        if (2 * ones > size) m |= (W)1 << bit;
+    for (; t < size; t += PER) FN(planes_add)(plane, 0, RA_WORD(t));
+#undef RA_WORD
+    if (PER == 2) {                  /* the halves' counts added, bit-sliced */
+        uint64_t carry = 0;
+        for (int l = 0; l < 64; l++)
+            carry = FN(csa)(&plane[l], plane[l] & 0xffffffffu, plane[l] >> 32, carry);
     }
-    return m;
+    /* a bit is set where its count > size / 2, i.e. 2·count > size: the planes against
+       the threshold's bits, from the top */
+    const uint64_t half = (uint64_t)size / 2;
+    uint64_t greater = 0, equal = ~(uint64_t)0;
+    for (int l = 63; l >= 0; l--) {
+        if ((half >> l) & 1) {
+            equal &= plane[l];
+        } else {
+            greater |= equal & plane[l];
+            equal &= ~plane[l];
+        }
+    }
+    return (W)greater;
 }
 
 /* Problem b: seeding, Lloyd iterations, labels and centroids written out. */
