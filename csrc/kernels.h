@@ -97,6 +97,7 @@ typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 
 /* Hamming distances of code words, rows [i0, i1) (popcnt where the CPU has it). */
 #define RA_HAMMING_KEY_BITS32 26   /* the 32-bit assign packs (distance, j): c <= 2^26 */
+#define RA_HAMMING_KEY_BITS64N 25  /* so does the 64-bit one in 32-bit keys: c <= 2^25 */
 #define RA_HAMMING_BLOCK 64        /* rows per D² block sum of the seeding; divides RA_CHUNK */
 typedef struct {
     /* nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,

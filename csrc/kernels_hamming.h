@@ -80,6 +80,61 @@ static inline hvec FN(hamming_minv)(hvec a, hvec b)
 #endif
 }
 
+/* 64-bit words, narrowed: the low 32-bit halves of two vectors' lanes (a distance each)
+ * as one vector of 32-bit lanes, a's lanes first. */
+typedef uint32_t FN(ra_hkvec) __attribute__((vector_size(VEC_BYTES), aligned(4)));
+#define hkvec FN(ra_hkvec)
+static inline hkvec FN(hamming_narrow)(hvec a, hvec b)
+{
+#if VEC_BYTES == 64
+    return __builtin_shufflevector((hkvec)a, (hkvec)b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22,
+                                   24, 26, 28, 30);
+#elif VEC_BYTES == 32
+    return __builtin_shufflevector((hkvec)a, (hkvec)b, 0, 2, 4, 6, 8, 10, 12, 14);
+#else
+    return __builtin_shufflevector((hkvec)a, (hkvec)b, 0, 2, 4, 6);
+#endif
+}
+
+static inline hkvec FN(hamming_minkv)(hkvec a, hkvec b)
+{
+#if VEC_BYTES == 64
+    return (hkvec)_mm512_min_epu32((__m512i)a, (__m512i)b);
+#elif VEC_BYTES == 32
+    return (hkvec)_mm256_min_epu32((__m256i)a, (__m256i)b);
+#else
+    const hkvec lt = (hkvec)(a < b);
+    return (a & lt) | (b & ~lt);
+#endif
+}
+
+/* Labels of rows [b0, b0 + 2·HL·pairs) of 64-bit codes into label[], keys of 32 bits (c <=
+ * 2^RA_HAMMING_KEY_BITS64N): two vectors' distances narrowed into one vector, so the
+ * selection costs what it costs for 32-bit codes. */
+static void FN(hamming_assign_narrow)(const W *code, int pairs, const W *cent, int c,
+                                      int64_t *label)
+{
+    enum { KL = 2 * HL };                    /* 32-bit lanes per vector */
+    hkvec best[RA_HAMMING_ROWS / KL];
+    hvec x[RA_HAMMING_ROWS / HL];
+    for (int t = 0; t < pairs; t++) {
+        x[2 * t] = FN(hamming_loadv)(code + 2 * t * HL);
+        x[2 * t + 1] = FN(hamming_loadv)(code + (2 * t + 1) * HL);
+        best[t] = (hkvec){0} + ~0u;
+    }
+    for (int j = 0; j < c; j++) {
+        const hvec cj = (hvec){0} + cent[j];
+        const hkvec jv = (hkvec){0} + (uint32_t)j;
+        for (int t = 0; t < pairs; t++) {
+            const hkvec dist = FN(hamming_narrow)(FN(hamming_popv)(x[2 * t] ^ cj),
+                                                  FN(hamming_popv)(x[2 * t + 1] ^ cj));
+            best[t] = FN(hamming_minkv)(best[t], (dist << RA_HAMMING_KEY_BITS64N) | jv);
+        }
+    }
+    for (int r = 0; r < pairs * KL; r++)
+        label[r] = (int64_t)(best[r / KL][r % KL] & ((1u << RA_HAMMING_KEY_BITS64N) - 1));
+}
+
 /* hamming_assign's packed lane key dist · 2^RA_HKEY_SHIFT + j: the smallest key is the
  * nearest centroid, ties to the lowest j (a distance needs 6 / 7 bits). */
 #define RA_HKEY_SHIFT (sizeof(W) == 8 ? 32 : RA_HAMMING_KEY_BITS32)
@@ -96,23 +151,30 @@ static int64_t FN(hamming_assign)(int i0, int i1, const void *code_,
     int64_t changed = 0;
     const W jmask = (W)(((W)1 << RA_HKEY_SHIFT) - 1);
     hvec best[RA_HAMMING_ROWS / HL];
+    const int narrow = sizeof(W) == 8 && c <= 1 << RA_HAMMING_KEY_BITS64N;
     for (int b0 = i0; b0 < i1; b0 += RA_HAMMING_ROWS) {
         const int rows = i1 - b0 < RA_HAMMING_ROWS ? i1 - b0 : RA_HAMMING_ROWS;
-        const int nv = rows / HL;
-        hvec x[RA_HAMMING_ROWS / HL];
-        for (int t = 0; t < nv; t++) {
-            x[t] = FN(hamming_loadv)(code + b0 + t * HL);
-            best[t] = (hvec){0} + (W)~(W)0;  /* any key beats it */
-        }
-        for (int j = 0; j < c; j++) {
-            const hvec cj = (hvec){0} + cent[j], jv = (hvec){0} + (W)j;
-            for (int t = 0; t < nv; t++)
-                best[t] = FN(hamming_minv)(best[t], (FN(hamming_popv)(x[t] ^ cj) << RA_HKEY_SHIFT) | jv);
+        const int nv = narrow ? rows / (2 * HL) * 2 : rows / HL;
+        int64_t vlabel[RA_HAMMING_ROWS];
+        if (narrow) {
+            FN(hamming_assign_narrow)(code + b0, nv / 2, cent, c, vlabel);
+        } else {
+            hvec x[RA_HAMMING_ROWS / HL];
+            for (int t = 0; t < nv; t++) {
+                x[t] = FN(hamming_loadv)(code + b0 + t * HL);
+                best[t] = (hvec){0} + (W)~(W)0;  /* any key beats it */
+            }
+            for (int j = 0; j < c; j++) {
+                const hvec cj = (hvec){0} + cent[j], jv = (hvec){0} + (W)j;
+                for (int t = 0; t < nv; t++)
+                    best[t] = FN(hamming_minv)(best[t], (FN(hamming_popv)(x[t] ^ cj) << RA_HKEY_SHIFT) | jv);
+            }
+            for (int r = 0; r < nv * HL; r++) vlabel[r] = (int64_t)(best[r / HL][r % HL] & jmask);
         }
         for (int r = 0; r < rows; r++) {
             int64_t label = -1;
             if (r < nv * HL) {
-                label = (int64_t)(best[r / HL][r % HL] & jmask);
+                label = vlabel[r];
             } else {                         /* leftover rows, one at a time */
                 int bd = 65;
                 for (int j = 0; j < c; j++) {
@@ -199,3 +261,4 @@ static uint64_t FN(hamming_min)(int i0, int i1, const void *code_, uint64_t cent
 #undef hvec
 #undef HL
 #undef RA_HKEY_SHIFT
+#undef hkvec
