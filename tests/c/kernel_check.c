@@ -72,8 +72,11 @@ static double rng_unit(void) { return (double)(int64_t)(rng_next() >> 43) / (1 <
         DUMP_AS("hamming" #W ".assign.changed", 'i', &changed, 1);                        \
         const uint64_t pot = H->potential(1, N - 2, code, dist, (uint64_t)cent[2]);       \
         DUMP_AS("hamming" #W ".potential", 'i', &pot, 1);                                 \
-        H->min(0, N - 1, code, (uint64_t)cent[4], dist);                                  \
+        uint64_t block[(N + RA_HAMMING_BLOCK - 1) / RA_HAMMING_BLOCK];                    \
+        const uint64_t total = H->min(0, N - 1, code, (uint64_t)cent[4], dist, block);    \
         DUMP_AS("hamming" #W ".min", 'i', dist, N);                                       \
+        DUMP_AS("hamming" #W ".min.blocks", 'i', block, (N - 1 + RA_HAMMING_BLOCK - 1) / RA_HAMMING_BLOCK); \
+        DUMP_AS("hamming" #W ".min.total", 'i', &total, 1);                               \
     }
 HAMMING_CHECK(64)
 HAMMING_CHECK(32)
