@@ -39,6 +39,7 @@ N_ROUTING, H_ROUTING, C_ROUTING = 16384, 4, 128
 N_CLUSTERED, H_CLUSTERED = 4096, 8
 D = 64
 TARGETS = []          # (what, figure, target, met)
+NOTES_MARKER = "<!-- notes: written by hand, kept by bench_performance.py -->"
 
 
 def target(what, value, goal, met, fmt="{:.2f}"):
@@ -252,7 +253,7 @@ def spherical_vs_faiss(threads, repeats, lines):
         if KMeans is not None:   # apart: its BLAS threads keep spinning after a call
             tm.update(median_times([("scikit-learn", lambda: None, sk)], max(3, repeats // 3)))
         for name, sec in tm.items():
-            lines.append(f"| {t} | {name} | {ms(sec)} | {quality(result[name]):.4f} | "
+            lines.append(f"| {t} | {name} | {ms(sec)} | {quality(result[name]):.5f} | "
                          f"{sec / tm['ours']:.2f}× |")
         r = tm["faiss"] / tm["ours"]
         better = quality(result["ours"]) >= quality(result["faiss"])
@@ -291,8 +292,14 @@ def main(argv=None):
     text = "\n".join(head + lines) + "\n"
     print(text)
     if args.output:
+        notes = ""             # the hand-written analysis below the marker is kept
+        if os.path.exists(args.output):
+            with open(args.output) as f:
+                old = f.read()
+            if NOTES_MARKER in old:
+                notes = "\n" + old[old.index(NOTES_MARKER):]
         with open(args.output, "w") as f:
-            f.write(text)
+            f.write(text + notes)
 
 
 if __name__ == "__main__":

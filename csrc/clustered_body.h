@@ -264,7 +264,9 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
         for (int i = 0; i < rows; i++) {
             char *row = o.data + (ptrdiff_t)idx[i] * o.s0;
             const T *oi = w.o + (ptrdiff_t)i * e;
-            if (kc == 0)
+            if (kc == 0 && o.s1 == (ptrdiff_t)sizeof(T))
+                memcpy(row, r, sizeof(T) * (size_t)e);
+            else if (kc == 0)
                 for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f];
             else if (o.s1 == (ptrdiff_t)sizeof(T))       /* unit stride: vectorised */
                 for (int f = 0; f < e; f++) ((T *)row)[f] = r[f] + mh * oi[f];

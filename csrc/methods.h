@@ -50,8 +50,10 @@ static inline int ra_routing_flags(int causal, int exclude_self)
 }
 
 /* Per-slot statistics of a routing forward, slot (cl, r) = r-th valid member query of
- * cluster cl: output row o (c, w, e), its lse l (c, w), and self_only (c, w) bytes (the
- * exclude_self fallback was taken).  Contiguous per problem, o_sb/l_sb/self_sb apart. */
+ * cluster cl: output row o (c, w, e) (written only for a token in several clusters: a
+ * token in one has its row in the merged output, which the backward reads instead), its
+ * lse l (c, w), and self_only (c, w) bytes (the exclude_self fallback was taken).
+ * Contiguous per problem, o_sb/l_sb/self_sb apart. */
 typedef struct {
     char *o, *l, *self_only;
     ptrdiff_t o_sb, l_sb, self_sb;
