@@ -222,6 +222,22 @@ def test_spherical_kmeans_determinism_and_batch_consistency():
     np.testing.assert_array_equal(a[1], ra.spherical_kmeans(x[1], 7, seed=123))
 
 
+def test_spherical_kmeans_seeding_past_the_distinct_directions():
+    """Fewer distinct directions than clusters: once every direction is a centroid all D²
+    weights are 0 and the remaining seeds are uniform picks (the dot-product update, not
+    the candidates' gemm column); 9000 rows span several reduction chunks and a short last
+    block."""
+    g = rng(31)
+    # three axis directions scaled by powers of two: unit rows and cosines exactly 0 or 1,
+    # so the weights reach exactly 0 (rounding noise would decide the later draws)
+    x = np.eye(10)[g.integers(0, 3, 9000)] * 2.0 ** g.integers(-2, 3, (9000, 1))
+    got = ra.spherical_kmeans(x, 5, iters=0, seed=4)
+    assert_close(got, ref.spherical_kmeans(x, 5, iters=0, seed=4), np.float64, "seeds")
+    assert sorted(set(np.argmax(got, axis=1))) == [0, 1, 2] and (got.max(axis=1) == 1).all()
+    assert_close(ra.spherical_kmeans(x, 5, iters=3, seed=4),
+                 ref.spherical_kmeans(x, 5, iters=3, seed=4), np.float64, "Lloyd")
+
+
 def test_spherical_kmeans_n_equals_one():
     mu = ra.spherical_kmeans(np.array([[3.0, 4.0]]), 1)
     np.testing.assert_allclose(mu, [[0.6, 0.8]], rtol=1e-12)
