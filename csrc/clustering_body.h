@@ -52,13 +52,13 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
         FN(assign_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, c, &t);
         T *xs = t.x, *s = t.scores, *top = t.best;
         int64_t *arg = t.arg;
-        ptrdiff_t lds = c;
-        FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
+        ptrdiff_t lds = c, ldx;
+        const T *xr = FN(ra_rows)(x, i0, rows, d, xs, &ldx);
         if (direct) {          /* the product straight into the scores output */
             s = (T *)(scores.data + (ptrdiff_t)i0 * scores.s0);
             lds = scores.s0 / (ptrdiff_t)sizeof(T);
         }
-        K->gemm(rows, c, d, xs, d, ct, c, s, lds, 0);
+        K->gemm(rows, c, d, xr, ldx, ct, c, s, lds, 0);
         K->argmax_rows(rows, c, s, lds, arg, top);
         for (int r = 0; r < rows; r++) {
             const int i = i0 + r;
@@ -528,8 +528,9 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
         FN(assign_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, bp, &t);
         T *xs = t.x, *s = t.scores;
         RaVec out = ra_vec_at(codes, b);
-        FN(ra_gather)(ra_mat_at(x, b), NULL, i0, rows, d, 1, 0, xs, d);
-        K->gemm(rows, bp, d, xs, d, pt, bp, s, bp, 0);
+        ptrdiff_t ldx;
+        const T *xr = FN(ra_rows)(ra_mat_at(x, b), i0, rows, d, xs, &ldx);
+        K->gemm(rows, bp, d, xr, ldx, pt, bp, s, bp, 0);
         int64_t *code = t.arg;
         K->threshold_bits(rows, bits, s, bp, thr, code);
         for (int r = 0; r < rows; r++) RA_VEC_AT(int64_t, out, i0 + r) = code[r];

@@ -128,6 +128,11 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
        dimension ld; transposed = 1: dst is (cols, rows), i.e. dst[c*ld + r]. */         \
     void ra_gather_##SUF(RaMat src, const int64_t *idx, int64_t first, int rows,        \
                          int cols, T mul, int transposed, T *dst, ptrdiff_t ld);          \
+    /* Rows [first, first + rows) of src as a (rows, cols) matrix with leading dimension \
+       *ld: src itself where its rows are unit-stride and ascending, else a copy in dst   \
+       (rows, cols).  The same values either way: a product over them gives the same bits.*/\
+    const T *ra_rows_##SUF(RaMat src, int64_t first, int rows, int cols, T *dst,         \
+                           ptrdiff_t *ld);                                                \
     /* Key rows idx[0..rows) packed for the engine (idx < 0: zero rows): k (rows, d), v  \
        (rows, e) copied whole, then kᵀ (d, rows) and, if vt is not NULL, vᵀ (e, rows), \
        both with leading dimension ldt, transposed from those contiguous copies (register\

@@ -134,6 +134,17 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
     }
 }
 
+const T *FN(ra_rows)(RaMat src, int64_t first, int rows, int cols, T *dst, ptrdiff_t *ld)
+{
+    if (src.s1 == (ptrdiff_t)sizeof(T) && src.s0 > 0 && src.s0 % (ptrdiff_t)sizeof(T) == 0) {
+        *ld = src.s0 / (ptrdiff_t)sizeof(T);
+        return (const T *)(src.data + first * src.s0);
+    }
+    FN(ra_gather)(src, NULL, first, rows, cols, 1, 0, dst, cols);
+    *ld = cols;
+    return dst;
+}
+
 void FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, T *kp,
                       T *kt, T *vp, T *vt, ptrdiff_t ldt)
 {

@@ -295,8 +295,9 @@ static void FN(score_block)(const KT *K, RaMat x, int n, int d, const T *ct, int
     const int nb = c - jb < 16 ? c - jb : 16;
     for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
         const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
-        FN(ra_gather)(x, NULL, i0, rows, d, 1, 0, xs, d);
-        K->gemm(rows, nb, d, xs, d, ct + jb, c, cols + (size_t)i0 * 16, 16, 0);
+        ptrdiff_t ldx;
+        const T *xr = FN(ra_rows)(x, i0, rows, d, xs, &ldx);
+        K->gemm(rows, nb, d, xr, ldx, ct + jb, c, cols + (size_t)i0 * 16, 16, 0);
     }
 }
 
@@ -399,17 +400,19 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
             for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
             for (int s0 = 0; s0 < S; s0 += RA_ROWS) {
                 const int rows = S - s0 < RA_ROWS ? S - s0 : RA_ROWS;
-                FN(ra_gather)(xk, NULL, s0, rows, d, 1, 0, xs, d);
-                K->gemm(rows, g, d, xs, d, ct + j0, c, tile, cb, 0);
+                ptrdiff_t ldx;
+                const T *xr = FN(ra_rows)(xk, s0, rows, d, xs, &ldx);
+                K->gemm(rows, g, d, xr, ldx, ct + j0, c, tile, cb, 0);
                 K->top_sample(rows, g, tile, cb, RA_TOPM, ts.top, ldt, NULL);
             }
             FN(top_thresholds)(g, &ts, ldt);
             /* 2. every row: the unit's argmax, and admission */
             for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
                 const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
-                FN(ra_gather)(xb, NULL, i0, rows, d, 1, 0, xs, d);
+                ptrdiff_t ldx;
+                const T *xr = FN(ra_rows)(xb, i0, rows, d, xs, &ldx);
                 feclearexcept(FE_INVALID);
-                K->gemm(rows, g, d, xs, d, ct + j0, c, tile, cb, 0);
+                K->gemm(rows, g, d, xr, ldx, ct + j0, c, tile, cb, 0);
                 invalid |= fetestexcept(FE_INVALID) != 0;
                 K->argmax_rows(rows, g, tile, cb, lab + i0, top + i0);
                 K->top_admit(rows, g, tile, cb, i0, ts.thr, cap, ts.cnt, ts.pos, ts.val);
