@@ -342,9 +342,19 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
 /* centroids (B; c, d), x (B; n, d), labels (B; n) in [-1, c), mask (B; n) uint8,
  * decay (B)  ->  out (B; c, d): μ_c ← normalise(decay·μ_c + (1 − decay)·mean of x rows
  * labelled c, mask True); a cluster with no such row is copied unchanged. */
-/* Problem b with `parts` threads: each owns a range of clusters and sums their rows in one
- * sequential pass over x, so every cluster's rows are added in row order whatever the
- * split.  lab (n), sum (c, d), size (c) are scratch. */
+/* Row blocks of update_centroids: at most RA_UPDATE_BLOCKS, of at least RA_CHUNK rows —
+ * a function of n only, so the sums' order never depends on the thread count. */
+#define RA_UPDATE_BLOCKS 16
+static inline int FN(update_blocks)(int n)
+{
+    const int k = ra_nchunks(n);
+    return k < RA_UPDATE_BLOCKS ? (k > 0 ? k : 1) : RA_UPDATE_BLOCKS;
+}
+
+/* Problem b with `parts` threads: each row block's rows are summed per cluster in row
+ * order into the block's partial (blocks in parallel), then each cluster's partials are
+ * added in block order (clusters in parallel).  lab (n), sum (blocks, c, d), size
+ * (blocks, c) are scratch; sum's first block becomes the new centroids. */
 static int FN(update_problem)(ptrdiff_t b, int n, int d, int c, RaBMat centroids, RaBMat x,
                               RaBVec labels, RaBVec mask, RaBVec decay, RaBMat out,
                               int64_t *lab, T *sum, int64_t *size, int parts)
@@ -353,32 +363,42 @@ static int FN(update_problem)(ptrdiff_t b, int n, int d, int c, RaBMat centroids
     if (st != RA_OK) return st;
     RaMat cb = ra_mat_at(centroids, b), xb = ra_mat_at(x, b), ob = ra_mat_at(out, b);
     const T dec = RA_VEC_AT(T, ra_vec_at(decay, b), 0);
+    const int nb = FN(update_blocks)(n);
+    const size_t cd = (size_t)c * d;
     #pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
-    for (int part = 0; part < parts; part++) {
-        const int j0 = (int)((int64_t)c * part / parts), j1 = (int)((int64_t)c * (part + 1) / parts);
-        if (j0 == j1) continue;
-        memset(sum + (size_t)j0 * d, 0, sizeof(T) * (size_t)(j1 - j0) * d);
-        memset(size + j0, 0, sizeof(int64_t) * (size_t)(j1 - j0));
-        for (int i = 0; i < n; i++) {
+    for (int blk = 0; blk < nb; blk++) {
+        const int i0 = (int)((int64_t)n * blk / nb), i1 = (int)((int64_t)n * (blk + 1) / nb);
+        T *part = sum + (size_t)blk * cd;
+        int64_t *cnt = size + (size_t)blk * c;
+        memset(part, 0, sizeof(T) * cd);
+        memset(cnt, 0, sizeof(int64_t) * (size_t)c);
+        for (int i = i0; i < i1; i++) {
             const int64_t l = lab[i];
-            if (l < j0 || l >= j1) continue;
-            FN(ra_add_row)(sum + (size_t)l * d, 1, xb, i, d);
-            size[l]++;
+            if (l < 0) continue;
+            FN(ra_add_row)(part + (size_t)l * d, 1, xb, i, d);
+            cnt[l]++;
         }
-        for (int j = j0; j < j1; j++) {
-            T *v = sum + (size_t)j * d;     /* becomes the new centroid in place */
-            if (size[j] == 0) {
-                for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
-            } else {
-                T sq = 0;
-                for (int u = 0; u < d; u++) {
-                    v[u] = dec * RA_MAT_AT(T, cb, j, u) + (1 - dec) * (v[u] / (T)size[j]);
-                    sq += v[u] * v[u];
-                }
-                const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
-                for (int u = 0; u < d; u++) v[u] *= inv;
-            }
+    }
+    #pragma omp parallel for num_threads(parts) schedule(static) if (parts > 1)
+    for (int j = 0; j < c; j++) {
+        T *v = sum + (size_t)j * d;     /* becomes the new centroid in place */
+        int64_t count = size[j];
+        for (int blk = 1; blk < nb; blk++) {
+            const T *p = sum + (size_t)blk * cd + (size_t)j * d;
+            for (int u = 0; u < d; u++) v[u] += p[u];
+            count += size[(size_t)blk * c + j];
         }
+        if (count == 0) {
+            for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
+            continue;
+        }
+        T sq = 0;
+        for (int u = 0; u < d; u++) {
+            v[u] = dec * RA_MAT_AT(T, cb, j, u) + (1 - dec) * (v[u] / (T)count);
+            sq += v[u] * v[u];
+        }
+        const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
+        for (int u = 0; u < d; u++) v[u] *= inv;
     }
     /* written after every read: out may alias centroids */
     for (int j = 0; j < c; j++)
@@ -386,16 +406,17 @@ static int FN(update_problem)(ptrdiff_t b, int n, int d, int c, RaBMat centroids
     return RA_OK;
 }
 
-/* Several problems: one per thread (each a single sequential pass); one problem: its
- * clusters split among the threads.  The same sums either way. */
+/* Several problems: one per thread (its row blocks and clusters in turn); one problem:
+ * its row blocks, then its clusters, split among the threads.  The same sums either way. */
 int FN(ra_update_centroids)(ptrdiff_t B, int n, int d, int c, RaBMat centroids, RaBMat x,
                             RaBVec labels, RaBVec mask, RaBVec decay, RaBMat out)
 {
     const int nt = ra_num_threads();
     const int workers = B > 1 ? (B < nt ? (int)B : nt) : 1, parts = B > 1 ? 1 : nt;
+    const size_t nb = (size_t)FN(update_blocks)(n);     /* row blocks per problem */
     int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)n, workers)));
-    T *sum = ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)c, (size_t)d), workers)));
-    int64_t *size = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)c, workers)));
+    T *sum = ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul(nb * c, (size_t)d), workers)));
+    int64_t *size = ra_alloc(ra_mul(sizeof(int64_t), ra_mul(nb * c, workers)));
     int st = (lab && sum && size) ? RA_OK : RA_ERR_NOMEM;
     if (st == RA_OK && B == 1) {
         /* called directly: from inside even an inactive parallel region, the clusters'
@@ -407,8 +428,8 @@ int FN(ra_update_centroids)(ptrdiff_t B, int n, int d, int c, RaBMat centroids, 
         for (ptrdiff_t b = 0; b < B; b++) {
             const int w = ra_thread_id();
             const int r = FN(update_problem)(b, n, d, c, centroids, x, labels, mask, decay, out,
-                                             lab + (size_t)w * n, sum + (size_t)w * c * d,
-                                             size + (size_t)w * c, parts);
+                                             lab + (size_t)w * n, sum + (size_t)w * nb * c * d,
+                                             size + (size_t)w * nb * c, parts);
             if (r != RA_OK) {
                 #pragma omp atomic write
                 st = r;
