@@ -153,7 +153,8 @@ def test_repeated_calls_overwrite_the_saved_statistics(rng):
     held = ctx.data["routed"][1]["slot_output"].copy()
     first(q2, k2, v2)
     first(q2, k2, v2)
-    assert np.array_equal(ctx.data["routed"][1]["slot_output"], held)
+    # bit for bit: slot rows of one-cluster tokens are left unwritten (any bits, NaN too)
+    assert ctx.data["routed"][1]["slot_output"].tobytes() == held.tobytes()
 
 
 @pytest.mark.parametrize("shared_qk", [False, True])
