@@ -80,27 +80,30 @@ static size_t FN(routing_tile_bytes)(int d, int e, int u, int backward)
 }
 
 /* ------------------------------------------------------------------ 2. attend (forward) */
-/* The finished rows of a query tile to their homes: a token in this cluster only is
- * merged already (its row goes straight to merged, its slot row is left alone: the
- * backward reads merged for it); a token in several clusters to its slot row. */
-static void FN(routing_place_rows)(const RaRoutingPlan *P, const FN(RaQTile) *qt, int e,
-                                   T *slot_rows, RaMat merged)
+/* Output or gradient rows of one cluster's members (positions pos, rows (count, width)) to their
+ * homes: a token in this cluster only straight to its row of the result (times mul),
+ * a token in several clusters to its slot row, summed later (routing_sum_slots). */
+static void FN(routing_place_grads)(const int64_t *start, const int64_t *pos, int count,
+                                    const T *rows, int width, T *slot_rows, T mul, RaMat dst)
 {
-    for (int r = 0; r < qt->rows; r++) {
-        const int64_t i = qt->pos[r];
-        const T *src = qt->acc + (ptrdiff_t)r * e;
-        if (P->q_start[i + 1] - P->q_start[i] > 1)
-            memcpy(slot_rows + (ptrdiff_t)r * e, src, sizeof(T) * (size_t)e);
-        else if (merged.s1 == (ptrdiff_t)sizeof(T))
-            memcpy(merged.data + i * merged.s0, src, sizeof(T) * (size_t)e);
-        else
-            for (int c = 0; c < e; c++) RA_MAT_AT(T, merged, i, c) = src[c];
+    for (int r = 0; r < count; r++) {
+        const int64_t i = pos[r];
+        const T *src = rows + (ptrdiff_t)r * width;
+        if (start[i + 1] - start[i] > 1) {
+            memcpy(slot_rows + (ptrdiff_t)r * width, src, sizeof(T) * (size_t)width);
+        } else if (dst.s1 == (ptrdiff_t)sizeof(T)) {
+            T *o = (T *)(dst.data + i * dst.s0);
+            if (mul == 1) memcpy(o, src, sizeof(T) * (size_t)width);
+            else for (int c = 0; c < width; c++) o[c] = src[c] * mul;
+        } else {
+            for (int c = 0; c < width; c++) RA_MAT_AT(T, dst, i, c) = mul * src[c];
+        }
     }
 }
 
 /* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
  * l_slot row cl·w + r receives the lse of the r-th member query, its output row goes
- * to o_slot row cl·w + r or the merged output (routing_place_rows). */
+ * to o_slot row cl·w + r or the merged output (routing_place_grads). */
 static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int cl, RaMat q,
                                         RaMat k, RaMat v, T scale, int flags, T *ws,
                                         FN(RoutingBuffers) *buf)
@@ -135,7 +138,8 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
         FN(ra_fwd_finish)(&qt, e, (char *)qt.acc, (ptrdiff_t)sizeof(T) * e, sizeof(T),
                           (char *)(buf->l_slot + slot0), sizeof(T));   /* in place */
-        FN(routing_place_rows)(P, &qt, e, buf->o_slot + slot0 * e, buf->merged);
+        FN(routing_place_grads)(P->q_start, qt.pos, qt.rows, qt.acc, e, buf->o_slot + slot0 * e,
+                                1, buf->merged);
     }
 }
 
@@ -234,27 +238,6 @@ static inline int FN(bias_group)(int cl, int c)
 {
     const int groups = c < RA_BIAS_GROUPS ? c : RA_BIAS_GROUPS;
     return (int)((int64_t)cl * groups / c);
-}
-
-/* Gradient rows of one cluster's members (positions pos, rows (count, width)) to their
- * homes: a token in this cluster only straight to its row of the result (times mul),
- * a token in several clusters to its slot row, summed later (routing_sum_slots). */
-static void FN(routing_place_grads)(const int64_t *start, const int64_t *pos, int count,
-                                    const T *rows, int width, T *slot_rows, T mul, RaMat dst)
-{
-    for (int r = 0; r < count; r++) {
-        const int64_t i = pos[r];
-        const T *src = rows + (ptrdiff_t)r * width;
-        if (start[i + 1] - start[i] > 1) {
-            memcpy(slot_rows + (ptrdiff_t)r * width, src, sizeof(T) * (size_t)width);
-        } else if (dst.s1 == (ptrdiff_t)sizeof(T)) {
-            T *o = (T *)(dst.data + i * dst.s0);
-            if (mul == 1) memcpy(o, src, sizeof(T) * (size_t)width);
-            else for (int c = 0; c < width; c++) o[c] = src[c] * mul;
-        } else {
-            for (int c = 0; c < width; c++) RA_MAT_AT(T, dst, i, c) = mul * src[c];
-        }
-    }
 }
 
 /* Cluster cl: gradient rows dq (w.r.t. the scaled query, times scale), dk, dv, placed by
