@@ -144,10 +144,11 @@ int ra_members_from_labels(ptrdiff_t B, int n, int c, int s, RaBVec labels, RaBM
 
 /* ------------------------------------------------------------------ hamming_kmeans */
 
-/* Scratch of one Hamming k-means problem (code words of up to 64 bits: code, dist and
- * cent are used as arrays of the problem's word type). */
+/* Scratch of one Hamming k-means problem (code words of up to 64 bits: code and cent are
+ * used as arrays of the problem's word type; dist holds distances, 32-bit). */
 typedef struct {
-    uint64_t *code, *dist, *partial, *block, *cent;
+    uint64_t *code, *partial, *block, *cent;
+    uint32_t *dist;
     uint8_t *valid, *empty;
     int64_t *lab, *start, *rows, *counts;
 } RaHammingWork;
@@ -156,7 +157,7 @@ static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
 {
     const size_t nch = (size_t)ra_nchunks(n);
     w->code = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
-    w->dist = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n));
+    w->dist = ra_alloc(ra_mul(sizeof(uint32_t), (size_t)n));
     w->partial = ra_alloc(ra_mul(sizeof(uint64_t), ra_mul(nch, ra_trials(c) + 1)));
     w->block = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)n / RA_HAMMING_BLOCK + 1));
     w->cent = ra_alloc(ra_mul(sizeof(uint64_t), (size_t)c));

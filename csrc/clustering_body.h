@@ -524,9 +524,10 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
     const int nt = ra_num_threads();
     const int nblk = (n + RA_ROWS - 1) / RA_ROWS;
     /* shared pack per problem: Pᵀ (d, BP) with zero columns up to BP = bits rounded up to
-       16 (whole vectors on every ISA: no scalar tail in the gemm), thresholds (bits) */
+       16 (whole vectors on every ISA: no scalar tail in the gemm or the threshold), and
+       the thresholds (BP), +inf past `bits` (so those bits stay 0) */
     const int bp = (bits + 15) / 16 * 16;
-    const size_t per_problem = ra_round_up(ra_mul(sizeof(T), ra_add(ra_mul((size_t)d, bp), bits)));
+    const size_t per_problem = ra_round_up(ra_mul(sizeof(T), ra_mul((size_t)d + 1, bp)));
     const size_t per_thread = FN(assign_scratch)(d, bp);
     char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
@@ -538,7 +539,7 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
         RaMat p = ra_mat_at(planes, b);
         for (int u = 0; u < d; u++)
             for (int k = 0; k < bp; k++) pt[(size_t)u * bp + k] = k < bits ? RA_MAT_AT(T, p, k, u) : 0;
-        for (int k = 0; k < bits; k++) thr[k] = RA_MAT_AT(T, p, k, d);
+        for (int k = 0; k < bp; k++) thr[k] = k < bits ? RA_MAT_AT(T, p, k, d) : (T)INFINITY;
     }
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (ptrdiff_t unit = 0; unit < B * nblk; unit++) {
@@ -553,7 +554,7 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
         const T *xr = FN(ra_rows)(ra_mat_at(x, b), i0, rows, d, xs, &ldx);
         K->gemm(rows, bp, d, xr, ldx, pt, bp, s, bp, 0);
         int64_t *code = t.arg;
-        K->threshold_bits(rows, bits, s, bp, thr, code);
+        K->threshold_bits(rows, bp, s, bp, thr, code);
         for (int r = 0; r < rows; r++) RA_VEC_AT(int64_t, out, i0 + r) = code[r];
     }
     ra_free(packs);

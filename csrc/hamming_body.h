@@ -26,14 +26,14 @@ static int64_t FN(ra_hamming_assign)(int n, int c, const W *code, const uint8_t 
  * dist (n), partial (ra_nchunks(n) · (ra_trials(c) + 1)), block (ceil(n / RA_HAMMING_BLOCK))
  * are scratch. */
 static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *valid,
-                                 int64_t nvalid, uint64_t *rng, W *cent, W *dist,
+                                 int64_t nvalid, uint64_t *rng, W *cent, uint32_t *dist,
                                  uint64_t *partial, uint64_t *block, int nt)
 {
     const RaHammingKernels *K = &ra_kernels()->WSEL;
     const int nch = ra_nchunks(n), L = ra_trials(c);
     uint64_t *pot = partial + nch;          /* (nch, L) candidate potentials per chunk */
     cent[0] = code[ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid))];
-    for (int i = 0; i < n; i++) dist[i] = valid[i] ? (W)65 : 0;   /* min(65, d) = d */
+    for (int i = 0; i < n; i++) dist[i] = valid[i] ? 65 : 0;   /* min(65, d) = d */
     for (int j = 1; j < c; j++) {
         /* 1. distances to the centroid chosen last, with their D² sums per block and per
               chunk (invalid rows keep 0) */
@@ -48,7 +48,7 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
             pick = ra_kth_valid(n, valid, (int64_t)(ra_rng_next(rng) % (uint64_t)nvalid));
         } else {
             /* 2. L candidates: first row whose running weight exceeds a uniform target */
-            int cand[RA_MAX_TRIALS];
+            int cand[RA_MAX_TRIALS] = {0};
             for (int t = 0; t < L; t++) {
                 const uint64_t target = ra_rng_next(rng) % total;
                 uint64_t run = 0;
@@ -64,12 +64,12 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
                 cand[t] = i;
             }
             /* 3. keep the candidate with the least remaining potential */
+            uint64_t centers[RA_MAX_TRIALS];
+            for (int t = 0; t < L; t++) centers[t] = (uint64_t)code[cand[t]];
             #pragma omp parallel for num_threads(nt) schedule(static)
             for (int k = 0; k < nch; k++) {
                 const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                for (int t = 0; t < L; t++)
-                    pot[(size_t)k * L + t] = K->potential(k * RA_CHUNK, i1, code, dist,
-                                                                  code[cand[t]]);
+                K->potential(k * RA_CHUNK, i1, code, dist, centers, L, pot + (size_t)k * L);
             }
             uint64_t best = UINT64_MAX;
             pick = cand[0];
@@ -166,7 +166,7 @@ static void FN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
         memset(cent, 0, sizeof(W) * (size_t)c);
     } else {
         /* 1. k-means++ seeding */
-        FN(ra_hamming_seed)(n, c, code, valid, nvalid, &rng, cent, (W *)w->dist, w->partial,
+        FN(ra_hamming_seed)(n, c, code, valid, nvalid, &rng, cent, w->dist, w->partial,
                              w->block, nt);
         /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
         int reseeded = 1;

@@ -104,13 +104,13 @@ typedef struct {
        returning how many labels changed (32-bit words: c <= 2^RA_HAMMING_KEY_BITS32); */
     int64_t (*assign)(int i0, int i1, const void *code, const uint8_t *valid,
                       const void *cent, int c, int64_t *lab);
-    /* Σ min(popcount(code[i] ^ center), dist[i])²; */
-    uint64_t (*potential)(int i0, int i1, const void *code, const void *dist,
-                          uint64_t center);
+    /* pot[t] = Σ min(popcount(code[i] ^ center[t]), dist[i])² for t < count; */
+    void (*potential)(int i0, int i1, const void *code, const uint32_t *dist,
+                      const uint64_t *center, int count, uint64_t *pot);
     /* dist[i] = min(dist[i], popcount(code[i] ^ center)), and the sums of the new dist²
        per block of RA_HAMMING_BLOCK rows from i0 (a multiple of it) into block; returns
        their total. */
-    uint64_t (*min)(int i0, int i1, const void *code, uint64_t center, void *dist,
+    uint64_t (*min)(int i0, int i1, const void *code, uint64_t center, uint32_t *dist,
                     uint64_t *block);
 } RaHammingKernels;
 
@@ -121,8 +121,8 @@ typedef struct {
     /* Peak probe: `iters` rounds of 12 independent float32 vector FMA chains; returns
        the flop count done (the checksum keeps the compiler from dropping the work). */
     double (*fma_probe)(long iters, float *checksum);
-    /* Hamming kernels for 64-bit and for 32-bit code words (codes, centroids and
-       distances all of that width, passed as void *). */
+    /* Hamming kernels for 64-bit and for 32-bit code words (codes and centroids of that
+       width, passed as void *; distances always 32-bit). */
     RaHammingKernels hamming64, hamming32;
 } RaKernels;
 

@@ -190,65 +190,106 @@ static int64_t FN(hamming_assign)(int i0, int i1, const void *code_,
     return changed;
 }
 
-/* The square of a distance (at most 64) per lane: a 32 × 32 -> 64-bit product for
- * 64-bit words (the cheap vpmuludq, not a full 64-bit multiply). */
-static inline hvec FN(hamming_sqv)(hvec x)
+/* Distances of the codes code[0 .. KL) (KL = VEC_BYTES / 4) to the center in every lane
+ * of cv, as 32-bit lanes: 64-bit words take two vectors, narrowed. */
+static inline hkvec FN(hamming_dist32)(const W *code, hvec cv)
 {
-    if (sizeof(W) == 8) x &= (W)0xffffffffu;
-    return x * x;
+    if (sizeof(W) == 8)
+        return FN(hamming_narrow)(FN(hamming_popv)(FN(hamming_loadv)(code) ^ cv),
+                                  FN(hamming_popv)(FN(hamming_loadv)(code + HL) ^ cv));
+    return (hkvec)FN(hamming_popv)(FN(hamming_loadv)(code) ^ cv);
 }
 
-/* code, dist (rows [i0, i1)) -> Σ min(popcount(code[i] ^ center), dist[i])². */
-static uint64_t FN(hamming_potential)(int i0, int i1, const void *code_,
-                                              const void *dist_, uint64_t center_)
+static inline hkvec FN(hamming_loadk)(const uint32_t *p) { return *(const hkvec *)p; }
+
+/* The square of a distance (at most 64) per 32-bit lane: on x86 the 16-bit multiply-add
+ * (the lane's high half is 0), cheaper than a 32-bit multiply. */
+static inline hkvec FN(hamming_sqk)(hkvec x)
 {
-    const W *code = code_, *dist = dist_, center = (W)center_;
-    const hvec cv = (hvec){0} + center;
-    uint64_t total = 0;
+#if VEC_BYTES == 64
+    return (hkvec)_mm512_madd_epi16((__m512i)x, (__m512i)x);
+#elif VEC_BYTES == 32
+    return (hkvec)_mm256_madd_epi16((__m256i)x, (__m256i)x);
+#else
+    return x * x;
+#endif
+}
+
+/* pot[t0 + t] += Σ min(popcount(code[i] ^ center[t0 + t]), dist[i])² over rows [i0, i1),
+ * for a group of g candidates (a constant at each call, so the accumulators stay in
+ * registers): each code and distance is loaded once for the group.  A lane sums at most
+ * 2^16 / KL squares ≤ 64² between flushes, well inside 32 bits. */
+static inline __attribute__((always_inline)) void
+FN(hamming_potential_group)(const int g, int i0, int i1, const W *code, const uint32_t *dist,
+                            const uint64_t *center, uint64_t *pot)
+{
+    enum { KL = VEC_BYTES / 4 };
+    hvec cv[4];
+    for (int t = 0; t < g; t++) cv[t] = (hvec){0} + (W)center[t];
     int i = i0;
-    /* lane sums over at most 2^16 rows: 2^16 · 64² fits any word */
-    for (int b0 = i0; b0 + HL <= i1; b0 = i) {
+    for (int b0 = i0; b0 + KL <= i1; b0 = i) {
         const int b1 = i1 - b0 < 1 << 16 ? i1 : b0 + (1 << 16);
-        hvec acc = (hvec){0};
-        for (i = b0; i + HL <= b1; i += HL) {
-            const hvec dd = FN(hamming_minv)(FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv),
-                                             FN(hamming_loadv)(dist + i));
-            acc += FN(hamming_sqv)(dd);
+        hkvec acc[4];
+        for (int t = 0; t < g; t++) acc[t] = (hkvec){0};
+        for (i = b0; i + KL <= b1; i += KL) {
+            const hkvec dv = FN(hamming_loadk)(dist + i);
+            for (int t = 0; t < g; t++) {
+                const hkvec dd = FN(hamming_minkv)(FN(hamming_dist32)(code + i, cv[t]), dv);
+                acc[t] += FN(hamming_sqk)(dd);
+            }
         }
-        for (int l = 0; l < HL; l++) total += acc[l];
+        for (int t = 0; t < g; t++)
+            for (int l = 0; l < KL; l++) pot[t] += acc[t][l];
     }
-    for (; i < i1; i++) {
-        W dd = (W)WPOP(code[i] ^ center);
-        dd = dd < dist[i] ? dd : dist[i];
-        total += (uint64_t)dd * dd;
+    for (; i < i1; i++)
+        for (int t = 0; t < g; t++) {
+            uint32_t dd = (uint32_t)WPOP(code[i] ^ (W)center[t]);
+            dd = dd < dist[i] ? dd : dist[i];
+            pot[t] += (uint64_t)dd * dd;
+        }
+}
+
+/* code, dist (rows [i0, i1)), count candidates -> pot[t] = Σ min(popcount(code[i] ^
+ * center[t]), dist[i])², in groups of up to four candidates. */
+static void FN(hamming_potential)(int i0, int i1, const void *code_, const uint32_t *dist,
+                                  const uint64_t *center, int count, uint64_t *pot)
+{
+    const W *code = code_;
+    for (int t = 0; t < count; t++) pot[t] = 0;
+    for (int t0 = 0; t0 < count; t0 += 4) {
+        switch (count - t0) {
+        case 1: FN(hamming_potential_group)(1, i0, i1, code, dist, center + t0, pot + t0); break;
+        case 2: FN(hamming_potential_group)(2, i0, i1, code, dist, center + t0, pot + t0); break;
+        case 3: FN(hamming_potential_group)(3, i0, i1, code, dist, center + t0, pot + t0); break;
+        default: FN(hamming_potential_group)(4, i0, i1, code, dist, center + t0, pot + t0); break;
+        }
     }
-    return total;
 }
 
 /* code, dist (rows [i0, i1), i0 a multiple of RA_HAMMING_BLOCK): dist[i] = min(dist[i],
  * popcount(code[i] ^ center)); block[b] = Σ dist² over the b-th block of RA_HAMMING_BLOCK
  * rows from i0 (the last one may be short); returns Σ dist² over all the rows. */
 static uint64_t FN(hamming_min)(int i0, int i1, const void *code_, uint64_t center_,
-                                void *dist_, uint64_t *block)
+                                uint32_t *dist, uint64_t *block)
 {
+    enum { KL = VEC_BYTES / 4 };
     const W *code = code_, center = (W)center_;
-    W *dist = dist_;
     const hvec cv = (hvec){0} + center;
     uint64_t total = 0;
     for (int b0 = i0; b0 < i1; b0 += RA_HAMMING_BLOCK) {
         const int b1 = i1 - b0 < RA_HAMMING_BLOCK ? i1 : b0 + RA_HAMMING_BLOCK;
-        hvec acc = (hvec){0};
+        hkvec acc = (hkvec){0};
         int i = b0;
-        for (; i + HL <= b1; i += HL) {
-            const hvec dd = FN(hamming_minv)(FN(hamming_popv)(FN(hamming_loadv)(code + i) ^ cv),
-                                             FN(hamming_loadv)(dist + i));
-            *(hvec *)(dist + i) = dd;
-            acc += FN(hamming_sqv)(dd);
+        for (; i + KL <= b1; i += KL) {
+            const hkvec dd = FN(hamming_minkv)(FN(hamming_dist32)(code + i, cv),
+                                               FN(hamming_loadk)(dist + i));
+            *(hkvec *)(dist + i) = dd;
+            acc += FN(hamming_sqk)(dd);
         }
         uint64_t t = 0;
-        for (int l = 0; l < HL; l++) t += acc[l];
+        for (int l = 0; l < KL; l++) t += acc[l];
         for (; i < b1; i++) {
-            const W dd = (W)WPOP(code[i] ^ center);
+            const uint32_t dd = (uint32_t)WPOP(code[i] ^ center);
             dist[i] = dd < dist[i] ? dd : dist[i];
             t += (uint64_t)dist[i] * dist[i];
         }

@@ -57,21 +57,24 @@ static double rng_unit(void) { return (double)(int64_t)(rng_next() >> 43) / (1 <
     static void hamming_check##W(const RaHammingKernels *H)                               \
     {                                                                                     \
         enum { N = 203, C = 7 };                                                          \
-        uint##W##_t code[N], cent[C], dist[N];                                            \
+        uint##W##_t code[N], cent[C];                                                     \
+        uint32_t dist[N];                                                                 \
         uint8_t valid[N];                                                                 \
         int64_t lab[N];                                                                   \
         for (int i = 0; i < N; i++) {                                                     \
             code[i] = (uint##W##_t)rng_next();                                            \
             valid[i] = (uint8_t)(i % 11 != 3);                                            \
             lab[i] = i % 3 - 1;                                                           \
-            dist[i] = (uint##W##_t)(i % 40);                                              \
+            dist[i] = (uint32_t)(i % 40);                                                 \
         }                                                                                 \
         for (int j = 0; j < C; j++) cent[j] = code[j * 5] ^ (uint##W##_t)(1u << j);        \
         const int64_t changed = H->assign(3, N, code, valid, cent, C, lab);               \
         DUMP_AS("hamming" #W ".assign.lab", 'i', lab, N);                                 \
         DUMP_AS("hamming" #W ".assign.changed", 'i', &changed, 1);                        \
-        const uint64_t pot = H->potential(1, N - 2, code, dist, (uint64_t)cent[2]);       \
-        DUMP_AS("hamming" #W ".potential", 'i', &pot, 1);                                 \
+        uint64_t centers[C], pot[C];          /* every group size of the kernel */        \
+        for (int j = 0; j < C; j++) centers[j] = (uint64_t)cent[(j + 2) % C];             \
+        H->potential(1, N - 2, code, dist, centers, C, pot);                              \
+        DUMP_AS("hamming" #W ".potential", 'i', pot, C);                                  \
         uint64_t block[(N + RA_HAMMING_BLOCK - 1) / RA_HAMMING_BLOCK];                    \
         const uint64_t total = H->min(0, N - 1, code, (uint64_t)cent[4], dist, block);    \
         DUMP_AS("hamming" #W ".min", 'i', dist, N);                                       \
