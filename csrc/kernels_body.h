@@ -77,10 +77,26 @@ static inline vec FN(vexp)(vec x)
 #endif
     const T log2e = (T)1.44269504088896340736;
     uvec under = (uvec)(x < lo);
+#if defined(RA_X86) && VEC_BYTES == 64
+    /* AVX-512: x clamped to [lo, hi] by min / max (a NaN x passes: the second operand
+       wins), n rounded by VRNDSCALE and 2^n applied by VSCALEF instead of the exponent-
+       field arithmetic */
+    (void)magic; (void)bias; (void)mant;
+#if RA_IS_F32
+    x = (vec)_mm512_max_ps((__m512)FN(vsplat)(lo), (__m512)x);
+    x = (vec)_mm512_min_ps((__m512)FN(vsplat)(hi), (__m512)x);
+    const vec n = (vec)_mm512_roundscale_ps((__m512)(x * log2e), _MM_FROUND_TO_NEAREST_INT);
+#else
+    x = (vec)_mm512_max_pd((__m512d)FN(vsplat)(lo), (__m512d)x);
+    x = (vec)_mm512_min_pd((__m512d)FN(vsplat)(hi), (__m512d)x);
+    const vec n = (vec)_mm512_roundscale_pd((__m512d)(x * log2e), _MM_FROUND_TO_NEAREST_INT);
+#endif
+#else
     x = FN(vsel)((uvec)(x > hi), FN(vsplat)(hi), x);
     x = FN(vsel)(under, FN(vsplat)(lo), x);
     vec t = x * log2e + magic;          /* round(x·log2e) sits in the low mantissa bits */
     vec n = t - magic;
+#endif
     vec r = x - n * ln2_hi;
     r = r - n * ln2_lo;
 #if RA_IS_F32
@@ -108,8 +124,17 @@ static inline vec FN(vexp)(vec x)
     p = p * r + 1.0;
     p = p * r + 1.0;
 #endif
+#if defined(RA_X86) && VEC_BYTES == 64
+#if RA_IS_F32
+    const vec e = (vec)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+    const vec e = (vec)_mm512_scalef_pd((__m512d)p, (__m512d)n);
+#endif
+    return FN(vsel)(under, FN(vsplat)(0), e);
+#else
     vec scale2n = (vec)(((uvec)t + bias) << mant);
     return FN(vsel)(under, FN(vsplat)(0), p * scale2n);
+#endif
 }
 
 static inline T FN(sexp)(T x)
