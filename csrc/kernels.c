@@ -30,7 +30,8 @@ const RaKernels *ra_kernels(void)
     const int lower = force && (strcmp(force, "avx2") == 0 || strcmp(force, "generic") == 0);
     if (ra_cpu_has_avx512() && !lower)
         /* RA_SIMD=avx512 keeps the scalar-popcnt Hamming kernels of pre-Ice Lake CPUs */
-        k = __builtin_cpu_supports("avx512vpopcntdq") && !(force && strcmp(force, "avx512") == 0)
+        k = __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512vbmi2") &&
+            !(force && strcmp(force, "avx512") == 0)
             ? &ra_kernels_avx512vp : &ra_kernels_avx512;
     else if (ra_cpu_has_avx2() && !(force && strcmp(force, "generic") == 0))
         k = &ra_kernels_avx2;

@@ -14,16 +14,19 @@ RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt")
 #include "kernels_isa.h"
 RA_TARGET_END
 
-/* Ice Lake and later also count bits eight lanes at a time (VPOPCNTQ): the same table
-   with the Hamming kernels compiled for that; kernels.c picks it when the CPU has it. */
-RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq")
+/* Ice Lake, Zen 4 and later also count bits eight lanes at a time (VPOPCNTQ) and shift
+   two words into one (VPSHLDD, VBMI2): the same table with the Hamming kernels compiled
+   for that; kernels.c picks it when the CPU has both. */
+RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcntdq,avx512vbmi2")
 #define RA_HAMMING_VPOPCNT 1
+#define RA_HAMMING_VBMI2 1
 #define RA_TYPED_SUFFIX avx512vp
 #define RA_TYPED_BODY "kernels_hamming.h"
 #define RA_TYPED_WORDS
 #include "typed.h"
 #undef RA_TYPED_SUFFIX
 #undef RA_HAMMING_VPOPCNT
+#undef RA_HAMMING_VBMI2
 RA_TARGET_END
 RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);
 #endif

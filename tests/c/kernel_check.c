@@ -96,7 +96,7 @@ static const RaKernels *table_named(const char *name)
     if (strcmp(name, "avx2") == 0 && avx2) return &ra_kernels_avx2;
     if (strcmp(name, "avx512") == 0 && avx512) return &ra_kernels_avx512;
     if (strcmp(name, "avx512-vpopcnt") == 0 && avx512 &&
-        __builtin_cpu_supports("avx512vpopcntdq"))
+        __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("avx512vbmi2"))
         return &ra_kernels_avx512vp;
 #endif
 #if defined(__aarch64__)
