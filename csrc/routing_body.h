@@ -164,7 +164,7 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
     if (merge_lse) return;
     if (z == a)                                /* in no cluster: 0 */
         for (int c = 0; c < e; c++) RA_MAT_AT(T, out, i, c) = 0;
-    const T wgt = (T)1 / (T)count;
+    const T wgt = (T)1 / (T)(count > 0 ? count : 1);   /* no 1/0 (an FP flag) for 0 rows */
     for (int64_t t = a; t < z; t++) {          /* the mean: Σ o / count, in cluster order */
         const T *o = buf->o_slot + P->q_occ[t] * e;
         if (contiguous && t == a) for (int c = 0; c < e; c++) dst[c] = 0 + wgt * o[c];
