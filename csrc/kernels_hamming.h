@@ -214,19 +214,6 @@ static inline hkvec FN(hamming_dist32)(const W *code, hvec cv)
 
 static inline hkvec FN(hamming_loadk)(const uint32_t *p) { return *(const hkvec *)p; }
 
-/* The square of a distance (at most 64) per 32-bit lane: on x86 the 16-bit multiply-add
- * (the lane's high half is 0), cheaper than a 32-bit multiply. */
-static inline hkvec FN(hamming_sqk)(hkvec x)
-{
-#if VEC_BYTES == 64
-    return (hkvec)_mm512_madd_epi16((__m512i)x, (__m512i)x);
-#elif VEC_BYTES == 32
-    return (hkvec)_mm256_madd_epi16((__m256i)x, (__m256i)x);
-#else
-    return x * x;
-#endif
-}
-
 /* pot[t0 + t] += Σ min(popcount(code[i] ^ center[t0 + t]), dist[i])² over rows [i0, i1),
  * for a group of g candidates (a constant at each call, so the accumulators stay in
  * registers): each code and distance is loaded once for the group.  A lane sums at most
@@ -247,7 +234,7 @@ FN(hamming_potential_group)(const int g, int i0, int i1, const W *code, const ui
             const hkvec dv = FN(hamming_loadk)(dist + i);
             for (int t = 0; t < g; t++) {
                 const hkvec dd = FN(hamming_minkv)(FN(hamming_dist32)(code + i, cv[t]), dv);
-                acc[t] += FN(hamming_sqk)(dd);
+                acc[t] += dd * dd;
             }
         }
         for (int t = 0; t < g; t++)
@@ -296,7 +283,7 @@ static uint64_t FN(hamming_min)(int i0, int i1, const void *code_, uint64_t cent
             const hkvec dd = FN(hamming_minkv)(FN(hamming_dist32)(code + i, cv),
                                                FN(hamming_loadk)(dist + i));
             *(hkvec *)(dist + i) = dd;
-            acc += FN(hamming_sqk)(dd);
+            acc += dd * dd;
         }
         uint64_t t = 0;
         for (int l = 0; l < KL; l++) t += acc[l];
