@@ -69,14 +69,12 @@ static void ra_group_by_label(int n, const int64_t *labels, int c, int64_t *star
 {
     const int nch = ra_nchunks(n);
     /* 1. per-chunk counts */
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int k = 0; k < nch; k++) {
+    RA_PARALLEL_FOR(nt, k, nch, schedule(static),
         int64_t *cnt = counts + (size_t)k * c;
         memset(cnt, 0, sizeof(int64_t) * (size_t)c);
         const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
         for (int i = k * RA_CHUNK; i < i1; i++)
-            if (labels[i] >= 0) cnt[labels[i]]++;
-    }
+            if (labels[i] >= 0) cnt[labels[i]]++;);
     /* 2. offsets: cluster-major, chunk order inside a cluster */
     int64_t run = 0;
     for (int j = 0; j < c; j++) {
@@ -89,13 +87,11 @@ static void ra_group_by_label(int n, const int64_t *labels, int c, int64_t *star
     }
     start[c] = run;
     /* 3. scatter: each chunk writes its own slots */
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int k = 0; k < nch; k++) {
+    RA_PARALLEL_FOR(nt, k, nch, schedule(static),
         int64_t *off = counts + (size_t)k * c;
         const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
         for (int i = k * RA_CHUNK; i < i1; i++)
-            if (labels[i] >= 0) members[off[labels[i]]++] = i;
-    }
+            if (labels[i] >= 0) members[off[labels[i]]++] = i;);
 }
 
 /* Copy labels (n) into lab, −1 where mask (may be NULL) is False.  RA_ERR_INDEX when a

@@ -10,11 +10,9 @@ static int64_t FN(ra_hamming_assign)(int n, int c, const W *code, const uint8_t 
     const RaHammingKernels *K = &ra_kernels()->WSEL;
     const int nch = ra_nchunks(n);
     int64_t changed = 0;
-    #pragma omp parallel for num_threads(nt) schedule(static) reduction(+:changed)
-    for (int k = 0; k < nch; k++) {
+    RA_PARALLEL_FOR(nt, k, nch, schedule(static) reduction(+:changed),
         const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-        changed += K->assign(k * RA_CHUNK, i1, code, valid, cent, c, lab);
-    }
+        changed += K->assign(k * RA_CHUNK, i1, code, valid, cent, c, lab););
     return changed;
 }
 
@@ -37,10 +35,9 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
     for (int j = 1; j < c; j++) {
         /* 1. distances to the centroid chosen last, with their D² sums per block and per
               chunk (invalid rows keep 0) */
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int k = 0; k < nch; k++)
+        RA_PARALLEL_FOR(nt, k, nch, schedule(static),
             partial[k] = K->min(k * RA_CHUNK, (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n, code,
-                                cent[j - 1], dist, block + k * (RA_CHUNK / RA_HAMMING_BLOCK));
+                                cent[j - 1], dist, block + k * (RA_CHUNK / RA_HAMMING_BLOCK)););
         uint64_t total = 0;
         for (int k = 0; k < nch; k++) total += partial[k];
         int pick;
@@ -66,11 +63,9 @@ static void FN(ra_hamming_seed)(int n, int c, const W *code, const uint8_t *vali
             /* 3. keep the candidate with the least remaining potential */
             uint64_t centers[RA_MAX_TRIALS];
             for (int t = 0; t < L; t++) centers[t] = (uint64_t)code[cand[t]];
-            #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int k = 0; k < nch; k++) {
+            RA_PARALLEL_FOR(nt, k, nch, schedule(static),
                 const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                K->potential(k * RA_CHUNK, i1, code, dist, centers, L, pot + (size_t)k * L);
-            }
+                K->potential(k * RA_CHUNK, i1, code, dist, centers, L, pot + (size_t)k * L););
             uint64_t best = UINT64_MAX;
             pick = cand[0];
             for (int t = 0; t < L; t++) {
@@ -175,12 +170,10 @@ static void FN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
             if (it == n_iters || (changed == 0 && !reseeded)) break;
             ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
             /* per cluster: the per-bit majority of its members */
-            #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-            for (int j = 0; j < c; j++) {
+            RA_PARALLEL_FOR(nt, j, c, schedule(dynamic, 4),
                 const int64_t size = start[j + 1] - start[j];
                 w->empty[j] = size == 0;
-                if (size > 0) cent[j] = FN(ra_bit_majority)(code, rows + start[j], size);
-            }
+                if (size > 0) cent[j] = FN(ra_bit_majority)(code, rows + start[j], size););
             /* empty clusters, in cluster order: a fresh random valid row */
             reseeded = 0;
             for (int j = 0; j < c; j++) {
