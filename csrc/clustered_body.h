@@ -146,7 +146,8 @@ static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, in
         FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
         if (kmax > 0) {
             FN(RaPairs) cp;
-            FN(cl_select)(ra_mat_at(v, b), e, G, kmax, &p, c, FN(cl_centroid_pairs)(pairs, b, n, &cp));
+            FN(cl_select)(ra_mat_at(v, b), e, G, kmax, &p, c, backward,
+                          FN(cl_centroid_pairs)(pairs, b, n, &cp));
         } else {
             memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
             p.mhat[c] = 0;
@@ -249,12 +250,18 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
         const int64_t *idx = p.order + p.start[c] + units[u].i0;
         const int size = (int)(p.start[c + 1] - p.start[c]) - units[u].i0;
         const int rows = size < RA_BQ ? size : RA_BQ;
-        const T *r = p.r + (ptrdiff_t)c * e, mh = p.mhat[c];
         FN(ClTiles) w;
         FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
+        const T *r = p.oc + (ptrdiff_t)c * e;   /* r_c = o_c, m̂_c = 0 without keys */
+        T mh = 0;
         if (kc > 0) {
             FN(cl_pack_topk)(&w, ra_mat_at(k, b), ra_mat_at(v, b), p.sel + (size_t)c * kmax,
                              kc, kmax, d, e, 0);
+            const RaMat packed = {(char *)w.v, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+            FN(RaPairs) cp;
+            mh = FN(cl_residual_into)(packed, 1, e, kmax, &p, c,
+                                      FN(cl_centroid_pairs)(pairs, b, n, &cp), w.res);
+            r = w.res;
             FN(RaPairs) pr;
             FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e,
                                 RA_VEC_AT(T, ra_vec_at(scale, b), 0), p.sel + (size_t)c * kmax,

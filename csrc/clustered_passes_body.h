@@ -182,32 +182,41 @@ static void FN(cl_centroids_scan)(RaMat q, RaVec labels, int n, int d, int C,
     }
 }
 
-/* Cluster c, T_c and a_c[T_c] known: m̂_c = Σ_{T_c} a_c[j], r_c = o_c − Σ_{T_c} a_c[j] v_j.
- * v (m, e). */
-static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, int c,
-                            const FN(RaPairs) *cpairs)
+/* Cluster c, T_c and a_c[T_c] known: r (e) = o_c − Σ_{T_c} a_c[j] v_j; returns m̂_c =
+ * Σ_{T_c} a_c[j].  v_j is row j of v (m, e), or with `packed` row t of T_c's values
+ * packed in order (cl_pack_topk): the same sums either way. */
+static T FN(cl_residual_into)(RaMat v, int packed, int e, int kmax, const FN(ClProblem) *p,
+                              int c, const FN(RaPairs) *cpairs, T *r)
 {
     const int64_t *sel = p->sel + (size_t)c * kmax;
     const T *aw = p->aw + (size_t)c * kmax;
-    T *r = p->r + (ptrdiff_t)c * e, mass = 0;
+    T mass = 0;
     memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
     for (int t = 0; t < kmax && sel[t] >= 0; t++) {
-        if (t + RA_PREFETCH_ROWS < kmax && sel[t + RA_PREFETCH_ROWS] >= 0) {
+        if (!packed && t + RA_PREFETCH_ROWS < kmax && sel[t + RA_PREFETCH_ROWS] >= 0) {
             const char *ahead = v.data + (ptrdiff_t)sel[t + RA_PREFETCH_ROWS] * v.s0;
             for (int f = 0; f < e; f += 64 / (int)sizeof(T))
                 __builtin_prefetch(ahead + (ptrdiff_t)f * v.s1);
         }
         mass += aw[t];
         FN(ra_add_row)(r, -aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]), v,
-                       sel[t], e);
+                       packed ? t : sel[t], e);
     }
-    p->mhat[c] = mass;
+    return mass;
+}
+
+/* The same into the problem's r_c and m̂_c.  v (m, e). */
+static void FN(cl_residual)(RaMat v, int e, int kmax, const FN(ClProblem) *p, int c,
+                            const FN(RaPairs) *cpairs)
+{
+    p->mhat[c] = FN(cl_residual_into)(v, 0, e, kmax, p, c, cpairs, p->r + (ptrdiff_t)c * e);
 }
 
 /* Cluster c: merge its G candidate lists (of logits) into T_c (sorted by position), then
- * m̂_c = Σ_{T_c} a_c[j] and r_c = o_c − Σ_{T_c} a_c[j] v_j.  v (m, e). */
+ * with `residual` m̂_c = Σ_{T_c} a_c[j] and r_c = o_c − Σ_{T_c} a_c[j] v_j (the forward
+ * computes them from T_c's packed values instead).  v (m, e). */
 static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *p, int c,
-                          const FN(RaPairs) *cpairs)
+                          int residual, const FN(RaPairs) *cpairs)
 {
     const int kc = (int)p->info[1];
     FN(ClCand) *all = p->merged + (size_t)c * G * kmax;
@@ -244,7 +253,7 @@ static void FN(cl_select)(RaMat v, int e, int G, int kmax, const FN(ClProblem) *
         sel[t] = t < kept ? all[t].j : -1;
         aw[t] = t < kept ? (T)exp(all[t].v - lse) : 0;   /* a_c[j] from its logit */
     }
-    FN(cl_residual)(v, e, kmax, p, c, cpairs);
+    if (residual) FN(cl_residual)(v, e, kmax, p, c, cpairs);
 }
 
 /* Per-thread tiles (R = RA_CL_ROWS rows): the engine's query tile, whose q (R, d) holds
@@ -263,6 +272,7 @@ typedef struct {
     T *chunk;
     int64_t *chunk_pos;
     int64_t *rowpos;         /* (R) the dropout row ids of a centroid tile */
+    T *res;                  /* (e) the residual r_c of the forward's query tile */
 } FN(ClTiles);
 
 static void FN(cl_tiles)(RaArena *a, int d, int e, int kmax, FN(ClTiles) *w)
@@ -284,6 +294,7 @@ static void FN(cl_tiles)(RaArena *a, int d, int e, int kmax, FN(ClTiles) *w)
     w->chunk = kmax > 0 ? RA_TAKE(a, T, R * RA_CL_CHUNK) : NULL;
     w->chunk_pos = kmax > 0 ? RA_TAKE(a, int64_t, RA_CL_CHUNK) : NULL;
     w->rowpos = RA_TAKE(a, int64_t, R);
+    w->res = RA_TAKE(a, T, (size_t)e);
     w->gt.q = w->qs;
     w->gt.pos = NULL;
     w->gt.dout = w->dout;
