@@ -716,7 +716,9 @@ def test_bit_identical_for_one_and_two_threads():
                 ra.update_centroids(mu, x, labels, decay=0.9, mask=mask),
                 ra.commitment_loss(x, mu, labels, mask=mask),
                 ra.members_from_labels(labels, 16), codes,
-                ra.hamming_kmeans(codes, 20, iters=3, seed=9, mask=mask)]
+                ra.hamming_kmeans(codes, 20, iters=3, seed=9, mask=mask),
+                # several one-chunk problems: one per thread, serial loops inside
+                ra.hamming_kmeans(codes[:3000].reshape(6, 500), 20, iters=3, seed=9)]
 
     with threads(1):
         one = run()
