@@ -44,7 +44,7 @@ def test_routing_layer_equals_numpy_layer(options):
         y_np = twin(_np(q), _np(k), _np(v))
         np.testing.assert_allclose(_np(y), y_np, rtol=0, atol=1e-12, err_msg=f"{options} step {step}")
         np.testing.assert_array_equal(_np(layer.centroids), twin.centroids)
-        np.testing.assert_allclose(float(layer.commitment_loss), twin.commitment_loss.mean(),
+        np.testing.assert_allclose(layer.commitment_loss.item(), twin.commitment_loss.mean(),
                                    rtol=1e-12)
         grads = torch.autograd.grad((y * y).sum(), (q, k, v), materialize_grads=True)
         for name, g, g_np in zip("qkv", grads, twin.backward(2 * y_np)):
