@@ -189,6 +189,32 @@ FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t 
     }
 }
 
+/* The last w < VL columns of C (M×w) (+)= op(A) · B (K×w): their B and C columns copied
+ * into whole vectors, rows and depth in blocks so the copies stay small.  Each lane sees
+ * the operations of a full vector's lane in the same order (the partial sums only pass
+ * through memory), so a column's result does not depend on whether it is left over.  The
+ * lanes from w on repeat column 0, so they raise no floating-point flag it does not. */
+static void FN(gemm_tail)(int M, int w, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks,
+                          const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    enum { MB = 64, KB = 64 };
+    T bt[KB * VL], ct[MB * VL];
+    for (int i0 = 0; i0 < M; i0 += MB) {
+        const int mb = M - i0 < MB ? M - i0 : MB;
+        for (int i = 0; i < mb; i++)
+            for (int l = 0; l < VL; l++)
+                ct[i * VL + l] = accumulate ? C[(ptrdiff_t)(i0 + i) * ldc + (l < w ? l : 0)] : 0;
+        for (int k0 = 0; k0 < K; k0 += KB) {
+            const int kb = K - k0 < KB ? K - k0 : KB;
+            for (int k = 0; k < kb; k++)
+                for (int l = 0; l < VL; l++) bt[k * VL + l] = B[(ptrdiff_t)(k0 + k) * ldb + (l < w ? l : 0)];
+            FN(gemm_rows)(1, mb, kb, A + i0 * a_rs + k0 * a_ks, a_rs, a_ks, bt, VL, ct, VL, 1);
+        }
+        for (int i = 0; i < mb; i++)
+            for (int l = 0; l < w; l++) C[(ptrdiff_t)(i0 + i) * ldc + l] = ct[i * VL + l];
+    }
+}
+
 /* C (M×N) (+)= op(A) · B with op(A)[r, k] = A[r·a_rs + k·a_ks]. */
 static inline __attribute__((always_inline)) void
 FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks, const T *B,
@@ -208,13 +234,7 @@ FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks
     }
     for (; j + VL <= N; j += VL)
         FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
-    for (; j < N; j++) {                       /* columns left over: plain dot products */
-        for (int i = 0; i < M; i++) {
-            T s = accumulate ? C[i * ldc + j] : 0;
-            for (int k = 0; k < K; k++) s += A[i * a_rs + k * a_ks] * B[k * ldb + j];
-            C[i * ldc + j] = s;
-        }
-    }
+    if (j < N) FN(gemm_tail)(M, N - j, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
 }
 
 static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
