@@ -32,7 +32,8 @@ def check_forward_backward(q, k, v, dtype, tag, **kw):
 
 # sizes straddling the tile sizes (64 query rows, 128 keys) and degenerate ones
 SHAPES = [(1, 1, 1, 1), (5, 7, 3, 2), (64, 128, 16, 16), (65, 129, 64, 64), (200, 70, 1, 5),
-          (3, 300, 33, 1), (130, 130, 64, 48)]
+          (3, 300, 33, 1), (130, 130, 64, 48),
+          (70, 300, 150, 75)]   # products deeper than 64 with columns left over after vectors
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

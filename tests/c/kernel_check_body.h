@@ -25,9 +25,11 @@ static void *F(alloc)(size_t bytes)   /* 64-byte aligned, zeroed */
 
 static void F(check_gemm)(const KT *K)
 {
-    enum { M = 13, N = 37, KD = 29, LD = 41 };
-    T *A = F(alloc)(sizeof(T) * KD * LD), *B = F(alloc)(sizeof(T) * KD * LD);
-    T *C = F(alloc)(sizeof(T) * M * LD);
+    /* a small product, and one more than 64 rows and 64 deep (the blocks of the columns
+       left over after whole vectors) */
+    enum { M = 13, N = 37, KD = 29, LD = 41, M2 = 70, N2 = 23, KD2 = 140, LD2 = 150 };
+    T *A = F(alloc)(sizeof(T) * KD2 * LD2), *B = F(alloc)(sizeof(T) * KD2 * LD2);
+    T *C = F(alloc)(sizeof(T) * M2 * LD2);
     F(fill)(A, KD * LD, 0);
     F(fill)(B, KD * LD, 0);
     F(fill)(C, M * LD, 0);
@@ -37,6 +39,13 @@ static void F(check_gemm)(const KT *K)
     DUMP_AS(NAME("gemm"), KIND, C, M * LD);
     K->gemm_tn(M, N, KD, A, LD, B, LD, C, LD, 1);
     DUMP_AS(NAME("gemm_tn"), KIND, C, M * LD);
+    F(fill)(A, KD2 * LD2, 0);
+    F(fill)(B, KD2 * LD2, 0);
+    F(fill)(C, M2 * LD2, 0);
+    K->gemm(M2, N2, KD2, A, LD2, B, LD2, C, LD2, 1);
+    DUMP_AS(NAME("gemm.deep"), KIND, C, M2 * LD2);
+    K->gemm_tn(M2, N2, KD2, A, LD2, B, LD2, C, LD2, 0);
+    DUMP_AS(NAME("gemm_tn.deep"), KIND, C, M2 * LD2);
     free(A); free(B); free(C);
 }
 
