@@ -263,22 +263,25 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
                                       FN(cl_centroid_pairs)(pairs, b, n, &cp), w.res);
             r = w.res;
             FN(RaPairs) pr;
-            FN(cl_topk_softmax)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e,
-                                RA_VEC_AT(T, ra_vec_at(scale, b), 0), p.sel + (size_t)c * kmax,
-                                FN(ra_pairs_at)(pairs, b, n, NULL, &pr));
+            FN(cl_topk_attend)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e,
+                               RA_VEC_AT(T, ra_vec_at(scale, b), 0), p.sel + (size_t)c * kmax,
+                               FN(ra_pairs_at)(pairs, b, n, NULL, &pr));
         }
+        /* out_i = r_c + m̂_c · o'_i, o'_i = acc_i / sum_i normalised on the way (as
+           ra_fwd_finish does: a row that saw no key has o' = 0) */
         RaMat o = ra_mat_at(out, b);
         for (int i = 0; i < rows; i++) {
             char *row = o.data + (ptrdiff_t)idx[i] * o.s0;
-            const T *oi = w.o + (ptrdiff_t)i * e;
-            if (kc == 0 && o.s1 == (ptrdiff_t)sizeof(T))
-                memcpy(row, r, sizeof(T) * (size_t)e);
-            else if (kc == 0)
-                for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f];
-            else if (o.s1 == (ptrdiff_t)sizeof(T))       /* unit stride: vectorised */
-                for (int f = 0; f < e; f++) ((T *)row)[f] = r[f] + mh * oi[f];
+            if (kc == 0) {
+                FN(cl_row_write)(o, idx[i], r, e);
+                continue;
+            }
+            const T sum = w.qt.sum[i], inv = sum == 0 ? 0 : 1 / sum;
+            const T *a = w.qt.acc + (ptrdiff_t)i * e;
+            if (o.s1 == (ptrdiff_t)sizeof(T))       /* unit stride: vectorised */
+                for (int f = 0; f < e; f++) ((T *)row)[f] = r[f] + mh * (a[f] * inv);
             else
-                for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f] + mh * oi[f];
+                for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f] + mh * (a[f] * inv);
         }
     }
 

@@ -323,11 +323,11 @@ static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, int kc, int kmax, int d
 }
 
 /* Exact softmax of member rows idx[0..rows) over T_c (positions sel) with the pair terms
- * `pairs` (or NULL): o' (rows, e) and lse' (rows) in w.  q (n, d), k (m, d), v (m, e);
+ * `pairs` (or NULL), left in w's query tile unnormalised (acc, sum, mx).  q (n, d);
  * T_c's keys already packed in w. */
-static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
-                                int rows, int kc, int kmax, int d, int e, T sc,
-                                const int64_t *sel, const FN(RaPairs) *pairs)
+static void FN(cl_topk_attend)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
+                               int rows, int kc, int kmax, int d, int e, T sc,
+                               const int64_t *sel, const FN(RaPairs) *pairs)
 {
     FN(ra_gather)(q, idx, 0, rows, d, sc, 0, w->qs, d);
     w->qt.rows = rows;
@@ -336,6 +336,14 @@ static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int6
     FN(ra_fwd_init)(&w->qt, e);
     const FN(RaKeys) keys = FN(cl_topk_keys)(w, kc, kmax, d, e, pairs ? sel : NULL);
     FN(ra_attend)(K, &w->qt, &keys, d, e, 0);
+}
+
+/* The same, finished: o' (rows, e) and lse' (rows) in w. */
+static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
+                                int rows, int kc, int kmax, int d, int e, T sc,
+                                const int64_t *sel, const FN(RaPairs) *pairs)
+{
+    FN(cl_topk_attend)(K, w, q, idx, rows, kc, kmax, d, e, sc, sel, pairs);
     FN(ra_fwd_finish)(&w->qt, e, (char *)w->o, (ptrdiff_t)sizeof(T) * e, sizeof(T),
                       (char *)w->lse, sizeof(T));
 }
