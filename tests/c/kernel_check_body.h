@@ -144,12 +144,44 @@ static void F(check_selection)(const KT *K)
     UT *lj = F(alloc)(sizeof(UT) * ROWS * LDL);
     int64_t kpos[COLS];
     int size[ROWS * 2] = {0};
+    T *offered = F(alloc)(sizeof(T) * 2 * ROWS * LDS);
     for (int call = 0; call < 2; call++) {   /* two calls: increasing positions */
         F(fill)(so, ROWS * LDS, 1);
         so[LDS + 7] = NAN;
         for (int j = 0; j < COLS; j++) kpos[j] = j % 13 == 5 ? -1 : call * COLS + j;
+        for (int r = 0; r < ROWS; r++)          /* masked entries hold -inf (the contract) */
+            for (int j = 0; j < COLS; j++)
+                if (kpos[j] < 0) so[r * LDS + j] = -(T)INFINITY;
+        memcpy(offered + call * ROWS * LDS, so, sizeof(T) * ROWS * LDS);
         K->top_offer(ROWS, COLS, so, LDS, kpos, CAP, lv, lj, LDL, size, 2);
     }
+    /* against a plain selection: per row the CAP best of the unmasked entries of both
+       calls (larger value, ties to the earlier offer, NaN last), best first */
+    for (int r = 0; r < ROWS; r++) {
+        int taken[2 * COLS] = {0}, want = 0;
+        for (int o = 0; o < 2 * COLS; o++) want += o % COLS % 13 != 5;
+        want = want < CAP ? want : CAP;
+        int bad = size[2 * r] != want;
+        for (int t = 0; t < want && !bad; t++) {
+            int best = -1;
+            for (int o = 0; o < 2 * COLS; o++) {         /* o = call·COLS + j: offer order */
+                if (o % COLS % 13 == 5 || taken[o]) continue;
+                const T x = offered[o / COLS * ROWS * LDS + r * LDS + o % COLS];
+                const T y = best < 0 ? 0 : offered[best / COLS * ROWS * LDS + r * LDS + best % COLS];
+                if (best < 0 || (x == x && (y != y || x > y))) best = o;
+            }
+            taken[best] = 1;
+            const T x = offered[best / COLS * ROWS * LDS + r * LDS + best % COLS];
+            const T got = lv[r * LDL + t];
+            bad |= !(got == x || (got != got && x != x)) || (int64_t)lj[r * LDL + t] != best;
+        }
+        if (bad) {
+            fprintf(stderr, "kernel_check: %s top_offer row %d differs from a plain selection\n",
+                    NAME(""), r);
+            self_check_failures++;
+        }
+    }
+    free(offered);
     DUMP_AS(NAME("top_offer.size"), 'i', size, ROWS * 2);
     for (int r = 0; r < ROWS; r++) {
         DUMP_AS(NAME("top_offer.val"), KIND, lv + r * LDL, size[2 * r]);
