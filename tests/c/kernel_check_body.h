@@ -23,30 +23,34 @@ static void *F(alloc)(size_t bytes)   /* 64-byte aligned, zeroed */
     return p;
 }
 
+/* One product shape (M×N, depth KD, every leading dimension LD): gemm accumulating, gemm,
+ * gemm_tn accumulating, dumped as <tag>gemm.acc, <tag>gemm, <tag>gemm_tn. */
+static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *tag)
+{
+    T *A = F(alloc)(sizeof(T) * KD * LD), *B = F(alloc)(sizeof(T) * KD * LD);
+    T *C = F(alloc)(sizeof(T) * M * LD);
+    char name[32];
+    F(fill)(A, (int64_t)KD * LD, 0);
+    F(fill)(B, (int64_t)KD * LD, 0);
+    F(fill)(C, (int64_t)M * LD, 0);
+    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 1);
+    snprintf(name, sizeof name, "%sgemm.acc", tag);
+    DUMP_AS(name, KIND, C, M * LD);
+    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 0);
+    snprintf(name, sizeof name, "%sgemm", tag);
+    DUMP_AS(name, KIND, C, M * LD);
+    K->gemm_tn(M, N, KD, A, LD, B, LD, C, LD, 1);
+    snprintf(name, sizeof name, "%sgemm_tn", tag);
+    DUMP_AS(name, KIND, C, M * LD);
+    free(A); free(B); free(C);
+}
+
 static void F(check_gemm)(const KT *K)
 {
-    /* a small product, and one more than 64 rows and 64 deep (the blocks of the columns
-       left over after whole vectors) */
-    enum { M = 13, N = 37, KD = 29, LD = 41, M2 = 70, N2 = 23, KD2 = 140, LD2 = 150 };
-    T *A = F(alloc)(sizeof(T) * KD2 * LD2), *B = F(alloc)(sizeof(T) * KD2 * LD2);
-    T *C = F(alloc)(sizeof(T) * M2 * LD2);
-    F(fill)(A, KD * LD, 0);
-    F(fill)(B, KD * LD, 0);
-    F(fill)(C, M * LD, 0);
-    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 1);
-    DUMP_AS(NAME("gemm.acc"), KIND, C, M * LD);
-    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 0);
-    DUMP_AS(NAME("gemm"), KIND, C, M * LD);
-    K->gemm_tn(M, N, KD, A, LD, B, LD, C, LD, 1);
-    DUMP_AS(NAME("gemm_tn"), KIND, C, M * LD);
-    F(fill)(A, KD2 * LD2, 0);
-    F(fill)(B, KD2 * LD2, 0);
-    F(fill)(C, M2 * LD2, 0);
-    K->gemm(M2, N2, KD2, A, LD2, B, LD2, C, LD2, 1);
-    DUMP_AS(NAME("gemm.deep"), KIND, C, M2 * LD2);
-    K->gemm_tn(M2, N2, KD2, A, LD2, B, LD2, C, LD2, 0);
-    DUMP_AS(NAME("gemm_tn.deep"), KIND, C, M2 * LD2);
-    free(A); free(B); free(C);
+    F(gemm_case)(K, 13, 37, 29, 41, NAME(""));
+    /* more than 64 rows and 64 deep: the blocks of the columns left over after whole
+       vectors */
+    F(gemm_case)(K, 70, 23, 140, 150, NAME("deep."));
 }
 
 static void F(check_softmax)(const KT *K)
