@@ -321,8 +321,9 @@ static int FN(assign_top_stored)(ptrdiff_t B, int n, int d, int c, int w, RaBMat
     return status;
 }
 
-/* One thread's scratch of assign_top: top_members' scratch, then the x block (RA_ROWS, d),
- * a score tile (RA_ROWS, cb), and score_block's columns (n, 16). */
+/* One thread's scratch of assign_top's first and last steps: top_members' scratch (the
+ * last step joins a cluster's part lists into list 0), then the x block (RA_ROWS, d), a
+ * score tile (RA_ROWS, cb), and score_block's columns (n, 16). */
 typedef struct { FN(TopScratch) ts; T *x, *scores, *cols; } FN(AssignTopTile);
 
 static void FN(assign_top_tile)(RaArena *a, int n, int w, int d, int cb, int cap,
@@ -334,24 +335,81 @@ static void FN(assign_top_tile)(RaArena *a, int n, int w, int d, int cb, int cap
     t->cols = RA_TAKE(a, T, ra_mul(n, 16));
 }
 
+/* One row part of assign_top's second step: its own copy of the thresholds (c) — top_admit
+ * closes a full list by setting its threshold to NaN — list counts (c + 1), candidate
+ * lists (c + 1 of cap + RA_TOP_SLACK slots), and assign_rows' tile over all c columns. */
+typedef struct { T *thr; int *cnt; int32_t *pos; T *val; FN(AssignTile) tile; } FN(AssignTopPart);
+
+static void FN(assign_top_part)(RaArena *a, int d, int c, int cap, FN(AssignTopPart) *p)
+{
+    const size_t L = (size_t)cap + RA_TOP_SLACK;
+    p->thr = RA_TAKE(a, T, (size_t)c);
+    p->cnt = RA_TAKE(a, int, (size_t)c + 1);
+    p->pos = RA_TAKE(a, int32_t, ra_mul((size_t)c + 1, L));
+    p->val = RA_TAKE(a, T, ra_mul((size_t)c + 1, L));
+    FN(assign_tile)(a, d, c, &p->tile);
+}
+
+/* Step 3 of assign_top for the clusters [j0, j0 + 16) of one problem: each cluster's part
+ * lists (parts of them, per_part bytes apart) joined in row order into list 0 of at's
+ * scratch, then its w best from there; a list that fell short, overflowed in some part,
+ * or had θ = −inf: the exact path on the block's columns, scored again (score_block). */
+static void FN(assign_top_select)(const KT *K, RaMat xb, RaMat o, int n, int d, int c, int w,
+                                  int cap, const T *ct, int j0, const char *part_mem,
+                                  size_t per_part, int parts, FN(AssignTopTile) *at)
+{
+    const int j1 = j0 + 16 < c ? j0 + 16 : c;
+    const size_t L = (size_t)cap + RA_TOP_SLACK;
+    FN(TopScratch) ts = at->ts;
+    int scored = 0;
+    for (int j = j0; j < j1; j++) {
+        FN(AssignTopPart) pp;
+        int total = 0;
+        for (int part = 0; part < parts; part++) {
+            FN(assign_top_part)(&(RaArena){(char *)part_mem + (size_t)part * per_part, 0}, d, c,
+                                cap, &pp);
+            total += pp.cnt[j];
+        }
+        if (total >= w && total < cap) {     /* no part overflowed: join them */
+            ts.cnt[0] = 0;
+            for (int part = 0; part < parts; part++) {
+                FN(assign_top_part)(&(RaArena){(char *)part_mem + (size_t)part * per_part, 0}, d,
+                                    c, cap, &pp);
+                const int cnt = pp.cnt[j];
+                memcpy(ts.pos + ts.cnt[0], pp.pos + (size_t)j * L, sizeof(int32_t) * (size_t)cnt);
+                memcpy(ts.val + ts.cnt[0], pp.val + (size_t)j * L, sizeof(T) * (size_t)cnt);
+                ts.cnt[0] += cnt;
+            }
+            FN(top_from_list)(&ts, 0, cap, w, o, j);
+            continue;
+        }
+        if (!scored) FN(score_block)(K, xb, n, d, ct, c, j0, at->x, at->cols);
+        scored = 1;
+        FN(top_column_exact)((const char *)(at->cols + (j - j0)), 16 * sizeof(T), n, w, ts.tmp,
+                             ts.tmp2, ts.sel, o, j);
+    }
+}
+
 /* x (B; n, d), centroids (B; c, d) -> labels (B; n) int64, best (B; n), idx (B; c, w)
  * int64: bit for bit ra_assign_clusters (labels and best) followed by ra_top_members on
- * the scores x·μᵀ, without storing the (n, c) scores.  Per work unit (the adjacent
- * clusters ra_top_group gives one thread, a multiple of 16, so every score comes out of
- * the same vector or tail path of the gemm as in assign_rows):
- *  1. the sampled rows 0, k, 2k, ... are scored and set each cluster's threshold θ;
- *  2. RA_ROWS rows at a time are scored into a tile that stays in cache: its argmax
- *     over the unit's clusters is kept, and top_admit appends the rows reaching θ;
- *  3. per cluster, the w best of its list; the clusters whose list fell short,
+ * the scores x·μᵀ, without storing the (n, c) scores.  Per problem:
+ *  1. the sampled rows 0, k, 2k, ... are scored and set each cluster's threshold θ
+ *     (units of the adjacent clusters ra_top_group gives a thread, a multiple of 16, so
+ *     every score comes out of the same vector or tail path of the gemm as in assign_rows);
+ *  2. the rows, split into as many contiguous parts as threads, RA_ROWS at a time: the
+ *     scores of all c clusters into a tile that stays in cache, its argmax (assign_rows'
+ *     computation: the labels and best scores), and top_admit appends the rows reaching θ
+ *     to the part's list of each cluster;
+ *  3. per cluster, its part lists joined in row order are the one list a single pass would
+ *     make, and the w best are selected from it; the clusters whose list fell short,
  *     overflowed, or whose θ is −inf take the exact path on their column, scored again
  *     16 columns at a time (score_block).
- * Then per row the units' maxima are combined in unit order (the first of equal maxima,
- * as argmax_rows), so neither result depends on the split or the thread count.  The
- * caller's FE_INVALID is kept, and raised if a product raised it (as assign_clusters
- * would), never by the comparisons.  Without a sampling plan (w <= RA_TOPM, or n small
- * against w), or below RA_FUSE_SCORES scores (where the split's repeated row reads cost
- * more than the stored scores' traffic), the scores are stored instead: the same result
- * either way. */
+ * A thread reads only its part's rows (the rows the caller's parallel loops wrote on
+ * the same thread, when they split the same way), and no result depends on the split or
+ * the thread count.  The caller's FE_INVALID is kept, and raised if a product raised it
+ * (as assign_clusters would), never by the comparisons.  Without a sampling plan (w <=
+ * RA_TOPM, or n small against w), or below RA_FUSE_SCORES scores (where storing them costs
+ * less), the scores are stored instead: the same result either way. */
 int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat centroids,
                       RaBVec labels, RaBVec best, RaBMat idx)
 {
@@ -368,93 +426,85 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
     fexcept_t fe_saved;
     fegetexceptflag(&fe_saved, FE_INVALID);
     int invalid = 0;                   /* a product raised FE_INVALID */
-    const int cb = ra_top_group(c, nt), parts = (c + cb - 1) / cb;
+    const int cb = ra_top_group(c, nt), units = (c + cb - 1) / cb;
     const int ldt = (cb + 15) / 16 * 16, S = (n + k - 1) / k;
-    RaArena measure = {NULL, 0};
+    const int nblk = (n + RA_ROWS - 1) / RA_ROWS, parts = nt < nblk ? nt : nblk;
+    RaArena measure = {NULL, 0}, measure_part = {NULL, 0};
     FN(AssignTopTile) t0;
     FN(assign_top_tile)(&measure, n, w, d, cb, cap, &t0);
-    const size_t per_thread = measure.used;
+    FN(AssignTopPart) p0;
+    FN(assign_top_part)(&measure_part, d, c, cap, &p0);
+    const size_t per_thread = measure.used, per_part = measure_part.used;
     T *ct = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, c)));
+    T *thr = ra_alloc(ra_mul(sizeof(T), (size_t)c));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    int64_t *unit_lab = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)parts, n)));
-    T *unit_best = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)parts, n)));
-    if (!ct || !scratch || !unit_lab || !unit_best) {
-        ra_free(ct); ra_free(scratch); ra_free(unit_lab); ra_free(unit_best);
+    char *part_mem = ra_alloc(ra_mul(per_part, (size_t)parts));
+    if (!ct || !thr || !scratch || !part_mem) {
+        ra_free(ct); ra_free(thr); ra_free(scratch); ra_free(part_mem);
         return RA_ERR_NOMEM;
     }
     for (ptrdiff_t b = 0; b < B; b++) {
         const RaMat xb = ra_mat_at(x, b), o = ra_mat_at(idx, b);
         const RaMat xk = {xb.data, xb.s0 * k, xb.s1};      /* the sampled rows */
+        const RaVec lv = ra_vec_at(labels, b), bv = ra_vec_at(best, b);
         FN(pack_transposed)(ra_mat_at(centroids, b), c, d, ct);
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(|:invalid)
-        for (int part = 0; part < parts; part++) {
-            const int j0 = part * cb, g = c - j0 < cb ? c - j0 : cb;
+        /* 1. thresholds from the sampled rows */
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int unit = 0; unit < units; unit++) {
+            const int j0 = unit * cb, g = c - j0 < cb ? c - j0 : cb;
             FN(AssignTopTile) at;
             FN(assign_top_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, n,
                                 w, d, cb, cap, &at);
             FN(TopScratch) ts = at.ts;
-            T *xs = at.x, *tile = at.scores, *cols = at.cols;
-            int64_t *lab = unit_lab + (size_t)part * n;
-            T *top = unit_best + (size_t)part * n;
-            /* 1. thresholds from the sampled rows */
             for (int q = 0; q < RA_TOPM * ldt; q++) ts.top[q] = -(T)INFINITY;
             for (int s0 = 0; s0 < S; s0 += RA_ROWS) {
                 const int rows = S - s0 < RA_ROWS ? S - s0 : RA_ROWS;
                 ptrdiff_t ldx;
-                const T *xr = FN(ra_rows)(xk, s0, rows, d, xs, &ldx);
-                K->gemm(rows, g, d, xr, ldx, ct + j0, c, tile, cb, 0);
-                K->top_sample(rows, g, tile, cb, RA_TOPM, ts.top, ldt, NULL);
+                const T *xr = FN(ra_rows)(xk, s0, rows, d, at.x, &ldx);
+                K->gemm(rows, g, d, xr, ldx, ct + j0, c, at.scores, cb, 0);
+                K->top_sample(rows, g, at.scores, cb, RA_TOPM, ts.top, ldt, NULL);
             }
             FN(top_thresholds)(g, &ts, ldt);
-            /* 2. every row: the unit's argmax, and admission */
-            for (int i0 = 0; i0 < n; i0 += RA_ROWS) {
-                const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
+            memcpy(thr + j0, ts.thr, sizeof(T) * (size_t)g);
+        }
+        /* 2. every row: labels, best scores, and admission into its part's lists */
+        #pragma omp parallel for num_threads(nt) schedule(static) reduction(|:invalid)
+        for (int part = 0; part < parts; part++) {
+            FN(AssignTopPart) ap;
+            FN(assign_top_part)(&(RaArena){part_mem + (size_t)part * per_part, 0}, d, c, cap, &ap);
+            memcpy(ap.thr, thr, sizeof(T) * (size_t)c);
+            memset(ap.cnt, 0, sizeof(int) * ((size_t)c + 1));
+            const int blk1 = (int)((int64_t)(part + 1) * nblk / parts);
+            for (int blk = (int)((int64_t)part * nblk / parts); blk < blk1; blk++) {
+                const int i0 = blk * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
                 ptrdiff_t ldx;
-                const T *xr = FN(ra_rows)(xb, i0, rows, d, xs, &ldx);
+                const T *xr = FN(ra_rows)(xb, i0, rows, d, ap.tile.x, &ldx);
                 feclearexcept(FE_INVALID);
-                K->gemm(rows, g, d, xr, ldx, ct + j0, c, tile, cb, 0);
+                K->gemm(rows, c, d, xr, ldx, ct, c, ap.tile.scores, c, 0);
                 invalid |= fetestexcept(FE_INVALID) != 0;
-                K->argmax_rows(rows, g, tile, cb, lab + i0, top + i0);
-                K->top_admit(rows, g, tile, cb, i0, ts.thr, cap, ts.cnt, ts.pos, ts.val);
-            }
-            /* 3. selection: from the lists, or exact on columns scored again per block */
-            for (int t0 = 0; t0 < g; t0 += 16) {
-                const int t1 = t0 + 16 < g ? t0 + 16 : g;
-                int scored = 0;
-                for (int t = t0; t < t1; t++) {
-                    const int j = j0 + t;
-                    if (ts.cnt[t] >= w && ts.cnt[t] < cap) {
-                        FN(top_from_list)(&ts, t, cap, w, o, j);
-                        continue;
-                    }
-                    if (!scored) FN(score_block)(K, xb, n, d, ct, c, j0 + t0, xs, cols);
-                    scored = 1;
-                    FN(top_column_exact)((const char *)(cols + (t - t0)), 16 * sizeof(T), n,
-                                         w, ts.tmp, ts.tmp2, ts.sel, o, j);
+                K->argmax_rows(rows, c, ap.tile.scores, c, ap.tile.arg, ap.tile.best);
+                for (int r = 0; r < rows; r++) {
+                    RA_VEC_AT(int64_t, lv, i0 + r) = ap.tile.arg[r];
+                    RA_VEC_AT(T, bv, i0 + r) = ap.tile.best[r];
                 }
+                K->top_admit(rows, c, ap.tile.scores, c, i0, ap.thr, cap, ap.cnt, ap.pos, ap.val);
             }
         }
-        /* 4. labels and best scores: the first unit holding the row's largest score */
-        const RaVec lv = ra_vec_at(labels, b), bv = ra_vec_at(best, b);
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int i = 0; i < n; i++) {
-            int64_t l = -1;
-            T m = (T)NAN;
-            for (int part = 0; part < parts; part++) {
-                const int64_t lp = unit_lab[(size_t)part * n + i];
-                const T mp = unit_best[(size_t)part * n + i];
-                if (lp >= 0 && (l < 0 || mp > m)) { l = part * (int64_t)cb + lp; m = mp; }
-            }
-            RA_VEC_AT(int64_t, lv, i) = l;
-            RA_VEC_AT(T, bv, i) = m;
+        /* 3. selection: from the joined lists, or exact on columns scored again */
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (int blk = 0; blk < (c + 15) / 16; blk++) {
+            FN(AssignTopTile) at;
+            FN(assign_top_tile)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, n,
+                                w, d, cb, cap, &at);
+            FN(assign_top_select)(K, xb, o, n, d, c, w, cap, ct, blk * 16, part_mem, per_part,
+                                  parts, &at);
         }
     }
     ra_free(ct);
+    ra_free(thr);
     ra_free(scratch);
-    ra_free(unit_lab);
-    ra_free(unit_best);
+    ra_free(part_mem);
     fesetexceptflag(&fe_saved, FE_INVALID);
     if (invalid) feraiseexcept(FE_INVALID);
     return RA_OK;
 }
-

@@ -114,7 +114,7 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
              pair_args=(0.0, None, None)):
     """The checked forward -> the saved dict (output, lse, slot_output, slot_lse,
     slot_self, keywords); with `saved_into` (a saved dict of an identical earlier call)
-    its arrays are overwritten.  pair_args: (dropout_p, dropout_seed, rel_bias)."""
+    its arrays but the output are overwritten (the output goes to `out`).  pair_args: (dropout_p, dropout_seed, rel_bias)."""
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, dropout = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, *pair_args)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
@@ -122,7 +122,7 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
     out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     outs = (out, None, None, None, None)
     if saved_into is not None:
-        outs = tuple(saved_into[key] for key in SAVED_KEYS)
+        outs = (out,) + tuple(saved_into[key] for key in SAVED_KEYS[1:])
     stats = _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
                                   *pairs, out=outs)
     return dict(zip(SAVED_KEYS, stats),
@@ -572,11 +572,17 @@ class RoutingAttention(LayerCalls):
             signature = (q.shape, k.shape, v.shape, q_idx.shape, k_idx.shape, dtype)
             previous = None if reuse is None else reuse["routed"]
             into = previous[1] if previous is not None and previous[0] == signature else None
-            saved = _forward(q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx,
-                             k_idx, self.causal, self.shared_qk, self.merge, self.scale, None,
-                             into)
+            # the kernel writes the fresh output's pages (faulted on every thread); the
+            # backward's copy goes to the earlier call's buffer, whose pages are mapped
             routed = out[..., L:, :, :]
-            routed[...] = saved["output"]
+            saved = _forward(q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx,
+                             k_idx, self.causal, self.shared_qk, self.merge, self.scale, routed,
+                             into)
+            if into is None:
+                saved["output"] = routed.copy()
+            else:
+                np.copyto(into["output"], routed)
+                saved["output"] = into["output"]
             # NaN locality: a non-finite query row has NaN scores and joins no cluster, but
             # its output is NaN, as in dense attention (a padded query keeps its 0)
             if qmask is not None:

@@ -411,7 +411,7 @@ def assign_then_top(x, cent, w):
 
 def assert_assign_top(x, cent, w, what):
     labels, best, members, scores = assign_then_top(x, cent, w)
-    for k in (1, 2):
+    for k in (1, 2, 3):         # 3: row parts of unequal size, lists joined from three
         with threads(k), np.errstate(all="raise"):             # comparisons raise no flag
             got = ra.assign_top_members(x, cent, w)
         assert_same(got[0], labels, f"{what}: labels, {k} thread(s)")
@@ -440,9 +440,10 @@ def test_assign_top_members_equals_assign_then_top(dtype, n, c, d, w):
 
 @pytest.mark.parametrize("simd", ["default", "avx2", "generic"])
 def test_assign_top_members_on_every_kernel_table(simd):
-    """The fused kernel scores its units' columns (and a column again) with gemm calls
-    narrower than assign_clusters' one: equal bits on every instruction set's vector
-    width, for a partial last unit and a tail narrower than a vector."""
+    """The fused kernel scores the sampled rows per unit of clusters and a block of 16
+    columns again, with gemm calls narrower than assign_clusters' one: equal bits on every
+    instruction set's vector width, for a partial last unit and a tail narrower than a
+    vector."""
     code = (
         "import numpy as np, routing_attention as ra\n"
         "g = np.random.default_rng(5)\n"
@@ -471,8 +472,8 @@ def test_assign_top_members_on_every_kernel_table(simd):
 
 
 def test_assign_top_members_ties_across_units():
-    """Small integers: exact ties between clusters of different work units (c = 300 is
-    two units even on one thread) go to the lowest cluster, as in assign_clusters."""
+    """Small integers: exact ties between clusters (c = 300: two threshold units even on
+    one thread) go to the lowest cluster, as in assign_clusters."""
     x, cent = int_data((8000, 3), 21, -1, 2), int_data((300, 3), 22, -1, 2)
     assert_assign_top(x, cent, 50, "integer ties")
     want = ref.assign_clusters(x, cent)
