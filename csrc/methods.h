@@ -35,8 +35,8 @@ typedef struct {
     int *qcount, *kcount;       /* (c) valid members per cluster */
     int64_t *q_start, *q_occ;   /* (n + 1), (c·w): CSR of query occurrences */
     int64_t *k_start, *k_occ;   /* (m + 1), (c·u) */
-    int64_t *stamp;             /* (max(n, m)) duplicate detection */
-    int64_t stamp_counter;
+    int64_t *qstamp, *kstamp;   /* (n), (m): duplicate detection, one per side */
+    int64_t qstamp_counter, kstamp_counter;
 } RaRoutingPlan;
 
 int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, int w, int u);

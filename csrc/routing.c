@@ -7,7 +7,7 @@ int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, i
 {
     memset(P, 0, sizeof(*P));
     P->n = n; P->m = m; P->d = d; P->e = e; P->c = c; P->w = w; P->u = u;
-    const size_t i64 = sizeof(int64_t), nm = (size_t)(n > m ? n : m);
+    const size_t i64 = sizeof(int64_t);
     P->qlist = ra_alloc(ra_mul(i64, ra_mul((size_t)c, w)));
     P->klist = ra_alloc(ra_mul(i64, ra_mul((size_t)c, u)));
     P->q_occ = ra_alloc(ra_mul(i64, ra_mul((size_t)c, w)));
@@ -16,13 +16,15 @@ int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, i
     P->k_start = ra_alloc(ra_mul(i64, (size_t)m + 1));
     P->qcount = ra_alloc(ra_mul(sizeof(int), (size_t)c));
     P->kcount = ra_alloc(ra_mul(sizeof(int), (size_t)c));
-    P->stamp = ra_alloc(ra_mul(i64, nm));
+    P->qstamp = ra_alloc(ra_mul(i64, (size_t)n));
+    P->kstamp = ra_alloc(ra_mul(i64, (size_t)m));
     if (!P->qlist || !P->klist || !P->q_occ || !P->k_occ || !P->q_start || !P->k_start ||
-        !P->qcount || !P->kcount || !P->stamp) {
+        !P->qcount || !P->kcount || (n && !P->qstamp) || (m && !P->kstamp)) {
         ra_routing_plan_free(P);
         return RA_ERR_NOMEM;
     }
-    memset(P->stamp, 0, i64 * nm);
+    memset(P->qstamp, 0, i64 * (size_t)n);
+    memset(P->kstamp, 0, i64 * (size_t)m);
     return RA_OK;
 }
 
@@ -30,26 +32,27 @@ void ra_routing_plan_free(RaRoutingPlan *P)
 {
     ra_free(P->qlist); ra_free(P->klist); ra_free(P->q_occ); ra_free(P->k_occ);
     ra_free(P->q_start); ra_free(P->k_start); ra_free(P->qcount); ra_free(P->kcount);
-    ra_free(P->stamp);
+    ra_free(P->qstamp); ra_free(P->kstamp);
     memset(P, 0, sizeof(*P));
 }
 
 /* Copy the valid entries of idx (c, width) into list (c, width) row by row, checking
- * each against [0, limit) and for repeats inside its row; count[cl] = valid entries.
- * Then token t's occurrences (slot ids cl·width + r, in cluster order) go to
- * occ[start[t] .. start[t+1]). */
-static int ra_compact_members(RaRoutingPlan *P, RaMat idx, int width, int64_t limit,
-                              int64_t *list, int *count, int64_t *start, int64_t *occ)
+ * each against [0, limit) and for repeats inside its row (stamp (limit), with its
+ * counter); count[cl] = valid entries.  Then token t's occurrences (slot ids
+ * cl·width + r, in cluster order) go to occ[start[t] .. start[t+1]). */
+static int ra_compact_members(int c, RaMat idx, int width, int64_t limit, int64_t *stamps,
+                              int64_t *stamp_counter, int64_t *list, int *count,
+                              int64_t *start, int64_t *occ)
 {
     for (int64_t t = 0; t <= limit; t++) start[t] = 0;
-    for (int cl = 0; cl < P->c; cl++) {
-        const int64_t stamp = ++P->stamp_counter;   /* unique per list, never reset */
+    for (int cl = 0; cl < c; cl++) {
+        const int64_t stamp = ++*stamp_counter;     /* unique per list, never reset */
         int r = 0;
         for (int s = 0; s < width; s++) {
             const int64_t x = RA_MAT_AT(int64_t, idx, cl, s);
             if (x == -1) continue;
-            if (x < 0 || x >= limit || P->stamp[x] == stamp) return RA_ERR_INDEX;
-            P->stamp[x] = stamp;
+            if (x < 0 || x >= limit || stamps[x] == stamp) return RA_ERR_INDEX;
+            stamps[x] = stamp;
             list[(ptrdiff_t)cl * width + r++] = x;
             start[x + 1]++;
         }
@@ -57,7 +60,7 @@ static int ra_compact_members(RaRoutingPlan *P, RaMat idx, int width, int64_t li
     }
     for (int64_t t = 0; t < limit; t++) start[t + 1] += start[t];
     /* fill in cluster order; start[t] is used as a cursor and restored afterwards */
-    for (int cl = 0; cl < P->c; cl++)
+    for (int cl = 0; cl < c; cl++)
         for (int r = 0; r < count[cl]; r++) {
             const int64_t x = list[(ptrdiff_t)cl * width + r];
             occ[start[x]++] = (int64_t)cl * width + r;
@@ -67,11 +70,18 @@ static int ra_compact_members(RaRoutingPlan *P, RaMat idx, int width, int64_t li
     return RA_OK;
 }
 
+/* The query and the key side are independent (each its own stamps): on two threads
+ * when there are two.  A bad query list is reported before a bad key list. */
 int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx)
 {
-    int st = ra_compact_members(P, q_idx, P->w, P->n, P->qlist, P->qcount, P->q_start, P->q_occ);
-    if (st != RA_OK) return st;
-    return ra_compact_members(P, k_idx, P->u, P->m, P->klist, P->kcount, P->k_start, P->k_occ);
+    int st[2];
+    RA_PARALLEL_FOR(ra_num_threads() > 1 ? 2 : 1, side, 2, schedule(static),
+        st[side] = side == 0
+            ? ra_compact_members(P->c, q_idx, P->w, P->n, P->qstamp, &P->qstamp_counter,
+                                 P->qlist, P->qcount, P->q_start, P->q_occ)
+            : ra_compact_members(P->c, k_idx, P->u, P->m, P->kstamp, &P->kstamp_counter,
+                                 P->klist, P->kcount, P->k_start, P->k_occ););
+    return st[0] != RA_OK ? st[0] : st[1];
 }
 
 /* ------------------------------------------------------------------ typed planners */
