@@ -157,6 +157,26 @@ def test_repeated_calls_overwrite_the_saved_statistics(rng):
     assert ctx.data["routed"][1]["slot_output"].tobytes() == held.tobytes()
 
 
+def test_changing_the_output_leaves_the_gradients(rng):
+    """The backward reads its own copy of the routed output: a caller who changes the
+    array it got, in place, gets the gradients of the unchanged call — on a call with new
+    statistics arrays and on one that reuses the last call's."""
+    q, k, v = data(rng, (2, 2, 32, 4))
+    g = rng.standard_normal(q.shape)
+    layer = ra.RoutingAttention(n_clusters=4)
+    layer.forward(q, k, v)
+    layer.training = False
+    twin = ra.RoutingAttention(n_clusters=4)
+    twin.centroids, twin.training = layer.centroids.copy(), False
+    twin(q, k, v)
+    want = twin.backward(g)
+    for call in ("new arrays", "reused arrays"):
+        out = layer(q, k, v)
+        out *= -3.0
+        for name, got, ref in zip("qkv", layer.backward(g), want):
+            assert np.array_equal(got, ref), f"{call}: d{name}"
+
+
 @pytest.mark.parametrize("shared_qk", [False, True])
 def test_gradients_with_broadcast_batch_axes(rng, shared_qk):
     """v with a batch axis that q and k lack: the output broadcasts, and each gradient is
