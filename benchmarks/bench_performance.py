@@ -75,7 +75,8 @@ def routing_kernel(threads, repeats, lines):
         ("fwd", none, lambda _: ra.routing_attention(q, k, v, scattered, scattered)),
         ("bwd", none, lambda _: ra.routing_attention_backward(dout, q, k, v, scattered, scattered, **saved)),
         ("fwd, outputs reused", none, lambda _: _routing._forward(
-            q, k, v, scattered, scattered, False, False, "mean", None, None, saved_into=reuse)),
+            q, k, v, scattered, scattered, False, False, "mean", None, reuse["output"],
+            saved_into=reuse)),
         ("fwd, contiguous clusters", none, lambda _: ra.routing_attention(q, k, v, blocks, blocks)),
         ("bwd, contiguous clusters", none,
          lambda _: ra.routing_attention_backward(dout, q, k, v, blocks, blocks, **saved_b)),
