@@ -165,51 +165,61 @@ static void FN(threshold_bits)(int rows, int bits, const T *S, ptrdiff_t lds, co
     }
 }
 
+/* Columns per block of top_admit: the lists' next free slots of one block stay in a small
+ * array on the stack whatever the number of columns. */
+#define RA_ADMIT_COLS 256
+
 static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, T *thr,
                           int cap, int *cnt, int32_t *pos, T *val)
 {
-    const int cbv = cb / VL * VL;
     const ptrdiff_t st = (ptrdiff_t)cap + RA_TOP_SLACK;
-    ptrdiff_t off[cb + 1];                          /* next free slot of each list */
-    for (int j = 0; j <= cb; j++) off[j] = j * st + cnt[j];
-    for (int b0 = 0; b0 < rows; b0 += RA_TOP_SLACK - 1) {
-        const int b1 = rows - b0 < RA_TOP_SLACK - 1 ? rows : b0 + RA_TOP_SLACK - 1;
-        for (int r = b0; r < b1; r++) {
-            const T *p = s + r * ld;
-            if (r + 8 < rows)                        /* rows are strided: help the prefetcher */
-                for (int j0 = 0; j0 < cb; j0 += 64 / (int)sizeof(T))
-                    __builtin_prefetch(p + 8 * ld + j0);
-            const int32_t at = row0 + r;
-            for (int j0 = 0; j0 < cbv; j0 += VL) {
-                unsigned bits = FN(ge_bits)(FN(vload)(p + j0), FN(vload)(thr + j0));
-                /* the first hit without a branch (most chunks have 0 or 1): with none, the
-                   write goes to the next free slot of list j0 + VL (<= cb), uncounted */
-                const int l = __builtin_ctz(bits | (1u << VL));
-                const ptrdiff_t o = off[j0 + l];
-                pos[o] = at;
-                val[o] = p[j0 + (l & (VL - 1))];
-                off[j0 + l] = o + (bits != 0);
-                bits &= bits - 1;
-                while (bits) {
-                    const int jj = j0 + __builtin_ctz(bits);
-                    bits &= bits - 1;
-                    const ptrdiff_t oo = off[jj]++;
-                    pos[oo] = at;
-                    val[oo] = p[jj];
-                }
-            }
-            for (int j = cbv; j < cb; j++)
-                if (p[j] >= thr[j]) {
-                    const ptrdiff_t o = off[j]++;
+    ptrdiff_t off[RA_ADMIT_COLS + 1];               /* next free slot of each list */
+    for (int c0 = 0; c0 < cb; c0 += RA_ADMIT_COLS) {  /* each column on its own: any order */
+        const int c1 = cb - c0 < RA_ADMIT_COLS ? cb : c0 + RA_ADMIT_COLS;
+        const int cv = c0 + (c1 - c0) / VL * VL;    /* vectors up to here (c0 % VL == 0) */
+        /* list c1 takes a vector's write without a hit, past its count: the scratch list
+           cb, or the next block's first list, which overwrites it with its own entries */
+        for (int j = c0; j <= c1; j++) off[j - c0] = j * st + cnt[j];
+        for (int b0 = 0; b0 < rows; b0 += RA_TOP_SLACK - 1) {
+            const int b1 = rows - b0 < RA_TOP_SLACK - 1 ? rows : b0 + RA_TOP_SLACK - 1;
+            for (int r = b0; r < b1; r++) {
+                const T *p = s + r * ld;
+                if (r + 8 < rows)                    /* rows are strided: help the prefetcher */
+                    for (int j0 = c0; j0 < c1; j0 += 64 / (int)sizeof(T))
+                        __builtin_prefetch(p + 8 * ld + j0);
+                const int32_t at = row0 + r;
+                for (int j0 = c0; j0 < cv; j0 += VL) {
+                    unsigned bits = FN(ge_bits)(FN(vload)(p + j0), FN(vload)(thr + j0));
+                    /* the first hit without a branch (most chunks have 0 or 1): with none,
+                       the write goes to the next free slot of list j0 + VL (<= c1), uncounted */
+                    const int l = __builtin_ctz(bits | (1u << VL));
+                    const ptrdiff_t o = off[j0 - c0 + l];
                     pos[o] = at;
-                    val[o] = p[j];
+                    val[o] = p[j0 + (l & (VL - 1))];
+                    off[j0 - c0 + l] = o + (bits != 0);
+                    bits &= bits - 1;
+                    while (bits) {
+                        const int jj = j0 + __builtin_ctz(bits);
+                        bits &= bits - 1;
+                        const ptrdiff_t oo = off[jj - c0]++;
+                        pos[oo] = at;
+                        val[oo] = p[jj];
+                    }
                 }
+                for (int j = cv; j < c1; j++)
+                    if (p[j] >= thr[j]) {
+                        const ptrdiff_t o = off[j - c0]++;
+                        pos[o] = at;
+                        val[o] = p[j];
+                    }
+            }
+            /* a block of rows adds at most RA_TOP_SLACK - 1 entries per list: full lists
+               stop here */
+            for (int j = c0; j < c1; j++)
+                if (off[j - c0] - j * st >= cap) thr[j] = (T)NAN;
         }
-        /* a block adds at most RA_TOP_SLACK - 1 entries per list: full lists stop here */
-        for (int j = 0; j < cb; j++)
-            if (off[j] - j * st >= cap) thr[j] = (T)NAN;
+        for (int j = c0; j < c1; j++) cnt[j] = (int)(off[j - c0] - j * st);
     }
-    for (int j = 0; j < cb; j++) cnt[j] = (int)(off[j] - j * st);
 }
 
 /* ------------------------------------------------------------------ clustered top-k */

@@ -408,8 +408,9 @@ static void FN(assign_top_select)(const KT *K, RaMat xb, RaMat o, int n, int d, 
  * the same thread, when they split the same way), and no result depends on the split or
  * the thread count.  The caller's FE_INVALID is kept, and raised if a product raised it
  * (as assign_clusters would), never by the comparisons.  Without a sampling plan (w <=
- * RA_TOPM, or n small against w), or below RA_FUSE_SCORES scores (where storing them costs
- * less), the scores are stored instead: the same result either way. */
+ * RA_TOPM, or n small against w), below RA_FUSE_SCORES scores (where storing them costs
+ * less), or where the parts' lists would take more memory than the scores (many threads),
+ * the scores are stored instead: the same result either way. */
 int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat centroids,
                       RaBVec labels, RaBVec best, RaBMat idx)
 {
@@ -423,9 +424,6 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
         return FN(assign_top_stored)(B, n, d, c, w, x, centroids, labels, best, idx);
     const KT *K = &ra_kernels()->KSEL;
     const int nt = ra_num_threads();
-    fexcept_t fe_saved;
-    fegetexceptflag(&fe_saved, FE_INVALID);
-    int invalid = 0;                   /* a product raised FE_INVALID */
     const int cb = ra_top_group(c, nt), units = (c + cb - 1) / cb;
     const int ldt = (cb + 15) / 16 * 16, S = (n + k - 1) / k;
     const int nblk = (n + RA_ROWS - 1) / RA_ROWS, parts = nt < nblk ? nt : nblk;
@@ -435,6 +433,13 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
     FN(AssignTopPart) p0;
     FN(assign_top_part)(&measure_part, d, c, cap, &p0);
     const size_t per_thread = measure.used, per_part = measure_part.used;
+    /* the parts' lists (about c lists of cap + RA_TOP_SLACK per thread) must cost less
+       memory than the scores they replace, else the scores are stored (many threads) */
+    if ((double)per_part * parts > (double)n * c * sizeof(T))
+        return FN(assign_top_stored)(B, n, d, c, w, x, centroids, labels, best, idx);
+    fexcept_t fe_saved;
+    fegetexceptflag(&fe_saved, FE_INVALID);
+    int invalid = 0;                   /* a product raised FE_INVALID */
     T *ct = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, c)));
     T *thr = ra_alloc(ra_mul(sizeof(T), (size_t)c));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
