@@ -19,7 +19,7 @@ int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, i
     P->qstamp = ra_alloc(ra_mul(i64, (size_t)n));
     P->kstamp = ra_alloc(ra_mul(i64, (size_t)m));
     if (!P->qlist || !P->klist || !P->q_occ || !P->k_occ || !P->q_start || !P->k_start ||
-        !P->qcount || !P->kcount || (n && !P->qstamp) || (m && !P->kstamp)) {
+        !P->qcount || !P->kcount || !P->qstamp || !P->kstamp) {
         ra_routing_plan_free(P);
         return RA_ERR_NOMEM;
     }
