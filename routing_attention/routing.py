@@ -114,7 +114,8 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
              pair_args=(0.0, None, None)):
     """The checked forward -> the saved dict (output, lse, slot_output, slot_lse,
     slot_self, keywords); with `saved_into` (a saved dict of an identical earlier call)
-    its arrays but the output are overwritten (the output goes to `out`).  pair_args: (dropout_p, dropout_seed, rel_bias)."""
+    its arrays but the output are overwritten (the output goes to `out`).
+    pair_args: (dropout_p, dropout_seed, rel_bias)."""
     q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, dropout = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, *pair_args)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
