@@ -224,26 +224,133 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
 
 /* ------------------------------------------------------------------ clustered top-k */
 
-/* Clustered top-k.  A candidate list is nch = ceil(cap / VL) whole vectors of values and
- * as many of positions (integers of T's width), so every access is one aligned vector and
- * an insertion is a few shuffles and blends: no element-wise shifting. */
+/* Clustered top-k.  Row r's list holds its best entries so far in lv[0 .. n), positions
+ * in lj (integers of T's width), padded to whole vectors.  The entries of a row that pass
+ * the filter (at least the floor, above a full list's worst) are collected in offer order,
+ * up to RA_OFFER_BATCH of them, and merged into the list at once; the filter tightens
+ * after each merge.  Collecting any superset of the entries that can enter leaves the
+ * same list: an entry that cannot is ranked out of it. */
+#define RA_OFFER_BATCH (8 * VL)
+
+/* Lanes [0, live) of a vector's bit mask (live may exceed VL). */
+static inline unsigned FN(live_bits)(int live) { return live >= VL ? ~0u : (1u << live) - 1; }
+
+/* One offer, in sequence (the path for NaN): x goes after the list's entries >= it, a
+ * NaN after all; the list keeps its best cap.  Returns the new size. */
+static int FN(offer_one)(T *lv, UT *lp, int n, int cap, T x, UT pos)
+{
+    int at = n;
+    if (x == x) {
+        at = 0;
+        for (int t = 0; t < n; t++) at += lv[t] >= x;
+    }
+    if (at >= cap) return n;
+    const int moved = (n < cap ? n : cap - 1) - at;      /* entries that shift one down */
+    memmove(lv + at + 1, lv + at, sizeof(T) * (size_t)moved);
+    memmove(lp + at + 1, lp + at, sizeof(UT) * (size_t)moved);
+    lv[at] = x;
+    lp[at] = pos;
+    return n < cap ? n + 1 : n;
+}
+
+/* A batch of m offers (bv, bp: offer order, no NaN; lanes up to whole vectors readable)
+ * merged into a list of n entries without NaN: every entry's rank counts what precedes it
+ * — larger values, and equal ones offered earlier (the list's before the batch's) — and
+ * the ranks below cap are written in place (a list entry only moves down, past the batch
+ * values above it; from the last entry up, no slot is overwritten before it is read).
+ * Returns the new size. */
+static int FN(offer_merge)(T *lv, UT *lp, int n, const T *bv, const UT *bp, int m, int cap)
+{
+    int rank[RA_OFFER_BATCH];
+    for (int i = 0; i < m; i++) {
+        const vec x = FN(vsplat)(bv[i]);
+        int r = 0;
+        for (int t0 = 0; t0 < n; t0 += VL)
+            r += __builtin_popcount(FN(ge_bits)(FN(vload)(lv + t0), x) & FN(live_bits)(n - t0));
+        for (int t0 = 0; t0 < m; t0 += VL) {
+            const vec y = FN(vload)(bv + t0);
+            const unsigned before = FN(live_bits)(i - t0 > 0 ? i - t0 : 0);
+            const unsigned hit = (FN(ge_bits)(y, x) & before) | (FN(gt_bits)(y, x) & ~before);
+            r += __builtin_popcount(hit & FN(live_bits)(m - t0));
+        }
+        rank[i] = r;
+    }
+    for (int t = n - 1; t >= 0; t--) {
+        const vec x = FN(vsplat)(lv[t]);
+        int r = t;
+        for (int t0 = 0; t0 < m; t0 += VL)
+            r += __builtin_popcount(FN(gt_bits)(FN(vload)(bv + t0), x) & FN(live_bits)(m - t0));
+        if (r < cap) {
+            lv[r] = lv[t];
+            lp[r] = lp[t];
+        }
+    }
+    for (int i = 0; i < m; i++)
+        if (rank[i] < cap) {
+            lv[rank[i]] = bv[i];
+            lp[rank[i]] = bp[i];
+        }
+    return n + m < cap ? n + m : cap;
+}
+
+/* The lanes `offer` of x whose kpos >= 0, appended to bv, bp in lane order (room for VL
+ * more); *nan set if one is NaN.  Returns how many. */
+static inline int FN(offer_collect_lanes)(const T *x, const int64_t *kpos, unsigned offer,
+                                          T *bv, UT *bp, int *nan)
+{
+    int m = 0;
+    for (; offer; offer &= offer - 1) {
+        const int l = __builtin_ctz(offer);
+        if (kpos[l] < 0) continue;
+        bv[m] = x[l];
+        bp[m] = (UT)kpos[l];
+        *nan |= x[l] != x[l];
+        m++;
+    }
+    return m;
+}
+
+/* offer_collect_lanes on a whole vector (VL entries of x and kpos readable). */
+static inline int FN(offer_collect)(const T *x, const int64_t *kpos, unsigned offer, T *bv,
+                                    UT *bp, int *nan)
+{
+#if defined(RA_X86) && VEC_BYTES == 64      /* branch-free: compressed in registers */
+    const __m512i zero = _mm512_setzero_si512(), k0 = _mm512_loadu_si512(kpos);
+#if RA_IS_F32
+    const __m512i k1 = _mm512_loadu_si512(kpos + 8);
+    offer &= (unsigned)_mm512_cmpge_epi64_mask(k0, zero) |
+             (unsigned)_mm512_cmpge_epi64_mask(k1, zero) << 8;
+    const __m512 y = _mm512_loadu_ps(x);
+    const __m512i pos = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(k0)),
+                                           _mm512_cvtepi64_epi32(k1), 1);
+    _mm512_storeu_ps(bv, _mm512_maskz_compress_ps((__mmask16)offer, y));
+    _mm512_storeu_si512(bp, _mm512_maskz_compress_epi32((__mmask16)offer, pos));
+    *nan |= (_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q) & offer) != 0;
+#else
+    offer &= (unsigned)_mm512_cmpge_epi64_mask(k0, zero);
+    const __m512d y = _mm512_loadu_pd(x);
+    _mm512_storeu_pd(bv, _mm512_maskz_compress_pd((__mmask8)offer, y));
+    _mm512_storeu_si512(bp, _mm512_maskz_compress_epi64((__mmask8)offer, k0));
+    *nan |= (_mm512_cmp_pd_mask(y, y, _CMP_UNORD_Q) & offer) != 0;
+#endif
+    return __builtin_popcount(offer);
+#else
+    return FN(offer_collect_lanes)(x, kpos, offer, bv, bp, nan);
+#endif
+}
+
 static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,
                           int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds)
 {
-    const int nch = (cap + VL - 1) / VL;
-    uvec lane, from_prev;                    /* lane l; element VL-1+l of (previous, this) */
-    for (int l = 0; l < VL; l++) {
-        lane[l] = (UT)l;
-        from_prev[l] = (UT)(VL - 1 + l);
-    }
     const int depth = (cap + VL - 1) / VL;    /* per-lane ranks that make up cap values */
     const vec ninf = FN(vsplat)(-(T)INFINITY);
+    T bv[RA_OFFER_BATCH];
+    UT bp[RA_OFFER_BATCH];
     for (int r = 0; r < rows; r++) {
         const T *x = s + r * ld;
-        vec *v = (vec *)(lv + r * ldl);
-        uvec *p = (uvec *)((UT *)lj + r * ldl);
+        T *v = lv + r * ldl;
+        UT *p = (UT *)lj + r * ldl;
         int n = size[r * lds];
-        T worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
         /* floor: each lane's depth largest values (NaN as -inf) are depth·VL >= cap
            distinct entries, so an entry below the least of them is not among this row's
            best cap; -inf (too few, or -inf values) filters nothing.  Only while the list
@@ -265,6 +372,8 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
             floor = top[depth - 1][0];
             for (int l = 1; l < VL; l++) floor = top[depth - 1][l] < floor ? top[depth - 1][l] : floor;
         }
+        T worst = n == cap ? v[cap - 1] : (T)NAN;
+        int m = 0, nan = 0;
         for (int j0 = 0; j0 < cols; j0 += VL) {
             const int lanes = cols - j0 < VL ? cols - j0 : VL;
             unsigned offer = (1u << lanes) - 1;
@@ -279,38 +388,17 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
                         (worst == worst && !__builtin_isgreater(x[j0 + l], worst)))
                         offer &= ~(1u << l);
             }
-            for (; offer; offer &= offer - 1) {
-                const int j = j0 + __builtin_ctz(offer);
-                if (kpos[j] < 0) continue;
-                const T xj = x[j];
-                /* rank: entries >= xj rank above it (earlier offers win ties, NaN entries
-                   rank last, lanes beyond n are empty); a NaN goes last */
-                int at = n;
-                if (xj == xj) {
-                    at = 0;
-                    const vec xv = FN(vsplat)(xj);
-                    for (int c = 0; c * VL < n; c++) {
-                        const int live = n - c * VL;
-                        unsigned ge = FN(ge_bits)(v[c], xv);
-                        if (live < VL) ge &= (1u << live) - 1;
-                        at += __builtin_popcount(ge);
-                    }
-                }
-                if (at >= cap) continue;
-                /* entries from `at` on move one lane up (across vectors through the
-                   previous vector's last lane), xj goes to lane `at` */
-                const uvec atv = (uvec){0} + (UT)at, pj = (uvec){0} + (UT)kpos[j];
-                for (int c = nch - 1; c >= at / VL; c--) {
-                    const vec shifted = RA_SHUFFLE2(v[c > 0 ? c - 1 : 0], v[c], from_prev);
-                    const uvec pshift = RA_SHUFFLE2(p[c > 0 ? c - 1 : 0], p[c], from_prev);
-                    const uvec idx = lane + (UT)(c * VL);
-                    const uvec keep = (uvec)(idx < atv), here = (uvec)(idx == atv);
-                    v[c] = FN(vsel)(keep, v[c], FN(vsel)(here, FN(vsplat)(xj), shifted));
-                    p[c] = (p[c] & keep) | (~keep & ((pj & here) | (pshift & ~here)));
-                }
-                if (n < cap) n++;
-                worst = n == cap ? v[(cap - 1) / VL][(cap - 1) % VL] : (T)NAN;
+            m += lanes == VL ? FN(offer_collect)(x + j0, kpos + j0, offer, bv + m, bp + m, &nan)
+                             : FN(offer_collect_lanes)(x + j0, kpos + j0, offer, bv + m, bp + m, &nan);
+            if (m == 0 || (m <= RA_OFFER_BATCH - VL && j0 + VL < cols)) continue;
+            if (nan || (n > 0 && v[n - 1] != v[n - 1])) {
+                for (int i = 0; i < m; i++) n = FN(offer_one)(v, p, n, cap, bv[i], bp[i]);
+            } else {
+                for (int i = m; i % VL; i++) bv[i] = 0;          /* defined padding lanes */
+                n = FN(offer_merge)(v, p, n, bv, bp, m, cap);
             }
+            m = nan = 0;
+            worst = n == cap ? v[cap - 1] : (T)NAN;
         }
         size[r * lds] = n;
     }

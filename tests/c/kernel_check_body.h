@@ -143,55 +143,72 @@ static void F(check_selection)(const KT *K)
         DUMP_AS(NAME("top_admit.val"), KIND, val + j * L, cnt[j]);
     }
 
-    enum { ROWS = 6, COLS = 50, LDS = 56, LDL = RA_OFFER_ALIGN };
-    T *so = F(alloc)(sizeof(T) * ROWS * LDS), *lv = F(alloc)(sizeof(T) * ROWS * LDL);
-    UT *lj = F(alloc)(sizeof(UT) * ROWS * LDL);
-    int64_t kpos[COLS];
+    free(s); free(top); free(tpos); free(pos); free(val);
+}
+
+/* top_offer over two calls of `cols` offers each into lists of capacity cap, against a
+ * plain selection; the rows: coarse values (many ties), one NaN (row 1), NaN first
+ * (row 2), unmasked -inf in every third column (row 3). */
+static void F(check_offer)(const KT *K, int cap, int cols, const char *tag)
+{
+    enum { ROWS = 6 };
+    const int lds = (cols + 7) / 8 * 8 + 8;
+    const int ldl = (cap + RA_OFFER_ALIGN - 1) / RA_OFFER_ALIGN * RA_OFFER_ALIGN;
+    T *so = F(alloc)(sizeof(T) * ROWS * lds), *lv = F(alloc)(sizeof(T) * ROWS * ldl);
+    UT *lj = F(alloc)(sizeof(UT) * ROWS * ldl);
+    int64_t *kpos = F(alloc)(sizeof(int64_t) * cols);
+    int *taken = F(alloc)(sizeof(int) * 2 * cols);
     int size[ROWS * 2] = {0};
-    T *offered = F(alloc)(sizeof(T) * 2 * ROWS * LDS);
+    T *offered = F(alloc)(sizeof(T) * 2 * ROWS * lds);
     for (int call = 0; call < 2; call++) {   /* two calls: increasing positions */
-        F(fill)(so, ROWS * LDS, 1);
-        so[LDS + 7] = NAN;
-        for (int j = 0; j < COLS; j++) kpos[j] = j % 13 == 5 ? -1 : call * COLS + j;
+        F(fill)(so, ROWS * lds, 1);
+        so[lds + 7] = NAN;
+        for (int j = 0; j < 3 && call == 0; j++) so[2 * lds + j] = NAN;
+        for (int j = 0; j < cols; j += 3) so[3 * lds + j] = -(T)INFINITY;
+        for (int j = 0; j < cols; j++) kpos[j] = j % 13 == 5 ? -1 : call * cols + j;
         for (int r = 0; r < ROWS; r++)          /* masked entries hold -inf (the contract) */
-            for (int j = 0; j < COLS; j++)
-                if (kpos[j] < 0) so[r * LDS + j] = -(T)INFINITY;
-        memcpy(offered + call * ROWS * LDS, so, sizeof(T) * ROWS * LDS);
-        K->top_offer(ROWS, COLS, so, LDS, kpos, CAP, lv, lj, LDL, size, 2);
+            for (int j = 0; j < cols; j++)
+                if (kpos[j] < 0) so[r * lds + j] = -(T)INFINITY;
+        memcpy(offered + call * ROWS * lds, so, sizeof(T) * ROWS * lds);
+        K->top_offer(ROWS, cols, so, lds, kpos, cap, lv, lj, ldl, size, 2);
     }
-    /* against a plain selection: per row the CAP best of the unmasked entries of both
-       calls (larger value, ties to the earlier offer, NaN last), best first */
+    /* per row the cap best of the unmasked entries of both calls (larger value, ties to
+       the earlier offer, NaN last), best first */
     for (int r = 0; r < ROWS; r++) {
-        int taken[2 * COLS] = {0}, want = 0;
-        for (int o = 0; o < 2 * COLS; o++) want += o % COLS % 13 != 5;
-        want = want < CAP ? want : CAP;
+        int want = 0;
+        for (int o = 0; o < 2 * cols; o++) want += o % cols % 13 != 5;
+        want = want < cap ? want : cap;
+        memset(taken, 0, sizeof(int) * 2 * cols);
         int bad = size[2 * r] != want;
         for (int t = 0; t < want && !bad; t++) {
             int best = -1;
-            for (int o = 0; o < 2 * COLS; o++) {         /* o = call·COLS + j: offer order */
-                if (o % COLS % 13 == 5 || taken[o]) continue;
-                const T x = offered[o / COLS * ROWS * LDS + r * LDS + o % COLS];
-                const T y = best < 0 ? 0 : offered[best / COLS * ROWS * LDS + r * LDS + best % COLS];
+            for (int o = 0; o < 2 * cols; o++) {         /* o = call·cols + j: offer order */
+                if (o % cols % 13 == 5 || taken[o]) continue;
+                const T x = offered[o / cols * ROWS * lds + r * lds + o % cols];
+                const T y = best < 0 ? 0 : offered[best / cols * ROWS * lds + r * lds + best % cols];
                 if (best < 0 || (x == x && (y != y || x > y))) best = o;
             }
             taken[best] = 1;
-            const T x = offered[best / COLS * ROWS * LDS + r * LDS + best % COLS];
-            const T got = lv[r * LDL + t];
-            bad |= !(got == x || (got != got && x != x)) || (int64_t)lj[r * LDL + t] != best;
+            const T x = offered[best / cols * ROWS * lds + r * lds + best % cols];
+            const T got = lv[r * ldl + t];
+            bad |= !(got == x || (got != got && x != x)) || (int64_t)lj[r * ldl + t] != best;
         }
         if (bad) {
-            fprintf(stderr, "kernel_check: %s top_offer row %d differs from a plain selection\n",
-                    NAME(""), r);
+            fprintf(stderr, "kernel_check: %s top_offer %s row %d differs from a plain selection\n",
+                    NAME(""), tag, r);
             self_check_failures++;
         }
     }
-    free(offered);
-    DUMP_AS(NAME("top_offer.size"), 'i', size, ROWS * 2);
+    char name[64];
+    snprintf(name, sizeof name, "%s.%s", NAME("top_offer.size"), tag);
+    DUMP_AS(name, 'i', size, ROWS * 2);
     for (int r = 0; r < ROWS; r++) {
-        DUMP_AS(NAME("top_offer.val"), KIND, lv + r * LDL, size[2 * r]);
-        DUMP_AS(NAME("top_offer.pos"), 'i', lj + r * LDL, size[2 * r]);
+        snprintf(name, sizeof name, "%s.%s", NAME("top_offer.val"), tag);
+        DUMP_AS(name, KIND, lv + r * ldl, size[2 * r]);
+        snprintf(name, sizeof name, "%s.%s", NAME("top_offer.pos"), tag);
+        DUMP_AS(name, 'i', lj + r * ldl, size[2 * r]);
     }
-    free(s); free(top); free(tpos); free(pos); free(val); free(so); free(lv); free(lj);
+    free(offered); free(so); free(lv); free(lj); free(kpos); free(taken);
 }
 
 static void F(check_rows)(const KT *K)
@@ -302,6 +319,9 @@ static void F(check)(const KT *K)
     F(check_softmax)(K);
     F(check_mask_gather)(K);
     F(check_selection)(K);
+    F(check_offer)(K, 6, 50, "cap6");      /* one vector of list, few offers */
+    F(check_offer)(K, 40, 700, "cap40");   /* lists of several vectors, batches */
+    F(check_offer)(K, 100, 900, "cap100"); /* no floor: many batches while the list fills */
     F(check_rows)(K);
     F(check_engine)(K);
 }
