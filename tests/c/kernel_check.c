@@ -17,7 +17,7 @@ static FILE *out_file;
 static void dump(const char *name, char kind, int64_t n, const double *x)
 {
     char label[32] = {0};
-    strncpy(label, name, sizeof(label) - 1);
+    snprintf(label, sizeof label, "%s", name);   /* at most 31 characters, NUL padded */
     fwrite(label, 1, sizeof(label), out_file);
     fwrite(&kind, 1, 1, out_file);
     fwrite(&n, sizeof(n), 1, out_file);

@@ -149,7 +149,7 @@ static void F(check_selection)(const KT *K)
 /* top_offer over two calls of `cols` offers each into lists of capacity cap, against a
  * plain selection; the rows: coarse values (many ties), one NaN (row 1), NaN first
  * (row 2), unmasked -inf in every third column (row 3). */
-static void F(check_offer)(const KT *K, int cap, int cols, const char *tag)
+static void F(check_offer)(const KT *K, int cap, int cols)
 {
     enum { ROWS = 6 };
     const int lds = (cols + 7) / 8 * 8 + 8;
@@ -194,18 +194,18 @@ static void F(check_offer)(const KT *K, int cap, int cols, const char *tag)
             bad |= !(got == x || (got != got && x != x)) || (int64_t)lj[r * ldl + t] != best;
         }
         if (bad) {
-            fprintf(stderr, "kernel_check: %s top_offer %s row %d differs from a plain selection\n",
-                    NAME(""), tag, r);
+            fprintf(stderr, "kernel_check: %s top_offer cap %d row %d differs from a plain "
+                    "selection\n", NAME(""), cap, r);
             self_check_failures++;
         }
     }
-    char name[64];
-    snprintf(name, sizeof name, "%s.%s", NAME("top_offer.size"), tag);
+    char name[32];
+    snprintf(name, sizeof name, "%s%d", NAME("top_offer.size.cap"), cap);
     DUMP_AS(name, 'i', size, ROWS * 2);
     for (int r = 0; r < ROWS; r++) {
-        snprintf(name, sizeof name, "%s.%s", NAME("top_offer.val"), tag);
+        snprintf(name, sizeof name, "%s%d", NAME("top_offer.val.cap"), cap);
         DUMP_AS(name, KIND, lv + r * ldl, size[2 * r]);
-        snprintf(name, sizeof name, "%s.%s", NAME("top_offer.pos"), tag);
+        snprintf(name, sizeof name, "%s%d", NAME("top_offer.pos.cap"), cap);
         DUMP_AS(name, 'i', lj + r * ldl, size[2 * r]);
     }
     free(offered); free(so); free(lv); free(lj); free(kpos); free(taken);
@@ -319,9 +319,9 @@ static void F(check)(const KT *K)
     F(check_softmax)(K);
     F(check_mask_gather)(K);
     F(check_selection)(K);
-    F(check_offer)(K, 6, 50, "cap6");      /* one vector of list, few offers */
-    F(check_offer)(K, 40, 700, "cap40");   /* lists of several vectors, batches */
-    F(check_offer)(K, 100, 900, "cap100"); /* no floor: many batches while the list fills */
+    F(check_offer)(K, 6, 50);      /* one vector of list, few offers */
+    F(check_offer)(K, 40, 700);    /* lists of several vectors, batches */
+    F(check_offer)(K, 100, 900);   /* no floor: many batches while the list fills */
     F(check_rows)(K);
     F(check_engine)(K);
 }
