@@ -228,8 +228,8 @@ static void FN(top_admit)(int rows, int cb, const T *s, ptrdiff_t ld, int row0, 
  * in lj (integers of T's width), padded to whole vectors.  The entries of a row that pass
  * the filter (at least the floor, above a full list's worst) are collected in offer order,
  * up to RA_OFFER_BATCH of them, and merged into the list at once; the filter tightens
- * after each merge.  Collecting any superset of the entries that can enter leaves the
- * same list: an entry that cannot is ranked out of it. */
+ * after each merge.  Collecting any superset, among the offered (kpos >= 0) entries, of
+ * those that can enter leaves the same list: an entry that cannot is ranked out of it. */
 #define RA_OFFER_BATCH (8 * VL)
 
 /* Lanes [0, live) of a vector's bit mask (live may exceed VL). */
@@ -242,7 +242,7 @@ static int FN(offer_one)(T *lv, UT *lp, int n, int cap, T x, UT pos)
     int at = n;
     if (x == x) {
         at = 0;
-        for (int t = 0; t < n; t++) at += lv[t] >= x;
+        for (int t = 0; t < n; t++) at += __builtin_isgreaterequal(lv[t], x);   /* quiet */
     }
     if (at >= cap) return n;
     const int moved = (n < cap ? n : cap - 1) - at;      /* entries that shift one down */
@@ -254,11 +254,12 @@ static int FN(offer_one)(T *lv, UT *lp, int n, int cap, T x, UT pos)
 }
 
 /* A batch of m offers (bv, bp: offer order, no NaN; lanes up to whole vectors readable)
- * merged into a list of n entries without NaN: every entry's rank counts what precedes it
- * — larger values, and equal ones offered earlier (the list's before the batch's) — and
- * the ranks below cap are written in place (a list entry only moves down, past the batch
- * values above it; from the last entry up, no slot is overwritten before it is read).
- * Returns the new size. */
+ * merged into a list of n entries (best first, no NaN): every entry's rank counts what
+ * precedes it — larger values, and equal ones offered earlier (the list's before the
+ * batch's) — and the ranks below cap are written in place: a list entry only moves to a
+ * higher index, past the batch values above it, so going from the last entry to the
+ * first no slot is overwritten before it is read; the batch's entries go last, into the
+ * slots no kept list entry takes.  Returns the new size. */
 static int FN(offer_merge)(T *lv, UT *lp, int n, const T *bv, const UT *bp, int m, int cap)
 {
     int rank[RA_OFFER_BATCH];
