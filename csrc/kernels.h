@@ -76,7 +76,7 @@
        so far, best first: larger value, ties to the earlier offer, NaN last.  Successive \
        calls offer increasing positions.  An entry with kpos[j] < 0 must hold -inf or NaN \
        (the engine's masked logits do): a pre-pass bounds the row's best values from all  \
-       its entries.  Lists start 64-byte aligned and ldl is a multiple of               \
+       its entries.  A list is read in whole vectors: ldl is a multiple of               \
        RA_OFFER_ALIGN elements, at least cap rounded up to one. */                        \
     void (*top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,  \
                       int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds);   \
