@@ -60,6 +60,78 @@ static inline T FN(hmax)(vec x)
     return m;
 }
 
+/* Lane-wise (x > m ? x : m): a NaN lane of x loses to m.  On x86 that is exactly MAXPS /
+ * MAXPD with x first (their result is the second operand unless the first is greater),
+ * one instruction where the compare-and-select takes three. */
+static inline vec FN(vmax_skip_nan)(vec x, vec m)
+{
+#if defined(RA_X86) && VEC_BYTES == 64 && RA_IS_F32
+    return (vec)_mm512_max_ps((__m512)x, (__m512)m);
+#elif defined(RA_X86) && VEC_BYTES == 64
+    return (vec)_mm512_max_pd((__m512d)x, (__m512d)m);
+#elif defined(RA_X86) && VEC_BYTES == 32 && RA_IS_F32
+    return (vec)_mm256_max_ps((__m256)x, (__m256)m);
+#elif defined(RA_X86) && VEC_BYTES == 32
+    return (vec)_mm256_max_pd((__m256d)x, (__m256d)m);
+#else
+    return FN(vsel)((uvec)(x > m), x, m);
+#endif
+}
+
+/* Lane l takes lane l ^ h (h a power of two below VL, known at compile time). */
+static inline vec FN(swap_lanes)(vec x, int h)
+{
+#if defined(RA_X86) && VEC_BYTES == 64 && RA_IS_F32
+    switch (h) {
+    case 8: return (vec)_mm512_shuffle_f32x4((__m512)x, (__m512)x, 0x4E);
+    case 4: return (vec)_mm512_shuffle_f32x4((__m512)x, (__m512)x, 0xB1);
+    case 2: return (vec)_mm512_permute_ps((__m512)x, 0x4E);
+    default: return (vec)_mm512_permute_ps((__m512)x, 0xB1);
+    }
+#elif defined(RA_X86) && VEC_BYTES == 64
+    switch (h) {
+    case 4: return (vec)_mm512_shuffle_f64x2((__m512d)x, (__m512d)x, 0x4E);
+    case 2: return (vec)_mm512_shuffle_f64x2((__m512d)x, (__m512d)x, 0xB1);
+    default: return (vec)_mm512_permute_pd((__m512d)x, 0x55);
+    }
+#elif defined(RA_X86) && VEC_BYTES == 32 && RA_IS_F32
+    switch (h) {
+    case 4: return (vec)_mm256_permute2f128_ps((__m256)x, (__m256)x, 0x01);
+    case 2: return (vec)_mm256_permute_ps((__m256)x, 0x4E);
+    default: return (vec)_mm256_permute_ps((__m256)x, 0xB1);
+    }
+#elif defined(RA_X86) && VEC_BYTES == 32
+    switch (h) {
+    case 2: return (vec)_mm256_permute2f128_pd((__m256d)x, (__m256d)x, 0x01);
+    default: return (vec)_mm256_permute_pd((__m256d)x, 0x5);
+    }
+#else
+    T a[VL], b[VL];
+    memcpy(a, &x, sizeof x);
+    for (int l = 0; l < VL; l++) b[l] = a[l ^ h];
+    memcpy(&x, b, sizeof x);
+    return x;
+#endif
+}
+
+/* Tree reductions for the softmax rows: lane l combined with lane l ^ h for h = VL/2,
+ * ..., 1, so a row's reduction waits log2(VL) operations, not a chain of VL − 1.  The
+ * order is fixed, so are the bits; hsum / hmax above keep their lane order for callers
+ * whose sums feed discrete decisions (normalised rows). */
+static inline T FN(hsum_tree)(vec x)
+{
+    #pragma GCC unroll 8
+    for (int h = VL / 2; h >= 1; h /= 2) x += FN(swap_lanes)(x, h);
+    return x[0];
+}
+
+static inline T FN(hmax_tree)(vec x)
+{
+    #pragma GCC unroll 8
+    for (int h = VL / 2; h >= 1; h /= 2) x = FN(vmax_skip_nan)(FN(swap_lanes)(x, h), x);
+    return x[0];
+}
+
 /* ------------------------------------------------------------------ exp */
 /* exp(x) lane-wise, accurate to a few ulp: x = n·ln2 + r with |r| ≤ ln2/2, 2^n built
  * in the exponent field, e^r by polynomial.  Underflow gives exactly 0 (also for -inf),
@@ -253,18 +325,21 @@ static void FN(gemm_tn)(int M, int N, int K, const T *A, ptrdiff_t lda, const T 
 static void FN(softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum, T *acc,
                              int e, ptrdiff_t ldacc)
 {
-    const int bkv = bk / VL * VL;
+    enum { U = 4 };                  /* independent accumulators per row (max and sum) */
+    const int bkv = bk / VL * VL, bku = bk / (U * VL) * (U * VL);
     for (int i = 0; i < bq; i++) {
         T *s = S + i * lds;
         /* 1. row maximum (NaN entries are skipped here but poison the row sum below; the
               comparison raises the FP invalid flag for them, which NumPy reports as a
               RuntimeWarning — a quiet compare costs ~5% of the forward) */
-        vec vm = FN(vsplat)(-INFINITY);
-        for (int j = 0; j < bkv; j += VL) {
-            vec x = FN(vload)(s + j);
-            vm = FN(vsel)((uvec)(x > vm), x, vm);
-        }
-        T m = FN(hmax)(vm);
+        vec vm[U];
+        for (int u = 0; u < U; u++) vm[u] = FN(vsplat)(-INFINITY);
+        for (int j = 0; j < bku; j += U * VL)
+            #pragma GCC unroll 4
+            for (int u = 0; u < U; u++) vm[u] = FN(vmax_skip_nan)(FN(vload)(s + j + u * VL), vm[u]);
+        for (int j = bku; j < bkv; j += VL) vm[0] = FN(vmax_skip_nan)(FN(vload)(s + j), vm[0]);
+        T m = FN(hmax_tree)(FN(vmax_skip_nan)(FN(vmax_skip_nan)(vm[0], vm[1]),
+                                              FN(vmax_skip_nan)(vm[2], vm[3])));
         for (int j = bkv; j < bk; j++) m = s[j] > m ? s[j] : m;
         T m_new = mx[i] > m ? mx[i] : m;
         if (mx[i] != mx[i]) m_new = mx[i];    /* a row already NaN stays NaN */
@@ -276,20 +351,35 @@ static void FN(softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum,
             if (has_nan) { mx[i] = NAN; sum[i] = NAN; }
             continue;
         }
-        /* 2. p = exp(s - m_new) and its row sum */
-        vec vs = FN(vsplat)(0);
-        for (int j = 0; j < bkv; j += VL) {
-            vec p = FN(vexp)(FN(vload)(s + j) - m_new);
+        /* 2. p = exp(s - m_new) and its row sum (U partial sums, added in a fixed order) */
+        vec vs[U];
+        for (int u = 0; u < U; u++) vs[u] = FN(vsplat)(0);
+        for (int j = 0; j < bku; j += U * VL)
+            #pragma GCC unroll 4
+            for (int u = 0; u < U; u++) {
+                const vec p = FN(vexp)(FN(vload)(s + j + u * VL) - m_new);
+                FN(vstore)(s + j + u * VL, p);
+                vs[u] += p;
+            }
+        for (int j = bku; j < bkv; j += VL) {
+            const vec p = FN(vexp)(FN(vload)(s + j) - m_new);
             FN(vstore)(s + j, p);
-            vs += p;
+            vs[0] += p;
         }
-        T rowsum = FN(hsum)(vs);
+        T rowsum = FN(hsum_tree)((vs[0] + vs[1]) + (vs[2] + vs[3]));
         for (int j = bkv; j < bk; j++) {
             s[j] = FN(sexp)(s[j] - m_new);
             rowsum += s[j];
         }
-        /* 3. rescale the running sum and accumulator to the new maximum */
-        const T alpha = FN(sexp)(mx[i] - m_new);   /* 0 when mx was -inf */
+        /* 3. rescale the running sum and accumulator to the new maximum.  Shortcuts with
+              the same bits: an unchanged maximum has exp(0) = 1 exactly; a row's first
+              visible key (mx was -inf) has sum 0 and acc 0 (or NaN, which · 0 keeps) */
+        if (mx[i] == -INFINITY) {
+            sum[i] = rowsum;
+            mx[i] = m_new;
+            continue;
+        }
+        const T alpha = mx[i] == m_new ? 1 : FN(sexp)(mx[i] - m_new);
         sum[i] = sum[i] * alpha + rowsum;
         mx[i] = m_new;
         if (alpha != 1) {

@@ -58,9 +58,9 @@ static void F(check_softmax)(const KT *K)
     enum { BQ = 10, BK = 37, LD = 40, E = 9 };
     T *S = F(alloc)(sizeof(T) * BQ * LD), *acc = F(alloc)(sizeof(T) * BQ * E);
     T mx[BQ], sum[BQ], lse[BQ], delta[BQ];
-    for (int i = 0; i < BQ; i++) { mx[i] = -(T)INFINITY; sum[i] = 0; }
-    F(fill)(acc, BQ * E, 0);
+    for (int i = 0; i < BQ; i++) { mx[i] = -(T)INFINITY; sum[i] = 0; }   /* acc 0 too */
     for (int step = 0; step < 2; step++) {
+        if (step) F(fill)(acc, BQ * E, 0);   /* as if a product had accumulated */
         F(fill)(S, BQ * LD, 0);
         for (int i = 0; i < BQ * LD; i++) S[i] *= 4 + 4 * step;
         for (int j = 0; j < BK; j++) S[2 * LD + j] = -(T)INFINITY;   /* a row with no key */
