@@ -78,6 +78,22 @@ static inline vec FN(vmax_skip_nan)(vec x, vec m)
 #endif
 }
 
+/* Lane-wise (x < m ? x : m): a NaN lane of x loses to m; MINPS / MINPD with x first. */
+static inline vec FN(vmin_skip_nan)(vec x, vec m)
+{
+#if defined(RA_X86) && VEC_BYTES == 64 && RA_IS_F32
+    return (vec)_mm512_min_ps((__m512)x, (__m512)m);
+#elif defined(RA_X86) && VEC_BYTES == 64
+    return (vec)_mm512_min_pd((__m512d)x, (__m512d)m);
+#elif defined(RA_X86) && VEC_BYTES == 32 && RA_IS_F32
+    return (vec)_mm256_min_ps((__m256)x, (__m256)m);
+#elif defined(RA_X86) && VEC_BYTES == 32
+    return (vec)_mm256_min_pd((__m256d)x, (__m256d)m);
+#else
+    return FN(vsel)((uvec)(x < m), x, m);
+#endif
+}
+
 /* Lane l takes lane l ^ h (h a power of two below VL, known at compile time). */
 static inline vec FN(swap_lanes)(vec x, int h)
 {

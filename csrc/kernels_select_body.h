@@ -294,114 +294,152 @@ static int FN(offer_merge)(T *lv, UT *lp, int n, const T *bv, const UT *bp, int 
     return n + m < cap ? n + m : cap;
 }
 
-/* The lanes `offer` of x whose kpos >= 0, appended to bv, bp in lane order (room for VL
- * more); *nan set if one is NaN.  Returns how many. */
-static inline int FN(offer_collect_lanes)(const T *x, const int64_t *kpos, unsigned offer,
-                                          T *bv, UT *bp, int *nan)
+/* Columns per block of top_offer: which of a block's entries are offered (kpos >= 0) and
+ * their positions as list integers are worked out once for all its rows. */
+#define RA_OFFER_BLOCK 2048
+
+/* The lanes `offer` of x (positions pos) appended to bv, bp in lane order (room for VL
+ * more).  Returns how many. */
+static inline int FN(offer_collect_lanes)(const T *x, const UT *pos, unsigned offer, T *bv,
+                                          UT *bp)
 {
     int m = 0;
-    for (; offer; offer &= offer - 1) {
+    for (; offer; offer &= offer - 1, m++) {
         const int l = __builtin_ctz(offer);
-        if (kpos[l] < 0) continue;
         bv[m] = x[l];
-        bp[m] = (UT)kpos[l];
-        *nan |= x[l] != x[l];
-        m++;
+        bp[m] = pos[l];
     }
     return m;
 }
 
-/* offer_collect_lanes on a whole vector (VL entries of x and kpos readable). */
-static inline int FN(offer_collect)(const T *x, const int64_t *kpos, unsigned offer, T *bv,
-                                    UT *bp, int *nan)
+/* offer_collect_lanes on a whole vector (VL entries of x and pos readable). */
+static inline int FN(offer_collect)(const T *x, const UT *pos, unsigned offer, T *bv, UT *bp)
 {
 #if defined(RA_X86) && VEC_BYTES == 64      /* branch-free: compressed in registers */
-    const __m512i zero = _mm512_setzero_si512(), k0 = _mm512_loadu_si512(kpos);
 #if RA_IS_F32
-    const __m512i k1 = _mm512_loadu_si512(kpos + 8);
-    offer &= (unsigned)_mm512_cmpge_epi64_mask(k0, zero) |
-             (unsigned)_mm512_cmpge_epi64_mask(k1, zero) << 8;
-    const __m512 y = _mm512_loadu_ps(x);
-    const __m512i pos = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(k0)),
-                                           _mm512_cvtepi64_epi32(k1), 1);
-    _mm512_storeu_ps(bv, _mm512_maskz_compress_ps((__mmask16)offer, y));
-    _mm512_storeu_si512(bp, _mm512_maskz_compress_epi32((__mmask16)offer, pos));
-    *nan |= (_mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q) & offer) != 0;
+    _mm512_storeu_ps(bv, _mm512_maskz_compress_ps((__mmask16)offer, _mm512_loadu_ps(x)));
+    _mm512_storeu_si512(bp, _mm512_maskz_compress_epi32((__mmask16)offer, _mm512_loadu_si512(pos)));
 #else
-    offer &= (unsigned)_mm512_cmpge_epi64_mask(k0, zero);
-    const __m512d y = _mm512_loadu_pd(x);
-    _mm512_storeu_pd(bv, _mm512_maskz_compress_pd((__mmask8)offer, y));
-    _mm512_storeu_si512(bp, _mm512_maskz_compress_epi64((__mmask8)offer, k0));
-    *nan |= (_mm512_cmp_pd_mask(y, y, _CMP_UNORD_Q) & offer) != 0;
+    _mm512_storeu_pd(bv, _mm512_maskz_compress_pd((__mmask8)offer, _mm512_loadu_pd(x)));
+    _mm512_storeu_si512(bp, _mm512_maskz_compress_epi64((__mmask8)offer, _mm512_loadu_si512(pos)));
 #endif
     return __builtin_popcount(offer);
 #else
-    return FN(offer_collect_lanes)(x, kpos, offer, bv, bp, nan);
+    return FN(offer_collect_lanes)(x, pos, offer, bv, bp);
 #endif
+}
+
+/* 1 if one of bv[0 .. m) is NaN (whole vectors readable; quiet compares). */
+static inline int FN(batch_has_nan)(const T *bv, int m)
+{
+    const unsigned lanes = FN(live_bits)(VL - 1) << 1 | 1u;   /* the VL bits of a vector */
+    unsigned nan = 0;
+    for (int t0 = 0; t0 < m; t0 += VL) {
+        const vec y = FN(vload)(bv + t0);
+        nan |= ~FN(eq_bits)(y, y) & FN(live_bits)(m - t0) & lanes;
+    }
+    return nan != 0;
+}
+
+/* A bound at or below the cap-th best value of x (cols, NaN as -inf): the cap-th best
+ * of each lane's depth + 1 largest values, distinct entries of x (the union's cap-th
+ * best is at most the whole row's).  -inf when there are too few columns. */
+static T FN(offer_floor)(const T *x, int cols, int cap, int depth)
+{
+    const vec ninf = FN(vsplat)(-(T)INFINITY);
+    vec top[RA_OFFER_DEPTH + 1];
+    const int levels = depth + 1;
+    for (int t = 0; t < levels; t++) top[t] = ninf;
+    for (int j0 = 0; j0 + VL <= cols; j0 += VL) {
+        vec y = FN(vload)(x + j0);
+        y = FN(vsel)((uvec)(y == y), y, ninf);            /* quiet: no NaN compared below */
+        for (int t = 0; t < levels; t++) {                /* y into the lane's ranks */
+            const vec was = top[t];
+            top[t] = FN(vmax_skip_nan)(y, was);
+            y = FN(vmin_skip_nan)(was, y);
+        }
+    }
+    /* the largest of the union's values with at least cap of them >= it */
+    T floor = -(T)INFINITY;
+    for (int t = 0; t < levels; t++)
+        for (int l = 0; l < VL; l++) {
+            const T v = top[t][l];
+            if (!(v > floor)) continue;
+            const vec vv = FN(vsplat)(v);
+            int at_least = 0;
+            for (int u = 0; u < levels; u++) at_least += __builtin_popcount(FN(ge_bits)(top[u], vv));
+            if (at_least >= cap) floor = v;
+        }
+    return floor;
+}
+
+/* One row's block of top_offer: x (cols) with the block's live lanes (bit l of
+ * live[j0 / VL]: entry j0 + l is offered) and positions pos; the list lv, lp of *size
+ * entries. */
+static void FN(offer_row)(const T *x, int cols, const unsigned *live, const UT *pos, int cap,
+                          T *lv, UT *lp, int *size)
+{
+    const int depth = (cap + VL - 1) / VL;    /* per-lane ranks that make up cap values */
+    T bv[RA_OFFER_BATCH];
+    UT bp[RA_OFFER_BATCH];
+    int n = *size;
+    /* the floor only while the list is not full (a full list's worst entry filters about
+       as well, for free) and over enough columns to repay its selection; -inf (too few,
+       or -inf values) filters nothing */
+    const T floor = depth <= RA_OFFER_DEPTH && cols / VL >= 4 * (depth + 1) && n < cap
+                    ? FN(offer_floor)(x, cols, cap, depth) : -(T)INFINITY;
+    T worst = n == cap ? lv[cap - 1] : (T)NAN;
+    int m = 0;
+    for (int j0 = 0; j0 < cols; j0 += VL) {
+        const int lanes = cols - j0 < VL ? cols - j0 : VL;
+        unsigned offer = live[j0 / VL];
+        if (lanes == VL) {
+            const vec y = FN(vload)(x + j0);
+            if (floor > -(T)INFINITY) offer &= FN(ge_bits)(y, FN(vsplat)(floor));
+            /* full, a number last: only larger values */
+            if (worst == worst) offer &= FN(gt_bits)(y, FN(vsplat)(worst));
+            m += FN(offer_collect)(x + j0, pos + j0, offer, bv + m, bp + m);
+        } else {
+            for (int l = 0; l < lanes; l++)   /* quiet comparisons, as above */
+                if ((floor > -(T)INFINITY && !__builtin_isgreaterequal(x[j0 + l], floor)) ||
+                    (worst == worst && !__builtin_isgreater(x[j0 + l], worst)))
+                    offer &= ~(1u << l);
+            m += FN(offer_collect_lanes)(x + j0, pos + j0, offer, bv + m, bp + m);
+        }
+        /* merge when the batch is full, at the end, or as soon as the list could fill
+           (its worst entry then filters the rest more tightly than the floor) */
+        if (m == 0 || (m <= RA_OFFER_BATCH - VL && j0 + VL < cols && (n == cap || n + m < cap)))
+            continue;
+        for (int i = m; i % VL; i++) bv[i] = 0;          /* defined padding lanes */
+        if (FN(batch_has_nan)(bv, m) || (n > 0 && lv[n - 1] != lv[n - 1])) {
+            for (int i = 0; i < m; i++) n = FN(offer_one)(lv, lp, n, cap, bv[i], bp[i]);
+        } else {
+            n = FN(offer_merge)(lv, lp, n, bv, bp, m, cap);
+        }
+        m = 0;
+        worst = n == cap ? lv[cap - 1] : (T)NAN;
+    }
+    *size = n;
 }
 
 static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const int64_t *kpos,
                           int cap, T *lv, void *lj, ptrdiff_t ldl, int *size, ptrdiff_t lds)
 {
-    const int depth = (cap + VL - 1) / VL;    /* per-lane ranks that make up cap values */
-    const vec ninf = FN(vsplat)(-(T)INFINITY);
-    T bv[RA_OFFER_BATCH];
-    UT bp[RA_OFFER_BATCH];
-    for (int r = 0; r < rows; r++) {
-        const T *x = s + r * ld;
-        T *v = lv + r * ldl;
-        UT *p = (UT *)lj + r * ldl;
-        int n = size[r * lds];
-        /* floor: each lane's depth largest values (NaN as -inf) are depth·VL >= cap
-           distinct entries, so an entry below the least of them is not among this row's
-           best cap; -inf (too few, or -inf values) filters nothing.  Only while the list
-           is not full: a full list's worst entry filters about as well, for free */
-        T floor = -(T)INFINITY;
-        if (depth <= RA_OFFER_DEPTH && cols / VL >= depth && n < cap) {
-            vec top[RA_OFFER_DEPTH];
-            for (int t = 0; t < depth; t++) top[t] = ninf;
-            for (int j0 = 0; j0 + VL <= cols; j0 += VL) {
-                vec y = FN(vload)(x + j0);
-                y = FN(vsel)((uvec)(y == y), y, ninf);
-                for (int t = 0; t < depth; t++) {     /* insert y into the lane's ranks */
-                    const uvec up = (uvec)(y > top[t]);
-                    const vec was = top[t];
-                    top[t] = FN(vsel)(up, y, was);
-                    y = FN(vsel)(up, was, y);
-                }
+    unsigned live[RA_OFFER_BLOCK / VL];
+    UT pos[RA_OFFER_BLOCK];
+    for (int c0 = 0; c0 < cols; c0 += RA_OFFER_BLOCK) {
+        const int cb = cols - c0 < RA_OFFER_BLOCK ? cols - c0 : RA_OFFER_BLOCK;
+        for (int j0 = 0; j0 < cb; j0 += VL) {
+            unsigned bits = 0;
+            for (int l = 0; l < VL && j0 + l < cb; l++) {
+                bits |= (unsigned)(kpos[c0 + j0 + l] >= 0) << l;
+                pos[j0 + l] = (UT)kpos[c0 + j0 + l];
             }
-            floor = top[depth - 1][0];
-            for (int l = 1; l < VL; l++) floor = top[depth - 1][l] < floor ? top[depth - 1][l] : floor;
+            live[j0 / VL] = bits;
         }
-        T worst = n == cap ? v[cap - 1] : (T)NAN;
-        int m = 0, nan = 0;
-        for (int j0 = 0; j0 < cols; j0 += VL) {
-            const int lanes = cols - j0 < VL ? cols - j0 : VL;
-            unsigned offer = (1u << lanes) - 1;
-            if (lanes == VL) {
-                const vec y = FN(vload)(x + j0);
-                if (floor > -(T)INFINITY) offer = FN(ge_bits)(y, FN(vsplat)(floor));
-                /* full, a number last: only larger values */
-                if (worst == worst) offer &= FN(gt_bits)(y, FN(vsplat)(worst));
-            } else {
-                for (int l = 0; l < lanes; l++)   /* quiet comparisons, as above */
-                    if ((floor > -(T)INFINITY && !__builtin_isgreaterequal(x[j0 + l], floor)) ||
-                        (worst == worst && !__builtin_isgreater(x[j0 + l], worst)))
-                        offer &= ~(1u << l);
-            }
-            m += lanes == VL ? FN(offer_collect)(x + j0, kpos + j0, offer, bv + m, bp + m, &nan)
-                             : FN(offer_collect_lanes)(x + j0, kpos + j0, offer, bv + m, bp + m, &nan);
-            if (m == 0 || (m <= RA_OFFER_BATCH - VL && j0 + VL < cols)) continue;
-            if (nan || (n > 0 && v[n - 1] != v[n - 1])) {
-                for (int i = 0; i < m; i++) n = FN(offer_one)(v, p, n, cap, bv[i], bp[i]);
-            } else {
-                for (int i = m; i % VL; i++) bv[i] = 0;          /* defined padding lanes */
-                n = FN(offer_merge)(v, p, n, bv, bp, m, cap);
-            }
-            m = nan = 0;
-            worst = n == cap ? v[cap - 1] : (T)NAN;
-        }
-        size[r * lds] = n;
+        for (int r = 0; r < rows; r++)
+            FN(offer_row)(s + r * ld + c0, cb, live, pos, cap, lv + r * ldl,
+                          (UT *)lj + r * ldl, size + r * lds);
     }
 }
 
