@@ -148,7 +148,9 @@ static void F(check_selection)(const KT *K)
 
 /* top_offer over two calls of `cols` offers each into lists of capacity cap, against a
  * plain selection; the rows: coarse values (many ties), one NaN (row 1), NaN first
- * (row 2), unmasked -inf in every third column (row 3). */
+ * (row 2), unmasked -inf in every third column (row 3), the largest values all in one
+ * lane (row 4), distinct decreasing values whose best cap fill the first call's list
+ * (row 5: a floor one entry too high loses one). */
 static void F(check_offer)(const KT *K, int cap, int cols)
 {
     enum { ROWS = 6 };
@@ -165,6 +167,9 @@ static void F(check_offer)(const KT *K, int cap, int cols)
         so[lds + 7] = NAN;
         for (int j = 0; j < 3 && call == 0; j++) so[2 * lds + j] = NAN;
         for (int j = 0; j < cols; j += 3) so[3 * lds + j] = -(T)INFINITY;
+        for (int j = 0; j < cols; j += 16) so[4 * lds + j] += 2;   /* the best in one lane */
+        for (int j = 0; j < cols; j++)      /* no ties, the best spread over the lanes, */
+            so[5 * lds + j] = (T)(cols - j) / 4096 - call;   /* all in the first call */
         for (int j = 0; j < cols; j++) kpos[j] = j % 13 == 5 ? -1 : call * cols + j;
         for (int r = 0; r < ROWS; r++)          /* masked entries hold -inf (the contract) */
             for (int j = 0; j < cols; j++)
@@ -322,6 +327,7 @@ static void F(check)(const KT *K)
     F(check_offer)(K, 6, 50);      /* one vector of list, few offers */
     F(check_offer)(K, 40, 700);    /* lists of several vectors, batches */
     F(check_offer)(K, 100, 900);   /* no floor: many batches while the list fills */
+    F(check_offer)(K, 20, 2100);   /* the floor (float and double), a block boundary */
     F(check_rows)(K);
     F(check_engine)(K);
 }
