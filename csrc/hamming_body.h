@@ -119,16 +119,18 @@ static W FN(ra_bit_majority)(const W *code, const int64_t *rows, int64_t size)
     }
     for (; t < size; t += PER) FN(planes_add)(plane, 0, RA_WORD(t));
 #undef RA_WORD
+    /* every count is at most size < 2^top: planes top and above stay 0 */
+    const int top = 64 - __builtin_clzll((uint64_t)size);
     if (PER == 2) {                  /* the halves' counts added, bit-sliced */
         uint64_t carry = 0;
-        for (int l = 0; l < 64; l++)
+        for (int l = 0; l < top; l++)
             carry = FN(csa)(&plane[l], plane[l] & 0xffffffffu, plane[l] >> 32, carry);
     }
     /* a bit is set where its count > size / 2, i.e. 2·count > size: the planes against
        the threshold's bits, from the top */
     const uint64_t half = (uint64_t)size / 2;
     uint64_t greater = 0, equal = ~(uint64_t)0;
-    for (int l = 63; l >= 0; l--) {
+    for (int l = top - 1; l >= 0; l--) {   /* above: half's bits and the planes are 0 */
         if ((half >> l) & 1) {
             equal &= plane[l];
         } else {
