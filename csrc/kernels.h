@@ -29,8 +29,9 @@
        S holds p = exp(S - m_new).  mx, sum (bq) are the running max and sum; acc         \
        (bq×e, ldacc) is rescaled by exp(m_old - m_new).  A row with no visible key so far  \
        keeps mx = -inf, sum = 0 and gets p = 0; such a row must come with sum = 0 and acc  \
-       0 (ra_fwd_init's state), which its first visible key leaves as they are rather     \
-       than multiply by exp(-inf).  NaN logits make the row NaN. */                        \
+       0 or NaN (ra_fwd_init's state, then zero weights times non-finite values), which   \
+       its first visible key leaves as they are rather than multiply by exp(-inf) = 0.    \
+       NaN logits make the row NaN. */                                                    \
     void (*softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum, T *acc,      \
                          int e, ptrdiff_t ldacc);                                          \
     /* S (bq×bk, lds) = exp(S - lse[i]) row by row; rows with lse = -inf become 0. */      \

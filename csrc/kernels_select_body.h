@@ -240,9 +240,12 @@ static inline unsigned FN(live_bits)(int live) { return live >= VL ? ~0u : (1u <
 static int FN(offer_one)(T *lv, UT *lp, int n, int cap, T x, UT pos)
 {
     int at = n;
-    if (x == x) {
+    if (x == x) {       /* vector compares: quiet on x86 (a scalar loop vectorises into
+                           signalling ones); the list is read in whole vectors */
         at = 0;
-        for (int t = 0; t < n; t++) at += __builtin_isgreaterequal(lv[t], x);   /* quiet */
+        for (int t0 = 0; t0 < n; t0 += VL)
+            at += __builtin_popcount(FN(ge_bits)(FN(vload)(lv + t0), FN(vsplat)(x)) &
+                                     FN(live_bits)(n - t0));
     }
     if (at >= cap) return n;
     const int moved = (n < cap ? n : cap - 1) - at;      /* entries that shift one down */
@@ -298,21 +301,8 @@ static int FN(offer_merge)(T *lv, UT *lp, int n, const T *bv, const UT *bp, int 
  * their positions as list integers are worked out once for all its rows. */
 #define RA_OFFER_BLOCK 2048
 
-/* The lanes `offer` of x (positions pos) appended to bv, bp in lane order (room for VL
- * more).  Returns how many. */
-static inline int FN(offer_collect_lanes)(const T *x, const UT *pos, unsigned offer, T *bv,
-                                          UT *bp)
-{
-    int m = 0;
-    for (; offer; offer &= offer - 1, m++) {
-        const int l = __builtin_ctz(offer);
-        bv[m] = x[l];
-        bp[m] = pos[l];
-    }
-    return m;
-}
-
-/* offer_collect_lanes on a whole vector (VL entries of x and pos readable). */
+/* The lanes `offer` of x (positions pos; VL entries of each readable) appended to bv,
+ * bp in lane order (room for VL more).  Returns how many. */
 static inline int FN(offer_collect)(const T *x, const UT *pos, unsigned offer, T *bv, UT *bp)
 {
 #if defined(RA_X86) && VEC_BYTES == 64      /* branch-free: compressed in registers */
@@ -325,7 +315,13 @@ static inline int FN(offer_collect)(const T *x, const UT *pos, unsigned offer, T
 #endif
     return __builtin_popcount(offer);
 #else
-    return FN(offer_collect_lanes)(x, pos, offer, bv, bp);
+    int m = 0;
+    for (; offer; offer &= offer - 1, m++) {
+        const int l = __builtin_ctz(offer);
+        bv[m] = x[l];
+        bp[m] = pos[l];
+    }
+    return m;
 #endif
 }
 
@@ -392,20 +388,19 @@ static void FN(offer_row)(const T *x, int cols, const unsigned *live, const UT *
     int m = 0;
     for (int j0 = 0; j0 < cols; j0 += VL) {
         const int lanes = cols - j0 < VL ? cols - j0 : VL;
-        unsigned offer = live[j0 / VL];
-        if (lanes == VL) {
-            const vec y = FN(vload)(x + j0);
-            if (floor > -(T)INFINITY) offer &= FN(ge_bits)(y, FN(vsplat)(floor));
-            /* full, a number last: only larger values */
-            if (worst == worst) offer &= FN(gt_bits)(y, FN(vsplat)(worst));
-            m += FN(offer_collect)(x + j0, pos + j0, offer, bv + m, bp + m);
-        } else {
-            for (int l = 0; l < lanes; l++)   /* quiet comparisons, as above */
-                if ((floor > -(T)INFINITY && !__builtin_isgreaterequal(x[j0 + l], floor)) ||
-                    (worst == worst && !__builtin_isgreater(x[j0 + l], worst)))
-                    offer &= ~(1u << l);
-            m += FN(offer_collect_lanes)(x + j0, pos + j0, offer, bv + m, bp + m);
+        /* a short last vector goes through a padded copy (its live bits stop at cols) */
+        T tail[VL];
+        const T *xv = x + j0;
+        if (lanes < VL) {
+            for (int l = 0; l < VL; l++) tail[l] = l < lanes ? x[j0 + l] : 0;
+            xv = tail;
         }
+        const vec y = FN(vload)(xv);
+        unsigned offer = live[j0 / VL];
+        if (floor > -(T)INFINITY) offer &= FN(ge_bits)(y, FN(vsplat)(floor));
+        /* full, a number last: only larger values */
+        if (worst == worst) offer &= FN(gt_bits)(y, FN(vsplat)(worst));
+        m += FN(offer_collect)(xv, pos + j0, offer, bv + m, bp + m);
         /* merge when the batch is full, at the end, or as soon as the list could fill
            (its worst entry then filters the rest more tightly than the floor) */
         if (m == 0 || (m <= RA_OFFER_BATCH - VL && j0 + VL < cols && (n == cap || n + m < cap)))
@@ -431,9 +426,10 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
         const int cb = cols - c0 < RA_OFFER_BLOCK ? cols - c0 : RA_OFFER_BLOCK;
         for (int j0 = 0; j0 < cb; j0 += VL) {
             unsigned bits = 0;
-            for (int l = 0; l < VL && j0 + l < cb; l++) {
-                bits |= (unsigned)(kpos[c0 + j0 + l] >= 0) << l;
-                pos[j0 + l] = (UT)kpos[c0 + j0 + l];
+            for (int l = 0; l < VL; l++) {          /* whole vectors, 0 past the block */
+                const int64_t kp = j0 + l < cb ? kpos[c0 + j0 + l] : -1;
+                bits |= (unsigned)(kp >= 0) << l;
+                pos[j0 + l] = (UT)kp;
             }
             live[j0 / VL] = bits;
         }
