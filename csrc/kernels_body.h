@@ -388,8 +388,10 @@ static void FN(softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum,
             rowsum += s[j];
         }
         /* 3. rescale the running sum and accumulator to the new maximum.  Shortcuts with
-              the same bits: an unchanged maximum has exp(0) = 1 exactly; a row's first
-              visible key (mx was -inf) has sum 0 and acc 0 (or NaN, which · 0 keeps) */
+              the same results: an unchanged maximum has exp(0) = 1 exactly (a maximum
+              of +inf, where exp(inf - inf) was NaN, leaves the row NaN through its sum
+              either way); a row's first visible key (mx was -inf) has sum 0 and acc 0
+              (or NaN, which · 0 keeps) */
         if (mx[i] == -INFINITY) {
             sum[i] = rowsum;
             mx[i] = m_new;
