@@ -191,6 +191,51 @@ static FN(ClUnit) *FN(cl_units)(ptrdiff_t B, int C, char *packs, size_t per_prob
     return units;
 }
 
+/* Query tile u: out_i = r_c + m̂_c · softmax_{T_c}(q_i·K_T)·V_T for its members. */
+static void FN(cl_forward_tile)(const KT *K, const FN(ClForward) *F, const FN(ClUnit) *u)
+{
+    const ptrdiff_t b = u->b;
+    const int c = u->c, d = F->d, e = F->e, kmax = F->kmax;
+    FN(ClProblem) p;
+    const int64_t *idx;
+    const int rows = FN(cl_tile)(F, u, &p, &idx);
+    const int kc = (int)p.info[1];
+    FN(ClTiles) w;
+    FN(cl_tiles)(&(RaArena){F->scratch + (size_t)ra_thread_id() * F->per_thread, 0}, d, e,
+                 kmax, &w);
+    const T *r = p.oc + (ptrdiff_t)c * e;   /* r_c = o_c, m̂_c = 0 without keys */
+    T mh = 0;
+    if (kc > 0) {
+        FN(cl_pack_topk)(&w, ra_mat_at(F->k, b), ra_mat_at(F->v, b), p.sel + (size_t)c * kmax,
+                         kc, kmax, d, e, 0);
+        const RaMat packed = {(char *)w.v, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+        FN(RaPairs) cp;
+        mh = FN(cl_residual_into)(packed, 1, e, kmax, &p, c,
+                                  FN(cl_centroid_pairs)(F->pairs, b, F->n, &cp), w.res);
+        r = w.res;
+        FN(RaPairs) pr;
+        FN(cl_topk_attend)(K, &w, ra_mat_at(F->q, b), idx, rows, kc, kmax, d, e,
+                           RA_VEC_AT(T, ra_vec_at(F->scale, b), 0), p.sel + (size_t)c * kmax,
+                           FN(ra_pairs_at)(F->pairs, b, F->n, NULL, &pr));
+    }
+    /* out_i = r_c + m̂_c · o'_i, o'_i = acc_i / sum_i normalised on the way (as
+       ra_fwd_finish does: a row that saw no key has o' = 0) */
+    RaMat o = ra_mat_at(F->out, b);
+    for (int i = 0; i < rows; i++) {
+        char *row = o.data + (ptrdiff_t)idx[i] * o.s0;
+        if (kc == 0) {
+            FN(cl_row_write)(o, idx[i], r, e);
+            continue;
+        }
+        const T sum = w.qt.sum[i], inv = sum == 0 ? 0 : 1 / sum;
+        const T *a = w.qt.acc + (ptrdiff_t)i * e;
+        if (o.s1 == (ptrdiff_t)sizeof(T))       /* unit stride: vectorised */
+            for (int f = 0; f < e; f++) ((T *)row)[f] = r[f] + mh * (a[f] * inv);
+        else
+            for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f] + mh * (a[f] * inv);
+    }
+}
+
 /* ------------------------------------------------------------------ forward */
 /* q (B; n, d), k (B; m, d), v (B; m, e), labels (B; n), key_mask (B; m) or NULL,
  * scale (B) -> out (B; n, e) */
@@ -239,49 +284,22 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     status = RA_ERR_NOMEM;
     if (!units) goto done;
 
-    /* 6. every (problem, cluster, member tile): out_i = r_c + m̂_c · softmax_{T_c}(q_i·K_T)·V_T */
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (ptrdiff_t u = 0; u < nunits; u++) {
-        const ptrdiff_t b = units[u].b;
-        const int c = units[u].c;
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, 0, &p);
-        const int kc = (int)p.info[1];
-        const int64_t *idx = p.order + p.start[c] + units[u].i0;
-        const int size = (int)(p.start[c + 1] - p.start[c]) - units[u].i0;
-        const int rows = size < RA_BQ ? size : RA_BQ;
-        FN(ClTiles) w;
-        FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
-        const T *r = p.oc + (ptrdiff_t)c * e;   /* r_c = o_c, m̂_c = 0 without keys */
-        T mh = 0;
-        if (kc > 0) {
-            FN(cl_pack_topk)(&w, ra_mat_at(k, b), ra_mat_at(v, b), p.sel + (size_t)c * kmax,
-                             kc, kmax, d, e, 0);
-            const RaMat packed = {(char *)w.v, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-            FN(RaPairs) cp;
-            mh = FN(cl_residual_into)(packed, 1, e, kmax, &p, c,
-                                      FN(cl_centroid_pairs)(pairs, b, n, &cp), w.res);
-            r = w.res;
-            FN(RaPairs) pr;
-            FN(cl_topk_attend)(K, &w, ra_mat_at(q, b), idx, rows, kc, kmax, d, e,
-                               RA_VEC_AT(T, ra_vec_at(scale, b), 0), p.sel + (size_t)c * kmax,
-                               FN(ra_pairs_at)(pairs, b, n, NULL, &pr));
-        }
-        /* out_i = r_c + m̂_c · o'_i, o'_i = acc_i / sum_i normalised on the way (as
-           ra_fwd_finish does: a row that saw no key has o' = 0) */
-        RaMat o = ra_mat_at(out, b);
-        for (int i = 0; i < rows; i++) {
-            char *row = o.data + (ptrdiff_t)idx[i] * o.s0;
-            if (kc == 0) {
-                FN(cl_row_write)(o, idx[i], r, e);
-                continue;
-            }
-            const T sum = w.qt.sum[i], inv = sum == 0 ? 0 : 1 / sum;
-            const T *a = w.qt.acc + (ptrdiff_t)i * e;
-            if (o.s1 == (ptrdiff_t)sizeof(T))       /* unit stride: vectorised */
-                for (int f = 0; f < e; f++) ((T *)row)[f] = r[f] + mh * (a[f] * inv);
-            else
-                for (int f = 0; f < e; f++) *(T *)(row + (ptrdiff_t)f * o.s1) = r[f] + mh * (a[f] * inv);
+    /* 6. every (problem, cluster, member tile), handed out one at a time: a thread claims
+       its next tile first and fetches that one's scattered rows while computing this one */
+    const FN(ClForward) F = {n, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
+                             q, k, v, out, scale, pairs};
+    ptrdiff_t next_unit = 0;
+    #pragma omp parallel num_threads(nt)
+    {
+        ptrdiff_t u, after;
+        #pragma omp atomic capture
+        u = next_unit++;
+        while (u < nunits) {
+            #pragma omp atomic capture
+            after = next_unit++;
+            if (after < nunits) FN(cl_fetch_tile)(&F, &units[after]);
+            FN(cl_forward_tile)(K, &F, &units[u]);
+            u = after;
         }
     }
 
