@@ -515,26 +515,26 @@ static int FN(cl_tile)(const FN(ClForward) *F, const FN(ClUnit) *u, FN(ClProblem
 }
 
 /* Ask for what query tile u will read and write (T_c's rows of k and v, the members'
- * rows of q and out), into L2, so the scattered rows arrive while another tile computes.
- * Only hints: nothing is read or written. */
+ * rows of q and out; without T_c only out), into L2, so the scattered rows arrive while
+ * another tile computes.  Only hints: nothing is read or written. */
 static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
 {
     FN(ClProblem) p;
     const int64_t *idx;
     const int rows = FN(cl_tile)(F, u, &p, &idx);
-    if (p.info[1] == 0) return;                 /* no T_c: out_i = o_c, q unread */
+    const int kc = (int)p.info[1];
     const RaMat q = ra_mat_at(F->q, u->b), k = ra_mat_at(F->k, u->b);
     const RaMat v = ra_mat_at(F->v, u->b), out = ra_mat_at(F->out, u->b);
     const int64_t *sel = p.sel + (size_t)u->c * F->kmax;
     const ptrdiff_t kbytes = (ptrdiff_t)sizeof(T) * F->d, vbytes = (ptrdiff_t)sizeof(T) * F->e;
-    for (int t = 0; t < F->kmax && sel[t] >= 0; t++) {
+    for (int t = 0; t < kc; t++) {
         for (ptrdiff_t f = 0; f < kbytes && k.s1 == (ptrdiff_t)sizeof(T); f += 64)
             __builtin_prefetch(k.data + sel[t] * k.s0 + f, 0, 2);
         for (ptrdiff_t f = 0; f < vbytes && v.s1 == (ptrdiff_t)sizeof(T); f += 64)
             __builtin_prefetch(v.data + sel[t] * v.s0 + f, 0, 2);
     }
     for (int i = 0; i < rows; i++) {
-        for (ptrdiff_t f = 0; f < kbytes && q.s1 == (ptrdiff_t)sizeof(T); f += 64)
+        for (ptrdiff_t f = 0; f < kbytes && kc > 0 && q.s1 == (ptrdiff_t)sizeof(T); f += 64)
             __builtin_prefetch(q.data + idx[i] * q.s0 + f, 0, 2);
         for (ptrdiff_t f = 0; f < vbytes && out.s1 == (ptrdiff_t)sizeof(T); f += 64)
             __builtin_prefetch(out.data + idx[i] * out.s0 + f, 1, 2);
