@@ -516,7 +516,7 @@ static int FN(cl_tile)(const FN(ClForward) *F, const FN(ClUnit) *u, FN(ClProblem
 
 /* Ask for what query tile u will read and write (T_c's rows of k and v, the members'
  * rows of q and out; without T_c only out), into L2, so the scattered rows arrive while
- * another tile computes.  Only hints: nothing is read or written. */
+ * another tile computes.  Only hints: no row is read or written. */
 static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
 {
     FN(ClProblem) p;
@@ -527,7 +527,7 @@ static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
     const RaMat v = ra_mat_at(F->v, u->b), out = ra_mat_at(F->out, u->b);
     const int64_t *sel = p.sel + (size_t)u->c * F->kmax;
     const ptrdiff_t kbytes = (ptrdiff_t)sizeof(T) * F->d, vbytes = (ptrdiff_t)sizeof(T) * F->e;
-    for (int t = 0; t < kc; t++) {
+    for (int t = 0; t < kc && sel[t] >= 0; t++) {
         for (ptrdiff_t f = 0; f < kbytes && k.s1 == (ptrdiff_t)sizeof(T); f += 64)
             __builtin_prefetch(k.data + sel[t] * k.s0 + f, 0, 2);
         for (ptrdiff_t f = 0; f < vbytes && v.s1 == (ptrdiff_t)sizeof(T); f += 64)
