@@ -285,7 +285,7 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     if (!units) goto done;
 
     /* 6. every (problem, cluster, member tile), handed out one at a time: a thread claims
-       its next tile first and fetches that one's scattered rows while computing this one */
+       its next tile first and asks for that one's scattered rows while computing this one */
     const FN(ClForward) F = {n, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
                              q, k, v, out, scale, pairs};
     ptrdiff_t next_unit = 0;

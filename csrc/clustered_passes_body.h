@@ -514,9 +514,10 @@ static int FN(cl_tile)(const FN(ClForward) *F, const FN(ClUnit) *u, FN(ClProblem
     return size < RA_BQ ? size : RA_BQ;
 }
 
-/* Ask for what query tile u will read and write (T_c's rows of k and v, the members'
- * rows of q and out; without T_c only out), into L2, so the scattered rows arrive while
- * another tile computes.  Only hints: no row is read or written. */
+/* Hint (prefetch, locality 2) the rows query tile u will read and write — T_c's rows of
+ * k and v, the members' rows of q and out; without T_c only out — so the scattered rows
+ * arrive while another tile computes.  Unit-stride rows only, a line per 64 bytes from
+ * the row's start.  Only hints: no row is read or written. */
 static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
 {
     FN(ClProblem) p;
