@@ -136,11 +136,8 @@ static void FN(cl_member_sum)(RaMat x, int width, const FN(ClProblem) *p, int c,
     const int64_t s0 = p->start[c], s1 = p->start[c + 1];
     memset(dst, 0, sizeof(T) * (size_t)width);
     for (int64_t s = s0; s < s1; s++) {
-        if (s + RA_PREFETCH_ROWS < s1) {
-            const char *ahead = x.data + (ptrdiff_t)p->order[s + RA_PREFETCH_ROWS] * x.s0;
-            for (int f = 0; f < width; f += 64 / (int)sizeof(T))
-                __builtin_prefetch(ahead + (ptrdiff_t)f * x.s1);
-        }
+        if (s + RA_PREFETCH_ROWS < s1)
+            RA_PREFETCH_ROW(x, p->order[s + RA_PREFETCH_ROWS], width, sizeof(T), 3);
         FN(ra_add_row)(dst, 1, x, p->order[s], width);
     }
 }
@@ -193,11 +190,8 @@ static T FN(cl_residual_into)(RaMat v, int packed, int e, int kmax, const FN(ClP
     T mass = 0;
     memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
     for (int t = 0; t < kmax && sel[t] >= 0; t++) {
-        if (!packed && t + RA_PREFETCH_ROWS < kmax && sel[t + RA_PREFETCH_ROWS] >= 0) {
-            const char *ahead = v.data + (ptrdiff_t)sel[t + RA_PREFETCH_ROWS] * v.s0;
-            for (int f = 0; f < e; f += 64 / (int)sizeof(T))
-                __builtin_prefetch(ahead + (ptrdiff_t)f * v.s1);
-        }
+        if (!packed && t + RA_PREFETCH_ROWS < kmax && sel[t + RA_PREFETCH_ROWS] >= 0)
+            RA_PREFETCH_ROW(v, sel[t + RA_PREFETCH_ROWS], e, sizeof(T), 3);
         mass += aw[t];
         FN(ra_add_row)(r, -aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]), v,
                        packed ? t : sel[t], e);
@@ -516,8 +510,7 @@ static int FN(cl_tile)(const FN(ClForward) *F, const FN(ClUnit) *u, FN(ClProblem
 
 /* Hint (prefetch, locality 2) the rows query tile u will read and write — T_c's rows of
  * k and v, the members' rows of q and out; without T_c only out — so the scattered rows
- * arrive while another tile computes.  Unit-stride rows only, a line per 64 bytes from
- * the row's start.  Only hints: no row is read or written. */
+ * arrive while another tile computes.  Only hints: no row is read or written. */
 static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
 {
     FN(ClProblem) p;
@@ -527,17 +520,12 @@ static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
     const RaMat q = ra_mat_at(F->q, u->b), k = ra_mat_at(F->k, u->b);
     const RaMat v = ra_mat_at(F->v, u->b), out = ra_mat_at(F->out, u->b);
     const int64_t *sel = p.sel + (size_t)u->c * F->kmax;
-    const ptrdiff_t kbytes = (ptrdiff_t)sizeof(T) * F->d, vbytes = (ptrdiff_t)sizeof(T) * F->e;
     for (int t = 0; t < kc && sel[t] >= 0; t++) {
-        for (ptrdiff_t f = 0; f < kbytes && k.s1 == (ptrdiff_t)sizeof(T); f += 64)
-            __builtin_prefetch(k.data + sel[t] * k.s0 + f, 0, 2);
-        for (ptrdiff_t f = 0; f < vbytes && v.s1 == (ptrdiff_t)sizeof(T); f += 64)
-            __builtin_prefetch(v.data + sel[t] * v.s0 + f, 0, 2);
+        RA_PREFETCH_ROW(k, sel[t], F->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(v, sel[t], F->e, sizeof(T), 2);
     }
     for (int i = 0; i < rows; i++) {
-        for (ptrdiff_t f = 0; f < kbytes && kc > 0 && q.s1 == (ptrdiff_t)sizeof(T); f += 64)
-            __builtin_prefetch(q.data + idx[i] * q.s0 + f, 0, 2);
-        for (ptrdiff_t f = 0; f < vbytes && out.s1 == (ptrdiff_t)sizeof(T); f += 64)
-            __builtin_prefetch(out.data + idx[i] * out.s0 + f, 1, 2);
+        if (kc > 0) RA_PREFETCH_ROW(q, idx[i], F->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(out, idx[i], F->e, sizeof(T), 2);
     }
 }

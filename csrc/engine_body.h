@@ -91,8 +91,7 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
             if (idx && r + RA_PREFETCH_ROWS < rows && idx[r + RA_PREFETCH_ROWS] >= 0 &&
                 src.s1 == (ptrdiff_t)sizeof(T)) {
                 /* scattered rows: fetch a later row's cache lines while copying this one */
-                const char *ahead = src.data + (ptrdiff_t)idx[r + RA_PREFETCH_ROWS] * src.s0;
-                for (size_t b = 0; b < sizeof(T) * (size_t)cols; b += 64) __builtin_prefetch(ahead + b);
+                RA_PREFETCH_ROW(src, idx[r + RA_PREFETCH_ROWS], cols, sizeof(T), 3);
             }
             if (row < 0) memset(o, 0, sizeof(T) * (size_t)cols);
             else if (src.s1 == (ptrdiff_t)sizeof(T) && mul == 1)
