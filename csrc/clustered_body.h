@@ -383,22 +383,17 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
     /* in the forward: r_c −= a_c[j] f_cj v_j for j ∈ T_c (f_cj the centroid dropout
        factor, 1 without), so the dense step over-counted dv_j by a_c[j]·f_cj·gsum_c and
        ds_j by a_c[j]·f_cj·(gsum_c·v_j): undo both */
-    if (kc > 0) {
-        memset(dkt, 0, ts * (size_t)kc * d);
-        memset(dvt, 0, ts * (size_t)kc * e);
-        /* T_c's keys and values packed: k (kc, d), v (kc, e) rows, and the transposes */
-        FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
-    }
-    for (int t = 0; t < kc; t++) {
+    /* T_c's keys and values packed: k (kc, d), v (kc, e) rows, and the transposes */
+    if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
+    for (int t = 0; t < kc; t++) {   /* every row of dkt, dvt written here first */
         const T af = aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]);
         const T ds = -af * FN(ra_dot)((const char *)gs, sizeof(T),
                                       (const char *)(w.v + (ptrdiff_t)t * e), sizeof(T), e);
-        const T *kr = w.k + (ptrdiff_t)t * d;
-        for (int f = 0; f < e; f++) dvt[(ptrdiff_t)t * e + f] = -af * gs[f];
-        for (int f = 0; f < d; f++) {
-            dkt[(ptrdiff_t)t * d + f] = ds * sc * cen[f];
-            dcen[f] += sc * ds * kr[f];
-        }
+        const T *restrict kr = w.k + (ptrdiff_t)t * d;
+        T *restrict dk_row = dkt + (ptrdiff_t)t * d, *restrict dv_row = dvt + (ptrdiff_t)t * e;
+        for (int f = 0; f < e; f++) dv_row[f] = -af * gs[f];
+        for (int f = 0; f < d; f++) dk_row[f] = ds * sc * cen[f];
+        for (int f = 0; f < d; f++) dcen[f] += sc * ds * kr[f];
     }
     /* forward 6 was out_i = r_c + m̂_c·o'_i with o'_i = softmax_{T_c}(s·q_i·K_T)·V_T and
        m̂_c constant: the engine backward with dout' = m̂_c·dout_i */
@@ -407,10 +402,14 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
         const int rows = size - i0 < RA_BQ ? size - i0 : RA_BQ;
         const int64_t *idx = members + i0;
         if (kc > 0) {
-            FN(cl_topk_softmax)(K, &w, ra_mat_at(A->q, b), idx, rows, kc, kmax, d, e, sc, sel,
-                                pairs);
+            /* T_c in one tile: the engine works out lse' and delta from it; else the
+               softmax over T_c recomputed first for them */
+            const int own = kc <= RA_BK;
+            if (own) FN(ra_gather)(ra_mat_at(A->q, b), idx, 0, rows, d, sc, 0, w.qs, d);
+            else FN(cl_topk_softmax)(K, &w, ra_mat_at(A->q, b), idx, rows, kc, kmax, d, e, sc,
+                                     sel, pairs);
             FN(ra_gather)(ra_mat_at(A->dout, b), idx, 0, rows, e, mh, 0, w.dout, e);
-            for (int i = 0; i < rows; i++)
+            for (int i = 0; !own && i < rows; i++)
                 w.delta[i] = FN(ra_dot)((const char *)(w.dout + (ptrdiff_t)i * e), sizeof(T),
                                         (const char *)(w.o + (ptrdiff_t)i * e), sizeof(T), e);
             memset(w.dq, 0, ts * (size_t)rows * d);
@@ -418,7 +417,8 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
             w.gt.pos = pairs ? idx : NULL;
             w.gt.pairs = pairs;
             const FN(RaKeys) keys = FN(cl_topk_keys)(&w, kc, kmax, d, e, pairs ? sel : NULL);
-            FN(ra_attend_backward)(K, &w.gt, &keys, dkt, d, dvt, e, d, e, 0, NULL);
+            FN(ra_attend_backward)(K, &w.gt, &keys, dkt, d, dvt, e, d, e,
+                                   own ? RA_OWN_STATS : 0, NULL);
         }
         /* forward 2 was q̄_c = mean of members: each gets dcent_c / |c| */
         for (int i = 0; i < rows; i++) {

@@ -63,6 +63,9 @@ enum {
     RA_MASKED = 1,        /* engine-internal: this tile needs the position mask */
     RA_CAUSAL = 2,        /* key j visible to query i only if j <= i */
     RA_EXCLUDE_SELF = 4,  /* key i hidden from query i */
+    RA_OWN_STATS = 8,     /* ra_attend_backward: the list is one tile (count <= RA_BK) and
+                             the gradient tile's lse and delta are not read but written,
+                             worked out from that tile (no forward statistics needed) */
 };
 
 /* The pair terms of a batch of problems (see RaPairs): drop (B) int64 dropout thresholds
@@ -117,7 +120,8 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
         int rows;                                                                         \
         const T *q;            /* (rows, d) scaled queries */                             \
         const T *dout;         /* (rows, e) */                                            \
-        const T *lse, *delta;  /* (rows): log-sum-exp, rowsum(dout ∘ out) */              \
+        T *lse, *delta;        /* (rows): log-sum-exp, rowsum(dout ∘ out); written       \
+                                  instead of read under RA_OWN_STATS */                   \
         const int64_t *pos;                                                               \
         T *dq;                 /* (rows, d) accumulated, w.r.t. the scaled query */       \
         T *s, *dp;             /* scratch (rows, RA_BK) each */                           \
@@ -220,7 +224,8 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
                                  const T *mx, const T *sum, const T *acc);                \
     /* Backward of ra_attend for one query gradient tile: dq += over the list, dk (count,\
        d) and dv (count, e) accumulate.  self_only (rows) or NULL: rows whose forward     \
-       took the exclude_self fallback (their one term is differentiated too). */         \
+       took the exclude_self fallback (their one term is differentiated too).  flags:   \
+       RA_CAUSAL, RA_EXCLUDE_SELF, RA_OWN_STATS. */                                       \
     void ra_attend_backward_##SUF(const KT *K, RaQGradTile_##SUF *g, const RaKeys_##SUF *keys,\
                                   T *dk, ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d,     \
                                   int e, int flags, const uint8_t *self_only);            \

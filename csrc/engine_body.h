@@ -328,6 +328,24 @@ static void FN(bias_grad)(const T *ds, ptrdiff_t ld, int rows, int cols, const i
     }
 }
 
+/* RA_OWN_STATS: logits s (rows, cols; ld RA_BK) of a whole list -> p = softmax(s) in
+ * place, lse (rows) = log-sum-exp (-inf for a row that sees no key, whose p is 0); sum
+ * (rows) is scratch. */
+static void FN(own_softmax)(const KT *K, int rows, int cols, T *s, T *lse, T *sum)
+{
+    for (int i = 0; i < rows; i++) {
+        lse[i] = -INFINITY;   /* the running maximum, until the end */
+        sum[i] = 0;
+    }
+    K->softmax_step(rows, cols, s, RA_BK, lse, sum, NULL, 0, 0);   /* s = exp(s - max) */
+    for (int i = 0; i < rows; i++) {
+        const T inv = sum[i] == 0 ? 0 : 1 / sum[i];
+        T *p = s + (ptrdiff_t)i * RA_BK;
+        for (int j = 0; j < cols; j++) p[j] *= inv;
+        lse[i] = sum[i] == 0 ? -INFINITY : lse[i] + log(sum[i]);
+    }
+}
+
 /* q (rows, d), dout (rows, e); k (cols, d), kt (d, cols), vt (e, cols);
  * dq (rows, d), dk (cols, d), dv (cols, e) accumulate */
 static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *kt, T *dk,
@@ -341,7 +359,8 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
     if (pr && pr->bias) K->bias_tile(rows, cols, g->s, RA_BK, rid, cid, pr->bias);
     if (flags & RA_MASKED) FN(apply_mask)(K, g->s, RA_BK, rows, cols, g->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(g->s, RA_BK, rows, cols, kt->vis, kt->ldvis);
-    K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
+    if (flags & RA_OWN_STATS) FN(own_softmax)(K, rows, cols, g->s, g->lse, g->delta);
+    else K->exp_shift(rows, cols, g->s, RA_BK, g->lse);
     if (pr && pr->drop) {
         /* forward: acc += (p∘f)·v with the dropout factor f (0 or keep), so
            dv += (p∘f)ᵀ·dout (p∘f built in dp) and dp = f∘(dout·vᵀ) */
@@ -356,6 +375,11 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
         K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
         K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
     }
+    /* the forward's out = (p [∘ f])·v, so delta = rowsum(dout ∘ out) = rowsum(p ∘ dp) */
+    if (flags & RA_OWN_STATS)
+        for (int i = 0; i < rows; i++)
+            g->delta[i] = FN(ra_dot)((const char *)(g->s + (ptrdiff_t)i * RA_BK), sizeof(T),
+                                     (const char *)(g->dp + (ptrdiff_t)i * RA_BK), sizeof(T), cols);
     /* forward: p = softmax(s), so ds = p ∘ (dp - delta) with delta = rowsum(dout∘out) */
     K->softmax_grad(rows, cols, g->s, g->dp, RA_BK, g->delta, 1);
     if (pr && pr->dbias) FN(bias_grad)(g->dp, RA_BK, rows, cols, rid, cid, pr->dbias);
@@ -551,13 +575,18 @@ void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *k
                             ptrdiff_t lddk, T *dv, ptrdiff_t lddv, int d, int e, int flags,
                             const uint8_t *self_only)
 {
+    const int own = flags & RA_OWN_STATS;
+    for (int r = 0; own && r < g->rows; r++) {   /* what a row that sees no key gets */
+        g->lse[r] = -INFINITY;
+        g->delta[r] = 0;
+    }
     for (int j0 = 0, cols; j0 < keys->count; j0 += cols) {
         FN(RaKTile) t = FN(keys_tile)(keys, j0, g->rows, RA_NEED_KT | RA_NEED_BACKWARD);
         cols = t.cols;
         const int f = FN(tile_prepare)(keys, &t, j0, g->pos, g->rows, flags);
         if (f >= 0)
             FN(ra_bwd_step)(K, g, &t, t.dk ? t.dk : dk + (ptrdiff_t)j0 * lddk, lddk,
-                            t.dv ? t.dv : dv + (ptrdiff_t)j0 * lddv, lddv, d, e, f);
+                            t.dv ? t.dv : dv + (ptrdiff_t)j0 * lddv, lddv, d, e, f | own);
     }
     for (int r = 0; self_only && r < g->rows; r++)
         if (self_only[r]) FN(self_fallback_backward)(g, keys, r, dk, lddk, dv, lddv, d, e);
