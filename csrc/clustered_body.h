@@ -192,8 +192,11 @@ static FN(ClUnit) *FN(cl_units)(ptrdiff_t B, int C, char *packs, size_t per_prob
 }
 
 /* Query tile u: out_i = r_c + m̂_c · softmax_{T_c}(q_i·K_T)·V_T for its members. */
-static void FN(cl_forward_tile)(const KT *K, const FN(ClForward) *F, const FN(ClUnit) *u)
+static void FN(cl_forward_tile)(const void *ctx, ptrdiff_t unit)
 {
+    const FN(ClForward) *F = ctx;
+    const FN(ClUnit) *u = &F->units[unit];
+    const KT *K = F->K;
     const ptrdiff_t b = u->b;
     const int c = u->c, d = F->d, e = F->e, kmax = F->kmax;
     FN(ClProblem) p;
@@ -287,21 +290,8 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     /* 6. every (problem, cluster, member tile), handed out one at a time: a thread claims
        its next tile first and asks for that one's scattered rows while computing this one */
     const FN(ClForward) F = {n, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
-                             q, k, v, out, scale, pairs};
-    ptrdiff_t next_unit = 0;
-    #pragma omp parallel num_threads(nt)
-    {
-        ptrdiff_t u, after;
-        #pragma omp atomic capture
-        u = next_unit++;
-        while (u < nunits) {
-            #pragma omp atomic capture
-            after = next_unit++;
-            if (after < nunits) FN(cl_fetch_tile)(&F, &units[after]);
-            FN(cl_forward_tile)(K, &F, &units[u]);
-            u = after;
-        }
-    }
+                             q, k, v, out, scale, pairs, K, units};
+    ra_lookahead_for(nt, nunits, FN(cl_fetch_tile), FN(cl_forward_tile), &F);
 
     /* 7. queries labelled -1 output 0 */
     #pragma omp parallel for num_threads(nt) schedule(static)
@@ -321,34 +311,6 @@ done:
 }
 
 /* ------------------------------------------------------------------ backward */
-/* What the backward's parallel units share. */
-typedef struct {
-    int n, m, d, e, C, kmax, G;
-    char *packs, *scratch;
-    size_t per_problem, per_thread;
-    RaBMat dout, q, k, v, dq, dk, dv;
-    RaBVec labels, key_mask, scale;
-    const RaBPairs *pairs;
-    T *dbias_part;           /* (B, groups, r) the relative bias gradient of each group of
-                                consecutive clusters (cl_bias_group), or NULL */
-    int r;
-} FN(ClBackward);
-
-static FN(ClProblem) FN(cl_problem)(const FN(ClBackward) *A, ptrdiff_t b)
-{
-    FN(ClProblem) p;
-    FN(cl_carve)(A->packs + b * A->per_problem, A->n, A->d, A->e, A->C, A->kmax, A->G, 1, &p);
-    return p;
-}
-
-static FN(ClTiles) FN(cl_thread_tiles)(const FN(ClBackward) *A)
-{
-    FN(ClTiles) w;
-    FN(cl_tiles)(&(RaArena){A->scratch + (size_t)ra_thread_id() * A->per_thread, 0}, A->d, A->e,
-                 A->kmax, &w);
-    return w;
-}
-
 /* The relative bias gradient is summed per group of consecutive clusters (a function of
  * the shape only: the same bits for any thread count): how many, and cluster c's. */
 static inline int FN(cl_bias_groups)(int C) { return C < 8 ? C : 8; }
@@ -433,6 +395,12 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
     }
 }
 
+static void FN(cl_cluster_unit)(const void *ctx, ptrdiff_t unit)
+{
+    const FN(ClBackward) *A = ctx;
+    FN(cl_cluster_backward)(A->K, A, A->units[unit].b, A->units[unit].c);
+}
+
 /* Key block [j0, j0 + BK) of problem b: the T_c key gradients added into dk, dv, clusters
  * in order (so the sums do not depend on the thread count). */
 static void FN(cl_topk_key_grads)(const FN(ClBackward) *A, ptrdiff_t b, int64_t j0)
@@ -490,9 +458,9 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     const int r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
     const int groups = FN(cl_bias_groups)(C);
     T *dbias_part = r ? ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)B, groups), r))) : NULL;
-    const FN(ClBackward) A = {n, m, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
-                              dout, q, k, v, dq, dk, dv, labels, key_mask, scale, pairs,
-                              dbias_part, r};
+    FN(ClBackward) A = {n, m, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
+                        dout, q, k, v, dq, dk, dv, labels, key_mask, scale, pairs,
+                        dbias_part, r, K, NULL};
     FN(ClUnit) *units = NULL;
     int status = RA_ERR_NOMEM;
     if (!packs || !scratch || (r && !dbias_part)) goto done;
@@ -552,8 +520,9 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
     units = FN(cl_units)(B, C, packs, per_problem, n, d, e, kmax, G, 1, 1, &nunits);
     status = RA_ERR_NOMEM;
     if (!units) goto done;
-    /* every (problem, cluster): the T_c terms, then dq of its members; with a bias
-       gradient, groups of consecutive clusters, each one's in order */
+    /* every (problem, cluster): the T_c terms, then dq of its members, handed out one at
+       a time with the next one's rows hinted meanwhile; with a bias gradient, groups of
+       consecutive clusters, each one's in order */
     if (r) {
         #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
         for (ptrdiff_t x = 0; x < B * groups; x++) {
@@ -566,9 +535,8 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
                     FN(cl_cluster_backward)(K, &A, b, c);
         }
     } else {
-        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-        for (ptrdiff_t u = 0; u < nunits; u++)
-            FN(cl_cluster_backward)(K, &A, units[u].b, units[u].c);
+        A.units = units;
+        ra_lookahead_for(nt, nunits, FN(cl_fetch_cluster), FN(cl_cluster_unit), &A);
     }
 
     /* queries labelled -1 get no gradient */

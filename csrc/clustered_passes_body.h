@@ -1,6 +1,7 @@
 /* clustered_passes_body.h — clustered attention's buffers and passes: per-problem
- * layout, plan, centroids, the centroid passes on the engine, top-k selection.
- * Included by clustered_body.h (once per type, with its macros). */
+ * layout, plan, centroids, the centroid passes on the engine, top-k selection; what the
+ * forward's query tiles and the backward's clusters share, and the rows each hints
+ * before it runs.  Included by clustered_body.h (once per type, with its macros). */
 
 /* ------------------------------------------------------------------ top-k candidates */
 /* One candidate key of a cluster's top-k: its centroid logit and position. */
@@ -496,6 +497,8 @@ typedef struct {
     RaBMat q, k, v, out;
     RaBVec scale;
     const RaBPairs *pairs;
+    const KT *K;
+    const FN(ClUnit) *units;
 } FN(ClForward);
 
 /* Query tile u: its problem's buffers, its members idx[0..rows) (cluster u->c). */
@@ -511,8 +514,10 @@ static int FN(cl_tile)(const FN(ClForward) *F, const FN(ClUnit) *u, FN(ClProblem
 /* Hint (prefetch, locality 2) the rows query tile u will read and write — T_c's rows of
  * k and v, the members' rows of q and out; without T_c only out — so the scattered rows
  * arrive while another tile computes.  Only hints: no row is read or written. */
-static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
+static void FN(cl_fetch_tile)(const void *ctx, ptrdiff_t unit)
 {
+    const FN(ClForward) *F = ctx;
+    const FN(ClUnit) *u = &F->units[unit];
     FN(ClProblem) p;
     const int64_t *idx;
     const int rows = FN(cl_tile)(F, u, &p, &idx);
@@ -527,5 +532,61 @@ static void FN(cl_fetch_tile)(const FN(ClForward) *F, const FN(ClUnit) *u)
     for (int i = 0; i < rows; i++) {
         if (kc > 0) RA_PREFETCH_ROW(q, idx[i], F->d, sizeof(T), 2);
         RA_PREFETCH_ROW(out, idx[i], F->e, sizeof(T), 2);
+    }
+}
+
+/* What the backward's parallel units share. */
+typedef struct {
+    int n, m, d, e, C, kmax, G;
+    char *packs, *scratch;
+    size_t per_problem, per_thread;
+    RaBMat dout, q, k, v, dq, dk, dv;
+    RaBVec labels, key_mask, scale;
+    const RaBPairs *pairs;
+    T *dbias_part;           /* (B, groups, r) the relative bias gradient of each group of
+                                consecutive clusters (cl_bias_group), or NULL */
+    int r;
+    const KT *K;
+    const FN(ClUnit) *units; /* whole clusters, set once listed */
+} FN(ClBackward);
+
+static FN(ClProblem) FN(cl_problem)(const FN(ClBackward) *A, ptrdiff_t b)
+{
+    FN(ClProblem) p;
+    FN(cl_carve)(A->packs + b * A->per_problem, A->n, A->d, A->e, A->C, A->kmax, A->G, 1, &p);
+    return p;
+}
+
+static FN(ClTiles) FN(cl_thread_tiles)(const FN(ClBackward) *A)
+{
+    FN(ClTiles) w;
+    FN(cl_tiles)(&(RaArena){A->scratch + (size_t)ra_thread_id() * A->per_thread, 0}, A->d, A->e,
+                 A->kmax, &w);
+    return w;
+}
+
+/* Hint the rows cluster u's backward reads first: T_c's rows of k and v, its first
+ * tile's members' rows of q and dout, and their dq rows it writes. */
+static void FN(cl_fetch_cluster)(const void *ctx, ptrdiff_t unit)
+{
+    const FN(ClBackward) *A = ctx;
+    const FN(ClUnit) *u = &A->units[unit];
+    const FN(ClProblem) p = FN(cl_problem)(A, u->b);
+    const int kc = (int)p.info[1];
+    const int64_t *sel = p.sel + (size_t)u->c * A->kmax, *idx = p.order + p.start[u->c];
+    const int size = (int)(p.start[u->c + 1] - p.start[u->c]);
+    const int rows = size < RA_BQ ? size : RA_BQ;
+    const RaMat q = ra_mat_at(A->q, u->b), k = ra_mat_at(A->k, u->b), v = ra_mat_at(A->v, u->b);
+    const RaMat dout = ra_mat_at(A->dout, u->b), dq = ra_mat_at(A->dq, u->b);
+    for (int t = 0; t < kc; t++) {
+        RA_PREFETCH_ROW(k, sel[t], A->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(v, sel[t], A->e, sizeof(T), 2);
+    }
+    for (int i = 0; i < rows; i++) {
+        if (kc > 0) {
+            RA_PREFETCH_ROW(q, idx[i], A->d, sizeof(T), 2);
+            RA_PREFETCH_ROW(dout, idx[i], A->e, sizeof(T), 2);
+        }
+        RA_PREFETCH_ROW(dq, idx[i], A->d, sizeof(T), 2);
     }
 }

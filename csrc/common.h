@@ -64,6 +64,30 @@ static inline int ra_num_threads(void)
         }                                                                                \
     } while (0)
 
+/* run(ctx, u) for every unit u < count on nt threads, the units handed out one at a time
+ * from a shared counter: a thread claims its next unit before it runs the current one and
+ * calls fetch(ctx, next) meanwhile (to hint the rows that unit will read, say).  Which
+ * thread runs a unit varies, so run's results must not depend on it. */
+typedef void (*RaUnitFn)(const void *ctx, ptrdiff_t unit);
+static inline void ra_lookahead_for(int nt, ptrdiff_t count, RaUnitFn fetch, RaUnitFn run,
+                                    const void *ctx)
+{
+    ptrdiff_t next_unit = 0;
+    #pragma omp parallel num_threads(nt)
+    {
+        ptrdiff_t u, after;
+        #pragma omp atomic capture
+        u = next_unit++;
+        while (u < count) {
+            #pragma omp atomic capture
+            after = next_unit++;
+            if (after < count) fetch(ctx, after);
+            run(ctx, u);
+            u = after;
+        }
+    }
+}
+
 static inline int ra_thread_id(void)
 {
 #ifdef _OPENMP
