@@ -372,11 +372,7 @@ static void FN(cl_group_load)(void *ctx, int j0, int rows, int need, FN(RaKTile)
         t->kt = w->kt;
         t->ldkt = RA_BK;
     }
-    if ((need & RA_NEED_V) && !t->v) {
-        FN(ra_gather)(c->v, NULL, jj, cols, c->e, 1, 0, w->v, c->e);
-        t->v = w->v;
-        t->ldv = c->e;
-    }
+    if ((need & RA_NEED_V) && !t->v) t->v = FN(ra_rows)(c->v, jj, cols, c->e, w->v, &t->ldv);
 }
 
 /* RaKeys.observe of the improved form: a span's centroid logits offered to the top-k
@@ -454,10 +450,11 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
         const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
         for (int j = 0; j < cols; j++)
             w->kpos[j] = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j) ? j0 + j : -1;
-        FN(ra_gather)(k, NULL, j0, cols, d, 1, 0, w->k, d);
+        ptrdiff_t ldk;
+        const T *krows = FN(ra_rows)(k, j0, cols, d, w->k, &ldk);   /* in place if it can */
         FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
         FN(ra_gather)(v, NULL, j0, cols, e, 1, 1, w->vt, RA_BK);
-        const FN(RaKeys) tile = {.count = cols, .kt = w->kt, .ldkt = RA_BK, .k = w->k, .ldk = d,
+        const FN(RaKeys) tile = {.count = cols, .kt = w->kt, .ldkt = RA_BK, .k = krows, .ldk = ldk,
                                  .vt = w->vt, .ldvt = RA_BK, .pos = w->kpos};
         memset(w->dk, 0, sizeof(T) * (size_t)cols * d);
         memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
