@@ -174,8 +174,45 @@ static void FN(routing_merge_token)(const RaRoutingPlan *P, const FN(RoutingBuff
     }
 }
 
-/* Forward of one problem: attend per cluster (parallel), then merge per token (parallel)
- * into out (n, e) / lse (n) given as strided views. */
+/* What the forward's clusters share. */
+typedef struct {
+    const KT *K;
+    const RaRoutingPlan *P;
+    RaMat q, k, v;
+    T scale;
+    int flags;
+    char *scratch;
+    size_t per_thread;
+    FN(RoutingBuffers) *buf;
+} FN(RoutingForward);
+
+static void FN(routing_cluster_unit)(const void *ctx, ptrdiff_t cl)
+{
+    const FN(RoutingForward) *F = ctx;
+    FN(routing_cluster_forward)(F->K, F->P, (int)cl, F->q, F->k, F->v, F->scale, F->flags,
+                                (T *)(F->scratch + (size_t)ra_thread_id() * F->per_thread),
+                                F->buf);
+}
+
+/* Hint the rows cluster cl's forward reads first: its keys' rows of k and v, its first
+ * query tile's rows of q.  Only hints. */
+static void FN(routing_fetch_cluster)(const void *ctx, ptrdiff_t cl)
+{
+    const FN(RoutingForward) *F = ctx;
+    const RaRoutingPlan *P = F->P;
+    const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
+    for (int j = 0; j < P->kcount[cl]; j++) {
+        if (kpos[j] < 0) continue;
+        RA_PREFETCH_ROW(F->k, kpos[j], P->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(F->v, kpos[j], P->e, sizeof(T), 2);
+    }
+    for (int i = 0; i < P->qcount[cl] && i < RA_BQ; i++)
+        if (qpos[i] >= 0) RA_PREFETCH_ROW(F->q, qpos[i], P->d, sizeof(T), 2);
+}
+
+/* Forward of one problem: attend per cluster (parallel, the next cluster's rows hinted
+ * meanwhile), then merge per token (parallel) into out (n, e) / lse (n) given as strided
+ * views. */
 static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaMat q, RaMat k,
                                         RaMat v, T scale, int flags, int merge_lse,
                                         char *scratch, size_t per_thread,
@@ -183,10 +220,8 @@ static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaM
 {
     const int nt = ra_num_threads();
     buf->merged = out;
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int cl = 0; cl < P->c; cl++)
-        FN(routing_cluster_forward)(K, P, cl, q, k, v, scale, flags,
-                                    (T *)(scratch + (size_t)ra_thread_id() * per_thread), buf);
+    const FN(RoutingForward) F = {K, P, q, k, v, scale, flags, scratch, per_thread, buf};
+    ra_lookahead_for(nt, P->c, FN(routing_fetch_cluster), FN(routing_cluster_unit), &F);
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < P->n; i++)
         FN(routing_merge_token)(P, buf, i, merge_lse, out, lse);
