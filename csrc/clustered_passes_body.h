@@ -138,7 +138,7 @@ static void FN(cl_member_sum)(RaMat x, int width, const FN(ClProblem) *p, int c,
     memset(dst, 0, sizeof(T) * (size_t)width);
     for (int64_t s = s0; s < s1; s++) {
         if (s + RA_PREFETCH_ROWS < s1)
-            RA_PREFETCH_ROW(x, p->order[s + RA_PREFETCH_ROWS], width, sizeof(T), 0, 3);
+            RA_PREFETCH_ROW(x, p->order[s + RA_PREFETCH_ROWS], width, sizeof(T), 3);
         FN(ra_add_row)(dst, 1, x, p->order[s], width);
     }
 }
@@ -192,7 +192,7 @@ static T FN(cl_residual_into)(RaMat v, int packed, int e, int kmax, const FN(ClP
     memcpy(r, p->oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
     for (int t = 0; t < kmax && sel[t] >= 0; t++) {
         if (!packed && t + RA_PREFETCH_ROWS < kmax && sel[t + RA_PREFETCH_ROWS] >= 0)
-            RA_PREFETCH_ROW(v, sel[t + RA_PREFETCH_ROWS], e, sizeof(T), 0, 3);
+            RA_PREFETCH_ROW(v, sel[t + RA_PREFETCH_ROWS], e, sizeof(T), 3);
         mass += aw[t];
         FN(ra_add_row)(r, -aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]), v,
                        packed ? t : sel[t], e);
@@ -523,12 +523,12 @@ static void FN(cl_fetch_tile)(const void *ctx, ptrdiff_t unit)
     const RaMat v = ra_mat_at(F->v, u->b), out = ra_mat_at(F->out, u->b);
     const int64_t *sel = p.sel + (size_t)u->c * F->kmax;
     for (int t = 0; t < kc && sel[t] >= 0; t++) {
-        RA_PREFETCH_ROW(k, sel[t], F->d, sizeof(T), 0, 2);
-        RA_PREFETCH_ROW(v, sel[t], F->e, sizeof(T), 0, 2);
+        RA_PREFETCH_ROW(k, sel[t], F->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(v, sel[t], F->e, sizeof(T), 2);
     }
     for (int i = 0; i < rows; i++) {
-        if (kc > 0) RA_PREFETCH_ROW(q, idx[i], F->d, sizeof(T), 0, 2);
-        RA_PREFETCH_ROW(out, idx[i], F->e, sizeof(T), 0, 2);
+        if (kc > 0) RA_PREFETCH_ROW(q, idx[i], F->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(out, idx[i], F->e, sizeof(T), 2);
     }
 }
 
@@ -576,14 +576,14 @@ static void FN(cl_fetch_cluster)(const void *ctx, ptrdiff_t unit)
     const RaMat q = ra_mat_at(A->q, u->b), k = ra_mat_at(A->k, u->b), v = ra_mat_at(A->v, u->b);
     const RaMat dout = ra_mat_at(A->dout, u->b), dq = ra_mat_at(A->dq, u->b);
     for (int t = 0; t < kc; t++) {
-        RA_PREFETCH_ROW(k, sel[t], A->d, sizeof(T), 0, 2);
-        RA_PREFETCH_ROW(v, sel[t], A->e, sizeof(T), 0, 2);
+        RA_PREFETCH_ROW(k, sel[t], A->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(v, sel[t], A->e, sizeof(T), 2);
     }
     for (int i = 0; i < rows; i++) {
         if (kc > 0) {
-            RA_PREFETCH_ROW(q, idx[i], A->d, sizeof(T), 0, 2);
-            RA_PREFETCH_ROW(dout, idx[i], A->e, sizeof(T), 0, 2);
+            RA_PREFETCH_ROW(q, idx[i], A->d, sizeof(T), 2);
+            RA_PREFETCH_ROW(dout, idx[i], A->e, sizeof(T), 2);
         }
-        RA_PREFETCH_ROW(dq, idx[i], A->d, sizeof(T), 0, 2);
+        RA_PREFETCH_ROW(dq, idx[i], A->d, sizeof(T), 2);
     }
 }

@@ -47,14 +47,13 @@
 #define RA_BQ 64    /* query rows per tile */
 #define RA_BK 256   /* keys per tile */
 #define RA_PREFETCH_ROWS 8   /* gathers of scattered rows fetch this many rows ahead */
-/* Hint the cache lines of row `row` of m (RaMat; cols elements of elem bytes), to be
- * read (rw 0) or written (rw 1): one prefetch per 64 / elem elements, i.e. per line of a
- * unit-stride row.  Only a hint. */
-#define RA_PREFETCH_ROW(m, row, cols, elem, rw, locality)                                  \
+/* Hint the cache lines of row `row` of m (RaMat; cols elements of elem bytes): one
+ * prefetch per 64 / elem elements, i.e. per line of a unit-stride row.  Only a hint. */
+#define RA_PREFETCH_ROW(m, row, cols, elem, locality)                                      \
     do {                                                                                  \
         const char *ra_row_ = (m).data + (ptrdiff_t)(row) * (m).s0;                       \
         for (int ra_f_ = 0; ra_f_ < (cols); ra_f_ += 64 / (int)(elem))                    \
-            __builtin_prefetch(ra_row_ + (ptrdiff_t)ra_f_ * (m).s1, (rw), (locality));     \
+            __builtin_prefetch(ra_row_ + (ptrdiff_t)ra_f_ * (m).s1, 0, (locality));        \
     } while (0)
 
 /* What a key list's load hook must provide for a tile. */

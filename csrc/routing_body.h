@@ -195,8 +195,7 @@ static void FN(routing_cluster_unit)(const void *ctx, ptrdiff_t cl)
 }
 
 /* Hint the rows cluster cl's forward touches first: its keys' rows of k and v, its first
- * query tile's rows of q, and their rows of the merged output, to be written.  Only
- * hints. */
+ * query tile's rows of q and their rows of the merged output.  Only hints. */
 static void FN(routing_fetch_cluster)(const void *ctx, ptrdiff_t cl)
 {
     const FN(RoutingForward) *F = ctx;
@@ -204,13 +203,13 @@ static void FN(routing_fetch_cluster)(const void *ctx, ptrdiff_t cl)
     const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
     for (int j = 0; j < P->kcount[cl]; j++) {
         if (kpos[j] < 0) continue;
-        RA_PREFETCH_ROW(F->k, kpos[j], P->d, sizeof(T), 0, 2);
-        RA_PREFETCH_ROW(F->v, kpos[j], P->e, sizeof(T), 0, 2);
+        RA_PREFETCH_ROW(F->k, kpos[j], P->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(F->v, kpos[j], P->e, sizeof(T), 2);
     }
     for (int i = 0; i < P->qcount[cl] && i < RA_BQ; i++) {
         if (qpos[i] < 0) continue;
-        RA_PREFETCH_ROW(F->q, qpos[i], P->d, sizeof(T), 0, 2);
-        RA_PREFETCH_ROW(F->buf->merged, qpos[i], P->e, sizeof(T), 1, 2);
+        RA_PREFETCH_ROW(F->q, qpos[i], P->d, sizeof(T), 2);
+        RA_PREFETCH_ROW(F->buf->merged, qpos[i], P->e, sizeof(T), 2);
     }
 }
 

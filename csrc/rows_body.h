@@ -51,7 +51,7 @@ void FN(ra_gather)(RaMat src, const int64_t *idx, int64_t first, int rows, int c
             if (idx && r + RA_PREFETCH_ROWS < rows && idx[r + RA_PREFETCH_ROWS] >= 0 &&
                 src.s1 == (ptrdiff_t)sizeof(T)) {
                 /* scattered rows: fetch a later row's cache lines while copying this one */
-                RA_PREFETCH_ROW(src, idx[r + RA_PREFETCH_ROWS], cols, sizeof(T), 0, 3);
+                RA_PREFETCH_ROW(src, idx[r + RA_PREFETCH_ROWS], cols, sizeof(T), 3);
             }
             if (row < 0) memset(o, 0, sizeof(T) * (size_t)cols);
             else if (src.s1 == (ptrdiff_t)sizeof(T) && mul == 1)
