@@ -575,7 +575,7 @@ static void FN(cl_fetch_cluster)(const void *ctx, ptrdiff_t unit)
     const int rows = size < RA_BQ ? size : RA_BQ;
     const RaMat q = ra_mat_at(A->q, u->b), k = ra_mat_at(A->k, u->b), v = ra_mat_at(A->v, u->b);
     const RaMat dout = ra_mat_at(A->dout, u->b), dq = ra_mat_at(A->dq, u->b);
-    for (int t = 0; t < kc; t++) {
+    for (int t = 0; t < kc && sel[t] >= 0; t++) {
         RA_PREFETCH_ROW(k, sel[t], A->d, sizeof(T), 2);
         RA_PREFETCH_ROW(v, sel[t], A->e, sizeof(T), 2);
     }

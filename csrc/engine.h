@@ -65,7 +65,8 @@ enum {
     RA_EXCLUDE_SELF = 4,  /* key i hidden from query i */
     RA_OWN_STATS = 8,     /* ra_attend_backward: the list is one tile (count <= RA_BK) and
                              the gradient tile's lse and delta are not read but written,
-                             worked out from that tile (no forward statistics needed) */
+                             worked out from that tile (no forward statistics needed); a
+                             longer list gets NaN statistics, so NaN gradients */
 };
 
 /* The pair terms of a batch of problems (see RaPairs): drop (B) int64 dropout thresholds

@@ -462,9 +462,12 @@ void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *k
                             const uint8_t *self_only)
 {
     const int own = flags & RA_OWN_STATS;
-    for (int r = 0; own && r < g->rows; r++) {   /* what a row that sees no key gets */
-        g->lse[r] = -INFINITY;
-        g->delta[r] = 0;
+    const int one_tile = keys->count <= RA_BK;
+    for (int r = 0; own && r < g->rows; r++) {
+        /* what a row that sees no key gets; a longer list breaks the flag's contract and
+           gets NaN statistics, so NaN gradients rather than quietly wrong ones */
+        g->lse[r] = one_tile ? -INFINITY : (T)NAN;
+        g->delta[r] = one_tile ? 0 : (T)NAN;
     }
     for (int j0 = 0, cols; j0 < keys->count; j0 += cols) {
         FN(RaKTile) t = FN(keys_tile)(keys, j0, g->rows, RA_NEED_KT | RA_NEED_BACKWARD);
@@ -472,7 +475,8 @@ void FN(ra_attend_backward)(const KT *K, FN(RaQGradTile) *g, const FN(RaKeys) *k
         const int f = FN(tile_prepare)(keys, &t, j0, g->pos, g->rows, flags);
         if (f >= 0)
             FN(ra_bwd_step)(K, g, &t, t.dk ? t.dk : dk + (ptrdiff_t)j0 * lddk, lddk,
-                            t.dv ? t.dv : dv + (ptrdiff_t)j0 * lddv, lddv, d, e, f | own);
+                            t.dv ? t.dv : dv + (ptrdiff_t)j0 * lddv, lddv, d, e,
+                            f | (one_tile ? own : 0));
     }
     for (int r = 0; self_only && r < g->rows; r++)
         if (self_only[r]) FN(self_fallback_backward)(g, keys, r, dk, lddk, dv, lddv, d, e);
