@@ -508,6 +508,16 @@ static int FN(cl_tile)(const FN(ClForward) *F, const FN(ClUnit) *u, FN(ClProblem
     return size < RA_BQ ? size : RA_BQ;
 }
 
+/* Hint (locality 2) T_c's rows of k and v: its kc keys at positions sel, up to an unfilled
+ * entry (-1). */
+static void FN(cl_hint_topk)(RaMat k, RaMat v, const int64_t *sel, int kc, int d, int e)
+{
+    for (int t = 0; t < kc && sel[t] >= 0; t++) {
+        RA_PREFETCH_ROW(k, sel[t], d, sizeof(T), 2);
+        RA_PREFETCH_ROW(v, sel[t], e, sizeof(T), 2);
+    }
+}
+
 /* Hint (prefetch, locality 2) the rows query tile u will read and write — T_c's rows of
  * k and v, the members' rows of q and out; without T_c only out — so the scattered rows
  * arrive while another tile computes.  Only hints: no row is read or written. */
@@ -519,13 +529,9 @@ static void FN(cl_fetch_tile)(const void *ctx, ptrdiff_t unit)
     const int64_t *idx;
     const int rows = FN(cl_tile)(F, u, &p, &idx);
     const int kc = (int)p.info[1];
-    const RaMat q = ra_mat_at(F->q, u->b), k = ra_mat_at(F->k, u->b);
-    const RaMat v = ra_mat_at(F->v, u->b), out = ra_mat_at(F->out, u->b);
-    const int64_t *sel = p.sel + (size_t)u->c * F->kmax;
-    for (int t = 0; t < kc && sel[t] >= 0; t++) {
-        RA_PREFETCH_ROW(k, sel[t], F->d, sizeof(T), 2);
-        RA_PREFETCH_ROW(v, sel[t], F->e, sizeof(T), 2);
-    }
+    const RaMat q = ra_mat_at(F->q, u->b), out = ra_mat_at(F->out, u->b);
+    FN(cl_hint_topk)(ra_mat_at(F->k, u->b), ra_mat_at(F->v, u->b),
+                     p.sel + (size_t)u->c * F->kmax, kc, F->d, F->e);
     for (int i = 0; i < rows; i++) {
         if (kc > 0) RA_PREFETCH_ROW(q, idx[i], F->d, sizeof(T), 2);
         RA_PREFETCH_ROW(out, idx[i], F->e, sizeof(T), 2);
@@ -570,15 +576,13 @@ static void FN(cl_fetch_cluster)(const void *ctx, ptrdiff_t unit)
     const FN(ClUnit) *u = &A->units[unit];
     const FN(ClProblem) p = FN(cl_problem)(A, u->b);
     const int kc = (int)p.info[1];
-    const int64_t *sel = p.sel + (size_t)u->c * A->kmax, *idx = p.order + p.start[u->c];
+    const int64_t *idx = p.order + p.start[u->c];
     const int size = (int)(p.start[u->c + 1] - p.start[u->c]);
     const int rows = size < RA_BQ ? size : RA_BQ;
-    const RaMat q = ra_mat_at(A->q, u->b), k = ra_mat_at(A->k, u->b), v = ra_mat_at(A->v, u->b);
-    const RaMat dout = ra_mat_at(A->dout, u->b), dq = ra_mat_at(A->dq, u->b);
-    for (int t = 0; t < kc && sel[t] >= 0; t++) {
-        RA_PREFETCH_ROW(k, sel[t], A->d, sizeof(T), 2);
-        RA_PREFETCH_ROW(v, sel[t], A->e, sizeof(T), 2);
-    }
+    const RaMat q = ra_mat_at(A->q, u->b), dout = ra_mat_at(A->dout, u->b);
+    const RaMat dq = ra_mat_at(A->dq, u->b);
+    FN(cl_hint_topk)(ra_mat_at(A->k, u->b), ra_mat_at(A->v, u->b),
+                     p.sel + (size_t)u->c * A->kmax, kc, A->d, A->e);
     for (int i = 0; i < rows; i++) {
         if (kc > 0) {
             RA_PREFETCH_ROW(q, idx[i], A->d, sizeof(T), 2);
