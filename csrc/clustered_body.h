@@ -320,8 +320,9 @@ static inline int FN(cl_bias_group)(int c, int C)
 }
 
 /* Cluster c of problem b: the T_c terms of its gradient, then dq of its members. */
-static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdiff_t b, int c)
+static void FN(cl_cluster_backward)(const FN(ClBackward) *A, ptrdiff_t b, int c)
 {
+    const KT *K = A->K;
     const int d = A->d, e = A->e, kmax = A->kmax;
     const size_t ts = sizeof(T);
     FN(ClProblem) p = FN(cl_problem)(A, b);
@@ -398,7 +399,7 @@ static void FN(cl_cluster_backward)(const KT *K, const FN(ClBackward) *A, ptrdif
 static void FN(cl_cluster_unit)(const void *ctx, ptrdiff_t unit)
 {
     const FN(ClBackward) *A = ctx;
-    FN(cl_cluster_backward)(A->K, A, A->units[unit].b, A->units[unit].c);
+    FN(cl_cluster_backward)(A, A->units[unit].b, A->units[unit].c);
 }
 
 /* Key block [j0, j0 + BK) of problem b: the T_c key gradients added into dk, dv, clusters
@@ -532,7 +533,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
             FN(ClProblem) p = FN(cl_problem)(&A, b);
             for (int c = 0; c < C; c++)
                 if (FN(cl_bias_group)(c, C) == g && p.start[c + 1] > p.start[c])
-                    FN(cl_cluster_backward)(K, &A, b, c);
+                    FN(cl_cluster_backward)(&A, b, c);
         }
     } else {
         A.units = units;
