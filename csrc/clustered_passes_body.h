@@ -483,7 +483,8 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
 static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *sel, int kc,
                              int kmax, int d, int e, int backward)
 {
-    FN(ra_pack_keys)(k, v, sel, kc, d, e, w->k, w->kt, w->v, backward ? w->vt : NULL, kmax);
+    FN(ra_pack_keys)(k, v, sel, kc, d, e, 1, backward ? w->k : NULL, w->kt, w->v,
+                     backward ? w->vt : NULL, kmax);
 }
 
 /* What the forward's query tiles share. */

@@ -146,12 +146,13 @@ typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
        (rows, cols).  The same values either way: a product over them gives the same bits.*/\
     const T *ra_rows_##SUF(RaMat src, int64_t first, int rows, int cols, T *dst,         \
                            ptrdiff_t *ld);                                                \
-    /* Key rows idx[0..rows) packed for the engine (idx < 0: zero rows): k (rows, d), v  \
-       (rows, e) copied whole, then kᵀ (d, rows) and, if vt is not NULL, vᵀ (e, rows), \
-       both with leading dimension ldt, transposed from those contiguous copies (register\
-       transposes) rather than by element gathers from all over k and v. */              \
+    /* Key rows idx[0..rows) packed for the engine (idx < 0: zero rows): kᵀ (d, rows)   \
+       times kt_mul (the forward folds the logits' scale into it) and v (rows, e); if kp \
+       is not NULL also k (rows, d), unscaled, and then kᵀ is transposed from that copy;  \
+       if vt is not NULL also vᵀ (e, rows) from v's copy.  ldt: kᵀ's and vᵀ's leading    \
+       dimension. */                                                                     \
     void ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, \
-                            T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt);                   \
+                            T kt_mul, T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt);         \
     /* A key list: `count` keys for the engine, attended in tiles of RA_BK.  Forward   \
        reads kt, v; backward kt, k, vt.  pos (count) gives the positions the masking    \
        rule reads (NULL: every key visible).  Set fields by name; unused ones stay 0.    \

@@ -38,8 +38,8 @@ typedef struct {
     int r;            /* n + m - 1 */
 } FN(RoutingBuffers);
 
-/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e),
- * k (u, d) and a query tile; backward: k, kᵀ, vᵀ, v, the cluster's key gradients dk
+/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e)
+ * and a query tile; backward: kᵀ, v, k (u, d), vᵀ, the cluster's key gradients dk
  * (u, d), dv (u, e), then per query tile q (BQ, d), dout (BQ, e), lse, delta (BQ), dq
  * (BQ, d) and a gradient tile. */
 typedef struct {
@@ -52,11 +52,11 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
 {
     t->kt = RA_TAKE(a, T, ra_mul(d, u));
     t->v = RA_TAKE(a, T, ra_mul(u, e));
-    t->k = RA_TAKE(a, T, ra_mul(u, d));
     if (!backward) {
         t->q = FN(ra_qtile_layout)(&t->qt, a, RA_BQ, d, e);
         return;
     }
+    t->k = RA_TAKE(a, T, ra_mul(u, d));
     t->vt = RA_TAKE(a, T, ra_mul(e, u));
     t->dk = RA_TAKE(a, T, ra_mul(u, d));
     t->dv = RA_TAKE(a, T, ra_mul(u, e));
@@ -122,14 +122,15 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     FN(RoutingTile) t;
     FN(routing_tile)(&a, &t, d, e, P->u, 0);
     FN(RaQTile) qt = t.qt;
-    T *const kt = t.kt, *const vp = t.v, *const kp = t.k, *const qs = t.q;
-    FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, NULL, nk);
+    T *const kt = t.kt, *const vp = t.v, *const qs = t.q;
+    /* the scale goes into kᵀ, so the query rows are copied as they are */
+    FN(ra_pack_keys)(k, v, kpos, nk, d, e, scale, NULL, kt, vp, NULL, nk);
     const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .v = vp, .ldv = e, .pos = kpos};
     for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
         qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
         qt.pos = qpos + r0;
         qt.pairs = buf->pairs;
-        FN(ra_gather)(q, qt.pos, 0, qt.rows, d, scale, 0, qs, d);
+        FN(ra_gather)(q, qt.pos, 0, qt.rows, d, 1, 0, qs, d);
         FN(ra_fwd_init)(&qt, e);
         FN(ra_attend)(K, &qt, &keys, d, e, flags);
         uint8_t *self_only = buf->self_only + (ptrdiff_t)cl * P->w + r0;
@@ -310,7 +311,7 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     FN(RaQGradTile) g = t.g;
     T *const kp = t.k, *const kt = t.kt, *const vt = t.vt, *const vp = t.v;
     T *const qs = t.q, *const dop = t.dout, *const lrow = t.lse, *const delta = t.delta;
-    FN(ra_pack_keys)(k, v, kpos, nk, d, e, kp, kt, vp, vt, nk);
+    FN(ra_pack_keys)(k, v, kpos, nk, d, e, 1, kp, kt, vp, vt, nk);
     const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .k = kp, .ldk = d, .vt = vt,
                              .ldvt = nk, .pos = kpos};
     FN(RaPairs) pairs;                  /* this cluster's own bias gradient row */

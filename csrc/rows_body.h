@@ -104,13 +104,17 @@ const T *FN(ra_rows)(RaMat src, int64_t first, int rows, int cols, T *dst, ptrdi
     return dst;
 }
 
-void FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, T *kp,
-                      T *kt, T *vp, T *vt, ptrdiff_t ldt)
+void FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, T kt_mul,
+                      T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt)
 {
     const RaMat krows = {(char *)kp, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
     const RaMat vrows = {(char *)vp, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-    FN(ra_gather)(k, idx, 0, rows, d, 1, 0, kp, d);
-    FN(ra_gather)(krows, NULL, 0, rows, d, 1, 1, kt, ldt);
+    if (kp) {
+        FN(ra_gather)(k, idx, 0, rows, d, 1, 0, kp, d);
+        FN(ra_gather)(krows, NULL, 0, rows, d, kt_mul, 1, kt, ldt);
+    } else {
+        FN(ra_gather)(k, idx, 0, rows, d, kt_mul, 1, kt, ldt);
+    }
     FN(ra_gather)(v, idx, 0, rows, e, 1, 0, vp, e);
     if (vt) FN(ra_gather)(vrows, NULL, 0, rows, e, 1, 1, vt, ldt);
 }
