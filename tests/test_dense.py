@@ -219,6 +219,30 @@ def test_thread_count_bit_identical(rng):
             assert np.array_equal(a, b), f"{threads} threads differ from 1 thread"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_problems_taken_whole(rng, dtype):
+    """From 4 problems per thread on, a thread takes a problem whole (packed in its own
+    scratch); below, the problems are packed first and their tiles shared out.  Both
+    agree with the reference, and with each other bit for bit."""
+    q, k, v = make(rng, dtype, (3, 4), 150, 300, 16, 12)          # 12 problems
+    key_mask = rng.random((3, 4, 300)) > 0.2
+    check_forward_backward(q, k, v, dtype, "12 problems", causal=True, key_mask=key_mask)
+    bias = rng.standard_normal((4, 150 + 300 - 1)).astype(dtype)
+    kw = dict(causal=True, key_mask=key_mask, dropout_p=0.2, dropout_seed=5, rel_bias=bias)
+    dout = rng.standard_normal((3, 4, 150, 12)).astype(dtype)
+    results = {}
+    try:
+        for threads in (1, 2, 3, 4):      # whole problems for 1-3 threads (12 >= 4·3), not 4
+            ra.set_num_threads(threads)
+            results[threads] = (ra.attention(q, k, v, **kw),) + ra.attention_backward(
+                dout, q, k, v, **kw)
+    finally:
+        ra.set_num_threads(0)
+    for threads in (2, 3, 4):
+        for a, b in zip(results[1], results[threads]):
+            assert np.array_equal(a, b), f"{threads} threads differ from 1 thread"
+
+
 def test_batch_one_backward_groups(rng):
     """Batch 1 splits the keys into groups; the result must still match the reference."""
     q, k, v = make(rng, np.float64, (), 100, 1100, 8, 8)
