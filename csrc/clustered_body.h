@@ -2,159 +2,7 @@
  * with T, KT, KSEL and FN(name) = name##_<suffix>. */
 
 #include "clustered_passes_body.h"
-
-/* ------------------------------------------------------------------ shared front end */
-/* Problem b's pair terms of the centroid weights into *cp: its dropout only (a centroid
- * has no position, so no bias), NULL without dropout. */
-static const FN(RaPairs) *FN(cl_centroid_pairs)(const RaBPairs *bp, ptrdiff_t b, int n,
-                                                FN(RaPairs) *cp)
-{
-    if (!FN(ra_pairs_at)(bp, b, n, NULL, cp) || !cp->drop) return NULL;
-    cp->bias = NULL;
-    cp->dbias = NULL;
-    return cp;
-}
-
-/* Steps 3-4 of cl_front from a forward's saved statistics: o_c, lse_c copied; T_c and
- * a_c[T_c] copied after checking that T_c's positions are increasing, in [0, m), and
- * exactly k = min(topk, unmasked keys) of them (RA_ERR_INDEX otherwise); then r_c, m̂_c. */
-static int FN(cl_front_saved)(ptrdiff_t B, int m, int e, int C, int kmax, int G, RaBMat v,
-                              char *packs, size_t per_problem, int backward,
-                              const RaClusteredSaved *saved, int nt, int n, int d,
-                              const RaBPairs *pairs)
-{
-    int status = RA_OK;
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
-        const ptrdiff_t b = unit / C;
-        const int c = (int)(unit % C);
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-        RaMat so = ra_mat_at(saved->o, b);
-        for (int f = 0; f < e; f++) p.oc[(ptrdiff_t)c * e + f] = RA_MAT_AT(T, so, c, f);
-        p.lsec[c] = RA_VEC_AT(T, ra_vec_at(saved->lse, b), c);
-        if (kmax > 0) {
-            RaMat ss = ra_mat_at(saved->sel, b), sa = ra_mat_at(saved->aw, b);
-            int64_t *sel = p.sel + (size_t)c * kmax, prev = -1;
-            T *aw = p.aw + (size_t)c * kmax;
-            const int kc = (int)p.info[1];
-            int bad = 0;
-            for (int t = 0; t < kmax; t++) {
-                sel[t] = RA_MAT_AT(int64_t, ss, c, t);
-                aw[t] = RA_MAT_AT(T, sa, c, t);
-                bad |= t < kc ? (sel[t] <= prev || sel[t] >= m) : sel[t] != -1;
-                if (t < kc) prev = sel[t];
-            }
-            if (bad) {
-                #pragma omp atomic write
-                status = RA_ERR_INDEX;
-                sel[0] = -1;                     /* nothing is read through it */
-            }
-        }
-        if (kmax > 0) {
-            FN(RaPairs) cp;
-            FN(cl_residual)(ra_mat_at(v, b), e, kmax, &p, c, FN(cl_centroid_pairs)(pairs, b, n, &cp));
-        } else {
-            memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
-            p.mhat[c] = 0;
-        }
-    }
-    return status;
-}
-
-/* Everything both directions need, for all B problems: plans, centroids, the centroid
- * attention (o_c, lse_c), and for the improved form T_c, a_c[T_c], m̂_c and r_c (plain:
- * r_c = o_c, m̂_c = 0).  Problem b's buffers start at packs + b·per_problem. */
-static int FN(cl_front)(const KT *K, ptrdiff_t B, int n, int m, int d, int e, int C,
-                        int topk, int kmax, int G, RaBMat q, RaBMat k, RaBMat v,
-                        RaBVec labels, RaBVec key_mask, RaBVec scale, char *packs,
-                        size_t per_problem, int backward, char *scratch, size_t per_thread,
-                        int nt, const RaClusteredSaved *saved, const RaBPairs *pairs)
-{
-    const int nkb = (m + RA_BK - 1) / RA_BK, nct = (C + RA_CL_ROWS - 1) / RA_CL_ROWS;
-    int status = RA_OK;
-
-    /* 1. member lists */
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (ptrdiff_t b = 0; b < B; b++) {
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-        if (FN(cl_plan)(n, m, C, topk, ra_vec_at(labels, b), ra_vec_at(key_mask, b), &p)) {
-            #pragma omp atomic write
-            status = RA_ERR_INDEX;
-        }
-    }
-    if (status != RA_OK) return status;
-
-    /* 2. centroids: one problem per unit (its rows read in order) when there are
-       problems for every thread, else one (problem, cluster) per unit; either way each
-       centroid sums its members by increasing position, so the same bits */
-    if (B >= nt) {
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (ptrdiff_t b = 0; b < B; b++) {
-            FN(ClProblem) p;
-            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-            FN(cl_centroids_scan)(ra_mat_at(q, b), ra_vec_at(labels, b), n, d, C, &p);
-        }
-    } else {
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (ptrdiff_t unit = 0; unit < B * C; unit++) {
-            const ptrdiff_t b = unit / C;
-            FN(ClProblem) p;
-            FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-            FN(cl_centroid)(ra_mat_at(q, b), d, &p, (int)(unit % C));
-        }
-    }
-
-    if (saved && saved->o.data) return FN(cl_front_saved)(B, m, e, C, kmax, G, v, packs,
-                                                          per_problem, backward, saved, nt, n, d,
-                                                          pairs);
-
-    /* 3. centroid attention, one (problem, centroid tile, key group) per unit, so one
-       problem keeps every thread busy, collecting the top-k candidates of the improved
-       form on the way; then the groups merged by log-sum-exp */
-    const int blocks_per_group = nkb ? (nkb + G - 1) / G : 0;
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (ptrdiff_t unit = 0; unit < B * nct * G; unit++) {
-        const ptrdiff_t b = unit / ((ptrdiff_t)nct * G);
-        const int ct = (int)(unit / G % nct), g = (int)(unit % G);
-        const int c0 = ct * RA_CL_ROWS, rows = C - c0 < RA_CL_ROWS ? C - c0 : RA_CL_ROWS;
-        const int t0 = g * blocks_per_group < nkb ? g * blocks_per_group : nkb;
-        const int t1 = t0 + blocks_per_group < nkb ? t0 + blocks_per_group : nkb;
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-        FN(ClTiles) w;
-        FN(cl_tiles)(&(RaArena){scratch + (size_t)ra_thread_id() * per_thread, 0}, d, e, kmax, &w);
-        FN(RaPairs) cp;
-        FN(cl_centroid_group)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b), ra_vec_at(key_mask, b),
-                              m, d, e, RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, c0, rows,
-                              t0, t1, g, G, kmax, FN(cl_centroid_pairs)(pairs, b, n, &cp));
-    }
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + unit / C * per_problem, n, d, e, C, kmax, G, backward, &p);
-        FN(cl_centroid_merge)(&p, (int)(unit % C), G, e);
-    }
-
-    /* 4. T_c, m̂_c, r_c per (problem, cluster) */
-    #pragma omp parallel for num_threads(nt) schedule(static)
-    for (ptrdiff_t unit = 0; unit < B * C; unit++) {
-        const ptrdiff_t b = unit / C;
-        const int c = (int)(unit % C);
-        FN(ClProblem) p;
-        FN(cl_carve)(packs + b * per_problem, n, d, e, C, kmax, G, backward, &p);
-        if (kmax > 0) {
-            FN(RaPairs) cp;
-            FN(cl_select)(ra_mat_at(v, b), e, G, kmax, &p, c, backward,
-                          FN(cl_centroid_pairs)(pairs, b, n, &cp));
-        } else {
-            memcpy(p.r + (ptrdiff_t)c * e, p.oc + (ptrdiff_t)c * e, sizeof(T) * (size_t)e);
-            p.mhat[c] = 0;
-        }
-    }
-    return RA_OK;
-}
+#include "clustered_front_body.h"
 
 /* Key groups of the centroid passes: enough units for the threads, a function of the
  * shape only. */
@@ -239,31 +87,64 @@ static void FN(cl_forward_tile)(const void *ctx, ptrdiff_t unit)
     }
 }
 
-/* ------------------------------------------------------------------ forward */
-/* q (B; n, d), k (B; m, d), v (B; m, e), labels (B; n), key_mask (B; m) or NULL,
- * scale (B) -> out (B; n, e) */
-int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
-                             RaBMat q, RaBMat k, RaBMat v, RaBVec labels, RaBVec key_mask,
-                             RaBVec scale, const RaBPairs *pairs, RaBMat out,
-                             RaClusteredSaved saved)
+/* ------------------------------------------------------------------ a call */
+/* One forward or backward call (see ra_run_problems): its operands, from problem b0 of
+ * the batch on, and its shape-derived sizes (G from the whole batch's B, so a problem's
+ * result does not depend on the schedule).  The forward leaves dout, dq, dk, dv unset. */
+typedef struct {
+    const KT *K;
+    ptrdiff_t B;
+    int n, m, d, e, C, topk, kmax, G;
+    size_t per_problem, per_thread;
+    RaBMat q, k, v, out, dout, dq, dk, dv;
+    RaBVec labels, key_mask, scale;
+    RaBPairs pairs;
+    RaClusteredSaved saved;
+} FN(ClCall);
+
+/* The call's sizes; RA_ERR_VALUE for an impossible form. */
+static int FN(cl_call_sizes)(FN(ClCall) *A, int backward)
 {
     /* the plain form attends through centroids only: no pair a bias could apply to */
-    if (C < 1 || topk < 0 || (topk == 0 && pairs->bias.data)) return RA_ERR_VALUE;
-    const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads();
-    const int kmax = topk < m ? topk : m;
-    const int G = FN(cl_groups)(B, m, C);
+    if (A->C < 1 || A->topk < 0 || (A->topk == 0 && A->pairs.bias.data)) return RA_ERR_VALUE;
+    A->K = &ra_kernels()->KSEL;
+    A->kmax = A->topk < A->m ? A->topk : A->m;
+    A->G = FN(cl_groups)(A->B, A->m, A->C);
     FN(ClProblem) dummy;
-    const size_t per_problem = FN(cl_carve)(NULL, n, d, e, C, kmax, G, 0, &dummy);
-    const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
-    char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
-    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    FN(ClUnit) *units = NULL;
-    int status = RA_ERR_NOMEM;
-    if (!packs || !scratch) goto done;
+    A->per_problem = FN(cl_carve)(NULL, A->n, A->d, A->e, A->C, A->kmax, A->G, backward, &dummy);
+    A->per_thread = FN(cl_thread_bytes)(A->d, A->e, A->kmax);
+    return RA_OK;
+}
 
-    status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
-                          scale, packs, per_problem, 0, scratch, per_thread, nt, NULL, pairs);
+/* The call from problem b0 of its batch on. */
+static FN(ClCall) FN(cl_call_from)(const FN(ClCall) *A, ptrdiff_t b0)
+{
+    FN(ClCall) r = *A;
+    RaBMat *mats[] = {&r.q, &r.k, &r.v, &r.out, &r.dout, &r.dq, &r.dk, &r.dv,
+                      &r.saved.o, &r.saved.sel, &r.saved.aw};
+    RaBVec *vecs[] = {&r.labels, &r.key_mask, &r.scale, &r.saved.lse};
+    for (size_t i = 0; i < sizeof mats / sizeof *mats; i++) *mats[i] = ra_bmat_from(*mats[i], b0);
+    for (size_t i = 0; i < sizeof vecs / sizeof *vecs; i++) *vecs[i] = ra_bvec_from(*vecs[i], b0);
+    r.pairs = ra_pairs_from(&A->pairs, b0);
+    return r;
+}
+
+/* ------------------------------------------------------------------ forward */
+static int FN(cl_forward_batch)(const void *ctx, ptrdiff_t b0, ptrdiff_t B, int nt, char *packs,
+                                char *scratch)
+{
+    const FN(ClCall) A = FN(cl_call_from)(ctx, b0);
+    const KT *K = A.K;
+    const int n = A.n, m = A.m, d = A.d, e = A.e, C = A.C, topk = A.topk, kmax = A.kmax, G = A.G;
+    const size_t per_problem = A.per_problem, per_thread = A.per_thread;
+    const RaBMat q = A.q, k = A.k, v = A.v, out = A.out;
+    const RaBVec labels = A.labels, key_mask = A.key_mask, scale = A.scale;
+    const RaBPairs *pairs = &A.pairs;
+    const RaClusteredSaved saved = A.saved;
+    FN(ClUnit) *units = NULL;
+    int status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
+                              scale, packs, per_problem, 0, scratch, per_thread, nt, NULL,
+                              pairs);
     if (status != RA_OK) goto done;
     if (saved.o.data) {         /* what the backward would otherwise recompute */
         #pragma omp parallel for num_threads(nt) schedule(static)
@@ -305,9 +186,23 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
     status = RA_OK;
 done:
     ra_free(units);
-    ra_free(packs);
-    ra_free(scratch);
     return status;
+}
+
+/* q (B; n, d), k (B; m, d), v (B; m, e), labels (B; n), key_mask (B; m) or NULL,
+ * scale (B) -> out (B; n, e) */
+int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
+                             RaBMat q, RaBMat k, RaBMat v, RaBVec labels, RaBVec key_mask,
+                             RaBVec scale, const RaBPairs *pairs, RaBMat out,
+                             RaClusteredSaved saved)
+{
+    FN(ClCall) A = {.B = B, .n = n, .m = m, .d = d, .e = e, .C = C, .topk = topk, .q = q,
+                    .k = k, .v = v, .out = out, .labels = labels, .key_mask = key_mask,
+                    .scale = scale, .pairs = *pairs, .saved = saved};
+    const int status = FN(cl_call_sizes)(&A, 0);
+    return status != RA_OK ? status
+                           : ra_run_problems(B, RA_CL_PER_PROBLEM, A.per_problem, A.per_thread,
+                                             FN(cl_forward_batch), &A);
 }
 
 /* ------------------------------------------------------------------ backward */
@@ -437,37 +332,30 @@ static void FN(cl_cluster_gsum)(const FN(ClBackward) *A, ptrdiff_t b, int c, int
                             (const char *)(p.r + (ptrdiff_t)c * A->e), sizeof(T), A->e);
 }
 
-/* dout (B; n, e), q, k, v, labels, key_mask, scale as in the forward
- * -> dq (B; n, d), dk (B; m, d), dv (B; m, e)   (written, not accumulated) */
-int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
-                              RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBVec labels,
-                              RaBVec key_mask, RaBVec scale, const RaBPairs *pairs,
-                              RaClusteredSaved saved, RaBMat dq, RaBMat dk, RaBMat dv)
+static int FN(cl_backward_batch)(const void *ctx, ptrdiff_t b0, ptrdiff_t B, int nt,
+                                 char *packs, char *scratch)
 {
-    /* the plain form attends through centroids only: no pair a bias could apply to */
-    if (C < 1 || topk < 0 || (topk == 0 && pairs->bias.data)) return RA_ERR_VALUE;
-    const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads();
-    const int kmax = topk < m ? topk : m;
-    const int nkb = (m + RA_BK - 1) / RA_BK;
-    const int G = FN(cl_groups)(B, m, C);
-    FN(ClProblem) p0;
-    const size_t per_problem = FN(cl_carve)(NULL, n, d, e, C, kmax, G, 1, &p0);
-    const size_t per_thread = FN(cl_thread_bytes)(d, e, kmax);
-    char *packs = ra_alloc(ra_mul(per_problem, (size_t)B));
-    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    const FN(ClCall) call = FN(cl_call_from)(ctx, b0);
+    const int n = call.n, m = call.m, d = call.d, e = call.e, C = call.C, topk = call.topk;
+    const int kmax = call.kmax, G = call.G, nkb = (m + RA_BK - 1) / RA_BK;
+    const size_t per_problem = call.per_problem, per_thread = call.per_thread;
+    const RaBMat dout = call.dout, q = call.q, k = call.k, v = call.v;
+    const RaBMat dq = call.dq, dk = call.dk, dv = call.dv;
+    const RaBVec labels = call.labels, key_mask = call.key_mask, scale = call.scale;
+    const RaBPairs *pairs = &call.pairs;
+    RaClusteredSaved saved = call.saved;
     const int r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
     const int groups = FN(cl_bias_groups)(C);
     T *dbias_part = r ? ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)B, groups), r))) : NULL;
     FN(ClBackward) A = {n, m, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
                         dout, q, k, v, dq, dk, dv, labels, key_mask, scale, pairs,
-                        dbias_part, r, K, NULL};
+                        dbias_part, r, call.K, NULL};
     FN(ClUnit) *units = NULL;
     int status = RA_ERR_NOMEM;
-    if (!packs || !scratch || (r && !dbias_part)) goto done;
+    if (r && !dbias_part) goto done;
 
     /* forward passes 1-4: recomputed, or from the forward's saved statistics */
-    status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
+    status = FN(cl_front)(call.K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
                           scale, packs, per_problem, 1, scratch, per_thread, nt, &saved, pairs);
     if (status != RA_OK) goto done;
 
@@ -498,7 +386,7 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
         FN(ClProblem) p = FN(cl_problem)(&A, b);
         FN(ClTiles) w = FN(cl_thread_tiles)(&A);
         FN(RaPairs) cp;
-        FN(cl_centroid_group_backward)(K, &w, ra_mat_at(k, b), ra_mat_at(v, b),
+        FN(cl_centroid_group_backward)(call.K, &w, ra_mat_at(k, b), ra_mat_at(v, b),
                                        ra_vec_at(key_mask, b), ra_mat_at(dk, b),
                                        ra_mat_at(dv, b), m, C, d, e,
                                        RA_VEC_AT(T, ra_vec_at(scale, b), 0), &p, t0, t1, g,
@@ -562,7 +450,22 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
 done:
     ra_free(dbias_part);
     ra_free(units);
-    ra_free(packs);
-    ra_free(scratch);
     return status;
+}
+
+/* dout (B; n, e), q, k, v, labels, key_mask, scale as in the forward
+ * -> dq (B; n, d), dk (B; m, d), dv (B; m, e)   (written, not accumulated) */
+int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, int topk,
+                              RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBVec labels,
+                              RaBVec key_mask, RaBVec scale, const RaBPairs *pairs,
+                              RaClusteredSaved saved, RaBMat dq, RaBMat dk, RaBMat dv)
+{
+    FN(ClCall) A = {.B = B, .n = n, .m = m, .d = d, .e = e, .C = C, .topk = topk, .q = q,
+                    .k = k, .v = v, .dout = dout, .dq = dq, .dk = dk, .dv = dv,
+                    .labels = labels, .key_mask = key_mask, .scale = scale, .pairs = *pairs,
+                    .saved = saved};
+    const int status = FN(cl_call_sizes)(&A, 1);
+    return status != RA_OK ? status
+                           : ra_run_problems(B, RA_CL_PER_PROBLEM, A.per_problem, A.per_thread,
+                                             FN(cl_backward_batch), &A);
 }

@@ -168,6 +168,43 @@ static inline void *ra_alloc(size_t bytes)
 
 static inline void ra_free(void *p) { free(p); }
 
+/* A batch of problems in two schedules.  run(ctx, b0, count, nt, packs, scratch) does
+ * problems [b0, b0 + count) on nt threads in packs (count · per_problem bytes) and
+ * scratch (nt · per_thread).  Many problems (B >= whole_from · threads): each thread takes
+ * one problem at a time, in its own packs and scratch slice (run's regions then run on
+ * one thread, whose ra_thread_id() is 0: every ra_thread_id() in run must be taken inside
+ * one of its own regions); fewer: one run over the whole batch.  run's results must not
+ * depend on the schedule.  The status is the lowest failing problem's. */
+typedef int (*RaBatchFn)(const void *ctx, ptrdiff_t b0, ptrdiff_t count, int nt, char *packs,
+                         char *scratch);
+static inline int ra_run_problems(ptrdiff_t B, int whole_from, size_t per_problem,
+                                  size_t per_thread, RaBatchFn run, const void *ctx)
+{
+    const int nt = ra_num_threads();
+    const int whole = B >= (ptrdiff_t)whole_from * nt;
+    char *packs = ra_alloc(ra_mul(per_problem, whole ? (size_t)nt : (size_t)B));
+    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
+    int status = RA_ERR_NOMEM;
+    if (packs && scratch && !whole) {
+        status = run(ctx, 0, B, nt, packs, scratch);
+    } else if (packs && scratch) {
+        ptrdiff_t failed = B;
+        status = RA_OK;
+        #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+        for (ptrdiff_t b = 0; b < B; b++) {
+            const size_t id = (size_t)ra_thread_id();
+            const int st = run(ctx, b, 1, 1, packs + id * per_problem, scratch + id * per_thread);
+            if (st != RA_OK) {
+                #pragma omp critical(ra_run_problems_status)
+                if (b < failed) { failed = b; status = st; }
+            }
+        }
+    }
+    ra_free(packs);
+    ra_free(scratch);
+    return status;
+}
+
 /* The one way scratch is laid out.  A planner writes one layout function that takes its
  * pieces from an arena, and runs it twice: over an arena with base NULL it only measures
  * (`used` = the bytes needed, SIZE_MAX on overflow; the pieces come back NULL), then over
@@ -210,6 +247,18 @@ typedef struct {
 static inline RaMat ra_mat_at(RaBMat m, ptrdiff_t b) { RaMat r = {m.data + b * m.sb, m.s0, m.s1}; return r; }
 /* A NULL operand (an optional input left out) stays NULL. */
 static inline RaVec ra_vec_at(RaBVec v, ptrdiff_t b) { RaVec r = {v.data ? v.data + b * v.sb : NULL, v.s0}; return r; }
+
+/* The batch from problem b on (NULL stays NULL). */
+static inline RaBMat ra_bmat_from(RaBMat m, ptrdiff_t b)
+{
+    RaBMat r = {m.data ? m.data + b * m.sb : NULL, m.sb, m.s0, m.s1};
+    return r;
+}
+static inline RaBVec ra_bvec_from(RaBVec v, ptrdiff_t b)
+{
+    RaBVec r = {v.data ? v.data + b * v.sb : NULL, v.sb, v.s0};
+    return r;
+}
 
 #define RA_MAT_AT(T, M, i, j) (*(T *)((M).data + (ptrdiff_t)(i) * (M).s0 + (ptrdiff_t)(j) * (M).s1))
 #define RA_VEC_AT(T, V, i) (*(T *)((V).data + (ptrdiff_t)(i) * (V).s0))

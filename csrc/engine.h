@@ -74,6 +74,13 @@ enum {
  * unit core stride, r = n + m - 1, entry j - i + n - 1 for query i and key j (data NULL:
  * none), dbias (B; r) where a backward writes its gradient (data NULL: not wanted). */
 typedef struct { RaBVec drop, key, bias, dbias; } RaBPairs;
+/* The pair terms of the batch from problem b on. */
+static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
+{
+    RaBPairs r = {ra_bvec_from(p->drop, b), ra_bvec_from(p->key, b), ra_bvec_from(p->bias, b),
+                  ra_bvec_from(p->dbias, b)};
+    return r;
+}
 #define RA_DROP_ONE (1u << 24)   /* dropout thresholds are out of this */
 
 #define RA_ENGINE_DECLS(T, SUF, KT)                                                       \
