@@ -17,7 +17,7 @@
 /* Work split of the centroid passes over key blocks (a function of the shape only, so
  * results are bit-identical for any thread count). */
 #define RA_CL_TARGET_UNITS 8
-/* Problems per thread from which each thread takes whole problems (see cl_schedule). */
+/* Problems per thread from which each thread takes whole problems (see cl_whole_from). */
 #define RA_CL_PER_PROBLEM 4
 /* Centroid rows per tile of the centroid passes (the engine takes any row count): with
  * C ≤ 128 clusters every key tile is gathered once per key group. */

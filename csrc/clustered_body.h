@@ -116,6 +116,12 @@ static int FN(cl_call_sizes)(FN(ClCall) *A, int backward)
     return RA_OK;
 }
 
+/* Problems per thread from which each thread takes whole problems (ra_run_problems):
+ * the improved form only, whose per-problem buffers (top-k lists, T_c's key gradients)
+ * outgrow the caches when all problems hold theirs at once; the plain form's steps are
+ * short enough that a problem's own (nested, one-thread) OpenMP regions would cost more. */
+static int FN(cl_whole_from)(const FN(ClCall) *A) { return A->kmax > 0 ? RA_CL_PER_PROBLEM : 0; }
+
 /* The call from problem b0 of its batch on. */
 static FN(ClCall) FN(cl_call_from)(const FN(ClCall) *A, ptrdiff_t b0)
 {
@@ -201,8 +207,8 @@ int FN(ra_clustered_forward)(ptrdiff_t B, int n, int m, int d, int e, int C, int
                     .scale = scale, .pairs = *pairs, .saved = saved};
     const int status = FN(cl_call_sizes)(&A, 0);
     return status != RA_OK ? status
-                           : ra_run_problems(B, RA_CL_PER_PROBLEM, A.per_problem, A.per_thread,
-                                             FN(cl_forward_batch), &A);
+                           : ra_run_problems(B, FN(cl_whole_from)(&A), A.per_problem,
+                                             A.per_thread, FN(cl_forward_batch), &A);
 }
 
 /* ------------------------------------------------------------------ backward */
@@ -466,6 +472,6 @@ int FN(ra_clustered_backward)(ptrdiff_t B, int n, int m, int d, int e, int C, in
                     .saved = saved};
     const int status = FN(cl_call_sizes)(&A, 1);
     return status != RA_OK ? status
-                           : ra_run_problems(B, RA_CL_PER_PROBLEM, A.per_problem, A.per_thread,
-                                             FN(cl_backward_batch), &A);
+                           : ra_run_problems(B, FN(cl_whole_from)(&A), A.per_problem,
+                                             A.per_thread, FN(cl_backward_batch), &A);
 }

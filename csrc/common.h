@@ -170,7 +170,8 @@ static inline void ra_free(void *p) { free(p); }
 
 /* A batch of problems in two schedules.  run(ctx, b0, count, nt, packs, scratch) does
  * problems [b0, b0 + count) on nt threads in packs (count · per_problem bytes) and
- * scratch (nt · per_thread).  Many problems (B >= whole_from · threads): each thread takes
+ * scratch (nt · per_thread).  Many problems (B >= whole_from · threads, whole_from > 0; 0:
+ * never): each thread takes
  * one problem at a time, in its own packs and scratch slice (run's regions then run on
  * one thread, whose ra_thread_id() is 0: every ra_thread_id() in run must be taken inside
  * one of its own regions); fewer: one run over the whole batch.  run's results must not
@@ -181,7 +182,7 @@ static inline int ra_run_problems(ptrdiff_t B, int whole_from, size_t per_proble
                                   size_t per_thread, RaBatchFn run, const void *ctx)
 {
     const int nt = ra_num_threads();
-    const int whole = B >= (ptrdiff_t)whole_from * nt;
+    const int whole = whole_from > 0 && B >= (ptrdiff_t)whole_from * nt;
     char *packs = ra_alloc(ra_mul(per_problem, whole ? (size_t)nt : (size_t)B));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int status = RA_ERR_NOMEM;

@@ -249,8 +249,9 @@ def test_bit_identical_across_thread_counts(rng, topk):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("topk", [None, 7])
 def test_many_problems_taken_whole(rng, dtype, topk):
-    """From 4 problems per thread on, a thread takes a problem whole through every step;
-    below, each step runs over all problems with their units shared out.  Both agree with
+    """From 4 problems per thread on, a thread takes a problem of the improved form whole
+    through every step; below (and always for the plain form, here as a control), each
+    step runs over all problems with their units shared out.  Both agree with
     the reference, and with each other bit for bit (forward, saved statistics, backward
     from them and recomputed); a bad label, or a bad saved position, in one problem is
     reported either way.  Six problems of 600 keys: the centroid passes split the keys
