@@ -248,26 +248,30 @@ def test_bit_identical_across_thread_counts(rng, topk):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("topk", [None, 7])
-def test_many_problems_taken_whole(rng, dtype, topk):
+@pytest.mark.parametrize("batch", [(2, 3), (3, 4)])
+def test_many_problems_taken_whole(rng, dtype, topk, batch):
     """From 4 problems per thread on, a thread takes a problem of the improved form whole
     through every step; below (and always for the plain form, here as a control), each
-    step runs over all problems with their units shared out.  Both agree with
-    the reference, and with each other bit for bit (forward, saved statistics, backward
-    from them and recomputed); a bad label, or a bad saved position, in one problem is
-    reported either way.  Six problems of 600 keys: the centroid passes split the keys
-    into the whole batch's two groups in both schedules."""
-    q, k, v, labels = make(rng, dtype, (2, 3), 90, 600, 16, 12, 9)     # 6 problems
-    mask = rng.random((2, 3, 600)) > 0.2
+    step runs over all problems with their units shared out.  Both agree with the
+    reference, and with each other bit for bit (forward, saved statistics, backward from
+    them and recomputed, the bias gradient); a bad label, or a bad saved position, in one
+    problem is reported either way.  Six problems of 600 keys: whole on 1 thread, with the
+    centroid passes' keys in the whole batch's two groups; twelve: whole on 1-3 threads
+    (several problems at once, each thread in its own slice).  Every operand has the full
+    batch shape, so NumPy hands the C planner the whole batch in one call."""
+    B = batch[0] * batch[1]
+    q, k, v, labels = make(rng, dtype, batch, 90, 600, 16, 12, 9)
+    mask = rng.random(batch + (600,)) > 0.2
     before = ra.get_num_threads()
     try:
         ra.set_num_threads(1)
-        check(topk, q, k, v, labels, 9, dtype, "6 problems whole", key_mask=mask)
+        check(topk, q, k, v, labels, 9, dtype, f"{B} problems whole", key_mask=mask)
         kw = dict(key_mask=mask, dropout_p=0.2, dropout_seed=5)
         if topk is not None:
-            kw["rel_bias"] = rng.standard_normal((3, 90 + 600 - 1)).astype(dtype)
-        dout = rng.standard_normal((2, 3, 90, 12)).astype(dtype)
+            kw["rel_bias"] = rng.standard_normal(batch + (90 + 600 - 1,)).astype(dtype)
+        dout = rng.standard_normal(batch + (90, 12)).astype(dtype)
         results = {}
-        for threads in (1, 2, 3, 4):      # whole problems on 1 thread only (6 >= 4·1)
+        for threads in (1, 2, 3, 4):
             ra.set_num_threads(threads)
             out, saved = forward(topk, q, k, v, labels, 9, return_saved=True, **kw)
             stats = tuple(saved[key] for key in sorted(saved) if key != "keywords")
@@ -280,17 +284,17 @@ def test_many_problems_taken_whole(rng, dtype, topk):
             with pytest.raises(ValueError, match="labels"):
                 ra._ext._clustered_forward(q, k, v, bad, mask, True, 9, K, 0.25, 0, 0,
                                            np.empty(0, dtype), out=(
-                                               None, np.empty((2, 3, 9, 12), dtype),
-                                               np.empty((2, 3, 9), dtype),
-                                               np.empty((2, 3, 9, K), np.int64),
-                                               np.empty((2, 3, 9, K), dtype)))
+                                               None, np.empty(batch + (9, 12), dtype),
+                                               np.empty(batch + (9,), dtype),
+                                               np.empty(batch + (9, K), np.int64),
+                                               np.empty(batch + (9, K), dtype)))
             if topk is not None:              # one problem's saved T_c out of range
                 tampered = dict(saved, topk_index=saved["topk_index"].copy())
                 tampered["topk_index"][1, 2, 0] = 10 ** 6
                 with pytest.raises(ValueError, match="saved top-k positions"):
                     backward(topk, dout, q, k, v, labels, 9, **kw, **tampered)
         ra.set_num_threads(4)
-        check(topk, q, k, v, labels, 9, dtype, "6 problems shared", key_mask=mask)
+        check(topk, q, k, v, labels, 9, dtype, f"{B} problems shared", key_mask=mask)
     finally:
         ra.set_num_threads(before)
     for threads in (2, 3, 4):

@@ -227,7 +227,8 @@ def test_many_problems_taken_whole(rng, dtype):
     q, k, v = make(rng, dtype, (3, 4), 150, 300, 16, 12)          # 12 problems
     key_mask = rng.random((3, 4, 300)) > 0.2
     check_forward_backward(q, k, v, dtype, "12 problems", causal=True, key_mask=key_mask)
-    bias = rng.standard_normal((4, 150 + 300 - 1)).astype(dtype)
+    # every operand with the full batch shape, so NumPy hands over all 12 problems at once
+    bias = rng.standard_normal((3, 4, 150 + 300 - 1)).astype(dtype)
     kw = dict(causal=True, key_mask=key_mask, dropout_p=0.2, dropout_seed=5, rel_bias=bias)
     dout = rng.standard_normal((3, 4, 150, 12)).astype(dtype)
     results = {}
