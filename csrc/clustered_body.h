@@ -139,14 +139,15 @@ static FN(ClCall) FN(cl_call_from)(const FN(ClCall) *A, ptrdiff_t b0)
 static int FN(cl_forward_batch)(const void *ctx, ptrdiff_t b0, ptrdiff_t B, int nt, char *packs,
                                 char *scratch)
 {
-    const FN(ClCall) A = FN(cl_call_from)(ctx, b0);
-    const KT *K = A.K;
-    const int n = A.n, m = A.m, d = A.d, e = A.e, C = A.C, topk = A.topk, kmax = A.kmax, G = A.G;
-    const size_t per_problem = A.per_problem, per_thread = A.per_thread;
-    const RaBMat q = A.q, k = A.k, v = A.v, out = A.out;
-    const RaBVec labels = A.labels, key_mask = A.key_mask, scale = A.scale;
-    const RaBPairs *pairs = &A.pairs;
-    const RaClusteredSaved saved = A.saved;
+    const FN(ClCall) call = FN(cl_call_from)(ctx, b0);
+    const KT *K = call.K;
+    const int n = call.n, m = call.m, d = call.d, e = call.e, C = call.C, topk = call.topk;
+    const int kmax = call.kmax, G = call.G;
+    const size_t per_problem = call.per_problem, per_thread = call.per_thread;
+    const RaBMat q = call.q, k = call.k, v = call.v, out = call.out;
+    const RaBVec labels = call.labels, key_mask = call.key_mask, scale = call.scale;
+    const RaBPairs *pairs = &call.pairs;
+    const RaClusteredSaved saved = call.saved;
     FN(ClUnit) *units = NULL;
     int status = FN(cl_front)(K, B, n, m, d, e, C, topk, kmax, G, q, k, v, labels, key_mask,
                               scale, packs, per_problem, 0, scratch, per_thread, nt, NULL,

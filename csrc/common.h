@@ -170,12 +170,12 @@ static inline void ra_free(void *p) { free(p); }
 
 /* A batch of problems in two schedules.  run(ctx, b0, count, nt, packs, scratch) does
  * problems [b0, b0 + count) on nt threads in packs (count · per_problem bytes) and
- * scratch (nt · per_thread).  Many problems (B >= whole_from · threads, whole_from > 0; 0:
- * never): each thread takes
- * one problem at a time, in its own packs and scratch slice (run's regions then run on
- * one thread, whose ra_thread_id() is 0: every ra_thread_id() in run must be taken inside
- * one of its own regions); fewer: one run over the whole batch.  run's results must not
- * depend on the schedule.  The status is the lowest failing problem's. */
+ * scratch (nt · per_thread).  Many problems (B >= whole_from · threads; whole_from 0:
+ * never): each thread takes one problem at a time, in its own packs and scratch slice
+ * (run's regions then run on one thread, whose ra_thread_id() is 0: every ra_thread_id()
+ * in run must be taken inside one of its own regions); fewer: one run over the whole
+ * batch.  run's results must not depend on the schedule.  The status is the lowest
+ * failing problem's.  (Dense attention has the same rule in its own loops.) */
 typedef int (*RaBatchFn)(const void *ctx, ptrdiff_t b0, ptrdiff_t count, int nt, char *packs,
                          char *scratch);
 static inline int ra_run_problems(ptrdiff_t B, int whole_from, size_t per_problem,
