@@ -32,7 +32,8 @@
  *   QTile   q  (rows, d)  contiguous, already multiplied by scale
  *           acc (rows, e) contiguous accumulator; mx, sum (rows) running statistics
  *           s   (rows, RA_BK) logits scratch, leading dimension lds (0: RA_BK); a tile has
- *               any number of rows its planner laid out (RA_BQ, or clustered's 128)
+ *               any number of rows its planner laid out (RA_BQ, or 128: clustered's and
+ *               the routing forward's)
  *   KTile   kt (d, cols)  Kᵀ with leading dimension ldkt
  *           v  (cols, e)  with leading dimension ldv
  *   Backward additionally: k (cols, d) ld ldk, vt (e, cols) ld ldvt.

@@ -48,12 +48,19 @@ typedef struct {
     FN(RaQGradTile) g;
 } FN(RoutingTile);
 
+/* Query rows per forward tile: a cluster of 128 queries in one tile (the benchmark's
+ * clusters 3-4 % faster than in two tiles of RA_BQ; 256 rows measured no faster on
+ * clusters of 256).  The backward keeps RA_BQ (128 measured the same). */
+#ifndef RA_ROUTING_BQ
+#define RA_ROUTING_BQ 128
+#endif
+
 static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u, int backward)
 {
     t->kt = RA_TAKE(a, T, ra_mul(d, u));
     t->v = RA_TAKE(a, T, ra_mul(u, e));
     if (!backward) {
-        t->q = FN(ra_qtile_layout)(&t->qt, a, RA_BQ, d, e);
+        t->q = FN(ra_qtile_layout)(&t->qt, a, RA_ROUTING_BQ, d, e);
         return;
     }
     t->k = RA_TAKE(a, T, ra_mul(u, d));
@@ -126,8 +133,8 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     /* the scale goes into kᵀ, so the query rows are copied as they are */
     FN(ra_pack_keys)(k, v, kpos, nk, d, e, scale, NULL, kt, vp, NULL, nk);
     const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .v = vp, .ldv = e, .pos = kpos};
-    for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
-        qt.rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
+    for (int r0 = 0; r0 < nq; r0 += RA_ROUTING_BQ) {
+        qt.rows = nq - r0 < RA_ROUTING_BQ ? nq - r0 : RA_ROUTING_BQ;
         qt.pos = qpos + r0;
         qt.pairs = buf->pairs;
         FN(ra_gather)(q, qt.pos, 0, qt.rows, d, 1, 0, qs, d);
@@ -207,7 +214,7 @@ static void FN(routing_fetch_cluster)(const void *ctx, ptrdiff_t cl)
         RA_PREFETCH_ROW(F->k, kpos[j], P->d, sizeof(T), 2);
         RA_PREFETCH_ROW(F->v, kpos[j], P->e, sizeof(T), 2);
     }
-    for (int i = 0; i < P->qcount[cl] && i < RA_BQ; i++) {
+    for (int i = 0; i < P->qcount[cl] && i < RA_ROUTING_BQ; i++) {
         if (qpos[i] < 0) continue;
         RA_PREFETCH_ROW(F->q, qpos[i], P->d, sizeof(T), 2);
         RA_PREFETCH_ROW(F->buf->merged, qpos[i], P->e, sizeof(T), 2);

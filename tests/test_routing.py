@@ -55,7 +55,7 @@ def test_matches_reference(rng, dtype, causal, exclude_self, merge):
 def test_large_clusters_span_several_tiles(rng, dtype):
     n, c = 700, 2
     q, k, v = make(rng, dtype, (), n, n, 16, 16)
-    q_idx = random_members(rng, (), c, 300, n)          # > 64 queries per cluster
+    q_idx = random_members(rng, (), c, 300, n)          # > 128 queries per cluster: several tiles
     k_idx = random_members(rng, (), c, 600, n)          # > 256 keys per cluster
     check(q, k, v, q_idx, k_idx, dtype, "big clusters", causal=True, merge="lse")
 
