@@ -550,7 +550,14 @@ def render(R):
 
 
 def plot(R, outdir):
-    import matplotlib
+    """The plots' file names, written into outdir; none without matplotlib (said on stderr:
+    the tables need no plots)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[suite] plots skipped: matplotlib is not installed (pip install -e \".[bench]\")",
+              file=sys.stderr, flush=True)
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     os.makedirs(outdir, exist_ok=True)

@@ -85,8 +85,10 @@ def as_matrix(name, a, dtype, min_rank=2):
     float_dtype(**{name: a})
     arr = np.asarray(a, dtype=dtype)
     if arr.ndim < min_rank:
-        raise ValueError(f"{name} must have at least {min_rank} dimensions "
-                         f"(..., sequence, feature); got shape {arr.shape}")
+        layout = {2: " (..., sequence, feature)", 3: " (..., heads, sequence, feature)"}
+        raise ValueError(f"{name} must have at least {min_rank} dimension"
+                         f"{'' if min_rank == 1 else 's'}{layout.get(min_rank, '')}; "
+                         f"got shape {arr.shape}")
     return arr
 
 
@@ -97,15 +99,40 @@ def qkv_arrays(q, k, v):
     q = as_matrix("q", q, dtype)
     k = as_matrix("k", k, dtype)
     v = as_matrix("v", v, dtype)
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"q and k must have the same feature size d: q has {q.shape[-1]} "
-                         f"(shape {q.shape}), k has {k.shape[-1]} (shape {k.shape})")
-    if v.shape[-2] != k.shape[-2]:
-        raise ValueError(f"k and v must have the same sequence length m: k has {k.shape[-2]} "
-                         f"(shape {k.shape}), v has {v.shape[-2]} (shape {v.shape})")
+    qkv_shapes(q.shape, k.shape, v.shape)
     for name, x in (("q", q), ("k", k), ("v", v)):
         core_size(name, x.shape[-2:], x.shape)
     return q, k, v
+
+
+def qkv_shapes(q_shape, k_shape, v_shape):
+    """Shapes (any framework's) q (..., n, d), k (..., m, d), v (..., m, e): q and k share
+    the feature size d, k and v the sequence length m."""
+    if k_shape[-1] != q_shape[-1]:
+        raise ValueError(f"q and k must have the same feature size d: q has {q_shape[-1]} "
+                         f"(shape {tuple(q_shape)}), k has {k_shape[-1]} (shape {tuple(k_shape)})")
+    if v_shape[-2] != k_shape[-2]:
+        raise ValueError(f"k and v must have the same sequence length m: k has {k_shape[-2]} "
+                         f"(shape {tuple(k_shape)}), v has {v_shape[-2]} (shape {tuple(v_shape)})")
+
+
+def check_by_empty_call(forward, arrays, core_ranks=None, **keywords):
+    """Check a lazy or traced call now: `forward` (a NumPy API function) runs on empty
+    stand-ins of `arrays` (name -> array-like with shape and dtype), each with a leading
+    axis of 0 before its real shape, so its own shape and keyword checks raise with their
+    messages (the added axis taken out of the shapes they quote).  No work is done.
+    core_ranks (name -> rank of the core axes): the stand-ins' batch axes are first
+    padded with 1s to one rank, so that the added axis lines up."""
+    shapes = {key: tuple(a.shape) for key, a in arrays.items()}
+    if core_ranks:
+        batch = max(len(shape) - core_ranks[key] for key, shape in shapes.items())
+        shapes = {key: (1,) * (batch - len(shape) + core_ranks[key]) + shape
+                  for key, shape in shapes.items()}
+    try:
+        forward(**{key: np.zeros((0,) + shapes[key], a.dtype) for key, a in arrays.items()},
+                **keywords)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("(0, ", "(")) from None
 
 
 # ------------------------------------------------------------------ fast path
@@ -231,6 +258,10 @@ def integer(name, value, low=None, high=MAX_INT64):
     try:
         v = operator.index(value)
     except TypeError:
+        if "Tracer" in type(value).__name__:     # a JAX argument traced by jit
+            raise TypeError(f"{name} must be a Python int known when tracing, not a traced "
+                            f"value: under jax.jit mark it static (static_argnames="
+                            f"('{name}',))") from None
         raise TypeError(f"{name} must be an integer; got {value!r}") from None
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}; got {v}")

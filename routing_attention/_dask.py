@@ -16,7 +16,7 @@ import inspect
 
 import numpy as np
 
-from ._checks import float_dtype
+from ._checks import check_by_empty_call, float_dtype
 
 __all__ = ["dask_aware"]
 
@@ -133,6 +133,10 @@ def _lazy(name, fn, params, args, kwargs):
     arrays = [call.pop(arg) for arg, _ in operands]
     arrays = [a if _is_dask(a) else np.asarray(a) for a in arrays]
     names = [arg for arg, _ in operands]
+    if "attention" in name and all(np.isfinite(size) for a in arrays for size in a.shape):
+        # shapes and keywords checked now, with the NumPy function's messages
+        core_ranks = {arg: len(_core_sizes([(a, d)])) for a, (arg, d) in zip(arrays, operands)}
+        check_by_empty_call(fn, dict(zip(names, arrays)), core_ranks, **call)
     if name == "update_centroids" and arrays[1].ndim > arrays[0].ndim:
         raise ValueError("update_centroids pools x's extra leading axes into one mean; with "
                          "Dask arrays give centroids and x the same leading axes")

@@ -48,7 +48,7 @@ from . import clustering as _clustering
 from . import combiner as _combiner
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import batch_shape, integer, min_dims
+from ._checks import batch_shape, check_by_empty_call, integer, min_dims
 
 __all__ = ["attention", "local_attention", "routing_attention", "clustered_attention",
            "improved_clustered_attention", "combiner_attention",
@@ -267,7 +267,7 @@ def _attention_call(name, q, k, v, aux, **kw):
     # the NumPy forward on empty arrays (a leading axis of 0 before the real shapes)
     # checks the shapes, batch axes and every keyword now, when tracing, with the NumPy
     # API's own messages (microseconds: no work is done)
-    method.forward(**{key: np.zeros((0,) + a.shape, a.dtype) for key, a in arrays.items()}, **kw)
+    check_by_empty_call(method.forward, arrays, **kw)
     qkv = tuple(arrays.pop(key) for key in "qkv")
     out = _attend(name, tuple(sorted(kw.items())), qkv, arrays)
     return out.astype(result)

@@ -34,7 +34,8 @@ from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
 from ._checks import (bias_sources, dropout_args, integer, one_of, pair_terms_without_lse,
-                      rank_at_least, routing_heads, same_leading_axes, scale_value, unbroadcast)
+                      qkv_shapes, rank_at_least, routing_heads, same_leading_axes, scale_value,
+                      unbroadcast)
 from .pairs import t5_buckets
 
 __all__ = [
@@ -103,8 +104,8 @@ def _check_tensors(**tensors):
             continue
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor for routing_attention.torch; got "
-                            f"{type(t).__name__} (use the NumPy API routing_attention.{name} "
-                            "arguments with routing_attention itself)")
+                            f"{type(t).__name__} (for NumPy arrays, call the same function of "
+                            "routing_attention itself, or wrap them with torch.from_numpy)")
         if t.device.type not in ("cpu", "meta"):
             raise ValueError(f"{name} is on device {t.device}; routing_attention's kernels run "
                              f"on the CPU only: move it with {name}.cpu()")
@@ -1085,6 +1086,7 @@ class RoutingAttention(torch.nn.Module):
         for name, t in (("q", q), ("k", k), ("v", v)):
             rank_at_least(name, t.shape, ("heads", "sequence", "feature"))
         r = self._router
+        qkv_shapes(q.shape, q.shape if r.shared_qk else k.shape, v.shape)
         heads = torch.broadcast_shapes(*((t.shape[-3],) for t in (q, k, v)))[0]
         if rel_bias is not None:
             _check_tensors(rel_bias=rel_bias)

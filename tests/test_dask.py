@@ -123,6 +123,20 @@ def test_what_dask_cannot_do_is_a_clear_error():
         ra.update_centroids(np.zeros((3, 4, 8)), Q, np.zeros((4, 3, 40), np.int64))
 
 
+def test_bad_shapes_and_keywords_raise_before_computing_naming_them():
+    """A lazy call checks its shapes and keywords at once, with the NumPy function's own
+    messages (the real shapes quoted, not the empty stand-ins')."""
+    q, k, v = _arrays()
+    Q, K, V = _lazy(q, k, v)
+    with pytest.raises(ValueError, match=r"q and k must have the same feature size d: q has 8 "
+                                         r"\(shape \(4, 3, 40, 8\)\), k has 4"):
+        ra.attention(Q, K[..., :4], V)
+    with pytest.raises(ValueError, match="k and v must have the same sequence length m"):
+        ra.clustered_attention_backward(Q, Q, K, V[..., :5, :], np.zeros((4, 3, 40), np.int64), 3)
+    with pytest.raises(ValueError, match="plan must be one of"):
+        ra.combiner_attention(Q, K, V, plan="diagonal")
+
+
 def test_readme_dask_snippet_runs():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Beyond one machine (Dask)", 1)[1].split("\n## ", 1)[0]

@@ -296,7 +296,8 @@ def test_without_x64_indices_are_int32():
 @pytest.mark.parametrize("call, message", [
     (lambda q, k, v: rj.routing_attention(q, k, v, *_members(), merge="max"), "merge"),
     (lambda q, k, v: rj.combiner_attention(q, k, v, plan="diagonal"), "plan"),
-    (lambda q, k, v: rj.attention(q, k[..., :2], v), "feature size d"),
+    (lambda q, k, v: rj.attention(q, k[..., :2], v),
+     rf"feature size d: q has {D} \(shape \({B}, {N}, {D}\)\), k has 2 \(shape \({B}, {N}, 2\)\)"),
     (lambda q, k, v: rj.clustered_attention(q, k, v, _labels(), 30), "n_clusters"),
     (lambda q, k, v: rj.attention(q, k, v, key_mask=np.ones((3, B, N), bool)), "key_mask"),
 ])
@@ -304,6 +305,15 @@ def test_bad_arguments_raise_when_tracing(call, message):
     """Errors in shapes and keywords come from the NumPy API at trace time, naming them."""
     with pytest.raises(ValueError, match=message):
         jax.jit(call)(*_qkv(np.float64))
+
+
+def test_a_traced_static_argument_says_how_to_mark_it_static():
+    q, k, v = _qkv(np.float64)
+    with pytest.raises(TypeError, match=r"window must be a Python int known when tracing.*"
+                                        r"static_argnames=\('window',\)"):
+        jax.jit(rj.local_attention)(q, k, v, 4)
+    out = jax.jit(rj.local_attention, static_argnames="window")(q, k, v, window=4)
+    np.testing.assert_array_equal(np.asarray(out), ra.local_attention(q, k, v, 4))
 
 
 def test_bad_index_values_raise_when_run():

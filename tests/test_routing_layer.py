@@ -322,6 +322,12 @@ def test_bad_calls(rng):
         ra.RoutingAttention(local_heads=3)(q, k, v)
     with pytest.raises(RuntimeError, match="forward call first"):
         ra.RoutingAttention().backward(q)
+    with pytest.raises(ValueError, match=r"q and k must have the same feature size d: q has 4"):
+        ra.RoutingAttention()(q, k[..., :3], v)
+    with pytest.raises(ValueError, match=r"k and v must have the same sequence length m"):
+        ra.RoutingAttention()(q, k, v[..., :5, :])
+    with pytest.raises(ValueError, match=r"q must have at least 3 dimensions \(\.\.\., heads, "):
+        ra.RoutingAttention()(q[0, 0], k[0, 0], v[0, 0])
     layer = ra.RoutingAttention(n_clusters=2)
     layer(q, k, v)
     with pytest.raises(ValueError, match="routing heads"):

@@ -220,6 +220,10 @@ def test_layer_rejects_bad_options_and_inputs():
         layer(q, k, v)
     with pytest.raises(TypeError, match="q must be a torch.Tensor"):
         rt.RoutingAttention()(_np(q), k, v)
+    with pytest.raises(ValueError, match=r"q and k must have the same feature size d: q has 4"):
+        rt.RoutingAttention()(q, k[..., :3], v)
+    with pytest.raises(ValueError, match=r"k and v must have the same sequence length m"):
+        rt.RoutingAttention()(q, k, v[..., :5, :])
 
 
 def test_readme_pytorch_snippet_runs():
