@@ -48,13 +48,23 @@
 #define RA_BQ 64    /* query rows per tile */
 #define RA_BK 256   /* keys per tile */
 #define RA_PREFETCH_ROWS 8   /* gathers of scattered rows fetch this many rows ahead */
-/* Hint the cache lines of row `row` of m (RaMat; cols elements of elem bytes): one
- * prefetch per 64 / elem elements, i.e. per line of a unit-stride row.  Only a hint. */
+/* Hint the cache lines of row `row` of m (RaMat; cols elements of elem bytes).  A
+ * unit-stride row: every line its bytes touch — a row that does not start on a line
+ * boundary (NumPy's large arrays start 16 bytes into a page) reaches one line more than
+ * its length in lines, and that line is hinted too.  A strided row: the line of every
+ * 64 / elem-th element.  Only a hint. */
 #define RA_PREFETCH_ROW(m, row, cols, elem, locality)                                      \
     do {                                                                                  \
         const char *ra_row_ = (m).data + (ptrdiff_t)(row) * (m).s0;                       \
-        for (int ra_f_ = 0; ra_f_ < (cols); ra_f_ += 64 / (int)(elem))                    \
-            __builtin_prefetch(ra_row_ + (ptrdiff_t)ra_f_ * (m).s1, 0, (locality));        \
+        if ((m).s1 == (ptrdiff_t)(elem)) {                                                \
+            const uintptr_t ra_end_ = (uintptr_t)ra_row_ + (uintptr_t)(cols) * (elem);    \
+            for (uintptr_t ra_p_ = (uintptr_t)ra_row_ & ~(uintptr_t)63; ra_p_ < ra_end_;  \
+                 ra_p_ += 64)                                                             \
+                __builtin_prefetch((const void *)ra_p_, 0, (locality));                   \
+        } else {                                                                          \
+            for (int ra_f_ = 0; ra_f_ < (cols); ra_f_ += 64 / (int)(elem))                \
+                __builtin_prefetch(ra_row_ + (ptrdiff_t)ra_f_ * (m).s1, 0, (locality));   \
+        }                                                                                 \
     } while (0)
 
 /* What a key list's load hook must provide for a tile. */
