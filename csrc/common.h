@@ -221,6 +221,25 @@ static inline void *ra_take(RaArena *a, size_t count, size_t size)
 
 #define RA_TAKE(a, type, count) ((type *)ra_take((a), (count), sizeof(type)))
 
+/* ------------------------------------------------------------------ hints */
+/* Cache lines to hint while a kernel computes: the gemm issues a few after each of its
+ * micro-tiles (as many as the micro-tile's depth), so the next unit's rows are requested
+ * steadily over the current unit's products rather than in one burst before them, which
+ * the memory system partly drops.  Only hints. */
+typedef struct {
+    const char **line;    /* the lines' addresses */
+    int next, count;      /* lines [next, count) are still to hint */
+} RaHints;
+
+/* Hint up to n more lines of h (NULL: none). */
+static inline void ra_hints_issue(RaHints *h, int n)
+{
+    if (!h) return;
+    const int stop = h->count - h->next > n ? h->next + n : h->count;
+    for (int i = h->next; i < stop; i++) __builtin_prefetch(h->line[i], 0, 2);
+    h->next = stop;
+}
+
 /* ------------------------------------------------------------------ strided views */
 /* A 2-D operand as NumPy hands it over: base pointer and byte strides. */
 typedef struct {

@@ -67,6 +67,21 @@
         }                                                                                 \
     } while (0)
 
+/* Queue in h (room for cap lines) the lines RA_PREFETCH_ROW hints for row `row` of m. */
+static inline void ra_hints_add_row(RaHints *h, int cap, RaMat m, int64_t row, int cols,
+                                    size_t elem)
+{
+    const char *r = m.data + (ptrdiff_t)row * m.s0;
+    if (m.s1 == (ptrdiff_t)elem) {
+        const uintptr_t end = (uintptr_t)r + (uintptr_t)cols * elem;
+        for (uintptr_t p = (uintptr_t)r & ~(uintptr_t)63; p < end && h->count < cap; p += 64)
+            h->line[h->count++] = (const char *)p;
+        return;
+    }
+    for (int f = 0; f < cols && h->count < cap; f += 64 / (int)elem)
+        h->line[h->count++] = r + (ptrdiff_t)f * m.s1;
+}
+
 /* What a key list's load hook must provide for a tile. */
 enum { RA_NEED_KT = 1, RA_NEED_V = 2, RA_NEED_BACKWARD = 4 /* k and vt */ };
 
@@ -121,6 +136,7 @@ static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
         ptrdiff_t lds;         /* s's leading dimension; 0 means RA_BK */                 \
         const RaPairs_##SUF *pairs;   /* NULL: none */                                    \
         const int64_t *ids;    /* (rows) the pairs' row ids; NULL: pos */                 \
+        RaHints *hints;        /* lines the forward's products hint (common.h); NULL: none */\
     } RaQTile_##SUF;                                                                      \
     typedef struct RaKTile_##SUF {                                                        \
         int cols;                                                                         \

@@ -19,9 +19,10 @@
 #define RA_OFFER_DEPTH 4  /* top_offer's pre-pass floor up to cap = 4 vectors of lanes */
 
 #define RA_KERNEL_FNS(T)                                                                  \
-    /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
+    /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C.      \
+       hints (or NULL): K of its lines hinted after each micro-tile (common.h). */        \
     void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
-                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                      \
+                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints);      \
     /* C (M×N, ldc) = [C +] Aᵀ · B with A stored (K×M, lda), B (K×N, ldb). */              \
     void (*gemm_tn)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,            \
                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                   \

@@ -258,12 +258,14 @@ FN(gemm_micro)(const int mr, const int nv, int K, const T *A, ptrdiff_t a_rs, pt
 /* Rows in panels of GEMM_MR (the remainder as one smaller micro-tile). */
 static inline __attribute__((always_inline)) void
 FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks,
-              const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+              const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
 {
     int i = 0;
-    for (; i + GEMM_MR <= M; i += GEMM_MR)
+    for (; i + GEMM_MR <= M; i += GEMM_MR) {
         FN(gemm_micro)(GEMM_MR, nv, K, A + i * a_rs, a_rs, a_ks, B, ldb, C + i * ldc, ldc,
                        accumulate);
+        ra_hints_issue(hints, K);
+    }
     A += i * a_rs;
     C += i * ldc;
     switch (M - i) {
@@ -296,7 +298,7 @@ static void FN(gemm_tail)(int M, int w, int K, const T *A, ptrdiff_t a_rs, ptrdi
             const int kb = K - k0 < KB ? K - k0 : KB;
             for (int k = 0; k < kb; k++)
                 for (int l = 0; l < VL; l++) bt[k * VL + l] = B[(ptrdiff_t)(k0 + k) * ldb + (l < w ? l : 0)];
-            FN(gemm_rows)(1, mb, kb, A + i0 * a_rs + k0 * a_ks, a_rs, a_ks, bt, VL, ct, VL, 1);
+            FN(gemm_rows)(1, mb, kb, A + i0 * a_rs + k0 * a_ks, a_rs, a_ks, bt, VL, ct, VL, 1, NULL);
         }
         for (int i = 0; i < mb; i++)
             for (int l = 0; l < w; l++) C[(ptrdiff_t)(i0 + i) * ldc + l] = ct[i * VL + l];
@@ -306,35 +308,38 @@ static void FN(gemm_tail)(int M, int w, int K, const T *A, ptrdiff_t a_rs, ptrdi
 /* C (M×N) (+)= op(A) · B with op(A)[r, k] = A[r·a_rs + k·a_ks]. */
 static inline __attribute__((always_inline)) void
 FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks, const T *B,
-                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
 {
     int j = 0;
     for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL)
-        FN(gemm_rows)(GEMM_NV, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+        FN(gemm_rows)(GEMM_NV, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
+                      hints);
     /* whole vectors left: one panel as wide as they allow (every lane sees the same
        operations whatever the panel's width, so the result does not depend on it) */
     if (GEMM_NV > 3 && j + 3 * VL <= N) {
-        FN(gemm_rows)(GEMM_NV > 3 ? 3 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+        FN(gemm_rows)(GEMM_NV > 3 ? 3 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
+                      hints);
         j += 3 * VL;
     } else if (GEMM_NV > 2 && j + 2 * VL <= N) {
-        FN(gemm_rows)(GEMM_NV > 2 ? 2 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+        FN(gemm_rows)(GEMM_NV > 2 ? 2 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
+                      hints);
         j += 2 * VL;
     }
     for (; j + VL <= N; j += VL)
-        FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
+        FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate, hints);
     if (j < N) FN(gemm_tail)(M, N - j, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
 }
 
 static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
-                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
 {
-    FN(gemm_strided)(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate);
+    FN(gemm_strided)(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate, hints);
 }
 
 static void FN(gemm_tn)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
                         ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
 {
-    FN(gemm_strided)(M, N, K, A, 1, lda, B, ldb, C, ldc, accumulate);
+    FN(gemm_strided)(M, N, K, A, 1, lda, B, ldb, C, ldc, accumulate, NULL);
 }
 
 /* ------------------------------------------------------------------ softmax pieces */

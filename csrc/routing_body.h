@@ -38,14 +38,15 @@ typedef struct {
     int r;            /* n + m - 1 */
 } FN(RoutingBuffers);
 
-/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e)
- * and a query tile; backward: kᵀ, v, k (u, d), vᵀ, the cluster's key gradients dk
+/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e),
+ * a query tile and the next cluster's lines to hint (routing_hint_lines); backward: kᵀ, v, k (u, d), vᵀ, the cluster's key gradients dk
  * (u, d), dv (u, e), then per query tile q (BQ, d), dout (BQ, e), lse, delta (BQ), dq
  * (BQ, d) and a gradient tile. */
 typedef struct {
     T *k, *kt, *v, *vt, *q, *dout, *lse, *delta, *dk, *dv, *dq;
     FN(RaQTile) qt;
     FN(RaQGradTile) g;
+    RaHints *hints;
 } FN(RoutingTile);
 
 /* Query rows per forward tile: a cluster of 128 queries runs as one tile, all its rows
@@ -56,12 +57,26 @@ typedef struct {
 #define RA_ROUTING_BQ 128
 #endif
 
+/* The lines the forward hints for one cluster at most: its u key rows of k and v and its
+ * first tile's query rows of q and the output, each row one line more than its length in
+ * lines when it does not start on a line boundary. */
+static size_t FN(routing_hint_lines)(int d, int e, int u)
+{
+    const size_t per_row = (sizeof(T) * (size_t)d + 63) / 64 + (sizeof(T) * (size_t)e + 63) / 64 + 2;
+    return ra_mul(per_row, (size_t)u + RA_ROUTING_BQ);
+}
+
 static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u, int backward)
 {
+    t->hints = NULL;
     t->kt = RA_TAKE(a, T, ra_mul(d, u));
     t->v = RA_TAKE(a, T, ra_mul(u, e));
     if (!backward) {
         t->q = FN(ra_qtile_layout)(&t->qt, a, RA_ROUTING_BQ, d, e);
+        t->hints = RA_TAKE(a, RaHints, 1);
+        const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u));
+        if (t->hints) t->hints->line = lines;
+        t->qt.hints = t->hints;
         return;
     }
     t->k = RA_TAKE(a, T, ra_mul(u, d));
@@ -195,30 +210,48 @@ typedef struct {
     FN(RoutingBuffers) *buf;
 } FN(RoutingForward);
 
+/* Thread tid's hint queue (in its scratch). */
+static RaHints *FN(routing_hints)(const FN(RoutingForward) *F, int tid)
+{
+    RaArena a = {F->scratch + (size_t)tid * F->per_thread, 0};
+    FN(RoutingTile) t;
+    FN(routing_tile)(&a, &t, F->P->d, F->P->e, F->P->u, 0);
+    return t.hints;
+}
+
+/* Cluster cl's forward, its products hinting the lines routing_fetch_cluster queued; the
+ * lines still queued at its end are hinted then. */
 static void FN(routing_cluster_unit)(const void *ctx, ptrdiff_t cl)
 {
     const FN(RoutingForward) *F = ctx;
     FN(routing_cluster_forward)(F->K, F->P, (int)cl, F->q, F->k, F->v, F->scale, F->flags,
                                 (T *)(F->scratch + (size_t)ra_thread_id() * F->per_thread),
                                 F->buf);
+    RaHints *h = FN(routing_hints)(F, ra_thread_id());
+    ra_hints_issue(h, h->count);
+    h->next = h->count = 0;
 }
 
-/* Hint the rows cluster cl's forward touches first: its keys' rows of k and v, its first
- * query tile's rows of q and their rows of the merged output.  Only hints. */
+/* Queue the lines cluster cl's forward reads first — its keys' rows of k and v, its first
+ * query tile's rows of q and of the merged output — for this thread's current cluster to
+ * hint (routing_cluster_unit). */
 static void FN(routing_fetch_cluster)(const void *ctx, ptrdiff_t cl)
 {
     const FN(RoutingForward) *F = ctx;
     const RaRoutingPlan *P = F->P;
     const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
+    const size_t lines = FN(routing_hint_lines)(P->d, P->e, P->u);
+    const int cap = lines > 0x7fffffff ? 0x7fffffff : (int)lines;
+    RaHints *h = FN(routing_hints)(F, ra_thread_id());
     for (int j = 0; j < P->kcount[cl]; j++) {
         if (kpos[j] < 0) continue;
-        RA_PREFETCH_ROW(F->k, kpos[j], P->d, sizeof(T), 2);
-        RA_PREFETCH_ROW(F->v, kpos[j], P->e, sizeof(T), 2);
+        ra_hints_add_row(h, cap, F->k, kpos[j], P->d, sizeof(T));
+        ra_hints_add_row(h, cap, F->v, kpos[j], P->e, sizeof(T));
     }
     for (int i = 0; i < P->qcount[cl] && i < RA_ROUTING_BQ; i++) {
         if (qpos[i] < 0) continue;
-        RA_PREFETCH_ROW(F->q, qpos[i], P->d, sizeof(T), 2);
-        RA_PREFETCH_ROW(F->buf->merged, qpos[i], P->e, sizeof(T), 2);
+        ra_hints_add_row(h, cap, F->q, qpos[i], P->d, sizeof(T));
+        ra_hints_add_row(h, cap, F->buf->merged, qpos[i], P->e, sizeof(T));
     }
 }
 
@@ -233,6 +266,10 @@ static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaM
     const int nt = ra_num_threads();
     buf->merged = out;
     const FN(RoutingForward) F = {K, P, q, k, v, scale, flags, scratch, per_thread, buf};
+    for (int t = 0; t < nt; t++) {          /* empty queues: a thread's first cluster hints none */
+        RaHints *h = FN(routing_hints)(&F, t);
+        h->next = h->count = 0;
+    }
     ra_lookahead_for(nt, P->c, FN(routing_fetch_cluster), FN(routing_cluster_unit), &F);
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < P->n; i++)
