@@ -58,7 +58,7 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
             s = (T *)(scores.data + (ptrdiff_t)i0 * scores.s0);
             lds = scores.s0 / (ptrdiff_t)sizeof(T);
         }
-        K->gemm(rows, c, d, xr, ldx, ct, c, s, lds, 0, NULL);
+        K->gemm(rows, c, d, xr, ldx, ct, c, s, lds, 0);
         K->argmax_rows(rows, c, s, lds, arg, top);
         for (int r = 0; r < rows; r++) {
             const int i = i0 + r;
@@ -189,7 +189,7 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                         const int rows = i1 - i0 < RA_ROWS ? i1 - i0 : RA_ROWS;
                         T *cb = cos + (size_t)(i0 / RA_ROWS) * L * RA_ROWS;
                         K->gemm(L, RA_ROWS, d, cands, d, xt + (size_t)(i0 / RA_ROWS) * d * RA_ROWS,
-                                RA_ROWS, cb, RA_ROWS, 0, NULL);
+                                RA_ROWS, cb, RA_ROWS, 0);
                         for (int r = 0; r < rows; r++) {
                             const T b = best[i0 + r];
                             for (int t = 0; t < L; t++) {
@@ -552,7 +552,7 @@ int FN(ra_lsh_hash)(ptrdiff_t B, int n, int d, int bits, RaBMat x, RaBMat planes
         RaVec out = ra_vec_at(codes, b);
         ptrdiff_t ldx;
         const T *xr = FN(ra_rows)(ra_mat_at(x, b), i0, rows, d, xs, &ldx);
-        K->gemm(rows, bp, d, xr, ldx, pt, bp, s, bp, 0, NULL);
+        K->gemm(rows, bp, d, xr, ldx, pt, bp, s, bp, 0);
         int64_t *code = t.arg;
         K->threshold_bits(rows, bp, s, bp, thr, code);
         for (int r = 0; r < rows; r++) RA_VEC_AT(int64_t, out, i0 + r) = code[r];

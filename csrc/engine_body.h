@@ -134,13 +134,22 @@ static inline const int64_t *FN(row_ids)(const int64_t *ids, const int64_t *pos)
 }
 static inline const int64_t *FN(col_ids)(const FN(RaKTile) *t) { return t->ids ? t->ids : t->pos; }
 
+/* A query tile's product: the gemm that hints the tile's lines when it has some. */
+static inline void FN(qt_gemm)(const KT *K, FN(RaQTile) *qt, int M, int N, int Kd, const T *A,
+                               ptrdiff_t lda, const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc,
+                               int accumulate)
+{
+    if (qt->hints) K->gemm_hinting(M, N, Kd, A, lda, B, ldb, C, ldc, accumulate, qt->hints);
+    else K->gemm(M, N, Kd, A, lda, B, ldb, C, ldc, accumulate);
+}
+
 /* q is (rows, d), kt is (d, cols) -> s (rows, cols) masked logits */
 static void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt, int d, int flags)
 {
     const int rows = qt->rows, cols = kt->cols;
     const ptrdiff_t lds = FN(qt_lds)(qt);
     /* 1. logits: s = q · kᵀ [+ relative position bias] */
-    K->gemm(rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0, qt->hints);
+    FN(qt_gemm)(K, qt, rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0);
     if (qt->pairs && qt->pairs->bias)
         K->bias_tile(rows, cols, qt->s, lds, FN(row_ids)(qt->ids, qt->pos), FN(col_ids)(kt),
                      qt->pairs->bias);
@@ -169,7 +178,7 @@ static void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile
     if (((flags & RA_MASKED) || kt->vis || dropping) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
         FN(pv_skip_zero)(rows, cols, e, qt->s, lds, kt->v, kt->ldv, qt->acc, e);
     else
-        K->gemm(rows, e, cols, qt->s, lds, kt->v, kt->ldv, qt->acc, e, 1, qt->hints);
+        FN(qt_gemm)(K, qt, rows, e, cols, qt->s, lds, kt->v, kt->ldv, qt->acc, e, 1);
 }
 
 /* q is (rows, d), kt is (d, cols), v is (cols, e), acc is (rows, e) */
@@ -242,7 +251,7 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
     const FN(RaPairs) *pr = g->pairs;
     const int64_t *rid = FN(row_ids)(g->ids, g->pos), *cid = FN(col_ids)(kt);
     /* forward pass 1-3 recomputed: s = q·kᵀ [+ bias], masked, p = exp(s - lse) */
-    K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0, NULL);
+    K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
     if (pr && pr->bias) K->bias_tile(rows, cols, g->s, RA_BK, rid, cid, pr->bias);
     if (flags & RA_MASKED) FN(apply_mask)(K, g->s, RA_BK, rows, cols, g->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(g->s, RA_BK, rows, cols, kt->vis, kt->ldvis);
@@ -255,12 +264,12 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
             memcpy(g->dp + (ptrdiff_t)i * RA_BK, g->s + (ptrdiff_t)i * RA_BK, sizeof(T) * (size_t)cols);
         K->dropout_tile(rows, cols, g->dp, RA_BK, rid, cid, pr->key, pr->drop, pr->keep);
         K->gemm_tn(cols, e, rows, g->dp, RA_BK, g->dout, e, dv, lddv, 1);
-        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0, NULL);
+        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
         K->dropout_tile(rows, cols, g->dp, RA_BK, rid, cid, pr->key, pr->drop, pr->keep);
     } else {
         /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
         K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
-        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0, NULL);
+        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
     }
     /* the forward's out = (p [∘ f])·v, so delta = rowsum(dout ∘ out) = rowsum(p ∘ dp) */
     if (flags & RA_OWN_STATS)
@@ -271,7 +280,7 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
     K->softmax_grad(rows, cols, g->s, g->dp, RA_BK, g->delta, 1);
     if (pr && pr->dbias) FN(bias_grad)(g->dp, RA_BK, rows, cols, rid, cid, pr->dbias);
     /* forward: s = q·kᵀ, so dq += ds·k and dk += dsᵀ·q */
-    K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1, NULL);
+    K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
     K->gemm_tn(cols, d, rows, g->dp, RA_BK, g->q, d, dk, lddk, 1);
 }
 

@@ -19,10 +19,13 @@
 #define RA_OFFER_DEPTH 4  /* top_offer's pre-pass floor up to cap = 4 vectors of lanes */
 
 #define RA_KERNEL_FNS(T)                                                                  \
-    /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C.      \
-       hints (or NULL): K of its lines hinted after each micro-tile (common.h). */        \
+    /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
     void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
-                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints);      \
+                 ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                      \
+    /* gemm, and K of hints' lines hinted after each micro-tile (RaHints, common.h). */  \
+    void (*gemm_hinting)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,       \
+                         ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate,               \
+                         RaHints *hints);                                                  \
     /* C (M×N, ldc) = [C +] Aᵀ · B with A stored (K×M, lda), B (K×N, ldb). */              \
     void (*gemm_tn)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,            \
                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                   \

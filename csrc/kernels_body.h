@@ -305,7 +305,8 @@ static void FN(gemm_tail)(int M, int w, int K, const T *A, ptrdiff_t a_rs, ptrdi
     }
 }
 
-/* C (M×N) (+)= op(A) · B with op(A)[r, k] = A[r·a_rs + k·a_ks]. */
+/* C (M×N) (+)= op(A) · B with op(A)[r, k] = A[r·a_rs + k·a_ks]; hints as in gemm_hinting
+ * (NULL, a constant, at the plain products' calls). */
 static inline __attribute__((always_inline)) void
 FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks, const T *B,
                  ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
@@ -326,12 +327,19 @@ FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks
         j += 2 * VL;
     }
     for (; j + VL <= N; j += VL)
-        FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate, hints);
+        FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
+                      hints);
     if (j < N) FN(gemm_tail)(M, N - j, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
 }
 
 static void FN(gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
-                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
+                     ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate)
+{
+    FN(gemm_strided)(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate, NULL);
+}
+
+static void FN(gemm_hinting)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,
+                             ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
 {
     FN(gemm_strided)(M, N, K, A, lda, 1, B, ldb, C, ldc, accumulate, hints);
 }

@@ -21,7 +21,8 @@
 #undef RA_TYPED_SUFFIX
 
 #define RA_TYPED_TABLE(S)                                                                 \
-    {.gemm = RA_CAT3(gemm, S, ISA), .gemm_tn = RA_CAT3(gemm_tn, S, ISA),                  \
+    {.gemm = RA_CAT3(gemm, S, ISA), .gemm_hinting = RA_CAT3(gemm_hinting, S, ISA),        \
+     .gemm_tn = RA_CAT3(gemm_tn, S, ISA),                                                 \
      .softmax_step = RA_CAT3(softmax_step, S, ISA), .exp_shift = RA_CAT3(exp_shift, S, ISA), \
      .mask_tile = RA_CAT3(mask_tile, S, ISA), .bias_tile = RA_CAT3(bias_tile, S, ISA),    \
      .dropout_tile = RA_CAT3(dropout_tile, S, ISA), .gather_t = RA_CAT3(gather_t, S, ISA),      \

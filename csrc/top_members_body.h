@@ -297,7 +297,7 @@ static void FN(score_block)(const KT *K, RaMat x, int n, int d, const T *ct, int
         const int rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
         ptrdiff_t ldx;
         const T *xr = FN(ra_rows)(x, i0, rows, d, xs, &ldx);
-        K->gemm(rows, nb, d, xr, ldx, ct + jb, c, cols + (size_t)i0 * 16, 16, 0, NULL);
+        K->gemm(rows, nb, d, xr, ldx, ct + jb, c, cols + (size_t)i0 * 16, 16, 0);
     }
 }
 
@@ -466,7 +466,7 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
                 const int rows = S - s0 < RA_ROWS ? S - s0 : RA_ROWS;
                 ptrdiff_t ldx;
                 const T *xr = FN(ra_rows)(xk, s0, rows, d, at.x, &ldx);
-                K->gemm(rows, g, d, xr, ldx, ct + j0, c, at.scores, cb, 0, NULL);
+                K->gemm(rows, g, d, xr, ldx, ct + j0, c, at.scores, cb, 0);
                 K->top_sample(rows, g, at.scores, cb, RA_TOPM, ts.top, ldt, NULL);
             }
             FN(top_thresholds)(g, &ts, ldt);
@@ -485,7 +485,7 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
                 ptrdiff_t ldx;
                 const T *xr = FN(ra_rows)(xb, i0, rows, d, ap.tile.x, &ldx);
                 feclearexcept(FE_INVALID);
-                K->gemm(rows, c, d, xr, ldx, ct, c, ap.tile.scores, c, 0, NULL);
+                K->gemm(rows, c, d, xr, ldx, ct, c, ap.tile.scores, c, 0);
                 invalid |= fetestexcept(FE_INVALID) != 0;
                 K->argmax_rows(rows, c, ap.tile.scores, c, ap.tile.arg, ap.tile.best);
                 for (int r = 0; r < rows; r++) {

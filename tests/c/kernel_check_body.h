@@ -33,10 +33,10 @@ static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *
     F(fill)(A, (int64_t)KD * LD, 0);
     F(fill)(B, (int64_t)KD * LD, 0);
     F(fill)(C, (int64_t)M * LD, 0);
-    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 1, NULL);
+    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 1);
     snprintf(name, sizeof name, "%sgemm.acc", tag);
     DUMP_AS(name, KIND, C, M * LD);
-    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 0, NULL);
+    K->gemm(M, N, KD, A, LD, B, LD, C, LD, 0);
     snprintf(name, sizeof name, "%sgemm", tag);
     DUMP_AS(name, KIND, C, M * LD);
     K->gemm_tn(M, N, KD, A, LD, B, LD, C, LD, 1);
