@@ -24,7 +24,9 @@ static void *F(alloc)(size_t bytes)   /* 64-byte aligned, zeroed */
 }
 
 /* One product shape (M×N, depth KD, every leading dimension LD): gemm accumulating, gemm,
- * gemm_tn accumulating, dumped as <tag>gemm.acc, <tag>gemm, <tag>gemm_tn. */
+ * gemm_tn accumulating, dumped as <tag>gemm.acc, <tag>gemm, <tag>gemm_tn; gemm_hinting
+ * checked against gemm (the same bits) and for hinting every line queued when it has
+ * as many micro-tiles as lines to hint (none left over at a step of depth KD each). */
 static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *tag)
 {
     T *A = F(alloc)(sizeof(T) * KD * LD), *B = F(alloc)(sizeof(T) * KD * LD);
@@ -39,6 +41,22 @@ static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *
     K->gemm(M, N, KD, A, LD, B, LD, C, LD, 0);
     snprintf(name, sizeof name, "%sgemm", tag);
     DUMP_AS(name, KIND, C, M * LD);
+    {
+        T *C2 = F(alloc)(sizeof(T) * M * LD);
+        const char *lines[3];
+        RaHints h = {lines, 0, 3};
+        for (int i = 0; i < 3; i++) lines[i] = (const char *)(A + i * 16);
+        int same = 1;
+        K->gemm_hinting(M, N, KD, A, LD, B, LD, C2, LD, 0, &h);
+        for (int i = 0; i < M; i++)        /* the M×N block; columns from N on are not C's */
+            same &= memcmp(C + i * LD, C2 + i * LD, sizeof(T) * N) == 0;
+        if (!same || (M >= 6 && h.next != h.count)) {
+            fprintf(stderr, "kernel_check: %sgemm_hinting differs from gemm or left %d of its "
+                    "lines\n", tag, h.count - h.next);
+            self_check_failures++;
+        }
+        free(C2);
+    }
     K->gemm_tn(M, N, KD, A, LD, B, LD, C, LD, 1);
     snprintf(name, sizeof name, "%sgemm_tn", tag);
     DUMP_AS(name, KIND, C, M * LD);
