@@ -276,7 +276,10 @@ static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
     /* out = acc / sum (0 when nothing was visible), lse = mx + log(sum) (-inf); both    \
        written through byte strides; lse may be NULL */                                   \
     void ra_fwd_finish_##SUF(const RaQTile_##SUF *qt, int e, char *out, ptrdiff_t os0,   \
-                             ptrdiff_t os1, char *lse, ptrdiff_t ls0);
+                             ptrdiff_t os1, char *lse, ptrdiff_t ls0);                    \
+    /* ra_fwd_finish of row i alone, into the row o (stride os1) and *lse (or NULL) */    \
+    void ra_fwd_finish_row_##SUF(const RaQTile_##SUF *qt, int i, int e, char *o,          \
+                                 ptrdiff_t os1, T *lse);
 
 RA_ENGINE_DECLS(float, f32, RaKernelsF32)
 RA_ENGINE_DECLS(double, f64, RaKernelsF64)

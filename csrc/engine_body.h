@@ -189,21 +189,25 @@ static void FN(ra_fwd_step)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *kt,
     FN(ra_fwd_accumulate)(K, qt, kt, e, flags);
 }
 
+void FN(ra_fwd_finish_row)(const FN(RaQTile) *qt, int i, int e, char *o, ptrdiff_t os1, T *lse)
+{
+    const T sum = qt->sum[i];
+    /* a row that saw no key: output 0, lse -inf (sum is 0 only then) */
+    const T inv = sum == 0 ? 0 : 1 / sum;
+    const T *a = qt->acc + (ptrdiff_t)i * e;
+    if (os1 == (ptrdiff_t)sizeof(T))
+        for (int c = 0; c < e; c++) ((T *)o)[c] = a[c] * inv;     /* vectorised */
+    else
+        for (int c = 0; c < e; c++) *(T *)(o + (ptrdiff_t)c * os1) = a[c] * inv;
+    if (lse) *lse = sum == 0 ? -INFINITY : qt->mx[i] + log(sum);
+}
+
 void FN(ra_fwd_finish)(const FN(RaQTile) *qt, int e, char *out, ptrdiff_t os0,
                        ptrdiff_t os1, char *lse, ptrdiff_t ls0)
 {
-    for (int i = 0; i < qt->rows; i++) {
-        const T sum = qt->sum[i];
-        /* a row that saw no key: output 0, lse -inf (sum is 0 only then) */
-        const T inv = sum == 0 ? 0 : 1 / sum;
-        const T *a = qt->acc + (ptrdiff_t)i * e;
-        char *o = out + (ptrdiff_t)i * os0;
-        if (os1 == (ptrdiff_t)sizeof(T))
-            for (int c = 0; c < e; c++) ((T *)o)[c] = a[c] * inv;     /* vectorised */
-        else
-            for (int c = 0; c < e; c++) *(T *)(o + (ptrdiff_t)c * os1) = a[c] * inv;
-        if (lse) *(T *)(lse + (ptrdiff_t)i * ls0) = sum == 0 ? -INFINITY : qt->mx[i] + log(sum);
-    }
+    for (int i = 0; i < qt->rows; i++)
+        FN(ra_fwd_finish_row)(qt, i, e, out + (ptrdiff_t)i * os0, os1,
+                              lse ? (T *)(lse + (ptrdiff_t)i * ls0) : NULL);
 }
 
 /* dbias[kpos[j] - qpos[i]] += ds[i, j] over the tile's pairs (padding keys skipped). */

@@ -126,7 +126,7 @@ static void FN(routing_place_grads)(const int64_t *start, const int64_t *pos, in
 
 /* Cluster cl: queries qlist[cl·w ..] (nq of them), keys klist[cl·u ..] (nk).
  * l_slot row cl·w + r receives the lse of the r-th member query, its output row goes
- * to o_slot row cl·w + r or the merged output (routing_place_grads). */
+ * to o_slot row cl·w + r (a token in several clusters) or straight to the merged output. */
 static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int cl, RaMat q,
                                         RaMat k, RaMat v, T scale, int flags, T *ws,
                                         FN(RoutingBuffers) *buf)
@@ -160,10 +160,14 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
         if (flags & RA_EXCLUDE_SELF) FN(ra_attend_self_fallback)(&qt, &keys, d, e, self_only);
         else memset(self_only, 0, (size_t)qt.rows);
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
-        FN(ra_fwd_finish)(&qt, e, (char *)qt.acc, (ptrdiff_t)sizeof(T) * e, sizeof(T),
-                          (char *)(buf->l_slot + slot0), sizeof(T));   /* in place */
-        FN(routing_place_grads)(P->q_start, qt.pos, qt.rows, qt.acc, e, buf->o_slot + slot0 * e,
-                                1, buf->merged);
+        for (int r = 0; r < qt.rows; r++) {   /* each row finished where it goes */
+            const int64_t i = qt.pos[r];
+            const int several = P->q_start[i + 1] - P->q_start[i] > 1;
+            char *o = several ? (char *)(buf->o_slot + (slot0 + r) * e)
+                              : buf->merged.data + i * buf->merged.s0;
+            FN(ra_fwd_finish_row)(&qt, r, e, o, several ? (ptrdiff_t)sizeof(T) : buf->merged.s1,
+                                  buf->l_slot + slot0 + r);
+        }
     }
 }
 
