@@ -305,30 +305,21 @@ static void FN(gemm_tail)(int M, int w, int K, const T *A, ptrdiff_t a_rs, ptrdi
     }
 }
 
-/* C (M×N) (+)= op(A) · B with op(A)[r, k] = A[r·a_rs + k·a_ks]; hints as in gemm_hinting
- * (NULL, a constant, at the plain products' calls). */
+/* C (M×N) (+)= op(A) · B, op(A)[r, k] = A[r·a_rs + k·a_ks]; hints: see gemm_hinting. */
 static inline __attribute__((always_inline)) void
 FN(gemm_strided)(int M, int N, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t a_ks, const T *B,
                  ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate, RaHints *hints)
 {
+#define RA_GEMM_PANEL(nv) \
+    FN(gemm_rows)(nv, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate, hints)
     int j = 0;
-    for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL)
-        FN(gemm_rows)(GEMM_NV, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
-                      hints);
+    for (; j + GEMM_NV * VL <= N; j += GEMM_NV * VL) RA_GEMM_PANEL(GEMM_NV);
     /* whole vectors left: one panel as wide as they allow (every lane sees the same
        operations whatever the panel's width, so the result does not depend on it) */
-    if (GEMM_NV > 3 && j + 3 * VL <= N) {
-        FN(gemm_rows)(GEMM_NV > 3 ? 3 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
-                      hints);
-        j += 3 * VL;
-    } else if (GEMM_NV > 2 && j + 2 * VL <= N) {
-        FN(gemm_rows)(GEMM_NV > 2 ? 2 : 1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
-                      hints);
-        j += 2 * VL;
-    }
-    for (; j + VL <= N; j += VL)
-        FN(gemm_rows)(1, M, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate,
-                      hints);
+    if (GEMM_NV > 3 && j + 3 * VL <= N) { RA_GEMM_PANEL(GEMM_NV > 3 ? 3 : 1); j += 3 * VL; }
+    else if (GEMM_NV > 2 && j + 2 * VL <= N) { RA_GEMM_PANEL(GEMM_NV > 2 ? 2 : 1); j += 2 * VL; }
+    for (; j + VL <= N; j += VL) RA_GEMM_PANEL(1);
+#undef RA_GEMM_PANEL
     if (j < N) FN(gemm_tail)(M, N - j, K, A, a_rs, a_ks, B + j, ldb, C + j, ldc, accumulate);
 }
 
