@@ -298,7 +298,8 @@ static void FN(gemm_tail)(int M, int w, int K, const T *A, ptrdiff_t a_rs, ptrdi
             const int kb = K - k0 < KB ? K - k0 : KB;
             for (int k = 0; k < kb; k++)
                 for (int l = 0; l < VL; l++) bt[k * VL + l] = B[(ptrdiff_t)(k0 + k) * ldb + (l < w ? l : 0)];
-            FN(gemm_rows)(1, mb, kb, A + i0 * a_rs + k0 * a_ks, a_rs, a_ks, bt, VL, ct, VL, 1, NULL);
+            FN(gemm_rows)(1, mb, kb, A + i0 * a_rs + k0 * a_ks, a_rs, a_ks, bt, VL, ct, VL, 1,
+                          NULL);
         }
         for (int i = 0; i < mb; i++)
             for (int l = 0; l < w; l++) C[(ptrdiff_t)(i0 + i) * ldc + l] = ct[i * VL + l];

@@ -38,10 +38,10 @@ typedef struct {
     int r;            /* n + m - 1 */
 } FN(RoutingBuffers);
 
-/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e),
- * a query tile and the next cluster's lines to hint (routing_hint_lines); backward: kᵀ, v, k (u, d), vᵀ, the cluster's key gradients dk
- * (u, d), dv (u, e), then per query tile q (BQ, d), dout (BQ, e), lse, delta (BQ), dq
- * (BQ, d) and a gradient tile. */
+/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e), a
+ * query tile and the next cluster's lines to hint (routing_hint_lines); backward: kᵀ, v,
+ * k (u, d), vᵀ, the cluster's key gradients dk (u, d), dv (u, e), then per query tile q
+ * (BQ, d), dout (BQ, e), lse, delta (BQ), dq (BQ, d) and a gradient tile. */
 typedef struct {
     T *k, *kt, *v, *vt, *q, *dout, *lse, *delta, *dk, *dv, *dq;
     FN(RaQTile) qt;
@@ -62,7 +62,8 @@ typedef struct {
  * lines when it does not start on a line boundary. */
 static size_t FN(routing_hint_lines)(int d, int e, int u)
 {
-    const size_t per_row = (sizeof(T) * (size_t)d + 63) / 64 + (sizeof(T) * (size_t)e + 63) / 64 + 2;
+    const size_t per_row = (sizeof(T) * (size_t)d + 63) / 64
+                           + (sizeof(T) * (size_t)e + 63) / 64 + 2;
     return ra_mul(per_row, (size_t)u + RA_ROUTING_BQ);
 }
 
