@@ -48,38 +48,38 @@
 #define RA_BQ 64    /* query rows per tile */
 #define RA_BK 256   /* keys per tile */
 #define RA_PREFETCH_ROWS 8   /* gathers of scattered rows fetch this many rows ahead */
-/* Hint the cache lines of row `row` of m (RaMat; cols elements of elem bytes).  A
- * unit-stride row: every line its bytes touch — a row that does not start on a line
- * boundary (NumPy's large arrays start 16 bytes into a page) reaches one line more than
- * its length in lines, and that line is hinted too.  A strided row: the line of every
- * 64 / elem-th element.  Only a hint. */
-#define RA_PREFETCH_ROW(m, row, cols, elem, locality)                                      \
+/* for each cache line `line` (const char *) of row `row` of m (RaMat; cols elements of
+ * elem bytes): BODY.  A unit-stride row: every line its bytes touch — a row that does not
+ * start on a line boundary (NumPy's large arrays start 16 bytes into a page) reaches one
+ * line more than its length in lines.  A strided row: the line of every 64 / elem-th
+ * element. */
+#define RA_FOR_ROW_LINES(m, row, cols, elem, line, BODY)                                   \
     do {                                                                                  \
         const char *ra_row_ = (m).data + (ptrdiff_t)(row) * (m).s0;                       \
         if ((m).s1 == (ptrdiff_t)(elem)) {                                                \
             const uintptr_t ra_end_ = (uintptr_t)ra_row_ + (uintptr_t)(cols) * (elem);    \
             for (uintptr_t ra_p_ = (uintptr_t)ra_row_ & ~(uintptr_t)63; ra_p_ < ra_end_;  \
-                 ra_p_ += 64)                                                             \
-                __builtin_prefetch((const void *)ra_p_, 0, (locality));                   \
+                 ra_p_ += 64) {                                                           \
+                const char *line = (const char *)ra_p_;                                   \
+                BODY;                                                                     \
+            }                                                                             \
         } else {                                                                          \
-            for (int ra_f_ = 0; ra_f_ < (cols); ra_f_ += 64 / (int)(elem))                \
-                __builtin_prefetch(ra_row_ + (ptrdiff_t)ra_f_ * (m).s1, 0, (locality));   \
+            for (int ra_f_ = 0; ra_f_ < (cols); ra_f_ += 64 / (int)(elem)) {              \
+                const char *line = ra_row_ + (ptrdiff_t)ra_f_ * (m).s1;                   \
+                BODY;                                                                     \
+            }                                                                             \
         }                                                                                 \
     } while (0)
+
+/* Hint the cache lines of row `row` of m (RA_FOR_ROW_LINES).  Only a hint. */
+#define RA_PREFETCH_ROW(m, row, cols, elem, locality)                                      \
+    RA_FOR_ROW_LINES(m, row, cols, elem, ra_line_, __builtin_prefetch(ra_line_, 0, (locality)))
 
 /* Queue in h (room for cap lines) the lines RA_PREFETCH_ROW hints for row `row` of m. */
 static inline void ra_hints_add_row(RaHints *h, int cap, RaMat m, int64_t row, int cols,
                                     size_t elem)
 {
-    const char *r = m.data + (ptrdiff_t)row * m.s0;
-    if (m.s1 == (ptrdiff_t)elem) {
-        const uintptr_t end = (uintptr_t)r + (uintptr_t)cols * elem;
-        for (uintptr_t p = (uintptr_t)r & ~(uintptr_t)63; p < end && h->count < cap; p += 64)
-            h->line[h->count++] = (const char *)p;
-        return;
-    }
-    for (int f = 0; f < cols && h->count < cap; f += 64 / (int)elem)
-        h->line[h->count++] = r + (ptrdiff_t)f * m.s1;
+    RA_FOR_ROW_LINES(m, row, cols, elem, line, if (h->count < cap) h->line[h->count++] = line);
 }
 
 /* What a key list's load hook must provide for a tile. */
