@@ -107,7 +107,7 @@ static size_t FN(routing_tile_bytes)(int d, int e, int u, int backward)
 /* The backward's gradient rows of one cluster's members (positions pos, rows (count,
  * width)) to their homes: a token in this cluster only straight to its row of the result
  * (times mul), a token in several clusters to its slot row, summed later
- * (routing_sum_slots).  (The forward finishes its rows in place: routing_cluster_forward.) */
+ * (routing_sum_slots).  (The forward writes its rows there as it finishes them.) */
 static void FN(routing_place_grads)(const int64_t *start, const int64_t *pos, int count,
                                     const T *rows, int width, T *slot_rows, T mul, RaMat dst)
 {
