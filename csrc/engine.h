@@ -79,7 +79,9 @@
 static inline void ra_hints_add_row(RaHints *h, int cap, RaMat m, int64_t row, int cols,
                                     size_t elem)
 {
-    RA_FOR_ROW_LINES(m, row, cols, elem, line, if (h->count < cap) h->line[h->count++] = line);
+    int count = h->count;       /* in a register: the loop stores the lines only */
+    RA_FOR_ROW_LINES(m, row, cols, elem, line, if (count < cap) h->line[count++] = line);
+    h->count = count;
 }
 
 /* What a key list's load hook must provide for a tile. */

@@ -28,21 +28,26 @@ RA_DENSE_DECLS(double, f64)
 
 /* ---- routing attention (routing.c) ---- */
 /* Membership lists of one problem, compacted and validated, with each token's
- * occurrences (slot ids cl·w + r, cluster order) for the deterministic merges. */
+ * occurrences (slot ids cl·w + r, cluster order) for the deterministic merges and each
+ * slot's "token in several clusters" flag.  The forward builds the query side's
+ * occurrences only (its keys need no merge). */
 typedef struct {
     int n, m, d, e, c, w, u;
     int64_t *qlist, *klist;     /* (c, w), (c, u): valid members first, in list order */
     int *qcount, *kcount;       /* (c) valid members per cluster */
     int64_t *q_start, *q_occ;   /* (n + 1), (c·w): CSR of query occurrences */
     int64_t *k_start, *k_occ;   /* (m + 1), (c·u) */
+    uint8_t *q_shared, *k_shared; /* (c·w), (c·u): the slot's token is in several clusters
+                                     (read in cluster order, not through *_start) */
     int64_t *qstamp, *kstamp;   /* (n), (m): duplicate detection, one per side */
     int64_t qstamp_counter, kstamp_counter;
 } RaRoutingPlan;
 
 int ra_routing_plan_alloc(RaRoutingPlan *P, int n, int m, int d, int e, int c, int w, int u);
 void ra_routing_plan_free(RaRoutingPlan *P);
-/* RA_ERR_INDEX if an entry is outside [-1, n) / [-1, m) or repeated inside one list */
-int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx);
+/* RA_ERR_INDEX if an entry is outside [-1, n) / [-1, m) or repeated inside one list.
+ * key_occurrences: build k_start, k_occ and k_shared too (the backward). */
+int ra_routing_plan_build(RaRoutingPlan *P, RaMat q_idx, RaMat k_idx, int key_occurrences);
 /* The masking rule of a routing problem, for the engine's key lists. */
 static inline int ra_routing_flags(int causal, int exclude_self)
 {

@@ -105,16 +105,17 @@ static size_t FN(routing_tile_bytes)(int d, int e, int u, int backward)
 
 /* ------------------------------------------------------------------ 2. attend (forward) */
 /* The backward's gradient rows of one cluster's members (positions pos, rows (count,
- * width)) to their homes: a token in this cluster only straight to its row of the result
- * (times mul), a token in several clusters to its slot row, summed later
- * (routing_sum_slots).  (The forward writes its rows there as it finishes them.) */
-static void FN(routing_place_grads)(const int64_t *start, const int64_t *pos, int count,
+ * width), the members' shared flags) to their homes: a token in this cluster only
+ * straight to its row of the result (times mul), a token in several clusters to its slot
+ * row, summed later (routing_sum_slots).  (The forward writes its rows there as it
+ * finishes them.) */
+static void FN(routing_place_grads)(const uint8_t *shared, const int64_t *pos, int count,
                                     const T *rows, int width, T *slot_rows, T mul, RaMat dst)
 {
     for (int r = 0; r < count; r++) {
         const int64_t i = pos[r];
         const T *src = rows + (ptrdiff_t)r * width;
-        if (start[i + 1] - start[i] > 1) {
+        if (shared[r]) {
             memcpy(slot_rows + (ptrdiff_t)r * width, src, sizeof(T) * (size_t)width);
         } else if (dst.s1 == (ptrdiff_t)sizeof(T)) {
             T *o = (T *)(dst.data + i * dst.s0);
@@ -163,11 +164,10 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
         else memset(self_only, 0, (size_t)qt.rows);
         const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
         for (int r = 0; r < qt.rows; r++) {   /* each row finished where it goes */
-            const int64_t i = qt.pos[r];
-            const int several = P->q_start[i + 1] - P->q_start[i] > 1;
-            char *o = several ? (char *)(buf->o_slot + (slot0 + r) * e)
-                              : buf->merged.data + i * buf->merged.s0;
-            FN(ra_fwd_finish_row)(&qt, r, e, o, several ? (ptrdiff_t)sizeof(T) : buf->merged.s1,
+            const int shared = P->q_shared[slot0 + r];
+            char *o = shared ? (char *)(buf->o_slot + (slot0 + r) * e)
+                             : buf->merged.data + qt.pos[r] * buf->merged.s0;
+            FN(ra_fwd_finish_row)(&qt, r, e, o, shared ? (ptrdiff_t)sizeof(T) : buf->merged.s1,
                                   buf->l_slot + slot0 + r);
         }
     }
@@ -299,7 +299,7 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     int status = scratch ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
-        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
+        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b), 0);
         if (status != RA_OK) break;
         buf.o_slot = (T *)(slots.o + b * slots.o_sb);
         buf.l_slot = (T *)(slots.l + b * slots.l_sb);
@@ -351,11 +351,11 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     if (nq == 0 || nk == 0) {
         memset(t.dq, 0, sizeof(T) * (size_t)RA_BQ * d);
         for (int r0 = 0; r0 < nq; r0 += RA_BQ)
-            FN(routing_place_grads)(P->q_start, qpos + r0, nq - r0 < RA_BQ ? nq - r0 : RA_BQ, t.dq, d,
-                                    buf->dq_slot + ((ptrdiff_t)cl * P->w + r0) * d, scale, buf->dq);
-        FN(routing_place_grads)(P->k_start, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
+            FN(routing_place_grads)(P->q_shared + (ptrdiff_t)cl * P->w + r0, qpos + r0,
+                                    nq - r0 < RA_BQ ? nq - r0 : RA_BQ, t.dq, d, buf->dq_slot + ((ptrdiff_t)cl * P->w + r0) * d, scale, buf->dq);
+        FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
                                 1, buf->dk);
-        FN(routing_place_grads)(P->k_start, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
+        FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
                                 1, buf->dv);
         return;
     }
@@ -379,11 +379,12 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         FN(ra_gather)(dout, qpos + r0, 0, rows, e, 1, 0, dop, e);
         for (int r = 0; r < rows; r++) {
             const int64_t i = qpos[r0 + r], slot = slot0 + r;
-            const T wgt = merge_lse ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
+            const int shared = P->q_shared[slot];
+            const T wgt = merge_lse || !shared ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
             T *dr = dop + (ptrdiff_t)r * e;
             if (wgt != 1)
                 for (int c = 0; c < e; c++) dr[c] *= wgt;
-            delta[r] = merge_lse || P->q_start[i + 1] - P->q_start[i] == 1
+            delta[r] = merge_lse || !shared
                        ? buf->delta_tok[i]        /* dO = dout_i on the merged row */
                        : FN(ra_dot)((const char *)dr, sizeof(T),
                                     (const char *)(buf->o_slot + slot * e), sizeof(T), e);
@@ -400,12 +401,12 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         g.dq = dq;
         FN(ra_attend_backward)(K, &g, &keys, dk, d, dv, e, d, e, flags,
                                buf->self_only + slot0);
-        FN(routing_place_grads)(P->q_start, qpos + r0, rows, dq, d, buf->dq_slot + slot0 * d,
-                                scale, buf->dq);
+        FN(routing_place_grads)(P->q_shared + slot0, qpos + r0, rows, dq, d,
+                                buf->dq_slot + slot0 * d, scale, buf->dq);
     }
-    FN(routing_place_grads)(P->k_start, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
+    FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
                             1, buf->dk);
-    FN(routing_place_grads)(P->k_start, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
+    FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
                             1, buf->dv);
 }
 
@@ -475,7 +476,7 @@ int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int 
                  (!buf.r || buf.dbias_part)
                  ? RA_OK : RA_ERR_NOMEM;
     for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
-        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b));
+        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b), 1);
         if (status != RA_OK) break;
         const int flags = ra_routing_flags(RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0),
                                            RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0));

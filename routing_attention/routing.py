@@ -6,7 +6,7 @@ from .clustering import assign_top_members, members_from_labels, spherical_kmean
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
-                      integer, mask_fits, member_lists, one_of, qkv_arrays, qkv_shapes,
+                      integer, kernel_checked_lists, mask_fits, member_lists, one_of, qkv_arrays, qkv_shapes,
                       routing_heads, same_cluster_count, same_leading_axes, saved_arrays,
                       scale_value, some_rows, unbroadcast)
 from .pairs import _checked
@@ -29,8 +29,9 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, dropout_
     resolved (dropout_p, dropout_seed)."""
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
-    q_idx = check_members("q_idx", q_idx, q.shape[-2])
-    k_idx = check_members("k_idx", k_idx, k.shape[-2])
+    # the kernel validates the entries (kernel_checked_lists gives its error the message)
+    q_idx = member_lists("q_idx", q_idx, q.shape[-2], deferred=True)
+    k_idx = member_lists("k_idx", k_idx, k.shape[-2], deferred=True)
     same_cluster_count(q_idx, k_idx)
     one_of("merge", merge, MERGES)
     _, _, pairs, dropout = _checked(
@@ -38,6 +39,11 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, dropout_
         q.shape[-2], k.shape[-2], dropout_p, dropout_seed, rel_bias)
     return (q, k, v, q_idx, k_idx, flag("causal", causal), flag("exclude_self", exclude_self),
             merge == "lse", scale_value(scale, q.shape[-1], dtype), pairs, dropout)
+
+
+def _lists(q, k, q_idx, k_idx):
+    """The membership lists as kernel_checked_lists takes them."""
+    return (("q_idx", q_idx, q.shape[-2]), ("k_idx", k_idx, k.shape[-2]))
 
 
 def _keywords(causal, exclude_self, lse_merge, scale, dropout):
@@ -124,8 +130,10 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
     outs = (out, None, None, None, None)
     if saved_into is not None:
         outs = (out,) + tuple(saved_into[key] for key in SAVED_KEYS[1:])
-    stats = _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self, lse_merge,
-                                  *pairs, out=outs)
+    stats = kernel_checked_lists(
+        lambda: _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self,
+                                      lse_merge, *pairs, out=outs),
+        _lists(q, k, q_idx, k_idx))
     return dict(zip(SAVED_KEYS, stats),
                 keywords=_keywords(causal, exclude_self, lse_merge, scale, dropout))
 
@@ -167,8 +175,10 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, excl
     shapes = dict(output=(n, e), lse=(n,), slot_output=(c, w, e), slot_lse=(c, w), slot_self=(c, w))
     dtypes = {key: np.bool_ if key == "slot_self" else q.dtype for key in SAVED_KEYS}
     arrays = saved_arrays(saved, SAVED_KEYS, batch, shapes, dtypes, contiguous=True)
-    dq, dk, dv, dbias = _ext._routing_backward(dout, q, k, v, q_idx, k_idx, *arrays, bool(saved),
-                                               scale, causal, exclude_self, lse_merge, *pairs)
+    dq, dk, dv, dbias = kernel_checked_lists(
+        lambda: _ext._routing_backward(dout, q, k, v, q_idx, k_idx, *arrays, bool(saved), scale,
+                                       causal, exclude_self, lse_merge, *pairs),
+        _lists(q, k, q_idx, k_idx))
     grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
     return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads
 

@@ -263,9 +263,9 @@ SPECIFIC_RULES = [
     ("q_idx_float", "routing_attention", dict(q_idx=IDX.astype(float)), TypeError, r"q_idx must be an integer array"),
     ("k_idx_bool", "routing_attention", dict(k_idx=IDX > 0), TypeError, r"k_idx must be an integer array"),
     ("q_idx_rank", "routing_attention", dict(q_idx=np.arange(3)), ValueError, r"q_idx must have shape \(\.\.\., n_clusters, size\)"),
-    ("q_idx_high", "routing_attention", dict(q_idx=np.array([[0, 6]])), ValueError, r"q_idx has entries outside \[-1, 6\)"),
-    ("k_idx_low", "routing_attention", dict(k_idx=np.array([[0, -2]])), ValueError, r"k_idx has entries outside \[-1, 6\)"),
-    ("k_idx_uint64_max", "routing_attention", dict(k_idx=np.array([[0, 2**64 - 1]], np.uint64)),
+    ("q_idx_high", "routing_attention", dict(q_idx=np.array([[0, 6, -1], [1, 2, 3]])), ValueError, r"q_idx has entries outside \[-1, 6\)"),
+    ("k_idx_low", "routing_attention", dict(k_idx=np.array([[0, -2, -1], [1, 2, 3]])), ValueError, r"k_idx has entries outside \[-1, 6\)"),
+    ("k_idx_uint64_max", "routing_attention", dict(k_idx=np.array([[0, 2**64 - 1, 1], [1, 2, 3]], np.uint64)),
      ValueError, r"k_idx has entries outside \[-1, 6\)"),
     ("q_idx_repeat", "routing_attention", dict(q_idx=np.array([[1, 4, 1], [0, -1, -1]])), ValueError,
      r"q_idx repeats a position inside the list of cluster \(0,\)"),
@@ -318,11 +318,15 @@ def test_layer_backward_before_forward():
         ra.CombinerAttention().backward(np.ones((4, 3)))
 
 
-def test_index_arrays_are_checked_before_the_kernels():
-    """The C planner rejects bad lists too, but the wrapper must catch them first, with
-    a message naming the argument (the C message cannot)."""
-    with pytest.raises(ValueError, match=r"k_idx has entries outside"):
-        _call_routing(k_idx=np.array([[0, 99]]))
+def test_index_arrays_rejected_by_the_kernels_are_named():
+    """The C planner validates the lists (the wrapper leaves the repeat check to it, ~1 %
+    of a large forward); when it rejects them, the wrapper's full check names the
+    argument, the cluster and the entry (the C message cannot)."""
+    with pytest.raises(ValueError, match=r"k_idx has entries outside \[-1, 6\): first offender 99"):
+        _call_routing(k_idx=np.array([[0, 99, -1], [1, 2, 3]]))
+    for call in (_call_routing, _call_routing_backward):
+        with pytest.raises(ValueError, match=r"q_idx repeats a position inside the list of cluster \(1,\)"):
+            call(q_idx=np.array([[0, 1, 2], [5, 3, 5]]))
     # and the C check itself: the raw gufunc on an out-of-range / repeated list
     a = _qkv1()
     for bad in (np.array([[0, 99]]), np.array([[3, 3]])):
