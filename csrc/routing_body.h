@@ -348,15 +348,19 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     T *const dk = t.dk, *const dv = t.dv;
     memset(dk, 0, sizeof(T) * (size_t)nk * d);
     memset(dv, 0, sizeof(T) * (size_t)nk * e);
+    const uint8_t *const k_shared = P->k_shared + (ptrdiff_t)cl * P->u;
     if (nq == 0 || nk == 0) {
         memset(t.dq, 0, sizeof(T) * (size_t)RA_BQ * d);
-        for (int r0 = 0; r0 < nq; r0 += RA_BQ)
-            FN(routing_place_grads)(P->q_shared + (ptrdiff_t)cl * P->w + r0, qpos + r0,
-                                    nq - r0 < RA_BQ ? nq - r0 : RA_BQ, t.dq, d, buf->dq_slot + ((ptrdiff_t)cl * P->w + r0) * d, scale, buf->dq);
-        FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
-                                1, buf->dk);
-        FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
-                                1, buf->dv);
+        for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
+            const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
+            FN(routing_place_grads)(P->q_shared + slot0, qpos + r0,
+                                    nq - r0 < RA_BQ ? nq - r0 : RA_BQ, t.dq, d,
+                                    buf->dq_slot + slot0 * d, scale, buf->dq);
+        }
+        FN(routing_place_grads)(k_shared, kpos, nk, dk, d,
+                                buf->dk_slot + (ptrdiff_t)cl * P->u * d, 1, buf->dk);
+        FN(routing_place_grads)(k_shared, kpos, nk, dv, e,
+                                buf->dv_slot + (ptrdiff_t)cl * P->u * e, 1, buf->dv);
         return;
     }
     FN(RaQGradTile) g = t.g;
@@ -380,7 +384,8 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         for (int r = 0; r < rows; r++) {
             const int64_t i = qpos[r0 + r], slot = slot0 + r;
             const int shared = P->q_shared[slot];
-            const T wgt = merge_lse || !shared ? 1 : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
+            const T wgt = merge_lse || !shared ? 1
+                                                : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
             T *dr = dop + (ptrdiff_t)r * e;
             if (wgt != 1)
                 for (int c = 0; c < e; c++) dr[c] *= wgt;
@@ -404,9 +409,9 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         FN(routing_place_grads)(P->q_shared + slot0, qpos + r0, rows, dq, d,
                                 buf->dq_slot + slot0 * d, scale, buf->dq);
     }
-    FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
+    FN(routing_place_grads)(k_shared, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
                             1, buf->dk);
-    FN(routing_place_grads)(P->k_shared + (ptrdiff_t)cl * P->u, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
+    FN(routing_place_grads)(k_shared, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
                             1, buf->dv);
 }
 

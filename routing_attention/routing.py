@@ -6,9 +6,9 @@ from .clustering import assign_top_members, members_from_labels, spherical_kmean
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
-                      integer, kernel_checked_lists, mask_fits, member_lists, one_of, qkv_arrays, qkv_shapes,
-                      routing_heads, same_cluster_count, same_leading_axes, saved_arrays,
-                      scale_value, some_rows, unbroadcast)
+                      integer, kernel_checked_lists, mask_fits, member_lists, one_of, qkv_arrays,
+                      qkv_shapes, routing_heads, same_cluster_count, same_leading_axes,
+                      saved_arrays, scale_value, some_rows, unbroadcast)
 from .pairs import _checked
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
