@@ -289,12 +289,13 @@ static void FN(softmax_step)(int bq, int bk, T *S, ptrdiff_t lds, T *mx, T *sum,
        (the routing forward ~1 % faster, the same bits) */
     enum { U = 4, ROWS = 32 };
     const int bkv = bk / VL * VL, bku = bk / (U * VL) * (U * VL);
-    T row_max[ROWS];
+    T maxima[ROWS];
     for (int i = 0; i < bq; i++) {
         if (i % ROWS == 0)                          /* 1. row maxima */
-            for (int r = i; r < bq && r < i + ROWS; r++) row_max[r - i] = FN(row_max)(S + r * lds, bk);
+            for (int r = i; r < bq && r < i + ROWS; r++)
+                maxima[r - i] = FN(row_max)(S + r * lds, bk);
         T *s = S + i * lds;
-        const T m = row_max[i % ROWS];
+        const T m = maxima[i % ROWS];
         T m_new = mx[i] > m ? mx[i] : m;
         if (mx[i] != mx[i]) m_new = mx[i];    /* a row already NaN stays NaN */
         if (m_new == -INFINITY) {
