@@ -32,7 +32,7 @@ from routing_attention import routing as _routing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import suite  # noqa: E402
-from common import fp32_peak_gflops, machine_description, median_times, set_threads, try_import_torch  # noqa: E402
+from common import aligned_copy, fp32_peak_gflops, machine_description, median_times, set_threads, try_import_torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 N_ROUTING, H_ROUTING, C_ROUTING = 16384, 4, 128
@@ -68,6 +68,9 @@ def routing_kernel(threads, repeats, lines):
     _, saved = ra.routing_attention(q, k, v, scattered, scattered, return_saved=True)
     _, saved_b = ra.routing_attention(q, k, v, blocks, blocks, return_saved=True)
     reuse = {key: saved[key].copy() if key != "keywords" else saved[key] for key in saved}
+    # the same rows 64-byte aligned (NumPy's start 16 bytes past a line), outputs reused
+    aligned = [aligned_copy(x) for x in (q, k, v, saved["output"], dout)]
+    aligned_grads = tuple(aligned_copy(x) for x in (q, k, v)) + (None,)
     # the backward's gufunc with its gradients written into arrays made once: what the
     # fresh (dq, dk, dv) pages, 48 MB the system zeroes on first touch, cost
     grads = tuple(np.empty_like(x) for x in (q, k, v)) + (None,)
@@ -83,9 +86,15 @@ def routing_kernel(threads, repeats, lines):
         ("fwd, outputs reused", none, lambda _: _routing._forward(
             q, k, v, scattered, scattered, False, False, "mean", None, reuse["output"],
             saved_into=reuse)),
+        ("fwd, outputs reused, rows 64-byte aligned", none, lambda _: ra.routing_attention(
+            *aligned[:3], scattered, scattered, out=aligned[3])),
         ("bwd, gradients into reused arrays", none, lambda _: _routing._ext._routing_backward(
             dout, q, k, v, scattered, scattered, *stats, True, scale, False, False, False,
             *no_pairs, out=grads)),
+        ("bwd, gradients into reused arrays, rows 64-byte aligned", none,
+         lambda _: _routing._ext._routing_backward(
+             aligned[4], *aligned[:3], scattered, scattered, *stats, True, scale, False, False,
+             False, *no_pairs, out=aligned_grads)),
         ("fwd, contiguous clusters", none, lambda _: ra.routing_attention(q, k, v, blocks, blocks)),
         ("bwd, contiguous clusters", none,
          lambda _: ra.routing_attention_backward(dout, q, k, v, blocks, blocks, **saved_b)),
@@ -99,7 +108,11 @@ def routing_kernel(threads, repeats, lines):
     lines += ["", "## 1. Routing kernel: c = 128 clusters of 128 queries and 128 keys, n = 16384, H = 4", "",
               "Forward FLOPs 4·d·(n·w) per head (q·k and p·v); backward 10·d·(n·w) (the logits "
               "recomputed and four products), given the forward's saved statistics.  The dense "
-              "rows (n = 4096, H = 4) are the engine's own efficiency on large problems.", "",
+              "rows (n = 4096, H = 4) are the engine's own efficiency on large problems.  "
+              "The targets are read from the rows \"fwd\" and \"bwd\" (NumPy's arrays as "
+              "allocated: they start 16 bytes past a cache line, so each 256-byte row of a "
+              "scattered cluster spans five lines); \"rows 64-byte aligned\" is the same "
+              "forward and backward on copies starting on a line, as torch allocates its tensors.", "",
               "| threads | case | ms | GFLOP/s | % of peak |", "|---|---|---|---|---|"]
     fw = 4.0 * heads * n * w * D
     for t in threads:

@@ -29,6 +29,17 @@ def median_times(cases, repeats):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
+def aligned_copy(x, alignment=64):
+    """A copy of x whose data starts on an `alignment`-byte boundary, as torch's allocator
+    places tensors.  NumPy's large arrays start 16 bytes past one (glibc's mmap header),
+    so a 256-byte row of them spans five cache lines, not four."""
+    raw = np.empty(x.nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    y = raw[start:start + x.nbytes].view(x.dtype).reshape(x.shape)
+    y[...] = x
+    return y
+
+
 def fp32_peak_gflops(threads, seconds=0.3):
     """Measured fp32 FMA peak of `threads` cores on the SIMD path in use (best of 5)."""
     iters = 1_000_000
