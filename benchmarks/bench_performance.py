@@ -86,8 +86,9 @@ def routing_kernel(threads, repeats, lines):
         ("fwd, outputs reused", none, lambda _: _routing._forward(
             q, k, v, scattered, scattered, False, False, "mean", None, reuse["output"],
             saved_into=reuse)),
-        ("fwd, outputs reused, rows 64-byte aligned", none, lambda _: ra.routing_attention(
-            *aligned[:3], scattered, scattered, out=aligned[3])),
+        ("fwd, outputs reused, rows 64-byte aligned", none, lambda _: _routing._forward(
+            *aligned[:3], scattered, scattered, False, False, "mean", None, aligned[3],
+            saved_into=reuse)),
         ("bwd, gradients into reused arrays", none, lambda _: _routing._ext._routing_backward(
             dout, q, k, v, scattered, scattered, *stats, True, scale, False, False, False,
             *no_pairs, out=grads)),
