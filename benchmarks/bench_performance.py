@@ -69,8 +69,8 @@ def routing_kernel(threads, repeats, lines):
     _, saved_b = ra.routing_attention(q, k, v, blocks, blocks, return_saved=True)
     reuse = {key: saved[key].copy() if key != "keywords" else saved[key] for key in saved}
     # the same rows 64-byte aligned (NumPy's start 16 bytes past a line), outputs reused
-    aligned = [aligned_copy(x) for x in (q, k, v, saved["output"], dout)]
-    aligned_grads = tuple(aligned_copy(x) for x in (q, k, v)) + (None,)
+    qa, ka, va, out_a, dout_a = (aligned_copy(x) for x in (q, k, v, saved["output"], dout))
+    grads_a = tuple(aligned_copy(x) for x in (q, k, v)) + (None,)
     # the backward's gufunc with its gradients written into arrays made once: what the
     # fresh (dq, dk, dv) pages, 48 MB the system zeroes on first touch, cost
     grads = tuple(np.empty_like(x) for x in (q, k, v)) + (None,)
@@ -87,15 +87,15 @@ def routing_kernel(threads, repeats, lines):
             q, k, v, scattered, scattered, False, False, "mean", None, reuse["output"],
             saved_into=reuse)),
         ("fwd, outputs reused, rows 64-byte aligned", none, lambda _: _routing._forward(
-            *aligned[:3], scattered, scattered, False, False, "mean", None, aligned[3],
+            qa, ka, va, scattered, scattered, False, False, "mean", None, out_a,
             saved_into=reuse)),
         ("bwd, gradients into reused arrays", none, lambda _: _routing._ext._routing_backward(
             dout, q, k, v, scattered, scattered, *stats, True, scale, False, False, False,
             *no_pairs, out=grads)),
         ("bwd, gradients into reused arrays, rows 64-byte aligned", none,
          lambda _: _routing._ext._routing_backward(
-             aligned[4], *aligned[:3], scattered, scattered, *stats, True, scale, False, False,
-             False, *no_pairs, out=aligned_grads)),
+             dout_a, qa, ka, va, scattered, scattered, *stats, True, scale, False, False,
+             False, *no_pairs, out=grads_a)),
         ("fwd, contiguous clusters", none, lambda _: ra.routing_attention(q, k, v, blocks, blocks)),
         ("bwd, contiguous clusters", none,
          lambda _: ra.routing_attention_backward(dout, q, k, v, blocks, blocks, **saved_b)),
