@@ -411,9 +411,39 @@ static void FN(dropout_tile)(int bq, int bk, T *S, ptrdiff_t lds, const int64_t 
 
 /* Transpose the VL×VL block x in registers: afterwards x[i][l] is the old x[l][i].
  * Stage h exchanges, between rows r and r + h (bit h of r clear), the lanes whose bit h
- * differs from the row's: log2(VL) stages of two-input shuffles. */
+ * differs from the row's: log2(VL) stages of two-input shuffles.  AVX2 spells the same
+ * exchange in its own shuffles: GCC 12 builds the generic form's masks at run time for
+ * 256-bit vectors (vpinsrd, vpermps, vblendvps), which made the routing forward's key
+ * transposes 14 % of its time on a Zen 3. */
 static inline void FN(transpose_block)(vec x[VL])
 {
+#if defined(RA_X86) && VEC_BYTES == 32 && RA_IS_F32
+    /* rows interleaved in pairs, then pairs of pairs, then the 128-bit halves swapped */
+    __m256 t[8], u[8];
+    for (int r = 0; r < 8; r += 2) {
+        t[r] = _mm256_unpacklo_ps((__m256)x[r], (__m256)x[r + 1]);
+        t[r + 1] = _mm256_unpackhi_ps((__m256)x[r], (__m256)x[r + 1]);
+    }
+    for (int r = 0; r < 8; r += 4) {
+        u[r] = _mm256_shuffle_ps(t[r], t[r + 2], 0x44);
+        u[r + 1] = _mm256_shuffle_ps(t[r], t[r + 2], 0xEE);
+        u[r + 2] = _mm256_shuffle_ps(t[r + 1], t[r + 3], 0x44);
+        u[r + 3] = _mm256_shuffle_ps(t[r + 1], t[r + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        x[c] = (vec)_mm256_permute2f128_ps(u[c], u[c + 4], 0x20);
+        x[c + 4] = (vec)_mm256_permute2f128_ps(u[c], u[c + 4], 0x31);
+    }
+#elif defined(RA_X86) && VEC_BYTES == 32
+    const __m256d t0 = _mm256_unpacklo_pd((__m256d)x[0], (__m256d)x[1]);
+    const __m256d t1 = _mm256_unpackhi_pd((__m256d)x[0], (__m256d)x[1]);
+    const __m256d t2 = _mm256_unpacklo_pd((__m256d)x[2], (__m256d)x[3]);
+    const __m256d t3 = _mm256_unpackhi_pd((__m256d)x[2], (__m256d)x[3]);
+    x[0] = (vec)_mm256_permute2f128_pd(t0, t2, 0x20);
+    x[1] = (vec)_mm256_permute2f128_pd(t1, t3, 0x20);
+    x[2] = (vec)_mm256_permute2f128_pd(t0, t2, 0x31);
+    x[3] = (vec)_mm256_permute2f128_pd(t1, t3, 0x31);
+#else
     #pragma GCC unroll 8
     for (int h = VL / 2; h >= 1; h /= 2) {
         uvec lo, hi;
@@ -430,6 +460,7 @@ static inline void FN(transpose_block)(vec x[VL])
             x[r + h] = RA_SHUFFLE2(a, b, hi);
         }
     }
+#endif
 }
 
 /* dst (cols, rows) with leading dimension ld: dst[c, r] = mul · src[off[r] + c], by whole
@@ -452,13 +483,10 @@ static void FN(gather_t)(int rows, int cols, const T *src, const int64_t *off, T
         for (int c0 = 0; c0 < cv; c0 += VL) {
             vec x[VL];
             #pragma GCC unroll 16
-            for (int i = 0; i < VL; i++) {
-                memcpy(&x[i], src + off[r0 + i] + c0, sizeof(vec));
-                x[i] *= m;
-            }
+            for (int i = 0; i < VL; i++) x[i] = FN(vload)(src + off[r0 + i] + c0) * m;
             FN(transpose_block)(x);
             #pragma GCC unroll 16
-            for (int i = 0; i < VL; i++) memcpy(dst + (c0 + i) * ld + r0, &x[i], sizeof(vec));
+            for (int i = 0; i < VL; i++) FN(vstore)(dst + (c0 + i) * ld + r0, x[i]);
         }
     }
     for (int c = 0; c < cols; c++) {               /* the edges: rows ≥ rv or columns ≥ cv */
