@@ -43,8 +43,18 @@ typedef UT FN(uvec) __attribute__((vector_size(VEC_BYTES), aligned(sizeof(T))));
 static inline vec FN(vload)(const T *p) { return *(const vec *)p; }
 static inline void FN(vstore)(T *p, vec x) { *(vec *)p = x; }
 static inline vec FN(vsplat)(T x) { return (vec){0} + x; }
-/* Lane-wise (m ? a : b) for a comparison mask m. */
-static inline vec FN(vsel)(uvec m, vec a, vec b) { return (vec)(((uvec)a & m) | ((uvec)b & ~m)); }
+/* Lane-wise (m ? a : b) for a comparison mask m (every bit of a lane set or none: AVX2's
+ * blend, which reads a lane's top bit, is one instruction where the masks take three). */
+static inline vec FN(vsel)(uvec m, vec a, vec b)
+{
+#if defined(RA_X86) && VEC_BYTES == 32 && RA_IS_F32
+    return (vec)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)m);
+#elif defined(RA_X86) && VEC_BYTES == 32
+    return (vec)_mm256_blendv_pd((__m256d)b, (__m256d)a, (__m256d)m);
+#else
+    return (vec)(((uvec)a & m) | ((uvec)b & ~m));
+#endif
+}
 
 static inline T FN(hsum)(vec x)
 {

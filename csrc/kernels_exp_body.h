@@ -33,8 +33,8 @@ static inline vec FN(vexp)(vec x)
     const vec n = (vec)_mm512_roundscale_pd((__m512d)(x * log2e), _MM_FROUND_TO_NEAREST_INT);
 #endif
 #else
-    x = FN(vsel)((uvec)(x > hi), FN(vsplat)(hi), x);
-    x = FN(vsel)(under, FN(vsplat)(lo), x);
+    x = FN(vmin_skip_nan)(FN(vsplat)(hi), x);   /* a NaN x passes, as above */
+    x = FN(vmax_skip_nan)(FN(vsplat)(lo), x);
     vec t = x * log2e + magic;          /* round(x·log2e) sits in the low mantissa bits */
     vec n = t - magic;
 #endif
