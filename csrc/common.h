@@ -221,6 +221,19 @@ static inline void *ra_take(RaArena *a, size_t count, size_t size)
 
 #define RA_TAKE(a, type, count) ((type *)ra_take((a), (count), sizeof(type)))
 
+/* Leading dimension (in elements of `size` bytes) for a packed tile of `cols` columns whose
+ * rows the gemm reads one after another down a panel (kᵀ, vᵀ): whole cache lines, an odd
+ * number of them, so consecutive rows fall in different L1 sets.  A power-of-two stride
+ * (kᵀ of 4096 keys: 16 KB) puts a panel's rows in one or a few sets of an 8-way L1, and
+ * the panel is fetched again from L2 for every micro-tile (dense forward on a Zen 3: 12 %). */
+static inline int ra_spread_ld(int cols, size_t size)
+{
+    const int per_line = (int)(64 / size);
+    int lines = (cols + per_line - 1) / per_line;
+    lines += lines % 2 == 0;
+    return lines * per_line;
+}
+
 /* ------------------------------------------------------------------ hints */
 /* Cache lines to hint while a kernel computes: the gemm issues a few after each of its
  * micro-tiles (as many as the micro-tile's depth), so the next unit's rows are requested

@@ -8,15 +8,15 @@ static void FN(dense_key_positions)(int m, RaVec key_mask, int64_t *kpos)
         kpos[j] = key_mask.data == NULL || RA_VEC_AT(uint8_t, key_mask, j) ? j : -1;
 }
 
-/* Scratch of the forward.  Per problem: kᵀ (d, m), v (m, e), key positions (m); per
- * thread: a query tile and its positions (BQ). */
+/* Scratch of the forward.  Per problem: kᵀ (d, m), v (m, e) (leading dimensions from
+ * ra_spread_ld), key positions (m); per thread: a query tile and its positions (BQ). */
 typedef struct { T *kt, *v; int64_t *kpos; } FN(DenseFwdPack);
 typedef struct { FN(RaQTile) qt; T *q; int64_t *qpos; } FN(DenseFwdTile);
 
 static void FN(dense_fwd_pack)(RaArena *a, FN(DenseFwdPack) *pk, int m, int d, int e)
 {
-    pk->kt = RA_TAKE(a, T, ra_mul(d, m));
-    pk->v = RA_TAKE(a, T, ra_mul(m, e));
+    pk->kt = RA_TAKE(a, T, ra_mul(d, ra_spread_ld(m, sizeof(T))));
+    pk->v = RA_TAKE(a, T, ra_mul(m, ra_spread_ld(e, sizeof(T))));
     pk->kpos = RA_TAKE(a, int64_t, (size_t)m);
 }
 
@@ -33,8 +33,8 @@ static void FN(dense_fwd_pack_problem)(char *mem, ptrdiff_t b, int m, int d, int
     RaArena at = {mem, 0};
     FN(DenseFwdPack) pb;
     FN(dense_fwd_pack)(&at, &pb, m, d, e);
-    FN(ra_gather)(ra_mat_at(k, b), NULL, 0, m, d, 1, 1, pb.kt, m);
-    FN(ra_gather)(ra_mat_at(v, b), NULL, 0, m, e, 1, 0, pb.v, e);
+    FN(ra_gather)(ra_mat_at(k, b), NULL, 0, m, d, 1, 1, pb.kt, ra_spread_ld(m, sizeof(T)));
+    FN(ra_gather)(ra_mat_at(v, b), NULL, 0, m, e, 1, 0, pb.v, ra_spread_ld(e, sizeof(T)));
     FN(dense_key_positions)(m, ra_vec_at(key_mask, b), pb.kpos);
 }
 
@@ -59,8 +59,8 @@ static void FN(dense_fwd_query_tile)(const FN(DenseForward) *F, ptrdiff_t b, int
     RaArena at = {mem, 0};
     FN(DenseFwdPack) pb;
     FN(dense_fwd_pack)(&at, &pb, m, d, e);
-    const FN(RaKeys) keys = {.count = m, .kt = pb.kt, .ldkt = m, .v = pb.v, .ldv = e,
-                             .pos = pb.kpos};
+    const FN(RaKeys) keys = {.count = m, .kt = pb.kt, .ldkt = ra_spread_ld(m, sizeof(T)),
+                             .v = pb.v, .ldv = ra_spread_ld(e, sizeof(T)), .pos = pb.kpos};
     RaArena wt = {tile, 0};
     FN(DenseFwdTile) w;
     FN(dense_fwd_tile)(&wt, &w, d, e);
@@ -141,8 +141,8 @@ static void FN(dense_bwd_pack)(RaArena *a, FN(DenseBwdPack) *pk, int n, int m, i
     pk->lse = RA_TAKE(a, T, (size_t)n);
     pk->delta = RA_TAKE(a, T, (size_t)n);
     pk->k = RA_TAKE(a, T, ra_mul(m, d));
-    pk->kt = RA_TAKE(a, T, ra_mul(m, d));
-    pk->vt = RA_TAKE(a, T, ra_mul(m, e));
+    pk->kt = RA_TAKE(a, T, ra_mul(ra_spread_ld(m, sizeof(T)), d));
+    pk->vt = RA_TAKE(a, T, ra_mul(ra_spread_ld(m, sizeof(T)), e));
     pk->kpos = RA_TAKE(a, int64_t, (size_t)m);
     pk->dq_part = RA_TAKE(a, T, ra_mul(G, ra_mul(n, d)));
 }
@@ -189,8 +189,8 @@ static void FN(dense_bwd_pack_problem)(const FN(DenseBackward) *A, ptrdiff_t b, 
         pb.lse[i] = RA_VEC_AT(T, l, i);
     }
     FN(ra_gather)(ra_mat_at(A->k, b), NULL, 0, m, d, 1, 0, pb.k, d);
-    FN(ra_gather)(ra_mat_at(A->k, b), NULL, 0, m, d, 1, 1, pb.kt, m);
-    FN(ra_gather)(ra_mat_at(A->v, b), NULL, 0, m, e, 1, 1, pb.vt, m);
+    FN(ra_gather)(ra_mat_at(A->k, b), NULL, 0, m, d, 1, 1, pb.kt, ra_spread_ld(m, sizeof(T)));
+    FN(ra_gather)(ra_mat_at(A->v, b), NULL, 0, m, e, 1, 1, pb.vt, ra_spread_ld(m, sizeof(T)));
     FN(dense_key_positions)(m, ra_vec_at(A->key_mask, b), pb.kpos);
     memset(pb.dq_part, 0, sizeof(T) * (size_t)A->G * n * d);
     memset(pb.dbias_part, 0, sizeof(T) * (size_t)A->G * A->r);
@@ -216,9 +216,10 @@ static void FN(dense_bwd_group)(const FN(DenseBackward) *A, ptrdiff_t b, int grp
                                                                : A->nkb;
     for (int t = grp * A->blocks_per_group; t < t_end; t++) {
         const int j0 = t * RA_BK, cols = m - j0 < RA_BK ? m - j0 : RA_BK;
-        const FN(RaKeys) tile_keys = {.count = cols, .kt = pb.kt + j0, .ldkt = m,
+        const int ld = ra_spread_ld(m, sizeof(T));
+        const FN(RaKeys) tile_keys = {.count = cols, .kt = pb.kt + j0, .ldkt = ld,
                                       .k = pb.k + (ptrdiff_t)j0 * d, .ldk = d,
-                                      .vt = pb.vt + j0, .ldvt = m, .pos = pb.kpos + j0};
+                                      .vt = pb.vt + j0, .ldvt = ld, .pos = pb.kpos + j0};
         memset(w.dk, 0, sizeof(T) * (size_t)cols * d);
         memset(w.dv, 0, sizeof(T) * (size_t)cols * e);
         for (int qb = 0; qb < A->nqb; qb++) {
