@@ -6,6 +6,7 @@
 #ifndef RA_COMMON_H
 #define RA_COMMON_H
 
+#include <limits.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -228,10 +229,10 @@ static inline void *ra_take(RaArena *a, size_t count, size_t size)
  * the panel is fetched again from L2 for every micro-tile (dense forward on a Zen 3: 12 %). */
 static inline int ra_spread_ld(int cols, size_t size)
 {
-    const int per_line = (int)(64 / size);
-    int lines = (cols + per_line - 1) / per_line;
+    const int64_t per_line = (int64_t)(64 / size);
+    int64_t lines = ((int64_t)cols + per_line - 1) / per_line;
     lines += lines % 2 == 0;
-    return lines * per_line;
+    return lines * per_line <= INT_MAX ? (int)(lines * per_line) : cols;   /* no int overflow */
 }
 
 /* ------------------------------------------------------------------ hints */
