@@ -236,7 +236,10 @@ static void FN(cl_cluster_backward)(const FN(ClBackward) *A, ptrdiff_t b, int c)
     const T *aw = p.aw + (size_t)c * kmax, *gs = p.gsum + (ptrdiff_t)c * e;
     const T *cen = p.cent + (ptrdiff_t)c * d;
     T *dcen = p.dcent + (ptrdiff_t)c * d;
-    T *dkt = p.dkt + (size_t)c * kmax * d, *dvt = p.dvt + (size_t)c * kmax * e;
+    /* T_c's key gradients: this cluster's rows of dkt, dvt, or when they go straight into
+       dk, dv at the end, the first cluster's rows (reused, so they stay in cache) */
+    const size_t own_rows = A->direct ? 0 : (size_t)c * kmax;
+    T *dkt = p.dkt + own_rows * d, *dvt = p.dvt + own_rows * e;
     RaMat km = ra_mat_at(A->k, b), vm = ra_mat_at(A->v, b), dqm = ra_mat_at(A->dq, b);
     FN(ClTiles) w = FN(cl_thread_tiles)(A);
     FN(RaPairs) cp, pr;
@@ -295,6 +298,13 @@ static void FN(cl_cluster_backward)(const FN(ClBackward) *A, ptrdiff_t b, int c)
                 for (int f = 0; f < d; f++)
                     *(T *)(row + (ptrdiff_t)f * dqm.s1) = dcen[f] * inv + (kc > 0 ? sc * dqi[f] : 0);
         }
+    }
+    /* T_c's key gradients into dk, dv now: every key receives its clusters' terms in
+       cluster order, the same sums cl_topk_key_grads makes */
+    for (int t = 0; A->direct && t < kc; t++) {
+        if (sel[t] < 0) continue;
+        FN(cl_row_add)(ra_mat_at(A->dk, b), sel[t], dkt + (ptrdiff_t)t * d, d);
+        FN(cl_row_add)(ra_mat_at(A->dv, b), sel[t], dvt + (ptrdiff_t)t * e, e);
     }
 }
 
@@ -356,7 +366,7 @@ static int FN(cl_backward_batch)(const void *ctx, ptrdiff_t b0, ptrdiff_t B, int
     T *dbias_part = r ? ra_alloc(ra_mul(sizeof(T), ra_mul(ra_mul((size_t)B, groups), r))) : NULL;
     FN(ClBackward) A = {n, m, d, e, C, kmax, G, packs, scratch, per_problem, per_thread,
                         dout, q, k, v, dq, dk, dv, labels, key_mask, scale, pairs,
-                        dbias_part, r, call.K, NULL};
+                        dbias_part, r, call.K, NULL, nt == 1};
     FN(ClUnit) *units = NULL;
     int status = RA_ERR_NOMEM;
     if (r && !dbias_part) goto done;
@@ -444,7 +454,7 @@ static int FN(cl_backward_batch)(const void *ctx, ptrdiff_t b0, ptrdiff_t B, int
             if (RA_VEC_AT(int64_t, l, i) < 0)
                 for (int f = 0; f < d; f++) RA_MAT_AT(T, g, i, f) = 0;
     }
-    if (kmax > 0) {
+    if (kmax > 0 && !A.direct) {   /* (one thread: added cluster by cluster above) */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (ptrdiff_t unit = 0; unit < B * nkb; unit++)
             FN(cl_topk_key_grads)(&A, unit / nkb, (int64_t)(unit % nkb) * RA_BK);

@@ -552,6 +552,8 @@ typedef struct {
     int r;
     const KT *K;
     const FN(ClUnit) *units; /* whole clusters, set once listed */
+    int direct;              /* one thread runs every cluster, in order: each cluster's T_c
+                                key gradients go straight into dk, dv (see cl_backward_batch) */
 } FN(ClBackward);
 
 static FN(ClProblem) FN(cl_problem)(const FN(ClBackward) *A, ptrdiff_t b)
