@@ -147,6 +147,10 @@ typedef struct {
     uint32_t *dist;
     uint8_t *valid, *empty;
     int64_t *lab, *start, *rows, *counts;
+    /* the bit-sliced assign's planes and per-centroid inputs (kernels.h), when c allows
+       it and they could be had (else NULL: the word-wise assign, the same labels) */
+    void *planes;
+    int32_t *inputs;
 } RaHammingWork;
 
 static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
@@ -163,6 +167,12 @@ static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
     w->start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
     w->rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     w->counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul(nch, c)));
+    w->planes = NULL;
+    w->inputs = NULL;
+    if (c <= RA_SLICE_MAX_C) {
+        w->planes = ra_alloc(ra_slice_bytes(n, 64));
+        w->inputs = ra_alloc(ra_mul(sizeof(int32_t), ra_mul((size_t)c, RA_SLICE_INPUTS(64))));
+    }
     return (w->code && w->dist && w->partial && w->block && w->cent && w->valid && w->empty &&
             w->lab && w->start && w->rows && w->counts) ? RA_OK : RA_ERR_NOMEM;
 }
@@ -172,6 +182,7 @@ static void ra_hamming_work_free(RaHammingWork *w)
     ra_free(w->code); ra_free(w->dist); ra_free(w->partial); ra_free(w->block);
     ra_free(w->cent); ra_free(w->valid); ra_free(w->empty); ra_free(w->lab);
     ra_free(w->start); ra_free(w->rows); ra_free(w->counts);
+    ra_free(w->planes); ra_free(w->inputs);
 }
 
 /* One problem in 64-bit words, and in 32-bit words when every code fits (and the 32-bit

@@ -3,13 +3,26 @@
  * fits), WSEL (the matching member of RaKernels), FN(name) = name64 / name32. */
 
 /* code (n) -> labels (n): nearest centroid by popcount(code xor centroid), ties to
- * the lowest cluster, −1 for invalid rows.  Returns how many labels changed. */
+ * the lowest cluster, −1 for invalid rows.  Returns how many labels changed.  With
+ * planes (the codes' `bits` low bits sliced by K->slice, plane_bytes each), from them;
+ * else word by word. */
 static int64_t FN(ra_hamming_assign)(int n, int c, const W *code, const uint8_t *valid,
-                                      const W *cent, int64_t *lab, int nt)
+                                      const W *cent, int64_t *lab, const void *planes,
+                                      int plane_bytes, int bits, int32_t *inputs, int nt)
 {
     const RaHammingKernels *K = &ra_kernels()->WSEL;
-    const int nch = ra_nchunks(n);
+    const int nch = ra_nchunks(n), per = RA_SLICE_INPUTS(bits);
     int64_t changed = 0;
+    if (planes) {
+        for (int j = 0; j < c; j++)          /* plane 2b or its complement, then zeros */
+            for (int b = 0; b < per; b++)
+                inputs[(size_t)j * per + b] =
+                    plane_bytes * (b < bits ? 2 * b + (int)(cent[j] >> b & 1) : 2 * bits);
+        RA_PARALLEL_FOR(nt, k, nch, schedule(static) reduction(+:changed),
+            const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+            changed += K->assign_sliced(k * RA_CHUNK, i1, planes, bits, inputs, valid, c, lab););
+        return changed;
+    }
     RA_PARALLEL_FOR(nt, k, nch, schedule(static) reduction(+:changed),
         const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
         changed += K->assign(k * RA_CHUNK, i1, code, valid, cent, c, lab););
@@ -153,12 +166,19 @@ static void FN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
     const int64_t n_iters = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
     uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
     int64_t nvalid = 0;
+    uint64_t used = 0;
     for (int i = 0; i < n; i++) {
         code[i] = (W)RA_VEC_AT(int64_t, cv, i);
+        used |= (uint64_t)code[i];
         valid[i] = mv.data == NULL || RA_VEC_AT(uint8_t, mv, i);
         nvalid += valid[i];
         lab[i] = -2;                     /* "no label yet": every row counts as changed */
     }
+    /* the codes' bits as planes for the Lloyd assign (every centroid is a code or a
+       per-bit majority of codes: no bit beyond them) */
+    const int bits = used ? 64 - __builtin_clzll(used) : 0;
+    const void *planes = bits && w->planes && w->inputs ? w->planes : NULL;
+    const int plane_bytes = planes ? ra_kernels()->WSEL.slice(n, code, bits, w->planes) : 0;
     if (nvalid == 0) {
         memset(cent, 0, sizeof(W) * (size_t)c);
     } else {
@@ -168,7 +188,8 @@ static void FN(ra_hamming_fit)(ptrdiff_t b, int n, int c, RaBVec codes, RaBVec m
         /* 2. Lloyd: assign, stop at a fixed point, majority-vote update */
         int reseeded = 1;
         for (int64_t it = 0;; it++) {
-            const int64_t changed = FN(ra_hamming_assign)(n, c, code, valid, cent, lab, nt);
+            const int64_t changed = FN(ra_hamming_assign)(n, c, code, valid, cent, lab, planes,
+                                                         plane_bytes, bits, w->inputs, nt);
             if (it == n_iters || (changed == 0 && !reseeded)) break;
             ra_group_by_label(n, lab, c, start, rows, w->counts, nt);
             /* per cluster: the per-bit majority of its members */

@@ -108,6 +108,42 @@ typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 #define RA_HAMMING_KEY_BITS32 26   /* the 32-bit assign packs (distance, j): c <= 2^26 */
 #define RA_HAMMING_KEY_BITS64N 25  /* so does the 64-bit one in 32-bit keys: c <= 2^25 */
 #define RA_HAMMING_BLOCK 64        /* rows per D² block sum of the seeding; divides RA_CHUNK */
+/* Bit-sliced codes (kernels_hamming.h, hamming_slice): the codes in blocks of 8·VEC_BYTES,
+ * each block as 2·bits + 1 planes of VEC_BYTES: plane 2b holds bit b of the block's codes
+ * (code r of the block at bit r % 64 of word r / 64), plane 2b + 1 its complement, the
+ * last plane zeros.  A centroid's b-th input is plane 2b + (its bit b) for b < bits, the
+ * zero plane after (up to RA_SLICE_INPUTS): the planes of code XOR centroid, no XOR done. */
+#define RA_SLICE_MAX_C 1024          /* the sliced assign keeps c <= 2^10 labels as planes */
+#define RA_SLICE_INPUTS(bits) (((bits) + 15) / 16 * 16)   /* inputs per centroid */
+/* Bytes of the planes of n codes of `bits` bits (any VEC_BYTES <= 64). */
+static inline size_t ra_slice_bytes(int n, int bits)
+{
+    return ra_mul((size_t)2 * (size_t)bits + 1, (size_t)n / 8 + 64);
+}
+
+/* a[c] bit r <-> a[r] bit c (a 64 × 64 bit matrix transposed in place). */
+static inline void ra_bit_transpose64(uint64_t a[64])
+{
+    uint64_t m = 0x00000000FFFFFFFFull;
+    for (int j = 32; j != 0; j >>= 1, m ^= m << j)
+        for (int k = 0; k < 64; k = (k + j + 1) & ~j) {
+            const uint64_t t = ((a[k] >> j) ^ a[k + j]) & m;
+            a[k + j] ^= t;
+            a[k] ^= t << j;
+        }
+}
+
+/* Byte c bit r of the result = byte r bit c of x (an 8 × 8 bit matrix transposed). */
+static inline uint64_t ra_bit_transpose8(uint64_t x)
+{
+    uint64_t t = (x ^ (x >> 7)) & 0x00AA00AA00AA00AAull;
+    x ^= t ^ (t << 7);
+    t = (x ^ (x >> 14)) & 0x0000CCCC0000CCCCull;
+    x ^= t ^ (t << 14);
+    t = (x ^ (x >> 28)) & 0x00000000F0F0F0F0ull;
+    return x ^ t ^ (t << 28);
+}
+
 typedef struct {
     /* nearest centroid of each valid row (ties to the lowest, -1 if invalid) into lab,
        returning how many labels changed (32-bit words: c <= 2^RA_HAMMING_KEY_BITS32); */
@@ -121,6 +157,14 @@ typedef struct {
        their total. */
     uint64_t (*min)(int i0, int i1, const void *code, uint64_t center, uint32_t *dist,
                     uint64_t *block);
+    /* the n codes' low `bits` bits (1-64) as planes in the layout above; returns the
+       bytes of a plane; */
+    int (*slice)(int n, const void *code, int bits, void *planes);
+    /* assign from the planes: rows [i0, i1) (i0 a multiple of 512), inputs (c,
+       RA_SLICE_INPUTS(bits)) the centroids' input planes as byte offsets in a block,
+       c <= RA_SLICE_MAX_C. */
+    int64_t (*assign_sliced)(int i0, int i1, const void *planes, int bits,
+                             const int32_t *inputs, const uint8_t *valid, int c, int64_t *lab);
 } RaHammingKernels;
 
 typedef struct {

@@ -298,6 +298,150 @@ static uint64_t FN(hamming_min)(int i0, int i1, const void *code_, uint64_t cent
     return total;
 }
 
+/* ------------------------------------------------------------------ bit-sliced assign */
+/* The codes as bit planes (kernels.h, RA_SLICE_INPUTS): a block of 8·VEC_BYTES codes is
+ * one vector per bit, so the distances of a block's codes to one centroid are counted
+ * 8·VEC_BYTES at a time by carry-save adders, as binary numbers held in planes, and the
+ * nearest centroid so far is kept the same way.  The work per centroid grows with the
+ * bits used, not with the word size, and needs no popcount instruction. */
+typedef uint64_t FN(ra_svec) __attribute__((vector_size(VEC_BYTES)));
+#define svec FN(ra_svec)
+#define SLICE_WORDS ((int)(VEC_BYTES / 8))         /* 64-bit words per plane */
+#define SLICE_ROWS (64 * SLICE_WORDS)              /* codes per block */
+
+/* code (n) -> planes: per block, bit b and its complement of each code, then zeros. */
+static int FN(hamming_slice)(int n, const void *code_, int bits, void *planes_)
+{
+    const W *code = code_;
+    svec *blk = planes_;
+    for (int k0 = 0; k0 < n; k0 += SLICE_ROWS, blk += 2 * bits + 1) {
+        for (int w = 0; w < SLICE_WORDS; w++) {
+            uint64_t a[64];
+            for (int r = 0; r < 64; r++) {
+                const int i = k0 + 64 * w + r;
+                a[r] = i < n ? (uint64_t)code[i] : 0;
+            }
+            ra_bit_transpose64(a);                /* a[b] bit r = bit b of code r */
+            for (int b = 0; b < bits; b++) {
+                blk[2 * b][w] = a[b];
+                blk[2 * b + 1][w] = ~a[b];
+            }
+        }
+        blk[2 * bits] = (svec){0};
+    }
+    return VEC_BYTES;
+}
+
+/* Carry-save adder: x + y + z = lo + 2·hi, lane by lane and bit by bit. */
+static inline svec FN(slice_csa)(svec *hi, svec x, svec y, svec z)
+{
+    const svec u = x ^ y;
+    *hi = (x & y) | (u & z);
+    return u ^ z;
+}
+
+/* The distances of a block's codes to one centroid (planes blk, its inputs' byte offsets
+ * in[0 .. groups·16)) as seven planes, bit t of every distance in d[t]: sixteen inputs at
+ * a time through a Harley-Seal tree of carry-save adders into planes 0-3, the sixteens
+ * rippled into planes 4-6. */
+static inline void FN(slice_distance)(const svec *blk, const int32_t *in, int groups, svec d[7])
+{
+    svec d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, d4 = {0}, d5 = {0}, d6 = {0};
+    for (int g = 0; g < groups; g++) {
+        svec eights[2], s16;
+        for (int h = 0; h < 2; h++, in += 8) {       /* eight inputs: one eight out */
+#define X(t) (*(const svec *)((const char *)blk + in[t]))
+            svec twA, twB, foA, foB;
+            d0 = FN(slice_csa)(&twA, d0, X(0), X(1));
+            d0 = FN(slice_csa)(&twB, d0, X(2), X(3));
+            d1 = FN(slice_csa)(&foA, d1, twA, twB);
+            d0 = FN(slice_csa)(&twA, d0, X(4), X(5));
+            d0 = FN(slice_csa)(&twB, d0, X(6), X(7));
+            d1 = FN(slice_csa)(&foB, d1, twA, twB);
+            d2 = FN(slice_csa)(&eights[h], d2, foA, foB);
+#undef X
+        }
+        d3 = FN(slice_csa)(&s16, d3, eights[0], eights[1]);
+        const svec c5 = d4 & s16;
+        d4 ^= s16;
+        d6 ^= d5 & c5;
+        d5 ^= c5;
+    }
+    d[0] = d0; d[1] = d1; d[2] = d2; d[3] = d3; d[4] = d4; d[5] = d5; d[6] = d6;
+}
+
+/* One block's labels as LB planes: every centroid's distances (dp planes of them: the
+ * distances are < 2^dp) in order, a lane taking centroid j where its distance is less
+ * than the least so far, so ties go to the lowest j.  dp is a constant at each call. */
+static inline __attribute__((always_inline)) void
+FN(slice_nearest)(const int dp, const svec *blk, const int32_t *inputs, int groups, int c,
+                  int LB, svec *label)
+{
+    const svec zero = {0}, ones = ~zero, jbit[2] = {zero, ones};
+    svec best[7];
+    for (int t = 0; t < dp; t++) best[t] = ones;      /* 2^dp − 1: any distance is less */
+    for (int t = 0; t < LB; t++) label[t] = zero;
+    for (int j = 0; j < c; j++) {
+        svec d[7];
+        FN(slice_distance)(blk, inputs + (size_t)j * (size_t)groups * 16, groups, d);
+        svec less = zero, equal = ones;              /* d < best, from the top bit down */
+        for (int t = dp - 1; t >= 0; t--) {
+            less |= equal & ~d[t] & best[t];
+            equal &= ~(d[t] ^ best[t]);
+        }
+        for (int t = 0; t < dp; t++) best[t] ^= (best[t] ^ d[t]) & less;
+        for (int t = 0; t < LB; t++) label[t] ^= (label[t] ^ jbit[j >> t & 1]) & less;
+    }
+}
+
+/* Labels of rows [i0, i1) (i0 a multiple of SLICE_ROWS) from the planes, block by block
+ * (slice_nearest), read out eight codes at a time by 8 × 8 bit transposes.  Invalid rows
+ * get -1; returns how many labels changed. */
+static int64_t FN(hamming_assign_sliced)(int i0, int i1, const void *planes, int bits,
+                                         const int32_t *inputs, const uint8_t *valid, int c,
+                                         int64_t *lab)
+{
+    const int groups = RA_SLICE_INPUTS(bits) / 16, stride = 2 * bits + 1;
+    const int dp = bits < 8 ? 3 : bits < 16 ? 4 : bits < 32 ? 5 : bits < 64 ? 6 : 7;
+    int LB = 0;                                  /* label planes: c <= 2^LB */
+    while ((1 << LB) < c) LB++;
+    int64_t changed = 0;
+    for (int k0 = i0; k0 < i1; k0 += SLICE_ROWS) {
+        const svec *blk = (const svec *)planes + (size_t)(k0 / SLICE_ROWS) * (size_t)stride;
+        svec label[10];
+        switch (dp) {
+        case 3: FN(slice_nearest)(3, blk, inputs, groups, c, LB, label); break;
+        case 4: FN(slice_nearest)(4, blk, inputs, groups, c, LB, label); break;
+        case 5: FN(slice_nearest)(5, blk, inputs, groups, c, LB, label); break;
+        case 6: FN(slice_nearest)(6, blk, inputs, groups, c, LB, label); break;
+        default: FN(slice_nearest)(7, blk, inputs, groups, c, LB, label); break;
+        }
+        const int rows = i1 - k0 < SLICE_ROWS ? i1 - k0 : SLICE_ROWS;
+        for (int r0 = 0; r0 < rows; r0 += 8) {
+            /* eight codes: byte t of lo (hi) holds label bit t (8 + t) of each of them */
+            const int w = r0 / 64, sh = r0 % 64;
+            uint64_t lo = 0, hi = 0;
+            for (int t = 0; t < LB && t < 8; t++) lo |= (label[t][w] >> sh & 0xff) << (8 * t);
+            for (int t = 8; t < LB; t++) hi |= (label[t][w] >> sh & 0xff) << (8 * (t - 8));
+            lo = ra_bit_transpose8(lo);
+            hi = ra_bit_transpose8(hi);
+            for (int r = r0; r < rows && r < r0 + 8; r++) {
+                const int64_t i = k0 + r;
+                int64_t l = (int64_t)(lo >> (8 * (r - r0)) & 0xff)
+                            | (int64_t)(hi >> (8 * (r - r0)) & 0xff) << 8;
+                if (!valid[i]) l = -1;
+                changed += l != lab[i];
+                lab[i] = l;
+            }
+        }
+    }
+    return changed;
+}
+
+#undef svec
+#undef SLICE_WORDS
+#undef SLICE_ROWS
+
 #undef hvec
 #undef HL
 #undef RA_HKEY_SHIFT

@@ -37,8 +37,10 @@
     const RaKernels NAME = {                                                              \
         LABEL, RA_TYPED_TABLE(_f32_), RA_TYPED_TABLE(_f64_), RA_CAT3(fma_probe, _f32_, ISA), \
         {RA_CAT3(hamming_assign64, _, HISA), RA_CAT3(hamming_potential64, _, HISA),       \
-         RA_CAT3(hamming_min64, _, HISA)},                                                \
+         RA_CAT3(hamming_min64, _, HISA),                                                 \
+         RA_CAT3(hamming_slice64, _, HISA), RA_CAT3(hamming_assign_sliced64, _, HISA)},   \
         {RA_CAT3(hamming_assign32, _, HISA), RA_CAT3(hamming_potential32, _, HISA),       \
-         RA_CAT3(hamming_min32, _, HISA)}}
+         RA_CAT3(hamming_min32, _, HISA),                                                 \
+         RA_CAT3(hamming_slice32, _, HISA), RA_CAT3(hamming_assign_sliced32, _, HISA)}}
 
 RA_KERNEL_TABLE(RA_CAT3(ra_kernels, _, ISA), RA_STR(ISA), ISA);

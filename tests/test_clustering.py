@@ -672,6 +672,24 @@ def test_hamming_kmeans_on_every_kernel_table(simd):
         assert out.split()[1] in (simd, "generic"), out
 
 
+@pytest.mark.parametrize("bits, c", [(0, 3), (1, 2), (3, 5), (7, 255), (8, 257), (15, 600),
+                                     (40, 1024), (63, 100), (64, 1025)])
+def test_hamming_kmeans_code_widths_and_cluster_counts(bits, c):
+    """The Lloyd assign runs on bit planes for 1-64 used bits and c <= 1024 (label planes:
+    one, eight and ten of them here; distance planes 3-7) and word by word for c > 1024 or
+    all-zero codes: the reference labels and centroids each way, over partial blocks."""
+    g = rng(31)
+    if bits == 64:
+        codes = g.integers(-2**63, 2**63 - 1, 1300, dtype=np.int64)
+    else:
+        codes = g.integers(0, 2**bits, 1300, dtype=np.int64)
+    mask = g.random(1300) > 0.1
+    got = ra.hamming_kmeans(codes, c, iters=2, seed=3, mask=mask, return_centroids=True)
+    want = ref.hamming_kmeans(codes, c, iters=2, seed=3, mask=mask, return_centroids=True)
+    assert_same(got[0], want[0], "labels")
+    assert_same(got[1], want[1], "centroids")
+
+
 def test_hamming_kmeans_reseeds_empty_clusters():
     codes = np.array([0, 0, 0, 0, 1, 1, 3, 3] * 5)             # 3 distinct codes, 6 clusters
     got = ra.hamming_kmeans(codes, 6, iters=4, seed=1, return_centroids=True)
