@@ -14,10 +14,8 @@ static int64_t FN(ra_hamming_assign)(int n, int c, const W *code, const uint8_t 
     const int nch = ra_nchunks(n), per = RA_SLICE_INPUTS(bits);
     int64_t changed = 0;
     if (planes) {
-        for (int j = 0; j < c; j++)          /* plane 2b or its complement, then zeros */
-            for (int b = 0; b < per; b++)
-                inputs[(size_t)j * per + b] =
-                    plane_bytes * (b < bits ? 2 * b + (int)(cent[j] >> b & 1) : 2 * bits);
+        for (int j = 0; j < c; j++)
+            ra_slice_inputs((uint64_t)cent[j], bits, plane_bytes, inputs + (size_t)j * per);
         RA_PARALLEL_FOR(nt, k, nch, schedule(static) reduction(+:changed),
             const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
             changed += K->assign_sliced(k * RA_CHUNK, i1, planes, bits, inputs, valid, c, lab););

@@ -109,16 +109,30 @@ typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;
 #define RA_HAMMING_KEY_BITS64N 25  /* so does the 64-bit one in 32-bit keys: c <= 2^25 */
 #define RA_HAMMING_BLOCK 64        /* rows per D² block sum of the seeding; divides RA_CHUNK */
 /* Bit-sliced codes (kernels_hamming.h, hamming_slice): the codes in blocks of 8·VEC_BYTES,
- * each block as 2·bits + 1 planes of VEC_BYTES: plane 2b holds bit b of the block's codes
- * (code r of the block at bit r % 64 of word r / 64), plane 2b + 1 its complement, the
- * last plane zeros.  A centroid's b-th input is plane 2b + (its bit b) for b < bits, the
- * zero plane after (up to RA_SLICE_INPUTS): the planes of code XOR centroid, no XOR done. */
+ * code r of a block at bit r % 64 of word r / 64 of each VEC_BYTES plane.  The code bits
+ * go in pairs (a, b) = (2p, 2p + 1) (b = 0 past the last bit), six planes a pair:
+ * a ^ b, its complement, then (a ^ x) & (b ^ y) for x, y = 0, 1 (x, y = 1: the bit
+ * complemented); a zero plane ends the block.  A centroid (bits x, y at a and b) picks
+ * for pair p plane 6p + (x ^ y) and plane 6p + 2 + 2x + y: the sum and the carry of the
+ * two bits of code XOR centroid, no XOR done. */
 #define RA_SLICE_MAX_C 1024          /* the sliced assign keeps c <= 2^10 labels as planes */
-#define RA_SLICE_INPUTS(bits) (((bits) + 15) / 16 * 16)   /* inputs per centroid */
+#define RA_SLICE_INPUTS(bits) (((bits) + 15) / 16 * 16)   /* planes a centroid picks */
 /* Bytes of the planes of n codes of `bits` bits (any VEC_BYTES <= 64). */
 static inline size_t ra_slice_bytes(int n, int bits)
 {
-    return ra_mul((size_t)2 * (size_t)bits + 1, (size_t)n / 8 + 64);
+    return ra_mul((size_t)3 * (size_t)bits + 4, (size_t)n / 8 + 64);
+}
+
+/* The RA_SLICE_INPUTS(bits) planes centroid `cent` picks, as byte offsets in a block of
+ * planes of plane_bytes each (the pairs past the last: the zero plane). */
+static inline void ra_slice_inputs(uint64_t cent, int bits, int plane_bytes, int32_t *in)
+{
+    const int pairs = (bits + 1) / 2;
+    for (int p = 0; p < RA_SLICE_INPUTS(bits) / 2; p++) {
+        const int x = (int)(cent >> (2 * p) & 1), y = (int)(cent >> (2 * p + 1) & 1);
+        in[2 * p] = plane_bytes * (p < pairs ? 6 * p + (x ^ y) : 6 * pairs);
+        in[2 * p + 1] = plane_bytes * (p < pairs ? 6 * p + 2 + 2 * x + y : 6 * pairs);
+    }
 }
 
 /* a[c] bit r <-> a[r] bit c (a 64 × 64 bit matrix transposed in place). */
@@ -161,8 +175,7 @@ typedef struct {
        bytes of a plane; */
     int (*slice)(int n, const void *code, int bits, void *planes);
     /* assign from the planes: rows [i0, i1) (i0 a multiple of 512), inputs (c,
-       RA_SLICE_INPUTS(bits)) the centroids' input planes as byte offsets in a block,
-       c <= RA_SLICE_MAX_C. */
+       RA_SLICE_INPUTS(bits)) the centroids' planes (ra_slice_inputs), c <= RA_SLICE_MAX_C. */
     int64_t (*assign_sliced)(int i0, int i1, const void *planes, int bits,
                              const int32_t *inputs, const uint8_t *valid, int c, int64_t *lab);
 } RaHammingKernels;

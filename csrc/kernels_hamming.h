@@ -309,25 +309,32 @@ typedef uint64_t FN(ra_svec) __attribute__((vector_size(VEC_BYTES)));
 #define SLICE_WORDS ((int)(VEC_BYTES / 8))         /* 64-bit words per plane */
 #define SLICE_ROWS (64 * SLICE_WORDS)              /* codes per block */
 
-/* code (n) -> planes: per block, bit b and its complement of each code, then zeros. */
+/* code (n) -> planes (kernels.h): per block and pair of bits, their sum and the four
+ * carries, then zeros. */
 static int FN(hamming_slice)(int n, const void *code_, int bits, void *planes_)
 {
     const W *code = code_;
+    const int pairs = (bits + 1) / 2;
     svec *blk = planes_;
-    for (int k0 = 0; k0 < n; k0 += SLICE_ROWS, blk += 2 * bits + 1) {
+    for (int k0 = 0; k0 < n; k0 += SLICE_ROWS, blk += 6 * pairs + 1) {
         for (int w = 0; w < SLICE_WORDS; w++) {
             uint64_t a[64];
             for (int r = 0; r < 64; r++) {
                 const int i = k0 + 64 * w + r;
                 a[r] = i < n ? (uint64_t)code[i] : 0;
             }
-            ra_bit_transpose64(a);                /* a[b] bit r = bit b of code r */
-            for (int b = 0; b < bits; b++) {
-                blk[2 * b][w] = a[b];
-                blk[2 * b + 1][w] = ~a[b];
+            ra_bit_transpose64(a);                /* a[t] bit r = bit t of code r */
+            for (int p = 0; p < pairs; p++) {
+                const uint64_t x = a[2 * p], y = 2 * p + 1 < bits ? a[2 * p + 1] : 0;
+                blk[6 * p][w] = x ^ y;
+                blk[6 * p + 1][w] = ~(x ^ y);
+                blk[6 * p + 2][w] = x & y;
+                blk[6 * p + 3][w] = x & ~y;
+                blk[6 * p + 4][w] = ~x & y;
+                blk[6 * p + 5][w] = ~x & ~y;
             }
         }
-        blk[2 * bits] = (svec){0};
+        blk[6 * pairs] = (svec){0};
     }
     return VEC_BYTES;
 }
@@ -340,23 +347,30 @@ static inline svec FN(slice_csa)(svec *hi, svec x, svec y, svec z)
     return u ^ z;
 }
 
-/* The distances of a block's codes to one centroid (planes blk, its inputs' byte offsets
- * in[0 .. groups·16)) as seven planes, bit t of every distance in d[t]: sixteen inputs at
- * a time through a Harley-Seal tree of carry-save adders into planes 0-3, the sixteens
- * rippled into planes 4-6. */
+/* The same for x plus a pair of bits given as their sum s and carry c (s & c = 0). */
+static inline svec FN(slice_csa_pair)(svec *hi, svec x, svec s, svec c)
+{
+    *hi = c | (x & s);
+    return x ^ s;
+}
+
+/* The distances of a block's codes to one centroid (planes blk, the centroid's planes'
+ * byte offsets in[0 .. groups·16)) as seven planes, bit t of every distance in d[t]:
+ * sixteen code bits (eight pairs) at a time through a Harley-Seal tree of carry-save
+ * adders into planes 0-3, the sixteens rippled into planes 4-6. */
 static inline void FN(slice_distance)(const svec *blk, const int32_t *in, int groups, svec d[7])
 {
     svec d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, d4 = {0}, d5 = {0}, d6 = {0};
     for (int g = 0; g < groups; g++) {
         svec eights[2], s16;
-        for (int h = 0; h < 2; h++, in += 8) {       /* eight inputs: one eight out */
+        for (int h = 0; h < 2; h++, in += 8) {       /* four pairs: one eight out */
 #define X(t) (*(const svec *)((const char *)blk + in[t]))
             svec twA, twB, foA, foB;
-            d0 = FN(slice_csa)(&twA, d0, X(0), X(1));
-            d0 = FN(slice_csa)(&twB, d0, X(2), X(3));
+            d0 = FN(slice_csa_pair)(&twA, d0, X(0), X(1));
+            d0 = FN(slice_csa_pair)(&twB, d0, X(2), X(3));
             d1 = FN(slice_csa)(&foA, d1, twA, twB);
-            d0 = FN(slice_csa)(&twA, d0, X(4), X(5));
-            d0 = FN(slice_csa)(&twB, d0, X(6), X(7));
+            d0 = FN(slice_csa_pair)(&twA, d0, X(4), X(5));
+            d0 = FN(slice_csa_pair)(&twB, d0, X(6), X(7));
             d1 = FN(slice_csa)(&foB, d1, twA, twB);
             d2 = FN(slice_csa)(&eights[h], d2, foA, foB);
 #undef X
@@ -401,7 +415,7 @@ static int64_t FN(hamming_assign_sliced)(int i0, int i1, const void *planes, int
                                          const int32_t *inputs, const uint8_t *valid, int c,
                                          int64_t *lab)
 {
-    const int groups = RA_SLICE_INPUTS(bits) / 16, stride = 2 * bits + 1;
+    const int groups = RA_SLICE_INPUTS(bits) / 16, stride = 6 * ((bits + 1) / 2) + 1;
     const int dp = bits < 8 ? 3 : bits < 16 ? 4 : bits < 32 ? 5 : bits < 64 ? 6 : 7;
     int LB = 0;                                  /* label planes: c <= 2^LB */
     while ((1 << LB) < c) LB++;

@@ -90,13 +90,11 @@ static double rng_unit(void) { return (double)(int64_t)(rng_next() >> 43) / (1 <
         DUMP_AS("hamming" #W ".min.blocks", 'i', block, (N - 1 + RA_HAMMING_BLOCK - 1) / RA_HAMMING_BLOCK); \
         DUMP_AS("hamming" #W ".min.total", 'i', &total, 1);                               \
         /* the bit-sliced assign: planes of every bit, each centroid's input planes */     \
-        static uint64_t planes[(2 * W + 1) * (N / 8 + 64) / 8] __attribute__((aligned(64))); \
+        static uint64_t planes[(3 * W + 4) * (N / 8 + 64) / 8] __attribute__((aligned(64))); \
         int32_t inputs[C * RA_SLICE_INPUTS(W)];                                           \
         const int plane_bytes = H->slice(N, code, W, planes);                             \
         for (int j = 0; j < C; j++)                                                       \
-            for (int b = 0; b < RA_SLICE_INPUTS(W); b++)                                  \
-                inputs[j * RA_SLICE_INPUTS(W) + b] =                                      \
-                    plane_bytes * (b < W ? 2 * b + (int)(cent[j] >> b & 1) : 2 * W);      \
+            ra_slice_inputs(cent[j], W, plane_bytes, inputs + j * RA_SLICE_INPUTS(W));    \
         for (int i = 0; i < N; i++) lab[i] = i % 3 - 1;                                   \
         const int64_t sliced = H->assign_sliced(0, N, planes, W, inputs, valid, C, lab);  \
         DUMP_AS("hamming" #W ".assign_sliced.lab", 'i', lab, N);                          \
