@@ -128,11 +128,13 @@ static inline size_t ra_slice_bytes(int n, int bits)
 static inline void ra_slice_inputs(uint64_t cent, int bits, int plane_bytes, int32_t *in)
 {
     const int pairs = (bits + 1) / 2;
-    for (int p = 0; p < RA_SLICE_INPUTS(bits) / 2; p++) {
+    int p = 0;
+    for (int32_t at = 0; p < pairs; p++, at += 6 * plane_bytes) {
         const int x = (int)(cent >> (2 * p) & 1), y = (int)(cent >> (2 * p + 1) & 1);
-        in[2 * p] = plane_bytes * (p < pairs ? 6 * p + (x ^ y) : 6 * pairs);
-        in[2 * p + 1] = plane_bytes * (p < pairs ? 6 * p + 2 + 2 * x + y : 6 * pairs);
+        in[2 * p] = at + plane_bytes * (x ^ y);
+        in[2 * p + 1] = at + plane_bytes * (2 + 2 * x + y);
     }
+    for (; p < RA_SLICE_INPUTS(bits) / 2; p++) in[2 * p] = in[2 * p + 1] = 6 * pairs * plane_bytes;
 }
 
 /* a[c] bit r <-> a[r] bit c (a 64 × 64 bit matrix transposed in place). */
