@@ -8,7 +8,8 @@
  * instruction where the CPU has it, else a nibble-table lookup per byte (AVX2,
  * AVX-512BW), else the compiler's popcount per lane where RA_HAMMING_BUILTIN is set
  * (NEON), else (baseline) the SWAR bit count in vector arithmetic; leftover rows take the
- * scalar popcount. */
+ * scalar popcount.  hamming_kmeans' Lloyd assign (up to RA_SLICE_MAX_C centroids) runs on
+ * bit planes instead: the last section. */
 
 #ifndef RA_HAMMING_ROWS
 #define RA_HAMMING_ROWS 64   /* rows per block of hamming_assign, a multiple of any lane count */
@@ -299,11 +300,11 @@ static uint64_t FN(hamming_min)(int i0, int i1, const void *code_, uint64_t cent
 }
 
 /* ------------------------------------------------------------------ bit-sliced assign */
-/* The codes as bit planes (kernels.h, RA_SLICE_INPUTS): a block of 8·VEC_BYTES codes is
- * one vector per bit, so the distances of a block's codes to one centroid are counted
- * 8·VEC_BYTES at a time by carry-save adders, as binary numbers held in planes, and the
- * nearest centroid so far is kept the same way.  The work per centroid grows with the
- * bits used, not with the word size, and needs no popcount instruction. */
+/* The codes as bit planes (the layout in kernels.h): a block of 8·VEC_BYTES codes is six
+ * vectors per pair of code bits, so the distances of a block's codes to one centroid are
+ * counted 8·VEC_BYTES at a time by carry-save adders, as binary numbers held in planes,
+ * and the nearest centroid so far is kept the same way.  The work per centroid grows with
+ * the bits used, not with the word size, and needs no popcount instruction. */
 typedef uint64_t FN(ra_svec) __attribute__((vector_size(VEC_BYTES)));
 #define svec FN(ra_svec)
 #define SLICE_WORDS ((int)(VEC_BYTES / 8))         /* 64-bit words per plane */
