@@ -673,11 +673,12 @@ def test_hamming_kmeans_on_every_kernel_table(simd):
 
 
 @pytest.mark.parametrize("bits, c", [(0, 3), (1, 2), (3, 5), (7, 255), (8, 257), (15, 600),
-                                     (40, 1024), (63, 100), (64, 1025)])
+                                     (40, 1024), (63, 100), (64, 300), (64, 1025)])
 def test_hamming_kmeans_code_widths_and_cluster_counts(bits, c):
     """The Lloyd assign runs on bit planes for 1-64 used bits and c <= 1024 (label planes:
-    one, eight and ten of them here; distance planes 3-7) and word by word for c > 1024 or
-    all-zero codes: the reference labels and centroids each way, over partial blocks."""
+    one to ten of them here; distance planes 3-7, seven at 64 bits) and word by word for
+    c > 1024 or all-zero codes: the reference labels and centroids each way, over partial
+    blocks."""
     g = rng(31)
     if bits == 64:
         codes = g.integers(-2**63, 2**63 - 1, 1300, dtype=np.int64)
