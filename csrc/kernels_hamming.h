@@ -394,7 +394,8 @@ FN(slice_nearest)(const int dp, const svec *blk, const int32_t *inputs, int grou
 {
     const svec zero = {0}, ones = ~zero, jbit[2] = {zero, ones};
     svec best[7];
-    for (int t = 0; t < dp; t++) best[t] = ones;      /* 2^dp − 1: any distance is less */
+    for (int t = 0; t < dp; t++) best[t] = ones;      /* 2^dp − 1 with label 0: centroid 0
+                                                          at worst ties it, and keeps it */
     for (int t = 0; t < LB; t++) label[t] = zero;
     for (int j = 0; j < c; j++) {
         svec d[7];
