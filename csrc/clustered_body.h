@@ -58,14 +58,14 @@ static void FN(cl_forward_tile)(const void *ctx, ptrdiff_t unit)
     T mh = 0;
     if (kc > 0) {
         FN(cl_pack_topk)(&w, ra_mat_at(F->k, b), ra_mat_at(F->v, b), p.sel + (size_t)c * kmax,
-                         kc, kmax, d, e, 0);
-        const RaMat packed = {(char *)w.v, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
+                         kc, d, e, 0);
+        const RaMat packed = {(char *)w.v, (ptrdiff_t)sizeof(T) * w.topk.ldv, sizeof(T)};
         FN(RaPairs) cp;
         mh = FN(cl_residual_into)(packed, 1, e, kmax, &p, c,
                                   FN(cl_centroid_pairs)(F->pairs, b, F->n, &cp), w.res);
         r = w.res;
         FN(RaPairs) pr;
-        FN(cl_topk_attend)(K, &w, ra_mat_at(F->q, b), idx, rows, kc, kmax, d, e,
+        FN(cl_topk_attend)(K, &w, ra_mat_at(F->q, b), idx, rows, d, e,
                            RA_VEC_AT(T, ra_vec_at(F->scale, b), 0), p.sel + (size_t)c * kmax,
                            FN(ra_pairs_at)(F->pairs, b, F->n, NULL, &pr));
     }
@@ -252,12 +252,13 @@ static void FN(cl_cluster_backward)(const FN(ClBackward) *A, ptrdiff_t b, int c)
        factor, 1 without), so the dense step over-counted dv_j by a_c[j]·f_cj·gsum_c and
        ds_j by a_c[j]·f_cj·(gsum_c·v_j): undo both */
     /* T_c's keys and values packed: k (kc, d), v (kc, e) rows, and the transposes */
-    if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, kmax, d, e, 1);
+    if (kc > 0) FN(cl_pack_topk)(&w, km, vm, sel, kc, d, e, 1);
     for (int t = 0; t < kc; t++) {   /* every row of dkt, dvt written here first */
         const T af = aw[t] * FN(ra_drop_factor)(cpairs, CL_CENTROID_ROW(c), sel[t]);
         const T ds = -af * FN(ra_dot)((const char *)gs, sizeof(T),
-                                      (const char *)(w.v + (ptrdiff_t)t * e), sizeof(T), e);
-        const T *restrict kr = w.k + (ptrdiff_t)t * d;
+                                      (const char *)(w.v + (ptrdiff_t)t * w.topk.ldv),
+                                      sizeof(T), e);
+        const T *restrict kr = w.k + (ptrdiff_t)t * w.topk.ldk;
         T *restrict dk_row = dkt + (ptrdiff_t)t * d, *restrict dv_row = dvt + (ptrdiff_t)t * e;
         for (int f = 0; f < e; f++) dv_row[f] = -af * gs[f];
         for (int f = 0; f < d; f++) dk_row[f] = ds * sc * cen[f];
@@ -274,7 +275,7 @@ static void FN(cl_cluster_backward)(const FN(ClBackward) *A, ptrdiff_t b, int c)
                softmax over T_c recomputed first for them */
             const int own = kc <= RA_BK;
             if (own) FN(ra_gather)(ra_mat_at(A->q, b), idx, 0, rows, d, sc, 0, w.qs, d);
-            else FN(cl_topk_softmax)(K, &w, ra_mat_at(A->q, b), idx, rows, kc, kmax, d, e, sc,
+            else FN(cl_topk_softmax)(K, &w, ra_mat_at(A->q, b), idx, rows, d, e, sc,
                                      sel, pairs);
             FN(ra_gather)(ra_mat_at(A->dout, b), idx, 0, rows, e, mh, 0, w.dout, e);
             for (int i = 0; !own && i < rows; i++)
@@ -284,7 +285,7 @@ static void FN(cl_cluster_backward)(const FN(ClBackward) *A, ptrdiff_t b, int c)
             w.gt.rows = rows;
             w.gt.pos = pairs ? idx : NULL;
             w.gt.pairs = pairs;
-            const FN(RaKeys) keys = FN(cl_topk_keys)(&w, kc, kmax, d, e, pairs ? sel : NULL);
+            const FN(RaKeys) keys = FN(cl_topk_keys)(&w, pairs ? sel : NULL);
             FN(ra_attend_backward)(K, &w.gt, &keys, dkt, d, dvt, e, d, e,
                                    own ? RA_OWN_STATS : 0, NULL);
         }

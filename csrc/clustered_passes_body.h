@@ -262,6 +262,7 @@ typedef struct {
     FN(RaQGradTile) gt;
     T *qs, *o, *dout, *lse, *delta, *dq;
     T *kt, *v, *k, *vt;
+    FN(RaKeys) topk;         /* T_c as cl_pack_topk packed it into kt, v (and k, vt) */
     int64_t *kpos;
     T *dk;
     T *chunk;
@@ -280,10 +281,10 @@ static void FN(cl_tiles)(RaArena *a, int d, int e, int kmax, FN(ClTiles) *w)
     w->dout = RA_TAKE(a, T, R * e);
     w->lse = RA_TAKE(a, T, R);
     w->delta = RA_TAKE(a, T, R);
-    w->kt = RA_TAKE(a, T, ra_mul(kcols, d));
-    w->v = RA_TAKE(a, T, ra_mul(kcols, e));
-    w->k = RA_TAKE(a, T, ra_mul(kcols, d));
-    w->vt = RA_TAKE(a, T, ra_mul(kcols, e));
+    w->kt = RA_TAKE(a, T, ra_spread_size(d, (int)kcols, sizeof(T)));
+    w->v = RA_TAKE(a, T, ra_spread_size((int)kcols, e, sizeof(T)));
+    w->k = RA_TAKE(a, T, ra_spread_size((int)kcols, d, sizeof(T)));
+    w->vt = RA_TAKE(a, T, ra_spread_size(e, (int)kcols, sizeof(T)));
     w->kpos = RA_TAKE(a, int64_t, RA_BK);
     w->dk = RA_TAKE(a, T, ra_mul(kcols, d));
     w->chunk = kmax > 0 ? RA_TAKE(a, T, R * RA_CL_CHUNK) : NULL;
@@ -307,13 +308,12 @@ static size_t FN(cl_thread_bytes)(int d, int e, int kmax)
     return a.used;
 }
 
-/* The packed T_c (kc keys, capacity kmax) as the engine's key list; pos: T_c's key
- * positions when the pair terms need them, else NULL. */
-static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, int kc, int kmax, int d, int e,
-                                   const int64_t *pos)
+/* The packed T_c as the engine's key list; pos: T_c's key positions when the pair terms
+ * need them, else NULL. */
+static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, const int64_t *pos)
 {
-    const FN(RaKeys) keys = {.count = kc, .kt = w->kt, .ldkt = kmax, .v = w->v, .ldv = e,
-                             .k = w->k, .ldk = d, .vt = w->vt, .ldvt = kmax, .pos = pos};
+    FN(RaKeys) keys = w->topk;
+    keys.pos = pos;
     return keys;
 }
 
@@ -321,7 +321,7 @@ static FN(RaKeys) FN(cl_topk_keys)(const FN(ClTiles) *w, int kc, int kmax, int d
  * `pairs` (or NULL), left in w's query tile unnormalised (acc, sum, mx).  q (n, d);
  * T_c's keys already packed in w. */
 static void FN(cl_topk_attend)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
-                               int rows, int kc, int kmax, int d, int e, T sc,
+                               int rows, int d, int e, T sc,
                                const int64_t *sel, const FN(RaPairs) *pairs)
 {
     FN(ra_gather)(q, idx, 0, rows, d, sc, 0, w->qs, d);
@@ -329,16 +329,16 @@ static void FN(cl_topk_attend)(const KT *K, FN(ClTiles) *w, RaMat q, const int64
     w->qt.pos = pairs ? idx : NULL;
     w->qt.pairs = pairs;
     FN(ra_fwd_init)(&w->qt, e);
-    const FN(RaKeys) keys = FN(cl_topk_keys)(w, kc, kmax, d, e, pairs ? sel : NULL);
+    const FN(RaKeys) keys = FN(cl_topk_keys)(w, pairs ? sel : NULL);
     FN(ra_attend)(K, &w->qt, &keys, d, e, 0);
 }
 
 /* The same, finished: o' (rows, e) and lse' (rows) in w. */
 static void FN(cl_topk_softmax)(const KT *K, FN(ClTiles) *w, RaMat q, const int64_t *idx,
-                                int rows, int kc, int kmax, int d, int e, T sc,
+                                int rows, int d, int e, T sc,
                                 const int64_t *sel, const FN(RaPairs) *pairs)
 {
-    FN(cl_topk_attend)(K, w, q, idx, rows, kc, kmax, d, e, sc, sel, pairs);
+    FN(cl_topk_attend)(K, w, q, idx, rows, d, e, sc, sel, pairs);
     FN(ra_fwd_finish)(&w->qt, e, (char *)w->o, (ptrdiff_t)sizeof(T) * e, sizeof(T),
                       (char *)w->lse, sizeof(T));
 }
@@ -368,9 +368,9 @@ static void FN(cl_group_load)(void *ctx, int j0, int rows, int need, FN(RaKTile)
         w->kpos[j] = !c->key_mask.data || RA_VEC_AT(uint8_t, c->key_mask, jj + j) ? jj + j : -1;
     t->pos = w->kpos;
     if (need & RA_NEED_KT) {
-        FN(ra_gather)(c->k, NULL, jj, cols, c->d, 1, 1, w->kt, RA_BK);
+        t->ldkt = ra_spread_ld(RA_BK, sizeof(T));
+        FN(ra_gather)(c->k, NULL, jj, cols, c->d, 1, 1, w->kt, t->ldkt);
         t->kt = w->kt;
-        t->ldkt = RA_BK;
     }
     if ((need & RA_NEED_V) && !t->v) t->v = FN(ra_rows)(c->v, jj, cols, c->e, w->v, &t->ldv);
 }
@@ -452,10 +452,11 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
             w->kpos[j] = !key_mask.data || RA_VEC_AT(uint8_t, key_mask, j0 + j) ? j0 + j : -1;
         ptrdiff_t ldk;
         const T *krows = FN(ra_rows)(k, j0, cols, d, w->k, &ldk);   /* in place if it can */
-        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, RA_BK);
-        FN(ra_gather)(v, NULL, j0, cols, e, 1, 1, w->vt, RA_BK);
-        const FN(RaKeys) tile = {.count = cols, .kt = w->kt, .ldkt = RA_BK, .k = krows, .ldk = ldk,
-                                 .vt = w->vt, .ldvt = RA_BK, .pos = w->kpos};
+        const int ldt = ra_spread_ld(RA_BK, sizeof(T));
+        FN(ra_gather)(k, NULL, j0, cols, d, 1, 1, w->kt, ldt);
+        FN(ra_gather)(v, NULL, j0, cols, e, 1, 1, w->vt, ldt);
+        const FN(RaKeys) tile = {.count = cols, .kt = w->kt, .ldkt = ldt, .k = krows, .ldk = ldk,
+                                 .vt = w->vt, .ldvt = ldt, .pos = w->kpos};
         memset(w->dk, 0, sizeof(T) * (size_t)cols * d);
         memset(dv_t, 0, sizeof(T) * (size_t)cols * e);
         for (int c0 = 0; c0 < C; c0 += RA_CL_ROWS) {
@@ -479,12 +480,12 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
     }
 }
 
-/* Pack T_c's keys and values: kᵀ (d, kmax) and v (kmax, e); backward also k, vᵀ. */
+/* Pack T_c's kc keys and values into w->topk: kᵀ and v; backward also k, vᵀ. */
 static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *sel, int kc,
-                             int kmax, int d, int e, int backward)
+                             int d, int e, int backward)
 {
-    FN(ra_pack_keys)(k, v, sel, kc, d, e, 1, backward ? w->k : NULL, w->kt, w->v,
-                     backward ? w->vt : NULL, kmax);
+    w->topk = FN(ra_pack_keys)(k, v, sel, kc, d, e, 1, backward ? w->k : NULL, w->kt, w->v,
+                               backward ? w->vt : NULL);
 }
 
 /* What the forward's query tiles share. */

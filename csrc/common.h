@@ -235,6 +235,12 @@ static inline int ra_spread_ld(int cols, size_t size)
     return lines * per_line <= INT_MAX ? (int)(lines * per_line) : cols;   /* no int overflow */
 }
 
+/* Elements of a (rows, cols) tile of `size`-byte elements stored with ra_spread_ld(cols). */
+static inline size_t ra_spread_size(int rows, int cols, size_t size)
+{
+    return ra_mul((size_t)rows, (size_t)ra_spread_ld(cols, size));
+}
+
 /* ------------------------------------------------------------------ hints */
 /* Cache lines to hint while a kernel computes: the gemm issues a few after each of its
  * micro-tiles (as many as the micro-tile's depth), so the next unit's rows are requested

@@ -182,13 +182,6 @@ static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
        (rows, cols).  The same values either way: a product over them gives the same bits.*/\
     const T *ra_rows_##SUF(RaMat src, int64_t first, int rows, int cols, T *dst,         \
                            ptrdiff_t *ld);                                                \
-    /* Key rows idx[0..rows) packed for the engine (idx < 0: zero rows): kᵀ (d, rows)   \
-       times kt_mul (the forward folds the logits' scale into it) and v (rows, e); if kp \
-       is not NULL also k (rows, d), unscaled, and then kᵀ is transposed from that copy;  \
-       if vt is not NULL also vᵀ (e, rows) from v's copy.  ldt: kᵀ's and vᵀ's leading    \
-       dimension. */                                                                     \
-    void ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, \
-                            T kt_mul, T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt);         \
     /* A key list: `count` keys for the engine, attended in tiles of RA_BK.  Forward   \
        reads kt, v; backward kt, k, vt.  pos (count) gives the positions the masking    \
        rule reads (NULL: every key visible).  Set fields by name; unused ones stay 0.    \
@@ -221,6 +214,14 @@ static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
                         const int64_t *pos);                                              \
         void *ctx;                                                                        \
     } RaKeys_##SUF;                                                                       \
+    /* Key rows idx[0..rows) of k, v packed for the engine (idx < 0: zero rows) into the \
+       buffers given (NULL: not wanted): kᵀ (d, ·) times kt_mul (the forward folds the   \
+       logits' scale into it), vᵀ (e, ·), and the rows k (rows, ·), unscaled, and v      \
+       (rows, ·), each with the leading dimension ra_spread_ld of its width, so a buffer \
+       for up to u keys holds ra_spread_size(d, u) elements for kᵀ, ra_spread_size(u, d) \
+       for k.  Returns them as a key list of `rows` keys (pos and the rest unset). */    \
+    RaKeys_##SUF ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d,\
+                                    int e, T kt_mul, T *kp, T *kt, T *vp, T *vt);         \
     /* The buffers of a query tile of up to `rows` rows, taken from an arena: q (rows, d)\
        — returned, for the planner to gather its scaled queries into — and the engine's  \
        own acc (rows, e), s (rows, RA_BK), mx, sum (rows). */                            \

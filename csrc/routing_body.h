@@ -38,10 +38,11 @@ typedef struct {
     int r;            /* n + m - 1 */
 } FN(RoutingBuffers);
 
-/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e), a
- * query tile and the next cluster's lines to hint (routing_hint_lines); backward: kᵀ, v,
- * k (u, d), vᵀ, the cluster's key gradients dk (u, d), dv (u, e), then per query tile q
- * (BQ, d), dout (BQ, e), lse, delta (BQ), dq (BQ, d) and a gradient tile. */
+/* One thread's scratch for a cluster (u keys at most).  Forward: kᵀ (d, u), v (u, e)
+ * (packed by ra_pack_keys), a query tile and the next cluster's lines to hint
+ * (routing_hint_lines); backward: kᵀ, k (u, d), vᵀ (e, u) (packed), the cluster's key
+ * gradients dk (u, d), dv (u, e), then per query tile q (BQ, d), dout (BQ, e), lse, delta
+ * (BQ), dq (BQ, d) and a gradient tile. */
 typedef struct {
     T *k, *kt, *v, *vt, *q, *dout, *lse, *delta, *dk, *dv, *dq;
     FN(RaQTile) qt;
@@ -70,9 +71,10 @@ static size_t FN(routing_hint_lines)(int d, int e, int u)
 static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u, int backward)
 {
     t->hints = NULL;
-    t->kt = RA_TAKE(a, T, ra_mul(d, u));
-    t->v = RA_TAKE(a, T, ra_mul(u, e));
+    t->v = NULL;
+    t->kt = RA_TAKE(a, T, ra_spread_size(d, u, sizeof(T)));
     if (!backward) {
+        t->v = RA_TAKE(a, T, ra_spread_size(u, e, sizeof(T)));
         t->q = FN(ra_qtile_layout)(&t->qt, a, RA_ROUTING_BQ, d, e);
         t->hints = RA_TAKE(a, RaHints, 1);
         const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u));
@@ -80,8 +82,8 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
         t->qt.hints = t->hints;
         return;
     }
-    t->k = RA_TAKE(a, T, ra_mul(u, d));
-    t->vt = RA_TAKE(a, T, ra_mul(e, u));
+    t->k = RA_TAKE(a, T, ra_spread_size(u, d, sizeof(T)));
+    t->vt = RA_TAKE(a, T, ra_spread_size(e, u, sizeof(T)));
     t->dk = RA_TAKE(a, T, ra_mul(u, d));
     t->dv = RA_TAKE(a, T, ra_mul(u, e));
     t->dq = RA_TAKE(a, T, (size_t)RA_BQ * d);
@@ -148,10 +150,10 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     FN(RoutingTile) t;
     FN(routing_tile)(&a, &t, d, e, P->u, 0);
     FN(RaQTile) qt = t.qt;
-    T *const kt = t.kt, *const vp = t.v, *const qs = t.q;
+    T *const qs = t.q;
     /* the scale goes into kᵀ, so the query rows are copied as they are */
-    FN(ra_pack_keys)(k, v, kpos, nk, d, e, scale, NULL, kt, vp, NULL, nk);
-    const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .v = vp, .ldv = e, .pos = kpos};
+    FN(RaKeys) keys = FN(ra_pack_keys)(k, v, kpos, nk, d, e, scale, NULL, t.kt, t.v, NULL);
+    keys.pos = kpos;
     for (int r0 = 0; r0 < nq; r0 += RA_ROUTING_BQ) {
         qt.rows = nq - r0 < RA_ROUTING_BQ ? nq - r0 : RA_ROUTING_BQ;
         qt.pos = qpos + r0;
@@ -364,11 +366,9 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
         return;
     }
     FN(RaQGradTile) g = t.g;
-    T *const kp = t.k, *const kt = t.kt, *const vt = t.vt, *const vp = t.v;
     T *const qs = t.q, *const dop = t.dout, *const lrow = t.lse, *const delta = t.delta;
-    FN(ra_pack_keys)(k, v, kpos, nk, d, e, 1, kp, kt, vp, vt, nk);
-    const FN(RaKeys) keys = {.count = nk, .kt = kt, .ldkt = nk, .k = kp, .ldk = d, .vt = vt,
-                             .ldvt = nk, .pos = kpos};
+    FN(RaKeys) keys = FN(ra_pack_keys)(k, v, kpos, nk, d, e, 1, t.k, t.kt, NULL, t.vt);
+    keys.pos = kpos;
     FN(RaPairs) pairs;                  /* this cluster's own bias gradient row */
     if (buf->pairs) {
         pairs = *buf->pairs;

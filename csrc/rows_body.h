@@ -104,17 +104,30 @@ const T *FN(ra_rows)(RaMat src, int64_t first, int rows, int cols, T *dst, ptrdi
     return dst;
 }
 
-void FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e, T kt_mul,
-                      T *kp, T *kt, T *vp, T *vt, ptrdiff_t ldt)
+FN(RaKeys) FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e,
+                            T kt_mul, T *kp, T *kt, T *vp, T *vt)
 {
-    const RaMat krows = {(char *)kp, (ptrdiff_t)sizeof(T) * d, sizeof(T)};
-    const RaMat vrows = {(char *)vp, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-    if (kp) {
-        FN(ra_gather)(k, idx, 0, rows, d, 1, 0, kp, d);
-        FN(ra_gather)(krows, NULL, 0, rows, d, kt_mul, 1, kt, ldt);
-    } else {
+    const int ldt = ra_spread_ld(rows, sizeof(T));
+    FN(RaKeys) keys = {.count = rows};
+    if (kt) {
         FN(ra_gather)(k, idx, 0, rows, d, kt_mul, 1, kt, ldt);
+        keys.kt = kt;
+        keys.ldkt = ldt;
     }
-    FN(ra_gather)(v, idx, 0, rows, e, 1, 0, vp, e);
-    if (vt) FN(ra_gather)(vrows, NULL, 0, rows, e, 1, 1, vt, ldt);
+    if (vt) {
+        FN(ra_gather)(v, idx, 0, rows, e, 1, 1, vt, ldt);
+        keys.vt = vt;
+        keys.ldvt = ldt;
+    }
+    if (kp) {
+        keys.ldk = ra_spread_ld(d, sizeof(T));
+        FN(ra_gather)(k, idx, 0, rows, d, 1, 0, kp, keys.ldk);
+        keys.k = kp;
+    }
+    if (vp) {
+        keys.ldv = ra_spread_ld(e, sizeof(T));
+        FN(ra_gather)(v, idx, 0, rows, e, 1, 0, vp, keys.ldv);
+        keys.v = vp;
+    }
+    return keys;
 }
