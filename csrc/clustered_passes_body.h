@@ -484,8 +484,8 @@ static void FN(cl_centroid_group_backward)(const KT *K, FN(ClTiles) *w, RaMat k,
 static void FN(cl_pack_topk)(FN(ClTiles) *w, RaMat k, RaMat v, const int64_t *sel, int kc,
                              int d, int e, int backward)
 {
-    w->topk = FN(ra_pack_keys)(k, v, sel, kc, d, e, 1, backward ? w->k : NULL, w->kt, w->v,
-                               backward ? w->vt : NULL);
+    w->topk = FN(ra_pack_keys)(k, sel, v, sel, kc, d, e, 1, backward ? w->k : NULL, w->kt,
+                               w->v, backward ? w->vt : NULL);
 }
 
 /* What the forward's query tiles share. */

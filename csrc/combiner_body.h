@@ -14,14 +14,18 @@ typedef struct {
     FN(RaQTile) qt;                             /* the engine's query tile, q in qs */
     FN(RaQGradTile) gt;                         /* its gradient tile (backward) */
     T *qs;
-    T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs */
+    T *kt_d, *v_d, *kt_s, *v_s, *kt_m, *v_m;    /* kᵀ (d, L) and v (L, e) packs, their leading
+                                                   dimensions by ra_spread_ld */
     T *q_m;                                     /* members' q (L, d), unscaled */
-    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward; k_m always) */
+    T *k_d, *vt_d, *k_s, *vt_s, *k_m, *vt_m;    /* k (L, d), vᵀ (e, L) (backward; k_m always,
+                                                   with rows of d: it is pooled too) */
     T *dk_d, *dv_d, *dk_s, *dv_s, *dk_m, *dv_m; /* their gradients (backward) */
     T *dout, *lse, *delta, *dq;                 /* gradient tile's rows (backward) */
     RaRange span;                               /* a region unit's positions */
     int win0, win1, fresh;                      /* span columns in the _m packs; their
                                                    gradients not yet started (backward) */
+    int ldt_m, ldv_m;                           /* the _m packs' kᵀ, vᵀ and v leading
+                                                   dimensions (ra_spread_ld) */
     /* region units: each region's run [rlo, rhi) of span columns, its pooled key and
        (scaled) query, the span columns they came from (backward), a running scan, the
        tile's bitmap and finished rows */
@@ -48,12 +52,12 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     w->vids = ra_take(a, z->maxV, I);
     w->midx = ra_take(a, z->maxMem, I);
     w->qs = FN(ra_qtile_layout)(&w->qt, a, RA_BQ, d, e);
-    w->kt_d = ra_take(a, ra_mul(z->maxD, d), S);
-    w->v_d = ra_take(a, ra_mul(z->maxD, e), S);
-    w->kt_s = ra_take(a, ra_mul(z->maxS, d), S);
-    w->v_s = ra_take(a, ra_mul(z->maxS, e), S);
-    w->kt_m = ra_take(a, ra_mul(z->maxMem, d), S);
-    w->v_m = ra_take(a, ra_mul(z->maxMem, e), S);
+    w->kt_d = ra_take(a, ra_spread_size(d, (int)z->maxD, S), S);
+    w->v_d = ra_take(a, ra_spread_size((int)z->maxD, e, S), S);
+    w->kt_s = ra_take(a, ra_spread_size(d, (int)z->maxS, S), S);
+    w->v_s = ra_take(a, ra_spread_size((int)z->maxS, e, S), S);
+    w->kt_m = ra_take(a, ra_spread_size(d, (int)z->maxMem, S), S);
+    w->v_m = ra_take(a, ra_spread_size((int)z->maxMem, e, S), S);
     w->q_m = ra_take(a, ra_mul(z->maxMem, d), S);
     w->k_m = ra_take(a, ra_mul(z->maxMem, d), S);
     w->rlo = ra_take(a, z->maxV, sizeof(int));
@@ -72,11 +76,11 @@ static void FN(cws_layout)(FN(CWs) *w, RaArena *a, const RaCSizes *z, int d, int
     if (bwd) {
         w->ak = ra_take(a, ra_mul(z->maxV, d), sizeof(int32_t));
         w->aq = ra_take(a, ra_mul(z->maxV, d), sizeof(int32_t));
-        w->k_d = ra_take(a, ra_mul(z->maxD, d), S);
-        w->vt_d = ra_take(a, ra_mul(z->maxD, e), S);
-        w->k_s = ra_take(a, ra_mul(z->maxS, d), S);
-        w->vt_s = ra_take(a, ra_mul(z->maxS, e), S);
-        w->vt_m = ra_take(a, ra_mul(z->maxMem, e), S);
+        w->k_d = ra_take(a, ra_spread_size((int)z->maxD, d, S), S);
+        w->vt_d = ra_take(a, ra_spread_size(e, (int)z->maxD, S), S);
+        w->k_s = ra_take(a, ra_spread_size((int)z->maxS, d, S), S);
+        w->vt_s = ra_take(a, ra_spread_size(e, (int)z->maxS, S), S);
+        w->vt_m = ra_take(a, ra_spread_size(e, (int)z->maxMem, S), S);
         w->dk_d = ra_take(a, ra_mul(z->maxD, d), S);
         w->dv_d = ra_take(a, ra_mul(z->maxD, e), S);
         w->dk_s = ra_take(a, ra_mul(z->maxS, d), S);
@@ -240,10 +244,12 @@ static void FN(pack_window)(FN(CWs) *w, int x0, int x1, RaMat k, RaMat v, int d,
 {
     const int W = x1 - x0;
     FN(window_positions)(w, x0, x1);
-    FN(ra_gather)(k, w->midx, 0, W, d, 1, 1, w->kt_m, W);
-    if (!bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 0, w->v_m, e);
-    if (with_k || bwd) FN(ra_gather)(k, w->midx, 0, W, d, 1, 0, w->k_m, d);
-    if (bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 1, w->vt_m, W);
+    w->ldt_m = ra_spread_ld(W, sizeof(T));
+    w->ldv_m = ra_spread_ld(e, sizeof(T));
+    FN(ra_gather)(k, w->midx, 0, W, d, 1, 1, w->kt_m, w->ldt_m);
+    if (!bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 0, w->v_m, w->ldv_m);
+    if (with_k || bwd) FN(ra_gather)(k, w->midx, 0, W, d, 1, 0, w->k_m, d);   /* pooled too */
+    if (bwd) FN(ra_gather)(v, w->midx, 0, W, e, 1, 1, w->vt_m, w->ldt_m);
     w->win0 = x0, w->win1 = x1, w->fresh = 1;
 }
 
@@ -387,15 +393,15 @@ static void FN(region_load)(void *ctx, int j0, int rows, int need, FN(RaKTile) *
     (void)rows, (void)need;
     t->cols = FN(region_window)(c->p, w, c->nv, c->c0 + j0, c->c1, c->k, c->v, d, e, c->tb,
                                 c->bwd);
-    const int x = c->c0 + j0 - w->win0, W = w->win1 - w->win0;
+    const int x = c->c0 + j0 - w->win0;
     t->kt = w->kt_m + x;
-    t->ldkt = W;
+    t->ldkt = w->ldt_m;
     if (!c->bwd) {
-        t->v = w->v_m + (ptrdiff_t)x * e, t->ldv = e;
+        t->v = w->v_m + (ptrdiff_t)x * w->ldv_m, t->ldv = w->ldv_m;
         return;
     }
     t->k = w->k_m + (ptrdiff_t)x * d, t->ldk = d;
-    t->vt = w->vt_m + x, t->ldvt = W;
+    t->vt = w->vt_m + x, t->ldvt = w->ldt_m;
     t->dk = w->dk_m + (ptrdiff_t)x * d;
     t->dv = w->dv_m + (ptrdiff_t)x * e;
 }

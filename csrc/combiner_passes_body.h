@@ -39,33 +39,6 @@ static void FN(region_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
 }
 
 /* ------------------------------------------------------------------ pass 2: queries */
-/* Pack a query unit's key lists: direct keys from k, v; summary entries from the tables.
- * The forward takes kᵀ and v, the backward (bwd) kᵀ, k and vᵀ. */
-static void FN(pack_unit)(FN(CWs) *w, const RaCUnit *U, int64_t ns, RaMat k, RaMat v,
-                          const FN(CTab) *tb, int d, int e, int bwd)
-{
-    const int nd = (int)U->direct.count, S = (int)ns;
-    const RaMat kh = {(char *)tb->khat, (ptrdiff_t)d * (ptrdiff_t)sizeof(T), sizeof(T)};
-    const RaMat vh = {(char *)tb->vhat, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
-    FN(range_list)(U->q, w->qidx);
-    FN(range_list)(U->direct, w->didx);
-    for (int j = 0; j < S; j++) {   /* the summaries' rows in this phase's tables */
-        w->kloc[j] = w->kid[j] - tb->kbase;
-        w->vloc[j] = w->vid[j] - tb->vbase;
-    }
-    FN(ra_gather)(k, w->didx, 0, nd, d, 1, 1, w->kt_d, nd);
-    FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 1, w->kt_s, S);
-    if (!bwd) {
-        FN(ra_gather)(v, w->didx, 0, nd, e, 1, 0, w->v_d, e);
-        FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 0, w->v_s, e);
-    } else {
-        FN(ra_gather)(k, w->didx, 0, nd, d, 1, 0, w->k_d, d);
-        FN(ra_gather)(v, w->didx, 0, nd, e, 1, 1, w->vt_d, nd);
-        FN(ra_gather)(kh, w->kloc, 0, S, d, 1, 0, w->k_s, d);
-        FN(ra_gather)(vh, w->vloc, 0, S, e, 1, 1, w->vt_s, S);
-    }
-}
-
 /* Summary positions of a query tile (the row or column its summaries are matched with). */
 static void FN(summary_qpos)(const RaCPlan *p, const RaCUnit *U, const int64_t *qidx, int rows,
                              int64_t *sqpos)
@@ -81,26 +54,33 @@ typedef struct {
     RaCVisCtx dvis, svis;
 } FN(CUnitKeys);
 
-static void FN(unit_keys)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, int64_t ns, int d,
-                          int e, int bwd, FN(CUnitKeys) *uk)
+/* Pack a query unit's key lists into uk: direct keys from k, v; summary entries from the
+ * tables.  The forward takes kᵀ and v, the backward (bwd) kᵀ, k and vᵀ. */
+static void FN(unit_keys)(const RaCPlan *p, const RaCUnit *U, FN(CWs) *w, int64_t ns, RaMat k,
+                          RaMat v, const FN(CTab) *tb, int d, int e, int bwd, FN(CUnitKeys) *uk)
 {
     const int nd = (int)U->direct.count, S = (int)ns, bitmap = U->sq == RA_SQ_VIS;
+    const RaMat kh = {(char *)tb->khat, (ptrdiff_t)d * (ptrdiff_t)sizeof(T), sizeof(T)};
+    const RaMat vh = {(char *)tb->vhat, (ptrdiff_t)e * (ptrdiff_t)sizeof(T), sizeof(T)};
+    FN(range_list)(U->q, w->qidx);
+    FN(range_list)(U->direct, w->didx);
+    for (int j = 0; j < S; j++) {   /* the summaries' rows in this phase's tables */
+        w->kloc[j] = w->kid[j] - tb->kbase;
+        w->vloc[j] = w->vid[j] - tb->vbase;
+        w->sid[j] = -1 - w->vid[j];
+    }
+    uk->direct = FN(ra_pack_keys)(k, w->didx, v, w->didx, nd, d, e, 1, bwd ? w->k_d : NULL,
+                                  w->kt_d, bwd ? NULL : w->v_d, bwd ? w->vt_d : NULL);
+    uk->summary = FN(ra_pack_keys)(kh, w->kloc, vh, w->vloc, S, d, e, 1, bwd ? w->k_s : NULL,
+                                   w->kt_s, bwd ? NULL : w->v_s, bwd ? w->vt_s : NULL);
     uk->dvis = (RaCVisCtx){p, w->vis, NULL, w->didx, 0};
     uk->svis = (RaCVisCtx){p, w->vis, NULL, w->vid, 1};
-    uk->direct = (FN(RaKeys)){.count = nd, .kt = w->kt_d, .ldkt = nd, .pos = w->didx,
-                              .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->dvis};
-    uk->summary = (FN(RaKeys)){.count = S, .kt = w->kt_s, .ldkt = S, .pos = w->spos,
-                               .ids = w->sid,
-                               .tile_vis = bitmap ? ra_cunit_vis : NULL, .ctx = &uk->svis};
-    for (int j = 0; j < S; j++) w->sid[j] = -1 - w->vid[j];
-    if (!bwd) {
-        uk->direct.v = w->v_d, uk->direct.ldv = e;
-        uk->summary.v = w->v_s, uk->summary.ldv = e;
-    } else {
-        uk->direct.k = w->k_d, uk->direct.ldk = d, uk->direct.vt = w->vt_d, uk->direct.ldvt = nd;
-        uk->summary.k = w->k_s, uk->summary.ldk = d, uk->summary.vt = w->vt_s;
-        uk->summary.ldvt = S;
-    }
+    uk->direct.pos = w->didx;
+    uk->summary.pos = w->spos;
+    uk->summary.ids = w->sid;
+    uk->direct.tile_vis = uk->summary.tile_vis = bitmap ? ra_cunit_vis : NULL;
+    uk->direct.ctx = &uk->dvis;
+    uk->summary.ctx = &uk->svis;
 }
 
 /* Query unit u of a pass: q (n, d) -> out rows (or the carried state when a later pass
@@ -113,9 +93,8 @@ static void FN(query_unit_forward)(const KT *K, const RaCPlan *p, FN(CWs) *w, in
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
     const int nq = (int)U.q.count;
     const int last = pass == ra_cplan_npasses(p) - 1;
-    FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 0);
     FN(CUnitKeys) uk;
-    FN(unit_keys)(p, &U, w, ns, d, e, 0, &uk);
+    FN(unit_keys)(p, &U, w, ns, k, v, tb, d, e, 0, &uk);
     for (int q0 = 0; q0 < nq; q0 += RA_BQ) {
         const int rows = nq - q0 < RA_BQ ? nq - q0 : RA_BQ;
         const int64_t *qpos = w->qidx + q0;
@@ -295,9 +274,8 @@ static void FN(query_unit_backward)(const KT *K, const RaCPlan *p, FN(CWs) *w, i
     RaCUnit U;
     const int64_t ns = ra_cplan_unit(p, pass, u, &U, w->kid, w->vid, w->spos);
     const int nq = (int)U.q.count, nd = (int)U.direct.count, S = (int)ns;
-    FN(pack_unit)(w, &U, ns, k, v, tb, d, e, 1);
     FN(CUnitKeys) uk;
-    FN(unit_keys)(p, &U, w, ns, d, e, 1, &uk);
+    FN(unit_keys)(p, &U, w, ns, k, v, tb, d, e, 1, &uk);
     memset(w->dk_d, 0, sizeof(T) * (size_t)nd * d);
     memset(w->dv_d, 0, sizeof(T) * (size_t)nd * e);
     memset(w->dk_s, 0, sizeof(T) * (size_t)S * d);

@@ -214,14 +214,17 @@ static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
                         const int64_t *pos);                                              \
         void *ctx;                                                                        \
     } RaKeys_##SUF;                                                                       \
-    /* Key rows idx[0..rows) of k, v packed for the engine (idx < 0: zero rows) into the \
-       buffers given (NULL: not wanted): kᵀ (d, ·) times kt_mul (the forward folds the   \
-       logits' scale into it), vᵀ (e, ·), and the rows k (rows, ·), unscaled, and v      \
-       (rows, ·), each with the leading dimension ra_spread_ld of its width, so a buffer \
-       for up to u keys holds ra_spread_size(d, u) elements for kᵀ, ra_spread_size(u, d) \
-       for k.  Returns them as a key list of `rows` keys (pos and the rest unset). */    \
-    RaKeys_##SUF ra_pack_keys_##SUF(RaMat k, RaMat v, const int64_t *idx, int rows, int d,\
-                                    int e, T kt_mul, T *kp, T *kt, T *vp, T *vt);         \
+    /* Key rows kidx[0..rows) of k and vidx[0..rows) of v (as a rule the same list;     \
+       Combiner's summaries keep keys and values apart) packed for the engine (an index  \
+       < 0: a zero row) into the buffers given (NULL: not wanted): kᵀ (d, ·) times      \
+       kt_mul (the forward folds the logits' scale into it), vᵀ (e, ·), and the rows k   \
+       (rows, ·), unscaled, and v (rows, ·), each with the leading dimension ra_spread_ld\
+       of its width, so a buffer for up to u keys holds ra_spread_size(d, u) elements    \
+       for kᵀ, ra_spread_size(u, d) for k.  Returns them as a key list of `rows` keys    \
+       (pos and the rest unset). */                                                      \
+    RaKeys_##SUF ra_pack_keys_##SUF(RaMat k, const int64_t *kidx, RaMat v,                \
+                                    const int64_t *vidx, int rows, int d, int e, T kt_mul,\
+                                    T *kp, T *kt, T *vp, T *vt);                          \
     /* The buffers of a query tile of up to `rows` rows, taken from an arena: q (rows, d)\
        — returned, for the planner to gather its scaled queries into — and the engine's  \
        own acc (rows, e), s (rows, RA_BK), mx, sum (rows). */                            \

@@ -152,7 +152,8 @@ static void FN(routing_cluster_forward)(const KT *K, const RaRoutingPlan *P, int
     FN(RaQTile) qt = t.qt;
     T *const qs = t.q;
     /* the scale goes into kᵀ, so the query rows are copied as they are */
-    FN(RaKeys) keys = FN(ra_pack_keys)(k, v, kpos, nk, d, e, scale, NULL, t.kt, t.v, NULL);
+    FN(RaKeys) keys = FN(ra_pack_keys)(k, kpos, v, kpos, nk, d, e, scale, NULL, t.kt, t.v,
+                                        NULL);
     keys.pos = kpos;
     for (int r0 = 0; r0 < nq; r0 += RA_ROUTING_BQ) {
         qt.rows = nq - r0 < RA_ROUTING_BQ ? nq - r0 : RA_ROUTING_BQ;
@@ -367,7 +368,7 @@ static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, in
     }
     FN(RaQGradTile) g = t.g;
     T *const qs = t.q, *const dop = t.dout, *const lrow = t.lse, *const delta = t.delta;
-    FN(RaKeys) keys = FN(ra_pack_keys)(k, v, kpos, nk, d, e, 1, t.k, t.kt, NULL, t.vt);
+    FN(RaKeys) keys = FN(ra_pack_keys)(k, kpos, v, kpos, nk, d, e, 1, t.k, t.kt, NULL, t.vt);
     keys.pos = kpos;
     FN(RaPairs) pairs;                  /* this cluster's own bias gradient row */
     if (buf->pairs) {

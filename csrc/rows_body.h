@@ -104,29 +104,29 @@ const T *FN(ra_rows)(RaMat src, int64_t first, int rows, int cols, T *dst, ptrdi
     return dst;
 }
 
-FN(RaKeys) FN(ra_pack_keys)(RaMat k, RaMat v, const int64_t *idx, int rows, int d, int e,
-                            T kt_mul, T *kp, T *kt, T *vp, T *vt)
+FN(RaKeys) FN(ra_pack_keys)(RaMat k, const int64_t *kidx, RaMat v, const int64_t *vidx,
+                            int rows, int d, int e, T kt_mul, T *kp, T *kt, T *vp, T *vt)
 {
     const int ldt = ra_spread_ld(rows, sizeof(T));
     FN(RaKeys) keys = {.count = rows};
     if (kt) {
-        FN(ra_gather)(k, idx, 0, rows, d, kt_mul, 1, kt, ldt);
+        FN(ra_gather)(k, kidx, 0, rows, d, kt_mul, 1, kt, ldt);
         keys.kt = kt;
         keys.ldkt = ldt;
     }
     if (vt) {
-        FN(ra_gather)(v, idx, 0, rows, e, 1, 1, vt, ldt);
+        FN(ra_gather)(v, vidx, 0, rows, e, 1, 1, vt, ldt);
         keys.vt = vt;
         keys.ldvt = ldt;
     }
     if (kp) {
         keys.ldk = ra_spread_ld(d, sizeof(T));
-        FN(ra_gather)(k, idx, 0, rows, d, 1, 0, kp, keys.ldk);
+        FN(ra_gather)(k, kidx, 0, rows, d, 1, 0, kp, keys.ldk);
         keys.k = kp;
     }
     if (vp) {
         keys.ldv = ra_spread_ld(e, sizeof(T));
-        FN(ra_gather)(v, idx, 0, rows, e, 1, 0, vp, keys.ldv);
+        FN(ra_gather)(v, vidx, 0, rows, e, 1, 0, vp, keys.ldv);
         keys.v = vp;
     }
     return keys;
