@@ -326,8 +326,9 @@ class RoutingAttention(LayerCalls):
         Causal masking by position inside clusters (and in local heads).
     membership : {"balanced", "argmax"}
         "balanced": every cluster takes its w best queries and keys (`top_members`,
-        w = n // n_clusters by default); tokens may be in several clusters or none.
-        This looks at the whole sequence, so future tokens influence which past keys a
+        w = n // n_clusters by default); tokens may be in several clusters or none (a
+        query in none gets output 0 from the routing heads: with random data and the
+        default w, 10–17 % of them).  This looks at the whole sequence, so future tokens influence which past keys a
         query meets.  "argmax": each token joins its nearest centroid
         (`members_from_labels`), which depends on the token alone: causal for given
         centroids (the first call's k-means and, while `training`, the EMA update use
@@ -348,9 +349,10 @@ class RoutingAttention(LayerCalls):
     (a seeded random sample of the first batch's queries and keys), so the first call
     stays fast on long sequences.
 
-    After each call, `commitment_loss` holds mean ‖x̂ − μ_label‖² per head over the
-    normalised queries and keys (the paper's auxiliary loss, reported, not
-    differentiated) and `q_idx` / `k_idx` the memberships used.
+    After each call, `commitment_loss` (..., routing heads) holds mean ‖x̂ − μ_label‖²
+    per batch entry and routing head over the normalised queries and keys (the paper's
+    auxiliary loss, reported, not differentiated; masked rows left out) and `q_idx` /
+    `k_idx` the memberships used.
 
     Raises
     ------
@@ -408,14 +410,20 @@ class RoutingAttention(LayerCalls):
         _, _, ksq_h = _normalize(k[..., h, :, :], out=pooled[..., n:, :])
         return pooled, np.concatenate([qsq_h, ksq_h], axis=-1)
 
-    def _score_head(self, xhat, centroids, size):
+    def _score_head(self, xhat, centroids, size, mask=None):
         """Labels and best scores (..., n) of the normalised rows xhat (..., n, d) against
         one head's centroids (c, d); with balanced membership also the members (..., c,
-        size) before any mask, else None.  One product, and the (n, c) scores are never
-        stored (assign_top_members)."""
+        size), else None.  One product, and the (n, c) scores are never stored
+        (assign_top_members).  mask (..., n), optional: with balanced membership its
+        False rows compete for no place (they are scored as non-finite rows, which rank
+        after every other row and are labelled -1), so what padding holds cannot change
+        which real rows a cluster takes; the caller drops them from the lists.  (Argmax
+        labels are per row: there padding changes nothing anyway.)"""
         if self.membership != "balanced":
             labels, best = _ext._assign_best(xhat, centroids)
             return labels, best, None
+        if mask is not None:
+            xhat = np.where(np.asarray(mask, bool)[..., None], xhat, np.nan)
         return assign_top_members(xhat, centroids, min(size, xhat.shape[-2]))
 
     def _init_centroids(self, q, k, qhat, qsq, pool_mask):
@@ -473,11 +481,11 @@ class RoutingAttention(LayerCalls):
         pool_buf = None if qhat is not None else np.empty(batch + (n + m, d), q.dtype)
         for h in range(heads):      # pool_buf: one head's rows, refilled by every head
             pooled, sq = self._pool_head(q, k, h, qhat, qsq, pool_buf)
-            lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h], wq)
-            if qhat is not None:    # shared-QK: the keys are the queries
-                lk, bk, mk = lq, bq, mq
-            else:
-                lk, bk, mk = self._score_head(pooled[..., n:, :], self.centroids[h], wk)
+            lq, bq, mq = self._score_head(pooled[..., :n, :], self.centroids[h], wq, qm)
+            if qhat is not None and qm is None and km is None:
+                lk, bk, mk = lq, bq, mq     # shared-QK: the keys are the queries
+            else:                           # (a mask decides which of them compete)
+                lk, bk, mk = self._score_head(pooled[..., n:, :], self.centroids[h], wk, km)
             if mq is not None:
                 mq, mk = _mask_members(mq, qm), _mask_members(mk, km)
                 if q_idx is None:

@@ -17,6 +17,7 @@ Threads: the kernels use ``torch.get_num_threads()`` threads unless
 Layers: `RoutingAttention`, `ClusteredAttention`, `CombinerAttention` (torch.nn.Module).
 """
 import hashlib
+import inspect
 import math
 from collections import OrderedDict
 from typing import Optional
@@ -109,6 +110,33 @@ def _check_tensors(**tensors):
         if t.device.type not in ("cpu", "meta"):
             raise ValueError(f"{name} is on device {t.device}; routing_attention's kernels run "
                              f"on the CPU only: move it with {name}.cpu()")
+
+
+def _fake(op):
+    """Decorator: fn becomes op's fake (shape-only) implementation, which first checks
+    that the call's tensors share one device.  Under torch.compile every tensor is a
+    fake one on one device, and all-meta calls infer shapes; but a CPU tensor mixed with
+    meta ones also lands in the fake implementation, which would hand back uninitialised
+    memory as the result: that raises instead, naming the odd argument."""
+    names = None
+
+    def checked(*args):
+        found = [(i, a.device) for i, a in enumerate(args) if isinstance(a, Tensor)]
+        for i, device in found[1:]:
+            if device != found[0][1]:
+                name = names[i] if i < len(names) else f"argument {i}"
+                first = names[found[0][0]]
+                raise ValueError(f"{name} is on device {device} but {first} on "
+                                 f"{found[0][1]}: pass every tensor on one device (the "
+                                 "kernels run on the CPU)")
+
+    def register(fn):
+        nonlocal names
+        names = [p.name for p in inspect.signature(fn).parameters.values()
+                 if p.kind is p.POSITIONAL_OR_KEYWORD]
+        op.register_fake(lambda *args, **kwargs: (checked(*args), fn(*args, **kwargs))[1])
+        return fn
+    return register
 
 
 def _floats(**tensors):
@@ -220,7 +248,7 @@ def _attention_op(q, k, v, key_mask, causal, scale):
     return _t(out), _t(lse)
 
 
-@_attention_op.register_fake
+@_fake(_attention_op)
 def _(q, k, v, key_mask, causal, scale):
     batch = _batch((q, 2), (k, 2), (v, 2), (key_mask, 1))
     return q.new_empty(batch + (q.shape[-2], v.shape[-1])), q.new_empty(batch + (q.shape[-2],))
@@ -246,7 +274,7 @@ def _grad_fake(dout, dlse, q, k, v, *rest):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_attention_backward_op.register_fake(_grad_fake)
+_fake(_attention_backward_op)(_grad_fake)
 _register_autograd(_attention_op, _attention_backward_op, lse_output=True)
 
 
@@ -340,7 +368,7 @@ def _routing_op(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
                             exclude_self, merge, scale)
 
 
-@_routing_op.register_fake
+@_fake(_routing_op)
 def _(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale):
     return _routing_fake(q, k, v, q_idx, k_idx)
 
@@ -357,7 +385,7 @@ def _routing_backward_op(dout, dlse, q, k, v, q_idx, k_idx, causal, exclude_self
                              merge, scale, stats)
 
 
-_routing_backward_op.register_fake(_grad_fake)
+_fake(_routing_backward_op)(_grad_fake)
 _register_autograd(_routing_op, _routing_backward_op, lse_output=True)
 
 
@@ -394,7 +422,7 @@ def _local_op(q, k, v, window, causal, scale):
     return _routing_forward(_np(q), _np(k), _np(v), q_idx, k_idx, causal, False, "mean", scale)
 
 
-@_local_op.register_fake
+@_fake(_local_op)
 def _(q, k, v, window, causal, scale):
     n, m = q.shape[-2], k.shape[-2]
     w = min(window, max(n, m, 1))
@@ -414,7 +442,7 @@ def _local_backward_op(dout, dlse, q, k, v, window, causal, scale, *stats):
                              stats)
 
 
-_local_backward_op.register_fake(_grad_fake)
+_fake(_local_backward_op)(_grad_fake)
 _register_autograd(_local_op, _local_backward_op, lse_output=False)
 
 
@@ -485,7 +513,7 @@ def _pair_op(*args):
     return _t(_pair_call(*args))
 
 
-@_pair_op.register_fake
+@_fake(_pair_op)
 def _(method, q, k, v, key_mask, q_idx, k_idx, labels, *rest):
     cores = [(q, 2), (k, 2), (v, 2), (key_mask, 1), (q_idx, 2), (k_idx, 2), (labels, 1),
              (rest[-1], 1)]
@@ -502,7 +530,7 @@ def _pair_backward_op(dout, *args):
     return _t(grads[0]), _t(grads[1]), _t(grads[2]), _t(dbias)
 
 
-@_pair_backward_op.register_fake
+@_fake(_pair_backward_op)
 def _(dout, method, q, k, v, *rest):
     rel_bias = rest[-1]
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
@@ -610,7 +638,7 @@ def _clustered_op(q, k, v, labels, n_clusters, topk, key_mask, scale):
     return (_t(out),) + tuple(_t(saved[key]) for key in _clustered.SAVED_KEYS)
 
 
-@_clustered_op.register_fake
+@_fake(_clustered_op)
 def _(q, k, v, labels, n_clusters, topk, key_mask, scale):
     batch = _batch((q, 2), (k, 2), (v, 2), (labels, 1), (key_mask, 1))
     kmax = min(topk, k.shape[-2])
@@ -635,7 +663,7 @@ def _clustered_backward_op(dout, dlse, q, k, v, labels, n_clusters, topk, key_ma
                             key_mask=_np(key_mask), scale=scale, **kw, **saved))
 
 
-_clustered_backward_op.register_fake(_grad_fake)
+_fake(_clustered_backward_op)(_grad_fake)
 _register_autograd(_clustered_op, _clustered_backward_op, lse_output=False)
 
 
@@ -683,7 +711,7 @@ def _combiner_op(q, k, v, plan, block, causal, scale):
     return _t(out), _t(saved["lse"])
 
 
-@_combiner_op.register_fake
+@_fake(_combiner_op)
 def _(q, k, v, plan, block, causal, scale):
     batch = _batch((q, 2), (k, 2), (v, 2))
     return q.new_empty(batch + (q.shape[-2], v.shape[-1])), q.new_empty(batch + (q.shape[-2],))
@@ -700,7 +728,7 @@ def _combiner_backward_op(dout, dlse, q, k, v, plan, block, causal, scale, out, 
         output=_np(out), lse=_np(lse)))
 
 
-_combiner_backward_op.register_fake(_grad_fake)
+_fake(_combiner_backward_op)(_grad_fake)
 _register_autograd(_combiner_op, _combiner_backward_op, lse_output=False)
 
 
@@ -735,7 +763,7 @@ def _spherical_kmeans_op(x, n_clusters, iters, seed, mask, init):
                                            mask=_np(mask), init=_np(init)))
 
 
-@_spherical_kmeans_op.register_fake
+@_fake(_spherical_kmeans_op)
 def _(x, n_clusters, iters, seed, mask, init):
     batch = _batch((x, 2), (mask, 1), (init, 2))
     return x.new_empty(batch + (n_clusters, x.shape[-1]))
@@ -755,7 +783,7 @@ def _assign_clusters_op(x, centroids):
     return _t(_clustering.assign_clusters(_np(x), _np(centroids)))
 
 
-@_assign_clusters_op.register_fake
+@_fake(_assign_clusters_op)
 def _(x, centroids):
     return x.new_empty(_batch((x, 2), (centroids, 2)) + (x.shape[-2],), dtype=torch.int64)
 
@@ -768,7 +796,7 @@ def _assign_scores_op(x, centroids):
                                                             return_scores=True))
 
 
-@_assign_scores_op.register_fake
+@_fake(_assign_scores_op)
 def _(x, centroids):
     batch, n = _batch((x, 2), (centroids, 2)), x.shape[-2]
     return (x.new_empty(batch + (n,), dtype=torch.int64),
@@ -792,7 +820,7 @@ def _assign_top_members_op(x, centroids, w):
     return tuple(_t(a) for a in _clustering.assign_top_members(_np(x), _np(centroids), w))
 
 
-@_assign_top_members_op.register_fake
+@_fake(_assign_top_members_op)
 def _(x, centroids, w):
     batch, n = _batch((x, 2), (centroids, 2)), x.shape[-2]
     return (x.new_empty(batch + (n,), dtype=torch.int64), x.new_empty(batch + (n,)),
@@ -813,7 +841,7 @@ def _top_members_op(scores, w):
     return _t(_clustering.top_members(_np(scores), w))
 
 
-@_top_members_op.register_fake
+@_fake(_top_members_op)
 def _(scores, w):
     return scores.new_empty(scores.shape[:-2] + (scores.shape[-1], w), dtype=torch.int64)
 
@@ -831,7 +859,7 @@ def _members_from_labels_op(labels, n_clusters, max_size):
     return _t(_clustering.members_from_labels(_np(labels), n_clusters, max_size=max_size))
 
 
-@_members_from_labels_op.register_fake
+@_fake(_members_from_labels_op)
 def _(labels, n_clusters, max_size):
     size = max_size if max_size is not None else torch.library.get_ctx().new_dynamic_size()
     return labels.new_empty(labels.shape[:-1] + (n_clusters, size), dtype=torch.int64)
@@ -854,7 +882,7 @@ def _update_centroids_op(centroids, x, labels, decay, mask):
                                            mask=_np(mask)))
 
 
-@_update_centroids_op.register_fake
+@_fake(_update_centroids_op)
 def _(centroids, x, labels, decay, mask):
     rows = _batch((x, 2), (labels, 1), (mask, 1))
     extra = len(rows) - (centroids.dim() - 2)      # leftmost axes pooled into the mean
@@ -876,7 +904,7 @@ def _lsh_hash_op(x, planes):
     return _t(_clustering.lsh_hash(_np(x), _np(planes)))
 
 
-@_lsh_hash_op.register_fake
+@_fake(_lsh_hash_op)
 def _(x, planes):
     return x.new_empty(_batch((x, 2), (planes, 2)) + (x.shape[-2],), dtype=torch.int64)
 
@@ -898,7 +926,7 @@ def _hamming_kmeans_op(codes, n_clusters, iters, seed, mask):
     return _t(labels), _t(centroids)
 
 
-@_hamming_kmeans_op.register_fake
+@_fake(_hamming_kmeans_op)
 def _(codes, n_clusters, iters, seed, mask):
     batch = _batch((codes, 1), (mask, 1))
     return (codes.new_empty(batch + (codes.shape[-1],), dtype=torch.int64),
@@ -1158,6 +1186,9 @@ class ClusteredAttention(torch.nn.Module):
     (bits, d + 1), drawn from `seed` on the first call exactly as the NumPy layer draws
     them), grouped by Hamming k-means into min(n_clusters, n) clusters, and attend once
     per cluster.  The clustering is not differentiated; ``labels`` holds the last call's.
+    ``torch.compile(layer, fullgraph=True)`` needs the planes to exist: make one eager
+    call first (or load a state_dict), since drawing them is NumPy work Dynamo cannot
+    trace.
     """
 
     def __init__(self, n_clusters=100, *, bits=32, iterations=10, topk=None, seed=0, scale=None,

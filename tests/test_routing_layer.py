@@ -227,6 +227,27 @@ def test_masks_hide_padding_in_every_head(rng, shared_qk, membership):
     np.testing.assert_allclose(out2, out, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shared_qk", [False, True])
+@pytest.mark.parametrize("membership", ["balanced", "argmax"])
+def test_padding_content_routes_nothing(rng, shared_qk, membership):
+    """What padded rows hold changes no real query's output, through the routing
+    decisions too: with balanced membership padded queries and keys compete for no
+    cluster place (they once took places and moved real tokens out of clusters)."""
+    q, k, v = data(rng, (2, 3, 48, 4))
+    pad = np.ones((2, 48), bool)
+    pad[0, 30:], pad[1, :9] = False, False           # padding as queries and as keys
+    layer = ra.RoutingAttention(n_clusters=4, local_heads=1, window=6, shared_qk=shared_qk,
+                                membership=membership)
+    layer(q, k, v, key_mask=pad, query_mask=pad)
+    layer.training = False
+    out = layer(q, k, v, key_mask=pad, query_mask=pad)
+    junk = (~pad)[:, None, :, None]
+    q2, k2, v2 = (x + junk * 50.0 * rng.standard_normal(x.shape) for x in (q, k, v))
+    out2 = layer(q2, k2, v2, key_mask=pad, query_mask=pad)
+    np.testing.assert_array_equal(out2, out)
+    assert not out[np.broadcast_to(junk, out.shape)].any(), "a padding query's output"
+
+
 def test_broadcast_heads_and_batch_axes(rng):
     """A heads axis of 1 broadcasts across local and routing heads (its gradient summed
     over them); a local-only layer broadcasts k's batch axes like local_attention."""

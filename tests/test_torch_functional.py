@@ -188,6 +188,25 @@ def test_bad_inputs_name_the_argument():
         rt._check_tensors(q=fake)
 
 
+def test_meta_tensors_infer_shapes_but_never_mix_with_cpu_ones():
+    """All-meta calls give meta results of the right shape; a CPU call with one meta
+    tensor raises naming it (it once returned uninitialised memory)."""
+    q, k, v = (t.detach() for t in _qkv())
+    meta = [t.to("meta") for t in (q, k, v)]
+    out = rt.attention(*meta)
+    assert out.device.type == "meta" and out.shape == rt.attention(q, k, v).shape
+    out = rt.routing_attention(*meta, Q_IDX.to("meta"), K_IDX.to("meta"))
+    assert out.device.type == "meta" and out.shape == q.shape[:-1] + v.shape[-1:]
+    with pytest.raises(ValueError, match="k is on device meta but q on cpu"):
+        rt.attention(q, meta[1], v)
+    with pytest.raises(ValueError, match="v is on device meta"):
+        rt.local_attention(q, k, meta[2], 4)
+    with pytest.raises(ValueError, match="q_idx is on device meta"):
+        rt.routing_attention(q, k, v, Q_IDX.to("meta"), K_IDX)
+    with pytest.raises(ValueError, match="on device meta"):
+        rt.clustered_attention(q, meta[1], v, torch.zeros(q.shape[:-1], dtype=torch.int64), 2)
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 def test_half_precision_computed_in_float32(half):
     q, k, v = (t.detach().to(half) for t in _qkv(dtype=torch.float32))

@@ -67,6 +67,31 @@ def test_routing_layer_masks_equal_numpy_layer():
         np.testing.assert_allclose(_np(g), g_np, rtol=0, atol=1e-11)
 
 
+def test_routing_layer_padding_content_changes_nothing():
+    """Padded rows' content reaches no real query's output or gradient, through the
+    balanced routing decisions too (padded rows take no cluster place)."""
+    q, k, v = _qkv()
+    pad = torch.ones(2, 48, dtype=torch.bool)
+    pad[0, 36:], pad[1, :6] = False, False
+    layer = rt.RoutingAttention(n_clusters=4, local_heads=1)
+    layer(q, k, v, key_mask=pad, query_mask=pad)
+    layer.eval()
+    junk = (~pad)[:, None, :, None] * 40.0
+    g = torch.Generator().manual_seed(1)
+    outs, grads = [], []
+    for shift in (0.0, 1.0):
+        x = [(t.detach() + shift * junk * torch.randn(t.shape, dtype=t.dtype, generator=g))
+             .requires_grad_() for t in (q, k, v)]
+        y = layer(*x, key_mask=pad, query_mask=pad)
+        outs.append(_np(y))
+        grads.append([_np(t) for t in torch.autograd.grad((y * y).sum(), x)])
+    np.testing.assert_array_equal(outs[1], outs[0])
+    keep = pad.numpy()[:, None, :, None]
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(b, a)
+        assert not np.where(keep, 0, a).any(), "a padded row's gradient"
+
+
 def _routing_reference(q, k, v, q_idx, k_idx, scale):
     """Pure-torch routing attention with merge="mean" on given member lists: every
     (cluster, query) pair a softmax over the cluster's keys, averaged over a query's
