@@ -1233,7 +1233,10 @@ class ClusteredAttention(torch.nn.Module):
 class CombinerAttention(torch.nn.Module):
     """Combiner attention as a torch.nn.Module: ``layer(q, k, v, rel_bias=None)`` is
     `combiner_attention` with the layer's plan, block, causal and scale, and attention
-    dropout `dropout` while ``training``."""
+    dropout `dropout` while ``training``.  Unlike the other two layers it takes no
+    key_mask or query_mask (neither does `combiner_attention`: its region summaries pool
+    whole regions); with ``causal=True``, padding at the end of a sequence is never seen
+    by the real queries before it."""
 
     def __init__(self, plan="fixed", *, block=None, causal=False, scale=None, dropout=0.0):
         super().__init__()
