@@ -87,6 +87,7 @@ def test_routing_layer_padding_content_changes_nothing():
         grads.append([_np(t) for t in torch.autograd.grad((y * y).sum(), x)])
     np.testing.assert_array_equal(outs[1], outs[0])
     keep = pad.numpy()[:, None, :, None]
+    assert not np.where(keep, 0, outs[0]).any(), "a padded query's output"
     for a, b in zip(*grads):
         np.testing.assert_array_equal(b, a)
         assert not np.where(keep, 0, a).any(), "a padded row's gradient"
