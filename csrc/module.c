@@ -369,8 +369,9 @@ CLUSTERED_FORWARD_LOOP(f64)
                                              MAT(q), MAT(k), MAT(v),                      \
                                              VEC(labels), mask, SCALAR(scale), &pairs,    \
                                              saved, MAT(dq), MAT(dk), MAT(dv));           \
-        ra_raise(st, "clustered_attention_backward (labels must lie in [-1, n_clusters); " \
-                 "saved top-k positions must come from the same forward)");               \
+        ra_raise(st, "(improved_)clustered_attention_backward (labels must lie in "       \
+                 "[-1, n_clusters); the saved topk_index must come from the same "        \
+                 "forward)");                                                             \
     }
 #define GF clustered_backward
 CLUSTERED_BACKWARD_LOOP(f32)

@@ -294,6 +294,26 @@ def check_out(out, shape, dtype, exact=False):
     return out
 
 
+def kernel_out(out, dtype, *inputs):
+    """What a forward kernel writes for a checked `out=`: out itself, or None (a fresh
+    array, which the caller then copies into out) when out overlaps one of `inputs` (the
+    routing and clustered kernels read input rows after writing output rows) or holds a
+    lower precision than the results (the saved output the backward reads must keep the
+    results' precision)."""
+    if out is None or out.dtype != dtype or any(np.may_share_memory(out, x) for x in inputs):
+        return None
+    return out
+
+
+def into_out(target, result):
+    """The forward's return value: `result`, copied into the caller's out= array when the
+    kernel wrote a separate one (kernel_out)."""
+    if target is None or target is result:
+        return result
+    target[...] = result
+    return target
+
+
 def unbroadcast(grad, shape):
     """Sum `grad` over the axes NumPy broadcast to reach it from `shape`."""
     if grad.shape == tuple(shape):

@@ -10,8 +10,8 @@ from . import _ext
 from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
-                      float_dtype, given_or_saved, integer, labels_array, mask_fits,
-                      mask_record, qkv_arrays, saved_arrays, saved_from, scale_value,
+                      float_dtype, given_or_saved, integer, into_out, kernel_out, labels_array,
+                      mask_fits, mask_record, qkv_arrays, saved_arrays, saved_from, scale_value,
                       some_rows, unbroadcast)
 from .pairs import _checked
 
@@ -68,20 +68,14 @@ def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_sav
     shapes = _saved_shapes(C, min(topk, k.shape[-2]), v.shape[-1])
     saved = {key: np.empty(batch + shape, np.int64 if key == "topk_index" else q.dtype)
              for key, shape in shapes.items()}
-    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
-    # the kernel reads rows of q, k, v after writing output rows: an out= that overlaps
-    # them gets the result through a separate array
-    target = out
-    if out is not None and any(np.may_share_memory(out, x) for x in (q, k, v)):
-        out = None
+    target = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     o = _ext._clustered_forward(q, k, v, labels, mask, use_mask, C, topk, scale, *pairs,
-                                out=(out,) + tuple(saved[key] for key in SAVED_KEYS))[0]
-    if target is not None and out is None:
-        target[...] = o
-        o = target
+                                out=(kernel_out(target, q.dtype, q, k, v),)
+                                + tuple(saved[key] for key in SAVED_KEYS))[0]
     if not flag("return_saved", return_saved):
-        return o
-    return o, dict(saved, keywords=_keywords(C, topk, mask, use_mask, scale, dropout))
+        return into_out(target, o)
+    return into_out(target, o), dict(saved, keywords=_keywords(C, topk, mask, use_mask, scale,
+                                                                dropout))
 
 
 def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved,

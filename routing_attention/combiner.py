@@ -10,9 +10,9 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
-                      check_out, combiner_block, dout_shape, flag, integer, one_of, plain_qkv,
-                      plain_scale, qkv_arrays, saved_arrays, scale_value,
-                      self_attention_layout, unbroadcast)
+                      check_out, combiner_block, dout_shape, flag, integer, into_out,
+                      kernel_out, one_of, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
+                      scale_value, self_attention_layout, unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
@@ -127,13 +127,13 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
         q, k, v, plan, block, causal, scale, dropout_p, dropout_seed, rel_bias)
     return_saved = flag("return_saved", return_saved)
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], pairs[2].shape[:-1])
-    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
-    out, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale, *pairs,
-                                      out=(out, None))
+    target = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
+    o, lse = _ext._combiner_forward(q, k, v, plan, block, causal, scale, *pairs,
+                                    out=(kernel_out(target, q.dtype, q, k, v), None))
     if return_saved:
-        return out, dict(output=out, lse=lse,
-                         keywords=_keywords(plan, block, causal, scale, dropout))
-    return out
+        return into_out(target, o), dict(output=o, lse=lse,
+                                         keywords=_keywords(plan, block, causal, scale, dropout))
+    return into_out(target, o)
 
 
 SAVED_KEYS = ("output", "lse")

@@ -3,8 +3,9 @@ import numpy as np
 
 from . import _ext
 from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
-                      check_out, dout_shape, flag, forward_statistic, mask_fits, mask_record,
-                      plain_qkv, plain_scale, qkv_arrays, scale_value, unbroadcast)
+                      check_out, dout_shape, flag, forward_statistic, into_out, kernel_out,
+                      mask_fits, mask_record, plain_qkv, plain_scale, qkv_arrays, scale_value,
+                      unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["attention", "attention_backward"]
@@ -97,10 +98,10 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
         q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias)
     return_lse = flag("return_lse", return_lse)
     return_saved = flag("return_saved", return_saved)
-    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
+    target = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
     o, lse = _ext._attention_forward(q, k, v, mask, use_mask, scale, causal, *pairs,
-                                     out=(out, None))
-    result = (o, lse) if return_lse else (o,)
+                                     out=(kernel_out(target, q.dtype, q, k, v), None))
+    result = (into_out(target, o), lse) if return_lse else (into_out(target, o),)
     if return_saved:
         result += (dict(output=o, lse=lse,
                         keywords=_keywords(causal, mask, use_mask, scale, dropout)),)

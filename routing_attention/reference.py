@@ -471,10 +471,14 @@ def combiner_attention_weights(q, k, *, plan="fixed", block=None, causal=False, 
 def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None,
                        dropout_p=0.0, dropout_seed=None, rel_bias=None):
     """Combiner attention through its explicit effective attention matrix."""
+    v = np.asarray(v, dtype=np.float64)
+    # the problems (and so the dropout masks) are numbered over v's batch axes too
+    batch = np.broadcast_shapes(np.shape(q)[:-2], np.shape(k)[:-2], v.shape[:-2])
+    q, k = (np.broadcast_to(x, batch + np.shape(x)[-2:]) for x in (q, k))
     A = combiner_attention_weights(q, k, plan=plan, block=block, causal=causal, scale=scale,
                                    dropout_p=dropout_p, dropout_seed=dropout_seed,
                                    rel_bias=rel_bias)
-    return A @ np.asarray(v, dtype=np.float64)
+    return A @ v
 
 
 def combiner_attention_backward(dout, q, k, v, *, plan="fixed", block=None, causal=False,

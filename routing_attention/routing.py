@@ -6,9 +6,10 @@ from .clustering import assign_top_members, members_from_labels, spherical_kmean
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
-                      integer, kernel_checked_lists, mask_fits, member_lists, one_of, qkv_arrays,
-                      qkv_shapes, routing_heads, same_cluster_count, same_leading_axes,
-                      saved_arrays, scale_value, some_rows, unbroadcast)
+                      integer, into_out, kernel_checked_lists, kernel_out, mask_fits,
+                      member_lists, one_of, qkv_arrays, qkv_shapes, routing_heads,
+                      same_cluster_count, same_leading_axes, saved_arrays, scale_value,
+                      some_rows, unbroadcast)
 from .pairs import _checked
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
@@ -103,9 +104,9 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False
         Bad dtypes or shapes, member lists out of range or repeating a position, an
         unknown merge, naming the argument.
     """
-    saved = _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out,
-                     pair_args=(dropout_p, dropout_seed, rel_bias))
-    result = (saved["output"],)
+    o, saved = _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out,
+                        pair_args=(dropout_p, dropout_seed, rel_bias))
+    result = (o,)
     if flag("return_lse", return_lse):
         result += (saved["lse"],)
     if flag("return_saved", return_saved):
@@ -126,16 +127,16 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, *pair_args)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
                         rel_bias=(pairs[2], 1))
-    out = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
-    outs = (out, None, None, None, None)
+    target = check_out(out, batch + (q.shape[-2], v.shape[-1]), q.dtype)
+    outs = (kernel_out(target, q.dtype, q, k, v), None, None, None, None)
     if saved_into is not None:
-        outs = (out,) + tuple(saved_into[key] for key in SAVED_KEYS[1:])
+        outs = outs[:1] + tuple(saved_into[key] for key in SAVED_KEYS[1:])
     stats = kernel_checked_lists(
         lambda: _ext._routing_forward(q, k, v, q_idx, k_idx, scale, causal, exclude_self,
                                       lse_merge, *pairs, out=outs),
         _lists(q, k, q_idx, k_idx))
-    return dict(zip(SAVED_KEYS, stats),
-                keywords=_keywords(causal, exclude_self, lse_merge, scale, dropout))
+    return into_out(target, stats[0]), dict(
+        zip(SAVED_KEYS, stats), keywords=_keywords(causal, exclude_self, lse_merge, scale, dropout))
 
 
 def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, exclude_self=None,
@@ -595,9 +596,9 @@ class RoutingAttention(LayerCalls):
             # the kernel writes the fresh output's pages (faulted on every thread); the
             # backward's copy goes to the earlier call's buffer, whose pages are mapped
             routed = out[..., L:, :, :]
-            saved = _forward(q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx,
-                             k_idx, self.causal, self.shared_qk, self.merge, self.scale, routed,
-                             into)
+            _, saved = _forward(q[..., L:, :, :], katt[..., L:, :, :], v[..., L:, :, :], q_idx,
+                                k_idx, self.causal, self.shared_qk, self.merge, self.scale,
+                                routed, into)
             if into is None:
                 saved["output"] = routed.copy()
             else:

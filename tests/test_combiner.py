@@ -474,3 +474,20 @@ def test_engine_visibility_bitmap(n, m, dtype):
     for name, x, y in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         assert x.dtype == dtype
         np.testing.assert_allclose(x, y, **tol(dtype), err_msg=name)
+
+
+@pytest.mark.parametrize("plan", ["fixed", "axial", "logsparse", "mixture"])
+def test_dropout_numbers_problems_over_every_batch_axis(plan):
+    """A batch axis on v alone numbers the problems (and their dropout masks) as on q:
+    the kernel, the reference forward and backward agree (the reference forward once
+    numbered them over q and k only)."""
+    g = np.random.default_rng(5)
+    n, d, e = 16, 4, 3
+    q, k, v = g.standard_normal((n, d)), g.standard_normal((n, d)), g.standard_normal((3, n, e))
+    kw = dict(plan=plan, causal=True, dropout_p=0.4, dropout_seed=11)
+    want = ref.combiner_attention(q, k, v, **kw)
+    full = ref.combiner_attention(np.broadcast_to(q, (3, n, d)), np.broadcast_to(k, (3, n, d)),
+                                  v, **kw)
+    np.testing.assert_allclose(want, full, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ra.combiner_attention(q, k, v, **kw), want, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(want[0], want[1]), "the three problems' masks should differ"

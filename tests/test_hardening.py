@@ -834,3 +834,63 @@ def test_empty_and_oversized_arguments_get_messages_that_make_sense():
     with pytest.raises(TypeError, match=r"n must be an integer"):
         ra.set_num_threads(2.0)
     assert ra.MAX_THREADS == 4096
+
+
+# ====================================================================== out= arrays
+def _out_cases(rng):
+    """(name, call(q, k, v, out=None, return_saved=False), backward(dout, q, k, v, saved))
+    for every forward that takes out=, on (2, 9, 4) / (2, 9, 3) data."""
+    q_idx = np.array([[0, 2, 4, 6, 8], [1, 3, 5, 7, -1]])
+    k_idx = np.array([[0, 1, 2, 3, 4, 5, 6, 7, 8], [8, 6, 4, 2, 0, -1, -1, -1, -1]])
+    labels = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1])
+    return [
+        ("attention", lambda q, k, v, **kw: ra.attention(q, k, v, causal=True, **kw),
+         lambda g, q, k, v, s: ra.attention_backward(g, q, k, v, **s)),
+        ("routing", lambda q, k, v, **kw: ra.routing_attention(q, k, v, q_idx, k_idx, **kw),
+         lambda g, q, k, v, s: ra.routing_attention_backward(g, q, k, v, q_idx, k_idx, **s)),
+        ("local", lambda q, k, v, **kw: ra.local_attention(q, k, v, 4, **kw),
+         lambda g, q, k, v, s: ra.local_attention_backward(g, q, k, v, 4, **s)),
+        ("clustered", lambda q, k, v, **kw: ra.clustered_attention(q, k, v, labels, 3, **kw),
+         lambda g, q, k, v, s: ra.clustered_attention_backward(g, q, k, v, labels, 3, **s)),
+        ("improved", lambda q, k, v, **kw: ra.improved_clustered_attention(q, k, v, labels, 3,
+                                                                          topk=4, **kw),
+         lambda g, q, k, v, s: ra.improved_clustered_attention_backward(g, q, k, v, labels, 3,
+                                                                       topk=4, **s)),
+        ("combiner", lambda q, k, v, **kw: ra.combiner_attention(q, k, v, block=3, causal=True,
+                                                                 **kw),
+         lambda g, q, k, v, s: ra.combiner_attention_backward(g, q, k, v, **s)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("alias", ["q", "k", "v"])
+def test_out_may_be_an_input(rng, case, alias):
+    """out= may be one of the inputs (d = e): the result is the one a fresh array gets
+    (the routing and local kernels once read rows already overwritten)."""
+    name, call, _ = _out_cases(rng)[case]
+    q, k, v = (rng.standard_normal((2, 9, 3)) for _ in range(3))
+    want = call(q, k, v)
+    args = {"q": q.copy(), "k": k.copy(), "v": v.copy()}
+    got = call(args["q"], args["k"], args["v"], out=args[alias])
+    assert got is args[alias], name
+    np.testing.assert_array_equal(got, want, err_msg=f"{name}, out={alias}")
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_lower_precision_out_keeps_the_saved_output_exact(rng, case):
+    """float64 results into a float32 out=: out gets them rounded, and the saved dict keeps
+    them at float64, so the backward from it equals the recomputing one."""
+    name, call, backward = _out_cases(rng)[case]
+    q, k, v = (rng.standard_normal((2, 9, 3)) for _ in range(3))
+    dout = rng.standard_normal((2, 9, 3))
+    out32 = np.empty((2, 9, 3), np.float32)
+    got, saved = call(q, k, v, out=out32, return_saved=True)
+    want, want_saved = call(q, k, v, return_saved=True)
+    assert got is out32
+    np.testing.assert_array_equal(out32, want.astype(np.float32), err_msg=name)
+    for key in ("output", "lse"):       # (slot arrays hold unused slots' leftovers)
+        if key in want_saved:
+            assert saved[key].dtype == want_saved[key].dtype, f"{name}: saved {key}"
+            np.testing.assert_array_equal(saved[key], want_saved[key], err_msg=f"{name}: {key}")
+    for a, b in zip(backward(dout, q, k, v, saved), backward(dout, q, k, v, want_saved)):
+        np.testing.assert_array_equal(a, b, err_msg=name)
