@@ -329,12 +329,12 @@ class RoutingAttention(LayerCalls):
         "balanced": every cluster takes its w best queries and keys (`top_members`,
         w = n // n_clusters by default); tokens may be in several clusters or none (a
         query in none gets output 0 from the routing heads: with random data and the
-        default w, 10–17 % of them).  This looks at the whole sequence, so future
-        tokens influence which past keys a query meets.  "argmax": each token joins its
-        nearest centroid (`members_from_labels`), which depends on the token alone:
-        causal for given centroids (the first call's k-means and, while `training`, the
-        EMA update use the whole batch; fix the centroids and set `training = False` for
-        strictly causal evaluation).
+        default w, 10–17 % of them).  This looks at the whole sequence, so
+        future tokens influence which past keys a query meets.  "argmax": each token
+        joins its nearest centroid (`members_from_labels`), which depends on the token
+        alone: causal for given centroids (the first call's k-means and, while
+        `training`, the EMA update use the whole batch; fix the centroids and set
+        `training = False` for strictly causal evaluation).
     w : int, optional
         Members per cluster for balanced membership.
     merge : {"mean", "lse"}
