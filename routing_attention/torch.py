@@ -120,13 +120,14 @@ def _fake(op):
     memory as the result: that raises instead, naming the odd argument."""
     names = None
 
+    def name(i):
+        return names[i] if i < len(names) else f"argument {i}"
+
     def checked(*args):
         found = [(i, a.device) for i, a in enumerate(args) if isinstance(a, Tensor)]
         for i, device in found[1:]:
             if device != found[0][1]:
-                name = names[i] if i < len(names) else f"argument {i}"
-                first = names[found[0][0]]
-                raise ValueError(f"{name} is on device {device} but {first} on "
+                raise ValueError(f"{name(i)} is on device {device} but {name(found[0][0])} on "
                                  f"{found[0][1]}: pass every tensor on one device (the "
                                  "kernels run on the CPU)")
 
