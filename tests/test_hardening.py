@@ -837,7 +837,7 @@ def test_empty_and_oversized_arguments_get_messages_that_make_sense():
 
 
 # ====================================================================== out= arrays
-def _out_cases(rng):
+def _out_cases():
     """(name, call(q, k, v, out=None, return_saved=False), backward(dout, q, k, v, saved))
     for every forward that takes out=, on (2, 9, 4) / (2, 9, 3) data."""
     q_idx = np.array([[0, 2, 4, 6, 8], [1, 3, 5, 7, -1]])
@@ -867,7 +867,7 @@ def _out_cases(rng):
 def test_out_may_be_an_input(rng, case, alias):
     """out= may be one of the inputs (d = e): the result is the one a fresh array gets
     (the routing and local kernels once read rows already overwritten)."""
-    name, call, _ = _out_cases(rng)[case]
+    name, call, _ = _out_cases()[case]
     q, k, v = (rng.standard_normal((2, 9, 3)) for _ in range(3))
     want = call(q, k, v)
     args = {"q": q.copy(), "k": k.copy(), "v": v.copy()}
@@ -880,7 +880,7 @@ def test_out_may_be_an_input(rng, case, alias):
 def test_lower_precision_out_keeps_the_saved_output_exact(rng, case):
     """float64 results into a float32 out=: out gets them rounded, and the saved dict keeps
     them at float64, so the backward from it equals the recomputing one."""
-    name, call, backward = _out_cases(rng)[case]
+    name, call, backward = _out_cases()[case]
     q, k, v = (rng.standard_normal((2, 9, 3)) for _ in range(3))
     dout = rng.standard_normal((2, 9, 3))
     out32 = np.empty((2, 9, 3), np.float32)
