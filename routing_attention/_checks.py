@@ -361,7 +361,8 @@ def _same(a, b):
     """Equality of two resolved keyword values (arrays: same shape and elements)."""
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
         return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)
-                and a.shape == b.shape and bool(np.array_equal(a, b)))
+                and a.shape == b.shape
+                and bool(np.array_equal(a, b, equal_nan=a.dtype.kind == b.dtype.kind == "f")))
     return a is b if a is None or b is None else bool(a == b)
 
 
@@ -409,6 +410,14 @@ class BackwardKeywords:
                     f"which used {name}={_describe(self.forward[name])} (saved['keywords']); "
                     f"the gradient would be wrong. Pass the forward's {name}, or leave it out "
                     "to take it from the saved statistics")
+
+
+def pair_record(terms):
+    """The pair terms (dropout_p, dropout_seed, rel_bias) as the saved keywords record
+    them: the bias as a private copy (None without one)."""
+    p, seed, bias = terms
+    return dict(dropout_p=p, dropout_seed=seed,
+                rel_bias=None if bias is None else np.array(bias, copy=True))
 
 
 def mask_record(mask, use_mask):

@@ -11,7 +11,7 @@ from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
                       float_dtype, given_or_saved, integer, into_out, kernel_out, labels_array,
-                      mask_fits, mask_record, qkv_arrays, saved_arrays, saved_from, scale_value,
+                      mask_fits, mask_record, pair_record, qkv_arrays, saved_arrays, saved_from, scale_value,
                       some_rows, unbroadcast)
 from .pairs import _checked
 
@@ -23,14 +23,15 @@ __all__ = ["clustered_attention", "clustered_attention_backward",
 def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale, dropout_p=0.0,
              dropout_seed=None, rel_bias=None):
     """Validated operands for the gufuncs; topk None means the plain form (passed as 0).
-    The last two results: the pair-term operands and the resolved (dropout_p, seed)."""
+    The last two results: the pair-term operands and the resolved pair terms
+    (dropout_p, dropout_seed, rel_bias)."""
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     n, m = q.shape[-2], k.shape[-2]
     n_clusters = cluster_count(n_clusters, n, "q", rows="queries")
     topk = 0 if topk is None else integer("topk", topk, low=1)
     labels = labels_array(labels, n, n_clusters, rows="queries")
-    cores, _, pairs, dropout = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2),
+    cores, _, pairs, terms = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2),
                                                     labels=(labels, 1)),
                                         n, m, dropout_p, dropout_seed, rel_bias)
     if key_mask is None:
@@ -41,14 +42,14 @@ def _prepare(q, k, v, labels, n_clusters, topk, key_mask, scale, dropout_p=0.0,
     if use_mask:
         mask_fits("key_mask", mask, batch_shape(**cores))
     return (q, k, v, labels, mask, use_mask, n_clusters, topk,
-            scale_value(scale, q.shape[-1], dtype), batch, pairs, dropout)
+            scale_value(scale, q.shape[-1], dtype), batch, pairs, terms)
 
 
-def _keywords(n_clusters, topk, mask, use_mask, scale, dropout):
+def _keywords(n_clusters, topk, mask, use_mask, scale, terms):
     """The forward's keywords as saved["keywords"] records them (topk None: the plain
     form)."""
     return dict(n_clusters=n_clusters, topk=topk or None, key_mask=mask_record(mask, use_mask),
-                scale=float(scale), dropout_p=dropout[0], dropout_seed=dropout[1])
+                scale=float(scale), **pair_record(terms))
 
 
 # The forward's statistics that spare the backward its recomputation (return_saved=True).
@@ -63,7 +64,7 @@ def _saved_shapes(C, kmax, e):
 
 def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_saved,
              pair_args=(0.0, None, None)):
-    q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, dropout = _prepare(
+    q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, terms = _prepare(
         q, k, v, labels, n_clusters, topk, key_mask, scale, *pair_args)
     shapes = _saved_shapes(C, min(topk, k.shape[-2]), v.shape[-1])
     saved = {key: np.empty(batch + shape, np.int64 if key == "topk_index" else q.dtype)
@@ -75,7 +76,7 @@ def _forward(q, k, v, labels, n_clusters, topk, key_mask, scale, out, return_sav
     if not flag("return_saved", return_saved):
         return into_out(target, o)
     return into_out(target, o), dict(saved, keywords=_keywords(C, topk, mask, use_mask, scale,
-                                                                dropout))
+                                                                terms))
 
 
 def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, saved,
@@ -85,17 +86,19 @@ def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, sa
     pair_args: (dropout_p, dropout_seed, rel_bias) as passed."""
     improved = func.startswith("improved")
     kw = BackwardKeywords(func, saved, dict(n_clusters=None, topk=None, key_mask=None,
-                                            scale=None, dropout_p=0.0, dropout_seed=None),
+                                            scale=None, dropout_p=0.0, dropout_seed=None,
+                                            rel_bias=None),
                           n_clusters=n_clusters, topk=topk, key_mask=key_mask, scale=scale,
-                          dropout_p=pair_args[0], dropout_seed=pair_args[1])
+                          dropout_p=pair_args[0], dropout_seed=pair_args[1],
+                          rel_bias=pair_args[2])
     if kw.forward is not None:
         saved_from(func, improved, kw.forward["topk"])
     for name in ("n_clusters", "topk") if improved else ("n_clusters",):
         given_or_saved(func, name, kw.values[name])
-    q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, dropout = _prepare(
+    q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, terms = _prepare(
         q, k, v, labels, kw.values["n_clusters"], kw.values["topk"], kw.values["key_mask"],
-        kw.values["scale"], kw.values["dropout_p"], kw.values["dropout_seed"], pair_args[2])
-    kw.check(_keywords(C, topk, mask, use_mask, scale, dropout))
+        kw.values["scale"], kw.values["dropout_p"], kw.values["dropout_seed"], kw.values["rel_bias"])
+    kw.check(_keywords(C, topk, mask, use_mask, scale, terms))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     n, e = q.shape[-2], v.shape[-1]
@@ -106,7 +109,7 @@ def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, sa
     dq, dk, dv, dbias = _ext._clustered_backward(dout, q, k, v, labels, mask, *arrays, use_mask,
                                                  bool(saved), C, topk, scale, *pairs)
     grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
-    return grads + (unbroadcast(dbias, pairs[2].shape),) if pair_args[2] is not None else grads
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if terms[2] is not None else grads
 
 
 def clustered_attention(q, k, v, labels, n_clusters, *, key_mask=None, scale=None,
@@ -210,8 +213,9 @@ def improved_clustered_attention_backward(dout, q, k, v, labels, n_clusters=None
     """Gradients (dq, dk, dv [, drel_bias]) of `improved_clustered_attention`, with m̂_c
     (and the choice of T_c) treated as constants, as in the paper.  ``**saved``: the forward's
     ``return_saved=True`` dict for the same inputs (then nothing is recomputed);
-    n_clusters, topk, key_mask and scale left at None are taken from it (without it
-    n_clusters and topk are required).  A value that disagrees with the saved forward's
+    n_clusters, topk, key_mask, scale, dropout_p, dropout_seed and rel_bias left at None
+    are taken from it (without it n_clusters and topk are required; with a bias, passed or
+    saved, its gradient is returned too).  A value that disagrees with the saved forward's
     is a ValueError naming it.
 
     Raises

@@ -11,7 +11,7 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
                       check_out, combiner_block, dout_shape, flag, integer, into_out,
-                      kernel_out, one_of, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
+                      kernel_out, one_of, pair_record, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
                       scale_value, self_attention_layout, unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
@@ -20,7 +20,7 @@ __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttenti
 PLANS = ("fixed", "axial", "logsparse", "mixture")
 _PLAN_CODE = {"fixed": 0, "axial": 1, "logsparse": 2, "mixture": 3}
 DEFAULTS = dict(plan="fixed", block=None, causal=False, scale=None, dropout_p=0.0,
-                dropout_seed=None)
+                dropout_seed=None, rel_bias=None)
 
 
 def _default_block(n):
@@ -31,7 +31,7 @@ def _default_block(n):
 def _prepare(q, k, v, plan, block, causal, scale, dropout_p=0.0, dropout_seed=None,
              rel_bias=None):
     """Checked arguments; the last two are the pair-term operands of the gufuncs and the
-    resolved (dropout_p, dropout_seed)."""
+    resolved pair terms (dropout_p, dropout_seed, rel_bias)."""
     one_of("plan", plan, PLANS)
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
@@ -45,18 +45,17 @@ def _prepare(q, k, v, plan, block, causal, scale, dropout_p=0.0, dropout_seed=No
         block = _default_block(n)
     else:
         block = integer("block", block, 1, n)
-    _, _, pairs, dropout = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2)), n, n, dropout_p,
+    _, _, pairs, terms = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2)), n, n, dropout_p,
                                     dropout_seed, rel_bias)
     return (q, k, v, _PLAN_CODE[plan], block, causal, scale_value(scale, q.shape[-1], dtype),
-            pairs, dropout)
+            pairs, terms)
 
 
-def _keywords(plan, block, causal, scale, dropout):
+def _keywords(plan, block, causal, scale, terms):
     """The forward's keywords as saved["keywords"] records them (block None for
     logsparse, which has none)."""
     return dict(plan=PLANS[plan], block=None if PLANS[plan] == "logsparse" else block,
-                causal=causal, scale=float(scale), dropout_p=dropout[0],
-                dropout_seed=dropout[1])
+                causal=causal, scale=float(scale), **pair_record(terms))
 
 
 def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale=None,
@@ -123,7 +122,7 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
             block = 1 if plan == "logsparse" else _default_block(n)
             return _ext._combiner_forward(q, k, v, _PLAN_CODE[plan], block, causal,
                                           native_scale, *NO_PAIRS[q.dtype.char])[0]
-    q, k, v, plan, block, causal, scale, pairs, dropout = _prepare(
+    q, k, v, plan, block, causal, scale, pairs, terms = _prepare(
         q, k, v, plan, block, causal, scale, dropout_p, dropout_seed, rel_bias)
     return_saved = flag("return_saved", return_saved)
     batch = np.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2], pairs[2].shape[:-1])
@@ -132,7 +131,7 @@ def combiner_attention(q, k, v, *, plan="fixed", block=None, causal=False, scale
                                     out=(kernel_out(target, q.dtype, q, k, v), None))
     if return_saved:
         return into_out(target, o), dict(output=o, lse=lse,
-                                         keywords=_keywords(plan, block, causal, scale, dropout))
+                                         keywords=_keywords(plan, block, causal, scale, terms))
     return into_out(target, o)
 
 
@@ -144,11 +143,12 @@ def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=
                                 **saved):
     """Gradients (dq, dk, dv [, drel_bias]) of `combiner_attention` for the loss gradient
     `dout` (..., n, e); gradients are summed over broadcast axes.  dropout_p,
-    dropout_seed as in the forward (or from ``**saved``); rel_bias passed again.
+    dropout_seed and rel_bias as in the forward (or from ``**saved``); with a bias its
+    gradient is returned too.
 
     ``**saved``: the dict the forward returned with ``return_saved=True`` for the same
     inputs (else the forward's query softmaxes are recomputed; the result is the same).
-    plan, block, causal and scale left at None are taken from it (saved["keywords"]),
+    Keywords left at None are taken from it (saved["keywords"]),
     or without it are the forward's defaults (fixed, ceil(sqrt(n)), False, 1/sqrt(d)).
 
     Raises
@@ -159,10 +159,9 @@ def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=
     """
     kw = BackwardKeywords("combiner_attention_backward", saved, DEFAULTS, plan=plan,
                           block=block, causal=causal, scale=scale, dropout_p=dropout_p,
-                          dropout_seed=dropout_seed)
-    q, k, v, plan, block, causal, scale, pairs, dropout = _prepare(q, k, v, rel_bias=rel_bias,
-                                                                   **kw.values)
-    kw.check(_keywords(plan, block, causal, scale, dropout))
+                          dropout_seed=dropout_seed, rel_bias=rel_bias)
+    q, k, v, plan, block, causal, scale, pairs, terms = _prepare(q, k, v, **kw.values)
+    kw.check(_keywords(plan, block, causal, scale, terms))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     expected = (q.shape[-2], v.shape[-1])
@@ -174,7 +173,7 @@ def combiner_attention_backward(dout, q, k, v, *, plan=None, block=None, causal=
     dq, dk, dv, dbias = _ext._combiner_backward(dout, q, k, v, *arrays, bool(saved), plan,
                                                 block, causal, scale, *pairs)
     grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
-    return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if terms[2] is not None else grads
 
 
 class CombinerAttention(LayerCalls):

@@ -4,13 +4,14 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
                       check_out, dout_shape, flag, forward_statistic, into_out, kernel_out,
-                      mask_fits, mask_record, plain_qkv, plain_scale, qkv_arrays, scale_value,
+                      mask_fits, mask_record, pair_record, plain_qkv, plain_scale, qkv_arrays, scale_value,
                       unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["attention", "attention_backward"]
 
-DEFAULTS = dict(causal=False, key_mask=None, scale=None, dropout_p=0.0, dropout_seed=None)
+DEFAULTS = dict(causal=False, key_mask=None, scale=None, dropout_p=0.0, dropout_seed=None,
+                rel_bias=None)
 
 
 def _prepare(q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias):
@@ -18,7 +19,7 @@ def _prepare(q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias
     dtype = q.dtype
     causal = flag("causal", causal)
     n, m = q.shape[-2], k.shape[-2]
-    cores, batch, pairs, dropout = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2)), n, m,
+    cores, batch, pairs, terms = _checked(dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2)), n, m,
                                             dropout_p, dropout_seed, rel_bias)
     if key_mask is None:
         mask, use_mask = np.broadcast_to(np.True_, (m,)), False
@@ -27,13 +28,13 @@ def _prepare(q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias
         batch_shape(**cores, key_mask=(mask, 1))
         mask_fits("key_mask", mask, batch)
     return (q, k, v, mask, use_mask, causal, scale_value(scale, q.shape[-1], dtype), batch,
-            pairs, dropout)
+            pairs, terms)
 
 
-def _keywords(causal, mask, use_mask, scale, dropout):
+def _keywords(causal, mask, use_mask, scale, terms):
     """The forward's keywords as saved["keywords"] records them."""
     return dict(causal=causal, key_mask=mask_record(mask, use_mask), scale=float(scale),
-                dropout_p=dropout[0], dropout_seed=dropout[1])
+                **pair_record(terms))
 
 
 def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0,
@@ -94,7 +95,7 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
             o, lse = _ext._attention_forward(q, k, v, all_keys(k.shape[-2]), False, native_scale,
                                              causal, *NO_PAIRS[q.dtype.char])
             return (o, lse) if return_lse else o
-    q, k, v, mask, use_mask, causal, scale, batch, pairs, dropout = _prepare(
+    q, k, v, mask, use_mask, causal, scale, batch, pairs, terms = _prepare(
         q, k, v, causal, key_mask, scale, dropout_p, dropout_seed, rel_bias)
     return_lse = flag("return_lse", return_lse)
     return_saved = flag("return_saved", return_saved)
@@ -104,7 +105,7 @@ def attention(q, k, v, *, causal=False, key_mask=None, scale=None, dropout_p=0.0
     result = (into_out(target, o), lse) if return_lse else (into_out(target, o),)
     if return_saved:
         result += (dict(output=o, lse=lse,
-                        keywords=_keywords(causal, mask, use_mask, scale, dropout)),)
+                        keywords=_keywords(causal, mask, use_mask, scale, terms)),)
     return result[0] if len(result) == 1 else result
 
 
@@ -119,12 +120,11 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
         Gradient of the loss with respect to the attention output.
     q, k, v
         Exactly as passed to `attention`.
-    causal, key_mask, scale, dropout_p, dropout_seed
+    causal, key_mask, scale, dropout_p, dropout_seed, rel_bias
         As passed to `attention`.  None (the default) takes the forward's value from
         `keywords` when given (``**saved``), else the forward's default (False, no
-        mask, 1/sqrt(d), no dropout).
-    rel_bias : optional
-        As passed to `attention` (its gradient is then returned too).
+        mask, 1/sqrt(d), no dropout, no bias).  With a bias (passed or saved) its
+        gradient is returned too.
     lse, output, keywords : optional
         The forward's ``saved`` dict (``attention(..., return_saved=True)``), passed as
         ``**saved``.  With lse and output the forward is not recomputed (with either
@@ -143,10 +143,9 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
     """
     kw = BackwardKeywords("attention_backward", dict(keywords=keywords), DEFAULTS,
                           causal=causal, key_mask=key_mask, scale=scale, dropout_p=dropout_p,
-                          dropout_seed=dropout_seed)
-    q, k, v, mask, use_mask, causal, scale, batch, pairs, dropout = _prepare(
-        q, k, v, rel_bias=rel_bias, **kw.values)
-    kw.check(_keywords(causal, mask, use_mask, scale, dropout))
+                          dropout_seed=dropout_seed, rel_bias=rel_bias)
+    q, k, v, mask, use_mask, causal, scale, batch, pairs, terms = _prepare(q, k, v, **kw.values)
+    kw.check(_keywords(causal, mask, use_mask, scale, terms))
     dout = as_matrix("dout", dout, q.dtype)
     expected = batch + (q.shape[-2], v.shape[-1])
     dout_shape(dout, *expected[-2:])
@@ -162,4 +161,4 @@ def attention_backward(dout, q, k, v, *, causal=None, key_mask=None, scale=None,
     dq, dk, dv, dbias = _ext._attention_backward(dout, q, k, v, mask, use_mask, output, lse,
                                                  scale, causal, *pairs)
     grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
-    return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if terms[2] is not None else grads

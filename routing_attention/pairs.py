@@ -50,14 +50,15 @@ def _operands(dtype, batch, threshold, seed, rel_bias):
 
 def _checked(dtype, cores, n, m, dropout_p, dropout_seed, rel_bias):
     """A call's pair terms, checked: (cores with rel_bias added, the broadcast batch, the
-    gufunc operands (drop, drop_key, bias), the resolved (dropout_p, dropout_seed)).
+    gufunc operands (drop, drop_key, bias), the resolved terms (dropout_p, dropout_seed,
+    rel_bias), which `pair_record` turns into the saved keywords).
     cores: {name: (array, core rank)} of the call's other operands."""
     p, seed, threshold = dropout_args(dropout_p, dropout_seed)
     rel_bias = rel_bias_array(rel_bias, n, m, dtype)
     if rel_bias is not None:
         cores = dict(cores, rel_bias=(rel_bias, 1))
     batch = batch_shape(**cores)
-    return cores, batch, _operands(dtype, batch, threshold, seed, rel_bias), (p, seed)
+    return cores, batch, _operands(dtype, batch, threshold, seed, rel_bias), (p, seed, rel_bias)
 
 
 # the operands of a call without pair terms, per dtype char

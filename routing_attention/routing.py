@@ -7,9 +7,9 @@ from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_b
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
                       integer, into_out, kernel_checked_lists, kernel_out, mask_fits,
-                      member_lists, one_of, qkv_arrays, qkv_shapes, routing_heads,
-                      same_cluster_count, same_leading_axes, saved_arrays, scale_value,
-                      some_rows, unbroadcast)
+                      member_lists, one_of, pair_record, qkv_arrays, qkv_shapes,
+                      rel_bias_array, routing_heads, same_cluster_count, same_leading_axes,
+                      saved_arrays, scale_value, some_rows, unbroadcast)
 from .pairs import _checked
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
@@ -17,8 +17,9 @@ __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward"
 
 MERGES = ("mean", "lse")
 DEFAULTS = dict(causal=False, exclude_self=False, merge="mean", scale=None, dropout_p=0.0,
-                dropout_seed=None)
-LOCAL_DEFAULTS = dict(window=None, causal=False, scale=None, dropout_p=0.0, dropout_seed=None)
+                dropout_seed=None, rel_bias=None)
+LOCAL_DEFAULTS = dict(window=None, causal=False, scale=None, dropout_p=0.0, dropout_seed=None,
+                      rel_bias=None)
 
 
 check_members = member_lists     # the public name of the membership check (_checks.py)
@@ -27,7 +28,7 @@ check_members = member_lists     # the public name of the membership check (_che
 def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, dropout_p=0.0,
              dropout_seed=None, rel_bias=None):
     """Checked arguments; the last two are the pair-term operands of the gufuncs and the
-    resolved (dropout_p, dropout_seed)."""
+    resolved pair terms (dropout_p, dropout_seed, rel_bias)."""
     q, k, v = qkv_arrays(q, k, v)
     dtype = q.dtype
     # the kernel validates the entries (kernel_checked_lists gives its error the message)
@@ -35,11 +36,11 @@ def _prepare(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, dropout_
     k_idx = member_lists("k_idx", k_idx, k.shape[-2], deferred=True)
     same_cluster_count(q_idx, k_idx)
     one_of("merge", merge, MERGES)
-    _, _, pairs, dropout = _checked(
+    _, _, pairs, terms = _checked(
         dtype, dict(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2)),
         q.shape[-2], k.shape[-2], dropout_p, dropout_seed, rel_bias)
     return (q, k, v, q_idx, k_idx, flag("causal", causal), flag("exclude_self", exclude_self),
-            merge == "lse", scale_value(scale, q.shape[-1], dtype), pairs, dropout)
+            merge == "lse", scale_value(scale, q.shape[-1], dtype), pairs, terms)
 
 
 def _lists(q, k, q_idx, k_idx):
@@ -47,10 +48,10 @@ def _lists(q, k, q_idx, k_idx):
     return (("q_idx", q_idx, q.shape[-2]), ("k_idx", k_idx, k.shape[-2]))
 
 
-def _keywords(causal, exclude_self, lse_merge, scale, dropout):
+def _keywords(causal, exclude_self, lse_merge, scale, terms):
     """The forward's keywords as saved["keywords"] records them."""
     return dict(causal=causal, exclude_self=exclude_self, merge="lse" if lse_merge else "mean",
-                scale=float(scale), dropout_p=dropout[0], dropout_seed=dropout[1])
+                scale=float(scale), **pair_record(terms))
 
 
 def routing_attention(q, k, v, q_idx, k_idx, *, causal=False, exclude_self=False, merge="mean",
@@ -123,7 +124,7 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
     slot_self, keywords); with `saved_into` (a saved dict of an identical earlier call)
     its arrays but the output are overwritten (the output goes to `out`).
     pair_args: (dropout_p, dropout_seed, rel_bias)."""
-    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, dropout = _prepare(
+    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, terms = _prepare(
         q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, *pair_args)
     batch = batch_shape(q=(q, 2), k=(k, 2), v=(v, 2), q_idx=(q_idx, 2), k_idx=(k_idx, 2),
                         rel_bias=(pairs[2], 1))
@@ -136,7 +137,7 @@ def _forward(q, k, v, q_idx, k_idx, causal, exclude_self, merge, scale, out, sav
                                       lse_merge, *pairs, out=outs),
         _lists(q, k, q_idx, k_idx))
     return into_out(target, stats[0]), dict(
-        zip(SAVED_KEYS, stats), keywords=_keywords(causal, exclude_self, lse_merge, scale, dropout))
+        zip(SAVED_KEYS, stats), keywords=_keywords(causal, exclude_self, lse_merge, scale, terms))
 
 
 def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, exclude_self=None,
@@ -147,10 +148,10 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, excl
 
     ``**saved`` is the dict `routing_attention(..., return_saved=True)` returned for the
     same inputs; without it the forward is recomputed inside.  causal, exclude_self,
-    merge, scale, dropout_p and dropout_seed left at None are taken from it
+    merge, scale, dropout_p, dropout_seed and rel_bias left at None are taken from it
     (saved["keywords"]), or without it are the forward's defaults (False, False, "mean",
-    1/sqrt(d), no dropout).  rel_bias is passed again as in the forward; its gradient is
-    then returned as well.  The results have the shapes of q, k, v [and rel_bias].
+    1/sqrt(d), no dropout, no bias).  With a bias (passed or saved) its gradient is
+    returned as well.  The results have the shapes of q, k, v [and rel_bias].
 
     Raises
     ------
@@ -160,10 +161,10 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, excl
     """
     kw = BackwardKeywords("routing_attention_backward", saved, DEFAULTS, causal=causal,
                           exclude_self=exclude_self, merge=merge, scale=scale,
-                          dropout_p=dropout_p, dropout_seed=dropout_seed)
-    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, dropout = _prepare(
-        q, k, v, q_idx, k_idx, rel_bias=rel_bias, **kw.values)
-    kw.check(_keywords(causal, exclude_self, lse_merge, scale, dropout))
+                          dropout_p=dropout_p, dropout_seed=dropout_seed, rel_bias=rel_bias)
+    q, k, v, q_idx, k_idx, causal, exclude_self, lse_merge, scale, pairs, terms = _prepare(
+        q, k, v, q_idx, k_idx, **kw.values)
+    kw.check(_keywords(causal, exclude_self, lse_merge, scale, terms))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)
     dout_shape(dout, q.shape[-2], v.shape[-1])
@@ -181,7 +182,7 @@ def routing_attention_backward(dout, q, k, v, q_idx, k_idx, *, causal=None, excl
                                        causal, exclude_self, lse_merge, *pairs),
         _lists(q, k, q_idx, k_idx))
     grads = (unbroadcast(dq, q.shape), unbroadcast(dk, k.shape), unbroadcast(dv, v.shape))
-    return grads + (unbroadcast(dbias, pairs[2].shape),) if rel_bias is not None else grads
+    return grads + (unbroadcast(dbias, pairs[2].shape),) if terms[2] is not None else grads
 
 
 # ------------------------------------------------------------------ local attention
@@ -218,7 +219,7 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
     `attention`.
 
     ``return_saved=True`` also returns a dict of the forward's statistics and its
-    ``keywords`` (window, causal, scale) for ``local_attention_backward(dout, q, k, v,
+    ``keywords`` (window, causal, scale, dropout, bias) for ``local_attention_backward(dout, q, k, v,
     **saved)``.  Raises ValueError for window < 1 or a sequence longer than the kernels
     index (2**30 - 1), before any list is built."""
     q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
@@ -229,19 +230,18 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
     out, saved = routing_attention(q, k, v, q_idx, k_idx, causal=causal, scale=scale,
                                    return_saved=True, out=out, **pair_kw)
     routed = saved["keywords"]
-    saved["keywords"] = dict(window=integer("window", window, low=1), causal=routed["causal"],
-                             scale=routed["scale"], dropout_p=routed["dropout_p"],
-                             dropout_seed=routed["dropout_seed"])
+    saved["keywords"] = dict(window=integer("window", window, low=1),
+                             **{key: routed[key] for key in LOCAL_DEFAULTS if key != "window"})
     return out, saved
 
 
 def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=None,
                              dropout_p=None, dropout_seed=None, rel_bias=None, **saved):
     """Gradients (dq, dk, dv [, drel_bias]) of `local_attention`.  ``**saved``: the
-    forward's ``return_saved=True`` dict; window, causal, scale, dropout_p and
-    dropout_seed left at None are taken from it (else: window is required, causal False,
-    scale 1/sqrt(d), no dropout).  A keyword that disagrees with the saved forward's is a
-    ValueError naming it.
+    forward's ``return_saved=True`` dict; window, causal, scale, dropout_p, dropout_seed
+    and rel_bias left at None are taken from it (else: window is required, causal False,
+    scale 1/sqrt(d), no dropout, no bias; with a bias its gradient is returned too).  A
+    keyword that disagrees with the saved forward's is a ValueError naming it.
 
     Raises
     ------
@@ -250,16 +250,17 @@ def local_attention_backward(dout, q, k, v, window=None, *, causal=None, scale=N
     """
     kw = BackwardKeywords("local_attention_backward", saved, LOCAL_DEFAULTS, window=window,
                           causal=causal, scale=scale, dropout_p=dropout_p,
-                          dropout_seed=dropout_seed)
+                          dropout_seed=dropout_seed, rel_bias=rel_bias)
     given_or_saved("local_attention_backward", "window", kw.values["window"])
     window, causal, scale = kw.values["window"], kw.values["causal"], kw.values["scale"]
     q, k, v, (q_idx, k_idx) = _local_args(q, k, v, window, causal)
     p, seed, _ = dropout_args(kw.values["dropout_p"], kw.values["dropout_seed"])
+    bias = rel_bias_array(kw.values["rel_bias"], q.shape[-2], k.shape[-2], q.dtype)
     kw.check(dict(window=integer("window", window, low=1), causal=causal,
                   scale=float(scale_value(scale, q.shape[-1], q.dtype)), dropout_p=p,
-                  dropout_seed=seed))
+                  dropout_seed=seed, rel_bias=bias))
     return routing_attention_backward(dout, q, k, v, q_idx, k_idx, causal=causal, scale=scale,
-                                      dropout_p=p, dropout_seed=seed, rel_bias=rel_bias,
+                                      dropout_p=p, dropout_seed=seed, rel_bias=bias,
                                       **kw.arrays)
 
 

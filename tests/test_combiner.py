@@ -308,7 +308,7 @@ def test_saved_statistics_give_the_same_gradients(plan, causal, dtype):
     assert sorted(saved) == ["keywords", "lse", "output"] and saved["output"] is out
     assert saved["keywords"] == dict(plan=plan, block=blk(plan, 16), causal=causal,
                                      scale=float(np.dtype(dtype).type(1 / np.sqrt(8))),
-                                     dropout_p=0.0, dropout_seed=None)
+                                     dropout_p=0.0, dropout_seed=None, rel_bias=None)
     assert np.array_equal(out, ra.combiner_attention(q, k, v, **kw))
     dout = rng.standard_normal((3, 2, 300, 4)).astype(dtype)       # broadcast batch
     got = ra.combiner_attention_backward(dout, q, k, v, **kw, **saved)

@@ -4,7 +4,9 @@ Every forward with ``return_saved=True`` records in ``saved["keywords"]`` each k
 that shaped its result; a backward given ``**saved`` takes the keywords it is not given
 from there, and refuses one that disagrees, naming it.  Each function is one row of
 CASES: its forward and backward with non-default keywords, the reference backward, and
-for each keyword a value that disagrees with the forward's.
+for each keyword a value that disagrees with the forward's.  The pair terms (dropout
+and, where the function takes one, a relative position bias) are added to every row by
+`_pairs`.
 """
 import numpy as np
 import pytest
@@ -34,7 +36,9 @@ def _inputs(rng, dtype=np.float64):
     q, k, v = _qkv(rng, dtype)
     mask = rng.random((2, M)) < 0.8
     mask[:, 0] = True
+    bias = rng.standard_normal((2, N + M - 1)).astype(dtype)
     return dict(q=q, k=k, v=v, mask=mask, other_mask=~mask | (np.arange(M) == 1),
+                bias=bias, other_bias=bias + np.arange(N + M - 1) % 2,
                 q_idx=_members(rng, 3, 5, N), k_idx=_members(rng, 3, 6, M),
                 labels=rng.integers(-1, 3, (2, N)),
                 dout=rng.standard_normal((2, N, E)).astype(dtype))
@@ -46,50 +50,61 @@ CASES = {
     "attention": dict(
         args=lambda a: (a["q"], a["k"], a["v"]),
         forward=lambda a: dict(causal=True, key_mask=a["mask"], scale=0.3),
-        reference=lambda a, g: ref.attention_backward(g, a["q"], a["k"], a["v"], causal=True,
-                                                      key_mask=a["mask"], scale=0.3),
+        reference=lambda a, g, **t: ref.attention_backward(g, a["q"], a["k"], a["v"], causal=True,
+                                                      key_mask=a["mask"], scale=0.3, **t),
         wrong=lambda a: dict(causal=False, key_mask=a["other_mask"], scale=0.5)),
     "local_attention": dict(
         args=lambda a: (a["q"], a["k"], a["v"]),
         forward=lambda a: dict(window=3, causal=True, scale=0.3),
-        reference=lambda a, g: ref.local_attention_backward(g, a["q"], a["k"], a["v"], 3,
-                                                            causal=True, scale=0.3),
+        reference=lambda a, g, **t: ref.local_attention_backward(g, a["q"], a["k"], a["v"], 3,
+                                                            causal=True, scale=0.3, **t),
         wrong=lambda a: dict(window=4, causal=False, scale=0.5)),
     "routing_attention": dict(
         args=lambda a: (a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"]),
         forward=lambda a: dict(causal=True, exclude_self=True, merge="lse", scale=0.3),
-        reference=lambda a, g: ref.routing_attention_backward(
+        reference=lambda a, g, **t: ref.routing_attention_backward(
             g, a["q"], a["k"], a["v"], a["q_idx"], a["k_idx"], causal=True, exclude_self=True,
-            merge="lse", scale=0.3),
+            merge="lse", scale=0.3, **t),
         wrong=lambda a: dict(causal=False, exclude_self=False, merge="mean", scale=0.5)),
     "clustered_attention": dict(
         args=lambda a: (a["q"], a["k"], a["v"], a["labels"]),
         forward=lambda a: dict(n_clusters=3, key_mask=a["mask"], scale=0.3),
-        reference=lambda a, g: ref.clustered_attention_backward(
-            g, a["q"], a["k"], a["v"], a["labels"], 3, key_mask=a["mask"], scale=0.3),
+        reference=lambda a, g, **t: ref.clustered_attention_backward(
+            g, a["q"], a["k"], a["v"], a["labels"], 3, key_mask=a["mask"], scale=0.3, **t),
         wrong=lambda a: dict(n_clusters=4, key_mask=a["other_mask"], scale=0.5)),
     "improved_clustered_attention": dict(
         args=lambda a: (a["q"], a["k"], a["v"], a["labels"]),
         forward=lambda a: dict(n_clusters=3, topk=4, key_mask=a["mask"], scale=0.3),
-        reference=lambda a, g: ref.improved_clustered_attention_backward(
-            g, a["q"], a["k"], a["v"], a["labels"], 3, 4, key_mask=a["mask"], scale=0.3),
+        reference=lambda a, g, **t: ref.improved_clustered_attention_backward(
+            g, a["q"], a["k"], a["v"], a["labels"], 3, 4, key_mask=a["mask"], scale=0.3, **t),
         wrong=lambda a: dict(n_clusters=4, topk=5, key_mask=a["other_mask"], scale=0.5)),
     "combiner_attention": dict(
         args=lambda a: (a["q"], a["k"], a["v"]),
         forward=lambda a: dict(plan="axial", block=3, causal=True, scale=0.3),
-        reference=lambda a, g: ref.combiner_attention_backward(
-            g, a["q"], a["k"], a["v"], plan="axial", block=3, causal=True, scale=0.3),
+        reference=lambda a, g, **t: ref.combiner_attention_backward(
+            g, a["q"], a["k"], a["v"], plan="axial", block=3, causal=True, scale=0.3, **t),
         wrong=lambda a: dict(plan="fixed", block=4, causal=False, scale=0.5)),
 }
+
+
+def _pairs(name, a, wrong=False):
+    """The pair terms of `name`'s forward (or values that disagree with them)."""
+    terms = dict(dropout_p=0.3 if wrong else 0.2, dropout_seed=8 if wrong else 7)
+    if name != "clustered_attention":
+        terms["rel_bias"] = a["other_bias" if wrong else "bias"]
+    return terms
+
+
 WRONG = [(name, key) for name, case in CASES.items()
-         for key in case["wrong"](_inputs(np.random.default_rng(0)))]
+         for key in dict(case["wrong"](_inputs(np.random.default_rng(0))),
+                         **_pairs(name, _inputs(np.random.default_rng(0)), wrong=True))]
 
 
 def _run(name, dtype=np.float64, seed=1):
     """Inputs, the forward's keywords, and its saved dict."""
     a = _inputs(np.random.default_rng(seed), dtype)
     case = CASES[name]
-    kw = case["forward"](a)
+    kw = dict(case["forward"](a), **_pairs(name, a))
     out, saved = getattr(ra, name)(*case["args"](a), **kw, return_saved=True)
     return a, kw, out, saved
 
@@ -126,8 +141,10 @@ def test_backward_takes_its_keywords_from_saved(name, dtype):
     bare = _backward(name, a, **saved)
     explicit = _backward(name, a, **kw, **saved)
     recomputed = _backward(name, a, **kw)
-    want = CASES[name]["reference"](a, a["dout"])
-    for which, x, y, z, w in zip("qkv", bare, explicit, recomputed, want):
+    pairs = _pairs(name, a)
+    want = CASES[name]["reference"](a, a["dout"], **pairs)
+    assert len(bare) == len(explicit) == len(recomputed) == len(want) == 3 + ("rel_bias" in pairs)
+    for which, x, y, z, w in zip(("q", "k", "v", "rel_bias"), bare, explicit, recomputed, want):
         assert np.array_equal(x, y), f"{name} d{which}: saved keywords vs explicit ones"
         assert np.array_equal(x, z), f"{name} d{which}: saved statistics vs recomputed"
         assert_close(x, w, dtype, f"{name} d{which} vs reference")
@@ -136,7 +153,7 @@ def test_backward_takes_its_keywords_from_saved(name, dtype):
 @pytest.mark.parametrize("name, key", WRONG)
 def test_a_disagreeing_keyword_raises_naming_it(name, key):
     a, kw, _, saved = _run(name)
-    wrong = CASES[name]["wrong"](a)[key]
+    wrong = dict(CASES[name]["wrong"](a), **_pairs(name, a, wrong=True))[key]
     with pytest.raises(ValueError, match=rf"{name}_backward: {key}=.* disagrees with the forward"):
         _backward(name, a, **dict(kw, **{key: wrong}), **saved)
     with pytest.raises(ValueError, match=rf"{key}=.* disagrees"):      # alone, too
@@ -222,6 +239,19 @@ def test_key_mask_is_compared_by_shape_and_content():
         assert np.array_equal(x, w)
 
 
+def test_rel_bias_is_recorded_as_a_copy():
+    """A bias the caller edits in place after the forward (a training step's update) does
+    not change what a backward from the saved statistics uses; passed again, the edited
+    bias disagrees."""
+    a, kw, _, saved = _run("routing_attention")
+    want = _backward("routing_attention", a, **kw)
+    a["bias"] += 1.0
+    for x, w in zip(_backward("routing_attention", a, **saved), want):
+        assert np.array_equal(x, w)
+    with pytest.raises(ValueError, match="rel_bias=an array of shape .*disagrees"):
+        _backward("routing_attention", a, rel_bias=a["bias"], **saved)
+
+
 def test_float32_scale_agrees_with_the_value_passed():
     """The saved scale is the float32 value used; passing the same Python float agrees."""
     a, kw, _, saved = _run("combiner_attention", np.float32)
@@ -235,6 +265,7 @@ def test_logsparse_records_no_block():
     a = _inputs(np.random.default_rng(7))
     _, saved = ra.combiner_attention(a["q"], a["k"], a["v"], plan="logsparse", return_saved=True)
     assert saved["keywords"] == dict(plan="logsparse", block=None, causal=False,
-                                     scale=1 / np.sqrt(D), dropout_p=0.0, dropout_seed=None)
+                                     scale=1 / np.sqrt(D), dropout_p=0.0, dropout_seed=None,
+                                     rel_bias=None)
     with pytest.raises(ValueError, match="block is not used by plan='logsparse'"):
         ra.combiner_attention_backward(a["dout"], a["q"], a["k"], a["v"], block=2, **saved)
