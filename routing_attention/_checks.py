@@ -116,23 +116,21 @@ def qkv_shapes(q_shape, k_shape, v_shape):
                          f"(shape {tuple(k_shape)}), v has {v_shape[-2]} (shape {tuple(v_shape)})")
 
 
-def check_by_empty_call(forward, arrays, core_ranks=None, **keywords):
+def check_by_empty_call(forward, arrays, core_ranks, **keywords):
     """Check a lazy or traced call now: `forward` (a NumPy API function) runs on empty
-    stand-ins of `arrays` (name -> array-like with shape and dtype), each with a leading
-    axis of 0 before its real shape, so its own shape and keyword checks raise with their
-    messages (the added axis taken out of the shapes they quote).  No work is done.
-    core_ranks (name -> rank of the core axes): the stand-ins' batch axes are first
-    padded with 1s to one rank, so that the added axis lines up."""
+    stand-ins of `arrays` (name -> array-like with shape and dtype; core_ranks: name ->
+    rank of its core axes), so its own shape and keyword checks raise with their
+    messages.  No work is done: the arrays with the most batch axes get a leading axis
+    of 0 before their real shape (the others broadcast against it as they are), so the
+    call's batch is empty; the added axis is taken out of the shapes a message quotes."""
     shapes = {key: tuple(a.shape) for key, a in arrays.items()}
-    if core_ranks:
-        batch = max(len(shape) - core_ranks[key] for key, shape in shapes.items())
-        shapes = {key: (1,) * (batch - len(shape) + core_ranks[key]) + shape
-                  for key, shape in shapes.items()}
+    most = max(len(shape) - core_ranks[key] for key, shape in shapes.items())
+    stand_ins = {key: np.zeros((0,) * (len(shapes[key]) - core_ranks[key] == most)
+                               + shapes[key], a.dtype) for key, a in arrays.items()}
     try:
-        forward(**{key: np.zeros((0,) + shapes[key], a.dtype) for key, a in arrays.items()},
-                **keywords)
+        forward(**stand_ins, **keywords)
     except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("(0, ", "(")) from None
+        raise type(err)(str(err).replace("(0, ", "(").replace("(0,)", "()")) from None
 
 
 # ------------------------------------------------------------------ fast path
@@ -234,6 +232,7 @@ def scale_value(scale, d, dtype):
     finite in `dtype` (e.g. 1e39 in float32) is a ValueError, not a silent inf."""
     if scale is None:
         return dtype.type(1.0 / np.sqrt(d)) if d > 0 else dtype.type(1.0)
+    not_traced("scale", scale, "a Python float")
     reject_foreign("scale", scale)
     if isinstance(scale, (str, bytes)) or np.iscomplexobj(scale):
         raise TypeError(f"scale must be a real number; got {scale!r}")
@@ -258,10 +257,7 @@ def integer(name, value, low=None, high=MAX_INT64):
     try:
         v = operator.index(value)
     except TypeError:
-        if "Tracer" in type(value).__name__:     # a JAX argument traced by jit
-            raise TypeError(f"{name} must be a Python int known when tracing, not a traced "
-                            f"value: under jax.jit mark it static (static_argnames="
-                            f"('{name}',))") from None
+        not_traced(name, value, "a Python int")
         raise TypeError(f"{name} must be an integer; got {value!r}") from None
     if low is not None and v < low:
         raise ValueError(f"{name} must be >= {low}; got {v}")
@@ -270,9 +266,18 @@ def integer(name, value, low=None, high=MAX_INT64):
     return v
 
 
+def not_traced(name, value, kind):
+    """A JAX value traced by jit where the call needs a Python value: a TypeError that
+    says how to make it static."""
+    if "Tracer" in type(value).__name__:
+        raise TypeError(f"{name} must be {kind} known when tracing, not a traced value: under "
+                        f"jax.jit mark it static (static_argnames=('{name}',))")
+
+
 def flag(name, value):
     """A boolean keyword."""
     if not isinstance(value, (bool, np.bool_)):
+        not_traced(name, value, "True or False")
         raise TypeError(f"{name} must be True or False; got {value!r}")
     return bool(value)
 

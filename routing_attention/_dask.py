@@ -7,9 +7,17 @@ block over the batch (leading) axes with ``dask.array.apply_gufunc``.  The core 
 (sequence, feature, clusters) are merged into one chunk first (``allow_rechunk``), so a
 sequence split across chunks gives the same result as a whole one, never a wrong one.
 
+A relative position bias (``rel_bias``) is one more operand, blocked with the batch; a
+backward given one also returns its gradient, summed over the axes the bias broadcast
+along.  Attention dropout is refused: its mask is keyed on a problem's index over all
+the call's batch axes, which a block does not know.
+
 Each wrapped function carries its gufunc signature as ``.signature`` (positional array
 arguments, default outputs), so ``da.apply_gufunc(ra.attention, ra.attention.signature,
-q, k, v, causal=True)`` works as well.  Dask is imported only when a Dask array arrives.
+q, k, v, causal=True)`` works as well.  A backward's signature holds only for arguments
+with the same batch axes: the backward sums each gradient over the axes its input
+broadcast along, which a gufunc's signature cannot say (with Dask arrays, call the
+backward itself).  Dask is imported only when a Dask array arrives.
 """
 import functools
 import inspect
@@ -24,25 +32,26 @@ __all__ = ["dask_aware"]
 #          keyword array arguments and their core dims)
 # Outputs: "f" (the call's float dtype) or "i" (int64) before the core dims.
 SPECS = {
-    "attention": ("q:(n,d) k:(m,d) v:(m,e)", "f(n,e)", "key_mask:(m)"),
+    "attention": ("q:(n,d) k:(m,d) v:(m,e)", "f(n,e)", "key_mask:(m) rel_bias:(r)"),
     "attention_backward": ("dout:(n,e) q:(n,d) k:(m,d) v:(m,e)", "f(n,d) f(m,d) f(m,e)",
-                           "key_mask:(m) lse:(n) output:(n,e)"),
-    "routing_attention": ("q:(n,d) k:(m,d) v:(m,e) q_idx:(c,w) k_idx:(c,u)", "f(n,e)", ""),
+                           "key_mask:(m) lse:(n) output:(n,e) rel_bias:(r)"),
+    "routing_attention": ("q:(n,d) k:(m,d) v:(m,e) q_idx:(c,w) k_idx:(c,u)", "f(n,e)",
+                          "rel_bias:(r)"),
     "routing_attention_backward": ("dout:(n,e) q:(n,d) k:(m,d) v:(m,e) q_idx:(c,w) k_idx:(c,u)",
-                                   "f(n,d) f(m,d) f(m,e)", ""),
-    "local_attention": ("q:(n,d) k:(m,d) v:(m,e)", "f(n,e)", ""),
+                                   "f(n,d) f(m,d) f(m,e)", "rel_bias:(r)"),
+    "local_attention": ("q:(n,d) k:(m,d) v:(m,e)", "f(n,e)", "rel_bias:(r)"),
     "local_attention_backward": ("dout:(n,e) q:(n,d) k:(m,d) v:(m,e)", "f(n,d) f(m,d) f(m,e)",
-                                 ""),
+                                 "rel_bias:(r)"),
     "clustered_attention": ("q:(n,d) k:(m,d) v:(m,e) labels:(n)", "f(n,e)", "key_mask:(m)"),
     "clustered_attention_backward": ("dout:(n,e) q:(n,d) k:(m,d) v:(m,e) labels:(n)",
                                      "f(n,d) f(m,d) f(m,e)", "key_mask:(m)"),
     "improved_clustered_attention": ("q:(n,d) k:(m,d) v:(m,e) labels:(n)", "f(n,e)",
-                                     "key_mask:(m)"),
+                                     "key_mask:(m) rel_bias:(r)"),
     "improved_clustered_attention_backward": ("dout:(n,e) q:(n,d) k:(m,d) v:(m,e) labels:(n)",
-                                              "f(n,d) f(m,d) f(m,e)", "key_mask:(m)"),
-    "combiner_attention": ("q:(n,d) k:(n,d) v:(n,e)", "f(n,e)", ""),
+                                              "f(n,d) f(m,d) f(m,e)", "key_mask:(m) rel_bias:(r)"),
+    "combiner_attention": ("q:(n,d) k:(n,d) v:(n,e)", "f(n,e)", "rel_bias:(r)"),
     "combiner_attention_backward": ("dout:(n,e) q:(n,d) k:(n,d) v:(n,e)",
-                                    "f(n,d) f(n,d) f(n,e)", ""),
+                                    "f(n,d) f(n,d) f(n,e)", "rel_bias:(r)"),
     "spherical_kmeans": ("x:(n,d)", "f(c,d)", "mask:(n) init:(c,d)"),
     "assign_clusters": ("x:(n,d) centroids:(c,d)", "i(n)", ""),
     "update_centroids": ("centroids:(c,d) x:(n,d) labels:(n)", "f(c,d)", "mask:(n)"),
@@ -60,7 +69,11 @@ EXTRA_OUTPUTS = {
     "assign_clusters": ("return_scores", "f(n,c) f(n)"),
     "hamming_kmeans": ("return_centroids", "i(c)"),
 }
-GRADIENTS = {"dq": "q", "dk": "k", "dv": "v"}
+# a backward's outputs in order: the argument each is the gradient of
+GRADIENTS = ("q", "k", "v", "rel_bias")
+# operands cast to the dtype the other floating-point operands decide (or int/bool ones)
+NOT_DECIDING_DTYPE = {"dout", "lse", "output", "rel_bias", "labels", "q_idx", "k_idx",
+                      "key_mask", "mask", "codes"}
 
 
 def _pairs(text):
@@ -120,6 +133,10 @@ def _lazy(name, fn, params, args, kwargs):
     if extra or call.get("return_saved") or call.get("out") is not None:
         raise ValueError(f"{name}: saved statistics (return_saved, **saved) and out= are not "
                          "supported with Dask arrays; the backward recomputes what it needs")
+    if call.get("dropout_p"):
+        raise ValueError(f"{name}: dropout_p > 0 is not supported with Dask arrays: the dropout "
+                         "mask is keyed on each problem's index over all the batch axes, which "
+                         "a block does not know (it would give other masks than NumPy's)")
     inputs, outputs, keyword_arrays = SPECS[name]
     inputs, outputs = _pairs(inputs), _outputs(outputs)
     flag_outputs = EXTRA_OUTPUTS.get(name)
@@ -133,25 +150,29 @@ def _lazy(name, fn, params, args, kwargs):
     arrays = [call.pop(arg) for arg, _ in operands]
     arrays = [a if _is_dask(a) else np.asarray(a) for a in arrays]
     names = [arg for arg, _ in operands]
+    backward = name.endswith("_backward")
+    if backward and "rel_bias" in names:
+        outputs += _outputs("f(r)")
     if "attention" in name and all(np.isfinite(size) for a in arrays for size in a.shape):
         # shapes and keywords checked now, with the NumPy function's messages
         core_ranks = {arg: len(_core_sizes([(a, d)])) for a, (arg, d) in zip(arrays, operands)}
         check_by_empty_call(fn, dict(zip(names, arrays)), core_ranks, **call)
-    if name == "update_centroids" and arrays[1].ndim > arrays[0].ndim:
+    if name == "update_centroids" and any(
+            a.ndim - len(_core_sizes([(a, d)])) > arrays[0].ndim - 2
+            for a, (_, d) in zip(arrays[1:], operands[1:])):
         raise ValueError("update_centroids pools x's extra leading axes into one mean; with "
-                         "Dask arrays give centroids and x the same leading axes")
+                         "Dask arrays give centroids, x, labels and mask the same leading axes")
     if name == "members_from_labels" and call.get("max_size") is None:
         raise ValueError("members_from_labels with Dask arrays needs max_size (the width of "
                          "the member lists must be known before computing)")
-    backward = outputs and name.endswith("_backward")
     if backward:        # every block sees full batch axes; gradients are summed back below
         batch = np.broadcast_shapes(*(a.shape[:a.ndim - len(_core_sizes([(a, d)]))]
                                       for a, (_, d) in zip(arrays, operands)))
         arrays = [da.broadcast_to(a, batch + a.shape[a.ndim - len(_core_sizes([(a, d)])):])
                   for a, (_, d) in zip(arrays, operands)]
-    float_args = [a for a, (arg, _) in zip(arrays, operands) if np.dtype(a.dtype).kind == "f"]
-    fdtype = float_dtype(**{f"a{i}": np.empty(0, a.dtype) for i, a in enumerate(float_args)}) \
-        if float_args else np.dtype(np.float64)
+    deciding = {arg: np.empty(0, a.dtype) for a, (arg, _) in zip(arrays, operands)
+                if arg not in NOT_DECIDING_DTYPE}
+    fdtype = float_dtype(**deciding) if deciding else np.dtype(np.float64)
     sizes = _core_sizes(zip(arrays, (d for _, d in operands)))
     sizes.update(c=call.get("n_clusters", sizes.get("c")), w=call.get("w", sizes.get("w")),
                  s=call.get("max_size"))
@@ -170,8 +191,7 @@ def _lazy(name, fn, params, args, kwargs):
         output_sizes={k: v for k, v in sizes.items() if v is not None},
         allow_rechunk=True)
     if backward:
-        result = tuple(_unbroadcast(g, shapes[GRADIENTS[grad]])
-                       for g, grad in zip(result, ("dq", "dk", "dv")))
+        result = tuple(_unbroadcast(g, shapes[arg]) for g, arg in zip(result, GRADIENTS))
     return result
 
 

@@ -264,10 +264,12 @@ def _attention_call(name, q, k, v, aux, **kw):
     aux = {key: a for key, a in aux.items() if a is not None}
     cores = dict(_QKV_CORES, **method.aux_cores)
     arrays, _ = _aligned(dict(zip("qkv", _floats((q, k, v), compute)), **aux), cores)
-    # the NumPy forward on empty arrays (a leading axis of 0 before the real shapes)
-    # checks the shapes, batch axes and every keyword now, when tracing, with the NumPy
-    # API's own messages (microseconds: no work is done)
-    check_by_empty_call(method.forward, arrays, **kw)
+    # the NumPy forward on empty arrays of the shapes given checks the shapes, batch axes
+    # and every keyword now, when tracing, with the NumPy API's own messages
+    # (microseconds: no work is done)
+    given = dict(zip("qkv", (q, k, v)), **aux)
+    check_by_empty_call(method.forward, {key: jax.ShapeDtypeStruct(jnp.shape(a), arrays[key].dtype)
+                                         for key, a in given.items()}, cores, **kw)
     qkv = tuple(arrays.pop(key) for key in "qkv")
     out = _attend(name, tuple(sorted(kw.items())), qkv, arrays)
     return out.astype(result)

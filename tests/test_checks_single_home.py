@@ -21,7 +21,8 @@ ALLOWED = {
                "rows (bits), but without jax_enable_x64"],
     "_dask.py": ["saved statistics (return_saved, **saved) and out= are not",
                  "update_centroids pools x's extra leading axes",
-                 "members_from_labels with Dask arrays needs max_size"],
+                 "members_from_labels with Dask arrays needs max_size",
+                 "dropout_p > 0 is not supported with Dask arrays"],
     "reference.py": ["plan must be one of"],
 }
 

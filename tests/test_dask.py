@@ -79,6 +79,52 @@ def test_backwards_equal_numpy_and_sum_broadcast_axes():
         np.testing.assert_allclose(g.compute(), g_np, rtol=1e-12, atol=1e-12, err_msg=f"d{name}")
 
 
+def test_rel_bias_is_an_operand_blocked_with_the_batch():
+    """A per-head bias (heads, 2n - 1) with q, k, v chunked one block per (batch, head):
+    each block gets its own rows of the bias, and a backward returns the bias gradient
+    summed over the batch (three gradients and the bias' used to come back, the bias
+    whole in every block)."""
+    q, k, v = _arrays()
+    dout = _arrays(seed=1)[0]
+    bias = np.random.default_rng(2).standard_normal((3, 79))
+    Q, K, V, D = _lazy(q, k, v, dout, chunks=(1, 1, 13, -1))
+    B = da.from_array(bias, chunks=(2, 40))
+    labels = np.arange(40) % 6
+    members = np.arange(40).reshape(4, 10)
+    calls = {"attention": (), "local_attention": (6,), "routing_attention": (members, members),
+             "improved_clustered_attention": (labels, 6, 5), "combiner_attention": ()}
+    for name, extra in calls.items():
+        forward, backward = getattr(ra, name), getattr(ra, name + "_backward")
+        kw = dict(causal=True) if name != "improved_clustered_attention" else {}
+        lazy = forward(Q, K, V, *extra, rel_bias=B, **kw)
+        assert lazy.shape == q.shape
+        _same(lazy, forward(q, k, v, *extra, rel_bias=bias, **kw), name)
+        grads = backward(D, Q, K, V, *extra, rel_bias=bias, **kw)
+        want = backward(dout, q, k, v, *extra, rel_bias=bias, **kw)
+        assert len(grads) == len(want) == 4 and grads[3].shape == bias.shape, name
+        for which, g, w in zip(("q", "k", "v", "rel_bias"), grads, want):
+            np.testing.assert_allclose(g.compute(), w, rtol=1e-12, atol=1e-12,
+                                       err_msg=f"{name} d{which}")
+
+
+def test_declared_dtype_is_the_computed_one():
+    """An int64 q with float32 k, v computes in float64 (NumPy's promotion); a float64
+    bias or dout does not decide the dtype.  The lazy result says so before computing."""
+    q, k, v = _arrays()
+    qi = np.round(q).astype(np.int64)
+    k32, v32 = k.astype(np.float32), v.astype(np.float32)
+    lazy = ra.attention(_lazy(qi)[0], k32, v32)
+    assert lazy.dtype == lazy.compute().dtype == ra.attention(qi, k32, v32).dtype == np.float64
+    q32 = q.astype(np.float32)
+    lazy = ra.attention(_lazy(q32)[0], k32, v32, rel_bias=np.zeros(79))
+    assert lazy.dtype == lazy.compute().dtype == np.float32
+    for g in ra.attention_backward(_lazy(q)[0], q32, k32, v32):
+        assert g.dtype == g.compute().dtype == np.float32
+    cent = ra.spherical_kmeans(q, 5).astype(np.float32)
+    lazy = ra.commitment_loss(_lazy(qi)[0], cent, ra.assign_clusters(q, cent))
+    assert lazy.dtype == lazy.compute().dtype == np.float64
+
+
 def test_routing_decisions_equal_numpy():
     q, _, _ = _arrays()
     (Q,) = _lazy(q)
@@ -121,6 +167,13 @@ def test_what_dask_cannot_do_is_a_clear_error():
         ra.members_from_labels(da.zeros((2, 10), dtype=np.int64, chunks=1), 3)
     with pytest.raises(ValueError, match="same leading axes"):
         ra.update_centroids(np.zeros((3, 4, 8)), Q, np.zeros((4, 3, 40), np.int64))
+    with pytest.raises(ValueError, match="same leading axes"):        # pooled by labels' axes
+        ra.update_centroids(np.zeros((4, 8)), Q[0, 0], da.zeros((2, 40), np.int64, chunks=1))
+    for name, extra in (("attention", ()), ("combiner_attention", ())):
+        with pytest.raises(ValueError, match="dropout_p > 0 is not supported with Dask"):
+            getattr(ra, name)(Q, K, V, *extra, dropout_p=0.1, dropout_seed=3)
+    with pytest.raises(ValueError, match="dropout_p > 0 is not supported with Dask"):
+        ra.attention_backward(Q, Q, K, V, dropout_p=0.1, dropout_seed=3)
 
 
 def test_bad_shapes_and_keywords_raise_before_computing_naming_them():
@@ -135,6 +188,11 @@ def test_bad_shapes_and_keywords_raise_before_computing_naming_them():
         ra.clustered_attention_backward(Q, Q, K, V[..., :5, :], np.zeros((4, 3, 40), np.int64), 3)
     with pytest.raises(ValueError, match="plan must be one of"):
         ra.combiner_attention(Q, K, V, plan="diagonal")
+    with pytest.raises(ValueError, match=r"q has 8 \(shape \(40, 8\)\), k has 4"):
+        ra.attention(Q[0, 0], K[..., :4], V)                         # q's own shape quoted
+    with pytest.raises(ValueError, match=r"batch axes \(4, 3\) of q, k and v; got \(2, 4, 3, "
+                                         r"40\).*Give it shape \(4, 3, 40\)"):
+        ra.attention(Q, K, V, key_mask=np.ones((2, 4, 3, 40), bool))
 
 
 def test_readme_dask_snippet_runs():

@@ -299,7 +299,10 @@ def test_without_x64_indices_are_int32():
     (lambda q, k, v: rj.attention(q, k[..., :2], v),
      rf"feature size d: q has {D} \(shape \({B}, {N}, {D}\)\), k has 2 \(shape \({B}, {N}, 2\)\)"),
     (lambda q, k, v: rj.clustered_attention(q, k, v, _labels(), 30), "n_clusters"),
-    (lambda q, k, v: rj.attention(q, k, v, key_mask=np.ones((3, B, N), bool)), "key_mask"),
+    (lambda q, k, v: rj.attention(q, k, v, key_mask=np.ones((3, B, N), bool)),
+     rf"batch axes \({B},\) of q, k and v; got \(3, {B}, {N}\).*Give it shape \({B}, {N}\)"),
+    (lambda q, k, v: rj.attention(q[0], k[..., :2], v),     # the shapes given, not padded
+     rf"q has {D} \(shape \({N}, {D}\)\), k has 2"),
 ])
 def test_bad_arguments_raise_when_tracing(call, message):
     """Errors in shapes and keywords come from the NumPy API at trace time, naming them."""
@@ -312,6 +315,13 @@ def test_a_traced_static_argument_says_how_to_mark_it_static():
     with pytest.raises(TypeError, match=r"window must be a Python int known when tracing.*"
                                         r"static_argnames=\('window',\)"):
         jax.jit(rj.local_attention)(q, k, v, 4)
+    for name, call in (("causal", lambda: jax.jit(rj.attention)(q, k, v, causal=True)),
+                       ("scale", lambda: jax.jit(rj.attention)(q, k, v, scale=0.5)),
+                       ("exclude_self", lambda: jax.jit(rj.routing_attention)(
+                           q, k, v, *_members(), exclude_self=True))):
+        with pytest.raises(TypeError, match=rf"{name} must be .* known when tracing.*"
+                                            rf"static_argnames=\('{name}',\)"):
+            call()
     out = jax.jit(rj.local_attention, static_argnames="window")(q, k, v, window=4)
     np.testing.assert_array_equal(np.asarray(out), ra.local_attention(q, k, v, 4))
 
