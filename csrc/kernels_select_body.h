@@ -441,7 +441,9 @@ static void FN(top_offer)(int rows, int cols, const T *s, ptrdiff_t ld, const in
 
 /* ------------------------------------------------------------------ max-pooling */
 /* Columns in register blocks of VL: the running maximum and its row stay in registers
- * over the whole scan; the row indices ride in 32-bit lanes beside the values. */
+ * over the whole scan; the row indices ride in 32-bit lanes beside the values.  A NaN is
+ * the maximum, as np.max has it, from the lowest NaN row (np.argmax's): an upward
+ * (strict) scan keeps the first NaN it meets, a downward one takes every NaN. */
 #if RA_IS_F32
 typedef int32_t FN(svec) __attribute__((vector_size(VEC_BYTES)));
 #else
@@ -460,7 +462,9 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
         memcpy(&a, barg + c0, sizeof a);
         for (int j = from; j != to; j += step) {
             const vec xv = FN(vload)(x + j * ld + c0);
-            const uvec up = strict ? (uvec)(xv > b) : (uvec)(xv >= b);
+            const uvec x_nan = (uvec)(xv != xv), b_nan = (uvec)(b != b);
+            const uvec up = strict ? (uvec)(xv > b) | (x_nan & ~b_nan)
+                                   : (uvec)(xv >= b) | x_nan;
             const FN(ivec) upi = __builtin_convertvector((FN(svec))up, FN(ivec));
             b = FN(vsel)(up, xv, b);
             a = (upi & j) | (~upi & a);
@@ -471,7 +475,8 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
     for (int c = dv; c < d; c++)
         for (int j = from; j != to; j += step) {
             const T xj = x[j * ld + c];
-            const int up = strict ? xj > best[c] : xj >= best[c];
+            const int up = strict ? xj > best[c] || (xj != xj && best[c] == best[c])
+                                  : xj >= best[c] || xj != xj;
             best[c] = up ? xj : best[c];
             barg[c] = up ? j : barg[c];
         }

@@ -16,6 +16,7 @@ import pytest
 
 import routing_attention as ra
 from routing_attention import _ext
+from routing_attention import reference as ref
 
 SANITIZED = bool(os.environ.get("RA_SANITIZED"))
 
@@ -435,6 +436,27 @@ def test_nan_locality_combiner_causal(plan, which):
     assert np.isfinite(out[:j]).all(), f"{plan}: NaN {which}[{j}] reached an earlier query"
     np.testing.assert_allclose(out[:j], clean[:j], rtol=1e-13, atol=1e-13)
     assert not np.isfinite(out[j:]).all(), f"{plan}: NaN {which}[{j}] vanished"
+
+
+@pytest.mark.parametrize("plan", ["fixed", "axial", "logsparse", "mixture"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_nan_reaches_the_rows_the_reference_says(plan, causal, which):
+    """A NaN row of q or k makes exactly the reference's rows NaN: a region summary
+    max-pools a NaN like np.max (the pool used to skip it, and the queries seeing the
+    region got the finite summary of the other rows).  (v is not pooled; the reference's
+    dense products spread a NaN value to causally hidden rows, 0·NaN, so it is no oracle
+    there: test_nan_locality_combiner_causal covers v.)"""
+    rng = np.random.default_rng(8)
+    a = dict(zip("qkv", (rng.standard_normal((30, 5)) for _ in range(3))))
+    a[which] = _poisoned(a[which], 7, np.nan)
+    with np.errstate(invalid="ignore"):
+        kw = dict(plan=plan, block=None if plan == "logsparse" else 4, causal=causal)
+        out = ra.combiner_attention(a["q"], a["k"], a["v"], **kw)
+        want = ref.combiner_attention(a["q"], a["k"], a["v"], **kw)
+    nan_rows = np.isnan(want).any(axis=-1)
+    assert np.array_equal(np.isnan(out).any(axis=-1), nan_rows)
+    np.testing.assert_allclose(out[~nan_rows], want[~nan_rows], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", [n for n in METHODS if "backward" in n or n == "CombinerAttention"])
