@@ -419,7 +419,10 @@ void FN(ra_attend_self_fallback)(FN(RaQTile) *qt, const FN(RaKeys) *keys, int d,
                 s += qt->q[(ptrdiff_t)r * d + c] * keys->kt[(ptrdiff_t)c * keys->ldkt + j];
             qt->mx[r] = s;
             qt->sum[r] = 1;
-            const T f = FN(ra_drop_factor)(qt->pairs, qt->pos[r], qt->pos[r]);
+            /* weight exp(s − s): 1 (times the dropout factor) for a finite logit, NaN for a
+               NaN or infinite one, as the softmax of one logit is */
+            const T f = s - s == 0 ? FN(ra_drop_factor)(qt->pairs, qt->pos[r], qt->pos[r])
+                                   : s - s;
             for (int c = 0; c < e; c++)
                 qt->acc[(ptrdiff_t)r * e + c] = f * keys->v[(ptrdiff_t)j * keys->ldv + c];
             self_only[r] = 1;

@@ -13,19 +13,28 @@ are fixed by the first step.  ``active`` (a boolean array over those axes) lets
 sequences of different lengths share a cache: only the active ones take a token, the
 others keep their state and get a zero row.  Memory grows like the tokens: O(n·(d + e))
 per sequence (Combiner: plus its region summaries, also O(n·d)).
+
+A refused call (bad shapes, dtype, `active`) leaves the cache as it was; a bad `scale`
+is refused at construction.  d = 0 and e = 0 work as in the full forward, and an empty
+prompt (``prefill`` of n = 0) gives an empty result.  A NaN or inf reaches exactly the
+rows it reaches in the full causal forward (a window slot hidden from a step contributes
+nothing, whatever it holds).
 """
 import numpy as np
 
 from ._checks import (as_matrix, bool_array, cache_dtype, combiner_block, decodable_routing_layer,
                       decode_step, decoding_heads, float_dtype, integer, one_of, scale_value)
+from .clustering import assign_clusters
 from .reference import _dyadic_spans, COMBINER_PLANS
+from .routing import _normalize
 
 __all__ = ["DenseCache", "LocalCache", "CombinerCache", "RoutingCache"]
 
 
 def _softmax_rows(q, keys, values, visible, scale):
     """out (P, e) of one query per problem: q (P, d), keys (P, s, d), values (P, s, e),
-    visible (P, s) bool.  A problem with no visible key gets 0."""
+    visible (P, s) bool.  A hidden key contributes nothing, even a NaN or inf one; a
+    problem with no visible key gets 0."""
     if keys.shape[1] == 0:
         return np.zeros((q.shape[0], values.shape[-1]), np.result_type(q, values))
     logits = scale * np.einsum("pd,psd->ps", q, keys)
@@ -35,7 +44,7 @@ def _softmax_rows(q, keys, values, visible, scale):
     p = np.where(visible, np.exp(logits - top), 0)
     total = p.sum(axis=-1, keepdims=True)
     p = p / np.where(total > 0, total, 1)
-    return np.einsum("ps,pse->pe", p, values)
+    return np.einsum("ps,pse->pe", p, np.where(visible[..., None], values, 0))
 
 
 class _Cache:
@@ -45,11 +54,15 @@ class _Cache:
     keeps_queries = False
 
     def __init__(self, *, scale=None):
+        scale_value(scale, 1, np.dtype(np.float64))    # a real, finite number (or None)
         self.scale = scale
         self.batch = None       # leading axes, fixed by the first step
         self.lengths = None     # (P,) tokens per flattened sequence
 
     def _setup(self, q, k, v):
+        """Size the cache for the first step's q, k, v; may refuse them before it changes
+        anything (a scale too large for their dtype)."""
+        self._scale = scale_value(self.scale, q.shape[-1], q.dtype)
         self.batch, self.dtype = q.shape[:-2], q.dtype
         self.d, self.e = q.shape[-1], v.shape[-1]
         P = int(np.prod(self.batch, dtype=np.int64))
@@ -57,7 +70,6 @@ class _Cache:
         self.keys = np.zeros((P, 16, self.d), self.dtype)
         self.values = np.zeros((P, 16, self.e), self.dtype)
         self.queries = np.zeros((P, 16, self.d), self.dtype) if self.keeps_queries else None
-        self._scale = scale_value(self.scale, self.d, self.dtype)
 
     def _grow(self, need):
         cap = self.keys.shape[1]
@@ -75,19 +87,26 @@ class _Cache:
             self.queries = grown(self.queries)
 
     def _inputs(self, q, k, v, active):
+        """Checked q, k, v as (P, d / e) and the active rows; the first step sets the
+        cache up, once all of it is checked."""
         dtype = float_dtype(q=q, k=k, v=v)
         q, k, v = (as_matrix(name, a, dtype) for name, a in (("q", q), ("k", k), ("v", v)))
-        if self.batch is None:
+        first = self.batch is None
+        if first:
             decode_step(q, k, v, None)
-            self._setup(q, k, v)
-        decode_step(q, k, v, (self.batch, self.d, self.e))
-        cache_dtype(self.dtype, dtype)
+        else:
+            decode_step(q, k, v, (self.batch, self.d, self.e))
+            cache_dtype(self.dtype, dtype)
+        batch = q.shape[:-2]
+        P = int(np.prod(batch, dtype=np.int64))
         if active is None:
-            rows = np.arange(self.lengths.size)
+            rows = np.arange(P)
         else:
             active = bool_array("active", active)
-            rows = np.flatnonzero(np.broadcast_to(active, self.batch).reshape(-1))
-        flat = lambda a: a.reshape(-1, a.shape[-1])          # noqa: E731
+            rows = np.flatnonzero(np.broadcast_to(active, batch).reshape(-1))
+        if first:
+            self._setup(q, k, v)
+        flat = lambda a: a.reshape(P, a.shape[-1])           # noqa: E731
         return flat(q), flat(k), flat(v), rows
 
     def step(self, q, k, v, *, active=None):
@@ -107,16 +126,22 @@ class _Cache:
         return out.reshape(self.batch + (1, self.e))
 
     def prefill(self, q, k, v):
-        """Feed a prompt (..., n, d) token by token; returns its outputs (..., n, e)."""
-        q, k, v = (np.asarray(a) for a in (q, k, v))
-        return np.concatenate([self.step(q[..., i:i + 1, :], k[..., i:i + 1, :],
-                                         v[..., i:i + 1, :]) for i in range(q.shape[-2])], -2)
+        """Feed a prompt (..., n, d) token by token; returns its outputs (..., n, e).  An
+        empty prompt (n = 0) changes nothing and gives an empty (..., 0, e)."""
+        dtype = float_dtype(q=q, k=k, v=v)
+        q, k, v = (as_matrix(name, a, dtype) for name, a in (("q", q), ("k", k), ("v", v)))
+        rows = [self.step(q[..., i:i + 1, :], k[..., i:i + 1, :], v[..., i:i + 1, :])
+                for i in range(q.shape[-2])]
+        return np.concatenate(rows, -2) if rows else np.zeros(q.shape[:-2] + (0, v.shape[-1]),
+                                                               dtype)
 
     def _append(self, rows, t, q, k):
         """Planner hook: record what the method needs about the new tokens."""
 
     def _attend_positions(self, rows, q, positions, visible):
-        """Softmax over the cached keys at `positions` (len(rows), s)."""
+        """Softmax over the cached keys at `positions` (len(rows), s) where `visible`
+        (hidden slots may hold any position: they are read at 0 and contribute nothing)."""
+        positions = np.where(visible, positions, 0)
         keys = self.keys[rows[:, None], positions]
         values = self.values[rows[:, None], positions]
         return _softmax_rows(q, keys, values, visible, self._scale)
@@ -149,8 +174,7 @@ class LocalCache(_Cache):
         self.window = integer("window", window, low=1)
 
     def _attend(self, rows, t, q):
-        positions, visible = _window(t, self.window)
-        return self._attend_positions(rows, q, np.where(visible, positions, 0), visible)
+        return self._attend_positions(rows, q, *_window(t, self.window))
 
 
 # ------------------------------------------------------------------ Combiner
@@ -228,50 +252,54 @@ class CombinerCache(_Cache):
 class RoutingCache(_Cache):
     """Causal decoding of a `RoutingAttention` layer with ``membership="argmax"`` and
     ``causal=True`` (balanced top-w membership looks at the whole sequence and has no
-    causal decoding).  The layer's centroids are used as they are (fit them first; the
-    cache never moves them) and its `window` must be set for local heads (the default
-    n // n_clusters depends on the final length).
+    causal decoding).  The cache copies the layer's centroids at its first step (fit them
+    first; the cache never moves them) and decodes with that copy to the end: a later
+    change of ``layer.centroids`` (a training call, an assignment, an in-place edit) does
+    not reach it, as its cluster lists were built with the copy.  The layer's `window`
+    must be set for local heads (the default n // n_clusters depends on the final length).
 
     q, k, v are (..., heads, 1, d): the first `local_heads` heads attend their window,
     the others the keys of the new query's cluster (its argmax centroid); each new key
-    joins the list of its own cluster.  Shared-QK layers attend to the normalised queries
-    and hide a token's own key unless it is the only one it can see.  Per step:
-    O(n / n_clusters + window) keys per head."""
+    joins the list of its own cluster.  As in the layer, a token whose normalised row is
+    not finite joins no cluster, and such a query gets a NaN row.  Shared-QK layers
+    attend to the normalised queries and hide a token's own key unless it is the only one
+    it can see.  Per step: O(n / n_clusters + window) keys per head."""
 
     def __init__(self, layer):
         super().__init__(scale=layer.scale)
         decodable_routing_layer(layer)
         self.layer = layer
         self.members = None     # per flattened sequence: {cluster: list of key positions}
+        self.centroids = None   # the layer's, copied at the first step
 
     def _setup(self, q, k, v):
         layer = self.layer
         decoding_heads(q.shape, layer.local_heads, layer.centroids)
-        heads = q.shape[-3]
         super()._setup(q, k, v)
-        self.heads = heads
+        self.heads = q.shape[-3]
         self.members = [dict() for _ in range(self.lengths.size)]
-
-    def _unit(self, x):
-        norm = np.sqrt(np.einsum("pd,pd->p", x, x))[:, None]
-        return x / np.where(norm > 0, norm, 1)
+        if layer.centroids is not None:
+            self.centroids = np.array(layer.centroids, self.dtype)          # a copy
 
     def _append(self, rows, t, q, k):
         layer = self.layer
         if layer.shared_qk:       # keys are the normalised queries, in every head
-            k = self._unit(q)
+            k = _normalize(q)[0]
             self.keys[rows, t] = k
         head = rows % self.heads - layer.local_heads
         routed = head >= 0
         self._query_labels = {}
         if not routed.any():
             return
-        cent = layer.centroids.astype(self.dtype, copy=False)[head[routed]]     # (r, c, d)
-        nearest = lambda x: np.argmax(np.einsum("rd,rcd->rc", self._unit(x), cent), -1)  # noqa: E731
+        cent = self.centroids[head[routed]]                                 # (r, c, d)
+        # the layer's labels: argmax over the normalised row's scores, -1 (no cluster)
+        # for a row that is not finite
+        nearest = lambda x: assign_clusters(_normalize(x)[0][:, None], cent)[:, 0]  # noqa: E731
         q_labels = nearest(q[routed])
         k_labels = q_labels if layer.shared_qk else nearest(k[routed])
         for p, i, c in zip(rows[routed].tolist(), t[routed].tolist(), k_labels.tolist()):
-            self.members[p].setdefault(c, []).append(i)
+            if c >= 0:
+                self.members[p].setdefault(c, []).append(i)
         self._query_labels = dict(zip(rows[routed].tolist(), q_labels.tolist()))
 
     def _attend(self, rows, t, q):
@@ -282,10 +310,12 @@ class RoutingCache(_Cache):
             positions, visible = _window(t[local], layer.window)
             if layer.shared_qk:
                 visible = self._exclude_self(visible, positions == t[local][:, None])
-            out[local] = self._attend_positions(rows[local], q[local],
-                                                np.where(visible, positions, 0), visible)
+            out[local] = self._attend_positions(rows[local], q[local], positions, visible)
         for a in np.flatnonzero(~local):
             p = rows[a]
+            if self._query_labels[int(p)] < 0:      # a query in no cluster: NaN, as the layer
+                out[a] = np.nan
+                continue
             positions = np.asarray(self.members[p].get(self._query_labels[int(p)], []), np.int64)
             visible = np.ones((1, positions.size), bool)
             if layer.shared_qk:

@@ -110,3 +110,121 @@ def test_bad_use_raises():
     with pytest.raises(TypeError, match="active"):
         cache.step(q, k, v, active=np.array([1, 0]))
     assert cache.lengths.tolist() == [1, 1], "a refused step leaves the cache as it was"
+
+
+# ------------------------------------------------------------------ non-finite tokens
+def _assert_same_rows(got, expected, dtype, what):
+    """Equal row by row: NaN and ±inf exactly where `expected` has them, the rest close."""
+    for kind in (np.isnan, np.isposinf, np.isneginf):
+        assert np.array_equal(kind(got), kind(expected)), \
+            f"{what}: {kind.__name__} at {np.argwhere(kind(got)).tolist()}, expected at " \
+            f"{np.argwhere(kind(expected)).tolist()}"
+    bad = ~np.isfinite(expected)
+    assert_close(np.where(bad, 0, got), np.where(bad, 0, expected), dtype, what)
+
+
+NON_FINITE = [(which, pos, value) for which in "qkv" for pos in (0, 5)
+              for value in (np.nan, np.inf)]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("which, pos, value", NON_FINITE, ids=str)
+@pytest.mark.parametrize("method", ["dense", "local"])
+def test_a_non_finite_token_reaches_the_rows_of_the_full_forward(method, which, pos, value):
+    """A NaN/inf entry reaches exactly the rows it reaches in the full forward: a local
+    window slot hidden from a step (it is read from position 0) contributes nothing."""
+    make, full = METHODS[method]
+    q, k, v = _tokens((2, 17, 4), np.float64, seed=4)
+    dict(q=q, k=k, v=v)[which][:, pos, 0] = value
+    _assert_same_rows(make().prefill(q, k, v), full(q, k, v), np.float64,
+                      f"{method} {which}[{pos}] = {value}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("options, which, pos, value", [
+    pytest.param(options, *case, id=f"{options}-{case}")
+    for options in ROUTING_OPTIONS for case in NON_FINITE])
+def test_routing_cache_places_a_non_finite_token_as_the_layer_does(options, which, pos, value):
+    """A non-finite query or key joins no cluster (a NaN query gets a NaN row), and a
+    local head's hidden window slots contribute nothing: the rows equal the layer's
+    causal forward, NaN rows included."""
+    q, k, v = _tokens((2, 3, 20, 4), np.float64, seed=1)
+    layer = ra.RoutingAttention(n_clusters=4, membership="argmax", causal=True, window=4,
+                                **options)
+    layer(q, k, v)
+    layer.training = False
+    dict(q=q, k=k, v=v)[which][:, :, pos, 0] = value
+    _assert_same_rows(RoutingCache(layer).prefill(q, k, v), layer(q, k, v), np.float64,
+                      f"{options} {which}[{pos}] = {value}")
+
+
+# ------------------------------------------------------------------ routing centroids
+def test_routing_cache_keeps_the_centroids_of_its_first_step():
+    """Changing the layer's centroids while a cache decodes changes none of its steps:
+    they equal the layer's forward with the centroids the cache started with."""
+    q, k, v = _tokens((1, 2, 30, 8), np.float64)
+    layer = ra.RoutingAttention(n_clusters=3, membership="argmax", causal=True)
+    layer(q, k, v)
+    layer.training = False
+    started = layer.centroids.copy()
+    cache = RoutingCache(layer)
+    first = cache.prefill(q[..., :15, :], k[..., :15, :], v[..., :15, :])
+    layer.centroids[...] = ra.spherical_kmeans(_tokens((2, 200, 8), np.float64, seed=5)[0],
+                                               3, seed=5)             # changed in place
+    assert not np.array_equal(layer.centroids, started)
+    rows = np.concatenate([first, cache.prefill(q[..., 15:, :], k[..., 15:, :],
+                                                v[..., 15:, :])], -2)
+    layer.centroids = started
+    assert_close(rows, layer(q, k, v), np.float64, "steps after the centroids changed")
+
+
+# ------------------------------------------------------------------ edge sizes, refusals
+@pytest.mark.parametrize("d, e", [(0, 3), (3, 0), (0, 0)])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_zero_features_as_the_full_forward(method, d, e):
+    """d = 0 (every logit 0: the mean of the values seen) and e = 0 work as in the full
+    forward."""
+    make, full = METHODS[method]
+    rng = np.random.default_rng(6)
+    q, k, v = rng.standard_normal((2, 11, d)), rng.standard_normal((2, 11, d)), \
+        rng.standard_normal((2, 11, e))
+    assert_close(make().prefill(q, k, v), full(q, k, v), np.float64, f"{method} d={d} e={e}")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_an_empty_prompt_gives_an_empty_result(method):
+    make, full = METHODS[method]
+    q, k, v = _tokens((2, 3, 9, 4), np.float32)
+    cache = make()
+    rows = cache.prefill(q[..., :0, :], k[..., :0, :], v[..., :0, :3])
+    assert rows.shape == (2, 3, 0, 3) and rows.dtype == np.float32
+    assert_close(cache.prefill(q, k, v), full(q, k, v), np.float32, f"{method} after it")
+
+
+def test_a_bad_scale_is_refused_at_construction():
+    with pytest.raises(ValueError, match="finite"):
+        DenseCache(scale=float("nan"))
+    with pytest.raises(ValueError, match="finite"):
+        LocalCache(3, scale=np.inf)
+    with pytest.raises(TypeError, match="scale"):
+        CombinerCache("logsparse", scale="0.5")
+
+
+def test_a_refused_first_step_leaves_the_cache_unset():
+    """A first step refused (a scale float32 cannot hold, a non-boolean or mis-shaped
+    `active`) sets nothing up: the next step is a first step."""
+    q, k, v = _tokens((2, 1, 4), np.float32)
+    cache = DenseCache(scale=1e39)                  # fine in float64, not in float32
+    with pytest.raises(ValueError, match="overflows float32"):
+        cache.step(q, k, v)
+    rows = cache.prefill(*(a.astype(np.float64) for a in (q, k, v)))
+    assert_close(rows, ra.attention(q.astype(np.float64), k.astype(np.float64),
+                                    v.astype(np.float64), causal=True, scale=1e39),
+                 np.float64, "after the refused step")
+    for active, error in ((np.array([1, 0]), TypeError), (np.ones(3, bool), ValueError)):
+        cache = LocalCache(3)
+        with pytest.raises(error):
+            cache.step(q, k, v, active=active)
+        q3, k3, v3 = _tokens((3, 1, 4), np.float64)
+        assert_close(cache.step(q3, k3, v3), ra.local_attention(q3, k3, v3, 3, causal=True),
+                     np.float64, "a first step of another batch")

@@ -106,6 +106,16 @@ def test_exclude_self_falls_back_to_self(rng):
     assert_close(out[2], v[2], np.float64, "self fallback")
     # position 5 sees key 2 only (self excluded)
     assert_close(out[5], v[2], np.float64, "self excluded")
+    # the fallback is the softmax of one logit: NaN when that logit is not finite, as in
+    # the reference (it used to give v[2] whatever the logit)
+    for value in (np.nan, np.inf):
+        bad = q.copy()
+        bad[2, 0] = value
+        with np.errstate(invalid="ignore"):
+            out = ra.routing_attention(bad, k, v, idx, idx, causal=True, exclude_self=True)
+            want = ref.routing_attention(bad, k, v, idx, idx, causal=True, exclude_self=True)
+        assert np.isnan(out[2]).all() and np.isnan(want[2]).all()
+        assert_close(np.delete(out, 2, 0), np.delete(want, 2, 0), np.float64, "others")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -147,6 +157,12 @@ def test_degenerate_sizes(rng):
     empty = np.full((2, 3), -1)
     out = ra.routing_attention(q, k, v, empty, empty)
     assert np.all(out == 0)
+    # a zero-length sequence: the saved statistics have no element (any strides will do;
+    # the kernel used to refuse them as not C-contiguous)
+    q, k, v = make(rng, np.float64, (2,), 0, 0, 3, 4)
+    out, saved = ra.local_attention(q, k, v, 4, return_saved=True)
+    for g, x in zip(ra.local_attention_backward(np.zeros_like(out), q, k, v, **saved), (q, k, v)):
+        assert g.shape == x.shape
 
 
 def test_finite_differences_float64(rng):
