@@ -157,6 +157,8 @@ ATTENTION_BACKWARD_LOOP(f64)
 static int ra_core_contiguous(const npy_intp *dims, const npy_intp *steps, int nd, npy_intp item)
 {
     npy_intp expect = item;
+    for (int a = 0; a < nd; a++)
+        if (dims[a] == 0) return 1;        /* no element: any steps will do */
     for (int a = nd - 1; a >= 0; a--) {
         if (dims[a] > 1 && steps[a] != expect) return 0;
         expect *= dims[a];

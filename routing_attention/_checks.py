@@ -188,10 +188,15 @@ def as_bool_mask(name, mask, length, rows="keys"):
     arr = as_array(name, mask)
     if arr.dtype != np.bool_:
         raise TypeError(f"{name} must be a boolean array (False = padding); got dtype {arr.dtype}")
-    if arr.ndim < 1 or arr.shape[-1] != length:
-        raise ValueError(f"{name} must have shape (..., {length}) to match the {rows}; "
-                         f"got {arr.shape}")
+    mask_length(name, arr.shape, length, rows)
     return arr
+
+
+def mask_length(name, shape, length, rows="keys"):
+    """A mask's shape (any framework's) is (..., length)."""
+    if len(shape) < 1 or shape[-1] != length:
+        raise ValueError(f"{name} must have shape (..., {length}) to match the {rows}; "
+                         f"got {tuple(shape)}")
 
 
 def mask_fits(name, mask, batch, per_head=True):
@@ -211,7 +216,7 @@ def mask_fits(name, mask, batch, per_head=True):
         torch_fix = (f"{name}[..., 0, :] here, of shape (B, 1, {length})" if per_head else
                      f"{name}[:, 0, 0, :] here, of shape (B, {length})")
         raise ValueError(f"{name} must have shape (..., {length}) with leading axes that broadcast "
-                         f"to the batch axes {batch} {axes}; got {mask.shape}, which would change "
+                         f"to the batch axes {batch} {axes}; got {tuple(mask.shape)}, which would change "
                          f"the result's shape. Give it shape {batch + (length,)}, or fewer "
                          f"leading axes (e.g. ({length},)); a PyTorch-style mask (B, 1, 1, "
                          f"{length}) for q (B, H, n, d) is {torch_fix}")
@@ -882,6 +887,13 @@ def bias_sources(count):
     """relative_bias needs at least one of alibi and table."""
     if count == 0:
         raise ValueError("relative_bias needs alibi, table or both")
+
+
+def no_bias_without_topk(rel_bias):
+    """Plain clustered attention takes no position bias (a centroid has no position)."""
+    if rel_bias is not None:
+        raise TypeError("rel_bias needs the improved form (topk): plain clustered attention "
+                        "attends once per centroid, which has no position")
 
 
 def pair_terms_without_lse(return_lse):

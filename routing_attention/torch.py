@@ -34,9 +34,9 @@ from . import combiner as _combiner
 from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import (bias_sources, dropout_args, integer, one_of, pair_terms_without_lse,
-                      qkv_shapes, rank_at_least, routing_heads, same_leading_axes, scale_value,
-                      unbroadcast)
+from ._checks import (bias_sources, dropout_args, integer, mask_fits, mask_length, one_of,
+                      no_bias_without_topk, pair_terms_without_lse, qkv_shapes, rank_at_least, routing_heads,
+                      same_leading_axes, scale_value, unbroadcast)
 from .pairs import t5_buckets
 
 __all__ = [
@@ -470,14 +470,16 @@ def local_attention(q, k, v, window, *, causal=False, scale=None, dropout_p=0.0,
 _PAIR_ARGS = ("str method, Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? q_idx, "
               "Tensor? k_idx, Tensor? labels, int window, int n_clusters, int topk, str plan, "
               "int? block, bool causal, "
-              "bool exclude_self, str merge, float? scale, float dropout_p, int? seed, "
+              "bool exclude_self, str merge, float? scale, float dropout_p, Tensor? seed, "
               "Tensor? rel_bias")
 
 
 def _pair_call(method, q, k, v, key_mask, q_idx, k_idx, labels, window, n_clusters, topk,
                plan, block, causal, exclude_self, merge, scale, dropout_p, seed, rel_bias,
                dout=None):
-    """The NumPy forward (dout None) or backward of `method` with the pair terms."""
+    """The NumPy forward (dout None) or backward of `method` with the pair terms (seed: a
+    0-d int64 tensor, or None without dropout)."""
+    seed = None if seed is None else int(seed)
     kw = dict(causal=causal, scale=scale, dropout_p=dropout_p, dropout_seed=seed,
               rel_bias=_np(rel_bias))
     if method == "combiner":
@@ -546,9 +548,9 @@ def _pair_setup(ctx, inputs, output):
 
 
 def _pair_backward(ctx, dout):
-    args = list(ctx.inputs)
+    args, saved = list(ctx.inputs), ctx.saved_tensors      # unpacked once (checkpoint)
     for slot, i in enumerate(ctx.positions):
-        args[i] = ctx.saved_tensors[slot]
+        args[i] = saved[slot]
     dq, dk, dv, dbias = _pair_backward_op(dout, *args)
     grads = [None] * len(args)
     grads[1:4] = dq, dk, dv
@@ -596,22 +598,28 @@ def _pair_run(method, q, k, v, pairs, **options):
     op's other arguments by name (the rest at their defaults), the result in the call's
     dtype."""
     (q, k, v, rel_bias), dtype = _floats(q=q, k=k, v=v, rel_bias=pairs[2])
+    seed = pairs[1]
+    if seed is not None and not isinstance(seed, Tensor):
+        seed = torch.tensor(seed, dtype=torch.int64)
     a = dict(_PAIR_DEFAULTS, **options)
     return _pair_op(method, q, k, v, a["key_mask"], a["q_idx"], a["k_idx"], a["labels"],
                     a["window"], a["n_clusters"], a["topk"], a["plan"], a["block"], a["causal"],
-                    a["exclude_self"], a["merge"], a["scale"], pairs[0], pairs[1],
-                    rel_bias).to(dtype)
+                    a["exclude_self"], a["merge"], a["scale"], pairs[0],
+                    None if seed is None else seed.to(q.device), rel_bias).to(dtype)
 
 
 def _with_pairs(dropout_p, dropout_seed, rel_bias, return_lse, generator):
     """None when the call has no pair terms; else (dropout_p, seed, rel_bias) with a seed
-    drawn from torch's generator when dropout_seed is None and dropout_p > 0."""
+    drawn from torch's generator when dropout_seed is None and dropout_p > 0 (a 0-d
+    tensor, never read in Python: torch.compile traces the draw into the graph)."""
     if not dropout_p and rel_bias is None:
         return None
     pair_terms_without_lse(return_lse)
+    drawn = None
     if dropout_seed is None and dropout_p:
-        dropout_seed = int(torch.randint(0, 2**62, (), generator=generator))
-    p, seed, _ = dropout_args(dropout_p, dropout_seed)
+        drawn = torch.randint(0, 2**62, (), generator=generator)
+    p, seed, _ = dropout_args(dropout_p, 0 if drawn is not None else dropout_seed)
+    seed = drawn if drawn is not None else seed
     if rel_bias is not None:
         _check_tensors(rel_bias=rel_bias)
     return p, seed, rel_bias
@@ -1049,6 +1057,13 @@ class RoutingAttention(torch.nn.Module):
         self.q_idx = self.k_idx = None
         self._decisions = OrderedDict()
 
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the last call's commitment_loss without its graph
+        state = dict(self.__dict__)
+        if isinstance(state.get("commitment_loss"), Tensor):
+            state["commitment_loss"] = state["commitment_loss"].detach()
+        return state
+
     def __getattr__(self, name):
         # options (local_heads, causal, merge, ...) are read from the NumPy router
         if name in ("n_clusters", "local_heads", "window", "shared_qk", "causal", "membership",
@@ -1067,6 +1082,7 @@ class RoutingAttention(torch.nn.Module):
                 f"merge={r.merge!r}, decay={r.decay}, dropout={self.dropout}")
 
     # -- routing decisions (no gradient) ------------------------------------------
+    @torch.compiler.disable     # NumPy work: a graph break under torch.compile
     def _route(self, q, k, kmask, qmask):
         """Member lists, the centroids they were made with and the queries routed nowhere
         because their scores are NaN (a non-finite query row), for the routing heads q
@@ -1077,7 +1093,20 @@ class RoutingAttention(torch.nn.Module):
         if self.training and (recompute or _may_be_recomputed()):
             key = _fingerprint(*(t for t in (q, k, kmask, qmask) if t is not None))
         if recompute and key in self._decisions:
-            return self._decisions[key]
+            # the calls with these inputs not recomputed yet (else the recomputed ones: a
+            # second backward through a retained graph); more than one is ambiguous
+            found = self._decisions[key]
+            fresh = [entry for entry in found if not entry[1]] or found
+            if len(fresh) > 1:
+                raise RuntimeError(
+                    "RoutingAttention: a forward recomputed during backward (e.g. "
+                    f"torch.utils.checkpoint) has the inputs of {len(fresh)} training calls "
+                    "that routed differently (the centroids moved between them); which one "
+                    "it repeats cannot be told, so its gradients could be wrong. Give the "
+                    "calls different inputs, or do not checkpoint a layer called twice on "
+                    "the same inputs")
+            fresh[0][1] = True
+            return fresh[0][0]
         if recompute and self.training:
             raise RuntimeError("RoutingAttention: a forward recomputed during backward (e.g. "
                                "torch.utils.checkpoint) does not match any of the layer's last "
@@ -1099,11 +1128,18 @@ class RoutingAttention(torch.nn.Module):
         r.training = self.training
         q_idx, k_idx, lost = r._route(*args)
         if self.training or not self.centroids.numel():
-            self.centroids = torch.from_numpy(np.ascontiguousarray(r.centroids)).to(
-                self.centroids.device)
+            moved = torch.from_numpy(np.ascontiguousarray(r.centroids))
+            if moved.shape == self.centroids.shape:     # in place, as BatchNorm's statistics:
+                self.centroids.copy_(moved)             # functional_call's tensor moves too
+            else:                                       # the first fit
+                self.centroids = moved.to(self.centroids.device)
         decision = (_t(q_idx), _t(k_idx), used, _t(lost))
-        if key is not None:
-            self._decisions[key] = decision
+        if key is not None:     # [decision, recomputed] of every pending call with these inputs
+            found = [entry for entry in self._decisions.get(key, []) if not entry[1]]
+            if not any(all(torch.equal(a, b) for a, b in zip(decision, old)) for old, _ in found):
+                found.append([decision, False])
+            self._decisions[key] = found
+            self._decisions.move_to_end(key)
             while len(self._decisions) > self._RECOMPUTE_CACHE:
                 self._decisions.popitem(last=False)
         return decision
@@ -1210,6 +1246,10 @@ class ClusteredAttention(torch.nn.Module):
         return (f"n_clusters={o.n_clusters}, bits={o.bits}, iterations={o.iterations}, "
                 f"topk={o.topk}, seed={o.seed}, dropout={self.dropout}")
 
+    @torch.compiler.disable     # NumPy work: a graph break under torch.compile
+    def _draw_planes(self, d):
+        self.planes = torch.from_numpy(self._options._planes(d).copy()).to(self.planes.device)
+
     def forward(self, q, k, v, key_mask=None, query_mask=None, rel_bias=None):
         """Attention output (..., n, e); rel_bias (improved form only): see
         `improved_clustered_attention`."""
@@ -1217,16 +1257,20 @@ class ClusteredAttention(torch.nn.Module):
         (q, k, v), dtype = _floats(q=q, k=k, v=v)
         d = q.shape[-1]
         if self.planes.shape != (o.bits, d + 1):
-            self.planes = torch.from_numpy(o._planes(d).copy()).to(self.planes.device)
+            self._draw_planes(d)
         codes = lsh_hash(q, self.planes.to(q.dtype))
         C = min(o.n_clusters, q.shape[-2])
+        if query_mask is not None:      # as the NumPy layer: (..., n), not enlarging q's batch
+            query_mask = _mask("query_mask", query_mask)
+            mask_length("query_mask", query_mask.shape, q.shape[-2], "queries")
+            mask_fits("query_mask", query_mask, q.shape[:-2])
         labels = hamming_kmeans(codes, C, iters=o.iterations, seed=o.seed, mask=query_mask)
         self.labels = labels
         kw = dict(key_mask=key_mask, scale=o.scale,
                   dropout_p=self.dropout if self.training else 0.0)
         if o.topk is None:
-            return clustered_attention(q, k, v, labels, C, **kw, **(
-                {} if rel_bias is None else dict(rel_bias=rel_bias))).to(dtype)
+            no_bias_without_topk(rel_bias)
+            return clustered_attention(q, k, v, labels, C, **kw).to(dtype)
         return improved_clustered_attention(q, k, v, labels, C, o.topk, rel_bias=rel_bias,
                                             **kw).to(dtype)
 

@@ -158,6 +158,61 @@ def test_checkpoint_recomputation_updates_once_and_gives_exact_gradients(reentra
         torch.testing.assert_close(checked.centroids, plain.centroids, rtol=0, atol=0)
 
 
+def test_checkpointed_calls_on_identical_inputs_raise_instead_of_mixing_decisions():
+    """Two training calls on the same inputs route differently (the centroids move between
+    them); a recomputation cannot tell which it repeats.  It used to take the second
+    call's decisions for both (gradients off by ~2, silently); now it raises."""
+    q, k, v = _qkv(shape=(1, 2, 32, 8))
+    layer = rt.RoutingAttention(n_clusters=4, decay=0.5)
+    y = (checkpoint(layer, q, k, v, use_reentrant=False)
+         + checkpoint(layer, q, k, v, use_reentrant=False))
+    with pytest.raises(RuntimeError, match="inputs of 2 training calls that routed differently"):
+        y.sum().backward()
+    layer.eval()                    # same decisions for both calls: nothing to tell apart
+    y = (checkpoint(layer, q, k, v, use_reentrant=False)
+         + checkpoint(layer, q, k, v, use_reentrant=False))
+    y.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_functional_call_moves_the_centroids_it_is_given():
+    """A training call moves the centroid tensor in place (as BatchNorm's statistics):
+    torch.func.functional_call's tensor and outside references see the EMA step (the
+    buffer used to be replaced, so functional_call lost every update)."""
+    q, k, v = _qkv(shape=(1, 2, 32, 8))
+    layer = rt.RoutingAttention(n_clusters=4, decay=0.5)
+    layer(q, k, v)                                  # fits the centroids
+    held = layer.centroids
+    before = held.clone()
+    layer(q, k, v)
+    assert layer.centroids is held and not torch.equal(held, before)
+    given = {"centroids": before.clone()}
+    torch.func.functional_call(layer, given, (q, k, v))
+    assert not torch.equal(given["centroids"], before)
+
+
+def test_deepcopy_after_a_call():
+    import copy
+    q, k, v = _qkv(shape=(1, 2, 32, 8))
+    layer = rt.RoutingAttention(n_clusters=4)
+    layer(q, k, v)
+    twin = copy.deepcopy(layer)                     # used to fail on the loss' graph
+    assert torch.equal(twin.centroids, layer.centroids)
+    assert not twin.commitment_loss.requires_grad
+    assert layer.commitment_loss.requires_grad
+    torch.testing.assert_close(twin.eval()(q, k, v), layer.eval()(q, k, v), rtol=0, atol=0)
+
+
+def test_fresh_routing_layer_compiles():
+    """The routing decisions (NumPy k-means on the first call) are a graph break, not a
+    trace of NumPy code (a fresh layer used to fail under torch.compile)."""
+    q, k, v = _qkv(shape=(1, 2, 32, 8))
+    layer, twin = rt.RoutingAttention(local_heads=1), rt.RoutingAttention(local_heads=1)
+    y = torch.compile(layer)(q, k, v)
+    torch.testing.assert_close(y, twin(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(layer.centroids, twin.centroids, rtol=0, atol=0)
+
+
 def test_recomputation_that_matches_no_call_raises():
     q, k, v = _qkv(shape=(1, 2, 32, 8))
     layer = rt.RoutingAttention()
@@ -233,6 +288,24 @@ def test_combiner_layer_matches_function(plan):
     y_np = ra.combiner_attention(_np(q), _np(k), _np(v), plan=plan, causal=True)
     np.testing.assert_allclose(_np(y), y_np, rtol=0, atol=1e-14)
     assert torch.autograd.gradcheck(layer, (q, k, v), fast_mode=True)
+
+
+def test_clustered_layer_checks_its_query_mask():
+    """A torch-style (B, 1, 1, n) query mask for q (B, H, n, d) used to broadcast the
+    result to (B, B, H, n, e); it is refused as by the NumPy layer."""
+    q, k, v = _qkv(shape=(2, 3, 24, 8))
+    layer = rt.ClusteredAttention(4)
+    with pytest.raises(ValueError, match=r"query_mask must have shape \(\.\.\., 24\) with "
+                                         r"leading axes that broadcast.*got \(2, 1, 1, 24\)"):
+        layer(q, k, v, query_mask=torch.ones(2, 1, 1, 24, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"query_mask must have shape \(\.\.\., 24\) to match "
+                                         "the queries"):
+        layer(q, k, v, query_mask=torch.ones(2, 3, 20, dtype=torch.bool))
+    with pytest.raises(TypeError, match=r"rel_bias needs the improved form \(topk\)"):
+        layer(q, k, v, rel_bias=torch.zeros(47, dtype=q.dtype))
+    mask = torch.ones(2, 1, 24, dtype=torch.bool)
+    mask[:, :, 20:] = False
+    assert layer(q, k, v, query_mask=mask).shape == (2, 3, 24, 8)
 
 
 def test_layer_rejects_bad_options_and_inputs():

@@ -82,6 +82,43 @@ def test_seed_from_torch_generator():
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("method", sorted(CALLS))
+def test_non_reentrant_checkpoint(method):
+    """The pair op's backward unpacks its saved tensors once: under non-reentrant
+    torch.utils.checkpoint every call with a bias or dropout used to fail in backward."""
+    from torch.utils.checkpoint import checkpoint
+    q, k, v, slopes, table = leaves(3)
+
+    def f(q, k, v, slopes, table):
+        rb = rat.relative_bias(N, N, alibi=slopes, table=table, max_distance=16)
+        return CALLS[method](q, k, v, rb)
+    inputs = (q, k, v, slopes, table)
+    want = torch.autograd.grad(f(*inputs).square().sum(), inputs)
+    got = torch.autograd.grad(checkpoint(f, *inputs, use_reentrant=False).square().sum(), inputs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_drawn_dropout_seed_compiles_with_fullgraph():
+    """A seed drawn from torch's generator is a tensor operand, traced into the graph (it
+    was read in Python: fullgraph=True failed on a data-dependent int); its backward
+    regenerates the same mask."""
+    q, k, v, *_ = leaves(4)
+    layer = rat.CombinerAttention("fixed", causal=True, dropout=0.4).train()
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.manual_seed(7)
+    y = compiled(q, k, v)
+    torch.manual_seed(7)
+    seed = torch.randint(0, 2**62, ())                   # the same draw, made eagerly
+    same = rat.combiner_attention(q, k, v, plan="fixed", causal=True, dropout_p=0.4,
+                                  dropout_seed=int(seed))
+    assert not torch.equal(y, layer.eval()(q, k, v))    # dropped
+    torch.testing.assert_close(y, same, rtol=0, atol=0)  # the generator's draw, compiled
+    grads = torch.autograd.grad(y.square().sum(), (q, k, v))
+    for g, w in zip(grads, torch.autograd.grad(same.square().sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 def test_lse_refused_with_pair_terms():
     q, k, v, *_ = leaves()
     with pytest.raises(ValueError, match="return_lse"):
