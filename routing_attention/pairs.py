@@ -19,7 +19,7 @@ Every attention function takes
 import numpy as np
 
 from ._checks import (as_matrix, batch_shape, bias_sources, bias_table, bucket_layout,
-                      dropout_args, float_dtype, rel_bias_array)
+                      dropout_args, float_dtype, integer, rel_bias_array)
 
 __all__ = ["alibi_slopes", "t5_buckets", "relative_bias", "relative_bias_backward",
            "dropout_keys"]
@@ -69,9 +69,11 @@ def alibi_slopes(heads):
     """ALiBi's head slopes (Press et al. 2022): the geometric sequence 2^(-8h/H), h = 1..H,
     for H a power of two; otherwise those of the next lower power of two followed by every
     other slope of the next higher one, as the paper's code does.  float64, shape (heads,)."""
+    heads = integer("heads", heads, low=1)
+
     def powers(h):
         return 2.0 ** (-8.0 * np.arange(1, h + 1) / h)
-    low = 1 << (max(int(heads), 1).bit_length() - 1)
+    low = 1 << (heads.bit_length() - 1)
     if low == heads:
         return powers(heads)
     return np.concatenate([powers(low), powers(2 * low)[0::2][: heads - low]])

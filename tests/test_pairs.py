@@ -229,6 +229,11 @@ def test_t5_buckets_and_bias_gradients():
             num[i] = (hi - lo) / (2 * eps)
         np.testing.assert_allclose(dx, num, atol=1e-6)
     np.testing.assert_allclose(alibi_slopes(8), 2.0 ** -np.arange(1, 9))
+    for heads in (0, -4):                   # used to give one slope, silently
+        with pytest.raises(ValueError, match="heads must be >= 1"):
+            alibi_slopes(heads)
+    with pytest.raises(TypeError, match="heads must be an integer"):
+        alibi_slopes(2.5)
 
 
 # ------------------------------------------------------------------ clustered
