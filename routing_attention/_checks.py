@@ -422,6 +422,13 @@ class BackwardKeywords:
                     "to take it from the saved statistics")
 
 
+def scale_option(scale):
+    """A layer's or cache's `scale` option, checked where it is given: None, or a real
+    finite number (its overflow in float32 is checked by each call, `scale_value`)."""
+    scale_value(scale, 1, np.dtype(np.float64))
+    return scale
+
+
 def pair_record(terms):
     """The pair terms (dropout_p, dropout_seed, rel_bias) as the saved keywords record
     them: the bias as a private copy (None without one)."""
@@ -439,7 +446,11 @@ def mask_record(mask, use_mask):
 class LayerContext:
     """Everything a layer's backward needs from one call, made by ``layer.forward``:
     ``y, ctx = layer.forward(q, k, v)`` then ``dq, dk, dv = layer.backward(dout, ctx)``.
-    Opaque; its arrays are the layer's own and are never overwritten by later calls."""
+    Opaque; its statistics are the layer's own and are never overwritten by later calls.
+    It refers to the q, k, v passed (copying them would cost a tenth of a call): the
+    caller must not write into them before the backward, or the gradients are those of
+    the new values (`routing_attention.torch` catches this with torch's version
+    counters)."""
 
     __slots__ = ("_layer", "data")
 

@@ -11,8 +11,8 @@ from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
                       float_dtype, given_or_saved, integer, into_out, kernel_out, labels_array,
-                      mask_fits, mask_record, pair_record, qkv_arrays, saved_arrays, saved_from, scale_value,
-                      some_rows, unbroadcast)
+                      mask_fits, mask_record, pair_record, qkv_arrays, saved_arrays, saved_from,
+                      scale_option, scale_value, some_rows, unbroadcast)
 from .pairs import _checked
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
@@ -270,7 +270,7 @@ class ClusteredAttention(LayerCalls):
         self.iterations = integer("iterations", iterations, low=0)
         self.topk = None if topk is None else integer("topk", topk, low=1)
         self.seed = integer("seed", seed, 0, 2**64 - 1)
-        self.scale = scale
+        self.scale = scale_option(scale)
         self.planes = None      # (bits, d + 1), drawn on the first call
         self.labels = None      # the last call's clustering, (..., n)
 
@@ -315,7 +315,6 @@ class ClusteredAttention(LayerCalls):
         """Output and the backward's data: (q, k, v, labels, saved)."""
         labels = self.cluster(q, query_mask)
         C = min(self.n_clusters, labels.shape[-1])
-        self.labels = labels
         if self.topk is None:
             out, saved = clustered_attention(q, k, v, labels, C, key_mask=key_mask,
                                              scale=self.scale, return_saved=True)
@@ -323,6 +322,7 @@ class ClusteredAttention(LayerCalls):
             out, saved = improved_clustered_attention(q, k, v, labels, C, self.topk,
                                                       key_mask=key_mask, scale=self.scale,
                                                       return_saved=True)
+        self.labels = labels            # once the call has succeeded
         return out, (q, k, v, labels, saved)
 
     def backward(self, dout, ctx=None):

@@ -12,7 +12,7 @@ from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
                       check_out, combiner_block, dout_shape, flag, integer, into_out,
                       kernel_out, one_of, pair_record, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
-                      scale_value, self_attention_layout, unbroadcast)
+                      scale_option, scale_value, self_attention_layout, unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
@@ -197,7 +197,8 @@ class CombinerAttention(LayerCalls):
 
     def __init__(self, plan="fixed", *, block=None, causal=False, scale=None):
         one_of("plan", plan, PLANS)
-        self.plan, self.block, self.causal, self.scale = plan, block, flag("causal", causal), scale
+        self.plan, self.block, self.causal = plan, block, flag("causal", causal)
+        self.scale = scale_option(scale)
 
     def _run(self, q, k, v, reuse):
         """Output and the backward's data (q, k, v, saved); the saved output is a copy

@@ -23,7 +23,8 @@ nothing, whatever it holds).
 import numpy as np
 
 from ._checks import (as_matrix, bool_array, cache_dtype, combiner_block, decodable_routing_layer,
-                      decode_step, decoding_heads, float_dtype, integer, one_of, scale_value)
+                      decode_step, decoding_heads, float_dtype, integer, one_of, scale_option,
+                      scale_value)
 from .clustering import assign_clusters
 from .reference import _dyadic_spans, COMBINER_PLANS
 from .routing import _normalize
@@ -54,8 +55,7 @@ class _Cache:
     keeps_queries = False
 
     def __init__(self, *, scale=None):
-        scale_value(scale, 1, np.dtype(np.float64))    # a real, finite number (or None)
-        self.scale = scale
+        self.scale = scale_option(scale)
         self.batch = None       # leading axes, fixed by the first step
         self.lengths = None     # (P,) tokens per flattened sequence
 

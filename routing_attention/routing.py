@@ -9,7 +9,7 @@ from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_b
                       integer, into_out, kernel_checked_lists, kernel_out, mask_fits,
                       member_lists, one_of, pair_record, qkv_arrays, qkv_shapes,
                       rel_bias_array, routing_heads, same_cluster_count, same_leading_axes,
-                      saved_arrays, scale_value, some_rows, unbroadcast)
+                      saved_arrays, scale_option, scale_value, some_rows, unbroadcast)
 from .pairs import _checked
 
 __all__ = ["RoutingAttention", "routing_attention", "routing_attention_backward", "local_attention",
@@ -304,7 +304,10 @@ class RoutingAttention(LayerCalls):
     keys, initialised by `spherical_kmeans` on the first batch (all batch rows pooled)
     and, while `training`, moved by one `update_centroids` step (EMA with `decay`) per
     call on that call's normalised queries and keys (padding excluded).  A query whose
-    row is not finite joins no cluster and gets a NaN output row, as in dense attention.
+    row is not finite joins no cluster and gets a NaN output row, as in dense attention;
+    a key whose row is not finite joins no cluster either, so in the routing heads no
+    query sees it (its gradient rows are 0; the local heads see it as dense attention
+    does).  n_clusters and w larger than the rows the layer sees are clamped to them.
 
     ``layer.backward(dout)`` returns (dq, dk, dv) for the one ``layer(...)`` call made
     since the previous backward; after several calls, take each call's context:
@@ -383,7 +386,8 @@ class RoutingAttention(LayerCalls):
         self.membership, self.merge = membership, merge
         self.decay = decay_value(decay)
         self.kmeans_iters = integer("kmeans_iters", kmeans_iters, low=0)
-        self.seed, self.scale = integer("seed", seed, 0, 2**64 - 1), scale
+        self.seed = integer("seed", seed, 0, 2**64 - 1)
+        self.scale = scale_option(scale)
         self.training = True
         self.centroids = None
         self.commitment_loss = None
@@ -479,7 +483,10 @@ class RoutingAttention(LayerCalls):
         labels = np.empty(batch + (heads, n + m), np.int64)
         loss = np.empty(batch + (heads,), q.dtype)
         q_idx = k_idx = None
-        new_centroids = self.centroids.copy()
+        # a float copy (centroids a user set may be of any dtype): the call's precision or more
+        new_centroids = self.centroids.astype(
+            np.result_type(self.centroids, q.dtype) if self.centroids.dtype.kind == "f"
+            else q.dtype)
         pool_buf = None if qhat is not None else np.empty(batch + (n + m, d), q.dtype)
         for h in range(heads):      # pool_buf: one head's rows, refilled by every head
             pooled, sq = self._pool_head(q, k, h, qhat, qsq, pool_buf)
@@ -566,6 +573,7 @@ class RoutingAttention(LayerCalls):
             core_size(name, x.shape[-2:], x.shape)
         kmask = self._layer_mask("key_mask", key_mask, m, q.shape[:-3])
         qmask = self._layer_mask("query_mask", query_mask, n, q.shape[:-3])
+        scale_value(self.scale, q.shape[-1], dtype)   # before the decisions move anything
         if self.shared_qk:      # the normalised queries are the keys, in the attention too
             qhat, qnorm, qsq = _normalize(q)
         else:

@@ -181,6 +181,53 @@ def test_a_failing_call_leaves_nothing_to_backward():
         layer.backward(np.ones_like(out))
 
 
+def test_a_failing_call_changes_no_state():
+    """A bad scale is refused where it is given; a scale that overflows only the call's
+    float32 is refused before the routing decisions move the centroids (a failed call
+    used to move them and overwrite commitment_loss), and a failed clustered call keeps
+    the previous labels."""
+    rng = np.random.default_rng(8)
+    q, k, v = _qkv(rng, (2, 2, 16, 4))
+    for make in (lambda s: ra.RoutingAttention(n_clusters=4, scale=s),
+                 lambda s: ra.ClusteredAttention(4, scale=s),
+                 lambda s: ra.CombinerAttention(scale=s)):
+        with pytest.raises(ValueError, match="scale must be finite"):
+            make(float("nan"))
+        with pytest.raises(TypeError, match="scale must be a real number"):
+            make("x")
+    layer = ra.RoutingAttention(n_clusters=4, decay=0.5, scale=1e39)
+    with pytest.raises(ValueError, match="overflows float32"):
+        layer(*(x.astype(np.float32) for x in (q, k, v)))
+    assert layer.centroids is None and layer.commitment_loss is None
+    layer(q, k, v)
+    before, loss = layer.centroids.copy(), layer.commitment_loss.copy()
+    with pytest.raises(ValueError, match="overflows float32"):
+        layer(*(x.astype(np.float32) for x in (q, k, v)))
+    assert np.array_equal(layer.centroids, before) and np.array_equal(layer.commitment_loss, loss)
+    clustered = ra.ClusteredAttention(4, bits=8)
+    clustered(q, k, v)
+    labels = clustered.labels.copy()
+    with pytest.raises(ValueError, match="key_mask"):
+        clustered(q[..., ::-1, :], k, v, key_mask=np.ones(5, bool))
+    assert np.array_equal(clustered.labels, labels)
+
+
+def test_centroids_a_user_sets_train_in_floating_point():
+    """Integer centroids (say, an identity) became all zeros after one training step
+    (the update was cast back to their dtype); float16 ones trained in float16."""
+    rng = np.random.default_rng(9)
+    q, k, v = _qkv(rng, (1, 2, 16, 4))
+    want = ra.RoutingAttention(n_clusters=4, decay=0.5)
+    want.centroids = np.stack([np.eye(4)] * 2)
+    want(q, k, v)
+    for given in (np.stack([np.eye(4, dtype=np.int64)] * 2), np.stack([np.eye(4)] * 2).astype(np.float16)):
+        layer = ra.RoutingAttention(n_clusters=4, decay=0.5)
+        layer.centroids = given
+        layer(q, k, v)
+        assert layer.centroids.dtype == np.float64
+        np.testing.assert_array_equal(layer.centroids, want.centroids)
+
+
 def test_reprs_and_docstrings():
     routing = ra.RoutingAttention(8, local_heads=2, window=16, causal=True, membership="argmax")
     clustered = ra.ClusteredAttention(10, bits=12, topk=5, seed=3)
