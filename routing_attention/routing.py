@@ -582,7 +582,7 @@ class RoutingAttention(LayerCalls):
                 same_leading_axes(q.shape, k.shape)
         katt = qhat if self.shared_qk else k          # shared-QK attends to normalised keys
         L = self.local_heads
-        batch = np.broadcast_shapes(q.shape[:-2], katt.shape[:-2], v.shape[:-2])
+        batch = batch_shape(q=(q, 2), k=(katt, 2), v=(v, 2))
         out = np.empty(batch + (n, v.shape[-1]), dtype)
         # everything the backward needs is in the data, layer options included, so a
         # later change of the layer's attributes cannot change an earlier call's gradient
