@@ -417,10 +417,11 @@ void FN(ra_attend_self_fallback)(FN(RaQTile) *qt, const FN(RaKeys) *keys, int d,
             T s = qt->pairs && qt->pairs->bias ? qt->pairs->bias[0] : 0;
             for (int c = 0; c < d; c++)
                 s += qt->q[(ptrdiff_t)r * d + c] * keys->kt[(ptrdiff_t)c * keys->ldkt + j];
+            if (s == -INFINITY) break;  /* a key of logit −inf is not seen: the row stays empty */
             qt->mx[r] = s;
             qt->sum[r] = 1;
             /* weight exp(s − s): 1 (times the dropout factor) for a finite logit, NaN for a
-               NaN or infinite one, as the softmax of one logit is */
+               NaN or +inf one, as the softmax of one logit is */
             const T f = s - s == 0 ? FN(ra_drop_factor)(qt->pairs, qt->pos[r], qt->pos[r])
                                    : s - s;
             for (int c = 0; c < e; c++)

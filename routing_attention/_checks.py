@@ -8,6 +8,7 @@ can tell which input to fix.
 import math
 import numbers
 import operator
+import re
 import weakref
 
 import numpy as np
@@ -120,17 +121,23 @@ def check_by_empty_call(forward, arrays, core_ranks, **keywords):
     """Check a lazy or traced call now: `forward` (a NumPy API function) runs on empty
     stand-ins of `arrays` (name -> array-like with shape and dtype; core_ranks: name ->
     rank of its core axes), so its own shape and keyword checks raise with their
-    messages.  No work is done: the arrays with the most batch axes get a leading axis
-    of 0 before their real shape (the others broadcast against it as they are), so the
-    call's batch is empty; the added axis is taken out of the shapes a message quotes."""
+    messages.  No work is done: every stand-in gets a leading axis of 0, after padding
+    the batch axes with 1s to one rank so that the added axes line up; a message quotes
+    the shapes given (a padded batch phrase may keep its leading 1s)."""
     shapes = {key: tuple(a.shape) for key, a in arrays.items()}
-    most = max(len(shape) - core_ranks[key] for key, shape in shapes.items())
-    stand_ins = {key: np.zeros((0,) * (len(shapes[key]) - core_ranks[key] == most)
-                               + shapes[key], a.dtype) for key, a in arrays.items()}
+    batch = max(len(shape) - core_ranks[key] for key, shape in shapes.items())
+    padded = {key: (1,) * (batch - len(shape) + core_ranks[key]) + shape
+              for key, shape in shapes.items()}
     try:
-        forward(**stand_ins, **keywords)
+        forward(**{key: np.zeros((0,) + padded[key], a.dtype) for key, a in arrays.items()},
+                **keywords)
     except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("(0, ", "(").replace("(0,)", "()")) from None
+        text = re.sub(r"\(0, ([^()]*)\)",
+                      lambda m: f"({m.group(1)}{',' if ',' not in m.group(1) else ''})", str(err))
+        for key, shape in shapes.items():
+            if padded[key] != shape:
+                text = text.replace(str(padded[key]), str(shape))
+        raise type(err)(text) from None
 
 
 # ------------------------------------------------------------------ fast path

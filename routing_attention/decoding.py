@@ -16,9 +16,11 @@ per sequence (Combiner: plus its region summaries, also O(n·d)).
 
 A refused call (bad shapes, dtype, `active`) leaves the cache as it was; a bad `scale`
 is refused at construction.  d = 0 and e = 0 work as in the full forward, and an empty
-prompt (``prefill`` of n = 0) gives an empty result.  A NaN or inf reaches exactly the
-rows it reaches in the full causal forward (a window slot hidden from a step contributes
-nothing, whatever it holds).
+prompt (``prefill`` of n = 0) gives an empty result.  A NaN reaches exactly the rows it
+reaches in the full causal forward (a window slot hidden from a step contributes nothing,
+whatever it holds); so does an inf, except in `CombinerCache`, which follows
+`reference.combiner_attention` where the kernel's summaries differ from it (an infinite
+key entry).
 """
 import numpy as np
 

@@ -1129,9 +1129,10 @@ class RoutingAttention(torch.nn.Module):
         q_idx, k_idx, lost = r._route(*args)
         if self.training or not self.centroids.numel():
             moved = torch.from_numpy(np.ascontiguousarray(r.centroids))
-            if moved.shape == self.centroids.shape:     # in place, as BatchNorm's statistics:
-                self.centroids.copy_(moved)             # functional_call's tensor moves too
-            else:                                       # the first fit
+            if (moved.shape == self.centroids.shape     # in place, as BatchNorm's statistics
+                    and not self.centroids.is_inference()):
+                self.centroids.copy_(moved)             # (functional_call's tensor moves too)
+            else:           # the first fit, or centroids made under torch.inference_mode
                 self.centroids = moved.to(self.centroids.device)
         decision = (_t(q_idx), _t(k_idx), used, _t(lost))
         if key is not None:     # [decision, recomputed] of every pending call with these inputs

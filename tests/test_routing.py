@@ -108,14 +108,22 @@ def test_exclude_self_falls_back_to_self(rng):
     assert_close(out[5], v[2], np.float64, "self excluded")
     # the fallback is the softmax of one logit: NaN when that logit is not finite, as in
     # the reference (it used to give v[2] whatever the logit)
-    for value in (np.nan, np.inf):
+    # (a logit of -inf: the key is not seen, output 0 and zero gradients, as the reference)
+    for sign, value in ((1, np.nan), (1, np.inf), (-1, np.inf)):
         bad = q.copy()
-        bad[2, 0] = value
+        bad[2, :] = 0
+        bad[2, 0] = sign * np.sign(k[2, 0]) * value
         with np.errstate(invalid="ignore"):
             out = ra.routing_attention(bad, k, v, idx, idx, causal=True, exclude_self=True)
             want = ref.routing_attention(bad, k, v, idx, idx, causal=True, exclude_self=True)
-        assert np.isnan(out[2]).all() and np.isnan(want[2]).all()
-        assert_close(np.delete(out, 2, 0), np.delete(want, 2, 0), np.float64, "others")
+        assert np.array_equal(np.isnan(out), np.isnan(want)), (sign, value)
+        assert_close(np.nan_to_num(out), np.nan_to_num(want), np.float64, f"{sign * value}")
+    bad[2, 0] = -np.sign(k[2, 0]) * np.inf
+    dout = np.ones((10, 3))
+    with np.errstate(invalid="ignore"):     # inf · 0 in the products of other rows
+        got = ra.routing_attention_backward(dout, bad, k, v, idx, idx, causal=True,
+                                            exclude_self=True)
+    assert np.all(got[0][2] == 0)           # query 2 saw nothing: no gradient
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -191,6 +191,16 @@ def test_functional_call_moves_the_centroids_it_is_given():
     assert not torch.equal(given["centroids"], before)
 
 
+def test_centroids_fitted_under_inference_mode_train_later():
+    q, k, v = _qkv(shape=(1, 2, 32, 8))
+    layer = rt.RoutingAttention(n_clusters=4, decay=0.5).eval()
+    with torch.inference_mode():
+        layer(q, k, v)                              # fits inference-mode centroids
+    fitted = layer.centroids.clone()
+    layer.train()(q, k, v)                          # could not move them in place
+    assert not torch.equal(layer.centroids, fitted)
+
+
 def test_deepcopy_after_a_call():
     import copy
     q, k, v = _qkv(shape=(1, 2, 32, 8))
