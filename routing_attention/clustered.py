@@ -97,7 +97,8 @@ def _backward(func, dout, q, k, v, labels, n_clusters, topk, key_mask, scale, sa
         given_or_saved(func, name, kw.values[name])
     q, k, v, labels, mask, use_mask, C, topk, scale, batch, pairs, terms = _prepare(
         q, k, v, labels, kw.values["n_clusters"], kw.values["topk"], kw.values["key_mask"],
-        kw.values["scale"], kw.values["dropout_p"], kw.values["dropout_seed"], kw.values["rel_bias"])
+        kw.values["scale"], kw.values["dropout_p"], kw.values["dropout_seed"],
+        kw.values["rel_bias"])
     kw.check(_keywords(C, topk, mask, use_mask, scale, terms))
     saved = kw.arrays
     dout = as_matrix("dout", dout, q.dtype)

@@ -11,8 +11,9 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
                       check_out, combiner_block, dout_shape, flag, integer, into_out,
-                      kernel_out, one_of, pair_record, plain_qkv, plain_scale, qkv_arrays, saved_arrays,
-                      scale_option, scale_value, self_attention_layout, unbroadcast)
+                      kernel_out, one_of, pair_record, plain_qkv, plain_scale, qkv_arrays,
+                      saved_arrays, scale_option, scale_value, self_attention_layout,
+                      unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]

@@ -4,8 +4,8 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, all_keys, as_bool_mask, as_matrix, batch_shape,
                       check_out, dout_shape, flag, forward_statistic, into_out, kernel_out,
-                      mask_fits, mask_record, pair_record, plain_qkv, plain_scale, qkv_arrays, scale_value,
-                      unbroadcast)
+                      mask_fits, mask_record, pair_record, plain_qkv, plain_scale, qkv_arrays,
+                      scale_value, unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["attention", "attention_backward"]

@@ -34,9 +34,9 @@ from . import combiner as _combiner
 from . import decoding as _decoding
 from . import dense as _dense
 from . import routing as _routing
-from ._checks import (bias_sources, dropout_args, integer, mask_fits, mask_length, one_of,
-                      no_bias_without_topk, pair_terms_without_lse, qkv_shapes, rank_at_least, routing_heads,
-                      same_leading_axes, scale_value, unbroadcast)
+from ._checks import (bias_sources, dropout_args, integer, mask_fits, mask_length,
+                      no_bias_without_topk, one_of, pair_terms_without_lse, qkv_shapes,
+                      rank_at_least, routing_heads, same_leading_axes, scale_value, unbroadcast)
 from .pairs import t5_buckets
 
 __all__ = [
