@@ -532,6 +532,19 @@ def dout_shape(dout, n, e):
                          f"output; got {dout.shape}")
 
 
+def layer_dout(dout, shape):
+    """A layer's dout: exactly `shape`, the output of the call it differentiates.  The
+    plain backwards broadcast dout (summing over extra leading axes); a layer knows its
+    output's shape, so a dout of another shape is a mistake, not a batch to sum over.
+    Its dtype is checked as any dout's (the backward casts it to the call's dtype)."""
+    float_dtype(dout=dout)
+    dout = np.asarray(dout)
+    if dout.shape != tuple(shape):
+        raise ValueError(f"dout must have shape {tuple(shape)} like the layer call's output; "
+                         f"got {dout.shape}")
+    return dout
+
+
 def int_array(name, a, min_rank=1):
     """An integer array as int64 (uint64 bit patterns are kept), naming the argument."""
     arr = as_array(name, a)

@@ -11,8 +11,8 @@ from .clustering import hamming_kmeans, lsh_hash
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, check_out, cluster_count, dout_shape, flag,
                       float_dtype, given_or_saved, integer, into_out, kernel_out, labels_array,
-                      mask_fits, mask_record, pair_record, qkv_arrays, saved_arrays, saved_from,
-                      scale_option, scale_value, some_rows, unbroadcast)
+                      layer_dout, mask_fits, mask_record, pair_record, qkv_arrays, saved_arrays,
+                      saved_from, scale_option, scale_value, some_rows, unbroadcast)
 from .pairs import _checked
 
 __all__ = ["clustered_attention", "clustered_attention_backward",
@@ -313,7 +313,7 @@ class ClusteredAttention(LayerCalls):
         return out
 
     def _run(self, q, k, v, key_mask, query_mask):
-        """Output and the backward's data: (q, k, v, labels, saved)."""
+        """Output and the backward's data: (q, k, v, labels, saved, output shape)."""
         labels = self.cluster(q, query_mask)
         C = min(self.n_clusters, labels.shape[-1])
         if self.topk is None:
@@ -324,13 +324,15 @@ class ClusteredAttention(LayerCalls):
                                                       key_mask=key_mask, scale=self.scale,
                                                       return_saved=True)
         self.labels = labels            # once the call has succeeded
-        return out, (q, k, v, labels, saved)
+        return out, (q, k, v, labels, saved, out.shape)
 
     def backward(self, dout, ctx=None):
         """Gradients (dq, dk, dv) of the call `ctx` (from `forward`), or without ctx of
         the one ``layer(q, k, v)`` call since the previous backward (RuntimeError after
-        two or more); the clustering is held fixed."""
-        q, k, v, labels, saved = self._context(ctx)
+        two or more); the clustering is held fixed.  dout has exactly the shape of that
+        call's output (else ValueError) and is cast to its dtype."""
+        q, k, v, labels, saved, shape = self._context(ctx)
+        dout = layer_dout(dout, shape)
         if saved["keywords"]["topk"] is None:
             return clustered_attention_backward(dout, q, k, v, labels, **saved)
         return improved_clustered_attention_backward(dout, q, k, v, labels, **saved)

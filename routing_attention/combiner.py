@@ -11,9 +11,9 @@ import numpy as np
 from . import _ext
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_matrix, batch_shape,
                       check_out, combiner_block, dout_shape, flag, integer, into_out,
-                      kernel_out, one_of, pair_record, plain_qkv, plain_scale, qkv_arrays,
-                      saved_arrays, scale_option, scale_value, self_attention_layout,
-                      unbroadcast)
+                      kernel_out, layer_dout, one_of, pair_record, plain_qkv, plain_scale,
+                      qkv_arrays, saved_arrays, scale_option, scale_value,
+                      self_attention_layout, unbroadcast)
 from .pairs import NO_PAIRS, _checked
 
 __all__ = ["combiner_attention", "combiner_attention_backward", "CombinerAttention", "PLANS"]
@@ -231,8 +231,10 @@ class CombinerAttention(LayerCalls):
         """Gradients (dq, dk, dv) of the call `ctx` (from `forward`), or without ctx of
         the one ``layer(q, k, v)`` call since the previous backward (RuntimeError after
         two or more).  Shaped like q, k, v (summed over the axes they were broadcast
-        along)."""
+        along).  dout has exactly the shape of that call's output (else ValueError) and
+        is cast to its dtype."""
         q, k, v, saved = self._context(ctx)
+        dout = layer_dout(dout, saved["output"].shape)
         return combiner_attention_backward(dout, q, k, v, **saved)
 
     def __repr__(self):

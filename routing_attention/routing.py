@@ -6,7 +6,7 @@ from .clustering import assign_top_members, members_from_labels, spherical_kmean
 from ._checks import (BackwardKeywords, LayerCalls, LayerContext, as_array, as_bool_mask,
                       as_matrix, batch_shape, broadcast_heads, check_out, core_size,
                       decay_value, dout_shape, dropout_args, flag, float_dtype, given_or_saved,
-                      integer, into_out, kernel_checked_lists, kernel_out, mask_fits,
+                      integer, into_out, kernel_checked_lists, kernel_out, layer_dout, mask_fits,
                       member_lists, one_of, pair_record, qkv_arrays, qkv_shapes,
                       rel_bias_array, routing_heads, same_cluster_count, same_leading_axes,
                       saved_arrays, scale_option, scale_value, some_rows, unbroadcast)
@@ -622,7 +622,8 @@ class RoutingAttention(LayerCalls):
             else:
                 lost = None
         self.q_idx, self.k_idx = q_idx, k_idx
-        data = dict(shapes=shapes, q=q, qhat=qhat, qnorm=qnorm, katt=katt, v=v, local=local,
+        data = dict(shapes=shapes, out_shape=out.shape, q=q, qhat=qhat, qnorm=qnorm, katt=katt,
+                    v=v, local=local,
                     q_idx=q_idx, k_idx=k_idx, lost=lost, local_heads=L, kw=kw,
                     routed=None if saved is None else (signature, saved))
         return out, data
@@ -630,6 +631,8 @@ class RoutingAttention(LayerCalls):
     def backward(self, dout, ctx=None):
         """Gradients (dq, dk, dv) of one call's output (routing decisions fixed), shaped
         like the q, k, v passed in (summed over the axes they were broadcast along).
+        dout has exactly the shape of that call's output (else ValueError) and is cast to
+        its dtype.
 
         ctx: the context ``forward`` returned with that call.  Without it, the gradients
         are those of the one ``layer(q, k, v)`` call made since the previous backward;
@@ -639,7 +642,7 @@ class RoutingAttention(LayerCalls):
         data = self._context(ctx)
         q, katt, v, L, kw = data["q"], data["katt"], data["v"], data["local_heads"], data["kw"]
         shapes = data["shapes"]
-        dout = as_matrix("dout", dout, q.dtype, min_rank=3)
+        dout = layer_dout(dout, data["out_shape"]).astype(q.dtype, copy=False)
         heads = q.shape[-3]
         # both backwards already sum their gradients over broadcast batch axes: the head
         # slices of arrays shaped like the (head-broadcast) inputs take them as they are

@@ -245,6 +245,11 @@ DOUT_RULES = [
     ("dout_batch", dict(dout=np.ones((4, 6, 3)), q=np.ones((2, 6, 4))), ValueError,
      r"batch axes do not broadcast: dout \(4,\)"),
 ]
+# a layer knows its call's output shape: a dout of another rank or batch is refused as such
+LAYER_DOUT_MESSAGES = {
+    "dout_rank": r"dout must have shape \(6, 3\) like the layer call's output; got \(3,\)",
+    "dout_batch": r"dout must have shape \(2, 6, 3\) like the layer call's output; got \(4, 6, 3\)",
+}
 # method-specific rules: (id, function, overrides, exception, message)
 SPECIFIC_RULES = [
     ("mask_dtype", "attention", dict(key_mask=np.ones(6)), TypeError, r"key_mask must be a boolean"),
@@ -301,7 +306,8 @@ SPECIFIC_RULES = [
 ALL_RULES = (
     [pytest.param(fn, over, exc, msg, id=f"{fn}-{rid}") for rid, over, exc, msg in QKV_RULES
      for fn in QKV_CALLS]
-    + [pytest.param(fn, over, exc, msg, id=f"{fn}-{rid}") for rid, over, exc, msg in DOUT_RULES
+    + [pytest.param(fn, over, exc, LAYER_DOUT_MESSAGES.get(rid, msg) if fn == "CombinerAttention"
+                    else msg, id=f"{fn}-{rid}") for rid, over, exc, msg in DOUT_RULES
        for fn in BACKWARDS]
     + [pytest.param(fn, over, exc, msg, id=f"{fn}-{rid}") for rid, fn, over, exc, msg in SPECIFIC_RULES]
 )

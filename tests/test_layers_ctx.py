@@ -4,6 +4,8 @@
 number of calls; ``layer(q, k, v)`` then ``layer.backward(dout)`` works for one call and
 raises after two.  Plus the layers' NaN rule (issue 19 item 2) and their reprs.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -142,6 +144,40 @@ def test_contexts_are_checked(name):
     with pytest.raises(RuntimeError, match="needs a forward call first"):
         layer.backward(np.ones_like(out))
     assert name in repr(ctx)
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_dout_has_exactly_the_calls_output_shape(name):
+    """A layer knows its call's output shape: a dout with extra leading axes was summed
+    over them (a stack of douts gave the gradient of their sum, silently), a smaller one
+    broadcast.  Both raise.  dout's dtype stays as documented: cast to the call's dtype,
+    which it does not decide; complex refused."""
+    build, reference, decisions = LAYERS[name]
+    rng = np.random.default_rng(10)
+    layer, calls = build(rng)
+    q, k, v = calls[0]
+    out, ctx = layer.forward(q, k, v)
+    made = decisions(layer)
+    for shape in ((3,) + out.shape, (1,) + out.shape, out.shape[1:], out.shape[:-1] + (1,)):
+        message = (f"dout must have shape {re.escape(str(out.shape))} like the layer call's "
+                   f"output; got {re.escape(str(shape))}")
+        with pytest.raises(ValueError, match=message):
+            layer.backward(np.ones(shape), ctx)
+        layer(q, k, v)
+        with pytest.raises(ValueError, match=message):
+            layer.backward(np.ones(shape))
+    dout = rng.standard_normal(out.shape).astype(np.float32)
+    want = reference(layer, q, k, v, dout.astype(np.float64), made)
+    for given in (dout, dout.tolist()):
+        for which, g, w in zip("qkv", layer.backward(given, ctx), want):
+            assert_close(g, w, np.float64, f"{name} d{which} of a {type(given).__name__} dout")
+    out32, ctx32 = layer.forward(*(x.astype(np.float32) for x in (q, k, v)))
+    wide = rng.standard_normal(out32.shape)
+    for which, g, w in zip("qkv", layer.backward(wide, ctx32),
+                           layer.backward(wide.astype(np.float32), ctx32)):
+        assert g.dtype == np.float32 and np.array_equal(g, w), f"{name} d{which}: dout cast"
+    with pytest.raises(TypeError, match="dout has complex dtype"):
+        layer.backward(out.astype(np.complex128), ctx)
 
 
 def test_the_context_keeps_the_calls_options():
