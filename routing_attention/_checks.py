@@ -777,13 +777,18 @@ def broadcast_heads(q, k, v):
 
 
 # ------------------------------------------------------------------ decoding caches
-def decode_step(q, k, v, first_step):
+def decode_step(q, k, v, first_step, tokens=None):
     """One decoding step's q, k, v: one new token each, shaped like the first step's
-    (first_step: (batch, d, e), or None at the first step: then q, k, v must agree)."""
+    (first_step: (batch, d, e), or None at the first step: then q, k, v must agree).
+    tokens: a prompt's length (q's), which k and v must share, for a whole prompt
+    checked before any of it is fed."""
     for name, a in (("q", q), ("k", k), ("v", v)):
-        if a.shape[-2] != 1:
+        if tokens is None and a.shape[-2] != 1:
             raise ValueError(f"{name} must hold one new token per sequence, shape (..., 1, "
                              f"features); got {a.shape}")
+        if tokens is not None and a.shape[-2] != tokens:
+            raise ValueError(f"{name} must hold the prompt's {tokens} tokens per sequence, "
+                             f"as q does, shape (..., {tokens}, features); got {a.shape}")
     if first_step is None:
         if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2] or \
                 k.shape[-1] != q.shape[-1]:
@@ -791,9 +796,10 @@ def decode_step(q, k, v, first_step):
                              f"got {q.shape}, {k.shape}, {v.shape}")
         return
     batch, d, e = first_step
+    n = 1 if tokens is None else tokens
     for name, a, f in (("q", q, d), ("k", k, d), ("v", v, e)):
-        if a.shape != batch + (1, f):
-            raise ValueError(f"{name} must have shape {batch + (1, f)} like the first "
+        if a.shape != batch + (n, f):
+            raise ValueError(f"{name} must have shape {batch + (n, f)} like the first "
                              f"step's; got {a.shape}")
 
 

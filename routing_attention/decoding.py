@@ -14,13 +14,13 @@ sequences of different lengths share a cache: only the active ones take a token,
 others keep their state and get a zero row.  Memory grows like the tokens: O(n·(d + e))
 per sequence (Combiner: plus its region summaries, also O(n·d)).
 
-A refused call (bad shapes, dtype, `active`) leaves the cache as it was; a bad `scale`
-is refused at construction.  d = 0 and e = 0 work as in the full forward, and an empty
-prompt (``prefill`` of n = 0) gives an empty result.  A NaN reaches exactly the rows it
-reaches in the full causal forward (a window slot hidden from a step contributes nothing,
-whatever it holds); so does an inf, except in `CombinerCache`, which follows
-`reference.combiner_attention` where the kernel's summaries differ from it (an infinite
-key entry).
+A refused call (bad shapes, dtype, `active`) leaves the cache as it was (``prefill``
+checks the whole prompt first); a bad `scale` is refused at construction.  d = 0 and
+e = 0 work as in the full forward, and an empty prompt (``prefill`` of n = 0), checked
+as a step, gives an empty result.  A NaN reaches exactly the rows it reaches in the full
+causal forward (a window slot hidden from a step contributes nothing, whatever it holds);
+so does an inf, except in `CombinerCache`, which follows `reference.combiner_attention`
+where the kernel's summaries differ from it (an infinite key entry).
 """
 import numpy as np
 
@@ -128,10 +128,18 @@ class _Cache:
         return out.reshape(self.batch + (1, self.e))
 
     def prefill(self, q, k, v):
-        """Feed a prompt (..., n, d) token by token; returns its outputs (..., n, e).  An
-        empty prompt (n = 0) changes nothing and gives an empty (..., 0, e)."""
+        """Feed a prompt (..., n, d) token by token; returns its outputs (..., n, e).  The
+        whole prompt is checked first, as a step (batch axes, d, e and dtype against the
+        cache's, once it has taken a step; the same n in q, k, v), so a refused prompt
+        feeds nothing.  An empty prompt (n = 0) changes nothing and gives an empty
+        (..., 0, e)."""
         dtype = float_dtype(q=q, k=k, v=v)
         q, k, v = (as_matrix(name, a, dtype) for name, a in (("q", q), ("k", k), ("v", v)))
+        if self.batch is None:
+            decode_step(q, k, v, None, tokens=q.shape[-2])
+        else:
+            decode_step(q, k, v, (self.batch, self.d, self.e), tokens=q.shape[-2])
+            cache_dtype(self.dtype, dtype)
         rows = [self.step(q[..., i:i + 1, :], k[..., i:i + 1, :], v[..., i:i + 1, :])
                 for i in range(q.shape[-2])]
         return np.concatenate(rows, -2) if rows else np.zeros(q.shape[:-2] + (0, v.shape[-1]),

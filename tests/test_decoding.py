@@ -201,6 +201,48 @@ def test_an_empty_prompt_gives_an_empty_result(method):
     assert_close(cache.prefill(q, k, v), full(q, k, v), np.float32, f"{method} after it")
 
 
+def _routing_cache():
+    """A RoutingCache of a layer with one local head and fitted centroids."""
+    layer = ra.RoutingAttention(n_clusters=3, membership="argmax", causal=True, local_heads=1,
+                                window=4)
+    layer(*_tokens((2, 3, 9, 4), np.float64, seed=3))
+    layer.training = False
+    return RoutingCache(layer)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS) + ["routing"])
+def test_a_prompt_to_a_set_up_cache_is_checked_as_a_step(method):
+    """An empty prompt to a cache that has taken steps is checked as a step would be:
+    other batch axes, d, e or dtype are refused naming the argument (they gave an empty
+    result); a matching one gives the empty (..., 0, e).  A prompt whose q, k, v differ
+    in length is refused before any of it is fed (it fed the tokens they share)."""
+    cache = _routing_cache() if method == "routing" else METHODS[method][0]()
+    q, k, v = _tokens((2, 3, 5, 4), np.float64)
+    cache.prefill(q, k, v[..., :3])
+    empty = dict(q=np.zeros((2, 3, 0, 4)), k=np.zeros((2, 3, 0, 4)), v=np.zeros((2, 3, 0, 3)))
+    refused = [
+        (dict(q=np.zeros((3, 3, 0, 4)), k=np.zeros((3, 3, 0, 4)), v=np.zeros((3, 3, 0, 3))),
+         ValueError, r"q must have shape \(2, 3, 0, 4\) like the first step's; got \(3, 3, 0, 4\)"),
+        (dict(q=np.zeros((2, 3, 0, 5)), k=np.zeros((2, 3, 0, 5))),
+         ValueError, r"q must have shape \(2, 3, 0, 4\) like the first step's; got \(2, 3, 0, 5\)"),
+        (dict(k=np.zeros((2, 0, 4))),
+         ValueError, r"k must have shape \(2, 3, 0, 4\) like the first step's; got \(2, 0, 4\)"),
+        (dict(v=np.zeros((2, 3, 0, 4))),
+         ValueError, r"v must have shape \(2, 3, 0, 3\) like the first step's; got \(2, 3, 0, 4\)"),
+        ({name: a.astype(np.float32) for name, a in empty.items()},
+         TypeError, r"this cache holds float64 tokens; got float32"),
+        (dict(q=q, k=k[..., :4, :], v=v[..., :4, :3]),
+         ValueError, r"k must hold the prompt's 5 tokens per sequence, as q does"),
+    ]
+    for given, error, message in refused:
+        with pytest.raises(error, match=message):
+            cache.prefill(**dict(empty, **given))
+    assert cache.lengths.tolist() == [5] * 6, "a refused prompt feeds nothing"
+    rows = cache.prefill(**empty)
+    assert rows.shape == (2, 3, 0, 3) and rows.dtype == np.float64
+    assert cache.lengths.tolist() == [5] * 6
+
+
 def test_a_bad_scale_is_refused_at_construction():
     with pytest.raises(ValueError, match="finite"):
         DenseCache(scale=float("nan"))
