@@ -262,11 +262,14 @@ class CombinerCache(_Cache):
 class RoutingCache(_Cache):
     """Causal decoding of a `RoutingAttention` layer with ``membership="argmax"`` and
     ``causal=True`` (balanced top-w membership looks at the whole sequence and has no
-    causal decoding).  The cache copies the layer's centroids at its first step (fit them
-    first; the cache never moves them) and decodes with that copy to the end: a later
-    change of ``layer.centroids`` (a training call, an assignment, an in-place edit) does
-    not reach it, as its cluster lists were built with the copy.  The layer's `window`
-    must be set for local heads (the default n // n_clusters depends on the final length).
+    causal decoding).  At its first step the cache copies the layer's centroids (fit them
+    first; the cache never moves them) and its `local_heads`, `window` and `shared_qk`
+    (checking them again), and decodes with that copy to the end: a later change of the
+    layer (a training call, an assignment, an in-place edit of ``layer.centroids``,
+    another window) does not reach it, as its cluster lists and cached keys were built
+    with the copy.  Its `scale` is the layer's when the cache is built.  The layer's
+    `window` must be set for local heads (the default n // n_clusters depends on the
+    final length).
 
     q, k, v are (..., heads, 1, d): the first `local_heads` heads attend their window,
     the others the keys of the new query's cluster (its argmax centroid); each new key
@@ -281,22 +284,25 @@ class RoutingCache(_Cache):
         self.layer = layer
         self.members = None     # per flattened sequence: {cluster: list of key positions}
         self.centroids = None   # the layer's, copied at the first step
+        self.local_heads = self.window = self.shared_qk = None     # the layer's, likewise
 
     def _setup(self, q, k, v):
         layer = self.layer
+        decodable_routing_layer(layer)      # as built, unless the layer changed since
         decoding_heads(q.shape, layer.local_heads, layer.centroids)
         super()._setup(q, k, v)
+        self.local_heads, self.window, self.shared_qk = \
+            layer.local_heads, layer.window, layer.shared_qk
         self.heads = q.shape[-3]
         self.members = [dict() for _ in range(self.lengths.size)]
         if layer.centroids is not None:
             self.centroids = np.array(layer.centroids, self.dtype)          # a copy
 
     def _append(self, rows, t, q, k):
-        layer = self.layer
-        if layer.shared_qk:       # keys are the normalised queries, in every head
+        if self.shared_qk:        # keys are the normalised queries, in every head
             k = _normalize(q)[0]
             self.keys[rows, t] = k
-        head = rows % self.heads - layer.local_heads
+        head = rows % self.heads - self.local_heads
         routed = head >= 0
         self._query_labels = {}
         if not routed.any():
@@ -306,19 +312,18 @@ class RoutingCache(_Cache):
         # for a row that is not finite
         nearest = lambda x: assign_clusters(_normalize(x)[0][:, None], cent)[:, 0]  # noqa: E731
         q_labels = nearest(q[routed])
-        k_labels = q_labels if layer.shared_qk else nearest(k[routed])
+        k_labels = q_labels if self.shared_qk else nearest(k[routed])
         for p, i, c in zip(rows[routed].tolist(), t[routed].tolist(), k_labels.tolist()):
             if c >= 0:
                 self.members[p].setdefault(c, []).append(i)
         self._query_labels = dict(zip(rows[routed].tolist(), q_labels.tolist()))
 
     def _attend(self, rows, t, q):
-        layer = self.layer
         out = np.empty((rows.size, self.e), self.dtype)
-        local = rows % self.heads < layer.local_heads
+        local = rows % self.heads < self.local_heads
         if local.any():
-            positions, visible = _window(t[local], layer.window)
-            if layer.shared_qk:
+            positions, visible = _window(t[local], self.window)
+            if self.shared_qk:
                 visible = self._exclude_self(visible, positions == t[local][:, None])
             out[local] = self._attend_positions(rows[local], q[local], positions, visible)
         for a in np.flatnonzero(~local):
@@ -328,7 +333,7 @@ class RoutingCache(_Cache):
                 continue
             positions = np.asarray(self.members[p].get(self._query_labels[int(p)], []), np.int64)
             visible = np.ones((1, positions.size), bool)
-            if layer.shared_qk:
+            if self.shared_qk:
                 visible = self._exclude_self(visible, positions[None] == t[a])
             out[a] = self._attend_positions(rows[a:a + 1], q[a:a + 1], positions[None],
                                             visible)[0]

@@ -178,6 +178,32 @@ def test_routing_cache_keeps_the_centroids_of_its_first_step():
     assert_close(rows, layer(q, k, v), np.float64, "steps after the centroids changed")
 
 
+def test_routing_cache_keeps_the_options_of_its_first_step():
+    """The cache reads the layer's local_heads, window and shared_qk at its first step, as
+    the centroids: changing them later changes none of its steps (the window and the
+    kind of each head were read live at every step).  A layer changed between the cache's
+    construction and its first step is checked again then."""
+    q, k, v = _tokens((1, 3, 30, 8), np.float64)
+    layer = ra.RoutingAttention(n_clusters=3, membership="argmax", causal=True, local_heads=1,
+                                window=4)
+    layer(q, k, v)
+    layer.training = False
+    cache = RoutingCache(layer)
+    first = cache.prefill(q[..., :15, :], k[..., :15, :], v[..., :15, :])
+    layer.local_heads, layer.window, layer.shared_qk = 2, 8, True
+    rows = np.concatenate([first, cache.prefill(q[..., 15:, :], k[..., 15:, :],
+                                                v[..., 15:, :])], -2)
+    layer.local_heads, layer.window, layer.shared_qk = 1, 4, False
+    assert_close(rows, layer(q, k, v), np.float64, "steps after the options changed")
+    cache = RoutingCache(layer)
+    layer.window = None
+    with pytest.raises(ValueError, match="window set for its local heads"):
+        cache.step(q[..., :1, :], k[..., :1, :], v[..., :1, :])
+    assert cache.batch is None, "a refused first step sets nothing up"
+    layer.window = 4
+    assert_close(cache.prefill(q, k, v), layer(q, k, v), np.float64, "after the refused step")
+
+
 # ------------------------------------------------------------------ edge sizes, refusals
 @pytest.mark.parametrize("d, e", [(0, 3), (3, 0), (0, 0)])
 @pytest.mark.parametrize("method", sorted(METHODS))
