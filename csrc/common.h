@@ -242,13 +242,15 @@ static inline size_t ra_spread_size(int rows, int cols, size_t size)
 }
 
 /* ------------------------------------------------------------------ hints */
-/* Cache lines to hint while a kernel computes: the gemm issues a few after each of its
- * micro-tiles (as many as the micro-tile's depth), so the next unit's rows are requested
- * steadily over the current unit's products rather than in one burst before them, which
- * the memory system partly drops.  Only hints. */
+/* Cache lines to hint while a kernel computes: the gemm issues some after each of its
+ * micro-tiles, in proportion to the micro-tile's multiply-adds, so the next unit's rows
+ * are requested steadily over the current unit's products rather than in one burst
+ * before them, which the memory system partly drops.  Only hints. */
 typedef struct {
     const char **line;    /* the lines' addresses */
     int next, count;      /* lines [next, count) are still to hint */
+    float per_fma;        /* lines to hint per multiply-add of the products (ra_hints_pace) */
+    float owed;           /* the fraction of a line owed so far */
 } RaHints;
 
 /* Hint up to n more lines of h (NULL: none). */
@@ -258,6 +260,23 @@ static inline void ra_hints_issue(RaHints *h, int n)
     const int stop = h->count - h->next > n ? h->next + n : h->count;
     for (int i = h->next; i < stop; i++) __builtin_prefetch(h->line[i], 0, 2);
     h->next = stop;
+}
+
+/* Spread the lines queued in h over the next `fmas` multiply-adds of the products. */
+static inline void ra_hints_pace(RaHints *h, double fmas)
+{
+    h->per_fma = fmas > 0 ? (float)((h->count - h->next) / fmas) : 0;
+    h->owed = 0;
+}
+
+/* After `fmas` multiply-adds: hint the lines they are owed (NULL: none). */
+static inline void ra_hints_after(RaHints *h, double fmas)
+{
+    if (!h) return;
+    const float owed = h->owed + h->per_fma * (float)fmas;
+    const int n = owed < (float)INT_MAX ? (int)owed : INT_MAX;
+    h->owed = owed - (float)n;
+    ra_hints_issue(h, n);
 }
 
 /* ------------------------------------------------------------------ strided views */

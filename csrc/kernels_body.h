@@ -193,7 +193,7 @@ FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t 
     for (; i + GEMM_MR <= M; i += GEMM_MR) {
         FN(gemm_micro)(GEMM_MR, nv, K, A + i * a_rs, a_rs, a_ks, B, ldb, C + i * ldc, ldc,
                        accumulate);
-        ra_hints_issue(hints, K);
+        ra_hints_after(hints, (double)GEMM_MR * nv * VL * K);
     }
     A += i * a_rs;
     C += i * ldc;

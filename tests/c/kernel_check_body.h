@@ -25,8 +25,9 @@ static void *F(alloc)(size_t bytes)   /* 64-byte aligned, zeroed */
 
 /* One product shape (M×N, depth KD, every leading dimension LD): gemm accumulating, gemm,
  * gemm_tn accumulating, dumped as <tag>gemm.acc, <tag>gemm, <tag>gemm_tn; gemm_hinting
- * checked against gemm (the same bits) and for hinting every line queued when it has
- * as many micro-tiles as lines to hint (none left over at a step of depth KD each). */
+ * checked against gemm (the same bits), for hinting every line queued when they are all
+ * owed after its first micro-tile, and for hinting some but not all of them when they
+ * are paced over four times its multiply-adds. */
 static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *tag)
 {
     T *A = F(alloc)(sizeof(T) * KD * LD), *B = F(alloc)(sizeof(T) * KD * LD);
@@ -43,16 +44,27 @@ static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *
     DUMP_AS(name, KIND, C, M * LD);
     {
         T *C2 = F(alloc)(sizeof(T) * M * LD);
-        const char *lines[3];
+        enum { LINES = 1000 };
+        const char *lines[LINES];
+        for (int i = 0; i < LINES; i++) lines[i] = (const char *)(A + i % 64);
         RaHints h = {lines, 0, 3};
-        for (int i = 0; i < 3; i++) lines[i] = (const char *)(A + i * 16);
+        ra_hints_pace(&h, 1);            /* all three owed after the first micro-tile */
         int same = 1;
         K->gemm_hinting(M, N, KD, A, LD, B, LD, C2, LD, 0, &h);
         for (int i = 0; i < M; i++)        /* the M×N block; columns from N on are not C's */
             same &= memcmp(C + i * LD, C2 + i * LD, sizeof(T) * N) == 0;
-        if (!same || (M >= 6 && h.next != h.count)) {
+        if (!same || (M >= 8 && h.next != h.count)) {
             fprintf(stderr, "kernel_check: %sgemm_hinting differs from gemm or left %d of its "
                     "lines\n", tag, h.count - h.next);
+            self_check_failures++;
+        }
+        /* paced over four times this product's multiply-adds: some lines hinted, not all */
+        RaHints paced = {lines, 0, LINES};
+        ra_hints_pace(&paced, 4.0 * M * N * KD);
+        K->gemm_hinting(M, N, KD, A, LD, B, LD, C2, LD, 0, &paced);
+        if (M >= 8 && (paced.next == 0 || paced.next == paced.count)) {
+            fprintf(stderr, "kernel_check: %sgemm_hinting hinted %d of %d lines paced over "
+                    "four times its products\n", tag, paced.next, paced.count);
             self_check_failures++;
         }
         free(C2);
