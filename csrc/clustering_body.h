@@ -29,6 +29,8 @@ static size_t FN(assign_scratch)(int d, int c)
     return a.used;
 }
 
+#include "norms_body.h"
+
 /* x (n, d) strided, ct (d, c) = centroidsᵀ  ->  lab (n): argmax_j x_i·μ_j (−1 for rows
  * with mask False; mask.data may be NULL).  Blocks of RA_ROWS rows through the gemm
  * kernel; scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
@@ -243,6 +245,7 @@ static void FN(spherical_update)(int d, int c, const T *xn, const int64_t *start
         }
         T sq = 0;
         for (int u = 0; u < d; u++) sq += s[u] * s[u];
+        sq = FN(safe_sq)(s, d, sq);
         if (!(sq > 0)) continue;
         const T inv = 1 / sqrt(sq);
         for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = s[u] * inv;
@@ -288,6 +291,8 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
         uint64_t rng = RA_VEC_AT(uint64_t, ra_vec_at(seed, b), 0);
         /* 1. unit rows (a zero row stays zero); masked rows, and rows with a NaN or an
               infinity, never take part */
+        fexcept_t fe_saved;
+        fegetexceptflag(&fe_saved, FE_OVERFLOW);
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {
             T *o = xn + (size_t)i * d;
@@ -296,11 +301,13 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
                 o[u] = RA_MAT_AT(T, xb, i, u);
                 sq += o[u] * o[u];
             }
+            sq = FN(safe_sq)(o, d, sq);                  /* huge or tiny rows: rescaled */
             const T inv = sq > 0 ? 1 / sqrt(sq) : 0;
             for (int u = 0; u < d; u++) o[u] *= inv;
             valid[i] = (mb.data == NULL || RA_VEC_AT(uint8_t, mb, i)) && isfinite(sq);
             lab[i] = -2;                     /* "no label yet": every row counts as changed */
         }
+        fesetexceptflag(&fe_saved, FE_OVERFLOW);
         int64_t nvalid = 0;
         for (int i = 0; i < n; i++) nvalid += valid[i];
         /* 2. initial centroids: given, or seeded k-means++ (nothing to seed from: zeros) */
@@ -392,11 +399,14 @@ static int FN(update_problem)(ptrdiff_t b, int n, int d, int c, RaBMat centroids
             for (int u = 0; u < d; u++) v[u] = RA_MAT_AT(T, cb, j, u);
             continue;
         }
-        T sq = 0;
-        for (int u = 0; u < d; u++) {
+        for (int u = 0; u < d; u++)
             v[u] = dec * RA_MAT_AT(T, cb, j, u) + (1 - dec) * (v[u] / (T)count);
-            sq += v[u] * v[u];
-        }
+        fexcept_t fe_saved;
+        fegetexceptflag(&fe_saved, FE_OVERFLOW);
+        T sq = 0;
+        for (int u = 0; u < d; u++) sq += v[u] * v[u];
+        sq = FN(safe_sq)(v, d, sq);
+        fesetexceptflag(&fe_saved, FE_OVERFLOW);
         const T inv = sq > 0 ? 1 / sqrt(sq) : 1;
         for (int u = 0; u < d; u++) v[u] *= inv;
     }
@@ -480,39 +490,6 @@ int FN(ra_commitment_loss)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 }
 
 #include "top_members_body.h"
-
-/* ------------------------------------------------------------------ normalize_rows */
-/* x (B; n, d) -> xhat (B; n, d), norm, sq (B; n); rows in parallel (each on its own). */
-int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBVec norm,
-                          RaBVec sq)
-{
-    const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads();
-    const ptrdiff_t total = B * (ptrdiff_t)n;
-    /* unit-stride rows through the SIMD kernel, others element by element; which path a
-       row takes depends on the layout only, never on the thread count */
-    const int unit = x.s1 == (ptrdiff_t)sizeof(T) && xhat.s1 == (ptrdiff_t)sizeof(T);
-    #pragma omp parallel for num_threads(nt) schedule(static) if (total * d > 32768)
-    for (ptrdiff_t u = 0; u < total; u++) {
-        const ptrdiff_t b = u / n;
-        const int i = (int)(u % n);
-        const RaMat xb = ra_mat_at(x, b), ob = ra_mat_at(xhat, b);
-        const char *row = xb.data + (ptrdiff_t)i * xb.s0;
-        char *out = ob.data + (ptrdiff_t)i * ob.s0;
-        T *nrm_i = &RA_VEC_AT(T, ra_vec_at(norm, b), i), *sq_i = &RA_VEC_AT(T, ra_vec_at(sq, b), i);
-        if (unit) {
-            K->normalize_row((const T *)row, d, (T *)out, nrm_i, sq_i);
-            continue;
-        }
-        const T nrm = (T)sqrt(FN(ra_dot)(row, xb.s1, row, xb.s1, d));
-        const T div = nrm > 0 ? nrm : 1;
-        for (int f = 0; f < d; f++)
-            *(T *)(out + (ptrdiff_t)f * ob.s1) = *(const T *)(row + (ptrdiff_t)f * xb.s1) / div;
-        *nrm_i = nrm;
-        *sq_i = FN(ra_dot)(out, ob.s1, out, ob.s1, d);
-    }
-    return RA_OK;
-}
 
 /* ------------------------------------------------------------------ lsh_hash */
 /* x (B; n, d), planes (B; bits, d + 1)  ->  codes (B; n) int64: bit b set iff

@@ -42,7 +42,8 @@ def spherical_kmeans(x, n_clusters, *, iters=10, seed=0, mask=None, init=None):
     Parameters
     ----------
     x : array_like, shape (..., n, d)
-        Rows to cluster; they are L2-normalised first (a zero row stays zero).  A row
+        Rows to cluster; they are L2-normalised first (a zero row stays zero; a finite
+        row of any size, its squares scaled out of overflow and underflow).  A row
         holding a NaN or an infinity takes no part, as if masked.
     n_clusters : int
         c, in [1, n].

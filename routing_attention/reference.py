@@ -578,12 +578,22 @@ def _argmax_labels(s):
     return np.where(ok.any(axis=-1), np.argmax(best, axis=-1), -1).astype(np.int64)
 
 
+def _pow2_scaled(x):
+    """x (..., d) with each row times 2^-e, the power of two that brings its largest |x_i|
+    into [0.5, 1), so that no square overflows or underflows (a zero row, or one with a
+    NaN or an infinity, is left as it is).  The scaling is exact: the scaled row's unit
+    row has the bits of x / sqrt(Σx²) wherever that neither overflows nor underflows."""
+    m = np.abs(x).max(axis=-1, keepdims=True)
+    return np.ldexp(x, -np.frexp(np.where(np.isfinite(m), m, 0.0))[1])
+
+
 def _mask_or_all(mask, shape):
     return np.ones(shape, dtype=bool) if mask is None else np.broadcast_to(mask, shape)
 
 
 def _spherical_one(x, c, iters, seed, valid, init):
     n, d = x.shape
+    x = _pow2_scaled(x)                                   # huge and tiny rows too
     with np.errstate(invalid="ignore", over="ignore"):     # rows with a NaN or an inf
         norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
         xn = np.where(norm > 0, x / np.where(norm > 0, norm, 1), 0.0)   # zero stays zero
@@ -625,7 +635,7 @@ def _spherical_one(x, c, iters, seed, valid, init):
         lab = np.where(valid, _argmax_labels(xn @ mu.T), -1)
         for j in range(c):
             if (lab == j).any():
-                s = xn[lab == j].sum(axis=0)
+                s = _pow2_scaled(xn[lab == j].sum(axis=0))
                 nrm = np.sqrt(s @ s)
                 if nrm > 0:
                     mu[j] = s / nrm
@@ -685,7 +695,7 @@ def update_centroids(centroids, x, labels, *, decay=0.999, mask=None):
         for j in range(c):
             sel = (L == j) & M
             if sel.any():
-                v = decay * cent[b][j] + (1 - decay) * X[sel].mean(axis=0)
+                v = _pow2_scaled(decay * cent[b][j] + (1 - decay) * X[sel].mean(axis=0))
                 nrm = np.sqrt(v @ v)
                 out[b][j] = v / nrm if nrm > 0 else v
     return out

@@ -12,10 +12,23 @@ from conftest import run_with_simd
 
 DTYPES = [np.float32, np.float64]
 RTOL = {np.float32: 1e-5, np.float64: 1e-10}
+# row sizes whose squares overflow / underflow the dtype, and powers of two just as far out
+HUGE = {np.float32: 1e20, np.float64: 1e200}
+TINY = {np.float32: 1e-25, np.float64: 1e-160}
+HUGE2 = {np.float32: 2.0 ** 66, np.float64: 2.0 ** 665}
+TINY2 = {np.float32: 2.0 ** -83, np.float64: 2.0 ** -532}
 
 
 def rng(seed=0):
     return np.random.default_rng(seed)
+
+
+def out_of_range(x, dtype, huge, tiny):
+    """x with every third row times huge[dtype] and the next one times tiny[dtype]."""
+    y = x.copy()
+    y[0::3] *= dtype(huge[dtype])
+    y[1::3] *= dtype(tiny[dtype])
+    return y
 
 
 def assert_close(got, want, dtype, what):
@@ -107,7 +120,7 @@ def test_assign_argmax_across_vector_blocks_on_every_kernel_table(simd):
     """The vector argmax: ties split across column blocks and the tail, a NaN column, a
     ±inf column and an all-NaN row, for widths below, at and above two vectors; labels
     and best scores equal the reference on each instruction set's kernels.  Also the row
-    normalisation kernel the layer uses, on the same tables."""
+    normalisation kernel the layer uses, on the same tables (huge and tiny rows too)."""
     code = (
         "import numpy as np, routing_attention as ra\n"
         "from routing_attention import reference as ref\n"
@@ -138,6 +151,9 @@ def test_assign_argmax_across_vector_blocks_on_every_kernel_table(simd):
         "    assert np.allclose(xhat, x / np.where(want > 0, want, 1)[:, None], rtol=tol, atol=tol), dt\n"
         "    assert np.allclose(sq, (xhat.astype(np.float64) ** 2).sum(-1), rtol=tol, atol=tol), dt\n"
         "    assert sq[3] == 0 and (xhat[3] == 0).all()\n"
+        "    for size in ((1e20, 1e-25) if dt == np.float32 else (1e200, 1e-160)):\n"
+        "        assert np.allclose(ra._ext._normalize_rows(x * dt(size))[0], xhat, rtol=tol,\n"
+        "                           atol=tol), (dt, size)               # squares out of range\n"
         "print('ok', ra.build_info()['simd'])\n")
     out = run_with_simd(code, simd)
     assert out.split()[0] == "ok", out
@@ -243,6 +259,32 @@ def test_spherical_kmeans_n_equals_one():
     np.testing.assert_allclose(mu, [[0.6, 0.8]], rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spherical_kmeans_huge_and_tiny_rows(dtype):
+    """Rows whose squares overflow or underflow the dtype are clustered as the same rows
+    at ordinary size (spherical k-means sees only directions): the same centroids and
+    labels, and the reference's; scaled by powers of two, the very bits.  (Their plain
+    sums of squares made them non-finite rows, left out, or zero rows.)"""
+    x, _ = separated(40, 5, 8, 21)
+    x = x.astype(dtype)
+    with np.errstate(over="raise"):           # a rescued sum reports no overflow
+        for iters in (0, 3):
+            want = ra.spherical_kmeans(x, 5, iters=iters, seed=2)
+            y = out_of_range(x, dtype, HUGE, TINY)
+            got = ra.spherical_kmeans(y, 5, iters=iters, seed=2)
+            with threads(1):
+                np.testing.assert_array_equal(ra.spherical_kmeans(y, 5, iters=iters, seed=2),
+                                              got, err_msg=f"iters={iters}: one thread")
+            assert_close(got, want, dtype, f"iters={iters}: against the ordinary rows")
+            assert_close(got, ref.spherical_kmeans(y, 5, iters=iters, seed=2), dtype,
+                         f"iters={iters}: against the reference")
+            assert_same(ra.assign_clusters(y, got), ra.assign_clusters(x, want),
+                        f"iters={iters}: labels")
+            exact = ra.spherical_kmeans(out_of_range(x, dtype, HUGE2, TINY2), 5,
+                                        iters=iters, seed=2)
+            np.testing.assert_array_equal(exact, want, err_msg=f"iters={iters}: powers of 2")
+
+
 # ------------------------------------------------------------------ update_centroids
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_update_centroids_against_reference_with_pooling(dtype):
@@ -269,6 +311,65 @@ def test_update_centroids_in_place_and_strided():
     res = ra.update_centroids(cent, x, labels, decay=0.5, out=cent)
     assert res is cent
     assert_close(cent, want, np.float64, "out=centroids")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_centroids_huge_and_tiny_rows(dtype):
+    """Rows whose squares overflow or underflow: with decay 0 the new centroid is the
+    normalised mean, the same for rows scaled by any one factor (before, a huge mean
+    became a zero centroid and a tiny one was left unnormalised); with decay 0.7 the
+    reference's."""
+    g = rng(22)
+    cent = g.standard_normal((5, 8))
+    cent = (cent / np.linalg.norm(cent, axis=-1, keepdims=True)).astype(dtype)
+    x = g.standard_normal((60, 8)).astype(dtype)
+    labels = g.integers(-1, 5, 60)
+    want = ra.update_centroids(cent, x, labels, decay=0.0)
+    with np.errstate(over="raise"):           # a rescued sum reports no overflow
+        for size in (HUGE, TINY):
+            y = x * dtype(size[dtype])
+            assert_close(ra.update_centroids(cent, y, labels, decay=0.0), want, dtype,
+                         f"x times {size[dtype]:g}, decay 0")
+            assert_close(ra.update_centroids(cent, y, labels, decay=0.7),
+                         ref.update_centroids(cent, y, labels, decay=0.7), dtype,
+                         f"x times {size[dtype]:g}, decay 0.7")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_normalize_rows_huge_and_tiny_rows(dtype):
+    """The layer's row normalisation (its routing decisions) on rows whose squares
+    overflow or underflow: the unit rows and |x̂|² of the same rows at ordinary size, the
+    norms times the factor, strided rows too; powers of two give the very bits of x̂.  A
+    norm beyond the dtype is inf (an overflow warning), its unit row still exact; rows
+    with a NaN or an infinity are left as they were (NaN norm, or x / inf)."""
+    x = rng(23).standard_normal((30, 37)).astype(dtype)
+    x[5] = 0
+    want, want_norm, want_sq = ra._ext._normalize_rows(x)
+    third = np.arange(30) % 3
+    for huge, tiny in ((HUGE, TINY), (HUGE2, TINY2)):
+        factor = np.where(third == 0, huge[dtype], np.where(third == 1, tiny[dtype], 1.0))
+        y = out_of_range(x, dtype, huge, tiny)
+        for name, rows in (("contiguous", y), ("strided", np.asfortranarray(y))):
+            with np.errstate(over="raise"):   # a rescued sum reports no overflow
+                xhat, norm, sq = ra._ext._normalize_rows(rows)
+            what = f"{name}, x times {huge[dtype]:g} and {tiny[dtype]:g}"
+            assert_close(xhat, want, dtype, what)
+            assert_close(sq, want_sq, dtype, what + ": |x̂|²")
+            np.testing.assert_allclose(norm / factor, want_norm, rtol=RTOL[dtype],
+                                       err_msg=what + ": norms")
+            if huge is HUGE2 and name == "contiguous":
+                np.testing.assert_array_equal(xhat, want, err_msg=what)
+    beyond = np.full((2, 4), np.finfo(dtype).max / 1.5, dtype)     # norms: 1.33 max
+    beyond[1, 0] = -beyond[1, 0]
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        xhat, norm, sq = ra._ext._normalize_rows(beyond)
+    assert np.isinf(norm).all(), "a norm beyond the dtype is inf"
+    np.testing.assert_array_equal(xhat, np.sign(beyond) * dtype(0.5), err_msg="beyond")
+    bad = np.array([[np.inf, 1e20, 0], [np.nan, 1e20, 0]], dtype)
+    with np.errstate(invalid="ignore"):
+        xhat, norm, sq = ra._ext._normalize_rows(bad)
+    assert np.isinf(norm[0]) and np.array_equal(xhat[0], [np.nan, 0, 0], equal_nan=True)
+    assert np.isnan(norm[1]) and np.array_equal(xhat[1], bad[1], equal_nan=True)
 
 
 def test_commitment_loss_against_reference():
