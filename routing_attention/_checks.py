@@ -797,10 +797,11 @@ def decode_step(q, k, v, first_step, tokens=None):
         return
     batch, d, e = first_step
     n = 1 if tokens is None else tokens
+    what = "the first step's" if tokens is None else f"the cache's, with the prompt's {n} tokens"
     for name, a, f in (("q", q, d), ("k", k, d), ("v", v, e)):
         if a.shape != batch + (n, f):
-            raise ValueError(f"{name} must have shape {batch + (n, f)} like the first "
-                             f"step's; got {a.shape}")
+            raise ValueError(f"{name} must have shape {batch + (n, f)} like {what}; "
+                             f"got {a.shape}")
 
 
 def cache_dtype(held, got):

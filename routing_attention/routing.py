@@ -365,7 +365,8 @@ class RoutingAttention(LayerCalls):
         At construction, an option out of range (n_clusters, local_heads, window, w < 1,
         decay outside [0, 1], an unknown membership or merge); at a call, bad inputs
         or masks (naming them), more local heads than heads, or a head count that does
-        not match the fitted centroids.
+        not match the fitted centroids.  At `backward`, a dout not shaped
+        exactly like that call's output (ValueError).
     RuntimeError
         `backward(dout)` without a context after two or more calls.
     """

@@ -248,13 +248,17 @@ def test_a_prompt_to_a_set_up_cache_is_checked_as_a_step(method):
     empty = dict(q=np.zeros((2, 3, 0, 4)), k=np.zeros((2, 3, 0, 4)), v=np.zeros((2, 3, 0, 3)))
     refused = [
         (dict(q=np.zeros((3, 3, 0, 4)), k=np.zeros((3, 3, 0, 4)), v=np.zeros((3, 3, 0, 3))),
-         ValueError, r"q must have shape \(2, 3, 0, 4\) like the first step's; got \(3, 3, 0, 4\)"),
+         ValueError, r"q must have shape \(2, 3, 0, 4\) like the cache's, "
+         r"with the prompt's 0 tokens; got \(3, 3, 0, 4\)"),
         (dict(q=np.zeros((2, 3, 0, 5)), k=np.zeros((2, 3, 0, 5))),
-         ValueError, r"q must have shape \(2, 3, 0, 4\) like the first step's; got \(2, 3, 0, 5\)"),
+         ValueError, r"q must have shape \(2, 3, 0, 4\) like the cache's, "
+         r"with the prompt's 0 tokens; got \(2, 3, 0, 5\)"),
         (dict(k=np.zeros((2, 0, 4))),
-         ValueError, r"k must have shape \(2, 3, 0, 4\) like the first step's; got \(2, 0, 4\)"),
+         ValueError, r"k must have shape \(2, 3, 0, 4\) like the cache's, "
+         r"with the prompt's 0 tokens; got \(2, 0, 4\)"),
         (dict(v=np.zeros((2, 3, 0, 4))),
-         ValueError, r"v must have shape \(2, 3, 0, 3\) like the first step's; got \(2, 3, 0, 4\)"),
+         ValueError, r"v must have shape \(2, 3, 0, 3\) like the cache's, "
+         r"with the prompt's 0 tokens; got \(2, 3, 0, 4\)"),
         ({name: a.astype(np.float32) for name, a in empty.items()},
          TypeError, r"this cache holds float64 tokens; got float32"),
         (dict(q=q, k=k[..., :4, :], v=v[..., :4, :3]),
