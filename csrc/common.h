@@ -265,6 +265,7 @@ static inline void ra_hints_issue(RaHints *h, int n)
 /* Spread the lines queued in h over the next `fmas` multiply-adds of the products. */
 static inline void ra_hints_pace(RaHints *h, double fmas)
 {
+    if (!h) return;
     h->per_fma = fmas > 0 ? (float)((h->count - h->next) / fmas) : 0;
     h->owed = 0;
 }

@@ -164,6 +164,7 @@ static inline RaBPairs ra_pairs_from(const RaBPairs *p, ptrdiff_t b)
         T *s, *dp;             /* scratch (rows, RA_BK) each */                           \
         const RaPairs_##SUF *pairs;   /* NULL: none */                                    \
         const int64_t *ids;    /* (rows) the pairs' row ids; NULL: pos */                 \
+        RaHints *hints;        /* lines its products hint (common.h); NULL: none */       \
     } RaQGradTile_##SUF;                                                                  \
     /* dst (n) += a · row i of m (n columns); unit-stride rows in a loop the compiler    \
        vectorises (the same operations either way, so the same result). */               \

@@ -90,6 +90,7 @@ void FN(ra_qgrad_layout)(FN(RaQGradTile) *g, RaArena *a, int rows, const FN(RaQT
     g->dp = RA_TAKE(a, T, ra_mul(rows, RA_BK));
     g->pairs = NULL;
     g->ids = NULL;
+    g->hints = NULL;
 }
 
 const FN(RaPairs) *FN(ra_pairs_at)(const RaBPairs *bp, ptrdiff_t b, int n, T *dbias,
@@ -134,12 +135,12 @@ static inline const int64_t *FN(row_ids)(const int64_t *ids, const int64_t *pos)
 }
 static inline const int64_t *FN(col_ids)(const FN(RaKTile) *t) { return t->ids ? t->ids : t->pos; }
 
-/* A query tile's product: the gemm that hints the tile's lines when it has some. */
-static inline void FN(qt_gemm)(const KT *K, FN(RaQTile) *qt, int M, int N, int Kd, const T *A,
-                               ptrdiff_t lda, const T *B, ptrdiff_t ldb, T *C, ptrdiff_t ldc,
-                               int accumulate)
+/* A tile's product: the gemm that hints the tile's lines when it has some. */
+static inline void FN(hinted_gemm)(const KT *K, RaHints *hints, int M, int N, int Kd,
+                                   const T *A, ptrdiff_t lda, const T *B, ptrdiff_t ldb, T *C,
+                                   ptrdiff_t ldc, int accumulate)
 {
-    if (qt->hints) K->gemm_hinting(M, N, Kd, A, lda, B, ldb, C, ldc, accumulate, qt->hints);
+    if (hints) K->gemm_hinting(M, N, Kd, A, lda, B, ldb, C, ldc, accumulate, hints);
     else K->gemm(M, N, Kd, A, lda, B, ldb, C, ldc, accumulate);
 }
 
@@ -149,7 +150,7 @@ static void FN(ra_fwd_logits)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile) *k
     const int rows = qt->rows, cols = kt->cols;
     const ptrdiff_t lds = FN(qt_lds)(qt);
     /* 1. logits: s = q · kᵀ [+ relative position bias] */
-    FN(qt_gemm)(K, qt, rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0);
+    FN(hinted_gemm)(K, qt->hints, rows, cols, d, qt->q, d, kt->kt, kt->ldkt, qt->s, lds, 0);
     if (qt->pairs && qt->pairs->bias)
         K->bias_tile(rows, cols, qt->s, lds, FN(row_ids)(qt->ids, qt->pos), FN(col_ids)(kt),
                      qt->pairs->bias);
@@ -178,7 +179,7 @@ static void FN(ra_fwd_accumulate)(const KT *K, FN(RaQTile) *qt, const FN(RaKTile
     if (((flags & RA_MASKED) || kt->vis || dropping) && !FN(all_finite)(kt->v, cols, e, kt->ldv))
         FN(pv_skip_zero)(rows, cols, e, qt->s, lds, kt->v, kt->ldv, qt->acc, e);
     else
-        FN(qt_gemm)(K, qt, rows, e, cols, qt->s, lds, kt->v, kt->ldv, qt->acc, e, 1);
+        FN(hinted_gemm)(K, qt->hints, rows, e, cols, qt->s, lds, kt->v, kt->ldv, qt->acc, e, 1);
 }
 
 /* q is (rows, d), kt is (d, cols), v is (cols, e), acc is (rows, e) */
@@ -255,7 +256,7 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
     const FN(RaPairs) *pr = g->pairs;
     const int64_t *rid = FN(row_ids)(g->ids, g->pos), *cid = FN(col_ids)(kt);
     /* forward pass 1-3 recomputed: s = q·kᵀ [+ bias], masked, p = exp(s - lse) */
-    K->gemm(rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
+    FN(hinted_gemm)(K, g->hints, rows, cols, d, g->q, d, kt->kt, kt->ldkt, g->s, RA_BK, 0);
     if (pr && pr->bias) K->bias_tile(rows, cols, g->s, RA_BK, rid, cid, pr->bias);
     if (flags & RA_MASKED) FN(apply_mask)(K, g->s, RA_BK, rows, cols, g->pos, kt->pos, flags);
     if (kt->vis) FN(apply_vis)(g->s, RA_BK, rows, cols, kt->vis, kt->ldvis);
@@ -268,12 +269,14 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
             memcpy(g->dp + (ptrdiff_t)i * RA_BK, g->s + (ptrdiff_t)i * RA_BK, sizeof(T) * (size_t)cols);
         K->dropout_tile(rows, cols, g->dp, RA_BK, rid, cid, pr->key, pr->drop, pr->keep);
         K->gemm_tn(cols, e, rows, g->dp, RA_BK, g->dout, e, dv, lddv, 1);
-        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
+        FN(hinted_gemm)(K, g->hints, rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK,
+                        0);
         K->dropout_tile(rows, cols, g->dp, RA_BK, rid, cid, pr->key, pr->drop, pr->keep);
     } else {
         /* forward: acc += p·v, so dv += pᵀ·dout and dp = dout·vᵀ */
         K->gemm_tn(cols, e, rows, g->s, RA_BK, g->dout, e, dv, lddv, 1);
-        K->gemm(rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK, 0);
+        FN(hinted_gemm)(K, g->hints, rows, cols, e, g->dout, e, kt->vt, kt->ldvt, g->dp, RA_BK,
+                        0);
     }
     /* the forward's out = (p [∘ f])·v, so delta = rowsum(dout ∘ out) = rowsum(p ∘ dp) */
     if (flags & RA_OWN_STATS)
@@ -284,7 +287,7 @@ static void FN(ra_bwd_step)(const KT *K, FN(RaQGradTile) *g, const FN(RaKTile) *
     K->softmax_grad(rows, cols, g->s, g->dp, RA_BK, g->delta, 1);
     if (pr && pr->dbias) FN(bias_grad)(g->dp, RA_BK, rows, cols, rid, cid, pr->dbias);
     /* forward: s = q·kᵀ, so dq += ds·k and dk += dsᵀ·q */
-    K->gemm(rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
+    FN(hinted_gemm)(K, g->hints, rows, d, cols, g->dp, RA_BK, kt->k, kt->ldk, g->dq, d, 1);
     K->gemm_tn(cols, d, rows, g->dp, RA_BK, g->q, d, dk, lddk, 1);
 }
 

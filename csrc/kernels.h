@@ -22,7 +22,7 @@
     /* C (M×N, ldc) = [C +] A (M×K, lda) · B (K×N, ldb); accumulate != 0 adds to C. */    \
     void (*gemm)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,               \
                  ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate);                      \
-    /* gemm, and K of hints' lines hinted after each micro-tile (RaHints, common.h). */  \
+    /* gemm, hinting hints' lines as it goes, paced by multiply-adds (common.h). */      \
     void (*gemm_hinting)(int M, int N, int K, const T *A, ptrdiff_t lda, const T *B,       \
                          ptrdiff_t ldb, T *C, ptrdiff_t ldc, int accumulate,               \
                          RaHints *hints);                                                  \

@@ -206,6 +206,7 @@ FN(gemm_rows)(const int nv, int M, int K, const T *A, ptrdiff_t a_rs, ptrdiff_t 
 #undef RA_REMAINDER_ROWS
     default: break;
     }
+    ra_hints_after(hints, (double)(M - i) * nv * VL * K);   /* the remainder rows' share */
 }
 
 /* The last w < VL columns of C (M×w) (+)= op(A) · B (K×w): their B and C columns copied

@@ -42,7 +42,7 @@ typedef struct {
  * (packed by ra_pack_keys), a query tile and the next cluster's lines to hint
  * (routing_hint_lines); backward: kᵀ, k (u, d), vᵀ (e, u) (packed), the cluster's key
  * gradients dk (u, d), dv (u, e), then per query tile q (BQ, d), dout (BQ, e), lse, delta
- * (BQ), dq (BQ, d) and a gradient tile. */
+ * (BQ), dq (BQ, d), a gradient tile and the next cluster's lines to hint. */
 typedef struct {
     T *k, *kt, *v, *vt, *q, *dout, *lse, *delta, *dk, *dv, *dq;
     FN(RaQTile) qt;
@@ -58,9 +58,9 @@ typedef struct {
 #define RA_ROUTING_BQ 128
 #endif
 
-/* The lines the forward hints for one cluster at most: its u key rows of k and v and its
- * first tile's query rows of q and the output, each row one line more than its length in
- * lines when it does not start on a line boundary. */
+/* The lines hinted for one cluster at most: its u key rows of k and v and its first
+ * RA_ROUTING_BQ query rows of q and the output (forward) or dout (backward), each row one
+ * line more than its length in lines when it does not start on a line boundary. */
 static size_t FN(routing_hint_lines)(int d, int e, int u)
 {
     const size_t per_row = (sizeof(T) * (size_t)d + 63) / 64
@@ -92,6 +92,9 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
     t->lse = RA_TAKE(a, T, RA_BQ);
     t->delta = RA_TAKE(a, T, RA_BQ);
     FN(ra_qgrad_layout)(&t->g, a, RA_BQ, NULL);
+    t->hints = RA_TAKE(a, RaHints, 1);
+    const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u));
+    if (t->hints) t->hints->line = lines;
 }
 
 /* Bytes of one thread's scratch: the larger of the two layouts when the backward (which
@@ -219,13 +222,50 @@ typedef struct {
     FN(RoutingBuffers) *buf;
 } FN(RoutingForward);
 
-/* Thread tid's hint queue (in its scratch). */
+/* Thread tid's hint queue in its scratch, in the forward's or the backward's layout. */
+static RaHints *FN(thread_hints)(char *scratch, size_t per_thread, const RaRoutingPlan *P,
+                                 int tid, int backward)
+{
+    RaArena a = {scratch + (size_t)tid * per_thread, 0};
+    FN(RoutingTile) t;
+    FN(routing_tile)(&a, &t, P->d, P->e, P->u, backward);
+    return t.hints;
+}
+
+/* Every thread's hint queue emptied: a thread's first cluster hints none. */
+static void FN(empty_hint_queues)(char *scratch, size_t per_thread, const RaRoutingPlan *P,
+                                  int nt, int backward)
+{
+    for (int t = 0; t < nt; t++) {
+        RaHints *h = FN(thread_hints)(scratch, per_thread, P, t, backward);
+        h->next = h->count = 0;
+        h->per_fma = h->owed = 0;
+    }
+}
+
 static RaHints *FN(routing_hints)(const FN(RoutingForward) *F, int tid)
 {
-    RaArena a = {F->scratch + (size_t)tid * F->per_thread, 0};
-    FN(RoutingTile) t;
-    FN(routing_tile)(&a, &t, F->P->d, F->P->e, F->P->u, 0);
-    return t.hints;
+    return FN(thread_hints)(F->scratch, F->per_thread, F->P, tid, 0);
+}
+
+/* Queue the lines of cluster cl's key rows (of a and b) and its first RA_ROUTING_BQ
+ * query rows (of c and o) for thread-local hinting. */
+static void FN(queue_cluster_lines)(RaHints *h, const RaRoutingPlan *P, ptrdiff_t cl, RaMat a,
+                                    RaMat b, RaMat c, RaMat o)
+{
+    const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
+    const size_t lines = FN(routing_hint_lines)(P->d, P->e, P->u);
+    const int cap = lines > 0x7fffffff ? 0x7fffffff : (int)lines;
+    for (int j = 0; j < P->kcount[cl]; j++) {
+        if (kpos[j] < 0) continue;
+        ra_hints_add_row(h, cap, a, kpos[j], P->d, sizeof(T));
+        ra_hints_add_row(h, cap, b, kpos[j], P->e, sizeof(T));
+    }
+    for (int i = 0; i < P->qcount[cl] && i < RA_ROUTING_BQ; i++) {
+        if (qpos[i] < 0) continue;
+        ra_hints_add_row(h, cap, c, qpos[i], P->d, sizeof(T));
+        ra_hints_add_row(h, cap, o, qpos[i], P->e, sizeof(T));
+    }
 }
 
 /* Cluster cl's forward, its products hinting the lines routing_fetch_cluster queued; the
@@ -235,7 +275,7 @@ static void FN(routing_cluster_unit)(const void *ctx, ptrdiff_t cl)
     const FN(RoutingForward) *F = ctx;
     const RaRoutingPlan *P = F->P;
     RaHints *h = FN(routing_hints)(F, ra_thread_id());
-    /* the next cluster's lines spread evenly over this one's products (q·kᵀ, p·v); at
+    /* the next cluster's lines hinted in proportion to this one's products (q·kᵀ, p·v); at
        a fixed count per micro-tile they all went out during q·kᵀ (w = 128), or a quarter
        of them was left for a burst at the end (w = 32).  AVX-512 host, 1 thread, new /
        old: 0.972-0.983 at w = 128, 0.988-0.990 at w = 32, 0.995-1.000 at w = 64, 0.998
@@ -254,21 +294,8 @@ static void FN(routing_cluster_unit)(const void *ctx, ptrdiff_t cl)
 static void FN(routing_fetch_cluster)(const void *ctx, ptrdiff_t cl)
 {
     const FN(RoutingForward) *F = ctx;
-    const RaRoutingPlan *P = F->P;
-    const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
-    const size_t lines = FN(routing_hint_lines)(P->d, P->e, P->u);
-    const int cap = lines > 0x7fffffff ? 0x7fffffff : (int)lines;
-    RaHints *h = FN(routing_hints)(F, ra_thread_id());
-    for (int j = 0; j < P->kcount[cl]; j++) {
-        if (kpos[j] < 0) continue;
-        ra_hints_add_row(h, cap, F->k, kpos[j], P->d, sizeof(T));
-        ra_hints_add_row(h, cap, F->v, kpos[j], P->e, sizeof(T));
-    }
-    for (int i = 0; i < P->qcount[cl] && i < RA_ROUTING_BQ; i++) {
-        if (qpos[i] < 0) continue;
-        ra_hints_add_row(h, cap, F->q, qpos[i], P->d, sizeof(T));
-        ra_hints_add_row(h, cap, F->buf->merged, qpos[i], P->e, sizeof(T));
-    }
+    FN(queue_cluster_lines)(FN(routing_hints)(F, ra_thread_id()), F->P, cl, F->k, F->v, F->q,
+                            F->buf->merged);
 }
 
 /* Forward of one problem: attend per cluster (parallel, the next cluster's rows hinted
@@ -282,10 +309,7 @@ static void FN(routing_problem_forward)(const KT *K, const RaRoutingPlan *P, RaM
     const int nt = ra_num_threads();
     buf->merged = out;
     const FN(RoutingForward) F = {K, P, q, k, v, scale, flags, scratch, per_thread, buf};
-    for (int t = 0; t < nt; t++) {          /* empty queues: a thread's first cluster hints none */
-        RaHints *h = FN(routing_hints)(&F, t);
-        h->next = h->count = 0;
-    }
+    FN(empty_hint_queues)(scratch, per_thread, P, nt, 0);
     ra_lookahead_for(nt, P->c, FN(routing_fetch_cluster), FN(routing_cluster_unit), &F);
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t i = 0; i < P->n; i++)
@@ -328,245 +352,4 @@ int FN(ra_routing_forward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w
     return status;
 }
 
-/* ------------------------------------------------------------------ backward */
-/* The relative bias gradient is summed per group of consecutive clusters (a function of
- * the shape only, so the same bits for any thread count): group of cluster cl of c. */
-#ifndef RA_BIAS_GROUPS
-#define RA_BIAS_GROUPS 8
-#endif
-static inline int FN(bias_group)(int cl, int c)
-{
-    const int groups = c < RA_BIAS_GROUPS ? c : RA_BIAS_GROUPS;
-    return (int)((int64_t)cl * groups / c);
-}
-
-/* Cluster cl: gradient rows dq (w.r.t. the scaled query, times scale), dk, dv, placed by
- * routing_place_grads.
- * The gradient reaching slot (cl, r) of token i is dO = dout_i / count_i (mean) or
- * dout_i with the merged lse L_i and delta_i = dout_i·out_i (lse merge: exactly the
- * gradient of one softmax over the concatenated key lists). */
-static void FN(routing_cluster_backward)(const KT *K, const RaRoutingPlan *P, int cl, RaMat dout,
-                                         RaMat q, RaMat k, RaMat v, T scale, int flags,
-                                         int merge_lse, T *ws, FN(RoutingBuffers) *buf)
-{
-    const int d = P->d, e = P->e, nq = P->qcount[cl], nk = P->kcount[cl];
-    const int64_t *qpos = P->qlist + (ptrdiff_t)cl * P->w;
-    const int64_t *kpos = P->klist + (ptrdiff_t)cl * P->u;
-    RaArena a = {(char *)ws, 0};
-    FN(RoutingTile) t;
-    FN(routing_tile)(&a, &t, d, e, P->u, 1);
-    T *const dk = t.dk, *const dv = t.dv;
-    memset(dk, 0, sizeof(T) * (size_t)nk * d);
-    memset(dv, 0, sizeof(T) * (size_t)nk * e);
-    const uint8_t *const k_shared = P->k_shared + (ptrdiff_t)cl * P->u;
-    if (nq == 0 || nk == 0) {
-        memset(t.dq, 0, sizeof(T) * (size_t)RA_BQ * d);
-        for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
-            const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
-            FN(routing_place_grads)(P->q_shared + slot0, qpos + r0,
-                                    nq - r0 < RA_BQ ? nq - r0 : RA_BQ, t.dq, d,
-                                    buf->dq_slot + slot0 * d, scale, buf->dq);
-        }
-        FN(routing_place_grads)(k_shared, kpos, nk, dk, d,
-                                buf->dk_slot + (ptrdiff_t)cl * P->u * d, 1, buf->dk);
-        FN(routing_place_grads)(k_shared, kpos, nk, dv, e,
-                                buf->dv_slot + (ptrdiff_t)cl * P->u * e, 1, buf->dv);
-        return;
-    }
-    FN(RaQGradTile) g = t.g;
-    T *const qs = t.q, *const dop = t.dout, *const lrow = t.lse, *const delta = t.delta;
-    FN(RaKeys) keys = FN(ra_pack_keys)(k, kpos, v, kpos, nk, d, e, 1, t.k, t.kt, NULL, t.vt);
-    keys.pos = kpos;
-    FN(RaPairs) pairs;                  /* this cluster's own bias gradient row */
-    if (buf->pairs) {
-        pairs = *buf->pairs;
-        pairs.dbias = buf->dbias_part ? buf->dbias_part + (ptrdiff_t)FN(bias_group)(cl, P->c) * buf->r
-                                        + (P->n - 1) : NULL;
-        g.pairs = &pairs;
-    }
-    for (int r0 = 0; r0 < nq; r0 += RA_BQ) {
-        const int rows = nq - r0 < RA_BQ ? nq - r0 : RA_BQ;
-        const ptrdiff_t slot0 = (ptrdiff_t)cl * P->w + r0;
-        FN(ra_gather)(q, qpos + r0, 0, rows, d, scale, 0, qs, d);
-        FN(ra_gather)(dout, qpos + r0, 0, rows, e, 1, 0, dop, e);
-        for (int r = 0; r < rows; r++) {
-            const int64_t i = qpos[r0 + r], slot = slot0 + r;
-            const int shared = P->q_shared[slot];
-            const T wgt = merge_lse || !shared ? 1
-                                                : (T)1 / (T)(P->q_start[i + 1] - P->q_start[i]);
-            T *dr = dop + (ptrdiff_t)r * e;
-            if (wgt != 1)
-                for (int c = 0; c < e; c++) dr[c] *= wgt;
-            delta[r] = merge_lse || !shared
-                       ? buf->delta_tok[i]        /* dO = dout_i on the merged row */
-                       : FN(ra_dot)((const char *)dr, sizeof(T),
-                                    (const char *)(buf->o_slot + slot * e), sizeof(T), e);
-            lrow[r] = merge_lse ? buf->lse[i] : buf->l_slot[slot];
-        }
-        T *const dq = t.dq;
-        memset(dq, 0, sizeof(T) * (size_t)rows * d);
-        g.rows = rows;
-        g.q = qs;
-        g.dout = dop;
-        g.lse = lrow;
-        g.delta = delta;
-        g.pos = qpos + r0;
-        g.dq = dq;
-        FN(ra_attend_backward)(K, &g, &keys, dk, d, dv, e, d, e, flags,
-                               buf->self_only + slot0);
-        FN(routing_place_grads)(P->q_shared + slot0, qpos + r0, rows, dq, d,
-                                buf->dq_slot + slot0 * d, scale, buf->dq);
-    }
-    FN(routing_place_grads)(k_shared, kpos, nk, dk, d, buf->dk_slot + (ptrdiff_t)cl * P->u * d,
-                            1, buf->dk);
-    FN(routing_place_grads)(k_shared, kpos, nk, dv, e, buf->dv_slot + (ptrdiff_t)cl * P->u * e,
-                            1, buf->dv);
-}
-
-/* Sum the slot rows of one token (occurrences [a, z) in cluster order) into dst. */
-static void FN(routing_sum_slots)(const int64_t *occ, int64_t a, int64_t z, const T *rows,
-                                  int width, T mul, RaMat dst, int64_t i)
-{
-    if (dst.s1 != (ptrdiff_t)sizeof(T)) {
-        for (int c = 0; c < width; c++) {
-            T acc = 0;
-            for (int64_t t = a; t < z; t++) acc += rows[occ[t] * width + c];
-            RA_MAT_AT(T, dst, i, c) = mul * acc;
-        }
-        return;
-    }
-    /* unit-stride row: whole slot rows at a time (the same sums, in the same order; the
-       first row is copied rather than added to zero, and a multiplier of 1 is skipped) */
-    T *o = (T *)(dst.data + (ptrdiff_t)i * dst.s0);
-    if (z == a) {
-        memset(o, 0, sizeof(T) * (size_t)width);
-        return;
-    }
-    memcpy(o, rows + occ[a] * width, sizeof(T) * (size_t)width);
-    for (int64_t t = a + 1; t < z; t++) {
-        const T *r = rows + occ[t] * width;
-        for (int c = 0; c < width; c++) o[c] += r[c];
-    }
-    if (mul != 1)
-        for (int c = 0; c < width; c++) o[c] *= mul;
-}
-
-/* dout (B; n, e), q, k, v, q_idx, k_idx -> dq (B; n, d), dk (B; m, d), dv (B; m, e).
- * With saved.o != NULL, the forward's merged output (B; n, e) and lse (B; n) (both
- * contiguous per problem) and its slot statistics are used instead of recomputing it. */
-int FN(ra_routing_backward)(ptrdiff_t B, int n, int m, int d, int e, int c, int w, int u,
-                            RaBMat dout, RaBMat q, RaBMat k, RaBMat v, RaBMat q_idx,
-                            RaBMat k_idx, RaBVec scale, RaBVec causal, RaBVec exclude_self,
-                            RaBVec merge_lse, RaBMat saved_out, RaBVec saved_lse,
-                            RaRoutingSlots saved, const RaBPairs *pairs, RaBMat dq, RaBMat dk,
-                            RaBMat dv)
-{
-    const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads();
-    RaRoutingPlan plan;
-    if (ra_routing_plan_alloc(&plan, n, m, d, e, c, w, u) != RA_OK) return RA_ERR_NOMEM;
-    const size_t qslots = (size_t)c * w, kslots = (size_t)c * u;
-    const size_t per_thread = FN(routing_tile_bytes)(d, e, u, 1);
-    FN(RoutingBuffers) buf = {&plan};
-    const int recompute = saved.o == NULL;
-    if (recompute) {
-        buf.o_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, e)));
-        buf.l_slot = ra_alloc(ra_mul(sizeof(T), qslots));
-        buf.self_only = ra_alloc(qslots);
-        buf.out = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)n, e)));
-        buf.lse = ra_alloc(ra_mul(sizeof(T), (size_t)n));
-    }
-    buf.delta_tok = ra_alloc(ra_mul(sizeof(T), (size_t)n));
-    buf.dq_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(qslots, d)));
-    buf.dk_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, d)));
-    buf.dv_slot = ra_alloc(ra_mul(sizeof(T), ra_mul(kslots, e)));
-    buf.r = pairs->bias.data && pairs->dbias.data ? n + m - 1 : 0;
-    const int groups = c < RA_BIAS_GROUPS ? c : RA_BIAS_GROUPS;
-    buf.dbias_part = buf.r ? ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)groups, buf.r))) : NULL;
-    char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    int status = (!recompute || (buf.o_slot && buf.l_slot && buf.self_only && buf.out && buf.lse)) &&
-                 buf.delta_tok && buf.dq_slot && buf.dk_slot && buf.dv_slot && scratch &&
-                 (!buf.r || buf.dbias_part)
-                 ? RA_OK : RA_ERR_NOMEM;
-    for (ptrdiff_t b = 0; b < B && status == RA_OK; b++) {
-        status = ra_routing_plan_build(&plan, ra_mat_at(q_idx, b), ra_mat_at(k_idx, b), 1);
-        if (status != RA_OK) break;
-        const int flags = ra_routing_flags(RA_VEC_AT(uint8_t, ra_vec_at(causal, b), 0),
-                                           RA_VEC_AT(uint8_t, ra_vec_at(exclude_self, b), 0));
-        const int lse_merge = RA_VEC_AT(uint8_t, ra_vec_at(merge_lse, b), 0) != 0;
-        const T sc = RA_VEC_AT(T, ra_vec_at(scale, b), 0);
-        RaMat qb = ra_mat_at(q, b), kb = ra_mat_at(k, b), vb = ra_mat_at(v, b);
-        RaMat gb = ra_mat_at(dout, b);
-        buf.dq = ra_mat_at(dq, b);
-        buf.dk = ra_mat_at(dk, b);
-        buf.dv = ra_mat_at(dv, b);
-        FN(RaPairs) pr;
-        buf.pairs = FN(ra_pairs_at)(pairs, b, n, NULL, &pr);
-        if (recompute) {   /* the forward again: slot rows, merged output and lse */
-            RaMat outm = {(char *)buf.out, (ptrdiff_t)sizeof(T) * e, sizeof(T)};
-            RaVec lsev = {(char *)buf.lse, sizeof(T)};
-            FN(routing_problem_forward)(K, &plan, qb, kb, vb, sc, flags, lse_merge, scratch,
-                                        per_thread, &buf, outm, lsev);
-        } else {
-            buf.o_slot = (T *)(saved.o + b * saved.o_sb);
-            buf.l_slot = (T *)(saved.l + b * saved.l_sb);
-            buf.self_only = (uint8_t *)(saved.self_only + b * saved.self_sb);
-            buf.out = (T *)(saved_out.data + b * saved_out.sb);
-            buf.lse = (T *)(saved_lse.data + b * saved_lse.sb);
-        }
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < n; i++)      /* one pass in token order, not per slot */
-            if (lse_merge || plan.q_start[i + 1] - plan.q_start[i] == 1)
-                buf.delta_tok[i] = FN(ra_dot)(gb.data + i * gb.s0, gb.s1,
-                                              (const char *)(buf.out + i * e), sizeof(T), e);
-        if (buf.r) {
-            /* with a bias gradient: groups of consecutive clusters in parallel, each one
-               group's clusters in order into the group's own partial */
-            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-            for (int g = 0; g < groups; g++) {
-                memset(buf.dbias_part + (size_t)g * buf.r, 0, sizeof(T) * (size_t)buf.r);
-                for (int cl = 0; cl < c; cl++)
-                    if (FN(bias_group)(cl, c) == g)
-                        FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags,
-                                                     lse_merge, (T *)(scratch + (size_t)ra_thread_id() * per_thread),
-                                                     &buf);
-            }
-        } else {
-            #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-            for (int cl = 0; cl < c; cl++)
-                FN(routing_cluster_backward)(K, &plan, cl, gb, qb, kb, vb, sc, flags, lse_merge,
-                                             (T *)(scratch + (size_t)ra_thread_id() * per_thread), &buf);
-        }
-        /* forward: logits = (scale·q)·kᵀ, so dq = scale · Σ slots; tokens in one cluster
-           are written already, tokens in no cluster get zero gradient */
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t i = 0; i < n; i++)
-            if (plan.q_start[i + 1] - plan.q_start[i] != 1)
-                FN(routing_sum_slots)(plan.q_occ, plan.q_start[i], plan.q_start[i + 1],
-                                      buf.dq_slot, d, sc, buf.dq, i);
-        #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t j = 0; j < m; j++) {
-            if (plan.k_start[j + 1] - plan.k_start[j] == 1) continue;
-            FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dk_slot,
-                                  d, 1, buf.dk, j);
-            FN(routing_sum_slots)(plan.k_occ, plan.k_start[j], plan.k_start[j + 1], buf.dv_slot,
-                                  e, 1, buf.dv, j);
-        }
-        FN(ra_pairs_write_dbias)(pairs, b, buf.r, buf.dbias_part, groups);   /* group order */
-    }
-    if (recompute) {
-        ra_free(buf.o_slot);
-        ra_free(buf.l_slot);
-        ra_free(buf.self_only);
-        ra_free(buf.out);
-        ra_free(buf.lse);
-    }
-    ra_free(buf.delta_tok);
-    ra_free(buf.dq_slot);
-    ra_free(buf.dk_slot);
-    ra_free(buf.dv_slot);
-    ra_free(buf.dbias_part);
-    ra_free(scratch);
-    ra_routing_plan_free(&plan);
-    return status;
-}
+#include "routing_backward_body.h"
