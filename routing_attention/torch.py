@@ -1004,9 +1004,21 @@ def _resize_before_load(module, name, state_dict, prefix):
 
 
 def _unit_rows(x):
-    """Rows scaled to unit L2 norm, zero rows kept zero (differentiable)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones((), dtype=x.dtype))
+    """Rows scaled to unit L2 norm, zero rows kept zero (differentiable).  Each row is first
+    multiplied by the power of two that brings its largest |x| into [0.5, 1), held
+    constant for the gradient: exact, so an ordinary row gets the same bits as without it,
+    and a huge or tiny finite row's squares neither overflow nor underflow (as the C
+    kernels' row normalisation).  A row with an inf or NaN is scaled by 1."""
+    if x.shape[-1] == 0:
+        return x
+    with torch.no_grad():
+        exponent = torch.frexp(x.abs().amax(dim=-1, keepdim=True)).exponent
+        half = torch.div(-exponent, 2, rounding_mode="floor")      # two factors: 2**-e alone
+        ones = torch.ones(exponent.shape, dtype=x.dtype)           # can overflow (subnormals)
+        first, second = torch.ldexp(ones, half), torch.ldexp(ones, -exponent - half)
+    y = x * first * second
+    norm = torch.linalg.vector_norm(y, dim=-1, keepdim=True)
+    return y / torch.where(norm > 0, norm, torch.ones((), dtype=x.dtype))
 
 
 class RoutingAttention(torch.nn.Module):

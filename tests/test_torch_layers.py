@@ -377,3 +377,29 @@ def test_nan_query_row_gives_nan_output_row_like_numpy_layer():
         y_np = twin(_np(q), _np(k), _np(v))
     assert torch.isnan(y[0, 1, 5]).all()
     np.testing.assert_array_equal(_np(y), y_np)        # NaN in the same places, same values
+
+
+@pytest.mark.parametrize("dtype, huge, tiny", [(torch.float64, 1e200, 1e-160),
+                                               (torch.float32, 1e20, 1e-25)], ids=["f64", "f32"])
+def test_huge_and_tiny_rows_normalised_like_numpy_layer(dtype, huge, tiny):
+    """Finite rows whose squares overflow or underflow: the shared-QK keys and the
+    commitment loss's unit rows are those of the same rows at ordinary size (the plain
+    norm made a huge row's key zero and left a tiny row's unnormalised), and the layer
+    equals the NumPy layer (whose C normalisation scales such rows)."""
+    q, k, v = (t.detach().clone() for t in _qkv(shape=(1, 2, 32, 8), dtype=dtype))
+    q[0, :, 3] *= huge
+    q[0, :, 7] *= tiny
+    unit = rt._unit_rows(q)
+    plain = q.clone()
+    plain[0, :, 3] /= huge
+    plain[0, :, 7] /= tiny
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(unit, rt._unit_rows(plain), rtol=0, atol=4 * eps)
+    torch.testing.assert_close(torch.linalg.vector_norm(unit, dim=-1),
+                               torch.ones(unit.shape[:-1], dtype=dtype), rtol=0, atol=4 * eps)
+    options = dict(local_heads=1, shared_qk=True)
+    layer, twin = rt.RoutingAttention(**options), ra.RoutingAttention(**options)
+    y = layer(q, k, v)
+    y_np = twin(_np(q), _np(k), _np(v))
+    assert torch.isfinite(y).all() and torch.isfinite(layer.commitment_loss)
+    np.testing.assert_allclose(_np(y), y_np, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
