@@ -148,7 +148,8 @@ typedef struct {
     uint8_t *valid, *empty;
     int64_t *lab, *start, *rows, *counts;
     /* the bit-sliced assign's planes and per-centroid inputs (kernels.h), when c allows
-       it and they could be had (else NULL: the word-wise assign, the same labels) */
+       it, the table does not put the word-wise assign first and they could be had (else
+       NULL: the word-wise assign, the same labels) */
     void *planes;
     int32_t *inputs;
 } RaHammingWork;
@@ -169,7 +170,7 @@ static int ra_hamming_work_alloc(RaHammingWork *w, int n, int c)
     w->counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul(nch, c)));
     w->planes = NULL;
     w->inputs = NULL;
-    if (c <= RA_SLICE_MAX_C) {
+    if (c <= RA_SLICE_MAX_C && !ra_kernels()->hamming64.words_first) {
         w->planes = ra_alloc(ra_slice_bytes(n, 64));
         w->inputs = ra_alloc(ra_mul(sizeof(int32_t), ra_mul((size_t)c, RA_SLICE_INPUTS(64))));
     }

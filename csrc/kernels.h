@@ -180,6 +180,9 @@ typedef struct {
        RA_SLICE_INPUTS(bits)) the centroids' planes (ra_slice_inputs), c <= RA_SLICE_MAX_C. */
     int64_t (*assign_sliced)(int i0, int i1, const void *planes, int bits,
                              const int32_t *inputs, const uint8_t *valid, int c, int64_t *lab);
+    /* 1 where `assign` is the faster Lloyd assign at every code width (a vector popcount
+       counts a 64-bit lane in one instruction): hamming_kmeans then builds no planes */
+    int words_first;
 } RaHammingKernels;
 
 typedef struct {

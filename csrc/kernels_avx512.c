@@ -28,5 +28,8 @@ RA_TARGET_BEGIN("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,popcnt,avx512vpopcn
 #undef RA_HAMMING_VPOPCNT
 #undef RA_HAMMING_VBMI2
 RA_TARGET_END
-RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp);
+/* the word-wise Lloyd assign first: with VPOPCNTQ it beats the bit planes at every width
+   (one iteration at n = 4096, H = 8, C = 100: 0.182-0.222 ms over 8-63 bits, the planes
+   0.190-0.332) */
+RA_KERNEL_TABLE(ra_kernels_avx512vp, "avx512-vpopcnt", avx512vp, 1);
 #endif

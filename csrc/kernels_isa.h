@@ -32,15 +32,18 @@
      .normalize_row = RA_CAT3(normalize_row, S, ISA),                                     \
      .threshold_bits = RA_CAT3(threshold_bits, S, ISA)}
 
-/* The table NAME, called LABEL, with the Hamming kernels of HISA. */
-#define RA_KERNEL_TABLE(NAME, LABEL, HISA)                                                \
+/* The table NAME, called LABEL, with the Hamming kernels of HISA (WORDS_FIRST: see
+ * RaHammingKernels.words_first). */
+#define RA_KERNEL_TABLE(NAME, LABEL, HISA, WORDS_FIRST)                                   \
     const RaKernels NAME = {                                                              \
         LABEL, RA_TYPED_TABLE(_f32_), RA_TYPED_TABLE(_f64_), RA_CAT3(fma_probe, _f32_, ISA), \
         {RA_CAT3(hamming_assign64, _, HISA), RA_CAT3(hamming_potential64, _, HISA),       \
          RA_CAT3(hamming_min64, _, HISA),                                                 \
-         RA_CAT3(hamming_slice64, _, HISA), RA_CAT3(hamming_assign_sliced64, _, HISA)},   \
+         RA_CAT3(hamming_slice64, _, HISA), RA_CAT3(hamming_assign_sliced64, _, HISA),    \
+         WORDS_FIRST},                                                                    \
         {RA_CAT3(hamming_assign32, _, HISA), RA_CAT3(hamming_potential32, _, HISA),       \
          RA_CAT3(hamming_min32, _, HISA),                                                 \
-         RA_CAT3(hamming_slice32, _, HISA), RA_CAT3(hamming_assign_sliced32, _, HISA)}}
+         RA_CAT3(hamming_slice32, _, HISA), RA_CAT3(hamming_assign_sliced32, _, HISA),    \
+         WORDS_FIRST}}
 
-RA_KERNEL_TABLE(RA_CAT3(ra_kernels, _, ISA), RA_STR(ISA), ISA);
+RA_KERNEL_TABLE(RA_CAT3(ra_kernels, _, ISA), RA_STR(ISA), ISA, 0);
