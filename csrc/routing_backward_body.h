@@ -155,7 +155,7 @@ static void FN(routing_cluster_grads_unit)(const void *ctx, ptrdiff_t cl)
     const RaRoutingPlan *P = B->P;
     const int tid = ra_thread_id();
     RaHints *h = FN(thread_hints)(B->scratch, B->per_thread, P, tid, 1);
-    ra_hints_pace(h, (double)P->qcount[cl] * P->kcount[cl] * (2 * P->d + P->e));
+    ra_hints_pace(h, (double)P->qcount[cl] * P->kcount[cl] * (2.0 * P->d + P->e));
     FN(routing_cluster_backward)(B->K, P, (int)cl, B->dout, B->q, B->k, B->v, B->scale, B->flags,
                                  B->merge_lse, (T *)(B->scratch + (size_t)tid * B->per_thread),
                                  B->buf);

@@ -280,7 +280,7 @@ static void FN(routing_cluster_unit)(const void *ctx, ptrdiff_t cl)
        of them was left for a burst at the end (w = 32).  AVX-512 host, 1 thread, new /
        old: 0.972-0.983 at w = 128, 0.988-0.990 at w = 32, 0.995-1.000 at w = 64, 0.998
        at w = 256 */
-    ra_hints_pace(h, (double)P->qcount[cl] * P->kcount[cl] * (P->d + P->e));
+    ra_hints_pace(h, (double)P->qcount[cl] * P->kcount[cl] * ((double)P->d + P->e));
     FN(routing_cluster_forward)(F->K, F->P, (int)cl, F->q, F->k, F->v, F->scale, F->flags,
                                 (T *)(F->scratch + (size_t)ra_thread_id() * F->per_thread),
                                 F->buf);
