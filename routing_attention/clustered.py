@@ -260,8 +260,8 @@ class ClusteredAttention(LayerCalls):
     ------
     TypeError, ValueError
         At construction, n_clusters < 1, bits outside [1, 63], iterations < 0, topk < 1,
-        a seed outside [0, 2**64); at a call, the errors of `clustered_attention`.  At `backward`, a dout not shaped
-        exactly like that call's output (ValueError).
+        a seed outside [0, 2**64); at a call, the errors of `clustered_attention`.  At
+        `backward`, a dout not shaped exactly like that call's output (ValueError).
     RuntimeError
         `backward(dout)` without a context after two or more calls.
     """

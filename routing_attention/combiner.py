@@ -191,8 +191,8 @@ class CombinerAttention(LayerCalls):
     Raises
     ------
     TypeError, ValueError
-        An unknown plan; at a call, the errors of `combiner_attention`.  At `backward`, a dout not shaped
-        exactly like that call's output (ValueError).
+        An unknown plan; at a call, the errors of `combiner_attention`.  At `backward`, a
+        dout not shaped exactly like that call's output (ValueError).
     RuntimeError
         `backward(dout)` without a context after two or more calls.
     """

@@ -135,10 +135,9 @@ class _Cache:
         (..., 0, e)."""
         dtype = float_dtype(q=q, k=k, v=v)
         q, k, v = (as_matrix(name, a, dtype) for name, a in (("q", q), ("k", k), ("v", v)))
-        if self.batch is None:
-            decode_step(q, k, v, None, tokens=q.shape[-2])
-        else:
-            decode_step(q, k, v, (self.batch, self.d, self.e), tokens=q.shape[-2])
+        first = None if self.batch is None else (self.batch, self.d, self.e)
+        decode_step(q, k, v, first, tokens=q.shape[-2])
+        if first is not None:
             cache_dtype(self.dtype, dtype)
         rows = [self.step(q[..., i:i + 1, :], k[..., i:i + 1, :], v[..., i:i + 1, :])
                 for i in range(q.shape[-2])]

@@ -583,7 +583,7 @@ def _pow2_scaled(x):
     into [0.5, 1), so that no square overflows or underflows (a zero row, or one with a
     NaN or an infinity, is left as it is).  The scaling is exact: the scaled row's unit
     row has the bits of x / sqrt(Σx²) wherever that neither overflows nor underflows."""
-    m = np.abs(x).max(axis=-1, keepdims=True)
+    m = np.abs(x).max(axis=-1, keepdims=True, initial=0.0)       # d = 0: no scaling
     return np.ldexp(x, -np.frexp(np.where(np.isfinite(m), m, 0.0))[1])
 
 
@@ -689,7 +689,8 @@ def update_centroids(centroids, x, labels, *, decay=0.999, mask=None):
     out = np.array(cent)
     lead = (slice(None),) * extra
     for b in _problems(out_batch):
-        X = x[lead + b].reshape(-1, d)
+        X = x[lead + b]
+        X = X.reshape(int(np.prod(X.shape[:-1])), d)              # d = 0 too
         L = labels[lead + b].reshape(-1)
         M = valid[lead + b].reshape(-1)
         for j in range(c):

@@ -972,3 +972,17 @@ def test_hamming_kmeans_small_batches_run_problem_parallel_identically():
     for p in range(5):
         one = ra.hamming_kmeans(codes[p], 7, iters=6, seed=3, mask=mask[p], return_centroids=True)
         assert np.array_equal(one[0], res[2][0][p]) and np.array_equal(one[1], res[2][1][p])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_of_no_features_in_the_reference_too(dtype):
+    """d = 0: the kernels give (c, 0) centroids; the reference's power-of-two row scaling
+    (for huge and tiny rows) must not turn that into an error (a max over no entries)."""
+    x = np.zeros((6, 0), dtype)
+    got = ra.spherical_kmeans(x, 3, iters=2)
+    want = ref.spherical_kmeans(x, 3, iters=2)
+    assert got.shape == want.shape == (3, 0)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    cent = np.zeros((3, 0), dtype)
+    np.testing.assert_array_equal(ra.update_centroids(cent, x, labels, decay=0.5),
+                                  ref.update_centroids(cent, x, labels, decay=0.5))
