@@ -106,11 +106,25 @@ int FN(ra_assign_clusters)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 }
 
 /* ------------------------------------------------------------------ spherical_kmeans */
-/* Rows with weight (1 − best cos)² > 0; NaN counts as 0. */
-static inline double FN(seed_weight)(T best, uint8_t valid)
+/* w[i] = (1 − best[i])² for the valid rows i in [i0, i1) with best[i] < 1, else 0 (NaN:
+ * 0); returns their sum: row i into partial sum (i − i0) mod 8, the eight combined in a
+ * fixed order (independent chains, where one running sum was a chain of dependent adds). */
+static double FN(seed_weights)(int i0, int i1, const T *best, const uint8_t *valid, double *w)
 {
-    const double w = 1.0 - (double)best;
-    return (valid && w > 0) ? w * w : 0;
+    double part[8] = {0};
+    int i = i0;
+    for (; i + 8 <= i1; i += 8)
+        for (int l = 0; l < 8; l++) {
+            const double x = 1.0 - (double)best[i + l], sq = x * x;
+            w[i + l] = ((valid[i + l] != 0) & (x > 0)) ? sq : 0.0;
+            part[l] += w[i + l];
+        }
+    for (; i < i1; i++) {
+        const double x = 1.0 - (double)best[i], sq = x * x;
+        w[i] = ((valid[i] != 0) & (x > 0)) ? sq : 0.0;
+        part[(i - i0) % 8] += w[i];
+    }
+    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
 }
 
 /* The unit rows xn (n, d) as blocks of RA_ROWS rows, each block transposed:
@@ -159,19 +173,13 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                                T *best, double *w, double *partial, T *cands, const T *xt,
                                T *cos, int nt)
 {
-    const int nch = ra_nchunks(n), L = ra_trials(c), nb = (n + RA_ROWS - 1) / RA_ROWS;
+    const int nch = ra_nchunks(n), L = ra_trials(c);
     double *pot = partial + nch;            /* (nch, L) candidate potentials per chunk */
     for (int j = 0; j < c; j++) {
         int pick = -1, won = -1;
         if (j > 0) {
-            /* 1. weights, summed per chunk, chunks combined in order */
-            #pragma omp parallel for num_threads(nt) schedule(static)
-            for (int k = 0; k < nch; k++) {
-                const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
-                double s = 0;
-                for (int i = k * RA_CHUNK; i < i1; i++) s += (w[i] = FN(seed_weight)(best[i], valid[i]));
-                partial[k] = s;
-            }
+            /* 1. the weights and their sums per chunk (step 4 of the last centroid),
+                  chunks combined in order */
             double total = 0;
             for (int k = 0; k < nch; k++) total += partial[k];
             if (total > 0) {
@@ -182,7 +190,8 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                     memcpy(cands + (size_t)t * d, xn + (size_t)cand[t] * d, sizeof(T) * (size_t)d);
                 }
                 /* 3. keep the candidate with the least remaining potential: each
-                      candidate's sum in row order per chunk, chunks combined in order */
+                      candidate's sum per block of RA_ROWS rows (K->seed_potential), blocks
+                      in order per chunk, chunks combined in order */
                 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int k = 0; k < nch; k++) {
                     const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
@@ -192,13 +201,7 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                         T *cb = cos + (size_t)(i0 / RA_ROWS) * L * RA_ROWS;
                         K->gemm(L, RA_ROWS, d, cands, d, xt + (size_t)(i0 / RA_ROWS) * d * RA_ROWS,
                                 RA_ROWS, cb, RA_ROWS, 0);
-                        for (int r = 0; r < rows; r++) {
-                            const T b = best[i0 + r];
-                            for (int t = 0; t < L; t++) {
-                                const T dot = cb[(size_t)t * RA_ROWS + r];
-                                s[t] += FN(seed_weight)(dot > b ? dot : b, valid[i0 + r]);
-                            }
-                        }
+                        K->seed_potential(rows, L, cb, RA_ROWS, best + i0, valid + i0, s);
                     }
                     for (int t = 0; t < L; t++) pot[(size_t)k * L + t] = s[t];
                 }
@@ -215,40 +218,53 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
         T *m = mu + (size_t)j * d;
         memcpy(m, xn + (size_t)pick * d, sizeof(T) * (size_t)d);
         /* 4. best cos against the new centroid: the winner's gemm column, or (a uniform
-              pick) the dot products */
+              pick) the dot products; then the next centroid's weights, summed per chunk */
         #pragma omp parallel for num_threads(nt) schedule(static)
-        for (int blk = 0; blk < nb; blk++) {
-            const int i0 = blk * RA_ROWS, rows = n - i0 < RA_ROWS ? n - i0 : RA_ROWS;
-            const T *cw = won >= 0 ? cos + ((size_t)blk * L + won) * RA_ROWS : NULL;
-            for (int r = 0; r < rows; r++) {
-                const T dot = cw ? cw[r] : FN(ra_dot)((const char *)(xn + (size_t)(i0 + r) * d),
-                                                      sizeof(T), (const char *)m, sizeof(T), d);
-                if (j == 0 || dot > best[i0 + r]) best[i0 + r] = dot;
+        for (int k = 0; k < nch; k++) {
+            const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+            for (int i0 = k * RA_CHUNK; i0 < i1; i0 += RA_ROWS) {
+                const int rows = i1 - i0 < RA_ROWS ? i1 - i0 : RA_ROWS;
+                const T *cw = won >= 0 ? cos + ((size_t)(i0 / RA_ROWS) * L + won) * RA_ROWS : NULL;
+                for (int r = 0; r < rows; r++) {
+                    const T dot = cw ? cw[r] : FN(ra_dot)((const char *)(xn + (size_t)(i0 + r) * d),
+                                                          sizeof(T), (const char *)m, sizeof(T), d);
+                    if (j == 0 || dot > best[i0 + r]) best[i0 + r] = dot;
+                }
             }
+            if (j + 1 < c) partial[k] = FN(seed_weights)(k * RA_CHUNK, i1, best, valid, w);
         }
     }
 }
 
-/* mu_j := normalised sum of the rows xn[members of j] (in row order) for every cluster
- * with members and a non-zero sum; other clusters keep their centroid. */
-static void FN(spherical_update)(int d, int c, const T *xn, const int64_t *start,
-                                 const int64_t *rows, T *mu, T *sums, int nt)
+/* mu_j := normalised sum of the rows xn[i] with lab[i] = j (in row order) for every
+ * cluster with members (start: their offsets) and a non-zero sum; other clusters keep
+ * their centroid.  Each part of nt takes a range of clusters and reads the rows of its
+ * members in row order, from one scan of the labels: the rows arrive in ascending
+ * addresses, where reading each cluster's members in turn waited on every row. */
+static void FN(spherical_update)(int n, int d, int c, const T *xn, const int64_t *lab,
+                                 const int64_t *start, T *mu, T *sums, int nt)
 {
-    #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
-    for (int j = 0; j < c; j++) {
-        if (start[j + 1] == start[j]) continue;
-        T *s = sums + (size_t)j * d;
-        memset(s, 0, sizeof(T) * (size_t)d);
-        for (int64_t t = start[j]; t < start[j + 1]; t++) {
-            const T *xi = xn + (size_t)rows[t] * d;
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int part = 0; part < nt; part++) {
+        const int j0 = (int)((int64_t)c * part / nt), j1 = (int)((int64_t)c * (part + 1) / nt);
+        if (j0 == j1) continue;
+        memset(sums + (size_t)j0 * d, 0, sizeof(T) * (size_t)(j1 - j0) * (size_t)d);
+        for (int i = 0; i < n; i++) {
+            if (lab[i] < j0 || lab[i] >= j1) continue;
+            T *s = sums + (size_t)lab[i] * d;
+            const T *xi = xn + (size_t)i * d;
             for (int u = 0; u < d; u++) s[u] += xi[u];
         }
-        T sq = 0;
-        for (int u = 0; u < d; u++) sq += s[u] * s[u];
-        sq = FN(safe_sq)(s, d, sq);
-        if (!(sq > 0)) continue;
-        const T inv = 1 / sqrt(sq);
-        for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = s[u] * inv;
+        for (int j = j0; j < j1; j++) {
+            if (start[j + 1] == start[j]) continue;
+            T *s = sums + (size_t)j * d;
+            T sq = 0;
+            for (int u = 0; u < d; u++) sq += s[u] * s[u];
+            sq = FN(safe_sq)(s, d, sq);
+            if (!(sq > 0)) continue;
+            const T inv = 1 / sqrt(sq);
+            for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = s[u] * inv;
+        }
     }
 }
 
@@ -333,7 +349,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
                                                     per_thread, nt);
             if (changed == 0) break;
             ra_group_by_label(n, lab, c, start, rows, counts, nt);
-            FN(spherical_update)(d, c, xn, start, rows, mu, sums, nt);
+            FN(spherical_update)(n, d, c, xn, lab, start, mu, sums, nt);
         }
         RaMat ob = ra_mat_at(centroids, b);
         for (int j = 0; j < c; j++)

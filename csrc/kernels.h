@@ -99,7 +99,13 @@
     /* LSH codes: codes[r] = Σ_k [S[r, k] > thr[k]] << k for rows r of S (rows×bits,       \
        lds), bits <= 64; quiet comparisons (a NaN score gives bit 0, raises no flag). */   \
     void (*threshold_bits)(int rows, int bits, const T *S, ptrdiff_t lds, const T *thr,   \
-                           int64_t *codes);
+                           int64_t *codes);                                                \
+    /* The greedy k-means++ seeding's candidate potentials over one block of rows: for    \
+       t < L, s[t] += Σ_{r < rows} w(max(cos[t·ldc + r], best[r]), valid[r]), where       \
+       w(x, v) = (1 − x)² in double when v and x < 1, else 0 (a NaN gives 0).  Row r goes  \
+       into partial sum r mod 8; the eight are combined in a fixed order, then added. */  \
+    void (*seed_potential)(int rows, int L, const T *cos, ptrdiff_t ldc, const T *best,   \
+                           const uint8_t *valid, double *s);
 
 typedef struct { RA_KERNEL_FNS(float) } RaKernelsF32;
 typedef struct { RA_KERNEL_FNS(double) } RaKernelsF64;

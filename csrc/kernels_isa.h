@@ -30,7 +30,8 @@
      .top_sample = RA_CAT3(top_sample, S, ISA), .top_admit = RA_CAT3(top_admit, S, ISA), \
      .top_offer = RA_CAT3(top_offer, S, ISA), .pool_scan = RA_CAT3(pool_scan, S, ISA), \
      .normalize_row = RA_CAT3(normalize_row, S, ISA),                                     \
-     .threshold_bits = RA_CAT3(threshold_bits, S, ISA)}
+     .threshold_bits = RA_CAT3(threshold_bits, S, ISA),                                   \
+     .seed_potential = RA_CAT3(seed_potential, S, ISA)}
 
 /* The table NAME, called LABEL, with the Hamming kernels of HISA (WORDS_FIRST: see
  * RaHammingKernels.words_first). */

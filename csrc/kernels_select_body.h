@@ -1,5 +1,6 @@
 /* kernels_select_body.h — selection kernels: top_members' sampling, admission
- * and offers, clustered top-k offers, max-pooling scans.
+ * and offers, clustered top-k offers, max-pooling scans; the clustering's row argmax,
+ * LSH bits and k-means++ potentials.
  * Included by kernels_body.h (once per type, with its macros). */
 
 /* ------------------------------------------------------------------ top_members */
@@ -482,3 +483,47 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
         }
 }
 
+/* ------------------------------------------------------------------ k-means++ potentials */
+/* See RaKernels.seed_potential.  Eight rows at a time in 8-lane vectors (one or more
+ * registers per instruction set), each lane's square computed and then kept or not, so
+ * the partial sums are independent chains: a running sum per candidate made the
+ * seeding's potential pass a chain of dependent scalar adds. */
+static void FN(seed_potential)(int rows, int L, const T *cos, ptrdiff_t ldc, const T *best,
+                               const uint8_t *valid, double *s)
+{
+    typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+    typedef UT u8t __attribute__((vector_size(8 * sizeof(T))));   /* T's lanes as bits */
+    typedef double d8 __attribute__((vector_size(64)));
+    typedef int64_t i8 __attribute__((vector_size(64)));
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const i8 byte_shift = {0, 8, 16, 24, 32, 40, 48, 56};     /* row l's flag in the word */
+#else
+    const i8 byte_shift = {56, 48, 40, 32, 24, 16, 8, 0};
+#endif
+    for (int t = 0; t < L; t++) {
+        const T *c = cos + (ptrdiff_t)t * ldc;
+        d8 part = {0};
+        int r = 0;
+        for (; r + 8 <= rows; r += 8) {
+            t8 cv, bv;
+            uint64_t vb;
+            memcpy(&cv, c + r, sizeof cv);
+            memcpy(&bv, best + r, sizeof bv);
+            memcpy(&vb, valid + r, sizeof vb);          /* the eight rows' flags, a byte each */
+            const u8t larger = (u8t)(cv > bv);           /* a NaN on either side: best */
+            const t8 x = (t8)(((u8t)cv & larger) | ((u8t)bv & ~larger));
+            const d8 w = 1.0 - __builtin_convertvector(x, d8), sq = w * w;
+            const i8 flag = (((i8){0} + (int64_t)vb) >> byte_shift) & 0xff;
+            const i8 keep = (flag != 0) & (w > 0);
+            part += (d8)((i8)sq & keep);
+        }
+        double p[8];
+        memcpy(p, &part, sizeof p);
+        for (; r < rows; r++) {
+            const T x = c[r] > best[r] ? c[r] : best[r];
+            const double w = 1.0 - (double)x, sq = w * w;
+            p[r % 8] += ((valid[r] != 0) & (w > 0)) ? sq : 0.0;
+        }
+        s[t] += ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
+    }
+}

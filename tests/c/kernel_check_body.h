@@ -293,6 +293,39 @@ static void F(check_rows)(const KT *K)
     S[48 + 4] = NAN;
     K->threshold_bits(N, BITS, S, 48, thr, codes);
     DUMP_AS(NAME("threshold_bits"), 'i', codes, N);
+
+    /* k-means++ potentials: 3 candidates over 37 rows (a tail of 5), a NaN cosine, a NaN
+       best, cosines of 1 and above (weight 0), invalid rows; against the sums in double */
+    enum { PR = 37, PL = 3, PLD = 40 };
+    T cosv[PL * PLD], bestv[PR];
+    uint8_t validv[PR];
+    F(fill)(cosv, PL * PLD, 0);
+    F(fill)(bestv, PR, 0);
+    for (int r = 0; r < PR; r++) validv[r] = r % 5 != 3;
+    cosv[PLD + 6] = NAN;
+    bestv[11] = NAN;
+    cosv[2 * PLD + 20] = 1;
+    cosv[2 * PLD + 21] = (T)1.5;
+    double pot[PL] = {0.5, 0, -1}, want[PL];
+    for (int t = 0; t < PL; t++) {
+        want[t] = 0;
+        for (int r = 0; r < PR; r++) {
+            const T v = cosv[t * PLD + r] > bestv[r] ? cosv[t * PLD + r] : bestv[r];
+            const double w = 1.0 - (double)v;
+            want[t] += validv[r] && w > 0 ? w * w : 0;
+        }
+        want[t] += pot[t];
+    }
+    feclearexcept(FE_ALL_EXCEPT);
+    K->seed_potential(PR, PL, cosv, PLD, bestv, validv, pot);
+    feclearexcept(FE_ALL_EXCEPT);       /* the NaN's comparisons may flag invalid */
+    for (int t = 0; t < PL; t++)
+        if (!(fabs(pot[t] - want[t]) <= 1e-12 * (fabs(want[t]) + 1))) {
+            fprintf(stderr, "kernel_check: %sseed_potential[%d] = %.17g, want %.17g\n",
+                    NAME(""), t, pot[t], want[t]);
+            self_check_failures++;
+        }
+    DUMP_AS(NAME("seed_potential"), 'd', pot, PL);
     free(x); free(S);
 }
 
