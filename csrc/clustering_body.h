@@ -236,35 +236,33 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
     }
 }
 
-/* mu_j := normalised sum of the rows xn[i] with lab[i] = j (in row order) for every
- * cluster with members (start: their offsets) and a non-zero sum; other clusters keep
- * their centroid.  Each part of nt takes a range of clusters and reads the rows of its
- * members in row order, from one scan of the labels: the rows arrive in ascending
- * addresses, where reading each cluster's members in turn waited on every row. */
-static void FN(spherical_update)(int n, int d, int c, const T *xn, const int64_t *lab,
-                                 const int64_t *start, T *mu, T *sums, int nt)
+/* mu_j := normalised sum of the rows xn[members of j] (in row order) for every cluster
+ * with members and a non-zero sum; other clusters keep their centroid.  The member rows
+ * are hinted RA_PREFETCH_ROWS members ahead: gathered unhinted, every add waited on its
+ * row. */
+static void FN(spherical_update)(int d, int c, const T *xn, const int64_t *start,
+                                 const int64_t *rows, T *mu, T *sums, int nt)
 {
-    #pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (int part = 0; part < nt; part++) {
-        const int j0 = (int)((int64_t)c * part / nt), j1 = (int)((int64_t)c * (part + 1) / nt);
-        if (j0 == j1) continue;
-        memset(sums + (size_t)j0 * d, 0, sizeof(T) * (size_t)(j1 - j0) * (size_t)d);
-        for (int i = 0; i < n; i++) {
-            if (lab[i] < j0 || lab[i] >= j1) continue;
-            T *s = sums + (size_t)lab[i] * d;
-            const T *xi = xn + (size_t)i * d;
+    const size_t row_bytes = sizeof(T) * (size_t)d;
+    #pragma omp parallel for num_threads(nt) schedule(dynamic, 4)
+    for (int j = 0; j < c; j++) {
+        if (start[j + 1] == start[j]) continue;
+        T *s = sums + (size_t)j * d;
+        memset(s, 0, sizeof(T) * (size_t)d);
+        for (int64_t t = start[j]; t < start[j + 1]; t++) {
+            if (t + RA_PREFETCH_ROWS < start[j + 1]) {
+                const char *ahead = (const char *)(xn + (size_t)rows[t + RA_PREFETCH_ROWS] * d);
+                for (size_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(ahead + off);
+            }
+            const T *xi = xn + (size_t)rows[t] * d;
             for (int u = 0; u < d; u++) s[u] += xi[u];
         }
-        for (int j = j0; j < j1; j++) {
-            if (start[j + 1] == start[j]) continue;
-            T *s = sums + (size_t)j * d;
-            T sq = 0;
-            for (int u = 0; u < d; u++) sq += s[u] * s[u];
-            sq = FN(safe_sq)(s, d, sq);
-            if (!(sq > 0)) continue;
-            const T inv = 1 / sqrt(sq);
-            for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = s[u] * inv;
-        }
+        T sq = 0;
+        for (int u = 0; u < d; u++) sq += s[u] * s[u];
+        sq = FN(safe_sq)(s, d, sq);
+        if (!(sq > 0)) continue;
+        const T inv = 1 / sqrt(sq);
+        for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = s[u] * inv;
     }
 }
 
@@ -349,7 +347,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
                                                     per_thread, nt);
             if (changed == 0) break;
             ra_group_by_label(n, lab, c, start, rows, counts, nt);
-            FN(spherical_update)(n, d, c, xn, lab, start, mu, sums, nt);
+            FN(spherical_update)(d, c, xn, start, rows, mu, sums, nt);
         }
         RaMat ob = ra_mat_at(centroids, b);
         for (int j = 0; j < c; j++)

@@ -485,9 +485,10 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
 
 /* ------------------------------------------------------------------ k-means++ potentials */
 /* See RaKernels.seed_potential.  Eight rows at a time in 8-lane vectors (one or more
- * registers per instruction set), each lane's square computed and then kept or not, so
- * the partial sums are independent chains: a running sum per candidate made the
- * seeding's potential pass a chain of dependent scalar adds. */
+ * registers per instruction set; a short last group padded with invalid rows), each
+ * lane's square computed and then kept or not, so the partial sums are independent
+ * chains — a running sum per candidate made the seeding's potential pass a chain of
+ * dependent scalar adds — and every table computes the same bits. */
 static void FN(seed_potential)(int rows, int L, const T *cos, ptrdiff_t ldc, const T *best,
                                const uint8_t *valid, double *s)
 {
@@ -500,30 +501,33 @@ static void FN(seed_potential)(int rows, int L, const T *cos, ptrdiff_t ldc, con
 #else
     const i8 byte_shift = {56, 48, 40, 32, 24, 16, 8, 0};
 #endif
+    /* a short last group, padded with invalid rows */
+    const int whole = rows / 8 * 8, left = rows - whole;
+    T tail_best[8] = {0};
+    uint8_t tail_valid[8] = {0};
+    memcpy(tail_best, best + whole, sizeof(T) * (size_t)left);
+    memcpy(tail_valid, valid + whole, (size_t)left);
     for (int t = 0; t < L; t++) {
         const T *c = cos + (ptrdiff_t)t * ldc;
+        T tail_cos[8] = {0};
+        memcpy(tail_cos, c + whole, sizeof(T) * (size_t)left);
         d8 part = {0};
-        int r = 0;
-        for (; r + 8 <= rows; r += 8) {
+        for (int r = 0; r < rows; r += 8) {
+            const int in_tail = r == whole;
             t8 cv, bv;
             uint64_t vb;
-            memcpy(&cv, c + r, sizeof cv);
-            memcpy(&bv, best + r, sizeof bv);
-            memcpy(&vb, valid + r, sizeof vb);          /* the eight rows' flags, a byte each */
+            memcpy(&cv, in_tail ? tail_cos : c + r, sizeof cv);
+            memcpy(&bv, in_tail ? tail_best : best + r, sizeof bv);
+            memcpy(&vb, in_tail ? tail_valid : valid + r, sizeof vb);   /* a byte a row */
             const u8t larger = (u8t)(cv > bv);           /* a NaN on either side: best */
             const t8 x = (t8)(((u8t)cv & larger) | ((u8t)bv & ~larger));
             const d8 w = 1.0 - __builtin_convertvector(x, d8), sq = w * w;
             const i8 flag = (((i8){0} + (int64_t)vb) >> byte_shift) & 0xff;
             const i8 keep = (flag != 0) & (w > 0);
-            part += (d8)((i8)sq & keep);
+            part += (d8)((i8)sq & keep);     /* kept by a mask: never fused into an FMA */
         }
         double p[8];
         memcpy(p, &part, sizeof p);
-        for (; r < rows; r++) {
-            const T x = c[r] > best[r] ? c[r] : best[r];
-            const double w = 1.0 - (double)x, sq = w * w;
-            p[r % 8] += ((valid[r] != 0) & (w > 0)) ? sq : 0.0;
-        }
         s[t] += ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]));
     }
 }
