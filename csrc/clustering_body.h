@@ -33,15 +33,18 @@ static size_t FN(assign_scratch)(int d, int c)
 
 /* x (n, d) strided, ct (d, c) = centroidsᵀ  ->  lab (n): argmax_j x_i·μ_j (−1 for rows
  * with mask False; mask.data may be NULL).  Blocks of RA_ROWS rows through the gemm
- * kernel; scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
+ * kernel.  With xt set (the rows transposed in blocks, (nb, d, RA_ROWS), from
+ * seed_transpose; x unused, scores.data NULL), ct holds the centroids (c, d) themselves
+ * and each block's products come as (c, RA_ROWS), reduced down the columns by argmax_cols
+ * (the same labels: the same products, no per-row horizontal reduction).  Scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
  * (RA_ROWS, c).  When scores.data / best.data are set, the scores (n, c) and each row's
  * best score (n; NaN for a row labelled −1) are written there too (the gemm writes
  * straight into scores when its rows are contiguous).  With count != 0,
  * returns how many labels differ from lab's previous contents (else 0, and lab is only
  * written). */
-static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, const T *ct,
-                               int c, RaVec lab, RaMat scores, RaVec best, int count,
-                               char *scratch, size_t per_thread, int nt)
+static int64_t FN(assign_rows)(const KT *K, RaMat x, const T *xt, RaVec mask, int n, int d,
+                               const T *ct, int c, RaVec lab, RaMat scores, RaVec best,
+                               int count, char *scratch, size_t per_thread, int nt)
 {
     const int nblk = (n + RA_ROWS - 1) / RA_ROWS;
     const int direct = scores.data && scores.s1 == (ptrdiff_t)sizeof(T) &&
@@ -55,13 +58,18 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, RaVec mask, int n, int d, c
         T *xs = t.x, *s = t.scores, *top = t.best;
         int64_t *arg = t.arg;
         ptrdiff_t lds = c, ldx;
-        const T *xr = FN(ra_rows)(x, i0, rows, d, xs, &ldx);
-        if (direct) {          /* the product straight into the scores output */
-            s = (T *)(scores.data + (ptrdiff_t)i0 * scores.s0);
-            lds = scores.s0 / (ptrdiff_t)sizeof(T);
+        if (xt) {              /* S (c, RA_ROWS) = centroids · (block rows)ᵀ */
+            K->gemm(c, RA_ROWS, d, ct, d, xt + (size_t)blk * d * RA_ROWS, RA_ROWS, s, RA_ROWS, 0);
+            K->argmax_cols(c, rows, s, RA_ROWS, arg, top);
+        } else {
+            const T *xr = FN(ra_rows)(x, i0, rows, d, xs, &ldx);
+            if (direct) {      /* the product straight into the scores output */
+                s = (T *)(scores.data + (ptrdiff_t)i0 * scores.s0);
+                lds = scores.s0 / (ptrdiff_t)sizeof(T);
+            }
+            K->gemm(rows, c, d, xr, ldx, ct, c, s, lds, 0);
+            K->argmax_rows(rows, c, s, lds, arg, top);
         }
-        K->gemm(rows, c, d, xr, ldx, ct, c, s, lds, 0);
-        K->argmax_rows(rows, c, s, lds, arg, top);
         for (int r = 0; r < rows; r++) {
             const int i = i0 + r;
             const int masked = mask.data && !RA_VEC_AT(uint8_t, mask, i);
@@ -97,7 +105,7 @@ int FN(ra_assign_clusters)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
     for (ptrdiff_t b = 0; b < B; b++) {
         FN(pack_transposed)(ra_mat_at(centroids, b), c, d, ct);
         RaMat sb = {scores.data ? scores.data + b * scores.sb : NULL, scores.s0, scores.s1};
-        FN(assign_rows)(K, ra_mat_at(x, b), no_mask, n, d, ct, c, ra_vec_at(labels, b), sb,
+        FN(assign_rows)(K, ra_mat_at(x, b), NULL, no_mask, n, d, ct, c, ra_vec_at(labels, b), sb,
                         ra_vec_at(best, b), 0, scratch, per_thread, nt);
     }
     ra_free(ct);
@@ -106,25 +114,12 @@ int FN(ra_assign_clusters)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBMat ce
 }
 
 /* ------------------------------------------------------------------ spherical_kmeans */
-/* w[i] = (1 − best[i])² for the valid rows i in [i0, i1) with best[i] < 1, else 0 (NaN:
- * 0); returns their sum: row i into partial sum (i − i0) mod 8, the eight combined in a
- * fixed order (independent chains, where one running sum was a chain of dependent adds). */
-static double FN(seed_weights)(int i0, int i1, const T *best, const uint8_t *valid, double *w)
+/* The D² weight of a row whose largest cosine so far is best: (1 − best)² for a valid
+ * row with best < 1, else 0 (NaN: 0) — seed_potential's term, one row at a time. */
+static inline double FN(seed_weight)(T best, uint8_t valid)
 {
-    double part[8] = {0};
-    int i = i0;
-    for (; i + 8 <= i1; i += 8)
-        for (int l = 0; l < 8; l++) {
-            const double x = 1.0 - (double)best[i + l], sq = x * x;
-            w[i + l] = ((valid[i + l] != 0) & (x > 0)) ? sq : 0.0;
-            part[l] += w[i + l];
-        }
-    for (; i < i1; i++) {
-        const double x = 1.0 - (double)best[i], sq = x * x;
-        w[i] = ((valid[i] != 0) & (x > 0)) ? sq : 0.0;
-        part[(i - i0) % 8] += w[i];
-    }
-    return ((part[0] + part[4]) + (part[2] + part[6])) + ((part[1] + part[5]) + (part[3] + part[7]));
+    const double x = 1.0 - (double)best;
+    return ((valid != 0) & (x > 0)) ? x * x : 0.0;
 }
 
 /* The unit rows xn (n, d) as blocks of RA_ROWS rows, each block transposed:
@@ -144,64 +139,76 @@ static void FN(seed_transpose)(int n, int d, const T *xn, T *xt, int nt)
 }
 
 /* Row of the D² sample: the first row whose running weight exceeds target (whole
- * chunks are skipped by their sums); rounding past the end: the last row of positive
- * weight. */
-static int FN(seed_sample)(int n, const double *w, const double *chunk_sum, double target)
+ * chunks skipped by their sums, then whole blocks of RA_ROWS rows by theirs, the rows'
+ * weights computed from best as they are read); rounding past the end: the last row of
+ * positive weight. */
+static int FN(seed_sample)(int n, const T *best, const uint8_t *valid, const double *chunk_sum,
+                           const double *block_sum, double target)
 {
-    const int nch = ra_nchunks(n);
+    const int nch = ra_nchunks(n), nb = (n + RA_ROWS - 1) / RA_ROWS;
     double run = 0;
-    int k = 0;
+    int k = 0, blk;
     while (k < nch - 1 && run + chunk_sum[k] <= target) run += chunk_sum[k++];
-    for (int i = k * RA_CHUNK; i < n; i++) {
-        run += w[i];
-        if (w[i] > 0 && run > target) return i;
+    for (blk = k * (RA_CHUNK / RA_ROWS); blk < nb - 1 && run + block_sum[blk] <= target; blk++)
+        run += block_sum[blk];
+    for (int i = blk * RA_ROWS; i < n; i++) {
+        const double w = FN(seed_weight)(best[i], valid[i]);
+        run += w;
+        if (w > 0 && run > target) return i;
     }
     for (int i = n - 1; i >= 0; i--)
-        if (w[i] > 0) return i;
+        if (FN(seed_weight)(best[i], valid[i]) > 0) return i;
     return -1;
 }
 
 /* Seeded greedy k-means++ on the unit rows xn (n, d): mu (c, d) := c rows of xn.  The
  * first is uniform; each next one is the best of L = ra_trials(c) candidates drawn with
  * probability ∝ D², D = 1 − (largest cos to the centroids so far): the one leaving the
- * least total D² (the first on ties).  Scratch: best (n), w (n), partial (ra_nchunks(n) ·
- * (L + 1)), cands (L, d), xt (nb, d, RA_ROWS) from seed_transpose and cos (nb, L,
+ * least total D² (the first on ties).  Scratch: best (n), partial ((nch + nb) · (L + 1),
+ * nch = ra_nchunks(n), nb = ceil(n / RA_ROWS): the weights' and the candidates' sums per
+ * chunk and per block), cands (L, d), xt (nb, d, RA_ROWS) from seed_transpose and cos (nb, L,
  * RA_ROWS): the candidates' cosines, one (L, d) × (d, RA_ROWS) gemm per block, kept so
  * that the winner's column updates best without another pass over xn. */
 static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                                const uint8_t *valid, int64_t nvalid, uint64_t *rng, T *mu,
-                               T *best, double *w, double *partial, T *cands, const T *xt,
-                               T *cos, int nt)
+                               T *best, double *partial, T *cands, const T *xt, T *cos, int nt)
 {
-    const int nch = ra_nchunks(n), L = ra_trials(c);
+    const int nch = ra_nchunks(n), L = ra_trials(c), nb = (n + RA_ROWS - 1) / RA_ROWS;
     double *pot = partial + nch;            /* (nch, L) candidate potentials per chunk */
+    double *block_w = pot + (size_t)nch * L;         /* (nb) the weights' sums per block */
+    double *block_pot = block_w + nb;                /* (nb, L) the candidates' per block */
+    for (int i = 0; i < n; i++) best[i] = -INFINITY;
     for (int j = 0; j < c; j++) {
         int pick = -1, won = -1;
         if (j > 0) {
-            /* 1. the weights and their sums per chunk (step 4 of the last centroid),
-                  chunks combined in order */
+            /* 1. the weights' sums per chunk and per block (step 4 of the last
+                  centroid), chunks combined in order */
             double total = 0;
             for (int k = 0; k < nch; k++) total += partial[k];
             if (total > 0) {
                 /* 2. L candidates by D² sampling */
                 int cand[RA_MAX_TRIALS];
                 for (int t = 0; t < L; t++) {
-                    cand[t] = FN(seed_sample)(n, w, partial, ra_rng_unit(rng) * total);
+                    cand[t] = FN(seed_sample)(n, best, valid, partial, block_w, ra_rng_unit(rng) * total);
                     memcpy(cands + (size_t)t * d, xn + (size_t)cand[t] * d, sizeof(T) * (size_t)d);
                 }
                 /* 3. keep the candidate with the least remaining potential: each
-                      candidate's sum per block of RA_ROWS rows (K->seed_potential), blocks
-                      in order per chunk, chunks combined in order */
+                      candidate's sum per block of RA_ROWS rows (K->seed_potential, kept
+                      for step 4), blocks in order per chunk, chunks combined in order */
                 #pragma omp parallel for num_threads(nt) schedule(static)
                 for (int k = 0; k < nch; k++) {
                     const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
                     double s[RA_MAX_TRIALS] = {0};
                     for (int i0 = k * RA_CHUNK; i0 < i1; i0 += RA_ROWS) {
                         const int rows = i1 - i0 < RA_ROWS ? i1 - i0 : RA_ROWS;
-                        T *cb = cos + (size_t)(i0 / RA_ROWS) * L * RA_ROWS;
-                        K->gemm(L, RA_ROWS, d, cands, d, xt + (size_t)(i0 / RA_ROWS) * d * RA_ROWS,
+                        const int blk = i0 / RA_ROWS;
+                        T *cb = cos + (size_t)blk * L * RA_ROWS;
+                        double *bp = block_pot + (size_t)blk * L;
+                        K->gemm(L, RA_ROWS, d, cands, d, xt + (size_t)blk * d * RA_ROWS,
                                 RA_ROWS, cb, RA_ROWS, 0);
-                        K->seed_potential(rows, L, cb, RA_ROWS, best + i0, valid + i0, s);
+                        for (int t = 0; t < L; t++) bp[t] = 0;
+                        K->seed_potential(rows, L, cb, RA_ROWS, best + i0, valid + i0, bp);
+                        for (int t = 0; t < L; t++) s[t] += bp[t];
                     }
                     for (int t = 0; t < L; t++) pot[(size_t)k * L + t] = s[t];
                 }
@@ -218,20 +225,30 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
         T *m = mu + (size_t)j * d;
         memcpy(m, xn + (size_t)pick * d, sizeof(T) * (size_t)d);
         /* 4. best cos against the new centroid: the winner's gemm column, or (a uniform
-              pick) the dot products; then the next centroid's weights, summed per chunk */
+              pick) the dot products put in column 0; the next draw's weight sums per
+              block and per chunk: the winner's potentials, or that column's */
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int k = 0; k < nch; k++) {
             const int i1 = (k + 1) * RA_CHUNK < n ? (k + 1) * RA_CHUNK : n;
+            double s = 0;
             for (int i0 = k * RA_CHUNK; i0 < i1; i0 += RA_ROWS) {
                 const int rows = i1 - i0 < RA_ROWS ? i1 - i0 : RA_ROWS;
-                const T *cw = won >= 0 ? cos + ((size_t)(i0 / RA_ROWS) * L + won) * RA_ROWS : NULL;
-                for (int r = 0; r < rows; r++) {
-                    const T dot = cw ? cw[r] : FN(ra_dot)((const char *)(xn + (size_t)(i0 + r) * d),
-                                                          sizeof(T), (const char *)m, sizeof(T), d);
-                    if (j == 0 || dot > best[i0 + r]) best[i0 + r] = dot;
+                T *cb = cos + (size_t)(i0 / RA_ROWS) * L * RA_ROWS, *bb = best + i0;
+                double *bw = block_w + i0 / RA_ROWS;
+                if (won < 0) {
+                    for (int r = 0; r < rows; r++)
+                        cb[r] = FN(ra_dot)((const char *)(xn + (size_t)(i0 + r) * d), sizeof(T),
+                                           (const char *)m, sizeof(T), d);
+                    *bw = 0;
+                    K->seed_potential(rows, 1, cb, RA_ROWS, bb, valid + i0, bw);
+                } else {
+                    *bw = block_pot[(size_t)(i0 / RA_ROWS) * L + won];
                 }
+                s += *bw;
+                const T *col = cb + (size_t)(won < 0 ? 0 : won) * RA_ROWS;
+                for (int r = 0; r < rows; r++) bb[r] = col[r] > bb[r] ? col[r] : bb[r];
             }
-            if (j + 1 < c) partial[k] = FN(seed_weights)(k * RA_CHUNK, i1, best, valid, w);
+            partial[k] = s;
         }
     }
 }
@@ -273,30 +290,29 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
                             RaBMat centroids)
 {
     const KT *K = &ra_kernels()->KSEL;
-    const int nt = ra_num_threads(), nch = ra_nchunks(n);
+    const int nt = ra_num_threads(), nch = ra_nchunks(n), nb = (n + RA_ROWS - 1) / RA_ROWS;
     const size_t nd = ra_mul((size_t)n, d), cd = ra_mul((size_t)c, d);
+    const size_t padded = ra_mul((size_t)nb, RA_ROWS);         /* rows in whole blocks */
     const size_t per_thread = FN(assign_scratch)(d, c);
     T *xn = ra_alloc(ra_mul(sizeof(T), nd));
     T *mu = ra_alloc(ra_mul(sizeof(T), cd));
-    T *ct = ra_alloc(ra_mul(sizeof(T), cd));
     T *sums = ra_alloc(ra_mul(sizeof(T), cd));
     T *best = ra_alloc(ra_mul(sizeof(T), (size_t)n));
-    double *partial = ra_alloc(ra_mul(sizeof(double), ra_mul((size_t)nch, ra_trials(c) + 1)));
-    double *w = ra_alloc(ra_mul(sizeof(double), (size_t)n));
+    double *partial = ra_alloc(ra_mul(sizeof(double), ra_mul((size_t)nch + nb, ra_trials(c) + 1)));
     uint8_t *valid = ra_alloc((size_t)n);
     int64_t *lab = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     int64_t *start = ra_alloc(ra_mul(sizeof(int64_t), (size_t)c + 1));
     int64_t *rows = ra_alloc(ra_mul(sizeof(int64_t), (size_t)n));
     int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
-    const size_t seeded = use_init ? 0 : ra_mul((size_t)(n + RA_ROWS - 1) / RA_ROWS, RA_ROWS);
     T *seed_cands = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, RA_MAX_TRIALS)));
-    T *seed_xt = ra_alloc(ra_mul(sizeof(T), ra_mul(seeded, d)));
-    T *seed_cos = ra_alloc(ra_mul(sizeof(T), ra_mul(seeded, ra_trials(c))));
-    int st = (xn && mu && ct && sums && best && partial && w && valid && lab && start && rows &&
-              counts && scratch && seed_cands && seed_xt && seed_cos) ? RA_OK : RA_ERR_NOMEM;
-    const RaMat xn_view = {(char *)xn, (ptrdiff_t)(sizeof(T) * (size_t)d), sizeof(T)};
+    T *xt = ra_alloc(ra_mul(sizeof(T), ra_mul(padded, d)));
+    T *seed_cos = ra_alloc(ra_mul(sizeof(T), ra_mul(use_init ? 0 : padded, ra_trials(c))));
+    const RaMat no_x = {NULL, 0, 0}, no_scores = {NULL, 0, 0};
     const RaVec lab_view = {(char *)lab, sizeof(int64_t)}, valid_view = {(char *)valid, 1};
+    const RaVec no_best = {NULL, 0};
+    int st = (xn && mu && sums && best && partial && valid && lab && start && rows &&
+              counts && scratch && seed_cands && xt && seed_cos) ? RA_OK : RA_ERR_NOMEM;
 
     for (ptrdiff_t b = 0; b < B && st == RA_OK; b++) {
         RaMat xb = ra_mat_at(x, b);
@@ -324,25 +340,23 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
         fesetexceptflag(&fe_saved, FE_OVERFLOW);
         int64_t nvalid = 0;
         for (int i = 0; i < n; i++) nvalid += valid[i];
-        /* 2. initial centroids: given, or seeded k-means++ (nothing to seed from: zeros) */
+        /* 2. the rows transposed in blocks (the operand of the seeding's and the Lloyd
+              assign's products); initial centroids: given, or seeded k-means++ (nothing
+              to seed from: zeros) */
+        if (nvalid > 0 && (!use_init || n_iters > 0)) FN(seed_transpose)(n, d, xn, xt, nt);
         if (use_init) {
             RaMat ib = ra_mat_at(init, b);
             for (int j = 0; j < c; j++)
                 for (int u = 0; u < d; u++) mu[(size_t)j * d + u] = RA_MAT_AT(T, ib, j, u);
         } else if (nvalid > 0) {
-            FN(seed_transpose)(n, d, xn, seed_xt, nt);
-            FN(spherical_seed)(K, n, d, c, xn, valid, nvalid, &rng, mu, best, w, partial,
-                               seed_cands, seed_xt, seed_cos, nt);
+            FN(spherical_seed)(K, n, d, c, xn, valid, nvalid, &rng, mu, best, partial,
+                               seed_cands, xt, seed_cos, nt);
         } else {
             memset(mu, 0, sizeof(T) * cd);
         }
         /* 3. Lloyd iterations; unchanged labels mean a fixed point */
         for (int64_t it = 0; it < n_iters && nvalid > 0; it++) {
-            FN(pack_transposed)((RaMat){(char *)mu, (ptrdiff_t)(sizeof(T) * (size_t)d), sizeof(T)},
-                                c, d, ct);
-            const RaMat no_scores = {NULL, 0, 0};
-            const RaVec no_best = {NULL, 0};
-            const int64_t changed = FN(assign_rows)(K, xn_view, valid_view, n, d, ct, c,
+            const int64_t changed = FN(assign_rows)(K, no_x, xt, valid_view, n, d, mu, c,
                                                     lab_view, no_scores, no_best, 1, scratch,
                                                     per_thread, nt);
             if (changed == 0) break;
@@ -353,9 +367,9 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
         for (int j = 0; j < c; j++)
             for (int u = 0; u < d; u++) RA_MAT_AT(T, ob, j, u) = mu[(size_t)j * d + u];
     }
-    ra_free(xn); ra_free(mu); ra_free(ct); ra_free(sums); ra_free(best); ra_free(partial);
-    ra_free(w); ra_free(valid); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
-    ra_free(scratch); ra_free(seed_cands); ra_free(seed_xt); ra_free(seed_cos);
+    ra_free(xn); ra_free(mu); ra_free(sums); ra_free(best); ra_free(partial);
+    ra_free(valid); ra_free(lab); ra_free(start); ra_free(rows); ra_free(counts);
+    ra_free(scratch); ra_free(seed_cands); ra_free(xt); ra_free(seed_cos);
     return st;
 }
 

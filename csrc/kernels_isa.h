@@ -27,6 +27,7 @@
      .mask_tile = RA_CAT3(mask_tile, S, ISA), .bias_tile = RA_CAT3(bias_tile, S, ISA),    \
      .dropout_tile = RA_CAT3(dropout_tile, S, ISA), .gather_t = RA_CAT3(gather_t, S, ISA),      \
      .softmax_grad = RA_CAT3(softmax_grad, S, ISA), .argmax_rows = RA_CAT3(argmax_rows, S, ISA), \
+     .argmax_cols = RA_CAT3(argmax_cols, S, ISA), \
      .top_sample = RA_CAT3(top_sample, S, ISA), .top_admit = RA_CAT3(top_admit, S, ISA), \
      .top_offer = RA_CAT3(top_offer, S, ISA), .pool_scan = RA_CAT3(pool_scan, S, ISA), \
      .normalize_row = RA_CAT3(normalize_row, S, ISA),                                     \

@@ -483,6 +483,65 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
         }
 }
 
+/* ------------------------------------------------------------------ column argmax */
+/* See RaKernels.argmax_cols.  nv register blocks of VL columns (nv = 4, then 1) scanned
+ * down the rows together, each with its running maximum and row (an integer of T's width
+ * beside the value) in registers: independent chains, and no horizontal reduction per
+ * row as in argmax_rows.  A NaN lane takes the running maximum before the ordered
+ * compare (no invalid flag).  A column whose maximum never rose above -inf (all -inf or
+ * NaN) is finished by a scalar scan: its first non-NaN row, else -1. */
+static inline __attribute__((always_inline)) void
+FN(argmax_cols_block)(int nv, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
+{
+    vec m[4];
+    FN(svec) a[4];
+    for (int u = 0; u < nv; u++) {
+        m[u] = FN(vsplat)(-INFINITY);
+        a[u] = (FN(svec)){0} - 1;
+    }
+    for (int j = 0; j < c; j++) {
+        const FN(svec) row = (FN(svec)){0} + j;
+        for (int u = 0; u < nv; u++) {
+            vec x = FN(vload)(S + (ptrdiff_t)j * lds + u * VL);
+            x = FN(vsel)((uvec)(x == x), x, m[u]);
+            const uvec up = (uvec)(x > m[u]);
+            m[u] = FN(vsel)(up, x, m[u]);
+            a[u] = (FN(svec))((up & (uvec)row) | (~up & (uvec)a[u]));
+        }
+    }
+    for (int u = 0; u < nv; u++) {
+        T mv[VL];
+        IT av[VL];
+        memcpy(mv, &m[u], sizeof mv);
+        memcpy(av, &a[u], sizeof av);
+        for (int l = 0; l < VL; l++) {
+            const int i = u * VL + l;
+            int64_t first = av[l];
+            for (int j = 0; first < 0 && j < c; j++)
+                if (S[(ptrdiff_t)j * lds + i] == S[(ptrdiff_t)j * lds + i]) first = j;
+            lab[i] = first;
+            best[i] = first >= 0 ? mv[l] : (T)NAN;
+        }
+    }
+}
+
+static void FN(argmax_cols)(int c, int cols, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
+{
+    int i = 0;
+    for (; i + 4 * VL <= cols; i += 4 * VL) FN(argmax_cols_block)(4, c, S + i, lds, lab + i, best + i);
+    for (; i + VL <= cols; i += VL) FN(argmax_cols_block)(1, c, S + i, lds, lab + i, best + i);
+    for (; i < cols; i++) {
+        int64_t first = -1;
+        T m = (T)NAN;
+        for (int j = 0; j < c; j++) {
+            const T x = S[(ptrdiff_t)j * lds + i];
+            if (x == x && (first < 0 || x > m)) { m = x; first = j; }
+        }
+        lab[i] = first;
+        best[i] = m;
+    }
+}
+
 /* ------------------------------------------------------------------ k-means++ potentials */
 /* See RaKernels.seed_potential.  Eight rows at a time in 8-lane vectors (one or more
  * registers per instruction set; a short last group padded with invalid rows), each

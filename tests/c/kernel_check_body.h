@@ -145,12 +145,37 @@ static void F(check_selection)(const KT *K)
     F(fill)(s, R * LD, 1);
     s[3 * LD + 2] = NAN;
     for (int j = 0; j < CB; j++) s[9 * LD + j] = NAN;   /* an all-NaN row */
+    for (int j = 0; j < CB; j++) s[10 * LD + j] = j % 3 ? -(T)INFINITY : NAN;   /* -inf at best */
 
     int64_t lab[R];
     T best[R];
     K->argmax_rows(R, CB, s, LD, lab, best);
     DUMP_AS(NAME("argmax_rows.lab"), 'i', lab, R);
     DUMP_AS(NAME("argmax_rows.best"), KIND, best, R);
+
+    /* argmax_cols on sᵀ: argmax_rows' labels and values, over all R columns and over 53
+       from column 1 (every instruction set's four-register, one-register and scalar
+       paths) */
+    {
+        enum { LDT = R + 2 };
+        T *st = F(alloc)(sizeof(T) * CB * LDT), bc[R];
+        int64_t lc[R];
+        for (int r = 0; r < R; r++)
+            for (int j = 0; j < CB; j++) st[j * LDT + r] = s[r * LD + j];
+        for (int part = 0; part < 2; part++) {
+            const int c0 = part ? 1 : 0, cols = part ? 53 : R;
+            K->argmax_cols(CB, cols, st + c0, LDT, lc, bc);
+            for (int i = 0; i < cols; i++)
+                if (lc[i] != lab[c0 + i] || memcmp(&bc[i], &best[c0 + i], sizeof(T))) {
+                    fprintf(stderr, "kernel_check: %sargmax_cols column %d: %lld, %g; argmax_rows: "
+                            "%lld, %g\n", NAME(""), c0 + i, (long long)lc[i], (double)bc[i],
+                            (long long)lab[c0 + i], (double)best[c0 + i]);
+                    self_check_failures++;
+                }
+        }
+        DUMP_AS(NAME("argmax_cols.lab"), 'i', lc, 53);
+        free(st);
+    }
 
     T *top = F(alloc)(sizeof(T) * M * LD);
     UT *tpos = F(alloc)(sizeof(UT) * M * LD);
