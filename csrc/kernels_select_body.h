@@ -487,9 +487,38 @@ static void FN(pool_scan)(const T *x, ptrdiff_t ld, int from, int to, int step, 
 /* See RaKernels.argmax_cols.  nv register blocks of VL columns (nv = 4, then 1) scanned
  * down the rows together, each with its running maximum and row (an integer of T's width
  * beside the value) in registers: independent chains, and no horizontal reduction per
- * row as in argmax_rows.  A NaN lane takes the running maximum before the ordered
- * compare (no invalid flag).  A column whose maximum never rose above -inf (all -inf or
+ * row as in argmax_rows.  A column whose maximum never rose above -inf (all -inf or
  * NaN) is finished by a scalar scan: its first non-NaN row, else -1. */
+/* One row of argmax_cols' scan: where x > m (quiet: a NaN lane is not larger and raises no
+ * flag; m is never NaN), m takes x and a takes row.  On AVX-512 one masked compare and two
+ * masked moves, on AVX2 a quiet compare and two blends; elsewhere the NaN lanes are
+ * replaced by m before the ordered compare. */
+static inline void FN(argmax_step)(vec x, vec *m, FN(svec) *a, FN(svec) row)
+{
+#if defined(RA_X86) && VEC_BYTES == 64 && RA_IS_F32
+    const __mmask16 up = _mm512_cmp_ps_mask((__m512)x, (__m512)*m, _CMP_GT_OQ);
+    *m = (vec)_mm512_mask_mov_ps((__m512)*m, up, (__m512)x);
+    *a = (FN(svec))_mm512_mask_mov_epi32((__m512i)*a, up, (__m512i)row);
+#elif defined(RA_X86) && VEC_BYTES == 64
+    const __mmask8 up = _mm512_cmp_pd_mask((__m512d)x, (__m512d)*m, _CMP_GT_OQ);
+    *m = (vec)_mm512_mask_mov_pd((__m512d)*m, up, (__m512d)x);
+    *a = (FN(svec))_mm512_mask_mov_epi64((__m512i)*a, up, (__m512i)row);
+#elif defined(RA_X86) && VEC_BYTES == 32 && RA_IS_F32
+    const __m256 up = _mm256_cmp_ps((__m256)x, (__m256)*m, _CMP_GT_OQ);
+    *m = (vec)_mm256_blendv_ps((__m256)*m, (__m256)x, up);
+    *a = (FN(svec))_mm256_blendv_ps((__m256)*a, (__m256)row, up);
+#elif defined(RA_X86) && VEC_BYTES == 32
+    const __m256d up = _mm256_cmp_pd((__m256d)x, (__m256d)*m, _CMP_GT_OQ);
+    *m = (vec)_mm256_blendv_pd((__m256d)*m, (__m256d)x, up);
+    *a = (FN(svec))_mm256_blendv_pd((__m256d)*a, (__m256d)row, up);
+#else
+    x = FN(vsel)((uvec)(x == x), x, *m);
+    const uvec up = (uvec)(x > *m);
+    *m = FN(vsel)(up, x, *m);
+    *a = (FN(svec))((up & (uvec)row) | (~up & (uvec)*a));
+#endif
+}
+
 static inline __attribute__((always_inline)) void
 FN(argmax_cols_block)(int nv, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
 {
@@ -501,13 +530,8 @@ FN(argmax_cols_block)(int nv, int c, const T *S, ptrdiff_t lds, int64_t *lab, T 
     }
     for (int j = 0; j < c; j++) {
         const FN(svec) row = (FN(svec)){0} + j;
-        for (int u = 0; u < nv; u++) {
-            vec x = FN(vload)(S + (ptrdiff_t)j * lds + u * VL);
-            x = FN(vsel)((uvec)(x == x), x, m[u]);
-            const uvec up = (uvec)(x > m[u]);
-            m[u] = FN(vsel)(up, x, m[u]);
-            a[u] = (FN(svec))((up & (uvec)row) | (~up & (uvec)a[u]));
-        }
+        for (int u = 0; u < nv; u++)
+            FN(argmax_step)(FN(vload)(S + (ptrdiff_t)j * lds + u * VL), &m[u], &a[u], row);
     }
     for (int u = 0; u < nv; u++) {
         T mv[VL];
