@@ -521,6 +521,7 @@ static void FN(softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, co
 }
 
 #include "kernels_select_body.h"
+#include "kernels_kmeans_body.h"
 
 /* ------------------------------------------------------------------ row normalisation */
 static void FN(normalize_row)(const T *x, int d, T *out, T *norm, T *sq)
