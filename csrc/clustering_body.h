@@ -59,7 +59,7 @@ static int64_t FN(assign_rows)(const KT *K, RaMat x, const T *xt, RaVec mask, in
         int64_t *arg = t.arg;
         ptrdiff_t lds = c, ldx;
         if (xt) {              /* S (c, RA_ROWS) = centroids · (block rows)ᵀ */
-            K->gemm(c, RA_ROWS, d, ct, d, xt + (size_t)blk * d * RA_ROWS, RA_ROWS, s, RA_ROWS, 0);
+            K->gemm(c, rows, d, ct, d, xt + (size_t)blk * d * RA_ROWS, RA_ROWS, s, RA_ROWS, 0);
             K->argmax_cols(c, rows, s, RA_ROWS, arg, top);
         } else {
             const T *xr = FN(ra_rows)(x, i0, rows, d, xs, &ldx);
@@ -306,7 +306,12 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
     int64_t *counts = ra_alloc(ra_mul(sizeof(int64_t), ra_mul((size_t)nch, c)));
     char *scratch = ra_alloc(ra_mul(per_thread, (size_t)nt));
     T *seed_cands = ra_alloc(ra_mul(sizeof(T), ra_mul((size_t)d, RA_MAX_TRIALS)));
-    T *xt = ra_alloc(ra_mul(sizeof(T), ra_mul(padded, d)));
+    int64_t most_iters = 0;                            /* xt is needed by seeding or Lloyd */
+    for (ptrdiff_t b = 0; b < B; b++) {
+        const int64_t it = RA_VEC_AT(int64_t, ra_vec_at(iters, b), 0);
+        most_iters = it > most_iters ? it : most_iters;
+    }
+    T *xt = ra_alloc(ra_mul(sizeof(T), ra_mul(use_init && most_iters == 0 ? 0 : padded, d)));
     T *seed_cos = ra_alloc(ra_mul(sizeof(T), ra_mul(use_init ? 0 : padded, ra_trials(c))));
     const RaMat no_x = {NULL, 0, 0}, no_scores = {NULL, 0, 0};
     const RaVec lab_view = {(char *)lab, sizeof(int64_t)}, valid_view = {(char *)valid, 1};

@@ -61,7 +61,8 @@
     void (*argmax_rows)(int rows, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best);\
     /* Column argmax of S (c×cols, lds): lab[i] = first j with the largest non-NaN         \
        S[j, i] (-1 if the column is all NaN), best[i] = that value (NaN for -1): the      \
-       labels and values argmax_rows gives on Sᵀ. */                                      \
+       labels argmax_rows gives on Sᵀ, and its values (where +0 and -0 tie for the        \
+       maximum, either zero). */                                                          \
     void (*argmax_cols)(int c, int cols, const T *S, ptrdiff_t lds, int64_t *lab, T *best);\
     /* dP (bq×bk, ld) = scale · P ∘ (dP - delta[i]), in place in dP. */                    \
     void (*softmax_grad)(int bq, int bk, const T *P, T *dP, ptrdiff_t ld, const T *delta,  \

@@ -230,6 +230,29 @@ def test_spherical_kmeans_empty_cluster_keeps_centroid():
     assert_close(mu, ref.spherical_kmeans(x, 3, iters=5, init=init), np.float64, "empty")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [65, 130])
+def test_spherical_kmeans_lloyd_ties_and_padding(dtype, n):
+    # A duplicated centroid ties with its first copy on every row: the first wins, so the
+    # copy keeps no row and stays as given; the rows past the last whole block of 64 are
+    # labelled like the others, and an infinite centroid raises no invalid-operation flag
+    # from the block's padding (one thread: a flag raised on a worker thread is not seen).
+    x = rng(3).standard_normal((n, 5)).astype(dtype)
+    init = np.array([[1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 0, 0]], dtype)
+    mu = ra.spherical_kmeans(x, 4, iters=1, init=init)
+    np.testing.assert_array_equal(mu[1], init[1])
+    assert not np.array_equal(mu[0], init[0])
+    assert_close(mu, ref.spherical_kmeans(x, 4, iters=1, init=init), dtype, "Lloyd with ties")
+    init[2, 0] = np.inf
+    threads = ra.get_num_threads()
+    ra.set_num_threads(1)
+    try:
+        with np.errstate(invalid="raise"):
+            ra.spherical_kmeans(x, 4, iters=1, init=init)
+    finally:
+        ra.set_num_threads(threads)
+
+
 def test_spherical_kmeans_determinism_and_batch_consistency():
     x = rng(10).standard_normal((3, 200, 6))
     a = ra.spherical_kmeans(x, 7, seed=123)

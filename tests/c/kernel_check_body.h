@@ -166,7 +166,8 @@ static void F(check_selection)(const KT *K)
             const int c0 = part ? 1 : 0, cols = part ? 53 : R;
             K->argmax_cols(CB, cols, st + c0, LDT, lc, bc);
             for (int i = 0; i < cols; i++)
-                if (lc[i] != lab[c0 + i] || memcmp(&bc[i], &best[c0 + i], sizeof(T))) {
+                if (lc[i] != lab[c0 + i] ||
+                    !(bc[i] == best[c0 + i] || (bc[i] != bc[i] && best[c0 + i] != best[c0 + i]))) {
                     fprintf(stderr, "kernel_check: %sargmax_cols column %d: %lld, %g; argmax_rows: "
                             "%lld, %g\n", NAME(""), c0 + i, (long long)lc[i], (double)bc[i],
                             (long long)lab[c0 + i], (double)best[c0 + i]);
