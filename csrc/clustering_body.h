@@ -36,12 +36,12 @@ static size_t FN(assign_scratch)(int d, int c)
  * kernel.  With xt set (the rows transposed in blocks, (nb, d, RA_ROWS), from
  * seed_transpose; x unused, scores.data NULL), ct holds the centroids (c, d) themselves
  * and each block's products come as (c, RA_ROWS), reduced down the columns by argmax_cols
- * (the same labels: the same products, no per-row horizontal reduction).  Scratch holds nt slices of per_thread bytes: x block (RA_ROWS, d), scores
- * (RA_ROWS, c).  When scores.data / best.data are set, the scores (n, c) and each row's
- * best score (n; NaN for a row labelled −1) are written there too (the gemm writes
- * straight into scores when its rows are contiguous).  With count != 0,
- * returns how many labels differ from lab's previous contents (else 0, and lab is only
- * written). */
+ * (the same labels: the same products, no per-row horizontal reduction).  Scratch holds
+ * nt slices of per_thread bytes: x block (RA_ROWS, d), scores (RA_ROWS, c).  When
+ * scores.data / best.data are set, the scores (n, c) and each row's best score (n; NaN
+ * for a row labelled −1) are written there too (the gemm writes straight into scores when
+ * its rows are contiguous).  With count != 0, returns how many labels differ from lab's
+ * previous contents (else 0, and lab is only written). */
 static int64_t FN(assign_rows)(const KT *K, RaMat x, const T *xt, RaVec mask, int n, int d,
                                const T *ct, int c, RaVec lab, RaMat scores, RaVec best,
                                int count, char *scratch, size_t per_thread, int nt)
@@ -166,8 +166,8 @@ static int FN(seed_sample)(int n, const T *best, const uint8_t *valid, const dou
  * probability ∝ D², D = 1 − (largest cos to the centroids so far): the one leaving the
  * least total D² (the first on ties).  Scratch: best (n), partial ((nch + nb) · (L + 1),
  * nch = ra_nchunks(n), nb = ceil(n / RA_ROWS): the weights' and the candidates' sums per
- * chunk and per block), cands (L, d), xt (nb, d, RA_ROWS) from seed_transpose and cos (nb, L,
- * RA_ROWS): the candidates' cosines, one (L, d) × (d, RA_ROWS) gemm per block, kept so
+ * chunk and per block), cands (L, d), xt (nb, d, RA_ROWS) from seed_transpose and cos
+ * (nb, L, RA_ROWS): the candidates' cosines, one (L, d) × (d, RA_ROWS) gemm per block, kept so
  * that the winner's column updates best without another pass over xn. */
 static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                                const uint8_t *valid, int64_t nvalid, uint64_t *rng, T *mu,
@@ -189,7 +189,8 @@ static void FN(spherical_seed)(const KT *K, int n, int d, int c, const T *xn,
                 /* 2. L candidates by D² sampling */
                 int cand[RA_MAX_TRIALS];
                 for (int t = 0; t < L; t++) {
-                    cand[t] = FN(seed_sample)(n, best, valid, partial, block_w, ra_rng_unit(rng) * total);
+                    cand[t] = FN(seed_sample)(n, best, valid, partial, block_w,
+                                              ra_rng_unit(rng) * total);
                     memcpy(cands + (size_t)t * d, xn + (size_t)cand[t] * d, sizeof(T) * (size_t)d);
                 }
                 /* 3. keep the candidate with the least remaining potential: each

@@ -4,11 +4,6 @@
  * and FN(svec)). */
 
 /* ------------------------------------------------------------------ column argmax */
-/* See RaKernels.argmax_cols.  nv register blocks of VL columns (nv = 4, then 1) scanned
- * down the rows together, each with its running maximum and row (an integer of T's width
- * beside the value) in registers: independent chains, and no horizontal reduction per
- * row as in argmax_rows.  A column whose maximum never rose above -inf (all -inf or
- * NaN) is finished by a scalar scan: its first non-NaN row, else -1. */
 /* One row of argmax_cols' scan: where x > m (quiet: a NaN lane is not larger and raises no
  * flag; m is never NaN), m takes x and a takes row.  On AVX-512 one masked compare and two
  * masked moves, on AVX2 a quiet compare and two blends; elsewhere the NaN lanes are
@@ -39,6 +34,11 @@ static inline void FN(argmax_step)(vec x, vec *m, FN(svec) *a, FN(svec) row)
 #endif
 }
 
+/* See RaKernels.argmax_cols.  nv register blocks of VL columns (nv = 4, then 1) scanned
+ * down the rows together, each with its running maximum and row (an integer of T's width
+ * beside the value) in registers: independent chains, and no horizontal reduction per
+ * row as in argmax_rows.  A column whose maximum never rose above -inf (all -inf or
+ * NaN) is finished by a scalar scan: its first non-NaN row, else -1. */
 static inline __attribute__((always_inline)) void
 FN(argmax_cols_block)(int nv, int c, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
 {
@@ -72,7 +72,8 @@ FN(argmax_cols_block)(int nv, int c, const T *S, ptrdiff_t lds, int64_t *lab, T 
 static void FN(argmax_cols)(int c, int cols, const T *S, ptrdiff_t lds, int64_t *lab, T *best)
 {
     int i = 0;
-    for (; i + 4 * VL <= cols; i += 4 * VL) FN(argmax_cols_block)(4, c, S + i, lds, lab + i, best + i);
+    for (; i + 4 * VL <= cols; i += 4 * VL)
+        FN(argmax_cols_block)(4, c, S + i, lds, lab + i, best + i);
     for (; i + VL <= cols; i += VL) FN(argmax_cols_block)(1, c, S + i, lds, lab + i, best + i);
     for (; i < cols; i++) {
         int64_t first = -1;
