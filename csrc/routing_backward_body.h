@@ -138,13 +138,27 @@ typedef struct {
     FN(RoutingBuffers) *buf;
 } FN(RoutingBackward);
 
-/* Queue the rows cluster cl's backward reads first (k, v, q, dout) for this thread's
- * current cluster to hint. */
+/* Queue the rows cluster cl's backward reads first (k, v, q, dout), then the result rows
+ * it writes in place (dq of its first RA_ROUTING_BQ queries, dk and dv of its keys; not
+ * the slot rows, which are consecutive), for this thread's current cluster to hint: the
+ * lines then arrive before the writes, which otherwise wait on them. */
 static void FN(routing_fetch_cluster_grads)(const void *ctx, ptrdiff_t cl)
 {
     const FN(RoutingBackward) *B = ctx;
-    FN(queue_cluster_lines)(FN(thread_hints)(B->scratch, B->per_thread, B->P, ra_thread_id(), 1),
-                            B->P, cl, B->k, B->v, B->q, B->dout);
+    const RaRoutingPlan *P = B->P;
+    RaHints *h = FN(thread_hints)(B->scratch, B->per_thread, P, ra_thread_id(), 1);
+    FN(queue_cluster_lines)(h, P, cl, B->k, B->v, B->q, B->dout);
+    const size_t lines = FN(routing_hint_lines)(P->d, P->e, P->u, 1);
+    const int cap = lines > 0x7fffffff ? 0x7fffffff : (int)lines;
+    const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
+    for (int i = 0; i < P->qcount[cl] && i < RA_ROUTING_BQ; i++)
+        if (qpos[i] >= 0 && !P->q_shared[cl * P->w + i])
+            ra_hints_add_row(h, cap, B->buf->dq, qpos[i], P->d, sizeof(T));
+    for (int j = 0; j < P->kcount[cl]; j++) {
+        if (kpos[j] < 0 || P->k_shared[cl * P->u + j]) continue;
+        ra_hints_add_row(h, cap, B->buf->dk, kpos[j], P->d, sizeof(T));
+        ra_hints_add_row(h, cap, B->buf->dv, kpos[j], P->e, sizeof(T));
+    }
 }
 
 /* Cluster cl's backward, the queued lines paced over its hinting products (the logits

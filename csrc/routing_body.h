@@ -60,12 +60,13 @@ typedef struct {
 
 /* The lines hinted for one cluster at most: its u key rows of k and v and its first
  * RA_ROUTING_BQ query rows of q and the output (forward) or dout (backward), each row one
- * line more than its length in lines when it does not start on a line boundary. */
-static size_t FN(routing_hint_lines)(int d, int e, int u)
+ * line more than its length in lines when it does not start on a line boundary; the
+ * backward as many again for the rows its gradients go to (dk, dv and dq). */
+static size_t FN(routing_hint_lines)(int d, int e, int u, int backward)
 {
     const size_t per_row = (sizeof(T) * (size_t)d + 63) / 64
                            + (sizeof(T) * (size_t)e + 63) / 64 + 2;
-    return ra_mul(per_row, (size_t)u + RA_ROUTING_BQ);
+    return ra_mul(per_row, ra_mul((size_t)u + RA_ROUTING_BQ, backward ? 2 : 1));
 }
 
 static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u, int backward)
@@ -77,7 +78,7 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
         t->v = RA_TAKE(a, T, ra_spread_size(u, e, sizeof(T)));
         t->q = FN(ra_qtile_layout)(&t->qt, a, RA_ROUTING_BQ, d, e);
         t->hints = RA_TAKE(a, RaHints, 1);
-        const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u));
+        const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u, 0));
         if (t->hints) t->hints->line = lines;
         t->qt.hints = t->hints;
         return;
@@ -93,7 +94,7 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
     t->delta = RA_TAKE(a, T, RA_BQ);
     FN(ra_qgrad_layout)(&t->g, a, RA_BQ, NULL);
     t->hints = RA_TAKE(a, RaHints, 1);
-    const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u));
+    const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u, 1));
     if (t->hints) t->hints->line = lines;
 }
 
@@ -254,7 +255,7 @@ static void FN(queue_cluster_lines)(RaHints *h, const RaRoutingPlan *P, ptrdiff_
                                     RaMat b, RaMat c, RaMat o)
 {
     const int64_t *kpos = P->klist + cl * P->u, *qpos = P->qlist + cl * P->w;
-    const size_t lines = FN(routing_hint_lines)(P->d, P->e, P->u);
+    const size_t lines = FN(routing_hint_lines)(P->d, P->e, P->u, 0);
     const int cap = lines > 0x7fffffff ? 0x7fffffff : (int)lines;
     for (int j = 0; j < P->kcount[cl]; j++) {
         if (kpos[j] < 0) continue;
