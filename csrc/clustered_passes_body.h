@@ -573,8 +573,7 @@ static FN(ClTiles) FN(cl_thread_tiles)(const FN(ClBackward) *A)
 }
 
 /* Hint the rows cluster u's backward reads first: T_c's rows of k and v, its first
- * tile's members' rows of q and dout, and their dq rows it writes; when its T_c terms go
- * straight into dk, dv, those rows too (this host: 1-2 % of the improved backward). */
+ * tile's members' rows of q and dout, their dq rows and (written directly) T_c's dk, dv. */
 static void FN(cl_fetch_cluster)(const void *ctx, ptrdiff_t unit)
 {
     const FN(ClBackward) *A = ctx;
@@ -595,7 +594,6 @@ static void FN(cl_fetch_cluster)(const void *ctx, ptrdiff_t unit)
         }
         RA_PREFETCH_ROW(dq, idx[i], A->d, sizeof(T), 2);
     }
-    if (A->direct)
-        FN(cl_hint_topk)(ra_mat_at(A->dk, u->b), ra_mat_at(A->dv, u->b),
-                         p.sel + (size_t)u->c * A->kmax, kc, A->d, A->e);
+    if (A->direct) FN(cl_hint_topk)(ra_mat_at(A->dk, u->b), ra_mat_at(A->dv, u->b),
+                                    p.sel + (size_t)u->c * A->kmax, kc, A->d, A->e);
 }

@@ -75,13 +75,19 @@
 #define RA_PREFETCH_ROW(m, row, cols, elem, locality)                                      \
     RA_FOR_ROW_LINES(m, row, cols, elem, ra_line_, __builtin_prefetch(ra_line_, 0, (locality)))
 
-/* Queue in h (room for cap lines) the lines RA_PREFETCH_ROW hints for row `row` of m. */
+/* Queue in h (room for cap runs) the lines RA_PREFETCH_ROW hints for row `row` of m: a
+ * unit-stride row as one run, a strided one a run per line. */
 static inline void ra_hints_add_row(RaHints *h, int cap, RaMat m, int64_t row, int cols,
                                     size_t elem)
 {
-    int count = h->count;       /* in a register: the loop stores the lines only */
-    RA_FOR_ROW_LINES(m, row, cols, elem, line, if (count < cap) h->line[count++] = line);
-    h->count = count;
+    const char *start = m.data + (ptrdiff_t)row * m.s0;
+    if (m.s1 == (ptrdiff_t)elem) {
+        const uintptr_t first = (uintptr_t)start & ~(uintptr_t)63;
+        const uintptr_t end = (uintptr_t)start + (uintptr_t)cols * elem;
+        ra_hints_add_lines(h, cap, start, (end - first + 63) / 64);
+        return;
+    }
+    RA_FOR_ROW_LINES(m, row, cols, elem, line, ra_hints_add_lines(h, cap, line, 1));
 }
 
 /* What a key list's load hook must provide for a tile. */

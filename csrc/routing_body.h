@@ -78,8 +78,8 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
         t->v = RA_TAKE(a, T, ra_spread_size(u, e, sizeof(T)));
         t->q = FN(ra_qtile_layout)(&t->qt, a, RA_ROUTING_BQ, d, e);
         t->hints = RA_TAKE(a, RaHints, 1);
-        const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u, 0));
-        if (t->hints) t->hints->line = lines;
+        uintptr_t *runs = RA_TAKE(a, uintptr_t, FN(routing_hint_lines)(d, e, u, 0));
+        if (t->hints) t->hints->run = runs;
         t->qt.hints = t->hints;
         return;
     }
@@ -94,8 +94,8 @@ static void FN(routing_tile)(RaArena *a, FN(RoutingTile) *t, int d, int e, int u
     t->delta = RA_TAKE(a, T, RA_BQ);
     FN(ra_qgrad_layout)(&t->g, a, RA_BQ, NULL);
     t->hints = RA_TAKE(a, RaHints, 1);
-    const char **lines = RA_TAKE(a, const char *, FN(routing_hint_lines)(d, e, u, 1));
-    if (t->hints) t->hints->line = lines;
+    uintptr_t *runs = RA_TAKE(a, uintptr_t, FN(routing_hint_lines)(d, e, u, 1));
+    if (t->hints) t->hints->run = runs;
 }
 
 /* Bytes of one thread's scratch: the larger of the two layouts when the backward (which

@@ -45,8 +45,8 @@ static void F(gemm_case)(const KT *K, int M, int N, int KD, int LD, const char *
     {
         T *C2 = F(alloc)(sizeof(T) * M * LD);
         enum { LINES = 1000 };
-        const char *lines[LINES];
-        for (int i = 0; i < LINES; i++) lines[i] = (const char *)(A + i % 64);
+        uintptr_t lines[LINES];          /* runs of one line each */
+        for (int i = 0; i < LINES; i++) lines[i] = (uintptr_t)(A + i % 64) & ~(uintptr_t)63;
         RaHints h = {lines, 0, 3};
         ra_hints_pace(&h, 1);            /* all three owed after the first micro-tile */
         int same = 1;
