@@ -343,6 +343,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
             valid[i] = (mb.data == NULL || RA_VEC_AT(uint8_t, mb, i)) && isfinite(sq);
             lab[i] = -2;                     /* "no label yet": every row counts as changed */
         }
+        (void)ra_worker_flags(nt, FE_OVERFLOW);
         fesetexceptflag(&fe_saved, FE_OVERFLOW);
         int64_t nvalid = 0;
         for (int i = 0; i < n; i++) nvalid += valid[i];

@@ -13,6 +13,8 @@
 #include <string.h>
 #include <math.h>
 
+#include <fenv.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -44,6 +46,28 @@ static inline int ra_num_threads(void)
 #else
     return 1;
 #endif
+}
+
+/* Which of the floating-point `flags` the OpenMP workers of a team of `threads` have
+ * raised; cleared there.  A call's flags live on the threads that raised them, and NumPy
+ * reads the calling thread's only: module.c raises the workers' on it after every call
+ * (so warnings do not depend on the thread count), and a kernel that hides the flags its
+ * comparisons raise clears its workers' before that.  The pool's threads serve every
+ * region in order, so a team of the call's size meets every worker it used. */
+static inline int ra_worker_flags(int threads, int flags)
+{
+    int raised = 0;
+#ifdef _OPENMP
+    if (threads <= 1) return 0;
+    #pragma omp parallel num_threads(threads) reduction(| : raised)
+    if (omp_get_thread_num() != 0) {
+        raised |= fetestexcept(flags);
+        feclearexcept(flags);
+    }
+#else
+    (void)threads; (void)flags;
+#endif
+    return raised;
 }
 
 /* for (int k = 0; k < count; k++) BODY on nt threads with the given OpenMP clauses, or

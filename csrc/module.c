@@ -25,9 +25,15 @@ static void ra_after_fork_child(void)
 }
 
 /* ------------------------------------------------------------------ errors */
-/* Turn a driver's status into a Python exception (taking the GIL to do so). */
+/* The floating-point flags NumPy reports (errstate: divide, over, under, invalid). */
+#define RA_FE_REPORTED (FE_DIVBYZERO | FE_OVERFLOW | FE_UNDERFLOW | FE_INVALID)
+
+/* After a driver ran: its workers' flags raised here, and its status turned into a Python
+ * exception (taking the GIL to do so). */
 static void ra_raise(int status, const char *where)
 {
+    const int raised = ra_worker_flags(ra_num_threads(), RA_FE_REPORTED);
+    if (raised) feraiseexcept(raised);
     if (status == RA_OK) return;
     NPY_ALLOW_C_API_DEF
     NPY_ALLOW_C_API
@@ -670,6 +676,7 @@ static PyObject *ra_fma_peak(PyObject *self, PyObject *args)
         flops += K->fma_probe(iters, &c);
         sink += c;
     }
+    (void)ra_worker_flags(threads, RA_FE_REPORTED);   /* the probe's flags: nobody's */
     Py_END_ALLOW_THREADS
     return Py_BuildValue("(dd)", flops, (double)sink);
 }

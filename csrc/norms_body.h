@@ -104,6 +104,7 @@ int FN(ra_normalize_rows)(ptrdiff_t B, int n, int d, RaBMat x, RaBMat xhat, RaBV
         *nrm_i = (T)ldexp(*nrm_i, e);
         huge |= isinf(*nrm_i);
     }
+    (void)ra_worker_flags(nt, FE_OVERFLOW);
     fesetexceptflag(&fe_saved, FE_OVERFLOW);
     if (huge) feraiseexcept(FE_OVERFLOW);
     return RA_OK;

@@ -280,6 +280,7 @@ int FN(ra_top_members)(ptrdiff_t B, int n, int c, int w, RaBMat scores, RaBMat i
     }
     ra_free(scratch);
     ra_free(pk);
+    (void)ra_worker_flags(nt, FE_INVALID);
     fesetexceptflag(&fe_saved, FE_INVALID);
     return RA_OK;
 }
@@ -509,6 +510,7 @@ int FN(ra_assign_top)(ptrdiff_t B, int n, int d, int c, int w, RaBMat x, RaBMat 
     ra_free(thr);
     ra_free(scratch);
     ra_free(part_mem);
+    (void)ra_worker_flags(nt, FE_INVALID);    /* a product's is in `invalid` */
     fesetexceptflag(&fe_saved, FE_INVALID);
     if (invalid) feraiseexcept(FE_INVALID);
     return RA_OK;

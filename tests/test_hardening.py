@@ -636,6 +636,26 @@ def _leak_check(calls, watched, rounds, traced_rounds, per_call_bytes=8):
     assert rss < 32 << 20, f"resident memory grew {rss >> 20} MiB over {total} calls"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_flag_raised_on_a_worker_thread_reaches_errstate(threads):
+    """An infinity in the last problem's query rows (inf − inf in its softmax raises
+    FE_INVALID on whichever thread runs that problem: a worker on two or three threads)
+    is reported by np.errstate whatever the thread count — NumPy reads the calling
+    thread's flags only — and the next clean call reports nothing stale."""
+    g = np.random.default_rng(3)
+    q, k, v = (g.standard_normal((8, 512, 16)) for _ in range(3))
+    q[-1, -1, 0] = np.inf
+    saved = ra.get_num_threads()
+    ra.set_num_threads(threads)
+    try:
+        with np.errstate(invalid="raise"):
+            with pytest.raises(FloatingPointError, match="invalid value"):
+                ra.attention(q, k, v)
+            ra.attention(q[:-1], k[:-1], v[:-1])
+    finally:
+        ra.set_num_threads(saved)
+
+
 def test_no_leaks_in_successful_calls():
     args = [_inputs(name) for name in METHODS]
     calls = [lambda name=name, a=a: _run(name, a) for name, a in zip(METHODS, args)]
