@@ -328,6 +328,7 @@ int FN(ra_spherical_kmeans)(ptrdiff_t B, int n, int d, int c, RaBMat x, RaBVec m
         /* 1. unit rows (a zero row stays zero); masked rows, and rows with a NaN or an
               infinity, never take part */
         fexcept_t fe_saved;
+        ra_lift_worker_flags(nt, FE_OVERFLOW);   /* the problems before: kept */
         fegetexceptflag(&fe_saved, FE_OVERFLOW);
         #pragma omp parallel for num_threads(nt) schedule(static)
         for (int i = 0; i < n; i++) {

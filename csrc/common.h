@@ -52,7 +52,8 @@ static inline int ra_num_threads(void)
  * raised; cleared there.  A call's flags live on the threads that raised them, and NumPy
  * reads the calling thread's only: module.c raises the workers' on it after every call
  * (so warnings do not depend on the thread count), and a kernel that hides the flags its
- * comparisons raise clears its workers' before that.  The pool's threads serve every
+ * comparisons raise clears its workers' before that (lifting the flags its earlier steps
+ * raised there to the calling thread first).  The pool's threads serve every
  * region in order, so a team of the call's size meets every worker it used. */
 static inline int ra_worker_flags(int threads, int flags)
 {
@@ -68,6 +69,13 @@ static inline int ra_worker_flags(int threads, int flags)
     (void)threads; (void)flags;
 #endif
     return raised;
+}
+
+/* The workers' `flags` (ra_worker_flags) raised on the calling thread. */
+static inline void ra_lift_worker_flags(int threads, int flags)
+{
+    const int raised = ra_worker_flags(threads, flags);
+    if (raised) feraiseexcept(raised);
 }
 
 /* for (int k = 0; k < count; k++) BODY on nt threads with the given OpenMP clauses, or

@@ -32,8 +32,7 @@ static void ra_after_fork_child(void)
  * exception (taking the GIL to do so). */
 static void ra_raise(int status, const char *where)
 {
-    const int raised = ra_worker_flags(ra_num_threads(), RA_FE_REPORTED);
-    if (raised) feraiseexcept(raised);
+    ra_lift_worker_flags(ra_num_threads(), RA_FE_REPORTED);
     if (status == RA_OK) return;
     NPY_ALLOW_C_API_DEF
     NPY_ALLOW_C_API

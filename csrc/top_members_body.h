@@ -316,6 +316,8 @@ static int FN(assign_top_stored)(ptrdiff_t B, int n, int d, int c, int w, RaBMat
         const RaBVec bb = {best.data + b * best.sb, 0, best.s0};
         const RaBMat ib = {idx.data + b * idx.sb, 0, idx.s0, idx.s1};
         status = FN(ra_assign_clusters)(1, n, d, c, xb, cb, lb, sv, bb);
+        /* a product's flag raised on a worker, here before top_members clears its workers' */
+        ra_lift_worker_flags(ra_num_threads(), FE_INVALID);
         if (status == RA_OK) status = FN(ra_top_members)(1, n, c, w, sv, ib);
     }
     ra_free(scores);

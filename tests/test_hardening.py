@@ -636,22 +636,39 @@ def _leak_check(calls, watched, rounds, traced_rounds, per_call_bytes=8):
     assert rss < 32 << 20, f"resident memory grew {rss >> 20} MiB over {total} calls"
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_a_flag_raised_on_a_worker_thread_reaches_errstate(threads):
-    """An infinity in the last problem's query rows (inf − inf in its softmax raises
-    FE_INVALID on whichever thread runs that problem: a worker on two or three threads)
-    is reported by np.errstate whatever the thread count — NumPy reads the calling
-    thread's flags only — and the next clean call reports nothing stale."""
+def _flag_cases():
+    """(call with an infinity in the last problem's or row's data, the same call clean):
+    inf − inf in a softmax, or inf · 0 in a score product, raises FE_INVALID on whichever
+    thread runs that part — a worker on two or three threads."""
     g = np.random.default_rng(3)
     q, k, v = (g.standard_normal((8, 512, 16)) for _ in range(3))
-    q[-1, -1, 0] = np.inf
+    q_bad = q.copy()
+    q_bad[-1, -1, 0] = np.inf
+    x, mu = g.standard_normal((8192, 32)), g.standard_normal((16, 32))
+    x_bad = x.copy()
+    x_bad[-1] = np.inf
+    return {
+        "attention": (lambda: ra.attention(q_bad, k, v), lambda: ra.attention(q, k, v)),
+        # w = 8: the scores stored, then top_members, which hides its comparisons' flags
+        "assign_top_members": (lambda: ra.assign_top_members(x_bad, mu, 8),
+                               lambda: ra.assign_top_members(x, mu, 8)),
+    }
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", ["attention", "assign_top_members"])
+def test_a_flag_raised_on_a_worker_thread_reaches_errstate(threads, case):
+    """A flag raised on a worker thread is reported by np.errstate whatever the thread
+    count (NumPy reads the calling thread's flags only), and the next clean call reports
+    nothing stale."""
+    bad, clean = _flag_cases()[case]
     saved = ra.get_num_threads()
     ra.set_num_threads(threads)
     try:
         with np.errstate(invalid="raise"):
             with pytest.raises(FloatingPointError, match="invalid value"):
-                ra.attention(q, k, v)
-            ra.attention(q[:-1], k[:-1], v[:-1])
+                bad()
+            clean()
     finally:
         ra.set_num_threads(saved)
 
