@@ -704,6 +704,13 @@ PyMODINIT_FUNC PyInit__ext(void)
     PyObject *mod = PyModule_Create(&ra_module);
     if (!mod) return NULL;
     ra_kernels();   /* resolve the SIMD path once, before any thread runs */
+#if defined(_OPENMP) && defined(KMP_VERSION_MAJOR)
+    /* LLVM's libomp (clang builds) reloads the calling thread's floating-point control
+       word, status flags masked off, at the end of a region (KMP_INHERIT_FP_CONTROL), so
+       the flags a one-thread region raised never reached NumPy; off (before the runtime
+       starts, unless the user chose), the flags behave as with GNU libgomp */
+    if (!getenv("KMP_INHERIT_FP_CONTROL")) kmp_set_defaults("KMP_INHERIT_FP_CONTROL=false");
+#endif
     static int atfork_done = 0;
     if (!atfork_done && pthread_atfork(NULL, NULL, ra_after_fork_child) == 0) atfork_done = 1;
     const size_t count = sizeof(ra_gufuncs) / sizeof(ra_gufuncs[0]);
